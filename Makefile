@@ -1,0 +1,54 @@
+# latentmoe: the two commands people run.
+#   make test   set up .venv (torch 2.14.1 + test deps), build the extension (CUDA kernels for
+#               TORCH_CUDA_ARCH_LIST, default 9.0, when nvcc is found), run pytest.
+#   make bench  same setup, then the microbenchmarks on the default device (CSV in bench/results/).
+# Other targets: make dev (in-tree build into python/latentmoe for PYTHONPATH=python work),
+#                make info, make clean.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.14.1
+MAX_JOBS ?= 2
+TORCH_CUDA_ARCH_LIST ?= 9.0
+export TORCH_CUDA_ARCH_LIST
+export CMAKE_BUILD_PARALLEL_LEVEL := $(MAX_JOBS)
+
+# The nvcc on PATH may be a wrapper script in another folder than its toolkit: ask nvcc itself
+# where its toolkit lives (torch's cpp_extension and CMake otherwise guess the wrong root).
+CUDA_HOME ?= $(shell nvcc --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$$ TOP=\(.*\)\/bin\/\.\.$$/\1/p' | head -n1)
+ifneq ($(CUDA_HOME),)
+export CUDA_HOME
+endif
+
+.PHONY: test bench venv build dev info clean
+
+$(VENV)/.deps-stamp: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q scikit-build-core ninja "cmake>=3.24" numpy pytest hypothesis transformers tomesd
+	touch $@
+
+venv: $(VENV)/.deps-stamp
+
+build: venv
+	$(PY) -m pip install -v --no-build-isolation --no-deps . 2>&1 | tee build.log | grep -E "latentmoe:|Building|Linking|error|Error|nvcc|sm_" || true
+	@grep -q "Successfully installed latentmoe" build.log || (tail -50 build.log; echo "latentmoe: build failed, see build.log"; exit 1)
+
+dev: venv
+	$(VENV)/bin/cmake -S . -B build/dev -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release
+	$(VENV)/bin/cmake --build build/dev
+	cp build/dev/_C*.so python/latentmoe/
+
+info: build
+	cd /tmp && $(abspath $(PY)) -m latentmoe.info
+
+test: build
+	cd tests && $(abspath $(PY)) -m pytest -q -p no:cacheprovider . ; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "latentmoe: pytest collected no tests"; exit 1; fi; exit $$rc
+
+bench: build
+	$(PY) bench/run.py
+
+clean:
+	rm -rf build build.log python/latentmoe/_C*.so

@@ -1,0 +1,67 @@
+// Math shared by the CPU and CUDA kernels. Float in, float out: loads and stores of bf16/fp16
+// are each backend's business, so these helpers are the single source of the numerics and the
+// CPU tests exercise exactly what the GPU runs.
+#pragma once
+
+#include <cmath>
+
+#include "common/macros.h"
+
+namespace latentmoe::math {
+
+// 1 / sqrt(mean(x^2) + eps) from a sum of squares over `n` elements.
+LMOE_HD float rms_rstd(float sum_sq, int n, float eps) {
+  float mean = sum_sq / static_cast<float>(n);
+#if defined(__CUDA_ARCH__)
+  return rsqrtf(mean + eps);
+#else
+  return 1.0f / std::sqrt(mean + eps);
+#endif
+}
+
+// d/dx of y = x * rstd(x) applied to grad_y, for one element:
+//   grad_x = rstd * (grad_y - y * mean(grad_y * y))
+// `mean_gy_y` is mean over the row of grad_y * y (y = x * rstd, in fp32).
+LMOE_HD float rms_grad_input(float grad_y, float y, float rstd, float mean_gy_y) {
+  return rstd * (grad_y - y * mean_gy_y);
+}
+
+LMOE_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+LMOE_HD float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+
+LMOE_HD float silu(float x) { return x * sigmoid(x); }
+
+// Online softmax state for one query row: running max `m`, running sum `l` of exp(s - m).
+// `m = -inf, l = 0` is the empty state; merging with it is the identity.
+struct SoftmaxState {
+  float m;
+  float l;
+};
+
+LMOE_HD SoftmaxState softmax_empty() { return {-INFINITY, 0.0f}; }
+
+// Rescale factor for the accumulator when the running max moves from `m_old` to `m_new`.
+LMOE_HD float softmax_rescale(float m_old, float m_new) {
+  return m_old == -INFINITY ? 0.0f : fast_exp(m_old - m_new);
+}
+
+// Natural-log log-sum-exp of a finished state; the empty state gives -inf.
+LMOE_HD float softmax_lse(SoftmaxState s) {
+  return s.l > 0.0f ? s.m + logf(s.l) : -INFINITY;
+}
+
+// Rotate one (x1, x2) pair by angle with cos `c` and sin `s`: (x1 c - x2 s, x2 c + x1 s).
+// HF's rotate_half pairs element i with i + d/2; the interleaved layout pairs 2i with 2i+1.
+LMOE_HD void rope_rotate(float x1, float x2, float c, float s, float* o1, float* o2) {
+  *o1 = x1 * c - x2 * s;
+  *o2 = x2 * c + x1 * s;
+}
+
+}  // namespace latentmoe::math

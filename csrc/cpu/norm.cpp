@@ -1,0 +1,186 @@
+// RMSNorm CPU kernels: rows in parallel (at::parallel_for), fp32 math, contiguous inner loops
+// the compiler vectorises. Numerics from common/math.h, shared with the CUDA kernels.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common/checks.h"
+#include "common/math.h"
+
+namespace latentmoe::cpu {
+namespace {
+
+namespace chk = latentmoe::checks;
+
+void check_norm_args(const char* op, const at::Tensor& input, const at::Tensor& weight) {
+  chk::floating(op, "input", input);
+  chk::same_dtype(op, "weight", weight, "input", input);
+  chk::same_device(op, "weight", weight, "input", input);
+  TORCH_CHECK_VALUE(input.dim() >= 1, "latentmoe.", op, ": argument 'input' must have at least 1 dim");
+  chk::dim(op, "weight", weight, 1);
+  TORCH_CHECK_VALUE(weight.size(0) == input.size(-1), "latentmoe.", op, ": argument 'weight' has ",
+                    weight.size(0), " elements but 'input' has last dim ", input.size(-1));
+  chk::nonempty(op, "input", input);
+}
+
+// Rows of D elements: y = w * to_dtype(x * rstd). Writes `out` and `rstd_out` (fp32).
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* out, float* rstd_out, int64_t rows, int64_t D,
+                   float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * D;
+      T* outr = out + r * D;
+      float sum_sq = 0.f;
+#pragma omp simd reduction(+ : sum_sq)
+      for (int64_t i = 0; i < D; ++i) {
+        float v = static_cast<float>(xr[i]);
+        sum_sq += v * v;
+      }
+      float rstd = math::rms_rstd(sum_sq, static_cast<int>(D), eps);
+      rstd_out[r] = rstd;
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) {
+        // Round the normalised value to T first, as HF does, then scale by the weight.
+        float y = static_cast<float>(static_cast<T>(static_cast<float>(xr[i]) * rstd));
+        outr[i] = static_cast<T>(y * static_cast<float>(w[i]));
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                                double eps) {
+  check_norm_args("rms_norm", input, weight);
+  auto x = input.contiguous();
+  auto w = weight.contiguous();
+  const int64_t D = x.size(-1);
+  const int64_t rows = x.numel() / D;
+  auto out = at::empty_like(x);
+  auto rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_cpu", [&] {
+    rms_norm_rows<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                            out.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<float>(), rows,
+                            D, static_cast<float>(eps));
+  });
+  return {out, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& input,
+                                                                const at::Tensor& residual,
+                                                                const at::Tensor& weight,
+                                                                double eps) {
+  check_norm_args("add_rms_norm", input, weight);
+  chk::same_dtype("add_rms_norm", "residual", residual, "input", input);
+  chk::same_device("add_rms_norm", "residual", residual, "input", input);
+  TORCH_CHECK_VALUE(residual.sizes() == input.sizes(), "latentmoe.add_rms_norm: argument 'residual' has shape ",
+                    residual.sizes(), " but 'input' has shape ", input.sizes());
+  auto x = input.contiguous();
+  auto res = residual.contiguous();
+  auto w = weight.contiguous();
+  const int64_t D = x.size(-1);
+  const int64_t rows = x.numel() / D;
+  auto h = at::empty_like(x);
+  auto out = at::empty_like(x);
+  auto rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = res.const_data_ptr<scalar_t>();
+    scalar_t* hp = h.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows * D, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        hp[i] = static_cast<scalar_t>(static_cast<float>(xp[i]) + static_cast<float>(rp[i]));
+      }
+    });
+    rms_norm_rows<scalar_t>(hp, w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                            rstd.mutable_data_ptr<float>(), rows, D, static_cast<float>(eps));
+  });
+  return {out, h, rstd};
+}
+
+// Rows are summed for grad_weight in fixed chunks of kChunk rows, then the chunk partials in
+// order: the result does not depend on the thread count.
+constexpr int64_t kChunk = 64;
+
+template <typename T>
+void rms_norm_backward_rows(const T* g, const T* x, const T* w, const float* rstd, T* gx,
+                            float* gw_partial, int64_t rows, int64_t D) {
+  const int64_t n_chunks = (rows + kChunk - 1) / kChunk;
+  at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<float> gy(D);
+    for (int64_t c = cb; c < ce; ++c) {
+      float* gwp = gw_partial + c * D;
+      for (int64_t i = 0; i < D; ++i) gwp[i] = 0.f;
+      const int64_t r_end = std::min(rows, (c + 1) * kChunk);
+      for (int64_t r = c * kChunk; r < r_end; ++r) {
+        const T* gr = g + r * D;
+        const T* xr = x + r * D;
+        const float rs = rstd[r];
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < D; ++i) {
+          float y = static_cast<float>(xr[i]) * rs;
+          float go = static_cast<float>(gr[i]);
+          gy[i] = go * static_cast<float>(w[i]);
+          dot += gy[i] * y;
+          gwp[i] += go * y;
+        }
+        const float mean_gy_y = dot / static_cast<float>(D);
+        T* gxr = gx + r * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i) {
+          float y = static_cast<float>(xr[i]) * rs;
+          gxr[i] = static_cast<T>(math::rms_grad_input(gy[i], y, rs, mean_gy_y));
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_out,
+                                                         const at::Tensor& input,
+                                                         const at::Tensor& weight,
+                                                         const at::Tensor& rstd) {
+  const char* op = "rms_norm_backward";
+  check_norm_args(op, input, weight);
+  chk::same_dtype(op, "grad_out", grad_out, "input", input);
+  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), "latentmoe.rms_norm_backward: argument 'grad_out' has shape ",
+                    grad_out.sizes(), " but 'input' has shape ", input.sizes());
+  chk::dtype(op, "rstd", rstd, at::kFloat);
+  TORCH_CHECK_VALUE(rstd.numel() * input.size(-1) == input.numel(),
+                    "latentmoe.rms_norm_backward: argument 'rstd' must have one value per row of 'input'");
+  auto g = grad_out.contiguous();
+  auto x = input.contiguous();
+  auto w = weight.contiguous();
+  auto rs = rstd.contiguous();
+  const int64_t D = x.size(-1);
+  const int64_t rows = x.numel() / D;
+  const int64_t n_chunks = (rows + kChunk - 1) / kChunk;
+  auto gx = at::empty_like(x);
+  auto gw_partial = at::empty({n_chunks, D}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_backward_cpu", [&] {
+    rms_norm_backward_rows<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                     w.const_data_ptr<scalar_t>(), rs.const_data_ptr<float>(),
+                                     gx.mutable_data_ptr<scalar_t>(),
+                                     gw_partial.mutable_data_ptr<float>(), rows, D);
+  });
+  // Sum the chunk partials in chunk order (deterministic).
+  auto gw = at::zeros({D}, x.options().dtype(at::kFloat));
+  float* gwp = gw.mutable_data_ptr<float>();
+  const float* pp = gw_partial.const_data_ptr<float>();
+  for (int64_t c = 0; c < n_chunks; ++c)
+    for (int64_t i = 0; i < D; ++i) gwp[i] += pp[c * D + i];
+  return {gx, gw.to(weight.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(latentmoe, CPU, m) {
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("add_rms_norm", &add_rms_norm_cpu);
+  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+}
+
+}  // namespace latentmoe::cpu

@@ -1,0 +1,40 @@
+"""Load the compiled library ``latentmoe._C`` or fail with a message that says how to fix it.
+
+There is no fallback: without the compiled kernels, latentmoe does not import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_REBUILD = (
+    "Rebuild latentmoe against the torch you run: `pip install --no-build-isolation --force-reinstall "
+    "--no-deps .` in the source tree (or `make build`)."
+)
+
+
+def _torch_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def load():
+    """Import ``latentmoe._C`` and check it was built for the running torch. Returns the module."""
+    try:
+        from latentmoe import _C
+    except ImportError as e:
+        msg = str(e)
+        if "undefined symbol" in msg:
+            raise ImportError(
+                f"latentmoe._C was built for a different torch than the installed {torch.__version__} "
+                f"({msg}). {_REBUILD}"
+            ) from e
+        raise ImportError(
+            f"latentmoe's compiled library latentmoe._C is missing or failed to load ({msg}). {_REBUILD}"
+        ) from e
+    if _torch_minor(_C.torch_version) != _torch_minor(torch.__version__):
+        raise ImportError(
+            f"latentmoe._C was built against torch {_C.torch_version} but torch {torch.__version__} "
+            f"is installed. {_REBUILD}"
+        )
+    return _C

@@ -1,0 +1,42 @@
+"""``python -m latentmoe.info``: what was built, for which torch and CUDA, and which ops have
+kernels for which dispatch keys."""
+
+from __future__ import annotations
+
+import torch
+
+_KEYS = ("CPU", "CUDA", "Meta", "Autograd")
+
+
+def ops() -> list[str]:
+    """Names of all ops in the ``latentmoe`` namespace, sorted."""
+    names = [s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("latentmoe::")]
+    return sorted({n.split("::", 1)[1] for n in names})
+
+
+def kernels(op: str) -> list[str]:
+    """Dispatch keys with a kernel registered for ``latentmoe::<op>``."""
+    name = f"latentmoe::{op}"
+    return [k for k in _KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]
+
+
+def report() -> str:
+    import latentmoe
+
+    C = latentmoe._C
+    lines = [
+        f"latentmoe {latentmoe.__version__}",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}); built against torch {C.torch_version}",
+        f"CUDA kernels compiled: {'yes' if C.with_cuda else 'no'}"
+        + (f" (archs {C.cuda_archs}, nvcc {C.cuda_version})" if C.with_cuda else ""),
+        f"GPU visible: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
+        "ops:",
+    ]
+    width = max((len(o) for o in ops()), default=0)
+    for op in ops():
+        lines.append(f"  {op:<{width}}  {' '.join(kernels(op))}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

@@ -1,0 +1,5 @@
+"""Drop-in ``nn.Module`` layers with Hugging Face-compatible constructor arguments and state dicts."""
+
+from latentmoe.nn.norm import RMSNorm
+
+__all__ = ["RMSNorm"]

@@ -1,0 +1,5 @@
+"""Typed wrappers over ``torch.ops.latentmoe.*``; importing this registers fake kernels and autograd."""
+
+from latentmoe.ops.norm import add_rms_norm, rms_norm
+
+__all__ = ["rms_norm", "add_rms_norm"]

@@ -1,0 +1,89 @@
+"""RMSNorm ops (HF ``DeepseekV3RMSNorm`` numerics), with fake kernels and autograd."""
+
+from __future__ import annotations
+
+import torch
+
+_lib = torch.ops.latentmoe
+
+
+def rms_norm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim: ``weight * to_dtype(x * rsqrt(mean(x**2) + eps))``, fp32 math.
+
+    Args:
+        input: ``[..., D]``, float32 / bfloat16 / float16, non-empty.
+        weight: ``[D]``, same dtype and device as ``input``.
+        eps: added to the mean square.
+    Returns:
+        ``[..., D]`` in ``input.dtype``. Differentiable in ``input`` and ``weight``.
+    """
+    return _lib.rms_norm.default(input, weight, eps)[0]
+
+
+def add_rms_norm(
+    input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``h = input + residual`` then ``rms_norm(h)``.
+
+    Args:
+        input, residual: ``[..., D]``, same shape, dtype and device.
+        weight: ``[D]``.
+    Returns:
+        ``(out, h)``: the normalised ``[..., D]`` and the new residual stream ``h`` ``[..., D]``,
+        both in ``input.dtype``. Differentiable in all three tensors.
+    """
+    out, h, _ = _lib.add_rms_norm.default(input, residual, weight, eps)
+    return out, h
+
+
+@torch.library.register_fake("latentmoe::rms_norm")
+def _rms_norm_fake(input, weight, eps):
+    return torch.empty_like(input), input.new_empty(input.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.register_fake("latentmoe::add_rms_norm")
+def _add_rms_norm_fake(input, residual, weight, eps):
+    return (
+        torch.empty_like(input),
+        torch.empty_like(input),
+        input.new_empty(input.shape[:-1], dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("latentmoe::rms_norm_backward")
+def _rms_norm_backward_fake(grad_out, input, weight, rstd):
+    return torch.empty_like(input), torch.empty_like(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    input, weight, _ = inputs
+    _, rstd = output
+    ctx.save_for_backward(input, weight, rstd)
+
+
+def _rms_norm_bwd(ctx, grad_out, _grad_rstd):
+    input, weight, rstd = ctx.saved_tensors
+    gx, gw = _lib.rms_norm_backward.default(grad_out.contiguous(), input, weight, rstd)
+    return gx, gw, None
+
+
+torch.library.register_autograd("latentmoe::rms_norm", _rms_norm_bwd, setup_context=_rms_norm_setup)
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    _, _, weight, _ = inputs
+    _, h, rstd = output
+    ctx.save_for_backward(h, weight, rstd)
+
+
+def _add_rms_norm_bwd(ctx, grad_out, grad_h, _grad_rstd):
+    h, weight, rstd = ctx.saved_tensors
+    gx, gw = _lib.rms_norm_backward.default(grad_out.contiguous(), h, weight, rstd)
+    if grad_h is not None:
+        gx = gx + grad_h
+    return gx, gx, gw, None
+
+
+torch.library.register_autograd(
+    "latentmoe::add_rms_norm", _add_rms_norm_bwd, setup_context=_add_rms_norm_setup
+)
