@@ -85,7 +85,7 @@ def test_decode_matches_reference(device, page_size, H, Sq):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("page_size", [None, 64])
+@pytest.mark.parametrize("page_size", [None, 64, 257])
 def test_decode_deepseek_dims(device, dtype, page_size):
     C, R, H = 512, 64, 16
     prob = make_problem(2, 1, H, C, R, [300, 77], page_size, dtype=dtype, device=device)

@@ -1,15 +1,17 @@
 // MLA CPU kernels: absorbed decode on the latent cache and the fused cache append.
 //
 // mla_decode: work items are (batch row, group of query rows, split of the keys), run with
-// at::parallel_for. An item walks its keys in tiles of kTile cache rows: the tile is converted to
-// fp32 once and used by every query row of the group (query row = (s, h) pair), with an online
-// softmax per row (common/math.h) and fp32 accumulators. Splits are merged by their LSE.
+// at::parallel_for. An item walks its keys in tiles of kTile cache rows; each tile is read once
+// for all query rows of the group (query row = (s, h) pair): scores and the weighted sum are
+// small fp32 GEMMs (ATen matmul on views of the item's buffers), with an online softmax per row in between
+// (common/math.h). fp32 accumulators; splits are merged by their LSE.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/math.h"
@@ -21,9 +23,9 @@ namespace {
 
 namespace chk = latentmoe::checks;
 
-constexpr int64_t kTile = 32;        // cache rows per tile
-constexpr int64_t kRowGroup = 16;    // query rows per work item
-constexpr int64_t kMinSplit = 128;   // fewest keys worth a split of its own
+constexpr int64_t kTile = 256;       // cache rows per tile
+constexpr int64_t kRowGroup = 64;    // query rows per work item
+constexpr int64_t kMinSplit = 256;   // fewest keys worth a split of its own
 
 struct DecodeParams {
   int64_t B, Sq, H, C, R, D;
@@ -36,8 +38,30 @@ struct DecodeParams {
   int64_t n_splits, split_len, n_groups;
 };
 
+// Row-major products on fp32 tiles through ATen's matmul (MKL/OpenBLAS underneath), on
+// non-owning views of the work item's buffers:
+//   scores[m, n] = q[m, D] . k[n, D]^T          (row strides ldq, ldk, lds)
+//   acc[m, C]   += p[m, n] . k[n, :C]
+at::Tensor view2d(const float* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<float*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
+}
+
+void tile_scores(int64_t m, int64_t n, int64_t D, const float* q, int64_t ldq, const float* k, int64_t ldk,
+                 float* scores, int64_t lds) {
+  auto out = view2d(scores, m, n, lds);
+  at::mm_out(out, view2d(q, m, D, ldq), view2d(k, n, D, ldk).t());
+}
+
+void tile_accumulate(int64_t m, int64_t n, int64_t C, const float* p, int64_t ldp, const float* k, int64_t ldk,
+                     float* acc) {
+  view2d(acc, m, C, C).addmm_(view2d(p, m, n, ldp), view2d(k, n, C, ldk));
+}
+
 // One work item: rows [r0, r1) of batch b (row r = s * H + h), keys of split `sp`. Writes the
-// unnormalised accumulators and (m, l) of each row to the partial buffers.
+// unnormalised accumulators and (m, l) of each row to the partial buffers. Keys go in tiles of
+// up to kTile rows: fp32 rows of a contiguous or page-contiguous cache are used in place; other
+// dtypes and small pages are first gathered/converted into `tile`. Every key of a tile lies below
+// the row's seqlen (valid data), so zero weights of keys a query does not see never meet NaN.
 template <typename T>
 void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const T* cache, int64_t b,
                  int64_t r0, int64_t r1, int64_t sp, float* acc_out, float* m_out, float* l_out,
@@ -67,44 +91,53 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
   const int64_t k_end = std::min(hi_all, (sp + 1) * p.split_len);
   std::vector<math::SoftmaxState> st(nrows, math::softmax_empty());
   for (int64_t i = 0; i < nrows * C; ++i) acc_out[i] = 0.f;
-  for (int64_t t0 = k_begin; t0 < k_end; t0 += kTile) {
-    const int64_t t1 = std::min(k_end, t0 + kTile);
-    for (int64_t t = t0; t < t1; ++t) {
-      const T* src = cache + mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, b, t) * D;
-      float* dst = tile.data() + (t - t0) * D;
+  constexpr bool kIsFloat = std::is_same_v<T, float>;
+  const bool in_place = kIsFloat && (p.block_table == nullptr || p.page_size >= kTile / 4);
+  for (int64_t t0 = k_begin; t0 < k_end;) {
+    int64_t t1 = std::min(k_end, t0 + kTile);
+    const float* k;
+    if (in_place) {
+      if (p.block_table != nullptr) t1 = std::min(t1, (t0 / p.page_size + 1) * p.page_size);  // stay in one page
+      k = reinterpret_cast<const float*>(cache) +
+          mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, b, t0) * D;
+    } else {
+      for (int64_t t = t0; t < t1; ++t) {
+        const T* src = cache + mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, b, t) * D;
+        float* dst = tile.data() + (t - t0) * D;
 #pragma omp simd
-      for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<float>(src[c]);
-    }
-    for (int64_t i = 0; i < nrows; ++i) {
-      const int64_t a = std::max(t0, ranges[i].lo), e = std::min(t1, ranges[i].hi);
-      if (a >= e) continue;
-      const float* q = qbuf.data() + i * D;
-      float m_tile = -INFINITY;
-      for (int64_t t = a; t < e; ++t) {
-        const float* k = tile.data() + (t - t0) * D;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t c = 0; c < D; ++c) s += q[c] * k[c];
-        scores[t - a] = s;
-        m_tile = std::max(m_tile, s);
+        for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<float>(src[c]);
       }
+      k = tile.data();
+    }
+    const int64_t n = t1 - t0;
+    tile_scores(nrows, n, D, qbuf.data(), D, k, D, scores.data(), kTile);
+    for (int64_t i = 0; i < nrows; ++i) {
+      float* s = scores.data() + i * kTile;
+      const int64_t a = std::max(t0, ranges[i].lo) - t0, e = std::min(t1, ranges[i].hi) - t0;
+      if (a >= e) {  // no visible key here: zero weights, state unchanged
+        for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+        continue;
+      }
+      float m_tile = -INFINITY;
+      for (int64_t j = a; j < e; ++j) m_tile = std::max(m_tile, s[j]);
       const float m_new = std::max(st[i].m, m_tile);
       const float alpha = math::softmax_rescale(st[i].m, m_new);
-      float* acc = acc_out + i * C;
       float l = st[i].l * alpha;
+      for (int64_t j = 0; j < a; ++j) s[j] = 0.f;
+      for (int64_t j = a; j < e; ++j) {
+        s[j] = math::fast_exp(s[j] - m_new);
+        l += s[j];
+      }
+      for (int64_t j = e; j < n; ++j) s[j] = 0.f;
       if (alpha != 1.f) {
+        float* acc = acc_out + i * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) acc[c] *= alpha;
       }
-      for (int64_t t = a; t < e; ++t) {
-        const float w = math::fast_exp(scores[t - a] - m_new);
-        l += w;
-        const float* k = tile.data() + (t - t0) * D;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) acc[c] += w * k[c];
-      }
       st[i] = {m_new, l};
     }
+    tile_accumulate(nrows, n, C, scores.data(), kTile, k, D, acc_out);
+    t0 = t1;
   }
   for (int64_t i = 0; i < nrows; ++i) {
     m_out[i] = st[i].m;
@@ -122,7 +155,7 @@ void mla_decode_impl(const DecodeParams& p, const T* q_latent, const T* q_pe, co
   std::vector<float> ls(ms.size());
   const int64_t n_items = p.B * p.n_groups * p.n_splits;
   at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(kRowGroup * p.D), tile(kTile * p.D), scores(kTile);
+    std::vector<float> qbuf(kRowGroup * p.D), tile(kTile * p.D), scores(kRowGroup * kTile);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t sp = it % p.n_splits;
       const int64_t g = (it / p.n_splits) % p.n_groups;
