@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 from transformers import DeepseekV3Config
 from transformers.cache_utils import DynamicCache
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3Attention,
+    DeepseekV3RotaryEmbedding,
+)
 
 import latentmoe
 from bench.common import ratio_row, read_bandwidth_gbs, row, time_ms
@@ -21,7 +24,8 @@ H, C, R, NOPE, V, HIDDEN = 16, 512, 64, 128, 128, 2048
 
 def _config(attn_impl: str) -> DeepseekV3Config:
     cfg = DeepseekV3Config(
-        vocab_size=128, hidden_size=HIDDEN, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=1,
+        vocab_size=128, hidden_size=HIDDEN, intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=1,
         num_attention_heads=H, num_key_value_heads=H, q_lora_rank=None, kv_lora_rank=C, qk_rope_head_dim=R,
         qk_nope_head_dim=NOPE, v_head_dim=V, max_position_embeddings=32768, n_routed_experts=4,
         num_experts_per_tok=2, n_group=1, topk_group=1,
@@ -114,7 +118,8 @@ def _prefill_rows(device: str, dtype, lengths) -> list[dict]:
             row("mla_prefill", "hf_sdpa", mode, L, t_hf, device),
             row("mla_prefill", "latentmoe", mode, L, t_ours, device,
                 note="SDPA on decompressed K/V (no in-kernel decompression prefill yet)"),
-            ratio_row("mla_prefill", "speedup_vs_hf", L, t_hf[0] / t_ours[0], device, "goal >= 2x at 4K (issue 3)"),
+            ratio_row("mla_prefill", "speedup_vs_hf", L, t_hf[0] / t_ours[0], device,
+                      "goal >= 2x at 4K (issue 3)"),
         ]
     return rows
 
@@ -128,11 +133,36 @@ def _cache_bytes_rows(device: str) -> list[dict]:
         rows += [
             row("mla_cache", "latentmoe", f"bytes-per-token-{name}", 1, (mla_bytes,) * 3, device,
                 metric="bytes", unit="B"),
-            row("mla_cache", "mha", f"bytes-per-token-{name}", 1, (mha_bytes,) * 3, device, metric="bytes", unit="B"),
+            row("mla_cache", "mha", f"bytes-per-token-{name}", 1, (mha_bytes,) * 3, device,
+                metric="bytes", unit="B"),
             ratio_row("mla_cache", "mha_over_mla", 1, mha_bytes / mla_bytes, device,
                       f"{name}: cache bytes per token per layer, MHA / MLA"),
         ]
     return rows
+
+
+def smoke(device: str) -> None:
+    """Call every MLA op once on small odd shapes (contiguous and paged, every dtype); for
+    compute-sanitizer runs on the GPU (wire into bench/gpu_smoke.py)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for page_size in (None, 17):
+            B, Sq, heads, c, r = 3, 2, 9, 48, 16
+            lens = torch.tensor([0, 5, 40], dtype=torch.int32, device=device)
+            if page_size is None:
+                kv = torch.randn(B, 45, c + r, device=device, dtype=dtype)
+                table = None
+            else:
+                kv = torch.randn(3 * B, page_size, c + r, device=device, dtype=dtype)
+                table = torch.randperm(3 * B, device=device).view(B, 3).to(torch.int32)
+            latent = torch.randn(B, Sq, c, device=device, dtype=dtype)
+            k_pe = torch.randn(B, Sq, r, device=device, dtype=dtype)
+            cos = torch.randn(B, Sq, r, device=device, dtype=dtype)
+            sin = torch.randn(B, Sq, r, device=device, dtype=dtype)
+            w = torch.ones(c, device=device, dtype=dtype)
+            latentmoe.ops.mla_append_cache(kv, latent, k_pe, w, 1e-6, cos, sin, lens, block_table=table)
+            q_latent = torch.randn(B, Sq, heads, c, device=device, dtype=dtype)
+            q_pe = torch.randn(B, Sq, heads, r, device=device, dtype=dtype)
+            latentmoe.ops.mla_decode(q_latent, q_pe, kv, lens + Sq, 0.1, block_table=table, window=7)
 
 
 def run(device: str, quick: bool) -> list[dict]:
@@ -155,4 +185,5 @@ if __name__ == "__main__":
     ap.add_argument("--full", action="store_true")
     a = ap.parse_args()
     for r in run(a.device, quick=not a.full):
-        print(f"{r['kernel']:16} {r['provider']:16} {r['mode']:22} {r['x']:>6} {r['p50']:10.4g} {r['unit']:3} {r['note']}")
+        print(f"{r['kernel']:16} {r['provider']:16} {r['mode']:22} {r['x']:>6} {r['p50']:10.4g} {r['unit']:3}"
+              f" {r['note']}")

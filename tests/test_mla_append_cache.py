@@ -57,7 +57,9 @@ def test_append_matches_hf(device, interleave, page_size, S):
         table = torch.randperm(n_pages)[: B * max_pages].view(B, max_pages).to(torch.int32).to(device)
         cache = torch.full((n_pages, page_size, C + R), float("nan"), device=device)
     before = cache.clone()
-    mla_append_cache(cache, latent, k_pe, weight, 1e-6, cos, sin, lens, block_table=table, rope_interleave=interleave)
+    mla_append_cache(
+        cache, latent, k_pe, weight, 1e-6, cos, sin, lens, block_table=table, rope_interleave=interleave
+    )
     want = expected_rows(latent, k_pe, weight, cos, sin, interleave)
     cache_c, before_c = cache.cpu(), before.cpu()
     written = torch.zeros(cache_c.shape[:2], dtype=torch.bool)

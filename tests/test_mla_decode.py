@@ -64,7 +64,9 @@ def check_close(out, lse, q_latent, q_pe, kv, seqlens, table, scale, causal, win
         torch.testing.assert_close(lse[~empty].double(), want_l[~empty].double(), rtol=1e-5, atol=1e-5)
     else:
         # flash-attention's rule: our error vs fp64 <= 2x the error of the reference run in low precision.
-        low_o, low_l = reference(q_latent, q_pe, kv, seqlens, table, scale, causal, window, upcast=False, fp64=False)
+        low_o, low_l = reference(
+            q_latent, q_pe, kv, seqlens, table, scale, causal, window, upcast=False, fp64=False
+        )
         err = (out.double() - want_o).abs().max()
         ref_err = (low_o.double() - want_o).abs().max()
         assert err <= 2 * ref_err + 1e-3, (float(err), float(ref_err))
@@ -101,7 +103,10 @@ def test_decode_low_precision_odd_dims(device, dtype):
     check_close(out, lse, *prob, 0.2, True, -1)
 
 
-@pytest.mark.parametrize("causal,window,Sq", [(False, -1, 2), (True, 0, 1), (True, 5, 3), (False, 7, 2), (True, 40, 2)])
+MASK_CASES = [(False, -1, 2), (True, 0, 1), (True, 5, 3), (False, 7, 2), (True, 40, 2)]
+
+
+@pytest.mark.parametrize("causal,window,Sq", MASK_CASES)
 @pytest.mark.parametrize("page_size", [None, 16])
 def test_decode_masks(device, causal, window, Sq, page_size):
     prob = make_problem(3, Sq, 3, 48, 16, [50, 2, 300], page_size, device=device)
@@ -134,11 +139,10 @@ def test_decode_opcheck(device):
     prob = make_problem(2, 2, 3, 48, 16, [20, 9], 16, device=device)
     q_latent, q_pe, kv, seqlens, table = prob
     kv = kv.nan_to_num()  # opcheck compares outputs with NaN-free inputs
-    torch.library.opcheck(torch.ops.latentmoe.mla_decode.default, (q_latent, q_pe, kv, seqlens, table, 0.3, True, -1))
+    op = torch.ops.latentmoe.mla_decode.default
+    torch.library.opcheck(op, (q_latent, q_pe, kv, seqlens, table, 0.3, True, -1))
     q_latent, q_pe, kv, seqlens, _ = make_problem(2, 1, 3, 48, 16, [20, 9], None, device=device)
-    torch.library.opcheck(
-        torch.ops.latentmoe.mla_decode.default, (q_latent, q_pe, kv.nan_to_num(), seqlens, None, 0.3, False, 4)
-    )
+    torch.library.opcheck(op, (q_latent, q_pe, kv.nan_to_num(), seqlens, None, 0.3, False, 4))
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ STEPS = [9, 1, 1, 2, 1]  # prefill, then decode steps (one MTP-style 2-token ste
 
 
 def _pair(case, dtype=torch.float32, device="cpu"):
-    cfg = make_config(heads=case["heads"], q_lora=case["q_lora"], interleave=case["interleave"], yarn=case["yarn"])
+    cfg = make_config(
+        heads=case["heads"], q_lora=case["q_lora"], interleave=case["interleave"], yarn=case["yarn"]
+    )
     hf = make_hf_attention(cfg, dtype)
     mine = MultiHeadLatentAttention(cfg, 0).to(dtype)
     mine.load_state_dict(hf.state_dict(), strict=True)
@@ -117,7 +119,8 @@ def test_decode_low_precision(dtype):
     mine_low.load_state_dict(hf_low.state_dict(), strict=True)
     # Same inputs for three runs: fp32 HF (truth), HF in bf16, ours in bf16.
     B, past = 2, 0
-    caches = [hf_cache(cfg), hf_cache(cfg), LatentKVCache(1, B, 16, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)]
+    ours_cache = LatentKVCache(1, B, 16, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
+    caches = [hf_cache(cfg), hf_cache(cfg), ours_cache]
     for n in [9, 1, 1]:
         x = torch.randn(B, n, cfg.hidden_size)
         pos = (past + torch.arange(n))[None].expand(B, -1)
@@ -223,7 +226,8 @@ def test_state_dict_keys_identical_to_hf():
         cfg = make_config(q_lora=q_lora)
         hf = make_hf_attention(cfg)
         mine = MultiHeadLatentAttention(cfg, 0)
-        assert {k: v.shape for k, v in mine.state_dict().items()} == {k: v.shape for k, v in hf.state_dict().items()}
+        shapes = {k: v.shape for k, v in mine.state_dict().items()}
+        assert shapes == {k: v.shape for k, v in hf.state_dict().items()}
 
 
 def test_latent_cache_overflow_and_misuse():

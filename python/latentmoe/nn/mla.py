@@ -100,7 +100,8 @@ class LatentKVCache:
         else:
             max_pages = (capacity + page_size - 1) // page_size
             if block_table is None:
-                block_table = torch.arange(batch_size * max_pages, dtype=torch.int32).view(batch_size, max_pages)
+                block_table = torch.arange(batch_size * max_pages, dtype=torch.int32)
+                block_table = block_table.view(batch_size, max_pages)
             if tuple(block_table.shape) != (batch_size, max_pages):
                 raise ValueError(
                     f"LatentKVCache: block_table must have shape {(batch_size, max_pages)}, "
@@ -188,7 +189,8 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        kv_b_out = H * (self.qk_nope_head_dim + self.v_head_dim)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, kv_b_out, bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, hidden, bias=bias)
         self.scaling = _softmax_scale(config)
         self._absorbed_key = None
@@ -285,7 +287,9 @@ class MultiHeadLatentAttention(nn.Module):
         )
         cache.advance(layer, S)
         if S <= self.decode_max_tokens:
-            out = self._absorbed_attention(q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table)
+            out = self._absorbed_attention(
+                q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table
+            )
         else:
             L = cache.get_seq_length(layer)
             rows = cache.rows(layer, L)
@@ -297,10 +301,12 @@ class MultiHeadLatentAttention(nn.Module):
         B, S, H, N = q_nope.shape
         w_uk, w_uv_t = self.absorbed_weights()
         dt = kv_cache.dtype
-        q_latent = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * S, N).to(dt), w_uk.to(dt))  # [H, BS, C]
+        q_heads = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, N).to(dt)
+        q_latent = torch.bmm(q_heads, w_uk.to(dt))  # [H, B*S, C]
         q_latent = q_latent.view(H, B, S, -1).permute(1, 2, 0, 3).contiguous()
         out_latent, _ = mla_decode(
-            q_latent, q_pe.to(dt).contiguous(), kv_cache, seqlens, self.scaling, block_table=block_table, causal=True
+            q_latent, q_pe.to(dt).contiguous(), kv_cache, seqlens, self.scaling,
+            block_table=block_table, causal=True,
         )
         out = torch.bmm(out_latent.permute(2, 0, 1, 3).reshape(H, B * S, -1), w_uv_t.to(dt))  # [H, BS, V]
         return out.view(H, B, S, -1).permute(1, 2, 0, 3).to(q_nope.dtype)
