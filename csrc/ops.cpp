@@ -34,6 +34,16 @@ TORCH_LIBRARY(latentmoe, m) {
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor kv_cache, Tensor cache_seqlens,"
       " Tensor? block_table, float softmax_scale, bool causal=True, int window=-1)"
       " -> (Tensor out_latent, Tensor lse)");
+  // MLA prefill with in-kernel latent decompression: causal attention of the S new tokens (the
+  // last S of each row's cache_seqlens cached tokens) over the cache, where each tile of latents
+  // is expanded to this head's K/V through kv_b_weight inside the kernel (per-head K/V of the
+  // whole sequence are never materialised).
+  //   q_nope [B, S, H, N], q_pe [B, S, H, R] (rotated); cache as for mla_decode;
+  //   kv_b_weight [H*(N+V), C] (HF kv_b_proj.weight). causal/window as for mla_decode.
+  // Returns out [B, S, H, V] (q dtype) and lse [B, S, H] (fp32). Reads only.
+  m.def(
+      "mla_prefill(Tensor q_nope, Tensor q_pe, Tensor kv_cache, Tensor cache_seqlens, Tensor? block_table,"
+      " Tensor kv_b_weight, float softmax_scale, bool causal=True, int window=-1) -> (Tensor out, Tensor lse)");
   // Fused cache append: c = kv_a_layernorm(kv_latent) (HF RMSNorm numerics), k_pe rotated with
   // HF's (cos, sin) in either RoPE layout, rows [c | k_pe] written at token slots
   // cache_seqlens[b] + s of row b (contiguous or paged cache). MUTATES kv_cache (only those slots).

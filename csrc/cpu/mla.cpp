@@ -53,8 +53,31 @@ void tile_scores(int64_t m, int64_t n, int64_t D, const float* q, int64_t ldq, c
 }
 
 void tile_accumulate(int64_t m, int64_t n, int64_t C, const float* p, int64_t ldp, const float* k, int64_t ldk,
-                     float* acc) {
-  view2d(acc, m, C, C).addmm_(view2d(p, m, n, ldp), view2d(k, n, C, ldk));
+                     float* acc, int64_t ldacc) {
+  view2d(acc, m, C, ldacc).addmm_(view2d(p, m, n, ldp), view2d(k, n, C, ldk));
+}
+
+// Online-softmax step of one query row over a tile of n scores `s` (overwritten with the
+// weights exp(s - m_new); 0 outside the visible [a, e)). Updates `st`; returns the factor the
+// row's accumulator must be multiplied by before the weights are added (1 when unchanged).
+float softmax_tile_row(float* s, int64_t n, int64_t a, int64_t e, math::SoftmaxState& st) {
+  if (a >= e) {
+    for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+    return 1.f;
+  }
+  float m_tile = -INFINITY;
+  for (int64_t j = a; j < e; ++j) m_tile = std::max(m_tile, s[j]);
+  const float m_new = std::max(st.m, m_tile);
+  const float alpha = math::softmax_rescale(st.m, m_new);
+  float l = st.l * alpha;
+  for (int64_t j = 0; j < a; ++j) s[j] = 0.f;
+  for (int64_t j = a; j < e; ++j) {
+    s[j] = math::fast_exp(s[j] - m_new);
+    l += s[j];
+  }
+  for (int64_t j = e; j < n; ++j) s[j] = 0.f;
+  st = {m_new, l};
+  return alpha;
 }
 
 // One work item: rows [r0, r1) of batch b (row r = s * H + h), keys of split `sp`. Writes the
@@ -112,31 +135,15 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
     const int64_t n = t1 - t0;
     tile_scores(nrows, n, D, qbuf.data(), D, k, D, scores.data(), kTile);
     for (int64_t i = 0; i < nrows; ++i) {
-      float* s = scores.data() + i * kTile;
       const int64_t a = std::max(t0, ranges[i].lo) - t0, e = std::min(t1, ranges[i].hi) - t0;
-      if (a >= e) {  // no visible key here: zero weights, state unchanged
-        for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
-        continue;
-      }
-      float m_tile = -INFINITY;
-      for (int64_t j = a; j < e; ++j) m_tile = std::max(m_tile, s[j]);
-      const float m_new = std::max(st[i].m, m_tile);
-      const float alpha = math::softmax_rescale(st[i].m, m_new);
-      float l = st[i].l * alpha;
-      for (int64_t j = 0; j < a; ++j) s[j] = 0.f;
-      for (int64_t j = a; j < e; ++j) {
-        s[j] = math::fast_exp(s[j] - m_new);
-        l += s[j];
-      }
-      for (int64_t j = e; j < n; ++j) s[j] = 0.f;
+      const float alpha = softmax_tile_row(scores.data() + i * kTile, n, a, e, st[i]);
       if (alpha != 1.f) {
         float* acc = acc_out + i * C;
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) acc[c] *= alpha;
       }
-      st[i] = {m_new, l};
     }
-    tile_accumulate(nrows, n, C, scores.data(), kTile, k, D, acc_out);
+    tile_accumulate(nrows, n, C, scores.data(), kTile, k, D, acc_out, C);
     t0 = t1;
   }
   for (int64_t i = 0; i < nrows; ++i) {
@@ -236,6 +243,162 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
   return {out, lse};
 }
 
+// ---- mla_prefill --------------------------------------------------------------------------------
+//
+// Work item = (batch row, head, block of queries). The item walks the keys its queries see in
+// tiles of kPrefillTile cache rows; each tile of latents is decompressed for this head only
+// (k_nope = c . w_uk_h^T, v = c . w_uv_h^T) in the item's own buffers, so no per-head K/V of the
+// whole sequence ever exists: extra memory is O(threads * (tile + query block) * head_dim).
+
+constexpr int64_t kPrefillTile = 128;
+
+struct PrefillParams {
+  int64_t B, S, H, N, R, V, C, D;
+  int64_t lmax, page_size, max_pages;
+  const int32_t* block_table;
+  const int32_t* seqlens;
+  float scale;
+  bool causal;
+  int64_t window;
+  int64_t n_qblocks, qblock;
+};
+
+template <typename T>
+void prefill_item(const PrefillParams& p, const T* q_nope, const T* q_pe, const T* cache, const T* w_kv_b,
+                  int64_t b, int64_t h, int64_t qb, T* out, float* lse) {
+  const int64_t N = p.N, R = p.R, V = p.V, C = p.C, D = p.D, NR = N + R;
+  const int64_t q0 = qb * p.qblock, q1 = std::min(p.S, q0 + p.qblock), nq = q1 - q0;
+  if (nq <= 0) return;
+  const int64_t seqlen = p.seqlens[b];
+  // This head's up-projections, fp32: w_uk [N, C] and w_uv [V, C].
+  std::vector<float> w_uk(N * C), w_uv(V * C);
+  const T* wh = w_kv_b + h * (N + V) * C;
+  for (int64_t i = 0; i < N * C; ++i) w_uk[i] = static_cast<float>(wh[i]);
+  for (int64_t i = 0; i < V * C; ++i) w_uv[i] = static_cast<float>(wh[N * C + i]);
+  // Queries [nq, N+R] * scale.
+  std::vector<float> q(nq * NR);
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t off = (b * p.S + q0 + i) * p.H + h;
+    for (int64_t c = 0; c < N; ++c) q[i * NR + c] = static_cast<float>(q_nope[off * N + c]) * p.scale;
+    for (int64_t c = 0; c < R; ++c) q[i * NR + N + c] = static_cast<float>(q_pe[off * R + c]) * p.scale;
+  }
+  std::vector<mla::KeyRange> ranges(nq);
+  int64_t lo_all = seqlen, hi_all = 0;
+  for (int64_t i = 0; i < nq; ++i) {
+    ranges[i] = mla::visible_keys(seqlen, p.S, q0 + i, p.causal, p.window);
+    if (ranges[i].hi > ranges[i].lo) {
+      lo_all = std::min(lo_all, ranges[i].lo);
+      hi_all = std::max(hi_all, ranges[i].hi);
+    }
+  }
+  std::vector<float> acc(nq * V, 0.f), ctile(kPrefillTile * D), k(kPrefillTile * NR), v(kPrefillTile * V);
+  std::vector<float> scores(nq * kPrefillTile);
+  std::vector<math::SoftmaxState> st(nq, math::softmax_empty());
+  for (int64_t t0 = lo_all; t0 < hi_all; t0 += kPrefillTile) {
+    const int64_t t1 = std::min(hi_all, t0 + kPrefillTile), n = t1 - t0;
+    // Queries whose visible range meets this tile (ranges are monotone in the query index).
+    int64_t ia = 0, ib = nq;
+    while (ia < nq && (ranges[ia].hi <= t0 || ranges[ia].lo >= t1 || ranges[ia].hi <= ranges[ia].lo)) ++ia;
+    while (ib > ia && (ranges[ib - 1].hi <= t0 || ranges[ib - 1].lo >= t1 || ranges[ib - 1].hi <= ranges[ib - 1].lo)) --ib;
+    if (ia >= ib) continue;
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* src = cache + mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, b, t) * D;
+      float* dst = ctile.data() + (t - t0) * D;
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<float>(src[c]);
+    }
+    // In-tile decompression: k = [c . w_uk^T | k_pe], v = c . w_uv^T.
+    {
+      auto kt = view2d(k.data(), n, N, NR);
+      at::mm_out(kt, view2d(ctile.data(), n, C, D), view2d(w_uk.data(), N, C, C).t());
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t c = 0; c < R; ++c) k[j * NR + N + c] = ctile[j * D + C + c];
+      auto vt = view2d(v.data(), n, V, V);
+      at::mm_out(vt, view2d(ctile.data(), n, C, D), view2d(w_uv.data(), V, C, C).t());
+    }
+    const int64_t m = ib - ia;
+    tile_scores(m, n, NR, q.data() + ia * NR, NR, k.data(), NR, scores.data(), kPrefillTile);
+    for (int64_t i = ia; i < ib; ++i) {
+      const int64_t a = std::max(t0, ranges[i].lo) - t0, e = std::min(t1, ranges[i].hi) - t0;
+      const float alpha = softmax_tile_row(scores.data() + (i - ia) * kPrefillTile, n, a, e, st[i]);
+      if (alpha != 1.f) {
+        float* ar = acc.data() + i * V;
+#pragma omp simd
+        for (int64_t c = 0; c < V; ++c) ar[c] *= alpha;
+      }
+    }
+    tile_accumulate(m, n, V, scores.data(), kPrefillTile, v.data(), V, acc.data() + ia * V, V);
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t off = (b * p.S + q0 + i) * p.H + h;
+    const float inv = st[i].l > 0.f ? 1.f / st[i].l : 0.f;
+    for (int64_t c = 0; c < V; ++c) out[off * V + c] = static_cast<T>(acc[i * V + c] * inv);
+    lse[off] = math::softmax_lse(st[i]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_prefill_cpu(const at::Tensor& q_nope, const at::Tensor& q_pe,
+                                                   const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
+                                                   const c10::optional<at::Tensor>& block_table,
+                                                   const at::Tensor& kv_b_weight, double softmax_scale, bool causal,
+                                                   int64_t window) {
+  const char* op = "mla_prefill";
+  chk::floating(op, "q_nope", q_nope);
+  chk::dim(op, "q_nope", q_nope, 4);
+  chk::contiguous(op, "q_nope", q_nope);
+  chk::same_dtype(op, "q_pe", q_pe, "q_nope", q_nope);
+  chk::same_device(op, "q_pe", q_pe, "q_nope", q_nope);
+  chk::dim(op, "q_pe", q_pe, 4);
+  chk::contiguous(op, "q_pe", q_pe);
+  for (int64_t i = 0; i < 3; ++i) {
+    TORCH_CHECK_VALUE(q_pe.size(i) == q_nope.size(i), "latentmoe.mla_prefill: argument 'q_pe' has shape ",
+                      q_pe.sizes(), " but 'q_nope' has shape ", q_nope.sizes(), "; dims B, S, H must match");
+  }
+  chk::nonempty(op, "q_nope", q_nope);
+  const int64_t B = q_nope.size(0), S = q_nope.size(1), H = q_nope.size(2), N = q_nope.size(3), R = q_pe.size(3);
+  chk::same_dtype(op, "kv_b_weight", kv_b_weight, "q_nope", q_nope);
+  chk::same_device(op, "kv_b_weight", kv_b_weight, "q_nope", q_nope);
+  chk::dim(op, "kv_b_weight", kv_b_weight, 2);
+  chk::contiguous(op, "kv_b_weight", kv_b_weight);
+  const int64_t C = kv_b_weight.size(1);
+  TORCH_CHECK_VALUE(kv_b_weight.size(0) % H == 0 && kv_b_weight.size(0) / H > N,
+                    "latentmoe.mla_prefill: argument 'kv_b_weight' must be [H*(N+V), C] with H = ", H, ", N = ", N,
+                    ", got shape ", kv_b_weight.sizes());
+  const int64_t V = kv_b_weight.size(0) / H - N;
+  auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, q_nope, "q_nope");
+  TORCH_CHECK_VALUE(window >= -1, "latentmoe.mla_prefill: argument 'window' must be >= -1, got ", window);
+  mla::check_cache_values(op, d, cache_seqlens, block_table, 0);
+  auto out = at::empty({B, S, H, V}, q_nope.options());
+  auto lse = at::empty({B, S, H}, q_nope.options().dtype(at::kFloat));
+  PrefillParams p{};
+  p.B = B; p.S = S; p.H = H; p.N = N; p.R = R; p.V = V; p.C = C; p.D = C + R;
+  p.lmax = d.lmax; p.page_size = d.page_size; p.max_pages = d.max_pages;
+  p.block_table = d.paged ? block_table->const_data_ptr<int32_t>() : nullptr;
+  p.seqlens = cache_seqlens.const_data_ptr<int32_t>();
+  p.scale = static_cast<float>(softmax_scale);
+  p.causal = causal;
+  p.window = window;
+  // Enough items for every thread; a query block keeps at least 64 queries.
+  const int64_t want = (2 * at::get_num_threads() + B * H - 1) / (B * H);
+  p.n_qblocks = std::max<int64_t>(1, std::min<int64_t>(want, (S + 63) / 64));
+  p.qblock = (S + p.n_qblocks - 1) / p.n_qblocks;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_nope.scalar_type(), "mla_prefill_cpu", [&] {
+    const auto* qn = q_nope.const_data_ptr<scalar_t>();
+    const auto* qp = q_pe.const_data_ptr<scalar_t>();
+    const auto* kv = kv_cache.const_data_ptr<scalar_t>();
+    const auto* w = kv_b_weight.const_data_ptr<scalar_t>();
+    auto* o = out.mutable_data_ptr<scalar_t>();
+    float* l = lse.mutable_data_ptr<float>();
+    at::parallel_for(0, B * H * p.n_qblocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t qb = it % p.n_qblocks, h = (it / p.n_qblocks) % H, b = it / (p.n_qblocks * H);
+        prefill_item<scalar_t>(p, qn, qp, kv, w, b, h, qb, o, l);
+      }
+    });
+  });
+  return {out, lse};
+}
+
 // ---- mla_append_cache -------------------------------------------------------------------------
 
 template <typename T>
@@ -297,6 +460,7 @@ void mla_append_cache_cpu(at::Tensor& kv_cache, const at::Tensor& kv_latent, con
 TORCH_LIBRARY_IMPL(latentmoe, CPU, m) {
   m.impl("mla_decode", &mla_decode_cpu);
   m.impl("mla_append_cache", &mla_append_cache_cpu);
+  m.impl("mla_prefill", &mla_prefill_cpu);
 }
 
 }  // namespace latentmoe::cpu

@@ -6,7 +6,8 @@ Cache rows are ``[c_kv (C) | k_pe (R)]``. A cache is either contiguous ``[B, Lma
 
 The ops validate ``cache_seqlens`` and the used ``block_table`` entries on the host (one small
 device-to-host copy on CUDA), so bad values raise ``ValueError`` instead of reading out of bounds.
-Inference ops: no autograd (calling them on tensors that require grad raises).
+``mla_decode`` and ``mla_append_cache`` are inference ops (no autograd); ``mla_prefill`` has a
+backward.
 """
 
 from __future__ import annotations
@@ -76,6 +77,119 @@ def mla_append_cache(
         kv_cache, kv_latent, k_pe, norm_weight, float(eps), cos, sin, cache_seqlens, block_table,
         rope_interleave,
     )
+
+
+def mla_prefill(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    kv_b_weight: torch.Tensor,
+    softmax_scale: float,
+    block_table: torch.Tensor | None = None,
+    causal: bool = True,
+    window: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA prefill with in-kernel latent decompression (CPU kernel; no CUDA kernel yet).
+
+    Attention of the ``S`` new tokens (the last ``S`` of each row's ``cache_seqlens`` cached
+    tokens) over the latent cache; each tile of latents is expanded to one head's K/V through
+    ``kv_b_weight`` inside the kernel, so per-head K/V of the whole sequence never exist.
+
+    Args:
+        q_nope: ``[B, S, H, N]``; q_pe: ``[B, S, H, R]`` (rotated). fp32/bf16/fp16, contiguous.
+        kv_cache: contiguous ``[B, Lmax, C+R]`` or paged (see module doc), rows ``[c_kv | k_pe]``.
+        cache_seqlens: ``[B]`` int32, tokens cached per row (the ``S`` new ones included).
+        kv_b_weight: ``[H*(N+V), C]``, HF ``kv_b_proj.weight``.
+        causal, window: as :func:`mla_decode`.
+    Returns:
+        ``(out [B, S, H, V] in q dtype, lse [B, S, H] fp32)``.
+    Autograd: gradients for ``q_nope``, ``q_pe``, a contiguous ``kv_cache`` (latents and k_pe)
+    and ``kv_b_weight``, computed in fp32 by a backward chunked over keys (memory
+    O(B*H*S*chunk + B*chunk*H*(N+V)), never all of ``B*L*H*(N+V)`` at once).
+    """
+    return _lib.mla_prefill.default(
+        q_nope, q_pe, kv_cache, cache_seqlens, block_table, kv_b_weight, float(softmax_scale), causal, window
+    )
+
+
+@torch.library.register_fake("latentmoe::mla_prefill")
+def _mla_prefill_fake(
+    q_nope, q_pe, kv_cache, cache_seqlens, block_table, kv_b_weight, softmax_scale, causal=True, window=-1
+):
+    B, S, H, N = q_nope.shape
+    V = kv_b_weight.shape[0] // H - N
+    return q_nope.new_empty((B, S, H, V)), q_nope.new_empty((B, S, H), dtype=torch.float32)
+
+
+_BWD_CHUNK_ELEMS = 1 << 24  # score-sized elements (B*H*S*chunk) per backward chunk
+
+
+def _prefill_setup(ctx, inputs, output):
+    q_nope, q_pe, kv_cache, cache_seqlens, block_table, kv_b_weight, scale, causal, window = inputs
+    out, lse = output
+    ctx.meta = (scale, causal, window, block_table is not None)
+    ctx.save_for_backward(q_nope, q_pe, kv_cache, cache_seqlens, kv_b_weight, out, lse)
+
+
+def _prefill_bwd(ctx, grad_out, _grad_lse):
+    """Chunked flash-style backward in fp32: per key chunk, re-decompress K/V, rebuild the
+    probabilities from the saved LSE, and accumulate every gradient."""
+    q_nope, q_pe, kv, seqlens, w, out, lse = ctx.saved_tensors
+    scale, causal, window, paged = ctx.meta
+    if paged:
+        raise NotImplementedError("latentmoe.mla_prefill: backward needs a contiguous kv_cache, not a paged one")
+    B, S, H, N = q_nope.shape
+    R = q_pe.shape[-1]
+    C = w.shape[1]
+    V = w.shape[0] // H - N
+    f = torch.float32
+    wv = w.float().view(H, N + V, C)
+    w_uk, w_uv = wv[:, :N], wv[:, N:]
+    qn, qp = q_nope.float(), q_pe.float()
+    d_out = grad_out.float()
+    delta = (d_out * out.float()).sum(-1).permute(0, 2, 1)[..., None]  # [B, H, S, 1]
+    lse_b = lse.permute(0, 2, 1)[..., None]  # [B, H, S, 1]
+    lse_b = torch.where(torch.isinf(lse_b), torch.zeros_like(lse_b), lse_b)
+    d_qn = torch.zeros_like(qn)
+    d_qp = torch.zeros_like(qp)
+    d_kv = torch.zeros(kv.shape, dtype=f, device=kv.device)
+    d_w = torch.zeros(H, N + V, C, dtype=f, device=w.device)
+    L = kv.shape[1]  # static (no data-dependent sync); slots past a row's length are masked
+    chunk = max(1, _BWD_CHUNK_ELEMS // max(1, B * H * S))
+    q_pos = seqlens.to(torch.long)[:, None] - S + torch.arange(S, device=kv.device)[None]  # [B, S]
+    for j0 in range(0, L, chunk):
+        j1 = min(L, j0 + chunk)
+        j = torch.arange(j0, j1, device=kv.device)
+        vis = j[None, None, :] < seqlens.to(torch.long)[:, None, None]  # [B, 1, Lc]
+        if causal:
+            vis = vis & (j[None, None, :] <= q_pos[:, :, None])
+        if window >= 0:
+            vis = vis & (j[None, None, :] >= q_pos[:, :, None] - window)
+        vis = vis.expand(B, S, j1 - j0)[:, None]  # [B, 1, S, Lc]
+        c = kv[:, j0:j1, :C].float().nan_to_num()
+        k_pe = kv[:, j0:j1, C:].float().nan_to_num()
+        k_nope = torch.einsum("blc,hnc->bhln", c, w_uk)
+        v = torch.einsum("blc,hvc->bhlv", c, w_uv)
+        s = (torch.einsum("bshn,bhln->bhsl", qn, k_nope) + torch.einsum("bshr,blr->bhsl", qp, k_pe)) * scale
+        p = torch.where(vis, torch.exp(s - lse_b), 0.0)
+        d_v = torch.einsum("bhsl,bshv->bhlv", p, d_out)
+        d_p = torch.einsum("bshv,bhlv->bhsl", d_out, v)
+        d_s = p * (d_p - delta) * scale
+        d_qn += torch.einsum("bhsl,bhln->bshn", d_s, k_nope)
+        d_qp += torch.einsum("bhsl,blr->bshr", d_s, k_pe)
+        d_k_nope = torch.einsum("bhsl,bshn->bhln", d_s, qn)
+        d_kv[:, j0:j1, C:] = torch.einsum("bhsl,bshr->blr", d_s, qp)
+        d_kv[:, j0:j1, :C] = torch.einsum("bhln,hnc->blc", d_k_nope, w_uk) + torch.einsum("bhlv,hvc->blc", d_v, w_uv)
+        d_w[:, :N] += torch.einsum("bhln,blc->hnc", d_k_nope, c)
+        d_w[:, N:] += torch.einsum("bhlv,blc->hvc", d_v, c)
+    return (
+        d_qn.to(q_nope.dtype), d_qp.to(q_pe.dtype), d_kv.to(kv.dtype), None, None,
+        d_w.view_as(w).to(w.dtype), None, None, None,
+    )
+
+
+torch.library.register_autograd("latentmoe::mla_prefill", _prefill_bwd, setup_context=_prefill_setup)
 
 
 @torch.library.register_fake("latentmoe::mla_decode")
