@@ -93,6 +93,19 @@ def test_decode_steps_use_the_kernel(monkeypatch, cache_kind):
     assert [s[1] for s in calls] == [9, 1, 2]
 
 
+def test_training_uses_the_prefill_kernel(monkeypatch):
+    import latentmoe.nn.mla as mod
+
+    calls = []
+    real = mod.mla_prefill
+    monkeypatch.setattr(mod, "mla_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg, hf, mine = _pair(CASES[0])
+    x = torch.randn(2, 20, cfg.hidden_size, requires_grad=True)
+    pe = rope_embeddings(cfg, torch.arange(20)[None].expand(2, -1))
+    mine.train()(x, pe, None)[0].sum().backward()
+    assert calls == [1] and mine.kv_b_proj.weight.grad is not None
+
+
 def test_deepseek_like_dims_decode():
     cfg = make_config(heads=4, q_lora=64, kv_lora=512, rope=64, nope=32, v=32, hidden=96)
     hf = make_hf_attention(cfg)
@@ -102,12 +115,24 @@ def test_deepseek_like_dims_decode():
     assert max(errs) <= 1e-4, errs
 
 
-def test_long_prefill_through_latent_cache():
-    # More new tokens than decode_max_tokens go through the SDPA path on the cached rows.
+def _without_prefill_kernel(monkeypatch):
+    """Make the module believe mla_prefill has no kernel here (as on CUDA today): SDPA path."""
+    import latentmoe.nn.mla as mod
+
+    real = mod._has_kernel
+    monkeypatch.setattr(mod, "_has_kernel", lambda op, dev: op != "mla_prefill" and real(op, dev))
+
+
+@pytest.mark.parametrize("prefill_kernel", [True, False])
+@pytest.mark.parametrize("cache_kind", ["hf", "contig", "paged"])
+def test_long_prefill(monkeypatch, cache_kind, prefill_kernel):
+    # More new tokens than decode_max_tokens: mla_prefill kernel, or the SDPA path.
+    if not prefill_kernel:
+        _without_prefill_kernel(monkeypatch)
     cfg, hf, mine = _pair(CASES[0])
-    errs, cache = _run_steps(cfg, hf, mine, 2, "contig", steps=[5, 20, 1])
+    errs, cache = _run_steps(cfg, hf, mine, 2, cache_kind, steps=[5, 20, 1, 18])
     assert max(errs) <= 1e-4, errs
-    assert cache.get_seq_length(0) == 26
+    assert cache.get_seq_length(0) == 44
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
@@ -181,8 +206,11 @@ def test_padding_mask_is_honoured():
     assert rel_err(got, want) <= 1e-4
 
 
+@pytest.mark.parametrize("prefill_kernel", [True, False])
 @pytest.mark.parametrize("case", CASES[:3], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_gradients_match_hf(case):
+def test_gradients_match_hf(monkeypatch, case, prefill_kernel):
+    if not prefill_kernel:
+        _without_prefill_kernel(monkeypatch)
     cfg, hf, mine = _pair(case)
     hf.train()
     mine.train()

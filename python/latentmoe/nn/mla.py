@@ -10,11 +10,14 @@ Paths of :meth:`MultiHeadLatentAttention.forward`:
   (normalised latents as keys, rotated ``k_pe`` as values), so HF and this module can share one
   cache; the cached rows are concatenated into one ``[B, L, C+R]`` tensor per step (one extra
   read/write of the cache, which the :class:`LatentKVCache` path avoids).
-* **prefill / training** (autograd, or more new tokens): a differentiable path built from
-  ``latentmoe.ops.rms_norm`` and PyTorch ops: the latents are decompressed through ``kv_b_proj``
-  into per-head K/V and fed to ``scaled_dot_product_attention``. Limits: K/V of all heads for the
-  attended tokens are materialised (O(L * H * head_dim) memory); the in-kernel-decompression
-  prefill kernel of issue 3 does not exist yet.
+* **prefill / training** (autograd, or more new tokens), where ``mla_prefill`` has a kernel for
+  the device (CPU today): the ``mla_prefill`` op decompresses latents tile by tile inside the
+  kernel; its backward (gradients for queries, latents, k_pe and kv_b_proj) is chunked over keys.
+* **SDPA path** otherwise (devices without an ``mla_prefill`` kernel, i.e. CUDA for now; masks
+  other than plain causal; attention dropout in training): differentiable, built from
+  ``latentmoe.ops.rms_norm`` and PyTorch ops: latents decompressed through ``kv_b_proj`` into
+  per-head K/V for ``scaled_dot_product_attention``. Limit: K/V of all heads for the attended
+  tokens are materialised (O(L * H * head_dim) memory).
 
 An HF ``attention_mask`` that is anything but the plain causal mask (e.g. left padding) sends the
 step through the SDPA path with that mask, so results stay correct. With a :class:`LatentKVCache`
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentmoe.nn.norm import RMSNorm
-from latentmoe.ops.mla import mla_append_cache, mla_decode
+from latentmoe.ops.mla import mla_append_cache, mla_decode, mla_prefill
 from latentmoe.ops.norm import rms_norm
 
 
@@ -57,6 +60,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: b
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _has_kernel(op: str, device: torch.device) -> bool:
+    """Whether ``latentmoe::<op>`` has a kernel registered for ``device``'s dispatch key."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"latentmoe::{op}", key)
 
 
 class LatentKVCache:
@@ -260,10 +269,16 @@ class MultiHeadLatentAttention(nn.Module):
             c_all, pe_all = c_kv, k_pe[:, :, 0]
         L = c_all.shape[1]
         plain_causal = self._is_plain_causal(attention_mask, B, S, L)
-        if not grad and S <= self.decode_max_tokens and plain_causal:
+        dropout = self.training and self.attention_dropout > 0
+        if plain_causal and not dropout and (
+            (not grad and S <= self.decode_max_tokens) or _has_kernel("mla_prefill", hidden_states.device)
+        ):
             rows = torch.cat([c_all, pe_all], dim=-1)
             seqlens = torch.full((B,), L, dtype=torch.int32, device=rows.device)
-            out = self._absorbed_attention(q_nope, q_pe, rows, seqlens, None)
+            if not grad and S <= self.decode_max_tokens:
+                out = self._absorbed_attention(q_nope, q_pe, rows, seqlens, None)
+            else:
+                out = self._prefill_attention(q_nope, q_pe, rows, seqlens, None)
         else:
             out = self._sdpa_attention(q_nope, q_pe, c_all, pe_all, None if plain_causal else attention_mask)
         return self.o_proj(out.reshape(B, S, H * self.v_head_dim)), None
@@ -290,6 +305,10 @@ class MultiHeadLatentAttention(nn.Module):
             out = self._absorbed_attention(
                 q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table
             )
+        elif _has_kernel("mla_prefill", q_nope.device):
+            out = self._prefill_attention(
+                q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table
+            )
         else:
             L = cache.get_seq_length(layer)
             rows = cache.rows(layer, L)
@@ -310,6 +329,15 @@ class MultiHeadLatentAttention(nn.Module):
         )
         out = torch.bmm(out_latent.permute(2, 0, 1, 3).reshape(H, B * S, -1), w_uv_t.to(dt))  # [H, BS, V]
         return out.view(H, B, S, -1).permute(1, 2, 0, 3).to(q_nope.dtype)
+
+    def _prefill_attention(self, q_nope, q_pe, kv_cache, seqlens, block_table) -> torch.Tensor:
+        """``[B, S, H, V]`` via the ``mla_prefill`` kernel (differentiable for contiguous rows)."""
+        dt = kv_cache.dtype
+        out, _ = mla_prefill(
+            q_nope.to(dt).contiguous(), q_pe.to(dt).contiguous(), kv_cache, seqlens,
+            self.kv_b_proj.weight.to(dt), self.scaling, block_table=block_table, causal=True,
+        )
+        return out.to(q_nope.dtype)
 
     def _sdpa_attention(self, q_nope, q_pe, c_all, pe_all, mask) -> torch.Tensor:
         """Differentiable path: decompress to per-head K/V, SDPA. ``[B, S, H, V]``."""
