@@ -138,7 +138,9 @@ def _prefill_bwd(ctx, grad_out, _grad_lse):
     q_nope, q_pe, kv, seqlens, w, out, lse = ctx.saved_tensors
     scale, causal, window, paged = ctx.meta
     if paged:
-        raise NotImplementedError("latentmoe.mla_prefill: backward needs a contiguous kv_cache, not a paged one")
+        raise NotImplementedError(
+            "latentmoe.mla_prefill: backward needs a contiguous kv_cache, not a paged one"
+        )
     B, S, H, N = q_nope.shape
     R = q_pe.shape[-1]
     C = w.shape[1]
@@ -180,7 +182,8 @@ def _prefill_bwd(ctx, grad_out, _grad_lse):
         d_qp += torch.einsum("bhsl,blr->bshr", d_s, k_pe)
         d_k_nope = torch.einsum("bhsl,bshn->bhln", d_s, qn)
         d_kv[:, j0:j1, C:] = torch.einsum("bhsl,bshr->blr", d_s, qp)
-        d_kv[:, j0:j1, :C] = torch.einsum("bhln,hnc->blc", d_k_nope, w_uk) + torch.einsum("bhlv,hvc->blc", d_v, w_uv)
+        d_c = torch.einsum("bhln,hnc->blc", d_k_nope, w_uk) + torch.einsum("bhlv,hvc->blc", d_v, w_uv)
+        d_kv[:, j0:j1, :C] = d_c
         d_w[:, :N] += torch.einsum("bhln,blc->hnc", d_k_nope, c)
         d_w[:, N:] += torch.einsum("bhlv,blc->hvc", d_v, c)
     return (
