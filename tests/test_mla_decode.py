@@ -215,3 +215,17 @@ def test_decode_device_mismatch():
     args[2] = args[2].cuda()
     with pytest.raises(RuntimeError, match="kv_cache"):
         mla_decode(*args[:4], 0.3)
+
+
+def test_decode_torch_compile_fullgraph(device):
+    prob = make_problem(2, 2, 3, 48, 16, [20, 9], 16, device=device)
+    q_latent, q_pe, kv, seqlens, table = prob
+
+    def step(q_latent, q_pe, kv, seqlens, table):
+        out, lse = mla_decode(q_latent * 2, q_pe, kv, seqlens, 0.3, block_table=table)
+        return out + 1, lse
+
+    want = step(*prob)
+    got = torch.compile(step, fullgraph=True)(*prob)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])

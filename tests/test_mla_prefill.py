@@ -137,3 +137,20 @@ def test_prefill_paged_backward_is_refused():
     out, _ = mla_prefill(q_nope, q_pe, kv.nan_to_num(), lens, w, 0.3, block_table=table)
     with pytest.raises(NotImplementedError, match="contiguous"):
         out.sum().backward()
+
+
+def test_prefill_torch_compile_fullgraph_with_backward():
+    q_nope, q_pe, kv, lens, _, w = _problem(2, 7, 3, [7, 12])
+    kv = kv.nan_to_num()
+
+    def f(q_nope, q_pe, kv, w):
+        out, _ = mla_prefill(q_nope, q_pe, kv, lens, w, 0.3)
+        return (out * out).sum()
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in (q_nope, q_pe, kv, w)]
+        fn(*leaves).backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
