@@ -229,3 +229,10 @@ def test_decode_torch_compile_fullgraph(device):
     got = torch.compile(step, fullgraph=True)(*prob)
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("H,C,R,Sq", [(63, 48, 16, 2), (128, 512, 64, 1)])
+def test_decode_many_heads(device, H, C, R, Sq):
+    prob = make_problem(2, Sq, H, C, R, [45, 3], 16, device=device)
+    out, lse = mla_decode(*prob[:4], 0.05, block_table=prob[4])
+    check_close(out, lse, *prob, 0.05, True, -1)

@@ -160,10 +160,12 @@ def test_decode_low_precision(dtype):
         past += n
 
 
-def test_inside_hf_model_with_hf_cache():
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_inside_hf_model_with_hf_cache(attn_impl):
     from transformers import DeepseekV3Model
 
     cfg = make_config(heads=3, q_lora=24)
+    cfg._attn_implementation = attn_impl
     cfg.num_hidden_layers = 2
     cfg.first_k_dense_replace = 2  # dense MLPs: the test is about attention
     torch.manual_seed(0)
@@ -181,6 +183,12 @@ def test_inside_hf_model_with_hf_cache():
     with torch.no_grad():
         a = model(ids, use_cache=True)
         b = ours(ids, use_cache=True)
+        # Left padding in row 1: a real (non-causal-only) mask must be honoured too.
+        pad_mask = torch.ones(2, 8, dtype=torch.long)
+        pad_mask[1, :3] = 0
+        a_pad = model(ids, attention_mask=pad_mask).last_hidden_state
+        b_pad = ours(ids, attention_mask=pad_mask).last_hidden_state
+        assert rel_err(b_pad[0], a_pad[0]) <= 1e-4 and rel_err(b_pad[1, 3:], a_pad[1, 3:]) <= 1e-4
         assert rel_err(b.last_hidden_state, a.last_hidden_state) <= 1e-4
         cache_a, cache_b = a.cache, b.cache
         for _ in range(3):
