@@ -28,12 +28,14 @@ TORCH_LIBRARY(latentmoe, m) {
   //   block_table [B, max_pages] int32; rows are [c_kv | k_pe]. cache_seqlens [B] int32 counts the
   //   cached tokens per row, the Sq new ones included (query i sits at cache_seqlens - Sq + i).
   //   causal: query i sees keys <= its position; window >= 0: keys >= position - window; -1 = none.
+  //   pe_cache: optional; when given, kv_cache holds only c_kv (last dim C) and pe_cache the k_pe
+  //   rows (same leading dims, last dim R), e.g. HF's cache keys/values without a concat.
   // Returns out_latent [B, Sq, H, C] (q dtype; sum_j p_j c_kv_j) and lse [B, Sq, H] (fp32, natural
   // log). Rows with no visible key give 0 and -inf. Reads only; mutates nothing.
   m.def(
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor kv_cache, Tensor cache_seqlens,"
-      " Tensor? block_table, float softmax_scale, bool causal=True, int window=-1)"
-      " -> (Tensor out_latent, Tensor lse)");
+      " Tensor? block_table, float softmax_scale, bool causal=True, int window=-1,"
+      " Tensor? pe_cache=None) -> (Tensor out_latent, Tensor lse)");
   // MLA prefill with in-kernel latent decompression: causal attention of the S new tokens (the
   // last S of each row's cache_seqlens cached tokens) over the cache, where each tile of latents
   // is expanded to this head's K/V through kv_b_weight inside the kernel (per-head K/V of the

@@ -236,3 +236,31 @@ def test_decode_many_heads(device, H, C, R, Sq):
     prob = make_problem(2, Sq, H, C, R, [45, 3], 16, device=device)
     out, lse = mla_decode(*prob[:4], 0.05, block_table=prob[4])
     check_close(out, lse, *prob, 0.05, True, -1)
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_split_pe_cache_equals_fused(device, page_size, dtype):
+    # c_kv and k_pe in separate tensors (HF's cache layout) give exactly the fused-cache result.
+    q_latent, q_pe, kv, seqlens, table = make_problem(3, 2, 3, 48, 16, [30, 0, 7], page_size, dtype, device)
+    fused = mla_decode(q_latent, q_pe, kv, seqlens, 0.2, block_table=table)
+    c_kv, k_pe = kv[..., :48].contiguous(), kv[..., 48:].contiguous()
+    split = mla_decode(q_latent, q_pe, c_kv, seqlens, 0.2, block_table=table, pe_cache=k_pe)
+    torch.testing.assert_close(split[0], fused[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(split[1], fused[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "pe_fn,kv_dim,name",
+    [
+        (lambda kv: kv[..., 48:].contiguous(), 64, "kv_cache"),  # kv_cache must then be C wide
+        (lambda kv: kv[..., 40:].contiguous(), 48, "pe_cache"),  # wrong rope dim
+        (lambda kv: kv[:1, :, 48:].contiguous(), 48, "pe_cache"),  # leading dims differ
+        (lambda kv: kv[..., 48:].double().contiguous(), 48, "pe_cache"),
+        (lambda kv: kv[..., 48:], 48, "pe_cache"),  # non-contiguous view
+    ],
+)
+def test_decode_bad_pe_cache(pe_fn, kv_dim, name):
+    q_latent, q_pe, kv, seqlens, _ = _good()
+    with pytest.raises(ValueError, match=name):
+        mla_decode(q_latent, q_pe, kv[..., :kv_dim].contiguous(), seqlens, 0.3, pe_cache=pe_fn(kv))

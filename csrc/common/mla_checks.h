@@ -24,23 +24,46 @@ struct CacheDims {
   int64_t page_size = 0;  // paged
   int64_t max_pages = 0;  // paged: block_table.size(1)
   int64_t capacity = 0;   // tokens a batch row can hold
+  bool split = false;     // k_pe rows live in a separate pe_cache
+  int64_t kv_stride = 0;  // values per row of kv_cache (C+R, or C when split)
+  int64_t pe_stride = 0;  // values per row of the k_pe source (C+R, or R when split)
 };
 
 // kv_cache: contiguous [B, Lmax, C+R] or paged [num_pages, page_size, C+R] with block_table
-// [B, max_pages] int32. Checks shapes, dtypes, devices and contiguity (not values).
+// [B, max_pages] int32. With `pe_cache` given, kv_cache holds only c_kv (last dim C) and pe_cache
+// the k_pe rows (same leading dims, last dim R). Checks shapes, dtypes, devices and contiguity
+// (not values).
 inline CacheDims check_cache(const char* op, const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
                              const c10::optional<at::Tensor>& block_table, int64_t B, int64_t C, int64_t R,
-                             const at::Tensor& ref, const char* ref_name) {
+                             const at::Tensor& ref, const char* ref_name,
+                             const c10::optional<at::Tensor>& pe_cache = c10::nullopt) {
   CacheDims d;
   d.B = B;
   d.C = C;
   d.R = R;
   d.D = C + R;
+  d.split = pe_cache.has_value();
+  d.kv_stride = d.split ? C : d.D;
+  d.pe_stride = d.split ? R : d.D;
   chk::same_dtype(op, "kv_cache", kv_cache, ref_name, ref);
   chk::same_device(op, "kv_cache", kv_cache, ref_name, ref);
   chk::dim(op, "kv_cache", kv_cache, 3);
-  chk::size(op, "kv_cache", kv_cache, 2, d.D, "kv_lora_rank + rope dim");
+  if (d.split) {
+    chk::size(op, "kv_cache", kv_cache, 2, C, "kv_lora_rank (k_pe rows are in pe_cache)");
+  } else {
+    chk::size(op, "kv_cache", kv_cache, 2, d.D, "kv_lora_rank + rope dim");
+  }
   chk::contiguous(op, "kv_cache", kv_cache);
+  if (d.split) {
+    const at::Tensor& pe = *pe_cache;
+    chk::same_dtype(op, "pe_cache", pe, ref_name, ref);
+    chk::same_device(op, "pe_cache", pe, ref_name, ref);
+    chk::dim(op, "pe_cache", pe, 3);
+    chk::size(op, "pe_cache", pe, 0, kv_cache.size(0), "same leading dims as kv_cache");
+    chk::size(op, "pe_cache", pe, 1, kv_cache.size(1), "same leading dims as kv_cache");
+    chk::size(op, "pe_cache", pe, 2, R, "rope dim");
+    chk::contiguous(op, "pe_cache", pe);
+  }
   chk::dtype(op, "cache_seqlens", cache_seqlens, at::kInt);
   chk::same_device(op, "cache_seqlens", cache_seqlens, ref_name, ref);
   chk::dim(op, "cache_seqlens", cache_seqlens, 1);

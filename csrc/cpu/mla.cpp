@@ -30,7 +30,9 @@ constexpr int64_t kMinSplit = 256;   // fewest keys worth a split of its own
 struct DecodeParams {
   int64_t B, Sq, H, C, R, D;
   int64_t lmax, page_size, max_pages;
-  const int32_t* block_table;  // null: contiguous
+  int64_t kv_stride, pe_stride;  // row strides of the c_kv and k_pe sources
+  bool split;                    // k_pe rows come from a separate pe_cache
+  const int32_t* block_table;    // null: contiguous
   const int32_t* seqlens;
   float scale;
   bool causal;
@@ -86,7 +88,7 @@ float softmax_tile_row(float* s, int64_t n, int64_t a, int64_t e, math::SoftmaxS
 // dtypes and small pages are first gathered/converted into `tile`. Every key of a tile lies below
 // the row's seqlen (valid data), so zero weights of keys a query does not see never meet NaN.
 template <typename T>
-void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const T* cache, int64_t b,
+void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const T* cache, const T* pe_src, int64_t b,
                  int64_t r0, int64_t r1, int64_t sp, float* acc_out, float* m_out, float* l_out,
                  std::vector<float>& qbuf, std::vector<float>& tile, std::vector<float>& scores) {
   const int64_t D = p.D, C = p.C, R = p.R, H = p.H;
@@ -115,7 +117,7 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
   std::vector<math::SoftmaxState> st(nrows, math::softmax_empty());
   for (int64_t i = 0; i < nrows * C; ++i) acc_out[i] = 0.f;
   constexpr bool kIsFloat = std::is_same_v<T, float>;
-  const bool in_place = kIsFloat && (p.block_table == nullptr || p.page_size >= kTile / 4);
+  const bool in_place = kIsFloat && !p.split && (p.block_table == nullptr || p.page_size >= kTile / 4);
   for (int64_t t0 = k_begin; t0 < k_end;) {
     int64_t t1 = std::min(k_end, t0 + kTile);
     const float* k;
@@ -125,10 +127,13 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
           mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, b, t0) * D;
     } else {
       for (int64_t t = t0; t < t1; ++t) {
-        const T* src = cache + mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, b, t) * D;
+        const int64_t row = mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, b, t);
+        const T* src = cache + row * p.kv_stride;
+        const T* pe = pe_src + row * p.pe_stride;
         float* dst = tile.data() + (t - t0) * D;
 #pragma omp simd
-        for (int64_t c = 0; c < D; ++c) dst[c] = static_cast<float>(src[c]);
+        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<float>(src[c]);
+        for (int64_t c = 0; c < R; ++c) dst[C + c] = static_cast<float>(pe[c]);
       }
       k = tile.data();
     }
@@ -153,8 +158,8 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
 }
 
 template <typename T>
-void mla_decode_impl(const DecodeParams& p, const T* q_latent, const T* q_pe, const T* cache, T* out,
-                     float* lse) {
+void mla_decode_impl(const DecodeParams& p, const T* q_latent, const T* q_pe, const T* cache, const T* pe_src,
+                     T* out, float* lse) {
   const int64_t rows = p.Sq * p.H;
   // Partials: [B, n_splits, rows, C] accumulators and [B, n_splits, rows] (m, l).
   std::vector<float> acc(static_cast<size_t>(p.B * p.n_splits * rows * p.C));
@@ -169,7 +174,7 @@ void mla_decode_impl(const DecodeParams& p, const T* q_latent, const T* q_pe, co
       const int64_t b = it / (p.n_splits * p.n_groups);
       const int64_t r0 = g * kRowGroup, r1 = std::min(rows, r0 + kRowGroup);
       const int64_t base = (b * p.n_splits + sp) * rows + r0;
-      decode_item<T>(p, q_latent, q_pe, cache, b, r0, r1, sp, acc.data() + base * p.C, ms.data() + base,
+      decode_item<T>(p, q_latent, q_pe, cache, pe_src, b, r0, r1, sp, acc.data() + base * p.C, ms.data() + base,
                      ls.data() + base, qbuf, tile, scores);
     }
   });
@@ -205,12 +210,13 @@ void mla_decode_impl(const DecodeParams& p, const T* q_latent, const T* q_pe, co
 std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, const at::Tensor& q_pe,
                                                   const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
                                                   const c10::optional<at::Tensor>& block_table,
-                                                  double softmax_scale, bool causal, int64_t window) {
+                                                  double softmax_scale, bool causal, int64_t window,
+                                                  const c10::optional<at::Tensor>& pe_cache) {
   const char* op = "mla_decode";
   mla::check_decode_queries(op, q_latent, q_pe);
   const int64_t B = q_latent.size(0), Sq = q_latent.size(1), H = q_latent.size(2);
   const int64_t C = q_latent.size(3), R = q_pe.size(3);
-  auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, q_latent, "q_latent");
+  auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, q_latent, "q_latent", pe_cache);
   TORCH_CHECK_VALUE(window >= -1, "latentmoe.mla_decode: argument 'window' must be >= -1 (-1 = no window), got ",
                     window);
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "latentmoe.mla_decode: argument 'softmax_scale' must be finite");
@@ -225,6 +231,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
   DecodeParams p{};
   p.B = B; p.Sq = Sq; p.H = H; p.C = C; p.R = R; p.D = C + R;
   p.lmax = d.lmax; p.page_size = d.page_size; p.max_pages = d.max_pages;
+  p.kv_stride = d.kv_stride; p.pe_stride = d.pe_stride; p.split = d.split;
   p.block_table = d.paged ? block_table->const_data_ptr<int32_t>() : nullptr;
   p.seqlens = lens;
   p.scale = static_cast<float>(softmax_scale);
@@ -236,9 +243,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
   p.n_splits = std::max<int64_t>(1, std::min<int64_t>(want, (max_len + kMinSplit - 1) / kMinSplit));
   p.split_len = std::max<int64_t>(1, (max_len + p.n_splits - 1) / p.n_splits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_latent.scalar_type(), "mla_decode_cpu", [&] {
-    mla_decode_impl<scalar_t>(p, q_latent.const_data_ptr<scalar_t>(), q_pe.const_data_ptr<scalar_t>(),
-                              kv_cache.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                              lse.mutable_data_ptr<float>());
+    const scalar_t* kv = kv_cache.const_data_ptr<scalar_t>();
+    const scalar_t* pe = d.split ? pe_cache->const_data_ptr<scalar_t>() : kv + C;
+    mla_decode_impl<scalar_t>(p, q_latent.const_data_ptr<scalar_t>(), q_pe.const_data_ptr<scalar_t>(), kv, pe,
+                              out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
   });
   return {out, lse};
 }

@@ -19,12 +19,13 @@ namespace chk = latentmoe::checks;
 std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, const at::Tensor& q_pe,
                                                    const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
                                                    const c10::optional<at::Tensor>& block_table,
-                                                   double softmax_scale, bool causal, int64_t window) {
+                                                   double softmax_scale, bool causal, int64_t window,
+                                                   const c10::optional<at::Tensor>& pe_cache) {
   const char* op = "mla_decode";
   mla::check_decode_queries(op, q_latent, q_pe);
   const int64_t B = q_latent.size(0), Sq = q_latent.size(1), H = q_latent.size(2);
   const int64_t C = q_latent.size(3), R = q_pe.size(3);
-  auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, q_latent, "q_latent");
+  auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, q_latent, "q_latent", pe_cache);
   TORCH_CHECK_VALUE(window >= -1, "latentmoe.mla_decode: argument 'window' must be >= -1 (-1 = no window), got ",
                     window);
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "latentmoe.mla_decode: argument 'softmax_scale' must be finite");
@@ -49,6 +50,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   a.q_latent = q_latent.const_data_ptr();
   a.q_pe = q_pe.const_data_ptr();
   a.kv_cache = kv_cache.const_data_ptr();
+  a.pe_src = d.split ? pe_cache->const_data_ptr()
+                     : static_cast<const char*>(kv_cache.const_data_ptr()) + C * kv_cache.element_size();
+  a.kv_stride = d.kv_stride;
+  a.pe_stride = d.pe_stride;
   a.seqlens = cache_seqlens.const_data_ptr<int32_t>();
   a.block_table = d.paged ? block_table->const_data_ptr<int32_t>() : nullptr;
   a.out = out.mutable_data_ptr();

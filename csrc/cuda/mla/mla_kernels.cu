@@ -40,6 +40,7 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
   const T* q_latent = static_cast<const T*>(a.q_latent);
   const T* q_pe = static_cast<const T*>(a.q_pe);
   const T* cache = static_cast<const T*>(a.kv_cache);
+  const T* pe_src = static_cast<const T*>(a.pe_src);
   const int tid = threadIdx.x;
   const int64_t b = blockIdx.z, sp = blockIdx.x;
   const int64_t rows = a.Sq * a.H;
@@ -90,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
       float v = 0.f;
       if (t < k_end) {
         const int64_t row = mla::cache_row(a.block_table, a.max_pages, a.page_size, a.lmax, b, t);
-        v = to_float(cache[row * D + c]);
+        v = c < C ? to_float(cache[row * a.kv_stride + c]) : to_float(pe_src[row * a.pe_stride + (c - C)]);
       }
       ks[k * KS + c] = v;
     }

@@ -14,7 +14,9 @@ namespace latentmoe::cuda {
 struct MlaDecodeArgs {
   const void* q_latent;       // [B, Sq, H, C]
   const void* q_pe;           // [B, Sq, H, R]
-  const void* kv_cache;       // [B, lmax, C+R] or [num_pages, page_size, C+R]
+  const void* kv_cache;       // [B, lmax, C+R] or [num_pages, page_size, C+R] (rows of kv_stride)
+  const void* pe_src;         // k_pe of row 0: kv_cache + C, or a separate pe_cache
+  int64_t kv_stride, pe_stride;  // values per cache row of the c_kv and k_pe sources
   const int32_t* seqlens;     // [B]
   const int32_t* block_table; // [B, max_pages] or null
   void* out;                  // [B, Sq, H, C]

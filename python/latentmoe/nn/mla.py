@@ -8,8 +8,7 @@ Paths of :meth:`MultiHeadLatentAttention.forward`:
   :class:`LatentKVCache` the new tokens are written by the fused ``mla_append_cache`` kernel
   (kv_a_layernorm + RoPE + write). With an HF ``Cache`` the layer stores exactly what HF stores
   (normalised latents as keys, rotated ``k_pe`` as values), so HF and this module can share one
-  cache; the cached rows are concatenated into one ``[B, L, C+R]`` tensor per step (one extra
-  read/write of the cache, which the :class:`LatentKVCache` path avoids).
+  cache; the kernel reads HF's key and value tensors in place (``pe_cache``), no concatenation.
 * **prefill / training** (autograd, or more new tokens), where ``mla_prefill`` has a kernel for
   the device (CPU today): the ``mla_prefill`` op decompresses latents tile by tile inside the
   kernel; its backward (gradients for queries, latents, k_pe and kv_b_proj) is chunked over keys.
@@ -273,11 +272,13 @@ class MultiHeadLatentAttention(nn.Module):
         if plain_causal and not dropout and (
             (not grad and S <= self.decode_max_tokens) or _has_kernel("mla_prefill", hidden_states.device)
         ):
-            rows = torch.cat([c_all, pe_all], dim=-1)
-            seqlens = torch.full((B,), L, dtype=torch.int32, device=rows.device)
-            if not grad and S <= self.decode_max_tokens:
-                out = self._absorbed_attention(q_nope, q_pe, rows, seqlens, None)
+            seqlens = torch.full((B,), L, dtype=torch.int32, device=c_all.device)
+            if not grad and S <= self.decode_max_tokens:  # HF's keys/values read in place
+                out = self._absorbed_attention(
+                    q_nope, q_pe, c_all.contiguous(), seqlens, None, pe_cache=pe_all.contiguous()
+                )
             else:
+                rows = torch.cat([c_all, pe_all], dim=-1)
                 out = self._prefill_attention(q_nope, q_pe, rows, seqlens, None)
         else:
             out = self._sdpa_attention(q_nope, q_pe, c_all, pe_all, None if plain_causal else attention_mask)
@@ -315,7 +316,7 @@ class MultiHeadLatentAttention(nn.Module):
             out = self._sdpa_attention(q_nope, q_pe, rows[..., :C], rows[..., C:], None)
         return self.o_proj(out.reshape(B, S, self.num_heads * self.v_head_dim))
 
-    def _absorbed_attention(self, q_nope, q_pe, kv_cache, seqlens, block_table) -> torch.Tensor:
+    def _absorbed_attention(self, q_nope, q_pe, kv_cache, seqlens, block_table, pe_cache=None):
         """``[B, S, H, V]`` via ``mla_decode`` on the latent rows (no autograd)."""
         B, S, H, N = q_nope.shape
         w_uk, w_uv_t = self.absorbed_weights()
@@ -325,7 +326,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_latent = q_latent.view(H, B, S, -1).permute(1, 2, 0, 3).contiguous()
         out_latent, _ = mla_decode(
             q_latent, q_pe.to(dt).contiguous(), kv_cache, seqlens, self.scaling,
-            block_table=block_table, causal=True,
+            block_table=block_table, causal=True, pe_cache=pe_cache,
         )
         out = torch.bmm(out_latent.permute(2, 0, 1, 3).reshape(H, B * S, -1), w_uv_t.to(dt))  # [H, BS, V]
         return out.view(H, B, S, -1).permute(1, 2, 0, 3).to(q_nope.dtype)

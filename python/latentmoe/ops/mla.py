@@ -26,6 +26,7 @@ def mla_decode(
     block_table: torch.Tensor | None = None,
     causal: bool = True,
     window: int = -1,
+    pe_cache: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA attention directly on the latent cache.
 
@@ -39,12 +40,15 @@ def mla_decode(
         block_table: ``[B, max_pages]`` int32 for a paged cache, else None.
         causal: query ``i`` sees only keys at positions ``<=`` its own (matters for ``Sq > 1``).
         window: ``>= 0`` also hides keys before ``position - window``; ``-1`` = unbounded.
+        pe_cache: optional separate ``k_pe`` rows (same leading dims as ``kv_cache``, last dim R);
+            ``kv_cache`` then holds only ``c_kv`` (last dim C). Lets HF's cache (latents as keys,
+            ``k_pe`` as values) be read without concatenating it.
     Returns:
         ``(out_latent [B, Sq, H, C] in q dtype, lse [B, Sq, H] fp32)``; rows without a visible key
         give 0 and ``-inf``. Multiply ``out_latent`` by ``w_uv`` per head for the value output.
     """
     return _lib.mla_decode.default(
-        q_latent, q_pe, kv_cache, cache_seqlens, block_table, float(softmax_scale), causal, window
+        q_latent, q_pe, kv_cache, cache_seqlens, block_table, float(softmax_scale), causal, window, pe_cache
     )
 
 
@@ -197,7 +201,7 @@ torch.library.register_autograd("latentmoe::mla_prefill", _prefill_bwd, setup_co
 
 @torch.library.register_fake("latentmoe::mla_decode")
 def _mla_decode_fake(
-    q_latent, q_pe, kv_cache, cache_seqlens, block_table, softmax_scale, causal=True, window=-1
+    q_latent, q_pe, kv_cache, cache_seqlens, block_table, softmax_scale, causal=True, window=-1, pe_cache=None
 ):
     B, Sq, H, _ = q_latent.shape
     return torch.empty_like(q_latent), q_latent.new_empty((B, Sq, H), dtype=torch.float32)
