@@ -151,45 +151,44 @@ def _prefill_bwd(ctx, grad_out, _grad_lse):
     V = w.shape[0] // H - N
     f = torch.float32
     wv = w.float().view(H, N + V, C)
-    w_uk, w_uv = wv[:, :N], wv[:, N:]
-    qn, qp = q_nope.float(), q_pe.float()
-    d_out = grad_out.float()
-    delta = (d_out * out.float()).sum(-1).permute(0, 2, 1)[..., None]  # [B, H, S, 1]
-    lse_b = lse.permute(0, 2, 1)[..., None]  # [B, H, S, 1]
+    qh = torch.cat([q_nope, q_pe], dim=-1).float().transpose(1, 2)  # [B, H, S, N+R]
+    do_h = grad_out.float().transpose(1, 2)  # [B, H, S, V]
+    delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2)[..., None]  # [B, H, S, 1]
+    lse_b = lse.transpose(1, 2)[..., None]  # [B, H, S, 1]
     lse_b = torch.where(torch.isinf(lse_b), torch.zeros_like(lse_b), lse_b)
-    d_qn = torch.zeros_like(qn)
-    d_qp = torch.zeros_like(qp)
+    d_qh = torch.zeros_like(qh)
     d_kv = torch.zeros(kv.shape, dtype=f, device=kv.device)
     d_w = torch.zeros(H, N + V, C, dtype=f, device=w.device)
     L = kv.shape[1]  # static (no data-dependent sync); slots past a row's length are masked
     chunk = max(1, _BWD_CHUNK_ELEMS // max(1, B * H * S))
-    q_pos = seqlens.to(torch.long)[:, None] - S + torch.arange(S, device=kv.device)[None]  # [B, S]
+    lens = seqlens.to(torch.long)
+    q_pos = lens[:, None] - S + torch.arange(S, device=kv.device)[None]  # [B, S]
     for j0 in range(0, L, chunk):
         j1 = min(L, j0 + chunk)
         j = torch.arange(j0, j1, device=kv.device)
-        vis = j[None, None, :] < seqlens.to(torch.long)[:, None, None]  # [B, 1, Lc]
+        vis = j[None, None, :] < lens[:, None, None]  # [B, 1, Lc]
         if causal:
             vis = vis & (j[None, None, :] <= q_pos[:, :, None])
         if window >= 0:
             vis = vis & (j[None, None, :] >= q_pos[:, :, None] - window)
         vis = vis.expand(B, S, j1 - j0)[:, None]  # [B, 1, S, Lc]
-        c = kv[:, j0:j1, :C].float().nan_to_num()
-        k_pe = kv[:, j0:j1, C:].float().nan_to_num()
-        k_nope = torch.einsum("blc,hnc->bhln", c, w_uk)
-        v = torch.einsum("blc,hvc->bhlv", c, w_uv)
-        s = (torch.einsum("bshn,bhln->bhsl", qn, k_nope) + torch.einsum("bshr,blr->bhsl", qp, k_pe)) * scale
+        c = kv[:, j0:j1, :C].float().nan_to_num()  # [B, Lc, C]
+        k_pe = kv[:, j0:j1, C:].float().nan_to_num()  # [B, Lc, R]
+        up = torch.matmul(c[:, None], wv.transpose(1, 2)[None])  # [B, H, Lc, N+V] (this chunk only)
+        k = torch.cat([up[..., :N], k_pe[:, None].expand(B, H, j1 - j0, R)], dim=-1)
+        v = up[..., N:]
+        s = torch.matmul(qh, k.transpose(-1, -2)) * scale  # [B, H, S, Lc]
         p = torch.where(vis, torch.exp(s - lse_b), 0.0)
-        d_v = torch.einsum("bhsl,bshv->bhlv", p, d_out)
-        d_p = torch.einsum("bshv,bhlv->bhsl", d_out, v)
-        d_s = p * (d_p - delta) * scale
-        d_qn += torch.einsum("bhsl,bhln->bshn", d_s, k_nope)
-        d_qp += torch.einsum("bhsl,blr->bshr", d_s, k_pe)
-        d_k_nope = torch.einsum("bhsl,bshn->bhln", d_s, qn)
-        d_kv[:, j0:j1, C:] = torch.einsum("bhsl,bshr->blr", d_s, qp)
-        d_c = torch.einsum("bhln,hnc->blc", d_k_nope, w_uk) + torch.einsum("bhlv,hvc->blc", d_v, w_uv)
-        d_kv[:, j0:j1, :C] = d_c
-        d_w[:, :N] += torch.einsum("bhln,blc->hnc", d_k_nope, c)
-        d_w[:, N:] += torch.einsum("bhlv,blc->hvc", d_v, c)
+        d_v = torch.matmul(p.transpose(-1, -2), do_h)  # [B, H, Lc, V]
+        d_s = p * (torch.matmul(do_h, v.transpose(-1, -2)) - delta) * scale
+        d_qh += torch.matmul(d_s, k)
+        d_k = torch.matmul(d_s.transpose(-1, -2), qh)  # [B, H, Lc, N+R]
+        d_up = torch.cat([d_k[..., :N], d_v], dim=-1)  # [B, H, Lc, N+V]
+        d_kv[:, j0:j1, C:] = d_k[..., N:].sum(1)
+        d_kv[:, j0:j1, :C] = torch.einsum("bhlk,hkc->blc", d_up, wv)
+        d_w += torch.einsum("bhlk,blc->hkc", d_up, c)
+    d_q = d_qh.transpose(1, 2)
+    d_qn, d_qp = d_q[..., :N], d_q[..., N:]
     return (
         d_qn.to(q_nope.dtype), d_qp.to(q_pe.dtype), d_kv.to(kv.dtype), None, None,
         d_w.view_as(w).to(w.dtype), None, None, None,
