@@ -264,3 +264,23 @@ def test_decode_bad_pe_cache(pe_fn, kv_dim, name):
     q_latent, q_pe, kv, seqlens, _ = _good()
     with pytest.raises(ValueError, match=name):
         mla_decode(q_latent, q_pe, kv[..., :kv_dim].contiguous(), seqlens, 0.3, pe_cache=pe_fn(kv))
+
+
+def test_decode_random_shapes_property():
+    """Random shapes, lengths, page sizes and masks (hypothesis): kernel == fp64 reference."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
+    @hypothesis.given(
+        B=st.integers(1, 3), Sq=st.integers(1, 3), H=st.integers(1, 5), C=st.integers(1, 70),
+        R=st.sampled_from([0, 2, 16]), page=st.sampled_from([None, 1, 3, 16, 64]),
+        lens=st.lists(st.integers(0, 150), min_size=3, max_size=3), causal=st.booleans(),
+        window=st.sampled_from([-1, 0, 3, 40]),
+    )
+    def check(B, Sq, H, C, R, page, lens, causal, window):
+        prob = make_problem(B, Sq, H, C, R, lens[:B], page)
+        out, lse = mla_decode(*prob[:4], 0.25, block_table=prob[4], causal=causal, window=window)
+        check_close(out, lse, *prob, 0.25, causal, window)
+
+    check()

@@ -154,3 +154,27 @@ def test_prefill_torch_compile_fullgraph_with_backward():
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_random_shapes_property():
+    """Random shapes, lengths, page sizes and masks (hypothesis): kernel == fp64 reference."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=20, deadline=None, derandomize=True)
+    @hypothesis.given(
+        B=st.integers(1, 3), S=st.integers(1, 40), H=st.integers(1, 4), N=st.integers(1, 24),
+        V=st.integers(1, 20), C=st.integers(1, 60), R=st.sampled_from([0, 2, 16]),
+        page=st.sampled_from([None, 1, 5, 16]), extra=st.lists(st.integers(0, 200), min_size=3, max_size=3),
+        causal=st.booleans(), window=st.sampled_from([-1, 0, 7]),
+    )
+    def check(B, S, H, N, V, C, R, page, extra, causal, window):
+        lens = [e if e == 0 else S + e - 1 for e in extra[:B]]  # 0 (empty) or >= S tokens
+        q_nope, q_pe, kv, lens_t, table, w = _problem(B, S, H, lens, page, N=N, V=V, C=C, R=R)
+        out, lse = mla_prefill(q_nope, q_pe, kv, lens_t, w, 0.3, block_table=table, causal=causal, window=window)
+        want, want_lse = _reference(q_nope, q_pe, kv, lens_t, table, w, 0.3, causal, window)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-5)
+
+    check()
