@@ -171,7 +171,9 @@ def test_prefill_random_shapes_property():
     def check(B, S, H, N, V, C, R, page, extra, causal, window):
         lens = [e if e == 0 else S + e - 1 for e in extra[:B]]  # 0 (empty) or >= S tokens
         q_nope, q_pe, kv, lens_t, table, w = _problem(B, S, H, lens, page, N=N, V=V, C=C, R=R)
-        out, lse = mla_prefill(q_nope, q_pe, kv, lens_t, w, 0.3, block_table=table, causal=causal, window=window)
+        out, lse = mla_prefill(
+            q_nope, q_pe, kv, lens_t, w, 0.3, block_table=table, causal=causal, window=window
+        )
         want, want_lse = _reference(q_nope, q_pe, kv, lens_t, table, w, 0.3, causal, window)
         assert not out.isnan().any()
         torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
