@@ -249,7 +249,9 @@ class MultiHeadLatentAttention(nn.Module):
         cos, sin = cos.to(hidden_states.dtype), sin.to(hidden_states.dtype)
         q_pe = _rotate(q[..., N:], cos, sin, self.rope_interleave)
         kv = self.kv_a_proj_with_mqa(hidden_states)
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        grad = torch.is_grad_enabled() and (
+            hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
 
         if isinstance(cache, LatentKVCache):
             if grad:
