@@ -135,8 +135,9 @@ def test_long_prefill(monkeypatch, cache_kind, prefill_kernel):
     assert cache.get_seq_length(0) == 44
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_decode_low_precision(dtype):
+@pytest.mark.parametrize("cache_kind", ["latent", "hf"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_low_precision(dtype, cache_kind):
     case = CASES[0]
     cfg, hf32, _ = _pair(case)
     hf_low = make_hf_attention(cfg, dtype)
@@ -145,7 +146,7 @@ def test_decode_low_precision(dtype):
     # Same inputs for three runs: fp32 HF (truth), HF in bf16, ours in bf16.
     B, past = 2, 0
     ours_cache = LatentKVCache(1, B, 16, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
-    caches = [hf_cache(cfg), hf_cache(cfg), ours_cache]
+    caches = [hf_cache(cfg), hf_cache(cfg), ours_cache if cache_kind == "latent" else hf_cache(cfg)]
     for n in [9, 1, 1]:
         x = torch.randn(B, n, cfg.hidden_size)
         pos = (past + torch.arange(n))[None].expand(B, -1)
