@@ -288,3 +288,19 @@ def test_latent_cache_overflow_and_misuse():
 def test_cache_bytes_per_token():
     cache = LatentKVCache(1, 1, 4, 512, 64, dtype=torch.bfloat16)
     assert cache.bytes_per_token == 576 * 2
+
+
+def test_accepts_any_config_object_with_hf_field_names():
+    from types import SimpleNamespace
+
+    cfg, hf, _ = _pair(CASES[2])  # YaRN, no q_lora
+    fields = [
+        "hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+        "qk_rope_head_dim", "v_head_dim", "attention_bias", "rope_interleave", "rope_parameters",
+    ]
+    plain = SimpleNamespace(**{f: getattr(cfg, f) for f in fields})
+    mine = MultiHeadLatentAttention(plain, 0).eval()
+    mine.load_state_dict(hf.state_dict(), strict=True)
+    assert mine.scaling == pytest.approx(hf.scaling, rel=1e-12)
+    errs, _ = _run_steps(cfg, hf, mine, 2, "contig", steps=[6, 1])
+    assert max(errs) <= 1e-4, errs
