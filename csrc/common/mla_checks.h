@@ -94,10 +94,12 @@ inline CacheDims check_cache(const char* op, const at::Tensor& kv_cache, const a
 // pages holding those tokens must lie in [0, num_pages). One small device-to-host copy on CUDA.
 inline void check_cache_values(const char* op, const CacheDims& d, const at::Tensor& cache_seqlens,
                                const c10::optional<at::Tensor>& block_table, int64_t extra) {
-  auto lens = cache_seqlens.to(at::kCPU);
-  const int32_t* lp = lens.const_data_ptr<int32_t>();
-  at::Tensor table;
-  if (d.paged) table = block_table->to(at::kCPU);
+  // One host copy of lengths and table together (a single device sync on CUDA).
+  // Host copy layout: [B lengths | B * max_pages table entries (paged only)].
+  at::Tensor host = d.paged ? at::cat({cache_seqlens, block_table->reshape({-1})}) : cache_seqlens;
+  host = host.to(at::kCPU);
+  const int32_t* lp = host.const_data_ptr<int32_t>();
+  const int32_t* table_base = lp + d.B;
   for (int64_t b = 0; b < d.B; ++b) {
     const int64_t n = static_cast<int64_t>(lp[b]) + extra;
     TORCH_CHECK_VALUE(lp[b] >= 0, "latentmoe.", op, ": argument 'cache_seqlens' has a negative entry ",
@@ -105,7 +107,7 @@ inline void check_cache_values(const char* op, const CacheDims& d, const at::Ten
     TORCH_CHECK_VALUE(n <= d.capacity, "latentmoe.", op, ": argument 'cache_seqlens' row ", b, " needs ", n,
                       " tokens but the cache holds ", d.capacity, " per row");
     if (d.paged) {
-      const int32_t* tp = table.const_data_ptr<int32_t>() + b * d.max_pages;
+      const int32_t* tp = table_base + b * d.max_pages;
       const int64_t used = (n + d.page_size - 1) / d.page_size;
       for (int64_t p = 0; p < used; ++p) {
         TORCH_CHECK_VALUE(tp[p] >= 0 && tp[p] < d.num_pages, "latentmoe.", op,
