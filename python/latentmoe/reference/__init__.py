@@ -6,3 +6,4 @@ Tests and docs use these; the library never falls back to them.
 from latentmoe.reference.norm import rms_norm
 
 __all__ = ["rms_norm"]
+from latentmoe.reference import moe  # noqa: E402
