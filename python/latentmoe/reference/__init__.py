@@ -30,3 +30,12 @@ __all__ += [
     "random2d_soft_matching",
     "unmerge_tokens",
 ]
+
+from latentmoe.reference.hybrid import (  # noqa: E402
+    layer_types,
+    layer_window,
+    window_mask,
+    windowed_attention,
+)
+
+__all__ += ["layer_types", "layer_window", "window_mask", "windowed_attention"]
