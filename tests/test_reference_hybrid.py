@@ -126,6 +126,29 @@ def test_fully_masked_rows_are_zero_with_neginf_lse():
     assert not bool(seen.all())
 
 
+def test_no_keys_or_no_queries():
+    q, k, v = rand_qkv(2, 4, 0, 2, 1, 8, 5)
+    out, lse = H.windowed_attention(q, k, v, (3, 0), causal=True)
+    assert out.shape == (2, 4, 2, 5) and bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+    q, k, v = rand_qkv(2, 0, 6, 2, 1, 8, 5)
+    out, lse = H.windowed_attention(q, k, v, (3, 0))
+    assert out.shape == (2, 0, 2, 5) and lse.shape == (2, 2, 0)
+
+
+def test_device_parity(device):
+    q, k, v = rand_qkv(2, 21, 30, 4, 2, 16, 8, dtype=torch.float32)
+    global_tokens = torch.rand(2, 30) < 0.2
+    windows = torch.tensor([(3, 0), (-1, 2), (0, 0), (5, 5)])
+    out, lse = H.windowed_attention(q, k, v, windows, causal=True, global_tokens=global_tokens)
+    dev = [t.to(device) for t in (q, k, v)]
+    out_d, lse_d = H.windowed_attention(
+        *dev, windows.to(device), causal=True, global_tokens=global_tokens.to(device)
+    )
+    assert out_d.device.type == device
+    torch.testing.assert_close(out_d.cpu(), out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_d.cpu(), lse, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision(dtype):
     q, k, v = rand_qkv(2, 19, 27, 4, 2, 32, 32)

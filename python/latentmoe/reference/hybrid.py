@@ -158,6 +158,10 @@ def windowed_attention(
     vc = v.to(compute).transpose(1, 2).repeat_interleave(group, dim=1)
 
     mask = window_mask(sq, sk, table, causal=causal, global_tokens=global_tokens, device=q.device)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if sk == 0:  # nothing to attend to: every row is fully masked
+        out = q.new_zeros(batch, sq, hq, v.shape[-1])
+        return out, torch.full((batch, hq, sq), -math.inf, dtype=lse_dtype, device=q.device)
     scores = (qc @ kc.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, -math.inf)
     row_max = scores.amax(dim=-1, keepdim=True)
@@ -165,7 +169,6 @@ def windowed_attention(
     probs = torch.exp(scores - row_max)  # exactly 0 at masked keys
     denom = probs.sum(dim=-1, keepdim=True)
     out = (probs @ vc) / torch.where(denom == 0, torch.ones_like(denom), denom)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = (denom.to(lse_dtype).log() + row_max.to(lse_dtype)).squeeze(-1)  # log(0) = -inf
     return out.transpose(1, 2).to(q.dtype), lse
 
