@@ -291,7 +291,7 @@ def causal_adjacent_matching(
     )
 
     a_pos = torch.arange(0, n, 2, device=device)
-    b_pos = torch.arange(1, n, 2, device=device)
+    b_pos = torch.arange(1, max(n, 1), 2, device=device)
     has_pair = a_pos + 1 < n
     pair_ok = has_pair.clone()
     pair_ok[has_pair] &= ~protected[a_pos[has_pair]] & ~protected[a_pos[has_pair] + 1]
