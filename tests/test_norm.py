@@ -125,7 +125,7 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.latentmoe.add_rms_norm.default, (x, r, w, 1e-6))
     _, rstd = torch.ops.latentmoe.rms_norm(x, w, 1e-6)
     torch.library.opcheck(
-        torch.ops.latentmoe.rms_norm_backward.default, (torch.randn_like(x), x.detach(), w.detach(), rstd)
+        torch.ops.latentmoe.rms_norm_backward.default, (torch.randn_like(x), x.detach(), w.detach(), rstd.detach())
     )
 
 

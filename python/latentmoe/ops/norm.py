@@ -101,3 +101,12 @@ def _add_rms_norm_bwd(ctx, grad_out, grad_h, _grad_rstd):
 torch.library.register_autograd(
     "latentmoe::add_rms_norm", _add_rms_norm_bwd, setup_context=_add_rms_norm_setup
 )
+
+
+def _rms_norm_backward_bwd(ctx, *grads):
+    raise RuntimeError(
+        "latentmoe.rms_norm_backward: double backward (second derivatives through RMSNorm) is not supported"
+    )
+
+
+torch.library.register_autograd("latentmoe::rms_norm_backward", _rms_norm_backward_bwd)
