@@ -3,3 +3,4 @@
 from latentmoe.ops.norm import add_rms_norm, rms_norm
 
 __all__ = ["rms_norm", "add_rms_norm"]
+from latentmoe.ops.mla import mla_append_cache, mla_decode  # noqa: E402,F401
