@@ -57,4 +57,37 @@ TORCH_LIBRARY(latentmoe, m) {
       " bool rope_interleave) -> ()");
 
   // ---- MoE (routing and experts) ---------------------------------------------------------------
+  // DeepSeek-V3 top-k routing from fp32 router logits [T, E] (HF DeepseekV3TopkRouter semantics):
+  // scores = sigmoid | softmax (score_func "sigmoid" | "softmax"); selection on scores + bias
+  // (bias [E] fp32, optional, selection only); group-limited: keep the topk_group of n_group
+  // groups with the largest top-2 sums, others excluded; top_k experts in descending biased
+  // score, ties -> lower index. weights = scores at the experts, / (sum + 1e-20) if
+  // norm_topk_prob, * routed_scaling_factor. Returns weights [T, k] fp32, indices [T, k] int64,
+  // scores [T, E] fp32 (unbiased, for the aux loss and backward).
+  m.def(
+      "moe_route(Tensor logits, Tensor? e_score_correction_bias, int top_k, int n_group,"
+      " int topk_group, str score_func, bool norm_topk_prob, float routed_scaling_factor)"
+      " -> (Tensor weights, Tensor indices, Tensor scores)");
+  // Gradient of moe_route's weights (and, optionally, its scores) w.r.t. the logits [T, E] fp32.
+  m.def(
+      "moe_route_backward(Tensor grad_weights, Tensor? grad_scores, Tensor scores, Tensor indices,"
+      " str score_func, bool norm_topk_prob, float routed_scaling_factor) -> Tensor grad_logits");
+  // Routed SwiGLU experts, HF layout: hidden [T, H], gate_up_proj [E, 2I, H] (gate rows then up
+  // rows), down_proj [E, H, I], weights [T, k] (fp32 or hidden's dtype), indices [T, k] int64.
+  //   out[t] = sum_k weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t),  e = indices[t, k]
+  // (the k-sum in fp32, in k order: bitwise deterministic). (token, k) pairs are counting-sorted
+  // by expert; experts with no tokens cost nothing. Also returns, for the backward:
+  // sorted_pairs [T*k] int64 (pair id t*k+j in expert order, stable), expert_offsets [E+1] int64,
+  // gate_up_out [T*k, 2I] (pre-activation gate|up, hidden's dtype, in sorted order).
+  m.def(
+      "moe_experts(Tensor hidden, Tensor gate_up_proj, Tensor down_proj, Tensor weights,"
+      " Tensor indices) -> (Tensor out, Tensor sorted_pairs, Tensor expert_offsets,"
+      " Tensor gate_up_out)");
+  // Backward of moe_experts: grad_hidden [T, H], grad_gate_up_proj [E, 2I, H],
+  // grad_down_proj [E, H, I], grad_weights [T, k] (weights' dtype). Deterministic.
+  m.def(
+      "moe_experts_backward(Tensor grad_out, Tensor hidden, Tensor gate_up_proj,"
+      " Tensor down_proj, Tensor weights, Tensor sorted_pairs, Tensor expert_offsets,"
+      " Tensor gate_up_out) -> (Tensor grad_hidden, Tensor grad_gate_up_proj,"
+      " Tensor grad_down_proj, Tensor grad_weights)");
 }
