@@ -92,7 +92,8 @@ def _decode_op_rows(device: str, dtype, contexts) -> list[dict]:
         floor_ms = nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3
         mode = f"op-{dt}"
         rows += [
-            row("mla_decode", "latentmoe", mode, L, t_op, device),
+            row("mla_decode", "latentmoe", mode, L, t_op, device,
+                note=f"{torch.get_num_threads()} CPU threads" if device == "cpu" else ""),
             row("mla_decode", "read_once_floor", mode, L, (floor_ms, floor_ms, floor_ms), device,
                 note=f"plain read of {nbytes / 2**20:.1f} MiB at measured bandwidth"),
             ratio_row("mla_decode", "time_over_floor", L, t_op[0] / floor_ms, device,
