@@ -31,7 +31,8 @@ TORCH_LIBRARY(latentmoe, m) {
   //   pe_cache: optional; when given, kv_cache holds only c_kv (last dim C) and pe_cache the k_pe
   //   rows (same leading dims, last dim R), e.g. HF's cache keys/values without a concat.
   // Returns out_latent [B, Sq, H, C] (q dtype; sum_j p_j c_kv_j) and lse [B, Sq, H] (fp32, natural
-  // log). Rows with no visible key give 0 and -inf. Reads only; mutates nothing.
+  // log). Rows with no visible key give 0 and -inf. Reads only; mutates nothing. The MLA ops check
+  // cache_seqlens and used block_table entries on a host copy (one device sync on CUDA).
   m.def(
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor kv_cache, Tensor cache_seqlens,"
       " Tensor? block_table, float softmax_scale, bool causal=True, int window=-1,"
@@ -42,7 +43,8 @@ TORCH_LIBRARY(latentmoe, m) {
   // whole sequence are never materialised).
   //   q_nope [B, S, H, N], q_pe [B, S, H, R] (rotated); cache as for mla_decode;
   //   kv_b_weight [H*(N+V), C] (HF kv_b_proj.weight). causal/window as for mla_decode.
-  // Returns out [B, S, H, V] (q dtype) and lse [B, S, H] (fp32). Reads only.
+  // Returns out [B, S, H, V] (q dtype) and lse [B, S, H] (fp32). Reads only. CPU kernel only
+  // so far; autograd (chunked backward) is registered in python/latentmoe/ops/mla.py.
   m.def(
       "mla_prefill(Tensor q_nope, Tensor q_pe, Tensor kv_cache, Tensor cache_seqlens, Tensor? block_table,"
       " Tensor kv_b_weight, float softmax_scale, bool causal=True, int window=-1) -> (Tensor out, Tensor lse)");
