@@ -3,3 +3,4 @@
 from latentmoe.nn.norm import RMSNorm
 
 __all__ = ["RMSNorm"]
+from latentmoe.nn.moe import MoE  # noqa: E402
