@@ -32,8 +32,10 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 venv: $(VENV)/.deps-stamp
 
 build: venv
-	$(PY) -m pip install -v --no-build-isolation --no-deps . 2>&1 | tee build.log | grep -E "latentmoe:|Building|Linking|error|Error|nvcc|sm_" || true
+	SKBUILD_BUILD_VERBOSE=true $(PY) -m pip install -v --no-build-isolation --no-deps . 2>&1 | tee build.log | grep -E "latentmoe:|Building wheel|Linking|error:|Error" || true
 	@grep -q "Successfully installed latentmoe" build.log || (tail -50 build.log; echo "latentmoe: build failed, see build.log"; exit 1)
+	@# Show the archs each .cu file was compiled for (from nvcc's command lines in the verbose log).
+	@grep "bin/nvcc" build.log | grep -- " -c " | sed -E 's/.*(--generate-code=[^ ]+|-arch=[^ ]+).* -c ([^ ]+\.cu).*/latentmoe: nvcc \1 \2/' | sed 's|$(CURDIR)/||' | tr -d '"' || true
 
 dev: venv
 	$(VENV)/bin/cmake -S . -B build/dev -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release

@@ -22,6 +22,27 @@ TORCH_LIBRARY(latentmoe, m) {
       " -> (Tensor grad_input, Tensor grad_weight)");
 
   // ---- MLA (multi-head latent attention) -------------------------------------------------------
+  // Absorbed MLA attention on the latent cache (decode, MTP/speculative Sq > 1).
+  //   q_latent [B, Sq, H, C] (= W_UK^T q_nope), q_pe [B, Sq, H, R] (rotated), fp32/bf16/fp16.
+  //   kv_cache: contiguous [B, Lmax, C+R], or paged [num_pages, page_size, C+R] with
+  //   block_table [B, max_pages] int32; rows are [c_kv | k_pe]. cache_seqlens [B] int32 counts the
+  //   cached tokens per row, the Sq new ones included (query i sits at cache_seqlens - Sq + i).
+  //   causal: query i sees keys <= its position; window >= 0: keys >= position - window; -1 = none.
+  // Returns out_latent [B, Sq, H, C] (q dtype; sum_j p_j c_kv_j) and lse [B, Sq, H] (fp32, natural
+  // log). Rows with no visible key give 0 and -inf. Reads only; mutates nothing.
+  m.def(
+      "mla_decode(Tensor q_latent, Tensor q_pe, Tensor kv_cache, Tensor cache_seqlens,"
+      " Tensor? block_table, float softmax_scale, bool causal=True, int window=-1)"
+      " -> (Tensor out_latent, Tensor lse)");
+  // Fused cache append: c = kv_a_layernorm(kv_latent) (HF RMSNorm numerics), k_pe rotated with
+  // HF's (cos, sin) in either RoPE layout, rows [c | k_pe] written at token slots
+  // cache_seqlens[b] + s of row b (contiguous or paged cache). MUTATES kv_cache (only those slots).
+  //   kv_latent [B, S, C], k_pe [B, S, R], norm_weight [C], cos/sin [B, S, R] (HF layout),
+  //   cache_seqlens [B] int32 = tokens already cached (not updated here).
+  m.def(
+      "mla_append_cache(Tensor(a!) kv_cache, Tensor kv_latent, Tensor k_pe, Tensor norm_weight,"
+      " float eps, Tensor cos, Tensor sin, Tensor cache_seqlens, Tensor? block_table,"
+      " bool rope_interleave) -> ()");
 
   // ---- MoE (routing and experts) ---------------------------------------------------------------
   // DeepSeek-V3 top-k routing from fp32 router logits [T, E] (HF DeepseekV3TopkRouter semantics):

@@ -1,6 +1,7 @@
 """Typed wrappers over ``torch.ops.latentmoe.*``; importing this registers fake kernels and autograd."""
 
+from latentmoe.ops.mla import mla_append_cache, mla_decode
+from latentmoe.ops.moe import moe_experts, moe_route
 from latentmoe.ops.norm import add_rms_norm, rms_norm
 
-__all__ = ["rms_norm", "add_rms_norm"]
-from latentmoe.ops.moe import moe_experts, moe_route  # noqa: E402
+__all__ = ["rms_norm", "add_rms_norm", "mla_decode", "mla_append_cache", "moe_route", "moe_experts"]

@@ -36,13 +36,27 @@ def add_rms_norm(
     return out, h
 
 
+def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    """The fake kernels repeat the real kernels' device check, so mixed-device calls fail the same way
+    under torch.compile / meta tensors."""
+    (ref_name, ref), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != ref.device:
+            raise RuntimeError(
+                f"latentmoe.{op}: argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; "
+                "all tensors must be on one device"
+            )
+
+
 @torch.library.register_fake("latentmoe::rms_norm")
 def _rms_norm_fake(input, weight, eps):
+    _check_same_device("rms_norm", input=input, weight=weight)
     return torch.empty_like(input), input.new_empty(input.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.register_fake("latentmoe::add_rms_norm")
 def _add_rms_norm_fake(input, residual, weight, eps):
+    _check_same_device("add_rms_norm", input=input, residual=residual, weight=weight)
     return (
         torch.empty_like(input),
         torch.empty_like(input),
@@ -87,3 +101,12 @@ def _add_rms_norm_bwd(ctx, grad_out, grad_h, _grad_rstd):
 torch.library.register_autograd(
     "latentmoe::add_rms_norm", _add_rms_norm_bwd, setup_context=_add_rms_norm_setup
 )
+
+
+def _rms_norm_backward_bwd(ctx, *grads):
+    raise RuntimeError(
+        "latentmoe.rms_norm_backward: double backward (second derivatives through RMSNorm) is not supported"
+    )
+
+
+torch.library.register_autograd("latentmoe::rms_norm_backward", _rms_norm_backward_bwd)

@@ -1,0 +1,76 @@
+"""Shared benchmark helpers: timing (median after warm-up), floors measured in the same run, and rows
+in one CSV schema (kernel, provider, mode, metric, unit, x, p50, p20, p80, device, version, note)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "device", "version", "note"]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: str, warmup: int = 3, reps: int = 10,
+            min_time_s: float = 0.0) -> tuple[float, float, float]:
+    """(p50, p20, p80) wall time of ``fn()`` in milliseconds after ``warmup`` calls.
+
+    Repeats at least ``reps`` times, and more until ``min_time_s`` has passed.
+    """
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_time_s:
+        if device.startswith("cuda"):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 1000:
+            break
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return statistics.median(times), q[1], q[7]
+
+
+def row(kernel: str, provider: str, mode: str, x, t: tuple[float, float, float], device: str,
+        metric: str = "time", unit: str = "ms", note: str = "") -> dict:
+    import latentmoe
+
+    p50, p20, p80 = t
+    return dict(kernel=kernel, provider=provider, mode=mode, metric=metric, unit=unit, x=x,
+                p50=p50, p20=p20, p80=p80, device=device, version=latentmoe.__version__, note=note)
+
+
+def ratio_row(kernel: str, name: str, x, value: float, device: str, goal: str = "") -> dict:
+    """A derived figure (a ratio measured in this run), with its goal written beside it."""
+    return row(kernel, name, "ratio", x, (value, value, value), device, metric="ratio", unit="x", note=goal)
+
+
+def read_bandwidth_gbs(nbytes: int, device: str) -> float:
+    """Measured read-once bandwidth (GB/s) for a buffer of ``nbytes``: a plain fp32 sum over it
+    (fp32 so the floor is bound by memory, not by a slow low-precision reduction)."""
+    buf = torch.randn(max(1, nbytes // 4), device=device, dtype=torch.float32)
+    t = time_ms(lambda: buf.sum(dtype=torch.float32), device, warmup=3, reps=20, min_time_s=0.2)[0]
+    return nbytes / (t * 1e-3) / 1e9
+
+
+def gemm_gflops(m: int, n: int, k: int, device: str, dtype=torch.float32) -> float:
+    """Measured dense GEMM rate (GFLOP/s) of torch.mm at [m, k] x [k, n]."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    t = time_ms(lambda: torch.mm(a, b), device, warmup=2, reps=5, min_time_s=0.2)[0]
+    return 2.0 * m * n * k / (t * 1e-3) / 1e9

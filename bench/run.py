@@ -1,0 +1,72 @@
+"""``make bench``: every microbenchmark on the default device (CUDA if available, else CPU).
+
+Prints a table and writes ``bench/results/<device>-<timestamp>.csv`` (one schema: bench/common.py).
+Usage: python bench/run.py [--device cpu|cuda] [--full] [--only norm,mla,moe] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.common import COLUMNS  # noqa: E402
+
+FAMILIES = ["norm", "mla", "moe"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--full", action="store_true", help="all sizes (slow on CPU); default is the quick set")
+    ap.add_argument("--only", default="", help="comma-separated families")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    args = ap.parse_args()
+
+    families = [f for f in (args.only.split(",") if args.only else FAMILIES) if f]
+    rows, failed = [], []
+    for fam in families:
+        try:
+            mod = importlib.import_module(f"bench.bench_{fam}")
+        except ModuleNotFoundError as e:
+            if e.name == f"bench.bench_{fam}":
+                print(f"[bench] no benchmark for {fam} yet")
+                continue
+            raise
+        print(f"[bench] {fam} on {args.device} ({'full' if args.full else 'quick'}) ...", flush=True)
+        try:
+            rows += mod.run(args.device, quick=not args.full)
+        except Exception as e:  # report and fail at the end, after the other families ran
+            failed.append(fam)
+            print(f"[bench] {fam} FAILED: {type(e).__name__}: {e}")
+
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(args.out, f"{args.device}-{stamp}.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+
+    print(f"\n{'kernel':<22} {'provider':<24} {'mode':<18} {'x':>7} {'p50':>11} {'unit':<4} note")
+    for r in rows:
+        print(f"{r['kernel']:<22} {r['provider']:<24} {r['mode']:<18} {str(r['x']):>7} "
+              f"{r['p50']:>11.4g} {r['unit']:<4} {r.get('note', '')}")
+    print(f"\n[bench] wrote {path}")
+    if failed:
+        print(f"[bench] failed families: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+// Argument checks of the MLA ops, shared by the CPU and CUDA registrations. Every message names
+// the op and the argument. Values (cache_seqlens, block_table) are checked on a host copy.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "common/checks.h"
+
+#include <utility>
+
+namespace latentmoe::mla {
+
+namespace chk = latentmoe::checks;
+
+// Shapes of one mla_decode / mla_append_cache call.
+struct CacheDims {
+  int64_t B = 0;
+  int64_t C = 0;          // kv_lora_rank
+  int64_t R = 0;          // rope dim
+  int64_t D = 0;          // C + R, one cache row
+  bool paged = false;
+  int64_t lmax = 0;       // contiguous: rows per batch entry
+  int64_t num_pages = 0;  // paged
+  int64_t page_size = 0;  // paged
+  int64_t max_pages = 0;  // paged: block_table.size(1)
+  int64_t capacity = 0;   // tokens a batch row can hold
+};
+
+// kv_cache: contiguous [B, Lmax, C+R] or paged [num_pages, page_size, C+R] with block_table
+// [B, max_pages] int32. Checks shapes, dtypes, devices and contiguity (not values).
+inline CacheDims check_cache(const char* op, const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
+                             const c10::optional<at::Tensor>& block_table, int64_t B, int64_t C, int64_t R,
+                             const at::Tensor& ref, const char* ref_name) {
+  CacheDims d;
+  d.B = B;
+  d.C = C;
+  d.R = R;
+  d.D = C + R;
+  chk::same_dtype(op, "kv_cache", kv_cache, ref_name, ref);
+  chk::same_device(op, "kv_cache", kv_cache, ref_name, ref);
+  chk::dim(op, "kv_cache", kv_cache, 3);
+  chk::size(op, "kv_cache", kv_cache, 2, d.D, "kv_lora_rank + rope dim");
+  chk::contiguous(op, "kv_cache", kv_cache);
+  chk::dtype(op, "cache_seqlens", cache_seqlens, at::kInt);
+  chk::same_device(op, "cache_seqlens", cache_seqlens, ref_name, ref);
+  chk::dim(op, "cache_seqlens", cache_seqlens, 1);
+  chk::size(op, "cache_seqlens", cache_seqlens, 0, B, "batch");
+  chk::contiguous(op, "cache_seqlens", cache_seqlens);
+  d.paged = block_table.has_value();
+  if (d.paged) {
+    const at::Tensor& bt = *block_table;
+    chk::dtype(op, "block_table", bt, at::kInt);
+    chk::same_device(op, "block_table", bt, ref_name, ref);
+    chk::dim(op, "block_table", bt, 2);
+    chk::size(op, "block_table", bt, 0, B, "batch");
+    chk::contiguous(op, "block_table", bt);
+    d.num_pages = kv_cache.size(0);
+    d.page_size = kv_cache.size(1);
+    d.max_pages = bt.size(1);
+    TORCH_CHECK_VALUE(d.page_size >= 1, "latentmoe.", op, ": argument 'kv_cache' has page_size 0");
+    d.capacity = d.max_pages * d.page_size;
+  } else {
+    chk::size(op, "kv_cache", kv_cache, 0, B, "batch (contiguous cache [B, Lmax, C+R])");
+    d.lmax = kv_cache.size(1);
+    d.capacity = d.lmax;
+  }
+  return d;
+}
+
+// Every row's token count `seqlens[b] + extra` must lie in [0, capacity]; block-table entries of
+// pages holding those tokens must lie in [0, num_pages). One small device-to-host copy on CUDA.
+inline void check_cache_values(const char* op, const CacheDims& d, const at::Tensor& cache_seqlens,
+                               const c10::optional<at::Tensor>& block_table, int64_t extra) {
+  auto lens = cache_seqlens.to(at::kCPU);
+  const int32_t* lp = lens.const_data_ptr<int32_t>();
+  at::Tensor table;
+  if (d.paged) table = block_table->to(at::kCPU);
+  for (int64_t b = 0; b < d.B; ++b) {
+    const int64_t n = static_cast<int64_t>(lp[b]) + extra;
+    TORCH_CHECK_VALUE(lp[b] >= 0, "latentmoe.", op, ": argument 'cache_seqlens' has a negative entry ",
+                      lp[b], " at row ", b);
+    TORCH_CHECK_VALUE(n <= d.capacity, "latentmoe.", op, ": argument 'cache_seqlens' row ", b, " needs ", n,
+                      " tokens but the cache holds ", d.capacity, " per row");
+    if (d.paged) {
+      const int32_t* tp = table.const_data_ptr<int32_t>() + b * d.max_pages;
+      const int64_t used = (n + d.page_size - 1) / d.page_size;
+      for (int64_t p = 0; p < used; ++p) {
+        TORCH_CHECK_VALUE(tp[p] >= 0 && tp[p] < d.num_pages, "latentmoe.", op,
+                          ": argument 'block_table' entry [", b, ", ", p, "] = ", tp[p],
+                          " is out of range [0, ", d.num_pages, ")");
+      }
+    }
+  }
+}
+
+// q_latent [B, Sq, H, C], q_pe [B, Sq, H, R]: floating, same dtype/device, contiguous.
+inline void check_decode_queries(const char* op, const at::Tensor& q_latent, const at::Tensor& q_pe) {
+  chk::floating(op, "q_latent", q_latent);
+  chk::dim(op, "q_latent", q_latent, 4);
+  chk::same_dtype(op, "q_pe", q_pe, "q_latent", q_latent);
+  chk::same_device(op, "q_pe", q_pe, "q_latent", q_latent);
+  chk::dim(op, "q_pe", q_pe, 4);
+  for (int64_t i = 0; i < 3; ++i) {
+    TORCH_CHECK_VALUE(q_pe.size(i) == q_latent.size(i), "latentmoe.", op, ": argument 'q_pe' has shape ",
+                      q_pe.sizes(), " but 'q_latent' has shape ", q_latent.sizes(),
+                      "; dims B, Sq, H must match");
+  }
+  chk::contiguous(op, "q_latent", q_latent);
+  chk::contiguous(op, "q_pe", q_pe);
+  chk::nonempty(op, "q_latent", q_latent);
+}
+
+// mla_append_cache inputs: kv_latent [B, S, C], k_pe / cos / sin [B, S, R] (R even), norm_weight
+// [C]; floating, one dtype and device, contiguous. (The cache is checked by check_cache.)
+inline void check_append_args(const char* op, const at::Tensor& kv_latent,
+                       const at::Tensor& k_pe, const at::Tensor& norm_weight, const at::Tensor& cos,
+                       const at::Tensor& sin) {
+  chk::floating(op, "kv_latent", kv_latent);
+  chk::dim(op, "kv_latent", kv_latent, 3);
+  chk::contiguous(op, "kv_latent", kv_latent);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"k_pe", k_pe}, {"cos", cos}, {"sin", sin}}) {
+    chk::same_dtype(op, name, t, "kv_latent", kv_latent);
+    chk::same_device(op, name, t, "kv_latent", kv_latent);
+    chk::dim(op, name, t, 3);
+    chk::contiguous(op, name, t);
+    TORCH_CHECK_VALUE(t.size(0) == kv_latent.size(0) && t.size(1) == kv_latent.size(1), "latentmoe.", op,
+                      ": argument '", name, "' has shape ", t.sizes(), " but 'kv_latent' has shape ",
+                      kv_latent.sizes(), "; dims B, S must match");
+  }
+  TORCH_CHECK_VALUE(k_pe.size(2) % 2 == 0, "latentmoe.", op, ": argument 'k_pe' rope dim must be even, got ",
+                    k_pe.size(2));
+  chk::size(op, "cos", cos, 2, k_pe.size(2), "rope dim of k_pe");
+  chk::size(op, "sin", sin, 2, k_pe.size(2), "rope dim of k_pe");
+  chk::same_dtype(op, "norm_weight", norm_weight, "kv_latent", kv_latent);
+  chk::same_device(op, "norm_weight", norm_weight, "kv_latent", kv_latent);
+  chk::dim(op, "norm_weight", norm_weight, 1);
+  chk::size(op, "norm_weight", norm_weight, 0, kv_latent.size(2), "kv_lora_rank");
+  chk::contiguous(op, "norm_weight", norm_weight);
+  chk::nonempty(op, "kv_latent", kv_latent);
+}
+
+}  // namespace latentmoe::mla

@@ -1,0 +1,91 @@
+"""MLA ops (multi-head latent attention on a compressed latent cache), with fake kernels.
+
+Cache rows are ``[c_kv (C) | k_pe (R)]``. A cache is either contiguous ``[B, Lmax, C+R]`` or paged
+``[num_pages, page_size, C+R]`` addressed through ``block_table [B, max_pages]`` (int32): token
+``t`` of row ``b`` is at page ``block_table[b, t // page_size]``, slot ``t % page_size``.
+
+The ops validate ``cache_seqlens`` and the used ``block_table`` entries on the host (one small
+device-to-host copy on CUDA), so bad values raise ``ValueError`` instead of reading out of bounds.
+Inference ops: no autograd (calling them on tensors that require grad raises).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_lib = torch.ops.latentmoe
+
+
+def mla_decode(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    block_table: torch.Tensor | None = None,
+    causal: bool = True,
+    window: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed MLA attention directly on the latent cache.
+
+    Args:
+        q_latent: ``[B, Sq, H, C]`` absorbed queries (``w_uk^T q_nope``), fp32/bf16/fp16, contiguous.
+        q_pe: ``[B, Sq, H, R]`` rotated rope queries, same dtype.
+        kv_cache: ``[B, Lmax, C+R]`` or paged ``[num_pages, page_size, C+R]``, same dtype.
+        cache_seqlens: ``[B]`` int32, tokens cached per row including the ``Sq`` new ones; query
+            ``i`` sits at position ``cache_seqlens - Sq + i``.
+        softmax_scale: score multiplier (see ``latentmoe.reference.mla.softmax_scale``).
+        block_table: ``[B, max_pages]`` int32 for a paged cache, else None.
+        causal: query ``i`` sees only keys at positions ``<=`` its own (matters for ``Sq > 1``).
+        window: ``>= 0`` also hides keys before ``position - window``; ``-1`` = unbounded.
+    Returns:
+        ``(out_latent [B, Sq, H, C] in q dtype, lse [B, Sq, H] fp32)``; rows without a visible key
+        give 0 and ``-inf``. Multiply ``out_latent`` by ``w_uv`` per head for the value output.
+    """
+    return _lib.mla_decode.default(
+        q_latent, q_pe, kv_cache, cache_seqlens, block_table, float(softmax_scale), causal, window
+    )
+
+
+def mla_append_cache(
+    kv_cache: torch.Tensor,
+    kv_latent: torch.Tensor,
+    k_pe: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor | None = None,
+    rope_interleave: bool = True,
+) -> None:
+    """Fused ``kv_a_layernorm`` + RoPE of ``k_pe`` + write of new tokens into the cache (in place).
+
+    Args:
+        kv_cache: contiguous or paged cache (see module doc); **mutated** at the target slots only.
+        kv_latent: ``[B, S, C]`` un-normalised latents (first C outputs of ``kv_a_proj_with_mqa``).
+        k_pe: ``[B, S, R]`` un-rotated rope keys (the last R outputs).
+        norm_weight: ``[C]`` ``kv_a_layernorm.weight``; ``eps`` its epsilon (HF RMSNorm numerics).
+        cos, sin: ``[B, S, R]`` HF rotary embeddings at the new tokens' positions.
+        cache_seqlens: ``[B]`` int32 tokens already cached; token ``s`` goes to slot
+            ``cache_seqlens[b] + s``. Not updated here.
+        block_table: ``[B, max_pages]`` int32 for a paged cache.
+        rope_interleave: HF ``config.rope_interleave``.
+    """
+    _lib.mla_append_cache.default(
+        kv_cache, kv_latent, k_pe, norm_weight, float(eps), cos, sin, cache_seqlens, block_table,
+        rope_interleave,
+    )
+
+
+@torch.library.register_fake("latentmoe::mla_decode")
+def _mla_decode_fake(q_latent, q_pe, kv_cache, cache_seqlens, block_table, softmax_scale, causal=True, window=-1):
+    B, Sq, H, _ = q_latent.shape
+    return torch.empty_like(q_latent), q_latent.new_empty((B, Sq, H), dtype=torch.float32)
+
+
+@torch.library.register_fake("latentmoe::mla_append_cache")
+def _mla_append_cache_fake(
+    kv_cache, kv_latent, k_pe, norm_weight, eps, cos, sin, cache_seqlens, block_table, rope_interleave
+):
+    return None

@@ -1,0 +1,192 @@
+"""RMSNorm / fused add+RMSNorm: against the reference, HF DeepseekV3RMSNorm, opcheck, compile, bad input."""
+
+import pytest
+import torch
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+import latentmoe
+from latentmoe import reference
+from latentmoe.ops import add_rms_norm, rms_norm
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 7), (3, 5, 64), (129, 513), (2, 1536)]
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_matches_reference_and_hf(device, dtype, shape):
+    x = torch.randn(shape, device=device, dtype=dtype) * 3
+    w = torch.randn(shape[-1], device=device, dtype=dtype)
+    out = rms_norm(x, w, 1e-6)
+    hf = DeepseekV3RMSNorm(shape[-1], eps=1e-6).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        hf.weight.copy_(w)
+    expected = hf(x)
+    assert out.dtype == dtype and out.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:
+        # Same rounding points as HF: allow one ulp of the output dtype.
+        ref64 = reference.rms_norm(x.double(), w.double(), 1e-6)
+        assert _err(out, ref64) <= 2 * _err(expected, ref64) + 1e-6
+    assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(device, dtype):
+    x = torch.randn(4, 33, 96, device=device, dtype=dtype)
+    r = torch.randn_like(x)
+    w = torch.randn(96, device=device, dtype=dtype)
+    x0, r0 = x.clone(), r.clone()
+    out, h = add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(x, x0) and torch.equal(r, r0), "inputs must not be mutated"
+    torch.testing.assert_close(h, x + r, rtol=0, atol=0)
+    torch.testing.assert_close(out, reference.rms_norm(x + r, w, 1e-5), rtol=1e-2, atol=1e-2)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, reference.rms_norm(x + r, w, 1e-5), rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_gradients_match_hf(device):
+    dtype = torch.float32
+    D = 77
+    x = torch.randn(5, 11, D, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(D, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(5, 11, D, device=device, dtype=dtype)
+    rms_norm(x, w, 1e-6).backward(g)
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    hf = DeepseekV3RMSNorm(D, eps=1e-6).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        hf.weight.copy_(w)
+    hf(x).backward(g)
+    torch.testing.assert_close(gx, x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, hf.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_gradients_low_precision(device, dtype):
+    D = 256
+    x64 = torch.randn(300, D, device=device, dtype=torch.float64)
+    w64 = torch.randn(D, device=device, dtype=torch.float64)
+    g64 = torch.randn(300, D, device=device, dtype=torch.float64)
+
+    def grads(fn, x, w, g):
+        x = x.clone().requires_grad_()
+        w = w.clone().requires_grad_()
+        fn(x, w, 1e-6).backward(g)
+        return x.grad, w.grad
+
+    ref_x, ref_w = grads(reference.rms_norm, x64, w64, g64)
+    low_x, low_w = grads(reference.rms_norm, x64.to(dtype), w64.to(dtype), g64.to(dtype))
+    our_x, our_w = grads(rms_norm, x64.to(dtype), w64.to(dtype), g64.to(dtype))
+    assert _err(our_x, ref_x) <= 2 * _err(low_x, ref_x) + 1e-3
+    assert _err(our_w, ref_w) <= 2 * _err(low_w, ref_w) + 1e-2
+
+
+def test_add_rms_norm_gradients(device):
+    D = 40
+    x = torch.randn(3, 9, D, device=device, requires_grad=True)
+    r = torch.randn(3, 9, D, device=device, requires_grad=True)
+    w = torch.randn(D, device=device, requires_grad=True)
+    go, gh = torch.randn(3, 9, D, device=device), torch.randn(3, 9, D, device=device)
+    out, h = add_rms_norm(x, r, w, 1e-6)
+    (out * go + h * gh).sum().backward()
+    ours = [t.grad.clone() for t in (x, r, w)]
+    for t in (x, r, w):
+        t.grad = None
+    h_ref = x + r
+    out_ref = reference.rms_norm(h_ref, w, 1e-6)
+    (out_ref * go + h_ref * gh).sum().backward()
+    for a, t in zip(ours, (x, r, w)):
+        torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_backward_is_deterministic(device):
+    x = torch.randn(1000, 128, device=device, requires_grad=True)
+    w = torch.randn(128, device=device, requires_grad=True)
+    g = torch.randn(1000, 128, device=device)
+    grads = []
+    for _ in range(2):
+        x.grad = w.grad = None
+        rms_norm(x, w).backward(g)
+        grads.append((x.grad.clone(), w.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_opcheck(device):
+    x = torch.randn(6, 24, device=device, requires_grad=True)
+    w = torch.randn(24, device=device, requires_grad=True)
+    r = torch.randn(6, 24, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.latentmoe.rms_norm.default, (x, w, 1e-6))
+    torch.library.opcheck(torch.ops.latentmoe.add_rms_norm.default, (x, r, w, 1e-6))
+    _, rstd = torch.ops.latentmoe.rms_norm(x, w, 1e-6)
+    torch.library.opcheck(
+        torch.ops.latentmoe.rms_norm_backward.default, (torch.randn_like(x), x.detach(), w.detach(), rstd.detach())
+    )
+
+
+def test_torch_compile_fullgraph(device):
+    norm = latentmoe.nn.RMSNorm(48).to(device)
+    with torch.no_grad():
+        norm.weight.normal_()
+
+    def f(x, r):
+        a = norm(x)
+        b, h = norm(x, r)
+        return a + b, h
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 48, device=device)
+    r = torch.randn(4, 48, device=device)
+    for got, want in zip(compiled(x, r), f(x, r)):
+        torch.testing.assert_close(got, want)
+
+
+def test_module_matches_hf_state_dict(device):
+    hf = DeepseekV3RMSNorm(32, eps=1e-5).to(device)
+    with torch.no_grad():
+        hf.weight.normal_()
+    ours = latentmoe.nn.RMSNorm(32, eps=1e-5).to(device)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    x = torch.randn(2, 5, 32, device=device)
+    torch.testing.assert_close(ours(x), hf(x), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs(device):
+    x = torch.randn(4, 16, device=device)
+    w = torch.randn(16, device=device)
+    with pytest.raises(ValueError, match="'input'.*float32, bfloat16 or float16"):
+        rms_norm(x.double(), w.double())
+    with pytest.raises(ValueError, match="'weight'"):
+        rms_norm(x, w.half())
+    with pytest.raises(ValueError, match="'weight' has 15 elements"):
+        rms_norm(x, w[:15])
+    with pytest.raises(ValueError, match="'weight' must be 1-D"):
+        rms_norm(x, w.view(4, 4))
+    with pytest.raises(ValueError, match="'input' is empty"):
+        rms_norm(x[:0], w)
+    with pytest.raises(ValueError, match="'residual' has shape"):
+        add_rms_norm(x, x[:2], w)
+    with pytest.raises(ValueError, match="'input' must have dtype|'input'.*must be float32"):
+        rms_norm(torch.ones(4, 16, dtype=torch.int32, device=device), w)
+
+
+def test_wrong_device():
+    # Mixed devices reach the kernel of the "higher" device; meta here (no GPU on CI), CUDA on a GPU.
+    x = torch.randn(4, 16)
+    w = torch.randn(16, device="meta")
+    with pytest.raises(RuntimeError, match="'weight' is on meta but 'input' is on cpu"):
+        rms_norm(x, w)
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="'weight' is on cuda"):
+            rms_norm(x, torch.randn(16, device="cuda"))
+
+
+def test_non_contiguous_input(device):
+    x = torch.randn(16, 10, device=device).t()  # [10, 16] non-contiguous
+    w = torch.randn(16, device=device)
+    torch.testing.assert_close(rms_norm(x, w), reference.rms_norm(x, w), rtol=1e-5, atol=1e-5)
