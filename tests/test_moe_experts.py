@@ -189,3 +189,27 @@ def test_experts_device_mismatch():
     a[2] = a[2].cpu()
     with pytest.raises(RuntimeError, match="down_proj"):
         moe_experts(*a)
+
+
+def test_experts_compile(device):
+    x = torch.randn(9, 16, device=device)
+    gu, down = _experts(5, 16, 8, device)
+    w, idx = _routing(9, 5, 2, device)
+    f = torch.compile(moe_experts, fullgraph=True)
+    assert torch.equal(f(x, gu, down, w, idx), moe_experts(x, gu, down, w, idx))
+
+
+@pytest.mark.parametrize("T", [1, 3, 11, 40])
+def test_experts_decode_and_tile_boundaries(device, T):
+    # Few pairs (the CUDA decode path, the CPU small-M path) and sizes around both paths' limits.
+    E, K, H, I = 16, 6, 72, 40
+    x = torch.randn(T, H, device=device)
+    gu, down = _experts(E, H, I, device)
+    w, idx = _routing(T, E, K, device)
+    want = ref.swiglu_experts(*(t.double().cpu() for t in (x, gu, down, w)), idx.cpu())
+    assert rel_err(moe_experts(x, gu, down, w, idx).cpu(), want) <= 1e-5
+    for dtype in (torch.bfloat16, torch.float16):
+        lp = [t.to(dtype) for t in (x, gu, down)]
+        ref_lp = ref.swiglu_experts(*(t.cpu() for t in lp), w.cpu(), idx.cpu())
+        err = (moe_experts(*lp, w, idx).cpu().double() - want).abs().max().item()
+        assert err <= 2 * (ref_lp.double() - want).abs().max().item() + 1e-3
