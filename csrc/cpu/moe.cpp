@@ -310,26 +310,13 @@ float dot(const C* x, const TW* w, int64_t n) {
   }
 }
 
-// out[r, n] = sum_k x[r, k] * w[n, k] for r < m, n < N: threads split N, fp32 accumulation, each
-// output written by one thread (deterministic). W (HF layout [N, K]) is read once.
-template <typename TW, typename C>
-void small_m_gemm(const C* x, int64_t m, const TW* w, int64_t N, int64_t K, C* out) {
-  at::parallel_for(0, N, 16, [&](int64_t nb, int64_t ne) {
-    for (int64_t n = nb; n < ne; ++n)
-      for (int64_t r = 0; r < m; ++r) out[r * N + n] = static_cast<C>(dot<TW, C>(x + r * K, w + n * K, K));
-  });
-}
-
 // One expert's GEMM out[m, N] = a[m, K] @ W^T with W = weight[e] ([N, K], dtype T), computed in
-// C: small M streams W directly; otherwise a BLAS / oneDNN call, on W itself when C == T or on
-// an fp32 copy in `w_buf` when the CPU lacks fast bf16/fp16 GEMMs.
+// C by BLAS / oneDNN: on W itself when C == T, or on an fp32 copy in `w_buf` when the CPU lacks
+// fast bf16/fp16 GEMMs.
 template <typename T, typename C>
 void expert_gemm(const at::Tensor& a, const at::Tensor& weight_e, at::Tensor out, at::Tensor& w_buf) {
-  const int64_t m = a.size(0), N = weight_e.size(0), K = weight_e.size(1);
-  if (m <= kSmallM) {
-    small_m_gemm<T, C>(a.const_data_ptr<C>(), m, weight_e.const_data_ptr<T>(), N, K,
-                       out.mutable_data_ptr<C>());
-  } else if constexpr (std::is_same_v<T, C>) {
+  const int64_t N = weight_e.size(0), K = weight_e.size(1);
+  if constexpr (std::is_same_v<T, C>) {
     mm_into(out, a, weight_e.t());
   } else {
     auto wb = w_buf.narrow(0, 0, N * K).view({N, K});
@@ -405,14 +392,44 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
       for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<C>(src[h]);
     }
   });
+  // Experts with few rows (decode) go through the weight-streaming path, all of them in one
+  // parallel region per GEMM (threads split the experts' output columns); the others get one
+  // BLAS / oneDNN GEMM each. Idle experts cost nothing.
+  std::vector<int64_t> small;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t o = off[e], m = off[e + 1] - off[e];
-    if (m == 0) continue;  // idle experts cost nothing
+    if (m == 0) continue;
+    if (m <= kSmallM) {
+      small.push_back(e);
+      continue;
+    }
     at::Tensor gu_e = gu_c.narrow(0, o, m);
     expert_gemm<T, C>(xs.narrow(0, o, m), wgu[e], gu_e, w_buf);
     swiglu_rows<T, C>(gu_e.const_data_ptr<C>(), gate_up_out.mutable_data_ptr<T>() + o * 2 * I,
                       act.mutable_data_ptr<C>() + o * I, m, I);
     expert_gemm<T, C>(act.narrow(0, o, m), wd[e], y.narrow(0, o, m), w_buf);
+  }
+  if (!small.empty()) {
+    const int64_t n_small = static_cast<int64_t>(small.size());
+    // out[o + r, n] = dot(a[o + r, :], weight[e, n, :]) for the small experts' rows.
+    auto stream_gemm = [&](const C* a, const T* weight, int64_t N, int64_t Kd, C* dst) {
+      at::parallel_for(0, n_small * N, 64, [&](int64_t jb, int64_t je) {
+        for (int64_t j = jb; j < je; ++j) {
+          const int64_t e = small[j / N], n = j % N;
+          const T* wr = weight + (e * N + n) * Kd;
+          for (int64_t r = off[e]; r < off[e + 1]; ++r)
+            dst[r * N + n] = static_cast<C>(dot<T, C>(a + r * Kd, wr, Kd));
+        }
+      });
+    };
+    stream_gemm(xs.const_data_ptr<C>(), wgu.const_data_ptr<T>(), 2 * I, H, gu_c.mutable_data_ptr<C>());
+    for (int64_t e : small) {
+      const int64_t o = off[e];
+      swiglu_rows<T, C>(gu_c.const_data_ptr<C>() + o * 2 * I,
+                        gate_up_out.mutable_data_ptr<T>() + o * 2 * I,
+                        act.mutable_data_ptr<C>() + o * I, off[e + 1] - o, I);
+    }
+    stream_gemm(act.const_data_ptr<C>(), wd.const_data_ptr<T>(), H, I, y.mutable_data_ptr<C>());
   }
   combine_rows<T, C>(y.const_data_ptr<C>(), w, pos, out.mutable_data_ptr<T>(), T_, K, H);
 }
