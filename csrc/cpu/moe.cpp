@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -367,9 +368,13 @@ void combine_rows(const C* y, const float* w, const int64_t* pos, T* out, int64_
 
 // Whether bf16/fp16 GEMMs should run natively (oneDNN on AVX-512 / AMX CPUs) rather than as fp32
 // GEMMs on upconverted tiles (AVX2 and others, where the native path is several times slower).
+// LATENTMOE_CPU_LOWP_GEMM=native|fp32 overrides the choice (tests exercise both paths).
 bool cpu_fast_low_precision_gemm() {
-  static const bool fast = at::get_cpu_capability().find("AVX512") != std::string::npos;
-  return fast;
+  static const bool detected = at::get_cpu_capability().find("AVX512") != std::string::npos;
+  const char* env = std::getenv("LATENTMOE_CPU_LOWP_GEMM");
+  if (env != nullptr && std::string(env) == "native") return true;
+  if (env != nullptr && std::string(env) == "fp32") return false;
+  return detected;
 }
 
 template <typename T, typename C>
