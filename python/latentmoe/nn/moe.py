@@ -151,7 +151,8 @@ class MoE(nn.Module):
         s = scores.view(batch, T // batch, E)
         p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)  # [B, E]
         counts = torch.zeros(batch, E, device=scores.device, dtype=torch.float32)
-        counts.scatter_add_(1, indices.view(batch, -1), torch.ones_like(indices.view(batch, -1), dtype=torch.float32))
+        chosen = indices.view(batch, -1)
+        counts.scatter_add_(1, chosen, torch.ones_like(chosen, dtype=torch.float32))
         f = counts / ((T // batch) * k)
         return self.aux_loss_alpha * E * (f * p).sum(dim=-1).mean()
 
