@@ -51,7 +51,8 @@ def hf_v2_router(num_experts: int, top_k: int, hidden: int, scale: float) -> Dee
     from transformers import DeepseekV2Config
 
     cfg = DeepseekV2Config(
-        hidden_size=hidden, num_attention_heads=1, num_key_value_heads=1, n_routed_experts=num_experts, num_experts_per_tok=top_k,
+        hidden_size=hidden, num_attention_heads=1, num_key_value_heads=1, n_routed_experts=num_experts,
+        num_experts_per_tok=top_k,
         topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=scale,
     )
     router = DeepseekV2TopkRouter(cfg)

@@ -189,3 +189,57 @@ def test_experts_device_mismatch():
     a[2] = a[2].cpu()
     with pytest.raises(RuntimeError, match="down_proj"):
         moe_experts(*a)
+
+
+def test_experts_compile(device):
+    x = torch.randn(9, 16, device=device)
+    gu, down = _experts(5, 16, 8, device)
+    w, idx = _routing(9, 5, 2, device)
+    f = torch.compile(moe_experts, fullgraph=True)
+    assert torch.equal(f(x, gu, down, w, idx), moe_experts(x, gu, down, w, idx))
+
+
+@pytest.mark.parametrize("T", [1, 3, 11, 40])
+def test_experts_decode_and_tile_boundaries(device, T):
+    # Few pairs (the CUDA decode path, the CPU small-M path) and sizes around both paths' limits.
+    E, K, H, I = 16, 6, 72, 40
+    x = torch.randn(T, H, device=device)
+    gu, down = _experts(E, H, I, device)
+    w, idx = _routing(T, E, K, device)
+    want = ref.swiglu_experts(*(t.double().cpu() for t in (x, gu, down, w)), idx.cpu())
+    assert rel_err(moe_experts(x, gu, down, w, idx).cpu(), want) <= 1e-5
+    for dtype in (torch.bfloat16, torch.float16):
+        lp = [t.to(dtype) for t in (x, gu, down)]
+        ref_lp = ref.swiglu_experts(*(t.cpu() for t in lp), w.cpu(), idx.cpu())
+        err = (moe_experts(*lp, w, idx).cpu().double() - want).abs().max().item()
+        assert err <= 2 * (ref_lp.double() - want).abs().max().item() + 1e-3
+
+
+@pytest.mark.parametrize("path", ["native", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_experts_cpu_low_precision_paths(monkeypatch, path, dtype):
+    # Both CPU strategies for bf16/fp16 (native oneDNN GEMMs as on AVX-512 machines, and fp32
+    # GEMMs on upconverted operands), forward and backward, whatever this machine picks itself.
+    monkeypatch.setenv("LATENTMOE_CPU_LOWP_GEMM", path)
+    T, E, K, H, I = 29, 8, 3, 48, 40  # some experts above, some below the small-M limit
+    x = torch.randn(T, H)
+    gu, down = _experts(E, H, I, "cpu")
+    w, idx = _routing(T, 5, K, "cpu")
+    idx[:4] = torch.tensor([5, 6, 7])  # experts 5..7: 4 rows each (small-M), 0..4: ~15 rows
+    g = torch.randn(T, H)
+    want = [t.double().requires_grad_() for t in (x, gu, down, w)]
+    (ref.swiglu_experts(*want, idx) * g.double()).sum().backward()
+    lp_ref = [t.to(dtype).requires_grad_() if i < 3 else t.clone().requires_grad_()
+              for i, t in enumerate((x, gu, down, w))]
+    (ref.swiglu_experts(*lp_ref, idx).float() * g).sum().backward()
+    ours = [t.to(dtype).requires_grad_() if i < 3 else t.clone().requires_grad_()
+            for i, t in enumerate((x, gu, down, w))]
+    out = moe_experts(*ours, idx)
+    (out.float() * g).sum().backward()
+    ref_out = ref.swiglu_experts(*(t.detach() for t in want), idx)
+    ref_lp_out = ref.swiglu_experts(*(t.detach() for t in lp_ref), idx)
+    err = (out.double() - ref_out).abs().max().item()
+    assert err <= 2 * (ref_lp_out.double() - ref_out).abs().max().item() + 1e-3
+    for a, b, c in zip(ours, lp_ref, want):
+        err = (a.grad.double() - c.grad).abs().max().item()
+        assert err <= 2 * (b.grad.double() - c.grad).abs().max().item() + 1e-3

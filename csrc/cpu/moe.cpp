@@ -6,10 +6,15 @@
 // host helpers of csrc/cuda/moe/moe_host.h (checks, the ATen backward of moe_experts).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -266,22 +271,83 @@ void sort_pairs_by_expert(const int64_t* ids, int64_t S, int64_t E, int64_t* sor
   for (int64_t p = 0; p < S; ++p) sorted_pairs[cursor[ids[p]]++] = p;
 }
 
-template <typename T>
-void swiglu_rows(const T* gate_up, T* act, int64_t rows, int64_t I) {
+// Rows with at most this many tokens use the bandwidth-bound small-M path (each weight row is
+// streamed once and dotted with every token row) instead of a BLAS call.
+constexpr int64_t kSmallM = 4;
+
+// Dot products of the small-M path. The extension is built without -march, so these are cloned
+// for AVX2+FMA (chosen at load time by the CPU) to vectorise. bf16 -> fp32 is a 16-bit shift.
+__attribute__((target_clones("arch=haswell", "default")))
+float dot_f32(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) acc += a[k] * b[k];
+  return acc;
+}
+
+__attribute__((target_clones("arch=haswell", "default")))
+float dot_f32_bf16(const float* a, const uint16_t* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t bits = static_cast<uint32_t>(b[k]) << 16;
+    float bf;
+    std::memcpy(&bf, &bits, sizeof(bf));
+    acc += a[k] * bf;
+  }
+  return acc;
+}
+
+template <typename TW, typename C>
+float dot(const C* x, const TW* w, int64_t n) {
+  if constexpr (std::is_same_v<C, float> && std::is_same_v<TW, float>) {
+    return dot_f32(x, w, n);
+  } else if constexpr (std::is_same_v<C, float> && std::is_same_v<TW, c10::BFloat16>) {
+    return dot_f32_bf16(x, reinterpret_cast<const uint16_t*>(w), n);
+  } else {
+    float acc = 0.f;
+    for (int64_t k = 0; k < n; ++k) acc += static_cast<float>(x[k]) * static_cast<float>(w[k]);
+    return acc;
+  }
+}
+
+// One expert's GEMM out[m, N] = a[m, K] @ W^T with W = weight[e] ([N, K], dtype T), computed in
+// C by BLAS / oneDNN: on W itself when C == T, or on an fp32 copy in `w_buf` when the CPU lacks
+// fast bf16/fp16 GEMMs.
+template <typename T, typename C>
+void expert_gemm(const at::Tensor& a, const at::Tensor& weight_e, at::Tensor out, at::Tensor& w_buf) {
+  const int64_t N = weight_e.size(0), K = weight_e.size(1);
+  if constexpr (std::is_same_v<T, C>) {
+    mm_into(out, a, weight_e.t());
+  } else {
+    auto wb = w_buf.narrow(0, 0, N * K).view({N, K});
+    wb.copy_(weight_e);
+    mm_into(out, a, wb.t());
+  }
+}
+
+// The SwiGLU between the GEMMs for one expert's rows: gate|up (compute type C) are rounded to T
+// (as a GEMM in T would), stored to gate_up_out for the backward, and act = T(silu(g) * u).
+template <typename T, typename C>
+void swiglu_rows(const C* gate_up_c, T* gate_up_out, C* act, int64_t rows, int64_t I) {
   at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const T* g = gate_up + r * 2 * I;
-      const T* u = g + I;
-      T* a = act + r * I;
-      for (int64_t i = 0; i < I; ++i)
-        a[i] = static_cast<T>(moe::swiglu(static_cast<float>(g[i]), static_cast<float>(u[i])));
+      const C* gc = gate_up_c + r * 2 * I;
+      T* go = gate_up_out + r * 2 * I;
+      C* a = act + r * I;
+      for (int64_t i = 0; i < I; ++i) {
+        const T g = static_cast<T>(gc[i]), u = static_cast<T>(gc[I + i]);
+        go[i] = g;
+        go[I + i] = u;
+        a[i] = static_cast<C>(static_cast<T>(moe::swiglu(static_cast<float>(g), static_cast<float>(u))));
+      }
     }
   });
 }
 
-// out[t] = sum_k w[t,k] * y[pos[t*K+k]], fp32 accumulation in k order.
-template <typename T>
-void combine_rows(const T* y, const float* w, const int64_t* pos, T* out, int64_t n_tokens,
+// out[t] = sum_k w[t,k] * y[pos[t*K+k]], fp32 accumulation in k order (no atomics).
+template <typename T, typename C>
+void combine_rows(const C* y, const float* w, const int64_t* pos, T* out, int64_t n_tokens,
                   int64_t K, int64_t H) {
   at::parallel_for(0, n_tokens, 4, [&](int64_t b, int64_t e) {
     std::vector<float> acc(H);
@@ -289,7 +355,7 @@ void combine_rows(const T* y, const float* w, const int64_t* pos, T* out, int64_
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t k = 0; k < K; ++k) {
         const float wk = w[t * K + k];
-        const T* yr = y + pos[t * K + k] * H;
+        const C* yr = y + pos[t * K + k] * H;
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) acc[h] += wk * static_cast<float>(yr[h]);
       }
@@ -298,6 +364,79 @@ void combine_rows(const T* y, const float* w, const int64_t* pos, T* out, int64_
       for (int64_t h = 0; h < H; ++h) o[h] = static_cast<T>(acc[h]);
     }
   });
+}
+
+// Whether bf16/fp16 GEMMs should run natively (oneDNN on AVX-512 / AMX CPUs) rather than as fp32
+// GEMMs on upconverted tiles (AVX2 and others, where the native path is several times slower).
+// LATENTMOE_CPU_LOWP_GEMM=native|fp32 overrides the choice (tests exercise both paths).
+bool cpu_fast_low_precision_gemm() {
+  static const bool detected = at::get_cpu_capability().find("AVX512") != std::string::npos;
+  const char* env = std::getenv("LATENTMOE_CPU_LOWP_GEMM");
+  if (env != nullptr && std::string(env) == "native") return true;
+  if (env != nullptr && std::string(env) == "fp32") return false;
+  return detected;
+}
+
+template <typename T, typename C>
+void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tensor& wd,
+                     const float* w, const int64_t* sorted_pairs, const int64_t* off,
+                     const int64_t* pos, int64_t K, at::Tensor& gate_up_out, at::Tensor& out) {
+  const int64_t T_ = x.size(0), H = x.size(1), E = wgu.size(0), I = wgu.size(1) / 2, S = T_ * K;
+  const at::TensorOptions copt = x.options().dtype(c10::CppTypeToScalarType<C>::value);
+  at::Tensor xs = at::empty({S, H}, copt);
+  at::Tensor gu_c = at::empty({S, 2 * I}, copt);
+  at::Tensor act = at::empty({S, I}, copt);
+  at::Tensor y = at::empty({S, H}, copt);
+  at::Tensor w_buf = std::is_same_v<T, C> ? at::Tensor() : at::empty({2 * I * H}, copt);
+  const T* xp = x.const_data_ptr<T>();
+  C* xsp = xs.mutable_data_ptr<C>();
+  at::parallel_for(0, S, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* src = xp + (sorted_pairs[i] / K) * H;
+      C* dst = xsp + i * H;
+      for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<C>(src[h]);
+    }
+  });
+  // Experts with few rows (decode) go through the weight-streaming path, all of them in one
+  // parallel region per GEMM (threads split the experts' output columns); the others get one
+  // BLAS / oneDNN GEMM each. Idle experts cost nothing.
+  std::vector<int64_t> small;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t o = off[e], m = off[e + 1] - off[e];
+    if (m == 0) continue;
+    if (m <= kSmallM) {
+      small.push_back(e);
+      continue;
+    }
+    at::Tensor gu_e = gu_c.narrow(0, o, m);
+    expert_gemm<T, C>(xs.narrow(0, o, m), wgu[e], gu_e, w_buf);
+    swiglu_rows<T, C>(gu_e.const_data_ptr<C>(), gate_up_out.mutable_data_ptr<T>() + o * 2 * I,
+                      act.mutable_data_ptr<C>() + o * I, m, I);
+    expert_gemm<T, C>(act.narrow(0, o, m), wd[e], y.narrow(0, o, m), w_buf);
+  }
+  if (!small.empty()) {
+    const int64_t n_small = static_cast<int64_t>(small.size());
+    // out[o + r, n] = dot(a[o + r, :], weight[e, n, :]) for the small experts' rows.
+    auto stream_gemm = [&](const C* a, const T* weight, int64_t N, int64_t Kd, C* dst) {
+      at::parallel_for(0, n_small * N, 64, [&](int64_t jb, int64_t je) {
+        for (int64_t j = jb; j < je; ++j) {
+          const int64_t e = small[j / N], n = j % N;
+          const T* wr = weight + (e * N + n) * Kd;
+          for (int64_t r = off[e]; r < off[e + 1]; ++r)
+            dst[r * N + n] = static_cast<C>(dot<T, C>(a + r * Kd, wr, Kd));
+        }
+      });
+    };
+    stream_gemm(xs.const_data_ptr<C>(), wgu.const_data_ptr<T>(), 2 * I, H, gu_c.mutable_data_ptr<C>());
+    for (int64_t e : small) {
+      const int64_t o = off[e];
+      swiglu_rows<T, C>(gu_c.const_data_ptr<C>() + o * 2 * I,
+                        gate_up_out.mutable_data_ptr<T>() + o * 2 * I,
+                        act.mutable_data_ptr<C>() + o * I, off[e + 1] - o, I);
+    }
+    stream_gemm(act.const_data_ptr<C>(), wd.const_data_ptr<T>(), H, I, y.mutable_data_ptr<C>());
+  }
+  combine_rows<T, C>(y.const_data_ptr<C>(), w, pos, out.mutable_data_ptr<T>(), T_, K, H);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_cpu(
@@ -315,34 +454,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_cpu(
   auto sorted_pairs = at::empty({S}, idx.options());
   auto offsets = at::empty({E + 1}, idx.options());
   int64_t* spp = sorted_pairs.mutable_data_ptr<int64_t>();
-  const int64_t* off = offsets.mutable_data_ptr<int64_t>();
   sort_pairs_by_expert(idx.const_data_ptr<int64_t>(), S, E, spp, offsets.mutable_data_ptr<int64_t>());
   std::vector<int64_t> pos(S);
   for (int64_t i = 0; i < S; ++i) pos[spp[i]] = i;
-
-  auto xs = at::empty({S, H}, x.options());
   auto gate_up_out = at::empty({S, 2 * I}, x.options());
-  auto act = at::empty({S, I}, x.options());
-  auto y = at::empty({S, H}, x.options());
   auto out = at::empty({T, H}, x.options());
+  const bool native = x.scalar_type() == at::kFloat || cpu_fast_low_precision_gemm();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_experts_cpu", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* xsp = xs.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, S, 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        std::memcpy(xsp + i * H, xp + (spp[i] / K) * H, H * sizeof(scalar_t));
-    });
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t o = off[e], m = off[e + 1] - off[e];
-      if (m == 0) continue;  // idle experts cost nothing
-      auto gu_e = gate_up_out.narrow(0, o, m);
-      mm_into(gu_e, xs.narrow(0, o, m), wgu[e].t());
-      swiglu_rows<scalar_t>(gu_e.const_data_ptr<scalar_t>(),
-                            act.mutable_data_ptr<scalar_t>() + o * I, m, I);
-      mm_into(y.narrow(0, o, m), act.narrow(0, o, m), wd[e].t());
+    if (native) {
+      experts_forward<scalar_t, scalar_t>(x, wgu, wd, w.const_data_ptr<float>(), spp,
+                                          offsets.const_data_ptr<int64_t>(), pos.data(), K,
+                                          gate_up_out, out);
+    } else {
+      experts_forward<scalar_t, float>(x, wgu, wd, w.const_data_ptr<float>(), spp,
+                                       offsets.const_data_ptr<int64_t>(), pos.data(), K,
+                                       gate_up_out, out);
     }
-    combine_rows<scalar_t>(y.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(), pos.data(),
-                           out.mutable_data_ptr<scalar_t>(), T, K, H);
   });
   return {out, sorted_pairs, offsets, gate_up_out};
 }
@@ -354,6 +481,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
   moe_host::check_experts_args("moe_experts_backward", hidden, gate_up_proj, down_proj, weights,
                                at::empty({hidden.size(0), weights.size(1)},
                                          hidden.options().dtype(at::kLong)));
+  const auto dt = hidden.scalar_type();
+  if (dt != at::kFloat && !cpu_fast_low_precision_gemm()) {
+    // As in the forward: fp32 GEMMs on upconverted operands where bf16/fp16 GEMMs are slow.
+    at::AutoDispatchBelowADInplaceOrView no_autograd;
+    auto f = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+    auto [gx, ggu, gd, gw] = moe_host::experts_backward(
+        f(grad_out), f(hidden), f(gate_up_proj), f(down_proj), weights, sorted_pairs,
+        expert_offsets, f(gate_up_out));
+    return {gx.to(dt), ggu.to(dt), gd.to(dt), gw};
+  }
   return moe_host::experts_backward(grad_out.contiguous(), hidden.contiguous(),
                                     gate_up_proj.contiguous(), down_proj.contiguous(), weights,
                                     sorted_pairs, expert_offsets, gate_up_out);

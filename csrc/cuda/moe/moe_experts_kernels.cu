@@ -9,7 +9,8 @@
 // A rows are gathered on the fly: for gate_up, row(r) = token of the sorted pair; for down, the
 // activation row itself. M-tiles of all experts are numbered consecutively (tile_start[e] is the
 // first M-tile of expert e); grid.x covers an upper bound of the tile count (surplus blocks
-// exit at once), grid.y the N-tiles.
+// exit at once), grid.y the N-tiles. With at most kDecodeMaxRows pairs (decode), a
+// bandwidth-bound warp-per-output GEMV (grouped_gemv) replaces the tiled GEMM.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -232,6 +233,47 @@ grouped_gemm_fp32(GroupedProblem p, const float* __restrict__ A, const float* __
     }
 }
 
+// ---- decode path (few rows): one warp per (sorted row, output column) ------------------------
+// Every row's dot products stream the expert's weight rows once, coalesced across the warp's
+// lanes: bandwidth-bound, with none of the 64-row tile padding of the GEMM above.
+constexpr int64_t kDecodeMaxRows = 64;
+constexpr int kGemvWarps = 8;
+
+// Expert owning sorted row r: the largest e < E with offsets[e] <= r (an expert with no rows
+// shares its offset with the next one, so the last of equal offsets is the owner).
+__device__ __forceinline__ int64_t expert_of_row(const int64_t* offsets, int64_t E, int64_t r) {
+  int64_t lo = 0, hi = E - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= r) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <typename T, bool kSwiGLU>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+grouped_gemv(GroupedProblem p, int64_t rows, const T* __restrict__ A, const T* __restrict__ B,
+             T* __restrict__ out, T* __restrict__ act) {
+  const int lane = threadIdx.x % 32;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
+  const int64_t r = blockIdx.y;
+  if (n >= p.N || r >= rows) return;  // uniform per warp: n and r are the same for all lanes
+  const int64_t e = expert_of_row(p.offsets, p.E, r);
+  const int64_t src = p.sorted_pairs != nullptr ? p.sorted_pairs[r] / p.K : r;
+  const T* a = A + src * p.Kd;
+  const T* wg = B + (e * p.b_rows + n) * p.Kd;
+  const T* wu = kSwiGLU ? B + (e * p.b_rows + p.N + n) * p.Kd : wg;
+  float g = 0.f, u = 0.f;
+  for (int64_t k = lane; k < p.Kd; k += 32) {
+    const float av = to_float(a[k]);
+    g = fmaf(av, to_float(wg[k]), g);
+    if constexpr (kSwiGLU) u = fmaf(av, to_float(wu[k]), u);
+  }
+  g = warp_sum(g);
+  if constexpr (kSwiGLU) u = warp_sum(u);
+  if (lane == 0) epilogue<T, kSwiGLU>(r, n, g, u, p.N, out, act);
+}
+
 // tile_start[e] = sum over e' < e of ceil(m_e' / kBM); tile_start[E] = total. One thread: E is
 // small and this keeps the order obvious.
 __global__ void tile_start_kernel(const int64_t* __restrict__ offsets, int64_t E,
@@ -276,6 +318,18 @@ cudaError_t run_experts(const T* x, const int64_t* sorted_pairs, const int64_t* 
                         T* gate_up_out, T* act, T* y, T* out, cudaStream_t stream) {
   const int64_t S = T_ * K;
   if (S == 0) return cudaSuccess;
+  if (S <= kDecodeMaxRows) {
+    GroupedProblem up{offsets, nullptr, E, sorted_pairs, K, I, H, 2 * I};
+    dim3 grid_up(static_cast<unsigned>((I + kGemvWarps - 1) / kGemvWarps), static_cast<unsigned>(S));
+    grouped_gemv<T, true><<<grid_up, kGemvWarps * 32, 0, stream>>>(up, S, x, gate_up, gate_up_out, act);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    GroupedProblem dn{offsets, nullptr, E, nullptr, K, H, I, H};
+    dim3 grid_dn(static_cast<unsigned>((H + kGemvWarps - 1) / kGemvWarps), static_cast<unsigned>(S));
+    grouped_gemv<T, false><<<grid_dn, kGemvWarps * 32, 0, stream>>>(dn, S, act, down, y, nullptr);
+    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    combine_kernel<T><<<static_cast<unsigned>(T_), 256, 0, stream>>>(y, w, pos, K, H, out);
+    return cudaGetLastError();
+  }
   tile_start_kernel<<<1, 1, 0, stream>>>(offsets, E, tile_start);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   // sum_e ceil(m_e / kBM) <= ceil(S / kBM) + min(E, S): an upper bound known on the host.

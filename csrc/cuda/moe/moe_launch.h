@@ -29,7 +29,8 @@ cudaError_t launch_moe_route_backward(const float* grad_weights, const float* gr
 //   pair order. Scratch: tile_start [E+1] int32, act [S, I], y [S, H] (dtype).
 //   Outputs: gate_up_out [S, 2I] (pre-activation, sorted order), out [T, H].
 // Grouped GEMM tiles are scheduled over (expert, M-tile, N-tile); experts with no rows get no
-// tiles. bf16/fp16 use tensor cores (WMMA, fp32 accumulate); fp32 uses FMA tiles.
+// tiles. bf16/fp16 use tensor cores (WMMA, fp32 accumulate); fp32 uses FMA tiles. With at most
+// 64 pairs (decode) a bandwidth-bound warp-per-output GEMV runs instead of the tiled GEMM.
 cudaError_t launch_moe_experts(DType dtype, const void* x, const int64_t* sorted_pairs,
                                const int64_t* offsets, const int64_t* pos, const void* gate_up,
                                const void* down, const float* weights, int64_t T, int64_t K,

@@ -4,3 +4,4 @@ from latentmoe.nn.norm import RMSNorm
 
 __all__ = ["RMSNorm"]
 from latentmoe.nn.mla import LatentKVCache, MultiHeadLatentAttention  # noqa: E402,F401
+from latentmoe.nn.moe import MoE  # noqa: E402

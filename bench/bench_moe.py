@@ -1,0 +1,216 @@
+"""MoE: routed experts vs HF's experts implementations, vs the dense-GEMM and weight-streaming
+floors measured in the same run; time vs total experts; the routing kernel vs HF's router.
+
+Goals (issue 4) are printed beside the measured ratios; they are goals, not claims.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE, DeepseekV3TopkRouter
+
+import latentmoe
+from bench.common import ratio_row, read_bandwidth_gbs, row, time_ms
+
+# Issue 4's shape: hidden 2048, 64 experts top-6, intermediate 1408, 2 shared experts. Quick mode
+# (CI, ~1 min on 2 cores) runs the same measurements at a quarter of the FLOPs per token.
+HIDDEN, INTER, EXPERTS, TOP_K, SHARED = 2048, 1408, 64, 6, 2
+QUICK_HIDDEN, QUICK_INTER = 1024, 704
+HF_IMPLS = ["eager", "batched_mm", "grouped_mm"]
+BATCHED_MM_MAX_BYTES = 2 << 30  # batched_mm gathers one weight copy per (token, k) pair
+
+
+def _config(experts=EXPERTS, hidden=HIDDEN, inter=INTER, top_k=TOP_K, n_group=8, topk_group=4):
+    return DeepseekV3Config(
+        hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=experts,
+        num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group, norm_topk_prob=True,
+        routed_scaling_factor=2.5, n_shared_experts=SHARED, hidden_act="silu",
+    )
+
+
+def _hf_moe(cfg, dtype, device) -> DeepseekV3MoE:
+    moe = DeepseekV3MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, p.shape[-1] ** -0.5)
+        moe.gate.e_score_correction_bias.normal_(0.0, 0.01)
+    return moe.to(device=device, dtype=dtype)
+
+
+def _timer(device, quick):
+    """Median time after a warm-up call; in quick mode, calls slower than 0.5 s are timed once."""
+
+    def timeit(fn):
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        slow = time.perf_counter() - t0 > 0.5
+        if quick:
+            return time_ms(fn, device, warmup=0, reps=1 if slow else 3)
+        return time_ms(fn, device, warmup=1, reps=5, min_time_s=0.5)
+
+    return timeit
+
+
+def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
+    rows = []
+    timeit = _timer(device, quick)
+    dt = str(dtype).removeprefix("torch.")
+    H, I = (QUICK_HIDDEN, QUICK_INTER) if quick else (HIDDEN, INTER)
+    hf = _hf_moe(_config(hidden=H, inter=I), dtype, device)
+    ours = latentmoe.nn.MoE(hf.config).to(device=device, dtype=dtype)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    gu, down = hf.experts.gate_up_proj, hf.experts.down_proj
+    elt = gu.element_size()
+    for T in tokens_list:
+        mode = f"fwd-{dt}-h{H}-i{I}-E{EXPERTS}-top{TOP_K}"
+        x = torch.randn(T, H, device=device, dtype=dtype)
+        _, w, idx = hf.gate(x)  # one routing for every provider: like for like
+        times = {}
+        for impl in HF_IMPLS:
+            if impl == "batched_mm" and T * TOP_K * 3 * H * I * elt > BATCHED_MM_MAX_BYTES:
+                rows.append(row("moe_experts", f"hf_{impl}", mode, T, (float("nan"),) * 3, device,
+                                note="skipped: gathers a weight copy per pair (too much memory)"))
+                continue
+            hf.config._experts_implementation = impl
+            try:
+                times[impl] = timeit(lambda: hf.experts(x, idx, w))
+            except Exception as e:  # an HF implementation this torch/device cannot run
+                rows.append(row("moe_experts", f"hf_{impl}", mode, T, (float("nan"),) * 3, device,
+                                note=f"failed: {type(e).__name__}"))
+                continue
+            rows.append(row("moe_experts", f"hf_{impl}", mode, T, times[impl], device))
+        t_ours = timeit(lambda: latentmoe.ops.moe_experts(x, gu, down, w, idx))
+        rows.append(row("moe_experts", "latentmoe", mode, T, t_ours, device))
+        best = min(times, key=lambda k: times[k][0])
+        goal = "goal >= 1.4x at 512 tokens" if T == 512 else ""
+        rows.append(ratio_row("moe_experts", f"speedup_vs_best_hf({best})", T,
+                              times[best][0] / t_ours[0], device, f"{mode}; {goal}"))
+        if T == 1:
+            nbytes = TOP_K * 3 * H * I * elt  # the active experts' weights, read once
+            floor = (nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3,) * 3
+            rows.append(row("moe_experts", "floor_weight_stream", mode, T, floor, device,
+                            note="active experts' bytes / read bandwidth measured now"))
+            rows.append(ratio_row("moe_experts", "time_over_floor", T, t_ours[0] / floor[0], device,
+                                  f"{mode}; goal <= 1.2x the weight-streaming floor"))
+        else:
+            # One dense GEMM with the same active FLOPs, weight in HF's [out, in] layout. In
+            # bf16 also the fp32 GEMM: on CPUs without native bf16 it is the faster of the two,
+            # and the floor is the faster one.
+            floors = {}
+            for fdt in {dtype, torch.float32}:
+                a = torch.randn(T * TOP_K, H, device=device, dtype=fdt)
+                b = torch.randn(3 * I, H, device=device, dtype=fdt)
+                floors[fdt] = timeit(lambda: torch.mm(a, b.t()))
+                rows.append(row("moe_experts", f"floor_dense_mm_{str(fdt)[6:]}", mode, T,
+                                floors[fdt], device, note="one torch.mm of the same active FLOPs"))
+            floor = min(floors.values(), key=lambda t: t[0])
+            g = "goal <= 1.15x at 512 tokens" if T == 512 else ""
+            rows.append(ratio_row("moe_experts", "time_over_floor", T, t_ours[0] / floor[0], device,
+                                  f"{mode}; {g}"))
+            rows.append(ratio_row("moe_experts", "best_hf_over_floor", T, times[best][0] / floor[0],
+                                  device, mode))
+        if T == 512 and not (quick and dtype != torch.float32):
+            # The whole block (routing + experts + shared) vs HF DeepseekV3MoE eager.
+            hf.config._experts_implementation = "eager"
+            xb = x.view(1, T, H)
+            t_hf = timeit(lambda: hf(xb))
+            t_blk = timeit(lambda: ours(xb))
+            rows += [row("moe_block", "hf_eager", mode, T, t_hf, device),
+                     row("moe_block", "latentmoe", mode, T, t_blk, device),
+                     ratio_row("moe_block", "speedup_vs_hf_eager", T, t_hf[0] / t_blk[0], device, mode)]
+    return rows
+
+
+def _expert_count_rows(device, quick) -> list[dict]:
+    """Time vs total experts at fixed top-k: compute follows the active experts (goal: flat)."""
+    rows = []
+    timeit = _timer(device, quick)
+    # Smaller than the headline shape so 256 experts fit in memory (and in quick mode's time).
+    hidden, inter, T = (512, 256, 512) if quick else (1024, 512, 512)
+    dtype = torch.bfloat16
+    base = None
+    for E in (16, 64, 256):
+        gu = torch.randn(E, 2 * inter, hidden, device=device, dtype=dtype) * hidden**-0.5
+        down = torch.randn(E, hidden, inter, device=device, dtype=dtype) * inter**-0.5
+        x = torch.randn(T, hidden, device=device, dtype=dtype)
+        idx = torch.stack([torch.randperm(E, device=device)[:TOP_K] for _ in range(T)])
+        w = torch.rand(T, TOP_K, device=device)
+        t = timeit(lambda: latentmoe.ops.moe_experts(x, gu, down, w, idx))
+        base = base or t[0]
+        mode = f"fwd-bfloat16-T{T}-h{hidden}-i{inter}-top{TOP_K}"
+        rows += [row("moe_experts_vs_E", "latentmoe", mode, E, t, device),
+                 ratio_row("moe_experts_vs_E", "time_over_E16", E, t[0] / base, device,
+                           f"{mode}; goal within 0.85-1.15x")]
+    return rows
+
+
+def _router_rows(device, quick) -> list[dict]:
+    rows = []
+    timeit = _timer(device, quick)
+    cfg = _config(experts=256, top_k=8)  # V3 routing: 256 experts, 8 groups keep 4, top-8
+    router = DeepseekV3TopkRouter(cfg).to(device)
+    with torch.no_grad():
+        router.weight.normal_(0.0, HIDDEN**-0.5)
+        router.e_score_correction_bias.normal_(0.0, 0.01)
+    for T in ([512] if quick else [512, 4096]):
+        x = torch.randn(T, HIDDEN, device=device)  # the router keeps the headline hidden size
+        logits = F.linear(x, router.weight)
+
+        def ours_route():
+            return latentmoe.ops.moe_route(
+                F.linear(x, router.weight), 8, n_group=8, topk_group=4,
+                e_score_correction_bias=router.e_score_correction_bias, routed_scaling_factor=2.5)
+
+        with torch.no_grad():
+            t_hf = timeit(lambda: router(x))
+            t_ours = timeit(ours_route)
+            t_sel = timeit(lambda: latentmoe.ops.moe_route(
+                logits, 8, n_group=8, topk_group=4,
+                e_score_correction_bias=router.e_score_correction_bias, routed_scaling_factor=2.5))
+        mode = "fwd-float32-E256-top8-groups8/4"
+        rows += [row("moe_router", "hf", mode, T, t_hf, device, note="linear + selection"),
+                 row("moe_router", "latentmoe", mode, T, t_ours, device, note="linear + moe_route"),
+                 row("moe_route", "latentmoe", mode, T, t_sel, device, note="selection only"),
+                 ratio_row("moe_router", "speedup_vs_hf", T, t_hf[0] / t_ours[0], device, mode)]
+    return rows
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    tokens_list = [1, 512] if quick else [1, 512, 4096]
+    rows = []
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            rows += _experts_rows(device, quick, dtype, tokens_list)
+        rows += _expert_count_rows(device, quick)
+    rows += _router_rows(device, quick)
+    return rows
+
+
+def smoke(device: str) -> None:
+    """Call every MoE op once on small odd shapes (for bench/gpu_smoke.py / compute-sanitizer)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        T, E, K, H, I = 37, 12, 3, 72, 40
+        logits = torch.randn(T, E, device=device, requires_grad=True)
+        w, idx, _ = latentmoe.ops.moe_route(logits, K, n_group=3, topk_group=2,
+                                            e_score_correction_bias=torch.randn(E, device=device))
+        x = torch.randn(T, H, device=device, dtype=dtype, requires_grad=True)
+        gu = torch.randn(E, 2 * I, H, device=device, dtype=dtype, requires_grad=True)
+        down = torch.randn(E, H, I, device=device, dtype=dtype, requires_grad=True)
+        latentmoe.ops.moe_experts(x, gu, down, w, idx).float().sum().backward()
+
+
+if __name__ == "__main__":
+    import sys
+
+    t0 = time.time()
+    dev = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    for r in run(dev, quick="--full" not in sys.argv):
+        print(f"{r['kernel']:18s} {r['provider']:32s} {r['mode']:40s} {str(r['x']):>5s} "
+              f"{r['p50']:10.3f} {r['unit']:3s} {r['note']}")
+    print(f"total {time.time() - t0:.1f} s")

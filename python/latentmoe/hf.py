@@ -1,0 +1,68 @@
+"""Hugging Face ``transformers`` integration: latentmoe's grouped-expert kernel as an experts
+implementation.
+
+Importing this module registers ``"latentmoe"`` in transformers' ``ExpertsInterface`` (next to
+``"eager"``, ``"batched_mm"``, ``"grouped_mm"``), so a stock model built with
+``experts_implementation="latentmoe"`` (or ``config._experts_implementation = "latentmoe"``) runs
+its ``@use_experts_implementation`` experts (e.g. ``DeepseekV3Experts``) through
+``latentmoe.ops.moe_experts``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latentmoe.ops.moe import moe_experts
+
+EXPERTS_IMPLEMENTATION = "latentmoe"
+
+
+def latentmoe_experts_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Experts forward with HF's signature.
+
+    Args:
+        self: an HF experts module with ``gate_up_proj [E, 2I, hidden]`` (concatenated gate|up,
+            not transposed, no bias) and ``down_proj [E, hidden, I]``, SwiGLU activation.
+        hidden_states: ``[T, hidden]``; top_k_index: ``[T, k]``; top_k_weights: ``[T, k]``.
+    Returns:
+        ``[T, hidden]`` in ``hidden_states.dtype``.
+    Raises:
+        NotImplementedError: for layouts the kernel does not implement (biases, transposed or
+            interleaved weights, no gate, expert parallelism, an activation other than SiLU).
+    """
+    unsupported = [
+        name
+        for name, bad in (
+            ("has_bias", getattr(self, "has_bias", False)),
+            ("is_transposed", getattr(self, "is_transposed", False)),
+            ("not is_concatenated", not getattr(self, "is_concatenated", True)),
+            ("not has_gate", not getattr(self, "has_gate", True)),
+            ("has_post_expert_norm", getattr(self, "has_post_expert_norm", False)),
+            ("expert parallel", getattr(self, "_is_expert_parallel", False)),
+            ("activation", getattr(getattr(self, "config", None), "hidden_act", "silu") != "silu"),
+        )
+        if bad
+    ]
+    if unsupported:
+        raise NotImplementedError(
+            f"latentmoe experts implementation does not support {type(self).__name__} with "
+            f"{', '.join(unsupported)}; use another experts_implementation"
+        )
+    return moe_experts(
+        hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index.long()
+    )
+
+
+def register() -> None:
+    """Register ``"latentmoe"`` in transformers' ``ExpertsInterface`` (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(EXPERTS_IMPLEMENTATION, latentmoe_experts_forward)
+
+
+register()

@@ -1,0 +1,174 @@
+"""Drop-in DeepSeek-V3 MoE block on latentmoe's fused routing and grouped-expert kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentmoe.ops.moe import moe_experts, moe_route
+
+
+class MoERouter(nn.Module):
+    """Router parameters, named as HF ``DeepseekV3TopkRouter``: ``weight [E, hidden]`` (fp32) and
+    the ``e_score_correction_bias [E]`` buffer (fp32, selection only)."""
+
+    def __init__(self, num_experts: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
+        nn.init.normal_(self.weight, std=hidden_size**-0.5)
+
+
+class MoEExperts(nn.Module):
+    """Routed experts in HF's 3-D layout: ``gate_up_proj [E, 2I, hidden]``,
+    ``down_proj [E, hidden, I]``."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
+        nn.init.normal_(self.down_proj, std=intermediate_size**-0.5)
+
+    def forward(self, hidden: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
+        """``[T, hidden]``, ``[T, k]``, ``[T, k]`` -> ``[T, hidden]`` (see ``ops.moe_experts``)."""
+        return moe_experts(hidden, self.gate_up_proj, self.down_proj, weights, indices)
+
+
+class SharedExperts(nn.Module):
+    """Dense SwiGLU MLP named as HF ``DeepseekV3MLP`` (gate_proj, up_proj, down_proj)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """DeepSeek-V3 mixture-of-experts block; ``state_dict`` identical to HF ``DeepseekV3MoE``.
+
+    Args:
+        config: an HF ``DeepseekV3Config`` (or any object with ``hidden_size``,
+            ``moe_intermediate_size``, ``n_routed_experts``, ``num_experts_per_tok``, ``n_group``,
+            ``topk_group``, ``norm_topk_prob``, ``routed_scaling_factor``, ``n_shared_experts``;
+            ``hidden_act`` must be ``"silu"``).
+        score_func: ``"sigmoid"`` (V3, default; else ``config.scoring_func`` if present) or
+            ``"softmax"``.
+        aux_loss_alpha: balance-loss weight alpha (default ``config.aux_loss_alpha`` or 0: off).
+        seq_aux: sequence-wise balance loss (per sequence of a ``[B, S, hidden]`` input, averaged)
+            instead of the expert-level one over all tokens (default ``config.seq_aux`` or False).
+        bias_update_speed: gamma of the aux-loss-free bias update (default 0.001).
+
+    After each forward: ``last_load`` (``[E]`` int64 tokens per expert), ``load_counts``
+    (accumulated since the last ``update_bias``) and, in training with ``aux_loss_alpha > 0``,
+    ``aux_loss`` (0-d fp32, differentiable w.r.t. the router weight).
+    """
+
+    def __init__(
+        self,
+        config,
+        *,
+        score_func: str | None = None,
+        aux_loss_alpha: float | None = None,
+        seq_aux: bool | None = None,
+        bias_update_speed: float = 0.001,
+    ):
+        super().__init__()
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"latentmoe.nn.MoE supports hidden_act='silu' only, got {act!r}")
+        self.hidden_size = config.hidden_size
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = float(config.routed_scaling_factor)
+        self.score_func = score_func or getattr(config, "scoring_func", "sigmoid")
+        self.aux_loss_alpha = float(
+            aux_loss_alpha if aux_loss_alpha is not None else getattr(config, "aux_loss_alpha", 0.0)
+        )
+        self.seq_aux = bool(seq_aux if seq_aux is not None else getattr(config, "seq_aux", False))
+        self.bias_update_speed = bias_update_speed
+        inter = config.moe_intermediate_size
+        self.experts = MoEExperts(self.num_experts, self.hidden_size, inter)
+        self.gate = MoERouter(self.num_experts, self.hidden_size)
+        n_shared = getattr(config, "n_shared_experts", 0) or 0
+        self.shared_experts = SharedExperts(self.hidden_size, inter * n_shared) if n_shared > 0 else None
+        self.aux_loss: torch.Tensor | None = None
+        self.last_load: torch.Tensor | None = None
+        self.register_buffer("load_counts", torch.zeros(self.num_experts, dtype=torch.int64),
+                             persistent=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden={self.hidden_size}, experts={self.num_experts}, top_k={self.top_k}, "
+            f"groups={self.topk_group}/{self.n_group}, score={self.score_func}, "
+            f"norm={self.norm_topk_prob}, scale={self.routed_scaling_factor}"
+        )
+
+    def route(self, x: torch.Tensor):
+        """Routing of ``x [T, hidden]``: ``(weights [T,k] fp32, indices [T,k] int64, scores [T,E])``."""
+        logits = F.linear(x.float(), self.gate.weight.float())
+        return moe_route(
+            logits,
+            self.top_k,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            e_score_correction_bias=self.gate.e_score_correction_bias.float(),
+            score_func=self.score_func,
+            norm_topk_prob=self.norm_topk_prob,
+            routed_scaling_factor=self.routed_scaling_factor,
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[..., hidden]`` -> ``[..., hidden]`` in the input dtype (as HF ``DeepseekV3MoE``)."""
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, self.hidden_size)
+        weights, indices, scores = self.route(x)
+        out = self.experts(x, weights, indices).view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden_states)
+        with torch.no_grad():
+            load = torch.bincount(indices.reshape(-1), minlength=self.num_experts)
+            self.last_load = load
+            self.load_counts += load
+        self.aux_loss = None
+        if self.training and self.aux_loss_alpha > 0:
+            batch = shape[0] if (self.seq_aux and len(shape) == 3) else 1
+            self.aux_loss = self._balance_loss(scores, indices, batch)
+        return out
+
+    def _balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, batch: int) -> torch.Tensor:
+        """``alpha * E * sum_i f_i P_i`` per sequence (``batch`` of them), averaged."""
+        E, k = self.num_experts, self.top_k
+        T = scores.shape[0]
+        s = scores.view(batch, T // batch, E)
+        p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)  # [B, E]
+        counts = torch.zeros(batch, E, device=scores.device, dtype=torch.float32)
+        chosen = indices.view(batch, -1)
+        counts.scatter_add_(1, chosen, torch.ones_like(chosen, dtype=torch.float32))
+        f = counts / ((T // batch) * k)
+        return self.aux_loss_alpha * E * (f * p).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor | None = None, gamma: float | None = None) -> None:
+        """Aux-loss-free balancing: ``bias += gamma * sign(mean(load) - load)``.
+
+        Args:
+            load: ``[E]`` tokens per expert; default the ``load_counts`` accumulated since the
+                last call (which are then reset).
+            gamma: update speed; default ``bias_update_speed``.
+        """
+        if load is None:
+            load = self.load_counts.clone()
+            self.load_counts.zero_()
+        load = load.to(torch.float32)
+        gamma = self.bias_update_speed if gamma is None else gamma
+        bias = self.gate.e_score_correction_bias
+        bias += gamma * torch.sign(load.mean() - load).to(bias.dtype)

@@ -1,0 +1,182 @@
+"""latentmoe.nn.MoE against HF DeepseekV3MoE, and the "latentmoe" HF experts implementation."""
+
+from unittest import mock
+
+import pytest
+import torch
+from moe_helpers import CONFIGS, hf_config, hf_moe, rel_err
+
+import latentmoe.hf
+from latentmoe.nn import MoE
+from latentmoe.reference import moe as ref
+
+
+def _pair(name, dtype=torch.float32, device="cpu", **kw):
+    theirs = hf_moe(name, dtype)
+    ours = MoE(hf_config(name), **kw).to(dtype)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours.to(device), theirs
+
+
+def test_state_dict_identical_to_hf():
+    for name in CONFIGS:
+        theirs = hf_moe(name)
+        ours = MoE(hf_config(name))
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert list(a) == list(b)
+        assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+        assert {k: v.dtype for k, v in a.items()} == {k: v.dtype for k, v in b.items()}
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (3, 11)])
+def test_forward_matches_hf(device, name, shape):
+    ours, theirs = _pair(name, device=device)
+    x = torch.randn(*shape, CONFIGS[name]["hidden_size"])
+    assert rel_err(ours(x.to(device)).cpu(), theirs(x)) <= 1e-4
+
+
+def test_forward_softmax_scoring_matches_reference(device):
+    ours, theirs = _pair("v3", device=device, score_func="softmax")
+    x = torch.randn(27, 40)
+    sd = theirs.state_dict()
+    want = ref.moe_forward(
+        x.double(), sd["gate.weight"].double(), sd["experts.gate_up_proj"].double(),
+        sd["experts.down_proj"].double(),
+        tuple(sd[f"shared_experts.{n}.weight"].double() for n in ("gate_proj", "up_proj", "down_proj")),
+        top_k=4, n_group=4, topk_group=2, e_score_correction_bias=sd["gate.e_score_correction_bias"],
+        score_func="softmax", norm_topk_prob=True, routed_scaling_factor=2.5,
+    )
+    assert rel_err(ours(x.to(device)).cpu(), want) <= 1e-4
+
+
+def test_one_expert_for_all_tokens_and_idle_experts(device):
+    ours, theirs = _pair("no_norm")
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.gate.weight.zero_()
+            m.gate.e_score_correction_bias.zero_()
+            m.gate.e_score_correction_bias[5] = 1.0
+            m.gate.e_score_correction_bias[2] = 0.5
+    ours.to(device)
+    x = torch.randn(13, 32)
+    assert rel_err(ours(x.to(device)).cpu(), theirs(x)) <= 1e-4
+    assert ours.last_load.cpu().tolist() == [0, 0, 13, 0, 0, 13, 0, 0]
+
+
+def test_gradients_match_hf(device):
+    ours, theirs = _pair("v3", device=device)
+    x = torch.randn(2, 9, 40)
+    g = torch.randn(2, 9, 40)
+    xh = x.clone().requires_grad_()
+    (theirs(xh) * g).sum().backward()
+    xo = x.to(device).requires_grad_()
+    (ours(xo) * g.to(device)).sum().backward()
+    assert rel_err(xo.grad.cpu(), xh.grad) <= 1e-4
+    theirs_p = dict(theirs.named_parameters())
+    for k, p in ours.named_parameters():
+        assert rel_err(p.grad.cpu(), theirs_p[k].grad) <= 1e-4, k
+
+
+def test_bf16_forward(device):
+    ours, theirs = _pair("v3", torch.bfloat16, device=device)
+    x = torch.randn(37, 40)
+    want = theirs.float()(x).double()  # same bf16-rounded weights, run in fp32
+    hf_err = (theirs.bfloat16()(x.bfloat16()).double() - want).abs().max().item()
+    err = (ours(x.bfloat16().to(device)).cpu().double() - want).abs().max().item()
+    assert err <= 2 * hf_err + 1e-2, (err, hf_err)
+
+
+def test_deterministic(device):
+    ours, _ = _pair("v3", torch.bfloat16, device=device)
+    x = torch.randn(64, 40, dtype=torch.bfloat16, device=device)
+    assert torch.equal(ours(x), ours(x))
+
+
+@pytest.mark.parametrize("seq_aux", [False, True])
+def test_aux_loss(seq_aux):
+    ours, theirs = _pair("v3", aux_loss_alpha=0.01, seq_aux=seq_aux)
+    x = torch.randn(3, 10, 40)
+    ours.eval()
+    ours(x)
+    assert ours.aux_loss is None
+    ours.train()
+    ours(x)
+    w = theirs.gate.weight.detach().clone().requires_grad_()
+    _, idx, scores = ref.route(ref.router_logits(x, w), 4, n_group=4, topk_group=2,
+                               e_score_correction_bias=theirs.gate.e_score_correction_bias,
+                               routed_scaling_factor=2.5)
+    want = (ref.aux_loss_sequence(scores, idx, 16, 0.01, 3) if seq_aux
+            else ref.aux_loss_expert(scores, idx, 16, 0.01))
+    assert abs(ours.aux_loss.item() - want.item()) <= 1e-6
+    want.backward()
+    ours.aux_loss.backward()
+    assert rel_err(ours.gate.weight.grad, w.grad) <= 1e-4
+
+
+def test_load_counts_and_update_bias():
+    ours, _ = _pair("v3")
+    x1, x2 = torch.randn(20, 40), torch.randn(7, 40)
+    ours(x1)
+    l1 = ours.last_load.clone()
+    ours(x2)
+    _, idx, _ = ours.route(x2)
+    assert torch.equal(ours.last_load, ref.expert_load(idx, 16))
+    assert torch.equal(ours.load_counts, l1 + ours.last_load)
+    assert ours.load_counts.sum().item() == 27 * 4
+    bias0 = ours.gate.e_score_correction_bias.clone()
+    want = ref.update_bias(bias0, l1 + ours.last_load, 0.01)
+    ours.update_bias(gamma=0.01)
+    torch.testing.assert_close(ours.gate.e_score_correction_bias, want)
+    assert ours.load_counts.sum().item() == 0
+    load = torch.arange(16)
+    ours.update_bias(load)
+    torch.testing.assert_close(ours.gate.e_score_correction_bias, ref.update_bias(want, load, 0.001))
+
+
+def test_rejects_non_silu():
+    cfg = hf_config("v3")
+    cfg.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="silu"):
+        MoE(cfg)
+
+
+def _tiny_causal_lm(impl):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(
+        vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=24,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_shared_experts=1,
+    )
+    torch.manual_seed(0)
+    return DeepseekV3ForCausalLM._from_config(cfg, experts_implementation=impl)
+
+
+def test_hf_experts_interface():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    assert "latentmoe" in ALL_EXPERTS_FUNCTIONS
+    model = _tiny_causal_lm("latentmoe")
+    assert model.config._experts_implementation == "latentmoe"
+    ids = torch.randint(0, 97, (2, 9))
+    with mock.patch.object(latentmoe.hf, "moe_experts", wraps=latentmoe.hf.moe_experts) as spy:
+        ours = model(ids).logits
+    assert spy.call_count == 1  # one MoE layer
+    ours.sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.set_experts_implementation("eager")
+    eager = model(ids).logits
+    eager.sum().backward()
+    assert rel_err(ours, eager) <= 1e-4
+    for k, p in model.named_parameters():
+        if p.grad is not None and p.grad.abs().max() > 0:
+            assert rel_err(grads[k], p.grad) <= 1e-3, k
+    # Setting it on the config of an existing model works too.
+    model.config._experts_implementation = "latentmoe"
+    with mock.patch.object(latentmoe.hf, "moe_experts", wraps=latentmoe.hf.moe_experts) as spy:
+        torch.testing.assert_close(model(ids).logits, ours)
+    assert spy.call_count == 1
