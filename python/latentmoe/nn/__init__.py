@@ -1,7 +1,7 @@
 """Drop-in ``nn.Module`` layers with Hugging Face-compatible constructor arguments and state dicts."""
 
+from latentmoe.nn.mla import LatentKVCache, MultiHeadLatentAttention
+from latentmoe.nn.moe import MoE
 from latentmoe.nn.norm import RMSNorm
 
-__all__ = ["RMSNorm"]
-from latentmoe.nn.mla import LatentKVCache, MultiHeadLatentAttention  # noqa: E402,F401
-from latentmoe.nn.moe import MoE  # noqa: E402
+__all__ = ["RMSNorm", "MultiHeadLatentAttention", "LatentKVCache", "MoE"]
