@@ -1,0 +1,110 @@
+"""MLA prefill op: causal latent attention with in-kernel decompression, fake kernels, autograd."""
+
+from __future__ import annotations
+
+import torch
+
+_lib = torch.ops.latentmoe
+
+
+def mla_prefill(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal MLA attention of ``S`` new tokens over the latent cache (prefix + themselves).
+
+    Each tile of latent cache is decompressed to per-head ``K_nope = c_kv w_uk_h^T`` and
+    ``V = c_kv w_uv_h^T`` inside the kernel and consumed by an online softmax; all heads' K/V are
+    never materialised. Extra memory is O(tokens).
+
+    Args:
+        q_nope: ``[B, S, H, Dn]`` float32 / bfloat16 / float16.
+        q_pe: ``[B, S, H, R]``, RoPE already applied.
+        latent_cache: ``[B, Lmax, C + R]``, each token ``[c_kv (normalised) | k_pe (rotated)]``;
+            the ``S`` new tokens must already be written as each row's last ``S`` valid tokens.
+            Slots beyond ``cache_seqlens`` are never read.
+        cache_seqlens: ``[B]`` int32, valid tokens per row, in ``[0, Lmax]``; rows may differ.
+        w_uk: ``[H, Dn, C]``; w_uv: ``[H, Dv, C]`` (views of ``kv_b_proj.weight`` are fine, see
+            :func:`latentmoe.reference.mla.split_kv_b`).
+        softmax_scale: multiplies ``q_nope . k_nope + q_pe . k_pe``.
+    All floating tensors share one dtype and device; their last dims must be contiguous.
+    Query ``i`` of row ``b`` sits at position ``cache_seqlens[b] - S + i`` and sees keys
+    ``0..`` that position. Queries at negative positions (rows shorter than ``S``, e.g. empty rows)
+    give output 0 and LSE ``-inf``.
+
+    Returns:
+        ``(out [B, S, H, Dv] in the input dtype, lse [B, S, H] float32)``, LSE in natural log.
+        Differentiable in ``q_nope``, ``q_pe``, ``latent_cache``, ``w_uk``, ``w_uv`` (and in
+        ``lse``).
+    """
+    return _lib.mla_prefill.default(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale)
+
+
+def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    (ref_name, ref), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != ref.device:
+            raise RuntimeError(
+                f"latentmoe.{op}: argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; "
+                "all tensors must be on one device"
+            )
+
+
+@torch.library.register_fake("latentmoe::mla_prefill")
+def _mla_prefill_fake(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale):
+    _check_same_device(
+        "mla_prefill", q_nope=q_nope, q_pe=q_pe, latent_cache=latent_cache,
+        cache_seqlens=cache_seqlens, w_uk=w_uk, w_uv=w_uv,
+    )
+    B, S, H, _ = q_nope.shape
+    Dv = w_uv.shape[1]
+    return q_nope.new_empty(B, S, H, Dv), q_nope.new_empty(B, S, H, dtype=torch.float32)
+
+
+@torch.library.register_fake("latentmoe::mla_prefill_backward")
+def _mla_prefill_backward_fake(
+    grad_out, grad_lse, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, softmax_scale
+):
+    return (
+        torch.empty_like(q_nope, memory_format=torch.contiguous_format),
+        torch.empty_like(q_pe, memory_format=torch.contiguous_format),
+        torch.empty_like(latent_cache, memory_format=torch.contiguous_format),
+        torch.empty_like(w_uk, memory_format=torch.contiguous_format),
+        torch.empty_like(w_uv, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup(ctx, inputs, output):
+    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse)
+    ctx.softmax_scale = softmax_scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    grads = _lib.mla_prefill_backward.default(
+        grad_out.contiguous(), grad_lse.float().contiguous(), q_nope, q_pe, latent_cache, cache_seqlens,
+        w_uk, w_uv, out, lse, ctx.softmax_scale,
+    )
+    g_qn, g_qp, g_cache, g_wuk, g_wuv = grads
+    return g_qn, g_qp, g_cache, None, g_wuk, g_wuv, None
+
+
+torch.library.register_autograd("latentmoe::mla_prefill", _backward, setup_context=_setup)
+
+
+def _mla_prefill_backward_bwd(ctx, *grads):
+    raise RuntimeError("latentmoe.mla_prefill_backward: double backward is not supported")
+
+
+torch.library.register_autograd("latentmoe::mla_prefill_backward", _mla_prefill_backward_bwd)

@@ -1,0 +1,305 @@
+"""mla_prefill / mla_prefill_backward: against reference.mla_naive and an fp64 einsum reference
+(written here), varlen and empty rows, NaN-poisoned cache slots, chunked prefill, low precision,
+gradients vs torch autograd, opcheck, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from latentmoe.reference import mla as reference
+from latentmoe.ops import mla_prefill
+
+SMALL = dict(C=48, R=16, Dn=24, Dv=20)
+V3 = dict(C=512, R=64, Dn=128, Dv=128)
+
+
+def make_inputs(B, S, H, seqlens, Lmax, C, R, Dn, Dv, device, dtype=torch.float32, poison=True):
+    """Random inputs; q_nope/q_pe are views of one q tensor and w_uk/w_uv views of one kv_b weight
+    (as the module passes them). Cache slots beyond cache_seqlens are NaN (``clean`` has zeros)."""
+    q = torch.randn(B, S, H, Dn + R, device=device).to(dtype)
+    kv_b = (torch.randn(H * (Dn + Dv), C, device=device) / math.sqrt(C)).to(dtype)
+    w_uk, w_uv = reference.split_kv_b(kv_b, H, Dn, Dv)
+    clean = torch.zeros(B, Lmax, C + R, device=device)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device=device)
+    for b, L in enumerate(seqlens):
+        c_kv = torch.randn(L, C, device=device)
+        c_kv = c_kv * torch.rsqrt(c_kv.pow(2).mean(-1, keepdim=True) + 1e-6)  # like kv_a_layernorm
+        clean[b, :L] = torch.cat([c_kv, torch.randn(L, R, device=device)], dim=-1)
+    clean = clean.to(dtype)
+    cache = clean.clone()
+    if poison:
+        for b, L in enumerate(seqlens):
+            cache[b, L:] = float("nan")
+    return dict(q_nope=q[..., :Dn], q_pe=q[..., Dn:], latent_cache=cache, cache_seqlens=lens, w_uk=w_uk,
+                w_uv=w_uv, clean=clean)
+
+
+def ref_attention(q_nope, q_pe, cache, seqlens, w_uk, w_uv, scale, dtype=torch.float64):
+    """Independent reference: per row, decompress the valid cache rows to per-head K/V and attend
+    with an explicit causal mask, all in ``dtype`` (fp64 = ground truth; bf16/fp16 = the reference
+    run in low precision, softmax in fp32). Differentiable. Returns (out, lse) in ``dtype``/fp32."""
+    B, S, H, _ = q_nope.shape
+    C = w_uk.shape[-1]
+    outs, lses = [], []
+    for b in range(B):
+        L = int(seqlens[b])
+        rows = cache[b, :L].to(dtype)
+        c_kv, k_pe = rows[:, :C], rows[:, C:]
+        k = torch.einsum("lc,hnc->hln", c_kv, w_uk.to(dtype))
+        v = torch.einsum("lc,hvc->hlv", c_kv, w_uv.to(dtype))
+        s = torch.einsum("shn,hln->hsl", q_nope[b].to(dtype), k) + torch.einsum(
+            "shr,lr->hsl", q_pe[b].to(dtype), k_pe
+        )
+        s = s.float() * scale if dtype != torch.float64 else s * scale
+        pos = L - S + torch.arange(S, device=s.device)
+        mask = torch.arange(L, device=s.device)[None, :] <= pos[:, None]  # [S, L]
+        s = s.masked_fill(~mask, -math.inf)
+        live = mask.any(-1)[None, :, None]  # [1, S, 1]: the query sees at least one key
+        s_safe = torch.where(live, s, 0.0)  # dead rows: finite, so autograd stays NaN-free
+        lse = torch.logsumexp(s_safe, -1, keepdim=True)
+        p = torch.where(live, torch.exp(s_safe - lse), 0.0)
+        lse = torch.where(live, lse, -math.inf)[..., 0]  # [H, S]
+        out = torch.einsum("hsl,hlv->shv", p.to(dtype), v)
+        outs.append(out)
+        lses.append(lse.transpose(0, 1))
+    return torch.stack(outs), torch.stack(lses).float()
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def run_op(x, scale):
+    return mla_prefill(x["q_nope"], x["q_pe"], x["latent_cache"], x["cache_seqlens"], x["w_uk"], x["w_uv"], scale)
+
+
+def run_ref(x, scale, dtype=torch.float64, cache_key="clean"):
+    return ref_attention(x["q_nope"], x["q_pe"], x[cache_key], x["cache_seqlens"].tolist(), x["w_uk"], x["w_uv"],
+                         scale, dtype)
+
+
+# ---- forward ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("H", [1, 3, 9])
+def test_forward_small_dims_varlen(device, H):
+    # Row 0: prefix 7 + 5 new tokens; row 1 empty; row 2 shorter than S (first 2 queries see nothing);
+    # row 3 exactly S tokens (no prefix).
+    S, seqlens, Lmax = 5, [12, 0, 3, 5], 16
+    x = make_inputs(4, S, H, seqlens, Lmax, **SMALL, device=device)
+    scale = 0.7 / math.sqrt(SMALL["Dn"] + SMALL["R"])
+    out, lse = run_op(x, scale)
+    assert out.shape == (4, S, H, SMALL["Dv"]) and out.dtype == torch.float32
+    assert lse.shape == (4, S, H) and lse.dtype == torch.float32
+    assert not out.isnan().any() and not lse.isnan().any()
+    ref_out, ref_lse = run_ref(x, scale)
+    assert err(out, ref_out) < 2e-5
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), live)
+    assert err(lse[live], ref_lse[live]) < 2e-5
+    # Queries that see nothing: exactly 0 and -inf.
+    assert (out[1] == 0).all() and (lse[1] == -math.inf).all()
+    assert (out[2, :2] == 0).all() and (lse[2, :2] == -math.inf).all()
+    # The library's own reference agrees too.
+    c = x["clean"]
+    naive_out, naive_lse = reference.mla_naive(
+        x["q_nope"], x["q_pe"], c[..., : SMALL["C"]], c[..., SMALL["C"]:], x["w_uk"], x["w_uv"], scale,
+        cache_seqlens=x["cache_seqlens"].cpu(),
+    )
+    torch.testing.assert_close(out, naive_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, naive_lse, rtol=1e-4, atol=1e-5)
+
+
+def test_forward_v3_dims(device):
+    # C=512, R=64, Dn=Dv=128; lengths crossing the 64-token key tile, one prefix of 0.
+    S, seqlens, Lmax = 6, [70, 6, 133], 140
+    x = make_inputs(3, S, 3, seqlens, Lmax, **V3, device=device)
+    scale = 1 / math.sqrt(192)
+    out, lse = run_op(x, scale)
+    ref_out, ref_lse = run_ref(x, scale)
+    assert err(out, ref_out) < 5e-5
+    assert err(lse, ref_lse) < 5e-5
+
+
+def test_forward_many_queries_and_tiles(device):
+    # S > key tile and > query chunk; one head so the CPU kernel splits queries across threads.
+    S, seqlens, Lmax = 150, [181], 190
+    x = make_inputs(1, S, 1, seqlens, Lmax, **SMALL, device=device)
+    out, lse = run_op(x, 0.2)
+    ref_out, ref_lse = run_ref(x, 0.2)
+    assert err(out, ref_out) < 2e-5
+    assert err(lse, ref_lse) < 2e-5
+
+
+def test_chunked_prefill_matches_full_prefill(device):
+    # Prefill 40 tokens in chunks of 17, 16, 7 (prefix > 0): outputs equal one 40-token prefill.
+    H, total = 3, 40
+    x = make_inputs(2, total, H, [total, total], total, **SMALL, device=device, poison=False)
+    full_out, full_lse = run_op(x, 0.3)
+    start = 0
+    for n in (17, 16, 7):
+        end = start + n
+        cache = x["latent_cache"].clone()
+        cache[:, end:] = float("nan")  # tokens of later chunks are not written yet
+        out, lse = mla_prefill(x["q_nope"][:, start:end], x["q_pe"][:, start:end], cache,
+                               torch.full((2,), end, dtype=torch.int32, device=device), x["w_uk"], x["w_uv"], 0.3)
+        torch.testing.assert_close(out, full_out[:, start:end], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, full_lse[:, start:end], rtol=1e-5, atol=1e-5)
+        start = end
+
+
+def test_all_rows_empty(device):
+    x = make_inputs(2, 3, 2, [0, 0], 4, **SMALL, device=device)
+    out, lse = run_op(x, 0.5)
+    assert (out == 0).all() and (lse == -math.inf).all()
+
+
+def test_no_queries_and_inputs_not_mutated(device):
+    x = make_inputs(2, 4, 3, [9, 4], 10, **SMALL, device=device)
+    before = {k: v.clone() for k, v in x.items()}
+    run_op(x, 0.5)
+    for k, v in x.items():
+        assert torch.equal(v.nan_to_num(7.0), before[k].nan_to_num(7.0)), k
+    q0 = x["q_nope"][:, :0]
+    out, lse = mla_prefill(q0, x["q_pe"][:, :0], x["latent_cache"], x["cache_seqlens"], x["w_uk"], x["w_uv"], 0.5)
+    assert out.shape == (2, 0, 3, SMALL["Dv"]) and lse.shape == (2, 0, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_low_precision(device, dtype):
+    S, seqlens, Lmax = 9, [30, 9, 4], 33
+    x = make_inputs(3, S, 3, seqlens, Lmax, **SMALL, device=device, dtype=dtype)
+    scale = 1 / math.sqrt(40)
+    out, lse = run_op(x, scale)
+    assert out.dtype == dtype and not out.isnan().any()
+    ref_out, ref_lse = run_ref(x, scale)
+    low_out, low_lse = run_ref(x, scale, dtype=dtype)
+    assert err(out, ref_out) <= 2 * err(low_out, ref_out) + 1e-3
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), live)
+    assert err(lse[live], ref_lse[live]) <= 2 * err(low_lse[live], ref_lse[live]) + 1e-3
+
+
+# ---- backward --------------------------------------------------------------------------------------
+
+
+def grads_of(fn, x, keys, g_out, g_lse):
+    leaves = {k: x[k].detach().clone().requires_grad_() for k in keys}
+    out, lse = fn(leaves)
+    live = torch.isfinite(lse)
+    loss = (out.double() * g_out).sum() + torch.where(live, lse.double() * g_lse, 0).sum()
+    loss.backward()
+    return {k: leaves[k].grad for k in keys}
+
+
+KEYS = ["q_nope", "q_pe", "latent_cache", "w_uk", "w_uv"]
+
+
+def op_fn(x, seqlens, scale):
+    return lambda t: mla_prefill(t["q_nope"], t["q_pe"], t["latent_cache"], seqlens, t["w_uk"], t["w_uv"], scale)
+
+
+def ref_fn(seqlens, scale, dtype=torch.float64):
+    return lambda t: ref_attention(t["q_nope"], t["q_pe"], t["latent_cache"], seqlens.tolist(), t["w_uk"],
+                                   t["w_uv"], scale, dtype)
+
+
+@pytest.mark.parametrize("H,dims", [(1, SMALL), (3, SMALL), (9, SMALL), (2, V3)])
+def test_gradients_match_autograd_fp64(device, H, dims):
+    S, seqlens, Lmax = 7, [75, 0, 4], 80
+    x = make_inputs(3, S, H, seqlens, Lmax, **dims, device=device)
+    scale = 1 / math.sqrt(dims["Dn"] + dims["R"])
+    g_out = torch.randn(3, S, H, dims["Dv"], device=device, dtype=torch.float64)
+    g_lse = torch.randn(3, S, H, device=device, dtype=torch.float64)
+    got = grads_of(op_fn(x, x["cache_seqlens"], scale), x, KEYS, g_out, g_lse)
+    clean = dict(x, latent_cache=x["clean"])
+    want = grads_of(ref_fn(x["cache_seqlens"], scale), clean, KEYS, g_out, g_lse)
+    for k in KEYS:
+        assert not got[k].isnan().any(), k
+        tol = 1e-4 * max(1.0, want[k].abs().max().item())
+        assert err(got[k], want[k]) < tol, (k, err(got[k], want[k]))
+    # Unread cache slots (beyond each row's length) get exactly zero gradient.
+    for b, L in enumerate(seqlens):
+        assert (got["latent_cache"][b, L:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradients_low_precision(device, dtype):
+    S, seqlens, Lmax = 6, [20, 6], 24
+    x = make_inputs(2, S, 3, seqlens, Lmax, **SMALL, device=device, dtype=dtype)
+    scale = 1 / math.sqrt(40)
+    g_out = torch.randn(2, S, 3, SMALL["Dv"], device=device, dtype=torch.float64)
+    g_lse = torch.zeros(2, S, 3, device=device, dtype=torch.float64)
+    got = grads_of(op_fn(x, x["cache_seqlens"], scale), x, KEYS, g_out.to(dtype), g_lse)
+    clean = dict(x, latent_cache=x["clean"])
+    want = grads_of(ref_fn(x["cache_seqlens"], scale), clean, KEYS, g_out, g_lse)
+    low = grads_of(ref_fn(x["cache_seqlens"], scale, dtype), clean, KEYS, g_out.to(dtype), g_lse)
+    for k in KEYS:
+        assert err(got[k], want[k]) <= 2 * err(low[k], want[k]) + 1e-3, k
+
+
+def test_gradients_chunked_prefix_and_long(device):
+    # Prefix > 0, S spanning several key tiles and CPU query chunks.
+    S, seqlens, Lmax = 90, [140], 150
+    x = make_inputs(1, S, 1, seqlens, Lmax, **SMALL, device=device)
+    g_out = torch.randn(1, S, 1, SMALL["Dv"], device=device, dtype=torch.float64)
+    g_lse = torch.randn(1, S, 1, device=device, dtype=torch.float64)
+    got = grads_of(op_fn(x, x["cache_seqlens"], 0.2), x, KEYS, g_out, g_lse)
+    want = grads_of(ref_fn(x["cache_seqlens"], 0.2), dict(x, latent_cache=x["clean"]), KEYS, g_out, g_lse)
+    for k in KEYS:
+        assert err(got[k], want[k]) < 1e-4 * max(1.0, want[k].abs().max().item()), k
+
+
+# ---- opcheck and bad input -------------------------------------------------------------------------
+
+
+def test_opcheck(device):
+    x = make_inputs(2, 3, 2, [7, 2], 8, **SMALL, device=device)
+    args = [x["q_nope"].contiguous().requires_grad_(), x["q_pe"].contiguous().requires_grad_(),
+            x["clean"].clone().requires_grad_(), x["cache_seqlens"], x["w_uk"].contiguous().requires_grad_(),
+            x["w_uv"].contiguous().requires_grad_(), 0.3]
+    torch.library.opcheck(torch.ops.latentmoe.mla_prefill.default, args)
+    out, lse = torch.ops.latentmoe.mla_prefill.default(*[a.detach() if torch.is_tensor(a) else a for a in args])
+    bargs = [torch.randn_like(out), torch.randn_like(lse)] + [a.detach() if torch.is_tensor(a) else a for a in args[:-1]]
+    bargs += [out, lse, 0.3]
+    torch.library.opcheck(torch.ops.latentmoe.mla_prefill_backward.default, bargs)
+
+
+def _call(x, **over):
+    a = dict(q_nope=x["q_nope"], q_pe=x["q_pe"], latent_cache=x["latent_cache"], cache_seqlens=x["cache_seqlens"],
+             w_uk=x["w_uk"], w_uv=x["w_uv"], softmax_scale=0.5)
+    a.update(over)
+    return mla_prefill(**a)
+
+
+@pytest.mark.parametrize(
+    "name,make",
+    [
+        ("cache_seqlens", lambda x: x["cache_seqlens"].long()),
+        ("cache_seqlens", lambda x: x["cache_seqlens"] + 100),
+        ("cache_seqlens", lambda x: x["cache_seqlens"] - 100),
+        ("cache_seqlens", lambda x: x["cache_seqlens"][:1]),
+        ("latent_cache", lambda x: x["latent_cache"][..., :-1]),
+        ("latent_cache", lambda x: x["latent_cache"].to(torch.float16)),
+        ("latent_cache", lambda x: x["latent_cache"][:1]),
+        ("w_uv", lambda x: x["w_uv"][:, :, :-1]),
+        ("w_uk", lambda x: x["w_uk"][:1]),
+        ("q_pe", lambda x: x["q_pe"][:, :, :1]),
+        ("q_nope", lambda x: x["q_nope"][..., 0]),
+        ("q_nope", lambda x: x["q_nope"].transpose(-1, -2).contiguous().transpose(-1, -2)),
+        ("softmax_scale", lambda x: float("nan")),
+    ],
+)
+def test_bad_input_names_argument(device, name, make):
+    x = make_inputs(2, 3, 2, [5, 3], 6, C=8, R=4, Dn=8, Dv=6, device=device)
+    with pytest.raises(ValueError, match=name):
+        _call(x, **{name: make(x)})
+
+
+def test_int_dtype_rejected(device):
+    x = make_inputs(1, 2, 1, [2], 2, C=8, R=4, Dn=8, Dv=6, device=device)
+    with pytest.raises(ValueError, match="q_nope"):
+        _call(x, q_nope=x["q_nope"].to(torch.float64))
