@@ -303,3 +303,60 @@ def test_int_dtype_rejected(device):
     x = make_inputs(1, 2, 1, [2], 2, C=8, R=4, Dn=8, Dv=6, device=device)
     with pytest.raises(ValueError, match="q_nope"):
         _call(x, q_nope=x["q_nope"].to(torch.float64))
+
+
+# ---- the layer around the op vs HF DeepseekV3Attention ---------------------------------------------
+
+
+def _latent_rows(attn, x, cos, sin):
+    """HF layer's projections + RoPE -> (q_nope, q_pe, latent rows [B, S, C+R])."""
+    B, S, _ = x.shape
+    H, N, R, C = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank
+    q = attn.q_proj(x) if attn.q_lora_rank is None else attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    q = q.view(B, S, H, N + R)
+    kv = attn.kv_a_proj_with_mqa(x)
+    interleave = bool(attn.config.rope_interleave)
+    q_pe = reference.apply_rope(q[..., N:], cos, sin, interleave)
+    k_pe = reference.apply_rope(kv[..., C:].view(B, S, 1, R), cos, sin, interleave)[:, :, 0]
+    return q[..., :N], q_pe, torch.cat([attn.kv_a_layernorm(kv[..., :C]), k_pe], dim=-1)
+
+
+@pytest.mark.parametrize("heads,q_lora,interleave,yarn", [(1, None, True, False), (3, 24, False, True), (9, 24, True, True)])
+def test_layer_chunked_prefill_matches_hf(heads, q_lora, interleave, yarn):
+    from test_mla_common import causal_additive_mask, hf_cache, make_config, make_hf_attention, rel_err, rope_embeddings
+
+    cfg = make_config(heads=heads, q_lora=q_lora, interleave=interleave, yarn=yarn)
+    attn = make_hf_attention(cfg)
+    B, S1, S2 = 2, 7, 5
+    x = torch.randn(B, S1 + S2, cfg.hidden_size)
+    cos, sin = rope_embeddings(cfg, torch.arange(S1 + S2)[None].expand(B, -1))
+    cache = hf_cache(cfg)
+    with torch.no_grad():
+        hf1 = attn(x[:, :S1], (cos[:, :S1], sin[:, :S1]), causal_additive_mask(B, S1, 0), cache=cache)[0]
+        hf2 = attn(x[:, S1:], (cos[:, S1:], sin[:, S1:]), causal_additive_mask(B, S2, S1), cache=cache)[0]
+        q_nope, q_pe, rows = _latent_rows(attn, x, cos, sin)
+        Lmax = S1 + S2 + 3
+        latent = torch.full((B, Lmax, rows.shape[-1]), float("nan"))
+        w_uk, w_uv = reference.split_kv_b(attn.kv_b_proj.weight, heads, cfg.qk_nope_head_dim, cfg.v_head_dim)
+        outs = []
+        for lo, hi in ((0, S1), (S1, S1 + S2)):  # chunked prefill: the second chunk has a prefix
+            latent[:, lo:hi] = rows[:, lo:hi]
+            lens = torch.full((B,), hi, dtype=torch.int32)
+            o, _ = mla_prefill(q_nope[:, lo:hi], q_pe[:, lo:hi], latent, lens, w_uk, w_uv, attn.scaling)
+            outs.append(attn.o_proj(o.reshape(B, hi - lo, -1)))
+    assert rel_err(outs[0], hf1) <= 1e-4
+    assert rel_err(outs[1], hf2) <= 1e-4
+
+
+def test_torch_compile_fullgraph(device):
+    x = make_inputs(2, 4, 3, [9, 4], 10, **SMALL, device=device)
+
+    def f(qn, qp, cache, lens, wk, wv):
+        out, lse = mla_prefill(qn, qp, cache, lens, wk, wv, 0.4)
+        return out * 2, lse
+
+    args = (x["q_nope"], x["q_pe"], x["latent_cache"], x["cache_seqlens"], x["w_uk"], x["w_uv"])
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    want = f(*args)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])

@@ -1,0 +1,157 @@
+"""MLA prefill: the ``mla_prefill`` op (in-kernel latent decompression) vs HF ``DeepseekV3Attention``
+with ``attn_implementation="sdpa"``, on the same weights, and the op's peak extra memory at 16K.
+
+What is compared: the HF module's forward (projections, RoPE, ``kv_b_proj`` expansion of all K/V,
+SDPA causal attention, ``o_proj``) against the same layer computed with the same projections and
+RoPE in plain torch around ``latentmoe.ops.mla_prefill`` (attention on the latent cache, K/V
+decompressed tile by tile inside the kernel). Both outputs are checked against each other first.
+Issue 3's goals: >= 2x faster than HF sdpa at 4K; 16K prefill with < 4 GiB extra peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+import latentmoe
+from bench.common import ratio_row, row, time_ms
+from latentmoe.reference.mla import apply_rope, split_kv_b
+
+GiB = 1024**3
+
+
+def make_config() -> DeepseekV3Config:
+    """Issue 3's measured shape: hidden 2048, 16 heads, kv_lora 512, rope 64 (nope 128, v 128)."""
+    cfg = DeepseekV3Config(
+        vocab_size=128, hidden_size=2048, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64,
+        qk_nope_head_dim=128, v_head_dim=128, rope_interleave=True, max_position_embeddings=32768,
+        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+    )
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def make_attention(cfg, device, dtype) -> DeepseekV3Attention:
+    g = torch.Generator().manual_seed(0)
+    attn = DeepseekV3Attention(cfg, layer_idx=0)
+    with torch.no_grad():
+        for name, p in attn.named_parameters():
+            if "layernorm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+    return attn.to(device=device, dtype=dtype).eval()
+
+
+def latent_prefill(attn: DeepseekV3Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The HF layer's prefill (no prior cache) with attention done by ``mla_prefill``."""
+    B, S, _ = x.shape
+    H, N, R, C, V = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank, attn.v_head_dim
+    q = attn.q_proj(x).view(B, S, H, N + R)
+    kv = attn.kv_a_proj_with_mqa(x)
+    c_kv = attn.kv_a_layernorm(kv[..., :C])
+    interleave = bool(attn.config.rope_interleave)
+    q_pe = apply_rope(q[..., N:], cos, sin, interleave)
+    k_pe = apply_rope(kv[..., C:].view(B, S, 1, R), cos, sin, interleave)[:, :, 0]
+    cache = torch.cat([c_kv, k_pe], dim=-1)
+    w_uk, w_uv = split_kv_b(attn.kv_b_proj.weight, H, N, V)
+    lens = torch.full((B,), S, dtype=torch.int32, device=x.device)
+    out, _ = latentmoe.ops.mla_prefill(q[..., :N], q_pe, cache, lens, w_uk, w_uv, attn.scaling)
+    return attn.o_proj(out.reshape(B, S, H * V))
+
+
+def _inputs(cfg, S, device, dtype):
+    x = torch.randn(1, S, cfg.hidden_size, device=device, dtype=dtype)
+    pos = torch.arange(S, device=device)[None]
+    cos, sin = DeepseekV3RotaryEmbedding(cfg).to(device)(x, pos)
+    return x, cos.to(dtype), sin.to(dtype)
+
+
+def op_peak_extra_bytes(S: int, device: str, dtype: torch.dtype) -> int:
+    """Peak memory of one ``mla_prefill`` call beyond its inputs (outputs included), at context S."""
+    if device.startswith("cuda"):
+        H, N, R, C, V = 16, 128, 64, 512, 128
+        q_nope = torch.randn(1, S, H, N, device=device, dtype=dtype)
+        q_pe = torch.randn(1, S, H, R, device=device, dtype=dtype)
+        cache = torch.randn(1, S, C + R, device=device, dtype=dtype)
+        w_uk = torch.randn(H, N, C, device=device, dtype=dtype) / math.sqrt(C)
+        w_uv = torch.randn(H, V, C, device=device, dtype=dtype) / math.sqrt(C)
+        lens = torch.full((1,), S, dtype=torch.int32, device=device)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = latentmoe.ops.mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, 0.07)
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - base
+    # CPU: the process's peak RSS grows only past its previous peak, so measure in a fresh child
+    # whose inputs are allocated (and touched) before the call.
+    code = _CPU_PEAK_SCRIPT.format(S=S, dtype=str(dtype).removeprefix("torch."))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(latentmoe.__file__))] + sys.path)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return int(json.loads(res.stdout.strip().splitlines()[-1])["extra"])
+
+
+# Peak RSS (ru_maxrss, KiB on Linux) before and after one call, in a fresh process. Before the call
+# the process's peak is its current footprint (inputs built in place, a warm-up call on 64 tokens
+# already loaded the kernels), so the difference is the call's extra peak.
+_CPU_PEAK_SCRIPT = """
+import json, math, resource, torch, latentmoe
+S = {S}; H, N, R, C, V = 16, 128, 64, 512, 128; dt = torch.{dtype}
+q_nope = torch.empty(1, S, H, N, dtype=dt).normal_(); q_pe = torch.empty(1, S, H, R, dtype=dt).normal_()
+cache = torch.empty(1, S, C + R, dtype=dt).normal_()
+w_uk = torch.empty(H, N, C, dtype=dt).normal_(0, C ** -0.5); w_uv = torch.empty(H, V, C, dtype=dt).normal_(0, C ** -0.5)
+small = torch.full((1,), 64, dtype=torch.int32)
+latentmoe.ops.mla_prefill(q_nope[:, -64:], q_pe[:, -64:], cache, small, w_uk, w_uv, 0.07)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = latentmoe.ops.mla_prefill(q_nope, q_pe, cache, torch.full((1,), S, dtype=torch.int32), w_uk, w_uv, 0.07)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"extra": (after - before) * 1024}}))
+"""
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    rows = []
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dt = str(dtype).removeprefix("torch.")
+    cfg = make_config()
+    attn = make_attention(cfg, device, dtype)
+    S = 1024 if quick else 4096
+    x, cos, sin = _inputs(cfg, S, device, dtype)
+    with torch.no_grad():
+        hf_out = attn(x, (cos, sin), None)[0]
+        ours_out = latent_prefill(attn, x, cos, sin)
+        rel = ((ours_out.float() - hf_out.float()).abs().max() / hf_out.float().abs().max()).item()
+        reps = 3 if device == "cpu" else 10
+        t_hf = time_ms(lambda: attn(x, (cos, sin), None), device, warmup=1, reps=reps)
+        t_ours = time_ms(lambda: latent_prefill(attn, x, cos, sin), device, warmup=1, reps=reps)
+    mode = f"prefill-{dt}"
+    note = f"H=16 C=512 R=64 N=128 V=128 hidden=2048; layer fwd incl. projections; max rel diff vs HF {rel:.1e}"
+    rows += [
+        row("mla_prefill", "hf_sdpa", mode, S, t_hf, device, note=note),
+        row("mla_prefill", "latentmoe", mode, S, t_ours, device, note=note),
+        ratio_row("mla_prefill", "speedup_vs_hf_sdpa", S, t_hf[0] / t_ours[0], device,
+                  "goal >= 2x at 4K" + (" (quick run: 1K)" if quick else "")),
+    ]
+    if not quick:
+        S_mem = 16384
+        extra = op_peak_extra_bytes(S_mem, device, dtype)
+        how = "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS delta in a fresh process"
+        rows.append(row("mla_prefill", "latentmoe", f"peak-extra-mem-{dt}", S_mem, (extra / GiB,) * 3, device,
+                        metric="memory", unit="GiB", note=f"goal < 4 GiB at 16K; op alone, outputs included; {how}"))
+    return rows
+
+
+if __name__ == "__main__":  # python -m bench.bench_mla_prefill [cpu|cuda] [--full]
+    dev = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ("cuda" if torch.cuda.is_available() else "cpu")
+    for r in run(dev, quick="--full" not in sys.argv):
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
