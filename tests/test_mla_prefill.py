@@ -360,3 +360,70 @@ def test_torch_compile_fullgraph(device):
     want = f(*args)
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+# ---- paged cache -----------------------------------------------------------------------------------
+
+
+def to_paged(cache, page_size, seed=0):
+    """Contiguous [B, Lmax, D] -> (paged [num_pages, page_size, D] with NaN in unused slots and two
+    spare pages, block_table [B, max_pages] int32, a random permutation of the pages)."""
+    B, Lmax, D = cache.shape
+    max_pages = -(-Lmax // page_size)
+    num_pages = B * max_pages + 2
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_pages, generator=g)[: B * max_pages].view(B, max_pages)
+    paged = torch.full((num_pages, page_size, D), float("nan"), dtype=cache.dtype, device=cache.device)
+    for b in range(B):
+        for t in range(Lmax):
+            paged[perm[b, t // page_size], t % page_size] = cache[b, t]
+    return paged, perm.to(torch.int32).to(cache.device)
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 17, 64])
+def test_paged_matches_contiguous(device, page_size):
+    S, seqlens, Lmax = 6, [40, 0, 3, 23], 41
+    x = make_inputs(4, S, 3, seqlens, Lmax, **SMALL, device=device)
+    paged, table = to_paged(x["latent_cache"], page_size)
+    g_out = torch.randn(4, S, 3, SMALL["Dv"], device=device, dtype=torch.float64)
+    g_lse = torch.randn(4, S, 3, device=device, dtype=torch.float64)
+    want = grads_of(op_fn(x, x["cache_seqlens"], 0.3), x, KEYS, g_out, g_lse)
+    out_c, lse_c = run_op(x, 0.3)
+
+    def paged_fn(t):
+        return mla_prefill(t["q_nope"], t["q_pe"], t["latent_cache"], x["cache_seqlens"], t["w_uk"], t["w_uv"], 0.3,
+                           block_table=table)
+
+    xp = dict(x, latent_cache=paged)
+    out_p, lse_p = paged_fn(xp)
+    torch.testing.assert_close(out_p, out_c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse_p, lse_c, rtol=1e-5, atol=1e-6)
+    got = grads_of(paged_fn, xp, KEYS, g_out, g_lse)
+    for k in ["q_nope", "q_pe", "w_uk", "w_uv"]:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+    g_cache = reference.gather_paged(got["latent_cache"], table, Lmax)
+    for b, L in enumerate(seqlens):
+        torch.testing.assert_close(g_cache[b, :L], want["latent_cache"][b, :L], rtol=1e-4, atol=1e-5)
+    # Slots no row reads (spare pages, tails of pages) get zero gradient.
+    read = torch.zeros(paged.shape[:2], dtype=torch.bool)
+    for b, L in enumerate(seqlens):
+        for t in range(L):
+            read[table[b, t // page_size].item(), t % page_size] = True
+    assert (got["latent_cache"][~read.to(device)] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda t: t.long(), "block_table"),
+        (lambda t: t[:1], "block_table"),
+        (lambda t: t.masked_fill(t == t[0, 0], 10_000), "block_table"),
+        (lambda t: t.masked_fill(t == t[0, 0], -1), "block_table"),
+        (lambda t: t[:, :1], "cache_seqlens"),  # capacity 1 page < seqlens
+    ],
+)
+def test_paged_bad_input(device, make, match):
+    x = make_inputs(2, 3, 2, [5, 3], 6, C=8, R=4, Dn=8, Dv=6, device=device)
+    paged, table = to_paged(x["latent_cache"], 4)
+    with pytest.raises(ValueError, match=match):
+        _call(x, latent_cache=paged, block_table=make(table))

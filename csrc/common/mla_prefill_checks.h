@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <optional>
 
 #include "common/checks.h"
 #include "common/mla_prefill_math.h"
@@ -20,9 +21,11 @@ inline void last_dim_contiguous(const char* op, const char* name, const at::Tens
 
 // Checks the forward inputs (shapes, dtypes, devices, cache_seqlens values) and returns the
 // shapes and element strides for the kernels.
+// With a block_table the cache is paged; the caller passes block_table.contiguous() to the kernels.
 inline Params check_args(const char* op, const at::Tensor& q_nope, const at::Tensor& q_pe,
                          const at::Tensor& latent_cache, const at::Tensor& cache_seqlens,
-                         const at::Tensor& w_uk, const at::Tensor& w_uv, double softmax_scale) {
+                         const at::Tensor& w_uk, const at::Tensor& w_uv, double softmax_scale,
+                         const std::optional<at::Tensor>& block_table) {
   chk::floating(op, "q_nope", q_nope);
   chk::dim(op, "q_nope", q_nope, 4);
   chk::dim(op, "q_pe", q_pe, 4);
@@ -49,13 +52,30 @@ inline Params check_args(const char* op, const at::Tensor& q_nope, const at::Ten
   p.R = q_pe.size(3);
   p.C = w_uk.size(2);
   p.Dv = w_uv.size(1);
-  p.Lmax = latent_cache.size(1);
+  const bool paged = block_table.has_value();
+  if (paged) {
+    chk::dim(op, "block_table", *block_table, 2);
+    chk::dtype(op, "block_table", *block_table, at::kInt);
+    chk::same_device(op, "block_table", *block_table, "q_nope", q_nope);
+    chk::size(op, "block_table", *block_table, 0, p.B, "batch size B of q_nope");
+    TORCH_CHECK_VALUE(latent_cache.size(1) >= 1, "latentmoe.", op,
+                      ": argument 'latent_cache' (paged) needs page_size >= 1, got shape ", latent_cache.sizes());
+    p.page_size = latent_cache.size(1);
+    p.Lmax = block_table->size(1) * p.page_size;
+    p.bt_sb = block_table->size(1);
+    p.rows_per_major = p.page_size;
+  } else {
+    p.page_size = 0;
+    p.Lmax = latent_cache.size(1);
+    p.bt_sb = 0;
+    p.rows_per_major = p.Lmax;
+  }
   TORCH_CHECK_VALUE(p.H >= 1 && p.Dn >= 1, "latentmoe.", op,
                     ": argument 'q_nope' needs at least one head and one dim, got shape ", q_nope.sizes());
   TORCH_CHECK_VALUE(q_pe.size(0) == p.B && q_pe.size(1) == p.S && q_pe.size(2) == p.H, "latentmoe.", op,
                     ": argument 'q_pe' has shape ", q_pe.sizes(), " but 'q_nope' has shape ",
                     q_nope.sizes(), "; the first three dims [B, S, H] must match");
-  chk::size(op, "latent_cache", latent_cache, 0, p.B, "batch size B of q_nope");
+  if (!paged) chk::size(op, "latent_cache", latent_cache, 0, p.B, "batch size B of q_nope");
   TORCH_CHECK_VALUE(p.C >= 1, "latentmoe.", op, ": argument 'w_uk' needs C >= 1, got shape ", w_uk.sizes());
   chk::size(op, "latent_cache", latent_cache, 2, p.C + p.R, "C + R: kv_lora_rank of w_uk plus rope dim of q_pe");
   chk::size(op, "w_uk", w_uk, 0, p.H, "heads H of q_nope");
@@ -77,7 +97,22 @@ inline Params check_args(const char* op, const at::Tensor& q_nope, const at::Ten
     const int32_t* lp = lens.const_data_ptr<int32_t>();
     for (int64_t b = 0; b < p.B; ++b) {
       TORCH_CHECK_VALUE(lp[b] >= 0 && lp[b] <= p.Lmax, "latentmoe.", op, ": argument 'cache_seqlens'[", b,
-                        "] = ", lp[b], " is outside [0, ", p.Lmax, "] (the capacity Lmax of 'latent_cache')");
+                        "] = ", lp[b], " is outside [0, ", p.Lmax, "] (the capacity of ",
+                        paged ? "'block_table' rows: max_pages * page_size)" : "'latent_cache': Lmax)");
+    }
+    if (paged) {
+      // Every page a row reads must exist (one more small device-to-host copy on CUDA).
+      auto bt = block_table->to(at::kCPU).contiguous();
+      const int32_t* bp = bt.const_data_ptr<int32_t>();
+      const int64_t num_pages = latent_cache.size(0);
+      for (int64_t b = 0; b < p.B; ++b) {
+        const int64_t used = (lp[b] + p.page_size - 1) / p.page_size;
+        for (int64_t k = 0; k < used; ++k) {
+          const int32_t page = bp[b * p.bt_sb + k];
+          TORCH_CHECK_VALUE(page >= 0 && page < num_pages, "latentmoe.", op, ": argument 'block_table'[", b, ", ",
+                            k, "] = ", page, " is outside [0, ", num_pages, ") (pages of 'latent_cache')");
+        }
+      }
     }
   }
   p.qn_sb = q_nope.stride(0);

@@ -14,11 +14,17 @@
 namespace latentmoe::mla_prefill {
 
 // Element strides of the (possibly strided) inputs; every last dim has stride 1.
+// The cache is contiguous-by-row ([B, Lmax, C+R], page_size == 0) or paged
+// ([num_pages, page_size, C+R] with block_table [B, max_pages]: token t of row b lives in page
+// block_table[b, t / page_size], slot t % page_size; Lmax = max_pages * page_size).
 struct Params {
   int64_t B, S, H, Dn, R, C, Dv, Lmax;
   int64_t qn_sb, qn_ss, qn_sh;   // q_nope [B, S, H, Dn]
   int64_t qp_sb, qp_ss, qp_sh;   // q_pe [B, S, H, R]
-  int64_t kv_sb, kv_sl;          // latent_cache [B, Lmax, C+R]
+  int64_t kv_sb, kv_sl;          // latent_cache dims 0 and 1 (row or page, token or slot)
+  int64_t page_size;             // 0: contiguous cache
+  int64_t bt_sb;                 // block_table row stride (paged only)
+  int64_t rows_per_major;        // tokens per cache dim-0 entry: Lmax, or page_size if paged
   int64_t wuk_sh, wuk_sd;        // w_uk [H, Dn, C]
   int64_t wuv_sh, wuv_sd;        // w_uv [H, Dv, C]
   float scale;
@@ -37,5 +43,21 @@ LMOE_HD int64_t first_query_seeing(int64_t seqlen, int64_t S, int64_t j) {
   int64_t i = j - (seqlen - S);
   return i < 0 ? 0 : i;
 }
+
+// Where token t of row b lives: (dim-0 index, dim-1 index) of the cache tensor.
+struct CacheSlot {
+  int64_t major, minor;
+};
+
+LMOE_HD CacheSlot cache_slot(const Params& p, const int32_t* block_table, int64_t b, int64_t t) {
+  if (p.page_size == 0) return {b, t};
+  return {static_cast<int64_t>(block_table[b * p.bt_sb + t / p.page_size]), t % p.page_size};
+}
+
+// Element offset of the token's row in the (strided) cache input.
+LMOE_HD int64_t cache_offset(const Params& p, CacheSlot s) { return s.major * p.kv_sb + s.minor * p.kv_sl; }
+
+// Row index of the token in a contiguous [dim0, dim1, C+R] gradient buffer.
+LMOE_HD int64_t grad_cache_row(const Params& p, CacheSlot s) { return s.major * p.rows_per_major + s.minor; }
 
 }  // namespace latentmoe::mla_prefill

@@ -61,11 +61,11 @@ void load_weights(const Params& p, const T* w_uk, const T* w_uv, int64_t h, floa
 // Key tile [t0, t0+nt) of row b: c_kv [nt, C] and k_pe [nt, R] as fp32, then the per-head
 // K_nope [nt, Dn] and V [nt, Dv].
 template <typename T>
-void decompress_tile(const Params& p, const T* cache, int64_t b, int64_t t0, int64_t nt,
+void decompress_tile(const Params& p, const T* cache, const int32_t* block_table, int64_t b, int64_t t0, int64_t nt,
                      const at::Tensor& wk, const at::Tensor& wv, float* ct, float* kp, float* kn,
                      float* v) {
   for (int64_t t = 0; t < nt; ++t) {
-    const T* row = cache + b * p.kv_sb + (t0 + t) * p.kv_sl;
+    const T* row = cache + mla_prefill::cache_offset(p, mla_prefill::cache_slot(p, block_table, b, t0 + t));
     load_f32(row, ct + t * p.C, p.C);
     load_f32(row + p.C, kp + t * p.R, p.R);
   }
@@ -80,7 +80,7 @@ void decompress_tile(const Params& p, const T* cache, int64_t b, int64_t t0, int
 
 template <typename T>
 void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* cache,
-                     const int32_t* seqlens, const T* w_uk, const T* w_uv, T* out, float* lse) {
+                     const int32_t* block_table, const int32_t* seqlens, const T* w_uk, const T* w_uv, T* out, float* lse) {
   const Split sp = split_queries(p);
   const int64_t n_tasks = p.B * p.H * sp.chunks;
   at::parallel_for(0, n_tasks, 1, [&](int64_t task_begin, int64_t task_end) {
@@ -125,7 +125,7 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
       const int64_t kv_end = pos0 + nq;                                 // keys seen by the last row
       for (int64_t t0 = 0; t0 < kv_end; t0 += kKeyTile) {
         const int64_t nt = std::min(kKeyTile, kv_end - t0);
-        decompress_tile(p, cache, b, t0, nt, wk, wv, ct.data(), kp.data(), kn.data(), v.data());
+        decompress_tile(p, cache, block_table, b, t0, nt, wk, wv, ct.data(), kp.data(), kn.data(), v.data());
         const int64_t r0 = std::max<int64_t>(0, mla_prefill::first_query_seeing(seqlen, p.S, t0) - i_lo);
         const int64_t nr = nq - r0;
         auto s = mat(scores.data(), nr, nt);
@@ -168,16 +168,19 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
 std::tuple<at::Tensor, at::Tensor> mla_prefill_cpu(const at::Tensor& q_nope, const at::Tensor& q_pe,
                                                    const at::Tensor& latent_cache,
                                                    const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
-                                                   const at::Tensor& w_uv, double softmax_scale) {
+                                                   const at::Tensor& w_uv, double softmax_scale,
+                                                   const std::optional<at::Tensor>& block_table) {
   const Params p = mla_prefill::check_args("mla_prefill", q_nope, q_pe, latent_cache, cache_seqlens, w_uk,
-                                           w_uv, softmax_scale);
+                                           w_uv, softmax_scale, block_table);
+  auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
   auto out = at::empty({p.B, p.S, p.H, p.Dv}, q_nope.options());
   auto lse = at::empty({p.B, p.S, p.H}, q_nope.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   auto lens = cache_seqlens.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_nope.scalar_type(), "mla_prefill_cpu", [&] {
     prefill_forward<scalar_t>(p, q_nope.const_data_ptr<scalar_t>(), q_pe.const_data_ptr<scalar_t>(),
-                              latent_cache.const_data_ptr<scalar_t>(), lens.const_data_ptr<int32_t>(),
+                              latent_cache.const_data_ptr<scalar_t>(),
+                              bt.defined() ? bt.const_data_ptr<int32_t>() : nullptr, lens.const_data_ptr<int32_t>(),
                               w_uk.const_data_ptr<scalar_t>(), w_uv.const_data_ptr<scalar_t>(),
                               out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
   });
@@ -194,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_cpu(const at::Tensor& q_nope, con
 
 template <typename T>
 void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse, const T* q_nope,
-                      const T* q_pe, const T* cache, const int32_t* seqlens, const T* w_uk, const T* w_uv,
+                      const T* q_pe, const T* cache, const int32_t* block_table, const int32_t* seqlens, const T* w_uk, const T* w_uv,
                       const T* out, const float* lse, T* grad_q_nope, T* grad_q_pe, float* grad_cache,
                       float* grad_w_uk, float* grad_w_uv) {
   const Split sp = split_queries(p);
@@ -254,7 +257,7 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
       const int64_t kv_end = pos0 + nq;
       for (int64_t t0 = 0; t0 < kv_end; t0 += kKeyTile) {
         const int64_t nt = std::min(kKeyTile, kv_end - t0);
-        decompress_tile(p, cache, b, t0, nt, wk, wv, ct.data(), kp.data(), kn.data(), v.data());
+        decompress_tile(p, cache, block_table, b, t0, nt, wk, wv, ct.data(), kp.data(), kn.data(), v.data());
         const int64_t r0 = std::max<int64_t>(0, mla_prefill::first_query_seeing(seqlen, p.S, t0) - i_lo);
         const int64_t nr = nq - r0;
         auto qn_m = mat(qn.data() + r0 * p.Dn, nr, p.Dn);
@@ -297,7 +300,8 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
         dwv.addmm_(dv_m.t(), ct_m);
         std::lock_guard<std::mutex> lock(mu);
         for (int64_t t = 0; t < nt; ++t) {
-          float* g = grad_cache + (b * p.Lmax + t0 + t) * CR;
+          float* g = grad_cache +
+                     mla_prefill::grad_cache_row(p, mla_prefill::cache_slot(p, block_table, b, t0 + t)) * CR;
           for (int64_t k = 0; k < p.C; ++k) g[k] += dct[t * p.C + k];
           for (int64_t k = 0; k < p.R; ++k) g[p.C + k] += dkp[t * p.R + k];
         }
@@ -319,10 +323,12 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefill_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_nope, const at::Tensor& q_pe,
     const at::Tensor& latent_cache, const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
-    const at::Tensor& w_uv, const at::Tensor& out, const at::Tensor& lse, double softmax_scale) {
+    const at::Tensor& w_uv, const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
+    const std::optional<at::Tensor>& block_table) {
   const char* op = "mla_prefill_backward";
   const Params p = mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv,
-                                           softmax_scale);
+                                           softmax_scale, block_table);
+  auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
   mla_prefill::check_backward_args(op, p, q_nope, grad_out, grad_lse, out, lse);
   auto go = grad_out.contiguous();
   auto gl = grad_lse.contiguous();
@@ -332,14 +338,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
   auto f32 = q_nope.options().dtype(at::kFloat);
   auto grad_q_nope = at::empty({p.B, p.S, p.H, p.Dn}, q_nope.options());
   auto grad_q_pe = at::empty({p.B, p.S, p.H, p.R}, q_nope.options());
-  auto grad_cache = at::zeros({p.B, p.Lmax, p.C + p.R}, f32);
+  auto grad_cache = at::zeros(latent_cache.sizes(), f32);
   auto grad_w_uk = at::zeros({p.H, p.Dn, p.C}, f32);
   auto grad_w_uv = at::zeros({p.H, p.Dv, p.C}, f32);
   if (p.B * p.S > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_nope.scalar_type(), "mla_prefill_backward_cpu", [&] {
       prefill_backward<scalar_t>(p, go.const_data_ptr<scalar_t>(), gl.const_data_ptr<float>(),
                                  q_nope.const_data_ptr<scalar_t>(), q_pe.const_data_ptr<scalar_t>(),
-                                 latent_cache.const_data_ptr<scalar_t>(), lens.const_data_ptr<int32_t>(),
+                                 latent_cache.const_data_ptr<scalar_t>(),
+                                 bt.defined() ? bt.const_data_ptr<int32_t>() : nullptr, lens.const_data_ptr<int32_t>(),
                                  w_uk.const_data_ptr<scalar_t>(), w_uv.const_data_ptr<scalar_t>(),
                                  o.const_data_ptr<scalar_t>(), l.const_data_ptr<float>(),
                                  grad_q_nope.mutable_data_ptr<scalar_t>(), grad_q_pe.mutable_data_ptr<scalar_t>(),

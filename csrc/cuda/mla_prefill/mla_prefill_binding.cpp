@@ -27,10 +27,12 @@ void check_smem(const char* op, size_t need) {
 std::tuple<at::Tensor, at::Tensor> mla_prefill_cuda(const at::Tensor& q_nope, const at::Tensor& q_pe,
                                                     const at::Tensor& latent_cache,
                                                     const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
-                                                    const at::Tensor& w_uv, double softmax_scale) {
+                                                    const at::Tensor& w_uv, double softmax_scale,
+                                                    const std::optional<at::Tensor>& block_table) {
   const char* op = "mla_prefill";
-  const Params p =
-      mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale);
+  const Params p = mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv,
+                                           softmax_scale, block_table);
+  auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
   c10::cuda::CUDAGuard guard(q_nope.device());
   auto out = at::empty({p.B, p.S, p.H, p.Dv}, q_nope.options());
   auto lse = at::empty({p.B, p.S, p.H}, q_nope.options().dtype(at::kFloat));
@@ -39,6 +41,7 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_cuda(const at::Tensor& q_nope, co
   auto lens = cache_seqlens.contiguous();
   check_launch(op, launch_mla_prefill_forward(to_dtype(q_nope.scalar_type()), p, q_nope.const_data_ptr(),
                                               q_pe.const_data_ptr(), latent_cache.const_data_ptr(),
+                                              bt.defined() ? bt.const_data_ptr<int32_t>() : nullptr,
                                               lens.const_data_ptr<int32_t>(), w_uk.const_data_ptr(),
                                               w_uv.const_data_ptr(), out.mutable_data_ptr(),
                                               lse.mutable_data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
@@ -48,10 +51,12 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_cuda(const at::Tensor& q_nope, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefill_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_nope, const at::Tensor& q_pe,
     const at::Tensor& latent_cache, const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
-    const at::Tensor& w_uv, const at::Tensor& out, const at::Tensor& lse, double softmax_scale) {
+    const at::Tensor& w_uv, const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
+    const std::optional<at::Tensor>& block_table) {
   const char* op = "mla_prefill_backward";
-  const Params p =
-      mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale);
+  const Params p = mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv,
+                                           softmax_scale, block_table);
+  auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
   mla_prefill::check_backward_args(op, p, q_nope, grad_out, grad_lse, out, lse);
   c10::cuda::CUDAGuard guard(q_nope.device());
   auto go = grad_out.contiguous();
@@ -62,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
   auto f32 = q_nope.options().dtype(at::kFloat);
   auto grad_q_nope = at::empty({p.B, p.S, p.H, p.Dn}, q_nope.options());
   auto grad_q_pe = at::empty({p.B, p.S, p.H, p.R}, q_nope.options());
-  auto grad_cache = at::zeros({p.B, p.Lmax, p.C + p.R}, f32);
+  auto grad_cache = at::zeros(latent_cache.sizes(), f32);
   auto grad_w_uk = at::zeros({p.H, p.Dn, p.C}, f32);
   auto grad_w_uv = at::zeros({p.H, p.Dv, p.C}, f32);
   if (p.B * p.S > 0) {
@@ -70,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
     check_launch(op, launch_mla_prefill_backward(
                          to_dtype(q_nope.scalar_type()), p, go.const_data_ptr(), gl.const_data_ptr<float>(),
                          q_nope.const_data_ptr(), q_pe.const_data_ptr(), latent_cache.const_data_ptr(),
-                         lens.const_data_ptr<int32_t>(), w_uk.const_data_ptr(), w_uv.const_data_ptr(),
+                         bt.defined() ? bt.const_data_ptr<int32_t>() : nullptr, lens.const_data_ptr<int32_t>(), w_uk.const_data_ptr(), w_uv.const_data_ptr(),
                          o.const_data_ptr(), l.const_data_ptr<float>(), grad_q_nope.mutable_data_ptr(),
                          grad_q_pe.mutable_data_ptr(), grad_cache.mutable_data_ptr<float>(),
                          grad_w_uk.mutable_data_ptr<float>(), grad_w_uv.mutable_data_ptr<float>(),

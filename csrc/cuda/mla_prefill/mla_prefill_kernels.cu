@@ -31,15 +31,19 @@ __host__ __device__ inline int64_t stage_floats(const Params& p) {
   return kKTile * kCStride + (p.Dn + p.Dv) * kCStride;
 }
 
+// Element offset of token t of row b in the cache input (contiguous or paged).
+__device__ __forceinline__ int64_t row_offset(const Params& p, const int32_t* block_table, int64_t b, int64_t t) {
+  return mla_prefill::cache_offset(p, mla_prefill::cache_slot(p, block_table, b, t));
+}
+
 // Decompress key tile [t0, t0 + nt) of row b for head h into ks [kKTile][Dn+R] (K_nope | k_pe)
 // and vs [kKTile][Dv]; slots t >= nt are zero. Begins and ends with a barrier.
 template <typename T>
-__device__ void decompress_tile(const Params& p, const T* __restrict__ cache, const T* __restrict__ w_uk,
-                                const T* __restrict__ w_uv, int64_t b, int64_t h, int64_t t0, int64_t nt,
-                                float* ks, float* vs, float* cs, float* ws) {
+__device__ void decompress_tile(const Params& p, const T* __restrict__ cache, const int32_t* __restrict__ block_table,
+                                const T* __restrict__ w_uk, const T* __restrict__ w_uv, int64_t b, int64_t h,
+                                int64_t t0, int64_t nt, float* ks, float* vs, float* cs, float* ws) {
   const int64_t DK = p.Dn + p.R;
   const int64_t DW = p.Dn + p.Dv;
-  const T* rows = cache + b * p.kv_sb;
   __syncthreads();  // the previous tile's readers of ks / vs / cs / ws are done
   for (int64_t idx = threadIdx.x; idx < kKTile * DW; idx += blockDim.x) {
     const int64_t t = idx / DW, d = idx % DW;
@@ -51,7 +55,7 @@ __device__ void decompress_tile(const Params& p, const T* __restrict__ cache, co
     __syncthreads();
     for (int64_t idx = threadIdx.x; idx < kKTile * kCChunk; idx += blockDim.x) {
       const int64_t t = idx / kCChunk, k = idx % kCChunk;
-      cs[t * kCStride + k] = (t < nt && k < cc) ? to_float(rows[(t0 + t) * p.kv_sl + c0 + k]) : 0.f;
+      cs[t * kCStride + k] = (t < nt && k < cc) ? to_float(cache[row_offset(p, block_table, b, t0 + t) + c0 + k]) : 0.f;
     }
     for (int64_t idx = threadIdx.x; idx < DW * kCChunk; idx += blockDim.x) {
       const int64_t d = idx / kCChunk, k = idx % kCChunk;
@@ -75,7 +79,7 @@ __device__ void decompress_tile(const Params& p, const T* __restrict__ cache, co
   }
   for (int64_t idx = threadIdx.x; idx < kKTile * p.R; idx += blockDim.x) {
     const int64_t t = idx / p.R, r = idx % p.R;
-    ks[t * DK + p.Dn + r] = t < nt ? to_float(rows[(t0 + t) * p.kv_sl + p.C + r]) : 0.f;
+    ks[t * DK + p.Dn + r] = t < nt ? to_float(cache[row_offset(p, block_table, b, t0 + t) + p.C + r]) : 0.f;
   }
   __syncthreads();
 }
@@ -119,8 +123,9 @@ __host__ __device__ inline int64_t fwd_floats(const Params& p) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 mla_prefill_fwd_kernel(Params p, const T* __restrict__ q_nope, const T* __restrict__ q_pe,
-                       const T* __restrict__ cache, const int32_t* __restrict__ seqlens,
-                       const T* __restrict__ w_uk, const T* __restrict__ w_uv, T* __restrict__ out,
+                       const T* __restrict__ cache, const int32_t* __restrict__ block_table,
+                       const int32_t* __restrict__ seqlens, const T* __restrict__ w_uk,
+                       const T* __restrict__ w_uv, T* __restrict__ out,
                        float* __restrict__ lse) {
   extern __shared__ float smem[];
   const int64_t DK = p.Dn + p.R;
@@ -155,7 +160,7 @@ mla_prefill_fwd_kernel(Params p, const T* __restrict__ q_nope, const T* __restri
 
   for (int64_t t0 = 0; t0 < tl.kv_end; t0 += kKTile) {
     const int64_t nt = min(static_cast<int64_t>(kKTile), tl.kv_end - t0);
-    decompress_tile(p, cache, w_uk, w_uv, tl.b, tl.h, t0, nt, ks, vs, cs, ws);
+    decompress_tile(p, cache, block_table, w_uk, w_uv, tl.b, tl.h, t0, nt, ks, vs, cs, ws);
     for (int64_t idx = threadIdx.x; idx < kQTile * kKTile; idx += blockDim.x) {
       const int64_t r = idx / kKTile, t = idx % kKTile;
       float s = -INFINITY;
@@ -215,7 +220,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 mla_prefill_bwd_kernel(Params p, const T* __restrict__ grad_out, const float* __restrict__ grad_lse,
                        const T* __restrict__ q_nope, const T* __restrict__ q_pe, const T* __restrict__ cache,
-                       const int32_t* __restrict__ seqlens, const T* __restrict__ w_uk,
+                       const int32_t* __restrict__ block_table, const int32_t* __restrict__ seqlens, const T* __restrict__ w_uk,
                        const T* __restrict__ w_uv, const T* __restrict__ out, const float* __restrict__ lse,
                        T* __restrict__ grad_q_nope, T* __restrict__ grad_q_pe, float* __restrict__ grad_cache,
                        float* __restrict__ grad_w_uk, float* __restrict__ grad_w_uv) {
@@ -271,7 +276,7 @@ mla_prefill_bwd_kernel(Params p, const T* __restrict__ grad_out, const float* __
 
   for (int64_t t0 = 0; t0 < tl.kv_end; t0 += kKTile) {
     const int64_t nt = min(static_cast<int64_t>(kKTile), tl.kv_end - t0);
-    decompress_tile(p, cache, w_uk, w_uv, tl.b, tl.h, t0, nt, ks, vs, cs, ws);
+    decompress_tile(p, cache, block_table, w_uk, w_uv, tl.b, tl.h, t0, nt, ks, vs, cs, ws);
     for (int64_t idx = threadIdx.x; idx < kQTile * kKTile; idx += blockDim.x) {
       const int64_t r = idx / kKTile, t = idx % kKTile;
       float pr = 0.f, ds = 0.f;
@@ -314,22 +319,25 @@ mla_prefill_bwd_kernel(Params p, const T* __restrict__ grad_out, const float* __
       float a = 0.f;
       for (int64_t d = 0; d < p.Dn; ++d) a += dks[t * DK + d] * to_float(wk[d * p.wuk_sd + c]);
       for (int64_t d = 0; d < p.Dv; ++d) a += dvs[t * p.Dv + d] * to_float(wv[d * p.wuv_sd + c]);
-      atomicAdd(grad_cache + (tl.b * p.Lmax + t0 + t) * CR + c, a);
+      const int64_t g_row = mla_prefill::grad_cache_row(p, mla_prefill::cache_slot(p, block_table, tl.b, t0 + t));
+      atomicAdd(grad_cache + g_row * CR + c, a);
     }
     for (int64_t idx = threadIdx.x; idx < nt * p.R; idx += blockDim.x) {
       const int64_t t = idx / p.R, r = idx % p.R;
-      atomicAdd(grad_cache + (tl.b * p.Lmax + t0 + t) * CR + p.C + r, dks[t * DK + p.Dn + r]);
+      const int64_t g_row = mla_prefill::grad_cache_row(p, mla_prefill::cache_slot(p, block_table, tl.b, t0 + t));
+      atomicAdd(grad_cache + g_row * CR + p.C + r, dks[t * DK + p.Dn + r]);
     }
     // Weight gradients: dW_UK_h += dK_nope^T c_kv, dW_UV_h += dV^T c_kv.
-    const T* rows = cache + tl.b * p.kv_sb + t0 * p.kv_sl;
     for (int64_t idx = threadIdx.x; idx < (p.Dn + p.Dv) * p.C; idx += blockDim.x) {
       const int64_t d = idx / p.C, c = idx % p.C;
       float a = 0.f;
       if (d < p.Dn) {
-        for (int64_t t = 0; t < nt; ++t) a += dks[t * DK + d] * to_float(rows[t * p.kv_sl + c]);
+        for (int64_t t = 0; t < nt; ++t) a += dks[t * DK + d] * to_float(cache[row_offset(p, block_table, tl.b, t0 + t) + c]);
         atomicAdd(grad_w_uk + (tl.h * p.Dn + d) * p.C + c, a);
       } else {
-        for (int64_t t = 0; t < nt; ++t) a += dvs[t * p.Dv + (d - p.Dn)] * to_float(rows[t * p.kv_sl + c]);
+        for (int64_t t = 0; t < nt; ++t) {
+          a += dvs[t * p.Dv + (d - p.Dn)] * to_float(cache[row_offset(p, block_table, tl.b, t0 + t) + c]);
+        }
         atomicAdd(grad_w_uv + (tl.h * p.Dv + (d - p.Dn)) * p.C + c, a);
       }
     }
@@ -347,7 +355,7 @@ mla_prefill_bwd_kernel(Params p, const T* __restrict__ grad_out, const float* __
 
 template <typename T>
 cudaError_t forward_typed(const Params& p, const void* q_nope, const void* q_pe, const void* cache,
-                          const int32_t* seqlens, const void* w_uk, const void* w_uv, void* out, float* lse,
+                          const int32_t* block_table, const int32_t* seqlens, const void* w_uk, const void* w_uv, void* out, float* lse,
                           cudaStream_t stream) {
   const int64_t blocks = p.B * p.H * n_query_tiles(p);
   if (blocks == 0) return cudaSuccess;
@@ -357,14 +365,14 @@ cudaError_t forward_typed(const Params& p, const void* q_nope, const void* q_pe,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   mla_prefill_fwd_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
-      p, static_cast<const T*>(q_nope), static_cast<const T*>(q_pe), static_cast<const T*>(cache), seqlens,
+      p, static_cast<const T*>(q_nope), static_cast<const T*>(q_pe), static_cast<const T*>(cache), block_table, seqlens,
       static_cast<const T*>(w_uk), static_cast<const T*>(w_uv), static_cast<T*>(out), lse);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t backward_typed(const Params& p, const void* grad_out, const float* grad_lse, const void* q_nope,
-                           const void* q_pe, const void* cache, const int32_t* seqlens, const void* w_uk,
+                           const void* q_pe, const void* cache, const int32_t* block_table, const int32_t* seqlens, const void* w_uk,
                            const void* w_uv, const void* out, const float* lse, void* grad_q_nope,
                            void* grad_q_pe, float* grad_cache, float* grad_w_uk, float* grad_w_uv,
                            cudaStream_t stream) {
@@ -377,7 +385,7 @@ cudaError_t backward_typed(const Params& p, const void* grad_out, const float* g
   if (err != cudaSuccess) return err;
   mla_prefill_bwd_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
       p, static_cast<const T*>(grad_out), grad_lse, static_cast<const T*>(q_nope), static_cast<const T*>(q_pe),
-      static_cast<const T*>(cache), seqlens, static_cast<const T*>(w_uk), static_cast<const T*>(w_uv),
+      static_cast<const T*>(cache), block_table, seqlens, static_cast<const T*>(w_uk), static_cast<const T*>(w_uv),
       static_cast<const T*>(out), lse, static_cast<T*>(grad_q_nope), static_cast<T*>(grad_q_pe), grad_cache,
       grad_w_uk, grad_w_uv);
   return cudaGetLastError();
@@ -389,34 +397,34 @@ size_t mla_prefill_forward_smem_bytes(const Params& p) { return static_cast<size
 size_t mla_prefill_backward_smem_bytes(const Params& p) { return static_cast<size_t>(bwd_floats(p)) * sizeof(float); }
 
 cudaError_t launch_mla_prefill_forward(DType dtype, const Params& p, const void* q_nope, const void* q_pe,
-                                       const void* latent_cache, const int32_t* seqlens, const void* w_uk,
-                                       const void* w_uv, void* out, float* lse, cudaStream_t stream) {
+                                       const void* latent_cache, const int32_t* block_table, const int32_t* seqlens,
+                                       const void* w_uk, const void* w_uv, void* out, float* lse, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat32:
-      return forward_typed<float>(p, q_nope, q_pe, latent_cache, seqlens, w_uk, w_uv, out, lse, stream);
+      return forward_typed<float>(p, q_nope, q_pe, latent_cache, block_table, seqlens, w_uk, w_uv, out, lse, stream);
     case DType::kBFloat16:
-      return forward_typed<__nv_bfloat16>(p, q_nope, q_pe, latent_cache, seqlens, w_uk, w_uv, out, lse, stream);
+      return forward_typed<__nv_bfloat16>(p, q_nope, q_pe, latent_cache, block_table, seqlens, w_uk, w_uv, out, lse, stream);
     case DType::kFloat16:
-      return forward_typed<__half>(p, q_nope, q_pe, latent_cache, seqlens, w_uk, w_uv, out, lse, stream);
+      return forward_typed<__half>(p, q_nope, q_pe, latent_cache, block_table, seqlens, w_uk, w_uv, out, lse, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_mla_prefill_backward(DType dtype, const Params& p, const void* grad_out, const float* grad_lse,
                                         const void* q_nope, const void* q_pe, const void* latent_cache,
-                                        const int32_t* seqlens, const void* w_uk, const void* w_uv, const void* out,
+                                        const int32_t* block_table, const int32_t* seqlens, const void* w_uk, const void* w_uv, const void* out,
                                         const float* lse, void* grad_q_nope, void* grad_q_pe, float* grad_cache,
                                         float* grad_w_uk, float* grad_w_uv, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat32:
-      return backward_typed<float>(p, grad_out, grad_lse, q_nope, q_pe, latent_cache, seqlens, w_uk, w_uv, out,
+      return backward_typed<float>(p, grad_out, grad_lse, q_nope, q_pe, latent_cache, block_table, seqlens, w_uk, w_uv, out,
                                    lse, grad_q_nope, grad_q_pe, grad_cache, grad_w_uk, grad_w_uv, stream);
     case DType::kBFloat16:
-      return backward_typed<__nv_bfloat16>(p, grad_out, grad_lse, q_nope, q_pe, latent_cache, seqlens, w_uk,
+      return backward_typed<__nv_bfloat16>(p, grad_out, grad_lse, q_nope, q_pe, latent_cache, block_table, seqlens, w_uk,
                                            w_uv, out, lse, grad_q_nope, grad_q_pe, grad_cache, grad_w_uk,
                                            grad_w_uv, stream);
     case DType::kFloat16:
-      return backward_typed<__half>(p, grad_out, grad_lse, q_nope, q_pe, latent_cache, seqlens, w_uk, w_uv, out,
+      return backward_typed<__half>(p, grad_out, grad_lse, q_nope, q_pe, latent_cache, block_table, seqlens, w_uk, w_uv, out,
                                     lse, grad_q_nope, grad_q_pe, grad_cache, grad_w_uk, grad_w_uv, stream);
   }
   return cudaErrorInvalidValue;

@@ -15,6 +15,7 @@ def mla_prefill(
     w_uk: torch.Tensor,
     w_uv: torch.Tensor,
     softmax_scale: float,
+    block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal MLA attention of ``S`` new tokens over the latent cache (prefix + themselves).
 
@@ -32,6 +33,10 @@ def mla_prefill(
         w_uk: ``[H, Dn, C]``; w_uv: ``[H, Dv, C]`` (views of ``kv_b_proj.weight`` are fine, see
             :func:`latentmoe.reference.mla.split_kv_b`).
         softmax_scale: multiplies ``q_nope . k_nope + q_pe . k_pe``.
+        block_table: optional ``[B, max_pages]`` int32 for a paged cache: ``latent_cache`` is then
+            ``[num_pages, page_size, C + R]`` and token ``t`` of row ``b`` lives in page
+            ``block_table[b, t // page_size]``, slot ``t % page_size`` (as
+            :func:`latentmoe.reference.mla.gather_paged`); capacity ``max_pages * page_size``.
     All floating tensors share one dtype and device; their last dims must be contiguous.
     Query ``i`` of row ``b`` sits at position ``cache_seqlens[b] - S + i`` and sees keys
     ``0..`` that position. Queries at negative positions (rows shorter than ``S``, e.g. empty rows)
@@ -42,7 +47,7 @@ def mla_prefill(
         Differentiable in ``q_nope``, ``q_pe``, ``latent_cache``, ``w_uk``, ``w_uv`` (and in
         ``lse``).
     """
-    return _lib.mla_prefill.default(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale)
+    return _lib.mla_prefill.default(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table)
 
 
 def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
@@ -56,10 +61,11 @@ def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
 
 
 @torch.library.register_fake("latentmoe::mla_prefill")
-def _mla_prefill_fake(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale):
+def _mla_prefill_fake(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table=None):
+    extra = {} if block_table is None else {"block_table": block_table}
     _check_same_device(
         "mla_prefill", q_nope=q_nope, q_pe=q_pe, latent_cache=latent_cache,
-        cache_seqlens=cache_seqlens, w_uk=w_uk, w_uv=w_uv,
+        cache_seqlens=cache_seqlens, w_uk=w_uk, w_uv=w_uv, **extra,
     )
     B, S, H, _ = q_nope.shape
     Dv = w_uv.shape[1]
@@ -68,7 +74,8 @@ def _mla_prefill_fake(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, sof
 
 @torch.library.register_fake("latentmoe::mla_prefill_backward")
 def _mla_prefill_backward_fake(
-    grad_out, grad_lse, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, softmax_scale
+    grad_out, grad_lse, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, softmax_scale,
+    block_table=None,
 ):
     return (
         torch.empty_like(q_nope, memory_format=torch.contiguous_format),
@@ -80,24 +87,24 @@ def _mla_prefill_backward_fake(
 
 
 def _setup(ctx, inputs, output):
-    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale = inputs
+    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table = inputs
     out, lse = output
-    ctx.save_for_backward(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse)
+    ctx.save_for_backward(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, block_table)
     ctx.softmax_scale = softmax_scale
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse = ctx.saved_tensors
+    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, block_table = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
     grads = _lib.mla_prefill_backward.default(
         grad_out.contiguous(), grad_lse.float().contiguous(), q_nope, q_pe, latent_cache, cache_seqlens,
-        w_uk, w_uv, out, lse, ctx.softmax_scale,
+        w_uk, w_uv, out, lse, ctx.softmax_scale, block_table,
     )
     g_qn, g_qp, g_cache, g_wuk, g_wuv = grads
-    return g_qn, g_qp, g_cache, None, g_wuk, g_wuv, None
+    return g_qn, g_qp, g_cache, None, g_wuk, g_wuv, None, None
 
 
 torch.library.register_autograd("latentmoe::mla_prefill", _backward, setup_context=_setup)
