@@ -68,6 +68,33 @@ def latent_prefill(attn: DeepseekV3Attention, x: torch.Tensor, cos: torch.Tensor
     return attn.o_proj(out.reshape(B, S, H * V))
 
 
+def attention_cores(attn, x, cos, sin):
+    """The attention part alone, on the same projected inputs: HF's ``expand_kv`` (``kv_b_proj`` over
+    all tokens) + SDPA causal (what HF's sdpa path runs), and the ``mla_prefill`` op on the latent."""
+    B, S, _ = x.shape
+    H, N, R, C, V = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank, attn.v_head_dim
+    q = attn.q_proj(x).view(B, S, H, N + R)
+    kv = attn.kv_a_proj_with_mqa(x)
+    c_kv = attn.kv_a_layernorm(kv[..., :C])
+    interleave = bool(attn.config.rope_interleave)
+    q_pe = apply_rope(q[..., N:], cos, sin, interleave)
+    k_pe = apply_rope(kv[..., C:].view(B, S, 1, R), cos, sin, interleave)[:, :, 0]
+    q_nope = q[..., :N]
+    q_hf = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+    cache = torch.cat([c_kv, k_pe], dim=-1)
+    w_uk, w_uv = split_kv_b(attn.kv_b_proj.weight, H, N, V)
+    lens = torch.full((B,), S, dtype=torch.int32, device=x.device)
+
+    def hf_core():
+        k, v = attn.expand_kv(c_kv.view(B, 1, S, C), k_pe.view(B, 1, S, R))
+        return torch.nn.functional.scaled_dot_product_attention(q_hf, k, v, is_causal=True, scale=attn.scaling)
+
+    def ours_core():
+        return latentmoe.ops.mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, attn.scaling)
+
+    return hf_core, ours_core
+
+
 def _inputs(cfg, S, device, dtype):
     x = torch.randn(1, S, cfg.hidden_size, device=device, dtype=dtype)
     pos = torch.arange(S, device=device)[None]
@@ -94,28 +121,44 @@ def op_peak_extra_bytes(S: int, device: str, dtype: torch.dtype) -> int:
         return torch.cuda.max_memory_allocated() - base
     # CPU: the process's peak RSS grows only past its previous peak, so measure in a fresh child
     # whose inputs are allocated (and touched) before the call.
-    code = _CPU_PEAK_SCRIPT.format(S=S, dtype=str(dtype).removeprefix("torch."))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(latentmoe.__file__))] + sys.path)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    # The child imports the same latentmoe as this process (an editable install of another checkout
+    # must not shadow it).
+    pkg_root = os.path.dirname(os.path.dirname(latentmoe.__file__))
+    prelude = (
+        f"import sys; sys.path.insert(0, {pkg_root!r}); "
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]\n"
+    )
+    code = prelude + _CPU_PEAK_SCRIPT.format(S=S, dtype=str(dtype).removeprefix("torch."))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(json.loads(res.stdout.strip().splitlines()[-1])["extra"])
 
 
-# Peak RSS (ru_maxrss, KiB on Linux) before and after one call, in a fresh process. Before the call
-# the process's peak is its current footprint (inputs built in place, a warm-up call on 64 tokens
-# already loaded the kernels), so the difference is the call's extra peak.
+# Peak RSS of one call in a fresh process: build the inputs in place, warm up on 64 tokens, reset the
+# kernel's high-water mark to the current RSS (/proc/self/clear_refs "5", Linux >= 4.0), run the
+# call, read VmHWM. Without clear_refs, fall back to (peak after - RSS before): an upper bound.
 _CPU_PEAK_SCRIPT = """
-import json, math, resource, torch, latentmoe
+import json, math, torch, latentmoe
+
+def status_kib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
 S = {S}; H, N, R, C, V = 16, 128, 64, 512, 128; dt = torch.{dtype}
 q_nope = torch.empty(1, S, H, N, dtype=dt).normal_(); q_pe = torch.empty(1, S, H, R, dtype=dt).normal_()
 cache = torch.empty(1, S, C + R, dtype=dt).normal_()
 w_uk = torch.empty(H, N, C, dtype=dt).normal_(0, C ** -0.5); w_uv = torch.empty(H, V, C, dtype=dt).normal_(0, C ** -0.5)
 small = torch.full((1,), 64, dtype=torch.int32)
 latentmoe.ops.mla_prefill(q_nope[:, -64:], q_pe[:, -64:], cache, small, w_uk, w_uv, 0.07)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = status_kib("VmRSS")
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
 out = latentmoe.ops.mla_prefill(q_nope, q_pe, cache, torch.full((1,), S, dtype=torch.int32), w_uk, w_uv, 0.07)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"extra": (after - before) * 1024}}))
+peak = status_kib("VmHWM")
+print(json.dumps({{"extra": max(0, peak - before) * 1024}}))
 """
 
 
@@ -134,13 +177,21 @@ def run(device: str, quick: bool) -> list[dict]:
         reps = 3 if device == "cpu" else 10
         t_hf = time_ms(lambda: attn(x, (cos, sin), None), device, warmup=1, reps=reps)
         t_ours = time_ms(lambda: latent_prefill(attn, x, cos, sin), device, warmup=1, reps=reps)
+        hf_core, ours_core = attention_cores(attn, x, cos, sin)
+        t_hf_core = time_ms(hf_core, device, warmup=1, reps=reps)
+        t_ours_core = time_ms(ours_core, device, warmup=1, reps=reps)
     mode = f"prefill-{dt}"
+    core = "attention only: HF expand_kv (kv_b_proj on all tokens) + SDPA causal vs the mla_prefill op"
     note = f"H=16 C=512 R=64 N=128 V=128 hidden=2048; layer fwd incl. projections; max rel diff vs HF {rel:.1e}"
     rows += [
         row("mla_prefill", "hf_sdpa", mode, S, t_hf, device, note=note),
         row("mla_prefill", "latentmoe", mode, S, t_ours, device, note=note),
         ratio_row("mla_prefill", "speedup_vs_hf_sdpa", S, t_hf[0] / t_ours[0], device,
                   "goal >= 2x at 4K" + (" (quick run: 1K)" if quick else "")),
+        row("mla_prefill_core", "hf_expand_sdpa", mode, S, t_hf_core, device, note=core),
+        row("mla_prefill_core", "latentmoe", mode, S, t_ours_core, device, note=core),
+        ratio_row("mla_prefill_core", "speedup_vs_hf_expand_sdpa", S, t_hf_core[0] / t_ours_core[0], device,
+                  "attention part only (no goal in issue 3; context for the layer figure)"),
     ]
     if not quick:
         S_mem = 16384
