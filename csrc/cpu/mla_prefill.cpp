@@ -37,6 +37,20 @@ void load_f32(const T* src, float* dst, int64_t n, float mul = 1.f) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(src[k]) * mul;
 }
 
+// fp32 vector view of a raw buffer.
+at::Tensor vec(float* p, int64_t n) { return at::from_blob(p, {n}, at::TensorOptions().dtype(at::kFloat)); }
+
+// Causal mask of a score tile [nr, nt] whose row r sits at position (first_row_rel + r) relative to
+// the tile's first key: entries of keys after the row's position are set to `fill`. Rows see
+// more keys as r grows, so the loop stops at the first row that sees the whole tile.
+void mask_future_keys(float* tile, int64_t nr, int64_t nt, int64_t first_row_rel, float fill) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t n_vis = first_row_rel + r + 1;
+    if (n_vis >= nt) break;
+    std::fill(tile + r * nt + std::max<int64_t>(n_vis, 0), tile + (r + 1) * nt, fill);
+  }
+}
+
 struct Split {
   int64_t chunks;      // query chunks per (b, h)
   int64_t chunk_size;  // queries per chunk
@@ -87,7 +101,7 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
     std::vector<float> wk_buf(p.Dn * p.C), wv_buf(p.Dv * p.C);
     std::vector<float> qn(sp.chunk_size * p.Dn), qp(sp.chunk_size * p.R), acc(sp.chunk_size * p.Dv);
     std::vector<float> scores(sp.chunk_size * kKeyTile);
-    std::vector<math::SoftmaxState> state(sp.chunk_size);
+    std::vector<float> row_m(sp.chunk_size), row_l(sp.chunk_size);
     std::vector<float> ct(kKeyTile * p.C), kp(kKeyTile * p.R), kn(kKeyTile * p.Dn), v(kKeyTile * p.Dv);
     auto wk = mat(wk_buf.data(), p.Dn, p.C);
     auto wv = mat(wv_buf.data(), p.Dv, p.C);
@@ -118,7 +132,8 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
         const int64_t i = i_lo + r;
         load_f32(q_nope + b * p.qn_sb + i * p.qn_ss + h * p.qn_sh, qn.data() + r * p.Dn, p.Dn, p.scale);
         load_f32(q_pe + b * p.qp_sb + i * p.qp_ss + h * p.qp_sh, qp.data() + r * p.R, p.R, p.scale);
-        state[r] = math::softmax_empty();
+        row_m[r] = -INFINITY;
+        row_l[r] = 0.f;
       }
       std::fill(acc.begin(), acc.begin() + nq * p.Dv, 0.f);
       const int64_t pos0 = mla_prefill::query_pos(seqlen, p.S, i_lo);  // position of row 0
@@ -131,31 +146,22 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
         auto s = mat(scores.data(), nr, nt);
         at::mm_out(s, mat(qn.data() + r0 * p.Dn, nr, p.Dn), mat(kn.data(), nt, p.Dn).t());
         if (p.R > 0) s.addmm_(mat(qp.data() + r0 * p.R, nr, p.R), mat(kp.data(), nt, p.R).t());
-        for (int64_t r = 0; r < nr; ++r) {
-          float* sr = scores.data() + r * nt;
-          const int64_t pos = pos0 + r0 + r;
-          const int64_t n_vis = std::min(nt, pos - t0 + 1);  // >= 1: row r0 + r sees key t0
-          float m_tile = -INFINITY;
-          for (int64_t j = 0; j < n_vis; ++j) m_tile = std::max(m_tile, sr[j]);
-          math::SoftmaxState& st = state[r0 + r];
-          const float m_new = std::max(st.m, m_tile);
-          const float resc = math::softmax_rescale(st.m, m_new);
-          float sum = 0.f;
-          for (int64_t j = 0; j < nt; ++j) {
-            const float e = (j < n_vis && m_new != -INFINITY) ? math::fast_exp(sr[j] - m_new) : 0.f;
-            sr[j] = e;
-            sum += e;
-          }
-          st.l = st.l * resc + sum;
-          st.m = m_new;
-          float* ar = acc.data() + (r0 + r) * p.Dv;
-          for (int64_t d = 0; d < p.Dv; ++d) ar[d] *= resc;
-        }
+        mask_future_keys(scores.data(), nr, nt, pos0 + r0 - t0, -INFINITY);
+        // Online softmax on the whole tile with ATen's vectorised kernels. Every row here sees key
+        // t0, so m_new is finite and exp(m_old - m_new) is 0 for a row's first tile (m_old = -inf).
+        auto m_old = vec(row_m.data() + r0, nr);
+        auto l = vec(row_l.data() + r0, nr);
+        auto m_new = at::maximum(m_old, s.amax(1));
+        auto resc = (m_old - m_new).exp_();
+        s.sub_(m_new.unsqueeze(1)).exp_();
+        l.mul_(resc).add_(s.sum(1));
+        m_old.copy_(m_new);
+        mat(acc.data() + r0 * p.Dv, nr, p.Dv).mul_(resc.unsqueeze(1));
         mat(acc.data() + r0 * p.Dv, nr, p.Dv).addmm_(s, mat(v.data(), nt, p.Dv));
       }
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t i = i_lo + r;
-        const math::SoftmaxState st = state[r];
+        const math::SoftmaxState st{row_m[r], row_l[r]};
         const float inv = st.l > 0.f ? 1.f / st.l : 0.f;
         T* o = out + ((b * p.S + i) * p.H + h) * p.Dv;
         for (int64_t d = 0; d < p.Dv; ++d) o[d] = static_cast<T>(acc[r * p.Dv + d] * inv);
@@ -271,19 +277,11 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
         at::mm_out(pm, qn_m, kn_m.t());
         if (p.R > 0) pm.addmm_(qp_m, kp_m.t());
         at::mm_out(dsm, do_m, v_m.t());  // dP
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t pos = pos0 + r0 + r;
-          const int64_t n_vis = std::min(nt, pos - t0 + 1);
-          const float l = row_lse[r0 + r];
-          const float dl = delta[r0 + r];
-          float* pr = prob.data() + r * nt;
-          float* dr = dscore.data() + r * nt;
-          for (int64_t j = 0; j < nt; ++j) {
-            const float pj = (j < n_vis && l != -INFINITY) ? math::fast_exp(pr[j] * p.scale - l) : 0.f;
-            pr[j] = pj;
-            dr[j] = pj * (dr[j] - dl) * p.scale;
-          }
-        }
+        // P = exp(scale * s - lse) (every row here is live: finite lse), zero for future keys;
+        // dS = P (dP - delta) * scale.
+        pm.mul_(p.scale).sub_(vec(row_lse.data() + r0, nr).unsqueeze(1)).exp_();
+        mask_future_keys(prob.data(), nr, nt, pos0 + r0 - t0, 0.f);
+        dsm.sub_(vec(delta.data() + r0, nr).unsqueeze(1)).mul_(pm).mul_(p.scale);
         mat(dqn.data() + r0 * p.Dn, nr, p.Dn).addmm_(dsm, kn_m);
         if (p.R > 0) mat(dqp.data() + r0 * p.R, nr, p.R).addmm_(dsm, kp_m);
         auto dkn_m = mat(dkn.data(), nt, p.Dn);
