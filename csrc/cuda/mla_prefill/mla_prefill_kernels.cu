@@ -1,4 +1,4 @@
-// MLA prefill CUDA kernels: one block per (batch row, head, tile of kQTile queries). The block
+// MLA prefill CUDA kernels: one block per (batch row, head, tile of 16-64 queries). The block
 // walks the key tiles its queries can see; for each tile it decompresses the latent into per-head
 // K_nope / V in shared memory (c_kv and weight chunks of kCChunk columns staged in shared memory),
 // then runs an online softmax (forward) or the flash-attention style recompute (backward).
@@ -24,7 +24,7 @@ constexpr int kCStride = kCChunk + 1;  // padded rows: no bank conflicts on the 
 
 static_assert(kKTile == 32, "the softmax row update maps one key of a tile to one lane");
 
-int64_t n_query_tiles(const Params& p) { return (p.S + kQTile - 1) / kQTile; }
+int64_t n_query_tiles(const Params& p, int64_t qt) { return (p.S + qt - 1) / qt; }
 
 // Shared-memory staging area of the decompression (floats).
 __host__ __device__ inline int64_t stage_floats(const Params& p) {
@@ -88,8 +88,9 @@ struct Tile {
   int64_t b, h, seqlen, i_begin, i_end, i_lo, kv_end;
 };
 
+template <int QT>
 __device__ Tile block_tile(const Params& p, const int32_t* seqlens) {
-  const int64_t nqt = (p.S + kQTile - 1) / kQTile;
+  const int64_t nqt = (p.S + QT - 1) / QT;
   Tile tl;
   const int64_t blk = blockIdx.x;
   const int64_t qt = blk % nqt;
@@ -97,8 +98,8 @@ __device__ Tile block_tile(const Params& p, const int32_t* seqlens) {
   tl.b = blk / (nqt * p.H);
   int64_t len = seqlens[tl.b];
   tl.seqlen = len < 0 ? 0 : (len > p.Lmax ? p.Lmax : len);
-  tl.i_begin = qt * kQTile;
-  tl.i_end = min(p.S, tl.i_begin + kQTile);
+  tl.i_begin = qt * QT;
+  tl.i_end = min(p.S, tl.i_begin + QT);
   int64_t lo = mla_prefill::first_live_query(tl.seqlen, p.S);
   tl.i_lo = lo < tl.i_begin ? tl.i_begin : (lo > tl.i_end ? tl.i_end : lo);
   tl.kv_end = tl.i_lo < tl.i_end ? mla_prefill::query_pos(tl.seqlen, p.S, tl.i_end - 1) + 1 : 0;
@@ -114,13 +115,14 @@ __device__ __forceinline__ bool visible(const Params& p, const Tile& tl, int64_t
 
 // ---- forward ------------------------------------------------------------------------------------
 
-__host__ __device__ inline int64_t fwd_floats(const Params& p) {
+__host__ __device__ inline int64_t fwd_floats(const Params& p, int64_t QT) {
   const int64_t DK = p.Dn + p.R;
-  return kQTile * DK + kKTile * DK + kKTile * p.Dv + stage_floats(p) + kQTile * kKTile + kQTile * p.Dv +
-         3 * kQTile;
+  return QT * DK + kKTile * DK + kKTile * p.Dv + stage_floats(p) + QT * kKTile + QT * p.Dv +
+         3 * QT;
 }
 
-template <typename T>
+// QT queries per block (16, 32 or 64): larger tiles decompress each key tile for more queries.
+template <typename T, int QT>
 __global__ void __launch_bounds__(kThreads)
 mla_prefill_fwd_kernel(Params p, const T* __restrict__ q_nope, const T* __restrict__ q_pe,
                        const T* __restrict__ cache, const int32_t* __restrict__ block_table,
@@ -129,20 +131,20 @@ mla_prefill_fwd_kernel(Params p, const T* __restrict__ q_nope, const T* __restri
                        float* __restrict__ lse) {
   extern __shared__ float smem[];
   const int64_t DK = p.Dn + p.R;
-  float* qs = smem;                     // [kQTile][DK], scaled
-  float* ks = qs + kQTile * DK;         // [kKTile][DK]
+  float* qs = smem;                     // [QT][DK], scaled
+  float* ks = qs + QT * DK;         // [kKTile][DK]
   float* vs = ks + kKTile * DK;         // [kKTile][Dv]
   float* cs = vs + kKTile * p.Dv;       // [kKTile][kCStride]
   float* ws = cs + kKTile * kCStride;   // [Dn+Dv][kCStride]
-  float* ss = ws + (p.Dn + p.Dv) * kCStride;  // [kQTile][kKTile]
-  float* acc = ss + kQTile * kKTile;    // [kQTile][Dv]
-  float* row_m = acc + kQTile * p.Dv;   // [kQTile]
-  float* row_l = row_m + kQTile;
-  float* row_r = row_l + kQTile;
-  const Tile tl = block_tile(p, seqlens);
+  float* ss = ws + (p.Dn + p.Dv) * kCStride;  // [QT][kKTile]
+  float* acc = ss + QT * kKTile;    // [QT][Dv]
+  float* row_m = acc + QT * p.Dv;   // [QT]
+  float* row_l = row_m + QT;
+  float* row_r = row_l + QT;
+  const Tile tl = block_tile<QT>(p, seqlens);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
 
-  for (int64_t idx = threadIdx.x; idx < kQTile * DK; idx += blockDim.x) {
+  for (int64_t idx = threadIdx.x; idx < QT * DK; idx += blockDim.x) {
     const int64_t r = idx / DK, d = idx % DK, i = tl.i_begin + r;
     float v = 0.f;
     if (i >= tl.i_lo && i < tl.i_end) {
@@ -151,17 +153,17 @@ mla_prefill_fwd_kernel(Params p, const T* __restrict__ q_nope, const T* __restri
     }
     qs[idx] = v * p.scale;
   }
-  for (int64_t idx = threadIdx.x; idx < kQTile * p.Dv; idx += blockDim.x) acc[idx] = 0.f;
-  if (threadIdx.x < kQTile) {
-    row_m[threadIdx.x] = -INFINITY;
-    row_l[threadIdx.x] = 0.f;
-    row_r[threadIdx.x] = 1.f;
+  for (int64_t idx = threadIdx.x; idx < QT * p.Dv; idx += blockDim.x) acc[idx] = 0.f;
+  for (int r = threadIdx.x; r < QT; r += blockDim.x) {
+    row_m[r] = -INFINITY;
+    row_l[r] = 0.f;
+    row_r[r] = 1.f;
   }
 
   for (int64_t t0 = 0; t0 < tl.kv_end; t0 += kKTile) {
     const int64_t nt = min(static_cast<int64_t>(kKTile), tl.kv_end - t0);
     decompress_tile(p, cache, block_table, w_uk, w_uv, tl.b, tl.h, t0, nt, ks, vs, cs, ws);
-    for (int64_t idx = threadIdx.x; idx < kQTile * kKTile; idx += blockDim.x) {
+    for (int64_t idx = threadIdx.x; idx < QT * kKTile; idx += blockDim.x) {
       const int64_t r = idx / kKTile, t = idx % kKTile;
       float s = -INFINITY;
       if (visible(p, tl, r, t0, t, nt)) {
@@ -171,7 +173,7 @@ mla_prefill_fwd_kernel(Params p, const T* __restrict__ q_nope, const T* __restri
       ss[idx] = s;
     }
     __syncthreads();
-    for (int r = warp; r < kQTile; r += n_warps) {
+    for (int r = warp; r < QT; r += n_warps) {
       const float s = ss[r * kKTile + lane];
       const float m_old = row_m[r];
       const float m_new = fmaxf(m_old, warp_max(s));
@@ -186,7 +188,7 @@ mla_prefill_fwd_kernel(Params p, const T* __restrict__ q_nope, const T* __restri
       }
     }
     __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < kQTile * p.Dv; idx += blockDim.x) {
+    for (int64_t idx = threadIdx.x; idx < QT * p.Dv; idx += blockDim.x) {
       const int64_t r = idx / p.Dv, d = idx % p.Dv;
       float a = acc[idx] * row_r[r];
       for (int64_t t = 0; t < nt; ++t) a += ss[r * kKTile + t] * vs[t * p.Dv + d];
@@ -240,7 +242,7 @@ mla_prefill_bwd_kernel(Params p, const T* __restrict__ grad_out, const float* __
   float* dss = ps + kQTile * kKTile;    // [kQTile][kKTile]
   float* cs = dss + kQTile * kKTile;    // staging
   float* ws = cs + kKTile * kCStride;
-  const Tile tl = block_tile(p, seqlens);
+  const Tile tl = block_tile<kQTile>(p, seqlens);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
 
   for (int64_t idx = threadIdx.x; idx < kQTile * DK; idx += blockDim.x) {
@@ -353,21 +355,40 @@ mla_prefill_bwd_kernel(Params p, const T* __restrict__ grad_out, const float* __
   }
 }
 
-template <typename T>
-cudaError_t forward_typed(const Params& p, const void* q_nope, const void* q_pe, const void* cache,
-                          const int32_t* block_table, const int32_t* seqlens, const void* w_uk, const void* w_uv, void* out, float* lse,
-                          cudaStream_t stream) {
-  const int64_t blocks = p.B * p.H * n_query_tiles(p);
+template <typename T, int QT>
+cudaError_t forward_tiled(const Params& p, const void* q_nope, const void* q_pe, const void* cache,
+                          const int32_t* block_table, const int32_t* seqlens, const void* w_uk, const void* w_uv,
+                          void* out, float* lse, cudaStream_t stream) {
+  const int64_t blocks = p.B * p.H * n_query_tiles(p, QT);
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  const size_t smem = mla_prefill_forward_smem_bytes(p);
-  cudaError_t err = cudaFuncSetAttribute(mla_prefill_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  const size_t smem = static_cast<size_t>(fwd_floats(p, QT)) * sizeof(float);
+  cudaError_t err = cudaFuncSetAttribute(mla_prefill_fwd_kernel<T, QT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  mla_prefill_fwd_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
-      p, static_cast<const T*>(q_nope), static_cast<const T*>(q_pe), static_cast<const T*>(cache), block_table, seqlens,
-      static_cast<const T*>(w_uk), static_cast<const T*>(w_uv), static_cast<T*>(out), lse);
+  mla_prefill_fwd_kernel<T, QT><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+      p, static_cast<const T*>(q_nope), static_cast<const T*>(q_pe), static_cast<const T*>(cache), block_table,
+      seqlens, static_cast<const T*>(w_uk), static_cast<const T*>(w_uv), static_cast<T*>(out), lse);
   return cudaGetLastError();
+}
+
+// The largest query tile whose shared memory fits the device (the binding checked that 16 fits).
+template <typename T>
+cudaError_t forward_typed(const Params& p, const void* q_nope, const void* q_pe, const void* cache,
+                          const int32_t* block_table, const int32_t* seqlens, const void* w_uk, const void* w_uv,
+                          void* out, float* lse, cudaStream_t stream) {
+  int dev = 0, limit = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  auto fits = [&](int64_t qt) { return fwd_floats(p, qt) * static_cast<int64_t>(sizeof(float)) <= limit; };
+  if (fits(64) && p.S > 32) {
+    return forward_tiled<T, 64>(p, q_nope, q_pe, cache, block_table, seqlens, w_uk, w_uv, out, lse, stream);
+  }
+  if (fits(32) && p.S > 16) {
+    return forward_tiled<T, 32>(p, q_nope, q_pe, cache, block_table, seqlens, w_uk, w_uv, out, lse, stream);
+  }
+  return forward_tiled<T, kQTile>(p, q_nope, q_pe, cache, block_table, seqlens, w_uk, w_uv, out, lse, stream);
 }
 
 template <typename T>
@@ -376,7 +397,7 @@ cudaError_t backward_typed(const Params& p, const void* grad_out, const float* g
                            const void* w_uv, const void* out, const float* lse, void* grad_q_nope,
                            void* grad_q_pe, float* grad_cache, float* grad_w_uk, float* grad_w_uv,
                            cudaStream_t stream) {
-  const int64_t blocks = p.B * p.H * n_query_tiles(p);
+  const int64_t blocks = p.B * p.H * n_query_tiles(p, kQTile);
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = mla_prefill_backward_smem_bytes(p);
@@ -393,7 +414,9 @@ cudaError_t backward_typed(const Params& p, const void* grad_out, const float* g
 
 }  // namespace
 
-size_t mla_prefill_forward_smem_bytes(const Params& p) { return static_cast<size_t>(fwd_floats(p)) * sizeof(float); }
+size_t mla_prefill_forward_smem_bytes(const Params& p) {
+  return static_cast<size_t>(fwd_floats(p, kQTile)) * sizeof(float);
+}
 size_t mla_prefill_backward_smem_bytes(const Params& p) { return static_cast<size_t>(bwd_floats(p)) * sizeof(float); }
 
 cudaError_t launch_mla_prefill_forward(DType dtype, const Params& p, const void* q_nope, const void* q_pe,

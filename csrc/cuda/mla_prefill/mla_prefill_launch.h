@@ -12,7 +12,8 @@
 
 namespace latentmoe::cuda {
 
-// Dynamic shared memory (bytes) one block of each kernel needs for these head dims.
+// Dynamic shared memory (bytes) one block of each kernel needs for these head dims (forward: with
+// the smallest query tile; the launcher takes a larger tile when the device has room).
 size_t mla_prefill_forward_smem_bytes(const mla_prefill::Params& p);
 size_t mla_prefill_backward_smem_bytes(const mla_prefill::Params& p);
 
