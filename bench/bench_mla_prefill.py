@@ -18,7 +18,10 @@ import sys
 
 import torch
 from transformers import DeepseekV3Config
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3Attention,
+    DeepseekV3RotaryEmbedding,
+)
 
 import latentmoe
 from bench.common import ratio_row, row, time_ms
@@ -30,9 +33,10 @@ GiB = 1024**3
 def make_config() -> DeepseekV3Config:
     """Issue 3's measured shape: hidden 2048, 16 heads, kv_lora 512, rope 64 (nope 128, v 128)."""
     cfg = DeepseekV3Config(
-        vocab_size=128, hidden_size=2048, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64,
-        qk_nope_head_dim=128, v_head_dim=128, rope_interleave=True, max_position_embeddings=32768,
+        vocab_size=128, hidden_size=2048, intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, rope_interleave=True,
+        max_position_embeddings=32768,
         n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
     )
     cfg._attn_implementation = "sdpa"
@@ -51,10 +55,13 @@ def make_attention(cfg, device, dtype) -> DeepseekV3Attention:
     return attn.to(device=device, dtype=dtype).eval()
 
 
-def latent_prefill(attn: DeepseekV3Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def latent_prefill(
+    attn: DeepseekV3Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
     """The HF layer's prefill (no prior cache) with attention done by ``mla_prefill``."""
     B, S, _ = x.shape
-    H, N, R, C, V = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank, attn.v_head_dim
+    H, N, R = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
+    C, V = attn.kv_lora_rank, attn.v_head_dim
     q = attn.q_proj(x).view(B, S, H, N + R)
     kv = attn.kv_a_proj_with_mqa(x)
     c_kv = attn.kv_a_layernorm(kv[..., :C])
@@ -72,7 +79,8 @@ def attention_cores(attn, x, cos, sin):
     """The attention part alone, on the same projected inputs: HF's ``expand_kv`` (``kv_b_proj`` over
     all tokens) + SDPA causal (what HF's sdpa path runs), and the ``mla_prefill`` op on the latent."""
     B, S, _ = x.shape
-    H, N, R, C, V = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank, attn.v_head_dim
+    H, N, R = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
+    C, V = attn.kv_lora_rank, attn.v_head_dim
     q = attn.q_proj(x).view(B, S, H, N + R)
     kv = attn.kv_a_proj_with_mqa(x)
     c_kv = attn.kv_a_layernorm(kv[..., :C])
@@ -87,7 +95,8 @@ def attention_cores(attn, x, cos, sin):
 
     def hf_core():
         k, v = attn.expand_kv(c_kv.view(B, 1, S, C), k_pe.view(B, 1, S, R))
-        return torch.nn.functional.scaled_dot_product_attention(q_hf, k, v, is_causal=True, scale=attn.scaling)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return sdpa(q_hf, k, v, is_causal=True, scale=attn.scaling)
 
     def ours_core():
         return latentmoe.ops.mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, attn.scaling)
@@ -147,7 +156,8 @@ def status_kib(key):
 S = {S}; H, N, R, C, V = 16, 128, 64, 512, 128; dt = torch.{dtype}
 q_nope = torch.empty(1, S, H, N, dtype=dt).normal_(); q_pe = torch.empty(1, S, H, R, dtype=dt).normal_()
 cache = torch.empty(1, S, C + R, dtype=dt).normal_()
-w_uk = torch.empty(H, N, C, dtype=dt).normal_(0, C ** -0.5); w_uv = torch.empty(H, V, C, dtype=dt).normal_(0, C ** -0.5)
+w_uk = torch.empty(H, N, C, dtype=dt).normal_(0, C ** -0.5)
+w_uv = torch.empty(H, V, C, dtype=dt).normal_(0, C ** -0.5)
 small = torch.full((1,), 64, dtype=torch.int32)
 latentmoe.ops.mla_prefill(q_nope[:, -64:], q_pe[:, -64:], cache, small, w_uk, w_uv, 0.07)
 before = status_kib("VmRSS")
@@ -182,7 +192,8 @@ def run(device: str, quick: bool) -> list[dict]:
         t_ours_core = time_ms(ours_core, device, warmup=1, reps=reps)
     mode = f"prefill-{dt}"
     core = "attention only: HF expand_kv (kv_b_proj on all tokens) + SDPA causal vs the mla_prefill op"
-    note = f"H=16 C=512 R=64 N=128 V=128 hidden=2048; layer fwd incl. projections; max rel diff vs HF {rel:.1e}"
+    note = (f"H=16 C=512 R=64 N=128 V=128 hidden=2048; layer fwd incl. projections; "
+            f"max rel diff vs HF {rel:.1e}")
     rows += [
         row("mla_prefill", "hf_sdpa", mode, S, t_hf, device, note=note),
         row("mla_prefill", "latentmoe", mode, S, t_ours, device, note=note),
@@ -196,13 +207,15 @@ def run(device: str, quick: bool) -> list[dict]:
     if not quick:
         S_mem = 16384
         extra = op_peak_extra_bytes(S_mem, device, dtype)
-        how = "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS delta in a fresh process"
+        how = "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS in a fresh process"
+        note = f"goal < 4 GiB at 16K; op alone, outputs included; {how}"
         rows.append(row("mla_prefill", "latentmoe", f"peak-extra-mem-{dt}", S_mem, (extra / GiB,) * 3, device,
-                        metric="memory", unit="GiB", note=f"goal < 4 GiB at 16K; op alone, outputs included; {how}"))
+                        metric="memory", unit="GiB", note=note))
     return rows
 
 
 if __name__ == "__main__":  # python -m bench.bench_mla_prefill [cpu|cuda] [--full]
-    dev = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ("cuda" if torch.cuda.is_available() else "cpu")
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else default
     for r in run(dev, quick="--full" not in sys.argv):
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})

@@ -47,7 +47,9 @@ def mla_prefill(
         Differentiable in ``q_nope``, ``q_pe``, ``latent_cache``, ``w_uk``, ``w_uv`` (and in
         ``lse``).
     """
-    return _lib.mla_prefill.default(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table)
+    return _lib.mla_prefill.default(
+        q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table
+    )
 
 
 def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
