@@ -72,6 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
   auto grad_w_uv = at::zeros({p.H, p.Dv, p.C}, f32);
   if (p.B * p.S > 0) {
     check_smem(op, mla_prefill_backward_smem_bytes(p));
+    auto delta = at::empty({p.B, p.S, p.H}, f32);
     check_launch(op, launch_mla_prefill_backward(
                          to_dtype(q_nope.scalar_type()), p, go.const_data_ptr(), gl.const_data_ptr<float>(),
                          q_nope.const_data_ptr(), q_pe.const_data_ptr(), latent_cache.const_data_ptr(),
@@ -79,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
                          o.const_data_ptr(), l.const_data_ptr<float>(), grad_q_nope.mutable_data_ptr(),
                          grad_q_pe.mutable_data_ptr(), grad_cache.mutable_data_ptr<float>(),
                          grad_w_uk.mutable_data_ptr<float>(), grad_w_uv.mutable_data_ptr<float>(),
-                         at::cuda::getCurrentCUDAStream()));
+                         delta.mutable_data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
   }
   const auto dt = q_nope.scalar_type();
   return {grad_q_nope, grad_q_pe, grad_cache.to(dt), grad_w_uk.to(dt), grad_w_uv.to(dt)};

@@ -29,13 +29,13 @@ cudaError_t launch_mla_prefill_forward(DType dtype, const mla_prefill::Params& p
 // grad_out / out [B, S, H, Dv] contiguous (dtype), grad_lse / lse [B, S, H] fp32 contiguous.
 // Writes grad_q_nope [B, S, H, Dn] and grad_q_pe [B, S, H, R] (contiguous, dtype) and ADDS into
 // the zero-initialised fp32 accumulators grad_cache (the cache's shape, contiguous), grad_w_uk [H, Dn, C],
-// grad_w_uv [H, Dv, C] (atomics).
+// grad_w_uv [H, Dv, C] (atomics). `delta` [B, S, H] fp32 is scratch (dO . O - dlse per query).
 cudaError_t launch_mla_prefill_backward(DType dtype, const mla_prefill::Params& p, const void* grad_out,
                                         const float* grad_lse, const void* q_nope, const void* q_pe,
                                         const void* latent_cache, const int32_t* block_table,
                                         const int32_t* seqlens, const void* w_uk,
                                         const void* w_uv, const void* out, const float* lse,
                                         void* grad_q_nope, void* grad_q_pe, float* grad_cache,
-                                        float* grad_w_uk, float* grad_w_uv, cudaStream_t stream);
+                                        float* grad_w_uk, float* grad_w_uv, float* delta, cudaStream_t stream);
 
 }  // namespace latentmoe::cuda
