@@ -1,8 +1,9 @@
-// MLA prefill CUDA kernels: one block per (batch row, head, tile of 16-64 queries). The block
-// walks the key tiles its queries can see; for each tile it decompresses the latent into per-head
-// K_nope / V in shared memory (c_kv and weight chunks of kCChunk columns staged in shared memory),
-// then runs an online softmax (forward) or the flash-attention style recompute (backward).
-// Straightforward fp32 CUDA-core code: written to be obviously correct, every index guarded.
+// MLA prefill CUDA kernels. Forward: one block per (batch row, head, tile of 16-64 queries); the
+// block walks the key tiles its queries can see, decompresses each into per-head K_nope / V in
+// shared memory (c_kv and weight chunks of kCChunk columns staged in shared memory) and runs an
+// online softmax. Backward: two kernels recomputing K/V the same way (see the backward section).
+// Straightforward fp32 CUDA-core code (no tensor cores): written to be obviously correct, every
+// index guarded. tests/mla_prefill_emulation runs these kernels on the host (threads + barriers).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
