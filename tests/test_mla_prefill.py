@@ -475,7 +475,10 @@ def test_forward_extra_memory_is_o_tokens(device):
 
 _ROOT = Path(__file__).resolve().parents[1]
 _EMU = Path(__file__).resolve().parent / "mla_prefill_emulation"
-_PROBE = "#include <barrier>\n#include <atomic>\nint main(){float f=0; std::atomic_ref<float>(f).fetch_add(1.f);}\n"
+_PROBE = (
+    "#include <barrier>\n#include <atomic>\n"
+    "int main() { float f = 0; std::atomic_ref<float>(f).fetch_add(1.f); }\n"
+)
 
 
 def _kernels_as_host_code(cu_source: str) -> str:
@@ -501,7 +504,8 @@ def emulated_kernels(tmp_path_factory):
     (work / "kernels_host.inc").write_text(_kernels_as_host_code(cu))
     exe = work / "harness"
     res = subprocess.run(
-        [cxx, *flags, f"-I{_ROOT / 'csrc'}", f"-I{_EMU}", f"-I{work}", str(_EMU / "harness.cpp"), "-o", str(exe)],
+        [cxx, *flags, f"-I{_ROOT / 'csrc'}", f"-I{_EMU}", f"-I{work}", str(_EMU / "harness.cpp"),
+         "-o", str(exe)],
         capture_output=True, text=True,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -547,14 +551,17 @@ def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, query_tile, 
                           str(query_tile)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     flat = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32))
-    shapes = [(B, S, H, Dv), (B, S, H), (B, S, H, Dn), (B, S, H, R), tuple(cache.shape), (H, Dn, C), (H, Dv, C)]
+    shapes = [(B, S, H, Dv), (B, S, H), (B, S, H, Dn), (B, S, H, R), tuple(cache.shape), (H, Dn, C),
+              (H, Dv, C)]
     got = list(torch.split(flat, [math.prod(s) for s in shapes]))
     got = [g.view(s) for g, s in zip(got, shapes)]
 
     leaves = [t.clone().requires_grad_() for t in (q, cache, kv_b)]
     qq, cc, kk = leaves
     lens = torch.tensor(seqlens, dtype=torch.int32)
-    out, lse = mla_prefill(qq[..., :Dn], qq[..., Dn:], cc, lens, kk[:, :Dn], kk[:, Dn:], scale, block_table=table)
+    out, lse = mla_prefill(
+        qq[..., :Dn], qq[..., Dn:], cc, lens, kk[:, :Dn], kk[:, Dn:], scale, block_table=table
+    )
     live = torch.isfinite(lse)
     ((out * g_out).sum() + torch.where(live, lse * g_lse, 0).sum()).backward()
     want = [out.detach(), lse.detach(), qq.grad[..., :Dn], qq.grad[..., Dn:], cc.grad, kk.grad[:, :Dn],
