@@ -367,6 +367,30 @@ def test_layer_chunked_prefill_matches_hf(heads, q_lora, interleave, yarn):
     assert rel_err(outs[1], hf2) <= 1e-4
 
 
+def test_layer_training_gradients_match_hf():
+    # Every parameter's gradient through projections + mla_prefill + o_proj equals HF autograd.
+    from test_mla_common import causal_additive_mask, make_config, make_hf_attention, rel_err, rope_embeddings
+
+    cfg = make_config(heads=3, q_lora=24, yarn=True)
+    hf = make_hf_attention(cfg)
+    ours = make_hf_attention(cfg)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    B, S = 2, 9
+    x = torch.randn(B, S, cfg.hidden_size)
+    cos, sin = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
+    g = torch.randn(B, S, cfg.hidden_size)
+    x_hf, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (hf(x_hf, (cos, sin), causal_additive_mask(B, S, 0))[0] * g).sum().backward()
+    q_nope, q_pe, rows = _latent_rows(ours, x_ours, cos, sin)
+    w_uk, w_uv = reference.split_kv_b(ours.kv_b_proj.weight, 3, cfg.qk_nope_head_dim, cfg.v_head_dim)
+    lens = torch.full((B,), S, dtype=torch.int32)
+    o, _ = mla_prefill(q_nope, q_pe, rows, lens, w_uk, w_uv, ours.scaling)
+    (ours.o_proj(o.reshape(B, S, -1)) * g).sum().backward()
+    assert rel_err(x_ours.grad, x_hf.grad) <= 1e-4
+    for (name, p_hf), p_ours in zip(hf.named_parameters(), ours.parameters()):
+        assert rel_err(p_ours.grad, p_hf.grad) <= 1e-4, name
+
+
 def test_torch_compile_fullgraph(device):
     x = make_inputs(2, 4, 3, [9, 4], 10, **SMALL, device=device)
 
@@ -573,3 +597,11 @@ def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, query_tile, 
             assert torch.equal(torch.isinf(g), torch.isinf(w))
             g, w = g[torch.isfinite(w)], w[torch.isfinite(w)]
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * max(1.0, w.abs().max().item()), msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["latent_cache", "cache_seqlens", "w_uv"])
+def test_device_mismatch_names_argument(name):
+    x = make_inputs(2, 3, 2, [5, 3], 6, C=8, R=4, Dn=8, Dv=6, device="cuda")
+    with pytest.raises(RuntimeError, match=name):
+        _call(x, **{name: x[name].cpu()})
