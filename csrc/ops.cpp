@@ -41,15 +41,15 @@ TORCH_LIBRARY(latentmoe, m) {
   // (token t of row b in page block_table[b, t / page_size], slot t % page_size; capacity
   // max_pages * page_size), as mla_decode.
   m.def(
-      "mla_prefill(Tensor q_nope, Tensor q_pe, Tensor latent_cache, Tensor cache_seqlens,"
+      "mla_prefill_fused(Tensor q_nope, Tensor q_pe, Tensor latent_cache, Tensor cache_seqlens,"
       " Tensor w_uk, Tensor w_uv, float softmax_scale, Tensor? block_table=None)"
       " -> (Tensor out, Tensor lse)");
-  // Backward of mla_prefill (K/V recomputed per tile from the latent, probabilities from lse).
+  // Backward of mla_prefill_fused (K/V recomputed per tile from the latent, probabilities from lse).
   // grad_out [B, S, H, Dv] (input dtype), grad_lse [B, S, H] fp32 (zeros if unused), out / lse as
-  // returned by mla_prefill. Returns grad_q_nope, grad_q_pe, grad_latent_cache (the cache's shape,
+  // returned by mla_prefill_fused. Returns grad_q_nope, grad_q_pe, grad_latent_cache (the cache's shape,
   // contiguous or paged; zero outside the rows read), grad_w_uk, grad_w_uv, all in the input dtype.
   m.def(
-      "mla_prefill_backward(Tensor grad_out, Tensor grad_lse, Tensor q_nope, Tensor q_pe,"
+      "mla_prefill_fused_backward(Tensor grad_out, Tensor grad_lse, Tensor q_nope, Tensor q_pe,"
       " Tensor latent_cache, Tensor cache_seqlens, Tensor w_uk, Tensor w_uv, Tensor out,"
       " Tensor lse, float softmax_scale, Tensor? block_table=None) -> (Tensor grad_q_nope, Tensor grad_q_pe,"
       " Tensor grad_latent_cache, Tensor grad_w_uk, Tensor grad_w_uv)");

@@ -1,4 +1,4 @@
-"""MLA prefill op: causal latent attention with in-kernel decompression, fake kernels, autograd."""
+"""MLA prefill op ``mla_prefill_fused``: causal latent attention with in-kernel decompression, fake kernels, autograd."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 _lib = torch.ops.latentmoe
 
 
-def mla_prefill(
+def mla_prefill_fused(
     q_nope: torch.Tensor,
     q_pe: torch.Tensor,
     latent_cache: torch.Tensor,
@@ -47,7 +47,7 @@ def mla_prefill(
         Differentiable in ``q_nope``, ``q_pe``, ``latent_cache``, ``w_uk``, ``w_uv`` (and in
         ``lse``).
     """
-    return _lib.mla_prefill.default(
+    return _lib.mla_prefill_fused.default(
         q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table
     )
 
@@ -62,11 +62,11 @@ def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
             )
 
 
-@torch.library.register_fake("latentmoe::mla_prefill")
+@torch.library.register_fake("latentmoe::mla_prefill_fused")
 def _mla_prefill_fake(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table=None):
     extra = {} if block_table is None else {"block_table": block_table}
     _check_same_device(
-        "mla_prefill", q_nope=q_nope, q_pe=q_pe, latent_cache=latent_cache,
+        "mla_prefill_fused", q_nope=q_nope, q_pe=q_pe, latent_cache=latent_cache,
         cache_seqlens=cache_seqlens, w_uk=w_uk, w_uv=w_uv, **extra,
     )
     B, S, H, _ = q_nope.shape
@@ -74,7 +74,7 @@ def _mla_prefill_fake(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, sof
     return q_nope.new_empty(B, S, H, Dv), q_nope.new_empty(B, S, H, dtype=torch.float32)
 
 
-@torch.library.register_fake("latentmoe::mla_prefill_backward")
+@torch.library.register_fake("latentmoe::mla_prefill_fused_backward")
 def _mla_prefill_backward_fake(
     grad_out, grad_lse, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, softmax_scale,
     block_table=None,
@@ -101,7 +101,7 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
-    grads = _lib.mla_prefill_backward.default(
+    grads = _lib.mla_prefill_fused_backward.default(
         grad_out.contiguous(), grad_lse.float().contiguous(), q_nope, q_pe, latent_cache, cache_seqlens,
         w_uk, w_uv, out, lse, ctx.softmax_scale, block_table,
     )
@@ -109,11 +109,11 @@ def _backward(ctx, grad_out, grad_lse):
     return g_qn, g_qp, g_cache, None, g_wuk, g_wuv, None, None
 
 
-torch.library.register_autograd("latentmoe::mla_prefill", _backward, setup_context=_setup)
+torch.library.register_autograd("latentmoe::mla_prefill_fused", _backward, setup_context=_setup)
 
 
 def _mla_prefill_backward_bwd(ctx, *grads):
-    raise RuntimeError("latentmoe.mla_prefill_backward: double backward is not supported")
+    raise RuntimeError("latentmoe.mla_prefill_fused_backward: double backward is not supported")
 
 
-torch.library.register_autograd("latentmoe::mla_prefill_backward", _mla_prefill_backward_bwd)
+torch.library.register_autograd("latentmoe::mla_prefill_fused_backward", _mla_prefill_backward_bwd)

@@ -1,4 +1,4 @@
-"""mla_prefill / mla_prefill_backward: against reference.mla_naive and an fp64 einsum reference
+"""mla_prefill_fused / mla_prefill_fused_backward: against reference.mla_naive and an fp64 einsum reference
 (written here), varlen and empty rows, NaN-poisoned cache slots, chunked prefill, low precision,
 gradients vs torch autograd, opcheck, bad input."""
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from latentmoe.reference import mla as reference
-from latentmoe.ops import mla_prefill
+from latentmoe.ops.mla_prefill_fused import mla_prefill_fused
 
 SMALL = dict(C=48, R=16, Dn=24, Dv=20)
 V3 = dict(C=512, R=64, Dn=128, Dv=128)
@@ -77,7 +77,7 @@ def err(a, b):
 
 
 def run_op(x, scale):
-    return mla_prefill(
+    return mla_prefill_fused(
         x["q_nope"], x["q_pe"], x["latent_cache"], x["cache_seqlens"], x["w_uk"], x["w_uv"], scale
     )
 
@@ -152,7 +152,7 @@ def test_chunked_prefill_matches_full_prefill(device):
         cache = x["latent_cache"].clone()
         cache[:, end:] = float("nan")  # tokens of later chunks are not written yet
         lens = torch.full((2,), end, dtype=torch.int32, device=device)
-        out, lse = mla_prefill(
+        out, lse = mla_prefill_fused(
             x["q_nope"][:, start:end], x["q_pe"][:, start:end], cache, lens, x["w_uk"], x["w_uv"], 0.3
         )
         torch.testing.assert_close(out, full_out[:, start:end], rtol=1e-5, atol=1e-5)
@@ -173,7 +173,7 @@ def test_no_queries_and_inputs_not_mutated(device):
     for k, v in x.items():
         assert torch.equal(v.nan_to_num(7.0), before[k].nan_to_num(7.0)), k
     q0 = x["q_nope"][:, :0]
-    out, lse = mla_prefill(
+    out, lse = mla_prefill_fused(
         q0, x["q_pe"][:, :0], x["latent_cache"], x["cache_seqlens"], x["w_uk"], x["w_uv"], 0.5
     )
     assert out.shape == (2, 0, 3, SMALL["Dv"]) and lse.shape == (2, 0, 3)
@@ -210,7 +210,7 @@ KEYS = ["q_nope", "q_pe", "latent_cache", "w_uk", "w_uv"]
 
 
 def op_fn(x, seqlens, scale):
-    return lambda t: mla_prefill(
+    return lambda t: mla_prefill_fused(
         t["q_nope"], t["q_pe"], t["latent_cache"], seqlens, t["w_uk"], t["w_uv"], scale
     )
 
@@ -274,11 +274,11 @@ def test_opcheck(device):
     args = [x["q_nope"].contiguous().requires_grad_(), x["q_pe"].contiguous().requires_grad_(),
             x["clean"].clone().requires_grad_(), x["cache_seqlens"], x["w_uk"].contiguous().requires_grad_(),
             x["w_uv"].contiguous().requires_grad_(), 0.3]
-    torch.library.opcheck(torch.ops.latentmoe.mla_prefill.default, args)
+    torch.library.opcheck(torch.ops.latentmoe.mla_prefill_fused.default, args)
     plain = [a.detach() if torch.is_tensor(a) else a for a in args]
-    out, lse = torch.ops.latentmoe.mla_prefill.default(*plain)
+    out, lse = torch.ops.latentmoe.mla_prefill_fused.default(*plain)
     bargs = [torch.randn_like(out), torch.randn_like(lse)] + plain[:-1] + [out, lse, 0.3]
-    torch.library.opcheck(torch.ops.latentmoe.mla_prefill_backward.default, bargs)
+    torch.library.opcheck(torch.ops.latentmoe.mla_prefill_fused_backward.default, bargs)
 
 
 def _call(x, **over):
@@ -287,7 +287,7 @@ def _call(x, **over):
         w_uk=x["w_uk"], w_uv=x["w_uv"], softmax_scale=0.5,
     )
     a.update(over)
-    return mla_prefill(**a)
+    return mla_prefill_fused(**a)
 
 
 @pytest.mark.parametrize(
@@ -361,14 +361,14 @@ def test_layer_chunked_prefill_matches_hf(heads, q_lora, interleave, yarn):
         for lo, hi in ((0, S1), (S1, S1 + S2)):  # chunked prefill: the second chunk has a prefix
             latent[:, lo:hi] = rows[:, lo:hi]
             lens = torch.full((B,), hi, dtype=torch.int32)
-            o, _ = mla_prefill(q_nope[:, lo:hi], q_pe[:, lo:hi], latent, lens, w_uk, w_uv, attn.scaling)
+            o, _ = mla_prefill_fused(q_nope[:, lo:hi], q_pe[:, lo:hi], latent, lens, w_uk, w_uv, attn.scaling)
             outs.append(attn.o_proj(o.reshape(B, hi - lo, -1)))
     assert rel_err(outs[0], hf1) <= 1e-4
     assert rel_err(outs[1], hf2) <= 1e-4
 
 
 def test_layer_training_gradients_match_hf():
-    # Every parameter's gradient through projections + mla_prefill + o_proj equals HF autograd.
+    # Every parameter's gradient through projections + mla_prefill_fused + o_proj equals HF autograd.
     from test_mla_common import causal_additive_mask, make_config, make_hf_attention, rel_err, rope_embeddings
 
     cfg = make_config(heads=3, q_lora=24, yarn=True)
@@ -384,7 +384,7 @@ def test_layer_training_gradients_match_hf():
     q_nope, q_pe, rows = _latent_rows(ours, x_ours, cos, sin)
     w_uk, w_uv = reference.split_kv_b(ours.kv_b_proj.weight, 3, cfg.qk_nope_head_dim, cfg.v_head_dim)
     lens = torch.full((B,), S, dtype=torch.int32)
-    o, _ = mla_prefill(q_nope, q_pe, rows, lens, w_uk, w_uv, ours.scaling)
+    o, _ = mla_prefill_fused(q_nope, q_pe, rows, lens, w_uk, w_uv, ours.scaling)
     (ours.o_proj(o.reshape(B, S, -1)) * g).sum().backward()
     assert rel_err(x_ours.grad, x_hf.grad) <= 1e-4
     for (name, p_hf), p_ours in zip(hf.named_parameters(), ours.parameters()):
@@ -395,7 +395,7 @@ def test_torch_compile_fullgraph(device):
     x = make_inputs(2, 4, 3, [9, 4], 10, **SMALL, device=device)
 
     def f(qn, qp, cache, lens, wk, wv):
-        out, lse = mla_prefill(qn, qp, cache, lens, wk, wv, 0.4)
+        out, lse = mla_prefill_fused(qn, qp, cache, lens, wk, wv, 0.4)
         return out * 2, lse
 
     args = (x["q_nope"], x["q_pe"], x["latent_cache"], x["cache_seqlens"], x["w_uk"], x["w_uv"])
@@ -434,7 +434,7 @@ def test_paged_matches_contiguous(device, page_size):
     out_c, lse_c = run_op(x, 0.3)
 
     def paged_fn(t):
-        return mla_prefill(
+        return mla_prefill_fused(
             t["q_nope"], t["q_pe"], t["latent_cache"], x["cache_seqlens"], t["w_uk"], t["w_uv"], 0.3,
             block_table=table,
         )
@@ -583,7 +583,7 @@ def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, query_tile, 
     leaves = [t.clone().requires_grad_() for t in (q, cache, kv_b)]
     qq, cc, kk = leaves
     lens = torch.tensor(seqlens, dtype=torch.int32)
-    out, lse = mla_prefill(
+    out, lse = mla_prefill_fused(
         qq[..., :Dn], qq[..., Dn:], cc, lens, kk[:, :Dn], kk[:, Dn:], scale, block_table=table
     )
     live = torch.isfinite(lse)
