@@ -22,8 +22,76 @@ TORCH_LIBRARY(latentmoe, m) {
       " -> (Tensor grad_input, Tensor grad_weight)");
 
   // ---- MLA (multi-head latent attention) -------------------------------------------------------
+  // Absorbed MLA attention on the latent cache (decode, MTP/speculative Sq > 1).
+  //   q_latent [B, Sq, H, C] (= W_UK^T q_nope), q_pe [B, Sq, H, R] (rotated), fp32/bf16/fp16.
+  //   kv_cache: contiguous [B, Lmax, C+R], or paged [num_pages, page_size, C+R] with
+  //   block_table [B, max_pages] int32; rows are [c_kv | k_pe]. cache_seqlens [B] int32 counts the
+  //   cached tokens per row, the Sq new ones included (query i sits at cache_seqlens - Sq + i).
+  //   causal: query i sees keys <= its position; window >= 0: keys >= position - window; -1 = none.
+  //   pe_cache: optional; when given, kv_cache holds only c_kv (last dim C) and pe_cache the k_pe
+  //   rows (same leading dims, last dim R), e.g. HF's cache keys/values without a concat.
+  // Returns out_latent [B, Sq, H, C] (q dtype; sum_j p_j c_kv_j) and lse [B, Sq, H] (fp32, natural
+  // log). Rows with no visible key give 0 and -inf. Reads only; mutates nothing. The MLA ops check
+  // cache_seqlens and used block_table entries on a host copy (one device sync on CUDA).
+  m.def(
+      "mla_decode(Tensor q_latent, Tensor q_pe, Tensor kv_cache, Tensor cache_seqlens,"
+      " Tensor? block_table, float softmax_scale, bool causal=True, int window=-1,"
+      " Tensor? pe_cache=None) -> (Tensor out_latent, Tensor lse)");
+  // MLA prefill with in-kernel latent decompression: causal attention of the S new tokens (the
+  // last S of each row's cache_seqlens cached tokens) over the cache, where each tile of latents
+  // is expanded to this head's K/V through kv_b_weight inside the kernel (per-head K/V of the
+  // whole sequence are never materialised).
+  //   q_nope [B, S, H, N], q_pe [B, S, H, R] (rotated); cache as for mla_decode;
+  //   kv_b_weight [H*(N+V), C] (HF kv_b_proj.weight). causal/window as for mla_decode.
+  // Returns out [B, S, H, V] (q dtype) and lse [B, S, H] (fp32). Reads only. CPU kernel only
+  // so far; autograd (chunked backward) is registered in python/latentmoe/ops/mla.py.
+  m.def(
+      "mla_prefill(Tensor q_nope, Tensor q_pe, Tensor kv_cache, Tensor cache_seqlens, Tensor? block_table,"
+      " Tensor kv_b_weight, float softmax_scale, bool causal=True, int window=-1) -> (Tensor out, Tensor lse)");
+  // Fused cache append: c = kv_a_layernorm(kv_latent) (HF RMSNorm numerics), k_pe rotated with
+  // HF's (cos, sin) in either RoPE layout, rows [c | k_pe] written at token slots
+  // cache_seqlens[b] + s of row b (contiguous or paged cache). MUTATES kv_cache (only those slots).
+  //   kv_latent [B, S, C], k_pe [B, S, R], norm_weight [C], cos/sin [B, S, R] (HF layout),
+  //   cache_seqlens [B] int32 = tokens already cached (not updated here).
+  m.def(
+      "mla_append_cache(Tensor(a!) kv_cache, Tensor kv_latent, Tensor k_pe, Tensor norm_weight,"
+      " float eps, Tensor cos, Tensor sin, Tensor cache_seqlens, Tensor? block_table,"
+      " bool rope_interleave) -> ()");
 
   // ---- MoE (routing and experts) ---------------------------------------------------------------
+  // DeepSeek-V3 top-k routing from fp32 router logits [T, E] (HF DeepseekV3TopkRouter semantics):
+  // scores = sigmoid | softmax (score_func "sigmoid" | "softmax"); selection on scores + bias
+  // (bias [E] fp32, optional, selection only); group-limited: keep the topk_group of n_group
+  // groups with the largest top-2 sums, others excluded; top_k experts in descending biased
+  // score, ties -> lower index. weights = scores at the experts, / (sum + 1e-20) if
+  // norm_topk_prob, * routed_scaling_factor. Returns weights [T, k] fp32, indices [T, k] int64,
+  // scores [T, E] fp32 (unbiased, for the aux loss and backward).
+  m.def(
+      "moe_route(Tensor logits, Tensor? e_score_correction_bias, int top_k, int n_group,"
+      " int topk_group, str score_func, bool norm_topk_prob, float routed_scaling_factor)"
+      " -> (Tensor weights, Tensor indices, Tensor scores)");
+  // Gradient of moe_route's weights (and, optionally, its scores) w.r.t. the logits [T, E] fp32.
+  m.def(
+      "moe_route_backward(Tensor grad_weights, Tensor? grad_scores, Tensor scores, Tensor indices,"
+      " str score_func, bool norm_topk_prob, float routed_scaling_factor) -> Tensor grad_logits");
+  // Routed SwiGLU experts, HF layout: hidden [T, H], gate_up_proj [E, 2I, H] (gate rows then up
+  // rows), down_proj [E, H, I], weights [T, k] (fp32 or hidden's dtype), indices [T, k] int64.
+  //   out[t] = sum_k weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t),  e = indices[t, k]
+  // (the k-sum in fp32, in k order: bitwise deterministic). (token, k) pairs are counting-sorted
+  // by expert; experts with no tokens cost nothing. Also returns, for the backward:
+  // sorted_pairs [T*k] int64 (pair id t*k+j in expert order, stable), expert_offsets [E+1] int64,
+  // gate_up_out [T*k, 2I] (pre-activation gate|up, hidden's dtype, in sorted order).
+  m.def(
+      "moe_experts(Tensor hidden, Tensor gate_up_proj, Tensor down_proj, Tensor weights,"
+      " Tensor indices) -> (Tensor out, Tensor sorted_pairs, Tensor expert_offsets,"
+      " Tensor gate_up_out)");
+  // Backward of moe_experts: grad_hidden [T, H], grad_gate_up_proj [E, 2I, H],
+  // grad_down_proj [E, H, I], grad_weights [T, k] (weights' dtype). Deterministic.
+  m.def(
+      "moe_experts_backward(Tensor grad_out, Tensor hidden, Tensor gate_up_proj,"
+      " Tensor down_proj, Tensor weights, Tensor sorted_pairs, Tensor expert_offsets,"
+      " Tensor gate_up_out) -> (Tensor grad_hidden, Tensor grad_gate_up_proj,"
+      " Tensor grad_down_proj, Tensor grad_weights)");
 
   // ---- MLA prefill ----
   // Causal MLA attention of S new tokens over the latent cache, decompressing the latent to

@@ -56,7 +56,9 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 @pytest.mark.parametrize("mode", ["naive", "absorbed"])
 def test_reference_layer_matches_hf_prefill_then_decode(case, mode):
-    cfg = make_config(heads=case["heads"], q_lora=case["q_lora"], interleave=case["interleave"], yarn=case["yarn"])
+    cfg = make_config(
+        heads=case["heads"], q_lora=case["q_lora"], interleave=case["interleave"], yarn=case["yarn"]
+    )
     hf = make_hf_attention(cfg)
     mine = ref.ReferenceMLA(cfg, 0)
     mine.load_state_dict(hf.state_dict(), strict=True)

@@ -3,3 +3,4 @@
 from latentmoe.nn.norm import RMSNorm
 
 __all__ = ["RMSNorm"]
+from latentmoe.nn.mla import LatentKVCache, MultiHeadLatentAttention  # noqa: E402,F401

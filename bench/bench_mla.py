@@ -1,0 +1,223 @@
+"""MLA: decode step of latentmoe's MultiHeadLatentAttention vs HF DeepseekV3Attention, the mla_decode
+op alone vs the read-once floor of the same cache bytes, prefill vs HF (sdpa), and cache bytes per
+token vs an MHA cache. All figures are measured in the same run; goals from issue 3 sit beside them.
+
+Model dims (issue 3's table): hidden 2048, 16 heads, kv_lora 512, rope 64, nope 128, v 128, no
+q_lora; fp32 weights (~55 MB read per decode step), batch 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DeepseekV3Config
+from transformers.cache_utils import DynamicCache
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3Attention,
+    DeepseekV3RotaryEmbedding,
+)
+
+import latentmoe
+from bench.common import ratio_row, read_bandwidth_gbs, row, time_ms
+
+H, C, R, NOPE, V, HIDDEN = 16, 512, 64, 128, 128, 2048
+
+
+def _config(attn_impl: str) -> DeepseekV3Config:
+    cfg = DeepseekV3Config(
+        vocab_size=128, hidden_size=HIDDEN, intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=H, num_key_value_heads=H, q_lora_rank=None, kv_lora_rank=C, qk_rope_head_dim=R,
+        qk_nope_head_dim=NOPE, v_head_dim=V, max_position_embeddings=32768, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1,
+    )
+    cfg._attn_implementation = attn_impl
+    return cfg
+
+
+def _modules(cfg, device, dtype):
+    torch.manual_seed(0)
+    hf = DeepseekV3Attention(cfg, 0)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5)
+    hf = hf.to(device=device, dtype=dtype).eval()
+    ours = latentmoe.nn.MultiHeadLatentAttention(cfg, 0).to(device=device, dtype=dtype).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours
+
+
+def _decode_step_rows(device: str, dtype, contexts, reps: int) -> list[dict]:
+    rows = []
+    cfg = _config("sdpa")
+    hf, ours = _modules(cfg, device, dtype)
+    rot = DeepseekV3RotaryEmbedding(cfg).to(device)
+    dt = str(dtype).removeprefix("torch.")
+    for L in contexts:
+        # The same L cached tokens in both caches (random latents, as a prefill would leave them).
+        c_kv = torch.randn(1, 1, L, C, device=device, dtype=dtype)
+        k_pe = torch.randn(1, 1, L, R, device=device, dtype=dtype)
+        hf_cache = DynamicCache(config=cfg)
+        hf_cache.update(c_kv, k_pe, 0)
+        n_steps = 3 + reps + 2
+        ours_cache = latentmoe.nn.LatentKVCache(1, 1, L + n_steps + 8, C, R, dtype=dtype, device=device)
+        ours_cache.kv[0][0, :L] = torch.cat([c_kv[0, 0], k_pe[0, 0]], dim=-1)
+        ours_cache.advance(0, L)
+        x = torch.randn(1, 1, HIDDEN, device=device, dtype=dtype)
+        pe = rot(x, torch.tensor([[L]], device=device))
+        with torch.no_grad():
+            t_hf = time_ms(lambda: hf(x, pe, None, cache=hf_cache), device, warmup=2, reps=reps)
+            t_ours = time_ms(lambda: ours(x, pe, None, cache=ours_cache), device, warmup=3, reps=reps)
+        mode = f"decode-step-{dt}"
+        rows += [
+            row("mla_decode_step", "hf", mode, L, t_hf, device),
+            row("mla_decode_step", "latentmoe", mode, L, t_ours, device),
+            ratio_row("mla_decode_step", "speedup_vs_hf", L, t_hf[0] / t_ours[0], device,
+                      "goal >= 75x at 4K (issue 3); module vs module, projections included"),
+        ]
+    return rows
+
+
+def _decode_op_rows(device: str, dtype, contexts) -> list[dict]:
+    rows = []
+    dt = str(dtype).removeprefix("torch.")
+    for L in contexts:
+        q_latent = torch.randn(1, 1, H, C, device=device, dtype=dtype)
+        q_pe = torch.randn(1, 1, H, R, device=device, dtype=dtype)
+        kv = torch.randn(1, L, C + R, device=device, dtype=dtype)
+        lens = torch.tensor([L], dtype=torch.int32, device=device)
+        scale = (NOPE + R) ** -0.5
+        t_op = time_ms(lambda: latentmoe.ops.mla_decode(q_latent, q_pe, kv, lens, scale), device,
+                       warmup=3, reps=20, min_time_s=0.2)
+        nbytes = kv.numel() * kv.element_size()
+        floor_ms = nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3
+        mode = f"op-{dt}"
+        rows += [
+            row("mla_decode", "latentmoe", mode, L, t_op, device,
+                note=f"{torch.get_num_threads()} CPU threads" if device == "cpu" else ""),
+            row("mla_decode", "read_once_floor", mode, L, (floor_ms, floor_ms, floor_ms), device,
+                note=f"plain read of {nbytes / 2**20:.1f} MiB at measured bandwidth"),
+            ratio_row("mla_decode", "time_over_floor", L, t_op[0] / floor_ms, device,
+                      "goal <= 2x the read-once floor (issue 3)"),
+        ]
+    return rows
+
+
+def _prefill_rows(device: str, dtype, lengths) -> list[dict]:
+    rows = []
+    cfg = _config("sdpa")
+    hf, ours = _modules(cfg, device, dtype)
+    rot = DeepseekV3RotaryEmbedding(cfg).to(device)
+    dt = str(dtype).removeprefix("torch.")
+    for L in lengths:
+        x = torch.randn(1, L, HIDDEN, device=device, dtype=dtype)
+        pe = rot(x, torch.arange(L, device=device)[None])
+        with torch.no_grad():
+            t_hf = time_ms(lambda: hf(x, pe, None), device, warmup=1, reps=3)
+            t_ours = time_ms(lambda: ours(x, pe, None), device, warmup=1, reps=3)
+        mode = f"prefill-{dt}"
+        rows += [
+            row("mla_prefill", "hf_sdpa", mode, L, t_hf, device),
+            row("mla_prefill", "latentmoe", mode, L, t_ours, device, note=_prefill_note(device)),
+            ratio_row("mla_prefill", "speedup_vs_hf", L, t_hf[0] / t_ours[0], device,
+                      "goal >= 2x at 4K (issue 3)"),
+        ]
+    return rows
+
+
+def _prefill_note(device: str) -> str:
+    if latentmoe.nn.mla._has_kernel("mla_prefill", torch.device(device)):
+        return "mla_prefill kernel (in-kernel latent decompression)"
+    return "SDPA on decompressed K/V (no mla_prefill kernel for this device)"
+
+
+def _prefill_memory_rows(device: str, dtype, L: int) -> list[dict]:
+    """Extra peak memory (beyond inputs and outputs) of a 16K prefill, ours vs HF (CUDA only)."""
+    rows = []
+    cfg = _config("sdpa")
+    hf, ours = _modules(cfg, device, dtype)
+    rot = DeepseekV3RotaryEmbedding(cfg).to(device)
+    x = torch.randn(1, L, HIDDEN, device=device, dtype=dtype)
+    pe = rot(x, torch.arange(L, device=device)[None])
+    for name, mod in [("hf_sdpa", hf), ("latentmoe", ours)]:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            with torch.no_grad():
+                out = mod(x, pe, None)[0]
+            extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
+            del out
+        except torch.OutOfMemoryError:
+            extra = float("inf")
+        rows.append(row("mla_prefill", name, f"peak-extra-{str(dtype).removeprefix('torch.')}", L,
+                        (extra / 2**30,) * 3, device, metric="memory", unit="GiB",
+                        note="goal < 4 GiB extra at 16K (issue 3)" if name == "latentmoe" else ""))
+    return rows
+
+
+def _cache_bytes_rows(device: str) -> list[dict]:
+    rows = []
+    for name, heads, nope, v in [("bench-model", H, NOPE, V), ("deepseek-v3", 128, 128, 128)]:
+        cache = latentmoe.nn.LatentKVCache(1, 1, 1, C, R, dtype=torch.bfloat16, device="cpu")
+        mla_bytes = cache.bytes_per_token
+        mha_bytes = heads * ((nope + R) + v) * 2  # per-head K (nope+rope) and V, bf16
+        rows += [
+            row("mla_cache", "latentmoe", f"bytes-per-token-{name}", 1, (mla_bytes,) * 3, device,
+                metric="bytes", unit="B"),
+            row("mla_cache", "mha", f"bytes-per-token-{name}", 1, (mha_bytes,) * 3, device,
+                metric="bytes", unit="B"),
+            ratio_row("mla_cache", "mha_over_mla", 1, mha_bytes / mla_bytes, device,
+                      f"{name}: cache bytes per token per layer, MHA / MLA"),
+        ]
+    return rows
+
+
+def smoke(device: str) -> None:
+    """Call every MLA op once on small odd shapes (contiguous and paged, every dtype); for
+    compute-sanitizer runs on the GPU (wire into bench/gpu_smoke.py)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for page_size in (None, 17):
+            B, Sq, heads, c, r = 3, 2, 9, 48, 16
+            lens = torch.tensor([0, 5, 40], dtype=torch.int32, device=device)
+            if page_size is None:
+                kv = torch.randn(B, 45, c + r, device=device, dtype=dtype)
+                table = None
+            else:
+                kv = torch.randn(3 * B, page_size, c + r, device=device, dtype=dtype)
+                table = torch.randperm(3 * B, device=device).view(B, 3).to(torch.int32)
+            latent = torch.randn(B, Sq, c, device=device, dtype=dtype)
+            k_pe = torch.randn(B, Sq, r, device=device, dtype=dtype)
+            cos = torch.randn(B, Sq, r, device=device, dtype=dtype)
+            sin = torch.randn(B, Sq, r, device=device, dtype=dtype)
+            w = torch.ones(c, device=device, dtype=dtype)
+            latentmoe.ops.mla_append_cache(kv, latent, k_pe, w, 1e-6, cos, sin, lens, block_table=table)
+            q_latent = torch.randn(B, Sq, heads, c, device=device, dtype=dtype)
+            q_pe = torch.randn(B, Sq, heads, r, device=device, dtype=dtype)
+            latentmoe.ops.mla_decode(q_latent, q_pe, kv, lens + Sq, 0.1, block_table=table, window=7)
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    dtype = torch.float32
+    contexts = [1024, 4096] if quick else [1024, 4096, 16384]
+    rows = _decode_step_rows(device, dtype, contexts, reps=3 if quick else 5)
+    rows += _decode_op_rows(device, dtype, contexts)
+    if device.startswith("cuda"):
+        rows += _decode_op_rows(device, torch.bfloat16, contexts)
+    rows += _prefill_rows(device, dtype, [1024] if quick else [4096])
+    if device.startswith("cuda") and not quick:
+        rows += _prefill_memory_rows(device, torch.bfloat16, 16384)
+    rows += _cache_bytes_rows(device)
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--full", action="store_true")
+    a = ap.parse_args()
+    for r in run(a.device, quick=not a.full):
+        print(f"{r['kernel']:16} {r['provider']:16} {r['mode']:22} {r['x']:>6} {r['p50']:10.4g} {r['unit']:3}"
+              f" {r['note']}")

@@ -1,0 +1,167 @@
+// Argument checks of the MLA ops, shared by the CPU and CUDA registrations. Every message names
+// the op and the argument. Values (cache_seqlens, block_table) are checked on a host copy.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "common/checks.h"
+
+#include <utility>
+
+namespace latentmoe::mla {
+
+namespace chk = latentmoe::checks;
+
+// Shapes of one mla_decode / mla_append_cache call.
+struct CacheDims {
+  int64_t B = 0;
+  int64_t C = 0;          // kv_lora_rank
+  int64_t R = 0;          // rope dim
+  int64_t D = 0;          // C + R, one cache row
+  bool paged = false;
+  int64_t lmax = 0;       // contiguous: rows per batch entry
+  int64_t num_pages = 0;  // paged
+  int64_t page_size = 0;  // paged
+  int64_t max_pages = 0;  // paged: block_table.size(1)
+  int64_t capacity = 0;   // tokens a batch row can hold
+  bool split = false;     // k_pe rows live in a separate pe_cache
+  int64_t kv_stride = 0;  // values per row of kv_cache (C+R, or C when split)
+  int64_t pe_stride = 0;  // values per row of the k_pe source (C+R, or R when split)
+};
+
+// kv_cache: contiguous [B, Lmax, C+R] or paged [num_pages, page_size, C+R] with block_table
+// [B, max_pages] int32. With `pe_cache` given, kv_cache holds only c_kv (last dim C) and pe_cache
+// the k_pe rows (same leading dims, last dim R). Checks shapes, dtypes, devices and contiguity
+// (not values).
+inline CacheDims check_cache(const char* op, const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
+                             const c10::optional<at::Tensor>& block_table, int64_t B, int64_t C, int64_t R,
+                             const at::Tensor& ref, const char* ref_name,
+                             const c10::optional<at::Tensor>& pe_cache = c10::nullopt) {
+  CacheDims d;
+  d.B = B;
+  d.C = C;
+  d.R = R;
+  d.D = C + R;
+  d.split = pe_cache.has_value();
+  d.kv_stride = d.split ? C : d.D;
+  d.pe_stride = d.split ? R : d.D;
+  chk::same_dtype(op, "kv_cache", kv_cache, ref_name, ref);
+  chk::same_device(op, "kv_cache", kv_cache, ref_name, ref);
+  chk::dim(op, "kv_cache", kv_cache, 3);
+  if (d.split) {
+    chk::size(op, "kv_cache", kv_cache, 2, C, "kv_lora_rank (k_pe rows are in pe_cache)");
+  } else {
+    chk::size(op, "kv_cache", kv_cache, 2, d.D, "kv_lora_rank + rope dim");
+  }
+  chk::contiguous(op, "kv_cache", kv_cache);
+  if (d.split) {
+    const at::Tensor& pe = *pe_cache;
+    chk::same_dtype(op, "pe_cache", pe, ref_name, ref);
+    chk::same_device(op, "pe_cache", pe, ref_name, ref);
+    chk::dim(op, "pe_cache", pe, 3);
+    chk::size(op, "pe_cache", pe, 0, kv_cache.size(0), "same leading dims as kv_cache");
+    chk::size(op, "pe_cache", pe, 1, kv_cache.size(1), "same leading dims as kv_cache");
+    chk::size(op, "pe_cache", pe, 2, R, "rope dim");
+    chk::contiguous(op, "pe_cache", pe);
+  }
+  chk::dtype(op, "cache_seqlens", cache_seqlens, at::kInt);
+  chk::same_device(op, "cache_seqlens", cache_seqlens, ref_name, ref);
+  chk::dim(op, "cache_seqlens", cache_seqlens, 1);
+  chk::size(op, "cache_seqlens", cache_seqlens, 0, B, "batch");
+  chk::contiguous(op, "cache_seqlens", cache_seqlens);
+  d.paged = block_table.has_value();
+  if (d.paged) {
+    const at::Tensor& bt = *block_table;
+    chk::dtype(op, "block_table", bt, at::kInt);
+    chk::same_device(op, "block_table", bt, ref_name, ref);
+    chk::dim(op, "block_table", bt, 2);
+    chk::size(op, "block_table", bt, 0, B, "batch");
+    chk::contiguous(op, "block_table", bt);
+    d.num_pages = kv_cache.size(0);
+    d.page_size = kv_cache.size(1);
+    d.max_pages = bt.size(1);
+    TORCH_CHECK_VALUE(d.page_size >= 1, "latentmoe.", op, ": argument 'kv_cache' has page_size 0");
+    d.capacity = d.max_pages * d.page_size;
+  } else {
+    chk::size(op, "kv_cache", kv_cache, 0, B, "batch (contiguous cache [B, Lmax, C+R])");
+    d.lmax = kv_cache.size(1);
+    d.capacity = d.lmax;
+  }
+  return d;
+}
+
+// Every row's token count `seqlens[b] + extra` must lie in [0, capacity]; block-table entries of
+// pages holding those tokens must lie in [0, num_pages). One small device-to-host copy on CUDA.
+inline void check_cache_values(const char* op, const CacheDims& d, const at::Tensor& cache_seqlens,
+                               const c10::optional<at::Tensor>& block_table, int64_t extra) {
+  // One host copy of lengths and table together (a single device sync on CUDA).
+  // Host copy layout: [B lengths | B * max_pages table entries (paged only)].
+  at::Tensor host = d.paged ? at::cat({cache_seqlens, block_table->reshape({-1})}) : cache_seqlens;
+  host = host.to(at::kCPU);
+  const int32_t* lp = host.const_data_ptr<int32_t>();
+  const int32_t* table_base = lp + d.B;
+  for (int64_t b = 0; b < d.B; ++b) {
+    const int64_t n = static_cast<int64_t>(lp[b]) + extra;
+    TORCH_CHECK_VALUE(lp[b] >= 0, "latentmoe.", op, ": argument 'cache_seqlens' has a negative entry ",
+                      lp[b], " at row ", b);
+    TORCH_CHECK_VALUE(n <= d.capacity, "latentmoe.", op, ": argument 'cache_seqlens' row ", b, " needs ", n,
+                      " tokens but the cache holds ", d.capacity, " per row");
+    if (d.paged) {
+      const int32_t* tp = table_base + b * d.max_pages;
+      const int64_t used = (n + d.page_size - 1) / d.page_size;
+      for (int64_t p = 0; p < used; ++p) {
+        TORCH_CHECK_VALUE(tp[p] >= 0 && tp[p] < d.num_pages, "latentmoe.", op,
+                          ": argument 'block_table' entry [", b, ", ", p, "] = ", tp[p],
+                          " is out of range [0, ", d.num_pages, ")");
+      }
+    }
+  }
+}
+
+// q_latent [B, Sq, H, C], q_pe [B, Sq, H, R]: floating, same dtype/device, contiguous.
+inline void check_decode_queries(const char* op, const at::Tensor& q_latent, const at::Tensor& q_pe) {
+  chk::floating(op, "q_latent", q_latent);
+  chk::dim(op, "q_latent", q_latent, 4);
+  chk::same_dtype(op, "q_pe", q_pe, "q_latent", q_latent);
+  chk::same_device(op, "q_pe", q_pe, "q_latent", q_latent);
+  chk::dim(op, "q_pe", q_pe, 4);
+  for (int64_t i = 0; i < 3; ++i) {
+    TORCH_CHECK_VALUE(q_pe.size(i) == q_latent.size(i), "latentmoe.", op, ": argument 'q_pe' has shape ",
+                      q_pe.sizes(), " but 'q_latent' has shape ", q_latent.sizes(),
+                      "; dims B, Sq, H must match");
+  }
+  chk::contiguous(op, "q_latent", q_latent);
+  chk::contiguous(op, "q_pe", q_pe);
+  chk::nonempty(op, "q_latent", q_latent);
+}
+
+// mla_append_cache inputs: kv_latent [B, S, C], k_pe / cos / sin [B, S, R] (R even), norm_weight
+// [C]; floating, one dtype and device, contiguous. (The cache is checked by check_cache.)
+inline void check_append_args(const char* op, const at::Tensor& kv_latent,
+                       const at::Tensor& k_pe, const at::Tensor& norm_weight, const at::Tensor& cos,
+                       const at::Tensor& sin) {
+  chk::floating(op, "kv_latent", kv_latent);
+  chk::dim(op, "kv_latent", kv_latent, 3);
+  chk::contiguous(op, "kv_latent", kv_latent);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"k_pe", k_pe}, {"cos", cos}, {"sin", sin}}) {
+    chk::same_dtype(op, name, t, "kv_latent", kv_latent);
+    chk::same_device(op, name, t, "kv_latent", kv_latent);
+    chk::dim(op, name, t, 3);
+    chk::contiguous(op, name, t);
+    TORCH_CHECK_VALUE(t.size(0) == kv_latent.size(0) && t.size(1) == kv_latent.size(1), "latentmoe.", op,
+                      ": argument '", name, "' has shape ", t.sizes(), " but 'kv_latent' has shape ",
+                      kv_latent.sizes(), "; dims B, S must match");
+  }
+  TORCH_CHECK_VALUE(k_pe.size(2) % 2 == 0, "latentmoe.", op, ": argument 'k_pe' rope dim must be even, got ",
+                    k_pe.size(2));
+  chk::size(op, "cos", cos, 2, k_pe.size(2), "rope dim of k_pe");
+  chk::size(op, "sin", sin, 2, k_pe.size(2), "rope dim of k_pe");
+  chk::same_dtype(op, "norm_weight", norm_weight, "kv_latent", kv_latent);
+  chk::same_device(op, "norm_weight", norm_weight, "kv_latent", kv_latent);
+  chk::dim(op, "norm_weight", norm_weight, 1);
+  chk::size(op, "norm_weight", norm_weight, 0, kv_latent.size(2), "kv_lora_rank");
+  chk::contiguous(op, "norm_weight", norm_weight);
+  chk::nonempty(op, "kv_latent", kv_latent);
+}
+
+}  // namespace latentmoe::mla

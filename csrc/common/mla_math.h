@@ -1,0 +1,66 @@
+// MLA math shared by the CPU and CUDA kernels (float in, float out; no torch types):
+// which cache positions a query sees, where a token lives in a contiguous or paged latent cache,
+// merging split partials by their log-sum-exp, and HF's two RoPE layouts.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/macros.h"
+#include "common/math.h"
+
+namespace latentmoe::mla {
+
+// Keys [lo, hi) of the cache that query `q_index` (of `num_queries` new tokens, the last ones of a
+// sequence of `seqlen` cached tokens) may attend to. The query sits at position
+// p = seqlen - num_queries + q_index; causal keeps j <= p; window >= 0 keeps j >= p - window
+// (FlashAttention's left window). hi <= lo means no visible key (output 0, LSE -inf).
+struct KeyRange {
+  int64_t lo;
+  int64_t hi;
+};
+
+LMOE_HD KeyRange visible_keys(int64_t seqlen, int64_t num_queries, int64_t q_index, bool causal,
+                              int64_t window) {
+  const int64_t p = seqlen - num_queries + q_index;
+  KeyRange r{0, seqlen};
+  if (causal && p + 1 < r.hi) r.hi = p + 1;
+  if (window >= 0 && p - window > r.lo) r.lo = p - window;
+  if (r.hi < r.lo) r.hi = r.lo;
+  return r;
+}
+
+// Row index (in units of cache rows of C+R values) of token `t` of batch row `b`.
+// Contiguous cache [B, Lmax, D]: b * Lmax + t. Paged cache [num_pages, page_size, D]:
+// block_table[b, t / page_size] * page_size + t % page_size.
+LMOE_HD int64_t cache_row(const int32_t* block_table, int64_t max_pages, int64_t page_size,
+                          int64_t lmax, int64_t b, int64_t t) {
+  if (block_table == nullptr) return b * lmax + t;
+  const int64_t page = block_table[b * max_pages + t / page_size];
+  return page * page_size + t % page_size;
+}
+
+// Merge of split partials (running max m_i, sum l_i, unnormalised accumulators) of one query
+// row: weight of split i is exp(m_i - m_max). Empty splits (l_i == 0, m_i == -inf) weigh 0.
+LMOE_HD float merge_weight(float m_i, float l_i, float m_max) {
+  return (l_i > 0.0f && m_i != -INFINITY) ? math::fast_exp(m_i - m_max) : 0.0f;
+}
+
+// HF RoPE for one rotary pair index i of a vector of R (= 2*half) values, reading x with
+// `x(k)` and the full cos/sin rows (HF's cat(freqs, freqs) layout, length R).
+// interleave: pair (x[2i], x[2i+1]) with cos[i], sin[i]; results go to out[i] and out[half + i].
+// rotate_half: out[i] = x[i] cos[i] - x[half+i] sin[i]; out[half+i] = x[half+i] cos[half+i] + x[i] sin[half+i].
+LMOE_HD void rope_pair(const float* x, const float* cos, const float* sin, int64_t half, int64_t i,
+                       bool interleave, float* out) {
+  if (interleave) {
+    float o1, o2;
+    math::rope_rotate(x[2 * i], x[2 * i + 1], cos[i], sin[i], &o1, &o2);
+    out[i] = o1;
+    out[half + i] = o2;
+  } else {
+    out[i] = x[i] * cos[i] - x[half + i] * sin[i];
+    out[half + i] = x[half + i] * cos[half + i] + x[i] * sin[half + i];
+  }
+}
+
+}  // namespace latentmoe::mla

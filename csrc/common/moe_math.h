@@ -1,0 +1,162 @@
+// DeepSeek-V3 routing math shared by the CPU and CUDA kernels: one token at a time, fp32, plain
+// loops over the experts. The CPU kernel runs it per token in parallel; the CUDA kernel runs it
+// with one thread per token, so both backends make exactly the same selections.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/macros.h"
+#include "common/math.h"
+
+namespace latentmoe::moe {
+
+enum ScoreFunc : int { kSigmoid = 0, kSoftmax = 1 };
+
+struct RouteParams {
+  int num_experts;  // E
+  int top_k;        // K, 1 <= K <= topk_group * E / n_group
+  int n_group;      // E % n_group == 0
+  int topk_group;   // 1 <= topk_group <= n_group
+  int score_func;   // ScoreFunc
+  bool norm_topk_prob;
+  float routed_scaling_factor;
+};
+
+constexpr float kNormEps = 1e-20f;
+
+LMOE_HD bool is_nan(float v) { return v != v; }
+
+// Index of the largest non-NaN entry of x[0, n) (strictly greater wins: ties -> lower index), or
+// -1 when every entry is NaN. NaN marks "excluded" (masked group or already chosen).
+LMOE_HD int argmax_skip_nan(const float* x, int n) {
+  int best = -1;
+  float best_v = 0.f;
+  for (int i = 0; i < n; ++i) {
+    const float v = x[i];
+    if (is_nan(v)) continue;
+    if (best < 0 || v > best_v) {
+      best = i;
+      best_v = v;
+    }
+  }
+  return best;
+}
+
+// Scores of one token: sigmoid(logit) or softmax over the row.
+LMOE_HD void route_scores(const float* logits, int E, int score_func, float* scores) {
+  if (score_func == kSigmoid) {
+    for (int e = 0; e < E; ++e) scores[e] = math::sigmoid(logits[e]);
+    return;
+  }
+  float m = -INFINITY;
+  for (int e = 0; e < E; ++e) m = logits[e] > m ? logits[e] : m;
+  float sum = 0.f;
+  for (int e = 0; e < E; ++e) {
+    scores[e] = math::fast_exp(logits[e] - m);
+    sum += scores[e];
+  }
+  const float inv = 1.f / sum;
+  for (int e = 0; e < E; ++e) scores[e] *= inv;
+}
+
+// Routing of one token. `choice` is E floats of scratch; `bias` may be null.
+// Outputs: scores [E] (unbiased), weights [K] (fp32), indices [K] in descending biased score,
+// ties -> lower index. Non-kept groups are excluded (HF masks them with -inf).
+LMOE_HD void route_token(const float* logits, const float* bias, const RouteParams& p,
+                         float* scores, float* choice, float* weights, int64_t* indices) {
+  const int E = p.num_experts;
+  route_scores(logits, E, p.score_func, scores);
+  for (int e = 0; e < E; ++e) {
+    const float c = scores[e] + (bias != nullptr ? bias[e] : 0.f);
+    choice[e] = is_nan(c) ? -INFINITY : c;  // NaN is our "excluded" mark; keep it unambiguous
+  }
+  if (p.n_group > 1) {
+    const int gs = E / p.n_group;
+    // Keep the topk_group groups with the largest sum of their top-2 choice scores. Group
+    // scores are computed once (from unmasked values), then groups are picked greedily.
+    constexpr int kMaxGroups = 64;
+    float group_score[kMaxGroups];
+    for (int g = 0; g < p.n_group; ++g) {
+      const float* c = choice + g * gs;
+      int i1 = argmax_skip_nan(c, gs);
+      float top1 = c[i1], top2 = -INFINITY;
+      bool have2 = false;
+      for (int i = 0; i < gs; ++i) {
+        if (i == i1) continue;
+        if (!have2 || c[i] > top2) {
+          top2 = c[i];
+          have2 = true;
+        }
+      }
+      group_score[g] = have2 ? top1 + top2 : top1;
+    }
+    bool kept[kMaxGroups];
+    for (int g = 0; g < p.n_group; ++g) kept[g] = false;
+    for (int j = 0; j < p.topk_group; ++j) {
+      const int g = argmax_skip_nan(group_score, p.n_group);
+      kept[g] = true;
+      group_score[g] = NAN;
+    }
+    for (int g = 0; g < p.n_group; ++g)
+      if (!kept[g])
+        for (int i = 0; i < gs; ++i) choice[g * gs + i] = NAN;
+  }
+  float sum = 0.f;
+  for (int k = 0; k < p.top_k; ++k) {
+    const int e = argmax_skip_nan(choice, E);  // never -1: K <= number of kept experts
+    indices[k] = e;
+    choice[e] = NAN;
+    weights[k] = scores[e];
+    sum += scores[e];
+  }
+  // Divide then scale, as HF does, so fp32 results match it closely.
+  for (int k = 0; k < p.top_k; ++k)
+    weights[k] = p.norm_topk_prob ? (weights[k] / (sum + kNormEps)) * p.routed_scaling_factor
+                                  : weights[k] * p.routed_scaling_factor;
+}
+
+// Backward of one token's routing to its logits.
+//   grad_weights [K]: dL/dweights; grad_scores [E] or null: dL/dscores (e.g. from an aux loss).
+//   scores [E], indices [K] as returned by route_token. Writes grad_logits [E].
+LMOE_HD void route_token_backward(const float* grad_weights, const float* grad_scores,
+                                  const float* scores, const int64_t* indices,
+                                  const RouteParams& p, float* grad_logits) {
+  const int E = p.num_experts;
+  for (int e = 0; e < E; ++e) grad_logits[e] = grad_scores != nullptr ? grad_scores[e] : 0.f;
+  const float c = p.routed_scaling_factor;
+  if (p.norm_topk_prob) {
+    // w_k = c s_k / D, D = sum_j s_j + eps:  dL/ds_j = c (g_j / D - sum_k g_k s_k / D^2).
+    float D = 0.f, dot = 0.f;
+    for (int k = 0; k < p.top_k; ++k) {
+      const float s = scores[indices[k]];
+      D += s;
+      dot += grad_weights[k] * s;
+    }
+    D += kNormEps;
+    for (int k = 0; k < p.top_k; ++k)
+      grad_logits[indices[k]] += c * (grad_weights[k] / D - dot / (D * D));
+  } else {
+    for (int k = 0; k < p.top_k; ++k) grad_logits[indices[k]] += c * grad_weights[k];
+  }
+  // Now grad_logits holds dL/dscores; chain through the score function.
+  if (p.score_func == kSigmoid) {
+    for (int e = 0; e < E; ++e) grad_logits[e] *= scores[e] * (1.f - scores[e]);
+  } else {
+    float dot = 0.f;
+    for (int e = 0; e < E; ++e) dot += grad_logits[e] * scores[e];
+    for (int e = 0; e < E; ++e) grad_logits[e] = scores[e] * (grad_logits[e] - dot);
+  }
+}
+
+// SwiGLU of one (gate, up) pair and its derivatives: a = silu(g) * u.
+LMOE_HD float swiglu(float g, float u) { return math::silu(g) * u; }
+
+// d a / d g and d a / d u.
+LMOE_HD void swiglu_grad(float g, float u, float* da_dg, float* da_du) {
+  const float s = math::sigmoid(g);
+  *da_du = g * s;
+  *da_dg = u * s * (1.f + g * (1.f - s));
+}
+
+}  // namespace latentmoe::moe

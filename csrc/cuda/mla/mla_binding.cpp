@@ -1,0 +1,108 @@
+// CUDA registrations of the MLA ops: argument checks (shared with CPU, common/mla_checks.h),
+// workspace allocation and launches.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common/mla_checks.h"
+#include "cuda/common/binding_utils.h"
+#include "cuda/mla/mla_launch.h"
+
+namespace latentmoe::cuda {
+namespace {
+
+namespace chk = latentmoe::checks;
+
+std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, const at::Tensor& q_pe,
+                                                   const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
+                                                   const c10::optional<at::Tensor>& block_table,
+                                                   double softmax_scale, bool causal, int64_t window,
+                                                   const c10::optional<at::Tensor>& pe_cache) {
+  const char* op = "mla_decode";
+  mla::check_decode_queries(op, q_latent, q_pe);
+  const int64_t B = q_latent.size(0), Sq = q_latent.size(1), H = q_latent.size(2);
+  const int64_t C = q_latent.size(3), R = q_pe.size(3);
+  auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, q_latent, "q_latent", pe_cache);
+  TORCH_CHECK_VALUE(window >= -1, "latentmoe.mla_decode: argument 'window' must be >= -1 (-1 = no window), got ",
+                    window);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "latentmoe.mla_decode: argument 'softmax_scale' must be finite");
+  TORCH_CHECK_VALUE(C <= mla_decode_max_c(), "latentmoe.mla_decode: argument 'q_latent' has C = ", C,
+                    "; the CUDA kernel supports C <= ", mla_decode_max_c());
+  c10::cuda::CUDAGuard guard(q_latent.device());
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK_VALUE(mla_decode_smem_bytes(C + R) <= props->sharedMemPerBlockOptin,
+                    "latentmoe.mla_decode: argument 'kv_cache' rows of C+R = ", C + R,
+                    " values need more shared memory than this GPU offers per block");
+  mla::check_cache_values(op, d, cache_seqlens, block_table, 0);
+
+  auto out = at::empty_like(q_latent);
+  auto lse = at::empty({B, Sq, H}, q_latent.options().dtype(at::kFloat));
+  const int64_t rows = Sq * H;
+  const int64_t n_splits = mla_decode_num_splits(B, rows, d.capacity, props->multiProcessorCount);
+  auto f32 = q_latent.options().dtype(at::kFloat);
+  auto part_acc = at::empty({B, n_splits, rows, C}, f32);
+  auto part_m = at::empty({B, n_splits, rows}, f32);
+  auto part_l = at::empty({B, n_splits, rows}, f32);
+  MlaDecodeArgs a{};
+  a.q_latent = q_latent.const_data_ptr();
+  a.q_pe = q_pe.const_data_ptr();
+  a.kv_cache = kv_cache.const_data_ptr();
+  a.pe_src = d.split ? pe_cache->const_data_ptr()
+                     : static_cast<const char*>(kv_cache.const_data_ptr()) + C * kv_cache.element_size();
+  a.kv_stride = d.kv_stride;
+  a.pe_stride = d.pe_stride;
+  a.seqlens = cache_seqlens.const_data_ptr<int32_t>();
+  a.block_table = d.paged ? block_table->const_data_ptr<int32_t>() : nullptr;
+  a.out = out.mutable_data_ptr();
+  a.lse = lse.mutable_data_ptr<float>();
+  a.part_acc = part_acc.mutable_data_ptr<float>();
+  a.part_m = part_m.mutable_data_ptr<float>();
+  a.part_l = part_l.mutable_data_ptr<float>();
+  a.B = B; a.Sq = Sq; a.H = H; a.C = C; a.R = R;
+  a.lmax = d.lmax; a.page_size = d.page_size; a.max_pages = d.max_pages; a.capacity = d.capacity;
+  a.scale = static_cast<float>(softmax_scale);
+  a.causal = causal;
+  a.window = window;
+  a.n_splits = n_splits;
+  check_launch(op, launch_mla_decode(to_dtype(q_latent.scalar_type()), a, at::cuda::getCurrentCUDAStream()));
+  return {out, lse};
+}
+
+void mla_append_cache_cuda(at::Tensor& kv_cache, const at::Tensor& kv_latent, const at::Tensor& k_pe,
+                           const at::Tensor& norm_weight, double eps, const at::Tensor& cos, const at::Tensor& sin,
+                           const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& block_table,
+                           bool rope_interleave) {
+  const char* op = "mla_append_cache";
+  mla::check_append_args(op, kv_latent, k_pe, norm_weight, cos, sin);
+  const int64_t B = kv_latent.size(0), S = kv_latent.size(1);
+  auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, kv_latent.size(2), k_pe.size(2),
+                            kv_latent, "kv_latent");
+  mla::check_cache_values(op, d, cache_seqlens, block_table, S);
+  c10::cuda::CUDAGuard guard(kv_latent.device());
+  MlaAppendArgs a{};
+  a.kv_cache = kv_cache.mutable_data_ptr();
+  a.kv_latent = kv_latent.const_data_ptr();
+  a.k_pe = k_pe.const_data_ptr();
+  a.norm_weight = norm_weight.const_data_ptr();
+  a.cos = cos.const_data_ptr();
+  a.sin = sin.const_data_ptr();
+  a.seqlens = cache_seqlens.const_data_ptr<int32_t>();
+  a.block_table = d.paged ? block_table->const_data_ptr<int32_t>() : nullptr;
+  a.B = B; a.S = S; a.C = d.C; a.R = d.R;
+  a.lmax = d.lmax; a.page_size = d.page_size; a.max_pages = d.max_pages;
+  a.eps = static_cast<float>(eps);
+  a.interleave = rope_interleave;
+  check_launch(op, launch_mla_append_cache(to_dtype(kv_latent.scalar_type()), a, at::cuda::getCurrentCUDAStream()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(latentmoe, CUDA, m) {
+  m.impl("mla_decode", &mla_decode_cuda);
+  m.impl("mla_append_cache", &mla_append_cache_cuda);
+}
+
+}  // namespace latentmoe::cuda

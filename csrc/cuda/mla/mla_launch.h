@@ -1,0 +1,64 @@
+// Launchers of the MLA CUDA kernels: raw pointers and a dtype tag, no torch types, so the .cu
+// file compiles without torch headers. Each returns the launch's cudaError_t.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace latentmoe::cuda {
+
+// Shapes and pointers of one mla_decode call (see the schema in csrc/ops.cpp).
+struct MlaDecodeArgs {
+  const void* q_latent;       // [B, Sq, H, C]
+  const void* q_pe;           // [B, Sq, H, R]
+  const void* kv_cache;       // [B, lmax, C+R] or [num_pages, page_size, C+R] (rows of kv_stride)
+  const void* pe_src;         // k_pe of row 0: kv_cache + C, or a separate pe_cache
+  int64_t kv_stride, pe_stride;  // values per cache row of the c_kv and k_pe sources
+  const int32_t* seqlens;     // [B]
+  const int32_t* block_table; // [B, max_pages] or null
+  void* out;                  // [B, Sq, H, C]
+  float* lse;                 // [B, Sq, H]
+  float* part_acc;            // workspace [B, n_splits, Sq*H, C]
+  float* part_m;              // workspace [B, n_splits, Sq*H]
+  float* part_l;              // workspace [B, n_splits, Sq*H]
+  int64_t B, Sq, H, C, R;
+  int64_t lmax, page_size, max_pages, capacity;
+  float scale;
+  bool causal;
+  int64_t window;
+  int64_t n_splits;
+};
+
+// Number of key splits (blocks along the sequence) for a call; the caller sizes the workspace.
+int64_t mla_decode_num_splits(int64_t B, int64_t rows, int64_t capacity, int sm_count);
+
+// Dynamic shared memory one split block needs for cache rows of D = C + R values (bytes).
+size_t mla_decode_smem_bytes(int64_t D);
+
+// Largest kv_lora_rank C the kernel supports (accumulator registers per thread).
+int64_t mla_decode_max_c();
+
+cudaError_t launch_mla_decode(DType dtype, const MlaDecodeArgs& a, cudaStream_t stream);
+
+// Fused kv_a_layernorm + RoPE(k_pe) + cache write; one block per new token.
+struct MlaAppendArgs {
+  void* kv_cache;
+  const void* kv_latent;  // [B, S, C]
+  const void* k_pe;       // [B, S, R]
+  const void* norm_weight;  // [C]
+  const void* cos;        // [B, S, R]
+  const void* sin;        // [B, S, R]
+  const int32_t* seqlens;  // [B] tokens already cached
+  const int32_t* block_table;  // [B, max_pages] or null
+  int64_t B, S, C, R;
+  int64_t lmax, page_size, max_pages;
+  float eps;
+  bool interleave;
+};
+
+cudaError_t launch_mla_append_cache(DType dtype, const MlaAppendArgs& a, cudaStream_t stream);
+
+}  // namespace latentmoe::cuda

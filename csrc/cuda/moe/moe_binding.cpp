@@ -1,0 +1,134 @@
+// CUDA registrations of the MoE ops: argument checks (shared with CPU, csrc/cpu/moe.cpp), the
+// stable permute of (token, k) pairs by expert (ATen stable sort + searchsorted: no host sync),
+// and the launches. The index range check of moe_experts reads min/max back to the host (one
+// sync) so out-of-range ids raise a ValueError instead of reading out of bounds. The backward of
+// moe_experts is the device-generic ATen implementation (per-expert GEMMs; one host sync for the
+// expert offsets).
+#include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "cuda/common/binding_utils.h"
+#include "cuda/moe/moe_host.h"
+#include "cuda/moe/moe_launch.h"
+
+namespace latentmoe::cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
+    const at::Tensor& logits, const std::optional<at::Tensor>& bias, int64_t top_k,
+    int64_t n_group, int64_t topk_group, c10::string_view score_func, bool norm_topk_prob,
+    double routed_scaling_factor) {
+  const auto p = moe_host::check_route_args(logits, bias, top_k, n_group, topk_group,
+                                            std::string(score_func), norm_topk_prob,
+                                            routed_scaling_factor);
+  c10::cuda::CUDAGuard guard(logits.device());
+  auto l = logits.contiguous();
+  std::optional<at::Tensor> b = bias.has_value() ? std::optional(bias->contiguous()) : std::nullopt;
+  const int64_t T = l.size(0);
+  auto weights = at::empty({T, p.top_k}, l.options());
+  auto indices = at::empty({T, p.top_k}, l.options().dtype(at::kLong));
+  auto scores = at::empty({T, p.num_experts}, l.options());
+  auto choice = at::empty({T, p.num_experts}, l.options());
+  check_launch("moe_route",
+               launch_moe_route(l.const_data_ptr<float>(),
+                                b.has_value() ? b->const_data_ptr<float>() : nullptr, p, T,
+                                scores.mutable_data_ptr<float>(), choice.mutable_data_ptr<float>(),
+                                weights.mutable_data_ptr<float>(),
+                                indices.mutable_data_ptr<int64_t>(),
+                                at::cuda::getCurrentCUDAStream()));
+  return {weights, indices, scores};
+}
+
+at::Tensor moe_route_backward_cuda(const at::Tensor& grad_weights,
+                                   const std::optional<at::Tensor>& grad_scores,
+                                   const at::Tensor& scores, const at::Tensor& indices,
+                                   c10::string_view score_func, bool norm_topk_prob,
+                                   double routed_scaling_factor) {
+  moe_host::check_route_backward_args(grad_weights, grad_scores, scores, indices);
+  c10::cuda::CUDAGuard guard(scores.device());
+  const int64_t T = scores.size(0), E = scores.size(1), K = indices.size(1);
+  moe::RouteParams p{static_cast<int>(E), static_cast<int>(K), 1, 1,
+                     score_func == "sigmoid" ? moe::kSigmoid : moe::kSoftmax, norm_topk_prob,
+                     static_cast<float>(routed_scaling_factor)};
+  auto gw = grad_weights.contiguous();
+  auto s = scores.contiguous();
+  auto idx = indices.contiguous();
+  std::optional<at::Tensor> gs =
+      grad_scores.has_value() ? std::optional(grad_scores->contiguous()) : std::nullopt;
+  auto grad_logits = at::empty({T, E}, s.options());
+  check_launch("moe_route_backward",
+               launch_moe_route_backward(gw.const_data_ptr<float>(),
+                                         gs.has_value() ? gs->const_data_ptr<float>() : nullptr,
+                                         s.const_data_ptr<float>(), idx.const_data_ptr<int64_t>(),
+                                         p, T, grad_logits.mutable_data_ptr<float>(),
+                                         at::cuda::getCurrentCUDAStream()));
+  return grad_logits;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_cuda(
+    const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
+    const at::Tensor& weights, const at::Tensor& indices) {
+  moe_host::check_experts_args("moe_experts", hidden, gate_up_proj, down_proj, weights, indices);
+  c10::cuda::CUDAGuard guard(hidden.device());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const int64_t T = hidden.size(0), H = hidden.size(1), E = gate_up_proj.size(0);
+  const int64_t I = gate_up_proj.size(1) / 2, K = indices.size(1), S = T * K;
+  auto flat = indices.reshape({-1});
+  if (S > 0) {
+    auto [lo, hi] = at::aminmax(flat);
+    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < E, "latentmoe.moe_experts: argument 'indices' holds ",
+                      lo_v < 0 ? lo_v : hi_v, ", outside [0, E=", E, ")");
+  }
+  auto [sorted_ids, sorted_pairs] = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  auto offsets = at::searchsorted(sorted_ids, at::arange(E + 1, flat.options()));
+  auto pos = at::empty_like(sorted_pairs).scatter_(0, sorted_pairs, at::arange(S, flat.options()));
+  auto x = hidden.contiguous();
+  auto wgu = gate_up_proj.contiguous();
+  auto wd = down_proj.contiguous();
+  auto w = weights.to(at::kFloat).contiguous();
+  auto tile_start = at::empty({E + 1}, flat.options().dtype(at::kInt));
+  auto gate_up_out = at::empty({S, 2 * I}, x.options());
+  auto act = at::empty({S, I}, x.options());
+  auto y = at::empty({S, H}, x.options());
+  auto out = at::empty({T, H}, x.options());
+  check_launch("moe_experts",
+               launch_moe_experts(to_dtype(x.scalar_type()), x.const_data_ptr(),
+                                  sorted_pairs.const_data_ptr<int64_t>(),
+                                  offsets.const_data_ptr<int64_t>(), pos.const_data_ptr<int64_t>(),
+                                  wgu.const_data_ptr(), wd.const_data_ptr(),
+                                  w.const_data_ptr<float>(), T, K, E, H, I,
+                                  tile_start.mutable_data_ptr<int>(),
+                                  gate_up_out.mutable_data_ptr(), act.mutable_data_ptr(),
+                                  y.mutable_data_ptr(), out.mutable_data_ptr(),
+                                  at::cuda::getCurrentCUDAStream()));
+  return {out, sorted_pairs, offsets, gate_up_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
+    const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
+    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out) {
+  moe_host::check_experts_args("moe_experts_backward", hidden, gate_up_proj, down_proj, weights,
+                               at::empty({hidden.size(0), weights.size(1)},
+                                         hidden.options().dtype(at::kLong)));
+  c10::cuda::CUDAGuard guard(hidden.device());
+  return moe_host::experts_backward(grad_out.contiguous(), hidden.contiguous(),
+                                    gate_up_proj.contiguous(), down_proj.contiguous(), weights,
+                                    sorted_pairs, expert_offsets, gate_up_out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(latentmoe, CUDA, m) {
+  m.impl("moe_route", &moe_route_cuda);
+  m.impl("moe_route_backward", &moe_route_backward_cuda);
+  m.impl("moe_experts", &moe_experts_cuda);
+  m.impl("moe_experts_backward", &moe_experts_backward_cuda);
+}
+
+}  // namespace latentmoe::cuda

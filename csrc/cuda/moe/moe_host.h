@@ -1,0 +1,36 @@
+// Host-side MoE helpers shared by the CPU and CUDA registrations, implemented in
+// csrc/cpu/moe.cpp (always built): argument checks, and the device-generic backward of
+// moe_experts written with ATen GEMMs on each expert's rows (runs on CPU and CUDA tensors).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <tuple>
+
+#include "common/moe_math.h"
+
+namespace latentmoe::moe_host {
+
+// Validates moe_route's arguments (ValueError naming the argument) and returns the params.
+moe::RouteParams check_route_args(const at::Tensor& logits,
+                                  const std::optional<at::Tensor>& bias, int64_t top_k,
+                                  int64_t n_group, int64_t topk_group,
+                                  const std::string& score_func, bool norm_topk_prob,
+                                  double routed_scaling_factor);
+
+void check_route_backward_args(const at::Tensor& grad_weights,
+                               const std::optional<at::Tensor>& grad_scores,
+                               const at::Tensor& scores, const at::Tensor& indices);
+
+// Shapes, dtypes and devices of moe_experts (not the index values).
+void check_experts_args(const char* op, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
+                        const at::Tensor& down_proj, const at::Tensor& weights,
+                        const at::Tensor& indices);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
+    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
+    const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
+    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out);
+
+}  // namespace latentmoe::moe_host

@@ -1,0 +1,40 @@
+// Launchers of the MoE CUDA kernels: raw pointers, no torch types (the .cu files include no
+// torch headers). Each returns the launch's cudaError_t.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/moe_math.h"
+
+namespace latentmoe::cuda {
+
+// One thread per token runs moe::route_token (the CPU kernel's code). `choice` is [T, E] fp32
+// scratch; bias may be null. Writes scores [T, E], weights [T, K], indices [T, K].
+cudaError_t launch_moe_route(const float* logits, const float* bias, moe::RouteParams p,
+                             int64_t T, float* scores, float* choice, float* weights,
+                             int64_t* indices, cudaStream_t stream);
+
+// grad_logits [T, E] from grad_weights [T, K] and optional grad_scores [T, E].
+cudaError_t launch_moe_route_backward(const float* grad_weights, const float* grad_scores,
+                                      const float* scores, const int64_t* indices,
+                                      moe::RouteParams p, int64_t T, float* grad_logits,
+                                      cudaStream_t stream);
+
+// Routed SwiGLU experts given the expert-sorted (token, k) pairs.
+//   x [T, H]; sorted_pairs [S = T*K] (pair ids t*K+j, grouped by expert); offsets [E+1];
+//   pos [S] inverse of sorted_pairs; gate_up [E, 2I, H]; down [E, H, I]; weights [S] fp32 in
+//   pair order. Scratch: tile_start [E+1] int32, act [S, I], y [S, H] (dtype).
+//   Outputs: gate_up_out [S, 2I] (pre-activation, sorted order), out [T, H].
+// Grouped GEMM tiles are scheduled over (expert, M-tile, N-tile); experts with no rows get no
+// tiles. bf16/fp16 use tensor cores (WMMA, fp32 accumulate); fp32 uses FMA tiles.
+cudaError_t launch_moe_experts(DType dtype, const void* x, const int64_t* sorted_pairs,
+                               const int64_t* offsets, const int64_t* pos, const void* gate_up,
+                               const void* down, const float* weights, int64_t T, int64_t K,
+                               int64_t E, int64_t H, int64_t I, int* tile_start,
+                               void* gate_up_out, void* act, void* y, void* out,
+                               cudaStream_t stream);
+
+}  // namespace latentmoe::cuda

@@ -1,0 +1,389 @@
+"""``MultiHeadLatentAttention``: drop-in for HF ``DeepseekV3Attention``, and ``LatentKVCache``.
+
+Paths of :meth:`MultiHeadLatentAttention.forward`:
+
+* **decode on the latent cache** (no autograd, ``S <= decode_max_tokens`` new tokens): the queries
+  are absorbed through ``w_uk`` and attention runs on the cached ``[c_kv | k_pe]`` rows with the
+  ``mla_decode`` kernel; the latent output goes through ``w_uv`` and ``o_proj``. With a
+  :class:`LatentKVCache` the new tokens are written by the fused ``mla_append_cache`` kernel
+  (kv_a_layernorm + RoPE + write). With an HF ``Cache`` the layer stores exactly what HF stores
+  (normalised latents as keys, rotated ``k_pe`` as values), so HF and this module can share one
+  cache; the kernel reads HF's key and value tensors in place (``pe_cache``), no concatenation.
+* **prefill / training** (autograd, or more new tokens), where ``mla_prefill`` has a kernel for
+  the device (CPU today): the ``mla_prefill`` op decompresses latents tile by tile inside the
+  kernel; its backward (gradients for queries, latents, k_pe and kv_b_proj) is chunked over keys.
+* **SDPA path** otherwise (devices without an ``mla_prefill`` kernel, i.e. CUDA for now; masks
+  other than plain causal; attention dropout in training): differentiable, built from
+  ``latentmoe.ops.rms_norm`` and PyTorch ops: latents decompressed through ``kv_b_proj`` into
+  per-head K/V for ``scaled_dot_product_attention``. Limit: K/V of all heads for the attended
+  tokens are materialised (O(L * H * head_dim) memory).
+
+An HF ``attention_mask`` that is anything but the plain causal mask (e.g. left padding) sends the
+step through the SDPA path with that mask, so results stay correct. With a :class:`LatentKVCache`
+the mask is ignored: visibility is causal over each row's own cached tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentmoe.nn.norm import RMSNorm
+from latentmoe.ops.mla import mla_append_cache, mla_decode, mla_prefill
+from latentmoe.ops.norm import rms_norm
+
+
+def _softmax_scale(config) -> float:
+    """HF's MLA softmax scale: ``qk_head_dim**-0.5``, times ``mscale(factor, mscale_all_dim)**2``
+    for non-default rope types with ``mscale_all_dim`` set."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if params.get("rope_type", params.get("type", "default")) != "default":
+        mscale_all_dim = params.get("mscale_all_dim", 0)
+        factor = params.get("factor", 1.0)
+        if mscale_all_dim and factor > 1:
+            m = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+            scale = scale * m * m
+    return scale
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """HF RoPE on ``x [B, S, H, R]`` with ``cos/sin [B, S, R]`` (same op order as HF)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    half = x.shape[-1] // 2
+    if interleave:
+        c, s = cos[..., :half], sin[..., :half]
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _has_kernel(op: str, device: torch.device) -> bool:
+    """Whether ``latentmoe::<op>`` has a kernel registered for ``device``'s dispatch key."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"latentmoe::{op}", key)
+
+
+class LatentKVCache:
+    """Latent KV cache for MLA layers: rows ``[c_kv (C) | k_pe (R)]`` per token.
+
+    Args:
+        num_layers: layers sharing this cache (indexed by the module's ``layer_idx``).
+        batch_size: B.
+        capacity: tokens each batch row can hold (explicit; appending beyond it raises ValueError).
+        kv_lora_rank, rope_dim: C and R.
+        page_size: None for a contiguous ``[B, capacity, C+R]`` tensor per layer; else a paged
+            ``[num_pages, page_size, C+R]`` pool per layer with ``block_table [B, ceil(capacity /
+            page_size)]`` (int32). By default row ``b`` owns pages ``b*max_pages ...``; pass
+            ``block_table`` (and ``num_pages``) to share a pool in any order.
+    Per layer it tracks ``seqlens [B]`` (int32, on ``device``) and a host copy used for the
+    overflow check (no device sync).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        capacity: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        page_size: int | None = None,
+        num_pages: int | None = None,
+        block_table: torch.Tensor | None = None,
+    ):
+        if capacity < 1 or batch_size < 1 or num_layers < 1:
+            raise ValueError("LatentKVCache: num_layers, batch_size and capacity must be >= 1")
+        self.batch_size, self.capacity = batch_size, capacity
+        self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
+        self.page_size = page_size
+        D = kv_lora_rank + rope_dim
+        if page_size is None:
+            self.block_table = None
+            shape = (batch_size, capacity, D)
+        else:
+            max_pages = (capacity + page_size - 1) // page_size
+            if block_table is None:
+                block_table = torch.arange(batch_size * max_pages, dtype=torch.int32)
+                block_table = block_table.view(batch_size, max_pages)
+            if tuple(block_table.shape) != (batch_size, max_pages):
+                raise ValueError(
+                    f"LatentKVCache: block_table must have shape {(batch_size, max_pages)}, "
+                    f"got {tuple(block_table.shape)}"
+                )
+            num_pages = num_pages or int(block_table.max()) + 1
+            self.block_table = block_table.to(device=device, dtype=torch.int32).contiguous()
+            shape = (num_pages, page_size, D)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.seqlens = [torch.zeros(batch_size, dtype=torch.int32, device=device) for _ in range(num_layers)]
+        self._host_lens = [[0] * batch_size for _ in range(num_layers)]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens cached in row 0 of ``layer_idx`` (rows advance together through the module)."""
+        return self._host_lens[layer_idx][0]
+
+    def reserve(self, layer_idx: int, n_new: int) -> None:
+        """Raise ValueError if ``n_new`` more tokens per row would not fit."""
+        need = max(self._host_lens[layer_idx]) + n_new
+        if need > self.capacity:
+            raise ValueError(
+                f"LatentKVCache: layer {layer_idx} would hold {need} tokens but capacity is {self.capacity}"
+            )
+
+    def advance(self, layer_idx: int, n_new: int) -> None:
+        """Count ``n_new`` appended tokens in every row of ``layer_idx``."""
+        self.seqlens[layer_idx] = self.seqlens[layer_idx] + n_new
+        self._host_lens[layer_idx] = [n + n_new for n in self._host_lens[layer_idx]]
+
+    def rows(self, layer_idx: int, length: int) -> torch.Tensor:
+        """The first ``length`` cached rows of every batch row as ``[B, length, C+R]``."""
+        kv = self.kv[layer_idx]
+        if self.block_table is None:
+            return kv[:, :length]
+        t = torch.arange(length, device=kv.device)
+        pages = self.block_table[:, t // self.page_size].long()
+        return kv[pages, (t % self.page_size)[None, :]]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token costs per layer."""
+        return (self.kv_lora_rank + self.rope_dim) * self.kv[0].element_size()
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Multi-head latent attention with HF ``DeepseekV3Attention``'s parameters and interface.
+
+    Args:
+        config: a ``transformers.DeepseekV3Config`` or any object with its field names
+            (hidden_size, num_attention_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim,
+            qk_rope_head_dim, v_head_dim, attention_bias, rope_interleave, rope_parameters).
+        layer_idx: index into the cache.
+    Forward:
+        ``hidden_states [B, S, hidden]``, ``position_embeddings (cos, sin) [B, S, R]`` (HF's rotary
+        embedding output at the new tokens' positions), ``attention_mask`` (HF 4-D or None), and the
+        cache as ``cache=`` or ``past_key_values=`` (an HF ``Cache`` or a :class:`LatentKVCache`).
+        Returns ``(out [B, S, hidden], None)`` like HF (no attention weights).
+    """
+
+    decode_max_tokens = 16  # at most this many new tokens take the absorbed decode path
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        self.rope_interleave = bool(getattr(config, "rope_interleave", True))
+        self.attention_dropout = getattr(config, "attention_dropout", 0.0)
+        bias = getattr(config, "attention_bias", False)
+        H, hidden = self.num_heads, self.hidden_size
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, H * self.qk_head_dim, bias=False)
+            self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+        else:
+            self.q_proj = None
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)  # HF: default eps 1e-6
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        kv_b_out = H * (self.qk_nope_head_dim + self.v_head_dim)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, kv_b_out, bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, hidden, bias=bias)
+        self.scaling = _softmax_scale(config)
+        self._absorbed_key = None
+        self._absorbed = None
+
+    # ---- absorbed weights --------------------------------------------------------------------
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w_uk [H, N, C], w_uv_t [H, C, V])`` from ``kv_b_proj.weight``, contiguous.
+
+        Cached and keyed on the weight's storage pointer, version counter (bumped by every
+        in-place update: optimizer steps, ``load_state_dict``), dtype and device, so they are never
+        stale. Under autograd they are plain views (no cache), so gradients flow to kv_b_proj.
+        """
+        w = self.kv_b_proj.weight
+        H, N, V, C = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
+        if torch.is_grad_enabled() and w.requires_grad:
+            wv = w.view(H, N + V, C)
+            return wv[:, :N], wv[:, N:].transpose(1, 2)
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._absorbed_key != key:
+            with torch.no_grad():
+                wv = w.detach().view(H, N + V, C)
+                self._absorbed = (wv[:, :N].contiguous(), wv[:, N:].transpose(1, 2).contiguous())
+            self._absorbed_key = key
+        return self._absorbed
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        if cache is None:
+            cache = past_key_values
+        B, S, _ = hidden_states.shape
+        H, N, R, C = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q = q.view(B, S, H, self.qk_head_dim)
+        q_nope = q[..., :N]
+        cos, sin = position_embeddings
+        cos, sin = cos.to(hidden_states.dtype), sin.to(hidden_states.dtype)
+        q_pe = _rotate(q[..., N:], cos, sin, self.rope_interleave)
+        kv = self.kv_a_proj_with_mqa(hidden_states)
+        grad = torch.is_grad_enabled() and (
+            hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+
+        if isinstance(cache, LatentKVCache):
+            if grad:
+                raise ValueError(
+                    "MultiHeadLatentAttention: LatentKVCache is for inference; run under torch.no_grad() "
+                    "(training uses cache=None)"
+                )
+            return self._forward_latent_cache(q_nope, q_pe, kv, cos, sin, cache), None
+
+        c_kv = self._kv_norm(kv[..., :C])
+        k_pe = _rotate(kv[..., C:].view(B, S, 1, R), cos, sin, self.rope_interleave)
+        if cache is not None:
+            keys, values = cache.update(c_kv.view(B, 1, S, C), k_pe.view(B, 1, S, R), self.layer_idx)
+            c_all, pe_all = keys[:, 0], values[:, 0]
+        else:
+            c_all, pe_all = c_kv, k_pe[:, :, 0]
+        L = c_all.shape[1]
+        plain_causal = self._is_plain_causal(attention_mask, B, S, L)
+        dropout = self.training and self.attention_dropout > 0
+        if plain_causal and not dropout and (
+            (not grad and S <= self.decode_max_tokens) or _has_kernel("mla_prefill", hidden_states.device)
+        ):
+            seqlens = torch.full((B,), L, dtype=torch.int32, device=c_all.device)
+            if not grad and S <= self.decode_max_tokens:  # HF's keys/values read in place
+                out = self._absorbed_attention(
+                    q_nope, q_pe, c_all.contiguous(), seqlens, None, pe_cache=pe_all.contiguous()
+                )
+            else:
+                rows = torch.cat([c_all, pe_all], dim=-1)
+                out = self._prefill_attention(q_nope, q_pe, rows, seqlens, None)
+        else:
+            out = self._sdpa_attention(q_nope, q_pe, c_all, pe_all, None if plain_causal else attention_mask)
+        return self.o_proj(out.reshape(B, S, H * self.v_head_dim)), None
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def _kv_norm(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.kv_a_layernorm.weight
+        return rms_norm(x.contiguous(), w.to(x.dtype), self.kv_a_layernorm.variance_epsilon)
+
+    def _forward_latent_cache(self, q_nope, q_pe, kv, cos, sin, cache: LatentKVCache) -> torch.Tensor:
+        B, S = q_nope.shape[:2]
+        C, layer = self.kv_lora_rank, self.layer_idx
+        if cache.batch_size != B:
+            raise ValueError(f"MultiHeadLatentAttention: cache batch {cache.batch_size} != input batch {B}")
+        cache.reserve(layer, S)
+        w = self.kv_a_layernorm.weight.to(kv.dtype)
+        mla_append_cache(
+            cache.kv[layer], kv[..., :C].contiguous(), kv[..., C:].contiguous(), w,
+            self.kv_a_layernorm.variance_epsilon, cos.contiguous(), sin.contiguous(), cache.seqlens[layer],
+            block_table=cache.block_table, rope_interleave=self.rope_interleave,
+        )
+        cache.advance(layer, S)
+        if S <= self.decode_max_tokens:
+            out = self._absorbed_attention(
+                q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table
+            )
+        elif _has_kernel("mla_prefill", q_nope.device):
+            out = self._prefill_attention(
+                q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table
+            )
+        else:
+            L = cache.get_seq_length(layer)
+            rows = cache.rows(layer, L)
+            out = self._sdpa_attention(q_nope, q_pe, rows[..., :C], rows[..., C:], None)
+        return self.o_proj(out.reshape(B, S, self.num_heads * self.v_head_dim))
+
+    def _absorbed_attention(self, q_nope, q_pe, kv_cache, seqlens, block_table, pe_cache=None):
+        """``[B, S, H, V]`` via ``mla_decode`` on the latent rows (no autograd)."""
+        B, S, H, N = q_nope.shape
+        w_uk, w_uv_t = self.absorbed_weights()
+        dt = kv_cache.dtype
+        q_heads = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, N).to(dt)
+        q_latent = torch.bmm(q_heads, w_uk.to(dt))  # [H, B*S, C]
+        q_latent = q_latent.view(H, B, S, -1).permute(1, 2, 0, 3).contiguous()
+        out_latent, _ = mla_decode(
+            q_latent, q_pe.to(dt).contiguous(), kv_cache, seqlens, self.scaling,
+            block_table=block_table, causal=True, pe_cache=pe_cache,
+        )
+        out = torch.bmm(out_latent.permute(2, 0, 1, 3).reshape(H, B * S, -1), w_uv_t.to(dt))  # [H, BS, V]
+        return out.view(H, B, S, -1).permute(1, 2, 0, 3).to(q_nope.dtype)
+
+    def _prefill_attention(self, q_nope, q_pe, kv_cache, seqlens, block_table) -> torch.Tensor:
+        """``[B, S, H, V]`` via the ``mla_prefill`` kernel (differentiable for contiguous rows)."""
+        dt = kv_cache.dtype
+        out, _ = mla_prefill(
+            q_nope.to(dt).contiguous(), q_pe.to(dt).contiguous(), kv_cache, seqlens,
+            self.kv_b_proj.weight.to(dt), self.scaling, block_table=block_table, causal=True,
+        )
+        return out.to(q_nope.dtype)
+
+    def _sdpa_attention(self, q_nope, q_pe, c_all, pe_all, mask) -> torch.Tensor:
+        """Differentiable path: decompress to per-head K/V, SDPA. ``[B, S, H, V]``."""
+        B, S, H, N = q_nope.shape
+        L = c_all.shape[1]
+        kv = self.kv_b_proj(c_all).view(B, L, H, N + self.v_head_dim)
+        k = torch.cat([kv[..., :N], pe_all[:, :, None].expand(B, L, H, -1)], dim=-1).transpose(1, 2)
+        v = kv[..., N:].transpose(1, 2)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        if mask is None:
+            if S == L:
+                attn_mask, causal = None, True
+            else:  # new tokens at positions past .. past+S-1 over keys 0 .. L-1
+                i = torch.arange(S, device=q.device)[:, None] + (L - S)
+                attn_mask, causal = torch.arange(L, device=q.device)[None, :] <= i, False
+        else:
+            attn_mask, causal = mask[..., :L], False
+            if attn_mask.dtype != torch.bool:
+                attn_mask = attn_mask.to(q.dtype)
+        dropout = self.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=causal, scale=self.scaling
+        )
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def _is_plain_causal(mask: torch.Tensor | None, B: int, S: int, L: int) -> bool:
+        """True when ``mask`` (HF 4-D, bool keep-mask or additive float) is None or exactly the
+        causal mask of S new tokens at the end of L keys (so the kernels' causal rule applies)."""
+        if mask is None:
+            return True
+        if mask.dim() != 4 or mask.shape[-2] != S or mask.shape[-1] < L:
+            return False
+        keep = mask[..., :L] if mask.dtype == torch.bool else mask[..., :L] > torch.finfo(mask.dtype).min / 2
+        i = torch.arange(S, device=mask.device)[:, None] + (L - S)
+        want = torch.arange(L, device=mask.device)[None, :] <= i
+        if mask.dtype != torch.bool and torch.any(mask[..., :L][keep] != 0):
+            return False  # additive biases other than 0 / -inf
+        return bool(torch.equal(keep, want.expand_as(keep)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, q_lora_rank={self.q_lora_rank}, kv_lora_rank={self.kv_lora_rank}, "
+            f"qk_nope={self.qk_nope_head_dim}, qk_rope={self.qk_rope_head_dim}, v={self.v_head_dim}, "
+            f"rope_interleave={self.rope_interleave}"
+        )

@@ -1,0 +1,140 @@
+"""MoE ops: DeepSeek-V3 routing and routed SwiGLU experts, with fake kernels and autograd."""
+
+from __future__ import annotations
+
+import torch
+
+_lib = torch.ops.latentmoe
+
+
+def moe_route(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    n_group: int = 1,
+    topk_group: int = 1,
+    e_score_correction_bias: torch.Tensor | None = None,
+    score_func: str = "sigmoid",
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused DeepSeek-V3 top-k routing (HF ``DeepseekV3TopkRouter`` semantics).
+
+    Args:
+        logits: ``[T, E]`` float32 router logits (``hidden.float() @ W_gate.float().T``).
+        top_k: experts per token, ``1 <= top_k <= topk_group * E // n_group``.
+        n_group, topk_group: group-limited selection; a group's score is the sum of its top-2
+            biased scores; experts of the other groups are excluded (HF masks them with -inf).
+        e_score_correction_bias: ``[E]`` float32, added for selection only, or None.
+        score_func: ``"sigmoid"`` (V3) or ``"softmax"``.
+        norm_topk_prob: divide the chosen weights by their sum + 1e-20.
+        routed_scaling_factor: final multiplier.
+    Returns:
+        ``weights [T, top_k]`` float32, ``indices [T, top_k]`` int64 (descending biased score,
+        ties -> lower index), ``scores [T, E]`` float32 (unbiased). ``weights`` and ``scores``
+        are differentiable w.r.t. ``logits``.
+    """
+    return _lib.moe_route.default(
+        logits, e_score_correction_bias, top_k, n_group, topk_group, score_func,
+        norm_topk_prob, routed_scaling_factor,
+    )
+
+
+def moe_experts(
+    hidden: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+) -> torch.Tensor:
+    """Routed SwiGLU experts in HF's 3-D layout, grouped by expert.
+
+    Args:
+        hidden: ``[T, H]`` float32 / bfloat16 / float16.
+        gate_up_proj: ``[E, 2I, H]`` (gate rows, then up rows), hidden's dtype.
+        down_proj: ``[E, H, I]``, hidden's dtype.
+        weights: ``[T, k]`` float32 (or hidden's dtype).
+        indices: ``[T, k]`` int64 in ``[0, E)`` (ValueError otherwise).
+    Returns:
+        ``[T, H]`` in hidden's dtype: ``sum_k weights[t,k] * expert_{indices[t,k]}(hidden[t])``,
+        bitwise deterministic. Differentiable in hidden, both weights and ``weights``.
+    """
+    return _lib.moe_experts.default(hidden, gate_up_proj, down_proj, weights, indices)[0]
+
+
+@torch.library.register_fake("latentmoe::moe_route")
+def _moe_route_fake(logits, bias, top_k, n_group, topk_group, score_func, norm, scale):
+    T = logits.shape[0]
+    return (
+        logits.new_empty(T, top_k),
+        logits.new_empty(T, top_k, dtype=torch.int64),
+        torch.empty_like(logits),
+    )
+
+
+@torch.library.register_fake("latentmoe::moe_route_backward")
+def _moe_route_backward_fake(grad_weights, grad_scores, scores, indices, score_func, norm, scale):
+    return torch.empty_like(scores)
+
+
+@torch.library.register_fake("latentmoe::moe_experts")
+def _moe_experts_fake(hidden, gate_up_proj, down_proj, weights, indices):
+    S = indices.shape[0] * indices.shape[1]
+    return (
+        torch.empty_like(hidden),
+        indices.new_empty(S),
+        indices.new_empty(gate_up_proj.shape[0] + 1),
+        hidden.new_empty(S, gate_up_proj.shape[1]),
+    )
+
+
+@torch.library.register_fake("latentmoe::moe_experts_backward")
+def _moe_experts_backward_fake(grad_out, hidden, gate_up_proj, down_proj, weights, *saved):
+    return (
+        torch.empty_like(hidden),
+        torch.empty_like(gate_up_proj),
+        torch.empty_like(down_proj),
+        torch.empty_like(weights),
+    )
+
+
+def _moe_route_setup(ctx, inputs, output):
+    _, _, _, _, _, score_func, norm, scale = inputs
+    _, indices, scores = output
+    ctx.save_for_backward(scores, indices)
+    ctx.route = (score_func, norm, scale)
+
+
+def _moe_route_bwd(ctx, grad_weights, _grad_indices, grad_scores):
+    scores, indices = ctx.saved_tensors
+    if grad_weights is None:
+        grad_weights = scores.new_zeros(indices.shape)
+    grad_logits = _lib.moe_route_backward.default(
+        grad_weights.contiguous(),
+        None if grad_scores is None else grad_scores.contiguous(),
+        scores, indices, *ctx.route,
+    )
+    return grad_logits, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "latentmoe::moe_route", _moe_route_bwd, setup_context=_moe_route_setup
+)
+
+
+def _moe_experts_setup(ctx, inputs, output):
+    hidden, gate_up_proj, down_proj, weights, _ = inputs
+    _, sorted_pairs, expert_offsets, gate_up_out = output
+    ctx.save_for_backward(
+        hidden, gate_up_proj, down_proj, weights, sorted_pairs, expert_offsets, gate_up_out
+    )
+
+
+def _moe_experts_bwd(ctx, grad_out, *_unused):
+    grads = _lib.moe_experts_backward.default(grad_out.contiguous(), *ctx.saved_tensors)
+    return (*grads, None)
+
+
+torch.library.register_autograd(
+    "latentmoe::moe_experts", _moe_experts_bwd, setup_context=_moe_experts_setup
+)

@@ -1,0 +1,286 @@
+"""latentmoe.ops.mla_decode (CPU and CUDA kernels) against latentmoe.reference.mla.mla_decode."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from latentmoe.ops import mla_decode
+from latentmoe.reference import mla as ref
+
+
+def make_problem(B, Sq, H, C, R, seqlens, page_size=None, dtype=torch.float32, device="cpu", extra_pages=3):
+    """Random queries and a cache (contiguous or paged with a permuted block table); every slot
+    beyond a row's length (and every unused page) is NaN."""
+    seqlens = torch.tensor(seqlens, dtype=torch.int32)
+    Lmax = max(int(seqlens.max()), 1) + 5
+    q_latent = torch.randn(B, Sq, H, C, dtype=torch.float64)
+    q_pe = torch.randn(B, Sq, H, R, dtype=torch.float64)
+    cache = torch.randn(B, Lmax, C + R, dtype=torch.float64)
+    for b in range(B):
+        cache[b, int(seqlens[b]) :] = float("nan")
+    table = None
+    store = cache
+    if page_size is not None:
+        max_pages = (Lmax + page_size - 1) // page_size
+        n_pages = B * max_pages + extra_pages
+        table = torch.randperm(n_pages)[: B * max_pages].view(B, max_pages).to(torch.int32)
+        store = torch.full((n_pages, page_size, C + R), float("nan"), dtype=torch.float64)
+        for b in range(B):
+            for t in range(int(seqlens[b])):
+                store[table[b, t // page_size], t % page_size] = cache[b, t]
+    cast = lambda t: t.to(dtype).to(device)  # noqa: E731
+    return (
+        cast(q_latent),
+        cast(q_pe),
+        cast(store),
+        seqlens.to(device),
+        None if table is None else table.to(device),
+    )
+
+
+def reference(q_latent, q_pe, kv, seqlens, table, scale, causal, window, upcast=True, fp64=True):
+    args = [q_latent, q_pe, kv]
+    if fp64:
+        args = [t.double() for t in args]
+    return ref.mla_decode(
+        *[t.cpu() for t in args], seqlens.cpu(), scale, block_table=None if table is None else table.cpu(),
+        causal=causal, window=window, upcast=upcast,
+    )
+
+
+def check_close(out, lse, q_latent, q_pe, kv, seqlens, table, scale, causal, window):
+    want_o, want_l = reference(q_latent, q_pe, kv, seqlens, table, scale, causal, window)
+    out, lse = out.cpu(), lse.cpu()
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert lse.dtype == torch.float32 and out.dtype == q_latent.dtype
+    empty = torch.isinf(want_l)
+    assert torch.equal(torch.isinf(lse), empty) and torch.all(lse[empty] < 0)
+    assert torch.all(out[empty] == 0)
+    if q_latent.dtype == torch.float32:
+        torch.testing.assert_close(out.double(), want_o, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse[~empty].double(), want_l[~empty].double(), rtol=1e-5, atol=1e-5)
+    else:
+        # flash-attention's rule: our error vs fp64 <= 2x the error of the reference run in low precision.
+        low_o, low_l = reference(
+            q_latent, q_pe, kv, seqlens, table, scale, causal, window, upcast=False, fp64=False
+        )
+        err = (out.double() - want_o).abs().max()
+        ref_err = (low_o.double() - want_o).abs().max()
+        assert err <= 2 * ref_err + 1e-3, (float(err), float(ref_err))
+        lerr = (lse[~empty].double() - want_l[~empty].double()).abs().max()
+        ref_lerr = (low_l[~empty].double() - want_l[~empty].double()).abs().max()
+        assert lerr <= 2 * ref_lerr + 1e-2, (float(lerr), float(ref_lerr))
+
+
+@pytest.mark.parametrize("page_size", [None, 1, 16, 64, 17])
+@pytest.mark.parametrize("H", [1, 3, 9])
+@pytest.mark.parametrize("Sq", [1, 2])
+def test_decode_matches_reference(device, page_size, H, Sq):
+    C, R = 48, 16
+    seqlens = [37, 0, 130, 1]
+    prob = make_problem(4, Sq, H, C, R, seqlens, page_size, device=device)
+    out, lse = mla_decode(*prob[:4], 0.17, block_table=prob[4], causal=True)
+    check_close(out, lse, *prob, 0.17, True, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page_size", [None, 64, 257])
+def test_decode_deepseek_dims(device, dtype, page_size):
+    C, R, H = 512, 64, 16
+    prob = make_problem(2, 1, H, C, R, [300, 77], page_size, dtype=dtype, device=device)
+    scale = (128 + 64) ** -0.5
+    out, lse = mla_decode(*prob[:4], scale, block_table=prob[4])
+    check_close(out, lse, *prob, scale, True, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_low_precision_odd_dims(device, dtype):
+    prob = make_problem(3, 2, 9, 48, 16, [64, 5, 0], 17, dtype=dtype, device=device)
+    out, lse = mla_decode(*prob[:4], 0.2, block_table=prob[4])
+    check_close(out, lse, *prob, 0.2, True, -1)
+
+
+MASK_CASES = [(False, -1, 2), (True, 0, 1), (True, 5, 3), (False, 7, 2), (True, 40, 2)]
+
+
+@pytest.mark.parametrize("causal,window,Sq", MASK_CASES)
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_decode_masks(device, causal, window, Sq, page_size):
+    prob = make_problem(3, Sq, 3, 48, 16, [50, 2, 300], page_size, device=device)
+    out, lse = mla_decode(*prob[:4], 0.3, block_table=prob[4], causal=causal, window=window)
+    check_close(out, lse, *prob, 0.3, causal, window)
+
+
+def test_decode_all_rows_empty(device):
+    prob = make_problem(2, 2, 3, 48, 16, [0, 0], 16, device=device)
+    out, lse = mla_decode(*prob[:4], 0.3, block_table=prob[4])
+    assert torch.all(out == 0) and torch.all(lse == -math.inf)
+
+
+def test_decode_long_context_splits(device):
+    # Long enough that the kernels split the keys and merge partials by LSE.
+    prob = make_problem(1, 1, 3, 48, 16, [3000], None, device=device)
+    out, lse = mla_decode(*prob[:4], 0.1)
+    check_close(out, lse, *prob, 0.1, True, -1)
+
+
+def test_decode_does_not_mutate_inputs(device):
+    prob = make_problem(2, 1, 3, 48, 16, [20, 9], 16, device=device)
+    before = [t.clone() for t in prob]
+    mla_decode(*prob[:4], 0.3, block_table=prob[4])
+    for a, b in zip(prob, before):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_decode_opcheck(device):
+    prob = make_problem(2, 2, 3, 48, 16, [20, 9], 16, device=device)
+    q_latent, q_pe, kv, seqlens, table = prob
+    kv = kv.nan_to_num()  # opcheck compares outputs with NaN-free inputs
+    op = torch.ops.latentmoe.mla_decode.default
+    torch.library.opcheck(op, (q_latent, q_pe, kv, seqlens, table, 0.3, True, -1))
+    q_latent, q_pe, kv, seqlens, _ = make_problem(2, 1, 3, 48, 16, [20, 9], None, device=device)
+    torch.library.opcheck(op, (q_latent, q_pe, kv.nan_to_num(), seqlens, None, 0.3, False, 4))
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def _good(device="cpu", page_size=None):
+    return list(make_problem(2, 1, 3, 48, 16, [20, 9], page_size, device=device))
+
+
+@pytest.mark.parametrize(
+    "mutate,name",
+    [
+        (lambda a: a.__setitem__(0, a[0][..., :40].contiguous()), "kv_cache"),  # C mismatch vs cache row
+        (lambda a: a.__setitem__(1, a[1].to(torch.float64)), "q_pe"),
+        (lambda a: a.__setitem__(1, a[1][:, :, :2].contiguous()), "q_pe"),
+        (lambda a: a.__setitem__(2, a[2][:1].contiguous()), "kv_cache"),
+        (lambda a: a.__setitem__(2, a[2].half()), "kv_cache"),
+        (lambda a: a.__setitem__(3, a[3].long()), "cache_seqlens"),
+        (lambda a: a.__setitem__(3, torch.tensor([20, 9, 1], dtype=torch.int32)), "cache_seqlens"),
+        (lambda a: a.__setitem__(3, torch.tensor([26, 9], dtype=torch.int32)), "cache_seqlens"),  # > capacity
+        (lambda a: a.__setitem__(3, torch.tensor([-1, 9], dtype=torch.int32)), "cache_seqlens"),
+        (lambda a: a.__setitem__(0, a[0].transpose(1, 2)), "q_latent"),  # non-contiguous
+        (lambda a: a.__setitem__(0, a[0].to(torch.int32)), "q_latent"),
+    ],
+)
+def test_decode_bad_input(mutate, name):
+    args = _good()
+    mutate(args)
+    with pytest.raises(ValueError, match=name):
+        mla_decode(*args[:4], 0.3, block_table=args[4])
+
+
+@pytest.mark.parametrize(
+    "table_fn,seqlens,name",
+    [
+        (lambda t: t.fill_(10_000), None, "block_table"),
+        (lambda t: t.fill_(-1), None, "block_table"),
+        (lambda t: t.long(), None, "block_table"),
+        (lambda t: t[:1].contiguous(), None, "block_table"),
+        (lambda t: t.t().contiguous().t(), None, "block_table"),  # non-contiguous
+        (lambda t: t, [20, 1000], "cache_seqlens"),  # more tokens than the pages hold
+    ],
+)
+def test_decode_bad_paged_input(table_fn, seqlens, name):
+    q_latent, q_pe, kv, lens, table = _good(page_size=16)
+    table = table_fn(table.clone())
+    if seqlens is not None:
+        lens = torch.tensor(seqlens, dtype=torch.int32)
+    with pytest.raises(ValueError, match=name):
+        mla_decode(q_latent, q_pe, kv, lens, 0.3, block_table=table)
+
+
+def test_decode_unused_table_entries_may_be_garbage():
+    # Entries of pages past a row's length are never read, so padding like -1 is allowed there.
+    q_latent, q_pe, kv, lens, table = _good(page_size=16)
+    table[1, 1:] = -1  # row 1 has 9 tokens: only page 0 is used
+    out, lse = mla_decode(q_latent, q_pe, kv, lens, 0.3, block_table=table)
+    check_close(out, lse, q_latent, q_pe, kv, lens, table, 0.3, True, -1)
+
+
+def test_decode_bad_window():
+    args = _good()
+    with pytest.raises(ValueError, match="window"):
+        mla_decode(*args[:4], 0.3, block_table=args[4], window=-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_device_mismatch():
+    args = _good()
+    args[2] = args[2].cuda()
+    with pytest.raises(RuntimeError, match="kv_cache"):
+        mla_decode(*args[:4], 0.3)
+
+
+def test_decode_torch_compile_fullgraph(device):
+    prob = make_problem(2, 2, 3, 48, 16, [20, 9], 16, device=device)
+    q_latent, q_pe, kv, seqlens, table = prob
+
+    def step(q_latent, q_pe, kv, seqlens, table):
+        out, lse = mla_decode(q_latent * 2, q_pe, kv, seqlens, 0.3, block_table=table)
+        return out + 1, lse
+
+    want = step(*prob)
+    got = torch.compile(step, fullgraph=True)(*prob)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("H,C,R,Sq", [(63, 48, 16, 2), (128, 512, 64, 1)])
+def test_decode_many_heads(device, H, C, R, Sq):
+    prob = make_problem(2, Sq, H, C, R, [45, 3], 16, device=device)
+    out, lse = mla_decode(*prob[:4], 0.05, block_table=prob[4])
+    check_close(out, lse, *prob, 0.05, True, -1)
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_split_pe_cache_equals_fused(device, page_size, dtype):
+    # c_kv and k_pe in separate tensors (HF's cache layout) give exactly the fused-cache result.
+    q_latent, q_pe, kv, seqlens, table = make_problem(3, 2, 3, 48, 16, [30, 0, 7], page_size, dtype, device)
+    fused = mla_decode(q_latent, q_pe, kv, seqlens, 0.2, block_table=table)
+    c_kv, k_pe = kv[..., :48].contiguous(), kv[..., 48:].contiguous()
+    split = mla_decode(q_latent, q_pe, c_kv, seqlens, 0.2, block_table=table, pe_cache=k_pe)
+    torch.testing.assert_close(split[0], fused[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(split[1], fused[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "pe_fn,kv_dim,name",
+    [
+        (lambda kv: kv[..., 48:].contiguous(), 64, "kv_cache"),  # kv_cache must then be C wide
+        (lambda kv: kv[..., 40:].contiguous(), 48, "pe_cache"),  # wrong rope dim
+        (lambda kv: kv[:1, :, 48:].contiguous(), 48, "pe_cache"),  # leading dims differ
+        (lambda kv: kv[..., 48:].double().contiguous(), 48, "pe_cache"),
+        (lambda kv: kv[..., 48:], 48, "pe_cache"),  # non-contiguous view
+    ],
+)
+def test_decode_bad_pe_cache(pe_fn, kv_dim, name):
+    q_latent, q_pe, kv, seqlens, _ = _good()
+    with pytest.raises(ValueError, match=name):
+        mla_decode(q_latent, q_pe, kv[..., :kv_dim].contiguous(), seqlens, 0.3, pe_cache=pe_fn(kv))
+
+
+def test_decode_random_shapes_property():
+    """Random shapes, lengths, page sizes and masks (hypothesis): kernel == fp64 reference."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
+    @hypothesis.given(
+        B=st.integers(1, 3), Sq=st.integers(1, 3), H=st.integers(1, 5), C=st.integers(1, 70),
+        R=st.sampled_from([0, 2, 16]), page=st.sampled_from([None, 1, 3, 16, 64]),
+        lens=st.lists(st.integers(0, 150), min_size=3, max_size=3), causal=st.booleans(),
+        window=st.sampled_from([-1, 0, 3, 40]),
+    )
+    def check(B, Sq, H, C, R, page, lens, causal, window):
+        prob = make_problem(B, Sq, H, C, R, lens[:B], page)
+        out, lse = mla_decode(*prob[:4], 0.25, block_table=prob[4], causal=causal, window=window)
+        check_close(out, lse, *prob, 0.25, causal, window)
+
+    check()

@@ -1,0 +1,327 @@
+"""latentmoe.nn.MultiHeadLatentAttention against HF DeepseekV3Attention (same weights, strict load)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentmoe.nn import LatentKVCache, MultiHeadLatentAttention
+from test_mla_common import (
+    causal_additive_mask,
+    hf_cache,
+    make_config,
+    make_hf_attention,
+    rel_err,
+    rope_embeddings,
+)
+
+CASES = [
+    dict(heads=3, q_lora=24, interleave=True, yarn=False, B=2),
+    dict(heads=1, q_lora=None, interleave=False, yarn=False, B=1),
+    dict(heads=9, q_lora=None, interleave=True, yarn=True, B=3),
+    dict(heads=3, q_lora=24, interleave=False, yarn=True, B=2),
+]
+STEPS = [9, 1, 1, 2, 1]  # prefill, then decode steps (one MTP-style 2-token step)
+
+
+def _pair(case, dtype=torch.float32, device="cpu"):
+    cfg = make_config(
+        heads=case["heads"], q_lora=case["q_lora"], interleave=case["interleave"], yarn=case["yarn"]
+    )
+    hf = make_hf_attention(cfg, dtype)
+    mine = MultiHeadLatentAttention(cfg, 0).to(dtype)
+    mine.load_state_dict(hf.state_dict(), strict=True)
+    return cfg, hf.to(device), mine.to(device).eval()
+
+
+def _run_steps(cfg, hf, mine, B, cache_kind, device="cpu", dtype=torch.float32, steps=STEPS):
+    cache_hf = hf_cache(cfg)
+    if cache_kind == "hf":
+        cache_mine = hf_cache(cfg)
+    else:
+        page = {"contig": None, "paged": 4}[cache_kind]
+        n_pages = None
+        table = None
+        if page is not None:  # a shared pool in random page order
+            max_pages = (sum(steps) + page - 1) // page
+            n_pages = B * max_pages + 3
+            table = torch.randperm(n_pages)[: B * max_pages].view(B, max_pages).to(torch.int32)
+        cache_mine = LatentKVCache(
+            1, B, sum(steps), cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=dtype, device=device,
+            page_size=page, num_pages=n_pages, block_table=table,
+        )
+    past, errs = 0, []
+    for n in steps:
+        x = torch.randn(B, n, cfg.hidden_size, dtype=dtype, device=device)
+        pos = (past + torch.arange(n, device=device))[None].expand(B, -1)
+        pe = rope_embeddings(cfg, pos.cpu(), dtype)
+        pe = tuple(t.to(device) for t in pe)
+        mask = causal_additive_mask(B, n, past, dtype).to(device)
+        with torch.no_grad():
+            want, _ = hf(x, pe, mask, cache=cache_hf)
+            got, w = mine(x, pe, mask, cache=cache_mine)
+        assert w is None and got.shape == want.shape
+        errs.append(rel_err(got, want))
+        past += n
+    return errs, cache_mine
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("cache_kind", ["hf", "contig", "paged"])
+def test_prefill_then_decode_matches_hf(case, cache_kind):
+    cfg, hf, mine = _pair(case)
+    errs, _ = _run_steps(cfg, hf, mine, case["B"], cache_kind)
+    assert max(errs) <= 1e-4, errs
+
+
+@pytest.mark.parametrize("cache_kind", ["hf", "contig", "paged"])
+def test_decode_steps_use_the_kernel(monkeypatch, cache_kind):
+    # Decode steps (even with HF's eager 4-D causal mask) must run the mla_decode kernel.
+    import latentmoe.nn.mla as mod
+
+    calls = []
+    real = mod.mla_decode
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "mla_decode", counting)
+    cfg, hf, mine = _pair(CASES[0])
+    errs, _ = _run_steps(cfg, hf, mine, 2, cache_kind, steps=[9, 1, 2])
+    assert max(errs) <= 1e-4
+    assert [s[1] for s in calls] == [9, 1, 2]
+
+
+def test_training_uses_the_prefill_kernel(monkeypatch):
+    import latentmoe.nn.mla as mod
+
+    calls = []
+    real = mod.mla_prefill
+    monkeypatch.setattr(mod, "mla_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg, hf, mine = _pair(CASES[0])
+    x = torch.randn(2, 20, cfg.hidden_size, requires_grad=True)
+    pe = rope_embeddings(cfg, torch.arange(20)[None].expand(2, -1))
+    mine.train()(x, pe, None)[0].sum().backward()
+    assert calls == [1] and mine.kv_b_proj.weight.grad is not None
+
+
+def test_deepseek_like_dims_decode():
+    cfg = make_config(heads=4, q_lora=64, kv_lora=512, rope=64, nope=32, v=32, hidden=96)
+    hf = make_hf_attention(cfg)
+    mine = MultiHeadLatentAttention(cfg, 0)
+    mine.load_state_dict(hf.state_dict(), strict=True)
+    errs, _ = _run_steps(cfg, hf, mine.eval(), 2, "paged", steps=[40, 1, 1])
+    assert max(errs) <= 1e-4, errs
+
+
+def _without_prefill_kernel(monkeypatch):
+    """Make the module believe mla_prefill has no kernel here (as on CUDA today): SDPA path."""
+    import latentmoe.nn.mla as mod
+
+    real = mod._has_kernel
+    monkeypatch.setattr(mod, "_has_kernel", lambda op, dev: op != "mla_prefill" and real(op, dev))
+
+
+@pytest.mark.parametrize("prefill_kernel", [True, False])
+@pytest.mark.parametrize("cache_kind", ["hf", "contig", "paged"])
+def test_long_prefill(monkeypatch, cache_kind, prefill_kernel):
+    # More new tokens than decode_max_tokens: mla_prefill kernel, or the SDPA path.
+    if not prefill_kernel:
+        _without_prefill_kernel(monkeypatch)
+    cfg, hf, mine = _pair(CASES[0])
+    errs, cache = _run_steps(cfg, hf, mine, 2, cache_kind, steps=[5, 20, 1, 18])
+    assert max(errs) <= 1e-4, errs
+    assert cache.get_seq_length(0) == 44
+
+
+@pytest.mark.parametrize("cache_kind", ["latent", "hf"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_low_precision(dtype, cache_kind):
+    case = CASES[0]
+    cfg, hf32, _ = _pair(case)
+    hf_low = make_hf_attention(cfg, dtype)
+    mine_low = MultiHeadLatentAttention(cfg, 0).to(dtype)
+    mine_low.load_state_dict(hf_low.state_dict(), strict=True)
+    # Same inputs for three runs: fp32 HF (truth), HF in bf16, ours in bf16.
+    B, past = 2, 0
+    ours_cache = LatentKVCache(1, B, 16, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
+    caches = [hf_cache(cfg), hf_cache(cfg), ours_cache if cache_kind == "latent" else hf_cache(cfg)]
+    for n in [9, 1, 1]:
+        x = torch.randn(B, n, cfg.hidden_size)
+        pos = (past + torch.arange(n))[None].expand(B, -1)
+        pe32 = rope_embeddings(cfg, pos)
+        pel = rope_embeddings(cfg, pos, dtype)
+        with torch.no_grad():
+            truth, _ = hf32(x, pe32, causal_additive_mask(B, n, past), cache=caches[0])
+            hf_l, _ = hf_low(x.to(dtype), pel, causal_additive_mask(B, n, past, dtype), cache=caches[1])
+            ours, _ = mine_low(x.to(dtype), pel, None, cache=caches[2])
+        err, hf_err = rel_err(ours, truth), rel_err(hf_l, truth)
+        assert err <= 2 * hf_err + 1e-3, (err, hf_err)
+        past += n
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_inside_hf_model_with_hf_cache(attn_impl):
+    from transformers import DeepseekV3Model
+
+    cfg = make_config(heads=3, q_lora=24)
+    cfg._attn_implementation = attn_impl
+    cfg.num_hidden_layers = 2
+    cfg.first_k_dense_replace = 2  # dense MLPs: the test is about attention
+    torch.manual_seed(0)
+    model = DeepseekV3Model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    ours = DeepseekV3Model(cfg).eval()
+    ours.load_state_dict(model.state_dict(), strict=True)
+    for i, layer in enumerate(ours.layers):
+        attn = MultiHeadLatentAttention(cfg, i)
+        attn.load_state_dict(layer.self_attn.state_dict(), strict=True)
+        layer.self_attn = attn
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    with torch.no_grad():
+        a = model(ids, use_cache=True)
+        b = ours(ids, use_cache=True)
+        # Left padding in row 1: a real (non-causal-only) mask must be honoured too.
+        pad_mask = torch.ones(2, 8, dtype=torch.long)
+        pad_mask[1, :3] = 0
+        a_pad = model(ids, attention_mask=pad_mask).last_hidden_state
+        b_pad = ours(ids, attention_mask=pad_mask).last_hidden_state
+        assert rel_err(b_pad[0], a_pad[0]) <= 1e-4 and rel_err(b_pad[1, 3:], a_pad[1, 3:]) <= 1e-4
+        assert rel_err(b.last_hidden_state, a.last_hidden_state) <= 1e-4
+        cache_a, cache_b = a.cache, b.cache
+        for _ in range(3):
+            nxt = torch.randint(0, cfg.vocab_size, (2, 1))
+            a = model(nxt, cache=cache_a, use_cache=True)
+            b = ours(nxt, cache=cache_b, use_cache=True)
+            assert rel_err(b.last_hidden_state, a.last_hidden_state) <= 1e-4
+
+
+def test_padding_mask_is_honoured():
+    # Left padding: row 1's first 3 keys are masked out. Not the plain causal mask, so the module
+    # must take the masked path and still match HF.
+    cfg, hf, mine = _pair(CASES[0])
+    B, S = 2, 7
+    x = torch.randn(B, S, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
+    mask = causal_additive_mask(B, S, 0).clone()
+    mask[1, :, :, :3] = torch.finfo(torch.float32).min
+    mask[1, :, :3, :] = 0  # HF keeps fully padded query rows finite
+    with torch.no_grad():
+        want, _ = hf(x, pe, mask, cache=hf_cache(cfg))
+        got, _ = mine(x, pe, mask, cache=hf_cache(cfg))
+    assert rel_err(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("prefill_kernel", [True, False])
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_gradients_match_hf(monkeypatch, case, prefill_kernel):
+    if not prefill_kernel:
+        _without_prefill_kernel(monkeypatch)
+    cfg, hf, mine = _pair(case)
+    hf.train()
+    mine.train()
+    B, S = case["B"], 11
+    x = torch.randn(B, S, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
+    g = torch.randn(B, S, cfg.hidden_size)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_hf, _ = hf(xa, pe, causal_additive_mask(B, S, 0))
+    out_me, _ = mine(xb, pe, None)
+    (out_hf * g).sum().backward()
+    (out_me * g).sum().backward()
+    assert rel_err(out_me, out_hf) <= 1e-4
+    assert rel_err(xb.grad, xa.grad) <= 1e-4
+    hf_params = dict(hf.named_parameters())
+    for name, p in mine.named_parameters():
+        assert p.grad is not None, name
+        assert rel_err(p.grad, hf_params[name].grad) <= 1e-4, name
+
+
+def test_absorbed_weights_never_stale():
+    cfg, hf, mine = _pair(CASES[0])
+    _run_steps(cfg, hf, mine, 2, "contig", steps=[4, 1])  # fills the absorbed-weight cache
+    with torch.no_grad():  # in-place update (what an optimizer step does)
+        hf.kv_b_proj.weight.mul_(1.5).add_(0.01)
+        mine.kv_b_proj.weight.mul_(1.5).add_(0.01)
+    errs, _ = _run_steps(cfg, hf, mine, 2, "contig", steps=[4, 1])
+    assert max(errs) <= 1e-4, errs
+    hf2 = make_hf_attention(cfg, seed=7)  # load_state_dict of different weights
+    mine.load_state_dict(hf2.state_dict(), strict=True)
+    errs, _ = _run_steps(cfg, hf2, mine, 2, "paged", steps=[4, 1])
+    assert max(errs) <= 1e-4, errs
+    mine.kv_b_proj.weight = torch.nn.Parameter(hf.kv_b_proj.weight.detach().clone())  # new storage
+    w_uk, _ = mine.absorbed_weights()
+    H, N = cfg.num_attention_heads, cfg.qk_nope_head_dim
+    assert torch.equal(w_uk, hf.kv_b_proj.weight.detach().view(H, -1, cfg.kv_lora_rank)[:, :N])
+
+
+def test_state_dict_keys_identical_to_hf():
+    for q_lora in (None, 24):
+        cfg = make_config(q_lora=q_lora)
+        hf = make_hf_attention(cfg)
+        mine = MultiHeadLatentAttention(cfg, 0)
+        shapes = {k: v.shape for k, v in mine.state_dict().items()}
+        assert shapes == {k: v.shape for k, v in hf.state_dict().items()}
+
+
+def test_latent_cache_overflow_and_misuse():
+    cfg, hf, mine = _pair(CASES[0])
+    cache = LatentKVCache(1, 2, 5, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    x = torch.randn(2, 4, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(4)[None].expand(2, -1))
+    with torch.no_grad():
+        mine(x, pe, None, cache=cache)
+        x2 = torch.randn(2, 2, cfg.hidden_size)
+        pe2 = rope_embeddings(cfg, (4 + torch.arange(2))[None].expand(2, -1))
+        with pytest.raises(ValueError, match="capacity"):
+            mine(x2, pe2, None, cache=cache)
+    assert cache.get_seq_length(0) == 4  # a failed append changes nothing
+    with pytest.raises(ValueError, match="no_grad"):
+        mine(x2[:, :1], tuple(t[:, :1] for t in pe2), None, cache=cache)
+    with pytest.raises(ValueError, match="block_table"):
+        LatentKVCache(1, 2, 8, 4, 2, page_size=4, block_table=torch.zeros(3, 2, dtype=torch.int32))
+
+
+def test_cache_bytes_per_token():
+    cache = LatentKVCache(1, 1, 4, 512, 64, dtype=torch.bfloat16)
+    assert cache.bytes_per_token == 576 * 2
+
+
+def test_accepts_any_config_object_with_hf_field_names():
+    from types import SimpleNamespace
+
+    cfg, hf, _ = _pair(CASES[2])  # YaRN, no q_lora
+    fields = [
+        "hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+        "qk_rope_head_dim", "v_head_dim", "attention_bias", "rope_interleave", "rope_parameters",
+    ]
+    plain = SimpleNamespace(**{f: getattr(cfg, f) for f in fields})
+    mine = MultiHeadLatentAttention(plain, 0).eval()
+    mine.load_state_dict(hf.state_dict(), strict=True)
+    assert mine.scaling == pytest.approx(hf.scaling, rel=1e-12)
+    errs, _ = _run_steps(cfg, hf, mine, 2, "contig", steps=[6, 1])
+    assert max(errs) <= 1e-4, errs
+
+
+@pytest.mark.parametrize("cache_kind", ["hf", "contig", "paged"])
+def test_module_on_device_matches_hf(device, cache_kind):
+    # The same parity on every device (on CUDA: mla_decode/mla_append_cache CUDA kernels, SDPA prefill).
+    cfg, hf, mine = _pair(CASES[2], device=device)
+    errs, _ = _run_steps(cfg, hf, mine, 3, cache_kind, device=device, steps=[20, 1, 2, 1])
+    assert max(errs) <= 1e-4, errs
+
+
+def test_module_gradients_on_device(device):
+    cfg, hf, mine = _pair(CASES[0], device=device)
+    B, S = 2, 13
+    x = torch.randn(B, S, cfg.hidden_size, device=device)
+    pe = tuple(t.to(device) for t in rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1)))
+    g = torch.randn(B, S, cfg.hidden_size, device=device)
+    (hf.train()(x, pe, causal_additive_mask(B, S, 0).to(device))[0] * g).sum().backward()
+    (mine.train()(x, pe, None)[0] * g).sum().backward()
+    hf_params = dict(hf.named_parameters())
+    for name, p in mine.named_parameters():
+        assert rel_err(p.grad, hf_params[name].grad) <= 1e-4, name

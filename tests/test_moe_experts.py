@@ -1,0 +1,191 @@
+"""latentmoe.ops.moe_experts (CPU and CUDA) against the reference and HF DeepseekV3Experts."""
+
+import pytest
+import torch
+from moe_helpers import hf_moe, rel_err
+
+from latentmoe.ops import moe_experts
+from latentmoe.reference import moe as ref
+
+
+def _routing(T, E, K, device, dtype=torch.float32):
+    indices = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(device)
+    weights = (torch.rand(T, K) + 0.1).to(device=device, dtype=dtype)
+    return weights, indices
+
+
+def _experts(E, H, I, device, dtype=torch.float32):
+    gu = torch.randn(E, 2 * I, H) * H**-0.5
+    down = torch.randn(E, H, I) * I**-0.5
+    return gu.to(device=device, dtype=dtype), down.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("T,E,K,H,I", [(1, 8, 2, 32, 16), (7, 16, 4, 40, 24), (97, 12, 3, 37, 19),
+                                       (256, 64, 6, 64, 32)])
+def test_experts_match_reference(device, T, E, K, H, I):
+    x = torch.randn(T, H, device=device)
+    gu, down = _experts(E, H, I, device)
+    w, idx = _routing(T, E, K, device)
+    out = moe_experts(x, gu, down, w, idx)
+    want = ref.swiglu_experts(x.double().cpu(), gu.double().cpu(), down.double().cpu(),
+                              w.double().cpu(), idx.cpu())
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert rel_err(out.cpu(), want) <= 1e-5
+
+
+def test_experts_one_expert_and_idle(device):
+    T, E, H, I = 50, 10, 24, 16
+    x = torch.randn(T, H, device=device)
+    gu, down = _experts(E, H, I, device)
+    idx = torch.full((T, 1), 7, device=device)  # every token on expert 7; nine experts idle
+    w = torch.rand(T, 1, device=device)
+    out = moe_experts(x, gu, down, w, idx)
+    want = ref.swiglu_experts(x.cpu().double(), gu.cpu().double(), down.cpu().double(),
+                              w.cpu().double(), idx.cpu())
+    assert rel_err(out.cpu(), want) <= 1e-5
+    # Poisoning the idle experts' weights cannot change the result: they are never read.
+    gu2, down2 = gu.clone(), down.clone()
+    gu2[:7] = float("nan")
+    down2[8:] = float("nan")
+    assert torch.equal(moe_experts(x, gu2, down2, w, idx), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_experts_low_precision(device, dtype):
+    T, E, K, H, I = 45, 16, 4, 64, 48
+    x = torch.randn(T, H, device=device)
+    gu, down = _experts(E, H, I, device)
+    w, idx = _routing(T, E, K, device)
+    want = ref.swiglu_experts(*(t.double().cpu() for t in (x, gu, down, w)), idx.cpu())
+    lp = [t.to(dtype) for t in (x, gu, down)]
+    ref_lp = ref.swiglu_experts(*(t.cpu() for t in lp), w.cpu(), idx.cpu())
+    out = moe_experts(*lp, w, idx)
+    assert out.dtype == dtype
+    ref_err = (ref_lp.double() - want).abs().max().item()
+    err = (out.cpu().double() - want).abs().max().item()
+    assert err <= 2 * ref_err + 1e-3, (err, ref_err)
+
+
+@pytest.mark.parametrize("name", ["v3", "odd"])
+def test_experts_match_hf(device, name):
+    moe = hf_moe(name)
+    x = torch.randn(23, moe.config.hidden_size)
+    _, w, idx = moe.gate(x)
+    want = moe.experts(x, idx, w)
+    ex = moe.experts.to(device)
+    out = moe_experts(x.to(device), ex.gate_up_proj, ex.down_proj, w.to(device), idx.to(device))
+    assert rel_err(out.cpu(), want) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_deterministic(device, dtype):
+    T, E, K, H, I = 300, 32, 6, 64, 40
+    x = torch.randn(T, H, device=device, dtype=dtype, requires_grad=True)
+    gu, down = (t.requires_grad_() for t in _experts(E, H, I, device, dtype))
+    w, idx = _routing(T, E, K, device)
+    w.requires_grad_()
+    g = torch.randn(T, H, device=device, dtype=dtype)
+    runs = []
+    for _ in range(2):
+        out = moe_experts(x, gu, down, w, idx)
+        grads = torch.autograd.grad((out * g).sum(), (x, gu, down, w))
+        runs.append((out, *grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_experts_gradients(device):
+    T, E, K, H, I = 33, 12, 3, 40, 24
+    torch.manual_seed(3)
+    x = torch.randn(T, H)
+    gu, down = _experts(E, H, I, "cpu")
+    w, idx = _routing(T, E, K, "cpu")
+    g = torch.randn(T, H)
+    ours = [t.clone().to(device).requires_grad_() for t in (x, gu, down, w)]
+    (moe_experts(*ours, idx.to(device)) * g.to(device)).sum().backward()
+    theirs = [t.double().requires_grad_() for t in (x, gu, down, w)]
+    (ref.swiglu_experts(*theirs, idx) * g.double()).sum().backward()
+    for a, b in zip(ours, theirs):
+        assert rel_err(a.grad.cpu(), b.grad) <= 1e-5
+
+
+def test_experts_gradients_match_hf(device):
+    moe = hf_moe("v3")
+    x = torch.randn(21, 40, requires_grad=True)
+    _, w, idx = moe.gate(x.detach())
+    w = w.detach().requires_grad_()
+    g = torch.randn(21, 40)
+    (moe.experts(x, idx, w) * g).sum().backward()
+    hf = [x.grad, moe.experts.gate_up_proj.grad, moe.experts.down_proj.grad, w.grad]
+    ours = [t.detach().to(device).requires_grad_()
+            for t in (x, moe.experts.gate_up_proj, moe.experts.down_proj, w)]
+    (moe_experts(*ours, idx.to(device)) * g.to(device)).sum().backward()
+    for a, b in zip(ours, hf):
+        assert rel_err(a.grad.cpu(), b) <= 1e-5
+
+
+def test_experts_opcheck(device):
+    T, E, K, H, I = 11, 6, 2, 16, 8
+    x = torch.randn(T, H, device=device, requires_grad=True)
+    gu, down = (t.requires_grad_() for t in _experts(E, H, I, device))
+    w, idx = _routing(T, E, K, device)
+    w.requires_grad_()
+    torch.library.opcheck(torch.ops.latentmoe.moe_experts.default, (x, gu, down, w, idx))
+    _, sp, off, guo = torch.ops.latentmoe.moe_experts.default(x, gu, down, w, idx)
+    torch.library.opcheck(torch.ops.latentmoe.moe_experts_backward.default,
+                          (torch.randn(T, H, device=device), x.detach(), gu.detach(),
+                           down.detach(), w.detach(), sp, off, guo))
+
+
+def test_experts_sorted_pairs_stable(device):
+    idx = torch.tensor([[2, 0], [0, 2], [1, 2]], device=device)
+    x = torch.randn(3, 8, device=device)
+    gu, down = _experts(3, 8, 4, device)
+    _, sp, off, _ = torch.ops.latentmoe.moe_experts.default(x, gu, down, torch.rand(3, 2, device=device), idx)
+    assert sp.cpu().tolist() == [1, 2, 4, 0, 3, 5]
+    assert off.cpu().tolist() == [0, 2, 3, 6]
+
+
+def _args(device="cpu", T=5, E=4, K=2, H=8, I=6):
+    x = torch.randn(T, H, device=device)
+    gu, down = _experts(E, H, I, device)
+    w, idx = _routing(T, E, K, device)
+    return [x, gu, down, w, idx]
+
+
+@pytest.mark.parametrize("bad_value", [4, -1])
+def test_experts_index_out_of_range(device, bad_value):
+    a = _args(device)
+    a[4][2, 1] = bad_value
+    with pytest.raises(ValueError, match="indices"):
+        moe_experts(*a)
+
+
+@pytest.mark.parametrize(
+    "pos,make,match",
+    [
+        (1, lambda a: a[1][:, :-1], "gate_up_proj"),       # odd 2I
+        (1, lambda a: a[1][..., :-1], "gate_up_proj"),     # hidden mismatch
+        (2, lambda a: a[2][..., :-1], "down_proj"),        # I mismatch
+        (2, lambda a: a[2][:-1], "down_proj"),             # E mismatch
+        (3, lambda a: a[3][:, :1], "weights"),
+        (4, lambda a: a[4].int(), "indices"),
+        (1, lambda a: a[1].bfloat16(), "gate_up_proj"),
+        (0, lambda a: a[0].double(), "hidden"),
+        (3, lambda a: a[3].double(), "weights"),
+        (0, lambda a: a[0][:-1], "indices"),               # T mismatch
+    ],
+)
+def test_experts_bad_input(pos, make, match):
+    a = _args()
+    a[pos] = make(a)
+    with pytest.raises(ValueError, match=match):
+        moe_experts(*a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_experts_device_mismatch():
+    a = _args("cuda")
+    a[2] = a[2].cpu()
+    with pytest.raises(RuntimeError, match="down_proj"):
+        moe_experts(*a)

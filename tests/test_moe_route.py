@@ -1,0 +1,158 @@
+"""latentmoe.ops.moe_route (CPU and CUDA) against the reference and HF's routers."""
+
+import pytest
+import torch
+from moe_helpers import CONFIGS, hf_moe, hf_v2_router, rel_err, sort_by_index
+
+from latentmoe.ops import moe_route
+from latentmoe.reference import moe as ref
+
+ROUTINGS = {
+    "v3": dict(top_k=4, n_group=4, topk_group=2, score_func="sigmoid", norm_topk_prob=True,
+               routed_scaling_factor=2.5),
+    "softmax_groups": dict(top_k=3, n_group=8, topk_group=3, score_func="softmax",
+                           norm_topk_prob=True, routed_scaling_factor=1.0),
+    "no_norm": dict(top_k=6, n_group=1, topk_group=1, score_func="sigmoid", norm_topk_prob=False,
+                    routed_scaling_factor=1.3),
+    "softmax_greedy": dict(top_k=2, n_group=1, topk_group=1, score_func="softmax",
+                           norm_topk_prob=False, routed_scaling_factor=1.0),
+    "top1_all_groups": dict(top_k=1, n_group=2, topk_group=2, score_func="sigmoid",
+                            norm_topk_prob=True, routed_scaling_factor=1.0),
+}
+
+
+def _both(logits, bias, kw):
+    ours = moe_route(logits, e_score_correction_bias=bias, **kw)
+    want = ref.route(logits.cpu(), e_score_correction_bias=None if bias is None else bias.cpu(), **kw)
+    return [t.cpu() for t in ours], want
+
+
+@pytest.mark.parametrize("name", list(ROUTINGS))
+@pytest.mark.parametrize("T", [1, 5, 257])
+def test_route_matches_reference(device, name, T):
+    E = 32
+    logits = torch.randn(T, E, device=device) * 2
+    bias = torch.randn(E, device=device) * 0.1 if name != "softmax_greedy" else None
+    (w, i, s), (wr, ir, sr) = _both(logits, bias, ROUTINGS[name])
+    assert i.dtype == torch.int64 and w.dtype == torch.float32
+    assert torch.equal(i, ir)
+    assert rel_err(w, wr) <= 1e-6
+    assert rel_err(s, sr) <= 1e-6
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_route_matches_hf_v3_router(device, name):
+    moe = hf_moe(name)
+    x = torch.randn(41, CONFIGS[name]["hidden_size"])
+    logits, w_hf, i_hf = moe.gate(x)
+    g = moe.gate
+    w, i, _ = moe_route(logits.to(device), g.top_k, n_group=g.num_group, topk_group=g.topk_group,
+                        e_score_correction_bias=g.e_score_correction_bias.to(device),
+                        norm_topk_prob=g.norm_topk_prob,
+                        routed_scaling_factor=g.routed_scaling_factor)
+    w, i = sort_by_index(w.cpu(), i.cpu())
+    w_hf, i_hf = sort_by_index(w_hf, i_hf)
+    assert torch.equal(i, i_hf)
+    assert rel_err(w, w_hf) <= 1e-6
+
+
+def test_softmax_route_matches_hf_v2_router(device):
+    router = hf_v2_router(num_experts=12, top_k=3, hidden=20, scale=1.5)
+    x = torch.randn(37, 20)
+    logits, w_hf, i_hf = router(x)
+    w, i, _ = moe_route(logits.to(device), 3, score_func="softmax", norm_topk_prob=False,
+                        routed_scaling_factor=1.5)
+    w, i = sort_by_index(w.cpu(), i.cpu())
+    w_hf, i_hf = sort_by_index(w_hf, i_hf)
+    assert torch.equal(i, i_hf)
+    assert rel_err(w, w_hf) <= 1e-6
+
+
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2), (4, 1), (8, 3)])
+def test_route_ties_lower_index(device, n_group, topk_group):
+    logits = torch.randint(0, 3, (64, 16), device=device).float()
+    bias = torch.zeros(16, device=device)
+    bias[::5] = 0.25
+    kw = dict(top_k=2, n_group=n_group, topk_group=topk_group)
+    (w, i, _), (wr, ir, _) = _both(logits, bias, kw)
+    assert torch.equal(i, ir)
+    w, i, _ = moe_route(torch.full((3, 8), 0.3, device=device), 3, n_group=2, topk_group=1)
+    assert i.cpu().tolist() == [[0, 1, 2]] * 3
+
+
+@pytest.mark.parametrize("name", list(ROUTINGS))
+def test_route_gradients(device, name):
+    kw = ROUTINGS[name]
+    logits = torch.randn(19, 24, dtype=torch.float64)
+    bias = torch.randn(24) * 0.1
+    gw, gs = torch.randn(19, kw["top_k"], dtype=torch.float64), torch.randn(19, 24, dtype=torch.float64)
+    lr = logits.clone().requires_grad_()
+    wr, _, sr = ref.route(lr, e_score_correction_bias=bias, **kw)
+    ((wr * gw).sum() + (sr * gs).sum()).backward()
+    lo = logits.float().to(device).requires_grad_()
+    w, _, s = moe_route(lo, e_score_correction_bias=bias.to(device), **kw)
+    ((w * gw.float().to(device)).sum() + (s * gs.float().to(device)).sum()).backward()
+    torch.testing.assert_close(lo.grad.cpu().double(), lr.grad, rtol=1e-4, atol=1e-6)
+    # weights only (scores unused): the scores' grad arrives as None/zeros
+    lo.grad = None
+    w, _, _ = moe_route(lo, e_score_correction_bias=bias.to(device), **kw)
+    (w * gw.float().to(device)).sum().backward()
+    lr.grad = None
+    wr, _, _ = ref.route(lr, e_score_correction_bias=bias, **kw)
+    (wr * gw).sum().backward()
+    torch.testing.assert_close(lo.grad.cpu().double(), lr.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_route_opcheck(device):
+    logits = torch.randn(9, 16, device=device, requires_grad=True)
+    bias = torch.randn(16, device=device)
+    for args in [(logits, bias, 4, 4, 2, "sigmoid", True, 2.5),
+                 (logits, None, 3, 1, 1, "softmax", False, 1.0)]:
+        torch.library.opcheck(torch.ops.latentmoe.moe_route.default, args)
+    s = torch.rand(9, 16, device=device)
+    idx = torch.stack([torch.randperm(16)[:3] for _ in range(9)]).to(device)
+    torch.library.opcheck(torch.ops.latentmoe.moe_route_backward.default,
+                          (torch.randn(9, 3, device=device), torch.randn(9, 16, device=device),
+                           s, idx, "sigmoid", True, 1.0))
+
+
+def test_route_compile(device):
+    f = torch.compile(lambda l, b: moe_route(l, 2, n_group=2, topk_group=1,
+                                             e_score_correction_bias=b), fullgraph=True)
+    logits, bias = torch.randn(6, 8, device=device), torch.randn(8, device=device)
+    for a, b in zip(f(logits, bias), moe_route(logits, 2, n_group=2, topk_group=1,
+                                               e_score_correction_bias=bias)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(top_k=17), "top_k"),                          # k > E
+        (dict(top_k=9, n_group=4, topk_group=2), "top_k"),  # k > experts of the kept groups
+        (dict(top_k=2, n_group=4, topk_group=5), "topk_group"),
+        (dict(top_k=2, n_group=3, topk_group=1), "n_group"),  # 16 % 3 != 0
+        (dict(top_k=0), "top_k"),
+        (dict(top_k=2, score_func="tanh"), "score_func"),
+    ],
+)
+def test_route_bad_args(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        moe_route(torch.randn(4, 16), **kwargs)
+
+
+def test_route_bad_tensors():
+    with pytest.raises(ValueError, match="logits"):
+        moe_route(torch.randn(4, 16).half(), 2)
+    with pytest.raises(ValueError, match="logits"):
+        moe_route(torch.randn(2, 4, 16), 2)
+    with pytest.raises(ValueError, match="e_score_correction_bias"):
+        moe_route(torch.randn(4, 16), 2, e_score_correction_bias=torch.randn(15))
+    with pytest.raises(ValueError, match="e_score_correction_bias"):
+        moe_route(torch.randn(4, 16), 2, e_score_correction_bias=torch.randn(16).double())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_route_device_mismatch():
+    with pytest.raises(RuntimeError, match="e_score_correction_bias"):
+        moe_route(torch.randn(4, 16, device="cuda"), 2, e_score_correction_bias=torch.randn(16))
