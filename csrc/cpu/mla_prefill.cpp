@@ -24,7 +24,9 @@ namespace {
 
 using mla_prefill::Params;
 
-constexpr int64_t kKeyTile = 64;
+// 128-token key tiles: big enough for at::mm to run near its large-GEMM rate (measured ~30% faster
+// than 64 on the 16-head, C=512 shape), small enough that causal diagonal tiles waste little.
+constexpr int64_t kKeyTile = 128;
 constexpr int64_t kMinQueryChunk = 64;
 
 // fp32 matrix view of a raw buffer (row-major [rows, cols]).
