@@ -1,4 +1,10 @@
-"""MLA prefill op ``mla_prefill_fused``: causal latent attention with in-kernel decompression, fake kernels, autograd."""
+"""MLA prefill op ``mla_prefill_fused``: causal latent attention with in-kernel decompression, fake
+kernels, autograd.
+
+Compared with :func:`latentmoe.ops.mla_prefill` (``kv_b_weight`` input, ``causal`` / ``window``
+options): this op takes the ``w_uk`` / ``w_uv`` views, is causal only, and has CPU and CUDA kernels
+for both its forward and its backward (``mla_prefill_fused_backward``, contiguous or paged cache).
+"""
 
 from __future__ import annotations
 
