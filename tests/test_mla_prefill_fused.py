@@ -41,7 +41,9 @@ def make_inputs(B, S, H, seqlens, Lmax, C, R, Dn, Dv, device, dtype=torch.float3
                 w_uv=w_uv, clean=clean)
 
 
-def ref_attention(q_nope, q_pe, cache, seqlens, w_uk, w_uv, scale, dtype=torch.float64):
+def ref_attention(
+    q_nope, q_pe, cache, seqlens, w_uk, w_uv, scale, dtype=torch.float64, causal=True, window=-1
+):
     """Independent reference: per row, decompress the valid cache rows to per-head K/V and attend
     with an explicit causal mask, all in ``dtype`` (fp64 = ground truth; bf16/fp16 = the reference
     run in low precision, softmax in fp32). Differentiable. Returns (out, lse) in ``dtype``/fp32."""
@@ -59,7 +61,12 @@ def ref_attention(q_nope, q_pe, cache, seqlens, w_uk, w_uv, scale, dtype=torch.f
         )
         s = s.float() * scale if dtype != torch.float64 else s * scale
         pos = L - S + torch.arange(S, device=s.device)
-        mask = torch.arange(L, device=s.device)[None, :] <= pos[:, None]  # [S, L]
+        j = torch.arange(L, device=s.device)[None, :]
+        mask = torch.ones(S, L, dtype=torch.bool, device=s.device)  # [S, L]
+        if causal:
+            mask &= j <= pos[:, None]
+        if window >= 0:
+            mask &= j >= pos[:, None] - window
         s = s.masked_fill(~mask, -math.inf)
         live = mask.any(-1)[None, :, None]  # [1, S, 1]: the query sees at least one key
         s_safe = torch.where(live, s, 0.0)  # dead rows: finite, so autograd stays NaN-free
@@ -194,6 +201,57 @@ def test_forward_low_precision(device, dtype):
     assert err(lse[live], ref_lse[live]) <= 2 * err(low_lse[live], ref_lse[live]) + 1e-3
 
 
+@pytest.mark.parametrize(
+    "causal,window", [(True, 0), (True, 5), (True, 70), (False, -1), (False, 3), (False, 200)]
+)
+def test_forward_causal_and_window(device, causal, window):
+    # Lengths shorter than, equal to and longer than S; prefix > 0; windows crossing key tiles.
+    S, seqlens, Lmax = 7, [150, 0, 4, 7], 152
+    x = make_inputs(4, S, 3, seqlens, Lmax, **SMALL, device=device)
+    out, lse = mla_prefill_fused(x["q_nope"], x["q_pe"], x["latent_cache"], x["cache_seqlens"], x["w_uk"],
+                                 x["w_uv"], 0.3, causal=causal, window=window)
+    ref_out, ref_lse = run_ref_masked(x, 0.3, causal, window)
+    assert not out.isnan().any()
+    assert err(out, ref_out) < 2e-5
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    live = torch.isfinite(ref_lse)
+    assert err(lse[live], ref_lse[live]) < 2e-5
+    c = x["clean"]
+    naive_out, naive_lse = reference.mla_naive(
+        x["q_nope"], x["q_pe"], c[..., : SMALL["C"]], c[..., SMALL["C"]:], x["w_uk"], x["w_uv"], 0.3,
+        cache_seqlens=x["cache_seqlens"].cpu(), causal=causal, window=window,
+    )
+    torch.testing.assert_close(out, naive_out, rtol=1e-4, atol=1e-5)
+
+
+def run_ref_masked(x, scale, causal, window):
+    return ref_attention(
+        x["q_nope"], x["q_pe"], x["clean"], x["cache_seqlens"].tolist(), x["w_uk"], x["w_uv"], scale,
+        causal=causal, window=window,
+    )
+
+
+@pytest.mark.parametrize("causal,window", [(True, 9), (False, -1), (False, 4)])
+def test_gradients_causal_and_window(device, causal, window):
+    S, seqlens, Lmax = 20, [150, 12, 0], 152
+    x = make_inputs(3, S, 2, seqlens, Lmax, **SMALL, device=device)
+    g_out = torch.randn(3, S, 2, SMALL["Dv"], device=device, dtype=torch.float64)
+    g_lse = torch.randn(3, S, 2, device=device, dtype=torch.float64)
+
+    def op(t):
+        return mla_prefill_fused(t["q_nope"], t["q_pe"], t["latent_cache"], x["cache_seqlens"], t["w_uk"],
+                                 t["w_uv"], 0.25, causal=causal, window=window)
+
+    def ref(t):
+        return ref_attention(t["q_nope"], t["q_pe"], t["latent_cache"], seqlens, t["w_uk"], t["w_uv"], 0.25,
+                             causal=causal, window=window)
+
+    got = grads_of(op, x, KEYS, g_out, g_lse)
+    want = grads_of(ref, dict(x, latent_cache=x["clean"]), KEYS, g_out, g_lse)
+    for k in KEYS:
+        assert err(got[k], want[k]) < 1e-4 * max(1.0, want[k].abs().max().item()), k
+
+
 # ---- backward --------------------------------------------------------------------------------------
 
 
@@ -306,6 +364,7 @@ def _call(x, **over):
         ("q_nope", lambda x: x["q_nope"][..., 0]),
         ("q_nope", lambda x: x["q_nope"].transpose(-1, -2).contiguous().transpose(-1, -2)),
         ("softmax_scale", lambda x: float("nan")),
+        ("window", lambda x: -2),
     ],
 )
 def test_bad_input_names_argument(device, name, make):
@@ -538,17 +597,20 @@ def emulated_kernels(tmp_path_factory):
 
 @pytest.mark.parametrize("query_tile", [16, 64])
 @pytest.mark.parametrize(
-    "B,S,H,dims,seqlens,Lmax,page_size",
+    "B,S,H,dims,seqlens,Lmax,page_size,causal,window",
     [
-        (4, 5, 3, SMALL, [12, 0, 3, 5], 16, 0),
-        (2, 70, 2, dict(C=40, R=4, Dn=8, Dv=6), [100, 69], 101, 0),
-        (1, 3, 2, V3, [70], 72, 0),
-        (4, 6, 3, SMALL, [40, 0, 3, 23], 41, 17),
-        (2, 5, 2, SMALL, [9, 5], 10, 1),
+        (4, 5, 3, SMALL, [12, 0, 3, 5], 16, 0, True, -1),
+        (2, 70, 2, dict(C=40, R=4, Dn=8, Dv=6), [100, 69], 101, 0, True, -1),
+        (1, 3, 2, V3, [70], 72, 0, True, -1),
+        (4, 6, 3, SMALL, [40, 0, 3, 23], 41, 17, True, -1),
+        (2, 5, 2, SMALL, [9, 5], 10, 1, True, -1),
+        (3, 40, 2, dict(C=40, R=4, Dn=8, Dv=6), [90, 20, 0], 95, 0, True, 37),
+        (3, 21, 2, dict(C=40, R=4, Dn=8, Dv=6), [70, 9, 0], 72, 16, False, 5),
+        (2, 9, 2, SMALL, [50, 4], 52, 0, False, -1),
     ],
 )
 def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, query_tile, B, S, H, dims, seqlens, Lmax,
-                                        page_size):
+                                        page_size, causal, window):
     C, R, Dn, Dv = dims["C"], dims["R"], dims["Dn"], dims["Dv"]
     q = torch.randn(B, S, H, Dn + R)
     kv_b = torch.randn(H, Dn + Dv, C) / math.sqrt(C)
@@ -562,7 +624,8 @@ def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, query_tile, 
         num_pages, Lmax = cache.shape[0], table.shape[1] * page_size
     scale = 1 / math.sqrt(Dn + R)
     with open(tmp_path / "in.bin", "wb") as f:
-        f.write(np.array([B, S, H, Dn, R, C, Dv, Lmax, page_size, num_pages], dtype=np.int64).tobytes())
+        head = [B, S, H, Dn, R, C, Dv, Lmax, page_size, num_pages, int(causal), window]
+        f.write(np.array(head, dtype=np.int64).tobytes())
         f.write(np.float32(scale).tobytes())
         f.write(q.numpy().tobytes())
         f.write(cache.numpy().tobytes())
@@ -584,7 +647,8 @@ def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, query_tile, 
     qq, cc, kk = leaves
     lens = torch.tensor(seqlens, dtype=torch.int32)
     out, lse = mla_prefill_fused(
-        qq[..., :Dn], qq[..., Dn:], cc, lens, kk[:, :Dn], kk[:, Dn:], scale, block_table=table
+        qq[..., :Dn], qq[..., Dn:], cc, lens, kk[:, :Dn], kk[:, Dn:], scale, block_table=table, causal=causal,
+        window=window,
     )
     live = torch.isfinite(lse)
     ((out * g_out).sum() + torch.where(live, lse * g_lse, 0).sum()).backward()

@@ -25,7 +25,7 @@ inline void last_dim_contiguous(const char* op, const char* name, const at::Tens
 inline Params check_args(const char* op, const at::Tensor& q_nope, const at::Tensor& q_pe,
                          const at::Tensor& latent_cache, const at::Tensor& cache_seqlens,
                          const at::Tensor& w_uk, const at::Tensor& w_uv, double softmax_scale,
-                         const std::optional<at::Tensor>& block_table) {
+                         const std::optional<at::Tensor>& block_table, bool causal, int64_t window) {
   chk::floating(op, "q_nope", q_nope);
   chk::dim(op, "q_nope", q_nope, 4);
   chk::dim(op, "q_pe", q_pe, 4);
@@ -128,6 +128,10 @@ inline Params check_args(const char* op, const at::Tensor& q_nope, const at::Ten
   p.wuv_sh = w_uv.stride(0);
   p.wuv_sd = w_uv.stride(1);
   p.scale = static_cast<float>(softmax_scale);
+  TORCH_CHECK_VALUE(window >= -1, "latentmoe.", op, ": argument 'window' must be >= -1 (-1: no window), got ",
+                    window);
+  p.causal = causal;
+  p.window = window;
   return p;
 }
 

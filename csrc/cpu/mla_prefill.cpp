@@ -1,6 +1,7 @@
-// MLA prefill CPU kernels: causal attention of the S new tokens over the latent cache with the
-// latent decompressed tile by tile (K_nope = c_kv W_UK^T, V = c_kv W_UV^T for kKeyTile tokens of
-// one head at a time, in task-local fp32 buffers), consumed by an online softmax.
+// MLA prefill CPU kernels: attention (causal / sliding window) of the S new tokens over the
+// latent cache with the latent decompressed tile by tile (K_nope = c_kv W_UK^T, V = c_kv W_UV^T
+// for kKeyTile tokens of one head at a time, in task-local fp32 buffers), consumed by an online
+// softmax.
 //
 // Work split: tasks (b, h, query chunk) run in parallel. A task walks the key tiles once (key
 // tile outer, all its queries inner), so each tile is decompressed once per task; queries are
@@ -42,14 +43,17 @@ void load_f32(const T* src, float* dst, int64_t n, float mul = 1.f) {
 // fp32 vector view of a raw buffer.
 at::Tensor vec(float* p, int64_t n) { return at::from_blob(p, {n}, at::TensorOptions().dtype(at::kFloat)); }
 
-// Causal mask of a score tile [nr, nt] whose row r sits at position (first_row_rel + r) relative to
-// the tile's first key: entries of keys after the row's position are set to `fill`. Rows see
-// more keys as r grows, so the loop stops at the first row that sees the whole tile.
-void mask_future_keys(float* tile, int64_t nr, int64_t nt, int64_t first_row_rel, float fill) {
+// Mask of a score tile [nr, nt] over keys [t0, t0 + nt) whose row r is the query at position
+// pos_first + r: entries of keys the row does not see (causal / window) are set to `fill`.
+void mask_invisible_keys(const Params& p, int64_t seqlen, float* tile, int64_t nr, int64_t nt, int64_t pos_first,
+                         int64_t t0, float fill) {
   for (int64_t r = 0; r < nr; ++r) {
-    const int64_t n_vis = first_row_rel + r + 1;
-    if (n_vis >= nt) break;
-    std::fill(tile + r * nt + std::max<int64_t>(n_vis, 0), tile + (r + 1) * nt, fill);
+    const int64_t pos = pos_first + r;
+    const int64_t lo = std::clamp<int64_t>(mla_prefill::key_begin(p, pos) - t0, 0, nt);
+    const int64_t hi = std::clamp<int64_t>(mla_prefill::key_end(p, seqlen, pos) - t0, 0, nt);
+    float* row = tile + r * nt;
+    std::fill(row, row + lo, fill);
+    std::fill(row + std::max(lo, hi), row + nt, fill);
   }
 }
 
@@ -116,7 +120,7 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
       const int64_t i_begin = c * sp.chunk_size;
       const int64_t i_end = std::min(p.S, i_begin + sp.chunk_size);
       if (i_begin >= i_end) continue;
-      const int64_t i_lo = std::clamp(mla_prefill::first_live_query(seqlen, p.S), i_begin, i_end);
+      const int64_t i_lo = std::clamp(mla_prefill::first_live_query(p, seqlen), i_begin, i_end);
       // Queries that see nothing: output 0, LSE -inf.
       for (int64_t i = i_begin; i < i_lo; ++i) {
         T* o = out + ((b * p.S + i) * p.H + h) * p.Dv;
@@ -139,18 +143,22 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
       }
       std::fill(acc.begin(), acc.begin() + nq * p.Dv, 0.f);
       const int64_t pos0 = mla_prefill::query_pos(seqlen, p.S, i_lo);  // position of row 0
-      const int64_t kv_end = pos0 + nq;                                 // keys seen by the last row
-      for (int64_t t0 = 0; t0 < kv_end; t0 += kKeyTile) {
+      const int64_t kv_begin = mla_prefill::key_begin(p, pos0);         // keys seen by some row
+      const int64_t kv_end = mla_prefill::key_end(p, seqlen, pos0 + nq - 1);
+      for (int64_t t0 = kv_begin; t0 < kv_end; t0 += kKeyTile) {
         const int64_t nt = std::min(kKeyTile, kv_end - t0);
+        // Rows [r0, r1) see some key of the tile (each of them at least one).
+        const int64_t r0 = std::clamp<int64_t>(mla_prefill::first_query_seeing(p, seqlen, t0) - i_lo, 0, nq);
+        const int64_t r1 = std::clamp<int64_t>(mla_prefill::end_query_seeing(p, seqlen, t0 + nt) - i_lo, 0, nq);
+        if (r0 >= r1) continue;
+        const int64_t nr = r1 - r0;
         decompress_tile(p, cache, block_table, b, t0, nt, wk, wv, ct.data(), kp.data(), kn.data(), v.data());
-        const int64_t r0 = std::max<int64_t>(0, mla_prefill::first_query_seeing(seqlen, p.S, t0) - i_lo);
-        const int64_t nr = nq - r0;
         auto s = mat(scores.data(), nr, nt);
         at::mm_out(s, mat(qn.data() + r0 * p.Dn, nr, p.Dn), mat(kn.data(), nt, p.Dn).t());
         if (p.R > 0) s.addmm_(mat(qp.data() + r0 * p.R, nr, p.R), mat(kp.data(), nt, p.R).t());
-        mask_future_keys(scores.data(), nr, nt, pos0 + r0 - t0, -INFINITY);
-        // Online softmax on the whole tile with ATen's vectorised kernels. Every row here sees key
-        // t0, so m_new is finite and exp(m_old - m_new) is 0 for a row's first tile (m_old = -inf).
+        mask_invisible_keys(p, seqlen, scores.data(), nr, nt, pos0 + r0, t0, -INFINITY);
+        // Online softmax on the whole tile with ATen's vectorised kernels. Every row here sees a key
+        // of the tile, so m_new is finite and exp(m_old - m_new) is 0 for a row's first tile.
         auto m_old = vec(row_m.data() + r0, nr);
         auto l = vec(row_l.data() + r0, nr);
         auto m_new = at::maximum(m_old, s.amax(1));
@@ -177,9 +185,10 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_cpu(const at::Tensor& q_nope, con
                                                    const at::Tensor& latent_cache,
                                                    const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
                                                    const at::Tensor& w_uv, double softmax_scale,
-                                                   const std::optional<at::Tensor>& block_table) {
+                                                   const std::optional<at::Tensor>& block_table, bool causal,
+                                                   int64_t window) {
   const Params p = mla_prefill::check_args("mla_prefill_fused", q_nope, q_pe, latent_cache, cache_seqlens, w_uk,
-                                           w_uv, softmax_scale, block_table);
+                                           w_uv, softmax_scale, block_table, causal, window);
   auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
   auto out = at::empty({p.B, p.S, p.H, p.Dv}, q_nope.options());
   auto lse = at::empty({p.B, p.S, p.H}, q_nope.options().dtype(at::kFloat));
@@ -234,7 +243,7 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
       const int64_t i_begin = c * sp.chunk_size;
       const int64_t i_end = std::min(p.S, i_begin + sp.chunk_size);
       if (i_begin >= i_end) continue;
-      const int64_t i_lo = std::clamp(mla_prefill::first_live_query(seqlen, p.S), i_begin, i_end);
+      const int64_t i_lo = std::clamp(mla_prefill::first_live_query(p, seqlen), i_begin, i_end);
       for (int64_t i = i_begin; i < i_lo; ++i) {  // queries that saw nothing: zero gradient
         const int64_t qi = (b * p.S + i) * p.H + h;
         std::fill(grad_q_nope + qi * p.Dn, grad_q_nope + (qi + 1) * p.Dn, static_cast<T>(0.f));
@@ -262,12 +271,15 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
       dwk.zero_();
       dwv.zero_();
       const int64_t pos0 = mla_prefill::query_pos(seqlen, p.S, i_lo);
-      const int64_t kv_end = pos0 + nq;
-      for (int64_t t0 = 0; t0 < kv_end; t0 += kKeyTile) {
+      const int64_t kv_begin = mla_prefill::key_begin(p, pos0);
+      const int64_t kv_end = mla_prefill::key_end(p, seqlen, pos0 + nq - 1);
+      for (int64_t t0 = kv_begin; t0 < kv_end; t0 += kKeyTile) {
         const int64_t nt = std::min(kKeyTile, kv_end - t0);
+        const int64_t r0 = std::clamp<int64_t>(mla_prefill::first_query_seeing(p, seqlen, t0) - i_lo, 0, nq);
+        const int64_t r1 = std::clamp<int64_t>(mla_prefill::end_query_seeing(p, seqlen, t0 + nt) - i_lo, 0, nq);
+        if (r0 >= r1) continue;
+        const int64_t nr = r1 - r0;
         decompress_tile(p, cache, block_table, b, t0, nt, wk, wv, ct.data(), kp.data(), kn.data(), v.data());
-        const int64_t r0 = std::max<int64_t>(0, mla_prefill::first_query_seeing(seqlen, p.S, t0) - i_lo);
-        const int64_t nr = nq - r0;
         auto qn_m = mat(qn.data() + r0 * p.Dn, nr, p.Dn);
         auto qp_m = mat(qp.data() + r0 * p.R, nr, p.R);
         auto do_m = mat(dout.data() + r0 * p.Dv, nr, p.Dv);
@@ -279,10 +291,10 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
         at::mm_out(pm, qn_m, kn_m.t());
         if (p.R > 0) pm.addmm_(qp_m, kp_m.t());
         at::mm_out(dsm, do_m, v_m.t());  // dP
-        // P = exp(scale * s - lse) (every row here is live: finite lse), zero for future keys;
+        // P = exp(scale * s - lse) (every row here is live: finite lse), zero for unseen keys;
         // dS = P (dP - delta) * scale.
         pm.mul_(p.scale).sub_(vec(row_lse.data() + r0, nr).unsqueeze(1)).exp_();
-        mask_future_keys(prob.data(), nr, nt, pos0 + r0 - t0, 0.f);
+        mask_invisible_keys(p, seqlen, prob.data(), nr, nt, pos0 + r0, t0, 0.f);
         dsm.sub_(vec(delta.data() + r0, nr).unsqueeze(1)).mul_(pm).mul_(p.scale);
         mat(dqn.data() + r0 * p.Dn, nr, p.Dn).addmm_(dsm, kn_m);
         if (p.R > 0) mat(dqp.data() + r0 * p.R, nr, p.R).addmm_(dsm, kp_m);
@@ -324,10 +336,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_nope, const at::Tensor& q_pe,
     const at::Tensor& latent_cache, const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
     const at::Tensor& w_uv, const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
-    const std::optional<at::Tensor>& block_table) {
+    const std::optional<at::Tensor>& block_table, bool causal, int64_t window) {
   const char* op = "mla_prefill_fused_backward";
   const Params p = mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv,
-                                           softmax_scale, block_table);
+                                           softmax_scale, block_table, causal, window);
   auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
   mla_prefill::check_backward_args(op, p, q_nope, grad_out, grad_lse, out, lse);
   auto go = grad_out.contiguous();

@@ -1,6 +1,6 @@
 // Runs the MLA prefill CUDA kernels (host-emulated, fp32) on inputs from a file and writes every
 // output: forward out / lse, then the backward's gradients. Driven by tests/test_mla_prefill.py.
-// Input: int64 [B, S, H, Dn, R, C, Dv, Lmax, page_size, num_pages], float scale, then fp32 arrays
+// Input: int64 [B, S, H, Dn, R, C, Dv, Lmax, page_size, num_pages, causal, window], float scale, then fp32 arrays
 // q [B, S, H, Dn+R] (q_nope | q_pe, so both are strided views), cache (contiguous [B, Lmax, C+R] or
 // paged [num_pages, page_size, C+R]), int32 seqlens [B], int32 block_table [B, Lmax/page_size] if
 // paged, kv_b [H, Dn+Dv, C] (w_uk | w_uv views), grad_out [B, S, H, Dv], grad_lse [B, S, H].
@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::ifstream in(argv[1], std::ios::binary);
-  int64_t dims[10];
+  int64_t dims[12];
   in.read(reinterpret_cast<char*>(dims), sizeof(dims));
   float scale;
   in.read(reinterpret_cast<char*>(&scale), sizeof(scale));
@@ -43,6 +43,8 @@ int main(int argc, char** argv) {
   p.Lmax = dims[7];
   const int64_t page_size = dims[8], num_pages = dims[9];
   p.scale = scale;
+  p.causal = dims[10] != 0;
+  p.window = dims[11];
   const int64_t max_pages = page_size ? p.Lmax / page_size : 0;
   const int64_t cache_rows = page_size ? num_pages * page_size : p.B * p.Lmax;
   std::vector<float> q, cache, kv_b, grad_out, grad_lse;

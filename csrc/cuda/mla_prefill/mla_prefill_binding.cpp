@@ -28,10 +28,11 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_cuda(const at::Tensor& q_nope, co
                                                     const at::Tensor& latent_cache,
                                                     const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
                                                     const at::Tensor& w_uv, double softmax_scale,
-                                                    const std::optional<at::Tensor>& block_table) {
+                                                    const std::optional<at::Tensor>& block_table, bool causal,
+                                                    int64_t window) {
   const char* op = "mla_prefill_fused";
   const Params p = mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv,
-                                           softmax_scale, block_table);
+                                           softmax_scale, block_table, causal, window);
   auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
   c10::cuda::CUDAGuard guard(q_nope.device());
   auto out = at::empty({p.B, p.S, p.H, p.Dv}, q_nope.options());
@@ -52,10 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_nope, const at::Tensor& q_pe,
     const at::Tensor& latent_cache, const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
     const at::Tensor& w_uv, const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
-    const std::optional<at::Tensor>& block_table) {
+    const std::optional<at::Tensor>& block_table, bool causal, int64_t window) {
   const char* op = "mla_prefill_fused_backward";
   const Params p = mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv,
-                                           softmax_scale, block_table);
+                                           softmax_scale, block_table, causal, window);
   auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
   mla_prefill::check_backward_args(op, p, q_nope, grad_out, grad_lse, out, lse);
   c10::cuda::CUDAGuard guard(q_nope.device());

@@ -86,7 +86,7 @@ __device__ void decompress_tile(const Params& p, const T* __restrict__ cache, co
 }
 
 struct Tile {
-  int64_t b, h, seqlen, i_begin, i_end, i_lo, kv_end;
+  int64_t b, h, seqlen, i_begin, i_end, i_lo, kv_begin, kv_end;
 };
 
 template <int QT>
@@ -101,17 +101,25 @@ __device__ Tile block_tile(const Params& p, const int32_t* seqlens) {
   tl.seqlen = len < 0 ? 0 : (len > p.Lmax ? p.Lmax : len);
   tl.i_begin = qt * QT;
   tl.i_end = min(p.S, tl.i_begin + QT);
-  int64_t lo = mla_prefill::first_live_query(tl.seqlen, p.S);
+  int64_t lo = mla_prefill::first_live_query(p, tl.seqlen);
   tl.i_lo = lo < tl.i_begin ? tl.i_begin : (lo > tl.i_end ? tl.i_end : lo);
-  tl.kv_end = tl.i_lo < tl.i_end ? mla_prefill::query_pos(tl.seqlen, p.S, tl.i_end - 1) + 1 : 0;
+  const bool any_live = tl.i_lo < tl.i_end;
+  tl.kv_begin = any_live ? mla_prefill::key_begin(p, mla_prefill::query_pos(tl.seqlen, p.S, tl.i_lo)) : 0;
+  tl.kv_end = any_live ? mla_prefill::key_end(p, tl.seqlen, mla_prefill::query_pos(tl.seqlen, p.S, tl.i_end - 1)) : 0;
   return tl;
+}
+
+// Does the query at position `pos` see key j (causal / window; j < seqlen is the caller's)?
+__device__ __forceinline__ bool key_visible(const Params& p, int64_t seqlen, int64_t pos, int64_t j) {
+  return j >= mla_prefill::key_begin(p, pos) && j < mla_prefill::key_end(p, seqlen, pos);
 }
 
 // Query row r of the tile sees key t0 + t (t < nt)?
 __device__ __forceinline__ bool visible(const Params& p, const Tile& tl, int64_t r, int64_t t0, int64_t t,
                                         int64_t nt) {
   const int64_t i = tl.i_begin + r;
-  return i >= tl.i_lo && i < tl.i_end && t < nt && t0 + t <= mla_prefill::query_pos(tl.seqlen, p.S, i);
+  return i >= tl.i_lo && i < tl.i_end && t < nt &&
+         key_visible(p, tl.seqlen, mla_prefill::query_pos(tl.seqlen, p.S, i), t0 + t);
 }
 
 // ---- forward ------------------------------------------------------------------------------------
@@ -161,7 +169,7 @@ mla_prefill_fwd_kernel(Params p, const T* __restrict__ q_nope, const T* __restri
     row_r[r] = 1.f;
   }
 
-  for (int64_t t0 = 0; t0 < tl.kv_end; t0 += kKTile) {
+  for (int64_t t0 = tl.kv_begin; t0 < tl.kv_end; t0 += kKTile) {
     const int64_t nt = min(static_cast<int64_t>(kKTile), tl.kv_end - t0);
     decompress_tile(p, cache, block_table, w_uk, w_uv, tl.b, tl.h, t0, nt, ks, vs, cs, ws);
     for (int64_t idx = threadIdx.x; idx < QT * kKTile; idx += blockDim.x) {
@@ -256,14 +264,15 @@ __device__ void load_query_tile(const Params& p, const T* __restrict__ q_nope, c
 // P and dS of a (query tile, key tile) pair: ps / dss [kQTile][kKTile], zero where not visible.
 // Query row r is at position pos0 + r and is live when live_row(r).
 template <typename LiveRow>
-__device__ void probs_and_dscores(const Params& p, LiveRow live_row, int64_t pos0, int64_t t0, int64_t nt,
+__device__ void probs_and_dscores(const Params& p, LiveRow live_row, int64_t seqlen, int64_t pos0, int64_t t0,
+                                  int64_t nt,
                                   const float* qs, const float* dos, const float* ks, const float* vs,
                                   const float* lse_s, const float* delta_s, float* ps, float* dss) {
   const int64_t DK = p.Dn + p.R;
   for (int64_t idx = threadIdx.x; idx < kQTile * kKTile; idx += blockDim.x) {
     const int64_t r = idx / kKTile, t = idx % kKTile;
     float pr = 0.f, ds = 0.f;
-    if (live_row(r) && t < nt && t0 + t <= pos0 + r && lse_s[r] != -INFINITY) {
+    if (live_row(r) && t < nt && key_visible(p, seqlen, pos0 + r, t0 + t) && lse_s[r] != -INFINITY) {
       float s = 0.f;
       for (int64_t d = 0; d < DK; ++d) s += qs[r * DK + d] * ks[t * DK + d];
       pr = math::fast_exp(s * p.scale - lse_s[r]);
@@ -321,10 +330,10 @@ mla_prefill_bwd_dq_kernel(Params p, const T* __restrict__ grad_out, const float*
   }
 
   const int64_t pos0 = mla_prefill::query_pos(tl.seqlen, p.S, tl.i_begin);
-  for (int64_t t0 = 0; t0 < tl.kv_end; t0 += kKTile) {
+  for (int64_t t0 = tl.kv_begin; t0 < tl.kv_end; t0 += kKTile) {
     const int64_t nt = min(static_cast<int64_t>(kKTile), tl.kv_end - t0);
     decompress_tile(p, cache, block_table, w_uk, w_uv, tl.b, tl.h, t0, nt, ks, vs, cs, ws);
-    probs_and_dscores(p, live_row, pos0, t0, nt, qs, dos, ks, vs, lse_s, delta_s, nullptr, dss);
+    probs_and_dscores(p, live_row, tl.seqlen, pos0, t0, nt, qs, dos, ks, vs, lse_s, delta_s, nullptr, dss);
     __syncthreads();
     for (int64_t idx = threadIdx.x; idx < kQTile * DK; idx += blockDim.x) {
       const int64_t r = idx / DK, d = idx % DK;
@@ -378,14 +387,17 @@ mla_prefill_bwd_dkv_kernel(Params p, const T* __restrict__ grad_out, const T* __
   const int64_t t0 = kt * kKTile;
   if (t0 >= seqlen || p.S == 0) return;  // whole block: no key of this tile is read
   const int64_t nt = min(static_cast<int64_t>(kKTile), seqlen - t0);
-  const int64_t i_first = mla_prefill::first_query_seeing(seqlen, p.S, t0);  // < S: the last query sees t0
+  // Queries [i_first, i_stop) see some key of the tile.
+  const int64_t i_first = mla_prefill::first_query_seeing(p, seqlen, t0);
+  const int64_t i_stop = mla_prefill::end_query_seeing(p, seqlen, t0 + nt);
+  if (i_first >= i_stop) return;  // whole block: no query sees this tile
 
   decompress_tile(p, cache, block_table, w_uk, w_uv, b, h, t0, nt, ks, vs, cs, ws);
   for (int64_t idx = threadIdx.x; idx < kKTile * DK; idx += blockDim.x) dks[idx] = 0.f;
   for (int64_t idx = threadIdx.x; idx < kKTile * p.Dv; idx += blockDim.x) dvs[idx] = 0.f;
-  for (int64_t i0 = i_first; i0 < p.S; i0 += kQTile) {
-    auto live = [&](int64_t i) { return i >= i0 && i < p.S; };
-    auto live_row = [&](int64_t r) { return i0 + r < p.S; };
+  for (int64_t i0 = i_first; i0 < i_stop; i0 += kQTile) {
+    auto live = [&](int64_t i) { return i >= i0 && i < i_stop; };
+    auto live_row = [&](int64_t r) { return i0 + r < i_stop; };
     load_query_tile(p, q_nope, q_pe, grad_out, b, h, i0, live, qs, dos);
     for (int r = threadIdx.x; r < kQTile; r += blockDim.x) {
       const int64_t qi = (b * p.S + i0 + r) * p.H + h;
@@ -393,8 +405,8 @@ mla_prefill_bwd_dkv_kernel(Params p, const T* __restrict__ grad_out, const T* __
       delta_s[r] = live(i0 + r) ? delta[qi] : 0.f;
     }
     __syncthreads();
-    probs_and_dscores(p, live_row, mla_prefill::query_pos(seqlen, p.S, i0), t0, nt, qs, dos, ks, vs, lse_s,
-                      delta_s, ps, dss);
+    probs_and_dscores(p, live_row, seqlen, mla_prefill::query_pos(seqlen, p.S, i0), t0, nt, qs, dos, ks, vs,
+                      lse_s, delta_s, ps, dss);
     __syncthreads();
     // Same (t, d) ownership in every iteration: each slot has one writer.
     for (int64_t idx = threadIdx.x; idx < kKTile * DK; idx += blockDim.x) {

@@ -1,9 +1,9 @@
-"""MLA prefill op ``mla_prefill_fused``: causal latent attention with in-kernel decompression, fake
-kernels, autograd.
+"""MLA prefill op ``mla_prefill_fused``: latent attention with in-kernel decompression (causal and
+sliding-window masks as ``mla_decode``), fake kernels, autograd.
 
-Compared with :func:`latentmoe.ops.mla_prefill` (``kv_b_weight`` input, ``causal`` / ``window``
-options): this op takes the ``w_uk`` / ``w_uv`` views, is causal only, and has CPU and CUDA kernels
-for both its forward and its backward (``mla_prefill_fused_backward``, contiguous or paged cache).
+Compared with :func:`latentmoe.ops.mla_prefill` (same masking, ``kv_b_weight`` input, CPU kernel,
+backward in PyTorch): this op takes the ``w_uk`` / ``w_uv`` views and has CPU and CUDA kernels for
+its forward and for its backward (``mla_prefill_fused_backward``, contiguous or paged cache).
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ def mla_prefill_fused(
     w_uv: torch.Tensor,
     softmax_scale: float,
     block_table: torch.Tensor | None = None,
+    causal: bool = True,
+    window: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal MLA attention of ``S`` new tokens over the latent cache (prefix + themselves).
+    """MLA attention of ``S`` new tokens over the latent cache (prefix + themselves), causal by default.
 
     Each tile of latent cache is decompressed to per-head ``K_nope = c_kv w_uk_h^T`` and
     ``V = c_kv w_uv_h^T`` inside the kernel and consumed by an online softmax; all heads' K/V are
@@ -43,10 +45,12 @@ def mla_prefill_fused(
             ``[num_pages, page_size, C + R]`` and token ``t`` of row ``b`` lives in page
             ``block_table[b, t // page_size]``, slot ``t % page_size`` (as
             :func:`latentmoe.reference.mla.gather_paged`); capacity ``max_pages * page_size``.
+        causal, window: query ``i`` of row ``b`` sits at position ``p = cache_seqlens[b] - S + i``
+            and sees keys ``j < cache_seqlens[b]`` with ``j <= p`` if ``causal`` and
+            ``j >= p - window`` if ``window >= 0`` (as :func:`latentmoe.ops.mla_decode`).
     All floating tensors share one dtype and device; their last dims must be contiguous.
-    Query ``i`` of row ``b`` sits at position ``cache_seqlens[b] - S + i`` and sees keys
-    ``0..`` that position. Queries at negative positions (rows shorter than ``S``, e.g. empty rows)
-    give output 0 and LSE ``-inf``.
+    Queries that see no key (causal: rows shorter than ``S``; empty rows) give output 0 and LSE
+    ``-inf``.
 
     Returns:
         ``(out [B, S, H, Dv] in the input dtype, lse [B, S, H] float32)``, LSE in natural log.
@@ -54,7 +58,7 @@ def mla_prefill_fused(
         ``lse``).
     """
     return _lib.mla_prefill_fused.default(
-        q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table
+        q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table, causal, window
     )
 
 
@@ -69,7 +73,10 @@ def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
 
 
 @torch.library.register_fake("latentmoe::mla_prefill_fused")
-def _mla_prefill_fake(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table=None):
+def _mla_prefill_fake(
+    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table=None, causal=True,
+    window=-1,
+):
     extra = {} if block_table is None else {"block_table": block_table}
     _check_same_device(
         "mla_prefill_fused", q_nope=q_nope, q_pe=q_pe, latent_cache=latent_cache,
@@ -83,7 +90,7 @@ def _mla_prefill_fake(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, sof
 @torch.library.register_fake("latentmoe::mla_prefill_fused_backward")
 def _mla_prefill_backward_fake(
     grad_out, grad_lse, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, softmax_scale,
-    block_table=None,
+    block_table=None, causal=True, window=-1,
 ):
     return (
         torch.empty_like(q_nope, memory_format=torch.contiguous_format),
@@ -95,10 +102,12 @@ def _mla_prefill_backward_fake(
 
 
 def _setup(ctx, inputs, output):
-    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table = inputs
+    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table, causal, window = inputs
     out, lse = output
     ctx.save_for_backward(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, block_table)
     ctx.softmax_scale = softmax_scale
+    ctx.causal = causal
+    ctx.window = window
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -109,10 +118,10 @@ def _backward(ctx, grad_out, grad_lse):
         grad_lse = torch.zeros_like(lse)
     grads = _lib.mla_prefill_fused_backward.default(
         grad_out.contiguous(), grad_lse.float().contiguous(), q_nope, q_pe, latent_cache, cache_seqlens,
-        w_uk, w_uv, out, lse, ctx.softmax_scale, block_table,
+        w_uk, w_uv, out, lse, ctx.softmax_scale, block_table, ctx.causal, ctx.window,
     )
     g_qn, g_qp, g_cache, g_wuk, g_wuv = grads
-    return g_qn, g_qp, g_cache, None, g_wuk, g_wuv, None, None
+    return g_qn, g_qp, g_cache, None, g_wuk, g_wuv, None, None, None, None
 
 
 torch.library.register_autograd("latentmoe::mla_prefill_fused", _backward, setup_context=_setup)
