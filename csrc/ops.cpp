@@ -92,4 +92,35 @@ TORCH_LIBRARY(latentmoe, m) {
       " Tensor down_proj, Tensor weights, Tensor sorted_pairs, Tensor expert_offsets,"
       " Tensor gate_up_out) -> (Tensor grad_hidden, Tensor grad_gate_up_proj,"
       " Tensor grad_down_proj, Tensor grad_weights)");
+
+  // ---- MLA prefill ----
+  // MLA attention of S new tokens over the latent cache (causal / windowed), decompressing the
+  // latent to per-head K/V tile by tile inside the kernel (never materialised for all heads).
+  // q_nope [B, S, H, Dn], q_pe [B, S, H, R] (rotated), latent_cache [B, Lmax, C+R]
+  // (c_kv normalised | k_pe rotated; the S new tokens already written as each row's last S valid
+  // tokens), cache_seqlens [B] int32 in [0, Lmax] (valid tokens per row, may differ),
+  // w_uk [H, Dn, C], w_uv [H, Dv, C] (views of kv_b_proj.weight are fine). All floating inputs
+  // share one dtype (fp32/bf16/fp16); last dims contiguous; fp32 accumulation.
+  // Query i of row b sits at position p = cache_seqlens[b] - S + i and sees keys j < cache_seqlens[b]
+  // with j <= p if causal and j >= p - window if window >= 0 (as mla_decode). Queries that see no
+  // key (causal: rows shorter than S; empty rows) give out 0 and lse -inf.
+  // Returns out [B, S, H, Dv] (input dtype) and lse [B, S, H] (fp32, natural log of the sum of
+  // exp(softmax_scale * score)). Extra memory O(tokens), independent of H*head_dim*L.
+  // Paged cache: latent_cache [num_pages, page_size, C+R] and block_table [B, max_pages] int32
+  // (token t of row b in page block_table[b, t / page_size], slot t % page_size; capacity
+  // max_pages * page_size), as mla_decode.
+  m.def(
+      "mla_prefill_fused(Tensor q_nope, Tensor q_pe, Tensor latent_cache, Tensor cache_seqlens,"
+      " Tensor w_uk, Tensor w_uv, float softmax_scale, Tensor? block_table=None, bool causal=True,"
+      " int window=-1) -> (Tensor out, Tensor lse)");
+  // Backward of mla_prefill_fused (K/V recomputed per tile from the latent, probabilities from lse).
+  // grad_out [B, S, H, Dv] (input dtype), grad_lse [B, S, H] fp32 (zeros if unused), out / lse as
+  // returned by mla_prefill_fused. Returns grad_q_nope, grad_q_pe, grad_latent_cache (the cache's shape,
+  // contiguous or paged; zero outside the rows read), grad_w_uk, grad_w_uv, all in the input dtype.
+  m.def(
+      "mla_prefill_fused_backward(Tensor grad_out, Tensor grad_lse, Tensor q_nope, Tensor q_pe,"
+      " Tensor latent_cache, Tensor cache_seqlens, Tensor w_uk, Tensor w_uv, Tensor out,"
+      " Tensor lse, float softmax_scale, Tensor? block_table=None, bool causal=True, int window=-1)"
+      " -> (Tensor grad_q_nope, Tensor grad_q_pe,"
+      " Tensor grad_latent_cache, Tensor grad_w_uk, Tensor grad_w_uv)");
 }

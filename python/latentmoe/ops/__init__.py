@@ -7,3 +7,4 @@ from latentmoe.ops.norm import add_rms_norm, rms_norm
 __all__ = [
     "rms_norm", "add_rms_norm", "mla_decode", "mla_append_cache", "mla_prefill", "moe_route", "moe_experts",
 ]
+from latentmoe.ops.mla_prefill_fused import mla_prefill_fused  # noqa: E402,F401

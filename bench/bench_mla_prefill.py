@@ -1,0 +1,221 @@
+"""MLA prefill: the ``mla_prefill_fused`` op (in-kernel latent decompression) vs HF ``DeepseekV3Attention``
+with ``attn_implementation="sdpa"``, on the same weights, and the op's peak extra memory at 16K.
+
+What is compared: the HF module's forward (projections, RoPE, ``kv_b_proj`` expansion of all K/V,
+SDPA causal attention, ``o_proj``) against the same layer computed with the same projections and
+RoPE in plain torch around ``latentmoe.ops.mla_prefill_fused`` (attention on the latent cache, K/V
+decompressed tile by tile inside the kernel). Both outputs are checked against each other first.
+Issue 3's goals: >= 2x faster than HF sdpa at 4K; 16K prefill with < 4 GiB extra peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3Attention,
+    DeepseekV3RotaryEmbedding,
+)
+
+import latentmoe
+from bench.common import ratio_row, row, time_ms
+from latentmoe.reference.mla import apply_rope, split_kv_b
+
+GiB = 1024**3
+
+
+def make_config() -> DeepseekV3Config:
+    """Issue 3's measured shape: hidden 2048, 16 heads, kv_lora 512, rope 64 (nope 128, v 128)."""
+    cfg = DeepseekV3Config(
+        vocab_size=128, hidden_size=2048, intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, rope_interleave=True,
+        max_position_embeddings=32768,
+        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+    )
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def make_attention(cfg, device, dtype) -> DeepseekV3Attention:
+    g = torch.Generator().manual_seed(0)
+    attn = DeepseekV3Attention(cfg, layer_idx=0)
+    with torch.no_grad():
+        for name, p in attn.named_parameters():
+            if "layernorm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+    return attn.to(device=device, dtype=dtype).eval()
+
+
+def latent_prefill(
+    attn: DeepseekV3Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """The HF layer's prefill (no prior cache) with attention done by ``mla_prefill_fused``."""
+    B, S, _ = x.shape
+    H, N, R = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
+    C, V = attn.kv_lora_rank, attn.v_head_dim
+    q = attn.q_proj(x).view(B, S, H, N + R)
+    kv = attn.kv_a_proj_with_mqa(x)
+    c_kv = attn.kv_a_layernorm(kv[..., :C])
+    interleave = bool(attn.config.rope_interleave)
+    q_pe = apply_rope(q[..., N:], cos, sin, interleave)
+    k_pe = apply_rope(kv[..., C:].view(B, S, 1, R), cos, sin, interleave)[:, :, 0]
+    cache = torch.cat([c_kv, k_pe], dim=-1)
+    w_uk, w_uv = split_kv_b(attn.kv_b_proj.weight, H, N, V)
+    lens = torch.full((B,), S, dtype=torch.int32, device=x.device)
+    out, _ = latentmoe.ops.mla_prefill_fused(q[..., :N], q_pe, cache, lens, w_uk, w_uv, attn.scaling)
+    return attn.o_proj(out.reshape(B, S, H * V))
+
+
+def attention_cores(attn, x, cos, sin):
+    """The attention part alone, on the same projected inputs: HF's ``expand_kv`` (``kv_b_proj`` over
+    all tokens) + SDPA causal (what HF's sdpa path runs), and the ``mla_prefill_fused`` op on the latent."""
+    B, S, _ = x.shape
+    H, N, R = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
+    C, V = attn.kv_lora_rank, attn.v_head_dim
+    q = attn.q_proj(x).view(B, S, H, N + R)
+    kv = attn.kv_a_proj_with_mqa(x)
+    c_kv = attn.kv_a_layernorm(kv[..., :C])
+    interleave = bool(attn.config.rope_interleave)
+    q_pe = apply_rope(q[..., N:], cos, sin, interleave)
+    k_pe = apply_rope(kv[..., C:].view(B, S, 1, R), cos, sin, interleave)[:, :, 0]
+    q_nope = q[..., :N]
+    q_hf = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+    cache = torch.cat([c_kv, k_pe], dim=-1)
+    w_uk, w_uv = split_kv_b(attn.kv_b_proj.weight, H, N, V)
+    lens = torch.full((B,), S, dtype=torch.int32, device=x.device)
+
+    def hf_core():
+        k, v = attn.expand_kv(c_kv.view(B, 1, S, C), k_pe.view(B, 1, S, R))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return sdpa(q_hf, k, v, is_causal=True, scale=attn.scaling)
+
+    def ours_core():
+        return latentmoe.ops.mla_prefill_fused(q_nope, q_pe, cache, lens, w_uk, w_uv, attn.scaling)
+
+    return hf_core, ours_core
+
+
+def _inputs(cfg, S, device, dtype):
+    x = torch.randn(1, S, cfg.hidden_size, device=device, dtype=dtype)
+    pos = torch.arange(S, device=device)[None]
+    cos, sin = DeepseekV3RotaryEmbedding(cfg).to(device)(x, pos)
+    return x, cos.to(dtype), sin.to(dtype)
+
+
+def op_peak_extra_bytes(S: int, device: str, dtype: torch.dtype) -> int:
+    """Peak memory of one ``mla_prefill_fused`` call beyond its inputs (outputs included), at context S."""
+    if device.startswith("cuda"):
+        H, N, R, C, V = 16, 128, 64, 512, 128
+        q_nope = torch.randn(1, S, H, N, device=device, dtype=dtype)
+        q_pe = torch.randn(1, S, H, R, device=device, dtype=dtype)
+        cache = torch.randn(1, S, C + R, device=device, dtype=dtype)
+        w_uk = torch.randn(H, N, C, device=device, dtype=dtype) / math.sqrt(C)
+        w_uv = torch.randn(H, V, C, device=device, dtype=dtype) / math.sqrt(C)
+        lens = torch.full((1,), S, dtype=torch.int32, device=device)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = latentmoe.ops.mla_prefill_fused(q_nope, q_pe, cache, lens, w_uk, w_uv, 0.07)
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - base
+    # CPU: the process's peak RSS grows only past its previous peak, so measure in a fresh child
+    # whose inputs are allocated (and touched) before the call.
+    # The child imports the same latentmoe as this process (an editable install of another checkout
+    # must not shadow it).
+    pkg_root = os.path.dirname(os.path.dirname(latentmoe.__file__))
+    prelude = (
+        f"import sys; sys.path.insert(0, {pkg_root!r}); "
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]\n"
+    )
+    code = prelude + _CPU_PEAK_SCRIPT.format(S=S, dtype=str(dtype).removeprefix("torch."))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(json.loads(res.stdout.strip().splitlines()[-1])["extra"])
+
+
+# Peak RSS of one call in a fresh process: build the inputs in place, warm up on 64 tokens, reset the
+# kernel's high-water mark to the current RSS (/proc/self/clear_refs "5", Linux >= 4.0), run the
+# call, read VmHWM. Without clear_refs, fall back to (peak after - RSS before): an upper bound.
+_CPU_PEAK_SCRIPT = """
+import json, math, torch, latentmoe
+
+def status_kib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
+S = {S}; H, N, R, C, V = 16, 128, 64, 512, 128; dt = torch.{dtype}
+q_nope = torch.empty(1, S, H, N, dtype=dt).normal_(); q_pe = torch.empty(1, S, H, R, dtype=dt).normal_()
+cache = torch.empty(1, S, C + R, dtype=dt).normal_()
+w_uk = torch.empty(H, N, C, dtype=dt).normal_(0, C ** -0.5)
+w_uv = torch.empty(H, V, C, dtype=dt).normal_(0, C ** -0.5)
+small = torch.full((1,), 64, dtype=torch.int32)
+latentmoe.ops.mla_prefill_fused(q_nope[:, -64:], q_pe[:, -64:], cache, small, w_uk, w_uv, 0.07)
+before = status_kib("VmRSS")
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+out = latentmoe.ops.mla_prefill_fused(q_nope, q_pe, cache, torch.full((1,), S, dtype=torch.int32), w_uk, w_uv, 0.07)
+peak = status_kib("VmHWM")
+print(json.dumps({{"extra": max(0, peak - before) * 1024}}))
+"""
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    rows = []
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dt = str(dtype).removeprefix("torch.")
+    cfg = make_config()
+    attn = make_attention(cfg, device, dtype)
+    S = 1024 if quick else 4096
+    x, cos, sin = _inputs(cfg, S, device, dtype)
+    with torch.no_grad():
+        hf_out = attn(x, (cos, sin), None)[0]
+        ours_out = latent_prefill(attn, x, cos, sin)
+        rel = ((ours_out.float() - hf_out.float()).abs().max() / hf_out.float().abs().max()).item()
+        reps = 3 if device == "cpu" else 10
+        t_hf = time_ms(lambda: attn(x, (cos, sin), None), device, warmup=1, reps=reps)
+        t_ours = time_ms(lambda: latent_prefill(attn, x, cos, sin), device, warmup=1, reps=reps)
+        hf_core, ours_core = attention_cores(attn, x, cos, sin)
+        t_hf_core = time_ms(hf_core, device, warmup=1, reps=reps)
+        t_ours_core = time_ms(ours_core, device, warmup=1, reps=reps)
+    mode = f"prefill-{dt}"
+    core = "attention only: HF expand_kv (kv_b_proj on all tokens) + SDPA causal vs the mla_prefill_fused op"
+    note = (f"H=16 C=512 R=64 N=128 V=128 hidden=2048; layer fwd incl. projections; "
+            f"max rel diff vs HF {rel:.1e}")
+    rows += [
+        row("mla_prefill_fused", "hf_sdpa", mode, S, t_hf, device, note=note),
+        row("mla_prefill_fused", "latentmoe", mode, S, t_ours, device, note=note),
+        ratio_row("mla_prefill_fused", "speedup_vs_hf_sdpa", S, t_hf[0] / t_ours[0], device,
+                  "goal >= 2x at 4K" + (" (quick run: 1K)" if quick else "")),
+        row("mla_prefill_core", "hf_expand_sdpa", mode, S, t_hf_core, device, note=core),
+        row("mla_prefill_core", "latentmoe", mode, S, t_ours_core, device, note=core),
+        ratio_row("mla_prefill_core", "speedup_vs_hf_expand_sdpa", S, t_hf_core[0] / t_ours_core[0], device,
+                  "attention part only (no goal in issue 3; context for the layer figure)"),
+    ]
+    if not quick:
+        S_mem = 16384
+        extra = op_peak_extra_bytes(S_mem, device, dtype)
+        how = "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS in a fresh process"
+        note = f"goal < 4 GiB at 16K; op alone, outputs included; {how}"
+        rows.append(row("mla_prefill_fused", "latentmoe", f"peak-extra-mem-{dt}", S_mem, (extra / GiB,) * 3, device,
+                        metric="memory", unit="GiB", note=note))
+    return rows
+
+
+if __name__ == "__main__":  # python -m bench.bench_mla_prefill [cpu|cuda] [--full]
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else default
+    for r in run(dev, quick="--full" not in sys.argv):
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})

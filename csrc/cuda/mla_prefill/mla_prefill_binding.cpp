@@ -1,0 +1,97 @@
+// CUDA registrations of the MLA prefill ops: argument checks, shared-memory budget, launches.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/mla_prefill_checks.h"
+#include "cuda/common/binding_utils.h"
+#include "cuda/mla_prefill/mla_prefill_launch.h"
+
+namespace latentmoe::cuda {
+namespace {
+
+using mla_prefill::Params;
+
+// The kernels keep one tile of queries, keys and values of one head in shared memory: refuse head
+// dims that do not fit, with the numbers, instead of failing at launch.
+void check_smem(const char* op, size_t need) {
+  int dev = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK_VALUE(need <= static_cast<size_t>(limit), "latentmoe.", op, ": head dims need ", need,
+                    " bytes of shared memory per block but the device allows ", limit,
+                    "; reduce qk_nope_head_dim / qk_rope_head_dim / v_head_dim");
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_prefill_cuda(const at::Tensor& q_nope, const at::Tensor& q_pe,
+                                                    const at::Tensor& latent_cache,
+                                                    const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
+                                                    const at::Tensor& w_uv, double softmax_scale,
+                                                    const std::optional<at::Tensor>& block_table, bool causal,
+                                                    int64_t window) {
+  const char* op = "mla_prefill_fused";
+  const Params p = mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv,
+                                           softmax_scale, block_table, causal, window);
+  auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
+  c10::cuda::CUDAGuard guard(q_nope.device());
+  auto out = at::empty({p.B, p.S, p.H, p.Dv}, q_nope.options());
+  auto lse = at::empty({p.B, p.S, p.H}, q_nope.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  check_smem(op, mla_prefill_forward_smem_bytes(p));
+  auto lens = cache_seqlens.contiguous();
+  check_launch(op, launch_mla_prefill_forward(to_dtype(q_nope.scalar_type()), p, q_nope.const_data_ptr(),
+                                              q_pe.const_data_ptr(), latent_cache.const_data_ptr(),
+                                              bt.defined() ? bt.const_data_ptr<int32_t>() : nullptr,
+                                              lens.const_data_ptr<int32_t>(), w_uk.const_data_ptr(),
+                                              w_uv.const_data_ptr(), out.mutable_data_ptr(),
+                                              lse.mutable_data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefill_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_nope, const at::Tensor& q_pe,
+    const at::Tensor& latent_cache, const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
+    const at::Tensor& w_uv, const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
+    const std::optional<at::Tensor>& block_table, bool causal, int64_t window) {
+  const char* op = "mla_prefill_fused_backward";
+  const Params p = mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv,
+                                           softmax_scale, block_table, causal, window);
+  auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
+  mla_prefill::check_backward_args(op, p, q_nope, grad_out, grad_lse, out, lse);
+  c10::cuda::CUDAGuard guard(q_nope.device());
+  auto go = grad_out.contiguous();
+  auto gl = grad_lse.contiguous();
+  auto o = out.contiguous();
+  auto l = lse.contiguous();
+  auto lens = cache_seqlens.contiguous();
+  auto f32 = q_nope.options().dtype(at::kFloat);
+  auto grad_q_nope = at::empty({p.B, p.S, p.H, p.Dn}, q_nope.options());
+  auto grad_q_pe = at::empty({p.B, p.S, p.H, p.R}, q_nope.options());
+  auto grad_cache = at::zeros(latent_cache.sizes(), f32);
+  auto grad_w_uk = at::zeros({p.H, p.Dn, p.C}, f32);
+  auto grad_w_uv = at::zeros({p.H, p.Dv, p.C}, f32);
+  if (p.B * p.S > 0) {
+    check_smem(op, mla_prefill_backward_smem_bytes(p));
+    auto delta = at::empty({p.B, p.S, p.H}, f32);
+    check_launch(op, launch_mla_prefill_backward(
+                         to_dtype(q_nope.scalar_type()), p, go.const_data_ptr(), gl.const_data_ptr<float>(),
+                         q_nope.const_data_ptr(), q_pe.const_data_ptr(), latent_cache.const_data_ptr(),
+                         bt.defined() ? bt.const_data_ptr<int32_t>() : nullptr, lens.const_data_ptr<int32_t>(), w_uk.const_data_ptr(), w_uv.const_data_ptr(),
+                         o.const_data_ptr(), l.const_data_ptr<float>(), grad_q_nope.mutable_data_ptr(),
+                         grad_q_pe.mutable_data_ptr(), grad_cache.mutable_data_ptr<float>(),
+                         grad_w_uk.mutable_data_ptr<float>(), grad_w_uv.mutable_data_ptr<float>(),
+                         delta.mutable_data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  }
+  const auto dt = q_nope.scalar_type();
+  return {grad_q_nope, grad_q_pe, grad_cache.to(dt), grad_w_uk.to(dt), grad_w_uv.to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(latentmoe, CUDA, m) {
+  m.impl("mla_prefill_fused", &mla_prefill_cuda);
+  m.impl("mla_prefill_fused_backward", &mla_prefill_backward_cuda);
+}
+
+}  // namespace latentmoe::cuda

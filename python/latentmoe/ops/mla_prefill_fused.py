@@ -1,0 +1,134 @@
+"""MLA prefill op ``mla_prefill_fused``: latent attention with in-kernel decompression (causal and
+sliding-window masks as ``mla_decode``), fake kernels, autograd.
+
+Compared with :func:`latentmoe.ops.mla_prefill` (same masking, ``kv_b_weight`` input, CPU kernel,
+backward in PyTorch): this op takes the ``w_uk`` / ``w_uv`` views and has CPU and CUDA kernels for
+its forward and for its backward (``mla_prefill_fused_backward``, contiguous or paged cache).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_lib = torch.ops.latentmoe
+
+
+def mla_prefill_fused(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    softmax_scale: float,
+    block_table: torch.Tensor | None = None,
+    causal: bool = True,
+    window: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA attention of ``S`` new tokens over the latent cache (prefix + themselves), causal by default.
+
+    Each tile of latent cache is decompressed to per-head ``K_nope = c_kv w_uk_h^T`` and
+    ``V = c_kv w_uv_h^T`` inside the kernel and consumed by an online softmax; all heads' K/V are
+    never materialised. Extra memory is O(tokens).
+
+    Args:
+        q_nope: ``[B, S, H, Dn]`` float32 / bfloat16 / float16.
+        q_pe: ``[B, S, H, R]``, RoPE already applied.
+        latent_cache: ``[B, Lmax, C + R]``, each token ``[c_kv (normalised) | k_pe (rotated)]``;
+            the ``S`` new tokens must already be written as each row's last ``S`` valid tokens.
+            Slots beyond ``cache_seqlens`` are never read.
+        cache_seqlens: ``[B]`` int32, valid tokens per row, in ``[0, Lmax]``; rows may differ.
+        w_uk: ``[H, Dn, C]``; w_uv: ``[H, Dv, C]`` (views of ``kv_b_proj.weight`` are fine, see
+            :func:`latentmoe.reference.mla.split_kv_b`).
+        softmax_scale: multiplies ``q_nope . k_nope + q_pe . k_pe``.
+        block_table: optional ``[B, max_pages]`` int32 for a paged cache: ``latent_cache`` is then
+            ``[num_pages, page_size, C + R]`` and token ``t`` of row ``b`` lives in page
+            ``block_table[b, t // page_size]``, slot ``t % page_size`` (as
+            :func:`latentmoe.reference.mla.gather_paged`); capacity ``max_pages * page_size``.
+        causal, window: query ``i`` of row ``b`` sits at position ``p = cache_seqlens[b] - S + i``
+            and sees keys ``j < cache_seqlens[b]`` with ``j <= p`` if ``causal`` and
+            ``j >= p - window`` if ``window >= 0`` (as :func:`latentmoe.ops.mla_decode`).
+    All floating tensors share one dtype and device; their last dims must be contiguous.
+    Queries that see no key (causal: rows shorter than ``S``; empty rows) give output 0 and LSE
+    ``-inf``.
+
+    Returns:
+        ``(out [B, S, H, Dv] in the input dtype, lse [B, S, H] float32)``, LSE in natural log.
+        Differentiable in ``q_nope``, ``q_pe``, ``latent_cache``, ``w_uk``, ``w_uv`` (and in
+        ``lse``).
+    """
+    return _lib.mla_prefill_fused.default(
+        q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table, causal, window
+    )
+
+
+def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    (ref_name, ref), *rest = tensors.items()
+    for name, t in rest:
+        if t.device != ref.device:
+            raise RuntimeError(
+                f"latentmoe.{op}: argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; "
+                "all tensors must be on one device"
+            )
+
+
+@torch.library.register_fake("latentmoe::mla_prefill_fused")
+def _mla_prefill_fake(
+    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table=None, causal=True,
+    window=-1,
+):
+    extra = {} if block_table is None else {"block_table": block_table}
+    _check_same_device(
+        "mla_prefill_fused", q_nope=q_nope, q_pe=q_pe, latent_cache=latent_cache,
+        cache_seqlens=cache_seqlens, w_uk=w_uk, w_uv=w_uv, **extra,
+    )
+    B, S, H, _ = q_nope.shape
+    Dv = w_uv.shape[1]
+    return q_nope.new_empty(B, S, H, Dv), q_nope.new_empty(B, S, H, dtype=torch.float32)
+
+
+@torch.library.register_fake("latentmoe::mla_prefill_fused_backward")
+def _mla_prefill_backward_fake(
+    grad_out, grad_lse, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, softmax_scale,
+    block_table=None, causal=True, window=-1,
+):
+    return (
+        torch.empty_like(q_nope, memory_format=torch.contiguous_format),
+        torch.empty_like(q_pe, memory_format=torch.contiguous_format),
+        torch.empty_like(latent_cache, memory_format=torch.contiguous_format),
+        torch.empty_like(w_uk, memory_format=torch.contiguous_format),
+        torch.empty_like(w_uv, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup(ctx, inputs, output):
+    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table, causal, window = inputs
+    out, lse = output
+    ctx.save_for_backward(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, block_table)
+    ctx.softmax_scale = softmax_scale
+    ctx.causal = causal
+    ctx.window = window
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, block_table = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    grads = _lib.mla_prefill_fused_backward.default(
+        grad_out.contiguous(), grad_lse.float().contiguous(), q_nope, q_pe, latent_cache, cache_seqlens,
+        w_uk, w_uv, out, lse, ctx.softmax_scale, block_table, ctx.causal, ctx.window,
+    )
+    g_qn, g_qp, g_cache, g_wuk, g_wuv = grads
+    return g_qn, g_qp, g_cache, None, g_wuk, g_wuv, None, None, None, None
+
+
+torch.library.register_autograd("latentmoe::mla_prefill_fused", _backward, setup_context=_setup)
+
+
+def _mla_prefill_backward_bwd(ctx, *grads):
+    raise RuntimeError("latentmoe.mla_prefill_fused_backward: double backward is not supported")
+
+
+torch.library.register_autograd("latentmoe::mla_prefill_fused_backward", _mla_prefill_backward_bwd)
