@@ -125,7 +125,7 @@ def _prefill_rows(device: str, dtype, lengths) -> list[dict]:
 
 
 def _prefill_note(device: str) -> str:
-    if latentmoe.nn.mla._has_kernel("mla_prefill", torch.device(device)):
+    if latentmoe.nn.mla._has_kernel(latentmoe.nn.mla._PREFILL_OP, torch.device(device)):
         return "mla_prefill kernel (in-kernel latent decompression)"
     return "SDPA on decompressed K/V (no mla_prefill kernel for this device)"
 

@@ -1,9 +1,9 @@
-"""MLA prefill: the ``mla_prefill_fused`` op (in-kernel latent decompression) vs HF ``DeepseekV3Attention``
+"""MLA prefill: the ``mla_prefill`` op (in-kernel latent decompression) vs HF ``DeepseekV3Attention``
 with ``attn_implementation="sdpa"``, on the same weights, and the op's peak extra memory at 16K.
 
 What is compared: the HF module's forward (projections, RoPE, ``kv_b_proj`` expansion of all K/V,
 SDPA causal attention, ``o_proj``) against the same layer computed with the same projections and
-RoPE in plain torch around ``latentmoe.ops.mla_prefill_fused`` (attention on the latent cache, K/V
+RoPE in plain torch around ``latentmoe.ops.mla_prefill`` (attention on the latent cache, K/V
 decompressed tile by tile inside the kernel). Both outputs are checked against each other first.
 Issue 3's goals: >= 2x faster than HF sdpa at 4K; 16K prefill with < 4 GiB extra peak memory.
 """
@@ -58,7 +58,7 @@ def make_attention(cfg, device, dtype) -> DeepseekV3Attention:
 def latent_prefill(
     attn: DeepseekV3Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:
-    """The HF layer's prefill (no prior cache) with attention done by ``mla_prefill_fused``."""
+    """The HF layer's prefill (no prior cache) with attention done by ``mla_prefill``."""
     B, S, _ = x.shape
     H, N, R = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
     C, V = attn.kv_lora_rank, attn.v_head_dim
@@ -71,13 +71,13 @@ def latent_prefill(
     cache = torch.cat([c_kv, k_pe], dim=-1)
     w_uk, w_uv = split_kv_b(attn.kv_b_proj.weight, H, N, V)
     lens = torch.full((B,), S, dtype=torch.int32, device=x.device)
-    out, _ = latentmoe.ops.mla_prefill_fused(q[..., :N], q_pe, cache, lens, w_uk, w_uv, attn.scaling)
+    out, _ = latentmoe.ops.mla_prefill(q[..., :N], q_pe, cache, lens, w_uk, w_uv, attn.scaling)
     return attn.o_proj(out.reshape(B, S, H * V))
 
 
 def attention_cores(attn, x, cos, sin):
     """The attention part alone, on the same projected inputs: HF's ``expand_kv`` (``kv_b_proj`` over
-    all tokens) + SDPA causal (what HF's sdpa path runs), and the ``mla_prefill_fused`` op on the latent."""
+    all tokens) + SDPA causal (what HF's sdpa path runs), and the ``mla_prefill`` op on the latent."""
     B, S, _ = x.shape
     H, N, R = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
     C, V = attn.kv_lora_rank, attn.v_head_dim
@@ -99,7 +99,7 @@ def attention_cores(attn, x, cos, sin):
         return sdpa(q_hf, k, v, is_causal=True, scale=attn.scaling)
 
     def ours_core():
-        return latentmoe.ops.mla_prefill_fused(q_nope, q_pe, cache, lens, w_uk, w_uv, attn.scaling)
+        return latentmoe.ops.mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, attn.scaling)
 
     return hf_core, ours_core
 
@@ -112,7 +112,7 @@ def _inputs(cfg, S, device, dtype):
 
 
 def op_peak_extra_bytes(S: int, device: str, dtype: torch.dtype) -> int:
-    """Peak memory of one ``mla_prefill_fused`` call beyond its inputs (outputs included), at context S."""
+    """Peak memory of one ``mla_prefill`` call beyond its inputs (outputs included), at context S."""
     if device.startswith("cuda"):
         H, N, R, C, V = 16, 128, 64, 512, 128
         q_nope = torch.randn(1, S, H, N, device=device, dtype=dtype)
@@ -124,7 +124,7 @@ def op_peak_extra_bytes(S: int, device: str, dtype: torch.dtype) -> int:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        out = latentmoe.ops.mla_prefill_fused(q_nope, q_pe, cache, lens, w_uk, w_uv, 0.07)
+        out = latentmoe.ops.mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, 0.07)
         torch.cuda.synchronize()
         del out
         return torch.cuda.max_memory_allocated() - base
@@ -159,14 +159,14 @@ cache = torch.empty(1, S, C + R, dtype=dt).normal_()
 w_uk = torch.empty(H, N, C, dtype=dt).normal_(0, C ** -0.5)
 w_uv = torch.empty(H, V, C, dtype=dt).normal_(0, C ** -0.5)
 small = torch.full((1,), 64, dtype=torch.int32)
-latentmoe.ops.mla_prefill_fused(q_nope[:, -64:], q_pe[:, -64:], cache, small, w_uk, w_uv, 0.07)
+latentmoe.ops.mla_prefill(q_nope[:, -64:], q_pe[:, -64:], cache, small, w_uk, w_uv, 0.07)
 before = status_kib("VmRSS")
 try:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 except OSError:
     pass
-out = latentmoe.ops.mla_prefill_fused(q_nope, q_pe, cache, torch.full((1,), S, dtype=torch.int32), w_uk, w_uv, 0.07)
+out = latentmoe.ops.mla_prefill(q_nope, q_pe, cache, torch.full((1,), S, dtype=torch.int32), w_uk, w_uv, 0.07)
 peak = status_kib("VmHWM")
 print(json.dumps({{"extra": max(0, peak - before) * 1024}}))
 """
@@ -191,13 +191,13 @@ def run(device: str, quick: bool) -> list[dict]:
         t_hf_core = time_ms(hf_core, device, warmup=1, reps=reps)
         t_ours_core = time_ms(ours_core, device, warmup=1, reps=reps)
     mode = f"prefill-{dt}"
-    core = "attention only: HF expand_kv (kv_b_proj on all tokens) + SDPA causal vs the mla_prefill_fused op"
+    core = "attention only: HF expand_kv (kv_b_proj on all tokens) + SDPA causal vs the mla_prefill op"
     note = (f"H=16 C=512 R=64 N=128 V=128 hidden=2048; layer fwd incl. projections; "
             f"max rel diff vs HF {rel:.1e}")
     rows += [
-        row("mla_prefill_fused", "hf_sdpa", mode, S, t_hf, device, note=note),
-        row("mla_prefill_fused", "latentmoe", mode, S, t_ours, device, note=note),
-        ratio_row("mla_prefill_fused", "speedup_vs_hf_sdpa", S, t_hf[0] / t_ours[0], device,
+        row("mla_prefill", "hf_sdpa", mode, S, t_hf, device, note=note),
+        row("mla_prefill", "latentmoe", mode, S, t_ours, device, note=note),
+        ratio_row("mla_prefill", "speedup_vs_hf_sdpa", S, t_hf[0] / t_ours[0], device,
                   "goal >= 2x at 4K" + (" (quick run: 1K)" if quick else "")),
         row("mla_prefill_core", "hf_expand_sdpa", mode, S, t_hf_core, device, note=core),
         row("mla_prefill_core", "latentmoe", mode, S, t_ours_core, device, note=core),
@@ -209,7 +209,7 @@ def run(device: str, quick: bool) -> list[dict]:
         extra = op_peak_extra_bytes(S_mem, device, dtype)
         how = "cuda max_memory_allocated" if device.startswith("cuda") else "peak RSS in a fresh process"
         note = f"goal < 4 GiB at 16K; op alone, outputs included; {how}"
-        rows.append(row("mla_prefill_fused", "latentmoe", f"peak-extra-mem-{dt}", S_mem, (extra / GiB,) * 3, device,
+        rows.append(row("mla_prefill", "latentmoe", f"peak-extra-mem-{dt}", S_mem, (extra / GiB,) * 3, device,
                         metric="memory", unit="GiB", note=note))
     return rows
 

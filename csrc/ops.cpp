@@ -37,17 +37,6 @@ TORCH_LIBRARY(latentmoe, m) {
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor kv_cache, Tensor cache_seqlens,"
       " Tensor? block_table, float softmax_scale, bool causal=True, int window=-1,"
       " Tensor? pe_cache=None) -> (Tensor out_latent, Tensor lse)");
-  // MLA prefill with in-kernel latent decompression: causal attention of the S new tokens (the
-  // last S of each row's cache_seqlens cached tokens) over the cache, where each tile of latents
-  // is expanded to this head's K/V through kv_b_weight inside the kernel (per-head K/V of the
-  // whole sequence are never materialised).
-  //   q_nope [B, S, H, N], q_pe [B, S, H, R] (rotated); cache as for mla_decode;
-  //   kv_b_weight [H*(N+V), C] (HF kv_b_proj.weight). causal/window as for mla_decode.
-  // Returns out [B, S, H, V] (q dtype) and lse [B, S, H] (fp32). Reads only. CPU kernel only
-  // so far; autograd (chunked backward) is registered in python/latentmoe/ops/mla.py.
-  m.def(
-      "mla_prefill(Tensor q_nope, Tensor q_pe, Tensor kv_cache, Tensor cache_seqlens, Tensor? block_table,"
-      " Tensor kv_b_weight, float softmax_scale, bool causal=True, int window=-1) -> (Tensor out, Tensor lse)");
   // Fused cache append: c = kv_a_layernorm(kv_latent) (HF RMSNorm numerics), k_pe rotated with
   // HF's (cos, sin) in either RoPE layout, rows [c | k_pe] written at token slots
   // cache_seqlens[b] + s of row b (contiguous or paged cache). MUTATES kv_cache (only those slots).
@@ -110,15 +99,15 @@ TORCH_LIBRARY(latentmoe, m) {
   // (token t of row b in page block_table[b, t / page_size], slot t % page_size; capacity
   // max_pages * page_size), as mla_decode.
   m.def(
-      "mla_prefill_fused(Tensor q_nope, Tensor q_pe, Tensor latent_cache, Tensor cache_seqlens,"
+      "mla_prefill(Tensor q_nope, Tensor q_pe, Tensor latent_cache, Tensor cache_seqlens,"
       " Tensor w_uk, Tensor w_uv, float softmax_scale, Tensor? block_table=None, bool causal=True,"
       " int window=-1) -> (Tensor out, Tensor lse)");
-  // Backward of mla_prefill_fused (K/V recomputed per tile from the latent, probabilities from lse).
+  // Backward of mla_prefill (K/V recomputed per tile from the latent, probabilities from lse).
   // grad_out [B, S, H, Dv] (input dtype), grad_lse [B, S, H] fp32 (zeros if unused), out / lse as
-  // returned by mla_prefill_fused. Returns grad_q_nope, grad_q_pe, grad_latent_cache (the cache's shape,
+  // returned by mla_prefill. Returns grad_q_nope, grad_q_pe, grad_latent_cache (the cache's shape,
   // contiguous or paged; zero outside the rows read), grad_w_uk, grad_w_uv, all in the input dtype.
   m.def(
-      "mla_prefill_fused_backward(Tensor grad_out, Tensor grad_lse, Tensor q_nope, Tensor q_pe,"
+      "mla_prefill_backward(Tensor grad_out, Tensor grad_lse, Tensor q_nope, Tensor q_pe,"
       " Tensor latent_cache, Tensor cache_seqlens, Tensor w_uk, Tensor w_uv, Tensor out,"
       " Tensor lse, float softmax_scale, Tensor? block_table=None, bool causal=True, int window=-1)"
       " -> (Tensor grad_q_nope, Tensor grad_q_pe,"

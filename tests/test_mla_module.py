@@ -116,11 +116,11 @@ def test_deepseek_like_dims_decode():
 
 
 def _without_prefill_kernel(monkeypatch):
-    """Make the module believe mla_prefill has no kernel here (as on CUDA today): SDPA path."""
+    """Make the module believe the prefill op has no kernel here: the SDPA path."""
     import latentmoe.nn.mla as mod
 
     real = mod._has_kernel
-    monkeypatch.setattr(mod, "_has_kernel", lambda op, dev: op != "mla_prefill" and real(op, dev))
+    monkeypatch.setattr(mod, "_has_kernel", lambda op, dev: op != mod._PREFILL_OP and real(op, dev))
 
 
 @pytest.mark.parametrize("prefill_kernel", [True, False])

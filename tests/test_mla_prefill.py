@@ -1,182 +1,671 @@
-"""latentmoe.ops.mla_prefill (CPU kernel with in-kernel latent decompression, chunked backward)
-against the reference naive MLA (fp64 autograd)."""
+"""mla_prefill / mla_prefill_backward: against reference.mla_naive and an fp64 einsum reference
+(written here), varlen and empty rows, NaN-poisoned cache slots, chunked prefill, low precision,
+gradients vs torch autograd, opcheck, bad input."""
 
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-import latentmoe.ops.mla as mla_ops
-from latentmoe.ops import mla_prefill
-from latentmoe.reference import mla as ref
-from test_mla_decode import make_problem
+from latentmoe.reference import mla as reference
+from latentmoe.ops.mla_prefill import mla_prefill
+
+SMALL = dict(C=48, R=16, Dn=24, Dv=20)
+V3 = dict(C=512, R=64, Dn=128, Dv=128)
 
 
-def _weights(H, N, V, C, dtype=torch.float64):
-    return torch.randn(H * (N + V), C, dtype=dtype) / math.sqrt(C)
+def make_inputs(B, S, H, seqlens, Lmax, C, R, Dn, Dv, device, dtype=torch.float32, poison=True):
+    """Random inputs; q_nope/q_pe are views of one q tensor and w_uk/w_uv views of one kv_b weight
+    (as the module passes them). Cache slots beyond cache_seqlens are NaN (``clean`` has zeros)."""
+    q = torch.randn(B, S, H, Dn + R, device=device).to(dtype)
+    kv_b = (torch.randn(H * (Dn + Dv), C, device=device) / math.sqrt(C)).to(dtype)
+    w_uk, w_uv = reference.split_kv_b(kv_b, H, Dn, Dv)
+    clean = torch.zeros(B, Lmax, C + R, device=device)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device=device)
+    for b, L in enumerate(seqlens):
+        c_kv = torch.randn(L, C, device=device)
+        c_kv = c_kv * torch.rsqrt(c_kv.pow(2).mean(-1, keepdim=True) + 1e-6)  # like kv_a_layernorm
+        clean[b, :L] = torch.cat([c_kv, torch.randn(L, R, device=device)], dim=-1)
+    clean = clean.to(dtype)
+    cache = clean.clone()
+    if poison:
+        for b, L in enumerate(seqlens):
+            cache[b, L:] = float("nan")
+    return dict(q_nope=q[..., :Dn], q_pe=q[..., Dn:], latent_cache=cache, cache_seqlens=lens, w_uk=w_uk,
+                w_uv=w_uv, clean=clean)
 
 
-def _reference(q_nope, q_pe, kv, seqlens, table, w, scale, causal, window):
-    H, N = q_nope.shape[2], q_nope.shape[3]
-    C = w.shape[1]
-    V = w.shape[0] // H - N
-    if table is not None:
-        kv = ref.gather_paged(kv.cpu(), table.cpu(), int(seqlens.max()))
-    kv = kv.double().cpu()
-    L = kv.shape[1]
-    for b in range(kv.shape[0]):  # the reference must not see the poison either
-        kv[b, int(seqlens[b]) :] = 0
-    w_uk, w_uv = ref.split_kv_b(w.double().cpu(), H, N, V)
-    return ref.mla_naive(
-        q_nope.double().cpu(), q_pe.double().cpu(), kv[:, :L, :C], kv[:, :L, C:], w_uk, w_uv, scale,
-        cache_seqlens=seqlens.cpu(), causal=causal, window=window,
+def ref_attention(
+    q_nope, q_pe, cache, seqlens, w_uk, w_uv, scale, dtype=torch.float64, causal=True, window=-1
+):
+    """Independent reference: per row, decompress the valid cache rows to per-head K/V and attend
+    with an explicit causal mask, all in ``dtype`` (fp64 = ground truth; bf16/fp16 = the reference
+    run in low precision, softmax in fp32). Differentiable. Returns (out, lse) in ``dtype``/fp32."""
+    B, S, H, _ = q_nope.shape
+    C = w_uk.shape[-1]
+    outs, lses = [], []
+    for b in range(B):
+        L = int(seqlens[b])
+        rows = cache[b, :L].to(dtype)
+        c_kv, k_pe = rows[:, :C], rows[:, C:]
+        k = torch.einsum("lc,hnc->hln", c_kv, w_uk.to(dtype))
+        v = torch.einsum("lc,hvc->hlv", c_kv, w_uv.to(dtype))
+        s = torch.einsum("shn,hln->hsl", q_nope[b].to(dtype), k) + torch.einsum(
+            "shr,lr->hsl", q_pe[b].to(dtype), k_pe
+        )
+        s = s.float() * scale if dtype != torch.float64 else s * scale
+        pos = L - S + torch.arange(S, device=s.device)
+        j = torch.arange(L, device=s.device)[None, :]
+        mask = torch.ones(S, L, dtype=torch.bool, device=s.device)  # [S, L]
+        if causal:
+            mask &= j <= pos[:, None]
+        if window >= 0:
+            mask &= j >= pos[:, None] - window
+        s = s.masked_fill(~mask, -math.inf)
+        live = mask.any(-1)[None, :, None]  # [1, S, 1]: the query sees at least one key
+        s_safe = torch.where(live, s, 0.0)  # dead rows: finite, so autograd stays NaN-free
+        lse = torch.logsumexp(s_safe, -1, keepdim=True)
+        p = torch.where(live, torch.exp(s_safe - lse), 0.0)
+        lse = torch.where(live, lse, -math.inf)[..., 0]  # [H, S]
+        out = torch.einsum("hsl,hlv->shv", p.to(dtype), v)
+        outs.append(out)
+        lses.append(lse.transpose(0, 1))
+    return torch.stack(outs), torch.stack(lses).float()
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def run_op(x, scale):
+    return mla_prefill(
+        x["q_nope"], x["q_pe"], x["latent_cache"], x["cache_seqlens"], x["w_uk"], x["w_uv"], scale
     )
 
 
-def _problem(B, S, H, seqlens, page_size=None, N=20, V=12, C=48, R=16, dtype=torch.float32):
-    q_nope, q_pe, kv, lens, table = make_problem(B, S, H, C, R, seqlens, page_size, dtype=dtype)
-    q_nope = torch.randn(B, S, H, N, dtype=torch.float64).to(dtype)
-    return q_nope, q_pe, kv, lens, table, _weights(H, N, V, C).to(dtype)
+def run_ref(x, scale, dtype=torch.float64, cache_key="clean"):
+    return ref_attention(
+        x["q_nope"], x["q_pe"], x[cache_key], x["cache_seqlens"].tolist(), x["w_uk"], x["w_uv"], scale, dtype
+    )
 
 
-@pytest.mark.parametrize("page_size", [None, 1, 16, 17])
+# ---- forward ---------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("H", [1, 3, 9])
-def test_prefill_matches_reference(page_size, H):
-    S = 33
-    q_nope, q_pe, kv, lens, table, w = _problem(3, S, H, [40, 0, 290], page_size)
-    out, lse = mla_prefill(q_nope, q_pe, kv, lens, w, 0.15, block_table=table)
-    want, want_lse = _reference(q_nope, q_pe, kv, lens, table, w, 0.15, True, -1)
+def test_forward_small_dims_varlen(device, H):
+    # Row 0: prefix 7 + 5 new tokens; row 1 empty; row 2 shorter than S (first 2 queries see nothing);
+    # row 3 exactly S tokens (no prefix).
+    S, seqlens, Lmax = 5, [12, 0, 3, 5], 16
+    x = make_inputs(4, S, H, seqlens, Lmax, **SMALL, device=device)
+    scale = 0.7 / math.sqrt(SMALL["Dn"] + SMALL["R"])
+    out, lse = run_op(x, scale)
+    assert out.shape == (4, S, H, SMALL["Dv"]) and out.dtype == torch.float32
+    assert lse.shape == (4, S, H) and lse.dtype == torch.float32
     assert not out.isnan().any() and not lse.isnan().any()
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
-    assert torch.all(out[1] == 0) and torch.all(lse[1] == -math.inf)  # empty row
+    ref_out, ref_lse = run_ref(x, scale)
+    assert err(out, ref_out) < 2e-5
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), live)
+    assert err(lse[live], ref_lse[live]) < 2e-5
+    # Queries that see nothing: exactly 0 and -inf.
+    assert (out[1] == 0).all() and (lse[1] == -math.inf).all()
+    assert (out[2, :2] == 0).all() and (lse[2, :2] == -math.inf).all()
+    # The library's own reference agrees too.
+    c = x["clean"]
+    naive_out, naive_lse = reference.mla_naive(
+        x["q_nope"], x["q_pe"], c[..., : SMALL["C"]], c[..., SMALL["C"]:], x["w_uk"], x["w_uv"], scale,
+        cache_seqlens=x["cache_seqlens"].cpu(),
+    )
+    torch.testing.assert_close(out, naive_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, naive_lse, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("causal,window", [(False, -1), (True, 0), (True, 9), (False, 4)])
-def test_prefill_masks(causal, window):
-    q_nope, q_pe, kv, lens, table, w = _problem(2, 21, 3, [21, 140], 16)
-    out, lse = mla_prefill(q_nope, q_pe, kv, lens, w, 0.2, block_table=table, causal=causal, window=window)
-    want, want_lse = _reference(q_nope, q_pe, kv, lens, table, w, 0.2, causal, window)
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+def test_forward_v3_dims(device):
+    # C=512, R=64, Dn=Dv=128; lengths crossing the 64-token key tile, one prefix of 0.
+    S, seqlens, Lmax = 6, [70, 6, 133], 140
+    x = make_inputs(3, S, 3, seqlens, Lmax, **V3, device=device)
+    scale = 1 / math.sqrt(192)
+    out, lse = run_op(x, scale)
+    ref_out, ref_lse = run_ref(x, scale)
+    assert err(out, ref_out) < 5e-5
+    assert err(lse, ref_lse) < 5e-5
+
+
+def test_forward_many_queries_and_tiles(device):
+    # S > key tile and > query chunk; one head so the CPU kernel splits queries across threads.
+    S, seqlens, Lmax = 150, [181], 190
+    x = make_inputs(1, S, 1, seqlens, Lmax, **SMALL, device=device)
+    out, lse = run_op(x, 0.2)
+    ref_out, ref_lse = run_ref(x, 0.2)
+    assert err(out, ref_out) < 2e-5
+    assert err(lse, ref_lse) < 2e-5
+
+
+def test_chunked_prefill_matches_full_prefill(device):
+    # Prefill 40 tokens in chunks of 17, 16, 7 (prefix > 0): outputs equal one 40-token prefill.
+    H, total = 3, 40
+    x = make_inputs(2, total, H, [total, total], total, **SMALL, device=device, poison=False)
+    full_out, full_lse = run_op(x, 0.3)
+    start = 0
+    for n in (17, 16, 7):
+        end = start + n
+        cache = x["latent_cache"].clone()
+        cache[:, end:] = float("nan")  # tokens of later chunks are not written yet
+        lens = torch.full((2,), end, dtype=torch.int32, device=device)
+        out, lse = mla_prefill(
+            x["q_nope"][:, start:end], x["q_pe"][:, start:end], cache, lens, x["w_uk"], x["w_uv"], 0.3
+        )
+        torch.testing.assert_close(out, full_out[:, start:end], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, full_lse[:, start:end], rtol=1e-5, atol=1e-5)
+        start = end
+
+
+def test_all_rows_empty(device):
+    x = make_inputs(2, 3, 2, [0, 0], 4, **SMALL, device=device)
+    out, lse = run_op(x, 0.5)
+    assert (out == 0).all() and (lse == -math.inf).all()
+
+
+def test_no_queries_and_inputs_not_mutated(device):
+    x = make_inputs(2, 4, 3, [9, 4], 10, **SMALL, device=device)
+    before = {k: v.clone() for k, v in x.items()}
+    run_op(x, 0.5)
+    for k, v in x.items():
+        assert torch.equal(v.nan_to_num(7.0), before[k].nan_to_num(7.0)), k
+    q0 = x["q_nope"][:, :0]
+    out, lse = mla_prefill(
+        q0, x["q_pe"][:, :0], x["latent_cache"], x["cache_seqlens"], x["w_uk"], x["w_uv"], 0.5
+    )
+    assert out.shape == (2, 0, 3, SMALL["Dv"]) and lse.shape == (2, 0, 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_prefill_low_precision(dtype):
-    q_nope, q_pe, kv, lens, table, w = _problem(2, 17, 3, [17, 60], None, dtype=dtype)
-    out, _ = mla_prefill(q_nope, q_pe, kv, lens, w, 0.2)
-    want, _ = _reference(q_nope, q_pe, kv, lens, table, w, 0.2, True, -1)
-    # Reference "in low precision": the same inputs (already rounded to dtype), output in dtype.
-    H, N = q_nope.shape[2], q_nope.shape[3]
-    w_uk, w_uv = ref.split_kv_b(w, H, N, w.shape[0] // H - N)
-    kv0 = kv.clone()
-    kv0[0, 17:] = 0
-    kv0[1, 60:] = 0
-    low, _ = ref.mla_naive(q_nope, q_pe, kv0[..., :48], kv0[..., 48:], w_uk, w_uv, 0.2, cache_seqlens=lens)
-    err = (out.double() - want).abs().max()
-    ref_err = (low.double() - want).abs().max()
-    assert err <= 2 * ref_err + 1e-3, (float(err), float(ref_err))
-
-
-@pytest.mark.parametrize("causal,window", [(True, -1), (False, -1), (True, 6)])
-def test_prefill_backward_matches_reference_autograd(causal, window, monkeypatch):
-    monkeypatch.setattr(mla_ops, "_BWD_CHUNK_ELEMS", 3 * 19 * 7)  # force several key chunks
-    B, S, H, N, V, C, R = 2, 19, 3, 20, 12, 48, 16
-    q_nope, q_pe, kv, lens, _, w = _problem(B, S, H, [19, 30], None, N=N, V=V, C=C, R=R)
-    kv = kv.nan_to_num()  # slots beyond a row's length get zero gradient either way
-    leaves = [t.clone().requires_grad_() for t in (q_nope, q_pe, kv, w)]
-    out, _ = mla_prefill(leaves[0], leaves[1], leaves[2], lens, leaves[3], 0.2, causal=causal, window=window)
-    g = torch.randn_like(out)
-    (out * g).sum().backward()
-    ref_leaves = [t.detach().double().clone().requires_grad_() for t in (q_nope, q_pe, kv, w)]
-    w_uk, w_uv = ref.split_kv_b(ref_leaves[3], H, N, V)
-    kv_r = ref_leaves[2]
-    want, _ = ref.mla_naive(
-        ref_leaves[0], ref_leaves[1], kv_r[..., :C], kv_r[..., C:], w_uk, w_uv, 0.2,
-        cache_seqlens=lens, causal=causal, window=window,
-    )
-    (want * g.double()).sum().backward()
-    for name, a, b in zip(["q_nope", "q_pe", "kv_cache", "kv_b_weight"], leaves, ref_leaves):
-        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5, msg=name)
-    assert torch.all(leaves[2].grad[0, 19:] == 0)  # beyond row 0's length
-
-
-def test_prefill_opcheck():
-    q_nope, q_pe, kv, lens, table, w = _problem(2, 5, 3, [5, 9], 4)
-    kv = kv.nan_to_num()
-    op = torch.ops.latentmoe.mla_prefill.default
-    torch.library.opcheck(op, (q_nope, q_pe, kv, lens, table, w, 0.3, True, -1))
-    q_nope, q_pe, kv, lens, _, w = _problem(2, 5, 3, [5, 9])
-    args = [t.nan_to_num().requires_grad_() if t.is_floating_point() else t for t in (q_nope, q_pe, kv, lens)]
-    torch.library.opcheck(op, (*args, None, w.requires_grad_(), 0.3, True, -1))
+def test_forward_low_precision(device, dtype):
+    S, seqlens, Lmax = 9, [30, 9, 4], 33
+    x = make_inputs(3, S, 3, seqlens, Lmax, **SMALL, device=device, dtype=dtype)
+    scale = 1 / math.sqrt(40)
+    out, lse = run_op(x, scale)
+    assert out.dtype == dtype and not out.isnan().any()
+    ref_out, ref_lse = run_ref(x, scale)
+    low_out, low_lse = run_ref(x, scale, dtype=dtype)
+    assert err(out, ref_out) <= 2 * err(low_out, ref_out) + 1e-3
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), live)
+    assert err(lse[live], ref_lse[live]) <= 2 * err(low_lse[live], ref_lse[live]) + 1e-3
 
 
 @pytest.mark.parametrize(
-    "idx,value,name",
+    "causal,window", [(True, 0), (True, 5), (True, 70), (False, -1), (False, 3), (False, 200)]
+)
+def test_forward_causal_and_window(device, causal, window):
+    # Lengths shorter than, equal to and longer than S; prefix > 0; windows crossing key tiles.
+    S, seqlens, Lmax = 7, [150, 0, 4, 7], 152
+    x = make_inputs(4, S, 3, seqlens, Lmax, **SMALL, device=device)
+    out, lse = mla_prefill(x["q_nope"], x["q_pe"], x["latent_cache"], x["cache_seqlens"], x["w_uk"],
+                                 x["w_uv"], 0.3, causal=causal, window=window)
+    ref_out, ref_lse = run_ref_masked(x, 0.3, causal, window)
+    assert not out.isnan().any()
+    assert err(out, ref_out) < 2e-5
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    live = torch.isfinite(ref_lse)
+    assert err(lse[live], ref_lse[live]) < 2e-5
+    c = x["clean"]
+    naive_out, naive_lse = reference.mla_naive(
+        x["q_nope"], x["q_pe"], c[..., : SMALL["C"]], c[..., SMALL["C"]:], x["w_uk"], x["w_uv"], 0.3,
+        cache_seqlens=x["cache_seqlens"].cpu(), causal=causal, window=window,
+    )
+    torch.testing.assert_close(out, naive_out, rtol=1e-4, atol=1e-5)
+
+
+def run_ref_masked(x, scale, causal, window):
+    return ref_attention(
+        x["q_nope"], x["q_pe"], x["clean"], x["cache_seqlens"].tolist(), x["w_uk"], x["w_uv"], scale,
+        causal=causal, window=window,
+    )
+
+
+@pytest.mark.parametrize("causal,window", [(True, 9), (False, -1), (False, 4)])
+def test_gradients_causal_and_window(device, causal, window):
+    S, seqlens, Lmax = 20, [150, 12, 0], 152
+    x = make_inputs(3, S, 2, seqlens, Lmax, **SMALL, device=device)
+    g_out = torch.randn(3, S, 2, SMALL["Dv"], device=device, dtype=torch.float64)
+    g_lse = torch.randn(3, S, 2, device=device, dtype=torch.float64)
+
+    def op(t):
+        return mla_prefill(t["q_nope"], t["q_pe"], t["latent_cache"], x["cache_seqlens"], t["w_uk"],
+                                 t["w_uv"], 0.25, causal=causal, window=window)
+
+    def ref(t):
+        return ref_attention(t["q_nope"], t["q_pe"], t["latent_cache"], seqlens, t["w_uk"], t["w_uv"], 0.25,
+                             causal=causal, window=window)
+
+    got = grads_of(op, x, KEYS, g_out, g_lse)
+    want = grads_of(ref, dict(x, latent_cache=x["clean"]), KEYS, g_out, g_lse)
+    for k in KEYS:
+        assert err(got[k], want[k]) < 1e-4 * max(1.0, want[k].abs().max().item()), k
+
+
+# ---- backward --------------------------------------------------------------------------------------
+
+
+def grads_of(fn, x, keys, g_out, g_lse):
+    leaves = {k: x[k].detach().clone().requires_grad_() for k in keys}
+    out, lse = fn(leaves)
+    live = torch.isfinite(lse)
+    loss = (out.double() * g_out).sum() + torch.where(live, lse.double() * g_lse, 0).sum()
+    loss.backward()
+    return {k: leaves[k].grad for k in keys}
+
+
+KEYS = ["q_nope", "q_pe", "latent_cache", "w_uk", "w_uv"]
+
+
+def op_fn(x, seqlens, scale):
+    return lambda t: mla_prefill(
+        t["q_nope"], t["q_pe"], t["latent_cache"], seqlens, t["w_uk"], t["w_uv"], scale
+    )
+
+
+def ref_fn(seqlens, scale, dtype=torch.float64):
+    return lambda t: ref_attention(t["q_nope"], t["q_pe"], t["latent_cache"], seqlens.tolist(), t["w_uk"],
+                                   t["w_uv"], scale, dtype)
+
+
+@pytest.mark.parametrize("H,dims", [(1, SMALL), (3, SMALL), (9, SMALL), (2, V3)])
+def test_gradients_match_autograd_fp64(device, H, dims):
+    S, seqlens, Lmax = 7, [75, 0, 4], 80
+    x = make_inputs(3, S, H, seqlens, Lmax, **dims, device=device)
+    scale = 1 / math.sqrt(dims["Dn"] + dims["R"])
+    g_out = torch.randn(3, S, H, dims["Dv"], device=device, dtype=torch.float64)
+    g_lse = torch.randn(3, S, H, device=device, dtype=torch.float64)
+    got = grads_of(op_fn(x, x["cache_seqlens"], scale), x, KEYS, g_out, g_lse)
+    clean = dict(x, latent_cache=x["clean"])
+    want = grads_of(ref_fn(x["cache_seqlens"], scale), clean, KEYS, g_out, g_lse)
+    for k in KEYS:
+        assert not got[k].isnan().any(), k
+        tol = 1e-4 * max(1.0, want[k].abs().max().item())
+        assert err(got[k], want[k]) < tol, (k, err(got[k], want[k]))
+    # Unread cache slots (beyond each row's length) get exactly zero gradient.
+    for b, L in enumerate(seqlens):
+        assert (got["latent_cache"][b, L:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradients_low_precision(device, dtype):
+    S, seqlens, Lmax = 6, [20, 6], 24
+    x = make_inputs(2, S, 3, seqlens, Lmax, **SMALL, device=device, dtype=dtype)
+    scale = 1 / math.sqrt(40)
+    g_out = torch.randn(2, S, 3, SMALL["Dv"], device=device, dtype=torch.float64)
+    g_lse = torch.zeros(2, S, 3, device=device, dtype=torch.float64)
+    got = grads_of(op_fn(x, x["cache_seqlens"], scale), x, KEYS, g_out.to(dtype), g_lse)
+    clean = dict(x, latent_cache=x["clean"])
+    want = grads_of(ref_fn(x["cache_seqlens"], scale), clean, KEYS, g_out, g_lse)
+    low = grads_of(ref_fn(x["cache_seqlens"], scale, dtype), clean, KEYS, g_out.to(dtype), g_lse)
+    for k in KEYS:
+        assert err(got[k], want[k]) <= 2 * err(low[k], want[k]) + 1e-3, k
+
+
+def test_gradients_chunked_prefix_and_long(device):
+    # Prefix > 0, S spanning several key tiles and CPU query chunks.
+    S, seqlens, Lmax = 90, [140], 150
+    x = make_inputs(1, S, 1, seqlens, Lmax, **SMALL, device=device)
+    g_out = torch.randn(1, S, 1, SMALL["Dv"], device=device, dtype=torch.float64)
+    g_lse = torch.randn(1, S, 1, device=device, dtype=torch.float64)
+    got = grads_of(op_fn(x, x["cache_seqlens"], 0.2), x, KEYS, g_out, g_lse)
+    want = grads_of(ref_fn(x["cache_seqlens"], 0.2), dict(x, latent_cache=x["clean"]), KEYS, g_out, g_lse)
+    for k in KEYS:
+        assert err(got[k], want[k]) < 1e-4 * max(1.0, want[k].abs().max().item()), k
+
+
+# ---- opcheck and bad input -------------------------------------------------------------------------
+
+
+def test_opcheck(device):
+    x = make_inputs(2, 3, 2, [7, 2], 8, **SMALL, device=device)
+    args = [x["q_nope"].contiguous().requires_grad_(), x["q_pe"].contiguous().requires_grad_(),
+            x["clean"].clone().requires_grad_(), x["cache_seqlens"], x["w_uk"].contiguous().requires_grad_(),
+            x["w_uv"].contiguous().requires_grad_(), 0.3]
+    torch.library.opcheck(torch.ops.latentmoe.mla_prefill.default, args)
+    plain = [a.detach() if torch.is_tensor(a) else a for a in args]
+    out, lse = torch.ops.latentmoe.mla_prefill.default(*plain)
+    bargs = [torch.randn_like(out), torch.randn_like(lse)] + plain[:-1] + [out, lse, 0.3]
+    torch.library.opcheck(torch.ops.latentmoe.mla_prefill_backward.default, bargs)
+
+
+def _call(x, **over):
+    a = dict(
+        q_nope=x["q_nope"], q_pe=x["q_pe"], latent_cache=x["latent_cache"], cache_seqlens=x["cache_seqlens"],
+        w_uk=x["w_uk"], w_uv=x["w_uv"], softmax_scale=0.5,
+    )
+    a.update(over)
+    return mla_prefill(**a)
+
+
+@pytest.mark.parametrize(
+    "name,make",
     [
-        (5, torch.randn(100, 48), "kv_b_weight"),  # rows not a multiple of H
-        (5, torch.randn(3 * 32, 40), "kv_cache"),  # C mismatch vs cache rows
-        (1, torch.randn(2, 5, 3, 16, dtype=torch.float64), "q_pe"),
-        (3, torch.tensor([5, 99], dtype=torch.int32), "cache_seqlens"),
-        (0, torch.randn(2, 3, 5, 20).transpose(1, 2), "q_nope"),
+        ("cache_seqlens", lambda x: x["cache_seqlens"].long()),
+        ("cache_seqlens", lambda x: x["cache_seqlens"] + 100),
+        ("cache_seqlens", lambda x: x["cache_seqlens"] - 100),
+        ("cache_seqlens", lambda x: x["cache_seqlens"][:1]),
+        ("latent_cache", lambda x: x["latent_cache"][..., :-1]),
+        ("latent_cache", lambda x: x["latent_cache"].to(torch.float16)),
+        ("latent_cache", lambda x: x["latent_cache"][:1]),
+        ("w_uv", lambda x: x["w_uv"][:, :, :-1]),
+        ("w_uk", lambda x: x["w_uk"][:1]),
+        ("q_pe", lambda x: x["q_pe"][:, :, :1]),
+        ("q_nope", lambda x: x["q_nope"][..., 0]),
+        ("q_nope", lambda x: x["q_nope"].transpose(-1, -2).contiguous().transpose(-1, -2)),
+        ("softmax_scale", lambda x: float("nan")),
+        ("window", lambda x: -2),
     ],
 )
-def test_prefill_bad_input(idx, value, name):
-    args = list(_problem(2, 5, 3, [5, 9]))
-    args[idx] = value
-    q_nope, q_pe, kv, lens, table, w = args
+def test_bad_input_names_argument(device, name, make):
+    x = make_inputs(2, 3, 2, [5, 3], 6, C=8, R=4, Dn=8, Dv=6, device=device)
     with pytest.raises(ValueError, match=name):
-        mla_prefill(q_nope, q_pe, kv, lens, w, 0.3, block_table=table)
+        _call(x, **{name: make(x)})
 
 
-def test_prefill_paged_backward_is_refused():
-    q_nope, q_pe, kv, lens, table, w = _problem(2, 5, 3, [5, 9], 4)
-    q_nope.requires_grad_()
-    out, _ = mla_prefill(q_nope, q_pe, kv.nan_to_num(), lens, w, 0.3, block_table=table)
-    with pytest.raises(NotImplementedError, match="contiguous"):
-        out.sum().backward()
+def test_int_dtype_rejected(device):
+    x = make_inputs(1, 2, 1, [2], 2, C=8, R=4, Dn=8, Dv=6, device=device)
+    with pytest.raises(ValueError, match="q_nope"):
+        _call(x, q_nope=x["q_nope"].to(torch.float64))
 
 
-def test_prefill_torch_compile_fullgraph_with_backward():
-    q_nope, q_pe, kv, lens, _, w = _problem(2, 7, 3, [7, 12])
-    kv = kv.nan_to_num()
-
-    def f(q_nope, q_pe, kv, w):
-        out, _ = mla_prefill(q_nope, q_pe, kv, lens, w, 0.3)
-        return (out * out).sum()
-
-    grads = []
-    for fn in (f, torch.compile(f, fullgraph=True)):
-        leaves = [t.clone().requires_grad_() for t in (q_nope, q_pe, kv, w)]
-        fn(*leaves).backward()
-        grads.append([t.grad for t in leaves])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+# ---- the layer around the op vs HF DeepseekV3Attention ---------------------------------------------
 
 
-def test_prefill_random_shapes_property():
-    """Random shapes, lengths, page sizes and masks (hypothesis): kernel == fp64 reference."""
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
+def _latent_rows(attn, x, cos, sin):
+    """HF layer's projections + RoPE -> (q_nope, q_pe, latent rows [B, S, C+R])."""
+    B, S, _ = x.shape
+    H, N, R, C = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank
+    q = attn.q_proj(x) if attn.q_lora_rank is None else attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    q = q.view(B, S, H, N + R)
+    kv = attn.kv_a_proj_with_mqa(x)
+    interleave = bool(attn.config.rope_interleave)
+    q_pe = reference.apply_rope(q[..., N:], cos, sin, interleave)
+    k_pe = reference.apply_rope(kv[..., C:].view(B, S, 1, R), cos, sin, interleave)[:, :, 0]
+    return q[..., :N], q_pe, torch.cat([attn.kv_a_layernorm(kv[..., :C]), k_pe], dim=-1)
 
-    @hypothesis.settings(max_examples=20, deadline=None, derandomize=True)
-    @hypothesis.given(
-        B=st.integers(1, 3), S=st.integers(1, 40), H=st.integers(1, 4), N=st.integers(1, 24),
-        V=st.integers(1, 20), C=st.integers(1, 60), R=st.sampled_from([0, 2, 16]),
-        page=st.sampled_from([None, 1, 5, 16]), extra=st.lists(st.integers(0, 200), min_size=3, max_size=3),
-        causal=st.booleans(), window=st.sampled_from([-1, 0, 7]),
+
+@pytest.mark.parametrize(
+    "heads,q_lora,interleave,yarn", [(1, None, True, False), (3, 24, False, True), (9, 24, True, True)]
+)
+def test_layer_chunked_prefill_matches_hf(heads, q_lora, interleave, yarn):
+    from test_mla_common import (
+        causal_additive_mask, hf_cache, make_config, make_hf_attention, rel_err, rope_embeddings,
     )
-    def check(B, S, H, N, V, C, R, page, extra, causal, window):
-        lens = [e if e == 0 else S + e - 1 for e in extra[:B]]  # 0 (empty) or >= S tokens
-        q_nope, q_pe, kv, lens_t, table, w = _problem(B, S, H, lens, page, N=N, V=V, C=C, R=R)
-        out, lse = mla_prefill(
-            q_nope, q_pe, kv, lens_t, w, 0.3, block_table=table, causal=causal, window=window
-        )
-        want, want_lse = _reference(q_nope, q_pe, kv, lens_t, table, w, 0.3, causal, window)
-        assert not out.isnan().any()
-        torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-5)
 
-    check()
+    cfg = make_config(heads=heads, q_lora=q_lora, interleave=interleave, yarn=yarn)
+    attn = make_hf_attention(cfg)
+    B, S1, S2 = 2, 7, 5
+    x = torch.randn(B, S1 + S2, cfg.hidden_size)
+    cos, sin = rope_embeddings(cfg, torch.arange(S1 + S2)[None].expand(B, -1))
+    cache = hf_cache(cfg)
+    with torch.no_grad():
+        hf1 = attn(x[:, :S1], (cos[:, :S1], sin[:, :S1]), causal_additive_mask(B, S1, 0), cache=cache)[0]
+        hf2 = attn(x[:, S1:], (cos[:, S1:], sin[:, S1:]), causal_additive_mask(B, S2, S1), cache=cache)[0]
+        q_nope, q_pe, rows = _latent_rows(attn, x, cos, sin)
+        Lmax = S1 + S2 + 3
+        latent = torch.full((B, Lmax, rows.shape[-1]), float("nan"))
+        w_uk, w_uv = reference.split_kv_b(attn.kv_b_proj.weight, heads, cfg.qk_nope_head_dim, cfg.v_head_dim)
+        outs = []
+        for lo, hi in ((0, S1), (S1, S1 + S2)):  # chunked prefill: the second chunk has a prefix
+            latent[:, lo:hi] = rows[:, lo:hi]
+            lens = torch.full((B,), hi, dtype=torch.int32)
+            o, _ = mla_prefill(q_nope[:, lo:hi], q_pe[:, lo:hi], latent, lens, w_uk, w_uv, attn.scaling)
+            outs.append(attn.o_proj(o.reshape(B, hi - lo, -1)))
+    assert rel_err(outs[0], hf1) <= 1e-4
+    assert rel_err(outs[1], hf2) <= 1e-4
+
+
+def test_layer_training_gradients_match_hf():
+    # Every parameter's gradient through projections + mla_prefill + o_proj equals HF autograd.
+    from test_mla_common import causal_additive_mask, make_config, make_hf_attention, rel_err, rope_embeddings
+
+    cfg = make_config(heads=3, q_lora=24, yarn=True)
+    hf = make_hf_attention(cfg)
+    ours = make_hf_attention(cfg)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    B, S = 2, 9
+    x = torch.randn(B, S, cfg.hidden_size)
+    cos, sin = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
+    g = torch.randn(B, S, cfg.hidden_size)
+    x_hf, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (hf(x_hf, (cos, sin), causal_additive_mask(B, S, 0))[0] * g).sum().backward()
+    q_nope, q_pe, rows = _latent_rows(ours, x_ours, cos, sin)
+    w_uk, w_uv = reference.split_kv_b(ours.kv_b_proj.weight, 3, cfg.qk_nope_head_dim, cfg.v_head_dim)
+    lens = torch.full((B,), S, dtype=torch.int32)
+    o, _ = mla_prefill(q_nope, q_pe, rows, lens, w_uk, w_uv, ours.scaling)
+    (ours.o_proj(o.reshape(B, S, -1)) * g).sum().backward()
+    assert rel_err(x_ours.grad, x_hf.grad) <= 1e-4
+    for (name, p_hf), p_ours in zip(hf.named_parameters(), ours.parameters()):
+        assert rel_err(p_ours.grad, p_hf.grad) <= 1e-4, name
+
+
+def test_torch_compile_fullgraph(device):
+    x = make_inputs(2, 4, 3, [9, 4], 10, **SMALL, device=device)
+
+    def f(qn, qp, cache, lens, wk, wv):
+        out, lse = mla_prefill(qn, qp, cache, lens, wk, wv, 0.4)
+        return out * 2, lse
+
+    args = (x["q_nope"], x["q_pe"], x["latent_cache"], x["cache_seqlens"], x["w_uk"], x["w_uv"])
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    want = f(*args)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+# ---- paged cache -----------------------------------------------------------------------------------
+
+
+def to_paged(cache, page_size, seed=0):
+    """Contiguous [B, Lmax, D] -> (paged [num_pages, page_size, D] with NaN in unused slots and two
+    spare pages, block_table [B, max_pages] int32, a random permutation of the pages)."""
+    B, Lmax, D = cache.shape
+    max_pages = -(-Lmax // page_size)
+    num_pages = B * max_pages + 2
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_pages, generator=g)[: B * max_pages].view(B, max_pages)
+    paged = torch.full((num_pages, page_size, D), float("nan"), dtype=cache.dtype, device=cache.device)
+    for b in range(B):
+        for t in range(Lmax):
+            paged[perm[b, t // page_size], t % page_size] = cache[b, t]
+    return paged, perm.to(torch.int32).to(cache.device)
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 17, 64])
+def test_paged_matches_contiguous(device, page_size):
+    S, seqlens, Lmax = 6, [40, 0, 3, 23], 41
+    x = make_inputs(4, S, 3, seqlens, Lmax, **SMALL, device=device)
+    paged, table = to_paged(x["latent_cache"], page_size)
+    g_out = torch.randn(4, S, 3, SMALL["Dv"], device=device, dtype=torch.float64)
+    g_lse = torch.randn(4, S, 3, device=device, dtype=torch.float64)
+    want = grads_of(op_fn(x, x["cache_seqlens"], 0.3), x, KEYS, g_out, g_lse)
+    out_c, lse_c = run_op(x, 0.3)
+
+    def paged_fn(t):
+        return mla_prefill(
+            t["q_nope"], t["q_pe"], t["latent_cache"], x["cache_seqlens"], t["w_uk"], t["w_uv"], 0.3,
+            block_table=table,
+        )
+
+    xp = dict(x, latent_cache=paged)
+    out_p, lse_p = paged_fn(xp)
+    torch.testing.assert_close(out_p, out_c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse_p, lse_c, rtol=1e-5, atol=1e-6)
+    got = grads_of(paged_fn, xp, KEYS, g_out, g_lse)
+    for k in ["q_nope", "q_pe", "w_uk", "w_uv"]:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+    g_cache = reference.gather_paged(got["latent_cache"], table, Lmax)
+    for b, L in enumerate(seqlens):
+        torch.testing.assert_close(g_cache[b, :L], want["latent_cache"][b, :L], rtol=1e-4, atol=1e-5)
+    # Slots no row reads (spare pages, tails of pages) get zero gradient.
+    read = torch.zeros(paged.shape[:2], dtype=torch.bool)
+    for b, L in enumerate(seqlens):
+        for t in range(L):
+            read[table[b, t // page_size].item(), t % page_size] = True
+    assert (got["latent_cache"][~read.to(device)] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda t: t.long(), "block_table"),
+        (lambda t: t[:1], "block_table"),
+        (lambda t: t.masked_fill(t == t[0, 0], 10_000), "block_table"),
+        (lambda t: t.masked_fill(t == t[0, 0], -1), "block_table"),
+        (lambda t: t[:, :1], "cache_seqlens"),  # capacity 1 page < seqlens
+    ],
+)
+def test_paged_bad_input(device, make, match):
+    x = make_inputs(2, 3, 2, [5, 3], 6, C=8, R=4, Dn=8, Dv=6, device=device)
+    paged, table = to_paged(x["latent_cache"], 4)
+    with pytest.raises(ValueError, match=match):
+        _call(x, latent_cache=paged, block_table=make(table))
+
+
+def test_forward_extra_memory_is_o_tokens(device):
+    if device != "cuda":
+        pytest.skip("device peak memory is measured on CUDA (bench_mla_prefill measures CPU RSS at 16K)")
+    S, H = 1024, 16
+    x = make_inputs(1, S, H, [S], S, **V3, device=device, dtype=torch.bfloat16, poison=False)
+    run_op(x, 0.07)  # warm-up
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out, lse = run_op(x, 0.07)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    outputs = out.numel() * out.element_size() + lse.numel() * lse.element_size()
+    # No scratch beyond the outputs (materialising all heads' K/V would add S*H*(Dn+R+Dv) values).
+    assert extra <= outputs + (1 << 20), (extra, outputs)
+
+
+# ---- the CUDA kernels' logic, run on the host ------------------------------------------------------
+# tests/mla_prefill_emulation/ compiles the .cu file's kernels as host C++ (one thread per CUDA
+# thread, real barriers) so CI without a GPU still checks their indexing, masking and reductions
+# against the CPU op (itself checked against the references above). fp32 only; the launch code,
+# bf16/fp16 conversions and performance are covered only by the CUDA tests on a GPU.
+
+_ROOT = Path(__file__).resolve().parents[1]
+_EMU = Path(__file__).resolve().parent / "mla_prefill_emulation"
+_PROBE = (
+    "#include <barrier>\n#include <atomic>\n"
+    "int main() { float f = 0; std::atomic_ref<float>(f).fetch_add(1.f); }\n"
+)
+
+
+def _kernels_as_host_code(cu_source: str) -> str:
+    """The kernels and device helpers of mla_prefill_kernels.cu, without CUDA includes or launchers."""
+    lines = [ln for ln in cu_source.split("\n") if not ln.startswith(("#include <cuda_", '#include "cuda/'))]
+    src = "\n".join(lines).replace("extern __shared__ float smem[];", "float* smem = emu_block->smem;")
+    cut = src.index("template <typename T, int QT>\ncudaError_t forward_tiled")
+    return src[:cut] + "}  // namespace\n}  // namespace latentmoe::cuda\n"
+
+
+@pytest.fixture(scope="module")
+def emulated_kernels(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("needs a C++ compiler")
+    work = tmp_path_factory.mktemp("mla_prefill_emulation")
+    flags = ["-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas"]
+    (work / "probe.cpp").write_text(_PROBE)
+    if subprocess.run([cxx, *flags, str(work / "probe.cpp"), "-o", str(work / "probe")],
+                      capture_output=True).returncode != 0:
+        pytest.skip("the C++ compiler lacks C++20 <barrier> / std::atomic_ref")
+    cu = (_ROOT / "csrc" / "cuda" / "mla_prefill" / "mla_prefill_kernels.cu").read_text()
+    (work / "kernels_host.inc").write_text(_kernels_as_host_code(cu))
+    exe = work / "harness"
+    res = subprocess.run(
+        [cxx, *flags, f"-I{_ROOT / 'csrc'}", f"-I{_EMU}", f"-I{work}", str(_EMU / "harness.cpp"),
+         "-o", str(exe)],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return exe
+
+
+@pytest.mark.parametrize("query_tile", [16, 64])
+@pytest.mark.parametrize(
+    "B,S,H,dims,seqlens,Lmax,page_size,causal,window",
+    [
+        (4, 5, 3, SMALL, [12, 0, 3, 5], 16, 0, True, -1),
+        (2, 70, 2, dict(C=40, R=4, Dn=8, Dv=6), [100, 69], 101, 0, True, -1),
+        (1, 3, 2, V3, [70], 72, 0, True, -1),
+        (4, 6, 3, SMALL, [40, 0, 3, 23], 41, 17, True, -1),
+        (2, 5, 2, SMALL, [9, 5], 10, 1, True, -1),
+        (3, 40, 2, dict(C=40, R=4, Dn=8, Dv=6), [90, 20, 0], 95, 0, True, 37),
+        (3, 21, 2, dict(C=40, R=4, Dn=8, Dv=6), [70, 9, 0], 72, 16, False, 5),
+        (2, 9, 2, SMALL, [50, 4], 52, 0, False, -1),
+    ],
+)
+def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, query_tile, B, S, H, dims, seqlens, Lmax,
+                                        page_size, causal, window):
+    C, R, Dn, Dv = dims["C"], dims["R"], dims["Dn"], dims["Dv"]
+    q = torch.randn(B, S, H, Dn + R)
+    kv_b = torch.randn(H, Dn + Dv, C) / math.sqrt(C)
+    cache = torch.randn(B, Lmax, C + R)
+    for b, L in enumerate(seqlens):
+        cache[b, L:] = float("nan")
+    g_out, g_lse = torch.randn(B, S, H, Dv), torch.randn(B, S, H)
+    table, num_pages = None, 0
+    if page_size:
+        cache, table = to_paged(cache, page_size)
+        num_pages, Lmax = cache.shape[0], table.shape[1] * page_size
+    scale = 1 / math.sqrt(Dn + R)
+    with open(tmp_path / "in.bin", "wb") as f:
+        head = [B, S, H, Dn, R, C, Dv, Lmax, page_size, num_pages, int(causal), window]
+        f.write(np.array(head, dtype=np.int64).tobytes())
+        f.write(np.float32(scale).tobytes())
+        f.write(q.numpy().tobytes())
+        f.write(cache.numpy().tobytes())
+        f.write(np.array(seqlens, dtype=np.int32).tobytes())
+        if table is not None:
+            f.write(table.numpy().astype(np.int32).tobytes())
+        for t in (kv_b, g_out, g_lse):
+            f.write(t.numpy().tobytes())
+    res = subprocess.run([str(emulated_kernels), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"),
+                          str(query_tile)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    flat = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32))
+    shapes = [(B, S, H, Dv), (B, S, H), (B, S, H, Dn), (B, S, H, R), tuple(cache.shape), (H, Dn, C),
+              (H, Dv, C)]
+    got = list(torch.split(flat, [math.prod(s) for s in shapes]))
+    got = [g.view(s) for g, s in zip(got, shapes)]
+
+    leaves = [t.clone().requires_grad_() for t in (q, cache, kv_b)]
+    qq, cc, kk = leaves
+    lens = torch.tensor(seqlens, dtype=torch.int32)
+    out, lse = mla_prefill(
+        qq[..., :Dn], qq[..., Dn:], cc, lens, kk[:, :Dn], kk[:, Dn:], scale, block_table=table, causal=causal,
+        window=window,
+    )
+    live = torch.isfinite(lse)
+    ((out * g_out).sum() + torch.where(live, lse * g_lse, 0).sum()).backward()
+    want = [out.detach(), lse.detach(), qq.grad[..., :Dn], qq.grad[..., Dn:], cc.grad, kk.grad[:, :Dn],
+            kk.grad[:, Dn:]]
+    names = ["out", "lse", "grad_q_nope", "grad_q_pe", "grad_latent_cache", "grad_w_uk", "grad_w_uv"]
+    for name, g, w in zip(names, got, want):
+        assert not g.isnan().any(), name
+        if name == "lse":
+            assert torch.equal(torch.isinf(g), torch.isinf(w))
+            g, w = g[torch.isfinite(w)], w[torch.isfinite(w)]
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * max(1.0, w.abs().max().item()), msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["latent_cache", "cache_seqlens", "w_uv"])
+def test_device_mismatch_names_argument(name):
+    x = make_inputs(2, 3, 2, [5, 3], 6, C=8, R=4, Dn=8, Dv=6, device="cuda")
+    with pytest.raises(RuntimeError, match=name):
+        _call(x, **{name: x[name].cpu()})

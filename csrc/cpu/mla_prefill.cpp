@@ -187,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_cpu(const at::Tensor& q_nope, con
                                                    const at::Tensor& w_uv, double softmax_scale,
                                                    const std::optional<at::Tensor>& block_table, bool causal,
                                                    int64_t window) {
-  const Params p = mla_prefill::check_args("mla_prefill_fused", q_nope, q_pe, latent_cache, cache_seqlens, w_uk,
+  const Params p = mla_prefill::check_args("mla_prefill", q_nope, q_pe, latent_cache, cache_seqlens, w_uk,
                                            w_uv, softmax_scale, block_table, causal, window);
   auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
   auto out = at::empty({p.B, p.S, p.H, p.Dv}, q_nope.options());
@@ -337,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
     const at::Tensor& latent_cache, const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
     const at::Tensor& w_uv, const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
     const std::optional<at::Tensor>& block_table, bool causal, int64_t window) {
-  const char* op = "mla_prefill_fused_backward";
+  const char* op = "mla_prefill_backward";
   const Params p = mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv,
                                            softmax_scale, block_table, causal, window);
   auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
@@ -373,8 +373,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
 }  // namespace
 
 TORCH_LIBRARY_IMPL(latentmoe, CPU, m) {
-  m.impl("mla_prefill_fused", &mla_prefill_cpu);
-  m.impl("mla_prefill_fused_backward", &mla_prefill_backward_cpu);
+  m.impl("mla_prefill", &mla_prefill_cpu);
+  m.impl("mla_prefill_backward", &mla_prefill_backward_cpu);
 }
 
 }  // namespace latentmoe::cpu

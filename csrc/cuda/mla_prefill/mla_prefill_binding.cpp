@@ -30,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_cuda(const at::Tensor& q_nope, co
                                                     const at::Tensor& w_uv, double softmax_scale,
                                                     const std::optional<at::Tensor>& block_table, bool causal,
                                                     int64_t window) {
-  const char* op = "mla_prefill_fused";
+  const char* op = "mla_prefill";
   const Params p = mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv,
                                            softmax_scale, block_table, causal, window);
   auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
     const at::Tensor& latent_cache, const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
     const at::Tensor& w_uv, const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
     const std::optional<at::Tensor>& block_table, bool causal, int64_t window) {
-  const char* op = "mla_prefill_fused_backward";
+  const char* op = "mla_prefill_backward";
   const Params p = mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv,
                                            softmax_scale, block_table, causal, window);
   auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
@@ -90,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
 }  // namespace
 
 TORCH_LIBRARY_IMPL(latentmoe, CUDA, m) {
-  m.impl("mla_prefill_fused", &mla_prefill_cuda);
-  m.impl("mla_prefill_fused_backward", &mla_prefill_backward_cuda);
+  m.impl("mla_prefill", &mla_prefill_cuda);
+  m.impl("mla_prefill_backward", &mla_prefill_backward_cuda);
 }
 
 }  // namespace latentmoe::cuda

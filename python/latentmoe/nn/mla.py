@@ -9,11 +9,11 @@ Paths of :meth:`MultiHeadLatentAttention.forward`:
   (kv_a_layernorm + RoPE + write). With an HF ``Cache`` the layer stores exactly what HF stores
   (normalised latents as keys, rotated ``k_pe`` as values), so HF and this module can share one
   cache; the kernel reads HF's key and value tensors in place (``pe_cache``), no concatenation.
-* **prefill / training** (autograd, or more new tokens), where ``mla_prefill`` has a kernel for
-  the device (CPU today): the ``mla_prefill`` op decompresses latents tile by tile inside the
-  kernel; its backward (gradients for queries, latents, k_pe and kv_b_proj) is chunked over keys.
-* **SDPA path** otherwise (devices without an ``mla_prefill`` kernel, i.e. CUDA for now; masks
-  other than plain causal; attention dropout in training): differentiable, built from
+* **prefill / training** (autograd, or more new tokens): the prefill op (CPU and CUDA kernels)
+  decompresses latents tile by tile inside the kernel; its backward (gradients for queries,
+  latents, k_pe and kv_b_proj) recomputes K/V per tile from the latents.
+* **SDPA path** for masks other than plain causal (e.g. left padding) and attention dropout in
+  training (and devices without latentmoe kernels): differentiable, built from
   ``latentmoe.ops.rms_norm`` and PyTorch ops: latents decompressed through ``kv_b_proj`` into
   per-head K/V for ``scaled_dot_product_attention``. Limit: K/V of all heads for the attended
   tokens are materialised (O(L * H * head_dim) memory).
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentmoe.nn.norm import RMSNorm
-from latentmoe.ops.mla import mla_append_cache, mla_decode, mla_prefill
+from latentmoe.ops.mla import mla_append_cache, mla_decode
+from latentmoe.ops.mla_prefill import mla_prefill
 from latentmoe.ops.norm import rms_norm
 
 
@@ -59,6 +60,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: b
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+_PREFILL_OP = "mla_prefill"
 
 
 def _has_kernel(op: str, device: torch.device) -> bool:
@@ -272,7 +276,7 @@ class MultiHeadLatentAttention(nn.Module):
         plain_causal = self._is_plain_causal(attention_mask, B, S, L)
         dropout = self.training and self.attention_dropout > 0
         if plain_causal and not dropout and (
-            (not grad and S <= self.decode_max_tokens) or _has_kernel("mla_prefill", hidden_states.device)
+            (not grad and S <= self.decode_max_tokens) or _has_kernel(_PREFILL_OP, hidden_states.device)
         ):
             seqlens = torch.full((B,), L, dtype=torch.int32, device=c_all.device)
             if not grad and S <= self.decode_max_tokens:  # HF's keys/values read in place
@@ -308,7 +312,7 @@ class MultiHeadLatentAttention(nn.Module):
             out = self._absorbed_attention(
                 q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table
             )
-        elif _has_kernel("mla_prefill", q_nope.device):
+        elif _has_kernel(_PREFILL_OP, q_nope.device):
             out = self._prefill_attention(
                 q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table
             )
@@ -336,9 +340,11 @@ class MultiHeadLatentAttention(nn.Module):
     def _prefill_attention(self, q_nope, q_pe, kv_cache, seqlens, block_table) -> torch.Tensor:
         """``[B, S, H, V]`` via the ``mla_prefill`` kernel (differentiable for contiguous rows)."""
         dt = kv_cache.dtype
+        H, N, V = self.num_heads, self.qk_nope_head_dim, self.v_head_dim
+        w = self.kv_b_proj.weight.to(dt).view(H, N + V, self.kv_lora_rank)
         out, _ = mla_prefill(
             q_nope.to(dt).contiguous(), q_pe.to(dt).contiguous(), kv_cache, seqlens,
-            self.kv_b_proj.weight.to(dt), self.scaling, block_table=block_table, causal=True,
+            w[:, :N], w[:, N:], self.scaling, block_table=block_table, causal=True,
         )
         return out.to(q_nope.dtype)
 

@@ -1,10 +1,10 @@
 """Typed wrappers over ``torch.ops.latentmoe.*``; importing this registers fake kernels and autograd."""
 
-from latentmoe.ops.mla import mla_append_cache, mla_decode, mla_prefill
+from latentmoe.ops.mla import mla_append_cache, mla_decode
+from latentmoe.ops.mla_prefill import mla_prefill
 from latentmoe.ops.moe import moe_experts, moe_route
 from latentmoe.ops.norm import add_rms_norm, rms_norm
 
 __all__ = [
     "rms_norm", "add_rms_norm", "mla_decode", "mla_append_cache", "mla_prefill", "moe_route", "moe_experts",
 ]
-from latentmoe.ops.mla_prefill_fused import mla_prefill_fused  # noqa: E402,F401

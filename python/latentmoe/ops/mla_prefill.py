@@ -1,9 +1,8 @@
-"""MLA prefill op ``mla_prefill_fused``: latent attention with in-kernel decompression (causal and
+"""MLA prefill op ``mla_prefill``: latent attention with in-kernel decompression (causal and
 sliding-window masks as ``mla_decode``), fake kernels, autograd.
 
-Compared with :func:`latentmoe.ops.mla_prefill` (same masking, ``kv_b_weight`` input, CPU kernel,
-backward in PyTorch): this op takes the ``w_uk`` / ``w_uv`` views and has CPU and CUDA kernels for
-its forward and for its backward (``mla_prefill_fused_backward``, contiguous or paged cache).
+CPU and CUDA kernels for the forward and for the backward (``mla_prefill_backward``), on a
+contiguous or paged latent cache. Weights come as ``w_uk`` / ``w_uv`` views of ``kv_b_proj.weight``.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import torch
 _lib = torch.ops.latentmoe
 
 
-def mla_prefill_fused(
+def mla_prefill(
     q_nope: torch.Tensor,
     q_pe: torch.Tensor,
     latent_cache: torch.Tensor,
@@ -57,7 +56,7 @@ def mla_prefill_fused(
         Differentiable in ``q_nope``, ``q_pe``, ``latent_cache``, ``w_uk``, ``w_uv`` (and in
         ``lse``).
     """
-    return _lib.mla_prefill_fused.default(
+    return _lib.mla_prefill.default(
         q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table, causal, window
     )
 
@@ -72,14 +71,14 @@ def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
             )
 
 
-@torch.library.register_fake("latentmoe::mla_prefill_fused")
+@torch.library.register_fake("latentmoe::mla_prefill")
 def _mla_prefill_fake(
     q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table=None, causal=True,
     window=-1,
 ):
     extra = {} if block_table is None else {"block_table": block_table}
     _check_same_device(
-        "mla_prefill_fused", q_nope=q_nope, q_pe=q_pe, latent_cache=latent_cache,
+        "mla_prefill", q_nope=q_nope, q_pe=q_pe, latent_cache=latent_cache,
         cache_seqlens=cache_seqlens, w_uk=w_uk, w_uv=w_uv, **extra,
     )
     B, S, H, _ = q_nope.shape
@@ -87,7 +86,7 @@ def _mla_prefill_fake(
     return q_nope.new_empty(B, S, H, Dv), q_nope.new_empty(B, S, H, dtype=torch.float32)
 
 
-@torch.library.register_fake("latentmoe::mla_prefill_fused_backward")
+@torch.library.register_fake("latentmoe::mla_prefill_backward")
 def _mla_prefill_backward_fake(
     grad_out, grad_lse, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, softmax_scale,
     block_table=None, causal=True, window=-1,
@@ -116,7 +115,7 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
-    grads = _lib.mla_prefill_fused_backward.default(
+    grads = _lib.mla_prefill_backward.default(
         grad_out.contiguous(), grad_lse.float().contiguous(), q_nope, q_pe, latent_cache, cache_seqlens,
         w_uk, w_uv, out, lse, ctx.softmax_scale, block_table, ctx.causal, ctx.window,
     )
@@ -124,11 +123,11 @@ def _backward(ctx, grad_out, grad_lse):
     return g_qn, g_qp, g_cache, None, g_wuk, g_wuv, None, None, None, None
 
 
-torch.library.register_autograd("latentmoe::mla_prefill_fused", _backward, setup_context=_setup)
+torch.library.register_autograd("latentmoe::mla_prefill", _backward, setup_context=_setup)
 
 
 def _mla_prefill_backward_bwd(ctx, *grads):
-    raise RuntimeError("latentmoe.mla_prefill_fused_backward: double backward is not supported")
+    raise RuntimeError("latentmoe.mla_prefill_backward: double backward is not supported")
 
 
-torch.library.register_autograd("latentmoe::mla_prefill_fused_backward", _mla_prefill_backward_bwd)
+torch.library.register_autograd("latentmoe::mla_prefill_backward", _mla_prefill_backward_bwd)
