@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import sys
 
+import os
+
 import torch
 
 import latentmoe
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import bench_mla, bench_moe  # noqa: E402  (their smoke() call every MLA / MoE op once)
 
 
 def smoke_norm(dev: str) -> None:
@@ -22,47 +27,27 @@ def smoke_norm(dev: str) -> None:
         (out.sum() + h.sum()).backward()
 
 
-def smoke_mla(dev: str) -> None:
-    B, H, C, R, page = 3, 9, 48, 16, 17
-    seqlens = torch.tensor([0, 5, 40], dtype=torch.int32, device=dev)
+def smoke_mla_prefill(dev: str) -> None:
+    B, S, H, Dn, Dv, C, R, page = 3, 5, 3, 24, 20, 48, 16, 17
+    lens = torch.tensor([0, 5, 40], dtype=torch.int32, device=dev)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for paged in (False, True):
             if paged:
-                n_pages = 3 * 3 + 2
-                cache = torch.randn(n_pages, page, C + R, device=dev, dtype=dtype)
-                table = torch.randperm(n_pages, device=dev)[:9].view(3, 3).to(torch.int32)
+                cache = torch.randn(3 * B + 1, page, C + R, device=dev, dtype=dtype)
+                table = torch.randperm(3 * B + 1, device=dev)[: 3 * B].view(B, 3).to(torch.int32)
             else:
-                cache = torch.randn(B, 48, C + R, device=dev, dtype=dtype)
+                cache = torch.randn(B, 45, C + R, device=dev, dtype=dtype)
                 table = None
-            for Sq in (1, 2):
-                q = torch.randn(B, Sq, H, C, device=dev, dtype=dtype)
-                qp = torch.randn(B, Sq, H, R, device=dev, dtype=dtype)
-                latentmoe.ops.mla_decode(q, qp, cache, seqlens, 0.1, block_table=table, causal=True)
-                latentmoe.ops.mla_decode(q, qp, cache, seqlens, 0.1, block_table=table, window=4)
-            S = 3
-            lat = torch.randn(B, S, C, device=dev, dtype=dtype)
-            kpe = torch.randn(B, S, R, device=dev, dtype=dtype)
-            cos, sin = torch.randn(B, S, R, device=dev, dtype=dtype), torch.randn(B, S, R, device=dev, dtype=dtype)
-            w = torch.randn(C, device=dev, dtype=dtype)
-            latentmoe.ops.mla_append_cache(cache, lat, kpe, w, 1e-6, cos, sin, seqlens, table, True)
+            cache.requires_grad_()
+            q_nope = torch.randn(B, S, H, Dn, device=dev, dtype=dtype, requires_grad=True)
+            q_pe = torch.randn(B, S, H, R, device=dev, dtype=dtype, requires_grad=True)
+            w = (torch.randn(H, Dn + Dv, C, device=dev) * 0.1).to(dtype).requires_grad_()
+            out, lse = latentmoe.ops.mla_prefill(q_nope, q_pe, cache, lens, w[:, :Dn], w[:, Dn:], 0.1,
+                                                 block_table=table)
+            (out.float().sum() + lse[lse.isfinite()].sum()).backward()
 
 
-def smoke_moe(dev: str) -> None:
-    T, E, k, hidden, inter = 37, 16, 3, 72, 40
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        logits = torch.randn(T, E, device=dev, requires_grad=True)
-        bias = torch.randn(E, device=dev)
-        w, idx = latentmoe.ops.moe_route(logits, k, n_group=4, topk_group=2, e_score_correction_bias=bias,
-                                         routed_scaling_factor=2.5)[:2]
-        w.sum().backward()
-        x = torch.randn(T, hidden, device=dev, dtype=dtype, requires_grad=True)
-        gu = (torch.randn(E, 2 * inter, hidden, device=dev) * 0.1).to(dtype).requires_grad_()
-        dn = (torch.randn(E, hidden, inter, device=dev) * 0.1).to(dtype).requires_grad_()
-        out = latentmoe.ops.moe_experts(x, gu, dn, w.detach().requires_grad_(), idx)
-        out.float().sum().backward()
-
-
-SMOKES = [smoke_norm, smoke_mla, smoke_moe]
+SMOKES = [smoke_norm, bench_mla.smoke, smoke_mla_prefill, bench_moe.smoke]
 
 
 def main() -> int:
@@ -74,7 +59,7 @@ def main() -> int:
         fn(dev)
         if dev == "cuda":
             torch.cuda.synchronize()
-        print(f"gpu_smoke: {fn.__name__} ok")
+        print(f"gpu_smoke: {fn.__module__}.{fn.__name__} ok")
     return 0
 
 

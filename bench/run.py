@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 from bench.common import COLUMNS  # noqa: E402
 
-FAMILIES = ["norm", "mla", "moe"]
+FAMILIES = ["norm", "mla", "mla_prefill", "moe"]
 
 
 def main() -> int:
