@@ -2,6 +2,8 @@
 // the op and the argument. Values (cache_seqlens, block_table) are checked on a host copy.
 #pragma once
 
+#include <cmath>
+
 #include <ATen/ATen.h>
 
 #include "common/checks.h"
@@ -119,6 +121,13 @@ inline void check_cache_values(const char* op, const CacheDims& d, const at::Ten
 }
 
 // q_latent [B, Sq, H, C], q_pe [B, Sq, H, R]: floating, same dtype/device, contiguous.
+// Scalar arguments of mla_decode.
+inline void check_decode_scalars(double softmax_scale, int64_t window) {
+  TORCH_CHECK_VALUE(window >= -1, "latentmoe.mla_decode: argument 'window' must be >= -1 (-1 = no window), got ",
+                    window);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "latentmoe.mla_decode: argument 'softmax_scale' must be finite");
+}
+
 inline void check_decode_queries(const char* op, const at::Tensor& q_latent, const at::Tensor& q_pe) {
   chk::floating(op, "q_latent", q_latent);
   chk::dim(op, "q_latent", q_latent, 4);

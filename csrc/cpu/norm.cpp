@@ -6,24 +6,12 @@
 
 #include <vector>
 
-#include "common/checks.h"
+#include "common/norm_checks.h"
 #include "common/math.h"
 
 namespace latentmoe::cpu {
 namespace {
 
-namespace chk = latentmoe::checks;
-
-void check_norm_args(const char* op, const at::Tensor& input, const at::Tensor& weight) {
-  chk::floating(op, "input", input);
-  chk::same_dtype(op, "weight", weight, "input", input);
-  chk::same_device(op, "weight", weight, "input", input);
-  TORCH_CHECK_VALUE(input.dim() >= 1, "latentmoe.", op, ": argument 'input' must have at least 1 dim");
-  chk::dim(op, "weight", weight, 1);
-  TORCH_CHECK_VALUE(weight.size(0) == input.size(-1), "latentmoe.", op, ": argument 'weight' has ",
-                    weight.size(0), " elements but 'input' has last dim ", input.size(-1));
-  chk::nonempty(op, "input", input);
-}
 
 // Rows of D elements: y = w * to_dtype(x * rstd). Writes `out` and `rstd_out` (fp32).
 template <typename T>
@@ -53,7 +41,7 @@ void rms_norm_rows(const T* x, const T* w, T* out, float* rstd_out, int64_t rows
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& input, const at::Tensor& weight,
                                                 double eps) {
-  check_norm_args("rms_norm", input, weight);
+  norm::check_args("rms_norm", input, weight);
   auto x = input.contiguous();
   auto w = weight.contiguous();
   const int64_t D = x.size(-1);
@@ -72,11 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor
                                                                 const at::Tensor& residual,
                                                                 const at::Tensor& weight,
                                                                 double eps) {
-  check_norm_args("add_rms_norm", input, weight);
-  chk::same_dtype("add_rms_norm", "residual", residual, "input", input);
-  chk::same_device("add_rms_norm", "residual", residual, "input", input);
-  TORCH_CHECK_VALUE(residual.sizes() == input.sizes(), "latentmoe.add_rms_norm: argument 'residual' has shape ",
-                    residual.sizes(), " but 'input' has shape ", input.sizes());
+  norm::check_args("add_rms_norm", input, weight);
+  norm::check_residual(input, residual);
   auto x = input.contiguous();
   auto res = residual.contiguous();
   auto w = weight.contiguous();
@@ -143,14 +128,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
                                                          const at::Tensor& input,
                                                          const at::Tensor& weight,
                                                          const at::Tensor& rstd) {
-  const char* op = "rms_norm_backward";
-  check_norm_args(op, input, weight);
-  chk::same_dtype(op, "grad_out", grad_out, "input", input);
-  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), "latentmoe.rms_norm_backward: argument 'grad_out' has shape ",
-                    grad_out.sizes(), " but 'input' has shape ", input.sizes());
-  chk::dtype(op, "rstd", rstd, at::kFloat);
-  TORCH_CHECK_VALUE(rstd.numel() * input.size(-1) == input.numel(),
-                    "latentmoe.rms_norm_backward: argument 'rstd' must have one value per row of 'input'");
+  norm::check_backward_args(grad_out, input, weight, rstd);
   auto g = grad_out.contiguous();
   auto x = input.contiguous();
   auto w = weight.contiguous();

@@ -26,9 +26,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const int64_t B = q_latent.size(0), Sq = q_latent.size(1), H = q_latent.size(2);
   const int64_t C = q_latent.size(3), R = q_pe.size(3);
   auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, q_latent, "q_latent", pe_cache);
-  TORCH_CHECK_VALUE(window >= -1, "latentmoe.mla_decode: argument 'window' must be >= -1 (-1 = no window), got ",
-                    window);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "latentmoe.mla_decode: argument 'softmax_scale' must be finite");
+  mla::check_decode_scalars(softmax_scale, window);
   TORCH_CHECK_VALUE(C <= mla_decode_max_c(), "latentmoe.mla_decode: argument 'q_latent' has C = ", C,
                     "; the CUDA kernel supports C <= ", mla_decode_max_c());
   c10::cuda::CUDAGuard guard(q_latent.device());

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from latentmoe.ops._checks import check_same_device
+
 _lib = torch.ops.latentmoe
 
 
@@ -61,23 +63,13 @@ def mla_prefill(
     )
 
 
-def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
-    (ref_name, ref), *rest = tensors.items()
-    for name, t in rest:
-        if t.device != ref.device:
-            raise RuntimeError(
-                f"latentmoe.{op}: argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; "
-                "all tensors must be on one device"
-            )
-
-
 @torch.library.register_fake("latentmoe::mla_prefill")
 def _mla_prefill_fake(
     q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table=None, causal=True,
     window=-1,
 ):
     extra = {} if block_table is None else {"block_table": block_table}
-    _check_same_device(
+    check_same_device(
         "mla_prefill", q_nope=q_nope, q_pe=q_pe, latent_cache=latent_cache,
         cache_seqlens=cache_seqlens, w_uk=w_uk, w_uv=w_uv, **extra,
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from latentmoe.ops._checks import check_same_device
+
 _lib = torch.ops.latentmoe
 
 
@@ -36,27 +38,15 @@ def add_rms_norm(
     return out, h
 
 
-def _check_same_device(op: str, **tensors: torch.Tensor) -> None:
-    """The fake kernels repeat the real kernels' device check, so mixed-device calls fail the same way
-    under torch.compile / meta tensors."""
-    (ref_name, ref), *rest = tensors.items()
-    for name, t in rest:
-        if t.device != ref.device:
-            raise RuntimeError(
-                f"latentmoe.{op}: argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; "
-                "all tensors must be on one device"
-            )
-
-
 @torch.library.register_fake("latentmoe::rms_norm")
 def _rms_norm_fake(input, weight, eps):
-    _check_same_device("rms_norm", input=input, weight=weight)
+    check_same_device("rms_norm", input=input, weight=weight)
     return torch.empty_like(input), input.new_empty(input.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.register_fake("latentmoe::add_rms_norm")
 def _add_rms_norm_fake(input, residual, weight, eps):
-    _check_same_device("add_rms_norm", input=input, residual=residual, weight=weight)
+    check_same_device("add_rms_norm", input=input, residual=residual, weight=weight)
     return (
         torch.empty_like(input),
         torch.empty_like(input),
