@@ -134,7 +134,7 @@ def test_experts_opcheck(device):
     _, sp, off, guo = torch.ops.latentmoe.moe_experts.default(x, gu, down, w, idx)
     torch.library.opcheck(torch.ops.latentmoe.moe_experts_backward.default,
                           (torch.randn(T, H, device=device), x.detach(), gu.detach(),
-                           down.detach(), w.detach(), sp, off, guo))
+                           down.detach(), w.detach(), sp, off, guo.detach()))
 
 
 def test_experts_sorted_pairs_stable(device):

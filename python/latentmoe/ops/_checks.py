@@ -18,3 +18,13 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
                 f"latentmoe.{op}: argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; "
                 "all tensors must be on one device"
             )
+
+
+def forbid_double_backward(op: str) -> None:
+    """Register autograd for ``latentmoe::<op>`` (a backward op) that raises instead of letting
+    torch silently treat it as non-differentiable: second derivatives are not implemented."""
+
+    def _raise(ctx, *grads):
+        raise RuntimeError(f"latentmoe.{op}: double backward (second derivatives) is not supported")
+
+    torch.library.register_autograd(f"latentmoe::{op}", _raise)

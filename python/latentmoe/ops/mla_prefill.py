@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from latentmoe.ops._checks import check_same_device
+from latentmoe.ops._checks import check_same_device, forbid_double_backward
 
 _lib = torch.ops.latentmoe
 
@@ -123,3 +123,5 @@ def _mla_prefill_backward_bwd(ctx, *grads):
 
 
 torch.library.register_autograd("latentmoe::mla_prefill_backward", _mla_prefill_backward_bwd)
+
+forbid_double_backward("mla_prefill_backward")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from latentmoe.ops._checks import forbid_double_backward
+
 _lib = torch.ops.latentmoe
 
 
@@ -138,3 +140,6 @@ def _moe_experts_bwd(ctx, grad_out, *_unused):
 torch.library.register_autograd(
     "latentmoe::moe_experts", _moe_experts_bwd, setup_context=_moe_experts_setup
 )
+
+forbid_double_backward("moe_route_backward")
+forbid_double_backward("moe_experts_backward")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from latentmoe.ops._checks import check_same_device
+from latentmoe.ops._checks import check_same_device, forbid_double_backward
 
 _lib = torch.ops.latentmoe
 
@@ -93,10 +93,4 @@ torch.library.register_autograd(
 )
 
 
-def _rms_norm_backward_bwd(ctx, *grads):
-    raise RuntimeError(
-        "latentmoe.rms_norm_backward: double backward (second derivatives through RMSNorm) is not supported"
-    )
-
-
-torch.library.register_autograd("latentmoe::rms_norm_backward", _rms_norm_backward_bwd)
+forbid_double_backward("rms_norm_backward")
