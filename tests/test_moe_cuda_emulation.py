@@ -208,3 +208,33 @@ def test_experts_fp32_kernels_match_cpu(harness, tmp_path, T, E, K, H, I, patter
     torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
     ref_out, _ = _fp64_reference(x, gu, dn, w, idx)
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+
+
+def _err(a, b):
+    return (a.double() - b).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "T,E,K,H,I,pattern",
+    [
+        (3, 8, 2, 40, 24, "random"),       # decode GEMV in 16-bit
+        (70, 8, 2, 70, 33, "random"),      # WMMA tiles: K tail of 6 (H = 70 = 2*32 + 6), N tails
+        (130, 5, 1, 48, 80, "one"),        # one expert, 3 M-tiles (the last with 2 rows), 4 idle
+    ],
+)
+def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I, pattern):
+    idx = torch.full((T, K), 2) if pattern == "one" else None
+    x, gu, dn, w, idx = _experts_case(T, E, K, H, I, dtype, idx, seed=T * 7 + H)
+    out, gate_up, sp, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)
+    want_out, _, _, want_gu = torch.ops.latentmoe.moe_experts.default(x, gu, dn, w, idx)
+    assert not out.float().isnan().any() and not gate_up.float().isnan().any()
+    ref_out, ref_pre = _fp64_reference(x, gu, dn, w, idx)
+    ref_gu = ref_pre.reshape(T * K, 2 * I)[sp]  # sorted pair order, as gate_up_out
+    eps = 2.0 ** -10
+    # The kernels' error vs fp64 is at most twice the CPU op's (same rounding points: gate|up and
+    # act rounded to the dtype, fp32 accumulation) plus a small epsilon.
+    assert _err(gate_up, ref_gu) <= 2 * _err(want_gu, ref_gu) + eps * ref_gu.abs().max().item()
+    assert _err(out, ref_out) <= 2 * _err(want_out, ref_out) + eps * ref_out.abs().max().item()
+    torch.testing.assert_close(gate_up.float(), want_gu.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), want_out.float(), rtol=2e-2, atol=2e-2)
