@@ -144,7 +144,7 @@ _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 def _experts_case(T, E, K, H, I, dtype, idx=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=g).to(dtype)
-    gu = (torch.randn(E, 2 * I, H, generator=g) * H**-0.5).to(dtype)
+    gu = (torch.randn(E, 2 * I, H, generator=g) * max(H, 1)**-0.5).to(dtype)
     dn = (torch.randn(E, H, I, generator=g) * I**-0.5).to(dtype)
     if idx is None:
         idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K,
@@ -238,3 +238,14 @@ def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I
     assert _err(out, ref_out) <= 2 * _err(want_out, ref_out) + eps * ref_out.abs().max().item()
     torch.testing.assert_close(gate_up.float(), want_gu.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out.float(), want_out.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("T,K", [(5, 2), (40, 2)])  # decode GEMV and tiled paths
+def test_experts_zero_hidden_size(harness, tmp_path, T, K):
+    # H = 0 is accepted by the op (out is [T, 0], gate_up_out all zero); a launch with a zero grid
+    # dimension is a CUDA error, so the launcher must not issue the down GEMM / combine.
+    x, gu, dn, w, idx = _experts_case(T, 6, K, 0, 5, torch.float32, seed=3)
+    out, gate_up, _, _ = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)
+    want_out, _, _, want_gu = torch.ops.latentmoe.moe_experts.default(x, gu, dn, w, idx)
+    assert out.shape == want_out.shape == (T, 0)
+    assert torch.equal(gate_up, want_gu)
