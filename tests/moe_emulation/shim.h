@@ -7,9 +7,8 @@
 //   * `__shared__ T name[d0][d1];`  ->  a reference into a per-block arena, refilled before every
 //     block with the bytes 0x7FC1 (a NaN as fp32, bf16 and fp16; a huge int64), so reads of
 //     shared memory the kernel did not write show up as NaN / a crash.
-// __syncthreads is a std::barrier over the block; a thread that returns early while others wait
-// at a barrier deadlocks the emulation (the test's timeout catches it), as it would misbehave on
-// the GPU. Warp shuffles are emulated through per-warp slots and barriers with the same xor
+// __syncthreads is a barrier over the block that reports (abort) a thread returning while others
+// wait at it, i.e. divergent synchronisation, and times out if threads wait at different barriers. Warp shuffles are emulated through per-warp slots and barriers with the same xor
 // butterfly as cuda_utils.cuh. nvcuda::wmma is emulated on whole 16x16 tiles held by lane 0 of
 // each warp (fp32 accumulation in k order; the tensor cores' internal order differs), and checks
 // the API's documented pointer-alignment / leading-dimension requirements.
@@ -17,6 +16,9 @@
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -82,10 +84,45 @@ inline __half __float2half(float f) {
 
 // ---- blocks, barriers, shared memory --------------------------------------------------------
 namespace emu {
+// A barrier over the threads of a block (or warp) that knows which threads have left the kernel:
+// when every thread still running waits at it but some have returned, the code synchronises
+// divergently (undefined on the GPU), which is reported instead of deadlocking.
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void reset() { arrived_ = 0, finished_ = 0; }
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lk(m_);
+    ++arrived_;
+    if (arrived_ + finished_ == n_) {
+      if (finished_ > 0) emu_fail("__syncthreads / warp collective after some threads returned");
+      arrived_ = 0;
+      ++gen_;
+      cv_.notify_all();
+      return;
+    }
+    const uint64_t g = gen_;
+    if (!cv_.wait_for(lk, std::chrono::seconds(30), [&] { return gen_ != g; }))
+      emu_fail("barrier timeout (threads wait at different barriers?)");
+  }
+  void finish() {  // the calling thread left the kernel
+    std::lock_guard<std::mutex> lk(m_);
+    ++finished_;
+    if (arrived_ > 0 && arrived_ + finished_ == n_)
+      emu_fail("a thread returned while others wait at __syncthreads / a warp collective");
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  int n_, arrived_ = 0, finished_ = 0;
+  uint64_t gen_ = 0;
+};
+
 constexpr size_t kArenaBytes = 96 * 1024;
 struct Block {
-  std::barrier<>* bar;
-  std::vector<std::barrier<>*> warp_bars;
+  Barrier* bar;
+  std::vector<Barrier*> warp_bars;
   float* warp_slots;                 // [n_warps][32]
   alignas(128) unsigned char arena[kArenaBytes];
 };
@@ -114,9 +151,11 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& kernel) {
   blockDim = block;
   gridDim = grid;
   auto* blk = new emu::Block;
-  std::barrier<> bar(nt), start(nt), end(nt);
+  emu::Barrier bar(static_cast<int>(nt));
+  std::barrier<> start(nt), end(nt);
   blk->bar = &bar;
-  for (unsigned w = 0; w < (nt + 31) / 32; ++w) blk->warp_bars.push_back(new std::barrier<>(std::min(32u, nt - 32 * w)));
+  for (unsigned w = 0; w < (nt + 31) / 32; ++w)
+    blk->warp_bars.push_back(new emu::Barrier(static_cast<int>(std::min(32u, nt - 32 * w))));
   std::vector<float> slots((nt + 31) / 32 * 32);
   blk->warp_slots = slots.data();
   emu::block = blk;
@@ -126,11 +165,17 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& kernel) {
       threadIdx = dim3(t);
       for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
-          if (t == 0) emu::poison(blk->arena, emu::kArenaBytes);
+          if (t == 0) {
+            emu::poison(blk->arena, emu::kArenaBytes);
+            bar.reset();
+            for (auto* w : blk->warp_bars) w->reset();
+          }
           start.arrive_and_wait();
           blockIdx = dim3(bx, by);
           emu::shared_used = 0;
           kernel();
+          bar.finish();
+          blk->warp_bars[t / 32]->finish();
           end.arrive_and_wait();
         }
     });
