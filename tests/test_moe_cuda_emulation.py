@@ -185,8 +185,8 @@ def _fp64_reference(x, gu, dn, w, idx):
     [
         (1, 8, 2, 32, 16, "random"),       # T = 1 (decode GEMV)
         (7, 16, 4, 37, 19, "random"),      # decode path, odd sizes, idle experts
-        (16, 8, 4, 21, 33, "random"),      # S = 64: the largest decode batch
-        (17, 8, 4, 70, 33, "random"),      # S = 68: the smallest tiled batch
+        (16, 8, 4, 21, 17, "random"),      # S = 64: the largest decode batch
+        (17, 8, 4, 21, 33, "random"),      # S = 68: the smallest tiled batch
         (97, 12, 3, 37, 19, "random"),     # tiled, H / I not multiples of the 64 / 16 tiles
         (150, 6, 1, 130, 70, "one"),       # every token on one expert (3 M-tiles), 5 idle experts
         (40, 9, 2, 24, 8, "skewed"),       # uneven: experts with 0, 1 and 60+ rows
@@ -220,7 +220,7 @@ def _err(a, b):
     "T,E,K,H,I,pattern",
     [
         (3, 8, 2, 40, 24, "random"),       # decode GEMV in 16-bit
-        (70, 8, 2, 70, 33, "random"),      # WMMA tiles: K tail of 6 (H = 70 = 2*32 + 6), N tails
+        (70, 8, 2, 40, 33, "random"),      # WMMA tiles: K tail of 8 (H = 40 = 32 + 8), N tails
         (130, 5, 1, 48, 80, "one"),        # one expert, 3 M-tiles (the last with 2 rows), 4 idle
     ],
 )

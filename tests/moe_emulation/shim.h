@@ -10,8 +10,9 @@
 // __syncthreads is a barrier over the block that reports (abort) a thread returning while others
 // wait at it, i.e. divergent synchronisation, and times out if threads wait at different barriers. Warp shuffles are emulated through per-warp slots and barriers with the same xor
 // butterfly as cuda_utils.cuh. nvcuda::wmma is emulated on whole 16x16 tiles held by lane 0 of
-// each warp (fp32 accumulation in k order; the tensor cores' internal order differs), and checks
-// the API's documented pointer-alignment / leading-dimension requirements.
+// each warp (fp32 accumulation in k order; the tensor cores' internal order differs); loads and
+// stores check that all 32 lanes take part with the same pointer and ldm, and the API's
+// documented pointer-alignment / leading-dimension requirements.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -124,6 +125,7 @@ struct Block {
   Barrier* bar;
   std::vector<Barrier*> warp_bars;
   float* warp_slots;                 // [n_warps][32]
+  uint64_t* warp_words;              // [n_warps][32]
   alignas(128) unsigned char arena[kArenaBytes];
 };
 inline Block* block = nullptr;
@@ -158,6 +160,8 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& kernel) {
     blk->warp_bars.push_back(new emu::Barrier(static_cast<int>(std::min(32u, nt - 32 * w))));
   std::vector<float> slots((nt + 31) / 32 * 32);
   blk->warp_slots = slots.data();
+  std::vector<uint64_t> words(slots.size());
+  blk->warp_words = words.data();
   emu::block = blk;
   std::vector<std::thread> ts;
   for (unsigned t = 0; t < nt; ++t)
@@ -233,8 +237,21 @@ struct fragment {
 
 inline bool lane0() { return (threadIdx.x & 31) == 0; }
 
+// A warp-wide operation: every lane of the warp must call it with the same pointer and ldm.
+inline void check_warp_uniform(const void* p, unsigned ldm) {
+  if (blockDim.x % 32 != 0) emu_fail("wmma in a partial warp");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint64_t* w = emu::block->warp_words + warp * 32;
+  w[lane] = reinterpret_cast<uintptr_t>(p) ^ (static_cast<uint64_t>(ldm) << 48);
+  emu::block->warp_bars[warp]->arrive_and_wait();
+  for (int j = 0; j < 32; ++j)
+    if (w[j] != w[lane]) emu_fail("wmma load/store with lane-dependent pointer or ldm");
+  emu::block->warp_bars[warp]->arrive_and_wait();
+}
+
 template <typename T>
 void check_ptr(const T* p, unsigned ldm) {
+  check_warp_uniform(p, ldm);
   if (reinterpret_cast<uintptr_t>(p) % 32 != 0) emu_fail("wmma pointer not 256-bit aligned");
   if ((ldm * sizeof(T)) % 16 != 0) emu_fail("wmma ldm not a multiple of 16 bytes");
 }
