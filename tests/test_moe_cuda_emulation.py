@@ -118,6 +118,24 @@ def test_route_kernels_match_cpu(harness, tmp_path, T, E, K, n_group, topk_group
         logits = torch.randint(-2, 3, (T, E)).float()  # equal logits and equal group scores
     b = torch.randint(-1, 2, (E,)).float() * 0.5 if (bias and ties) else (torch.randn(E) * 0.3 if bias else None)
     gw, gs = torch.randn(T, K), (torch.randn(T, E) if grad_scores else None)
+    _check_route(harness, tmp_path, logits, b, gw, gs, n_group, topk_group, score_func, norm, scale)
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_route_kernels_nan_logits(harness, tmp_path, score_func):
+    # NaN scores are never preferred over finite ones (a NaN row still yields top_k indices).
+    torch.manual_seed(5)
+    T, E, K = 6, 8, 2
+    logits = torch.randn(T, E)
+    logits[1, 3] = logits[4, 0] = float("nan")
+    logits[2] = float("nan")
+    _check_route(harness, tmp_path, logits, torch.randn(E) * 0.1, torch.randn(T, K), torch.randn(T, E), 2, 1,
+                 score_func, True, 1.5)
+
+
+def _check_route(harness, tmp_path, logits, b, gw, gs, n_group, topk_group, score_func, norm, scale):
+    (T, E), K = logits.shape, gw.shape[1]
+    bias, grad_scores = b is not None, gs is not None
     head = _i64(T, E, K, n_group, topk_group, 0 if score_func == "sigmoid" else 1, int(norm), int(bias),
                 int(grad_scores))
     blobs = [head, np.float32(scale).tobytes(), _raw(logits)]
@@ -132,10 +150,10 @@ def test_route_kernels_match_cpu(harness, tmp_path, T, E, K, n_group, topk_group
     w, idx, s = moe_route(lg, K, n_group=n_group, topk_group=topk_group, e_score_correction_bias=b,
                           score_func=score_func, norm_topk_prob=norm, routed_scaling_factor=scale)
     assert torch.equal(i_got, idx)  # same selections, ties -> lower index, same order
-    torch.testing.assert_close(s_got, s.detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(w_got, w.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s_got, s.detach(), rtol=1e-6, atol=1e-7, equal_nan=True)
+    torch.testing.assert_close(w_got, w.detach(), rtol=1e-6, atol=1e-7, equal_nan=True)
     (w * gw).sum().backward() if gs is None else ((w * gw).sum() + (s * gs).sum()).backward()
-    torch.testing.assert_close(g_got, lg.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, lg.grad, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 # ---- routed experts ------------------------------------------------------------------------------
@@ -239,6 +257,12 @@ def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I
     assert _err(out, ref_out) <= 2 * _err(want_out, ref_out) + eps * ref_out.abs().max().item()
     torch.testing.assert_close(gate_up.float(), want_gu.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out.float(), want_out.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_experts_no_tokens(harness, tmp_path):
+    x, gu, dn, w, idx = _experts_case(0, 3, 2, 8, 3, torch.float32)
+    out, gate_up, _, _ = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)
+    assert out.shape == (0, 8) and gate_up.shape == (0, 6)
 
 
 @pytest.mark.parametrize("T,K", [(5, 2), (40, 2)])  # decode GEMV and tiled paths
