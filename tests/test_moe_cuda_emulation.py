@@ -28,7 +28,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 _EMU = Path(__file__).resolve().parent / "moe_emulation"
 _PROBE = (
     "#include <barrier>\n#include <cstring>\n"
-    "int main() { std::barrier<> b(1); b.arrive_and_wait(); _Float16 h = (_Float16)1.5f; return (float)h != 1.5f; }\n"
+    "int main() { std::barrier<> b(1); b.arrive_and_wait();\n"
+    "  _Float16 h = (_Float16)1.5f; return (float)h != 1.5f; }\n"
 )
 _LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
 _SHARED = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?((?:unsigned\s+)?\w+)\s+(\w+)((?:\[[^\]]*\])+);")
@@ -116,7 +117,9 @@ def test_route_kernels_match_cpu(harness, tmp_path, T, E, K, n_group, topk_group
     logits = torch.randn(T, E)
     if ties:
         logits = torch.randint(-2, 3, (T, E)).float()  # equal logits and equal group scores
-    b = torch.randint(-1, 2, (E,)).float() * 0.5 if (bias and ties) else (torch.randn(E) * 0.3 if bias else None)
+    b = None
+    if bias:
+        b = torch.randint(-1, 2, (E,)).float() * 0.5 if ties else torch.randn(E) * 0.3
     gw, gs = torch.randn(T, K), (torch.randn(T, E) if grad_scores else None)
     _check_route(harness, tmp_path, logits, b, gw, gs, n_group, topk_group, score_func, norm, scale)
 
@@ -165,9 +168,10 @@ def _experts_case(T, E, K, H, I, dtype, idx=None, seed=0):
     x = torch.randn(T, H, generator=g).to(dtype)
     gu = (torch.randn(E, 2 * I, H, generator=g) * max(H, 1)**-0.5).to(dtype)
     dn = (torch.randn(E, H, I, generator=g) * I**-0.5).to(dtype)
-    if idx is None:
-        idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K,
-                                                                                                         dtype=torch.long)
+    if idx is None and T == 0:
+        idx = torch.zeros(0, K, dtype=torch.long)
+    elif idx is None:
+        idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     w = torch.rand(T, K, generator=g) + 0.1
     return x, gu, dn, w, idx
 

@@ -61,8 +61,8 @@ int run_route(std::ifstream& in, std::ofstream& out) {
     return std::fprintf(stderr, "launch_moe_route failed\n"), 3;
   // The binding rebuilds the params of the backward from (E, K, score_func, norm, scale).
   moe::RouteParams pb{static_cast<int>(E), static_cast<int>(K), 1, 1, p.score_func, p.norm_topk_prob, scale};
-  if (cuda::launch_moe_route_backward(gw.data(), h[8] ? gs.data() : nullptr, scores.data(), indices.data(), pb,
-                                      T, grad.data(), nullptr) != cudaSuccess)
+  if (cuda::launch_moe_route_backward(gw.data(), h[8] ? gs.data() : nullptr, scores.data(), indices.data(),
+                                      pb, T, grad.data(), nullptr) != cudaSuccess)
     return std::fprintf(stderr, "launch_moe_route_backward failed\n"), 3;
   write_vec(out, weights);
   write_vec(out, indices);
@@ -90,8 +90,9 @@ int run_experts(std::ifstream& in, std::ofstream& out) {
   auto gate_up_out = poisoned(S * 2 * I * el), act = poisoned(S * I * el), y = poisoned(S * H * el);
   auto o = poisoned(T * H * el);
   const cudaError_t err = cuda::launch_moe_experts(
-      dt, x.data(), sorted_pairs.data(), offsets.data(), pos.data(), gu.data(), dn.data(), w.data(), T, K, E, H,
-      I, reinterpret_cast<int*>(tile_start.data()), gate_up_out.data(), act.data(), y.data(), o.data(), nullptr);
+      dt, x.data(), sorted_pairs.data(), offsets.data(), pos.data(), gu.data(), dn.data(), w.data(), T, K, E,
+      H, I, reinterpret_cast<int*>(tile_start.data()), gate_up_out.data(), act.data(), y.data(), o.data(),
+      nullptr);
   if (err != cudaSuccess) return std::fprintf(stderr, "launch_moe_experts failed\n"), 3;
   write_vec(out, o);
   write_vec(out, gate_up_out);

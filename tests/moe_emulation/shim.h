@@ -1,14 +1,16 @@
 // Host emulation of the CUDA features the MoE kernels (csrc/cuda/moe/*.cu) use, so their logic
 // (launch configuration, tile scheduling, indexing, bounds, epilogues) runs on machines without a
 // GPU. Driven by tests/test_moe_cuda_emulation.py, which rewrites the .cu source mechanically:
-//   * `k<<<grid, block, smem, stream>>>(args);`  ->  `emu_launch(grid, block, smem, stream, [&] { k(args); });`
+//   * `k<<<grid, block, smem, stream>>>(args);`  ->
+//         `emu_launch(grid, block, smem, stream, [&] { k(args); });`
 //     emu_launch runs the blocks one after another, each with one std::thread per CUDA thread
 //     (the same threads are reused for every block of a launch).
 //   * `__shared__ T name[d0][d1];`  ->  a reference into a per-block arena, refilled before every
 //     block with the bytes 0x7FC1 (a NaN as fp32, bf16 and fp16; a huge int64), so reads of
 //     shared memory the kernel did not write show up as NaN / a crash.
 // __syncthreads is a barrier over the block that reports (abort) a thread returning while others
-// wait at it, i.e. divergent synchronisation, and times out if threads wait at different barriers. Warp shuffles are emulated through per-warp slots and barriers with the same xor
+// wait at it, i.e. divergent synchronisation, and times out if threads wait at different barriers.
+// Warp shuffles are emulated through per-warp slots and barriers with the same xor
 // butterfly as cuda_utils.cuh. nvcuda::wmma is emulated on whole 16x16 tiles held by lane 0 of
 // each warp (fp32 accumulation in k order; the tensor cores' internal order differs); loads and
 // stores check that all 32 lanes take part with the same pointer and ldm, and the API's
@@ -149,7 +151,8 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& kernel) {
   if (block.y != 1 || block.z != 1 || grid.z != 1) emu_fail("only 1-D blocks and 2-D grids are emulated");
   if (smem != 0) emu_fail("dynamic shared memory is not emulated");
   const unsigned nt = block.x;
-  if (nt == 0 || nt > 1024 || grid.x == 0 || grid.y == 0 || grid.y > 65535u) emu_fail("bad launch configuration");
+  if (nt == 0 || nt > 1024 || grid.x == 0 || grid.y == 0 || grid.y > 65535u)
+    emu_fail("bad launch configuration");
   blockDim = block;
   gridDim = grid;
   auto* blk = new emu::Block;
@@ -289,7 +292,8 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
 }
 
 template <int M, int N, int K>
-void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm, layout_t layout) {
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
+                       layout_t layout) {
   check_ptr(p, ldm);
   if (!lane0()) return;
   for (int i = 0; i < M; ++i)
