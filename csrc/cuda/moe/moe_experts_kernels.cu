@@ -323,6 +323,7 @@ cudaError_t run_experts(const T* x, const int64_t* sorted_pairs, const int64_t* 
     dim3 grid_up(static_cast<unsigned>((I + kGemvWarps - 1) / kGemvWarps), static_cast<unsigned>(S));
     grouped_gemv<T, true><<<grid_up, kGemvWarps * 32, 0, stream>>>(up, S, x, gate_up, gate_up_out, act);
     if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    if (H == 0) return cudaSuccess;  // out is [T, 0]; a zero grid dimension is a launch error
     GroupedProblem dn{offsets, nullptr, E, nullptr, K, H, I, H};
     dim3 grid_dn(static_cast<unsigned>((H + kGemvWarps - 1) / kGemvWarps), static_cast<unsigned>(S));
     grouped_gemv<T, false><<<grid_dn, kGemvWarps * 32, 0, stream>>>(dn, S, act, down, y, nullptr);
@@ -339,6 +340,7 @@ cudaError_t run_experts(const T* x, const int64_t* sorted_pairs, const int64_t* 
   if (cudaError_t err = launch_gemm<T, true>(up, grid_up, x, gate_up, gate_up_out, act, stream);
       err != cudaSuccess)
     return err;
+  if (H == 0) return cudaSuccess;  // out is [T, 0]; a zero grid dimension is a launch error
   GroupedProblem dn{offsets, tile_start, E, nullptr, K, H, I, H};
   dim3 grid_dn(static_cast<unsigned>(max_tiles), static_cast<unsigned>((H + kBN - 1) / kBN));
   if (cudaError_t err = launch_gemm<T, false>(dn, grid_dn, act, down, y, nullptr, stream);

@@ -1,0 +1,111 @@
+// Runs the MoE CUDA launchers (launch_moe_route, launch_moe_route_backward, launch_moe_experts:
+// the .cu files' host launch code and kernels, host-emulated via shim.h) on inputs from a file
+// and writes their outputs. Driven by tests/test_moe_cuda_emulation.py, which generates
+// route_host.inc / experts_host.inc from the .cu sources. The expert sort (sorted_pairs, offsets,
+// pos) is done by the ATen code of moe_binding.cpp; the test computes it with the same torch ops.
+//
+// route IN OUT:   int64 [T, E, K, n_group, topk_group, score_func, norm, has_bias, has_grad_scores],
+//                 float scale, fp32 logits [T,E], bias [E]?, grad_weights [T,K], grad_scores [T,E]?
+//                 -> fp32 weights [T,K], int64 indices [T,K], fp32 scores [T,E], fp32 grad_logits [T,E]
+// experts IN OUT: int64 [dtype (0 fp32, 1 bf16, 2 fp16), T, K, E, H, I], x [T,H], int64
+//                 sorted_pairs [S], offsets [E+1], pos [S], gate_up [E,2I,H], down [E,H,I],
+//                 fp32 weights [S]  (x / gate_up / down as raw 4- or 2-byte elements)
+//                 -> out [T,H], gate_up_out [S,2I] (raw elements of the dtype)
+#include "shim.h"
+
+#include "common/dtype.h"
+#include "common/moe_math.h"
+#include "route_host.inc"
+#include "experts_host.inc"
+
+#include <fstream>
+#include <string>
+
+using namespace latentmoe;
+
+namespace {
+template <typename V>
+std::vector<V> read_vec(std::ifstream& f, size_t n, V fill = V{}) {
+  std::vector<V> v(n, fill);
+  f.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(n * sizeof(V)));
+  return v;
+}
+template <typename V>
+void write_vec(std::ofstream& f, const std::vector<V>& v) {
+  f.write(reinterpret_cast<const char*>(v.data()), static_cast<std::streamsize>(v.size() * sizeof(V)));
+}
+std::vector<unsigned char> poisoned(size_t bytes) {
+  std::vector<unsigned char> v(bytes + 2);
+  emu::poison(v.data(), v.size());
+  v.resize(bytes);
+  return v;
+}
+
+int run_route(std::ifstream& in, std::ofstream& out) {
+  int64_t h[9];
+  float scale;
+  in.read(reinterpret_cast<char*>(h), sizeof(h));
+  in.read(reinterpret_cast<char*>(&scale), sizeof(scale));
+  const int64_t T = h[0], E = h[1], K = h[2];
+  moe::RouteParams p{static_cast<int>(E), static_cast<int>(K), static_cast<int>(h[3]), static_cast<int>(h[4]),
+                     static_cast<int>(h[5]), h[6] != 0, scale};
+  auto logits = read_vec<float>(in, T * E);
+  auto bias = h[7] ? read_vec<float>(in, E) : std::vector<float>();
+  auto gw = read_vec<float>(in, T * K);
+  auto gs = h[8] ? read_vec<float>(in, T * E) : std::vector<float>();
+  if (!in) return std::fprintf(stderr, "short input\n"), 2;
+  std::vector<float> scores(T * E, NAN), choice(T * E, NAN), weights(T * K, NAN), grad(T * E, NAN);
+  std::vector<int64_t> indices(T * K, -7);
+  if (cuda::launch_moe_route(logits.data(), h[7] ? bias.data() : nullptr, p, T, scores.data(), choice.data(),
+                             weights.data(), indices.data(), nullptr) != cudaSuccess)
+    return std::fprintf(stderr, "launch_moe_route failed\n"), 3;
+  // The binding rebuilds the params of the backward from (E, K, score_func, norm, scale).
+  moe::RouteParams pb{static_cast<int>(E), static_cast<int>(K), 1, 1, p.score_func, p.norm_topk_prob, scale};
+  if (cuda::launch_moe_route_backward(gw.data(), h[8] ? gs.data() : nullptr, scores.data(), indices.data(),
+                                      pb, T, grad.data(), nullptr) != cudaSuccess)
+    return std::fprintf(stderr, "launch_moe_route_backward failed\n"), 3;
+  write_vec(out, weights);
+  write_vec(out, indices);
+  write_vec(out, scores);
+  write_vec(out, grad);
+  return 0;
+}
+
+int run_experts(std::ifstream& in, std::ofstream& out) {
+  int64_t h[6];
+  in.read(reinterpret_cast<char*>(h), sizeof(h));
+  const int64_t T = h[1], K = h[2], E = h[3], H = h[4], I = h[5], S = T * K;
+  const DType dt = static_cast<DType>(h[0]);
+  const size_t el = dt == DType::kFloat32 ? 4 : 2;
+  auto x = read_vec<unsigned char>(in, T * H * el);
+  auto sorted_pairs = read_vec<int64_t>(in, S);
+  auto offsets = read_vec<int64_t>(in, E + 1);
+  auto pos = read_vec<int64_t>(in, S);
+  auto gu = read_vec<unsigned char>(in, E * 2 * I * H * el);
+  auto dn = read_vec<unsigned char>(in, E * H * I * el);
+  auto w = read_vec<float>(in, S);
+  if (!in) return std::fprintf(stderr, "short input\n"), 2;
+  // Scratch and outputs start as NaN (at::empty on the GPU is uninitialised too).
+  auto tile_start = poisoned((E + 1) * sizeof(int));
+  auto gate_up_out = poisoned(S * 2 * I * el), act = poisoned(S * I * el), y = poisoned(S * H * el);
+  auto o = poisoned(T * H * el);
+  const cudaError_t err = cuda::launch_moe_experts(
+      dt, x.data(), sorted_pairs.data(), offsets.data(), pos.data(), gu.data(), dn.data(), w.data(), T, K, E,
+      H, I, reinterpret_cast<int*>(tile_start.data()), gate_up_out.data(), act.data(), y.data(), o.data(),
+      nullptr);
+  if (err != cudaSuccess) return std::fprintf(stderr, "launch_moe_experts failed\n"), 3;
+  write_vec(out, o);
+  write_vec(out, gate_up_out);
+  return 0;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 4) return std::fprintf(stderr, "usage: harness route|experts IN OUT\n"), 2;
+  std::ifstream in(argv[2], std::ios::binary);
+  std::ofstream out(argv[3], std::ios::binary);
+  const std::string mode = argv[1];
+  if (mode == "route") return run_route(in, out);
+  if (mode == "experts") return run_experts(in, out);
+  return std::fprintf(stderr, "unknown mode\n"), 2;
+}

@@ -1,0 +1,302 @@
+// Host emulation of the CUDA features the MoE kernels (csrc/cuda/moe/*.cu) use, so their logic
+// (launch configuration, tile scheduling, indexing, bounds, epilogues) runs on machines without a
+// GPU. Driven by tests/test_moe_cuda_emulation.py, which rewrites the .cu source mechanically:
+//   * `k<<<grid, block, smem, stream>>>(args);`  ->
+//         `emu_launch(grid, block, smem, stream, [&] { k(args); });`
+//     emu_launch runs the blocks one after another, each with one std::thread per CUDA thread
+//     (the same threads are reused for every block of a launch).
+//   * `__shared__ T name[d0][d1];`  ->  a reference into a per-block arena, refilled before every
+//     block with the bytes 0x7FC1 (a NaN as fp32, bf16 and fp16; a huge int64), so reads of
+//     shared memory the kernel did not write show up as NaN / a crash.
+// __syncthreads is a barrier over the block that reports (abort) a thread returning while others
+// wait at it, i.e. divergent synchronisation, and times out if threads wait at different barriers.
+// Warp shuffles are emulated through per-warp slots and barriers with the same xor
+// butterfly as cuda_utils.cuh. nvcuda::wmma is emulated on whole 16x16 tiles held by lane 0 of
+// each warp (fp32 accumulation in k order; the tensor cores' internal order differs); loads and
+// stores check that all 32 lanes take part with the same pointer and ldm, and the API's
+// documented pointer-alignment / leading-dimension requirements.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __align__(x)
+
+typedef int cudaError_t;
+typedef void* cudaStream_t;
+#define cudaSuccess 0
+#define cudaErrorInvalidValue 1
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+[[noreturn]] inline void emu_fail(const char* what) {
+  std::fprintf(stderr, "emulation error: %s\n", what);
+  std::fflush(stderr);
+  std::abort();
+}
+
+// ---- half / bfloat16 as 16-bit storage with round-to-nearest-even conversions ------------------
+struct __nv_bfloat16 { uint16_t bits; };
+struct __half { uint16_t bits; };
+inline float __bfloat162float(__nv_bfloat16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if (std::isnan(f)) return {static_cast<uint16_t>((u >> 16) | 0x40)};
+  u += 0x7FFF + ((u >> 16) & 1);
+  return {static_cast<uint16_t>(u >> 16)};
+}
+inline float __half2float(__half v) {
+  _Float16 h;
+  std::memcpy(&h, &v.bits, 2);
+  return static_cast<float>(h);
+}
+inline __half __float2half(float f) {
+  _Float16 h = static_cast<_Float16>(f);
+  __half r;
+  std::memcpy(&r.bits, &h, 2);
+  return r;
+}
+
+// ---- blocks, barriers, shared memory --------------------------------------------------------
+namespace emu {
+// A barrier over the threads of a block (or warp) that knows which threads have left the kernel:
+// when every thread still running waits at it but some have returned, the code synchronises
+// divergently (undefined on the GPU), which is reported instead of deadlocking.
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void reset() { arrived_ = 0, finished_ = 0; }
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lk(m_);
+    ++arrived_;
+    if (arrived_ + finished_ == n_) {
+      if (finished_ > 0) emu_fail("__syncthreads / warp collective after some threads returned");
+      arrived_ = 0;
+      ++gen_;
+      cv_.notify_all();
+      return;
+    }
+    const uint64_t g = gen_;
+    if (!cv_.wait_for(lk, std::chrono::seconds(30), [&] { return gen_ != g; }))
+      emu_fail("barrier timeout (threads wait at different barriers?)");
+  }
+  void finish() {  // the calling thread left the kernel
+    std::lock_guard<std::mutex> lk(m_);
+    ++finished_;
+    if (arrived_ > 0 && arrived_ + finished_ == n_)
+      emu_fail("a thread returned while others wait at __syncthreads / a warp collective");
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  int n_, arrived_ = 0, finished_ = 0;
+  uint64_t gen_ = 0;
+};
+
+constexpr size_t kArenaBytes = 96 * 1024;
+struct Block {
+  Barrier* bar;
+  std::vector<Barrier*> warp_bars;
+  float* warp_slots;                 // [n_warps][32]
+  uint64_t* warp_words;              // [n_warps][32]
+  alignas(128) unsigned char arena[kArenaBytes];
+};
+inline Block* block = nullptr;
+inline thread_local size_t shared_used = 0;
+inline void* shared_alloc(size_t bytes) {
+  const size_t off = (shared_used + 127) / 128 * 128;
+  if (off + bytes > kArenaBytes) emu_fail("shared memory arena exhausted");
+  shared_used = off + bytes;
+  return block->arena + off;
+}
+inline void poison(void* p, size_t bytes) {
+  auto* b = static_cast<unsigned char*>(p);
+  for (size_t i = 0; i + 1 < bytes; i += 2) { b[i] = 0xC1; b[i + 1] = 0x7F; }  // little endian 0x7FC1
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::block->bar->arrive_and_wait(); }
+
+template <typename F>
+void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& kernel) {
+  if (block.y != 1 || block.z != 1 || grid.z != 1) emu_fail("only 1-D blocks and 2-D grids are emulated");
+  if (smem != 0) emu_fail("dynamic shared memory is not emulated");
+  const unsigned nt = block.x;
+  if (nt == 0 || nt > 1024 || grid.x == 0 || grid.y == 0 || grid.y > 65535u)
+    emu_fail("bad launch configuration");
+  blockDim = block;
+  gridDim = grid;
+  auto* blk = new emu::Block;
+  emu::Barrier bar(static_cast<int>(nt));
+  std::barrier<> start(nt), end(nt);
+  blk->bar = &bar;
+  for (unsigned w = 0; w < (nt + 31) / 32; ++w)
+    blk->warp_bars.push_back(new emu::Barrier(static_cast<int>(std::min(32u, nt - 32 * w))));
+  std::vector<float> slots((nt + 31) / 32 * 32);
+  blk->warp_slots = slots.data();
+  std::vector<uint64_t> words(slots.size());
+  blk->warp_words = words.data();
+  emu::block = blk;
+  std::vector<std::thread> ts;
+  for (unsigned t = 0; t < nt; ++t)
+    ts.emplace_back([&, t] {
+      threadIdx = dim3(t);
+      for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+          if (t == 0) {
+            emu::poison(blk->arena, emu::kArenaBytes);
+            bar.reset();
+            for (auto* w : blk->warp_bars) w->reset();
+          }
+          start.arrive_and_wait();
+          blockIdx = dim3(bx, by);
+          emu::shared_used = 0;
+          kernel();
+          bar.finish();
+          blk->warp_bars[t / 32]->finish();
+          end.arrive_and_wait();
+        }
+    });
+  for (auto& t : ts) t.join();
+  for (auto* w : blk->warp_bars) delete w;
+  delete blk;
+}
+
+// ---- device helpers of cuda/common/cuda_utils.cuh ---------------------------------------------
+namespace latentmoe::cuda {
+inline float to_float(float v) { return v; }
+inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+inline float to_float(__half v) { return __half2float(v); }
+template <typename T> T from_float(float v);
+template <> inline float from_float<float>(float v) { return v; }
+template <> inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> inline __half from_float<__half>(float v) { return __float2half(v); }
+
+// The xor butterfly of cuda_utils.cuh (v += shfl_xor(v, o), o = 16..1), every lane's value
+// computed from the 32 inputs in the same order as on the GPU.
+inline float warp_butterfly(float v, bool is_max) {
+  if (blockDim.x % 32 != 0) emu_fail("warp shuffle in a partial warp");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float* slots = emu::block->warp_slots + warp * 32;
+  slots[lane] = v;
+  emu::block->warp_bars[warp]->arrive_and_wait();
+  float r[32], nr[32];
+  std::memcpy(r, slots, sizeof(r));
+  emu::block->warp_bars[warp]->arrive_and_wait();
+  for (int o = 16; o > 0; o >>= 1) {
+    for (int j = 0; j < 32; ++j) nr[j] = is_max ? std::fmax(r[j], r[j ^ o]) : r[j] + r[j ^ o];
+    std::memcpy(r, nr, sizeof(r));
+  }
+  return r[lane];
+}
+inline float warp_sum(float v) { return warp_butterfly(v, false); }
+inline float warp_max(float v) { return warp_butterfly(v, true); }
+}  // namespace latentmoe::cuda
+
+// ---- nvcuda::wmma on whole tiles --------------------------------------------------------------
+namespace nvcuda::wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  float v[rows * cols];  // logical [rows][cols]; meaningful in lane 0 only
+};
+
+inline bool lane0() { return (threadIdx.x & 31) == 0; }
+
+// A warp-wide operation: every lane of the warp must call it with the same pointer and ldm.
+inline void check_warp_uniform(const void* p, unsigned ldm) {
+  if (blockDim.x % 32 != 0) emu_fail("wmma in a partial warp");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint64_t* w = emu::block->warp_words + warp * 32;
+  w[lane] = reinterpret_cast<uintptr_t>(p) ^ (static_cast<uint64_t>(ldm) << 48);
+  emu::block->warp_bars[warp]->arrive_and_wait();
+  for (int j = 0; j < 32; ++j)
+    if (w[j] != w[lane]) emu_fail("wmma load/store with lane-dependent pointer or ldm");
+  emu::block->warp_bars[warp]->arrive_and_wait();
+}
+
+template <typename T>
+void check_ptr(const T* p, unsigned ldm) {
+  check_warp_uniform(p, ldm);
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) emu_fail("wmma pointer not 256-bit aligned");
+  if ((ldm * sizeof(T)) % 16 != 0) emu_fail("wmma ldm not a multiple of 16 bytes");
+}
+
+template <typename Use, int M, int N, int K, typename T, typename L>
+void fill_fragment(fragment<Use, M, N, K, T, L>& f, float v) {
+  for (auto& x : f.v) x = v;
+}
+
+template <typename Use, int M, int N, int K, typename T, typename L, typename P>
+void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm) {
+  static_assert(std::is_same_v<std::remove_cv_t<P>, T>, "wmma load of another element type");
+  check_ptr(p, ldm);
+  if (!lane0()) return;
+  using Fr = fragment<Use, M, N, K, T, L>;
+  for (int r = 0; r < Fr::rows; ++r)
+    for (int c = 0; c < Fr::cols; ++c) {
+      const P& x = std::is_same_v<L, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+      f.v[r * Fr::cols + c] = latentmoe::cuda::to_float(x);
+    }
+}
+
+template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+              const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  if (!lane0()) return;
+  float out[M * N];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float acc = c.v[i * N + j];
+      for (int k = 0; k < K; ++k) acc = std::fma(a.v[i * K + k], b.v[k * N + j], acc);
+      out[i * N + j] = acc;
+    }
+  std::memcpy(d.v, out, sizeof(out));
+}
+
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f, unsigned ldm,
+                       layout_t layout) {
+  check_ptr(p, ldm);
+  if (!lane0()) return;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) (layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i]) = f.v[i * N + j];
+}
+}  // namespace nvcuda::wmma

@@ -1,0 +1,280 @@
+"""The MoE CUDA kernels (csrc/cuda/moe/*.cu), run on the host against the CPU ops.
+
+tests/moe_emulation/ compiles the .cu files' kernels AND their launchers (launch configuration,
+decode vs tiled choice, tile counting and the tile-count bound) as host C++: one std::thread per
+CUDA thread, std::barrier for __syncthreads, the warp butterfly of cuda_utils.cuh, NaN-filled
+shared memory and scratch, and nvcuda::wmma emulated on whole 16x16 tiles (fp32 accumulation). The
+CPU ops are themselves tested against the references and HF (test_moe_route.py,
+test_moe_experts.py). Not covered here: the ATen code of moe_binding.cpp (the expert sort is
+recomputed with the same torch ops), the device's __expf (routing uses std::exp here), the
+tensor cores' accumulation order, memory-ordering / race behaviour of real warps, performance.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import latentmoe  # noqa: F401  (registers the ops)
+from latentmoe.ops import moe_route
+
+_ROOT = Path(__file__).resolve().parents[1]
+_EMU = Path(__file__).resolve().parent / "moe_emulation"
+_PROBE = (
+    "#include <barrier>\n#include <cstring>\n"
+    "int main() { std::barrier<> b(1); b.arrive_and_wait();\n"
+    "  _Float16 h = (_Float16)1.5f; return (float)h != 1.5f; }\n"
+)
+_LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
+_SHARED = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?((?:unsigned\s+)?\w+)\s+(\w+)((?:\[[^\]]*\])+);")
+
+
+def _as_host_code(cu_source: str) -> str:
+    """A .cu file as host C++ for shim.h: CUDA includes dropped, launches and shared arrays rewritten."""
+    lines = [ln for ln in cu_source.split("\n")
+             if not ln.startswith(("#include <cuda_", "#include <mma.h>", '#include "cuda/'))]
+    src = "\n".join(lines)
+    src, n_launch = _LAUNCH.subn(r"emu_launch(\2, [&] { \1(\3); });", src)
+    src, n_shared = _SHARED.subn(
+        r"\1 (&\2)\3 = *reinterpret_cast<\1(*)\3>(emu::shared_alloc(sizeof(\1\3)));", src)
+    assert n_launch > 0 and "<<<" not in src, "a kernel launch was not rewritten"
+    assert "__shared__" not in src, "a __shared__ declaration was not rewritten"
+    return src
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("needs a C++ compiler")
+    work = tmp_path_factory.mktemp("moe_emulation")
+    flags = ["-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas"]
+    (work / "probe.cpp").write_text(_PROBE)
+    if subprocess.run([cxx, *flags, str(work / "probe.cpp"), "-o", str(work / "probe")],
+                      capture_output=True).returncode != 0:
+        pytest.skip("the C++ compiler lacks C++20 <barrier> / _Float16")
+    cu = _ROOT / "csrc" / "cuda" / "moe"
+    (work / "route_host.inc").write_text(_as_host_code((cu / "moe_route_kernels.cu").read_text()))
+    (work / "experts_host.inc").write_text(_as_host_code((cu / "moe_experts_kernels.cu").read_text()))
+    exe = work / "harness"
+    res = subprocess.run(
+        [cxx, *flags, "-Wall", "-Werror=return-type", f"-I{_ROOT / 'csrc'}", f"-I{_EMU}", f"-I{work}",
+         str(_EMU / "harness.cpp"), "-o", str(exe)],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr[-5000:]
+    return exe
+
+
+def _run(exe, mode, tmp_path, blobs):
+    with open(tmp_path / "in.bin", "wb") as f:
+        for b in blobs:
+            f.write(b)
+    res = subprocess.run([str(exe), mode, str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return (tmp_path / "out.bin").read_bytes()
+
+
+def _i64(*v):
+    return np.array(v, dtype=np.int64).tobytes()
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    t = t.contiguous()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def test_harness_builds(harness):
+    assert harness.exists()
+
+
+# ---- routing -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "T,E,K,n_group,topk_group,score_func,norm,scale,bias,grad_scores,ties",
+    [
+        (300, 16, 4, 4, 2, "sigmoid", True, 2.5, True, True, False),   # V3-like, > 2 blocks of 128
+        (129, 12, 3, 3, 2, "sigmoid", True, 1.7, True, False, False),  # T = one block + 1
+        (1, 8, 2, 1, 1, "sigmoid", False, 1.0, False, True, False),    # T = 1, norm off
+        (50, 10, 3, 1, 1, "softmax", False, 1.3, False, True, False),
+        (40, 24, 6, 8, 3, "softmax", True, 1.0, True, True, False),
+        (64, 16, 4, 4, 2, "sigmoid", True, 1.0, True, True, True),     # ties everywhere
+        (33, 8, 8, 2, 2, "sigmoid", True, 1.0, False, False, True),    # K = E, all tied
+        (5, 256, 8, 8, 4, "sigmoid", True, 2.5, True, True, False),    # DeepSeek-V3 sizes
+    ],
+)
+def test_route_kernels_match_cpu(harness, tmp_path, T, E, K, n_group, topk_group, score_func, norm, scale,
+                                 bias, grad_scores, ties):
+    torch.manual_seed(T * 31 + E)
+    logits = torch.randn(T, E)
+    if ties:
+        logits = torch.randint(-2, 3, (T, E)).float()  # equal logits and equal group scores
+    b = None
+    if bias:
+        b = torch.randint(-1, 2, (E,)).float() * 0.5 if ties else torch.randn(E) * 0.3
+    gw, gs = torch.randn(T, K), (torch.randn(T, E) if grad_scores else None)
+    _check_route(harness, tmp_path, logits, b, gw, gs, n_group, topk_group, score_func, norm, scale)
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_route_kernels_nan_logits(harness, tmp_path, score_func):
+    # NaN scores are never preferred over finite ones (a NaN row still yields top_k indices).
+    torch.manual_seed(5)
+    T, E, K = 6, 8, 2
+    logits = torch.randn(T, E)
+    logits[1, 3] = logits[4, 0] = float("nan")
+    logits[2] = float("nan")
+    _check_route(harness, tmp_path, logits, torch.randn(E) * 0.1, torch.randn(T, K), torch.randn(T, E), 2, 1,
+                 score_func, True, 1.5)
+
+
+def _check_route(harness, tmp_path, logits, b, gw, gs, n_group, topk_group, score_func, norm, scale):
+    (T, E), K = logits.shape, gw.shape[1]
+    bias, grad_scores = b is not None, gs is not None
+    head = _i64(T, E, K, n_group, topk_group, 0 if score_func == "sigmoid" else 1, int(norm), int(bias),
+                int(grad_scores))
+    blobs = [head, np.float32(scale).tobytes(), _raw(logits)]
+    blobs += ([_raw(b)] if bias else []) + [_raw(gw)] + ([_raw(gs)] if grad_scores else [])
+    raw = _run(harness, "route", tmp_path, blobs)
+    w_got = torch.from_numpy(np.frombuffer(raw, np.float32, T * K).copy()).view(T, K)
+    i_got = torch.from_numpy(np.frombuffer(raw, np.int64, T * K, offset=4 * T * K).copy()).view(T, K)
+    rest = torch.from_numpy(np.frombuffer(raw, np.float32, offset=12 * T * K).copy())
+    s_got, g_got = rest[: T * E].view(T, E), rest[T * E:].view(T, E)
+
+    lg = logits.clone().requires_grad_()
+    w, idx, s = moe_route(lg, K, n_group=n_group, topk_group=topk_group, e_score_correction_bias=b,
+                          score_func=score_func, norm_topk_prob=norm, routed_scaling_factor=scale)
+    assert torch.equal(i_got, idx)  # same selections, ties -> lower index, same order
+    torch.testing.assert_close(s_got, s.detach(), rtol=1e-6, atol=1e-7, equal_nan=True)
+    torch.testing.assert_close(w_got, w.detach(), rtol=1e-6, atol=1e-7, equal_nan=True)
+    (w * gw).sum().backward() if gs is None else ((w * gw).sum() + (s * gs).sum()).backward()
+    torch.testing.assert_close(g_got, lg.grad, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+# ---- routed experts ------------------------------------------------------------------------------
+_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _experts_case(T, E, K, H, I, dtype, idx=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    gu = (torch.randn(E, 2 * I, H, generator=g) * max(H, 1)**-0.5).to(dtype)
+    dn = (torch.randn(E, H, I, generator=g) * I**-0.5).to(dtype)
+    if idx is None and T == 0:
+        idx = torch.zeros(0, K, dtype=torch.long)
+    elif idx is None:
+        idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g) + 0.1
+    return x, gu, dn, w, idx
+
+
+def _emulate_experts(harness, tmp_path, x, gu, dn, w, idx):
+    T, H = x.shape
+    E, I, K = gu.shape[0], gu.shape[1] // 2, idx.shape[1]
+    flat = idx.reshape(-1)
+    # What moe_binding.cpp does with ATen before the launch.
+    sorted_ids, sorted_pairs = torch.sort(flat, stable=True)
+    offsets = torch.searchsorted(sorted_ids, torch.arange(E + 1))
+    pos = torch.empty_like(sorted_pairs).scatter_(0, sorted_pairs, torch.arange(flat.numel()))
+    blobs = [_i64(_DT[x.dtype], T, K, E, H, I), _raw(x), _raw(sorted_pairs), _raw(offsets), _raw(pos),
+             _raw(gu), _raw(dn), _raw(w.float())]
+    raw = _run(harness, "experts", tmp_path, blobs)
+    ints = np.frombuffer(raw, np.int32 if x.dtype == torch.float32 else np.int16).copy()
+    vals = torch.from_numpy(ints).view(x.dtype)
+    return vals[: T * H].view(T, H), vals[T * H:].view(T * K, 2 * I), sorted_pairs, offsets
+
+
+def _fp64_reference(x, gu, dn, w, idx):
+    """out [T, H] and the pre-activation gate|up [T, K, 2I] in fp64 from the same (rounded) inputs."""
+    I = gu.shape[1] // 2
+    xd, gud, dnd = x.double(), gu.double(), dn.double()
+    pre = torch.einsum("th,tkoh->tko", xd, gud[idx])
+    act = torch.nn.functional.silu(pre[..., :I]) * pre[..., I:]
+    y = torch.einsum("tki,tkhi->tkh", act, dnd[idx])
+    return (w.double()[..., None] * y).sum(1), pre
+
+
+@pytest.mark.parametrize(
+    "T,E,K,H,I,pattern",
+    [
+        (1, 8, 2, 32, 16, "random"),       # T = 1 (decode GEMV)
+        (7, 16, 4, 37, 19, "random"),      # decode path, odd sizes, idle experts
+        (16, 8, 4, 21, 17, "random"),      # S = 64: the largest decode batch
+        (17, 8, 4, 21, 33, "random"),      # S = 68: the smallest tiled batch
+        (97, 12, 3, 37, 19, "random"),     # tiled, H / I not multiples of the 64 / 16 tiles
+        (150, 6, 1, 130, 70, "one"),       # every token on one expert (3 M-tiles), 5 idle experts
+        (40, 9, 2, 24, 8, "skewed"),       # uneven: experts with 0, 1 and 60+ rows
+        (90, 4, 4, 65, 67, "random"),      # K = E, N-tiles 2 with a 1- / 3-column tail
+    ],
+)
+def test_experts_fp32_kernels_match_cpu(harness, tmp_path, T, E, K, H, I, pattern):
+    idx = None
+    if pattern == "one":
+        idx = torch.full((T, K), 4)
+    elif pattern == "skewed":
+        idx = torch.stack([torch.tensor([0, 8 if t % 40 == 0 else 3]) if t % 2 else torch.tensor([3, 5])
+                           for t in range(T)])
+    x, gu, dn, w, idx = _experts_case(T, E, K, H, I, torch.float32, idx, seed=T + H)
+    out, gate_up, sp, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)
+    want_out, sp_w, off_w, want_gu = torch.ops.latentmoe.moe_experts.default(x, gu, dn, w, idx)
+    assert torch.equal(sp, sp_w) and torch.equal(off, off_w)
+    assert not out.isnan().any() and not gate_up.isnan().any()
+    torch.testing.assert_close(gate_up, want_gu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    ref_out, _ = _fp64_reference(x, gu, dn, w, idx)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+
+
+def _err(a, b):
+    return (a.double() - b).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "T,E,K,H,I,pattern",
+    [
+        (3, 8, 2, 40, 24, "random"),       # decode GEMV in 16-bit
+        (70, 8, 2, 40, 33, "random"),      # WMMA tiles: K tail of 8 (H = 40 = 32 + 8), N tails
+        (130, 5, 1, 48, 80, "one"),        # one expert, 3 M-tiles (the last with 2 rows), 4 idle
+    ],
+)
+def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I, pattern):
+    idx = torch.full((T, K), 2) if pattern == "one" else None
+    x, gu, dn, w, idx = _experts_case(T, E, K, H, I, dtype, idx, seed=T * 7 + H)
+    out, gate_up, sp, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)
+    want_out, _, _, want_gu = torch.ops.latentmoe.moe_experts.default(x, gu, dn, w, idx)
+    assert not out.float().isnan().any() and not gate_up.float().isnan().any()
+    ref_out, ref_pre = _fp64_reference(x, gu, dn, w, idx)
+    ref_gu = ref_pre.reshape(T * K, 2 * I)[sp]  # sorted pair order, as gate_up_out
+    eps = 2.0 ** -10
+    # The kernels' error vs fp64 is at most twice the CPU op's (same rounding points: gate|up and
+    # act rounded to the dtype, fp32 accumulation) plus a small epsilon.
+    assert _err(gate_up, ref_gu) <= 2 * _err(want_gu, ref_gu) + eps * ref_gu.abs().max().item()
+    assert _err(out, ref_out) <= 2 * _err(want_out, ref_out) + eps * ref_out.abs().max().item()
+    torch.testing.assert_close(gate_up.float(), want_gu.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), want_out.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_experts_no_tokens(harness, tmp_path):
+    x, gu, dn, w, idx = _experts_case(0, 3, 2, 8, 3, torch.float32)
+    out, gate_up, _, _ = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)
+    assert out.shape == (0, 8) and gate_up.shape == (0, 6)
+
+
+@pytest.mark.parametrize("T,K", [(5, 2), (40, 2)])  # decode GEMV and tiled paths
+def test_experts_zero_hidden_size(harness, tmp_path, T, K):
+    # H = 0 is accepted by the op (out is [T, 0], gate_up_out all zero); a launch with a zero grid
+    # dimension is a CUDA error, so the launcher must not issue the down GEMM / combine.
+    x, gu, dn, w, idx = _experts_case(T, 6, K, 0, 5, torch.float32, seed=3)
+    out, gate_up, _, _ = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)
+    want_out, _, _, want_gu = torch.ops.latentmoe.moe_experts.default(x, gu, dn, w, idx)
+    assert out.shape == want_out.shape == (T, 0)
+    assert torch.equal(gate_up, want_gu)
