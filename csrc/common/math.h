@@ -36,6 +36,12 @@ LMOE_HD float fast_exp(float x) {
 
 LMOE_HD float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
 
+// expf without the device's fast approximation (__expf): for routing scores, whose last bits
+// decide near-ties between experts, so CPU and GPU choose alike (both within ~1-2 ulp of exact).
+LMOE_HD float accurate_exp(float x) { return expf(x); }
+
+LMOE_HD float accurate_sigmoid(float x) { return 1.0f / (1.0f + accurate_exp(-x)); }
+
 LMOE_HD float silu(float x) { return x * sigmoid(x); }
 
 // Online softmax state for one query row: running max `m`, running sum `l` of exp(s - m).

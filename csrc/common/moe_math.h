@@ -46,14 +46,14 @@ LMOE_HD int argmax_skip_nan(const float* x, int n) {
 // Scores of one token: sigmoid(logit) or softmax over the row.
 LMOE_HD void route_scores(const float* logits, int E, int score_func, float* scores) {
   if (score_func == kSigmoid) {
-    for (int e = 0; e < E; ++e) scores[e] = math::sigmoid(logits[e]);
+    for (int e = 0; e < E; ++e) scores[e] = math::accurate_sigmoid(logits[e]);
     return;
   }
   float m = -INFINITY;
   for (int e = 0; e < E; ++e) m = logits[e] > m ? logits[e] : m;
   float sum = 0.f;
   for (int e = 0; e < E; ++e) {
-    scores[e] = math::fast_exp(logits[e] - m);
+    scores[e] = math::accurate_exp(logits[e] - m);
     sum += scores[e];
   }
   const float inv = 1.f / sum;
@@ -154,7 +154,7 @@ LMOE_HD float swiglu(float g, float u) { return math::silu(g) * u; }
 
 // d a / d g and d a / d u.
 LMOE_HD void swiglu_grad(float g, float u, float* da_dg, float* da_du) {
-  const float s = math::sigmoid(g);
+  const float s = math::accurate_sigmoid(g);
   *da_du = g * s;
   *da_dg = u * s * (1.f + g * (1.f - s));
 }

@@ -1,5 +1,6 @@
 // MoE routing CUDA kernels: one thread per token running the shared selection math of
-// common/moe_math.h, so the GPU makes exactly the CPU kernel's choices (ties -> lower index).
+// common/moe_math.h (ties -> lower index). Scores use the accurate expf on both sides, so CPU and
+// GPU agree to an ulp or two; an exact near-tie can still break differently across devices.
 #include "common/moe_math.h"
 #include "cuda/moe/moe_launch.h"
 
