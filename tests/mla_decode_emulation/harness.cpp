@@ -1,0 +1,180 @@
+// Runs the MLA decode / append CUDA launchers (csrc/cuda/mla/mla_kernels.cu, host-emulated by
+// emu.h) on inputs from a file. Driven by tests/test_mla_cuda_emulation.py.
+//
+//   harness decode IN OUT ORDER   ORDER: 0 = threads run forward between barriers, 1 = reverse
+//   harness append IN OUT ORDER
+//
+// decode IN: int64 [dtype, B, Sq, H, C, R, paged, lmax_or_page_size, num_pages, max_pages, causal,
+//   window, split_pe, sm_count, n_splits_override], float scale, then q_latent, q_pe, kv_cache,
+//   pe_cache (if split_pe), int32 seqlens [B], int32 block_table [B, max_pages] (if paged).
+//   Element arrays are raw dtype bytes (dtype 0 fp32, 1 bf16, 2 fp16, as common/dtype.h).
+// decode OUT: int64 n_splits, out [B, Sq, H, C] (dtype bytes), lse [B, Sq, H] fp32.
+// append IN: int64 [dtype, B, S, C, R, paged, lmax_or_page_size, num_pages, max_pages, interleave],
+//   float eps, then kv_cache, kv_latent, k_pe, norm_weight, cos, sin, int32 seqlens, int32 table.
+// append OUT: the whole kv_cache after the call.
+// Each launch prints "launch gx gy gz threads dyn_smem static_smem" on stdout.
+//
+// The workspace sizing and argument packing below mirror csrc/cuda/mla/mla_binding.cpp (a torch
+// file this harness cannot compile); the split count comes from the real mla_decode_num_splits.
+#include "emu.h"
+
+#include "mla_kernels_host.inc"  // csrc/cuda/mla/mla_kernels.cu after the three rewrites
+
+#include <fstream>
+
+using namespace latentmoe;
+using namespace latentmoe::cuda;
+
+namespace {
+
+std::ifstream in_file;
+
+std::vector<unsigned char> read_bytes(size_t n) {
+  std::vector<unsigned char> v(n);
+  in_file.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(n));
+  if (!in_file) emu::fail("short input file");
+  return v;
+}
+
+template <typename V>
+std::vector<V> read_vec(size_t n) {
+  auto b = read_bytes(n * sizeof(V));
+  std::vector<V> v(n);
+  if (n) std::memcpy(v.data(), b.data(), b.size());
+  return v;
+}
+
+void print_log() {
+  for (const auto& r : emu::st().log) {
+    std::printf("launch %u %u %u %u %zu %zu\n", r.grid.x, r.grid.y, r.grid.z, r.block.x * r.block.y * r.block.z,
+                r.dyn_smem, r.static_smem);
+  }
+}
+
+int run_decode(const char* out_path) {
+  int64_t h[15];
+  in_file.read(reinterpret_cast<char*>(h), sizeof h);
+  float scale;
+  in_file.read(reinterpret_cast<char*>(&scale), sizeof scale);
+  const auto dtype = static_cast<DType>(h[0]);
+  const size_t es = h[0] == 0 ? 4 : 2;
+  const int64_t B = h[1], Sq = h[2], H = h[3], C = h[4], R = h[5];
+  const bool paged = h[6] != 0, split = h[12] != 0;
+  const int64_t num_pages = h[8], max_pages = h[9];
+  const int64_t lmax = paged ? 0 : h[7], page_size = paged ? h[7] : 0;
+  const int64_t cache_rows = paged ? num_pages * page_size : B * lmax;
+  const int64_t capacity = paged ? max_pages * page_size : lmax;
+  const int64_t rows = Sq * H;
+  auto q_latent = read_bytes(B * rows * C * es);
+  auto q_pe = read_bytes(B * rows * R * es);
+  auto kv = read_bytes(cache_rows * (split ? C : C + R) * es);
+  std::vector<unsigned char> pe;
+  if (split) pe = read_bytes(cache_rows * R * es);
+  auto lens = read_vec<int32_t>(B);
+  std::vector<int32_t> table;
+  if (paged) table = read_vec<int32_t>(B * max_pages);
+
+  // As the binding: n_splits from the launcher's policy, workspace of that size (left as garbage
+  // there: NaN here, so a partial the merge reads but no split wrote shows up).
+  const int64_t n_splits = h[14] > 0 ? h[14] : mla_decode_num_splits(B, rows, capacity, static_cast<int>(h[13]));
+  std::vector<float> part_acc(B * n_splits * rows * C, NAN), part_m(B * n_splits * rows, NAN),
+      part_l(B * n_splits * rows, NAN);
+  std::vector<unsigned char> out(B * rows * C * es, 0xFF);
+  std::vector<float> lse(B * rows, NAN);
+  if (mla_decode_smem_bytes(C + R) > emu::kSmemOptin) emu::fail("binding would reject: shared memory");
+  if (C > mla_decode_max_c()) emu::fail("binding would reject: C too large");
+
+  MlaDecodeArgs a{};
+  a.q_latent = q_latent.data();
+  a.q_pe = q_pe.data();
+  a.kv_cache = kv.data();
+  a.pe_src = split ? static_cast<const void*>(pe.data()) : static_cast<const void*>(kv.data() + C * es);
+  a.kv_stride = split ? C : C + R;
+  a.pe_stride = split ? R : C + R;
+  a.seqlens = lens.data();
+  a.block_table = paged ? table.data() : nullptr;
+  a.out = out.data();
+  a.lse = lse.data();
+  a.part_acc = part_acc.data();
+  a.part_m = part_m.data();
+  a.part_l = part_l.data();
+  a.B = B; a.Sq = Sq; a.H = H; a.C = C; a.R = R;
+  a.lmax = lmax; a.page_size = page_size; a.max_pages = max_pages; a.capacity = capacity;
+  a.scale = scale;
+  a.causal = h[10] != 0;
+  a.window = h[11];
+  a.n_splits = n_splits;
+  const cudaError_t err = launch_mla_decode(dtype, a, nullptr);
+  print_log();
+  if (err != cudaSuccess) {
+    std::fprintf(stderr, "launch_mla_decode returned %d\n", static_cast<int>(err));
+    return 4;
+  }
+  std::ofstream o(out_path, std::ios::binary);
+  o.write(reinterpret_cast<const char*>(&n_splits), sizeof n_splits);
+  o.write(reinterpret_cast<const char*>(out.data()), static_cast<std::streamsize>(out.size()));
+  o.write(reinterpret_cast<const char*>(lse.data()), static_cast<std::streamsize>(lse.size() * 4));
+  return 0;
+}
+
+int run_append(const char* out_path) {
+  int64_t h[10];
+  in_file.read(reinterpret_cast<char*>(h), sizeof h);
+  float eps;
+  in_file.read(reinterpret_cast<char*>(&eps), sizeof eps);
+  const auto dtype = static_cast<DType>(h[0]);
+  const size_t es = h[0] == 0 ? 4 : 2;
+  const int64_t B = h[1], S = h[2], C = h[3], R = h[4];
+  const bool paged = h[5] != 0;
+  const int64_t num_pages = h[7], max_pages = h[8];
+  const int64_t lmax = paged ? 0 : h[6], page_size = paged ? h[6] : 0;
+  const int64_t cache_rows = paged ? num_pages * page_size : B * lmax;
+  auto cache = read_bytes(cache_rows * (C + R) * es);
+  auto latent = read_bytes(B * S * C * es);
+  auto k_pe = read_bytes(B * S * R * es);
+  auto w = read_bytes(C * es);
+  auto cs = read_bytes(B * S * R * es);
+  auto sn = read_bytes(B * S * R * es);
+  auto lens = read_vec<int32_t>(B);
+  std::vector<int32_t> table;
+  if (paged) table = read_vec<int32_t>(B * max_pages);
+  MlaAppendArgs a{};
+  a.kv_cache = cache.data();
+  a.kv_latent = latent.data();
+  a.k_pe = k_pe.data();
+  a.norm_weight = w.data();
+  a.cos = cs.data();
+  a.sin = sn.data();
+  a.seqlens = lens.data();
+  a.block_table = paged ? table.data() : nullptr;
+  a.B = B; a.S = S; a.C = C; a.R = R;
+  a.lmax = lmax; a.page_size = page_size; a.max_pages = max_pages;
+  a.eps = eps;
+  a.interleave = h[9] != 0;
+  const cudaError_t err = launch_mla_append_cache(dtype, a, nullptr);
+  print_log();
+  if (err != cudaSuccess) {
+    std::fprintf(stderr, "launch_mla_append_cache returned %d\n", static_cast<int>(err));
+    return 4;
+  }
+  std::ofstream o(out_path, std::ios::binary);
+  o.write(reinterpret_cast<const char*>(cache.data()), static_cast<std::streamsize>(cache.size()));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 5) {
+    std::fprintf(stderr, "usage: harness decode|append IN OUT ORDER\n");
+    return 2;
+  }
+  in_file.open(argv[2], std::ios::binary);
+  if (!in_file) emu::fail("cannot open input");
+  emu::st().reverse = std::atoi(argv[4]) != 0;
+  const std::string mode = argv[1];
+  if (mode == "decode") return run_decode(argv[3]);
+  if (mode == "append") return run_append(argv[3]);
+  std::fprintf(stderr, "unknown mode %s\n", argv[1]);
+  return 2;
+}
