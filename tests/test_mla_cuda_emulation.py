@@ -171,6 +171,10 @@ DECODE_CASES = {
     "pe_cache_paged17": (2, 1, 3, SMALL, [70, 0], 85, 17, True, -1, True, 0),
     "v3_contig_sq2": (2, 2, 3, V3, [520, 33], 600, 0, True, -1, False, 0),
     "v3_paged16_h1": (2, 1, 1, V3, [45, 9], 64, 16, True, -1, False, 0),
+    # The last row fills its cache: one key too far runs off the end of the buffer / block table.
+    "contig_full_last_row": (2, 2, 3, SMALL, [10, 40], 40, 0, True, -1, False, 0),
+    "paged16_full_last_row": (2, 1, 3, SMALL, [5, 48], 48, 16, True, -1, False, 0),
+    "pe_cache_paged16_full": (2, 1, 3, SMALL, [5, 48], 48, 16, True, -1, True, 2),
 }
 
 
@@ -267,6 +271,7 @@ APPEND_CASES = {
     "paged64_s1": (2, 1, SMALL, [63, 0], 64, 64, False),
     "v3_paged16_s2": (2, 2, V3, [15, 3], 32, 16, True),
     "v3_contig_s1": (2, 1, V3, [4, 0], 8, 0, False),
+    "fills_last_slot": (2, 2, SMALL, [3, 30], 32, 16, True),
 }
 
 

@@ -20,7 +20,12 @@
 
 #include "mla_kernels_host.inc"  // csrc/cuda/mla/mla_kernels.cu after the three rewrites
 
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <fstream>
+#include <memory>
 
 using namespace latentmoe;
 using namespace latentmoe::cuda;
@@ -29,19 +34,50 @@ namespace {
 
 std::ifstream in_file;
 
-std::vector<unsigned char> read_bytes(size_t n) {
-  std::vector<unsigned char> v(n);
-  in_file.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(n));
+// Every buffer a kernel sees ends flush against an inaccessible page (and starts less than a page
+// after another), so an access past either end faults; the SIGSEGV handler names it.
+template <typename V>
+class Guarded {
+ public:
+  explicit Guarded(size_t n, unsigned char fill) : n_(n) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t body = (n * sizeof(V) + page - 1) / page * page;
+    total_ = body + 2 * page;
+    base_ = static_cast<unsigned char*>(mmap(nullptr, total_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (base_ == MAP_FAILED) emu::fail("mmap");
+    mprotect(base_, page, PROT_NONE);
+    mprotect(base_ + page + body, page, PROT_NONE);
+    p_ = reinterpret_cast<V*>(base_ + page + body - n * sizeof(V));
+    std::memset(p_, fill, n * sizeof(V));
+  }
+  Guarded(const Guarded&) = delete;
+  Guarded& operator=(const Guarded&) = delete;
+  ~Guarded() { munmap(base_, total_); }
+  V* data() const { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  size_t n_, total_;
+  unsigned char* base_;
+  V* p_;
+};
+
+template <typename V>
+std::unique_ptr<Guarded<V>> read_vec(size_t n) {
+  auto v = std::make_unique<Guarded<V>>(n, 0);
+  in_file.read(reinterpret_cast<char*>(v->data()), static_cast<std::streamsize>(n * sizeof(V)));
   if (!in_file) emu::fail("short input file");
   return v;
 }
+std::unique_ptr<Guarded<unsigned char>> read_bytes(size_t n) { return read_vec<unsigned char>(n); }
 
 template <typename V>
-std::vector<V> read_vec(size_t n) {
-  auto b = read_bytes(n * sizeof(V));
-  std::vector<V> v(n);
-  if (n) std::memcpy(v.data(), b.data(), b.size());
-  return v;
+std::unique_ptr<Guarded<V>> poisoned(size_t n) { return std::make_unique<Guarded<V>>(n, 0xFF); }  // NaN
+
+void on_segv(int) {
+  const char msg[] = "emulation error: out-of-bounds memory access (guard page)\n";
+  if (write(2, msg, sizeof msg - 1) < 0) {}
+  _Exit(5);
 }
 
 void print_log() {
@@ -68,36 +104,35 @@ int run_decode(const char* out_path) {
   auto q_latent = read_bytes(B * rows * C * es);
   auto q_pe = read_bytes(B * rows * R * es);
   auto kv = read_bytes(cache_rows * (split ? C : C + R) * es);
-  std::vector<unsigned char> pe;
-  if (split) pe = read_bytes(cache_rows * R * es);
+  auto pe = read_bytes(split ? cache_rows * R * es : 0);
   auto lens = read_vec<int32_t>(B);
-  std::vector<int32_t> table;
-  if (paged) table = read_vec<int32_t>(B * max_pages);
+  auto table = read_vec<int32_t>(paged ? B * max_pages : 0);
 
   // As the binding: n_splits from the launcher's policy, workspace of that size (left as garbage
   // there: NaN here, so a partial the merge reads but no split wrote shows up).
   const int64_t n_splits = h[14] > 0 ? h[14] : mla_decode_num_splits(B, rows, capacity, static_cast<int>(h[13]));
-  std::vector<float> part_acc(B * n_splits * rows * C, NAN), part_m(B * n_splits * rows, NAN),
-      part_l(B * n_splits * rows, NAN);
-  std::vector<unsigned char> out(B * rows * C * es, 0xFF);
-  std::vector<float> lse(B * rows, NAN);
+  auto part_acc = poisoned<float>(B * n_splits * rows * C);
+  auto part_m = poisoned<float>(B * n_splits * rows);
+  auto part_l = poisoned<float>(B * n_splits * rows);
+  auto out = poisoned<unsigned char>(B * rows * C * es);
+  auto lse = poisoned<float>(B * rows);
   if (mla_decode_smem_bytes(C + R) > emu::kSmemOptin) emu::fail("binding would reject: shared memory");
   if (C > mla_decode_max_c()) emu::fail("binding would reject: C too large");
 
   MlaDecodeArgs a{};
-  a.q_latent = q_latent.data();
-  a.q_pe = q_pe.data();
-  a.kv_cache = kv.data();
-  a.pe_src = split ? static_cast<const void*>(pe.data()) : static_cast<const void*>(kv.data() + C * es);
+  a.q_latent = q_latent->data();
+  a.q_pe = q_pe->data();
+  a.kv_cache = kv->data();
+  a.pe_src = split ? static_cast<const void*>(pe->data()) : static_cast<const void*>(kv->data() + C * es);
   a.kv_stride = split ? C : C + R;
   a.pe_stride = split ? R : C + R;
-  a.seqlens = lens.data();
-  a.block_table = paged ? table.data() : nullptr;
-  a.out = out.data();
-  a.lse = lse.data();
-  a.part_acc = part_acc.data();
-  a.part_m = part_m.data();
-  a.part_l = part_l.data();
+  a.seqlens = lens->data();
+  a.block_table = paged ? table->data() : nullptr;
+  a.out = out->data();
+  a.lse = lse->data();
+  a.part_acc = part_acc->data();
+  a.part_m = part_m->data();
+  a.part_l = part_l->data();
   a.B = B; a.Sq = Sq; a.H = H; a.C = C; a.R = R;
   a.lmax = lmax; a.page_size = page_size; a.max_pages = max_pages; a.capacity = capacity;
   a.scale = scale;
@@ -112,8 +147,8 @@ int run_decode(const char* out_path) {
   }
   std::ofstream o(out_path, std::ios::binary);
   o.write(reinterpret_cast<const char*>(&n_splits), sizeof n_splits);
-  o.write(reinterpret_cast<const char*>(out.data()), static_cast<std::streamsize>(out.size()));
-  o.write(reinterpret_cast<const char*>(lse.data()), static_cast<std::streamsize>(lse.size() * 4));
+  o.write(reinterpret_cast<const char*>(out->data()), static_cast<std::streamsize>(out->size()));
+  o.write(reinterpret_cast<const char*>(lse->data()), static_cast<std::streamsize>(lse->size() * 4));
   return 0;
 }
 
@@ -136,17 +171,16 @@ int run_append(const char* out_path) {
   auto cs = read_bytes(B * S * R * es);
   auto sn = read_bytes(B * S * R * es);
   auto lens = read_vec<int32_t>(B);
-  std::vector<int32_t> table;
-  if (paged) table = read_vec<int32_t>(B * max_pages);
+  auto table = read_vec<int32_t>(paged ? B * max_pages : 0);
   MlaAppendArgs a{};
-  a.kv_cache = cache.data();
-  a.kv_latent = latent.data();
-  a.k_pe = k_pe.data();
-  a.norm_weight = w.data();
-  a.cos = cs.data();
-  a.sin = sn.data();
-  a.seqlens = lens.data();
-  a.block_table = paged ? table.data() : nullptr;
+  a.kv_cache = cache->data();
+  a.kv_latent = latent->data();
+  a.k_pe = k_pe->data();
+  a.norm_weight = w->data();
+  a.cos = cs->data();
+  a.sin = sn->data();
+  a.seqlens = lens->data();
+  a.block_table = paged ? table->data() : nullptr;
   a.B = B; a.S = S; a.C = C; a.R = R;
   a.lmax = lmax; a.page_size = page_size; a.max_pages = max_pages;
   a.eps = eps;
@@ -158,7 +192,7 @@ int run_append(const char* out_path) {
     return 4;
   }
   std::ofstream o(out_path, std::ios::binary);
-  o.write(reinterpret_cast<const char*>(cache.data()), static_cast<std::streamsize>(cache.size()));
+  o.write(reinterpret_cast<const char*>(cache->data()), static_cast<std::streamsize>(cache->size()));
   return 0;
 }
 
@@ -172,6 +206,7 @@ int main(int argc, char** argv) {
   in_file.open(argv[2], std::ios::binary);
   if (!in_file) emu::fail("cannot open input");
   emu::st().reverse = std::atoi(argv[4]) != 0;
+  signal(SIGSEGV, on_segv);
   const std::string mode = argv[1];
   if (mode == "decode") return run_decode(argv[3]);
   if (mode == "append") return run_append(argv[3]);
