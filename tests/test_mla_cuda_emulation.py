@@ -175,6 +175,8 @@ DECODE_CASES = {
     "contig_full_last_row": (2, 2, 3, SMALL, [10, 40], 40, 0, True, -1, False, 0),
     "paged16_full_last_row": (2, 1, 3, SMALL, [5, 48], 48, 16, True, -1, False, 0),
     "pe_cache_paged16_full": (2, 1, 3, SMALL, [5, 48], 48, 16, True, -1, True, 2),
+    "c1040_cpt8_paged17": (1, 2, 9, dict(C=1040, R=16), [300], 306, 17, True, -1, False, 0),
+    "c300_no_rope": (2, 1, 3, dict(C=300, R=0), [70, 12], 70, 0, True, -1, False, 3),
 }
 
 
@@ -240,6 +242,25 @@ def test_decode_low_precision(harness, tmp_path, dtype, name):
     # Same fp32 math, different summation order: at most one rounding step of the output dtype apart.
     ulp = torch.finfo(dtype).eps
     torch.testing.assert_close(out.float(), want_o.float(), rtol=ulp, atol=ulp * want_o.float().abs().max().item())
+
+
+def _selftest(exe, which):
+    return subprocess.run([str(exe), "selftest", which], capture_output=True, text=True, timeout=60)
+
+
+def test_emulator_reports_defects(harness):
+    """The CUDA stand-in itself: divergent / skipped __syncthreads are errors, a missing barrier
+    exposes poisoned shared memory, shuffles reduce over the warp, launch limits are enforced."""
+    for which in ("divergent", "early_exit"):
+        res = _selftest(harness, which)
+        assert res.returncode == 3 and "emulation error" in res.stderr, (which, res.stderr)
+    race = _selftest(harness, "race").stdout.split("\n")[0].split()
+    # Forward order: thread 2k reads thread 2k+1, which has not run yet (poison); odd ones are fine.
+    assert all(("nan" in v) == (t % 2 == 0) for t, v in enumerate(race)), race
+    shuffle = _selftest(harness, "shuffle").stdout.split("\n")[0].split()
+    assert shuffle == ["496"] * 64
+    for which in ("too_much_smem", "big_grid"):  # > 48 KiB without cudaFuncSetAttribute; grid.y > 65535
+        assert _selftest(harness, which).stdout.split("\n")[1] != "err 0", which
 
 
 # ---- append -------------------------------------------------------------------------------------

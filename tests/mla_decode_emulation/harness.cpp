@@ -3,6 +3,7 @@
 //
 //   harness decode IN OUT ORDER   ORDER: 0 = threads run forward between barriers, 1 = reverse
 //   harness append IN OUT ORDER
+//   harness selftest divergent|early_exit|race|shuffle|too_much_smem|big_grid
 //
 // decode IN: int64 [dtype, B, Sq, H, C, R, paged, lmax_or_page_size, num_pages, max_pages, causal,
 //   window, split_pe, sm_count, n_splits_override], float scale, then q_latent, q_pe, kv_cache,
@@ -196,9 +197,49 @@ int run_append(const char* out_path) {
   return 0;
 }
 
+// Kernels with the defects the emulation must report (checked by the test, so a broken emu.h
+// cannot pass silently).
+void bad_divergent_sync(int* flag) {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  *flag = 1;
+}
+void bad_early_exit(int* flag) {
+  if (threadIdx.x == 5) return;
+  __syncthreads();
+  *flag = 1;
+}
+void racy_smem(float* out) {  // thread t reads what thread t ^ 1 wrote, with no barrier between
+  float* s = ::emu::dyn_smem<float>();
+  s[threadIdx.x] = static_cast<float>(threadIdx.x);
+  out[threadIdx.x] = s[threadIdx.x ^ 1u];
+}
+void shuffle_sum(float* out) {
+  out[threadIdx.x] = warp_sum(static_cast<float>(threadIdx.x % 32));
+}
+
+int run_selftest(const std::string& which) {
+  int flag = 0;
+  std::vector<float> out(64, 0.f);
+  if (which == "divergent") ::emu::launch(bad_divergent_sync, dim3(1), dim3(64), 0, nullptr, &flag);
+  if (which == "early_exit") ::emu::launch(bad_early_exit, dim3(1), dim3(64), 0, nullptr, &flag);
+  if (which == "race") ::emu::launch(racy_smem, dim3(1), dim3(64), 64 * 4, nullptr, out.data());
+  if (which == "shuffle") ::emu::launch(shuffle_sum, dim3(1), dim3(64), 0, nullptr, out.data());
+  if (which == "too_much_smem") ::emu::launch(racy_smem, dim3(1), dim3(64), 64 * 1024, nullptr, out.data());
+  if (which == "big_grid") ::emu::launch(racy_smem, dim3(1, 70000), dim3(64), 256, nullptr, out.data());
+  const cudaError_t err = cudaGetLastError();
+  for (float v : out) std::printf("%g ", v);
+  std::printf("\nerr %d\n", static_cast<int>(err));
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 3 && std::string(argv[1]) == "selftest") return run_selftest(argv[2]);
   if (argc != 5) {
     std::fprintf(stderr, "usage: harness decode|append IN OUT ORDER\n");
     return 2;
