@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from latentmoe.ops import mla_append_cache, mla_decode
+from latentmoe.reference import mla as ref
 
 _ROOT = Path(__file__).resolve().parents[1]
 _EMU = Path(__file__).resolve().parent / "mla_decode_emulation"
@@ -200,6 +201,13 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
     assert torch.all(out[empty] == 0)
     torch.testing.assert_close(lse[~empty], want_l[~empty], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, want_o, rtol=1e-5, atol=1e-5 * max(1.0, want_o.abs().max().item()))
+    # And against the pure-PyTorch reference in fp64 (independent masking / paging code).
+    full = kv if pe_cache is None else torch.cat([kv, pe_cache], -1)
+    ref_o, ref_l = ref.mla_decode(q_latent.double(), q_pe.double(), full.double(), lens, scale, block_table=table,
+                                  causal=causal, window=window)
+    assert torch.equal(torch.isinf(ref_l), empty)
+    torch.testing.assert_close(lse[~empty].double(), ref_l[~empty].double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), ref_o, rtol=1e-4, atol=1e-4 * max(1.0, ref_o.abs().max().item()))
 
 
 def test_decode_splits_exercised(harness, tmp_path):
@@ -225,7 +233,7 @@ def test_decode_reverse_thread_order(harness, tmp_path, name):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["paged17_sq2_splits", "pe_cache_contig"])
+@pytest.mark.parametrize("name", ["paged17_sq2_splits", "pe_cache_contig", "v3_contig_sq2"])
 def test_decode_low_precision(harness, tmp_path, dtype, name):
     B, Sq, H, dims, seqlens, cap, page_size, causal, window, pe_split, n_splits = DECODE_CASES[name]
     q_latent, q_pe, kv, lens, table, pe_cache = decode_problem(
