@@ -7,9 +7,10 @@
 // another. A fiber runs until it must wait at __syncthreads or a warp shuffle, then yields. So:
 //   - __syncthreads is a real barrier; a barrier that not every thread of the block reaches (or
 //     reached from different source lines) is reported as an error instead of hanging;
-//   - a missing barrier shows up: fibers run in order (forward or reverse, chosen per launch), so
-//     a thread reading shared memory another thread writes without a barrier in between reads a
-//     stale or poisoned value;
+//   - a missing barrier shows up: between two barriers each fiber runs alone, in forward, reverse
+//     or a seeded random order (chosen per run, reshuffled at every step), so a thread reading
+//     shared memory another thread writes without a barrier in between reads a stale or poisoned
+//     value in some order;
 //   - shared memory (dynamic and static) starts as all-0xFF bytes: NaN as float, -1 as int;
 //   - __shfl_xor_sync exchanges through per-warp slots between two warp barriers and checks that
 //     the mask names every lane of the warp;
@@ -31,6 +32,8 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <numeric>
+#include <random>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -123,7 +126,9 @@ struct State {
   std::map<const void*, int> max_dyn;
   cudaError_t last_error = cudaSuccess;
   std::function<void()> body;
-  bool reverse = false;  // fiber order within a sweep
+  unsigned order = 0;  // fiber order within a sweep: 0 forward, 1 reverse, else random (seed)
+  std::mt19937 rng;
+  std::vector<unsigned> perm;
   std::vector<LaunchRecord> log;
 };
 
@@ -207,10 +212,14 @@ inline void run_block(size_t smem) {
     makecontext(&f.ctx, fiber_main, 0);
   }
   unsigned live = n;
+  s.perm.resize(n);
+  std::iota(s.perm.begin(), s.perm.end(), 0u);
+  if (s.order == 1) std::reverse(s.perm.begin(), s.perm.end());
   while (live > 0) {
     const uint64_t before = s.progress;
+    if (s.order > 1) std::shuffle(s.perm.begin(), s.perm.end(), s.rng);
     for (unsigned k = 0; k < n; ++k) {
-      Fiber& f = s.fibers[s.reverse ? n - 1 - k : k];
+      Fiber& f = s.fibers[s.perm[k]];
       if (f.done) continue;
       s.cur = &f;
       swapcontext(&s.sched, &f.ctx);

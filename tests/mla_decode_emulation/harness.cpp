@@ -1,7 +1,8 @@
 // Runs the MLA decode / append CUDA launchers (csrc/cuda/mla/mla_kernels.cu, host-emulated by
 // emu.h) on inputs from a file. Driven by tests/test_mla_cuda_emulation.py.
 //
-//   harness decode IN OUT ORDER   ORDER: 0 = threads run forward between barriers, 1 = reverse
+//   harness decode IN OUT ORDER   ORDER: threads of a block run between barriers in order
+//                                 0 forward, 1 reverse, n > 1 random with seed n
 //   harness append IN OUT ORDER
 //   harness selftest divergent|early_exit|race|shuffle|too_much_smem|big_grid
 //
@@ -246,7 +247,8 @@ int main(int argc, char** argv) {
   }
   in_file.open(argv[2], std::ios::binary);
   if (!in_file) emu::fail("cannot open input");
-  emu::st().reverse = std::atoi(argv[4]) != 0;
+  emu::st().order = static_cast<unsigned>(std::atoi(argv[4]));
+  emu::st().rng.seed(emu::st().order);
   signal(SIGSEGV, on_segv);
   const std::string mode = argv[1];
   if (mode == "decode") return run_decode(argv[3]);
