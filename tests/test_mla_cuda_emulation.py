@@ -34,8 +34,7 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _PROBE = (
     "#include <ucontext.h>\n#include <type_traits>\n#include <concepts>\n"
     "int f(int l = __builtin_LINE()) { return l; }\n"
-    "int main() { _Float16 h = static_cast<_Float16>(1.5f); ucontext_t c; getcontext(&c);\n"
-    "  return std::is_trivially_copyable_v<float> && static_cast<float>(h) == 1.5f && f() > 0 ? 0 : 1; }\n"
+    "int main() { ucontext_t c; getcontext(&c); return std::is_trivially_copyable_v<float> && f() > 0 ? 0 : 1; }\n"
 )
 SM_COUNT = 132  # H100 / H200 SXM
 
@@ -69,7 +68,7 @@ def harness(tmp_path_factory):
     (work / "probe.cpp").write_text(_PROBE)
     probe = subprocess.run([cxx, *flags, str(work / "probe.cpp"), "-o", str(work / "probe")], capture_output=True)
     if probe.returncode != 0 or subprocess.run([str(work / "probe")]).returncode != 0:
-        pytest.skip("the C++ compiler lacks C++20 / _Float16 / <ucontext.h>")
+        pytest.skip("the C++ compiler lacks C++20 or <ucontext.h>")
     (work / "mla_kernels_host.inc").write_text(kernels_as_host_code(_KERNELS.read_text()))
     exe = work / "harness"
     res = subprocess.run(
@@ -292,6 +291,33 @@ def test_emulator_reports_defects(harness):
     assert shuffle == ["496"] * 64
     for which in ("too_much_smem", "big_grid"):  # > 48 KiB without cudaFuncSetAttribute; grid.y > 65535
         assert _selftest(harness, which).stdout.split("\n")[1] != "err 0", which
+
+
+def test_emulated_bf16_fp16_conversions_match_torch(harness, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([
+        torch.randn(20000, generator=g) * torch.logspace(-9, 6, 20000),  # subnormal fp16 ... overflow
+        torch.randint(-(2**31), 2**31 - 1, (20000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32),
+        torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, float("inf"),
+                      -float("inf"), 1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-11, 1 + 3 * 2.0**-11]),
+    ])
+    (tmp_path / "x.bin").write_bytes(x.numpy().tobytes())
+    res = subprocess.run([str(harness), "convert", str(tmp_path / "x.bin"), str(tmp_path / "y.bin"), "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    buf = (tmp_path / "y.bin").read_bytes()
+    n = x.numel()
+    parts = [(buf[: 2 * n], torch.bfloat16), (buf[2 * n : 4 * n], torch.float16)]
+    live = ~x.isnan()  # NaN payloads may differ; NaN-ness may not
+    for raw, dtype in parts:
+        got = _from_raw(raw, dtype, (n,))
+        want = x.to(dtype)
+        assert torch.equal(got.isnan(), x.isnan())
+        assert torch.equal(got[live].view(torch.int16), want[live].view(torch.int16)), dtype
+    back_b = _from_raw(buf[4 * n : 8 * n], torch.float32, (n,))
+    back_h = _from_raw(buf[8 * n :], torch.float32, (n,))
+    assert torch.equal(back_b[live], x[live].to(torch.bfloat16).float())
+    assert torch.equal(back_h[live], x[live].to(torch.float16).float())
 
 
 # ---- append -------------------------------------------------------------------------------------

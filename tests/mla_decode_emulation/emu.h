@@ -61,7 +61,7 @@ struct __nv_bfloat16 {
   uint16_t bits;
 };
 struct __half {
-  _Float16 v;
+  uint16_t bits;
 };
 static_assert(sizeof(__nv_bfloat16) == 2 && sizeof(__half) == 2, "2-byte storage types");
 
@@ -78,8 +78,28 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
   return {static_cast<uint16_t>(u >> 16)};
 }
-inline float __half2float(__half h) { return static_cast<float>(h.v); }
-inline __half __float2half(float f) { return {static_cast<_Float16>(f)}; }  // RNE (libgcc)
+inline float __half2float(__half h) {
+  const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1fu, m = h.bits & 0x3ffu;
+  if (e == 0) return (sign ? -1.f : 1.f) * std::ldexp(static_cast<float>(m), -24);  // zero / subnormal, exact
+  const uint32_t u = sign | (e == 31 ? 0x7f800000u : (e + 112) << 23) | (m << 13);
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __half __float2half(float f) {  // round to nearest even, as __float2half
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return {static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+  if (a >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520 rounds to inf
+  if (a < 0x38800000u) {  // below 2^-14: subnormal half, round(|f| * 2^24) (1024 = smallest normal)
+    return {static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(std::fabs(f) * 16777216.f)))};
+  }
+  a -= 0x38000000u;  // rebias the exponent (127 -> 15)
+  a += 0xfffu + ((a >> 13) & 1u);
+  return {static_cast<uint16_t>(sign | (a >> 13))};
+}
 
 namespace emu {
 

@@ -4,6 +4,7 @@
 //   harness decode IN OUT ORDER   ORDER: threads of a block run between barriers in order
 //                                 0 forward, 1 reverse, n > 1 random with seed n
 //   harness append IN OUT ORDER
+//   harness convert IN OUT 0      fp32 values -> bf16 bits, fp16 bits, and both back to fp32
 //   harness selftest divergent|early_exit|race|shuffle|too_much_smem|big_grid
 //
 // decode IN: int64 [dtype, B, Sq, H, C, R, paged, lmax_or_page_size, num_pages, max_pages, causal,
@@ -237,6 +238,31 @@ int run_selftest(const std::string& which) {
   return 0;
 }
 
+// The bf16 / fp16 stand-ins: float -> bits (both types), then bits -> float.
+int run_convert(const char* in_path, const char* out_path) {
+  std::ifstream f(in_path, std::ios::binary | std::ios::ate);
+  const size_t n = static_cast<size_t>(f.tellg()) / 4;
+  f.seekg(0);
+  std::vector<float> x(n);
+  f.read(reinterpret_cast<char*>(x.data()), static_cast<std::streamsize>(n * 4));
+  std::vector<uint16_t> hb(n), hh(n);
+  std::vector<float> back_b(n), back_h(n);
+  for (size_t i = 0; i < n; ++i) {
+    const __nv_bfloat16 b = __float2bfloat16(x[i]);
+    const __half h = __float2half(x[i]);
+    hb[i] = b.bits;
+    hh[i] = h.bits;
+    back_b[i] = __bfloat162float(b);
+    back_h[i] = __half2float(h);
+  }
+  std::ofstream o(out_path, std::ios::binary);
+  o.write(reinterpret_cast<const char*>(hb.data()), static_cast<std::streamsize>(n * 2));
+  o.write(reinterpret_cast<const char*>(hh.data()), static_cast<std::streamsize>(n * 2));
+  o.write(reinterpret_cast<const char*>(back_b.data()), static_cast<std::streamsize>(n * 4));
+  o.write(reinterpret_cast<const char*>(back_h.data()), static_cast<std::streamsize>(n * 4));
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -253,6 +279,7 @@ int main(int argc, char** argv) {
   const std::string mode = argv[1];
   if (mode == "decode") return run_decode(argv[3]);
   if (mode == "append") return run_append(argv[3]);
+  if (mode == "convert") return run_convert(argv[2], argv[3]);
   std::fprintf(stderr, "unknown mode %s\n", argv[1]);
   return 2;
 }
