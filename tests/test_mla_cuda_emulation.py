@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from latentmoe.ops import mla_append_cache, mla_decode
 from latentmoe.reference import mla as ref
 
@@ -51,7 +50,9 @@ def kernels_as_host_code(src: str) -> str:
         return " ".join(decls)
 
     src, n_static = re.subn(r"__shared__ (\w+) ([^;]+);", static, src)
-    src, n_launch = re.subn(r"(\w+(?:<[^<>;()]*>)?)<<<(.*?)>>>\(([^;]*)\);", r"::emu::launch(\1, \2, \3);", src)
+    src, n_launch = re.subn(
+        r"(\w+(?:<[^<>;()]*>)?)<<<(.*?)>>>\(([^;]*)\);", r"::emu::launch(\1, \2, \3);", src
+    )
     # Fail loudly when the kernel file changes shape under the rewrite.
     assert n_dyn >= 2 and n_launch >= 3, (n_dyn, n_static, n_launch)
     assert "__shared__" not in src and "<<<" not in src
@@ -66,15 +67,29 @@ def harness(tmp_path_factory):
     work = tmp_path_factory.mktemp("mla_decode_emulation")
     flags = ["-std=c++20", "-O2", "-Wno-unknown-pragmas"]
     (work / "probe.cpp").write_text(_PROBE)
-    probe = subprocess.run([cxx, *flags, str(work / "probe.cpp"), "-o", str(work / "probe")], capture_output=True)
-    if probe.returncode != 0 or subprocess.run([str(work / "probe")]).returncode != 0:
+    probe = subprocess.run(
+        [cxx, *flags, str(work / "probe.cpp"), "-o", str(work / "probe")], check=False, capture_output=True
+    )
+    if probe.returncode != 0 or subprocess.run([str(work / "probe")], check=False).returncode != 0:
         pytest.skip("the C++ compiler lacks C++20 or <ucontext.h>")
     (work / "mla_kernels_host.inc").write_text(kernels_as_host_code(_KERNELS.read_text()))
     exe = work / "harness"
     res = subprocess.run(
-        [cxx, *flags, "-Wall", f"-I{_ROOT / 'csrc'}", f"-I{_EMU / 'cuda_headers'}", f"-I{_EMU}", f"-I{work}",
-         str(_EMU / "harness.cpp"), "-o", str(exe)],
-        capture_output=True, text=True,
+        [
+            cxx,
+            *flags,
+            "-Wall",
+            f"-I{_ROOT / 'csrc'}",
+            f"-I{_EMU / 'cuda_headers'}",
+            f"-I{_EMU}",
+            f"-I{work}",
+            str(_EMU / "harness.cpp"),
+            "-o",
+            str(exe),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr[-4000:]
     return exe
@@ -93,10 +108,17 @@ def _from_raw(buf: bytes, dtype, shape) -> torch.Tensor:
 
 def _run(exe, mode, payload: bytes, tmp_path, order):
     (tmp_path / "in.bin").write_bytes(payload)
-    res = subprocess.run([str(exe), mode, str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), str(order)],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [str(exe), mode, str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), str(order)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    launches = [tuple(int(v) for v in ln.split()[1:]) for ln in res.stdout.splitlines() if ln.startswith("launch")]
+    launches = [
+        tuple(int(v) for v in ln.split()[1:]) for ln in res.stdout.splitlines() if ln.startswith("launch")
+    ]
     return (tmp_path / "out.bin").read_bytes(), launches
 
 
@@ -114,14 +136,41 @@ def paged(cache: torch.Tensor, page_size: int, seed: int):
     return pages, table
 
 
-def emulated_decode(exe, tmp_path, q_latent, q_pe, kv, seqlens, table, scale, causal, window, pe_cache=None,
-                    n_splits=0, order=0):
+def emulated_decode(
+    exe,
+    tmp_path,
+    q_latent,
+    q_pe,
+    kv,
+    seqlens,
+    table,
+    scale,
+    causal,
+    window,
+    pe_cache=None,
+    n_splits=0,
+    order=0,
+):
     B, Sq, H, C = q_latent.shape
     R = q_pe.shape[-1]
     is_paged = table is not None
-    head = [_DTYPES[q_latent.dtype], B, Sq, H, C, R, int(is_paged), kv.shape[1],
-            kv.shape[0] if is_paged else 0, table.shape[1] if is_paged else 0, int(causal), window,
-            int(pe_cache is not None), SM_COUNT, n_splits]
+    head = [
+        _DTYPES[q_latent.dtype],
+        B,
+        Sq,
+        H,
+        C,
+        R,
+        int(is_paged),
+        kv.shape[1],
+        kv.shape[0] if is_paged else 0,
+        table.shape[1] if is_paged else 0,
+        int(causal),
+        window,
+        int(pe_cache is not None),
+        SM_COUNT,
+        n_splits,
+    ]
     payload = np.array(head, dtype=np.int64).tobytes() + np.float32(scale).tobytes()
     payload += _raw(q_latent) + _raw(q_pe) + _raw(kv) + (b"" if pe_cache is None else _raw(pe_cache))
     payload += seqlens.numpy().astype(np.int32).tobytes()
@@ -153,8 +202,8 @@ def decode_problem(B, Sq, H, C, R, seqlens, cap, page_size, pe_split, dtype, see
     return q_latent, q_pe, cache, torch.tensor(seqlens, dtype=torch.int32), table, pe_cache
 
 
-V3 = dict(C=512, R=64)
-SMALL = dict(C=48, R=16)
+V3 = {"C": 512, "R": 64}
+SMALL = {"C": 48, "R": 16}
 # (B, Sq, H, dims, seqlens, capacity, page_size, causal, window, pe_split, n_splits override)
 DECODE_CASES = {
     "contig_zero_len_row": (3, 1, 3, SMALL, [37, 0, 5], 40, 0, True, -1, False, 0),
@@ -175,8 +224,8 @@ DECODE_CASES = {
     "contig_full_last_row": (2, 2, 3, SMALL, [10, 40], 40, 0, True, -1, False, 0),
     "paged16_full_last_row": (2, 1, 3, SMALL, [5, 48], 48, 16, True, -1, False, 0),
     "pe_cache_paged16_full": (2, 1, 3, SMALL, [5, 48], 48, 16, True, -1, True, 2),
-    "c1040_cpt8_paged17": (1, 2, 9, dict(C=1040, R=16), [300], 306, 17, True, -1, False, 0),
-    "c300_no_rope": (2, 1, 3, dict(C=300, R=0), [70, 12], 70, 0, True, -1, False, 3),
+    "c1040_cpt8_paged17": (1, 2, 9, {"C": 1040, "R": 16}, [300], 306, 17, True, -1, False, 0),
+    "c300_no_rope": (2, 1, 3, {"C": 300, "R": 0}, [70, 12], 70, 0, True, -1, False, 3),
 }
 
 
@@ -192,8 +241,19 @@ def _random_cases(n, seed=1234):
         lens = [int(v) for v in rng.integers(0, cap + 1, size=B)]
         lens[int(rng.integers(0, B))] = cap  # one row full
         window = int(rng.choice([-1, -1, 0, 3, 20]))
-        cases[f"random{i}"] = (B, Sq, H, dict(C=C, R=R), lens, cap, page, bool(rng.integers(0, 2)), window,
-                               bool(rng.integers(0, 2)), int(rng.choice([0, 0, 1, 2, 5, 9])))
+        cases[f"random{i}"] = (
+            B,
+            Sq,
+            H,
+            {"C": C, "R": R},
+            lens,
+            cap,
+            page,
+            bool(rng.integers(0, 2)),
+            window,
+            bool(rng.integers(0, 2)),
+            int(rng.choice([0, 0, 1, 2, 5, 9])),
+        )
     return cases
 
 
@@ -206,12 +266,15 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
     B, Sq, H, dims, seqlens, cap, page_size, causal, window, pe_split, n_splits = DECODE_CASES[name]
     C, R = dims["C"], dims["R"]
     q_latent, q_pe, kv, lens, table, pe_cache = decode_problem(
-        B, Sq, H, C, R, seqlens, cap, page_size, pe_split, torch.float32, seed=len(name))
+        B, Sq, H, C, R, seqlens, cap, page_size, pe_split, torch.float32, seed=len(name)
+    )
     scale = 1 / math.sqrt(192)
-    out, lse, used, launches = emulated_decode(harness, tmp_path, q_latent, q_pe, kv, lens, table, scale, causal,
-                                               window, pe_cache, n_splits, order)
-    want_o, want_l = mla_decode(q_latent, q_pe, kv, lens, scale, block_table=table, causal=causal, window=window,
-                                pe_cache=pe_cache)
+    out, lse, used, launches = emulated_decode(
+        harness, tmp_path, q_latent, q_pe, kv, lens, table, scale, causal, window, pe_cache, n_splits, order
+    )
+    want_o, want_l = mla_decode(
+        q_latent, q_pe, kv, lens, scale, block_table=table, causal=causal, window=window, pe_cache=pe_cache
+    )
     # Launch configuration: split kernel (n_splits, row groups of 8, B) x 256, merge (B*rows) x 128.
     assert used == (n_splits or used) and used >= 1
     assert launches[0][:4] == (used, -(-(Sq * H) // 8), B, 256) and launches[1][:4] == (B * Sq * H, 1, 1, 128)
@@ -223,8 +286,16 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
     torch.testing.assert_close(out, want_o, rtol=1e-5, atol=1e-5 * max(1.0, want_o.abs().max().item()))
     # And against the pure-PyTorch reference in fp64 (independent masking / paging code).
     full = kv if pe_cache is None else torch.cat([kv, pe_cache], -1)
-    ref_o, ref_l = ref.mla_decode(q_latent.double(), q_pe.double(), full.double(), lens, scale, block_table=table,
-                                  causal=causal, window=window)
+    ref_o, ref_l = ref.mla_decode(
+        q_latent.double(),
+        q_pe.double(),
+        full.double(),
+        lens,
+        scale,
+        block_table=table,
+        causal=causal,
+        window=window,
+    )
     assert torch.equal(torch.isinf(ref_l), empty)
     torch.testing.assert_close(lse[~empty].double(), ref_l[~empty].double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.double(), ref_o, rtol=1e-4, atol=1e-4 * max(1.0, ref_o.abs().max().item()))
@@ -233,8 +304,9 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
 def test_decode_splits_exercised(harness, tmp_path):
     """The launcher's split policy gives several splits on a long cache (not one big block)."""
     B, Sq, H, dims, seqlens, cap, *_ = DECODE_CASES["contig_h9_five_splits"]
-    q_latent, q_pe, kv, lens, table, _ = decode_problem(B, Sq, H, dims["C"], dims["R"], seqlens, cap, 0, False,
-                                                        torch.float32, seed=3)
+    q_latent, q_pe, kv, lens, _, _ = decode_problem(
+        B, Sq, H, dims["C"], dims["R"], seqlens, cap, 0, False, torch.float32, seed=3
+    )
     *_, used, _ = emulated_decode(harness, tmp_path, q_latent, q_pe, kv, lens, None, 0.1, True, -1)
     assert used == 5
 
@@ -245,10 +317,28 @@ def test_decode_thread_order_independent(harness, tmp_path, name):
     order between barriers: a missing __syncthreads would make some order read poisoned or stale
     shared memory."""
     B, Sq, H, dims, seqlens, cap, page_size, causal, window, pe_split, n_splits = DECODE_CASES[name]
-    args = decode_problem(B, Sq, H, dims["C"], dims["R"], seqlens, cap, page_size, pe_split, torch.float32, seed=5)
+    args = decode_problem(
+        B, Sq, H, dims["C"], dims["R"], seqlens, cap, page_size, pe_split, torch.float32, seed=5
+    )
     q_latent, q_pe, kv, lens, table, pe_cache = args
-    runs = [emulated_decode(harness, tmp_path, q_latent, q_pe, kv, lens, table, 0.07, causal, window, pe_cache,
-                            n_splits, order=o) for o in (0, 1, 77)]
+    runs = [
+        emulated_decode(
+            harness,
+            tmp_path,
+            q_latent,
+            q_pe,
+            kv,
+            lens,
+            table,
+            0.07,
+            causal,
+            window,
+            pe_cache,
+            n_splits,
+            order=o,
+        )
+        for o in (0, 1, 77)
+    ]
     assert not runs[0][0].isnan().any()
     for other in runs[1:]:
         assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
@@ -259,23 +349,30 @@ def test_decode_thread_order_independent(harness, tmp_path, name):
 def test_decode_low_precision(harness, tmp_path, dtype, name):
     B, Sq, H, dims, seqlens, cap, page_size, causal, window, pe_split, n_splits = DECODE_CASES[name]
     q_latent, q_pe, kv, lens, table, pe_cache = decode_problem(
-        B, Sq, H, dims["C"], dims["R"], seqlens, cap, page_size, pe_split, dtype, seed=11)
+        B, Sq, H, dims["C"], dims["R"], seqlens, cap, page_size, pe_split, dtype, seed=11
+    )
     scale = 1 / math.sqrt(192)
-    out, lse, _, _ = emulated_decode(harness, tmp_path, q_latent, q_pe, kv, lens, table, scale, causal, window,
-                                     pe_cache, n_splits)
-    want_o, want_l = mla_decode(q_latent, q_pe, kv, lens, scale, block_table=table, causal=causal, window=window,
-                                pe_cache=pe_cache)
+    out, lse, _, _ = emulated_decode(
+        harness, tmp_path, q_latent, q_pe, kv, lens, table, scale, causal, window, pe_cache, n_splits
+    )
+    want_o, want_l = mla_decode(
+        q_latent, q_pe, kv, lens, scale, block_table=table, causal=causal, window=window, pe_cache=pe_cache
+    )
     assert out.dtype == dtype and not out.isnan().any()
     empty = torch.isinf(want_l)
     assert torch.equal(torch.isinf(lse), empty)
     torch.testing.assert_close(lse[~empty], want_l[~empty], rtol=1e-5, atol=1e-5)
     # Same fp32 math, different summation order: at most one rounding step of the output dtype apart.
     ulp = torch.finfo(dtype).eps
-    torch.testing.assert_close(out.float(), want_o.float(), rtol=ulp, atol=ulp * want_o.float().abs().max().item())
+    torch.testing.assert_close(
+        out.float(), want_o.float(), rtol=ulp, atol=ulp * want_o.float().abs().max().item()
+    )
 
 
 def _selftest(exe, which):
-    return subprocess.run([str(exe), "selftest", which], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [str(exe), "selftest", which], check=False, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_emulator_reports_defects(harness):
@@ -295,15 +392,40 @@ def test_emulator_reports_defects(harness):
 
 def test_emulated_bf16_fp16_conversions_match_torch(harness, tmp_path):
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([
-        torch.randn(20000, generator=g) * torch.logspace(-9, 6, 20000),  # subnormal fp16 ... overflow
-        torch.randint(-(2**31), 2**31 - 1, (20000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32),
-        torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, float("inf"),
-                      -float("inf"), 1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-11, 1 + 3 * 2.0**-11]),
-    ])
+    x = torch.cat(
+        [
+            torch.randn(20000, generator=g) * torch.logspace(-9, 6, 20000),  # subnormal fp16 ... overflow
+            torch.randint(-(2**31), 2**31 - 1, (20000,), generator=g, dtype=torch.int64)
+            .to(torch.int32)
+            .view(torch.float32),
+            torch.tensor(
+                [
+                    0.0,
+                    -0.0,
+                    65504.0,
+                    65519.99,
+                    65520.0,
+                    2.0**-24,
+                    2.0**-25,
+                    3 * 2.0**-26,
+                    float("inf"),
+                    -float("inf"),
+                    1 + 2.0**-8,
+                    1 + 3 * 2.0**-8,
+                    1 + 2.0**-11,
+                    1 + 3 * 2.0**-11,
+                ]
+            ),
+        ]
+    )
     (tmp_path / "x.bin").write_bytes(x.numpy().tobytes())
-    res = subprocess.run([str(harness), "convert", str(tmp_path / "x.bin"), str(tmp_path / "y.bin"), "0"],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [str(harness), "convert", str(tmp_path / "x.bin"), str(tmp_path / "y.bin"), "0"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     buf = (tmp_path / "y.bin").read_bytes()
     n = x.numel()
@@ -322,12 +444,23 @@ def test_emulated_bf16_fp16_conversions_match_torch(harness, tmp_path):
 
 # ---- append -------------------------------------------------------------------------------------
 
+
 def emulated_append(exe, tmp_path, cache, latent, k_pe, w, eps, cos, sin, lens, table, interleave, order=0):
     B, S, C = latent.shape
     R = k_pe.shape[-1]
     is_paged = table is not None
-    head = [_DTYPES[latent.dtype], B, S, C, R, int(is_paged), cache.shape[1], cache.shape[0] if is_paged else 0,
-            table.shape[1] if is_paged else 0, int(interleave)]
+    head = [
+        _DTYPES[latent.dtype],
+        B,
+        S,
+        C,
+        R,
+        int(is_paged),
+        cache.shape[1],
+        cache.shape[0] if is_paged else 0,
+        table.shape[1] if is_paged else 0,
+        int(interleave),
+    ]
     payload = np.array(head, dtype=np.int64).tobytes() + np.float32(eps).tobytes()
     for t in (cache, latent, k_pe, w, cos, sin):
         payload += _raw(t)
@@ -366,9 +499,17 @@ def append_problem(B, S, C, R, seqlens, cap, page_size, dtype, seed):
     w = torch.rand(C, generator=g) + 0.5
     ang = torch.rand(B, S, R // 2, generator=g) * 6
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    cast = lambda t: t.to(dtype)  # noqa: E731
-    return (cast(cache), cast(latent), cast(k_pe), cast(w), cast(cos), cast(sin),
-            torch.tensor(seqlens, dtype=torch.int32), table)
+    cast = lambda t: t.to(dtype)
+    return (
+        cast(cache),
+        cast(latent),
+        cast(k_pe),
+        cast(w),
+        cast(cos),
+        cast(sin),
+        torch.tensor(seqlens, dtype=torch.int32),
+        table,
+    )
 
 
 def _target_mask(cache, lens, S, table):
@@ -389,12 +530,15 @@ def _target_mask(cache, lens, S, table):
 def test_append_matches_cpu_op_and_writes_only_targets(harness, tmp_path, name, dtype):
     B, S, dims, seqlens, cap, page_size, interleave = APPEND_CASES[name]
     C, R = dims["C"], dims["R"]
-    cache, latent, k_pe, w, cos, sin, lens, table = append_problem(B, S, C, R, seqlens, cap, page_size, dtype,
-                                                                   seed=len(name))
+    cache, latent, k_pe, w, cos, sin, lens, table = append_problem(
+        B, S, C, R, seqlens, cap, page_size, dtype, seed=len(name)
+    )
     eps = 1e-6
     got = emulated_append(harness, tmp_path, cache, latent, k_pe, w, eps, cos, sin, lens, table, interleave)
     want = cache.clone()
-    mla_append_cache(want, latent, k_pe, w, eps, cos, sin, lens, block_table=table, rope_interleave=interleave)
+    mla_append_cache(
+        want, latent, k_pe, w, eps, cos, sin, lens, block_table=table, rope_interleave=interleave
+    )
     target = _target_mask(cache, lens, S, table)
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     # Everything else untouched, bit for bit (NaN poison included).
@@ -411,8 +555,11 @@ def test_append_thread_order_independent(harness, tmp_path):
     B, S, dims, seqlens, cap, page_size, interleave = APPEND_CASES["paged17_s2"]
     args = append_problem(B, S, dims["C"], dims["R"], seqlens, cap, page_size, torch.float32, seed=2)
     cache, latent, k_pe, w, cos, sin, lens, table = args
-    a = emulated_append(harness, tmp_path, cache, latent, k_pe, w, 1e-6, cos, sin, lens, table, interleave, order=0)
+    a = emulated_append(
+        harness, tmp_path, cache, latent, k_pe, w, 1e-6, cos, sin, lens, table, interleave, order=0
+    )
     for order in (1, 91):
-        b = emulated_append(harness, tmp_path, cache, latent, k_pe, w, 1e-6, cos, sin, lens, table, interleave,
-                            order=order)
+        b = emulated_append(
+            harness, tmp_path, cache, latent, k_pe, w, 1e-6, cos, sin, lens, table, interleave, order=order
+        )
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
