@@ -75,7 +75,7 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x40u)};  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  u += 0x7fffu + ((u >> 16) & 1u);                                                         // round to nearest even
   return {static_cast<uint16_t>(u >> 16)};
 }
 inline float __half2float(__half h) {
@@ -91,7 +91,7 @@ inline __half __float2half(float f) {  // round to nearest even, as __float2half
   std::memcpy(&u, &f, 4);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
   uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return {static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+  if (a > 0x7f800000u) return {static_cast<uint16_t>(sign | 0x7e00u)};   // NaN
   if (a >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520 rounds to inf
   if (a < 0x38800000u) {  // below 2^-14: subnormal half, round(|f| * 2^24) (1024 = smallest normal)
     return {static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(std::fabs(f) * 16777216.f)))};
@@ -103,9 +103,9 @@ inline __half __float2half(float f) {  // round to nearest even, as __float2half
 
 namespace emu {
 
-constexpr size_t kSmemOptin = 232448;    // sharedMemPerBlockOptin of H100 / H200 (227 KiB)
-constexpr size_t kSmemDefault = 49152;   // dynamic limit without cudaFuncSetAttribute
-constexpr size_t kStack = 256 * 1024;    // per fiber
+constexpr size_t kSmemOptin = 232448;   // sharedMemPerBlockOptin of H100 / H200 (227 KiB)
+constexpr size_t kSmemDefault = 49152;  // dynamic limit without cudaFuncSetAttribute
+constexpr size_t kStack = 256 * 1024;   // per fiber
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "emulation error: %s\n", what);
@@ -248,8 +248,8 @@ inline void run_block(size_t smem) {
     if (live > 0 && s.progress == before) {
       char msg[160];
       std::snprintf(msg, sizeof msg,
-                    "deadlock in block (%u,%u,%u): %u of %u threads wait at a barrier the others never reach",
-                    s.bidx.x, s.bidx.y, s.bidx.z, live, n);
+                    "deadlock in block (%u,%u,%u): %u of %u threads wait at a barrier the others never reach", s.bidx.x,
+                    s.bidx.y, s.bidx.z, live, n);
       fail(msg);
     }
   }

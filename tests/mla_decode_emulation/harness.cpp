@@ -19,16 +19,15 @@
 //
 // The workspace sizing and argument packing below mirror csrc/cuda/mla/mla_binding.cpp (a torch
 // file this harness cannot compile); the split count comes from the real mla_decode_num_splits.
-#include "emu.h"
-
-#include "mla_kernels_host.inc"  // csrc/cuda/mla/mla_kernels.cu after the three rewrites
-
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <fstream>
 #include <memory>
+
+#include "emu.h"
+#include "mla_kernels_host.inc"  // csrc/cuda/mla/mla_kernels.cu after the three rewrites
 
 using namespace latentmoe;
 using namespace latentmoe::cuda;
@@ -46,7 +45,8 @@ class Guarded {
     const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
     const size_t body = (n * sizeof(V) + page - 1) / page * page;
     total_ = body + 2 * page;
-    base_ = static_cast<unsigned char*>(mmap(nullptr, total_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    base_ =
+        static_cast<unsigned char*>(mmap(nullptr, total_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
     if (base_ == MAP_FAILED) emu::fail("mmap");
     mprotect(base_, page, PROT_NONE);
     mprotect(base_ + page + body, page, PROT_NONE);
@@ -75,11 +75,14 @@ std::unique_ptr<Guarded<V>> read_vec(size_t n) {
 std::unique_ptr<Guarded<unsigned char>> read_bytes(size_t n) { return read_vec<unsigned char>(n); }
 
 template <typename V>
-std::unique_ptr<Guarded<V>> poisoned(size_t n) { return std::make_unique<Guarded<V>>(n, 0xFF); }  // NaN
+std::unique_ptr<Guarded<V>> poisoned(size_t n) {
+  return std::make_unique<Guarded<V>>(n, 0xFF);
+}  // NaN
 
 void on_segv(int) {
   const char msg[] = "emulation error: out-of-bounds memory access (guard page)\n";
-  if (write(2, msg, sizeof msg - 1) < 0) {}
+  if (write(2, msg, sizeof msg - 1) < 0) {
+  }
   _Exit(5);
 }
 
@@ -136,8 +139,15 @@ int run_decode(const char* out_path) {
   a.part_acc = part_acc->data();
   a.part_m = part_m->data();
   a.part_l = part_l->data();
-  a.B = B; a.Sq = Sq; a.H = H; a.C = C; a.R = R;
-  a.lmax = lmax; a.page_size = page_size; a.max_pages = max_pages; a.capacity = capacity;
+  a.B = B;
+  a.Sq = Sq;
+  a.H = H;
+  a.C = C;
+  a.R = R;
+  a.lmax = lmax;
+  a.page_size = page_size;
+  a.max_pages = max_pages;
+  a.capacity = capacity;
   a.scale = scale;
   a.causal = h[10] != 0;
   a.window = h[11];
@@ -184,8 +194,13 @@ int run_append(const char* out_path) {
   a.sin = sn->data();
   a.seqlens = lens->data();
   a.block_table = paged ? table->data() : nullptr;
-  a.B = B; a.S = S; a.C = C; a.R = R;
-  a.lmax = lmax; a.page_size = page_size; a.max_pages = max_pages;
+  a.B = B;
+  a.S = S;
+  a.C = C;
+  a.R = R;
+  a.lmax = lmax;
+  a.page_size = page_size;
+  a.max_pages = max_pages;
   a.eps = eps;
   a.interleave = h[9] != 0;
   const cudaError_t err = launch_mla_append_cache(dtype, a, nullptr);
@@ -219,9 +234,7 @@ void racy_smem(float* out) {  // thread t reads what thread t ^ 1 wrote, with no
   s[threadIdx.x] = static_cast<float>(threadIdx.x);
   out[threadIdx.x] = s[threadIdx.x ^ 1u];
 }
-void shuffle_sum(float* out) {
-  out[threadIdx.x] = warp_sum(static_cast<float>(threadIdx.x % 32));
-}
+void shuffle_sum(float* out) { out[threadIdx.x] = warp_sum(static_cast<float>(threadIdx.x % 32)); }
 
 int run_selftest(const std::string& which) {
   int flag = 0;
