@@ -1,20 +1,24 @@
 """The MLA decode / append CUDA kernels (csrc/cuda/mla/mla_kernels.cu) run on the host.
 
 tests/mla_decode_emulation/ compiles the real .cu file, kernels and host launchers alike, as C++
-against a small CUDA stand-in (emu.h: every CUDA thread a fiber, real __syncthreads / warp-shuffle
-barriers with divergence and deadlock detection, shared memory poisoned with NaN, sm_90 launch
-limits). Only three constructs of the source are rewritten (shared-memory declarations and the
-<<<>>> launches). The results are compared with the CPU op (latentmoe.ops, itself tested against
-latentmoe.reference in test_mla_decode.py / test_mla_append_cache.py) on contiguous and paged
-caches with NaN in every unused slot, so CI without a GPU still checks the kernels' indexing,
-masking, split/merge logic and launch configuration. Not covered: timing, real memory-model
-races beyond the two thread orders run here, and the device-only fast math (__expf, rsqrtf).
-The workspace allocation of mla_binding.cpp (torch code) is mirrored in the harness.
+against a small CUDA stand-in (emu.h: every CUDA thread a fiber; real __syncthreads / warp-shuffle
+barriers with divergence and deadlock detection; threads run between barriers in forward, reverse
+or seeded random order; shared memory poisoned with NaN; sm_90 launch limits). Only three
+constructs of the source are rewritten (shared-memory declarations and the <<<>>> launches). Every
+buffer a kernel touches ends at an inaccessible page, so out-of-bounds accesses fault. Results are
+compared with the CPU op (latentmoe.ops, itself tested in test_mla_decode.py /
+test_mla_append_cache.py) and, for fp32 decode, the fp64 reference, on contiguous and paged caches
+with NaN in every unused slot: CI without a GPU still checks the kernels' indexing, masking,
+split/merge logic and launch configuration. The workspace allocation of mla_binding.cpp (torch
+code) is mirrored in the harness. Not covered: timing, the hardware memory model (only the thread
+orders above), device-only fast math (__expf, rsqrtf). LATENTMOE_EMU_SANITIZE=1 builds the harness
+with ASan + UBSan.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -66,6 +70,8 @@ def harness(tmp_path_factory):
         pytest.skip("needs a C++ compiler")
     work = tmp_path_factory.mktemp("mla_decode_emulation")
     flags = ["-std=c++20", "-O2", "-Wno-unknown-pragmas"]
+    if os.environ.get("LATENTMOE_EMU_SANITIZE") == "1":  # opt-in: slower build (~30 s), ASan + UBSan
+        flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-g"]
     (work / "probe.cpp").write_text(_PROBE)
     probe = subprocess.run(
         [cxx, *flags, str(work / "probe.cpp"), "-o", str(work / "probe")], check=False, capture_output=True
