@@ -1,0 +1,571 @@
+"""The MLA decode / append CUDA kernels (csrc/cuda/mla/mla_kernels.cu) run on the host.
+
+tests/mla_decode_emulation/ compiles the real .cu file, kernels and host launchers alike, as C++
+against a small CUDA stand-in (emu.h: every CUDA thread a fiber; real __syncthreads / warp-shuffle
+barriers with divergence and deadlock detection; threads run between barriers in forward, reverse
+or seeded random order; shared memory poisoned with NaN; sm_90 launch limits). Only three
+constructs of the source are rewritten (shared-memory declarations and the <<<>>> launches). Every
+buffer a kernel touches ends at an inaccessible page, so out-of-bounds accesses fault. Results are
+compared with the CPU op (latentmoe.ops, itself tested in test_mla_decode.py /
+test_mla_append_cache.py) and, for fp32 decode, the fp64 reference, on contiguous and paged caches
+with NaN in every unused slot: CI without a GPU still checks the kernels' indexing, masking,
+split/merge logic and launch configuration. The workspace allocation of mla_binding.cpp (torch
+code) is mirrored in the harness. Not covered: timing, the hardware memory model (only the thread
+orders above), device-only fast math (__expf, rsqrtf). LATENTMOE_EMU_SANITIZE=1 builds the harness
+with ASan + UBSan.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from latentmoe.ops import mla_append_cache, mla_decode
+from latentmoe.reference import mla as ref
+
+_ROOT = Path(__file__).resolve().parents[1]
+_EMU = Path(__file__).resolve().parent / "mla_decode_emulation"
+_KERNELS = _ROOT / "csrc" / "cuda" / "mla" / "mla_kernels.cu"
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_PROBE = (
+    "#include <ucontext.h>\n#include <type_traits>\n#include <concepts>\n"
+    "int f(int l = __builtin_LINE()) { return l; }\n"
+    "int main() { ucontext_t c; getcontext(&c); return std::is_trivially_copyable_v<float> && f() > 0 ? 0 : 1; }\n"
+)
+SM_COUNT = 132  # H100 / H200 SXM
+
+
+def kernels_as_host_code(src: str) -> str:
+    """mla_kernels.cu with shared-memory declarations and <<<>>> launches in emu.h's terms."""
+    src, n_dyn = re.subn(r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = ::emu::dyn_smem<\1>();", src)
+
+    def static(m):
+        decls = []
+        for d in m.group(2).split(","):
+            name, size = re.fullmatch(r"\s*(\w+)\[([^\]]+)\]\s*", d).groups()
+            decls.append(f'{m.group(1)}* {name} = ::emu::static_smem<{m.group(1)}>("{name}", {size});')
+        return " ".join(decls)
+
+    src, n_static = re.subn(r"__shared__ (\w+) ([^;]+);", static, src)
+    src, n_launch = re.subn(
+        r"(\w+(?:<[^<>;()]*>)?)<<<(.*?)>>>\(([^;]*)\);", r"::emu::launch(\1, \2, \3);", src
+    )
+    # Fail loudly when the kernel file changes shape under the rewrite.
+    assert n_dyn >= 2 and n_launch >= 3, (n_dyn, n_static, n_launch)
+    assert "__shared__" not in src and "<<<" not in src
+    return src
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("needs a C++ compiler")
+    work = tmp_path_factory.mktemp("mla_decode_emulation")
+    flags = ["-std=c++20", "-O2", "-Wno-unknown-pragmas"]
+    if os.environ.get("LATENTMOE_EMU_SANITIZE") == "1":  # opt-in: slower build (~30 s), ASan + UBSan
+        flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-g"]
+    (work / "probe.cpp").write_text(_PROBE)
+    probe = subprocess.run(
+        [cxx, *flags, str(work / "probe.cpp"), "-o", str(work / "probe")], check=False, capture_output=True
+    )
+    if probe.returncode != 0 or subprocess.run([str(work / "probe")], check=False).returncode != 0:
+        pytest.skip("the C++ compiler lacks C++20 or <ucontext.h>")
+    (work / "mla_kernels_host.inc").write_text(kernels_as_host_code(_KERNELS.read_text()))
+    exe = work / "harness"
+    res = subprocess.run(
+        [
+            cxx,
+            *flags,
+            "-Wall",
+            f"-I{_ROOT / 'csrc'}",
+            f"-I{_EMU / 'cuda_headers'}",
+            f"-I{_EMU}",
+            f"-I{work}",
+            str(_EMU / "harness.cpp"),
+            "-o",
+            str(exe),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    return exe
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    t = t.contiguous().cpu()
+    return (t if t.dtype == torch.float32 else t.view(torch.int16)).numpy().tobytes()
+
+
+def _from_raw(buf: bytes, dtype, shape) -> torch.Tensor:
+    np_dtype = np.float32 if dtype == torch.float32 else np.int16
+    t = torch.from_numpy(np.frombuffer(buf, dtype=np_dtype).copy())
+    return (t if dtype == torch.float32 else t.view(dtype)).view(shape)
+
+
+def _run(exe, mode, payload: bytes, tmp_path, order):
+    (tmp_path / "in.bin").write_bytes(payload)
+    res = subprocess.run(
+        [str(exe), mode, str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), str(order)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    launches = [
+        tuple(int(v) for v in ln.split()[1:]) for ln in res.stdout.splitlines() if ln.startswith("launch")
+    ]
+    return (tmp_path / "out.bin").read_bytes(), launches
+
+
+def paged(cache: torch.Tensor, page_size: int, seed: int):
+    """Contiguous [B, L, D] -> randomly permuted pages (NaN in unused slots/pages), block_table."""
+    B, L, D = cache.shape
+    max_pages = -(-L // page_size)
+    n_pages = B * max_pages + 3
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randperm(n_pages, generator=g)[: B * max_pages].view(B, max_pages).to(torch.int32)
+    pages = torch.full((n_pages, page_size, D), float("nan"), dtype=cache.dtype)
+    for b in range(B):
+        for t in range(L):
+            pages[table[b, t // page_size], t % page_size] = cache[b, t]
+    return pages, table
+
+
+def emulated_decode(
+    exe,
+    tmp_path,
+    q_latent,
+    q_pe,
+    kv,
+    seqlens,
+    table,
+    scale,
+    causal,
+    window,
+    pe_cache=None,
+    n_splits=0,
+    order=0,
+):
+    B, Sq, H, C = q_latent.shape
+    R = q_pe.shape[-1]
+    is_paged = table is not None
+    head = [
+        _DTYPES[q_latent.dtype],
+        B,
+        Sq,
+        H,
+        C,
+        R,
+        int(is_paged),
+        kv.shape[1],
+        kv.shape[0] if is_paged else 0,
+        table.shape[1] if is_paged else 0,
+        int(causal),
+        window,
+        int(pe_cache is not None),
+        SM_COUNT,
+        n_splits,
+    ]
+    payload = np.array(head, dtype=np.int64).tobytes() + np.float32(scale).tobytes()
+    payload += _raw(q_latent) + _raw(q_pe) + _raw(kv) + (b"" if pe_cache is None else _raw(pe_cache))
+    payload += seqlens.numpy().astype(np.int32).tobytes()
+    if is_paged:
+        payload += table.numpy().astype(np.int32).tobytes()
+    buf, launches = _run(exe, "decode", payload, tmp_path, order)
+    used = int(np.frombuffer(buf[:8], dtype=np.int64)[0])
+    n_out = B * Sq * H * C * q_latent.element_size()
+    out = _from_raw(buf[8 : 8 + n_out], q_latent.dtype, (B, Sq, H, C))
+    lse = _from_raw(buf[8 + n_out :], torch.float32, (B, Sq, H))
+    return out, lse, used, launches
+
+
+def decode_problem(B, Sq, H, C, R, seqlens, cap, page_size, pe_split, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q_latent = torch.randn(B, Sq, H, C, generator=g).to(dtype)
+    q_pe = torch.randn(B, Sq, H, R, generator=g).to(dtype)
+    cache = torch.randn(B, cap, C + R, generator=g)
+    for b, L in enumerate(seqlens):
+        cache[b, L:] = float("nan")
+    cache = cache.to(dtype)
+    table = None
+    if page_size:
+        cache, table = paged(cache, page_size, seed)
+    pe_cache = None
+    if pe_split:
+        pe_cache = cache[..., C:].contiguous()
+        cache = cache[..., :C].contiguous()
+    return q_latent, q_pe, cache, torch.tensor(seqlens, dtype=torch.int32), table, pe_cache
+
+
+V3 = {"C": 512, "R": 64}
+SMALL = {"C": 48, "R": 16}
+# (B, Sq, H, dims, seqlens, capacity, page_size, causal, window, pe_split, n_splits override)
+DECODE_CASES = {
+    "contig_zero_len_row": (3, 1, 3, SMALL, [37, 0, 5], 40, 0, True, -1, False, 0),
+    "contig_sq2_h1_two_splits": (3, 2, 1, SMALL, [300, 2, 1], 300, 0, True, -1, False, 0),
+    "contig_h9_five_splits": (2, 1, 9, SMALL, [1100, 700], 1100, 0, True, -1, False, 0),
+    "contig_sq2_h9_window": (2, 2, 9, SMALL, [90, 3], 95, 0, True, 5, False, 0),
+    "contig_window0_noncausal": (2, 2, 3, SMALL, [40, 1], 41, 0, False, 0, False, 0),
+    "contig_window_noncausal_7splits": (2, 2, 3, SMALL, [100, 64], 100, 0, False, 9, False, 7),
+    "paged1": (2, 2, 3, SMALL, [20, 1], 21, 1, True, -1, False, 0),
+    "paged16_zero_row": (3, 1, 9, SMALL, [40, 0, 16], 48, 16, True, -1, False, 0),
+    "paged17_sq2_splits": (2, 2, 3, SMALL, [600, 17], 612, 17, True, -1, False, 0),
+    "paged64_window": (2, 2, 1, SMALL, [130, 64], 192, 64, True, 70, False, 3),
+    "pe_cache_contig": (2, 2, 3, SMALL, [50, 7], 50, 0, True, -1, True, 2),
+    "pe_cache_paged17": (2, 1, 3, SMALL, [70, 0], 85, 17, True, -1, True, 0),
+    "v3_contig_sq2": (2, 2, 3, V3, [520, 33], 600, 0, True, -1, False, 0),
+    "v3_paged16_h1": (2, 1, 1, V3, [45, 9], 64, 16, True, -1, False, 0),
+    # The last row fills its cache: one key too far runs off the end of the buffer / block table.
+    "contig_full_last_row": (2, 2, 3, SMALL, [10, 40], 40, 0, True, -1, False, 0),
+    "paged16_full_last_row": (2, 1, 3, SMALL, [5, 48], 48, 16, True, -1, False, 0),
+    "pe_cache_paged16_full": (2, 1, 3, SMALL, [5, 48], 48, 16, True, -1, True, 2),
+    "c1040_cpt8_paged17": (1, 2, 9, {"C": 1040, "R": 16}, [300], 306, 17, True, -1, False, 0),
+    "c300_no_rope": (2, 1, 3, {"C": 300, "R": 0}, [70, 12], 70, 0, True, -1, False, 3),
+}
+
+
+def _random_cases(n, seed=1234):
+    """Small seeded random configurations on top of the hand-picked ones."""
+    rng = np.random.default_rng(seed)
+    cases = {}
+    for i in range(n):
+        B, Sq, H = int(rng.integers(1, 4)), int(rng.integers(1, 4)), int(rng.integers(1, 10))
+        C, R = int(rng.integers(8, 90)), int(rng.choice([0, 4, 16]))
+        cap = int(rng.integers(1, 140))
+        page = int(rng.choice([0, 1, 5, 16, 17]))
+        lens = [int(v) for v in rng.integers(0, cap + 1, size=B)]
+        lens[int(rng.integers(0, B))] = cap  # one row full
+        window = int(rng.choice([-1, -1, 0, 3, 20]))
+        cases[f"random{i}"] = (
+            B,
+            Sq,
+            H,
+            {"C": C, "R": R},
+            lens,
+            cap,
+            page,
+            bool(rng.integers(0, 2)),
+            window,
+            bool(rng.integers(0, 2)),
+            int(rng.choice([0, 0, 1, 2, 5, 9])),
+        )
+    return cases
+
+
+DECODE_CASES.update(_random_cases(8))
+
+
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
+    order = [0, 1, 100 + len(name)][list(DECODE_CASES).index(name) % 3]  # forward / reverse / random
+    B, Sq, H, dims, seqlens, cap, page_size, causal, window, pe_split, n_splits = DECODE_CASES[name]
+    C, R = dims["C"], dims["R"]
+    q_latent, q_pe, kv, lens, table, pe_cache = decode_problem(
+        B, Sq, H, C, R, seqlens, cap, page_size, pe_split, torch.float32, seed=len(name)
+    )
+    scale = 1 / math.sqrt(192)
+    out, lse, used, launches = emulated_decode(
+        harness, tmp_path, q_latent, q_pe, kv, lens, table, scale, causal, window, pe_cache, n_splits, order
+    )
+    want_o, want_l = mla_decode(
+        q_latent, q_pe, kv, lens, scale, block_table=table, causal=causal, window=window, pe_cache=pe_cache
+    )
+    # Launch configuration: split kernel (n_splits, row groups of 8, B) x 256, merge (B*rows) x 128.
+    assert used == (n_splits or used) and used >= 1
+    assert launches[0][:4] == (used, -(-(Sq * H) // 8), B, 256) and launches[1][:4] == (B * Sq * H, 1, 1, 128)
+    assert not out.isnan().any() and not lse.isnan().any(), "NaN reached the output"
+    empty = torch.isinf(want_l)
+    assert torch.equal(torch.isinf(lse), empty) and torch.all(lse[empty] < 0)
+    assert torch.all(out[empty] == 0)
+    torch.testing.assert_close(lse[~empty], want_l[~empty], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, want_o, rtol=1e-5, atol=1e-5 * max(1.0, want_o.abs().max().item()))
+    # And against the pure-PyTorch reference in fp64 (independent masking / paging code).
+    full = kv if pe_cache is None else torch.cat([kv, pe_cache], -1)
+    ref_o, ref_l = ref.mla_decode(
+        q_latent.double(),
+        q_pe.double(),
+        full.double(),
+        lens,
+        scale,
+        block_table=table,
+        causal=causal,
+        window=window,
+    )
+    assert torch.equal(torch.isinf(ref_l), empty)
+    torch.testing.assert_close(lse[~empty].double(), ref_l[~empty].double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), ref_o, rtol=1e-4, atol=1e-4 * max(1.0, ref_o.abs().max().item()))
+
+
+def test_decode_splits_exercised(harness, tmp_path):
+    """The launcher's split policy gives several splits on a long cache (not one big block)."""
+    B, Sq, H, dims, seqlens, cap, *_ = DECODE_CASES["contig_h9_five_splits"]
+    q_latent, q_pe, kv, lens, _, _ = decode_problem(
+        B, Sq, H, dims["C"], dims["R"], seqlens, cap, 0, False, torch.float32, seed=3
+    )
+    *_, used, _ = emulated_decode(harness, tmp_path, q_latent, q_pe, kv, lens, None, 0.1, True, -1)
+    assert used == 5
+
+
+@pytest.mark.parametrize("name", ["paged17_sq2_splits", "contig_sq2_h9_window", "v3_paged16_h1"])
+def test_decode_thread_order_independent(harness, tmp_path, name):
+    """Same result (bitwise) whether the threads of each block run forward, in reverse or in random
+    order between barriers: a missing __syncthreads would make some order read poisoned or stale
+    shared memory."""
+    B, Sq, H, dims, seqlens, cap, page_size, causal, window, pe_split, n_splits = DECODE_CASES[name]
+    args = decode_problem(
+        B, Sq, H, dims["C"], dims["R"], seqlens, cap, page_size, pe_split, torch.float32, seed=5
+    )
+    q_latent, q_pe, kv, lens, table, pe_cache = args
+    runs = [
+        emulated_decode(
+            harness,
+            tmp_path,
+            q_latent,
+            q_pe,
+            kv,
+            lens,
+            table,
+            0.07,
+            causal,
+            window,
+            pe_cache,
+            n_splits,
+            order=o,
+        )
+        for o in (0, 1, 77)
+    ]
+    assert not runs[0][0].isnan().any()
+    for other in runs[1:]:
+        assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["paged17_sq2_splits", "pe_cache_contig", "v3_contig_sq2"])
+def test_decode_low_precision(harness, tmp_path, dtype, name):
+    B, Sq, H, dims, seqlens, cap, page_size, causal, window, pe_split, n_splits = DECODE_CASES[name]
+    q_latent, q_pe, kv, lens, table, pe_cache = decode_problem(
+        B, Sq, H, dims["C"], dims["R"], seqlens, cap, page_size, pe_split, dtype, seed=11
+    )
+    scale = 1 / math.sqrt(192)
+    out, lse, _, _ = emulated_decode(
+        harness, tmp_path, q_latent, q_pe, kv, lens, table, scale, causal, window, pe_cache, n_splits
+    )
+    want_o, want_l = mla_decode(
+        q_latent, q_pe, kv, lens, scale, block_table=table, causal=causal, window=window, pe_cache=pe_cache
+    )
+    assert out.dtype == dtype and not out.isnan().any()
+    empty = torch.isinf(want_l)
+    assert torch.equal(torch.isinf(lse), empty)
+    torch.testing.assert_close(lse[~empty], want_l[~empty], rtol=1e-5, atol=1e-5)
+    # Same fp32 math, different summation order: at most one rounding step of the output dtype apart.
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(
+        out.float(), want_o.float(), rtol=ulp, atol=ulp * want_o.float().abs().max().item()
+    )
+
+
+def _selftest(exe, which):
+    return subprocess.run(
+        [str(exe), "selftest", which], check=False, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_emulator_reports_defects(harness):
+    """The CUDA stand-in itself: divergent / skipped __syncthreads are errors, a missing barrier
+    exposes poisoned shared memory, shuffles reduce over the warp, launch limits are enforced."""
+    for which in ("divergent", "early_exit"):
+        res = _selftest(harness, which)
+        assert res.returncode == 3 and "emulation error" in res.stderr, (which, res.stderr)
+    race = _selftest(harness, "race").stdout.split("\n")[0].split()
+    # Forward order: thread 2k reads thread 2k+1, which has not run yet (poison); odd ones are fine.
+    assert all(("nan" in v) == (t % 2 == 0) for t, v in enumerate(race)), race
+    shuffle = _selftest(harness, "shuffle").stdout.split("\n")[0].split()
+    assert shuffle == ["496"] * 64
+    for which in ("too_much_smem", "big_grid"):  # > 48 KiB without cudaFuncSetAttribute; grid.y > 65535
+        assert _selftest(harness, which).stdout.split("\n")[1] != "err 0", which
+
+
+def test_emulated_bf16_fp16_conversions_match_torch(harness, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat(
+        [
+            torch.randn(20000, generator=g) * torch.logspace(-9, 6, 20000),  # subnormal fp16 ... overflow
+            torch.randint(-(2**31), 2**31 - 1, (20000,), generator=g, dtype=torch.int64)
+            .to(torch.int32)
+            .view(torch.float32),
+            torch.tensor(
+                [
+                    0.0,
+                    -0.0,
+                    65504.0,
+                    65519.99,
+                    65520.0,
+                    2.0**-24,
+                    2.0**-25,
+                    3 * 2.0**-26,
+                    float("inf"),
+                    -float("inf"),
+                    1 + 2.0**-8,
+                    1 + 3 * 2.0**-8,
+                    1 + 2.0**-11,
+                    1 + 3 * 2.0**-11,
+                ]
+            ),
+        ]
+    )
+    (tmp_path / "x.bin").write_bytes(x.numpy().tobytes())
+    res = subprocess.run(
+        [str(harness), "convert", str(tmp_path / "x.bin"), str(tmp_path / "y.bin"), "0"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    buf = (tmp_path / "y.bin").read_bytes()
+    n = x.numel()
+    parts = [(buf[: 2 * n], torch.bfloat16), (buf[2 * n : 4 * n], torch.float16)]
+    live = ~x.isnan()  # NaN payloads may differ; NaN-ness may not
+    for raw, dtype in parts:
+        got = _from_raw(raw, dtype, (n,))
+        want = x.to(dtype)
+        assert torch.equal(got.isnan(), x.isnan())
+        assert torch.equal(got[live].view(torch.int16), want[live].view(torch.int16)), dtype
+    back_b = _from_raw(buf[4 * n : 8 * n], torch.float32, (n,))
+    back_h = _from_raw(buf[8 * n :], torch.float32, (n,))
+    assert torch.equal(back_b[live], x[live].to(torch.bfloat16).float())
+    assert torch.equal(back_h[live], x[live].to(torch.float16).float())
+
+
+# ---- append -------------------------------------------------------------------------------------
+
+
+def emulated_append(exe, tmp_path, cache, latent, k_pe, w, eps, cos, sin, lens, table, interleave, order=0):
+    B, S, C = latent.shape
+    R = k_pe.shape[-1]
+    is_paged = table is not None
+    head = [
+        _DTYPES[latent.dtype],
+        B,
+        S,
+        C,
+        R,
+        int(is_paged),
+        cache.shape[1],
+        cache.shape[0] if is_paged else 0,
+        table.shape[1] if is_paged else 0,
+        int(interleave),
+    ]
+    payload = np.array(head, dtype=np.int64).tobytes() + np.float32(eps).tobytes()
+    for t in (cache, latent, k_pe, w, cos, sin):
+        payload += _raw(t)
+    payload += lens.numpy().astype(np.int32).tobytes()
+    if is_paged:
+        payload += table.numpy().astype(np.int32).tobytes()
+    buf, launches = _run(exe, "append", payload, tmp_path, order)
+    assert launches == [(B * S, 1, 1, 128, 4 * R * 4, 32 * 4)]
+    return _from_raw(buf, cache.dtype, tuple(cache.shape))
+
+
+# (B, S, dims, seqlens already cached, capacity, page_size, interleave)
+APPEND_CASES = {
+    "contig_s1": (3, 1, SMALL, [0, 7, 39], 40, 0, True),
+    "contig_s3_rotate_half": (2, 3, SMALL, [5, 0], 9, 0, False),
+    "paged1_s2": (2, 2, SMALL, [3, 0], 6, 1, True),
+    "paged16_s3": (3, 3, SMALL, [14, 0, 29], 32, 16, False),
+    "paged17_s2": (2, 2, SMALL, [16, 32], 34, 17, True),
+    "paged64_s1": (2, 1, SMALL, [63, 0], 64, 64, False),
+    "v3_paged16_s2": (2, 2, V3, [15, 3], 32, 16, True),
+    "v3_contig_s1": (2, 1, V3, [4, 0], 8, 0, False),
+    "fills_last_slot": (2, 2, SMALL, [3, 30], 32, 16, True),
+}
+
+
+def append_problem(B, S, C, R, seqlens, cap, page_size, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(B, cap, C + R, generator=g)
+    for b, L in enumerate(seqlens):
+        cache[b, L:] = float("nan")  # the slots to be written and everything after them
+    table = None
+    if page_size:
+        cache, table = paged(cache, page_size, seed)
+    latent = torch.randn(B, S, C, generator=g) * 3
+    k_pe = torch.randn(B, S, R, generator=g)
+    w = torch.rand(C, generator=g) + 0.5
+    ang = torch.rand(B, S, R // 2, generator=g) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    cast = lambda t: t.to(dtype)
+    return (
+        cast(cache),
+        cast(latent),
+        cast(k_pe),
+        cast(w),
+        cast(cos),
+        cast(sin),
+        torch.tensor(seqlens, dtype=torch.int32),
+        table,
+    )
+
+
+def _target_mask(cache, lens, S, table):
+    """True at the cache rows the append writes (slots lens[b] + s)."""
+    mask = torch.zeros(cache.shape[:-1], dtype=torch.bool)
+    for b, L in enumerate(lens.tolist()):
+        for t in range(L, L + S):
+            if table is None:
+                mask[b, t] = True
+            else:
+                ps = cache.shape[1]
+                mask[table[b, t // ps], t % ps] = True
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(APPEND_CASES))
+def test_append_matches_cpu_op_and_writes_only_targets(harness, tmp_path, name, dtype):
+    B, S, dims, seqlens, cap, page_size, interleave = APPEND_CASES[name]
+    C, R = dims["C"], dims["R"]
+    cache, latent, k_pe, w, cos, sin, lens, table = append_problem(
+        B, S, C, R, seqlens, cap, page_size, dtype, seed=len(name)
+    )
+    eps = 1e-6
+    got = emulated_append(harness, tmp_path, cache, latent, k_pe, w, eps, cos, sin, lens, table, interleave)
+    want = cache.clone()
+    mla_append_cache(
+        want, latent, k_pe, w, eps, cos, sin, lens, block_table=table, rope_interleave=interleave
+    )
+    target = _target_mask(cache, lens, S, table)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    # Everything else untouched, bit for bit (NaN poison included).
+    assert torch.equal(got[~target].view(bits), cache[~target].view(bits))
+    assert not got[target].isnan().any()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got[target], want[target], rtol=1e-6, atol=1e-6)
+    else:  # the block reduction sums in another order: at most one rounding step apart
+        ulp = torch.finfo(dtype).eps
+        torch.testing.assert_close(got[target].float(), want[target].float(), rtol=ulp, atol=ulp)
+
+
+def test_append_thread_order_independent(harness, tmp_path):
+    B, S, dims, seqlens, cap, page_size, interleave = APPEND_CASES["paged17_s2"]
+    args = append_problem(B, S, dims["C"], dims["R"], seqlens, cap, page_size, torch.float32, seed=2)
+    cache, latent, k_pe, w, cos, sin, lens, table = args
+    a = emulated_append(
+        harness, tmp_path, cache, latent, k_pe, w, 1e-6, cos, sin, lens, table, interleave, order=0
+    )
+    for order in (1, 91):
+        b = emulated_append(
+            harness, tmp_path, cache, latent, k_pe, w, 1e-6, cos, sin, lens, table, interleave, order=order
+        )
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
