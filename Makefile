@@ -21,7 +21,7 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: test bench venv build dev info clean
+.PHONY: test bench venv build dev info clean gpu-wheels
 
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ test: build
 
 bench: build
 	$(PY) bench/run.py
+
+# Pure-Python test dependencies missing on the lent GPU machine, as wheels for bench/gpu_check.sh
+# (carry .whl with the device call).
+gpu-wheels: venv
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl tomesd
 
 clean:
 	rm -rf build build.log python/latentmoe/_C*.so
