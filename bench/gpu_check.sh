@@ -30,9 +30,10 @@ fi
 
 if [[ "$skip" != *build* ]]; then
   stage "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-  if ! "$PY" -m pip install -v --no-build-isolation --no-deps --no-index . >"$OUT/build.log" 2>&1; then
+  if ! SKBUILD_BUILD_VERBOSE=true "$PY" -m pip install -v --no-build-isolation --no-deps --no-index . >"$OUT/build.log" 2>&1; then
     tail -40 "$OUT/build.log"; echo "BUILD FAILED" | tee -a "$OUT/summary.txt"; exit 1
   fi
+  grep "nvcc" "$OUT/build.log" | grep -oE "(--generate-code=[^ ]+|-c [^ ]+\.cu)" | paste -sd' ' | tee -a "$OUT/summary.txt"
   (cd /tmp && "$PY" -m latentmoe.info) 2>&1 | tee "$OUT/info.txt"
 fi
 
