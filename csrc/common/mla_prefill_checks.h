@@ -2,6 +2,9 @@
 // (includes torch headers: never include it from a .cu file).
 #pragma once
 
+#include <optional>
+#include <tuple>
+
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -162,6 +165,46 @@ inline void check_backward_args(const char* op, const Params& p, const at::Tenso
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(l_shape), "latentmoe.", op,
                     ": argument 'lse' must have shape [B, S, H] = ", at::IntArrayRef(l_shape), ", got ",
                     lse.sizes());
+}
+
+// Validated, contiguous inputs and freshly allocated gradients of mla_prefill_backward, shared by
+// the CPU kernel and the CUDA binding. Gradients of the cache and weights accumulate in fp32.
+struct BackwardIO {
+  Params p;
+  at::Tensor block_table, grad_out, grad_lse, out, lse, seqlens;
+  at::Tensor grad_q_nope, grad_q_pe, grad_cache, grad_w_uk, grad_w_uv;
+
+  // (grad_q_nope, grad_q_pe, grad_latent_cache, grad_w_uk, grad_w_uv) in the inputs' dtype.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> results() const {
+    const auto dt = grad_q_nope.scalar_type();
+    return {grad_q_nope, grad_q_pe, grad_cache.to(dt), grad_w_uk.to(dt), grad_w_uv.to(dt)};
+  }
+};
+
+inline BackwardIO prepare_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& grad_lse,
+                                   const at::Tensor& q_nope, const at::Tensor& q_pe,
+                                   const at::Tensor& latent_cache, const at::Tensor& cache_seqlens,
+                                   const at::Tensor& w_uk, const at::Tensor& w_uv, const at::Tensor& out,
+                                   const at::Tensor& lse, double softmax_scale,
+                                   const std::optional<at::Tensor>& block_table, bool causal, int64_t window) {
+  BackwardIO io;
+  io.p = check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table,
+                    causal, window);
+  check_backward_args(op, io.p, q_nope, grad_out, grad_lse, out, lse);
+  const Params& p = io.p;
+  io.block_table = block_table.has_value() ? block_table->contiguous() : at::Tensor();
+  io.grad_out = grad_out.contiguous();
+  io.grad_lse = grad_lse.contiguous();
+  io.out = out.contiguous();
+  io.lse = lse.contiguous();
+  io.seqlens = cache_seqlens.contiguous();
+  auto f32 = q_nope.options().dtype(at::kFloat);
+  io.grad_q_nope = at::empty({p.B, p.S, p.H, p.Dn}, q_nope.options());
+  io.grad_q_pe = at::empty({p.B, p.S, p.H, p.R}, q_nope.options());
+  io.grad_cache = at::zeros(latent_cache.sizes(), f32);
+  io.grad_w_uk = at::zeros({p.H, p.Dn, p.C}, f32);
+  io.grad_w_uv = at::zeros({p.H, p.Dv, p.C}, f32);
+  return io;
 }
 
 }  // namespace latentmoe::mla_prefill

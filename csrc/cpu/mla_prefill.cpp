@@ -337,37 +337,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
     const at::Tensor& latent_cache, const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
     const at::Tensor& w_uv, const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
     const std::optional<at::Tensor>& block_table, bool causal, int64_t window) {
-  const char* op = "mla_prefill_backward";
-  const Params p = mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv,
-                                           softmax_scale, block_table, causal, window);
-  auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
-  mla_prefill::check_backward_args(op, p, q_nope, grad_out, grad_lse, out, lse);
-  auto go = grad_out.contiguous();
-  auto gl = grad_lse.contiguous();
-  auto o = out.contiguous();
-  auto l = lse.contiguous();
-  auto lens = cache_seqlens.contiguous();
-  auto f32 = q_nope.options().dtype(at::kFloat);
-  auto grad_q_nope = at::empty({p.B, p.S, p.H, p.Dn}, q_nope.options());
-  auto grad_q_pe = at::empty({p.B, p.S, p.H, p.R}, q_nope.options());
-  auto grad_cache = at::zeros(latent_cache.sizes(), f32);
-  auto grad_w_uk = at::zeros({p.H, p.Dn, p.C}, f32);
-  auto grad_w_uv = at::zeros({p.H, p.Dv, p.C}, f32);
+  auto io = mla_prefill::prepare_backward("mla_prefill_backward", grad_out, grad_lse, q_nope, q_pe, latent_cache,
+                                         cache_seqlens, w_uk, w_uv, out, lse, softmax_scale, block_table, causal,
+                                         window);
+  const Params& p = io.p;
   if (p.B * p.S > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_nope.scalar_type(), "mla_prefill_backward_cpu", [&] {
-      prefill_backward<scalar_t>(p, go.const_data_ptr<scalar_t>(), gl.const_data_ptr<float>(),
-                                 q_nope.const_data_ptr<scalar_t>(), q_pe.const_data_ptr<scalar_t>(),
-                                 latent_cache.const_data_ptr<scalar_t>(),
-                                 bt.defined() ? bt.const_data_ptr<int32_t>() : nullptr, lens.const_data_ptr<int32_t>(),
-                                 w_uk.const_data_ptr<scalar_t>(), w_uv.const_data_ptr<scalar_t>(),
-                                 o.const_data_ptr<scalar_t>(), l.const_data_ptr<float>(),
-                                 grad_q_nope.mutable_data_ptr<scalar_t>(), grad_q_pe.mutable_data_ptr<scalar_t>(),
-                                 grad_cache.mutable_data_ptr<float>(), grad_w_uk.mutable_data_ptr<float>(),
-                                 grad_w_uv.mutable_data_ptr<float>());
+      prefill_backward<scalar_t>(
+          p, io.grad_out.const_data_ptr<scalar_t>(), io.grad_lse.const_data_ptr<float>(),
+          q_nope.const_data_ptr<scalar_t>(), q_pe.const_data_ptr<scalar_t>(), latent_cache.const_data_ptr<scalar_t>(),
+          io.block_table.defined() ? io.block_table.const_data_ptr<int32_t>() : nullptr,
+          io.seqlens.const_data_ptr<int32_t>(), w_uk.const_data_ptr<scalar_t>(), w_uv.const_data_ptr<scalar_t>(),
+          io.out.const_data_ptr<scalar_t>(), io.lse.const_data_ptr<float>(),
+          io.grad_q_nope.mutable_data_ptr<scalar_t>(), io.grad_q_pe.mutable_data_ptr<scalar_t>(),
+          io.grad_cache.mutable_data_ptr<float>(), io.grad_w_uk.mutable_data_ptr<float>(),
+          io.grad_w_uv.mutable_data_ptr<float>());
     });
   }
-  const auto dt = q_nope.scalar_type();
-  return {grad_q_nope, grad_q_pe, grad_cache.to(dt), grad_w_uk.to(dt), grad_w_uv.to(dt)};
+  return io.results();
 }
 
 }  // namespace

@@ -131,6 +131,13 @@ void check_experts_args(const char* op, const at::Tensor& hidden, const at::Tens
   chk::same_device(op, "indices", indices, "hidden", hidden);
 }
 
+void check_experts_backward_args(const at::Tensor& hidden, const at::Tensor& gate_up_proj,
+                                 const at::Tensor& down_proj, const at::Tensor& weights) {
+  // Indices of the right shape stand in for the ones the forward already validated.
+  check_experts_args("moe_experts_backward", hidden, gate_up_proj, down_proj, weights,
+                     at::empty({hidden.size(0), weights.size(1)}, hidden.options().dtype(at::kLong)));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
@@ -478,9 +485,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
     const at::Tensor& expert_offsets, const at::Tensor& gate_up_out) {
-  moe_host::check_experts_args("moe_experts_backward", hidden, gate_up_proj, down_proj, weights,
-                               at::empty({hidden.size(0), weights.size(1)},
-                                         hidden.options().dtype(at::kLong)));
+  moe_host::check_experts_backward_args(hidden, gate_up_proj, down_proj, weights);
   const auto dt = hidden.scalar_type();
   if (dt != at::kFloat && !cpu_fast_low_precision_gemm()) {
     // As in the forward: fp32 GEMMs on upconverted operands where bf16/fp16 GEMMs are slow.

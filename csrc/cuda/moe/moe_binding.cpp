@@ -113,9 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
     const at::Tensor& expert_offsets, const at::Tensor& gate_up_out) {
-  moe_host::check_experts_args("moe_experts_backward", hidden, gate_up_proj, down_proj, weights,
-                               at::empty({hidden.size(0), weights.size(1)},
-                                         hidden.options().dtype(at::kLong)));
+  moe_host::check_experts_backward_args(hidden, gate_up_proj, down_proj, weights);
   c10::cuda::CUDAGuard guard(hidden.device());
   return moe_host::experts_backward(grad_out.contiguous(), hidden.contiguous(),
                                     gate_up_proj.contiguous(), down_proj.contiguous(), weights,

@@ -28,6 +28,10 @@ void check_experts_args(const char* op, const at::Tensor& hidden, const at::Tens
                         const at::Tensor& down_proj, const at::Tensor& weights,
                         const at::Tensor& indices);
 
+// check_experts_args for moe_experts_backward, which has no indices (its pairs come pre-sorted).
+void check_experts_backward_args(const at::Tensor& hidden, const at::Tensor& gate_up_proj,
+                                 const at::Tensor& down_proj, const at::Tensor& weights);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
