@@ -232,6 +232,9 @@ DECODE_CASES = {
     "pe_cache_paged16_full": (2, 1, 3, SMALL, [5, 48], 48, 16, True, -1, True, 2),
     "c1040_cpt8_paged17": (1, 2, 9, {"C": 1040, "R": 16}, [300], 306, 17, True, -1, False, 0),
     "c300_no_rope": (2, 1, 3, {"C": 300, "R": 0}, [70, 12], 70, 0, True, -1, False, 3),
+    # Large caches holding short rows: the splits follow the longest row, not the capacity.
+    "contig_big_capacity_short_rows": (2, 1, 3, SMALL, [300, 40], 4000, 0, True, -1, False, 0),
+    "paged17_big_capacity_short_rows": (2, 2, 3, SMALL, [20, 530], 17 * 300, 17, True, -1, False, 0),
 }
 
 
@@ -283,6 +286,8 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
     )
     # Launch configuration: split kernel (n_splits, row groups of 8, B) x 256, merge (B*rows) x 128.
     assert used == (n_splits or used) and used >= 1
+    if not n_splits:  # the policy: at most one split per 256 keys of the longest row
+        assert used <= max(1, -(-max(seqlens) // 256))
     assert launches[0][:4] == (used, -(-(Sq * H) // 8), B, 256) and launches[1][:4] == (B * Sq * H, 1, 1, 128)
     assert not out.isnan().any() and not lse.isnan().any(), "NaN reached the output"
     empty = torch.isinf(want_l)

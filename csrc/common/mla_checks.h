@@ -2,6 +2,8 @@
 // the op and the argument. Values (cache_seqlens, block_table) are checked on a host copy.
 #pragma once
 
+#include <algorithm>
+
 #include <cmath>
 
 #include <ATen/ATen.h>
@@ -94,20 +96,23 @@ inline CacheDims check_cache(const char* op, const at::Tensor& kv_cache, const a
 
 // Every row's token count `seqlens[b] + extra` must lie in [0, capacity]; block-table entries of
 // pages holding those tokens must lie in [0, num_pages). One small device-to-host copy on CUDA.
-inline void check_cache_values(const char* op, const CacheDims& d, const at::Tensor& cache_seqlens,
-                               const c10::optional<at::Tensor>& block_table, int64_t extra) {
+// Returns the longest cache_seqlens entry (before `extra`), which sizes the decode splits.
+inline int64_t check_cache_values(const char* op, const CacheDims& d, const at::Tensor& cache_seqlens,
+                                  const c10::optional<at::Tensor>& block_table, int64_t extra) {
   // One host copy of lengths and table together (a single device sync on CUDA).
   // Host copy layout: [B lengths | B * max_pages table entries (paged only)].
   at::Tensor host = d.paged ? at::cat({cache_seqlens, block_table->reshape({-1})}) : cache_seqlens;
   host = host.to(at::kCPU);
   const int32_t* lp = host.const_data_ptr<int32_t>();
   const int32_t* table_base = lp + d.B;
+  int64_t longest = 0;
   for (int64_t b = 0; b < d.B; ++b) {
     const int64_t n = static_cast<int64_t>(lp[b]) + extra;
     TORCH_CHECK_VALUE(lp[b] >= 0, "latentmoe.", op, ": argument 'cache_seqlens' has a negative entry ",
                       lp[b], " at row ", b);
     TORCH_CHECK_VALUE(n <= d.capacity, "latentmoe.", op, ": argument 'cache_seqlens' row ", b, " needs ", n,
                       " tokens but the cache holds ", d.capacity, " per row");
+    longest = std::max<int64_t>(longest, lp[b]);
     if (d.paged) {
       const int32_t* tp = table_base + b * d.max_pages;
       const int64_t used = (n + d.page_size - 1) / d.page_size;
@@ -118,6 +123,7 @@ inline void check_cache_values(const char* op, const CacheDims& d, const at::Ten
       }
     }
   }
+  return longest;
 }
 
 // q_latent [B, Sq, H, C], q_pe [B, Sq, H, R]: floating, same dtype/device, contiguous.

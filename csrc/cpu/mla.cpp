@@ -218,13 +218,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
   const int64_t C = q_latent.size(3), R = q_pe.size(3);
   auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, q_latent, "q_latent", pe_cache);
   mla::check_decode_scalars(softmax_scale, window);
-  mla::check_cache_values(op, d, cache_seqlens, block_table, 0);
+  const int64_t max_len = mla::check_cache_values(op, d, cache_seqlens, block_table, 0);
 
   auto out = at::empty_like(q_latent);
   auto lse = at::empty({B, Sq, H}, q_latent.options().dtype(at::kFloat));
   const int32_t* lens = cache_seqlens.const_data_ptr<int32_t>();
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < B; ++b) max_len = std::max<int64_t>(max_len, lens[b]);
   const int64_t rows = Sq * H;
   DecodeParams p{};
   p.B = B; p.Sq = Sq; p.H = H; p.C = C; p.R = R; p.D = C + R;

@@ -116,7 +116,10 @@ int run_decode(const char* out_path) {
 
   // As the binding: n_splits from the launcher's policy, workspace of that size (left as garbage
   // there: NaN here, so a partial the merge reads but no split wrote shows up).
-  const int64_t n_splits = h[14] > 0 ? h[14] : mla_decode_num_splits(B, rows, capacity, static_cast<int>(h[13]));
+  int64_t max_seqlen = 0;  // as the binding: the longest row, from the host copy of cache_seqlens
+  for (int64_t b = 0; b < B; ++b) max_seqlen = std::max<int64_t>(max_seqlen, lens->data()[b]);
+  const int64_t n_splits =
+      h[14] > 0 ? h[14] : mla_decode_num_splits(B, rows, max_seqlen, static_cast<int>(h[13]));
   auto part_acc = poisoned<float>(B * n_splits * rows * C);
   auto part_m = poisoned<float>(B * n_splits * rows);
   auto part_l = poisoned<float>(B * n_splits * rows);
@@ -148,6 +151,7 @@ int run_decode(const char* out_path) {
   a.page_size = page_size;
   a.max_pages = max_pages;
   a.capacity = capacity;
+  a.max_seqlen = max_seqlen;
   a.scale = scale;
   a.causal = h[10] != 0;
   a.window = h[11];

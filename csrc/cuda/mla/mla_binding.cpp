@@ -34,12 +34,12 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   TORCH_CHECK_VALUE(mla_decode_smem_bytes(C + R) <= props->sharedMemPerBlockOptin,
                     "latentmoe.mla_decode: argument 'kv_cache' rows of C+R = ", C + R,
                     " values need more shared memory than this GPU offers per block");
-  mla::check_cache_values(op, d, cache_seqlens, block_table, 0);
+  const int64_t max_seqlen = mla::check_cache_values(op, d, cache_seqlens, block_table, 0);
 
   auto out = at::empty_like(q_latent);
   auto lse = at::empty({B, Sq, H}, q_latent.options().dtype(at::kFloat));
   const int64_t rows = Sq * H;
-  const int64_t n_splits = mla_decode_num_splits(B, rows, d.capacity, props->multiProcessorCount);
+  const int64_t n_splits = mla_decode_num_splits(B, rows, max_seqlen, props->multiProcessorCount);
   auto f32 = q_latent.options().dtype(at::kFloat);
   auto part_acc = at::empty({B, n_splits, rows, C}, f32);
   auto part_m = at::empty({B, n_splits, rows}, f32);
@@ -61,6 +61,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   a.part_l = part_l.mutable_data_ptr<float>();
   a.B = B; a.Sq = Sq; a.H = H; a.C = C; a.R = R;
   a.lmax = d.lmax; a.page_size = d.page_size; a.max_pages = d.max_pages; a.capacity = d.capacity;
+  a.max_seqlen = max_seqlen;
   a.scale = static_cast<float>(softmax_scale);
   a.causal = causal;
   a.window = window;

@@ -72,7 +72,9 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
       hi_all = max(hi_all, hi_s[r]);
     }
   }
-  const int64_t split_len = (a.capacity + a.n_splits - 1) / a.n_splits;
+  // Splits tile [0, max_seqlen): sized by the longest row, not the capacity, so a large cache
+  // holding short rows launches no idle blocks. Keys past a row's seqlen are never read.
+  const int64_t split_len = a.max_seqlen > 0 ? (a.max_seqlen + a.n_splits - 1) / a.n_splits : 1;
   const int64_t k_begin = max(lo_all, sp * split_len);
   const int64_t k_end = min(hi_all, (sp + 1) * split_len);
 
@@ -251,10 +253,10 @@ cudaError_t append_typed(const MlaAppendArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-int64_t mla_decode_num_splits(int64_t B, int64_t rows, int64_t capacity, int sm_count) {
+int64_t mla_decode_num_splits(int64_t B, int64_t rows, int64_t max_seqlen, int sm_count) {
   const int64_t blocks = B * ((rows + kRows - 1) / kRows);
   const int64_t want = (2 * static_cast<int64_t>(sm_count) + blocks - 1) / blocks;
-  const int64_t most = (capacity + kMinSplitKeys - 1) / kMinSplitKeys;
+  const int64_t most = (max_seqlen + kMinSplitKeys - 1) / kMinSplitKeys;
   int64_t n = want < most ? want : most;
   if (n > 65535) n = 65535;
   return n < 1 ? 1 : n;

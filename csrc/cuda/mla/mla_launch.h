@@ -26,14 +26,16 @@ struct MlaDecodeArgs {
   float* part_l;              // workspace [B, n_splits, Sq*H]
   int64_t B, Sq, H, C, R;
   int64_t lmax, page_size, max_pages, capacity;
+  int64_t max_seqlen;         // longest cache_seqlens entry (known on the host): the splits cover [0, max_seqlen)
   float scale;
   bool causal;
   int64_t window;
   int64_t n_splits;
 };
 
-// Number of key splits (blocks along the sequence) for a call; the caller sizes the workspace.
-int64_t mla_decode_num_splits(int64_t B, int64_t rows, int64_t capacity, int sm_count);
+// Number of key splits (blocks along the sequence) for a call whose longest row holds
+// `max_seqlen` keys; the caller sizes the workspace.
+int64_t mla_decode_num_splits(int64_t B, int64_t rows, int64_t max_seqlen, int sm_count);
 
 // Dynamic shared memory one split block needs for cache rows of D = C + R values (bytes).
 size_t mla_decode_smem_bytes(int64_t D);
