@@ -17,7 +17,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 
 import latentmoe
-from bench.common import ratio_row, read_bandwidth_gbs, row, time_ms
+from bench.common import gemm_gflops, ratio_row, read_bandwidth_gbs, row, time_ms
 
 H, C, R, NOPE, V, HIDDEN = 16, 512, 64, 128, 128, 2048
 
@@ -68,13 +68,51 @@ def _decode_step_rows(device: str, dtype, contexts, reps: int) -> list[dict]:
             t_hf = time_ms(lambda: hf(x, pe, None, cache=hf_cache), device, warmup=2, reps=reps)
             t_ours = time_ms(lambda: ours(x, pe, None, cache=ours_cache), device, warmup=3, reps=reps)
         mode = f"decode-step-{dt}"
+        floor_ms, floor_note = _step_floor_ms(ours, L, device, dtype)
         rows += [
             row("mla_decode_step", "hf", mode, L, t_hf, device),
             row("mla_decode_step", "latentmoe", mode, L, t_ours, device),
+            row("mla_decode_step", "floor", mode, L, (floor_ms,) * 3, device, note=floor_note),
             ratio_row("mla_decode_step", "speedup_vs_hf", L, t_hf[0] / t_ours[0], device,
                       "goal >= 75x at 4K (issue 3); module vs module, projections included"),
+            ratio_row("mla_decode_step", "time_over_floor", L, t_ours[0] / floor_ms, device,
+                      "how far the step is from this machine's floor"),
+            ratio_row("mla_decode_step", "hf_over_floor", L, t_hf[0] / floor_ms, device,
+                      "the largest speedup vs HF this machine allows (a step can't beat the floor)"),
         ]
     return rows
+
+
+def _attention_flops(Sq: int, L: int) -> float:
+    """FLOPs of absorbed attention for one batch row: scores over C+R, weighted sum over C."""
+    return 2.0 * Sq * H * L * ((C + R) + C)
+
+
+_RATES: dict = {}
+
+
+def _gemm_rate(device: str, dtype) -> float:
+    """Dense GEMM rate (GFLOP/s) of a large torch.mm, measured once per run: the compute floor's rate."""
+    key = (device, dtype)
+    if key not in _RATES:
+        _RATES[key] = gemm_gflops(2048, 2048, 2048, device, dtype)
+    return _RATES[key]
+
+
+def _step_floor_ms(mod, L: int, device: str, dtype) -> tuple[float, str]:
+    """Floor of one decode step on this machine, measured now: every byte the step must read once
+    (projection weights, the absorbed kv_b weights, the latent cache) at the read bandwidth of a
+    buffer that size, plus the attention FLOPs at the dense GEMM rate."""
+    elt = torch.finfo(dtype).bits // 8
+    w_bytes = sum(p.numel() for n, p in mod.named_parameters() if "layernorm" not in n) * elt
+    cache_bytes = L * (C + R) * elt
+    nbytes = w_bytes + cache_bytes
+    read_ms = nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3
+    rate = _gemm_rate(device, dtype)
+    flop_ms = _attention_flops(1, L) / (rate * 1e9) * 1e3
+    note = (f"read {nbytes / 2**20:.0f} MiB once ({read_ms:.2f} ms) + attention "
+            f"{_attention_flops(1, L) / 1e6:.0f} MFLOP at {rate:.0f} GFLOP/s ({flop_ms:.2f} ms)")
+    return read_ms + flop_ms, note
 
 
 def _decode_op_rows(device: str, dtype, contexts) -> list[dict]:
@@ -91,13 +129,20 @@ def _decode_op_rows(device: str, dtype, contexts) -> list[dict]:
         nbytes = kv.numel() * kv.element_size()
         floor_ms = nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3
         mode = f"op-{dt}"
+        rate = _gemm_rate(device, dtype)
+        flop_ms = _attention_flops(1, L) / (rate * 1e9) * 1e3
         rows += [
             row("mla_decode", "latentmoe", mode, L, t_op, device,
                 note=f"{torch.get_num_threads()} CPU threads" if device == "cpu" else ""),
             row("mla_decode", "read_once_floor", mode, L, (floor_ms, floor_ms, floor_ms), device,
                 note=f"plain read of {nbytes / 2**20:.1f} MiB at measured bandwidth"),
+            row("mla_decode", "compute_floor", mode, L, (flop_ms,) * 3, device,
+                note=f"{_attention_flops(1, L) / 1e6:.0f} MFLOP at the dense GEMM rate {rate:.0f} GFLOP/s"),
             ratio_row("mla_decode", "time_over_floor", L, t_op[0] / floor_ms, device,
                       "goal <= 2x the read-once floor (issue 3)"),
+            ratio_row("mla_decode", "time_over_compute_floor", L, t_op[0] / flop_ms, device,
+                      f"compute floor / read floor = {flop_ms / floor_ms:.1f}x: "
+                      + ("compute-bound here" if flop_ms > floor_ms else "bandwidth-bound here")),
         ]
     return rows
 
@@ -204,7 +249,7 @@ def run(device: str, quick: bool) -> list[dict]:
     rows += _decode_op_rows(device, dtype, contexts)
     if device.startswith("cuda"):
         rows += _decode_op_rows(device, torch.bfloat16, contexts)
-    rows += _prefill_rows(device, dtype, [1024] if quick else [4096])
+    rows += _prefill_rows(device, dtype, [4096])  # the goal's size, also in quick runs
     if device.startswith("cuda") and not quick:
         rows += _prefill_memory_rows(device, torch.bfloat16, 16384)
     rows += _cache_bytes_rows(device)

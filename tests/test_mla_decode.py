@@ -127,6 +127,28 @@ def test_decode_long_context_splits(device):
     check_close(out, lse, *prob, 0.1, True, -1)
 
 
+# The CPU kernel has an AVX2+FMA and a portable instantiation of its tile micro-kernels (picked by
+# CPU feature; LATENTMOE_CPU_ISA=generic forces the portable one). Shapes that hit every tail: query
+# rows not a multiple of 4, keys not a multiple of 3 or of the 128-key tile, C+R not a multiple of
+# 8 and C not a multiple of 24 or 8, windows cutting tiles, exp arguments far below 0.
+@pytest.mark.parametrize("isa", ["native", "generic"])
+@pytest.mark.parametrize(
+    "B,Sq,H,C,R,seqlens,page_size,causal,window,scale",
+    [
+        (2, 1, 5, 37, 3, [301, 130], None, True, -1, 0.3),
+        (1, 3, 3, 512, 64, [389], 17, True, 200, 0.07),
+        (3, 2, 7, 80, 0, [129, 1, 256], 64, False, 100, 1.3),
+        (1, 1, 16, 24, 8, [700], None, True, -1, 40.0),  # large scale: most weights underflow to 0
+    ],
+)
+def test_decode_cpu_isa_paths(monkeypatch, isa, B, Sq, H, C, R, seqlens, page_size, causal, window, scale):
+    if isa == "generic":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    prob = make_problem(B, Sq, H, C, R, seqlens, page_size)
+    out, lse = mla_decode(*prob[:4], scale, block_table=prob[4], causal=causal, window=window)
+    check_close(out, lse, *prob, scale, causal, window)
+
+
 def test_decode_does_not_mutate_inputs(device):
     prob = make_problem(2, 1, 3, 48, 16, [20, 9], 16, device=device)
     before = [t.clone() for t in prob]

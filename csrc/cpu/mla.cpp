@@ -2,9 +2,10 @@
 //
 // mla_decode: work items are (batch row, group of query rows, split of the keys), run with
 // at::parallel_for. An item walks its keys in tiles of kTile cache rows; each tile is read once
-// for all query rows of the group (query row = (s, h) pair): scores and the weighted sum are
-// small fp32 GEMMs (ATen matmul on views of the item's buffers), with an online softmax per row in between
-// (common/math.h). fp32 accumulators; splits are merged by their LSE.
+// for all query rows of the group (query row = (s, h) pair) and stays in L2 between its two uses:
+// scores and the weighted sum are register-blocked fp32 micro-kernels (vec8.h: AVX2+FMA clone
+// where the CPU has it), with a vectorised online softmax per row in between (common/math.h
+// state). fp32 accumulators; splits are merged by their LSE.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,15 +18,27 @@
 #include "common/math.h"
 #include "common/mla_checks.h"
 #include "common/mla_math.h"
+#include "cpu/vec8.h"
 
 namespace latentmoe::cpu {
 namespace {
 
 namespace chk = latentmoe::checks;
 
-constexpr int64_t kTile = 256;       // cache rows per tile
+constexpr int64_t kTile = 128;       // cache rows per tile (128 x 576 fp32 = 288 KiB: fits L2)
 constexpr int64_t kRowGroup = 64;    // query rows per work item
 constexpr int64_t kMinSplit = 256;   // fewest keys worth a split of its own
+
+// One tile of n keys (fp32 rows k[n, D], row stride ldk) for the item's m query rows: scores,
+// online softmax per row, then acc[m, C] += weights . k[:, :C]. Rows with no visible key in the
+// tile (a >= e) get weights 0 and keep their state.
+struct TileRows {
+  const mla::KeyRange* ranges;  // per query row, in absolute key positions
+  int64_t t0;                   // absolute position of the tile's first key
+};
+
+using DecodeTileFn = void (*)(int64_t m, int64_t n, int64_t D, int64_t C, const float* q, const float* k, int64_t ldk,
+                              float* scores, int64_t lds, float* acc, TileRows rows, math::SoftmaxState* st);
 
 struct DecodeParams {
   int64_t B, Sq, H, C, R, D;
@@ -38,48 +51,154 @@ struct DecodeParams {
   bool causal;
   int64_t window;
   int64_t n_splits, split_len, n_groups;
+  DecodeTileFn tile_fn;          // decode_tile_avx2 or decode_tile_generic
 };
 
-// Row-major products on fp32 tiles through ATen's matmul (MKL/OpenBLAS underneath), on
-// non-owning views of the work item's buffers:
-//   scores[m, n] = q[m, D] . k[n, D]^T          (row strides ldq, ldk, lds)
-//   acc[m, C]   += p[m, n] . k[n, :C]
-at::Tensor view2d(const float* data, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<float*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
-}
+namespace v8 = latentmoe::cpu::vec8;
+using v8::v8f;
 
-void tile_scores(int64_t m, int64_t n, int64_t D, const float* q, int64_t ldq, const float* k, int64_t ldk,
-                 float* scores, int64_t lds) {
-  auto out = view2d(scores, m, n, lds);
-  at::mm_out(out, view2d(q, m, D, ldq), view2d(k, n, D, ldk).t());
-}
+// ---- fp32 tile micro-kernels (vec8.h; inlined into decode_tile_avx2 and decode_tile_generic) ----
+// Register blocks: scores 4 query rows x 3 keys (12 accumulators, reduced over D in lanes of 8);
+// weighted sum 4 query rows x 24 latent columns (12 accumulators, over the tile's keys).
 
-void tile_accumulate(int64_t m, int64_t n, int64_t C, const float* p, int64_t ldp, const float* k, int64_t ldk,
-                     float* acc, int64_t ldacc) {
-  view2d(acc, m, C, ldacc).addmm_(view2d(p, m, n, ldp), view2d(k, n, C, ldk));
-}
-
-// Online-softmax step of one query row over a tile of n scores `s` (overwritten with the
-// weights exp(s - m_new); 0 outside the visible [a, e)). Updates `st`; returns the factor the
-// row's accumulator must be multiplied by before the weights are added (1 when unchanged).
-float softmax_tile_row(float* s, int64_t n, int64_t a, int64_t e, math::SoftmaxState& st) {
-  if (a >= e) {
-    for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
-    return 1.f;
+// s[i, j] = q[i, :D] . k[j, :D] for i < MR, j < NR.
+template <int MR, int NR>
+LMOE_V8_INLINE void scores_block(int64_t D, const float* q, int64_t ldq, const float* k, int64_t ldk, float* s,
+                                 int64_t lds) {
+  v8f acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = v8::splat(0.f);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    v8f kv[NR];
+    for (int j = 0; j < NR; ++j) kv[j] = v8::load(k + j * ldk + d);
+    for (int i = 0; i < MR; ++i) {
+      const v8f qv = v8::load(q + i * ldq + d);
+      for (int j = 0; j < NR; ++j) acc[i][j] += qv * kv[j];
+    }
   }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float t = v8::hsum(acc[i][j]);
+      for (int64_t dd = d; dd < D; ++dd) t += q[i * ldq + dd] * k[j * ldk + dd];
+      s[i * lds + j] = t;
+    }
+}
+
+template <int MR>
+LMOE_V8_INLINE void scores_rows(int64_t n, int64_t D, const float* q, int64_t ldq, const float* k, int64_t ldk,
+                                float* s, int64_t lds) {
+  int64_t j = 0;
+  for (; j + 3 <= n; j += 3) scores_block<MR, 3>(D, q, ldq, k + j * ldk, ldk, s + j, lds);
+  if (n - j == 2) scores_block<MR, 2>(D, q, ldq, k + j * ldk, ldk, s + j, lds);
+  if (n - j == 1) scores_block<MR, 1>(D, q, ldq, k + j * ldk, ldk, s + j, lds);
+}
+
+// acc[i, c] += sum_j p[i, j] * v[j, c] for i < MR, c in [c0, c0 + 8 NV), j < n.
+template <int MR, int NV>
+LMOE_V8_INLINE void pv_block(int64_t n, const float* p, int64_t ldp, const float* v, int64_t ldv, float* acc,
+                             int64_t ldacc) {
+  v8f o[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int c = 0; c < NV; ++c) o[i][c] = v8::load(acc + i * ldacc + 8 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    v8f vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = v8::load(v + j * ldv + 8 * c);
+    for (int i = 0; i < MR; ++i) {
+      const float w = p[i * ldp + j];  // vector * scalar: one broadcast
+      for (int c = 0; c < NV; ++c) o[i][c] += vv[c] * w;
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int c = 0; c < NV; ++c) v8::store(acc + i * ldacc + 8 * c, o[i][c]);
+}
+
+template <int MR>
+LMOE_V8_INLINE void pv_rows(int64_t n, int64_t C, const float* p, int64_t ldp, const float* v, int64_t ldv,
+                            float* acc, int64_t ldacc) {
+  int64_t c = 0;
+  for (; c + 24 <= C; c += 24) pv_block<MR, 3>(n, p, ldp, v + c, ldv, acc + c, ldacc);
+  for (; c + 8 <= C; c += 8) pv_block<MR, 1>(n, p, ldp, v + c, ldv, acc + c, ldacc);
+  for (int i = 0; i < MR; ++i)  // columns past the last multiple of 8
+    for (int64_t cc = c; cc < C; ++cc) {
+      float t = acc[i * ldacc + cc];
+      for (int64_t j = 0; j < n; ++j) t += p[i * ldp + j] * v[j * ldv + cc];
+      acc[i * ldacc + cc] = t;
+    }
+}
+
+// Row i's online-softmax step over the tile's scores s[0, n): keys [a, e) are visible (a < e).
+// Overwrites s with the weights exp(s - m_new) (0 outside [a, e)), updates st, and returns the
+// factor the row's accumulator is multiplied by first.
+LMOE_V8_INLINE float softmax_row(float* s, int64_t n, int64_t a, int64_t e, math::SoftmaxState& st) {
   float m_tile = -INFINITY;
   for (int64_t j = a; j < e; ++j) m_tile = std::max(m_tile, s[j]);
   const float m_new = std::max(st.m, m_tile);
   const float alpha = math::softmax_rescale(st.m, m_new);
-  float l = st.l * alpha;
   for (int64_t j = 0; j < a; ++j) s[j] = 0.f;
-  for (int64_t j = a; j < e; ++j) {
-    s[j] = math::fast_exp(s[j] - m_new);
+  for (int64_t j = e; j < n; ++j) s[j] = 0.f;
+  v8f lsum = v8::splat(0.f);
+  const v8f mv = v8::splat(m_new);
+  int64_t j = a;
+  for (; j + 8 <= e; j += 8) {
+    const v8f w = v8::exp_nonpos(v8::load(s + j) - mv);
+    v8::store(s + j, w);
+    lsum += w;
+  }
+  float l = v8::hsum(lsum);
+  for (; j < e; ++j) {
+    s[j] = v8::exp_nonpos(s[j] - m_new);
     l += s[j];
   }
-  for (int64_t j = e; j < n; ++j) s[j] = 0.f;
-  st = {m_new, l};
+  st = {m_new, st.l * alpha + l};
   return alpha;
+}
+
+
+LMOE_V8_INLINE void decode_tile_body(int64_t m, int64_t n, int64_t D, int64_t C, const float* q, const float* k,
+                                     int64_t ldk, float* scores, int64_t lds, float* acc, TileRows rows,
+                                     math::SoftmaxState* st) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) scores_rows<4>(n, D, q + i * D, D, k, ldk, scores + i * lds, lds);
+  switch (m - i) {
+    case 3: scores_rows<3>(n, D, q + i * D, D, k, ldk, scores + i * lds, lds); break;
+    case 2: scores_rows<2>(n, D, q + i * D, D, k, ldk, scores + i * lds, lds); break;
+    case 1: scores_rows<1>(n, D, q + i * D, D, k, ldk, scores + i * lds, lds); break;
+    default: break;
+  }
+  for (int64_t r = 0; r < m; ++r) {
+    float* s = scores + r * lds;
+    const int64_t a = std::max<int64_t>(rows.t0, rows.ranges[r].lo) - rows.t0;
+    const int64_t e = std::min<int64_t>(rows.t0 + n, rows.ranges[r].hi) - rows.t0;
+    if (a >= e) {
+      for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
+      continue;
+    }
+    const float alpha = softmax_row(s, n, a, e, st[r]);
+    if (alpha != 1.f) {
+      float* o = acc + r * C;
+      for (int64_t c = 0; c < C; ++c) o[c] *= alpha;
+    }
+  }
+  i = 0;
+  for (; i + 4 <= m; i += 4) pv_rows<4>(n, C, scores + i * lds, lds, k, ldk, acc + i * C, C);
+  switch (m - i) {
+    case 3: pv_rows<3>(n, C, scores + i * lds, lds, k, ldk, acc + i * C, C); break;
+    case 2: pv_rows<2>(n, C, scores + i * lds, lds, k, ldk, acc + i * C, C); break;
+    case 1: pv_rows<1>(n, C, scores + i * lds, lds, k, ldk, acc + i * C, C); break;
+    default: break;
+  }
+}
+
+LMOE_CPU_AVX2 void decode_tile_avx2(int64_t m, int64_t n, int64_t D, int64_t C, const float* q, const float* k,
+                                    int64_t ldk, float* scores, int64_t lds, float* acc, TileRows rows,
+                                    math::SoftmaxState* st) {
+  decode_tile_body(m, n, D, C, q, k, ldk, scores, lds, acc, rows, st);
+}
+
+void decode_tile_generic(int64_t m, int64_t n, int64_t D, int64_t C, const float* q, const float* k, int64_t ldk,
+                         float* scores, int64_t lds, float* acc, TileRows rows, math::SoftmaxState* st) {
+  decode_tile_body(m, n, D, C, q, k, ldk, scores, lds, acc, rows, st);
 }
 
 // One work item: rows [r0, r1) of batch b (row r = s * H + h), keys of split `sp`. Writes the
@@ -137,18 +256,8 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
       }
       k = tile.data();
     }
-    const int64_t n = t1 - t0;
-    tile_scores(nrows, n, D, qbuf.data(), D, k, D, scores.data(), kTile);
-    for (int64_t i = 0; i < nrows; ++i) {
-      const int64_t a = std::max(t0, ranges[i].lo) - t0, e = std::min(t1, ranges[i].hi) - t0;
-      const float alpha = softmax_tile_row(scores.data() + i * kTile, n, a, e, st[i]);
-      if (alpha != 1.f) {
-        float* acc = acc_out + i * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) acc[c] *= alpha;
-      }
-    }
-    tile_accumulate(nrows, n, C, scores.data(), kTile, k, D, acc_out, C);
+    p.tile_fn(nrows, t1 - t0, D, C, qbuf.data(), k, D, scores.data(), kTile, acc_out, TileRows{ranges.data(), t0},
+                st.data());
     t0 = t1;
   }
   for (int64_t i = 0; i < nrows; ++i) {
@@ -234,6 +343,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
   p.causal = causal;
   p.window = window;
   p.n_groups = (rows + kRowGroup - 1) / kRowGroup;
+  p.tile_fn = v8::use_avx2() ? &decode_tile_avx2 : &decode_tile_generic;
   // Enough items for every thread; each split keeps at least kMinSplit keys.
   const int64_t want = (2 * at::get_num_threads() + B * p.n_groups - 1) / (B * p.n_groups);
   p.n_splits = std::max<int64_t>(1, std::min<int64_t>(want, (max_len + kMinSplit - 1) / kMinSplit));
