@@ -285,6 +285,25 @@ def test_latent_cache_overflow_and_misuse():
         LatentKVCache(1, 2, 8, 4, 2, page_size=4, block_table=torch.zeros(3, 2, dtype=torch.int32))
 
 
+def test_latent_cache_rejects_masks_it_cannot_honour():
+    # A LatentKVCache attends causally over each row's own tokens: a padding mask must raise, not be
+    # ignored; None and the plain causal mask (as HF builds it) are accepted.
+    cfg, hf, mine = _pair(CASES[0])
+    B, S = 2, 4
+    x = torch.randn(B, S, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
+    pad = causal_additive_mask(B, S, 0).clone()
+    pad[1, :, :, :2] = torch.finfo(torch.float32).min
+    with torch.no_grad():
+        cache = LatentKVCache(1, B, 8, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+        with pytest.raises(ValueError, match="attention_mask"):
+            mine(x, pe, pad, cache=cache)
+        assert cache.get_seq_length(0) == 0  # nothing appended
+        a, _ = mine(x, pe, causal_additive_mask(B, S, 0), cache=cache)
+        b, _ = mine(x, pe, None, cache=LatentKVCache(1, B, 8, cfg.kv_lora_rank, cfg.qk_rope_head_dim))
+    torch.testing.assert_close(a, b)
+
+
 def test_cache_bytes_per_token():
     cache = LatentKVCache(1, 1, 4, 512, 64, dtype=torch.bfloat16)
     assert cache.bytes_per_token == 576 * 2

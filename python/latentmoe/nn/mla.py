@@ -20,7 +20,8 @@ Paths of :meth:`MultiHeadLatentAttention.forward`:
 
 An HF ``attention_mask`` that is anything but the plain causal mask (e.g. left padding) sends the
 step through the SDPA path with that mask, so results stay correct. With a :class:`LatentKVCache`
-the mask is ignored: visibility is causal over each row's own cached tokens.
+visibility is causal over each row's own cached tokens, so the mask must be None or plain causal
+(anything else raises ValueError rather than being ignored).
 """
 
 from __future__ import annotations
@@ -262,6 +263,13 @@ class MultiHeadLatentAttention(nn.Module):
                 raise ValueError(
                     "MultiHeadLatentAttention: LatentKVCache is for inference; run under torch.no_grad() "
                     "(training uses cache=None)"
+                )
+            L = cache.get_seq_length(self.layer_idx) + S
+            if not self._is_plain_causal(attention_mask, B, S, L):
+                raise ValueError(
+                    "MultiHeadLatentAttention: with a LatentKVCache, attention is causal over each row's own "
+                    "cached tokens; 'attention_mask' must be None or the plain causal mask (for padding, "
+                    "give rows their own lengths in the cache instead of masking)"
                 )
             return self._forward_latent_cache(q_nope, q_pe, kv, cos, sin, cache), None
 
