@@ -13,7 +13,9 @@ from transformers import DeepseekV3Config
 from transformers.cache_utils import DynamicCache
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3Attention,
+    DeepseekV3RMSNorm,
     DeepseekV3RotaryEmbedding,
+    apply_rotary_pos_emb_interleave,
 )
 
 import latentmoe
@@ -147,6 +149,52 @@ def _decode_op_rows(device: str, dtype, contexts) -> list[dict]:
     return rows
 
 
+def _append_rows(device: str, dtype) -> list[dict]:
+    """mla_append_cache (kv_a_layernorm + RoPE of k_pe + write into the cache slots, one kernel) vs
+    the same three steps with HF's modules / functions and a slice write, and vs the bytes floor."""
+    rows = []
+    dt = str(dtype).removeprefix("torch.")
+    cfg = _config("sdpa")
+    rot = DeepseekV3RotaryEmbedding(cfg).to(device)
+    norm = DeepseekV3RMSNorm(C).to(device=device, dtype=dtype)
+    for B, S, L0 in [(32, 1, 4096), (1, 4096, 0)]:  # a decode step of 32 rows; a 4K prefill
+        cache = torch.zeros(B, L0 + S + 8, C + R, device=device, dtype=dtype)
+        lens = torch.full((B,), L0, dtype=torch.int32, device=device)
+        latent = torch.randn(B, S, C, device=device, dtype=dtype)
+        k_pe = torch.randn(B, S, R, device=device, dtype=dtype)
+        cos, sin = rot(latent, (L0 + torch.arange(S, device=device))[None].expand(B, -1))
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        w = norm.weight
+
+        def ours():
+            latentmoe.ops.mla_append_cache(cache, latent, k_pe, w, norm.variance_epsilon, cos, sin, lens)
+
+        def hf_steps():
+            c = norm(latent)
+            k = k_pe.view(B, 1, S, R)
+            _, k_rot = apply_rotary_pos_emb_interleave(k, k, cos, sin)
+            cache[:, L0:L0 + S, :C] = c
+            cache[:, L0:L0 + S, C:] = k_rot[:, 0]
+
+        with torch.no_grad():
+            t_ours = time_ms(ours, device, warmup=3, reps=20, min_time_s=0.2)
+            t_hf = time_ms(hf_steps, device, warmup=3, reps=20, min_time_s=0.2)
+        elt = torch.finfo(dtype).bits // 8
+        nbytes = B * S * ((C + R) * elt * 2 + 2 * R * elt)  # read latent, k_pe, cos, sin; write rows
+        floor_ms = nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3
+        mode = f"append-{dt}-B{B}-S{S}"
+        rows += [
+            row("mla_append_cache", "hf_steps", mode, B * S, t_hf, device,
+                note="DeepseekV3RMSNorm + apply_rotary_pos_emb_interleave + slice writes"),
+            row("mla_append_cache", "latentmoe", mode, B * S, t_ours, device),
+            row("mla_append_cache", "bytes_floor", mode, B * S, (floor_ms,) * 3, device,
+                note=f"{nbytes / 2**20:.2f} MiB read+written at the measured read bandwidth"),
+            ratio_row("mla_append_cache", "speedup_vs_hf_steps", B * S, t_hf[0] / t_ours[0], device, mode),
+            ratio_row("mla_append_cache", "time_over_floor", B * S, t_ours[0] / floor_ms, device, mode),
+        ]
+    return rows
+
+
 def _prefill_rows(device: str, dtype, lengths) -> list[dict]:
     rows = []
     cfg = _config("sdpa")
@@ -247,6 +295,7 @@ def run(device: str, quick: bool) -> list[dict]:
     contexts = [1024, 4096] if quick else [1024, 4096, 16384]
     rows = _decode_step_rows(device, dtype, contexts, reps=3 if quick else 5)
     rows += _decode_op_rows(device, dtype, contexts)
+    rows += _append_rows(device, dtype)
     if device.startswith("cuda"):
         rows += _decode_op_rows(device, torch.bfloat16, contexts)
     rows += _prefill_rows(device, dtype, [4096])  # the goal's size, also in quick runs
