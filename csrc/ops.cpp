@@ -31,21 +31,28 @@ TORCH_LIBRARY(latentmoe, m) {
   //   pe_cache: optional; when given, kv_cache holds only c_kv (last dim C) and pe_cache the k_pe
   //   rows (same leading dims, last dim R), e.g. HF's cache keys/values without a concat.
   // Returns out_latent [B, Sq, H, C] (q dtype; sum_j p_j c_kv_j) and lse [B, Sq, H] (fp32, natural
-  // log). Rows with no visible key give 0 and -inf. Reads only; mutates nothing. The MLA ops check
-  // cache_seqlens and used block_table entries on a host copy (one device sync on CUDA).
+  // log). Rows with no visible key give 0 and -inf. Reads only; mutates nothing.
+  //   max_seqlen: -1 = check cache_seqlens and the used block_table entries on a host copy (one
+  //   device sync on CUDA); >= 0 = the caller's bound on every cache_seqlens entry (<= capacity):
+  //   no host copy on CUDA (the call can be captured in a CUDA graph), rows longer than it are cut
+  //   there and table entries are clamped into the pool, so bad values never read out of bounds.
+  //   The CPU kernel checks the values either way.
   m.def(
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor kv_cache, Tensor cache_seqlens,"
       " Tensor? block_table, float softmax_scale, bool causal=True, int window=-1,"
-      " Tensor? pe_cache=None) -> (Tensor out_latent, Tensor lse)");
+      " Tensor? pe_cache=None, int max_seqlen=-1) -> (Tensor out_latent, Tensor lse)");
   // Fused cache append: c = kv_a_layernorm(kv_latent) (HF RMSNorm numerics), k_pe rotated with
   // HF's (cos, sin) in either RoPE layout, rows [c | k_pe] written at token slots
   // cache_seqlens[b] + s of row b (contiguous or paged cache). MUTATES kv_cache (only those slots).
   //   kv_latent [B, S, C], k_pe [B, S, R], norm_weight [C], cos/sin [B, S, R] (HF layout),
   //   cache_seqlens [B] int32 = tokens already cached (not updated here).
+  //   check_values: check cache_seqlens + S <= capacity and the used block_table entries on a host
+  //   copy (one device sync on CUDA). false (CUDA): no copy; slots outside the cache are skipped and
+  //   pages clamped, so bad values never write out of bounds. The CPU kernel checks either way.
   m.def(
       "mla_append_cache(Tensor(a!) kv_cache, Tensor kv_latent, Tensor k_pe, Tensor norm_weight,"
       " float eps, Tensor cos, Tensor sin, Tensor cache_seqlens, Tensor? block_table,"
-      " bool rope_interleave) -> ()");
+      " bool rope_interleave, bool check_values=True) -> ()");
 
   // ---- MoE (routing and experts) ---------------------------------------------------------------
   // DeepSeek-V3 top-k routing from fp32 router logits [T, E] (HF DeepseekV3TopkRouter semantics):

@@ -142,3 +142,30 @@ def test_append_bad_input(key, value, name):
         args["kv_cache"] = torch.zeros(4, 8, 64)
     with pytest.raises(ValueError, match=name):
         mla_append_cache(**args)
+
+
+@pytest.mark.parametrize(
+    "key,value,name",
+    [
+        ("cache_seqlens", torch.tensor([1, 6], dtype=torch.int32), "cache_seqlens"),
+        ("block_table", torch.full((2, 1), 99, dtype=torch.int32), "block_table"),
+    ],
+)
+def test_append_cpu_checks_values_even_when_told_not_to(key, value, name):
+    # check_values=False only saves the CUDA host copy; the CPU kernel still refuses bad values.
+    args = _good()
+    args[key] = value
+    if key == "block_table":
+        args["kv_cache"] = torch.zeros(4, 8, 64)
+    with pytest.raises(ValueError, match=name):
+        mla_append_cache(**args, check_values=False)
+
+
+def test_append_unchecked_matches_checked(device):
+    latent, k_pe, weight, cos, sin = make_inputs(2, 3, 48, 16, [1, 2], True, torch.float32, device)
+    lens = torch.tensor([1, 4], dtype=torch.int32, device=device)
+    a = torch.randn(2, 8, 64, device=device)
+    b = a.clone()
+    mla_append_cache(a, latent, k_pe, weight, 1e-6, cos, sin, lens)
+    mla_append_cache(b, latent, k_pe, weight, 1e-6, cos, sin, lens, check_values=False)
+    assert torch.equal(a, b)

@@ -156,6 +156,7 @@ def emulated_decode(
     pe_cache=None,
     n_splits=0,
     order=0,
+    max_seqlen=-1,
 ):
     B, Sq, H, C = q_latent.shape
     R = q_pe.shape[-1]
@@ -176,6 +177,7 @@ def emulated_decode(
         int(pe_cache is not None),
         SM_COUNT,
         n_splits,
+        max_seqlen,
     ]
     payload = np.array(head, dtype=np.int64).tobytes() + np.float32(scale).tobytes()
     payload += _raw(q_latent) + _raw(q_pe) + _raw(kv) + (b"" if pe_cache is None else _raw(pe_cache))
@@ -574,3 +576,78 @@ def test_append_thread_order_independent(harness, tmp_path):
             harness, tmp_path, cache, latent, k_pe, w, 1e-6, cos, sin, lens, table, interleave, order=order
         )
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+# ---- unchecked calls (mla_decode max_seqlen >= 0, mla_append_cache check_values=False) ----------
+# No host copy of the lengths / table: the CUDA kernels must keep every access inside the buffers
+# whatever the values (the harness's guard pages fault on any stray access), and with good values
+# give what the checked CPU op gives.
+
+
+def test_decode_unchecked_good_values_match_checked(harness, tmp_path):
+    B, Sq, H, C, R, seqlens, cap, page = 3, 2, 3, 48, 16, [70, 0, 33], 85, 17
+    q_latent, q_pe, kv, lens, table, _ = decode_problem(B, Sq, H, C, R, seqlens, cap, page, False, torch.float32, 5)
+    want_o, want_l = mla_decode(q_latent, q_pe, kv, lens, 0.2, block_table=table)
+    for bound in (70, 85):  # the longest row, or the capacity
+        out, lse, used, _ = emulated_decode(
+            harness, tmp_path, q_latent, q_pe, kv, lens, table, 0.2, True, -1, max_seqlen=bound
+        )
+        assert used <= max(1, -(-bound // 256))
+        torch.testing.assert_close(out, want_o, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, want_l, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_unchecked_bad_values_stay_in_bounds(harness, tmp_path):
+    B, Sq, H, C, R, cap, page = 3, 1, 3, 48, 16, 68, 17
+    q_latent, q_pe, kv, lens, table, _ = decode_problem(B, Sq, H, C, R, [68, 5, 20], cap, page, False, torch.float32, 6)
+    bad_lens = torch.tensor([10**6, -7, 20], dtype=torch.int32)  # past the capacity, negative, fine
+    bad_table = table.clone()
+    bad_table[0, 1], bad_table[0, 3], bad_table[1, 0] = 10**6, -3, 2**31 - 1
+    out, lse, _, _ = emulated_decode(
+        harness, tmp_path, q_latent, q_pe, kv, bad_lens, bad_table, 0.2, True, -1, max_seqlen=cap
+    )
+    # Row 1 (negative length) is empty; row 2's values are good and its result is the checked one.
+    assert torch.all(out[1] == 0) and torch.all(lse[1] == -math.inf)
+    want_o, want_l = mla_decode(q_latent[2:], q_pe[2:], kv, lens[2:], 0.2, block_table=table[2:])
+    torch.testing.assert_close(out[2:], want_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[2:], want_l, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_unchecked_bound_below_a_row_cuts_it(harness, tmp_path):
+    # A max_seqlen below a row's length (a broken caller contract) cuts the row there: the result is
+    # attention over the first max_seqlen keys, never a read past them.
+    B, Sq, H, C, R = 1, 1, 3, 48, 16
+    q_latent, q_pe, kv, lens, table, _ = decode_problem(B, Sq, H, C, R, [300], 300, 0, False, torch.float32, 7)
+    out, lse, _, _ = emulated_decode(
+        harness, tmp_path, q_latent, q_pe, kv, lens, table, 0.2, False, -1, max_seqlen=100
+    )
+    want_o, want_l = mla_decode(q_latent, q_pe, kv, torch.tensor([100], dtype=torch.int32), 0.2, causal=False)
+    torch.testing.assert_close(out, want_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_l, rtol=1e-5, atol=1e-5)
+
+
+def test_append_without_host_check_skips_slots_outside_the_cache(harness, tmp_path):
+    # Row 0's second token would land past the capacity: it is skipped, the first is written; row 1
+    # is written as the checked CPU op writes it; nothing else changes.
+    B, S, C, R, cap = 2, 2, 48, 16, 32
+    cache, latent, k_pe, w, cos, sin, lens, _ = append_problem(B, S, C, R, [31, 3], cap, 0, torch.float32, 8)
+    got = emulated_append(harness, tmp_path, cache, latent, k_pe, w, 1e-6, cos, sin, lens, None, True)
+    want = cache.clone()
+    mla_append_cache(want[1:], latent[1:], k_pe[1:], w, 1e-6, cos[1:], sin[1:], lens[1:])
+    one = cache[:1].clone()
+    mla_append_cache(one, latent[:1, :1], k_pe[:1, :1], w, 1e-6, cos[:1, :1], sin[:1, :1], lens[:1])
+    want[0] = one[0]
+    bits = lambda t: t.view(torch.int32)  # noqa: E731  (NaN poison compared bit for bit)
+    assert torch.equal(bits(got[0, :31]), bits(cache[0, :31]))
+    torch.testing.assert_close(got[0, 31], want[0, 31], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1, 3:5], want[1, 3:5], rtol=1e-6, atol=1e-6)
+    assert torch.equal(bits(got[1, :3]), bits(cache[1, :3])) and torch.equal(bits(got[1, 5:]), bits(cache[1, 5:]))
+
+
+def test_append_without_host_check_bad_table_stays_in_bounds(harness, tmp_path):
+    B, S, C, R, cap, page = 2, 3, 48, 16, 34, 17
+    cache, latent, k_pe, w, cos, sin, lens, table = append_problem(B, S, C, R, [15, 0], cap, page, torch.float32, 9)
+    bad = table.clone()
+    bad[0, 0], bad[0, 1], bad[1, 0] = -1, 10**6, 2**31 - 1
+    got = emulated_append(harness, tmp_path, cache, latent, k_pe, w, 1e-6, cos, sin, lens, bad, True)
+    assert got.shape == cache.shape  # ran to completion: every write stayed inside the page pool

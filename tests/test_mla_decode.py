@@ -149,6 +149,27 @@ def test_decode_cpu_isa_paths(monkeypatch, isa, B, Sq, H, C, R, seqlens, page_si
     check_close(out, lse, *prob, scale, causal, window)
 
 
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_decode_given_max_seqlen_matches(device, page_size):
+    # max_seqlen >= the longest row skips the host check on CUDA; the result is the same.
+    prob = make_problem(3, 2, 3, 48, 16, [300, 0, 41], page_size, device=device)
+    cap = prob[2].shape[1] if page_size is None else prob[4].shape[1] * page_size
+    want = mla_decode(*prob[:4], 0.3, block_table=prob[4])
+    for bound in (300, cap):
+        got = mla_decode(*prob[:4], 0.3, block_table=prob[4], max_seqlen=bound)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_decode_bad_max_seqlen():
+    prob = make_problem(2, 1, 3, 48, 16, [30, 7], None)
+    cap = prob[2].shape[1]
+    for bad in (-2, cap + 1):
+        with pytest.raises(ValueError, match="max_seqlen"):
+            mla_decode(*prob[:4], 0.3, max_seqlen=bad)
+    with pytest.raises(ValueError, match="max_seqlen"):  # the CPU checks the promise
+        mla_decode(*prob[:4], 0.3, max_seqlen=29)
+
+
 def test_decode_does_not_mutate_inputs(device):
     prob = make_problem(2, 1, 3, 48, 16, [20, 9], 16, device=device)
     before = [t.clone() for t in prob]

@@ -283,6 +283,9 @@ def test_latent_cache_overflow_and_misuse():
         mine(x2[:, :1], tuple(t[:, :1] for t in pe2), None, cache=cache)
     with pytest.raises(ValueError, match="block_table"):
         LatentKVCache(1, 2, 8, 4, 2, page_size=4, block_table=torch.zeros(3, 2, dtype=torch.int32))
+    for bad in ([[0, 1], [2, 9]], [[0, -1], [2, 3]]):  # the decode / append calls trust the table
+        with pytest.raises(ValueError, match="block_table"):
+            LatentKVCache(1, 2, 8, 4, 2, page_size=4, num_pages=4, block_table=torch.tensor(bad, dtype=torch.int32))
 
 
 def test_latent_cache_rejects_masks_it_cannot_honour():

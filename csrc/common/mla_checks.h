@@ -126,6 +126,16 @@ inline int64_t check_cache_values(const char* op, const CacheDims& d, const at::
   return longest;
 }
 
+// mla_decode's max_seqlen: -1 means "check cache_seqlens and the block table on the host and take
+// the longest row" (returns -1 for the caller to do that); otherwise a caller-given bound on every
+// cache_seqlens entry (no host copy: CUDA graphs can capture the call), at most the capacity.
+inline int64_t check_max_seqlen(const char* op, int64_t max_seqlen, const CacheDims& d) {
+  TORCH_CHECK_VALUE(max_seqlen >= -1 && max_seqlen <= d.capacity, "latentmoe.", op,
+                    ": argument 'max_seqlen' must be -1 (check lengths on the host) or in [0, capacity = ",
+                    d.capacity, "], got ", max_seqlen);
+  return max_seqlen;
+}
+
 // q_latent [B, Sq, H, C], q_pe [B, Sq, H, R]: floating, same dtype/device, contiguous.
 // Scalar arguments of mla_decode.
 inline void check_decode_scalars(double softmax_scale, int64_t window) {

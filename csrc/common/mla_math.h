@@ -30,13 +30,16 @@ LMOE_HD KeyRange visible_keys(int64_t seqlen, int64_t num_queries, int64_t q_ind
   return r;
 }
 
-// Row index (in units of cache rows of C+R values) of token `t` of batch row `b`.
+// Row index (in units of cache rows of C+R values) of token `t` (< capacity) of batch row `b`.
 // Contiguous cache [B, Lmax, D]: b * Lmax + t. Paged cache [num_pages, page_size, D]:
-// block_table[b, t / page_size] * page_size + t % page_size.
+// block_table[b, t / page_size] * page_size + t % page_size, with the page clamped to
+// [0, num_pages): a no-op for checked tables, and unchecked ones (ops called without the host
+// check) still never address memory outside the pool.
 LMOE_HD int64_t cache_row(const int32_t* block_table, int64_t max_pages, int64_t page_size,
-                          int64_t lmax, int64_t b, int64_t t) {
+                          int64_t lmax, int64_t num_pages, int64_t b, int64_t t) {
   if (block_table == nullptr) return b * lmax + t;
-  const int64_t page = block_table[b * max_pages + t / page_size];
+  int64_t page = block_table[b * max_pages + t / page_size];
+  page = page < 0 ? 0 : (page >= num_pages ? num_pages - 1 : page);
   return page * page_size + t % page_size;
 }
 

@@ -42,7 +42,7 @@ using DecodeTileFn = void (*)(int64_t m, int64_t n, int64_t D, int64_t C, const 
 
 struct DecodeParams {
   int64_t B, Sq, H, C, R, D;
-  int64_t lmax, page_size, max_pages;
+  int64_t lmax, page_size, max_pages, num_pages;
   int64_t kv_stride, pe_stride;  // row strides of the c_kv and k_pe sources
   bool split;                    // k_pe rows come from a separate pe_cache
   const int32_t* block_table;    // null: contiguous
@@ -243,10 +243,10 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
     if (in_place) {
       if (p.block_table != nullptr) t1 = std::min(t1, (t0 / p.page_size + 1) * p.page_size);  // stay in one page
       k = reinterpret_cast<const float*>(cache) +
-          mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, b, t0) * D;
+          mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t0) * D;
     } else {
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t row = mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, b, t);
+        const int64_t row = mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t);
         const T* src = cache + row * p.kv_stride;
         const T* pe = pe_src + row * p.pe_stride;
         float* dst = tile.data() + (t - t0) * D;
@@ -320,14 +320,18 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
                                                   const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
                                                   const c10::optional<at::Tensor>& block_table,
                                                   double softmax_scale, bool causal, int64_t window,
-                                                  const c10::optional<at::Tensor>& pe_cache) {
+                                                  const c10::optional<at::Tensor>& pe_cache, int64_t max_seqlen) {
   const char* op = "mla_decode";
   mla::check_decode_queries(op, q_latent, q_pe);
   const int64_t B = q_latent.size(0), Sq = q_latent.size(1), H = q_latent.size(2);
   const int64_t C = q_latent.size(3), R = q_pe.size(3);
   auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, q_latent, "q_latent", pe_cache);
   mla::check_decode_scalars(softmax_scale, window);
+  // The CPU always checks the values (no device sync to save); a given max_seqlen must bound them.
+  mla::check_max_seqlen(op, max_seqlen, d);
   const int64_t max_len = mla::check_cache_values(op, d, cache_seqlens, block_table, 0);
+  TORCH_CHECK_VALUE(max_seqlen < 0 || max_len <= max_seqlen, "latentmoe.", op, ": argument 'max_seqlen' (",
+                    max_seqlen, ") is below the longest cache_seqlens entry ", max_len);
 
   auto out = at::empty_like(q_latent);
   auto lse = at::empty({B, Sq, H}, q_latent.options().dtype(at::kFloat));
@@ -335,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
   const int64_t rows = Sq * H;
   DecodeParams p{};
   p.B = B; p.Sq = Sq; p.H = H; p.C = C; p.R = R; p.D = C + R;
-  p.lmax = d.lmax; p.page_size = d.page_size; p.max_pages = d.max_pages;
+  p.lmax = d.lmax; p.page_size = d.page_size; p.max_pages = d.max_pages; p.num_pages = d.num_pages;
   p.kv_stride = d.kv_stride; p.pe_stride = d.pe_stride; p.split = d.split;
   p.block_table = d.paged ? block_table->const_data_ptr<int32_t>() : nullptr;
   p.seqlens = lens;
@@ -368,7 +372,7 @@ void append_impl(T* cache, const T* latent, const T* pe, const T* w, const T* co
     std::vector<float> x(R), cs(R), sn(R), o(R);
     for (int64_t bs = begin; bs < end; ++bs) {
       const int64_t b = bs / S, s = bs % S;
-      T* dst = cache + mla::cache_row(table, d.max_pages, d.page_size, d.lmax, b, lens[b] + s) * d.D;
+      T* dst = cache + mla::cache_row(table, d.max_pages, d.page_size, d.lmax, d.num_pages, b, lens[b] + s) * d.D;
       const T* lr = latent + bs * C;
       float sum_sq = 0.f;
 #pragma omp simd reduction(+ : sum_sq)
@@ -396,12 +400,13 @@ void append_impl(T* cache, const T* latent, const T* pe, const T* w, const T* co
 void mla_append_cache_cpu(at::Tensor& kv_cache, const at::Tensor& kv_latent, const at::Tensor& k_pe,
                           const at::Tensor& norm_weight, double eps, const at::Tensor& cos, const at::Tensor& sin,
                           const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& block_table,
-                          bool rope_interleave) {
+                          bool rope_interleave, bool check_values) {
   const char* op = "mla_append_cache";
   mla::check_append_args(op, kv_latent, k_pe, norm_weight, cos, sin);
   const int64_t B = kv_latent.size(0), S = kv_latent.size(1);
   auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, kv_latent.size(2), k_pe.size(2),
                             kv_latent, "kv_latent");
+  (void)check_values;  // the CPU always checks the values: it costs no device sync here
   mla::check_cache_values(op, d, cache_seqlens, block_table, S);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_latent.scalar_type(), "mla_append_cache_cpu", [&] {
     append_impl<scalar_t>(kv_cache.mutable_data_ptr<scalar_t>(), kv_latent.const_data_ptr<scalar_t>(),

@@ -8,7 +8,8 @@
 //   harness selftest divergent|early_exit|race|shuffle|too_much_smem|big_grid
 //
 // decode IN: int64 [dtype, B, Sq, H, C, R, paged, lmax_or_page_size, num_pages, max_pages, causal,
-//   window, split_pe, sm_count, n_splits_override], float scale, then q_latent, q_pe, kv_cache,
+//   window, split_pe, sm_count, n_splits_override, max_seqlen (-1: checked call)], float scale, then
+//   q_latent, q_pe, kv_cache,
 //   pe_cache (if split_pe), int32 seqlens [B], int32 block_table [B, max_pages] (if paged).
 //   Element arrays are raw dtype bytes (dtype 0 fp32, 1 bf16, 2 fp16, as common/dtype.h).
 // decode OUT: int64 n_splits, out [B, Sq, H, C] (dtype bytes), lse [B, Sq, H] fp32.
@@ -94,7 +95,7 @@ void print_log() {
 }
 
 int run_decode(const char* out_path) {
-  int64_t h[15];
+  int64_t h[16];
   in_file.read(reinterpret_cast<char*>(h), sizeof h);
   float scale;
   in_file.read(reinterpret_cast<char*>(&scale), sizeof scale);
@@ -116,8 +117,13 @@ int run_decode(const char* out_path) {
 
   // As the binding: n_splits from the launcher's policy, workspace of that size (left as garbage
   // there: NaN here, so a partial the merge reads but no split wrote shows up).
-  int64_t max_seqlen = 0;  // as the binding: the longest row, from the host copy of cache_seqlens
-  for (int64_t b = 0; b < B; ++b) max_seqlen = std::max<int64_t>(max_seqlen, lens->data()[b]);
+  // As the binding: the caller's max_seqlen (h[15] >= 0: unchecked call), else the longest row
+  // from the host copy of cache_seqlens.
+  int64_t max_seqlen = h[15];
+  if (max_seqlen < 0) {
+    max_seqlen = 0;
+    for (int64_t b = 0; b < B; ++b) max_seqlen = std::max<int64_t>(max_seqlen, lens->data()[b]);
+  }
   const int64_t n_splits =
       h[14] > 0 ? h[14] : mla_decode_num_splits(B, rows, max_seqlen, static_cast<int>(h[13]));
   auto part_acc = poisoned<float>(B * n_splits * rows * C);
@@ -150,6 +156,7 @@ int run_decode(const char* out_path) {
   a.lmax = lmax;
   a.page_size = page_size;
   a.max_pages = max_pages;
+  a.num_pages = num_pages;
   a.capacity = capacity;
   a.max_seqlen = max_seqlen;
   a.scale = scale;
@@ -205,6 +212,8 @@ int run_append(const char* out_path) {
   a.lmax = lmax;
   a.page_size = page_size;
   a.max_pages = max_pages;
+  a.num_pages = num_pages;
+  a.capacity = paged ? max_pages * page_size : lmax;
   a.eps = eps;
   a.interleave = h[9] != 0;
   const cudaError_t err = launch_mla_append_cache(dtype, a, nullptr);

@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
                                                    const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
                                                    const c10::optional<at::Tensor>& block_table,
                                                    double softmax_scale, bool causal, int64_t window,
-                                                   const c10::optional<at::Tensor>& pe_cache) {
+                                                   const c10::optional<at::Tensor>& pe_cache, int64_t max_seqlen) {
   const char* op = "mla_decode";
   mla::check_decode_queries(op, q_latent, q_pe);
   const int64_t B = q_latent.size(0), Sq = q_latent.size(1), H = q_latent.size(2);
@@ -34,7 +34,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   TORCH_CHECK_VALUE(mla_decode_smem_bytes(C + R) <= props->sharedMemPerBlockOptin,
                     "latentmoe.mla_decode: argument 'kv_cache' rows of C+R = ", C + R,
                     " values need more shared memory than this GPU offers per block");
-  const int64_t max_seqlen = mla::check_cache_values(op, d, cache_seqlens, block_table, 0);
+  // max_seqlen = -1: check lengths and table on a host copy (one sync) and take the longest row;
+  // given: no host copy, the kernel cuts rows at max_seqlen and clamps pages (never out of bounds).
+  if (mla::check_max_seqlen(op, max_seqlen, d) < 0) {
+    max_seqlen = mla::check_cache_values(op, d, cache_seqlens, block_table, 0);
+  }
 
   auto out = at::empty_like(q_latent);
   auto lse = at::empty({B, Sq, H}, q_latent.options().dtype(at::kFloat));
@@ -60,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   a.part_m = part_m.mutable_data_ptr<float>();
   a.part_l = part_l.mutable_data_ptr<float>();
   a.B = B; a.Sq = Sq; a.H = H; a.C = C; a.R = R;
-  a.lmax = d.lmax; a.page_size = d.page_size; a.max_pages = d.max_pages; a.capacity = d.capacity;
+  a.lmax = d.lmax; a.page_size = d.page_size; a.max_pages = d.max_pages; a.num_pages = d.num_pages;
+  a.capacity = d.capacity;
   a.max_seqlen = max_seqlen;
   a.scale = static_cast<float>(softmax_scale);
   a.causal = causal;
@@ -73,13 +78,15 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
 void mla_append_cache_cuda(at::Tensor& kv_cache, const at::Tensor& kv_latent, const at::Tensor& k_pe,
                            const at::Tensor& norm_weight, double eps, const at::Tensor& cos, const at::Tensor& sin,
                            const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& block_table,
-                           bool rope_interleave) {
+                           bool rope_interleave, bool check_values) {
   const char* op = "mla_append_cache";
   mla::check_append_args(op, kv_latent, k_pe, norm_weight, cos, sin);
   const int64_t B = kv_latent.size(0), S = kv_latent.size(1);
   auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, kv_latent.size(2), k_pe.size(2),
                             kv_latent, "kv_latent");
-  mla::check_cache_values(op, d, cache_seqlens, block_table, S);
+  // check_values = false: no host copy (capturable); the kernel skips slots outside the cache and
+  // clamps pages, so bad values write nothing out of bounds.
+  if (check_values) mla::check_cache_values(op, d, cache_seqlens, block_table, S);
   c10::cuda::CUDAGuard guard(kv_latent.device());
   MlaAppendArgs a{};
   a.kv_cache = kv_cache.mutable_data_ptr();
@@ -92,6 +99,7 @@ void mla_append_cache_cuda(at::Tensor& kv_cache, const at::Tensor& kv_latent, co
   a.block_table = d.paged ? block_table->const_data_ptr<int32_t>() : nullptr;
   a.B = B; a.S = S; a.C = d.C; a.R = d.R;
   a.lmax = d.lmax; a.page_size = d.page_size; a.max_pages = d.max_pages;
+  a.num_pages = d.num_pages; a.capacity = d.capacity;
   a.eps = static_cast<float>(eps);
   a.interleave = rope_interleave;
   check_launch(op, launch_mla_append_cache(to_dtype(kv_latent.scalar_type()), a, at::cuda::getCurrentCUDAStream()));

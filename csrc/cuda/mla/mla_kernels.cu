@@ -47,7 +47,9 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kRows;
   const int nrows = static_cast<int>(rows - r0 < kRows ? rows - r0 : kRows);
   int64_t seqlen = a.seqlens[b];
-  seqlen = seqlen < 0 ? 0 : (seqlen > a.capacity ? a.capacity : seqlen);  // host-validated; never OOB
+  // Host-checked, or (unchecked calls) cut to what the splits cover: never past the cache.
+  const int64_t cap = a.capacity < a.max_seqlen ? a.capacity : a.max_seqlen;
+  seqlen = seqlen < 0 ? 0 : (seqlen > cap ? cap : seqlen);
 
   for (int64_t i = tid; i < kRows * D; i += kThreads) {
     const int64_t r = i / D, c = i % D;
@@ -92,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
       const int64_t k = i / D, c = i % D, t = t0 + k;
       float v = 0.f;
       if (t < k_end) {
-        const int64_t row = mla::cache_row(a.block_table, a.max_pages, a.page_size, a.lmax, b, t);
+        const int64_t row = mla::cache_row(a.block_table, a.max_pages, a.page_size, a.lmax, a.num_pages, b, t);
         v = c < C ? to_float(cache[row * a.kv_stride + c]) : to_float(pe_src[row * a.pe_stride + (c - C)]);
       }
       ks[k * KS + c] = v;
@@ -215,8 +217,10 @@ __global__ void mla_append_kernel(MlaAppendArgs a) {
   const int64_t C = a.C, R = a.R, D = C + R;
   const T* latent = static_cast<const T*>(a.kv_latent) + bs * C;
   const T* w = static_cast<const T*>(a.norm_weight);
-  const int64_t t = static_cast<int64_t>(a.seqlens[b]) + s;  // host-validated against capacity
-  T* dst = static_cast<T*>(a.kv_cache) + mla::cache_row(a.block_table, a.max_pages, a.page_size, a.lmax, b, t) * D;
+  const int64_t t = static_cast<int64_t>(a.seqlens[b]) + s;
+  if (t < 0 || t >= a.capacity) return;  // only reachable without the host check: write nothing
+  T* dst = static_cast<T*>(a.kv_cache) +
+           mla::cache_row(a.block_table, a.max_pages, a.page_size, a.lmax, a.num_pages, b, t) * D;
   float sum_sq = 0.f;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     const float v = to_float(latent[c]);

@@ -25,8 +25,8 @@ struct MlaDecodeArgs {
   float* part_m;              // workspace [B, n_splits, Sq*H]
   float* part_l;              // workspace [B, n_splits, Sq*H]
   int64_t B, Sq, H, C, R;
-  int64_t lmax, page_size, max_pages, capacity;
-  int64_t max_seqlen;         // longest cache_seqlens entry (known on the host): the splits cover [0, max_seqlen)
+  int64_t lmax, page_size, max_pages, num_pages, capacity;
+  int64_t max_seqlen;         // >= every cache_seqlens entry (host-known): the splits cover [0, max_seqlen)
   float scale;
   bool causal;
   int64_t window;
@@ -56,7 +56,7 @@ struct MlaAppendArgs {
   const int32_t* seqlens;  // [B] tokens already cached
   const int32_t* block_table;  // [B, max_pages] or null
   int64_t B, S, C, R;
-  int64_t lmax, page_size, max_pages;
+  int64_t lmax, page_size, max_pages, num_pages, capacity;
   float eps;
   bool interleave;
 };

@@ -85,7 +85,8 @@ class LatentKVCache:
             page_size)]`` (int32). By default row ``b`` owns pages ``b*max_pages ...``; pass
             ``block_table`` (and ``num_pages``) to share a pool in any order.
     Per layer it tracks ``seqlens [B]`` (int32, on ``device``) and a host copy used for the
-    overflow check (no device sync).
+    overflow check; with the table checked here once, the module's decode and append calls skip
+    the ops' per-call host check (no device sync per layer and step).
     """
 
     def __init__(
@@ -121,6 +122,11 @@ class LatentKVCache:
                     f"got {tuple(block_table.shape)}"
                 )
             num_pages = num_pages or int(block_table.max()) + 1
+            lo, hi = int(block_table.min()), int(block_table.max())
+            if lo < 0 or hi >= num_pages:
+                raise ValueError(
+                    f"LatentKVCache: block_table entries must be in [0, num_pages={num_pages}), got [{lo}, {hi}]"
+                )
             self.block_table = block_table.to(device=device, dtype=torch.int32).contiguous()
             shape = (num_pages, page_size, D)
         self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -289,7 +295,7 @@ class MultiHeadLatentAttention(nn.Module):
             seqlens = torch.full((B,), L, dtype=torch.int32, device=c_all.device)
             if not grad and S <= self.decode_max_tokens:  # HF's keys/values read in place
                 out = self._absorbed_attention(
-                    q_nope, q_pe, c_all.contiguous(), seqlens, None, pe_cache=pe_all.contiguous()
+                    q_nope, q_pe, c_all.contiguous(), seqlens, None, pe_cache=pe_all.contiguous(), max_seqlen=L
                 )
             else:
                 rows = torch.cat([c_all, pe_all], dim=-1)
@@ -310,15 +316,18 @@ class MultiHeadLatentAttention(nn.Module):
             raise ValueError(f"MultiHeadLatentAttention: cache batch {cache.batch_size} != input batch {B}")
         cache.reserve(layer, S)
         w = self.kv_a_layernorm.weight.to(kv.dtype)
+        # The cache's host lengths were just checked against its capacity (reserve) and its table
+        # at construction: the ops need not copy them to the host again.
         mla_append_cache(
             cache.kv[layer], kv[..., :C].contiguous(), kv[..., C:].contiguous(), w,
             self.kv_a_layernorm.variance_epsilon, cos.contiguous(), sin.contiguous(), cache.seqlens[layer],
-            block_table=cache.block_table, rope_interleave=self.rope_interleave,
+            block_table=cache.block_table, rope_interleave=self.rope_interleave, check_values=False,
         )
         cache.advance(layer, S)
         if S <= self.decode_max_tokens:
             out = self._absorbed_attention(
-                q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table
+                q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table,
+                max_seqlen=max(cache._host_lens[layer]),
             )
         elif _has_kernel(_PREFILL_OP, q_nope.device):
             out = self._prefill_attention(
@@ -330,7 +339,7 @@ class MultiHeadLatentAttention(nn.Module):
             out = self._sdpa_attention(q_nope, q_pe, rows[..., :C], rows[..., C:], None)
         return self.o_proj(out.reshape(B, S, self.num_heads * self.v_head_dim))
 
-    def _absorbed_attention(self, q_nope, q_pe, kv_cache, seqlens, block_table, pe_cache=None):
+    def _absorbed_attention(self, q_nope, q_pe, kv_cache, seqlens, block_table, pe_cache=None, max_seqlen=-1):
         """``[B, S, H, V]`` via ``mla_decode`` on the latent rows (no autograd)."""
         B, S, H, N = q_nope.shape
         w_uk, w_uv_t = self.absorbed_weights()
@@ -340,7 +349,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_latent = q_latent.view(H, B, S, -1).permute(1, 2, 0, 3).contiguous()
         out_latent, _ = mla_decode(
             q_latent, q_pe.to(dt).contiguous(), kv_cache, seqlens, self.scaling,
-            block_table=block_table, causal=True, pe_cache=pe_cache,
+            block_table=block_table, causal=True, pe_cache=pe_cache, max_seqlen=max_seqlen,
         )
         out = torch.bmm(out_latent.permute(2, 0, 1, 3).reshape(H, B * S, -1), w_uv_t.to(dt))  # [H, BS, V]
         return out.view(H, B, S, -1).permute(1, 2, 0, 3).to(q_nope.dtype)

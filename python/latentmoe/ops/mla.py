@@ -4,8 +4,14 @@ Cache rows are ``[c_kv (C) | k_pe (R)]``. A cache is either contiguous ``[B, Lma
 ``[num_pages, page_size, C+R]`` addressed through ``block_table [B, max_pages]`` (int32): token
 ``t`` of row ``b`` is at page ``block_table[b, t // page_size]``, slot ``t % page_size``.
 
-The ops validate ``cache_seqlens`` and the used ``block_table`` entries on the host (one small
-device-to-host copy on CUDA), so bad values raise ``ValueError`` instead of reading out of bounds.
+By default the ops check ``cache_seqlens`` and the used ``block_table`` entries on the host (one
+small device-to-host copy on CUDA), so bad values raise ``ValueError``. A caller that already knows
+its lengths (e.g. :class:`latentmoe.nn.LatentKVCache`, which keeps a host copy) can skip that copy
+and its device sync, which also lets the calls be captured in a CUDA graph: ``mla_decode(...,
+max_seqlen=n)`` and ``mla_append_cache(..., check_values=False)``. The CUDA kernels then keep every
+access inside the cache whatever the values (rows cut at ``max_seqlen``, slots past the capacity
+skipped, pages clamped into the pool): bad values give wrong numbers, never an out-of-bounds read
+or write. The CPU kernels check the values either way (there is no sync to save).
 ``mla_decode`` and ``mla_append_cache`` are inference ops (no autograd). Prefill and training use
 ``latentmoe.ops.mla_prefill`` (in-kernel latent decompression, with a backward).
 """
@@ -27,6 +33,7 @@ def mla_decode(
     causal: bool = True,
     window: int = -1,
     pe_cache: torch.Tensor | None = None,
+    max_seqlen: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA attention directly on the latent cache.
 
@@ -43,12 +50,17 @@ def mla_decode(
         pe_cache: optional separate ``k_pe`` rows (same leading dims as ``kv_cache``, last dim R);
             ``kv_cache`` then holds only ``c_kv`` (last dim C). Lets HF's cache (latents as keys,
             ``k_pe`` as values) be read without concatenating it.
+        max_seqlen: ``-1`` checks ``cache_seqlens`` / ``block_table`` on the host; ``n >= 0`` (at
+            most the capacity) promises every ``cache_seqlens`` entry is ``<= n`` and skips that
+            check and its sync on CUDA (rows longer than ``n`` are cut at ``n`` there; the CPU
+            raises ``ValueError``). It also sizes the CUDA key splits.
     Returns:
         ``(out_latent [B, Sq, H, C] in q dtype, lse [B, Sq, H] fp32)``; rows without a visible key
         give 0 and ``-inf``. Multiply ``out_latent`` by ``w_uv`` per head for the value output.
     """
     return _lib.mla_decode.default(
-        q_latent, q_pe, kv_cache, cache_seqlens, block_table, float(softmax_scale), causal, window, pe_cache
+        q_latent, q_pe, kv_cache, cache_seqlens, block_table, float(softmax_scale), causal, window, pe_cache,
+        int(max_seqlen),
     )
 
 
@@ -63,6 +75,7 @@ def mla_append_cache(
     cache_seqlens: torch.Tensor,
     block_table: torch.Tensor | None = None,
     rope_interleave: bool = True,
+    check_values: bool = True,
 ) -> None:
     """Fused ``kv_a_layernorm`` + RoPE of ``k_pe`` + write of new tokens into the cache (in place).
 
@@ -76,16 +89,20 @@ def mla_append_cache(
             ``cache_seqlens[b] + s``. Not updated here.
         block_table: ``[B, max_pages]`` int32 for a paged cache.
         rope_interleave: HF ``config.rope_interleave``.
+        check_values: ``False`` skips the host check of ``cache_seqlens + S <= capacity`` and of
+            the table entries (and its sync on CUDA); see the module doc for what the kernels do
+            with bad values then.
     """
     _lib.mla_append_cache.default(
         kv_cache, kv_latent, k_pe, norm_weight, float(eps), cos, sin, cache_seqlens, block_table,
-        rope_interleave,
+        rope_interleave, check_values,
     )
 
 
 @torch.library.register_fake("latentmoe::mla_decode")
 def _mla_decode_fake(
-    q_latent, q_pe, kv_cache, cache_seqlens, block_table, softmax_scale, causal=True, window=-1, pe_cache=None
+    q_latent, q_pe, kv_cache, cache_seqlens, block_table, softmax_scale, causal=True, window=-1, pe_cache=None,
+    max_seqlen=-1,
 ):
     B, Sq, H, _ = q_latent.shape
     return torch.empty_like(q_latent), q_latent.new_empty((B, Sq, H), dtype=torch.float32)
@@ -93,6 +110,7 @@ def _mla_decode_fake(
 
 @torch.library.register_fake("latentmoe::mla_append_cache")
 def _mla_append_cache_fake(
-    kv_cache, kv_latent, k_pe, norm_weight, eps, cos, sin, cache_seqlens, block_table, rope_interleave
+    kv_cache, kv_latent, k_pe, norm_weight, eps, cos, sin, cache_seqlens, block_table, rope_interleave,
+    check_values=True,
 ):
     return None
