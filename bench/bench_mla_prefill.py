@@ -198,7 +198,8 @@ def run(device: str, quick: bool) -> list[dict]:
         row("mla_prefill", "hf_sdpa", mode, S, t_hf, device, note=note),
         row("mla_prefill", "latentmoe", mode, S, t_ours, device, note=note),
         ratio_row("mla_prefill", "speedup_vs_hf_sdpa", S, t_hf[0] / t_ours[0], device,
-                  "goal >= 2x at 4K" + (" (quick run: 1K; bench_mla measures the module at 4K)" if quick else "")),
+                  "goal >= 2x at 4K"
+                  + (" (quick run: 1K; bench_mla measures the module at 4K)" if quick else "")),
         row("mla_prefill_core", "hf_expand_sdpa", mode, S, t_hf_core, device, note=core),
         row("mla_prefill_core", "latentmoe", mode, S, t_ours_core, device, note=core),
         ratio_row("mla_prefill_core", "speedup_vs_hf_expand_sdpa", S, t_hf_core[0] / t_ours_core[0], device,

@@ -586,7 +586,8 @@ def test_append_thread_order_independent(harness, tmp_path):
 
 def test_decode_unchecked_good_values_match_checked(harness, tmp_path):
     B, Sq, H, C, R, seqlens, cap, page = 3, 2, 3, 48, 16, [70, 0, 33], 85, 17
-    q_latent, q_pe, kv, lens, table, _ = decode_problem(B, Sq, H, C, R, seqlens, cap, page, False, torch.float32, 5)
+    f32 = torch.float32
+    q_latent, q_pe, kv, lens, table, _ = decode_problem(B, Sq, H, C, R, seqlens, cap, page, False, f32, 5)
     want_o, want_l = mla_decode(q_latent, q_pe, kv, lens, 0.2, block_table=table)
     for bound in (70, 85):  # the longest row, or the capacity
         out, lse, used, _ = emulated_decode(
@@ -599,7 +600,8 @@ def test_decode_unchecked_good_values_match_checked(harness, tmp_path):
 
 def test_decode_unchecked_bad_values_stay_in_bounds(harness, tmp_path):
     B, Sq, H, C, R, cap, page = 3, 1, 3, 48, 16, 68, 17
-    q_latent, q_pe, kv, lens, table, _ = decode_problem(B, Sq, H, C, R, [68, 5, 20], cap, page, False, torch.float32, 6)
+    f32 = torch.float32
+    q_latent, q_pe, kv, lens, table, _ = decode_problem(B, Sq, H, C, R, [68, 5, 20], cap, page, False, f32, 6)
     bad_lens = torch.tensor([10**6, -7, 20], dtype=torch.int32)  # past the capacity, negative, fine
     bad_table = table.clone()
     bad_table[0, 1], bad_table[0, 3], bad_table[1, 0] = 10**6, -3, 2**31 - 1
@@ -617,7 +619,7 @@ def test_decode_unchecked_bound_below_a_row_cuts_it(harness, tmp_path):
     # A max_seqlen below a row's length (a broken caller contract) cuts the row there: the result is
     # attention over the first max_seqlen keys, never a read past them.
     B, Sq, H, C, R = 1, 1, 3, 48, 16
-    q_latent, q_pe, kv, lens, table, _ = decode_problem(B, Sq, H, C, R, [300], 300, 0, False, torch.float32, 7)
+    q_latent, q_pe, kv, lens, table, _ = decode_problem(B, Sq, H, C, R, [300], 300, 0, False, torch.float, 7)
     out, lse, _, _ = emulated_decode(
         harness, tmp_path, q_latent, q_pe, kv, lens, table, 0.2, False, -1, max_seqlen=100
     )
@@ -641,12 +643,14 @@ def test_append_without_host_check_skips_slots_outside_the_cache(harness, tmp_pa
     assert torch.equal(bits(got[0, :31]), bits(cache[0, :31]))
     torch.testing.assert_close(got[0, 31], want[0, 31], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got[1, 3:5], want[1, 3:5], rtol=1e-6, atol=1e-6)
-    assert torch.equal(bits(got[1, :3]), bits(cache[1, :3])) and torch.equal(bits(got[1, 5:]), bits(cache[1, 5:]))
+    assert torch.equal(bits(got[1, :3]), bits(cache[1, :3]))
+    assert torch.equal(bits(got[1, 5:]), bits(cache[1, 5:]))
 
 
 def test_append_without_host_check_bad_table_stays_in_bounds(harness, tmp_path):
     B, S, C, R, cap, page = 2, 3, 48, 16, 34, 17
-    cache, latent, k_pe, w, cos, sin, lens, table = append_problem(B, S, C, R, [15, 0], cap, page, torch.float32, 9)
+    f32 = torch.float32
+    cache, latent, k_pe, w, cos, sin, lens, table = append_problem(B, S, C, R, [15, 0], cap, page, f32, 9)
     bad = table.clone()
     bad[0, 0], bad[0, 1], bad[1, 0] = -1, 10**6, 2**31 - 1
     got = emulated_append(harness, tmp_path, cache, latent, k_pe, w, 1e-6, cos, sin, lens, bad, True)

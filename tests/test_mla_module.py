@@ -285,7 +285,8 @@ def test_latent_cache_overflow_and_misuse():
         LatentKVCache(1, 2, 8, 4, 2, page_size=4, block_table=torch.zeros(3, 2, dtype=torch.int32))
     for bad in ([[0, 1], [2, 9]], [[0, -1], [2, 3]]):  # the decode / append calls trust the table
         with pytest.raises(ValueError, match="block_table"):
-            LatentKVCache(1, 2, 8, 4, 2, page_size=4, num_pages=4, block_table=torch.tensor(bad, dtype=torch.int32))
+            table = torch.tensor(bad, dtype=torch.int32)
+            LatentKVCache(1, 2, 8, 4, 2, page_size=4, num_pages=4, block_table=table)
 
 
 def test_latent_cache_rejects_masks_it_cannot_honour():
@@ -347,3 +348,33 @@ def test_module_gradients_on_device(device):
     hf_params = dict(hf.named_parameters())
     for name, p in mine.named_parameters():
         assert rel_err(p.grad, hf_params[name].grad) <= 1e-4, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_latent_cache_decode_step_captures_in_cuda_graph():
+    # With a LatentKVCache the module's decode step makes no host copy (max_seqlen from the cache's
+    # host lengths, append without the check), so a whole step can be captured and replayed.
+    cfg, hf, mine = _pair(CASES[0])
+    mine = mine.cuda().eval()
+    B = 2
+    cache = LatentKVCache(1, B, 64, cfg.kv_lora_rank, cfg.qk_rope_head_dim, device="cuda", page_size=16)
+    x0 = torch.randn(B, 5, cfg.hidden_size, device="cuda")
+    with torch.no_grad():
+        pe0 = tuple(t.cuda() for t in rope_embeddings(cfg, torch.arange(5)[None].expand(B, -1)))
+        mine(x0, pe0, None, cache=cache)
+        x = torch.randn(B, 1, cfg.hidden_size, device="cuda")
+        pe = tuple(t.cuda() for t in rope_embeddings(cfg, torch.full((B, 1), 5)))
+        kv0, lens0 = cache.kv[0].clone(), cache.seqlens[0].clone()
+        want, _ = mine(x, pe, None, cache=cache)  # eager step: appends token 5
+        cache.kv[0].copy_(kv0)
+        cache.seqlens[0], cache._host_lens[0] = lens0.clone(), [5] * B
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph):
+            got, _ = mine(x, pe, None, cache=cache)
+        torch.cuda.current_stream().wait_stream(stream)
+        cache.kv[0].copy_(kv0)
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -125,7 +125,8 @@ class LatentKVCache:
             lo, hi = int(block_table.min()), int(block_table.max())
             if lo < 0 or hi >= num_pages:
                 raise ValueError(
-                    f"LatentKVCache: block_table entries must be in [0, num_pages={num_pages}), got [{lo}, {hi}]"
+                    f"LatentKVCache: block_table entries must be in [0, num_pages={num_pages}), "
+                    f"got [{lo}, {hi}]"
                 )
             self.block_table = block_table.to(device=device, dtype=torch.int32).contiguous()
             shape = (num_pages, page_size, D)
@@ -295,7 +296,8 @@ class MultiHeadLatentAttention(nn.Module):
             seqlens = torch.full((B,), L, dtype=torch.int32, device=c_all.device)
             if not grad and S <= self.decode_max_tokens:  # HF's keys/values read in place
                 out = self._absorbed_attention(
-                    q_nope, q_pe, c_all.contiguous(), seqlens, None, pe_cache=pe_all.contiguous(), max_seqlen=L
+                    q_nope, q_pe, c_all.contiguous(), seqlens, None,
+                    pe_cache=pe_all.contiguous(), max_seqlen=L,
                 )
             else:
                 rows = torch.cat([c_all, pe_all], dim=-1)

@@ -101,8 +101,8 @@ def mla_append_cache(
 
 @torch.library.register_fake("latentmoe::mla_decode")
 def _mla_decode_fake(
-    q_latent, q_pe, kv_cache, cache_seqlens, block_table, softmax_scale, causal=True, window=-1, pe_cache=None,
-    max_seqlen=-1,
+    q_latent, q_pe, kv_cache, cache_seqlens, block_table, softmax_scale, causal=True, window=-1,
+    pe_cache=None, max_seqlen=-1,
 ):
     B, Sq, H, _ = q_latent.shape
     return torch.empty_like(q_latent), q_latent.new_empty((B, Sq, H), dtype=torch.float32)
