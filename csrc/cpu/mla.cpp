@@ -155,17 +155,50 @@ LMOE_V8_INLINE float softmax_row(float* s, int64_t n, int64_t a, int64_t e, math
 }
 
 
+// Runs op.template rows<MR>(i) over row blocks [i, i + MR) covering [0, m): blocks of 4, then one
+// tail block of 1 to 3 rows.
+template <typename Op>
+LMOE_V8_INLINE void for_row_blocks(int64_t m, const Op& op) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) op.template rows<4>(i);
+  switch (m - i) {
+    case 3: op.template rows<3>(i); break;
+    case 2: op.template rows<2>(i); break;
+    case 1: op.template rows<1>(i); break;
+    default: break;
+  }
+}
+
+struct ScoresOp {  // scores[i.., :n] = q[i..] . k^T
+  int64_t n, D;
+  const float* q;
+  const float* k;
+  int64_t ldk;
+  float* scores;
+  int64_t lds;
+  template <int MR>
+  LMOE_V8_INLINE void rows(int64_t i) const {
+    scores_rows<MR>(n, D, q + i * D, D, k, ldk, scores + i * lds, lds);
+  }
+};
+
+struct WeightedSumOp {  // acc[i.., :C] += p[i.., :n] . k[:, :C]
+  int64_t n, C;
+  const float* p;
+  int64_t ldp;
+  const float* k;
+  int64_t ldk;
+  float* acc;
+  template <int MR>
+  LMOE_V8_INLINE void rows(int64_t i) const {
+    pv_rows<MR>(n, C, p + i * ldp, ldp, k, ldk, acc + i * C, C);
+  }
+};
+
 LMOE_V8_INLINE void decode_tile_body(int64_t m, int64_t n, int64_t D, int64_t C, const float* q, const float* k,
                                      int64_t ldk, float* scores, int64_t lds, float* acc, TileRows rows,
                                      math::SoftmaxState* st) {
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) scores_rows<4>(n, D, q + i * D, D, k, ldk, scores + i * lds, lds);
-  switch (m - i) {
-    case 3: scores_rows<3>(n, D, q + i * D, D, k, ldk, scores + i * lds, lds); break;
-    case 2: scores_rows<2>(n, D, q + i * D, D, k, ldk, scores + i * lds, lds); break;
-    case 1: scores_rows<1>(n, D, q + i * D, D, k, ldk, scores + i * lds, lds); break;
-    default: break;
-  }
+  for_row_blocks(m, ScoresOp{n, D, q, k, ldk, scores, lds});
   for (int64_t r = 0; r < m; ++r) {
     float* s = scores + r * lds;
     const int64_t a = std::max<int64_t>(rows.t0, rows.ranges[r].lo) - rows.t0;
@@ -180,14 +213,7 @@ LMOE_V8_INLINE void decode_tile_body(int64_t m, int64_t n, int64_t D, int64_t C,
       for (int64_t c = 0; c < C; ++c) o[c] *= alpha;
     }
   }
-  i = 0;
-  for (; i + 4 <= m; i += 4) pv_rows<4>(n, C, scores + i * lds, lds, k, ldk, acc + i * C, C);
-  switch (m - i) {
-    case 3: pv_rows<3>(n, C, scores + i * lds, lds, k, ldk, acc + i * C, C); break;
-    case 2: pv_rows<2>(n, C, scores + i * lds, lds, k, ldk, acc + i * C, C); break;
-    case 1: pv_rows<1>(n, C, scores + i * lds, lds, k, ldk, acc + i * C, C); break;
-    default: break;
-  }
+  for_row_blocks(m, WeightedSumOp{n, C, scores, lds, k, ldk, acc});
 }
 
 LMOE_CPU_AVX2 void decode_tile_avx2(int64_t m, int64_t n, int64_t D, int64_t C, const float* q, const float* k,
