@@ -130,7 +130,9 @@ def test_decode_long_context_splits(device):
 # The CPU kernel has an AVX2+FMA and a portable instantiation of its tile micro-kernels (picked by
 # CPU feature; LATENTMOE_CPU_ISA=generic forces the portable one). Shapes that hit every tail: query
 # rows not a multiple of 4, keys not a multiple of 3 or of the 128-key tile, C+R not a multiple of
-# 8 and C not a multiple of 24 or 8, windows cutting tiles, exp arguments far below 0.
+# 8 and C not a multiple of 24 or 8, windows cutting tiles, exp arguments far below 0. fp16 caches
+# are widened with F16C on the AVX2 path.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("isa", ["native", "generic"])
 @pytest.mark.parametrize(
     "B,Sq,H,C,R,seqlens,page_size,causal,window,scale",
@@ -141,10 +143,12 @@ def test_decode_long_context_splits(device):
         (1, 1, 16, 24, 8, [700], None, True, -1, 40.0),  # large scale: most weights underflow to 0
     ],
 )
-def test_decode_cpu_isa_paths(monkeypatch, isa, B, Sq, H, C, R, seqlens, page_size, causal, window, scale):
+def test_decode_cpu_isa_paths(
+    monkeypatch, dtype, isa, B, Sq, H, C, R, seqlens, page_size, causal, window, scale
+):
     if isa == "generic":
         monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
-    prob = make_problem(B, Sq, H, C, R, seqlens, page_size)
+    prob = make_problem(B, Sq, H, C, R, seqlens, page_size, dtype=dtype)
     out, lse = mla_decode(*prob[:4], scale, block_table=prob[4], causal=causal, window=window)
     check_close(out, lse, *prob, scale, causal, window)
 

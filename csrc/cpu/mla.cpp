@@ -52,6 +52,7 @@ struct DecodeParams {
   int64_t window;
   int64_t n_splits, split_len, n_groups;
   DecodeTileFn tile_fn;          // decode_tile_avx2 or decode_tile_generic
+  bool f16c;                     // widen fp16 cache rows with F16C (with the AVX2 path)
 };
 
 namespace v8 = latentmoe::cpu::vec8;
@@ -227,6 +228,20 @@ void decode_tile_generic(int64_t m, int64_t n, int64_t D, int64_t C, const float
   decode_tile_body(m, n, D, C, q, k, ldk, scores, lds, acc, rows, st);
 }
 
+// dst[0, n) = fp32 of src[0, n): fp16 through F16C where the CPU has it (c10::Half's scalar
+// conversion is the slow part of an fp16 decode otherwise), other types by plain casts.
+template <typename T>
+void widen(const T* src, float* dst, int64_t n, bool f16c) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (f16c) {
+      v8::widen_half_f16c(reinterpret_cast<const uint16_t*>(src), dst, n);
+      return;
+    }
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<float>(src[c]);
+}
+
 // One work item: rows [r0, r1) of batch b (row r = s * H + h), keys of split `sp`. Writes the
 // unnormalised accumulators and (m, l) of each row to the partial buffers. Keys go in tiles of
 // up to kTile rows: fp32 rows of a contiguous or page-contiguous cache are used in place; other
@@ -273,12 +288,9 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
     } else {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t);
-        const T* src = cache + row * p.kv_stride;
-        const T* pe = pe_src + row * p.pe_stride;
         float* dst = tile.data() + (t - t0) * D;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<float>(src[c]);
-        for (int64_t c = 0; c < R; ++c) dst[C + c] = static_cast<float>(pe[c]);
+        widen(cache + row * p.kv_stride, dst, C, p.f16c);
+        widen(pe_src + row * p.pe_stride, dst + C, R, p.f16c);
       }
       k = tile.data();
     }
@@ -373,7 +385,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
   p.causal = causal;
   p.window = window;
   p.n_groups = (rows + kRowGroup - 1) / kRowGroup;
-  p.tile_fn = v8::use_avx2() ? &decode_tile_avx2 : &decode_tile_generic;
+  p.f16c = v8::use_avx2();
+  p.tile_fn = p.f16c ? &decode_tile_avx2 : &decode_tile_generic;
   // Enough items for every thread; each split keeps at least kMinSplit keys.
   const int64_t want = (2 * at::get_num_threads() + B * p.n_groups - 1) / (B * p.n_groups);
   p.n_splits = std::max<int64_t>(1, std::min<int64_t>(want, (max_len + kMinSplit - 1) / kMinSplit));
