@@ -251,6 +251,31 @@ def _prefill_rows(device: str, dtype, lengths) -> list[dict]:
     return rows
 
 
+def _train_rows(device: str, dtype, L: int) -> list[dict]:
+    """A training step of the layer (forward + backward, gradients for input and weights) vs HF
+    autograd (sdpa). No goal in issue 3; it shows what the mla_prefill backward buys."""
+    cfg = _config("sdpa")
+    hf, ours = _modules(cfg, device, dtype)
+    hf.train()
+    ours.train()
+    rot = DeepseekV3RotaryEmbedding(cfg).to(device)
+    x = torch.randn(1, L, HIDDEN, device=device, dtype=dtype, requires_grad=True)
+    pe = rot(x, torch.arange(L, device=device)[None])
+    g = torch.randn(1, L, HIDDEN, device=device, dtype=dtype)
+
+    def step(mod):
+        return lambda: mod(x, pe, None)[0].backward(g)
+
+    t_hf = time_ms(step(hf), device, warmup=1, reps=3)
+    t_ours = time_ms(step(ours), device, warmup=1, reps=3)
+    mode = f"train-step-{str(dtype).removeprefix('torch.')}"
+    return [
+        row("mla_train_step", "hf_sdpa_autograd", mode, L, t_hf, device),
+        row("mla_train_step", "latentmoe", mode, L, t_ours, device, note="mla_prefill + mla_prefill_backward"),
+        ratio_row("mla_train_step", "speedup_vs_hf", L, t_hf[0] / t_ours[0], device, "no goal (context)"),
+    ]
+
+
 def _prefill_note(device: str) -> str:
     if latentmoe.nn.mla._has_kernel(latentmoe.nn.mla._PREFILL_OP, torch.device(device)):
         return "mla_prefill kernel (in-kernel latent decompression)"
@@ -333,6 +358,7 @@ def run(device: str, quick: bool) -> list[dict]:
     if device.startswith("cuda"):
         rows += _decode_op_rows(device, torch.bfloat16, contexts)
     rows += _prefill_rows(device, dtype, [4096])  # the goal's size, also in quick runs
+    rows += _train_rows(device, dtype, 1024 if quick else 4096)
     if device.startswith("cuda") and not quick:
         rows += _prefill_memory_rows(device, torch.bfloat16, 16384)
     rows += _cache_bytes_rows(device)
