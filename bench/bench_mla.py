@@ -113,7 +113,8 @@ def _graph_step_rows(ours, cache, x, pe, L, t_hf, device, mode, reps) -> list[di
         return [row("mla_decode_step", "latentmoe_cuda_graph", mode, L, (float("nan"),) * 3, device,
                     note=f"failed: {type(e).__name__}: {e}"[:200])]
     return [
-        row("mla_decode_step", "latentmoe_cuda_graph", mode, L, t, device, note="step captured once, replayed"),
+        row("mla_decode_step", "latentmoe_cuda_graph", mode, L, t, device,
+            note="step captured once, replayed"),
         ratio_row("mla_decode_step", "graph_speedup_vs_hf", L, t_hf[0] / t[0], device,
                   "goal >= 75x at 4K (issue 3); captured step vs HF eager"),
     ]
@@ -271,7 +272,8 @@ def _train_rows(device: str, dtype, L: int) -> list[dict]:
     mode = f"train-step-{str(dtype).removeprefix('torch.')}"
     return [
         row("mla_train_step", "hf_sdpa_autograd", mode, L, t_hf, device),
-        row("mla_train_step", "latentmoe", mode, L, t_ours, device, note="mla_prefill + mla_prefill_backward"),
+        row("mla_train_step", "latentmoe", mode, L, t_ours, device,
+            note="mla_prefill + mla_prefill_backward"),
         ratio_row("mla_train_step", "speedup_vs_hf", L, t_hf[0] / t_ours[0], device, "no goal (context)"),
     ]
 
@@ -347,6 +349,19 @@ def smoke(device: str) -> None:
             q_latent = torch.randn(B, Sq, heads, c, device=device, dtype=dtype)
             q_pe = torch.randn(B, Sq, heads, r, device=device, dtype=dtype)
             latentmoe.ops.mla_decode(q_latent, q_pe, kv, lens + Sq, 0.1, block_table=table, window=7)
+            if device.startswith("cuda"):
+                # Unchecked calls with bad values (the sanitizer must see no access out of bounds):
+                # lengths past the capacity and negative, table entries outside the pool.
+                cap = kv.shape[1] if table is None else 3 * page_size
+                bad_lens = torch.tensor([10**6, -5, 7], dtype=torch.int32, device=device)
+                bad_table = None
+                if table is not None:
+                    bad_table = table.clone()
+                    bad_table[:, 1] = 10**6
+                latentmoe.ops.mla_append_cache(kv, latent, k_pe, w, 1e-6, cos, sin, bad_lens,
+                                               block_table=bad_table, check_values=False)
+                latentmoe.ops.mla_decode(q_latent, q_pe, kv, bad_lens, 0.1, block_table=bad_table,
+                                         max_seqlen=cap)
 
 
 def run(device: str, quick: bool) -> list[dict]:
