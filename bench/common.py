@@ -1,5 +1,6 @@
 """Shared benchmark helpers: timing (median after warm-up), floors measured in the same run, and rows
-in one CSV schema (kernel, provider, mode, metric, unit, x, p50, p20, p80, device, version, note)."""
+in one CSV schema (kernel, provider, mode, metric, unit, x, p50, p20, p80, device, version, note,
+goal). ``goal`` is set on ratio rows that carry an issue's target, as ``">= 75"`` / ``"<= 2"``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Callable
 
 import torch
 
-COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "device", "version", "note"]
+COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "device", "version", "note",
+           "goal"]
 
 
 def _sync(device: str) -> None:
@@ -55,9 +57,26 @@ def row(kernel: str, provider: str, mode: str, x, t: tuple[float, float, float],
                 p50=p50, p20=p20, p80=p80, device=device, version=latentmoe.__version__, note=note)
 
 
-def ratio_row(kernel: str, name: str, x, value: float, device: str, goal: str = "") -> dict:
-    """A derived figure (a ratio measured in this run), with its goal written beside it."""
-    return row(kernel, name, "ratio", x, (value, value, value), device, metric="ratio", unit="x", note=goal)
+def ratio_row(kernel: str, name: str, x, value: float, device: str, goal: str = "",
+              target: tuple[str, float] | None = None) -> dict:
+    """A derived figure (a ratio measured in this run), with its goal written beside it.
+
+    ``target`` (``(">=", 75)`` or ``("<=", 2)``) marks the row as an issue goal: ``make bench``
+    lists those rows at the end, each with met / NOT MET."""
+    r = row(kernel, name, "ratio", x, (value, value, value), device, metric="ratio", unit="x", note=goal)
+    if target is not None:
+        op, bound = target
+        if op not in (">=", "<=", ">", "<"):
+            raise ValueError(f"ratio_row: target op must be one of >=, <=, >, <; got {op!r}")
+        r["goal"] = f"{op} {bound:g}"
+    return r
+
+
+def goal_met(r: dict) -> bool:
+    """Whether a row with a ``goal`` meets it."""
+    op, bound = r["goal"].split()
+    v, b = r["p50"], float(bound)
+    return {">=": v >= b, "<=": v <= b, ">": v > b, "<": v < b}[op]
 
 
 def read_bandwidth_gbs(nbytes: int, device: str) -> float:

@@ -18,7 +18,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import COLUMNS  # noqa: E402
+from bench.common import COLUMNS, goal_met  # noqa: E402
 
 FAMILIES = ["norm", "mla", "mla_prefill", "moe"]
 
@@ -61,6 +61,13 @@ def main() -> int:
     for r in rows:
         print(f"{r['kernel']:<22} {r['provider']:<24} {r['mode']:<18} {str(r['x']):>7} "
               f"{r['p50']:>11.4g} {r['unit']:<4} {r.get('note', '')}")
+    goals = [r for r in rows if r.get("goal")]
+    if goals:
+        print("\nGoals (issue targets; each figure measured in this run):")
+        for r in goals:
+            verdict = "met" if goal_met(r) else "NOT MET"
+            print(f"  {r['kernel']:<22} {r['provider']:<28} x={str(r['x']):<6} {r['p50']:>9.3g}  goal {r['goal']:<7} "
+                  f"{verdict}   {r.get('note', '')}")
     print(f"\n[bench] wrote {path}")
     if failed:
         print(f"[bench] failed families: {', '.join(failed)}")
