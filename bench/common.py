@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "device", "version", "note",
-           "goal"]
+COLUMNS = ["kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "device", "version",
+           "note", "goal"]
 
 
 def _sync(device: str) -> None:

@@ -66,8 +66,8 @@ def main() -> int:
         print("\nGoals (issue targets; each figure measured in this run):")
         for r in goals:
             verdict = "met" if goal_met(r) else "NOT MET"
-            print(f"  {r['kernel']:<22} {r['provider']:<28} x={str(r['x']):<6} {r['p50']:>9.3g}  goal {r['goal']:<7} "
-                  f"{verdict}   {r.get('note', '')}")
+            print(f"  {r['kernel']:<22} {r['provider']:<28} x={str(r['x']):<6} {r['p50']:>9.3g}  "
+                  f"goal {r['goal']:<7} {verdict}   {r.get('note', '')}")
     print(f"\n[bench] wrote {path}")
     if failed:
         print(f"[bench] failed families: {', '.join(failed)}")
