@@ -352,29 +352,37 @@ def test_module_gradients_on_device(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_latent_cache_decode_step_captures_in_cuda_graph():
-    # With a LatentKVCache the module's decode step makes no host copy (max_seqlen from the cache's
-    # host lengths, append without the check), so a whole step can be captured and replayed.
+    # With a LatentKVCache the module's decode step makes no host copy (lengths from the cache's
+    # host copy, append without the check), so one step can be captured in a CUDA graph and
+    # replayed step after step: each replay appends at the next slot and attends over one more key.
     cfg, hf, mine = _pair(CASES[0])
     mine = mine.cuda().eval()
-    B = 2
-    cache = LatentKVCache(1, B, 64, cfg.kv_lora_rank, cfg.qk_rope_head_dim, device="cuda", page_size=16)
-    x0 = torch.randn(B, 5, cfg.hidden_size, device="cuda")
+    B, P, n = 2, 5, 3  # batch, prompt length, decode steps
+    cache = LatentKVCache(1, B, 40, cfg.kv_lora_rank, cfg.qk_rope_head_dim, device="cuda", page_size=16)
+    xs = [torch.randn(B, 1, cfg.hidden_size, device="cuda") for _ in range(n)]
+    pes = [tuple(t.cuda() for t in rope_embeddings(cfg, torch.full((B, 1), P + i))) for i in range(n)]
     with torch.no_grad():
-        pe0 = tuple(t.cuda() for t in rope_embeddings(cfg, torch.arange(5)[None].expand(B, -1)))
+        x0 = torch.randn(B, P, cfg.hidden_size, device="cuda")
+        pe0 = tuple(t.cuda() for t in rope_embeddings(cfg, torch.arange(P)[None].expand(B, -1)))
         mine(x0, pe0, None, cache=cache)
-        x = torch.randn(B, 1, cfg.hidden_size, device="cuda")
-        pe = tuple(t.cuda() for t in rope_embeddings(cfg, torch.full((B, 1), 5)))
         kv0, lens0 = cache.kv[0].clone(), cache.seqlens[0].clone()
-        want, _ = mine(x, pe, None, cache=cache)  # eager step: appends token 5
+        want = [mine(xs[i], pes[i], None, cache=cache)[0] for i in range(n)]  # eager steps
         cache.kv[0].copy_(kv0)
-        cache.seqlens[0], cache._host_lens[0] = lens0.clone(), [5] * B
+        cache.seqlens[0].copy_(lens0)
+        cache._host_lens[0] = [P] * B
+        x_in, cos_in, sin_in = xs[0].clone(), pes[0][0].clone(), pes[0][1].clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream), torch.cuda.graph(graph):
-            got, _ = mine(x, pe, None, cache=cache)
+            got, _ = mine(x_in, (cos_in, sin_in), None, cache=cache)
         torch.cuda.current_stream().wait_stream(stream)
-        cache.kv[0].copy_(kv0)
-        graph.replay()
-        torch.cuda.synchronize()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        cache.kv[0].copy_(kv0)  # the capture itself ran nothing; start from the prompt again
+        cache.seqlens[0].copy_(lens0)
+        for i in range(n):
+            x_in.copy_(xs[i])
+            cos_in.copy_(pes[i][0])
+            sin_in.copy_(pes[i][1])
+            graph.replay()
+            torch.testing.assert_close(got, want[i], rtol=1e-5, atol=1e-5)
+        assert cache.seqlens[0].tolist() == [P + n] * B

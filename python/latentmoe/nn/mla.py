@@ -86,7 +86,11 @@ class LatentKVCache:
             ``block_table`` (and ``num_pages``) to share a pool in any order.
     Per layer it tracks ``seqlens [B]`` (int32, on ``device``) and a host copy used for the
     overflow check; with the table checked here once, the module's decode and append calls skip
-    the ops' per-call host check (no device sync per layer and step).
+    the ops' per-call host check (no device sync per layer and step), so a decode step can be
+    captured in a CUDA graph and replayed step after step (copy each step's hidden states and
+    rotary embeddings into the captured input tensors). Replays advance the device lengths but not
+    the host copy: keep the number of replays within the capacity (tokens past it are dropped,
+    never written out of bounds).
     """
 
     def __init__(
@@ -147,8 +151,9 @@ class LatentKVCache:
             )
 
     def advance(self, layer_idx: int, n_new: int) -> None:
-        """Count ``n_new`` appended tokens in every row of ``layer_idx``."""
-        self.seqlens[layer_idx] = self.seqlens[layer_idx] + n_new
+        """Count ``n_new`` appended tokens in every row of ``layer_idx`` (the device lengths in place,
+        so a decode step captured in a CUDA graph advances them on every replay)."""
+        self.seqlens[layer_idx].add_(n_new)
         self._host_lens[layer_idx] = [n + n_new for n in self._host_lens[layer_idx]]
 
     def rows(self, layer_idx: int, length: int) -> torch.Tensor:
@@ -327,9 +332,13 @@ class MultiHeadLatentAttention(nn.Module):
         )
         cache.advance(layer, S)
         if S <= self.decode_max_tokens:
+            # Eager: the longest row (host-known) sizes the kernel's splits. Under CUDA-graph
+            # capture the replays run at later lengths than the host sees now, so the bound is
+            # the capacity (splits over the whole cache; correct at every length it can hold).
+            capturing = cache.kv[layer].is_cuda and torch.cuda.is_current_stream_capturing()
             out = self._absorbed_attention(
                 q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table,
-                max_seqlen=max(cache._host_lens[layer]),
+                max_seqlen=cache.capacity if capturing else max(cache._host_lens[layer]),
             )
         elif _has_kernel(_PREFILL_OP, q_nope.device):
             out = self._prefill_attention(
