@@ -23,6 +23,13 @@ from bench.common import COLUMNS, goal_met  # noqa: E402
 FAMILIES = ["norm", "mla", "mla_prefill", "moe"]
 
 
+def _print_table(rows: list[dict]) -> None:
+    print(f"\n{'kernel':<22} {'provider':<24} {'mode':<18} {'x':>7} {'p50':>11} {'unit':<4} note")
+    for r in rows:
+        print(f"{r['kernel']:<22} {r['provider']:<24} {r['mode']:<18} {str(r['x']):>7} "
+              f"{r['p50']:>11.4g} {r['unit']:<4} {r.get('note', '')}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -32,35 +39,37 @@ def main() -> int:
     args = ap.parse_args()
 
     families = [f for f in (args.only.split(",") if args.only else FAMILIES) if f]
-    rows, failed = [], []
-    for fam in families:
-        try:
-            mod = importlib.import_module(f"bench.bench_{fam}")
-        except ModuleNotFoundError as e:
-            if e.name == f"bench.bench_{fam}":
-                print(f"[bench] no benchmark for {fam} yet")
-                continue
-            raise
-        print(f"[bench] {fam} on {args.device} ({'full' if args.full else 'quick'}) ...", flush=True)
-        try:
-            rows += mod.run(args.device, quick=not args.full)
-        except Exception as e:  # report and fail at the end, after the other families ran
-            failed.append(fam)
-            print(f"[bench] {fam} FAILED: {type(e).__name__}: {e}")
-
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"{args.device}-{stamp}.csv")
+    rows, failed = [], []
+    # The CSV and the table grow family by family, so a run cut short (a device time limit) keeps
+    # what it measured.
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
+        f.flush()
+        for fam in families:
+            try:
+                mod = importlib.import_module(f"bench.bench_{fam}")
+            except ModuleNotFoundError as e:
+                if e.name == f"bench.bench_{fam}":
+                    print(f"[bench] no benchmark for {fam} yet")
+                    continue
+                raise
+            print(f"[bench] {fam} on {args.device} ({'full' if args.full else 'quick'}) ...", flush=True)
+            try:
+                fam_rows = mod.run(args.device, quick=not args.full)
+            except Exception as e:  # report and fail at the end, after the other families ran
+                failed.append(fam)
+                print(f"[bench] {fam} FAILED: {type(e).__name__}: {e}")
+                continue
+            for r in fam_rows:
+                w.writerow({k: r.get(k, "") for k in COLUMNS})
+            f.flush()
+            _print_table(fam_rows)
+            rows += fam_rows
 
-    print(f"\n{'kernel':<22} {'provider':<24} {'mode':<18} {'x':>7} {'p50':>11} {'unit':<4} note")
-    for r in rows:
-        print(f"{r['kernel']:<22} {r['provider']:<24} {r['mode']:<18} {str(r['x']):>7} "
-              f"{r['p50']:>11.4g} {r['unit']:<4} {r.get('note', '')}")
     goals = [r for r in rows if r.get("goal")]
     if goals:
         print("\nGoals (issue targets; each figure measured in this run):")
