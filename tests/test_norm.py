@@ -16,9 +16,16 @@ def _err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
+# The CPU kernels have an AVX2+FMA+F16C and a portable instantiation (LATENTMOE_CPU_ISA=generic).
+ISAS = ["native", "generic"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_rms_norm_matches_reference_and_hf(device, dtype, shape):
+def test_rms_norm_matches_reference_and_hf(monkeypatch, device, dtype, shape, isa):
+    if isa == "generic":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
     x = torch.randn(shape, device=device, dtype=dtype) * 3
     w = torch.randn(shape[-1], device=device, dtype=dtype)
     out = rms_norm(x, w, 1e-6)
@@ -36,11 +43,14 @@ def test_rms_norm_matches_reference_and_hf(device, dtype, shape):
     assert not torch.isnan(out).any()
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_add_rms_norm(device, dtype):
-    x = torch.randn(4, 33, 96, device=device, dtype=dtype)
+def test_add_rms_norm(monkeypatch, device, dtype, isa):
+    if isa == "generic":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    x = torch.randn(4, 33, 97, device=device, dtype=dtype)
     r = torch.randn_like(x)
-    w = torch.randn(96, device=device, dtype=dtype)
+    w = torch.randn(97, device=device, dtype=dtype)
     x0, r0 = x.clone(), r.clone()
     out, h = add_rms_norm(x, r, w, 1e-5)
     assert torch.equal(x, x0) and torch.equal(r, r0), "inputs must not be mutated"
@@ -190,3 +200,23 @@ def test_non_contiguous_input(device):
     x = torch.randn(16, 10, device=device).t()  # [10, 16] non-contiguous
     w = torch.randn(16, device=device)
     torch.testing.assert_close(rms_norm(x, w), reference.rms_norm(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_rounds_like_torch(monkeypatch, dtype, isa):
+    # The vectorised bf16 / fp16 stores round as torch's casts do (to nearest even; NaN stays NaN):
+    # the output equals HF's bit for bit wherever both round the same fp32 values.
+    if isa == "generic":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    x = (torch.randn(7, 203) * 5).to(dtype)
+    x[3, 17] = float("nan")
+    w = torch.ones(203, dtype=dtype)
+    out = rms_norm(x, w, 1e-6)
+    assert torch.isnan(out[3]).all() and not torch.isnan(out[[0, 1, 2, 4, 5, 6]]).any()
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    want = (x.float() * rstd).to(dtype)  # weight 1: out = T(T(x * rstd) * 1)
+    ok = [0, 1, 2, 4, 5, 6]
+    same = out[ok] == want[ok]
+    # Different sum orders may move rstd by an ulp and flip a rounding; nearly all bits must match.
+    assert same.float().mean() > 0.99

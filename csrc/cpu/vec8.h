@@ -6,11 +6,14 @@
 // model, so AMD CPUs with AVX2 would get the portable code).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 // The helpers only ever run inlined into a clone, so the vector-return ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -23,8 +26,8 @@ typedef int32_t v8i __attribute__((vector_size(32), aligned(4), may_alias));
 
 #define LMOE_V8_INLINE inline __attribute__((always_inline))
 
-// The AVX2+FMA instantiation of a kernel body.
-#define LMOE_CPU_AVX2 __attribute__((target("avx2,fma")))
+// The AVX2+FMA(+F16C) instantiation of a kernel body.
+#define LMOE_CPU_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // Whether to run the AVX2+FMA instantiations: the CPU has AVX2, FMA and F16C, and the environment does
 // not say LATENTMOE_CPU_ISA=generic (tests run the portable code that way too).
@@ -90,6 +93,80 @@ LMOE_V8_INLINE float exp_nonpos(float x) {
   float scale;
   __builtin_memcpy(&scale, &bits, sizeof scale);
   return y * scale;
+}
+
+// ---- 16-bit types <-> fp32, 8 lanes ----------------------------------------------------------
+typedef uint16_t v8h __attribute__((vector_size(16), aligned(2), may_alias));
+typedef uint32_t v8u __attribute__((vector_size(32), aligned(4), may_alias));
+
+LMOE_V8_INLINE v8f bf16_load(const void* p) {
+  const v8u w = __builtin_convertvector(*static_cast<const v8h*>(p), v8u) << 16;
+  return reinterpret_cast<const v8f&>(w);
+}
+
+// fp32 -> bf16 exactly as c10::BFloat16(float): round to nearest even, NaN -> 0x7FC0.
+LMOE_V8_INLINE void bf16_store(void* p, v8f v) {
+  const v8u bits = reinterpret_cast<const v8u&>(v);
+  const v8u rounded = (bits + ((bits >> 16) & 1u) + 0x7FFFu) >> 16;
+  const auto nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  const v8u out = nan ? (v8u{} + 0x7FC0u) : rounded;
+  *static_cast<v8h*>(p) = __builtin_convertvector(out, v8h);
+}
+
+// fp16 <-> fp32 of 8 values with F16C (round to nearest even, as c10::Half); call only where
+// use_avx2() holds. Pointers in and out (no vector by value), so a call from code built without
+// AVX is still correct when the compiler does not inline it.
+__attribute__((target("avx2,fma,f16c"))) inline void half_to_f32(const void* p, float* out) {
+  _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+}
+__attribute__((target("avx2,fma,f16c"))) inline void f32_to_half(const float* in, void* p) {
+  _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_cvtps_ph(_mm256_loadu_ps(in), _MM_FROUND_TO_NEAREST_INT));
+}
+
+// 8 values of T (float, c10::BFloat16, c10::Half) as fp32, and back (rounded as static_cast<T>).
+// kAvx: inside an LMOE_CPU_AVX2 function (fp16 through F16C); else fp16 goes through c10.
+template <typename T, bool kAvx>
+LMOE_V8_INLINE v8f load_f32(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return bf16_load(p);
+  } else if constexpr (kAvx && std::is_same_v<T, c10::Half>) {
+    alignas(32) float tmp[8];
+    half_to_f32(p, tmp);
+    return load(tmp);
+  } else {  // fp16 without F16C, other types: per element as static_cast
+    v8f r;
+    for (int l = 0; l < 8; ++l) r[l] = static_cast<float>(p[l]);
+    return r;
+  }
+}
+
+template <typename T, bool kAvx>
+LMOE_V8_INLINE void store_from_f32(T* p, v8f v) {
+  if constexpr (std::is_same_v<T, float>) {
+    store(p, v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    bf16_store(p, v);
+  } else if constexpr (kAvx && std::is_same_v<T, c10::Half>) {
+    alignas(32) float tmp[8];
+    store(tmp, v);
+    f32_to_half(tmp, p);
+  } else {
+    for (int l = 0; l < 8; ++l) p[l] = static_cast<T>(v[l]);
+  }
+}
+
+// v rounded to T and back to fp32 (identity for float).
+template <typename T, bool kAvx>
+LMOE_V8_INLINE v8f round_to(v8f v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    alignas(32) T tmp[8];
+    store_from_f32<T, kAvx>(tmp, v);
+    return load_f32<T, kAvx>(tmp);
+  }
 }
 
 // fp16 -> fp32 of n values with the F16C conversion (8 at a time); only where use_avx2() holds.
