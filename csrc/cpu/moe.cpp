@@ -6,10 +6,13 @@
 // host helpers of csrc/cuda/moe/moe_host.h (checks, the ATen backward of moe_experts).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/Version.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -384,6 +387,19 @@ bool cpu_fast_low_precision_gemm() {
   return detected;
 }
 
+// One expert's gate_up GEMM -> SwiGLU -> down GEMM on rows [o, o + m) of the permuted buffers.
+template <typename T, typename C>
+void expert_mlp(const at::Tensor& xs, const at::Tensor& wgu_e, const at::Tensor& wd_e, int64_t o,
+                int64_t m, at::Tensor& gu_c, at::Tensor& act, at::Tensor& y,
+                at::Tensor& gate_up_out, at::Tensor& w_buf) {
+  const int64_t I = wd_e.size(1);
+  at::Tensor gu_e = gu_c.narrow(0, o, m);
+  expert_gemm<T, C>(xs.narrow(0, o, m), wgu_e, gu_e, w_buf);
+  swiglu_rows<T, C>(gu_e.const_data_ptr<C>(), gate_up_out.mutable_data_ptr<T>() + o * 2 * I,
+                    act.mutable_data_ptr<C>() + o * I, m, I);
+  expert_gemm<T, C>(act.narrow(0, o, m), wd_e, y.narrow(0, o, m), w_buf);
+}
+
 template <typename T, typename C>
 void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tensor& wd,
                      const float* w, const int64_t* sorted_pairs, const int64_t* off,
@@ -394,7 +410,6 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
   at::Tensor gu_c = at::empty({S, 2 * I}, copt);
   at::Tensor act = at::empty({S, I}, copt);
   at::Tensor y = at::empty({S, H}, copt);
-  at::Tensor w_buf = std::is_same_v<T, C> ? at::Tensor() : at::empty({2 * I * H}, copt);
   const T* xp = x.const_data_ptr<T>();
   C* xsp = xs.mutable_data_ptr<C>();
   at::parallel_for(0, S, 16, [&](int64_t b, int64_t e) {
@@ -404,22 +419,52 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
       for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<C>(src[h]);
     }
   });
-  // Experts with few rows (decode) go through the weight-streaming path, all of them in one
-  // parallel region per GEMM (threads split the experts' output columns); the others get one
-  // BLAS / oneDNN GEMM each. Idle experts cost nothing.
-  std::vector<int64_t> small;
+  // Experts with few rows (decode) go through the weight-streaming path below. The others run
+  // concurrently, one thread per expert (single-threaded BLAS inside the parallel region, far
+  // faster at ~50 rows than one multi-threaded GEMM after another), taken largest first from a
+  // shared counter (LPT). An expert with more rows than a thread's fair share would leave the
+  // other threads idle: those get multi-threaded GEMMs, one expert after another. Which thread
+  // computes an expert does not change its result (bitwise deterministic). Idle experts cost
+  // nothing.
+  const int64_t n_threads = at::get_num_threads();
+  std::vector<int64_t> small, large, concurrent;
+  int64_t rows_left = 0;
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t o = off[e], m = off[e + 1] - off[e];
+    const int64_t m = off[e + 1] - off[e];
     if (m == 0) continue;
-    if (m <= kSmallM) {
-      small.push_back(e);
-      continue;
-    }
-    at::Tensor gu_e = gu_c.narrow(0, o, m);
-    expert_gemm<T, C>(xs.narrow(0, o, m), wgu[e], gu_e, w_buf);
-    swiglu_rows<T, C>(gu_e.const_data_ptr<C>(), gate_up_out.mutable_data_ptr<T>() + o * 2 * I,
-                      act.mutable_data_ptr<C>() + o * I, m, I);
-    expert_gemm<T, C>(act.narrow(0, o, m), wd[e], y.narrow(0, o, m), w_buf);
+    if (m <= kSmallM) small.push_back(e);
+    else rows_left += m;
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t m = off[e + 1] - off[e];
+    if (m <= kSmallM) continue;
+    if (n_threads > 1 && m * n_threads > rows_left) large.push_back(e);
+    else concurrent.push_back(e);
+  }
+  std::stable_sort(concurrent.begin(), concurrent.end(), [&](int64_t a, int64_t b) {
+    return off[a + 1] - off[a] > off[b + 1] - off[b];
+  });
+  auto make_w_buf = [&]() {
+    return std::is_same_v<T, C> ? at::Tensor() : at::empty({2 * I * H}, copt);
+  };
+  if (!large.empty()) {
+    at::Tensor w_buf = make_w_buf();
+    for (int64_t e : large)
+      expert_mlp<T, C>(xs, wgu[e], wd[e], off[e], off[e + 1] - off[e], gu_c, act, y, gate_up_out, w_buf);
+  }
+  if (!concurrent.empty()) {
+    const int64_t n_conc = static_cast<int64_t>(concurrent.size());
+    std::atomic<int64_t> next{0};
+    const at::ThreadLocalState tls;  // the caller's dispatch state (below autograd) for the workers
+    at::parallel_for(0, std::min(n_threads, n_conc), 1, [&](int64_t, int64_t) {
+      const at::ThreadLocalStateGuard tls_guard(tls);
+      at::Tensor w_buf = make_w_buf();
+      for (int64_t i = next.fetch_add(1); i < n_conc; i = next.fetch_add(1)) {
+        const int64_t e = concurrent[i];
+        expert_mlp<T, C>(xs, wgu[e], wd[e], off[e], off[e + 1] - off[e], gu_c, act, y, gate_up_out,
+                         w_buf);
+      }
+    });
   }
   if (!small.empty()) {
     const int64_t n_small = static_cast<int64_t>(small.size());
