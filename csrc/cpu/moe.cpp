@@ -14,8 +14,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <cstdlib>
 #include <cstring>
+#include <immintrin.h>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -321,6 +323,158 @@ float dot(const C* x, const TW* w, int64_t n) {
   }
 }
 
+// Single-threaded fp32 GEMM out[M, N] = a[M, K] @ w[N, K]^T for one expert's rows, with w (HF's
+// [out, in] layout) in fp32, bf16 or fp16, for AVX2+FMA CPUs. w is packed one 16-column panel
+// (kKc x 16, fp32, 16 KiB: stays in L1) at a time, the 16-bit types widened on the way, and a
+// 6 x 16 register tile of out accumulates broadcast(a) * panel, BLIS style. Unlike BLAS it packs
+// w only per panel, never a copy of a whole expert, and never packs a: at ~50 rows per expert
+// the full-matrix packing of a BLAS call costs it a third of its time. Fixed summation order:
+// bitwise deterministic.
+namespace awt {
+
+constexpr int64_t kMr = 6, kNr = 16;
+constexpr int64_t kKc = 256;  // k block: the packed panel (16 KiB) and a 6-row tile of a in L1
+
+bool cpu_supported() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+// Row stride (floats) of the per-thread copies of a: rows 4 KiB apart (as [*, 1024] fp32) would
+// fall in the same L1 sets as one another.
+inline int64_t padded_stride(int64_t n) { return (n + 7) / 8 * 8 + 8; }
+
+// 8 rows of 8 floats in, 8 columns out.
+__attribute__((target("avx2,fma"))) inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+  }
+}
+
+template <typename TW>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const TW* p) {
+  if constexpr (std::is_same_v<TW, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<TW, c10::BFloat16>)
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else
+      return _mm256_cvtph_ps(h);
+  }
+}
+
+// panel[k * 16 + r] = fp32(w[r * ldw + k]) for k < kc, r < rows (<= 16); zero for r >= rows.
+template <typename TW>
+__attribute__((target("avx2,fma,f16c"))) void pack_panel(const TW* w, int64_t ldw, int64_t rows,
+                                                        int64_t kc, float* panel) {
+  for (int64_t r0 = 0; r0 < kNr; r0 += 8) {
+    if (rows >= r0 + 8) {
+      int64_t k = 0;
+      for (; k + 8 <= kc; k += 8) {
+        __m256 r[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) r[i] = load8<TW>(w + (r0 + i) * ldw + k);
+        transpose8(r);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(panel + (k + j) * kNr + r0, r[j]);
+      }
+      for (; k < kc; ++k)
+        for (int64_t i = 0; i < 8; ++i)
+          panel[k * kNr + r0 + i] = static_cast<float>(w[(r0 + i) * ldw + k]);
+    } else {
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t i = 0; i < 8; ++i)
+          panel[k * kNr + r0 + i] = r0 + i < rows ? static_cast<float>(w[(r0 + i) * ldw + k]) : 0.f;
+    }
+  }
+}
+
+// out[MR, nr] (+)= a[MR, kc] @ panel[kc, 16] (first nr columns), a's rows lda apart.
+template <int MR>
+__attribute__((target("avx2,fma"))) void tile(const float* a, int64_t lda, const float* panel,
+                                              int64_t kc, float* out, int64_t ldo, int64_t nr,
+                                              bool accumulate) {
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(panel + k * kNr), b1 = _mm256_loadu_ps(panel + k * kNr + 8);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
+      c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
+    }
+  }
+  if (nr == kNr) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      float* o = out + i * ldo;
+      if (accumulate) {
+        c0[i] = _mm256_add_ps(_mm256_loadu_ps(o), c0[i]);
+        c1[i] = _mm256_add_ps(_mm256_loadu_ps(o + 8), c1[i]);
+      }
+      _mm256_storeu_ps(o, c0[i]);
+      _mm256_storeu_ps(o + 8, c1[i]);
+    }
+  } else {
+    alignas(32) float row[kNr];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      _mm256_store_ps(row, c0[i]);
+      _mm256_store_ps(row + 8, c1[i]);
+      float* o = out + i * ldo;
+      for (int64_t j = 0; j < nr; ++j) o[j] = accumulate ? o[j] + row[j] : row[j];
+    }
+  }
+}
+
+// out[M, N] = a[M, K] @ w[N, K]^T (row strides lda, ldw, ldo). panel: kKc * kNr floats of scratch.
+template <typename TW>
+__attribute__((target("avx2,fma,f16c"))) void gemm(const float* a, int64_t lda, const TW* w,
+                                                  int64_t ldw, float* out, int64_t ldo, int64_t M,
+                                                  int64_t N, int64_t K, float* panel) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    const int64_t kc = std::min(kKc, K - k0);
+    for (int64_t n0 = 0; n0 < N; n0 += kNr) {
+      const int64_t nr = std::min(kNr, N - n0);
+      pack_panel<TW>(w + n0 * ldw + k0, ldw, nr, kc, panel);
+      for (int64_t m0 = 0; m0 < M; m0 += kMr) {
+        const float* at = a + m0 * lda + k0;
+        float* ot = out + m0 * ldo + n0;
+        const bool acc = k0 > 0;
+        switch (std::min(kMr, M - m0)) {
+          case 6: tile<6>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          case 5: tile<5>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          case 4: tile<4>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          case 3: tile<3>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          case 2: tile<2>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          default: tile<1>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace awt
+
 // One expert's GEMM out[m, N] = a[m, K] @ W^T with W = weight[e] ([N, K], dtype T), computed in
 // C by BLAS / oneDNN: on W itself when C == T, or on an fp32 copy in `w_buf` when the CPU lacks
 // fast bf16/fp16 GEMMs.
@@ -400,32 +554,29 @@ void expert_mlp(const at::Tensor& xs, const at::Tensor& wgu_e, const at::Tensor&
   expert_gemm<T, C>(act.narrow(0, o, m), wd_e, y.narrow(0, o, m), w_buf);
 }
 
+// Permuted rows [b, e) of x (pair i is token sorted_pairs[i] / K), converted to C.
+template <typename T, typename C>
+void gather_rows(const T* x, const int64_t* sorted_pairs, int64_t K, int64_t H, int64_t b,
+                 int64_t e, C* dst) {
+  for (int64_t i = b; i < e; ++i) {
+    const T* src = x + (sorted_pairs[i] / K) * H;
+    C* d = dst + (i - b) * H;
+    for (int64_t h = 0; h < H; ++h) d[h] = static_cast<C>(src[h]);
+  }
+}
+
 template <typename T, typename C>
 void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tensor& wd,
                      const float* w, const int64_t* sorted_pairs, const int64_t* off,
                      const int64_t* pos, int64_t K, at::Tensor& gate_up_out, at::Tensor& out) {
   const int64_t T_ = x.size(0), H = x.size(1), E = wgu.size(0), I = wgu.size(1) / 2, S = T_ * K;
   const at::TensorOptions copt = x.options().dtype(c10::CppTypeToScalarType<C>::value);
-  at::Tensor xs = at::empty({S, H}, copt);
-  at::Tensor gu_c = at::empty({S, 2 * I}, copt);
-  at::Tensor act = at::empty({S, I}, copt);
-  at::Tensor y = at::empty({S, H}, copt);
-  const T* xp = x.const_data_ptr<T>();
-  C* xsp = xs.mutable_data_ptr<C>();
-  at::parallel_for(0, S, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const T* src = xp + (sorted_pairs[i] / K) * H;
-      C* dst = xsp + i * H;
-      for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<C>(src[h]);
-    }
-  });
   // Experts with few rows (decode) go through the weight-streaming path below. The others run
-  // concurrently, one thread per expert (single-threaded BLAS inside the parallel region, far
-  // faster at ~50 rows than one multi-threaded GEMM after another), taken largest first from a
-  // shared counter (LPT). An expert with more rows than a thread's fair share would leave the
-  // other threads idle: those get multi-threaded GEMMs, one expert after another. Which thread
-  // computes an expert does not change its result (bitwise deterministic). Idle experts cost
-  // nothing.
+  // concurrently, one thread per expert (far faster at ~50 rows than one multi-threaded GEMM
+  // after another), taken largest first from a shared counter (LPT). An expert with more rows
+  // than a thread's fair share would leave the other threads idle: those get multi-threaded
+  // GEMMs, one expert after another. Which thread computes an expert does not change its result
+  // (bitwise deterministic). Idle experts cost nothing.
   const int64_t n_threads = at::get_num_threads();
   std::vector<int64_t> small, large, concurrent;
   int64_t rows_left = 0;
@@ -444,6 +595,24 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
   std::stable_sort(concurrent.begin(), concurrent.end(), [&](int64_t a, int64_t b) {
     return off[a + 1] - off[a] > off[b + 1] - off[b];
   });
+  // Concurrent experts use the unpacked AVX2 GEMM (awt::gemm) on per-thread scratch where the
+  // compute type is fp32; elsewhere (native bf16/fp16 GEMMs, CPUs without AVX2) single-threaded
+  // ATen GEMMs on the permuted buffers below.
+  constexpr bool kAwtTypes = std::is_same_v<C, float> &&
+                             (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
+                              std::is_same_v<T, c10::Half>);
+  const bool awt_path = kAwtTypes && awt::cpu_supported();
+  at::Tensor y = at::empty({S, H}, copt);
+  at::Tensor xs, gu_c, act;
+  if (!awt_path || !small.empty() || !large.empty()) {
+    xs = at::empty({S, H}, copt);
+    gu_c = at::empty({S, 2 * I}, copt);
+    act = at::empty({S, I}, copt);
+    at::parallel_for(0, S, 16, [&](int64_t b, int64_t e) {
+      gather_rows<T, C>(x.const_data_ptr<T>(), sorted_pairs, K, H, b, e,
+                        xs.mutable_data_ptr<C>() + b * H);
+    });
+  }
   auto make_w_buf = [&]() {
     return std::is_same_v<T, C> ? at::Tensor() : at::empty({2 * I * H}, copt);
   };
@@ -454,10 +623,44 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
   }
   if (!concurrent.empty()) {
     const int64_t n_conc = static_cast<int64_t>(concurrent.size());
+    const int64_t m_max = off[concurrent[0] + 1] - off[concurrent[0]];
     std::atomic<int64_t> next{0};
     const at::ThreadLocalState tls;  // the caller's dispatch state (below autograd) for the workers
     at::parallel_for(0, std::min(n_threads, n_conc), 1, [&](int64_t, int64_t) {
       const at::ThreadLocalStateGuard tls_guard(tls);
+      if constexpr (kAwtTypes) {
+        if (awt_path) {
+          // Per thread: the expert's rows of x, its gate|up rows (fp32, unless T is fp32: then
+          // straight into gate_up_out), its SwiGLU rows and one widened weight block.
+          constexpr bool kF32 = std::is_same_v<T, float>;
+          const int64_t ldx = awt::padded_stride(H), lda = awt::padded_stride(I);
+          const int64_t n_panel = awt::kKc * awt::kNr;
+          const int64_t n_scratch = n_panel + m_max * (ldx + lda) + (kF32 ? 0 : m_max * 2 * I);
+          std::unique_ptr<float[]> scratch(new float[n_scratch]);
+          float* panel = scratch.get();
+          float* xa = panel + n_panel;
+          float* act_e = xa + m_max * ldx;
+          float* gu_buf = act_e + m_max * lda;
+          const T* wgu_p = wgu.const_data_ptr<T>();
+          const T* wd_p = wd.const_data_ptr<T>();
+          T* guo = gate_up_out.mutable_data_ptr<T>();
+          float* yp = y.mutable_data_ptr<float>();
+          for (int64_t i = next.fetch_add(1); i < n_conc; i = next.fetch_add(1)) {
+            const int64_t e = concurrent[i], o = off[e], m = off[e + 1] - o;
+            for (int64_t r = 0; r < m; ++r)
+              gather_rows<T, float>(x.const_data_ptr<T>(), sorted_pairs, K, H, o + r, o + r + 1,
+                                    xa + r * ldx);
+            float* gu_e;
+            if constexpr (kF32) gu_e = guo + o * 2 * I;
+            else gu_e = gu_buf;
+            awt::gemm<T>(xa, ldx, wgu_p + e * 2 * I * H, H, gu_e, 2 * I, m, 2 * I, H, panel);
+            for (int64_t r = 0; r < m; ++r)
+              swiglu_rows<T, float>(gu_e + r * 2 * I, guo + (o + r) * 2 * I, act_e + r * lda, 1, I);
+            awt::gemm<T>(act_e, lda, wd_p + e * H * I, I, yp + o * H, H, m, H, I, panel);
+          }
+          return;
+        }
+      }
       at::Tensor w_buf = make_w_buf();
       for (int64_t i = next.fetch_add(1); i < n_conc; i = next.fetch_add(1)) {
         const int64_t e = concurrent[i];
