@@ -1,9 +1,11 @@
 // MoE CPU kernels: DeepSeek-V3 routing (math in common/moe_math.h, shared with CUDA) and the
-// routed SwiGLU experts: counting-sort permute of (token, k) pairs by expert, one ATen GEMM per
-// active expert for gate_up and for down (BLAS / oneDNN, bf16 via the CPU's bf16 paths), the
-// SwiGLU fused in one pass between them, and a weighted combine back to token order that sums
-// each token's k rows in k order (bitwise deterministic, no atomics). Also the device-generic
-// host helpers of csrc/cuda/moe/moe_host.h (checks, the ATen backward of moe_experts).
+// routed SwiGLU experts: counting-sort permute of (token, k) pairs by expert; experts run
+// concurrently, one thread each doing gate_up GEMM -> SwiGLU -> down GEMM (an AVX2 GEMM for
+// fp32 compute, else single-threaded BLAS / oneDNN), with multi-threaded GEMMs for an expert too
+// large to share out and a weight-streaming path for experts with a few rows; then a weighted
+// combine back to token order that sums each token's k rows in k order (bitwise deterministic,
+// no atomics). Also the device-generic host helpers of csrc/cuda/moe/moe_host.h (checks, the
+// ATen backward of moe_experts).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -14,10 +16,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <memory>
 #include <cstdlib>
 #include <cstring>
 #include <immintrin.h>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -325,11 +327,11 @@ float dot(const C* x, const TW* w, int64_t n) {
 
 // Single-threaded fp32 GEMM out[M, N] = a[M, K] @ w[N, K]^T for one expert's rows, with w (HF's
 // [out, in] layout) in fp32, bf16 or fp16, for AVX2+FMA CPUs. w is packed one 16-column panel
-// (kKc x 16, fp32, 16 KiB: stays in L1) at a time, the 16-bit types widened on the way, and a
-// 6 x 16 register tile of out accumulates broadcast(a) * panel, BLIS style. Unlike BLAS it packs
-// w only per panel, never a copy of a whole expert, and never packs a: at ~50 rows per expert
-// the full-matrix packing of a BLAS call costs it a third of its time. Fixed summation order:
-// bitwise deterministic.
+// (kKc x 16, fp32, 16 KiB: stays in L1) at a time, straight from its own dtype, while the next
+// panel is prefetched; a 6 x 16 register tile of out accumulates broadcast(a) * panel (BLIS
+// style) with a read in place. Why not BLAS: at ~50 rows a single-threaded MKL sgemm spends
+// ~30% of its time packing w (perf, AVX2 Zen 3), and a bf16 w first needed a whole fp32 copy
+// of the expert. Fixed summation order: bitwise deterministic.
 namespace awt {
 
 constexpr int64_t kMr = 6, kNr = 16;
@@ -601,15 +603,15 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
   for (int64_t e = 0; e < E; ++e) {
     const int64_t m = off[e + 1] - off[e];
     if (m <= kSmallM) continue;
-    if (n_threads > 1 && m * n_threads > rows_left) large.push_back(e);
+    if (n_threads > 1 && m * n_threads > rows_left) large.push_back(e);  // LPT cannot balance it
     else concurrent.push_back(e);
   }
   std::stable_sort(concurrent.begin(), concurrent.end(), [&](int64_t a, int64_t b) {
     return off[a + 1] - off[a] > off[b + 1] - off[b];
   });
-  // Concurrent experts use the unpacked AVX2 GEMM (awt::gemm) on per-thread scratch where the
-  // compute type is fp32; elsewhere (native bf16/fp16 GEMMs, CPUs without AVX2) single-threaded
-  // ATen GEMMs on the permuted buffers below.
+  // Concurrent experts use awt::gemm on per-thread scratch where the compute type is fp32;
+  // elsewhere (native bf16/fp16 GEMMs, CPUs without AVX2) single-threaded ATen GEMMs on the
+  // permuted buffers below.
   constexpr bool kAwtTypes = std::is_same_v<C, float> &&
                              (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
                               std::is_same_v<T, c10::Half>);
@@ -642,8 +644,8 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
       const at::ThreadLocalStateGuard tls_guard(tls);
       if constexpr (kAwtTypes) {
         if (awt_path) {
-          // Per thread: the expert's rows of x, its gate|up rows (fp32, unless T is fp32: then
-          // straight into gate_up_out), its SwiGLU rows and one widened weight block.
+          // Per thread: one packed weight panel, the expert's rows of x, its SwiGLU rows and its
+          // gate|up rows (fp32; when T is fp32 they go straight into gate_up_out).
           constexpr bool kF32 = std::is_same_v<T, float>;
           const int64_t ldx = awt::padded_stride(H), lda = awt::padded_stride(I);
           const int64_t n_panel = awt::kKc * awt::kNr;
