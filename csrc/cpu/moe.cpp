@@ -336,6 +336,8 @@ namespace awt {
 
 constexpr int64_t kMr = 6, kNr = 16;
 constexpr int64_t kKc = 256;  // k block: the packed panel (16 KiB) and a 6-row tile of a in L1
+constexpr int64_t kKcRows = 512;  // gemm_rows' k block: 4 rows of a and 3 of w (14 KiB) in L1
+static_assert(3 * (kKcRows + 8) <= kKc * kNr, "gemm_rows' scratch fits in the panel's");
 
 bool cpu_supported() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -448,11 +450,111 @@ __attribute__((target("avx2,fma"))) void tile(const float* a, int64_t lda, const
   }
 }
 
+// Fewer rows than this take gemm_rows below instead of the packed-panel GEMM.
+constexpr int64_t kRowsForPanels = 33;
+
+// Sums of the lanes of a0, a1, a2, a3 (in that order).
+__attribute__((target("avx2,fma"))) inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// out[i, j] (+)= dot(a[i, :kc], w[j, :kc]) for i < MR, j < NR: 4 x 3 vector accumulators along k,
+// summed across lanes at the end.
+template <int MR, int NR>
+__attribute__((target("avx2,fma"))) void dot_tile(const float* a, int64_t lda, const float* w,
+                                                  int64_t ldw, int64_t kc, float* out, int64_t ldo,
+                                                  bool accumulate) {
+  __m256 acc[NR][4];
+#pragma GCC unroll 4
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) acc[j][i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    __m256 wv[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_loadu_ps(a + i * lda + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[j][i] = _mm256_fmadd_ps(av, wv[j], acc[j][i]);
+    }
+  }
+  if (k < kc) {  // the last kc % 8 columns, masked
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(kc - k)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 wv[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_maskload_ps(w + j * ldw + k, mask);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_maskload_ps(a + i * lda + k, mask);
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[j][i] = _mm256_fmadd_ps(av, wv[j], acc[j][i]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NR; ++j) {
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, hsum4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
+    for (int i = 0; i < MR; ++i) {
+      float* o = out + i * ldo + j;
+      *o = accumulate ? *o + sums[i] : sums[i];
+    }
+  }
+}
+
+template <int MR>
+__attribute__((target("avx2,fma"))) void dot_tile_n(int64_t nr, const float* a, int64_t lda,
+                                                    const float* w, int64_t ldw, int64_t kc,
+                                                    float* out, int64_t ldo, bool accumulate) {
+  if (nr == 3) dot_tile<MR, 3>(a, lda, w, ldw, kc, out, ldo, accumulate);
+  else if (nr == 2) dot_tile<MR, 2>(a, lda, w, ldw, kc, out, ldo, accumulate);
+  else dot_tile<MR, 1>(a, lda, w, ldw, kc, out, ldo, accumulate);
+}
+
+// gemm for few rows (M < kRowsForPanels), where packing w into panels would cost as much as
+// the multiplication: w is only copied (widened), 3 rows at a time, and dotted with 4 rows of a
+// at a time. scratch: 3 * padded_stride(kKcRows) floats.
+template <typename TW>
+__attribute__((target("avx2,fma,f16c"))) void gemm_rows(const float* a, int64_t lda, const TW* w,
+                                                       int64_t ldw, float* out, int64_t ldo,
+                                                       int64_t M, int64_t N, int64_t K,
+                                                       float* scratch) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKcRows) {
+    const int64_t kc = std::min(kKcRows, K - k0);
+    const int64_t ldb = padded_stride(kc);
+    for (int64_t n0 = 0; n0 < N; n0 += 3) {
+      const int64_t nr = std::min<int64_t>(3, N - n0);
+      for (int64_t r = 0; r < nr; ++r) {
+        const TW* src = w + (n0 + r) * ldw + k0;
+        float* dst = scratch + r * ldb;
+        int64_t k = 0;
+        for (; k + 8 <= kc; k += 8) _mm256_storeu_ps(dst + k, load8<TW>(src + k));
+        for (; k < kc; ++k) dst[k] = static_cast<float>(src[k]);
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const float* at = a + m0 * lda + k0;
+        float* ot = out + m0 * ldo + n0;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 4: dot_tile_n<4>(nr, at, lda, scratch, ldb, kc, ot, ldo, k0 > 0); break;
+          case 3: dot_tile_n<3>(nr, at, lda, scratch, ldb, kc, ot, ldo, k0 > 0); break;
+          case 2: dot_tile_n<2>(nr, at, lda, scratch, ldb, kc, ot, ldo, k0 > 0); break;
+          default: dot_tile_n<1>(nr, at, lda, scratch, ldb, kc, ot, ldo, k0 > 0); break;
+        }
+      }
+    }
+  }
+}
+
 // out[M, N] = a[M, K] @ w[N, K]^T (row strides lda, ldw, ldo). panel: kKc * kNr floats of scratch.
 template <typename TW>
 __attribute__((target("avx2,fma,f16c"))) void gemm(const float* a, int64_t lda, const TW* w,
                                                   int64_t ldw, float* out, int64_t ldo, int64_t M,
                                                   int64_t N, int64_t K, float* panel) {
+  if (M < kRowsForPanels) return gemm_rows<TW>(a, lda, w, ldw, out, ldo, M, N, K, panel);
   for (int64_t k0 = 0; k0 < K; k0 += kKc) {
     const int64_t kc = std::min(kKc, K - k0);
     for (int64_t n0 = 0; n0 < N; n0 += kNr) {
