@@ -243,3 +243,51 @@ def test_experts_cpu_low_precision_paths(monkeypatch, path, dtype):
     for a, b, c in zip(ours, lp_ref, want):
         err = (a.grad.double() - c.grad).abs().max().item()
         assert err <= 2 * (b.grad.double() - c.grad).abs().max().item() + 1e-3
+
+
+
+def _scheduling_routing(case, T, E):
+    """(weights, indices) that drive each branch of the CPU scheduler (experts run concurrently,
+    multi-threaded large experts, the small-M path) and each row remainder of the 6-row tile."""
+    if case == "uniform":
+        return _routing(T, E, 3, "cpu")
+    if case == "one_heavy":  # expert 3 holds every token: above a thread's share at 2 threads
+        w, idx = _routing(T, E - 1, 1, "cpu")
+        idx = torch.cat([torch.where(idx >= 3, idx + 1, idx), torch.full((T, 1), 3)], 1)
+        return torch.rand(T, 2) + 0.1, idx
+    if case == "few_active":  # experts 1 (all tokens: large), 4 and 6 (half each: concurrent)
+        second = torch.where(torch.arange(T) < T // 2, 4, 6)
+        return torch.rand(T, 2) + 0.1, torch.stack([torch.full((T,), 1), second], 1)
+    # "ragged": expert e gets e + 1 rows (T * K = 1 + 2 + ... + E pairs): every row remainder
+    # of the 6-row tile, small-M experts (<= 4 rows) and larger ones in one call.
+    rows = torch.repeat_interleave(torch.arange(E), torch.arange(E) + 1)
+    return torch.rand(T, 6) + 0.1, rows[torch.randperm(rows.numel())].view(T, 6)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("case", ["uniform", "one_heavy", "few_active", "ragged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_experts_cpu_scheduling_and_tiles(case, dtype, threads):
+    # H = 530: three k blocks of the CPU GEMM, the last one ragged; H and 2I = 90 end in partial
+    # 16-column panels; I = 45 leaves a ragged k tail in the down projection. At 3 threads
+    # "few_active" runs two concurrent experts on three threads beside one large expert.
+    T, E, H, I = (13, 12, 530, 45) if case == "ragged" else (40, 10, 530, 45)
+    x = torch.randn(T, H)
+    gu, down = _experts(E, H, I, "cpu")
+    w, idx = _scheduling_routing(case, T, E)
+    want = ref.swiglu_experts(*(t.double() for t in (x, gu, down, w)), idx)
+    lp = [t.to(dtype) for t in (x, gu, down)]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = moe_experts(*lp, w, idx)
+        again = moe_experts(*lp, w, idx)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(out, again)
+    if dtype == torch.float32:
+        assert rel_err(out, want) <= 1e-5
+    else:
+        ref_lp = ref.swiglu_experts(*lp, w, idx)
+        err = (out.double() - want).abs().max().item()
+        assert err <= 2 * (ref_lp.double() - want).abs().max().item() + 1e-3

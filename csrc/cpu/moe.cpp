@@ -1,18 +1,25 @@
 // MoE CPU kernels: DeepSeek-V3 routing (math in common/moe_math.h, shared with CUDA) and the
-// routed SwiGLU experts: counting-sort permute of (token, k) pairs by expert, one ATen GEMM per
-// active expert for gate_up and for down (BLAS / oneDNN, bf16 via the CPU's bf16 paths), the
-// SwiGLU fused in one pass between them, and a weighted combine back to token order that sums
-// each token's k rows in k order (bitwise deterministic, no atomics). Also the device-generic
-// host helpers of csrc/cuda/moe/moe_host.h (checks, the ATen backward of moe_experts).
+// routed SwiGLU experts: counting-sort permute of (token, k) pairs by expert; experts run
+// concurrently, one thread each doing gate_up GEMM -> SwiGLU -> down GEMM (an AVX2 GEMM for
+// fp32 compute, else single-threaded BLAS / oneDNN), with multi-threaded GEMMs for an expert too
+// large to share out and a weight-streaming path for experts with a few rows; then a weighted
+// combine back to token order that sums each token's k rows in k order (bitwise deterministic,
+// no atomics). Also the device-generic host helpers of csrc/cuda/moe/moe_host.h (checks, the
+// ATen backward of moe_experts).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/Version.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <immintrin.h>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -318,6 +325,275 @@ float dot(const C* x, const TW* w, int64_t n) {
   }
 }
 
+// Single-threaded fp32 GEMM out[M, N] = a[M, K] @ w[N, K]^T for one expert's rows, with w (HF's
+// [out, in] layout) in fp32, bf16 or fp16, for AVX2+FMA CPUs. w is packed one 16-column panel
+// (kKc x 16, fp32, 16 KiB: stays in L1) at a time, straight from its own dtype, while the next
+// panel is prefetched; a 6 x 16 register tile of out accumulates broadcast(a) * panel (BLIS
+// style) with a read in place. Why not BLAS: at ~50 rows a single-threaded MKL sgemm spends
+// ~30% of its time packing w (perf, AVX2 Zen 3), and a bf16 w first needed a whole fp32 copy
+// of the expert. Below kRowsForPanels rows (many experts, few tokens each) packing would cost
+// as much as the multiplication: gemm_rows then dots rows of a with plain copies of w's rows.
+// Fixed summation order: bitwise deterministic.
+namespace awt {
+
+constexpr int64_t kMr = 6, kNr = 16;
+constexpr int64_t kKc = 256;  // k block: the packed panel (16 KiB) and a 6-row tile of a in L1
+constexpr int64_t kKcRows = 512;  // gemm_rows' k block: 4 rows of a and 3 of w (14 KiB) in L1
+static_assert(3 * (kKcRows + 8) <= kKc * kNr, "gemm_rows' scratch fits in the panel's");
+
+bool cpu_supported() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+// Row stride (floats) of the per-thread copies of a: rows 4 KiB apart (as [*, 1024] fp32) would
+// fall in the same L1 sets as one another.
+inline int64_t padded_stride(int64_t n) { return (n + 7) / 8 * 8 + 8; }
+
+// 8 rows of 8 floats in, 8 columns out.
+__attribute__((target("avx2,fma"))) inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h + 0], t[4 * h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+  }
+}
+
+template <typename TW>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const TW* p) {
+  if constexpr (std::is_same_v<TW, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<TW, c10::BFloat16>)
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else
+      return _mm256_cvtph_ps(h);
+  }
+}
+
+// panel[k * 16 + r] = fp32(w[r * ldw + k]) for k < kc, r < rows (<= 16); zero for r >= rows.
+template <typename TW>
+__attribute__((target("avx2,fma,f16c"))) void pack_panel(const TW* w, int64_t ldw, int64_t rows,
+                                                        int64_t kc, float* panel) {
+  for (int64_t r0 = 0; r0 < kNr; r0 += 8) {
+    if (rows >= r0 + 8) {
+      int64_t k = 0;
+      for (; k + 8 <= kc; k += 8) {
+        __m256 r[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) r[i] = load8<TW>(w + (r0 + i) * ldw + k);
+        transpose8(r);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(panel + (k + j) * kNr + r0, r[j]);
+      }
+      for (; k < kc; ++k)
+        for (int64_t i = 0; i < 8; ++i)
+          panel[k * kNr + r0 + i] = static_cast<float>(w[(r0 + i) * ldw + k]);
+    } else {
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t i = 0; i < 8; ++i)
+          panel[k * kNr + r0 + i] = r0 + i < rows ? static_cast<float>(w[(r0 + i) * ldw + k]) : 0.f;
+    }
+  }
+}
+
+// out[MR, nr] (+)= a[MR, kc] @ panel[kc, 16] (first nr columns), a's rows lda apart.
+template <int MR>
+__attribute__((target("avx2,fma"))) void tile(const float* a, int64_t lda, const float* panel,
+                                              int64_t kc, float* out, int64_t ldo, int64_t nr,
+                                              bool accumulate) {
+  __m256 c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) c0[i] = c1[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(panel + k * kNr), b1 = _mm256_loadu_ps(panel + k * kNr + 8);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
+      c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
+    }
+  }
+  if (nr == kNr) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      float* o = out + i * ldo;
+      if (accumulate) {
+        c0[i] = _mm256_add_ps(_mm256_loadu_ps(o), c0[i]);
+        c1[i] = _mm256_add_ps(_mm256_loadu_ps(o + 8), c1[i]);
+      }
+      _mm256_storeu_ps(o, c0[i]);
+      _mm256_storeu_ps(o + 8, c1[i]);
+    }
+  } else {
+    alignas(32) float row[kNr];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      _mm256_store_ps(row, c0[i]);
+      _mm256_store_ps(row + 8, c1[i]);
+      float* o = out + i * ldo;
+      for (int64_t j = 0; j < nr; ++j) o[j] = accumulate ? o[j] + row[j] : row[j];
+    }
+  }
+}
+
+// Fewer rows than this take gemm_rows below instead of the packed-panel GEMM (measured on Zen 3:
+// gemm_rows is 10-50% faster at 8-32 rows, even at 48).
+constexpr int64_t kRowsForPanels = 33;
+
+// Sums of the lanes of a0, a1, a2, a3 (in that order).
+__attribute__((target("avx2,fma"))) inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// out[i, j] (+)= dot(a[i, :kc], w[j, :kc]) for i < MR, j < NR: 4 x 3 vector accumulators along k,
+// summed across lanes at the end.
+template <int MR, int NR>
+__attribute__((target("avx2,fma"))) void dot_tile(const float* a, int64_t lda, const float* w,
+                                                  int64_t ldw, int64_t kc, float* out, int64_t ldo,
+                                                  bool accumulate) {
+  __m256 acc[NR][4];
+#pragma GCC unroll 4
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) acc[j][i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    __m256 wv[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_loadu_ps(a + i * lda + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[j][i] = _mm256_fmadd_ps(av, wv[j], acc[j][i]);
+    }
+  }
+  if (k < kc) {  // the last kc % 8 columns, masked
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(kc - k)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 wv[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_maskload_ps(w + j * ldw + k, mask);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_maskload_ps(a + i * lda + k, mask);
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[j][i] = _mm256_fmadd_ps(av, wv[j], acc[j][i]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NR; ++j) {
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, hsum4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
+    for (int i = 0; i < MR; ++i) {
+      float* o = out + i * ldo + j;
+      *o = accumulate ? *o + sums[i] : sums[i];
+    }
+  }
+}
+
+template <int MR>
+__attribute__((target("avx2,fma"))) void dot_tile_n(int64_t nr, const float* a, int64_t lda,
+                                                    const float* w, int64_t ldw, int64_t kc,
+                                                    float* out, int64_t ldo, bool accumulate) {
+  if (nr == 3) dot_tile<MR, 3>(a, lda, w, ldw, kc, out, ldo, accumulate);
+  else if (nr == 2) dot_tile<MR, 2>(a, lda, w, ldw, kc, out, ldo, accumulate);
+  else dot_tile<MR, 1>(a, lda, w, ldw, kc, out, ldo, accumulate);
+}
+
+// gemm for few rows (M < kRowsForPanels), where packing w into panels would cost as much as
+// the multiplication: w is only copied (widened), 3 rows at a time, and dotted with 4 rows of a
+// at a time. scratch: 3 * padded_stride(kKcRows) floats.
+template <typename TW>
+__attribute__((target("avx2,fma,f16c"))) void gemm_rows(const float* a, int64_t lda, const TW* w,
+                                                       int64_t ldw, float* out, int64_t ldo,
+                                                       int64_t M, int64_t N, int64_t K,
+                                                       float* scratch) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKcRows) {
+    const int64_t kc = std::min(kKcRows, K - k0);
+    const int64_t ldb = padded_stride(kc);
+    for (int64_t n0 = 0; n0 < N; n0 += 3) {
+      const int64_t nr = std::min<int64_t>(3, N - n0);
+      for (int64_t r = 0; r < nr; ++r) {
+        const TW* src = w + (n0 + r) * ldw + k0;
+        float* dst = scratch + r * ldb;
+        int64_t k = 0;
+        for (; k + 8 <= kc; k += 8) _mm256_storeu_ps(dst + k, load8<TW>(src + k));
+        for (; k < kc; ++k) dst[k] = static_cast<float>(src[k]);
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const float* at = a + m0 * lda + k0;
+        float* ot = out + m0 * ldo + n0;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 4: dot_tile_n<4>(nr, at, lda, scratch, ldb, kc, ot, ldo, k0 > 0); break;
+          case 3: dot_tile_n<3>(nr, at, lda, scratch, ldb, kc, ot, ldo, k0 > 0); break;
+          case 2: dot_tile_n<2>(nr, at, lda, scratch, ldb, kc, ot, ldo, k0 > 0); break;
+          default: dot_tile_n<1>(nr, at, lda, scratch, ldb, kc, ot, ldo, k0 > 0); break;
+        }
+      }
+    }
+  }
+}
+
+// out[M, N] = a[M, K] @ w[N, K]^T (row strides lda, ldw, ldo). panel: kKc * kNr floats of scratch.
+template <typename TW>
+__attribute__((target("avx2,fma,f16c"))) void gemm(const float* a, int64_t lda, const TW* w,
+                                                  int64_t ldw, float* out, int64_t ldo, int64_t M,
+                                                  int64_t N, int64_t K, float* panel) {
+  if (M < kRowsForPanels) return gemm_rows<TW>(a, lda, w, ldw, out, ldo, M, N, K, panel);
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    const int64_t kc = std::min(kKc, K - k0);
+    for (int64_t n0 = 0; n0 < N; n0 += kNr) {
+      const int64_t nr = std::min(kNr, N - n0);
+      pack_panel<TW>(w + n0 * ldw + k0, ldw, nr, kc, panel);
+      // The next panel (along n, else the first of the next k block) is prefetched a few rows
+      // per tile: packing reads w from memory, and would otherwise wait on it (+5-10%).
+      const bool last_n = n0 + kNr >= N;
+      const int64_t next_n0 = last_n ? 0 : n0 + kNr, next_k0 = last_n ? k0 + kKc : k0;
+      const int64_t next_rows = next_k0 < K ? std::min(kNr, N - next_n0) : 0;
+      const int64_t next_bytes = (std::min(kKc, K - next_k0) * static_cast<int64_t>(sizeof(TW)));
+      const char* next_w = reinterpret_cast<const char*>(w + next_n0 * ldw + next_k0);
+      const int64_t n_mtiles = (M + kMr - 1) / kMr;
+      for (int64_t m0 = 0; m0 < M; m0 += kMr) {
+        const int64_t t = m0 / kMr;
+        for (int64_t r = next_rows * t / n_mtiles; r < next_rows * (t + 1) / n_mtiles; ++r)
+          for (int64_t b = 0; b < next_bytes; b += 64)
+            _mm_prefetch(next_w + r * ldw * static_cast<int64_t>(sizeof(TW)) + b, _MM_HINT_T0);
+        const float* at = a + m0 * lda + k0;
+        float* ot = out + m0 * ldo + n0;
+        const bool acc = k0 > 0;
+        switch (std::min(kMr, M - m0)) {
+          case 6: tile<6>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          case 5: tile<5>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          case 4: tile<4>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          case 3: tile<3>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          case 2: tile<2>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          default: tile<1>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace awt
+
 // One expert's GEMM out[m, N] = a[m, K] @ W^T with W = weight[e] ([N, K], dtype T), computed in
 // C by BLAS / oneDNN: on W itself when C == T, or on an fp32 copy in `w_buf` when the CPU lacks
 // fast bf16/fp16 GEMMs.
@@ -384,42 +660,133 @@ bool cpu_fast_low_precision_gemm() {
   return detected;
 }
 
+// One expert's gate_up GEMM -> SwiGLU -> down GEMM on rows [o, o + m) of the permuted buffers.
+template <typename T, typename C>
+void expert_mlp(const at::Tensor& xs, const at::Tensor& wgu_e, const at::Tensor& wd_e, int64_t o,
+                int64_t m, at::Tensor& gu_c, at::Tensor& act, at::Tensor& y,
+                at::Tensor& gate_up_out, at::Tensor& w_buf) {
+  const int64_t I = wd_e.size(1);
+  at::Tensor gu_e = gu_c.narrow(0, o, m);
+  expert_gemm<T, C>(xs.narrow(0, o, m), wgu_e, gu_e, w_buf);
+  swiglu_rows<T, C>(gu_e.const_data_ptr<C>(), gate_up_out.mutable_data_ptr<T>() + o * 2 * I,
+                    act.mutable_data_ptr<C>() + o * I, m, I);
+  expert_gemm<T, C>(act.narrow(0, o, m), wd_e, y.narrow(0, o, m), w_buf);
+}
+
+// Permuted rows [b, e) of x (pair i is token sorted_pairs[i] / K), converted to C.
+template <typename T, typename C>
+void gather_rows(const T* x, const int64_t* sorted_pairs, int64_t K, int64_t H, int64_t b,
+                 int64_t e, C* dst) {
+  for (int64_t i = b; i < e; ++i) {
+    const T* src = x + (sorted_pairs[i] / K) * H;
+    C* d = dst + (i - b) * H;
+    for (int64_t h = 0; h < H; ++h) d[h] = static_cast<C>(src[h]);
+  }
+}
+
 template <typename T, typename C>
 void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tensor& wd,
                      const float* w, const int64_t* sorted_pairs, const int64_t* off,
                      const int64_t* pos, int64_t K, at::Tensor& gate_up_out, at::Tensor& out) {
   const int64_t T_ = x.size(0), H = x.size(1), E = wgu.size(0), I = wgu.size(1) / 2, S = T_ * K;
   const at::TensorOptions copt = x.options().dtype(c10::CppTypeToScalarType<C>::value);
-  at::Tensor xs = at::empty({S, H}, copt);
-  at::Tensor gu_c = at::empty({S, 2 * I}, copt);
-  at::Tensor act = at::empty({S, I}, copt);
-  at::Tensor y = at::empty({S, H}, copt);
-  at::Tensor w_buf = std::is_same_v<T, C> ? at::Tensor() : at::empty({2 * I * H}, copt);
-  const T* xp = x.const_data_ptr<T>();
-  C* xsp = xs.mutable_data_ptr<C>();
-  at::parallel_for(0, S, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const T* src = xp + (sorted_pairs[i] / K) * H;
-      C* dst = xsp + i * H;
-      for (int64_t h = 0; h < H; ++h) dst[h] = static_cast<C>(src[h]);
-    }
-  });
-  // Experts with few rows (decode) go through the weight-streaming path, all of them in one
-  // parallel region per GEMM (threads split the experts' output columns); the others get one
-  // BLAS / oneDNN GEMM each. Idle experts cost nothing.
-  std::vector<int64_t> small;
+  // Experts with few rows (decode) go through the weight-streaming path below. The others run
+  // concurrently, one thread per expert (far faster at ~50 rows than one multi-threaded GEMM
+  // after another), taken largest first from a shared counter (LPT). An expert with more rows
+  // than a thread's fair share would leave the other threads idle: those get multi-threaded
+  // GEMMs, one expert after another. Which thread computes an expert does not change its result
+  // (bitwise deterministic). Idle experts cost nothing.
+  const int64_t n_threads = at::get_num_threads();
+  std::vector<int64_t> small, large, concurrent;
+  int64_t rows_left = 0;
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t o = off[e], m = off[e + 1] - off[e];
+    const int64_t m = off[e + 1] - off[e];
     if (m == 0) continue;
-    if (m <= kSmallM) {
-      small.push_back(e);
-      continue;
-    }
-    at::Tensor gu_e = gu_c.narrow(0, o, m);
-    expert_gemm<T, C>(xs.narrow(0, o, m), wgu[e], gu_e, w_buf);
-    swiglu_rows<T, C>(gu_e.const_data_ptr<C>(), gate_up_out.mutable_data_ptr<T>() + o * 2 * I,
-                      act.mutable_data_ptr<C>() + o * I, m, I);
-    expert_gemm<T, C>(act.narrow(0, o, m), wd[e], y.narrow(0, o, m), w_buf);
+    if (m <= kSmallM) small.push_back(e);
+    else rows_left += m;
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t m = off[e + 1] - off[e];
+    if (m <= kSmallM) continue;
+    if (n_threads > 1 && m * n_threads > rows_left) large.push_back(e);  // LPT cannot balance it
+    else concurrent.push_back(e);
+  }
+  std::stable_sort(concurrent.begin(), concurrent.end(), [&](int64_t a, int64_t b) {
+    return off[a + 1] - off[a] > off[b + 1] - off[b];
+  });
+  // Concurrent experts use awt::gemm on per-thread scratch where the compute type is fp32;
+  // elsewhere (native bf16/fp16 GEMMs, CPUs without AVX2) single-threaded ATen GEMMs on the
+  // permuted buffers below.
+  constexpr bool kAwtTypes = std::is_same_v<C, float> &&
+                             (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
+                              std::is_same_v<T, c10::Half>);
+  const bool awt_path = kAwtTypes && awt::cpu_supported();
+  at::Tensor y = at::empty({S, H}, copt);
+  at::Tensor xs, gu_c, act;
+  if (!awt_path || !small.empty() || !large.empty()) {
+    xs = at::empty({S, H}, copt);
+    gu_c = at::empty({S, 2 * I}, copt);
+    act = at::empty({S, I}, copt);
+    at::parallel_for(0, S, 16, [&](int64_t b, int64_t e) {
+      gather_rows<T, C>(x.const_data_ptr<T>(), sorted_pairs, K, H, b, e,
+                        xs.mutable_data_ptr<C>() + b * H);
+    });
+  }
+  auto make_w_buf = [&]() {
+    return std::is_same_v<T, C> ? at::Tensor() : at::empty({2 * I * H}, copt);
+  };
+  if (!large.empty()) {
+    at::Tensor w_buf = make_w_buf();
+    for (int64_t e : large)
+      expert_mlp<T, C>(xs, wgu[e], wd[e], off[e], off[e + 1] - off[e], gu_c, act, y, gate_up_out, w_buf);
+  }
+  if (!concurrent.empty()) {
+    const int64_t n_conc = static_cast<int64_t>(concurrent.size());
+    const int64_t m_max = off[concurrent[0] + 1] - off[concurrent[0]];
+    std::atomic<int64_t> next{0};
+    const at::ThreadLocalState tls;  // the caller's dispatch state (below autograd) for the workers
+    at::parallel_for(0, std::min(n_threads, n_conc), 1, [&](int64_t, int64_t) {
+      const at::ThreadLocalStateGuard tls_guard(tls);
+      if constexpr (kAwtTypes) {
+        if (awt_path) {
+          // Per thread: one packed weight panel, the expert's rows of x, its SwiGLU rows and its
+          // gate|up rows (fp32; when T is fp32 they go straight into gate_up_out).
+          constexpr bool kF32 = std::is_same_v<T, float>;
+          const int64_t ldx = awt::padded_stride(H), lda = awt::padded_stride(I);
+          const int64_t n_panel = awt::kKc * awt::kNr;
+          const int64_t n_scratch = n_panel + m_max * (ldx + lda) + (kF32 ? 0 : m_max * 2 * I);
+          std::unique_ptr<float[]> scratch(new float[n_scratch]);
+          float* panel = scratch.get();
+          float* xa = panel + n_panel;
+          float* act_e = xa + m_max * ldx;
+          float* gu_buf = act_e + m_max * lda;
+          const T* wgu_p = wgu.const_data_ptr<T>();
+          const T* wd_p = wd.const_data_ptr<T>();
+          T* guo = gate_up_out.mutable_data_ptr<T>();
+          float* yp = y.mutable_data_ptr<float>();
+          for (int64_t i = next.fetch_add(1); i < n_conc; i = next.fetch_add(1)) {
+            const int64_t e = concurrent[i], o = off[e], m = off[e + 1] - o;
+            for (int64_t r = 0; r < m; ++r)
+              gather_rows<T, float>(x.const_data_ptr<T>(), sorted_pairs, K, H, o + r, o + r + 1,
+                                    xa + r * ldx);
+            float* gu_e;
+            if constexpr (kF32) gu_e = guo + o * 2 * I;
+            else gu_e = gu_buf;
+            awt::gemm<T>(xa, ldx, wgu_p + e * 2 * I * H, H, gu_e, 2 * I, m, 2 * I, H, panel);
+            for (int64_t r = 0; r < m; ++r)
+              swiglu_rows<T, float>(gu_e + r * 2 * I, guo + (o + r) * 2 * I, act_e + r * lda, 1, I);
+            awt::gemm<T>(act_e, lda, wd_p + e * H * I, I, yp + o * H, H, m, H, I, panel);
+          }
+          return;
+        }
+      }
+      at::Tensor w_buf = make_w_buf();
+      for (int64_t i = next.fetch_add(1); i < n_conc; i = next.fetch_add(1)) {
+        const int64_t e = concurrent[i];
+        expert_mlp<T, C>(xs, wgu[e], wd[e], off[e], off[e + 1] - off[e], gu_c, act, y, gate_up_out,
+                         w_buf);
+      }
+    });
   }
   if (!small.empty()) {
     const int64_t n_small = static_cast<int64_t>(small.size());
