@@ -267,7 +267,10 @@ def _scheduling_routing(case, T, E):
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("case", ["uniform", "one_heavy", "few_active", "ragged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_experts_cpu_scheduling_and_tiles(case, dtype, threads):
+@pytest.mark.parametrize("isa", ["native", "generic"])  # generic: the path of CPUs without AVX2
+def test_experts_cpu_scheduling_and_tiles(monkeypatch, case, dtype, threads, isa):
+    if isa == "generic":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
     # H = 530: three k blocks of the CPU GEMM, the last one ragged; H and 2I = 90 end in partial
     # 16-column panels; I = 45 leaves a ragged k tail in the down projection. At 3 threads
     # "few_active" runs two concurrent experts on three threads beside one large expert.

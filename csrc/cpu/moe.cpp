@@ -26,6 +26,7 @@
 
 #include "common/checks.h"
 #include "common/moe_math.h"
+#include "cpu/vec8.h"
 #include "cuda/moe/moe_host.h"
 
 namespace latentmoe {
@@ -289,35 +290,40 @@ void sort_pairs_by_expert(const int64_t* ids, int64_t S, int64_t E, int64_t* sor
 // streamed once and dotted with every token row) instead of a BLAS call.
 constexpr int64_t kSmallM = 4;
 
-// Dot products of the small-M path. The extension is built without -march, so these are cloned
-// for AVX2+FMA (chosen at load time by the CPU) to vectorise. bf16 -> fp32 is a 16-bit shift.
-__attribute__((target_clones("arch=haswell", "default")))
-float dot_f32(const float* a, const float* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < n; ++k) acc += a[k] * b[k];
-  return acc;
-}
-
-__attribute__((target_clones("arch=haswell", "default")))
-float dot_f32_bf16(const float* a, const uint16_t* b, int64_t n) {
+// Dot products of the small-M path, fp32 a with fp32 or bf16 b (bf16 -> fp32 is a 16-bit shift).
+// The extension is built without -march: an AVX2+FMA instantiation and a portable one, picked by
+// CPU feature (vec8::use_avx2), so AMD and Intel CPUs alike get the vector code.
+template <typename TW>
+LMOE_V8_INLINE float dot_body(const float* a, const TW* b, int64_t n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t k = 0; k < n; ++k) {
-    const uint32_t bits = static_cast<uint32_t>(b[k]) << 16;
-    float bf;
-    std::memcpy(&bf, &bits, sizeof(bf));
-    acc += a[k] * bf;
+    float bk;
+    if constexpr (std::is_same_v<TW, float>) {
+      bk = b[k];
+    } else {
+      const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(b)[k]) << 16;
+      std::memcpy(&bk, &bits, sizeof(bk));
+    }
+    acc += a[k] * bk;
   }
   return acc;
 }
 
+template <typename TW>
+LMOE_CPU_AVX2 float dot_avx2(const float* a, const TW* b, int64_t n) {
+  return dot_body<TW>(a, b, n);
+}
+template <typename TW>
+float dot_generic(const float* a, const TW* b, int64_t n) {
+  return dot_body<TW>(a, b, n);
+}
+
 template <typename TW, typename C>
-float dot(const C* x, const TW* w, int64_t n) {
-  if constexpr (std::is_same_v<C, float> && std::is_same_v<TW, float>) {
-    return dot_f32(x, w, n);
-  } else if constexpr (std::is_same_v<C, float> && std::is_same_v<TW, c10::BFloat16>) {
-    return dot_f32_bf16(x, reinterpret_cast<const uint16_t*>(w), n);
+float dot(const C* x, const TW* w, int64_t n, bool avx) {
+  if constexpr (std::is_same_v<C, float> &&
+                (std::is_same_v<TW, float> || std::is_same_v<TW, c10::BFloat16>)) {
+    return avx ? dot_avx2<TW>(x, w, n) : dot_generic<TW>(x, w, n);
   } else {
     float acc = 0.f;
     for (int64_t k = 0; k < n; ++k) acc += static_cast<float>(x[k]) * static_cast<float>(w[k]);
@@ -342,6 +348,8 @@ constexpr int64_t kKcRows = 512;  // gemm_rows' k block: 4 rows of a and 3 of w 
 static_assert(3 * (kKcRows + 8) <= kKc * kNr, "gemm_rows' scratch fits in the panel's");
 
 bool cpu_supported() {
+  // AVX2 + FMA + F16C, unless LATENTMOE_CPU_ISA=generic asks for the portable path (tests).
+  if (!vec8::use_avx2()) return false;
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                          __builtin_cpu_supports("f16c");
   return ok;
@@ -557,6 +565,10 @@ template <typename TW>
 __attribute__((target("avx2,fma,f16c"))) void gemm(const float* a, int64_t lda, const TW* w,
                                                   int64_t ldw, float* out, int64_t ldo, int64_t M,
                                                   int64_t N, int64_t K, float* panel) {
+  if (K == 0) {  // an empty sum (hidden size 0): the k loops below would leave out unwritten
+    for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldo, out + m * ldo + N, 0.f);
+    return;
+  }
   if (M < kRowsForPanels) return gemm_rows<TW>(a, lda, w, ldw, out, ldo, M, N, K, panel);
   for (int64_t k0 = 0; k0 < K; k0 += kKc) {
     const int64_t kc = std::min(kKc, K - k0);
@@ -791,13 +803,14 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
   if (!small.empty()) {
     const int64_t n_small = static_cast<int64_t>(small.size());
     // out[o + r, n] = dot(a[o + r, :], weight[e, n, :]) for the small experts' rows.
+    const bool avx = vec8::use_avx2();
     auto stream_gemm = [&](const C* a, const T* weight, int64_t N, int64_t Kd, C* dst) {
       at::parallel_for(0, n_small * N, 64, [&](int64_t jb, int64_t je) {
         for (int64_t j = jb; j < je; ++j) {
           const int64_t e = small[j / N], n = j % N;
           const T* wr = weight + (e * N + n) * Kd;
           for (int64_t r = off[e]; r < off[e + 1]; ++r)
-            dst[r * N + n] = static_cast<C>(dot<T, C>(a + r * Kd, wr, Kd));
+            dst[r * N + n] = static_cast<C>(dot<T, C>(a + r * Kd, wr, Kd, avx));
         }
       });
     };
