@@ -90,14 +90,15 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
         best = min(times, key=lambda k: times[k][0])
         goal = "goal >= 1.4x at 512 tokens" if T == 512 else ""
         rows.append(ratio_row("moe_experts", f"speedup_vs_best_hf({best})", T,
-                              times[best][0] / t_ours[0], device, f"{mode}; {goal}"))
+                              times[best][0] / t_ours[0], device, f"{mode}; {goal}",
+                              target=(">=", 1.4) if T == 512 else None))
         if T == 1:
             nbytes = TOP_K * 3 * H * I * elt  # the active experts' weights, read once
             floor = (nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3,) * 3
             rows.append(row("moe_experts", "floor_weight_stream", mode, T, floor, device,
                             note="active experts' bytes / read bandwidth measured now"))
             rows.append(ratio_row("moe_experts", "time_over_floor", T, t_ours[0] / floor[0], device,
-                                  f"{mode}; goal <= 1.2x the weight-streaming floor"))
+                                  f"{mode}; goal <= 1.2x the weight-streaming floor", target=("<=", 1.2)))
         else:
             # One dense GEMM with the same active FLOPs, weight in HF's [out, in] layout. In
             # bf16 also the fp32 GEMM: on CPUs without native bf16 it is the faster of the two,
@@ -117,7 +118,8 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
             g = "goal <= 1.15x at 512 tokens; " if T == 512 else ""
             rows.append(ratio_row("moe_experts", "time_over_floor", T, t_ours[0] / floor[0], device,
                                   f"{mode}; {g}reading the active experts' weights "
-                                  f"({nbytes / 2**20:.0f} MiB) alone is {read_ms / floor[0]:.2f}x the floor"))
+                                  f"({nbytes / 2**20:.0f} MiB) alone is {read_ms / floor[0]:.2f}x the floor",
+                                  target=("<=", 1.15) if T == 512 else None))
             rows.append(ratio_row("moe_experts", "best_hf_over_floor", T, times[best][0] / floor[0],
                                   device, mode))
         if T == 512 and not (quick and dtype != torch.float32):
@@ -161,7 +163,8 @@ def _expert_count_rows(device, quick) -> list[dict]:
                  ratio_row("moe_experts_vs_E", "time_over_E16", E, t[0] / base, device,
                            f"{mode}; goal within 0.85-1.15x; reading the weights alone is "
                            f"{read[0] / base:.2f}x E16's time; {T * TOP_K // E} rows per expert "
-                           "share each weight's load and conversion")]
+                           "share each weight's load and conversion",
+                           target=("in", (0.85, 1.15)) if E != 16 else None)]
     return rows
 
 

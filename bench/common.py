@@ -61,21 +61,28 @@ def ratio_row(kernel: str, name: str, x, value: float, device: str, goal: str = 
               target: tuple[str, float] | None = None) -> dict:
     """A derived figure (a ratio measured in this run), with its goal written beside it.
 
-    ``target`` (``(">=", 75)`` or ``("<=", 2)``) marks the row as an issue goal: ``make bench``
-    lists those rows at the end, each with met / NOT MET."""
+    ``target`` (``(">=", 75)``, ``("<=", 2)`` or ``("in", (0.85, 1.15))``) marks the row as an issue
+    goal: ``make bench`` lists those rows at the end, each with met / NOT MET."""
     r = row(kernel, name, "ratio", x, (value, value, value), device, metric="ratio", unit="x", note=goal)
     if target is not None:
         op, bound = target
-        if op not in (">=", "<=", ">", "<"):
-            raise ValueError(f"ratio_row: target op must be one of >=, <=, >, <; got {op!r}")
-        r["goal"] = f"{op} {bound:g}"
+        if op == "in":
+            r["goal"] = f"in {bound[0]:g}..{bound[1]:g}"
+        elif op in (">=", "<=", ">", "<"):
+            r["goal"] = f"{op} {bound:g}"
+        else:
+            raise ValueError(f"ratio_row: target op must be one of >=, <=, >, <, in; got {op!r}")
     return r
 
 
 def goal_met(r: dict) -> bool:
     """Whether a row with a ``goal`` meets it."""
     op, bound = r["goal"].split()
-    v, b = r["p50"], float(bound)
+    v = r["p50"]
+    if op == "in":
+        lo, hi = (float(t) for t in bound.split(".."))
+        return lo <= v <= hi
+    b = float(bound)
     return {">=": v >= b, "<=": v <= b, ">": v > b, "<": v < b}[op]
 
 
