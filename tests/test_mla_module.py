@@ -199,16 +199,23 @@ def test_inside_hf_model_with_hf_cache(attn_impl):
             assert rel_err(b.last_hidden_state, a.last_hidden_state) <= 1e-4
 
 
+def _left_padded(cfg, B, S, pad):
+    """Inputs for S tokens per row, and HF's causal mask with row 1's first `pad` keys masked out
+    (left padding; HF keeps fully padded query rows finite)."""
+    x = torch.randn(B, S, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
+    mask = causal_additive_mask(B, S, 0).clone()
+    mask[1, :, :, :pad] = torch.finfo(torch.float32).min
+    mask[1, :, :pad, :] = 0
+    return x, pe, mask
+
+
 def test_padding_mask_is_honoured():
     # Left padding: row 1's first 3 keys are masked out. Not the plain causal mask, so the module
     # must take the masked path and still match HF.
     cfg, hf, mine = _pair(CASES[0])
     B, S = 2, 7
-    x = torch.randn(B, S, cfg.hidden_size)
-    pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
-    mask = causal_additive_mask(B, S, 0).clone()
-    mask[1, :, :, :3] = torch.finfo(torch.float32).min
-    mask[1, :, :3, :] = 0  # HF keeps fully padded query rows finite
+    x, pe, mask = _left_padded(cfg, B, S, 3)
     with torch.no_grad():
         want, _ = hf(x, pe, mask, cache=hf_cache(cfg))
         got, _ = mine(x, pe, mask, cache=hf_cache(cfg))
@@ -294,10 +301,7 @@ def test_latent_cache_rejects_masks_it_cannot_honour():
     # ignored; None and the plain causal mask (as HF builds it) are accepted.
     cfg, hf, mine = _pair(CASES[0])
     B, S = 2, 4
-    x = torch.randn(B, S, cfg.hidden_size)
-    pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
-    pad = causal_additive_mask(B, S, 0).clone()
-    pad[1, :, :, :2] = torch.finfo(torch.float32).min
+    x, pe, pad = _left_padded(cfg, B, S, 2)
     with torch.no_grad():
         cache = LatentKVCache(1, B, 8, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
         with pytest.raises(ValueError, match="attention_mask"):

@@ -293,30 +293,27 @@ constexpr int64_t kSmallM = 4;
 // Dot products of the small-M path, fp32 a with fp32 or bf16 b (bf16 -> fp32 is a 16-bit shift).
 // The extension is built without -march: an AVX2+FMA instantiation and a portable one, picked by
 // CPU feature (vec8::use_avx2), so AMD and Intel CPUs alike get the vector code.
-template <typename TW>
+// Four independent 8-lane accumulators: one chain of dependent FMAs would cap a core at one
+// vector per FMA latency (~20 GB/s of weights), well below the memory's rate.
+template <typename TW, bool kAvx>
 LMOE_V8_INLINE float dot_body(const float* a, const TW* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < n; ++k) {
-    float bk;
-    if constexpr (std::is_same_v<TW, float>) {
-      bk = b[k];
-    } else {
-      const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(b)[k]) << 16;
-      std::memcpy(&bk, &bits, sizeof(bk));
-    }
-    acc += a[k] * bk;
-  }
-  return acc;
+  vec8::v8f acc[4] = {vec8::splat(0.f), vec8::splat(0.f), vec8::splat(0.f), vec8::splat(0.f)};
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32)
+    for (int u = 0; u < 4; ++u) acc[u] += vec8::load(a + k + 8 * u) * vec8::load_f32<TW, kAvx>(b + k + 8 * u);
+  for (; k + 8 <= n; k += 8) acc[0] += vec8::load(a + k) * vec8::load_f32<TW, kAvx>(b + k);
+  float s = vec8::hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  for (; k < n; ++k) s += a[k] * static_cast<float>(b[k]);
+  return s;
 }
 
 template <typename TW>
 LMOE_CPU_AVX2 float dot_avx2(const float* a, const TW* b, int64_t n) {
-  return dot_body<TW>(a, b, n);
+  return dot_body<TW, true>(a, b, n);
 }
 template <typename TW>
 float dot_generic(const float* a, const TW* b, int64_t n) {
-  return dot_body<TW>(a, b, n);
+  return dot_body<TW, false>(a, b, n);
 }
 
 template <typename TW, typename C>
