@@ -316,6 +316,55 @@ float dot_generic(const float* a, const TW* b, int64_t n) {
   return dot_body<TW, false>(a, b, n);
 }
 
+// bf16 weights without any shuffle: 16 bf16 read as 8 32-bit lanes hold the even elements in
+// their low halves and the odd ones in their high halves, so (lane << 16) and (lane & 0xFFFF0000)
+// are the fp32 values of elements 0, 2, .., 14 and 1, 3, .., 15. `a` comes pre-split to match
+// (split_pairs); the last n % 16 elements stay in order.
+template <bool kAvx>
+LMOE_V8_INLINE float dot_bf16_split_body(const float* a, const uint16_t* b, int64_t n) {
+  vec8::v8f acc[4] = {vec8::splat(0.f), vec8::splat(0.f), vec8::splat(0.f), vec8::splat(0.f)};
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32)
+    for (int u = 0; u < 2; ++u) {
+      const vec8::v8u w = *reinterpret_cast<const vec8::v8u*>(b + k + 16 * u);
+      const vec8::v8u lo = w << 16, hi = w & 0xFFFF0000u;
+      acc[2 * u] += vec8::load(a + k + 16 * u) * reinterpret_cast<const vec8::v8f&>(lo);
+      acc[2 * u + 1] += vec8::load(a + k + 16 * u + 8) * reinterpret_cast<const vec8::v8f&>(hi);
+    }
+  for (; k + 16 <= n; k += 16) {
+    const vec8::v8u w = *reinterpret_cast<const vec8::v8u*>(b + k);
+    const vec8::v8u lo = w << 16, hi = w & 0xFFFF0000u;
+    acc[0] += vec8::load(a + k) * reinterpret_cast<const vec8::v8f&>(lo);
+    acc[1] += vec8::load(a + k + 8) * reinterpret_cast<const vec8::v8f&>(hi);
+  }
+  float s = vec8::hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  for (; k < n; ++k) {
+    const uint32_t bits = static_cast<uint32_t>(b[k]) << 16;
+    float bk;
+    std::memcpy(&bk, &bits, sizeof(bk));
+    s += a[k] * bk;
+  }
+  return s;
+}
+LMOE_CPU_AVX2 float dot_bf16_split_avx2(const float* a, const uint16_t* b, int64_t n) {
+  return dot_bf16_split_body<true>(a, b, n);
+}
+float dot_bf16_split_generic(const float* a, const uint16_t* b, int64_t n) {
+  return dot_bf16_split_body<false>(a, b, n);
+}
+
+// dst = src with each full block of 16 reordered as [0, 2, .., 14, 1, 3, .., 15] (the layout
+// dot_bf16_split expects); the last n % 16 values copied in order.
+void split_pairs(const float* src, float* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int j = 0; j < 8; ++j) {
+      dst[k + j] = src[k + 2 * j];
+      dst[k + 8 + j] = src[k + 2 * j + 1];
+    }
+  for (; k < n; ++k) dst[k] = src[k];
+}
+
 template <typename TW, typename C>
 float dot(const C* x, const TW* w, int64_t n, bool avx) {
   if constexpr (std::is_same_v<C, float> &&
@@ -801,13 +850,35 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
     const int64_t n_small = static_cast<int64_t>(small.size());
     // out[o + r, n] = dot(a[o + r, :], weight[e, n, :]) for the small experts' rows.
     const bool avx = vec8::use_avx2();
+    // bf16 weights with fp32 rows: the rows of the small experts are split into even / odd
+    // halves once (split_pairs), then every weight row is dotted without shuffles.
+    constexpr bool kSplit = std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, float>;
+    std::vector<int64_t> slot(kSplit ? S : 0, -1);
+    int64_t n_rows = 0;
+    if constexpr (kSplit) {
+      for (int64_t e : small)
+        for (int64_t r = off[e]; r < off[e + 1]; ++r) slot[r] = n_rows++;
+    }
+    std::vector<float> split_buf(kSplit ? n_rows * std::max(H, I) : 0);
     auto stream_gemm = [&](const C* a, const T* weight, int64_t N, int64_t Kd, C* dst) {
+      if constexpr (kSplit) {
+        for (int64_t e : small)
+          for (int64_t r = off[e]; r < off[e + 1]; ++r)
+            split_pairs(a + r * Kd, split_buf.data() + slot[r] * Kd, Kd);
+      }
       at::parallel_for(0, n_small * N, 64, [&](int64_t jb, int64_t je) {
         for (int64_t j = jb; j < je; ++j) {
           const int64_t e = small[j / N], n = j % N;
           const T* wr = weight + (e * N + n) * Kd;
-          for (int64_t r = off[e]; r < off[e + 1]; ++r)
-            dst[r * N + n] = static_cast<C>(dot<T, C>(a + r * Kd, wr, Kd, avx));
+          for (int64_t r = off[e]; r < off[e + 1]; ++r) {
+            if constexpr (kSplit) {
+              const float* ar = split_buf.data() + slot[r] * Kd;
+              const auto* wb = reinterpret_cast<const uint16_t*>(wr);
+              dst[r * N + n] = avx ? dot_bf16_split_avx2(ar, wb, Kd) : dot_bf16_split_generic(ar, wb, Kd);
+            } else {
+              dst[r * N + n] = static_cast<C>(dot<T, C>(a + r * Kd, wr, Kd, avx));
+            }
+          }
         }
       });
     };
