@@ -278,6 +278,25 @@ def ref_fn(seqlens, scale, dtype=torch.float64):
                                    t["w_uv"], scale, dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_backward_is_bitwise_deterministic(threads):
+    # The latent-cache and weight gradients are sums over (batch row, head, query chunk) tasks; the
+    # CPU kernel adds them in a fixed order, so two runs give the same bits (at a given thread count).
+    S, seqlens, Lmax, H = 40, [300, 0, 41, 130], 310, 5
+    x = make_inputs(4, S, H, seqlens, Lmax, **SMALL, device="cpu")
+    scale = 1 / math.sqrt(SMALL["Dn"] + SMALL["R"])
+    g_out = torch.randn(4, S, H, SMALL["Dv"], dtype=torch.float64)
+    g_lse = torch.randn(4, S, H, dtype=torch.float64)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs = [grads_of(op_fn(x, x["cache_seqlens"], scale), x, KEYS, g_out, g_lse) for _ in range(2)]
+    finally:
+        torch.set_num_threads(prev)
+    for k in KEYS:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+
+
 @pytest.mark.parametrize("H,dims", [(1, SMALL), (3, SMALL), (9, SMALL), (2, V3)])
 def test_gradients_match_autograd_fp64(device, H, dims):
     S, seqlens, Lmax = 7, [75, 0, 4], 80

@@ -13,7 +13,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <mutex>
 #include <vector>
 
 #include "common/math.h"
@@ -209,19 +208,46 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_cpu(const at::Tensor& q_nope, con
 //   dV = P^T dO, dP = dO V^T, dS = P (dP - delta) * scale,  delta_i = dO_i . O_i - dlse_i,
 //   dQ += dS K, dK = dS^T Q; and through the decompression
 //   d c_kv += dK_nope W_UK + dV W_UV, dW_UK_h += dK_nope^T c_kv, dW_UV_h += dV^T c_kv.
-// Tasks own their queries' dQ; the latent-cache and weight gradients are summed over tasks into
-// fp32 accumulators under a mutex (one tile / one head's weights at a time).
+// Tasks own their queries' dQ. The latent-cache and weight gradients are sums over tasks: tasks
+// are cut into one contiguous range per thread (a partition); each partition runs its tasks in
+// order into its own fp32 buffers (for a contiguous cache only the rows of its batch rows), and
+// the buffers are added up in partition order afterwards. No locks, and the result is bitwise
+// the same from run to run at a given thread count. Extra memory: about (B + threads) rows of
+// Lmax x (C+R) fp32, plus one copy of the weight gradients per thread.
 
 template <typename T>
 void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse, const T* q_nope,
                       const T* q_pe, const T* cache, const int32_t* block_table, const int32_t* seqlens, const T* w_uk, const T* w_uv,
                       const T* out, const float* lse, T* grad_q_nope, T* grad_q_pe, float* grad_cache,
-                      float* grad_w_uk, float* grad_w_uv) {
+                      int64_t grad_rows, float* grad_w_uk, float* grad_w_uv) {
   const Split sp = split_queries(p);
   const int64_t n_tasks = p.B * p.H * sp.chunks;
   const int64_t CR = p.C + p.R;
-  std::mutex mu;
-  at::parallel_for(0, n_tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+  const int64_t tasks_per_b = p.H * sp.chunks;
+  const int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
+  struct Part {
+    int64_t task_begin, task_end, row_lo, row_hi;  // tasks [begin, end); grad rows [lo, hi)
+    std::vector<float> gcache, gwk, gwv;
+  };
+  std::vector<Part> parts(n_parts);
+  for (int64_t i = 0; i < n_parts; ++i) {
+    Part& pt = parts[i];
+    pt.task_begin = i * n_tasks / n_parts;
+    pt.task_end = (i + 1) * n_tasks / n_parts;
+    if (p.page_size == 0 && pt.task_end > pt.task_begin) {  // contiguous: rows of its batch rows only
+      pt.row_lo = pt.task_begin / tasks_per_b * p.rows_per_major;
+      pt.row_hi = ((pt.task_end - 1) / tasks_per_b + 1) * p.rows_per_major;
+    } else {
+      pt.row_lo = 0;
+      pt.row_hi = pt.task_end > pt.task_begin ? grad_rows : 0;
+    }
+  }
+  // One partition: its tasks in order, into its own buffers.
+  auto run_part = [&](Part& pt) {
+    pt.gcache.assign((pt.row_hi - pt.row_lo) * CR, 0.f);
+    pt.gwk.assign(p.H * p.Dn * p.C, 0.f);
+    pt.gwv.assign(p.H * p.Dv * p.C, 0.f);
+    const int64_t task_begin = pt.task_begin, task_end = pt.task_end;
     const int64_t cs = sp.chunk_size;
     std::vector<float> wk_buf(p.Dn * p.C), wv_buf(p.Dv * p.C);
     std::vector<float> dwk_buf(p.Dn * p.C), dwv_buf(p.Dv * p.C);
@@ -310,10 +336,9 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
         dct_m.addmm_(dv_m, wv);
         dwk.addmm_(dkn_m.t(), ct_m);
         dwv.addmm_(dv_m.t(), ct_m);
-        std::lock_guard<std::mutex> lock(mu);
         for (int64_t t = 0; t < nt; ++t) {
-          float* g = grad_cache +
-                     mla_prefill::grad_cache_row(p, mla_prefill::cache_slot(p, block_table, b, t0 + t)) * CR;
+          const int64_t row = mla_prefill::grad_cache_row(p, mla_prefill::cache_slot(p, block_table, b, t0 + t));
+          float* g = pt.gcache.data() + (row - pt.row_lo) * CR;
           for (int64_t k = 0; k < p.C; ++k) g[k] += dct[t * p.C + k];
           for (int64_t k = 0; k < p.R; ++k) g[p.C + k] += dkp[t * p.R + k];
         }
@@ -323,12 +348,33 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
         for (int64_t d = 0; d < p.Dn; ++d) grad_q_nope[qi * p.Dn + d] = static_cast<T>(dqn[r * p.Dn + d]);
         for (int64_t d = 0; d < p.R; ++d) grad_q_pe[qi * p.R + d] = static_cast<T>(dqp[r * p.R + d]);
       }
-      std::lock_guard<std::mutex> lock(mu);
-      float* gk = grad_w_uk + h * p.Dn * p.C;
-      float* gv = grad_w_uv + h * p.Dv * p.C;
+      float* gk = pt.gwk.data() + h * p.Dn * p.C;
+      float* gv = pt.gwv.data() + h * p.Dv * p.C;
       for (int64_t k = 0; k < p.Dn * p.C; ++k) gk[k] += dwk_buf[k];
       for (int64_t k = 0; k < p.Dv * p.C; ++k) gv[k] += dwv_buf[k];
     }
+  };
+  at::parallel_for(0, n_parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    for (int64_t part = part_begin; part < part_end; ++part) run_part(parts[part]);
+  });
+  // Partition sums, in partition order (grad_cache / grad_w_* start at zero).
+  at::parallel_for(0, grad_rows, 64, [&](int64_t rb, int64_t re) {
+    for (const Part& pt : parts) {
+      const int64_t lo = std::max(rb, pt.row_lo), hi = std::min(re, pt.row_hi);
+      for (int64_t row = lo; row < hi; ++row) {
+        const float* src = pt.gcache.data() + (row - pt.row_lo) * CR;
+        float* dst = grad_cache + row * CR;
+        for (int64_t k = 0; k < CR; ++k) dst[k] += src[k];
+      }
+    }
+  });
+  const int64_t nwk = p.H * p.Dn * p.C, nwv = p.H * p.Dv * p.C;
+  at::parallel_for(0, nwk + nwv, 4096, [&](int64_t b, int64_t e) {
+    for (const Part& pt : parts)
+      for (int64_t i = b; i < e; ++i) {
+        if (i < nwk) grad_w_uk[i] += pt.gwk[i];
+        else grad_w_uv[i - nwk] += pt.gwv[i - nwk];
+      }
   });
 }
 
@@ -350,7 +396,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
           io.seqlens.const_data_ptr<int32_t>(), w_uk.const_data_ptr<scalar_t>(), w_uv.const_data_ptr<scalar_t>(),
           io.out.const_data_ptr<scalar_t>(), io.lse.const_data_ptr<float>(),
           io.grad_q_nope.mutable_data_ptr<scalar_t>(), io.grad_q_pe.mutable_data_ptr<scalar_t>(),
-          io.grad_cache.mutable_data_ptr<float>(), io.grad_w_uk.mutable_data_ptr<float>(),
+          io.grad_cache.mutable_data_ptr<float>(), io.grad_cache.numel() / (p.C + p.R),
+          io.grad_w_uk.mutable_data_ptr<float>(),
           io.grad_w_uv.mutable_data_ptr<float>());
     });
   }
