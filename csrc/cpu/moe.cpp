@@ -353,6 +353,43 @@ float dot_bf16_split_generic(const float* a, const uint16_t* b, int64_t n) {
   return dot_bf16_split_body<false>(a, b, n);
 }
 
+// Two weight rows against one (pre-split) a: each load of a serves two rows, halving the reads of
+// a per weight byte. out[0] = a . b0, out[1] = a . b1, each summed as dot_bf16_split sums it.
+template <bool kAvx>
+LMOE_V8_INLINE void dot2_bf16_split_body(const float* a, const uint16_t* b0, const uint16_t* b1, int64_t n,
+                                         float* out) {
+  vec8::v8f acc[4] = {vec8::splat(0.f), vec8::splat(0.f), vec8::splat(0.f), vec8::splat(0.f)};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const vec8::v8f alo = vec8::load(a + k), ahi = vec8::load(a + k + 8);
+    const vec8::v8u w0 = *reinterpret_cast<const vec8::v8u*>(b0 + k);
+    const vec8::v8u w1 = *reinterpret_cast<const vec8::v8u*>(b1 + k);
+    const vec8::v8u lo0 = w0 << 16, hi0 = w0 & 0xFFFF0000u, lo1 = w1 << 16, hi1 = w1 & 0xFFFF0000u;
+    acc[0] += alo * reinterpret_cast<const vec8::v8f&>(lo0);
+    acc[1] += ahi * reinterpret_cast<const vec8::v8f&>(hi0);
+    acc[2] += alo * reinterpret_cast<const vec8::v8f&>(lo1);
+    acc[3] += ahi * reinterpret_cast<const vec8::v8f&>(hi1);
+  }
+  float s0 = vec8::hsum(acc[0] + acc[1]), s1 = vec8::hsum(acc[2] + acc[3]);
+  for (; k < n; ++k) {
+    const uint32_t bits0 = static_cast<uint32_t>(b0[k]) << 16, bits1 = static_cast<uint32_t>(b1[k]) << 16;
+    float f0, f1;
+    std::memcpy(&f0, &bits0, sizeof(f0));
+    std::memcpy(&f1, &bits1, sizeof(f1));
+    s0 += a[k] * f0;
+    s1 += a[k] * f1;
+  }
+  out[0] = s0;
+  out[1] = s1;
+}
+LMOE_CPU_AVX2 void dot2_bf16_split_avx2(const float* a, const uint16_t* b0, const uint16_t* b1, int64_t n,
+                                        float* out) {
+  dot2_bf16_split_body<true>(a, b0, b1, n, out);
+}
+void dot2_bf16_split_generic(const float* a, const uint16_t* b0, const uint16_t* b1, int64_t n, float* out) {
+  dot2_bf16_split_body<false>(a, b0, b1, n, out);
+}
+
 // dst = src with each full block of 16 reordered as [0, 2, .., 14, 1, 3, .., 15] (the layout
 // dot_bf16_split expects); the last n % 16 values copied in order.
 void split_pairs(const float* src, float* dst, int64_t n) {
@@ -870,14 +907,28 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
         for (int64_t j = jb; j < je; ++j) {
           const int64_t e = small[j / N], n = j % N;
           const T* wr = weight + (e * N + n) * Kd;
-          for (int64_t r = off[e]; r < off[e + 1]; ++r) {
-            if constexpr (kSplit) {
+          if constexpr (kSplit) {
+            const auto* wb = reinterpret_cast<const uint16_t*>(wr);
+            const bool pair = j + 1 < je && n + 1 < N;  // rows n and n + 1 of the same expert
+            for (int64_t r = off[e]; r < off[e + 1]; ++r) {
               const float* ar = split_buf.data() + slot[r] * Kd;
-              const auto* wb = reinterpret_cast<const uint16_t*>(wr);
-              dst[r * N + n] = avx ? dot_bf16_split_avx2(ar, wb, Kd) : dot_bf16_split_generic(ar, wb, Kd);
-            } else {
-              dst[r * N + n] = static_cast<C>(dot<T, C>(a + r * Kd, wr, Kd, avx));
+              if (pair) {
+                float two[2];
+                if (avx) {
+                  dot2_bf16_split_avx2(ar, wb, wb + Kd, Kd, two);
+                } else {
+                  dot2_bf16_split_generic(ar, wb, wb + Kd, Kd, two);
+                }
+                dst[r * N + n] = two[0];
+                dst[r * N + n + 1] = two[1];
+              } else {
+                dst[r * N + n] = avx ? dot_bf16_split_avx2(ar, wb, Kd) : dot_bf16_split_generic(ar, wb, Kd);
+              }
             }
+            if (pair) ++j;
+          } else {
+            for (int64_t r = off[e]; r < off[e + 1]; ++r)
+              dst[r * N + n] = static_cast<C>(dot<T, C>(a + r * Kd, wr, Kd, avx));
           }
         }
       });
