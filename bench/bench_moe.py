@@ -42,16 +42,22 @@ def _hf_moe(cfg, dtype, device) -> DeepseekV3MoE:
 
 
 def _timer(device, quick):
-    """Median time after a warm-up call; in quick mode, calls slower than 0.5 s are timed once."""
+    """Median time after a warm-up call; in quick mode, calls slower than 0.5 s are timed once,
+    others get a warm-up and 5 repetitions (fast ones, under 50 ms: T=1, 15 and at least 0.3 s),
+    since one hiccup of a shared machine would swing a median of few."""
 
     def timeit(fn):
         t0 = time.perf_counter()
         fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        slow = time.perf_counter() - t0 > 0.5
+        elapsed = time.perf_counter() - t0
         if quick:
-            return time_ms(fn, device, warmup=0, reps=1 if slow else 3)
+            if elapsed < 0.05:
+                return time_ms(fn, device, warmup=2, reps=15, min_time_s=0.3)
+            if elapsed > 0.5:
+                return time_ms(fn, device, warmup=0, reps=1)
+            return time_ms(fn, device, warmup=1, reps=5)
         return time_ms(fn, device, warmup=1, reps=5, min_time_s=0.5)
 
     return timeit
