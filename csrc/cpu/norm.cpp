@@ -146,37 +146,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor
 // order: the result does not depend on the thread count.
 constexpr int64_t kChunk = 64;
 
+// Chunks [cb, ce) of kChunk rows: grad_input per row, and the chunk's grad_weight partial (rows
+// summed in order). 8 lanes at a time as the forward, a scalar tail.
+template <typename T, bool kAvx>
+LMOE_V8_INLINE void backward_chunks_body(const T* g, const T* x, const T* w, const float* rstd, T* gx,
+                                         float* gw_partial, int64_t rows, int64_t D, int64_t cb, int64_t ce,
+                                         float* gy) {
+  for (int64_t c = cb; c < ce; ++c) {
+    float* gwp = gw_partial + c * D;
+    for (int64_t i = 0; i < D; ++i) gwp[i] = 0.f;
+    const int64_t r_end = std::min(rows, (c + 1) * kChunk);
+    for (int64_t r = c * kChunk; r < r_end; ++r) {
+      const T* gr = g + r * D;
+      const T* xr = x + r * D;
+      const float rs = rstd[r];
+      const v8f rsv = v8::splat(rs);
+      v8f dotv = v8::splat(0.f);
+      int64_t i = 0;
+      for (; i + 8 <= D; i += 8) {
+        const v8f y = v8::load_f32<T, kAvx>(xr + i) * rsv;
+        const v8f go = v8::load_f32<T, kAvx>(gr + i);
+        const v8f gyv = go * v8::load_f32<T, kAvx>(w + i);
+        v8::store(gy + i, gyv);
+        dotv += gyv * y;
+        v8::store(gwp + i, v8::load(gwp + i) + go * y);
+      }
+      float dot = v8::hsum(dotv);
+      for (int64_t k = i; k < D; ++k) {
+        const float y = static_cast<float>(xr[k]) * rs;
+        const float go = static_cast<float>(gr[k]);
+        gy[k] = go * static_cast<float>(w[k]);
+        dot += gy[k] * y;
+        gwp[k] += go * y;
+      }
+      const float mean_gy_y = dot / static_cast<float>(D);
+      T* gxr = gx + r * D;
+      for (i = 0; i + 8 <= D; i += 8) {
+        alignas(32) float y[8], gxa[8];
+        v8::store(y, v8::load_f32<T, kAvx>(xr + i) * rsv);
+        for (int l = 0; l < 8; ++l) gxa[l] = math::rms_grad_input(gy[i + l], y[l], rs, mean_gy_y);
+        v8::store_from_f32<T, kAvx>(gxr + i, v8::load(gxa));
+      }
+      for (; i < D; ++i) {
+        const float y = static_cast<float>(xr[i]) * rs;
+        gxr[i] = static_cast<T>(math::rms_grad_input(gy[i], y, rs, mean_gy_y));
+      }
+    }
+  }
+}
+
+template <typename T>
+LMOE_CPU_AVX2 void backward_chunks_avx2(const T* g, const T* x, const T* w, const float* rstd, T* gx, float* gwp,
+                                        int64_t rows, int64_t D, int64_t cb, int64_t ce, float* gy) {
+  backward_chunks_body<T, true>(g, x, w, rstd, gx, gwp, rows, D, cb, ce, gy);
+}
+template <typename T>
+void backward_chunks_generic(const T* g, const T* x, const T* w, const float* rstd, T* gx, float* gwp, int64_t rows,
+                             int64_t D, int64_t cb, int64_t ce, float* gy) {
+  backward_chunks_body<T, false>(g, x, w, rstd, gx, gwp, rows, D, cb, ce, gy);
+}
+
 template <typename T>
 void rms_norm_backward_rows(const T* g, const T* x, const T* w, const float* rstd, T* gx,
                             float* gw_partial, int64_t rows, int64_t D) {
   const int64_t n_chunks = (rows + kChunk - 1) / kChunk;
+  const bool avx = v8::use_avx2();
   at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
     std::vector<float> gy(D);
-    for (int64_t c = cb; c < ce; ++c) {
-      float* gwp = gw_partial + c * D;
-      for (int64_t i = 0; i < D; ++i) gwp[i] = 0.f;
-      const int64_t r_end = std::min(rows, (c + 1) * kChunk);
-      for (int64_t r = c * kChunk; r < r_end; ++r) {
-        const T* gr = g + r * D;
-        const T* xr = x + r * D;
-        const float rs = rstd[r];
-        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < D; ++i) {
-          float y = static_cast<float>(xr[i]) * rs;
-          float go = static_cast<float>(gr[i]);
-          gy[i] = go * static_cast<float>(w[i]);
-          dot += gy[i] * y;
-          gwp[i] += go * y;
-        }
-        const float mean_gy_y = dot / static_cast<float>(D);
-        T* gxr = gx + r * D;
-#pragma omp simd
-        for (int64_t i = 0; i < D; ++i) {
-          float y = static_cast<float>(xr[i]) * rs;
-          gxr[i] = static_cast<T>(math::rms_grad_input(gy[i], y, rs, mean_gy_y));
-        }
-      }
+    if (avx) {
+      backward_chunks_avx2<T>(g, x, w, rstd, gx, gw_partial, rows, D, cb, ce, gy.data());
+    } else {
+      backward_chunks_generic<T>(g, x, w, rstd, gx, gw_partial, rows, D, cb, ce, gy.data());
     }
   });
 }

@@ -128,12 +128,14 @@ __attribute__((target("avx2,fma,f16c"))) inline void f32_to_half(const float* in
 }
 
 // 8 values of T (float, c10::BFloat16, c10::Half) as fp32, and back (rounded as static_cast<T>).
-// kAvx: inside an LMOE_CPU_AVX2 function (fp16 through F16C); else fp16 goes through c10.
+// kAvx: inside an LMOE_CPU_AVX2 function (bf16 by the bit tricks above, fp16 through F16C). The
+// portable instantiation converts 16-bit types per element through c10: baseline x86-64 (SSE2)
+// has no 32 -> 16-bit pack, and the vector form of bf16_store was 4x slower there.
 template <typename T, bool kAvx>
 LMOE_V8_INLINE v8f load_f32(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return load(p);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+  } else if constexpr (kAvx && std::is_same_v<T, c10::BFloat16>) {
     return bf16_load(p);
   } else if constexpr (kAvx && std::is_same_v<T, c10::Half>) {
     alignas(32) float tmp[8];
@@ -150,7 +152,7 @@ template <typename T, bool kAvx>
 LMOE_V8_INLINE void store_from_f32(T* p, v8f v) {
   if constexpr (std::is_same_v<T, float>) {
     store(p, v);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+  } else if constexpr (kAvx && std::is_same_v<T, c10::BFloat16>) {
     bf16_store(p, v);
   } else if constexpr (kAvx && std::is_same_v<T, c10::Half>) {
     alignas(32) float tmp[8];
