@@ -319,42 +319,8 @@ float dot_generic(const float* a, const TW* b, int64_t n) {
 // bf16 weights without any shuffle: 16 bf16 read as 8 32-bit lanes hold the even elements in
 // their low halves and the odd ones in their high halves, so (lane << 16) and (lane & 0xFFFF0000)
 // are the fp32 values of elements 0, 2, .., 14 and 1, 3, .., 15. `a` comes pre-split to match
-// (split_pairs); the last n % 16 elements stay in order.
-template <bool kAvx>
-LMOE_V8_INLINE float dot_bf16_split_body(const float* a, const uint16_t* b, int64_t n) {
-  vec8::v8f acc[4] = {vec8::splat(0.f), vec8::splat(0.f), vec8::splat(0.f), vec8::splat(0.f)};
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32)
-    for (int u = 0; u < 2; ++u) {
-      const vec8::v8u w = *reinterpret_cast<const vec8::v8u*>(b + k + 16 * u);
-      const vec8::v8u lo = w << 16, hi = w & 0xFFFF0000u;
-      acc[2 * u] += vec8::load(a + k + 16 * u) * reinterpret_cast<const vec8::v8f&>(lo);
-      acc[2 * u + 1] += vec8::load(a + k + 16 * u + 8) * reinterpret_cast<const vec8::v8f&>(hi);
-    }
-  for (; k + 16 <= n; k += 16) {
-    const vec8::v8u w = *reinterpret_cast<const vec8::v8u*>(b + k);
-    const vec8::v8u lo = w << 16, hi = w & 0xFFFF0000u;
-    acc[0] += vec8::load(a + k) * reinterpret_cast<const vec8::v8f&>(lo);
-    acc[1] += vec8::load(a + k + 8) * reinterpret_cast<const vec8::v8f&>(hi);
-  }
-  float s = vec8::hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
-  for (; k < n; ++k) {
-    const uint32_t bits = static_cast<uint32_t>(b[k]) << 16;
-    float bk;
-    std::memcpy(&bk, &bits, sizeof(bk));
-    s += a[k] * bk;
-  }
-  return s;
-}
-LMOE_CPU_AVX2 float dot_bf16_split_avx2(const float* a, const uint16_t* b, int64_t n) {
-  return dot_bf16_split_body<true>(a, b, n);
-}
-float dot_bf16_split_generic(const float* a, const uint16_t* b, int64_t n) {
-  return dot_bf16_split_body<false>(a, b, n);
-}
-
-// Two weight rows against one (pre-split) a: each load of a serves two rows, halving the reads of
-// a per weight byte. out[0] = a . b0, out[1] = a . b1, each summed as dot_bf16_split sums it.
+// (split_pairs); the last n % 16 elements stay in order. Two weight rows per call, so each load
+// of a serves both: out[0] = a . b0, out[1] = a . b1 (a single row passes itself twice).
 template <bool kAvx>
 LMOE_V8_INLINE void dot2_bf16_split_body(const float* a, const uint16_t* b0, const uint16_t* b1, int64_t n,
                                          float* out) {
@@ -391,7 +357,7 @@ void dot2_bf16_split_generic(const float* a, const uint16_t* b0, const uint16_t*
 }
 
 // dst = src with each full block of 16 reordered as [0, 2, .., 14, 1, 3, .., 15] (the layout
-// dot_bf16_split expects); the last n % 16 values copied in order.
+// dot2_bf16_split expects); the last n % 16 values copied in order.
 void split_pairs(const float* src, float* dst, int64_t n) {
   int64_t k = 0;
   for (; k + 16 <= n; k += 16)
@@ -430,13 +396,8 @@ constexpr int64_t kKc = 256;  // k block: the packed panel (16 KiB) and a 6-row 
 constexpr int64_t kKcRows = 512;  // gemm_rows' k block: 4 rows of a and 3 of w (14 KiB) in L1
 static_assert(3 * (kKcRows + 8) <= kKc * kNr, "gemm_rows' scratch fits in the panel's");
 
-bool cpu_supported() {
-  // AVX2 + FMA + F16C, unless LATENTMOE_CPU_ISA=generic asks for the portable path (tests).
-  if (!vec8::use_avx2()) return false;
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
+// AVX2 + FMA + F16C, unless LATENTMOE_CPU_ISA=generic asks for the portable path (tests).
+bool cpu_supported() { return vec8::use_avx2(); }
 
 // Row stride (floats) of the per-thread copies of a: rows 4 KiB apart (as [*, 1024] fp32) would
 // fall in the same L1 sets as one another.
@@ -912,18 +873,15 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
             const bool pair = j + 1 < je && n + 1 < N;  // rows n and n + 1 of the same expert
             for (int64_t r = off[e]; r < off[e + 1]; ++r) {
               const float* ar = split_buf.data() + slot[r] * Kd;
-              if (pair) {
-                float two[2];
-                if (avx) {
-                  dot2_bf16_split_avx2(ar, wb, wb + Kd, Kd, two);
-                } else {
-                  dot2_bf16_split_generic(ar, wb, wb + Kd, Kd, two);
-                }
-                dst[r * N + n] = two[0];
-                dst[r * N + n + 1] = two[1];
+              const uint16_t* wb1 = pair ? wb + Kd : wb;
+              float two[2];
+              if (avx) {
+                dot2_bf16_split_avx2(ar, wb, wb1, Kd, two);
               } else {
-                dst[r * N + n] = avx ? dot_bf16_split_avx2(ar, wb, Kd) : dot_bf16_split_generic(ar, wb, Kd);
+                dot2_bf16_split_generic(ar, wb, wb1, Kd, two);
               }
+              dst[r * N + n] = two[0];
+              if (pair) dst[r * N + n + 1] = two[1];
             }
             if (pair) ++j;
           } else {

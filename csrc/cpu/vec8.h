@@ -176,12 +176,9 @@ LMOE_V8_INLINE v8f round_to(v8f v) {
 }
 
 // fp16 -> fp32 of n values with the F16C conversion (8 at a time); only where use_avx2() holds.
-__attribute__((target("avx2,f16c"))) inline void widen_half_f16c(const uint16_t* src, float* dst, int64_t n) {
+__attribute__((target("avx2,fma,f16c"))) inline void widen_half_f16c(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-  }
+  for (; i + 8 <= n; i += 8) half_to_f32(src + i, dst + i);
   for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
 }
 
