@@ -27,7 +27,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q scikit-build-core ninja "cmake>=3.24" numpy pytest hypothesis transformers tomesd
+	$(PY) -m pip install -q setuptools scikit-build-core ninja "cmake>=3.24" numpy pytest hypothesis transformers tomesd
 	touch $@
 
 venv: $(VENV)/.deps-stamp
@@ -56,7 +56,8 @@ bench: build
 # Pure-Python test dependencies missing on the lent GPU machine, as wheels for bench/gpu_check.sh
 # (carry .whl with the device call).
 gpu-wheels: venv
-	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl tomesd
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl tomesd \
+	  "transformers==$$($(PY) -c 'import transformers;print(transformers.__version__)')"
 
 clean:
 	rm -rf build build.log python/latentmoe/_C*.so

@@ -118,10 +118,4 @@ def _backward(ctx, grad_out, grad_lse):
 torch.library.register_autograd("latentmoe::mla_prefill", _backward, setup_context=_setup)
 
 
-def _mla_prefill_backward_bwd(ctx, *grads):
-    raise RuntimeError("latentmoe.mla_prefill_backward: double backward is not supported")
-
-
-torch.library.register_autograd("latentmoe::mla_prefill_backward", _mla_prefill_backward_bwd)
-
 forbid_double_backward("mla_prefill_backward")
