@@ -165,8 +165,11 @@ def _decode_op_rows(device: str, dtype, contexts) -> list[dict]:
         kv = torch.randn(1, L, C + R, device=device, dtype=dtype)
         lens = torch.tensor([L], dtype=torch.int32, device=device)
         scale = (NOPE + R) ** -0.5
-        t_op = time_ms(lambda: latentmoe.ops.mla_decode(q_latent, q_pe, kv, lens, scale), device,
+        # As the module calls it: max_seqlen known on the host (no copy of the lengths, no sync).
+        t_op = time_ms(lambda: latentmoe.ops.mla_decode(q_latent, q_pe, kv, lens, scale, max_seqlen=L), device,
                        warmup=3, reps=20, min_time_s=0.2)
+        t_checked = time_ms(lambda: latentmoe.ops.mla_decode(q_latent, q_pe, kv, lens, scale), device,
+                            warmup=3, reps=20, min_time_s=0.2)
         nbytes = kv.numel() * kv.element_size()
         floor_ms = nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3
         mode = f"op-{dt}"
@@ -174,7 +177,10 @@ def _decode_op_rows(device: str, dtype, contexts) -> list[dict]:
         flop_ms = _attention_flops(1, L) / (rate * 1e9) * 1e3
         rows += [
             row("mla_decode", "latentmoe", mode, L, t_op, device,
-                note=f"{torch.get_num_threads()} CPU threads" if device == "cpu" else ""),
+                note=(f"{torch.get_num_threads()} CPU threads; " if device == "cpu" else "")
+                + "max_seqlen given (as the module calls it)"),
+            row("mla_decode", "latentmoe_checked", mode, L, t_checked, device,
+                note="max_seqlen=-1: lengths checked on a host copy" + (" (one sync)" if device != "cpu" else "")),
             row("mla_decode", "read_once_floor", mode, L, (floor_ms, floor_ms, floor_ms), device,
                 note=f"plain read of {nbytes / 2**20:.1f} MiB at measured bandwidth"),
             row("mla_decode", "compute_floor", mode, L, (flop_ms,) * 3, device,

@@ -216,7 +216,7 @@ SMALL = {"C": 48, "R": 16}
 DECODE_CASES = {
     "contig_zero_len_row": (3, 1, 3, SMALL, [37, 0, 5], 40, 0, True, -1, False, 0),
     "contig_sq2_h1_two_splits": (3, 2, 1, SMALL, [300, 2, 1], 300, 0, True, -1, False, 0),
-    "contig_h9_five_splits": (2, 1, 9, SMALL, [1100, 700], 1100, 0, True, -1, False, 0),
+    "contig_h9_many_splits": (2, 1, 9, SMALL, [1100, 700], 1100, 0, True, -1, False, 0),
     "contig_sq2_h9_window": (2, 2, 9, SMALL, [90, 3], 95, 0, True, 5, False, 0),
     "contig_window0_noncausal": (2, 2, 3, SMALL, [40, 1], 41, 0, False, 0, False, 0),
     "contig_window_noncausal_7splits": (2, 2, 3, SMALL, [100, 64], 100, 0, False, 9, False, 7),
@@ -286,11 +286,15 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
     want_o, want_l = mla_decode(
         q_latent, q_pe, kv, lens, scale, block_table=table, causal=causal, window=window, pe_cache=pe_cache
     )
-    # Launch configuration: split kernel (n_splits, row groups of 8, B) x 256, merge (B*rows) x 128.
+    # Launch configuration: split kernel (n_splits, row groups of 16 (C <= 512) or 8, B) x 256,
+    # merge (B*rows, column chunks of 128) x 128.
+    rpb = 16 if C <= 512 else 8
     assert used == (n_splits or used) and used >= 1
-    if not n_splits:  # the policy: at most one split per 256 keys of the longest row
-        assert used <= max(1, -(-max(seqlens) // 256))
-    assert launches[0][:4] == (used, -(-(Sq * H) // 8), B, 256) and launches[1][:4] == (B * Sq * H, 1, 1, 128)
+    if not n_splits:  # the policy: at most one split per 64 keys of the longest row, about one wave
+        assert used <= max(1, -(-max(seqlens) // 64))
+        assert used <= max(1, -(-SM_COUNT // (B * -(-(Sq * H) // rpb))))
+    assert launches[0][:4] == (used, -(-(Sq * H) // rpb), B, 256)
+    assert launches[1][:4] == (B * Sq * H, -(-C // 128), 1, 128)
     assert not out.isnan().any() and not lse.isnan().any(), "NaN reached the output"
     empty = torch.isinf(want_l)
     assert torch.equal(torch.isinf(lse), empty) and torch.all(lse[empty] < 0)
@@ -316,12 +320,12 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
 
 def test_decode_splits_exercised(harness, tmp_path):
     """The launcher's split policy gives several splits on a long cache (not one big block)."""
-    B, Sq, H, dims, seqlens, cap, *_ = DECODE_CASES["contig_h9_five_splits"]
+    B, Sq, H, dims, seqlens, cap, *_ = DECODE_CASES["contig_h9_many_splits"]
     q_latent, q_pe, kv, lens, _, _ = decode_problem(
         B, Sq, H, dims["C"], dims["R"], seqlens, cap, 0, False, torch.float32, seed=3
     )
     *_, used, _ = emulated_decode(harness, tmp_path, q_latent, q_pe, kv, lens, None, 0.1, True, -1)
-    assert used == 5
+    assert used == min(-(-SM_COUNT // 2), -(-1100 // 64)) == 18
 
 
 @pytest.mark.parametrize("name", ["paged17_sq2_splits", "contig_sq2_h9_window", "v3_paged16_h1"])
@@ -593,7 +597,7 @@ def test_decode_unchecked_good_values_match_checked(harness, tmp_path):
         out, lse, used, _ = emulated_decode(
             harness, tmp_path, q_latent, q_pe, kv, lens, table, 0.2, True, -1, max_seqlen=bound
         )
-        assert used <= max(1, -(-bound // 256))
+        assert used <= max(1, -(-bound // 64))
         torch.testing.assert_close(out, want_o, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, want_l, rtol=1e-5, atol=1e-5)
 

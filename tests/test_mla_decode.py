@@ -155,13 +155,19 @@ def test_decode_cpu_isa_paths(
 
 @pytest.mark.parametrize("page_size", [None, 16])
 def test_decode_given_max_seqlen_matches(device, page_size):
-    # max_seqlen >= the longest row skips the host check on CUDA; the result is the same.
+    # max_seqlen >= the longest row skips the host check on CUDA; the result is the same. The exact
+    # bound gives the same bits. On CUDA the key splits are sized by max_seqlen, so a looser bound
+    # (the capacity) moves the split boundaries and changes the last bits of the merge.
     prob = make_problem(3, 2, 3, 48, 16, [300, 0, 41], page_size, device=device)
     cap = prob[2].shape[1] if page_size is None else prob[4].shape[1] * page_size
+    assert cap > 300
     want = mla_decode(*prob[:4], 0.3, block_table=prob[4])
     for bound in (300, cap):
         got = mla_decode(*prob[:4], 0.3, block_table=prob[4], max_seqlen=bound)
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        exact = bound == 300 or device == "cpu"
+        tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(got[0], want[0], **tol)
+        torch.testing.assert_close(got[1], want[1], **tol)
 
 
 def test_decode_bad_max_seqlen():

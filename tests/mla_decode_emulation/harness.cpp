@@ -125,13 +125,13 @@ int run_decode(const char* out_path) {
     for (int64_t b = 0; b < B; ++b) max_seqlen = std::max<int64_t>(max_seqlen, lens->data()[b]);
   }
   const int64_t n_splits =
-      h[14] > 0 ? h[14] : mla_decode_num_splits(B, rows, max_seqlen, static_cast<int>(h[13]));
+      h[14] > 0 ? h[14] : mla_decode_num_splits(B, rows, C, max_seqlen, static_cast<int>(h[13]));
   auto part_acc = poisoned<float>(B * n_splits * rows * C);
   auto part_m = poisoned<float>(B * n_splits * rows);
   auto part_l = poisoned<float>(B * n_splits * rows);
   auto out = poisoned<unsigned char>(B * rows * C * es);
   auto lse = poisoned<float>(B * rows);
-  if (mla_decode_smem_bytes(C + R) > emu::kSmemOptin) emu::fail("binding would reject: shared memory");
+  if (mla_decode_smem_bytes(C, R) > emu::kSmemOptin) emu::fail("binding would reject: shared memory");
   if (C > mla_decode_max_c()) emu::fail("binding would reject: C too large");
 
   MlaDecodeArgs a{};

@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
                     "; the CUDA kernel supports C <= ", mla_decode_max_c());
   c10::cuda::CUDAGuard guard(q_latent.device());
   const auto* props = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK_VALUE(mla_decode_smem_bytes(C + R) <= props->sharedMemPerBlockOptin,
+  TORCH_CHECK_VALUE(mla_decode_smem_bytes(C, R) <= props->sharedMemPerBlockOptin,
                     "latentmoe.mla_decode: argument 'kv_cache' rows of C+R = ", C + R,
                     " values need more shared memory than this GPU offers per block");
   // max_seqlen = -1: check lengths and table on a host copy (one sync) and take the longest row;
@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   auto out = at::empty_like(q_latent);
   auto lse = at::empty({B, Sq, H}, q_latent.options().dtype(at::kFloat));
   const int64_t rows = Sq * H;
-  const int64_t n_splits = mla_decode_num_splits(B, rows, max_seqlen, props->multiProcessorCount);
+  const int64_t n_splits = mla_decode_num_splits(B, rows, C, max_seqlen, props->multiProcessorCount);
   auto f32 = q_latent.options().dtype(at::kFloat);
   auto part_acc = at::empty({B, n_splits, rows, C}, f32);
   auto part_m = at::empty({B, n_splits, rows}, f32);

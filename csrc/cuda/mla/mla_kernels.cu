@@ -1,12 +1,21 @@
 // MLA CUDA kernels: split-KV absorbed decode on the latent cache + LSE merge, and the fused
 // cache append. Math shared with the CPU kernels lives in common/mla_math.h and common/math.h.
 //
-// Decode: grid (n_splits, row groups, B). A block owns kRows query rows (row = (s, h)) of one
-// batch row and one contiguous split of the keys. Per tile of kTile keys it stages the cache rows
-// in shared memory as fp32 (read once, used by all kRows rows), computes the kRows x kTile scores
-// (thread = (row, key)), runs the online softmax per row in one warp (warp = row, lane = key),
-// and accumulates p . c_kv into registers (thread owns columns tid + j * kThreads).
-// Partials (m, l, unnormalised accumulators) go to a workspace that the merge kernel combines.
+// Decode: grid (n_splits, row groups, B), 256 threads. A block owns ROWS query rows (row = (s, h);
+// 16 when C <= 512, else 8) of one batch row and one contiguous split of the keys, so all of its
+// heads share every cache row it reads (read once from memory per block). Per tile of kTile = 32
+// keys:
+//   load   warp w stages keys w, w+8, ...: its lanes read the key's cache row (c_kv | k_pe)
+//          coalesced and store it as fp32 in shared memory (row stride KS = 4 (mod 32) floats,
+//          so the 16-byte reads below are conflict-free); the page lookup is once per key;
+//   scores warp w owns rows w*RPT .. w*RPT+RPT-1 (RPT = ROWS/8), lane = key: RPT dot products of
+//          D values with 16-byte shared-memory reads (the query row is a broadcast);
+//   softmax the running max / sum of each row live in its warp (shuffles);
+//   PV     thread owns CPT adjacent output columns for all ROWS rows (ROWS*CPT fp32 registers)
+//          and adds p[row, key] * c_kv[key, col] over the tile's keys.
+// FLOPs per key and row: D (scores) + C (PV) multiply-adds; bytes per key: D cache values, read
+// once per block. Partials (m, l, unnormalised accumulators) go to a workspace; the merge kernel
+// (grid (B * rows, column chunks)) combines them by LSE in split order (deterministic).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -19,48 +28,82 @@ namespace latentmoe::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kRows = 8;    // query rows per block == warps per block
+constexpr int kWarps = kThreads / 32;
 constexpr int kTile = 32;   // keys per tile == lanes per warp
 constexpr int kMaxCpt = 8;  // accumulator columns per thread: C <= kThreads * kMaxCpt
-constexpr int64_t kMinSplitKeys = 256;
-static_assert(kRows * kTile == kThreads, "one thread per (row, key) score");
+constexpr int64_t kMinSplitKeys = 64;
+constexpr int64_t kMaxSplits = 1024;  // the merge keeps one weight per split in shared memory
+constexpr int kMergeThreads = 128;    // merge: one output column per thread
 
-__host__ __device__ inline int64_t tile_stride(int64_t D) { return D % 2 == 0 ? D + 1 : D; }
+__host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+// Shared-memory row strides (floats): queries padded to a multiple of 4 (16-byte reads); key rows
+// to 4 (mod 32) so 8 lanes reading 16 bytes of 8 consecutive keys hit 32 distinct banks.
+__host__ __device__ inline int64_t q_stride(int64_t D) { return round_up(D, 4); }
+__host__ __device__ inline int64_t k_stride(int64_t D) { return round_up(D, 32) + 4; }
+__host__ __device__ inline int rows_per_block(int64_t C) { return C <= 2 * kThreads ? 16 : 8; }
 
-template <typename T, int CPT>
+template <int ROWS>
+__host__ __device__ inline size_t split_smem_floats(int64_t D) {
+  return static_cast<size_t>(ROWS * q_stride(D) + kTile * k_stride(D) + kTile * ROWS + ROWS);
+}
+
+// CPT consecutive shared-memory floats (p 8-byte aligned for CPT 2, 16-byte for CPT >= 4).
+template <int CPT>
+__device__ __forceinline__ void load_cols(const float* p, float (&v)[CPT]) {
+  if constexpr (CPT == 1) {
+    v[0] = p[0];
+  } else if constexpr (CPT == 2) {
+    const float2 t = *reinterpret_cast<const float2*>(p);
+    v[0] = t.x;
+    v[1] = t.y;
+  } else {
+#pragma unroll
+    for (int j = 0; j < CPT; j += 4) {
+      const float4 t = *reinterpret_cast<const float4*>(p + j);
+      v[j] = t.x;
+      v[j + 1] = t.y;
+      v[j + 2] = t.z;
+      v[j + 3] = t.w;
+    }
+  }
+}
+
+template <typename T, int ROWS, int CPT>
 __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArgs a) {
+  constexpr int RPT = ROWS / kWarps;  // score rows per warp
+  static_assert(ROWS % kWarps == 0 && ROWS % 4 == 0, "rows split evenly over the warps, float4 p reads");
   extern __shared__ float smem[];
-  const int64_t C = a.C, R = a.R, D = C + R, KS = tile_stride(D);
-  float* qs = smem;                 // [kRows, D]
-  float* ks = qs + kRows * D;       // [kTile, KS]
-  float* ps = ks + kTile * KS;      // [kRows, kTile]
-  float* alpha_s = ps + kRows * kTile;  // [kRows]
-  __shared__ int64_t lo_s[kRows], hi_s[kRows];
+  const int64_t C = a.C, R = a.R, D = C + R, QS = q_stride(D), KS = k_stride(D);
+  float* qs = smem;                  // [ROWS, QS] scaled queries, zero-padded
+  float* ks = qs + ROWS * QS;        // [kTile, KS] cache rows as fp32
+  float* ps = ks + kTile * KS;       // [kTile, ROWS] probabilities, key-major
+  float* alpha_s = ps + kTile * ROWS;  // [ROWS]
+  __shared__ int64_t lo_s[ROWS], hi_s[ROWS];
 
   const T* q_latent = static_cast<const T*>(a.q_latent);
   const T* q_pe = static_cast<const T*>(a.q_pe);
   const T* cache = static_cast<const T*>(a.kv_cache);
   const T* pe_src = static_cast<const T*>(a.pe_src);
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t b = blockIdx.z, sp = blockIdx.x;
   const int64_t rows = a.Sq * a.H;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kRows;
-  const int nrows = static_cast<int>(rows - r0 < kRows ? rows - r0 : kRows);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * ROWS;
+  const int nrows = static_cast<int>(rows - r0 < ROWS ? rows - r0 : ROWS);
   int64_t seqlen = a.seqlens[b];
   // Host-checked, or (unchecked calls) cut to what the splits cover: never past the cache.
   const int64_t cap = a.capacity < a.max_seqlen ? a.capacity : a.max_seqlen;
   seqlen = seqlen < 0 ? 0 : (seqlen > cap ? cap : seqlen);
 
-  for (int64_t i = tid; i < kRows * D; i += kThreads) {
-    const int64_t r = i / D, c = i % D;
-    float v = 0.f;
-    if (r < nrows) {
-      const int64_t off = b * rows + r0 + r;
-      v = c < C ? to_float(q_latent[off * C + c]) : to_float(q_pe[off * R + (c - C)]);
+  // Queries: row r of the block (warp-strided rows, lanes over columns; no div/mod per element).
+  for (int r = warp; r < ROWS; r += kWarps) {
+    const int64_t off = b * rows + r0 + r;
+    for (int64_t c = lane; c < QS; c += 32) {
+      float v = 0.f;
+      if (r < nrows && c < D) v = c < C ? to_float(q_latent[off * C + c]) : to_float(q_pe[off * R + (c - C)]);
+      qs[r * QS + c] = v * a.scale;
     }
-    qs[i] = v * a.scale;
   }
-  if (tid < kRows) {
+  if (tid < ROWS) {
     mla::KeyRange kr{0, 0};
     if (tid < nrows) kr = mla::visible_keys(seqlen, a.Sq, (r0 + tid) / a.H, a.causal, a.window);
     lo_s[tid] = kr.lo;
@@ -80,130 +123,195 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
   const int64_t k_begin = max(lo_all, sp * split_len);
   const int64_t k_end = min(hi_all, (sp + 1) * split_len);
 
-  const int warp = tid >> 5, lane = tid & 31;
-  float m_run = -INFINITY, l_run = 0.f;  // state of row `warp`, replicated in its lanes
-  float acc[kRows][CPT];
+  float m_run[RPT], l_run[RPT];  // state of rows warp*RPT + i, replicated in the warp's lanes
 #pragma unroll
-  for (int r = 0; r < kRows; ++r)
+  for (int i = 0; i < RPT; ++i) {
+    m_run[i] = -INFINITY;
+    l_run[i] = 0.f;
+  }
+  float acc[ROWS][CPT];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r)
 #pragma unroll
     for (int j = 0; j < CPT; ++j) acc[r][j] = 0.f;
+  const int64_t col0 = static_cast<int64_t>(tid) * CPT;  // this thread's first output column
+  const bool has_cols = col0 < C;
 
   for (int64_t t0 = k_begin; t0 < k_end; t0 += kTile) {
     __syncthreads();  // previous tile fully consumed
-    for (int64_t i = tid; i < kTile * D; i += kThreads) {
-      const int64_t k = i / D, c = i % D, t = t0 + k;
-      float v = 0.f;
+    for (int k = warp; k < kTile; k += kWarps) {
+      const int64_t t = t0 + k;
+      float* dst = ks + k * KS;
       if (t < k_end) {
         const int64_t row = mla::cache_row(a.block_table, a.max_pages, a.page_size, a.lmax, a.num_pages, b, t);
-        v = c < C ? to_float(cache[row * a.kv_stride + c]) : to_float(pe_src[row * a.pe_stride + (c - C)]);
+        const T* kv = cache + row * a.kv_stride;
+        const T* pe = pe_src + row * a.pe_stride;
+        for (int64_t c = lane; c < C; c += 32) dst[c] = to_float(kv[c]);
+        for (int64_t c = lane; c < R; c += 32) dst[C + c] = to_float(pe[c]);
+        for (int64_t c = D + lane; c < QS; c += 32) dst[c] = 0.f;
+      } else {
+        for (int64_t c = lane; c < QS; c += 32) dst[c] = 0.f;  // finite: p = 0 multiplies it
       }
-      ks[k * KS + c] = v;
     }
     __syncthreads();
-    // Scores: warp = query row, lane = key.
+    // Scores: warp = RPT query rows, lane = key.
     const int64_t t = t0 + lane;
-    float s = -INFINITY;
-    if (warp < nrows && t < k_end && t >= lo_s[warp] && t < hi_s[warp]) {
-      const float* q = qs + warp * D;
-      const float* k = ks + lane * KS;
-      float dot = 0.f;
-      for (int64_t c = 0; c < D; ++c) dot = fmaf(q[c], k[c], dot);
-      s = dot;
+    float s[RPT];
+    {
+      float dot[RPT];
+#pragma unroll
+      for (int i = 0; i < RPT; ++i) dot[i] = 0.f;
+      const bool any = warp * RPT < nrows && t0 < k_end;  // warp-uniform
+      if (any) {
+        const float* k = ks + lane * KS;
+        const float* q = qs + warp * RPT * QS;
+        for (int64_t c = 0; c < QS; c += 4) {
+          const float4 kv = *reinterpret_cast<const float4*>(k + c);
+#pragma unroll
+          for (int i = 0; i < RPT; ++i) {
+            const float4 qv = *reinterpret_cast<const float4*>(q + i * QS + c);
+            dot[i] = fmaf(qv.x, kv.x, dot[i]);
+            dot[i] = fmaf(qv.y, kv.y, dot[i]);
+            dot[i] = fmaf(qv.z, kv.z, dot[i]);
+            dot[i] = fmaf(qv.w, kv.w, dot[i]);
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < RPT; ++i) {
+        const int r = warp * RPT + i;
+        const bool ok = r < nrows && t < k_end && t >= lo_s[r] && t < hi_s[r];
+        s[i] = ok ? dot[i] : -INFINITY;
+      }
     }
-    const float m_new = fmaxf(m_run, warp_max(s));
-    const float p = s == -INFINITY ? 0.f : math::fast_exp(s - m_new);
-    const float alpha = math::softmax_rescale(m_run, m_new);
-    l_run = l_run * alpha + warp_sum(p);
-    m_run = m_new;
-    ps[warp * kTile + lane] = p;
-    if (lane == 0) alpha_s[warp] = alpha;
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      const int r = warp * RPT + i;
+      const float m_new = fmaxf(m_run[i], warp_max(s[i]));
+      const float p = s[i] == -INFINITY ? 0.f : math::fast_exp(s[i] - m_new);
+      const float alpha = math::softmax_rescale(m_run[i], m_new);
+      l_run[i] = l_run[i] * alpha + warp_sum(p);
+      m_run[i] = m_new;
+      ps[lane * ROWS + r] = p;
+      if (lane == 0) alpha_s[r] = alpha;
+    }
     __syncthreads();
-    const int kn = static_cast<int>(k_end - t0 < kTile ? k_end - t0 : kTile);
+    if (has_cols) {
+      const int kn = static_cast<int>(k_end - t0 < kTile ? k_end - t0 : kTile);
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      if (r >= nrows) break;
-      const float al = alpha_s[r];
+      for (int r = 0; r < ROWS; ++r) {
+        const float al = alpha_s[r];
 #pragma unroll
-      for (int j = 0; j < CPT; ++j) {
-        const int64_t c = tid + j * kThreads;
-        if (c < C) {
-          float v = acc[r][j] * al;
-          for (int k = 0; k < kn; ++k) v = fmaf(ps[r * kTile + k], ks[k * KS + c], v);
-          acc[r][j] = v;
+        for (int j = 0; j < CPT; ++j) acc[r][j] *= al;
+      }
+      for (int k = 0; k < kn; ++k) {
+        float v[CPT];
+        load_cols<CPT>(ks + k * KS + col0, v);
+        const float* pk = ps + k * ROWS;
+#pragma unroll
+        for (int r4 = 0; r4 < ROWS; r4 += 4) {
+          const float4 p4 = *reinterpret_cast<const float4*>(pk + r4);
+          const float pr[4] = {p4.x, p4.y, p4.z, p4.w};
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < CPT; ++j) acc[r4 + i][j] = fmaf(pr[i], v[j], acc[r4 + i][j]);
         }
       }
     }
   }
   const int64_t pbase = (b * a.n_splits + sp) * rows + r0;
-  if (lane == 0 && warp < nrows) {
-    a.part_m[pbase + warp] = m_run;
-    a.part_l[pbase + warp] = l_run;
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      const int r = warp * RPT + i;
+      if (r < nrows) {
+        a.part_m[pbase + r] = m_run[i];
+        a.part_l[pbase + r] = l_run[i];
+      }
+    }
   }
+  if (has_cols) {
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    if (r >= nrows) break;
+    for (int r = 0; r < ROWS; ++r) {
+      if (r >= nrows) break;
 #pragma unroll
-    for (int j = 0; j < CPT; ++j) {
-      const int64_t c = tid + j * kThreads;
-      if (c < C) a.part_acc[(pbase + r) * C + c] = acc[r][j];
+      for (int j = 0; j < CPT; ++j) {
+        const int64_t c = col0 + j;
+        if (c < C) a.part_acc[(pbase + r) * C + c] = acc[r][j];
+      }
     }
   }
 }
 
-// One block per (b, row): combine the splits by LSE, normalise, write out and lse.
+// Grid (B * rows, column chunks of kMergeThreads): combine the splits of one row by LSE, in split
+// order, normalise, write out (and lse, from the first chunk).
 template <typename T>
-__global__ void mla_decode_merge_kernel(MlaDecodeArgs a) {
+__global__ void __launch_bounds__(kMergeThreads) mla_decode_merge_kernel(MlaDecodeArgs a) {
+  extern __shared__ float w_s[];  // [n_splits] merge weights / l_sum
+  __shared__ float red_s[32];
   const int64_t rows = a.Sq * a.H;
   const int64_t br = blockIdx.x, b = br / rows, r = br % rows;
+  const int64_t n = a.n_splits;
+  auto part = [&](int64_t sp) { return (b * n + sp) * rows + r; };
   float m_max = -INFINITY;
-  for (int64_t sp = 0; sp < a.n_splits; ++sp) {
-    const int64_t i = (b * a.n_splits + sp) * rows + r;
-    if (a.part_l[i] > 0.f) m_max = fmaxf(m_max, a.part_m[i]);
+  for (int64_t sp = threadIdx.x; sp < n; sp += blockDim.x) {
+    if (a.part_l[part(sp)] > 0.f) m_max = fmaxf(m_max, a.part_m[part(sp)]);
   }
-  float l_sum = 0.f;
-  for (int64_t sp = 0; sp < a.n_splits; ++sp) {
-    const int64_t i = (b * a.n_splits + sp) * rows + r;
-    l_sum += mla::merge_weight(a.part_m[i], a.part_l[i], m_max) * a.part_l[i];
+  // Block max (fixed tree: deterministic), then the block sum of the weighted l.
+  m_max = warp_max(m_max);
+  if ((threadIdx.x & 31) == 0) red_s[threadIdx.x >> 5] = m_max;
+  __syncthreads();
+  m_max = -INFINITY;
+  for (int w = 0; w < kMergeThreads / 32; ++w) m_max = fmaxf(m_max, red_s[w]);
+  float l_part = 0.f;
+  for (int64_t sp = threadIdx.x; sp < n; sp += blockDim.x) {
+    const float wt = mla::merge_weight(a.part_m[part(sp)], a.part_l[part(sp)], m_max);
+    w_s[sp] = wt;
+    l_part += wt * a.part_l[part(sp)];
   }
+  const float l_sum = block_sum(l_part, red_s);  // begins with a barrier: red_s reads above are done
   const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
-  T* out = static_cast<T*>(a.out);
-  for (int64_t c = threadIdx.x; c < a.C; c += blockDim.x) {
+  __syncthreads();  // w_s complete
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kMergeThreads + threadIdx.x;
+  if (c < a.C) {
     float o = 0.f;
-    for (int64_t sp = 0; sp < a.n_splits; ++sp) {
-      const int64_t i = (b * a.n_splits + sp) * rows + r;
-      const float w = mla::merge_weight(a.part_m[i], a.part_l[i], m_max);
-      if (w != 0.f) o += w * a.part_acc[i * a.C + c];
+    for (int64_t sp = 0; sp < n; ++sp) {
+      const float wt = w_s[sp];
+      if (wt != 0.f) o += wt * a.part_acc[part(sp) * a.C + c];
     }
-    out[br * a.C + c] = from_float<T>(o * inv);
+    static_cast<T*>(a.out)[br * a.C + c] = from_float<T>(o * inv);
   }
-  if (threadIdx.x == 0) a.lse[br] = math::softmax_lse({m_max, l_sum});
+  if (blockIdx.y == 0 && threadIdx.x == 0) a.lse[br] = math::softmax_lse({m_max, l_sum});
 }
 
-template <typename T, int CPT>
+template <typename T, int ROWS, int CPT>
 cudaError_t decode_typed_cpt(const MlaDecodeArgs& a, cudaStream_t stream) {
-  const size_t smem = mla_decode_smem_bytes(a.C + a.R);
-  auto kernel = mla_decode_split_kernel<T, CPT>;
+  const size_t smem = sizeof(float) * split_smem_floats<ROWS>(a.C + a.R);
+  auto kernel = mla_decode_split_kernel<T, ROWS, CPT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const int64_t rows = a.Sq * a.H;
-  dim3 grid(static_cast<unsigned>(a.n_splits), static_cast<unsigned>((rows + kRows - 1) / kRows),
+  dim3 grid(static_cast<unsigned>(a.n_splits), static_cast<unsigned>((rows + ROWS - 1) / ROWS),
             static_cast<unsigned>(a.B));
   kernel<<<grid, kThreads, smem, stream>>>(a);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  mla_decode_merge_kernel<T><<<static_cast<unsigned>(a.B * rows), 128, 0, stream>>>(a);
+  dim3 mgrid(static_cast<unsigned>(a.B * rows), static_cast<unsigned>((a.C + kMergeThreads - 1) / kMergeThreads));
+  mla_decode_merge_kernel<T><<<mgrid, kMergeThreads, sizeof(float) * a.n_splits, stream>>>(a);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t decode_typed(const MlaDecodeArgs& a, cudaStream_t stream) {
   if (a.B == 0 || a.Sq * a.H == 0) return cudaSuccess;
+  if (a.n_splits < 1 || a.n_splits > kMaxSplits || a.C < 1) return cudaErrorInvalidValue;
   const int64_t cpt = (a.C + kThreads - 1) / kThreads;
-  if (cpt <= 1) return decode_typed_cpt<T, 1>(a, stream);
-  if (cpt <= 2) return decode_typed_cpt<T, 2>(a, stream);
-  if (cpt <= 4) return decode_typed_cpt<T, 4>(a, stream);
-  if (cpt <= kMaxCpt) return decode_typed_cpt<T, kMaxCpt>(a, stream);
+  if (cpt <= 1) return decode_typed_cpt<T, 16, 1>(a, stream);
+  if (cpt <= 2) return decode_typed_cpt<T, 16, 2>(a, stream);
+  if (cpt <= 4) return decode_typed_cpt<T, 8, 4>(a, stream);
+  if (cpt <= kMaxCpt) return decode_typed_cpt<T, 8, kMaxCpt>(a, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -257,18 +365,23 @@ cudaError_t append_typed(const MlaAppendArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-int64_t mla_decode_num_splits(int64_t B, int64_t rows, int64_t max_seqlen, int sm_count) {
-  const int64_t blocks = B * ((rows + kRows - 1) / kRows);
-  const int64_t want = (2 * static_cast<int64_t>(sm_count) + blocks - 1) / blocks;
+int64_t mla_decode_num_splits(int64_t B, int64_t rows, int64_t C, int64_t max_seqlen, int sm_count) {
+  const int rpb = rows_per_block(C);
+  const int64_t blocks = B * ((rows + rpb - 1) / rpb);
+  // About one wave of split blocks; each split at least kMinSplitKeys keys (two tiles).
+  const int64_t want = (static_cast<int64_t>(sm_count) + blocks - 1) / blocks;
   const int64_t most = (max_seqlen + kMinSplitKeys - 1) / kMinSplitKeys;
   int64_t n = want < most ? want : most;
-  if (n > 65535) n = 65535;
+  if (n > kMaxSplits) n = kMaxSplits;
   return n < 1 ? 1 : n;
 }
 
-size_t mla_decode_smem_bytes(int64_t D) {
-  return sizeof(float) * static_cast<size_t>(kRows * D + kTile * tile_stride(D) + kRows * kTile + kRows);
+size_t mla_decode_smem_bytes(int64_t C, int64_t R) {
+  const int64_t D = C + R;
+  return sizeof(float) * (rows_per_block(C) == 16 ? split_smem_floats<16>(D) : split_smem_floats<8>(D));
 }
+
+int mla_decode_rows_per_block(int64_t C) { return rows_per_block(C); }
 
 int64_t mla_decode_max_c() { return static_cast<int64_t>(kThreads) * kMaxCpt; }
 

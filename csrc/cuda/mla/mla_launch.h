@@ -33,12 +33,15 @@ struct MlaDecodeArgs {
   int64_t n_splits;
 };
 
-// Number of key splits (blocks along the sequence) for a call whose longest row holds
-// `max_seqlen` keys; the caller sizes the workspace.
-int64_t mla_decode_num_splits(int64_t B, int64_t rows, int64_t max_seqlen, int sm_count);
+// Number of key splits (blocks along the sequence, at most 1024) for a call whose longest row
+// holds `max_seqlen` keys; the caller sizes the workspace.
+int64_t mla_decode_num_splits(int64_t B, int64_t rows, int64_t C, int64_t max_seqlen, int sm_count);
 
-// Dynamic shared memory one split block needs for cache rows of D = C + R values (bytes).
-size_t mla_decode_smem_bytes(int64_t D);
+// Dynamic shared memory one split block needs for latent rank C and rope dim R (bytes).
+size_t mla_decode_smem_bytes(int64_t C, int64_t R);
+
+// Query rows (s, h) one split block handles: 16 for C <= 512, else 8.
+int mla_decode_rows_per_block(int64_t C);
 
 // Largest kv_lora_rank C the kernel supports (accumulator registers per thread).
 int64_t mla_decode_max_c();
