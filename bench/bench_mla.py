@@ -194,6 +194,30 @@ def _decode_op_rows(device: str, dtype, contexts) -> list[dict]:
     return rows
 
 
+def _decode_op_scale_rows(device: str, dtype, B: int, heads: int, L: int) -> list[dict]:
+    """The op at a serving-size batch (CUDA only, no goal): B rows of L keys, `heads` heads. With
+    many heads the op does ~(C+R+C)*heads FLOPs per cached value read; on fp32 CUDA cores it is
+    then bound by arithmetic, not the read."""
+    dt = str(dtype).removeprefix("torch.")
+    q_latent = torch.randn(B, 1, heads, C, device=device, dtype=dtype)
+    q_pe = torch.randn(B, 1, heads, R, device=device, dtype=dtype)
+    kv = torch.randn(B, L, C + R, device=device, dtype=dtype)
+    lens = torch.full((B,), L, dtype=torch.int32, device=device)
+    t = time_ms(lambda: latentmoe.ops.mla_decode(q_latent, q_pe, kv, lens, 0.1, max_seqlen=L), device,
+                warmup=3, reps=10, min_time_s=0.2)
+    nbytes = kv.numel() * kv.element_size()
+    floor_ms = nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3
+    flops = B * 2.0 * heads * L * ((C + R) + C)
+    mode = f"op-{dt}-B{B}-H{heads}"
+    return [
+        row("mla_decode", "latentmoe", mode, L, t, device, note="max_seqlen given"),
+        row("mla_decode", "read_once_floor", mode, L, (floor_ms,) * 3, device,
+            note=f"plain read of {nbytes / 2**20:.0f} MiB at measured bandwidth"),
+        ratio_row("mla_decode", "time_over_floor", L, t[0] / floor_ms, device,
+                  f"{mode}; no goal: {flops / 1e9:.0f} GFLOP, {flops / (t[0] * 1e-3) / 1e12:.1f} TFLOP/s achieved"),
+    ]
+
+
 def _append_rows(device: str, dtype) -> list[dict]:
     """mla_append_cache (kv_a_layernorm + RoPE of k_pe + write into the cache slots, one kernel) vs
     the same three steps with HF's modules / functions and a slice write, and vs the bytes floor."""
@@ -382,6 +406,9 @@ def run(device: str, quick: bool) -> list[dict]:
     rows += _append_rows(device, dtype)
     if device.startswith("cuda"):
         rows += _decode_op_rows(device, torch.bfloat16, contexts)
+        if not quick:
+            for heads in (16, 128):
+                rows += _decode_op_scale_rows(device, torch.bfloat16, 64, heads, 4096)
     rows += _prefill_rows(device, dtype, [4096])  # the goal's size, also in quick runs
     rows += _train_rows(device, dtype, 1024 if quick else 4096)
     if device.startswith("cuda") and not quick:
