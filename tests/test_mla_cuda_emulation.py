@@ -271,6 +271,26 @@ def _random_cases(n, seed=1234):
 DECODE_CASES.update(_random_cases(8))
 
 
+def split_smem_bytes(C, R, elt, staged):
+    """Dynamic shared memory of the split kernel (as mla_kernels.cu lays it out): the fp32 tiles,
+    plus the raw staging tile when the rows come in by async 16-byte copies."""
+    D, rpb = C + R, (16 if C <= 512 else 8)
+    qs, ks = -(-D // 4) * 4, -(-D // 32) * 32 + 4
+    base = 4 * (rpb * qs + 32 * ks + 32 * rpb + rpb)
+    return base + (-(-(32 * D * elt) // 16) * 16 if staged else 0)
+
+
+def expect_staged(C, R, elt, cache_rows, pe_split):
+    """The launcher stages rows by async copies when every row segment and row start is 16-byte
+    aligned. The harness ends each buffer flush against a page, so a buffer starts 16-byte aligned
+    when its size is a multiple of 16."""
+    kv_stride, pe_stride = (C, R) if pe_split else (C + R, C + R)
+    kv_ok = (cache_rows * kv_stride * elt) % 16 == 0
+    pe_ok = (cache_rows * R * elt) % 16 == 0 if pe_split else kv_ok and (C * elt) % 16 == 0
+    segs = all(v * elt % 16 == 0 for v in (C, R, kv_stride, pe_stride))
+    return segs and kv_ok and pe_ok and split_smem_bytes(C, R, elt, True) <= 232448
+
+
 @pytest.mark.parametrize("name", list(DECODE_CASES))
 def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
     order = [0, 1, 100 + len(name)][list(DECODE_CASES).index(name) % 3]  # forward / reverse / random
@@ -295,6 +315,9 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
         assert used <= max(1, -(-SM_COUNT // (B * -(-(Sq * H) // rpb))))
     assert launches[0][:4] == (used, -(-(Sq * H) // rpb), B, 256)
     assert launches[1][:4] == (B * Sq * H, -(-C // 128), 1, 128)
+    cache_rows = kv.shape[0] * kv.shape[1]
+    staged = expect_staged(C, R, 4, cache_rows, pe_split)
+    assert launches[0][4] == split_smem_bytes(C, R, 4, staged)
     assert not out.isnan().any() and not lse.isnan().any(), "NaN reached the output"
     empty = torch.isinf(want_l)
     assert torch.equal(torch.isinf(lse), empty) and torch.all(lse[empty] < 0)
@@ -316,6 +339,15 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
     assert torch.equal(torch.isinf(ref_l), empty)
     torch.testing.assert_close(lse[~empty].double(), ref_l[~empty].double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.double(), ref_o, rtol=1e-4, atol=1e-4 * max(1.0, ref_o.abs().max().item()))
+
+
+def test_decode_cases_cover_both_load_paths():
+    """Some cases stage cache rows by async copies, others (odd widths) load them directly."""
+    staged = []
+    for B, _, _, dims, _, cap, page_size, _, _, pe_split, _ in DECODE_CASES.values():
+        cache_rows = B * cap if not page_size else (B * -(-cap // page_size) + 3) * page_size
+        staged.append(expect_staged(dims["C"], dims["R"], 4, cache_rows, pe_split))
+    assert any(staged) and not all(staged)
 
 
 def test_decode_splits_exercised(harness, tmp_path):

@@ -121,11 +121,20 @@ constexpr size_t kStack = 256 * 1024;   // per fiber
   std::_Exit(3);
 }
 
+// An asynchronous global -> shared copy (__pipeline_memcpy_async) that has not landed yet.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  size_t n;
+};
+
 struct Fiber {
   ucontext_t ctx;
   dim3 tid;
   unsigned lin = 0;
   bool done = false;
+  std::vector<PendingCopy> open;                 // issued since the last commit
+  std::vector<std::vector<PendingCopy>> groups;  // committed, not yet waited for (oldest first)
 };
 
 struct LaunchRecord {
@@ -212,6 +221,7 @@ T* static_smem(const char* key, size_t n) {
 inline void fiber_main() {
   State& s = st();
   s.body();
+  if (!s.cur->open.empty() || !s.cur->groups.empty()) fail("a thread exited with asynchronous copies never waited for");
   s.cur->done = true;
   ++s.progress;
 }  // uc_link returns to the scheduler
@@ -338,6 +348,41 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32, int line = 
   if (src < n) std::memcpy(&r, &s.warp_slots[w * 32 + src], sizeof(T));
   emu::warp_barrier(line);
   return r;
+}
+
+// <cuda_pipeline.h> primitives. A copy lands only when its thread waits for its group, so a read
+// of the destination before the wait (or by another thread before a barrier) sees the old bytes
+// (the 0xFF poison, or the previous tile).
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t n, size_t zfill = 0) {
+  if (zfill != 0) emu::fail("__pipeline_memcpy_async zero-fill is not emulated");
+  if (n != 4 && n != 8 && n != 16) emu::fail("__pipeline_memcpy_async size must be 4, 8 or 16 bytes");
+  if (reinterpret_cast<uintptr_t>(dst) % n != 0 || reinterpret_cast<uintptr_t>(src) % n != 0) {
+    emu::fail("__pipeline_memcpy_async pointers must be aligned to the copy size");
+  }
+  emu::st().cur->open.push_back({dst, src, n});
+}
+inline void __pipeline_commit() {
+  emu::Fiber& f = *emu::st().cur;
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+inline void __pipeline_wait_prior(size_t keep) {
+  emu::Fiber& f = *emu::st().cur;
+  while (f.groups.size() > keep) {
+    for (const emu::PendingCopy& c : f.groups.front()) std::memcpy(c.dst, c.src, c.n);
+    f.groups.erase(f.groups.begin());
+  }
+}
+
+enum cudaDeviceAttr : int { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+inline cudaError_t cudaGetDevice(int* dev) {
+  *dev = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin || dev != 0) return cudaErrorInvalidValue;
+  *value = static_cast<int>(emu::kSmemOptin);
+  return cudaSuccess;
 }
 
 template <typename F>

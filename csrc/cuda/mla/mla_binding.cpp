@@ -44,10 +44,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   auto lse = at::empty({B, Sq, H}, q_latent.options().dtype(at::kFloat));
   const int64_t rows = Sq * H;
   const int64_t n_splits = mla_decode_num_splits(B, rows, C, max_seqlen, props->multiProcessorCount);
-  auto f32 = q_latent.options().dtype(at::kFloat);
-  auto part_acc = at::empty({B, n_splits, rows, C}, f32);
-  auto part_m = at::empty({B, n_splits, rows}, f32);
-  auto part_l = at::empty({B, n_splits, rows}, f32);
+  // One workspace allocation: partial accumulators [B, n_splits, rows, C], then m and l
+  // [B, n_splits, rows] each (C is a whole number of floats, so every part stays 4-byte aligned).
+  const int64_t n_part = B * n_splits * rows;
+  auto work = at::empty({n_part * (C + 2)}, q_latent.options().dtype(at::kFloat));
+  float* part_acc = work.mutable_data_ptr<float>();
   MlaDecodeArgs a{};
   a.q_latent = q_latent.const_data_ptr();
   a.q_pe = q_pe.const_data_ptr();
@@ -60,9 +61,9 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   a.block_table = d.paged ? block_table->const_data_ptr<int32_t>() : nullptr;
   a.out = out.mutable_data_ptr();
   a.lse = lse.mutable_data_ptr<float>();
-  a.part_acc = part_acc.mutable_data_ptr<float>();
-  a.part_m = part_m.mutable_data_ptr<float>();
-  a.part_l = part_l.mutable_data_ptr<float>();
+  a.part_acc = part_acc;
+  a.part_m = part_acc + n_part * C;
+  a.part_l = part_acc + n_part * (C + 1);
   a.B = B; a.Sq = Sq; a.H = H; a.C = C; a.R = R;
   a.lmax = d.lmax; a.page_size = d.page_size; a.max_pages = d.max_pages; a.num_pages = d.num_pages;
   a.capacity = d.capacity;

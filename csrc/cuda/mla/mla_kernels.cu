@@ -5,9 +5,13 @@
 // 16 when C <= 512, else 8) of one batch row and one contiguous split of the keys, so all of its
 // heads share every cache row it reads (read once from memory per block). Per tile of kTile = 32
 // keys:
-//   load   warp w stages keys w, w+8, ...: its lanes read the key's cache row (c_kv | k_pe)
-//          coalesced and store it as fp32 in shared memory (row stride KS = 4 (mod 32) floats,
-//          so the 16-byte reads below are conflict-free); the page lookup is once per key;
+//   load   warp w stages keys w, w+8, ...: its lanes copy the key's cache row (c_kv | k_pe),
+//          the page lookup once per key. When rows are 16-byte aligned (the V3 layout in every
+//          dtype) the raw rows come in by asynchronous 16-byte copies into a staging buffer, issued
+//          one tile ahead, so tile i+1 is in flight while tile i is computed; then they are
+//          widened to fp32 in shared memory. Otherwise lanes load them directly (coalesced).
+//          The fp32 rows have stride KS = 4 (mod 32) floats, so the 16-byte reads below are
+//          conflict-free;
 //   scores warp w owns rows w*RPT .. w*RPT+RPT-1 (RPT = ROWS/8), lane = key: RPT dot products of
 //          D values with 16-byte shared-memory reads (the query row is a broadcast);
 //   softmax the running max / sum of each row live in its warp (shuffles);
@@ -18,11 +22,15 @@
 // (grid (B * rows, column chunks)) combines them by LSE in split order (deterministic).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 
 #include "common/math.h"
 #include "common/mla_math.h"
 #include "cuda/common/cuda_utils.cuh"
 #include "cuda/mla/mla_launch.h"
+
+#include <atomic>
+#include <cstdint>
 
 namespace latentmoe::cuda {
 namespace {
@@ -45,6 +53,10 @@ __host__ __device__ inline int rows_per_block(int64_t C) { return C <= 2 * kThre
 template <int ROWS>
 __host__ __device__ inline size_t split_smem_floats(int64_t D) {
   return static_cast<size_t>(ROWS * q_stride(D) + kTile * k_stride(D) + kTile * ROWS + ROWS);
+}
+// Staging buffer of one tile of raw cache rows (bytes, a multiple of 16), placed before the floats.
+__host__ __device__ inline size_t stage_bytes(int64_t D, size_t elt) {
+  return static_cast<size_t>(round_up(kTile * D * static_cast<int64_t>(elt), 16));
 }
 
 // CPT consecutive shared-memory floats (p 8-byte aligned for CPT 2, 16-byte for CPT >= 4).
@@ -74,7 +86,8 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
   static_assert(ROWS % kWarps == 0 && ROWS % 4 == 0, "rows split evenly over the warps, float4 p reads");
   extern __shared__ float smem[];
   const int64_t C = a.C, R = a.R, D = C + R, QS = q_stride(D), KS = k_stride(D);
-  float* qs = smem;                  // [ROWS, QS] scaled queries, zero-padded
+  T* stage = reinterpret_cast<T*>(smem);  // [kTile, D] raw rows (async path only)
+  float* qs = smem + (a.stage_async ? stage_bytes(D, sizeof(T)) / sizeof(float) : 0);  // [ROWS, QS] scaled queries, zero-padded
   float* ks = qs + ROWS * QS;        // [kTile, KS] cache rows as fp32
   float* ps = ks + kTile * KS;       // [kTile, ROWS] probabilities, key-major
   float* alpha_s = ps + kTile * ROWS;  // [ROWS]
@@ -137,23 +150,60 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
   const int64_t col0 = static_cast<int64_t>(tid) * CPT;  // this thread's first output column
   const bool has_cols = col0 < C;
 
-  for (int64_t t0 = k_begin; t0 < k_end; t0 += kTile) {
-    __syncthreads();  // previous tile fully consumed
+  // Async path: issue the 16-byte copies of tile [t1, t1 + kTile) into the staging buffer.
+  const int kv_chunks = static_cast<int>(C * static_cast<int64_t>(sizeof(T)) / 16);
+  const int pe_chunks = static_cast<int>(R * static_cast<int64_t>(sizeof(T)) / 16);
+  auto issue_tile = [&](int64_t t1) {
     for (int k = warp; k < kTile; k += kWarps) {
-      const int64_t t = t0 + k;
-      float* dst = ks + k * KS;
+      const int64_t t = t1 + k;
       if (t < k_end) {
         const int64_t row = mla::cache_row(a.block_table, a.max_pages, a.page_size, a.lmax, a.num_pages, b, t);
-        const T* kv = cache + row * a.kv_stride;
-        const T* pe = pe_src + row * a.pe_stride;
-        for (int64_t c = lane; c < C; c += 32) dst[c] = to_float(kv[c]);
-        for (int64_t c = lane; c < R; c += 32) dst[C + c] = to_float(pe[c]);
-        for (int64_t c = D + lane; c < QS; c += 32) dst[c] = 0.f;
-      } else {
-        for (int64_t c = lane; c < QS; c += 32) dst[c] = 0.f;  // finite: p = 0 multiplies it
+        const char* kv = reinterpret_cast<const char*>(cache + row * a.kv_stride);
+        const char* pe = reinterpret_cast<const char*>(pe_src + row * a.pe_stride);
+        char* dst = reinterpret_cast<char*>(stage + k * D);
+        for (int ch = lane; ch < kv_chunks; ch += 32) __pipeline_memcpy_async(dst + ch * 16, kv + ch * 16, 16);
+        for (int ch = lane; ch < pe_chunks; ch += 32)
+          __pipeline_memcpy_async(dst + C * sizeof(T) + ch * 16, pe + ch * 16, 16);
       }
     }
-    __syncthreads();
+    __pipeline_commit();
+  };
+  if (a.stage_async && k_begin < k_end) issue_tile(k_begin);
+
+  for (int64_t t0 = k_begin; t0 < k_end; t0 += kTile) {
+    if (a.stage_async) {
+      __pipeline_wait_prior(0);
+      __syncthreads();  // every thread's copies of this tile landed; the previous tile is consumed
+      for (int k = warp; k < kTile; k += kWarps) {
+        float* dst = ks + k * KS;
+        if (t0 + k < k_end) {
+          const T* src = stage + k * D;
+          for (int64_t c = lane; c < D; c += 32) dst[c] = to_float(src[c]);
+          for (int64_t c = D + lane; c < QS; c += 32) dst[c] = 0.f;
+        } else {
+          for (int64_t c = lane; c < QS; c += 32) dst[c] = 0.f;  // finite: p = 0 multiplies it
+        }
+      }
+      __syncthreads();  // ks ready, the staging buffer free again
+      if (t0 + kTile < k_end) issue_tile(t0 + kTile);  // in flight during this tile's math
+    } else {
+      __syncthreads();  // previous tile fully consumed
+      for (int k = warp; k < kTile; k += kWarps) {
+        const int64_t t = t0 + k;
+        float* dst = ks + k * KS;
+        if (t < k_end) {
+          const int64_t row = mla::cache_row(a.block_table, a.max_pages, a.page_size, a.lmax, a.num_pages, b, t);
+          const T* kv = cache + row * a.kv_stride;
+          const T* pe = pe_src + row * a.pe_stride;
+          for (int64_t c = lane; c < C; c += 32) dst[c] = to_float(kv[c]);
+          for (int64_t c = lane; c < R; c += 32) dst[C + c] = to_float(pe[c]);
+          for (int64_t c = D + lane; c < QS; c += 32) dst[c] = 0.f;
+        } else {
+          for (int64_t c = lane; c < QS; c += 32) dst[c] = 0.f;  // finite: p = 0 multiplies it
+        }
+      }
+      __syncthreads();
+    }
     // Scores: warp = RPT query rows, lane = key.
     const int64_t t = t0 + lane;
     float s[RPT];
@@ -285,12 +335,42 @@ __global__ void __launch_bounds__(kMergeThreads) mla_decode_merge_kernel(MlaDeco
   if (blockIdx.y == 0 && threadIdx.x == 0) a.lse[br] = math::softmax_lse({m_max, l_sum});
 }
 
+// Raise a kernel's dynamic shared-memory limit once per device (to the device's maximum), not on
+// every launch: the limit does not change the occupancy of launches that use less.
+// `done` is one flag per device, owned by the caller's kernel instantiation (all instantiations
+// share one function type, so the flags cannot live here).
+constexpr int kMaxDevices = 64;
+template <typename K>
+cudaError_t allow_max_smem(K* kernel, int device, int optin, std::atomic<bool>* done) {
+  const bool known = device >= 0 && device < kMaxDevices;
+  if (known && done[device].load(std::memory_order_acquire)) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  if (err == cudaSuccess && known) done[device].store(true, std::memory_order_release);
+  return err;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 template <typename T, int ROWS, int CPT>
-cudaError_t decode_typed_cpt(const MlaDecodeArgs& a, cudaStream_t stream) {
-  const size_t smem = sizeof(float) * split_smem_floats<ROWS>(a.C + a.R);
+cudaError_t decode_typed_cpt(const MlaDecodeArgs& args, cudaStream_t stream) {
+  MlaDecodeArgs a = args;
+  int device = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  const int64_t D = a.C + a.R;
+  const size_t base = sizeof(float) * split_smem_floats<ROWS>(D);
+  // Async 16-byte copies need every row segment (c_kv, k_pe) and row start 16-byte aligned, and
+  // room for the staging buffer.
+  const int64_t elt = static_cast<int64_t>(sizeof(T));
+  a.stage_async = (a.C * elt) % 16 == 0 && (a.R * elt) % 16 == 0 && (a.kv_stride * elt) % 16 == 0 &&
+                  (a.pe_stride * elt) % 16 == 0 && aligned16(a.kv_cache) && aligned16(a.pe_src) &&
+                  base + stage_bytes(D, sizeof(T)) <= static_cast<size_t>(optin);
+  const size_t smem = base + (a.stage_async ? stage_bytes(D, sizeof(T)) : 0);
   auto kernel = mla_decode_split_kernel<T, ROWS, CPT>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  static std::atomic<bool> smem_set[kMaxDevices];
+  err = allow_max_smem(kernel, device, optin, smem_set);
   if (err != cudaSuccess) return err;
   const int64_t rows = a.Sq * a.H;
   dim3 grid(static_cast<unsigned>(a.n_splits), static_cast<unsigned>((rows + ROWS - 1) / ROWS),

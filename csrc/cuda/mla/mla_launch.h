@@ -31,6 +31,7 @@ struct MlaDecodeArgs {
   bool causal;
   int64_t window;
   int64_t n_splits;
+  bool stage_async;           // set by launch_mla_decode: cache rows come in by async 16-byte copies
 };
 
 // Number of key splits (blocks along the sequence, at most 1024) for a call whose longest row
