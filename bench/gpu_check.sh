@@ -10,7 +10,7 @@
 #                torch 2.11.0+cu130 for Python 3.12 (cmake -DPython3_EXECUTABLE=<that python>), so the
 #                device skips the build. If it does not import there, the script builds from source.
 #   device run:  bash bench/gpu_check.sh   carry [".whl", ".prebuilt"], timeout_s 560
-#   optional:    LATENTMOE_GPU_CHECK_SKIP=bench     skip a stage (build|tests|sanitizer|bench)
+#   optional:    LATENTMOE_GPU_CHECK_SKIP=bench     skip a stage (build|tests|sanitizer|ncu|bench)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
@@ -36,11 +36,11 @@ built=0
 if [[ "$skip" != *build* ]] && ls .prebuilt/_C*.so >/dev/null 2>&1; then
   stage "prebuilt extension from .prebuilt/"
   cp .prebuilt/_C*.so python/latentmoe/
-  if (cd /tmp && PYTHONPATH="$OLDPWD/python:${PYTHONPATH:-}" "$PY" -m latentmoe.info) >"$OUT/info.txt" 2>&1; then
+  if (cd /tmp && PYTHONPATH="$OLDPWD/python:${PYTHONPATH:-}" "$PY" -m latentmoe.info) >/tmp/lmoe-info.txt 2>&1; then
     export PYTHONPATH="$PWD/python:${PYTHONPATH:-}"; built=1
-    cat "$OUT/info.txt"
+    tee -a "$OUT/env.txt" </tmp/lmoe-info.txt
   else
-    tail -5 "$OUT/info.txt"; echo "prebuilt extension does not load here; building from source" | tee -a "$OUT/summary.txt"
+    tail -5 /tmp/lmoe-info.txt; echo "prebuilt extension does not load here; building from source" | tee -a "$OUT/summary.txt"
     rm -f python/latentmoe/_C*.so
   fi
 fi
@@ -51,7 +51,7 @@ if [[ "$skip" != *build* && $built == 0 ]]; then
     tail -40 "$OUT/build.log"; echo "BUILD FAILED" | tee -a "$OUT/summary.txt"; exit 1
   fi
   grep "nvcc" "$OUT/build.log" | grep -oE "(--generate-code=[^ ]+|-c [^ ]+\.cu)" | paste -sd' ' | tee -a "$OUT/summary.txt"
-  (cd /tmp && "$PY" -m latentmoe.info) 2>&1 | tee "$OUT/info.txt"
+  (cd /tmp && "$PY" -m latentmoe.info) 2>&1 | tee -a "$OUT/env.txt"
 fi
 
 if [[ "$skip" != *tests* ]]; then
@@ -71,6 +71,17 @@ if [[ "$skip" != *sanitizer* ]]; then
   stage "compute-sanitizer memcheck"
   timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" bench/gpu_smoke.py >"$OUT/sanitizer.log" 2>&1 || status=1
   tail -5 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
+fi
+
+if [[ "$skip" != *ncu* ]] && command -v ncu >/dev/null; then
+  stage "Nsight Compute (latentmoe kernels of bench/gpu_profile.py)"
+  # --clock-control none: leave the card's clocks as they are (see the device notes).
+  timeout 150 ncu --clock-control none --kernel-name-base demangled \
+    --kernel-name regex:"mla_decode|grouped|combine" --launch-skip 0 --launch-count 40 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    "$PY" bench/gpu_profile.py >"$OUT/ncu.txt" 2>&1 || echo "ncu failed or timed out (see ncu.txt)" | tee -a "$OUT/summary.txt"
+  grep -E "^  [a-z_].*\(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" "$OUT/ncu.txt" \
+    | head -80 >>"$OUT/summary.txt"
 fi
 
 if [[ "$skip" != *bench* ]]; then
