@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cuda_emulation import as_host_code
 from latentmoe.ops import mla_append_cache, mla_decode
 from latentmoe.reference import mla as ref
 
@@ -44,22 +44,9 @@ SM_COUNT = 132  # H100 / H200 SXM
 
 def kernels_as_host_code(src: str) -> str:
     """mla_kernels.cu with shared-memory declarations and <<<>>> launches in emu.h's terms."""
-    src, n_dyn = re.subn(r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = ::emu::dyn_smem<\1>();", src)
-
-    def static(m):
-        decls = []
-        for d in m.group(2).split(","):
-            name, size = re.fullmatch(r"\s*(\w+)\[([^\]]+)\]\s*", d).groups()
-            decls.append(f'{m.group(1)}* {name} = ::emu::static_smem<{m.group(1)}>("{name}", {size});')
-        return " ".join(decls)
-
-    src, n_static = re.subn(r"__shared__ (\w+) ([^;]+);", static, src)
-    src, n_launch = re.subn(
-        r"(\w+(?:<[^<>;()]*>)?)<<<(.*?)>>>\(([^;]*)\);", r"::emu::launch(\1, \2, \3);", src
-    )
+    src, n_dyn, n_static, n_launch = as_host_code(src)
     # Fail loudly when the kernel file changes shape under the rewrite.
     assert n_dyn >= 2 and n_launch >= 3, (n_dyn, n_static, n_launch)
-    assert "__shared__" not in src and "<<<" not in src
     return src
 
 

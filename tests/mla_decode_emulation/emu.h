@@ -331,6 +331,13 @@ inline void __syncthreads(int line = __builtin_LINE()) {
   while (s.bar_gen == g) emu::yield();
 }
 
+inline void __syncwarp(unsigned mask = 0xffffffffu, int line = __builtin_LINE()) {
+  emu::State& s = emu::st();
+  const unsigned n = emu::warp_lanes(s.cur->lin / 32);
+  if (mask != (n == 32 ? 0xffffffffu : ((1u << n) - 1))) emu::fail("__syncwarp mask does not name exactly the warp's lanes");
+  emu::warp_barrier(line);
+}
+
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32, int line = __builtin_LINE()) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffle of a small value");
