@@ -149,8 +149,10 @@ constexpr int kSG = 4;           // score: thread groups splitting the D dims
 constexpr int kPS = kRows + 4;   // row stride of the P tile (stored [key][row])
 constexpr int kPassChunks = 128; // float4 column chunks of o_lat per pass (64 threads x 2)
 constexpr int kRedStride = kKeys + 1;
+constexpr int kLoadU = 4;        // key-tile load: float4 chunks per lane and row in flight
 
 static_assert(kThreads == 256 && kRows == 32 && kKeys == 32, "the thread maps below assume 256 threads, 32x32");
+static_assert(kKeys % (kThreads / 32) == 0, "the key-tile load gives each warp kKeys / 8 rows");
 static_assert(kRows == kKeys, "the output staging reuses the key tile ([kKeys][ds]) for [kRows][ds]");
 
 struct FwdLayout {
@@ -345,13 +347,28 @@ mla_prefill_fwd_kernel(Params p, FwdLayout L, const T* __restrict__ q_nope, cons
       if (tid < kKeys) rowoff[tid] = tid < nt ? row_offset(p, block_table, b, t0 + tid) : 0;
       __syncthreads();
       const int ds4 = static_cast<int>(ds / 4), d4 = static_cast<int>(L.d4);
-      for (int t = warp; t < kKeys; t += kThreads / 32) {  // warp per key row, lanes along it
-        const T* src = cache + rowoff[t];
-        float* dst = ks + t * ds;
-        for (int c4 = lane; c4 < ds4; c4 += 32) {
-          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-          if (t < nt && c4 < d4) v = load_chunk(src, 4 * c4, D, L.vec);
-          *reinterpret_cast<float4*>(dst + 4 * c4) = v;
+      // Warp w loads key rows w + 8 k (k < 4), lanes along the row; kLoadU chunks per lane and
+      // row are loaded before any is stored, so 16 loads per lane are in flight at once.
+      for (int base = 0; base < ds4; base += 32 * kLoadU) {
+        float4 v[kKeys / 8][kLoadU];
+#pragma unroll
+        for (int k = 0; k < kKeys / 8; ++k) {
+          const int t = warp + 8 * k;
+          const T* src = cache + rowoff[t];
+#pragma unroll
+          for (int u = 0; u < kLoadU; ++u) {
+            const int c4 = base + lane + 32 * u;
+            v[k][u] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (t < nt && c4 < d4) v[k][u] = load_chunk(src, 4 * c4, D, L.vec);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < kKeys / 8; ++k) {
+#pragma unroll
+          for (int u = 0; u < kLoadU; ++u) {
+            const int c4 = base + lane + 32 * u;
+            if (c4 < ds4) *reinterpret_cast<float4*>(ks + (warp + 8 * k) * ds + 4 * c4) = v[k][u];
+          }
         }
       }
       __syncthreads();
