@@ -615,10 +615,11 @@ def emulated_kernels(tmp_path_factory):
     return exe
 
 
-# heads_per_block: 0 = the launcher's layout (queries first: 32 queries x 1 head unless S < 32);
-# 8 = up to 8 heads per block (fewer queries per block), so multi-head blocks meet long prompts,
-# several query tiles, key tiles and a partial last head group (H = 9 -> groups of 5 and 4).
-@pytest.mark.parametrize("heads_per_block", [0, 8])
+# forward: 0 = the absorbed kernel with the launcher's layout (queries first: 32 queries x 1 head
+# unless S < 32); 8 = up to 8 heads per block (fewer queries per block), so multi-head blocks meet
+# long prompts, several query tiles, key tiles and a partial last head group (H = 9 -> groups of 5
+# and 4); -16 / -64 = the decompressing fallback (large C + R) with 16 / 64 queries per block.
+@pytest.mark.parametrize("forward", [0, 8, -16, -64])
 @pytest.mark.parametrize(
     "B,S,H,dims,seqlens,Lmax,page_size,causal,window",
     [
@@ -637,7 +638,7 @@ def emulated_kernels(tmp_path_factory):
         (2, 9, 2, SMALL, [50, 4], 52, 0, False, -1),
     ],
 )
-def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, heads_per_block, B, S, H, dims, seqlens, Lmax,
+def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, forward, B, S, H, dims, seqlens, Lmax,
                                         page_size, causal, window):
     C, R, Dn, Dv = dims["C"], dims["R"], dims["Dn"], dims["Dv"]
     q = torch.randn(B, S, H, Dn + R)
@@ -663,7 +664,7 @@ def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, heads_per_bl
         for t in (kv_b, g_out, g_lse):
             f.write(t.numpy().tobytes())
     res = subprocess.run([str(emulated_kernels), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"),
-                          str(heads_per_block)], capture_output=True, text=True, timeout=300)
+                          str(forward)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     flat = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32))
     shapes = [(B, S, H, Dv), (B, S, H), (B, S, H, Dn), (B, S, H, R), tuple(cache.shape), (H, Dn, C),

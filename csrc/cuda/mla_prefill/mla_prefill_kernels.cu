@@ -530,6 +530,115 @@ mla_prefill_fwd_kernel(Params p, FwdLayout L, const T* __restrict__ q_nope, cons
   }
 }
 
+// Query row r of the tile sees key t0 + t (t < nt)?
+__device__ __forceinline__ bool visible(const Params& p, const Tile& tl, int64_t r, int64_t t0, int64_t t,
+                                        int64_t nt) {
+  const int64_t i = tl.i_begin + r;
+  return i >= tl.i_lo && i < tl.i_end && t < nt &&
+         key_visible(p, tl.seqlen, mla_prefill::query_pos(tl.seqlen, p.S, i), t0 + t);
+}
+
+// ---- forward, fallback: per-head decompression ---------------------------------------------------
+// Used only when the absorbed kernel's tiles (2 x 32 latent rows of C + R floats) do not fit in
+// shared memory (C + R beyond ~750 on sm_90); its shared memory does not grow with C. One block per
+// (batch row, head, tile of 16-64 queries); each key tile is decompressed into per-head K_nope / V
+// in shared memory (c_kv and weight chunks of kCChunk columns staged) and an online softmax runs.
+
+__host__ __device__ inline int64_t fwd_floats(const Params& p, int64_t QT) {
+  const int64_t DK = p.Dn + p.R;
+  return QT * DK + kKTile * DK + kKTile * p.Dv + stage_floats(p) + QT * kKTile + QT * p.Dv +
+         3 * QT;
+}
+
+// QT queries per block (16, 32 or 64): larger tiles decompress each key tile for more queries.
+template <typename T, int QT>
+__global__ void __launch_bounds__(kThreads)
+mla_prefill_fwd_decompress_kernel(Params p, const T* __restrict__ q_nope, const T* __restrict__ q_pe,
+                       const T* __restrict__ cache, const int32_t* __restrict__ block_table,
+                       const int32_t* __restrict__ seqlens, const T* __restrict__ w_uk,
+                       const T* __restrict__ w_uv, T* __restrict__ out,
+                       float* __restrict__ lse) {
+  extern __shared__ float smem[];
+  const int64_t DK = p.Dn + p.R;
+  float* qs = smem;                     // [QT][DK], scaled
+  float* ks = qs + QT * DK;         // [kKTile][DK]
+  float* vs = ks + kKTile * DK;         // [kKTile][Dv]
+  float* cs = vs + kKTile * p.Dv;       // [kKTile][kCStride]
+  float* ws = cs + kKTile * kCStride;   // [Dn+Dv][kCStride]
+  float* ss = ws + (p.Dn + p.Dv) * kCStride;  // [QT][kKTile]
+  float* acc = ss + QT * kKTile;    // [QT][Dv]
+  float* row_m = acc + QT * p.Dv;   // [QT]
+  float* row_l = row_m + QT;
+  float* row_r = row_l + QT;
+  const Tile tl = block_tile<QT>(p, seqlens);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+
+  for (int64_t idx = threadIdx.x; idx < QT * DK; idx += blockDim.x) {
+    const int64_t r = idx / DK, d = idx % DK, i = tl.i_begin + r;
+    float v = 0.f;
+    if (i >= tl.i_lo && i < tl.i_end) {
+      v = d < p.Dn ? to_float(q_nope[tl.b * p.qn_sb + i * p.qn_ss + tl.h * p.qn_sh + d])
+                   : to_float(q_pe[tl.b * p.qp_sb + i * p.qp_ss + tl.h * p.qp_sh + (d - p.Dn)]);
+    }
+    qs[idx] = v * p.scale;
+  }
+  for (int64_t idx = threadIdx.x; idx < QT * p.Dv; idx += blockDim.x) acc[idx] = 0.f;
+  for (int r = threadIdx.x; r < QT; r += blockDim.x) {
+    row_m[r] = -INFINITY;
+    row_l[r] = 0.f;
+    row_r[r] = 1.f;
+  }
+
+  for (int64_t t0 = tl.kv_begin; t0 < tl.kv_end; t0 += kKTile) {
+    const int64_t nt = min(static_cast<int64_t>(kKTile), tl.kv_end - t0);
+    decompress_tile(p, cache, block_table, w_uk, w_uv, tl.b, tl.h, t0, nt, ks, vs, cs, ws);
+    for (int64_t idx = threadIdx.x; idx < QT * kKTile; idx += blockDim.x) {
+      const int64_t r = idx / kKTile, t = idx % kKTile;
+      float s = -INFINITY;
+      if (visible(p, tl, r, t0, t, nt)) {
+        s = 0.f;
+        for (int64_t d = 0; d < DK; ++d) s += qs[r * DK + d] * ks[t * DK + d];
+      }
+      ss[idx] = s;
+    }
+    __syncthreads();
+    for (int r = warp; r < QT; r += n_warps) {
+      const float s = ss[r * kKTile + lane];
+      const float m_old = row_m[r];
+      const float m_new = fmaxf(m_old, warp_max(s));
+      const float e = (s == -INFINITY || m_new == -INFINITY) ? 0.f : math::fast_exp(s - m_new);
+      const float sum = warp_sum(e);
+      ss[r * kKTile + lane] = e;
+      if (lane == 0) {
+        const float resc = math::softmax_rescale(m_old, m_new);
+        row_l[r] = row_l[r] * resc + sum;
+        row_m[r] = m_new;
+        row_r[r] = resc;
+      }
+    }
+    __syncthreads();
+    for (int64_t idx = threadIdx.x; idx < QT * p.Dv; idx += blockDim.x) {
+      const int64_t r = idx / p.Dv, d = idx % p.Dv;
+      float a = acc[idx] * row_r[r];
+      for (int64_t t = 0; t < nt; ++t) a += ss[r * kKTile + t] * vs[t * p.Dv + d];
+      acc[idx] = a;
+    }
+  }
+  __syncthreads();
+  const int64_t rows = tl.i_end - tl.i_begin;
+  for (int64_t idx = threadIdx.x; idx < rows * p.Dv; idx += blockDim.x) {
+    const int64_t r = idx / p.Dv, d = idx % p.Dv, i = tl.i_begin + r;
+    const float l = row_l[r];
+    const float o = (i >= tl.i_lo && l > 0.f) ? acc[idx] / l : 0.f;
+    out[((tl.b * p.S + i) * p.H + tl.h) * p.Dv + d] = from_float<T>(o);
+  }
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+    const int64_t i = tl.i_begin + r;
+    const math::SoftmaxState st{row_m[r], row_l[r]};
+    lse[(tl.b * p.S + i) * p.H + tl.h] = i >= tl.i_lo ? math::softmax_lse(st) : -INFINITY;
+  }
+}
+
 // ---- backward -----------------------------------------------------------------------------------
 // Two kernels (flash-attention 2 style), both recomputing K/V from the latent per key tile:
 //  * dq kernel, one block per (b, h, query tile): dQ for its queries (no atomics); also writes
@@ -765,7 +874,7 @@ mla_prefill_bwd_dkv_kernel(Params p, const T* __restrict__ grad_out, const T* __
 
 // ---- host launchers ----
 template <typename T>
-cudaError_t forward_typed(const Params& p, const void* q_nope, const void* q_pe, const void* cache,
+cudaError_t forward_absorbed(const Params& p, const void* q_nope, const void* q_pe, const void* cache,
                           const int32_t* block_table, const int32_t* seqlens, const void* w_uk, const void* w_uv,
                           void* out, float* lse, cudaStream_t stream) {
   FwdLayout L = fwd_layout(p, 0);
@@ -780,6 +889,47 @@ cudaError_t forward_typed(const Params& p, const void* q_nope, const void* q_pe,
       p, L, static_cast<const T*>(q_nope), static_cast<const T*>(q_pe), static_cast<const T*>(cache), block_table,
       seqlens, static_cast<const T*>(w_uk), static_cast<const T*>(w_uv), static_cast<T*>(out), lse);
   return cudaGetLastError();
+}
+
+template <typename T, int QT>
+cudaError_t forward_tiled(const Params& p, const void* q_nope, const void* q_pe, const void* cache,
+                          const int32_t* block_table, const int32_t* seqlens, const void* w_uk, const void* w_uv,
+                          void* out, float* lse, cudaStream_t stream) {
+  const int64_t blocks = p.B * p.H * n_query_tiles(p, QT);
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const size_t smem = static_cast<size_t>(fwd_floats(p, QT)) * sizeof(float);
+  cudaError_t err = cudaFuncSetAttribute(mla_prefill_fwd_decompress_kernel<T, QT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  mla_prefill_fwd_decompress_kernel<T, QT><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+      p, static_cast<const T*>(q_nope), static_cast<const T*>(q_pe), static_cast<const T*>(cache), block_table,
+      seqlens, static_cast<const T*>(w_uk), static_cast<const T*>(w_uv), static_cast<T*>(out), lse);
+  return cudaGetLastError();
+}
+
+// The largest query tile whose shared memory fits the device (the binding checked that 16 fits).
+// The absorbed kernel when its shared memory fits the device, else the decompressing fallback with
+// the largest query tile that fits (the binding checked that the smaller of the two fits).
+template <typename T>
+cudaError_t forward_typed(const Params& p, const void* q_nope, const void* q_pe, const void* cache,
+                          const int32_t* block_table, const int32_t* seqlens, const void* w_uk, const void* w_uv,
+                          void* out, float* lse, cudaStream_t stream) {
+  int dev = 0, limit = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  if (fwd_layout(p, 0).floats * static_cast<int64_t>(sizeof(float)) <= limit) {
+    return forward_absorbed<T>(p, q_nope, q_pe, cache, block_table, seqlens, w_uk, w_uv, out, lse, stream);
+  }
+  auto fits = [&](int64_t qt) { return fwd_floats(p, qt) * static_cast<int64_t>(sizeof(float)) <= limit; };
+  if (fits(64) && p.S > 32) {
+    return forward_tiled<T, 64>(p, q_nope, q_pe, cache, block_table, seqlens, w_uk, w_uv, out, lse, stream);
+  }
+  if (fits(32) && p.S > 16) {
+    return forward_tiled<T, 32>(p, q_nope, q_pe, cache, block_table, seqlens, w_uk, w_uv, out, lse, stream);
+  }
+  return forward_tiled<T, kQTile>(p, q_nope, q_pe, cache, block_table, seqlens, w_uk, w_uv, out, lse, stream);
 }
 
 template <typename T>
@@ -815,8 +965,9 @@ cudaError_t backward_typed(const Params& p, const void* grad_out, const float* g
 
 }  // namespace
 
-size_t mla_prefill_forward_smem_bytes(const Params& p) {
-  return static_cast<size_t>(fwd_layout(p, 0).floats) * sizeof(float);
+size_t mla_prefill_forward_smem_bytes(const Params& p) {  // the smaller of the two kernels' needs
+  const int64_t absorbed = fwd_layout(p, 0).floats, fallback = fwd_floats(p, kQTile);
+  return static_cast<size_t>(absorbed < fallback ? absorbed : fallback) * sizeof(float);
 }
 size_t mla_prefill_backward_smem_bytes(const Params& p) {
   const int64_t dq = bwd_dq_floats(p), dkv = bwd_dkv_floats(p);
