@@ -305,10 +305,13 @@ mla_prefill_fwd_kernel(Params p, FwdLayout L, const T* __restrict__ q_nope, cons
           const float* qrow[8];
 #pragma unroll
           for (int k = 0; k < 8; ++k) qrow[k] = qn + (hh * qb + min(q0 + k, qb - 1)) * p.Dn;
+          const int nk = min(8, qb - q0);  // rows of this chunk (uniform: no divergence)
           for (int64_t d = 0; d < p.Dn; ++d) {
             const float wv = to_float(w[d * p.wuk_sd]);
 #pragma unroll
-            for (int k = 0; k < 8; ++k) acc[k] = fmaf(qrow[k][d], wv, acc[k]);
+            for (int k = 0; k < 8; ++k) {
+              if (k < nk) acc[k] = fmaf(qrow[k][d], wv, acc[k]);
+            }
           }
         }
 #pragma unroll
@@ -491,13 +494,18 @@ mla_prefill_fwd_kernel(Params p, FwdLayout L, const T* __restrict__ q_nope, cons
       float acc[8];
 #pragma unroll
       for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+      const int nk = min(8, qb - q0);  // rows of this task (warp-uniform)
       for (int c = lane; c < cw; c += 32) {
         const float wv = to_float(w[c]);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) acc[k] = fmaf(orow[k][c], wv, acc[k]);
+        for (int k = 0; k < 8; ++k) {
+          if (k < nk) acc[k] = fmaf(orow[k][c], wv, acc[k]);
+        }
       }
 #pragma unroll
-      for (int k = 0; k < 8; ++k) acc[k] = warp_sum(acc[k]);
+      for (int k = 0; k < 8; ++k) {
+        if (k < nk) acc[k] = warp_sum(acc[k]);
+      }
       if (lane == 0) {
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
