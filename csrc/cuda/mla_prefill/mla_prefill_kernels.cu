@@ -149,7 +149,9 @@ constexpr int kSG = 4;           // score: thread groups splitting the D dims
 constexpr int kPS = kRows + 4;   // row stride of the P tile (stored [key][row])
 constexpr int kPassChunks = 128; // float4 column chunks of o_lat per pass (64 threads x 2)
 constexpr int kRedStride = kKeys + 1;
-constexpr int kLoadU = 4;        // key-tile load: float4 chunks per lane and row in flight
+// Key-tile load: float4 chunks per lane and row in flight (5 * 32 * 4 = 640 >= C + R = 576: the
+// V3 tile is loaded in one round of 20 vector loads per lane).
+constexpr int kLoadU = 5;
 
 static_assert(kThreads == 256 && kRows == 32 && kKeys == 32, "the thread maps below assume 256 threads, 32x32");
 static_assert(kKeys % (kThreads / 32) == 0, "the key-tile load gives each warp kKeys / 8 rows");
@@ -351,7 +353,7 @@ mla_prefill_fwd_kernel(Params p, FwdLayout L, const T* __restrict__ q_nope, cons
       __syncthreads();
       const int ds4 = static_cast<int>(ds / 4), d4 = static_cast<int>(L.d4);
       // Warp w loads key rows w + 8 k (k < 4), lanes along the row; kLoadU chunks per lane and
-      // row are loaded before any is stored, so 16 loads per lane are in flight at once.
+      // row are loaded before any is stored, so 20 loads per lane are in flight at once.
       for (int base = 0; base < ds4; base += 32 * kLoadU) {
         float4 v[kKeys / 8][kLoadU];
 #pragma unroll
@@ -907,8 +909,8 @@ cudaError_t forward_tiled(const Params& p, const void* q_nope, const void* q_pe,
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = static_cast<size_t>(fwd_floats(p, QT)) * sizeof(float);
-  cudaError_t err = cudaFuncSetAttribute(mla_prefill_fwd_decompress_kernel<T, QT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  cudaError_t err = cudaFuncSetAttribute(mla_prefill_fwd_decompress_kernel<T, QT>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   mla_prefill_fwd_decompress_kernel<T, QT><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
       p, static_cast<const T*>(q_nope), static_cast<const T*>(q_pe), static_cast<const T*>(cache), block_table,
