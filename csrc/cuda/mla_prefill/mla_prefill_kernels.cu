@@ -308,7 +308,8 @@ mla_prefill_fwd_kernel(Params p, FwdLayout L, const T* __restrict__ q_nope, cons
 #pragma unroll
           for (int k = 0; k < 8; ++k) qrow[k] = qn + (hh * qb + min(q0 + k, qb - 1)) * p.Dn;
           const int nk = min(8, qb - q0);  // rows of this chunk (uniform: no divergence)
-          for (int64_t d = 0; d < p.Dn; ++d) {
+#pragma unroll 4
+          for (int64_t d = 0; d < p.Dn; ++d) {  // unrolled: several weight loads in flight
             const float wv = to_float(w[d * p.wuk_sd]);
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
@@ -497,6 +498,7 @@ mla_prefill_fwd_kernel(Params p, FwdLayout L, const T* __restrict__ q_nope, cons
 #pragma unroll
       for (int k = 0; k < 8; ++k) acc[k] = 0.f;
       const int nk = min(8, qb - q0);  // rows of this task (warp-uniform)
+#pragma unroll 4
       for (int c = lane; c < cw; c += 32) {
         const float wv = to_float(w[c]);
 #pragma unroll
