@@ -138,8 +138,16 @@ __device__ __forceinline__ bool key_visible(const Params& p, int64_t seqlen, int
 // (query, head) once: 2 * Dn * C (absorb) + 2 * Dv * C (output). Bench shape (B = 1, S = 4096,
 // H = 16, causal, V3 dims): 8.39e6 (query, key) pairs * 16 heads * 2176 = 292 GFLOP + 65536 rows *
 // 262144 = 17 GFLOP, ~310 GFLOP of fp32 FMA (diagonal-tile waste < 1%). Latent tiles read from
-// L2: 2048 blocks * ~64 tiles * 32 keys * 576 * 4 B = ~9.7 GB. Bound: shared-memory and FMA issue
-// of the SIMT loops (67 TFLOP/s fp32 peak on an H200); expected ~40-50% of peak -> ~10-13 ms.
+// L2: 2048 blocks * ~64 tiles * 32 keys * 576 * 4 B = ~9.7 GB.
+// Why queries before heads: a block's key-tile reuse is its 32 rows whichever mix they are, but
+// every head of a block costs 2 * Dn * C weights (0.5 MB fp32) read for the absorb / output steps;
+// 2 queries x 16 heads would read 8 MB of weights per block (16 GB over the bench grid).
+// Resources (V3 dims, fp32): 256 threads, 241 registers, 187 KB dynamic shared memory (qs and ks
+// 74 KB each), so one block per SM; 2048 blocks at the bench shape, longest first. The key tile is
+// single-buffered (no room for a second one): its load (one round of 20 float4 loads per lane) is
+// not overlapped with compute, ~10-15% of a tile's time.
+// Bound: FMA issue of the SIMT loops (67 TFLOP/s fp32 peak on an H200; per 64 FMAs a thread does
+// 8 (score) or 4 (P . c_kv) 16-byte shared loads); expected ~40-50% of peak -> ~9-13 ms.
 // Numerics: fp32 accumulation throughout (the sum order differs from the CPU kernel: results agree
 // to rounding, not bit for bit).
 
