@@ -587,7 +587,7 @@ def _kernels_as_host_code(cu_source: str) -> str:
     """The kernels and device helpers of mla_prefill_kernels.cu, without CUDA includes or launchers."""
     lines = [ln for ln in cu_source.split("\n") if not ln.startswith(("#include <cuda_", '#include "cuda/'))]
     src = "\n".join(lines).replace("extern __shared__ float smem[];", "float* smem = emu_block->smem;")
-    cut = src.index("template <typename T, int QT>\ncudaError_t forward_tiled")
+    cut = src.index("// ---- host launchers")
     return src[:cut] + "}  // namespace\n}  // namespace latentmoe::cuda\n"
 
 
@@ -597,7 +597,8 @@ def emulated_kernels(tmp_path_factory):
     if cxx is None:
         pytest.skip("needs a C++ compiler")
     work = tmp_path_factory.mktemp("mla_prefill_emulation")
-    flags = ["-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas"]
+    # shared memory is untyped on the device (the forward keeps int64 row offsets in it)
+    flags = ["-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas", "-fno-strict-aliasing"]
     (work / "probe.cpp").write_text(_PROBE)
     if subprocess.run([cxx, *flags, str(work / "probe.cpp"), "-o", str(work / "probe")],
                       capture_output=True).returncode != 0:
@@ -614,10 +615,19 @@ def emulated_kernels(tmp_path_factory):
     return exe
 
 
-@pytest.mark.parametrize("query_tile", [16, 64])
+# forward: 0 = the absorbed kernel with the launcher's layout (queries first: 32 queries x 1 head
+# unless S < 32); 8 = up to 8 heads per block (fewer queries per block), so multi-head blocks meet
+# long prompts, several query tiles, key tiles and a partial last head group (H = 9 -> groups of 5
+# and 4); -16 / -64 = the decompressing fallback (large C + R) with 16 / 64 queries per block.
+@pytest.mark.parametrize("forward", [0, 8, -16, -64])
 @pytest.mark.parametrize(
     "B,S,H,dims,seqlens,Lmax,page_size,causal,window",
     [
+        (2, 13, 9, SMALL, [20, 7], 22, 0, True, -1),
+        # C > 512: two passes over the keys; D = C + R = 525 odd: scalar loads, partial chunks; paged
+        (1, 35, 2, dict(C=520, R=5, Dn=9, Dv=7), [60], 68, 17, True, -1),
+        # D = 49: unaligned rows (scalar path), Dv < 8, window, S not a multiple of the tile
+        (2, 33, 3, dict(C=45, R=4, Dn=5, Dv=3), [33, 77], 80, 0, True, 10),
         (4, 5, 3, SMALL, [12, 0, 3, 5], 16, 0, True, -1),
         (2, 70, 2, dict(C=40, R=4, Dn=8, Dv=6), [100, 69], 101, 0, True, -1),
         (1, 3, 2, V3, [70], 72, 0, True, -1),
@@ -628,7 +638,7 @@ def emulated_kernels(tmp_path_factory):
         (2, 9, 2, SMALL, [50, 4], 52, 0, False, -1),
     ],
 )
-def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, query_tile, B, S, H, dims, seqlens, Lmax,
+def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, forward, B, S, H, dims, seqlens, Lmax,
                                         page_size, causal, window):
     C, R, Dn, Dv = dims["C"], dims["R"], dims["Dn"], dims["Dv"]
     q = torch.randn(B, S, H, Dn + R)
@@ -654,7 +664,7 @@ def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, query_tile, 
         for t in (kv_b, g_out, g_lse):
             f.write(t.numpy().tobytes())
     res = subprocess.run([str(emulated_kernels), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"),
-                          str(query_tile)], capture_output=True, text=True, timeout=300)
+                          str(forward)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     flat = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32))
     shapes = [(B, S, H, Dv), (B, S, H), (B, S, H, Dn), (B, S, H, R), tuple(cache.shape), (H, Dn, C),

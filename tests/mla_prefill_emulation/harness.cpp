@@ -30,7 +30,7 @@ void write_out(std::ofstream& f, const std::vector<V>& v) {
 
 int main(int argc, char** argv) {
   if (argc != 4) {
-    std::fprintf(stderr, "usage: harness IN OUT QUERY_TILE\n");
+    std::fprintf(stderr, "usage: harness IN OUT MODE (see below)\n");
     return 2;
   }
   std::ifstream in(argv[1], std::ios::binary);
@@ -74,16 +74,31 @@ int main(int argc, char** argv) {
   const float* wuv = kv_b.data() + p.Dn * p.C;
 
   std::vector<float> out(p.B * p.S * p.H * p.Dv, NAN), lse(p.B * p.S * p.H, NAN);
-  const int qt = std::atoi(argv[3]);
-  emu_launch(p.B * p.H * n_query_tiles(p, qt), kThreads, fwd_floats(p, qt) * 4, [&] {
-    if (qt == 64) {
-      mla_prefill_fwd_kernel<float, 64>(p, qn, qp, cache.data(), bt, lens.data(), wuk, wuv, out.data(), lse.data());
-    } else if (qt == 32) {
-      mla_prefill_fwd_kernel<float, 32>(p, qn, qp, cache.data(), bt, lens.data(), wuk, wuv, out.data(), lse.data());
-    } else {
-      mla_prefill_fwd_kernel<float, 16>(p, qn, qp, cache.data(), bt, lens.data(), wuk, wuv, out.data(), lse.data());
-    }
-  });
+  // Forward: MODE >= 0 runs the absorbed kernel with the launcher's layout (0) or up to MODE heads
+  // per block (covers multi-head blocks with long prompts too), vector loads when rows are
+  // aligned; MODE = -16 / -32 / -64 runs the decompressing fallback with that query tile.
+  const int mode = std::atoi(argv[3]);
+  if (mode >= 0) {
+    FwdLayout L = fwd_layout(p, mode);
+    L.vec = reinterpret_cast<uintptr_t>(cache.data()) % 16 == 0 && p.kv_sb % 4 == 0 && p.kv_sl % 4 == 0;
+    emu_launch(L.blocks, kThreads, L.floats * 4, [&] {
+      mla_prefill_fwd_kernel<float>(p, L, qn, qp, cache.data(), bt, lens.data(), wuk, wuv, out.data(), lse.data());
+    });
+  } else {
+    const int qt = -mode;
+    emu_launch(p.B * p.H * n_query_tiles(p, qt), kThreads, fwd_floats(p, qt) * 4, [&] {
+      if (qt == 64) {
+        mla_prefill_fwd_decompress_kernel<float, 64>(p, qn, qp, cache.data(), bt, lens.data(), wuk, wuv, out.data(),
+                                                     lse.data());
+      } else if (qt == 32) {
+        mla_prefill_fwd_decompress_kernel<float, 32>(p, qn, qp, cache.data(), bt, lens.data(), wuk, wuv, out.data(),
+                                                     lse.data());
+      } else {
+        mla_prefill_fwd_decompress_kernel<float, 16>(p, qn, qp, cache.data(), bt, lens.data(), wuk, wuv, out.data(),
+                                                     lse.data());
+      }
+    });
+  }
 
   std::vector<float> gq_nope(p.B * p.S * p.H * p.Dn, NAN), gq_pe(p.B * p.S * p.H * p.R, NAN);
   std::vector<float> gcache(cache_rows * (p.C + p.R), 0.f), gwuk(p.H * p.Dn * p.C, 0.f), gwuv(p.H * p.Dv * p.C, 0.f);

@@ -1,7 +1,8 @@
 // Host emulation of the few CUDA features the MLA prefill kernels use, so their logic (indexing,
 // barriers, masking, reductions) is tested on machines without a GPU: one std::thread per CUDA
 // thread, std::barrier for __syncthreads, a per-warp exchange for shuffles, std::atomic_ref for
-// atomicAdd. Shared memory starts as NaN so reads of unwritten slots show up. fp32 only.
+// atomicAdd. Shared memory starts as NaN in every block so reads of unwritten slots show up. fp32
+// only. Blocks run one after another (in grid order).
 #pragma once
 #include <atomic>
 #include <barrier>
@@ -17,7 +18,7 @@ using std::min; using std::max;
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 struct Dim3 { unsigned x = 1, y = 1, z = 1; };
 inline thread_local Dim3 threadIdx, blockIdx;
 inline Dim3 blockDim, gridDim;
@@ -30,6 +31,8 @@ struct EmuBlock {
 inline thread_local EmuBlock* emu_block = nullptr;
 inline void __syncthreads() { emu_block->block_bar->arrive_and_wait(); }
 typedef int cudaError_t; typedef void* cudaStream_t;
+struct alignas(16) float4 { float x, y, z, w; };  // CUDA's float4: 16-byte aligned (vector loads)
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 #define cudaSuccess 0
 namespace latentmoe::cuda {
 inline float to_float(float v) { return v; }
@@ -55,6 +58,7 @@ void emu_launch(unsigned blocks, unsigned threads, size_t smem_bytes, F kernel) 
   std::vector<float> smem(smem_bytes / 4 + 1, std::nanf(""));  // NaN: reading unwritten smem shows up
   std::vector<float> slots((threads / 32) * 32);
   for (unsigned b = 0; b < blocks; ++b) {
+    std::fill(smem.begin(), smem.end(), std::nanf(""));  // each block starts from NaN, not from the last block's data
     std::barrier<> bar(threads);
     std::vector<std::barrier<>*> wb;
     for (unsigned w = 0; w < threads / 32; ++w) wb.push_back(new std::barrier<>(32));

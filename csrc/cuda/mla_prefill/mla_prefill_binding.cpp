@@ -13,8 +13,9 @@ namespace {
 
 using mla_prefill::Params;
 
-// The kernels keep one tile of queries, keys and values of one head in shared memory: refuse head
-// dims that do not fit, with the numbers, instead of failing at launch.
+// The kernels keep tiles in shared memory (the forward: latent rows of C + R, or, when those do not
+// fit, per-head K/V tiles; the backward: per-head K/V tiles): refuse dims that do not fit, with
+// the numbers, instead of failing at launch.
 void check_smem(const char* op, size_t need) {
   int dev = 0, limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));

@@ -1,9 +1,9 @@
-// MLA prefill CUDA kernels. Forward: one block per (batch row, head, tile of 16-64 queries); the
-// block walks the key tiles its queries can see, decompresses each into per-head K_nope / V in
-// shared memory (c_kv and weight chunks of kCChunk columns staged in shared memory) and runs an
-// online softmax. Backward: two kernels recomputing K/V the same way (see the backward section).
-// Straightforward fp32 CUDA-core code (no tensor cores): written to be obviously correct, every
-// index guarded. tests/mla_prefill_emulation runs these kernels on the host (threads + barriers).
+// MLA prefill CUDA kernels. Forward: absorbed (MQA-style) attention over the latent cache, one
+// block per (query tile, batch row, head group), register-blocked fp32 SIMT loops; the design and
+// its FLOP arithmetic are in the forward section's header. Backward: two kernels recomputing
+// per-head K/V from the latent per key tile (see the backward section), written to be obviously
+// correct, every index guarded. tests/mla_prefill_emulation runs these kernels on the host
+// (threads + barriers).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -114,6 +114,442 @@ __device__ __forceinline__ bool key_visible(const Params& p, int64_t seqlen, int
   return j >= mla_prefill::key_begin(p, pos) && j < mla_prefill::key_end(p, seqlen, pos);
 }
 
+// ---- forward ------------------------------------------------------------------------------------
+// Absorbed (MQA-style) form. Each block owns kRows attention rows = (query, head) pairs of one batch
+// row: qb consecutive queries x hb consecutive heads (r = hh * qb + qi). For long prompts qb = 32,
+// hb = 1; for short chunks (S < 32) several heads fill the block (hb = 32 / S). The block:
+//  1. absorbs its queries: qs[r] = scale * (q_nope[r] . W_UK[h] (C values) | q_pe[r] (R values));
+//  2. walks the key tiles (kKeys latent rows c_kv | k_pe, D = C + R values each, read once per
+//     block per tile, into ks) that its live queries can see, and per tile
+//     - scores [kRows x kKeys] = qs . ks^T: the D dims split over kSG thread groups, each thread
+//       a 4 x 4 register block, partial sums reduced through shared memory;
+//     - online softmax (one warp per row, one lane per key; causal / window / prefix masks here);
+//     - o_lat [kRows x C] = o_lat * rescale + P . c_kv: each thread owns 8 rows x 8 columns in
+//       registers (2 float4 column chunks), so one pass covers kPassChunks * 4 = 512 columns;
+//       larger C runs several passes over the keys (same scores, next columns);
+//  3. out[r] = (o_lat[r] / l[r]) . W_UV[h]^T, one warp per (head, v, 8 queries), lanes along C.
+// This is the "on-the-fly latent decompression" of the design notes in its absorbed form: W_UK is
+// folded into the queries and W_UV into the output, so neither per-head K nor V is ever formed,
+// in memory or in shared memory; the extra memory is O(tokens) (only out and lse).
+//
+// FLOPs (FMA = 2) per visible (query, head, key) triple: 2 * (C + R) for the score and 2 * C for
+// P . c_kv, i.e. 2176 at C = 512, R = 64, against 2 * C * (Dn + Dv) = 262144 for decompressing K/V
+// per key and head (the previous kernel amortised that only over its 16-64 queries). Per row
+// (query, head) once: 2 * Dn * C (absorb) + 2 * Dv * C (output). Bench shape (B = 1, S = 4096,
+// H = 16, causal, V3 dims): 8.39e6 (query, key) pairs * 16 heads * 2176 = 292 GFLOP + 65536 rows *
+// 262144 = 17 GFLOP, ~310 GFLOP of fp32 FMA (diagonal-tile waste < 1%). Latent tiles read from
+// L2: 2048 blocks * ~64 tiles * 32 keys * 576 * 4 B = ~9.7 GB.
+// Why queries before heads: a block's key-tile reuse is its 32 rows whichever mix they are, but
+// every head of a block costs 2 * Dn * C weights (0.5 MB fp32) read for the absorb / output steps;
+// 2 queries x 16 heads would read 8 MB of weights per block (16 GB over the bench grid).
+// Resources (V3 dims, fp32): 256 threads, 241 registers, 187 KB dynamic shared memory (qs and ks
+// 74 KB each), so one block per SM; 2048 blocks at the bench shape, longest first. The key tile is
+// single-buffered (no room for a second one): its load (one round of 20 float4 loads per lane) is
+// not overlapped with compute, ~10-15% of a tile's time.
+// Bound: FMA issue of the SIMT loops (67 TFLOP/s fp32 peak on an H200; per 64 FMAs a thread does
+// 8 (score) or 4 (P . c_kv) 16-byte shared loads); expected ~40-50% of peak -> ~9-13 ms.
+// Numerics: fp32 accumulation throughout (the sum order differs from the CPU kernel: results agree
+// to rounding, not bit for bit).
+
+constexpr int kRows = 32;        // (query, head) rows per block
+constexpr int kKeys = 32;        // keys per tile (one per lane in the softmax)
+constexpr int kSG = 4;           // score: thread groups splitting the D dims
+constexpr int kPS = kRows + 4;   // row stride of the P tile (stored [key][row])
+constexpr int kPassChunks = 128; // float4 column chunks of o_lat per pass (64 threads x 2)
+constexpr int kRedStride = kKeys + 1;
+// Key-tile load: float4 chunks per lane and row in flight (5 * 32 * 4 = 640 >= C + R = 576: the
+// V3 tile is loaded in one round of 20 vector loads per lane).
+constexpr int kLoadU = 5;
+
+static_assert(kThreads == 256 && kRows == 32 && kKeys == 32, "the thread maps below assume 256 threads, 32x32");
+static_assert(kKeys % (kThreads / 32) == 0, "the key-tile load gives each warp kKeys / 8 rows");
+static_assert(kRows == kKeys, "the output staging reuses the key tile ([kKeys][ds]) for [kRows][ds]");
+
+struct FwdLayout {
+  int64_t qb, hb, n_hg, n_qt;  // queries and heads per block, head groups, query tiles
+  int64_t d4, ds;              // float4 chunks of a latent row (C + R), padded smem row stride
+  int64_t scratch, oacc;       // floats of the scratch and output-accumulator regions
+  int64_t floats, blocks;      // dynamic shared memory (floats), grid size
+  bool vec;                    // cache rows 4-element aligned: vector loads (set by the launcher)
+};
+
+__host__ __device__ inline int64_t round4(int64_t n) { return (n + 3) / 4 * 4; }
+
+// hb_force > 0 asks for that many heads per block (the emulation tests use it to cover multi-head
+// blocks at any S); 0 chooses: fill the block with queries first.
+__host__ __device__ inline FwdLayout fwd_layout(const Params& p, int64_t hb_force) {
+  FwdLayout L{};
+  const int64_t H = p.H > 0 ? p.H : 1;
+  const int64_t qb_want = p.S <= 0 ? 1 : (p.S < kRows ? p.S : kRows);
+  int64_t hb = hb_force > 0 ? hb_force : kRows / qb_want;
+  hb = hb < 1 ? 1 : (hb > kRows ? kRows : hb);
+  if (hb > H) hb = H;
+  L.n_hg = (H + hb - 1) / hb;
+  L.hb = (H + L.n_hg - 1) / L.n_hg;  // same head count in every group but maybe the last
+  L.qb = kRows / L.hb;
+  L.n_qt = (p.S + L.qb - 1) / L.qb;
+  L.d4 = (p.C + p.R + 3) / 4;
+  L.ds = L.d4 * 4 + ((4 - L.d4 * 4) % 32 + 32) % 32;  // ds % 32 == 4: rows start in distinct banks
+  const int64_t red = kSG * kRows * kRedStride, qn = kRows * p.Dn;
+  L.scratch = round4(red > qn ? red : qn);
+  L.oacc = round4(kRows * p.Dv);
+  L.floats = 2 * kKeys + 2 * kRows * L.ds + L.scratch + kKeys * kPS + L.oacc + round4(3 * kRows);
+  L.blocks = p.B * L.n_hg * L.n_qt;
+  L.vec = false;
+  return L;
+}
+
+template <typename T>
+struct alignas(4 * sizeof(T)) Pack4 {
+  T v[4];
+};
+
+// Elements [c, c + 4) of a latent row (zero past D); one vector load when aligned and whole.
+template <typename T>
+__device__ __forceinline__ float4 load_chunk(const T* __restrict__ row, int64_t c, int64_t D, bool vec) {
+  float4 r;
+  if (vec && c + 4 <= D) {
+    const Pack4<T> pk = *reinterpret_cast<const Pack4<T>*>(row + c);
+    r.x = to_float(pk.v[0]);
+    r.y = to_float(pk.v[1]);
+    r.z = to_float(pk.v[2]);
+    r.w = to_float(pk.v[3]);
+  } else {
+    r.x = c < D ? to_float(row[c]) : 0.f;
+    r.y = c + 1 < D ? to_float(row[c + 1]) : 0.f;
+    r.z = c + 2 < D ? to_float(row[c + 2]) : 0.f;
+    r.w = c + 3 < D ? to_float(row[c + 3]) : 0.f;
+  }
+  return r;
+}
+
+__device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
+  acc = fmaf(a.x, b.x, acc);
+  acc = fmaf(a.y, b.y, acc);
+  acc = fmaf(a.z, b.z, acc);
+  return fmaf(a.w, b.w, acc);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+mla_prefill_fwd_kernel(Params p, FwdLayout L, const T* __restrict__ q_nope, const T* __restrict__ q_pe,
+                       const T* __restrict__ cache, const int32_t* __restrict__ block_table,
+                       const int32_t* __restrict__ seqlens, const T* __restrict__ w_uk,
+                       const T* __restrict__ w_uv, T* __restrict__ out, float* __restrict__ lse) {
+  extern __shared__ float smem[];
+  const int64_t ds = L.ds, D = p.C + p.R;
+  const int qb = static_cast<int>(L.qb);
+  int64_t* rowoff = reinterpret_cast<int64_t*>(smem);  // [kKeys] cache offsets of the tile's keys
+  float* qs = smem + 2 * kKeys;                        // [kRows][ds] scaled q_lat | q_pe | 0
+  float* ks = qs + kRows * ds;                         // [kKeys][ds] c_kv | k_pe | 0; later o_lat
+  float* scratch = ks + kKeys * ds;                    // q_nope staging, then score partials
+  float* ps = scratch + L.scratch;                     // [kKeys][kPS] probabilities
+  float* oacc = ps + kKeys * kPS;                      // [kRows][Dv] output accumulator
+  float* row_m = oacc + L.oacc;                        // [kRows] running max, sum, rescale
+  float* row_l = row_m + kRows;
+  float* row_r = row_l + kRows;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  // Block -> (query tile, batch row, head group); the last query tiles (most keys when causal)
+  // come first so the long blocks start early.
+  const int64_t per_qt = p.B * L.n_hg;
+  const int64_t blk = blockIdx.x;
+  const int64_t qt = L.n_qt - 1 - blk / per_qt;
+  const int64_t b = (blk % per_qt) / L.n_hg;
+  const int64_t h0 = (blk % L.n_hg) * L.hb;
+  const int nh = static_cast<int>(min(L.hb, p.H - h0));
+  const int64_t i_begin = qt * L.qb;
+  const int nq = static_cast<int>(min(L.qb, p.S - i_begin));
+  int64_t seqlen = seqlens[b];
+  seqlen = seqlen < 0 ? 0 : (seqlen > p.Lmax ? p.Lmax : seqlen);
+  int64_t i_lo = mla_prefill::first_live_query(p, seqlen);
+  i_lo = i_lo < i_begin ? i_begin : (i_lo > i_begin + nq ? i_begin + nq : i_lo);
+  const bool any_live = i_lo < i_begin + nq;
+  const int64_t kv_begin = any_live ? mla_prefill::key_begin(p, mla_prefill::query_pos(seqlen, p.S, i_lo)) : 0;
+  const int64_t kv_end =
+      any_live ? mla_prefill::key_end(p, seqlen, mla_prefill::query_pos(seqlen, p.S, i_begin + nq - 1)) : 0;
+  // Row r: head h0 + r / qb, query i_begin + r % qb; live when it exists and sees some key.
+  auto row_live = [&](int r) {
+    const int hh = r / qb, qi = r - hh * qb;
+    return hh < nh && qi < nq && i_begin + qi >= i_lo;
+  };
+
+  // ---- 1. absorb the queries ----
+  float* qn = scratch;  // [kRows][Dn]
+  for (int64_t idx = tid; idx < kRows * p.Dn; idx += kThreads) {
+    const int r = static_cast<int>(idx / p.Dn);
+    const int64_t d = idx - r * p.Dn;
+    float v = 0.f;
+    if (row_live(r)) {
+      const int hh = r / qb;
+      const int64_t i = i_begin + (r - hh * qb);
+      v = to_float(q_nope[b * p.qn_sb + i * p.qn_ss + (h0 + hh) * p.qn_sh + d]);
+    }
+    qn[idx] = v;
+  }
+  const int64_t tail = ds - p.C;  // q_pe and zero padding
+  for (int64_t idx = tid; idx < kRows * tail; idx += kThreads) {
+    const int r = static_cast<int>(idx / tail);
+    const int64_t k = idx - r * tail;
+    float v = 0.f;
+    if (k < p.R && row_live(r)) {
+      const int hh = r / qb;
+      const int64_t i = i_begin + (r - hh * qb);
+      v = to_float(q_pe[b * p.qp_sb + i * p.qp_ss + (h0 + hh) * p.qp_sh + k]) * p.scale;
+    }
+    qs[r * ds + p.C + k] = v;
+  }
+  for (int64_t idx = tid; idx < (kRows - L.hb * qb) * p.C; idx += kThreads) {  // rows past hb * qb
+    const int64_t r = L.hb * qb + idx / p.C;
+    qs[r * ds + idx % p.C] = 0.f;
+  }
+  __syncthreads();
+  for (int64_t c = tid; c < p.C; c += kThreads) {
+    for (int hh = 0; hh < L.hb; ++hh) {
+      for (int q0 = 0; q0 < qb; q0 += 8) {
+        float acc[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+        if (hh < nh) {
+          const T* w = w_uk + (h0 + hh) * p.wuk_sh + c;
+          const float* qrow[8];
+#pragma unroll
+          for (int k = 0; k < 8; ++k) qrow[k] = qn + (hh * qb + min(q0 + k, qb - 1)) * p.Dn;
+          const int nk = min(8, qb - q0);  // rows of this chunk (uniform: no divergence)
+#pragma unroll 4
+          for (int64_t d = 0; d < p.Dn; ++d) {  // unrolled: several weight loads in flight
+            const float wv = to_float(w[d * p.wuk_sd]);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+              if (k < nk) acc[k] = fmaf(qrow[k][d], wv, acc[k]);
+            }
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          if (q0 + k < qb) qs[(hh * qb + q0 + k) * ds + c] = acc[k] * p.scale;
+        }
+      }
+    }
+  }
+
+  // Thread maps. Scores: group sg = tid / 64 takes float4 chunks sg, sg + kSG, ...; rows
+  // sy + 8 i, keys sx + 8 j (i, j < 4). P . c_kv: rows 8 oy .. 8 oy + 7, chunks ox and ox + 64.
+  const int sg = tid / 64, sy = (tid % 64) / 8, sx = tid % 8;
+  const int oy = tid / 64, ox = tid % 64;
+  const int64_t c4n = (p.C + 3) / 4;
+
+  for (int64_t cb4 = 0; cb4 < c4n; cb4 += kPassChunks) {  // one pass per 512 columns of o_lat
+    if (tid < kRows) {
+      row_m[tid] = -INFINITY;
+      row_l[tid] = 0.f;
+      row_r[tid] = 0.f;
+    }
+    const bool ok0 = cb4 + ox < c4n, ok1 = cb4 + ox + 64 < c4n;
+    const int64_t col0 = ok0 ? 4 * (cb4 + ox) : 0;  // out-of-range chunks read column 0, unused
+    const int64_t col1 = ok1 ? 4 * (cb4 + ox + 64) : 0;
+    float o[8][8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) o[i][j] = 0.f;
+    }
+
+    for (int64_t t0 = kv_begin; t0 < kv_end; t0 += kKeys) {
+      const int64_t nt = min(static_cast<int64_t>(kKeys), kv_end - t0);
+      __syncthreads();  // the previous tile's readers of ks / ps / rowoff are done (and step 1)
+      if (tid < kKeys) rowoff[tid] = tid < nt ? row_offset(p, block_table, b, t0 + tid) : 0;
+      __syncthreads();
+      const int ds4 = static_cast<int>(ds / 4), d4 = static_cast<int>(L.d4);
+      // Warp w loads key rows w + 8 k (k < 4), lanes along the row; kLoadU chunks per lane and
+      // row are loaded before any is stored, so 20 loads per lane are in flight at once.
+      for (int base = 0; base < ds4; base += 32 * kLoadU) {
+        float4 v[kKeys / 8][kLoadU];
+#pragma unroll
+        for (int k = 0; k < kKeys / 8; ++k) {
+          const int t = warp + 8 * k;
+          const T* src = cache + rowoff[t];
+#pragma unroll
+          for (int u = 0; u < kLoadU; ++u) {
+            const int c4 = base + lane + 32 * u;
+            v[k][u] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (t < nt && c4 < d4) v[k][u] = load_chunk(src, 4 * c4, D, L.vec);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < kKeys / 8; ++k) {
+#pragma unroll
+          for (int u = 0; u < kLoadU; ++u) {
+            const int c4 = base + lane + 32 * u;
+            if (c4 < ds4) *reinterpret_cast<float4*>(ks + (warp + 8 * k) * ds + 4 * c4) = v[k][u];
+          }
+        }
+      }
+      __syncthreads();
+
+      {  // scores, partial over this group's chunks
+        float s[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) s[i][j] = 0.f;
+        }
+        const float* qa = qs + sy * ds;
+        const float* ka = ks + sx * ds;
+        const int d4 = static_cast<int>(L.d4);
+#pragma unroll 2
+        for (int c4 = sg; c4 < d4; c4 += kSG) {
+          float4 a[4], k[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[i] = *reinterpret_cast<const float4*>(qa + (8 * i) * ds + 4 * c4);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) k[j] = *reinterpret_cast<const float4*>(ka + (8 * j) * ds + 4 * c4);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) s[i][j] = dot4(a[i], k[j], s[i][j]);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) scratch[(sg * kRows + sy + 8 * i) * kRedStride + sx + 8 * j] = s[i][j];
+        }
+      }
+      __syncthreads();
+
+      for (int r = warp; r < kRows; r += kThreads / 32) {  // online softmax, lane = key
+        float s = 0.f;
+#pragma unroll
+        for (int g = 0; g < kSG; ++g) s += scratch[(g * kRows + r) * kRedStride + lane];
+        bool vis = false;
+        if (lane < nt && row_live(r)) {
+          const int64_t pos = mla_prefill::query_pos(seqlen, p.S, i_begin + r % qb);
+          vis = key_visible(p, seqlen, pos, t0 + lane);
+        }
+        s = vis ? s : -INFINITY;
+        const float m_old = row_m[r];
+        const float m_new = fmaxf(m_old, warp_max(s));
+        const float e = (s == -INFINITY || m_new == -INFINITY) ? 0.f : math::fast_exp(s - m_new);
+        const float sum = warp_sum(e);
+        ps[lane * kPS + r] = e;
+        if (lane == 0) {
+          const float resc = math::softmax_rescale(m_old, m_new);
+          row_l[r] = row_l[r] * resc + sum;
+          row_m[r] = m_new;
+          row_r[r] = resc;
+        }
+      }
+      __syncthreads();
+
+      {  // o_lat = o_lat * rescale + P . c_kv (keys past nt have P = 0 and zero rows)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float rs = row_r[8 * oy + i];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) o[i][j] *= rs;
+        }
+        const float* pp = ps + 8 * oy;
+#pragma unroll 4
+        for (int t = 0; t < kKeys; ++t) {
+          const float4 p0 = *reinterpret_cast<const float4*>(pp + t * kPS);
+          const float4 p1 = *reinterpret_cast<const float4*>(pp + t * kPS + 4);
+          const float4 v0 = *reinterpret_cast<const float4*>(ks + t * ds + col0);
+          const float4 v1 = *reinterpret_cast<const float4*>(ks + t * ds + col1);
+          const float pr[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            o[i][0] = fmaf(pr[i], v0.x, o[i][0]);
+            o[i][1] = fmaf(pr[i], v0.y, o[i][1]);
+            o[i][2] = fmaf(pr[i], v0.z, o[i][2]);
+            o[i][3] = fmaf(pr[i], v0.w, o[i][3]);
+            o[i][4] = fmaf(pr[i], v1.x, o[i][4]);
+            o[i][5] = fmaf(pr[i], v1.y, o[i][5]);
+            o[i][6] = fmaf(pr[i], v1.z, o[i][6]);
+            o[i][7] = fmaf(pr[i], v1.w, o[i][7]);
+          }
+        }
+      }
+    }
+
+    // ---- 3. this pass's columns of out = (o_lat / l) . W_UV^T ----
+    __syncthreads();  // every reader of ks is done; row_l is final
+    float* ob = ks;   // [kRows][ds], pass-local columns
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = 8 * oy + i;
+      const float l = row_l[r];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      if (ok0) {
+        *reinterpret_cast<float4*>(ob + r * ds + 4 * ox) =
+            make_float4(o[i][0] * inv, o[i][1] * inv, o[i][2] * inv, o[i][3] * inv);
+      }
+      if (ok1) {
+        *reinterpret_cast<float4*>(ob + r * ds + 4 * (ox + 64)) =
+            make_float4(o[i][4] * inv, o[i][5] * inv, o[i][6] * inv, o[i][7] * inv);
+      }
+    }
+    __syncthreads();
+    const int64_t cbase = 4 * cb4;
+    const int cw = static_cast<int>(min(static_cast<int64_t>(4 * kPassChunks), p.C - cbase));
+    const int n_qc = (qb + 7) / 8, dv = static_cast<int>(p.Dv);
+    const int n_tasks = nh * dv * n_qc;
+    for (int task = warp; task < n_tasks; task += kThreads / 32) {  // warp-uniform loop
+      const int q0 = (task % n_qc) * 8;
+      const int v = (task / n_qc) % dv;
+      const int hh = task / (n_qc * dv);
+      const T* w = w_uv + (h0 + hh) * p.wuv_sh + v * p.wuv_sd + cbase;
+      const float* orow[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) orow[k] = ob + (hh * qb + min(q0 + k, qb - 1)) * ds;
+      float acc[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+      const int nk = min(8, qb - q0);  // rows of this task (warp-uniform)
+#pragma unroll 4
+      for (int c = lane; c < cw; c += 32) {
+        const float wv = to_float(w[c]);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          if (k < nk) acc[k] = fmaf(orow[k][c], wv, acc[k]);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        if (k < nk) acc[k] = warp_sum(acc[k]);
+      }
+      if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          if (q0 + k < qb) {
+            float* dst = oacc + (hh * qb + q0 + k) * p.Dv + v;
+            *dst = cb4 == 0 ? acc[k] : *dst + acc[k];
+          }
+        }
+      }
+    }
+    // The next pass starts with a barrier before it touches ks, and the final write below too.
+  }
+  __syncthreads();
+  for (int64_t idx = tid; idx < static_cast<int64_t>(nh) * qb * p.Dv; idx += kThreads) {
+    const int r = static_cast<int>(idx / p.Dv);
+    const int64_t v = idx - r * p.Dv;
+    const int hh = r / qb, qi = r - hh * qb;
+    if (qi >= nq) continue;
+    const int64_t i = i_begin + qi;
+    const float o = row_live(r) ? oacc[idx] : 0.f;
+    out[((b * p.S + i) * p.H + h0 + hh) * p.Dv + v] = from_float<T>(o);
+  }
+  if (tid < kRows) {
+    const int r = tid;
+    const int hh = r / qb, qi = r - hh * qb;
+    if (hh < nh && qi < nq) {
+      const math::SoftmaxState st{row_m[r], row_l[r]};
+      lse[(b * p.S + i_begin + qi) * p.H + h0 + hh] = row_live(r) ? math::softmax_lse(st) : -INFINITY;
+    }
+  }
+}
+
 // Query row r of the tile sees key t0 + t (t < nt)?
 __device__ __forceinline__ bool visible(const Params& p, const Tile& tl, int64_t r, int64_t t0, int64_t t,
                                         int64_t nt) {
@@ -122,7 +558,11 @@ __device__ __forceinline__ bool visible(const Params& p, const Tile& tl, int64_t
          key_visible(p, tl.seqlen, mla_prefill::query_pos(tl.seqlen, p.S, i), t0 + t);
 }
 
-// ---- forward ------------------------------------------------------------------------------------
+// ---- forward, fallback: per-head decompression ---------------------------------------------------
+// Used only when the absorbed kernel's tiles (2 x 32 latent rows of C + R floats) do not fit in
+// shared memory (C + R beyond ~750 on sm_90); its shared memory does not grow with C. One block per
+// (batch row, head, tile of 16-64 queries); each key tile is decompressed into per-head K_nope / V
+// in shared memory (c_kv and weight chunks of kCChunk columns staged) and an online softmax runs.
 
 __host__ __device__ inline int64_t fwd_floats(const Params& p, int64_t QT) {
   const int64_t DK = p.Dn + p.R;
@@ -133,7 +573,7 @@ __host__ __device__ inline int64_t fwd_floats(const Params& p, int64_t QT) {
 // QT queries per block (16, 32 or 64): larger tiles decompress each key tile for more queries.
 template <typename T, int QT>
 __global__ void __launch_bounds__(kThreads)
-mla_prefill_fwd_kernel(Params p, const T* __restrict__ q_nope, const T* __restrict__ q_pe,
+mla_prefill_fwd_decompress_kernel(Params p, const T* __restrict__ q_nope, const T* __restrict__ q_pe,
                        const T* __restrict__ cache, const int32_t* __restrict__ block_table,
                        const int32_t* __restrict__ seqlens, const T* __restrict__ w_uk,
                        const T* __restrict__ w_uv, T* __restrict__ out,
@@ -452,6 +892,25 @@ mla_prefill_bwd_dkv_kernel(Params p, const T* __restrict__ grad_out, const T* __
   }
 }
 
+// ---- host launchers ----
+template <typename T>
+cudaError_t forward_absorbed(const Params& p, const void* q_nope, const void* q_pe, const void* cache,
+                          const int32_t* block_table, const int32_t* seqlens, const void* w_uk, const void* w_uv,
+                          void* out, float* lse, cudaStream_t stream) {
+  FwdLayout L = fwd_layout(p, 0);
+  if (L.blocks == 0) return cudaSuccess;
+  if (L.blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  L.vec = reinterpret_cast<uintptr_t>(cache) % (4 * sizeof(T)) == 0 && p.kv_sb % 4 == 0 && p.kv_sl % 4 == 0;
+  const size_t smem = static_cast<size_t>(L.floats) * sizeof(float);
+  cudaError_t err = cudaFuncSetAttribute(mla_prefill_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  mla_prefill_fwd_kernel<T><<<static_cast<unsigned>(L.blocks), kThreads, smem, stream>>>(
+      p, L, static_cast<const T*>(q_nope), static_cast<const T*>(q_pe), static_cast<const T*>(cache), block_table,
+      seqlens, static_cast<const T*>(w_uk), static_cast<const T*>(w_uv), static_cast<T*>(out), lse);
+  return cudaGetLastError();
+}
+
 template <typename T, int QT>
 cudaError_t forward_tiled(const Params& p, const void* q_nope, const void* q_pe, const void* cache,
                           const int32_t* block_table, const int32_t* seqlens, const void* w_uk, const void* w_uv,
@@ -460,16 +919,18 @@ cudaError_t forward_tiled(const Params& p, const void* q_nope, const void* q_pe,
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = static_cast<size_t>(fwd_floats(p, QT)) * sizeof(float);
-  cudaError_t err = cudaFuncSetAttribute(mla_prefill_fwd_kernel<T, QT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  cudaError_t err = cudaFuncSetAttribute(mla_prefill_fwd_decompress_kernel<T, QT>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  mla_prefill_fwd_kernel<T, QT><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+  mla_prefill_fwd_decompress_kernel<T, QT><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
       p, static_cast<const T*>(q_nope), static_cast<const T*>(q_pe), static_cast<const T*>(cache), block_table,
       seqlens, static_cast<const T*>(w_uk), static_cast<const T*>(w_uv), static_cast<T*>(out), lse);
   return cudaGetLastError();
 }
 
 // The largest query tile whose shared memory fits the device (the binding checked that 16 fits).
+// The absorbed kernel when its shared memory fits the device, else the decompressing fallback with
+// the largest query tile that fits (the binding checked that the smaller of the two fits).
 template <typename T>
 cudaError_t forward_typed(const Params& p, const void* q_nope, const void* q_pe, const void* cache,
                           const int32_t* block_table, const int32_t* seqlens, const void* w_uk, const void* w_uv,
@@ -478,6 +939,9 @@ cudaError_t forward_typed(const Params& p, const void* q_nope, const void* q_pe,
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
+  if (fwd_layout(p, 0).floats * static_cast<int64_t>(sizeof(float)) <= limit) {
+    return forward_absorbed<T>(p, q_nope, q_pe, cache, block_table, seqlens, w_uk, w_uv, out, lse, stream);
+  }
   auto fits = [&](int64_t qt) { return fwd_floats(p, qt) * static_cast<int64_t>(sizeof(float)) <= limit; };
   if (fits(64) && p.S > 32) {
     return forward_tiled<T, 64>(p, q_nope, q_pe, cache, block_table, seqlens, w_uk, w_uv, out, lse, stream);
@@ -521,8 +985,9 @@ cudaError_t backward_typed(const Params& p, const void* grad_out, const float* g
 
 }  // namespace
 
-size_t mla_prefill_forward_smem_bytes(const Params& p) {
-  return static_cast<size_t>(fwd_floats(p, kQTile)) * sizeof(float);
+size_t mla_prefill_forward_smem_bytes(const Params& p) {  // the smaller of the two kernels' needs
+  const int64_t absorbed = fwd_layout(p, 0).floats, fallback = fwd_floats(p, kQTile);
+  return static_cast<size_t>(absorbed < fallback ? absorbed : fallback) * sizeof(float);
 }
 size_t mla_prefill_backward_smem_bytes(const Params& p) {
   const int64_t dq = bwd_dq_floats(p), dkv = bwd_dkv_floats(p);
