@@ -259,12 +259,16 @@ DECODE_CASES.update(_random_cases(8))
 
 
 def split_smem_bytes(C, R, elt, staged):
-    """Dynamic shared memory of the split kernel (as mla_kernels.cu lays it out): the fp32 tiles,
-    plus the raw staging tile when the rows come in by async 16-byte copies."""
+    """Dynamic shared memory of the split kernel (as mla_kernels.cu lays it out): transposed
+    query and key tiles, partial scores, probabilities, plus the raw staging tile when the rows
+    come in by async 16-byte copies."""
     D, rpb = C + R, (16 if C <= 512 else 8)
-    qs, ks = -(-D // 4) * 4, -(-D // 32) * 32 + 4
-    base = 4 * (rpb * qs + 32 * ks + 32 * rpb + rpb)
-    return base + (-(-(32 * D * elt) // 16) * 16 if staged else 0)
+    slt = -(-D // 32) * 32
+    base = 4 * (slt * rpb + slt * 36 + 8 * rpb * 32 + 32 * rpb + rpb)
+    ds = -(-D // (16 // elt)) * (16 // elt)
+    while (ds * elt // 4) % 32 != 4:
+        ds += 16 // elt
+    return base + (-(-(32 * ds * elt) // 16) * 16 if staged else 0)
 
 
 def expect_staged(C, R, elt, cache_rows, pe_split):

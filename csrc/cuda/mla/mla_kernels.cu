@@ -5,18 +5,18 @@
 // 16 when C <= 512, else 8) of one batch row and one contiguous split of the keys, so all of its
 // heads share every cache row it reads (read once from memory per block). Per tile of kTile = 32
 // keys:
-//   load   warp w stages keys w, w+8, ...: its lanes copy the key's cache row (c_kv | k_pe),
-//          the page lookup once per key. When rows are 16-byte aligned (the V3 layout in every
-//          dtype) the raw rows come in by asynchronous 16-byte copies into a staging buffer, issued
-//          one tile ahead, so tile i+1 is in flight while tile i is computed; then they are
-//          widened to fp32 in shared memory. Otherwise lanes load them directly (coalesced).
-//          The fp32 rows have stride KS = 4 (mod 32) floats, so the 16-byte reads below are
-//          conflict-free;
-//   scores warp w owns rows w*RPT .. w*RPT+RPT-1 (RPT = ROWS/8), lane = key: RPT dot products of
-//          D values with 16-byte shared-memory reads (the query row is a broadcast);
-//   softmax the running max / sum of each row live in its warp (shuffles);
-//   PV     thread owns CPT adjacent output columns for all ROWS rows (ROWS*CPT fp32 registers)
-//          and adds p[row, key] * c_kv[key, col] over the tile's keys.
+//   load    warp w copies keys w, w+8, ... (the page lookup once per key). When rows are 16-byte
+//           aligned (the V3 layout in every dtype) the raw rows come in by asynchronous 16-byte
+//           copies into a staging buffer, issued one tile ahead (tile i+1 is in flight during tile
+//           i's math), and are then transposed to fp32 kt[c][key]; otherwise lanes load them
+//           directly into kt.
+//   scores  split over D: warp w sums its eighth of the D = C + R dimensions for all ROWS x 32
+//           scores, each lane a 4-row x KPL-key register block fed by 16-byte reads of the
+//           transposed queries qt[c][row] and keys kt[c][key] (8 FMAs per shared-memory load
+//           instead of ~3); the 8 partial sums of each score are added in a fixed order.
+//   softmax the running max / sum of each row live in one warp (lane = key; shuffles).
+//   PV      thread owns columns tid + 256 j (j < CPT) for all ROWS rows (ROWS*CPT fp32 registers),
+//           reading 4 keys of a column at once from kt.
 // FLOPs per key and row: D (scores) + C (PV) multiply-adds; bytes per key: D cache values, read
 // once per block. Partials (m, l, unnormalised accumulators) go to a workspace; the merge kernel
 // (grid (B * rows, column chunks)) combines them by LSE in split order (deterministic).
@@ -44,53 +44,46 @@ constexpr int64_t kMaxSplits = 1024;  // the merge keeps one weight per split in
 constexpr int kMergeThreads = 128;    // merge: one output column per thread
 
 __host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-// Shared-memory row strides (floats): queries padded to a multiple of 4 (16-byte reads); key rows
-// to 4 (mod 32) so 8 lanes reading 16 bytes of 8 consecutive keys hit 32 distinct banks.
-__host__ __device__ inline int64_t q_stride(int64_t D) { return round_up(D, 4); }
-__host__ __device__ inline int64_t k_stride(int64_t D) { return round_up(D, 32) + 4; }
 __host__ __device__ inline int rows_per_block(int64_t C) { return C <= 2 * kThreads ? 16 : 8; }
+// Transposed tiles have SLT = round_up(D, 32) rows (8 warp slices of SLT / 8, a multiple of 4),
+// zero past D. Key rows of kt hold the 32 keys plus 4 pad floats: 16-byte rows, and 8 lanes
+// reading 16 bytes at 8 consecutive rows hit 32 distinct banks.
+constexpr int kKt = kTile + 4;
+__host__ __device__ inline int64_t slices_len(int64_t D) { return round_up(D, 32); }
+// Staged raw rows: stride DS elements, 16-byte multiple, with DS*elt/4 = 4 (mod 32) words so 8
+// lanes reading 16 bytes of 8 consecutive rows hit distinct banks.
+__host__ __device__ inline int64_t stage_stride(int64_t D, int64_t elt) {
+  int64_t ds = round_up(D, 16 / elt);
+  while ((ds * elt / 4) % 32 != 4) ds += 16 / elt;
+  return ds;
+}
 
 template <int ROWS>
 __host__ __device__ inline size_t split_smem_floats(int64_t D) {
-  return static_cast<size_t>(ROWS * q_stride(D) + kTile * k_stride(D) + kTile * ROWS + ROWS);
+  const int64_t SLT = slices_len(D);
+  return static_cast<size_t>(SLT * ROWS + SLT * kKt + kWarps * ROWS * kTile + kTile * ROWS + ROWS);
 }
 // Staging buffer of one tile of raw cache rows (bytes, a multiple of 16), placed before the floats.
 __host__ __device__ inline size_t stage_bytes(int64_t D, size_t elt) {
-  return static_cast<size_t>(round_up(kTile * D * static_cast<int64_t>(elt), 16));
-}
-
-// CPT consecutive shared-memory floats (p 8-byte aligned for CPT 2, 16-byte for CPT >= 4).
-template <int CPT>
-__device__ __forceinline__ void load_cols(const float* p, float (&v)[CPT]) {
-  if constexpr (CPT == 1) {
-    v[0] = p[0];
-  } else if constexpr (CPT == 2) {
-    const float2 t = *reinterpret_cast<const float2*>(p);
-    v[0] = t.x;
-    v[1] = t.y;
-  } else {
-#pragma unroll
-    for (int j = 0; j < CPT; j += 4) {
-      const float4 t = *reinterpret_cast<const float4*>(p + j);
-      v[j] = t.x;
-      v[j + 1] = t.y;
-      v[j + 2] = t.z;
-      v[j + 3] = t.w;
-    }
-  }
+  const int64_t e = static_cast<int64_t>(elt);
+  return static_cast<size_t>(round_up(kTile * stage_stride(D, e) * e, 16));
 }
 
 template <typename T, int ROWS, int CPT>
 __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArgs a) {
-  constexpr int RPT = ROWS / kWarps;  // score rows per warp
-  static_assert(ROWS % kWarps == 0 && ROWS % 4 == 0, "rows split evenly over the warps, float4 p reads");
+  constexpr int RPT = ROWS / kWarps;  // softmax rows per warp
+  constexpr int RB = ROWS / 4;        // score row blocks of 4 rows
+  constexpr int KPL = kTile / (32 / RB);  // keys per lane in the score block: 4 (16 rows) or 2 (8)
+  static_assert(ROWS % kWarps == 0 && ROWS % 4 == 0 && (KPL == 2 || KPL == 4), "block shape");
   extern __shared__ float smem[];
-  const int64_t C = a.C, R = a.R, D = C + R, QS = q_stride(D), KS = k_stride(D);
-  T* stage = reinterpret_cast<T*>(smem);  // [kTile, D] raw rows (async path only)
-  float* qs = smem + (a.stage_async ? stage_bytes(D, sizeof(T)) / sizeof(float) : 0);  // [ROWS, QS] scaled queries, zero-padded
-  float* ks = qs + ROWS * QS;        // [kTile, KS] cache rows as fp32
-  float* ps = ks + kTile * KS;       // [kTile, ROWS] probabilities, key-major
-  float* alpha_s = ps + kTile * ROWS;  // [ROWS]
+  const int64_t C = a.C, R = a.R, D = C + R, SLT = slices_len(D), SL = SLT / kWarps;
+  const int64_t elt = static_cast<int64_t>(sizeof(T)), DS = stage_stride(D, elt);
+  T* stage = reinterpret_cast<T*>(smem);  // [kTile, DS] raw rows (async path only)
+  float* qt = smem + (a.stage_async ? stage_bytes(D, sizeof(T)) / sizeof(float) : 0);  // [SLT, ROWS]
+  float* kt = qt + SLT * ROWS;              // [SLT, kKt] keys, transposed
+  float* part = kt + SLT * kKt;             // [kWarps, ROWS, kTile] partial scores
+  float* ps = part + kWarps * ROWS * kTile;  // [kTile, ROWS] probabilities
+  float* alpha_s = ps + kTile * ROWS;       // [ROWS]
   __shared__ int64_t lo_s[ROWS], hi_s[ROWS];
 
   const T* q_latent = static_cast<const T*>(a.q_latent);
@@ -107,14 +100,17 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
   const int64_t cap = a.capacity < a.max_seqlen ? a.capacity : a.max_seqlen;
   seqlen = seqlen < 0 ? 0 : (seqlen > cap ? cap : seqlen);
 
-  // Queries: row r of the block (warp-strided rows, lanes over columns; no div/mod per element).
-  for (int r = warp; r < ROWS; r += kWarps) {
-    const int64_t off = b * rows + r0 + r;
-    for (int64_t c = lane; c < QS; c += 32) {
-      float v = 0.f;
-      if (r < nrows && c < D) v = c < C ? to_float(q_latent[off * C + c]) : to_float(q_pe[off * R + (c - C)]);
-      qs[r * QS + c] = v * a.scale;
+  // Queries, transposed and scaled: thread i writes qt[c][i % ROWS] (consecutive threads,
+  // consecutive words); rows past nrows and columns past D are 0.
+  for (int64_t i = tid; i < SLT * ROWS; i += kThreads) {
+    const int r = static_cast<int>(i % ROWS);
+    const int64_t c = i / ROWS;
+    float v = 0.f;
+    if (r < nrows && c < D) {
+      const int64_t off = b * rows + r0 + r;
+      v = c < C ? to_float(q_latent[off * C + c]) : to_float(q_pe[off * R + (c - C)]);
     }
+    qt[i] = v * a.scale;
   }
   if (tid < ROWS) {
     mla::KeyRange kr{0, 0};
@@ -147,12 +143,10 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
   for (int r = 0; r < ROWS; ++r)
 #pragma unroll
     for (int j = 0; j < CPT; ++j) acc[r][j] = 0.f;
-  const int64_t col0 = static_cast<int64_t>(tid) * CPT;  // this thread's first output column
-  const bool has_cols = col0 < C;
 
   // Async path: issue the 16-byte copies of tile [t1, t1 + kTile) into the staging buffer.
-  const int kv_chunks = static_cast<int>(C * static_cast<int64_t>(sizeof(T)) / 16);
-  const int pe_chunks = static_cast<int>(R * static_cast<int64_t>(sizeof(T)) / 16);
+  const int kv_chunks = static_cast<int>(C * elt / 16);
+  const int pe_chunks = static_cast<int>(R * elt / 16);
   auto issue_tile = [&](int64_t t1) {
     for (int k = warp; k < kTile; k += kWarps) {
       const int64_t t = t1 + k;
@@ -160,85 +154,113 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
         const int64_t row = mla::cache_row(a.block_table, a.max_pages, a.page_size, a.lmax, a.num_pages, b, t);
         const char* kv = reinterpret_cast<const char*>(cache + row * a.kv_stride);
         const char* pe = reinterpret_cast<const char*>(pe_src + row * a.pe_stride);
-        char* dst = reinterpret_cast<char*>(stage + k * D);
+        char* dst = reinterpret_cast<char*>(stage + k * DS);
         for (int ch = lane; ch < kv_chunks; ch += 32) __pipeline_memcpy_async(dst + ch * 16, kv + ch * 16, 16);
         for (int ch = lane; ch < pe_chunks; ch += 32)
-          __pipeline_memcpy_async(dst + C * sizeof(T) + ch * 16, pe + ch * 16, 16);
+          __pipeline_memcpy_async(dst + C * elt + ch * 16, pe + ch * 16, 16);
       }
     }
     __pipeline_commit();
   };
   if (a.stage_async && k_begin < k_end) issue_tile(k_begin);
 
+  // Score block of this lane: rows rb*4 .. rb*4+3, keys kb*KPL .. kb*KPL+KPL-1, over the
+  // dimensions [warp*SL, warp*SL + SL).
+  const int rb = lane / (32 / RB), kb = lane % (32 / RB);
   for (int64_t t0 = k_begin; t0 < k_end; t0 += kTile) {
+    const int kn = static_cast<int>(k_end - t0 < kTile ? k_end - t0 : kTile);
     if (a.stage_async) {
+      constexpr int V = 16 / sizeof(T);  // elements per 16-byte read
       __pipeline_wait_prior(0);
       __syncthreads();  // every thread's copies of this tile landed; the previous tile is consumed
-      for (int k = warp; k < kTile; k += kWarps) {
-        float* dst = ks + k * KS;
-        if (t0 + k < k_end) {
-          const T* src = stage + k * D;
-          for (int64_t c = lane; c < D; c += 32) dst[c] = to_float(src[c]);
-          for (int64_t c = D + lane; c < QS; c += 32) dst[c] = 0.f;
+      // Transpose: lane = key, warp w takes columns w*V, w*V + 8V, ...; D is a multiple of V here.
+      const int k = lane;
+      for (int64_t c = static_cast<int64_t>(warp) * V; c < SLT; c += kWarps * V) {
+        float v[V];
+        if (k < kn && c < D) {
+          // One 16-byte shared-memory read (8 lanes of a phase: distinct banks, see stage_stride).
+          const uint4 raw = *reinterpret_cast<const uint4*>(stage + k * DS + c);
+          T e[V];
+          memcpy(e, &raw, sizeof raw);
+#pragma unroll
+          for (int i = 0; i < V; ++i) v[i] = to_float(e[i]);
         } else {
-          for (int64_t c = lane; c < QS; c += 32) dst[c] = 0.f;  // finite: p = 0 multiplies it
+#pragma unroll
+          for (int i = 0; i < V; ++i) v[i] = 0.f;  // finite: p = 0 multiplies it
         }
+#pragma unroll
+        for (int i = 0; i < V; ++i)
+          if (c + i < SLT) kt[(c + i) * kKt + k] = v[i];
       }
-      __syncthreads();  // ks ready, the staging buffer free again
+      __syncthreads();  // kt ready, the staging buffer free again
       if (t0 + kTile < k_end) issue_tile(t0 + kTile);  // in flight during this tile's math
     } else {
       __syncthreads();  // previous tile fully consumed
       for (int k = warp; k < kTile; k += kWarps) {
         const int64_t t = t0 + k;
-        float* dst = ks + k * KS;
-        if (t < k_end) {
+        if (k < kn) {
           const int64_t row = mla::cache_row(a.block_table, a.max_pages, a.page_size, a.lmax, a.num_pages, b, t);
           const T* kv = cache + row * a.kv_stride;
           const T* pe = pe_src + row * a.pe_stride;
-          for (int64_t c = lane; c < C; c += 32) dst[c] = to_float(kv[c]);
-          for (int64_t c = lane; c < R; c += 32) dst[C + c] = to_float(pe[c]);
-          for (int64_t c = D + lane; c < QS; c += 32) dst[c] = 0.f;
+          for (int64_t c = lane; c < C; c += 32) kt[c * kKt + k] = to_float(kv[c]);
+          for (int64_t c = lane; c < R; c += 32) kt[(C + c) * kKt + k] = to_float(pe[c]);
+          for (int64_t c = D + lane; c < SLT; c += 32) kt[c * kKt + k] = 0.f;
         } else {
-          for (int64_t c = lane; c < QS; c += 32) dst[c] = 0.f;  // finite: p = 0 multiplies it
+          for (int64_t c = lane; c < SLT; c += 32) kt[c * kKt + k] = 0.f;  // finite: p = 0 multiplies it
         }
       }
       __syncthreads();
     }
-    // Scores: warp = RPT query rows, lane = key.
-    const int64_t t = t0 + lane;
-    float s[RPT];
+    // Scores, split over D: this warp's slice for the lane's 4 x KPL block.
     {
-      float dot[RPT];
+      float sc[4][KPL];
 #pragma unroll
-      for (int i = 0; i < RPT; ++i) dot[i] = 0.f;
-      const bool any = warp * RPT < nrows && t0 < k_end;  // warp-uniform
-      if (any) {
-        const float* k = ks + lane * KS;
-        const float* q = qs + warp * RPT * QS;
-        for (int64_t c = 0; c < QS; c += 4) {
-          const float4 kv = *reinterpret_cast<const float4*>(k + c);
+      for (int i = 0; i < 4; ++i)
 #pragma unroll
-          for (int i = 0; i < RPT; ++i) {
-            const float4 qv = *reinterpret_cast<const float4*>(q + i * QS + c);
-            dot[i] = fmaf(qv.x, kv.x, dot[i]);
-            dot[i] = fmaf(qv.y, kv.y, dot[i]);
-            dot[i] = fmaf(qv.z, kv.z, dot[i]);
-            dot[i] = fmaf(qv.w, kv.w, dot[i]);
-          }
+        for (int j = 0; j < KPL; ++j) sc[i][j] = 0.f;
+      const float* q = qt + rb * 4;
+      const float* kk = kt + kb * KPL;
+#pragma unroll 4
+      for (int64_t c = warp * SL; c < warp * SL + SL; ++c) {
+        const float4 qv = *reinterpret_cast<const float4*>(q + c * ROWS);
+        float kv[KPL];
+        if constexpr (KPL == 4) {
+          const float4 t = *reinterpret_cast<const float4*>(kk + c * kKt);
+          kv[0] = t.x; kv[1] = t.y; kv[2] = t.z; kv[3] = t.w;
+        } else {
+          const float2 t = *reinterpret_cast<const float2*>(kk + c * kKt);
+          kv[0] = t.x; kv[1] = t.y;
+        }
+        const float qr[4] = {qv.x, qv.y, qv.z, qv.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < KPL; ++j) sc[i][j] = fmaf(qr[i], kv[j], sc[i][j]);
+      }
+      float* pw = part + warp * ROWS * kTile;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float* dst = pw + (rb * 4 + i) * kTile + kb * KPL;
+        if constexpr (KPL == 4) {
+          *reinterpret_cast<float4*>(dst) = make_float4(sc[i][0], sc[i][1], sc[i][2], sc[i][3]);
+        } else {
+          *reinterpret_cast<float2*>(dst) = make_float2(sc[i][0], sc[i][1]);
         }
       }
-#pragma unroll
-      for (int i = 0; i < RPT; ++i) {
-        const int r = warp * RPT + i;
-        const bool ok = r < nrows && t < k_end && t >= lo_s[r] && t < hi_s[r];
-        s[i] = ok ? dot[i] : -INFINITY;
-      }
     }
+    __syncthreads();
+    // Softmax: warp = RPT rows, lane = key; the slices' partial scores added in slice order.
+    const int64_t t = t0 + lane;
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
       const int r = warp * RPT + i;
-      const float m_new = fmaxf(m_run[i], warp_max(s[i]));
-      const float p = s[i] == -INFINITY ? 0.f : math::fast_exp(s[i] - m_new);
+      float dot = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) dot += part[(w * ROWS + r) * kTile + lane];
+      const bool ok = r < nrows && t < k_end && t >= lo_s[r] && t < hi_s[r];
+      const float sv = ok ? dot : -INFINITY;
+      const float m_new = fmaxf(m_run[i], warp_max(sv));
+      const float p = sv == -INFINITY ? 0.f : math::fast_exp(sv - m_new);
       const float alpha = math::softmax_rescale(m_run[i], m_new);
       l_run[i] = l_run[i] * alpha + warp_sum(p);
       m_run[i] = m_new;
@@ -246,18 +268,25 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
       if (lane == 0) alpha_s[r] = alpha;
     }
     __syncthreads();
-    if (has_cols) {
-      const int kn = static_cast<int>(k_end - t0 < kTile ? k_end - t0 : kTile);
+    // Weighted sum over the tile's keys, 4 at a time (keys past kn have p = 0 and kt = 0).
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        const float al = alpha_s[r];
+    for (int r = 0; r < ROWS; ++r) {
+      const float al = alpha_s[r];
 #pragma unroll
-        for (int j = 0; j < CPT; ++j) acc[r][j] *= al;
+      for (int j = 0; j < CPT; ++j) acc[r][j] *= al;
+    }
+    for (int k0 = 0; k0 < kn; k0 += 4) {
+      float v[CPT][4];
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int64_t c = tid + static_cast<int64_t>(j) * kThreads;
+        float4 t4 = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (c < C) t4 = *reinterpret_cast<const float4*>(kt + c * kKt + k0);
+        v[j][0] = t4.x; v[j][1] = t4.y; v[j][2] = t4.z; v[j][3] = t4.w;
       }
-      for (int k = 0; k < kn; ++k) {
-        float v[CPT];
-        load_cols<CPT>(ks + k * KS + col0, v);
-        const float* pk = ps + k * ROWS;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const float* pk = ps + (k0 + kk) * ROWS;
 #pragma unroll
         for (int r4 = 0; r4 < ROWS; r4 += 4) {
           const float4 p4 = *reinterpret_cast<const float4*>(pk + r4);
@@ -265,7 +294,7 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
 #pragma unroll
           for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int j = 0; j < CPT; ++j) acc[r4 + i][j] = fmaf(pr[i], v[j], acc[r4 + i][j]);
+            for (int j = 0; j < CPT; ++j) acc[r4 + i][j] = fmaf(pr[i], v[j][kk], acc[r4 + i][j]);
         }
       }
     }
@@ -281,15 +310,13 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
       }
     }
   }
-  if (has_cols) {
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      if (r >= nrows) break;
+  for (int r = 0; r < ROWS; ++r) {
+    if (r >= nrows) break;
 #pragma unroll
-      for (int j = 0; j < CPT; ++j) {
-        const int64_t c = col0 + j;
-        if (c < C) a.part_acc[(pbase + r) * C + c] = acc[r][j];
-      }
+    for (int j = 0; j < CPT; ++j) {
+      const int64_t c = tid + static_cast<int64_t>(j) * kThreads;
+      if (c < C) a.part_acc[(pbase + r) * C + c] = acc[r][j];
     }
   }
 }
