@@ -10,7 +10,7 @@
 #                torch 2.11.0+cu130 for Python 3.12 (cmake -DPython3_EXECUTABLE=<that python>), so the
 #                device skips the build. If it does not import there, the script builds from source.
 #   device run:  bash bench/gpu_check.sh   carry [".whl", ".prebuilt"], timeout_s 560
-#   optional:    LATENTMOE_GPU_CHECK_SKIP=bench     skip a stage (build|tests|sanitizer|ncu|bench)
+#   optional:    LATENTMOE_GPU_CHECK_SKIP=bench     skip stages (build|tests|sanitizer|racecheck|ncu|bench)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
@@ -73,11 +73,18 @@ if [[ "$skip" != *sanitizer* ]]; then
   tail -5 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
 fi
 
+if [[ "$skip" != *racecheck* ]]; then
+  stage "compute-sanitizer racecheck (shared-memory hazards)"
+  timeout 120 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 3 "$PY" bench/gpu_smoke.py \
+    >>"$OUT/sanitizer.log" 2>&1 || status=1
+  tail -3 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
+fi
+
 if [[ "$skip" != *ncu* ]] && command -v ncu >/dev/null; then
   stage "Nsight Compute (latentmoe kernels of bench/gpu_profile.py)"
   # --clock-control none: leave the card's clocks as they are (see the device notes).
   timeout 150 ncu --clock-control none --kernel-name-base demangled \
-    --kernel-name regex:"mla_decode|grouped|combine" --launch-skip 0 --launch-count 40 \
+    --kernel-name regex:"mla_decode|grouped|combine" --launch-skip 0 --launch-count 24 \
     --section SpeedOfLight --section Occupancy --section LaunchStats \
     "$PY" bench/gpu_profile.py >"$OUT/ncu.txt" 2>&1 || echo "ncu failed or timed out (see ncu.txt)" | tee -a "$OUT/summary.txt"
   grep -E "^  [a-z_].*\(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" "$OUT/ncu.txt" \
