@@ -305,7 +305,10 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
         assert used <= max(1, -(-max(seqlens) // 64))
         assert used <= max(1, -(-SM_COUNT // (B * -(-(Sq * H) // rpb))))
     assert launches[0][:4] == (used, -(-(Sq * H) // rpb), B, 256)
-    assert launches[1][:4] == (B * Sq * H, -(-C // 128), 1, 128)
+    if used == 1:  # one split writes out and lse itself
+        assert len(launches) == 1
+    else:
+        assert launches[1][:4] == (B * Sq * H, -(-C // 128), 1, 128)
     cache_rows = kv.shape[0] * kv.shape[1]
     staged = expect_staged(C, R, 4, cache_rows, pe_split)
     assert launches[0][4] == split_smem_bytes(C, R, 4, staged)

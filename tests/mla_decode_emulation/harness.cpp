@@ -145,9 +145,11 @@ int run_decode(const char* out_path) {
   a.block_table = paged ? table->data() : nullptr;
   a.out = out->data();
   a.lse = lse->data();
-  a.part_acc = part_acc->data();
-  a.part_m = part_m->data();
-  a.part_l = part_l->data();
+  // As the binding: no workspace for a single split (it writes out / lse itself), so any access
+  // to one faults.
+  a.part_acc = n_splits > 1 ? part_acc->data() : nullptr;
+  a.part_m = n_splits > 1 ? part_m->data() : nullptr;
+  a.part_l = n_splits > 1 ? part_l->data() : nullptr;
   a.B = B;
   a.Sq = Sq;
   a.H = H;

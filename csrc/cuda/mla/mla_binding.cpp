@@ -46,9 +46,14 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const int64_t n_splits = mla_decode_num_splits(B, rows, C, max_seqlen, props->multiProcessorCount);
   // One workspace allocation: partial accumulators [B, n_splits, rows, C], then m and l
   // [B, n_splits, rows] each (C is a whole number of floats, so every part stays 4-byte aligned).
+  // A single split writes out and lse directly and needs none.
   const int64_t n_part = B * n_splits * rows;
-  auto work = at::empty({n_part * (C + 2)}, q_latent.options().dtype(at::kFloat));
-  float* part_acc = work.mutable_data_ptr<float>();
+  at::Tensor work;
+  float* part_acc = nullptr;
+  if (n_splits > 1) {
+    work = at::empty({n_part * (C + 2)}, q_latent.options().dtype(at::kFloat));
+    part_acc = work.mutable_data_ptr<float>();
+  }
   MlaDecodeArgs a{};
   a.q_latent = q_latent.const_data_ptr();
   a.q_pe = q_pe.const_data_ptr();
@@ -62,8 +67,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   a.out = out.mutable_data_ptr();
   a.lse = lse.mutable_data_ptr<float>();
   a.part_acc = part_acc;
-  a.part_m = part_acc + n_part * C;
-  a.part_l = part_acc + n_part * (C + 1);
+  a.part_m = part_acc != nullptr ? part_acc + n_part * C : nullptr;
+  a.part_l = part_acc != nullptr ? part_acc + n_part * (C + 1) : nullptr;
   a.B = B; a.Sq = Sq; a.H = H; a.C = C; a.R = R;
   a.lmax = d.lmax; a.page_size = d.page_size; a.max_pages = d.max_pages; a.num_pages = d.num_pages;
   a.capacity = d.capacity;

@@ -299,6 +299,33 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
       }
     }
   }
+  if (a.n_splits == 1) {
+    // One split holds every key: normalise and write out / lse here (no merge launch, no
+    // workspace), as the merge would: a row with no visible key gives 0 and -inf.
+    float* inv_s = alpha_s;  // free after the last tile's weighted sum (barrier below)
+    __syncthreads();
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < RPT; ++i) {
+        const int r = warp * RPT + i;
+        inv_s[r] = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
+        if (r < nrows) a.lse[b * rows + r0 + r] = math::softmax_lse({m_run[i], l_run[i]});
+      }
+    }
+    __syncthreads();
+    T* out = static_cast<T*>(a.out);
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (r >= nrows) break;
+      const float inv = inv_s[r];
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int64_t c = tid + static_cast<int64_t>(j) * kThreads;
+        if (c < C) out[(b * rows + r0 + r) * C + c] = from_float<T>(acc[r][j] * inv);
+      }
+    }
+    return;
+  }
   const int64_t pbase = (b * a.n_splits + sp) * rows + r0;
   if (lane == 0) {
 #pragma unroll
@@ -404,7 +431,7 @@ cudaError_t decode_typed_cpt(const MlaDecodeArgs& args, cudaStream_t stream) {
             static_cast<unsigned>(a.B));
   kernel<<<grid, kThreads, smem, stream>>>(a);
   err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess || a.n_splits == 1) return err;  // one split writes out and lse itself
   dim3 mgrid(static_cast<unsigned>(a.B * rows), static_cast<unsigned>((a.C + kMergeThreads - 1) / kMergeThreads));
   mla_decode_merge_kernel<T><<<mgrid, kMergeThreads, sizeof(float) * a.n_splits, stream>>>(a);
   return cudaGetLastError();
