@@ -264,7 +264,7 @@ def split_smem_bytes(C, R, elt, staged):
     come in by async 16-byte copies."""
     D, rpb = C + R, (16 if C <= 512 else 8)
     slt = -(-D // 32) * 32
-    base = 4 * (slt * rpb + slt * 36 + 8 * rpb * 32 + 32 * rpb + rpb)
+    base = 4 * (slt * rpb + slt * 36 + 8 * rpb * 32 + 32 * rpb + -(-rpb // 4) * 4) + 16 * rpb  # + int64 ranges
     ds = -(-D // (16 // elt)) * (16 // elt)
     while (ds * elt // 4) % 32 != 4:
         ds += 16 // elt

@@ -166,6 +166,7 @@ struct State {
   std::map<std::string, std::vector<unsigned char>> statics;
   size_t static_bytes = 0;
   std::map<const void*, int> max_dyn;
+  std::map<const void*, size_t> static_of;  // static shared memory of each kernel launched so far
   cudaError_t last_error = cudaSuccess;
   std::function<void()> body;
   unsigned order = 0;  // fiber order within a sweep: 0 forward, 1 reverse, else random (seed)
@@ -309,6 +310,12 @@ void launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, A... arg
   if (static_bytes > kSmemDefault || static_bytes + smem > kSmemOptin) {
     fail("static + dynamic shared memory exceed what one sm_90 block may use");
   }
+  // The runtime refuses (cudaErrorInvalidValue at cudaFuncSetAttribute) a dynamic limit that,
+  // with the kernel's static shared memory, exceeds the opt-in budget.
+  if (it != s.max_dyn.end() && static_bytes + static_cast<size_t>(it->second) > kSmemOptin) {
+    fail("cudaFuncSetAttribute(MaxDynamicSharedMemorySize) + static shared memory exceed the opt-in budget");
+  }
+  s.static_of[reinterpret_cast<const void*>(kernel)] = static_bytes;
   s.log.push_back({grid, block, smem, static_bytes});
 }
 
@@ -394,6 +401,16 @@ inline cudaError_t cudaGetDevice(int* dev) {
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
   if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin || dev != 0) return cudaErrorInvalidValue;
   *value = static_cast<int>(emu::kSmemOptin);
+  return cudaSuccess;
+}
+
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes;  // static shared memory: known here once the kernel has run (else 0)
+};
+template <typename F>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F* kernel) {
+  const auto it = emu::st().static_of.find(reinterpret_cast<const void*>(kernel));
+  attr->sharedSizeBytes = it == emu::st().static_of.end() ? 0 : it->second;
   return cudaSuccess;
 }
 

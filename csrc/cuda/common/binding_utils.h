@@ -18,7 +18,12 @@ inline DType to_dtype(at::ScalarType t) {
 }
 
 inline void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "latentmoe.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  if (err != cudaSuccess) {
+    // A failed API call (an attribute, a launch configuration) also leaves the runtime's
+    // last-error state set; clear it so the next, unrelated CUDA call does not report it.
+    (void)cudaGetLastError();
+    TORCH_CHECK(false, "latentmoe.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  }
 }
 
 }  // namespace latentmoe::cuda

@@ -61,7 +61,9 @@ __host__ __device__ inline int64_t stage_stride(int64_t D, int64_t elt) {
 template <int ROWS>
 __host__ __device__ inline size_t split_smem_floats(int64_t D) {
   const int64_t SLT = slices_len(D);
-  return static_cast<size_t>(SLT * ROWS + SLT * kKt + kWarps * ROWS * kTile + kTile * ROWS + ROWS);
+  // qt, kt, partial scores, probabilities, alpha (padded to 16 bytes), then 2 x ROWS int64 ranges.
+  return static_cast<size_t>(SLT * ROWS + SLT * kKt + kWarps * ROWS * kTile + kTile * ROWS + round_up(ROWS, 4) +
+                             4 * ROWS);
 }
 // Staging buffer of one tile of raw cache rows (bytes, a multiple of 16), placed before the floats.
 __host__ __device__ inline size_t stage_bytes(int64_t D, size_t elt) {
@@ -84,7 +86,10 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
   float* part = kt + SLT * kKt;             // [kWarps, ROWS, kTile] partial scores
   float* ps = part + kWarps * ROWS * kTile;  // [kTile, ROWS] probabilities
   float* alpha_s = ps + kTile * ROWS;       // [ROWS]
-  __shared__ int64_t lo_s[ROWS], hi_s[ROWS];
+  // Visible key range of each row (no static shared memory: the launcher opts this kernel in to
+  // the device's whole shared-memory budget).
+  int64_t* lo_s = reinterpret_cast<int64_t*>(alpha_s + round_up(ROWS, 4));  // [ROWS]
+  int64_t* hi_s = lo_s + ROWS;                                              // [ROWS]
 
   const T* q_latent = static_cast<const T*>(a.q_latent);
   const T* q_pe = static_cast<const T*>(a.q_pe);
@@ -392,13 +397,14 @@ __global__ void __launch_bounds__(kMergeThreads) mla_decode_merge_kernel(MlaDeco
 // Raise a kernel's dynamic shared-memory limit once per device (to the device's maximum), not on
 // every launch: the limit does not change the occupancy of launches that use less.
 // `done` is one flag per device, owned by the caller's kernel instantiation (all instantiations
-// share one function type, so the flags cannot live here).
+// share one function type, so the flags cannot live here). The runtime refuses a dynamic limit
+// that, added to the kernel's static shared memory, exceeds the opt-in budget.
 constexpr int kMaxDevices = 64;
 template <typename K>
-cudaError_t allow_max_smem(K* kernel, int device, int optin, std::atomic<bool>* done) {
+cudaError_t allow_max_smem(K* kernel, int device, int budget, std::atomic<bool>* done) {
   const bool known = device >= 0 && device < kMaxDevices;
   if (known && done[device].load(std::memory_order_acquire)) return cudaSuccess;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, budget);
   if (err == cudaSuccess && known) done[device].store(true, std::memory_order_release);
   return err;
 }
@@ -413,6 +419,11 @@ cudaError_t decode_typed_cpt(const MlaDecodeArgs& args, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
+  auto kernel = mla_decode_split_kernel<T, ROWS, CPT>;
+  cudaFuncAttributes attr{};
+  err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  const int budget = optin - static_cast<int>(attr.sharedSizeBytes);  // dynamic bytes allowed
   const int64_t D = a.C + a.R;
   const size_t base = sizeof(float) * split_smem_floats<ROWS>(D);
   // Async 16-byte copies need every row segment (c_kv, k_pe) and row start 16-byte aligned, and
@@ -420,11 +431,10 @@ cudaError_t decode_typed_cpt(const MlaDecodeArgs& args, cudaStream_t stream) {
   const int64_t elt = static_cast<int64_t>(sizeof(T));
   a.stage_async = (a.C * elt) % 16 == 0 && (a.R * elt) % 16 == 0 && (a.kv_stride * elt) % 16 == 0 &&
                   (a.pe_stride * elt) % 16 == 0 && aligned16(a.kv_cache) && aligned16(a.pe_src) &&
-                  base + stage_bytes(D, sizeof(T)) <= static_cast<size_t>(optin);
+                  base + stage_bytes(D, sizeof(T)) <= static_cast<size_t>(budget);
   const size_t smem = base + (a.stage_async ? stage_bytes(D, sizeof(T)) : 0);
-  auto kernel = mla_decode_split_kernel<T, ROWS, CPT>;
   static std::atomic<bool> smem_set[kMaxDevices];
-  err = allow_max_smem(kernel, device, optin, smem_set);
+  err = allow_max_smem(kernel, device, budget, smem_set);
   if (err != cudaSuccess) return err;
   const int64_t rows = a.Sq * a.H;
   dim3 grid(static_cast<unsigned>(a.n_splits), static_cast<unsigned>((rows + ROWS - 1) / ROWS),
