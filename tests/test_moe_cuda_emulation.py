@@ -54,7 +54,8 @@ def harness(tmp_path_factory):
     if cxx is None:
         pytest.skip("needs a C++ compiler")
     work = tmp_path_factory.mktemp("moe_emulation")
-    flags = ["-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas"]
+    # -fno-strict-aliasing: the kernels reinterpret 16-byte vectors as their elements, as CUDA code does.
+    flags = ["-std=c++20", "-O2", "-pthread", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
     (work / "probe.cpp").write_text(_PROBE)
     if subprocess.run([cxx, *flags, str(work / "probe.cpp"), "-o", str(work / "probe")],
                       capture_output=True).returncode != 0:
@@ -176,7 +177,7 @@ def _experts_case(T, E, K, H, I, dtype, idx=None, seed=0):
     return x, gu, dn, w, idx
 
 
-def _emulate_experts(harness, tmp_path, x, gu, dn, w, idx):
+def _emulate_experts(harness, tmp_path, x, gu, dn, w, idx, misalign=0):
     T, H = x.shape
     E, I, K = gu.shape[0], gu.shape[1] // 2, idx.shape[1]
     flat = idx.reshape(-1)
@@ -184,7 +185,7 @@ def _emulate_experts(harness, tmp_path, x, gu, dn, w, idx):
     sorted_ids, sorted_pairs = torch.sort(flat, stable=True)
     offsets = torch.searchsorted(sorted_ids, torch.arange(E + 1))
     pos = torch.empty_like(sorted_pairs).scatter_(0, sorted_pairs, torch.arange(flat.numel()))
-    blobs = [_i64(_DT[x.dtype], T, K, E, H, I), _raw(x), _raw(sorted_pairs), _raw(offsets), _raw(pos),
+    blobs = [_i64(_DT[x.dtype], T, K, E, H, I, misalign), _raw(x), _raw(sorted_pairs), _raw(offsets), _raw(pos),
              _raw(gu), _raw(dn), _raw(w.float())]
     raw = _run(harness, "experts", tmp_path, blobs)
     ints = np.frombuffer(raw, np.int32 if x.dtype == torch.float32 else np.int16).copy()
@@ -202,28 +203,44 @@ def _fp64_reference(x, gu, dn, w, idx):
     return (w.double()[..., None] * y).sum(1), pre
 
 
+def _pattern_idx(pattern, T, K, one_expert):
+    if pattern == "one":
+        return torch.full((T, K), one_expert)
+    if pattern == "skewed":  # K = 2, E >= 9
+        return torch.stack([torch.tensor([0, 8 if t % 40 == 0 else 3]) if t % 2 else torch.tensor([3, 5])
+                            for t in range(T)])
+    return None
+
+
+# Paths (see moe_experts_kernels.cu): S = T*K <= 64 runs the decode GEMV, larger S the tiled GEMMs.
+# 16-byte vector loads need the reduction length (H for gate_up, I for down) to be a multiple of
+# 4 fp32 / 8 16-bit elements and aligned operands; vector stores need N (I, H) likewise and
+# aligned outputs; otherwise the kernels take their element-wise paths. `misalign` shifts buffers
+# one element off 16-byte alignment (bits: 1 x, 2 gate_up, 4 down, 8 outputs and scratch).
 @pytest.mark.parametrize(
-    "T,E,K,H,I,pattern",
+    "T,E,K,H,I,pattern,misalign",
     [
-        (1, 8, 2, 32, 16, "random"),       # T = 1 (decode GEMV)
-        (7, 16, 4, 37, 19, "random"),      # decode path, odd sizes, idle experts
-        (16, 8, 4, 21, 17, "random"),      # S = 64: the largest decode batch
-        (17, 8, 4, 21, 33, "random"),      # S = 68: the smallest tiled batch
-        (97, 12, 3, 37, 19, "random"),     # tiled, H / I not multiples of the 64 / 16 tiles
-        (150, 6, 1, 130, 70, "one"),       # every token on one expert (3 M-tiles), 5 idle experts
-        (40, 9, 2, 24, 8, "skewed"),       # uneven: experts with 0, 1 and 60+ rows
-        (90, 4, 4, 65, 67, "random"),      # K = E, N-tiles 2 with a 1- / 3-column tail
+        (1, 8, 2, 32, 16, "random", 0),       # T = 1 (decode GEMV), vector loads
+        (1, 8, 2, 32, 16, "random", 15),      # the same with every buffer misaligned: scalar paths
+        (7, 16, 4, 37, 19, "random", 0),      # decode path, odd sizes (scalar), idle experts
+        (6, 5, 1, 44, 20, "one", 0),          # decode, one expert with 6 rows (row groups 4 + 2)
+        (64, 6, 1, 24, 12, "one", 0),         # S = 64 on one expert: 16 row groups of the GEMV
+        (16, 8, 4, 21, 17, "random", 0),      # S = 64: the largest decode batch
+        (17, 8, 4, 21, 33, "random", 0),      # S = 68: the smallest tiled batch (scalar loads)
+        (13, 8, 5, 24, 12, "random", 0),      # S = 65: tiled, vector loads
+        (97, 12, 3, 37, 19, "random", 0),     # tiled, H / I not multiples of the tiles
+        (150, 6, 1, 130, 70, "one", 0),       # every token on one expert (3 M-tiles), 5 idle experts
+        (40, 9, 2, 24, 8, "skewed", 0),       # uneven: experts with 0, 1 and 60+ rows
+        (90, 4, 4, 65, 67, "random", 0),      # K = E, N-tiles 2 with a 1- / 3-column tail
+        (64, 8, 2, 68, 36, "random", 0),      # vector loads, 5 / 3 k-steps (k tails of 4)
+        (64, 8, 2, 68, 36, "random", 1),      # x misaligned: gate_up scalar, down vector
+        (64, 8, 2, 68, 36, "random", 14),     # weights and outputs misaligned
     ],
 )
-def test_experts_fp32_kernels_match_cpu(harness, tmp_path, T, E, K, H, I, pattern):
-    idx = None
-    if pattern == "one":
-        idx = torch.full((T, K), 4)
-    elif pattern == "skewed":
-        idx = torch.stack([torch.tensor([0, 8 if t % 40 == 0 else 3]) if t % 2 else torch.tensor([3, 5])
-                           for t in range(T)])
+def test_experts_fp32_kernels_match_cpu(harness, tmp_path, T, E, K, H, I, pattern, misalign):
+    idx = _pattern_idx(pattern, T, K, 4)
     x, gu, dn, w, idx = _experts_case(T, E, K, H, I, torch.float32, idx, seed=T + H)
-    out, gate_up, sp, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)
+    out, gate_up, sp, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx, misalign)
     want_out, sp_w, off_w, want_gu = torch.ops.latentmoe.moe_experts.default(x, gu, dn, w, idx)
     assert torch.equal(sp, sp_w) and torch.equal(off, off_w)
     assert not out.isnan().any() and not gate_up.isnan().any()
@@ -239,17 +256,27 @@ def _err(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "T,E,K,H,I,pattern",
+    "T,E,K,H,I,pattern,misalign",
     [
-        (3, 8, 2, 40, 24, "random"),       # decode GEMV in 16-bit
-        (70, 8, 2, 40, 33, "random"),      # WMMA tiles: K tail of 8 (H = 40 = 32 + 8), N tails
-        (130, 5, 1, 48, 80, "one"),        # one expert, 3 M-tiles (the last with 2 rows), 4 idle
+        (3, 8, 2, 40, 24, "random", 0),       # decode GEMV in 16-bit, vector loads
+        (7, 16, 4, 36, 20, "random", 0),      # decode, H / I not multiples of 8: scalar paths
+        (6, 5, 1, 48, 24, "one", 0),          # decode, 6 rows of one expert (row groups 4 + 2)
+        (64, 6, 1, 16, 16, "one", 0),         # S = 64 on one expert
+        (16, 8, 4, 24, 16, "random", 0),      # S = 64: the largest decode batch
+        (13, 8, 5, 24, 16, "random", 0),      # S = 65: the smallest tiled batch
+        (70, 8, 2, 40, 33, "random", 0),      # WMMA tiles: K tail of 8, odd I (scalar down / stores)
+        (130, 5, 1, 48, 80, "one", 0),        # one expert, 3 M-tiles (the last with 2 rows), 4 idle
+        (40, 9, 2, 24, 8, "skewed", 0),       # experts with 0, 1 and 60+ rows
+        (100, 4, 2, 136, 72, "random", 0),    # 5 / 3 k-steps (> pipeline stages), N tails of 8
+        (100, 4, 2, 136, 72, "random", 1),    # x misaligned: gate_up scalar loads
+        (100, 4, 2, 136, 72, "random", 6),    # weights misaligned: scalar loads, vector stores
+        (100, 4, 2, 136, 72, "random", 8),    # outputs / scratch misaligned: scalar stores
     ],
 )
-def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I, pattern):
-    idx = torch.full((T, K), 2) if pattern == "one" else None
+def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I, pattern, misalign):
+    idx = _pattern_idx(pattern, T, K, 2)
     x, gu, dn, w, idx = _experts_case(T, E, K, H, I, dtype, idx, seed=T * 7 + H)
-    out, gate_up, sp, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)
+    out, gate_up, sp, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx, misalign)
     want_out, _, _, want_gu = torch.ops.latentmoe.moe_experts.default(x, gu, dn, w, idx)
     assert not out.float().isnan().any() and not gate_up.float().isnan().any()
     ref_out, ref_pre = _fp64_reference(x, gu, dn, w, idx)

@@ -27,6 +27,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -35,7 +36,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __align__(x)
 
 typedef int cudaError_t;
@@ -146,6 +147,51 @@ inline void poison(void* p, size_t bytes) {
 
 inline void __syncthreads() { emu::block->bar->arrive_and_wait(); }
 
+// ---- 16-byte vector types ---------------------------------------------------------------------
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+
+// ---- asynchronous copies (<cuda_pipeline_primitives.h>) ----------------------------------------
+// Copies are deferred, as on the GPU: __pipeline_memcpy_async records the copy in the thread's
+// open batch, __pipeline_commit closes the batch, and __pipeline_wait_prior(n) performs every
+// committed batch but the newest n. Until then the shared destination keeps its poison, so a
+// read of a stage the kernel has not waited for shows up as NaN. Copies must go from global to
+// shared memory, 4, 8 or 16 bytes with both addresses aligned to the size.
+namespace emu {
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+inline thread_local std::vector<AsyncCopy> open_batch;
+inline thread_local std::deque<std::vector<AsyncCopy>> committed_batches;
+inline void reset_pipeline() {
+  open_batch.clear();
+  committed_batches.clear();
+}
+}  // namespace emu
+
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t bytes, size_t zfill = 0) {
+  if (bytes != 4 && bytes != 8 && bytes != 16) emu_fail("__pipeline_memcpy_async size not 4, 8 or 16");
+  if (zfill != 0) emu_fail("__pipeline_memcpy_async zero fill is not emulated");
+  const auto d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+  if (d % bytes != 0 || s % bytes != 0) emu_fail("__pipeline_memcpy_async address not aligned to its size");
+  const auto a = reinterpret_cast<uintptr_t>(emu::block->arena);
+  if (d < a || d + bytes > a + emu::kArenaBytes) emu_fail("__pipeline_memcpy_async destination not in shared memory");
+  if (s >= a && s < a + emu::kArenaBytes) emu_fail("__pipeline_memcpy_async source in shared memory");
+  emu::open_batch.push_back({dst, src, bytes});
+}
+inline void __pipeline_commit() {
+  emu::committed_batches.push_back(std::move(emu::open_batch));
+  emu::open_batch.clear();
+}
+inline void __pipeline_wait_prior(size_t n) {
+  while (emu::committed_batches.size() > n) {
+    for (const auto& c : emu::committed_batches.front()) std::memcpy(c.dst, c.src, c.bytes);
+    emu::committed_batches.pop_front();
+  }
+}
+
 template <typename F>
 void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& kernel) {
   if (block.y != 1 || block.z != 1 || grid.z != 1) emu_fail("only 1-D blocks and 2-D grids are emulated");
@@ -180,6 +226,7 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& kernel) {
           start.arrive_and_wait();
           blockIdx = dim3(bx, by);
           emu::shared_used = 0;
+          emu::reset_pipeline();
           kernel();
           bar.finish();
           blk->warp_bars[t / 32]->finish();
