@@ -290,6 +290,36 @@ def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I
     torch.testing.assert_close(out.float(), want_out.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize(
+    "S,E,pattern",
+    [
+        (1, 8, "random"),        # T = 1, K = 1
+        (6, 64, "random"),       # V2-Lite decode step (top-6 of 64)
+        (300, 16, "random"),     # more pairs than threads, many ties
+        (1024, 256, "random"),   # the largest batch of the one-block sort, E > threads
+        (1024, 3, "one"),        # every pair on the last expert: offsets [0, 0, 0, S]
+        (257, 5, "first"),       # every pair on expert 0
+    ],
+)
+def test_sort_pairs_kernel_matches_aten(harness, tmp_path, S, E, pattern):
+    # The binding's small-batch sort must give what its ATen path gives (stable sort,
+    # searchsorted, scatter).
+    g = torch.Generator().manual_seed(S * 13 + E)
+    if pattern == "one":
+        ids = torch.full((S,), E - 1, dtype=torch.long)
+    elif pattern == "first":
+        ids = torch.zeros(S, dtype=torch.long)
+    else:
+        ids = torch.randint(0, E, (S,), generator=g)
+    raw = _run(harness, "sort", tmp_path, [_i64(S, E), _raw(ids)])
+    got = torch.from_numpy(np.frombuffer(raw, np.int64).copy())
+    sp, off, pos = got[:S], got[S:S + E + 1], got[S + E + 1:]
+    sorted_ids, want_sp = torch.sort(ids, stable=True)
+    want_off = torch.searchsorted(sorted_ids, torch.arange(E + 1))
+    want_pos = torch.empty_like(want_sp).scatter_(0, want_sp, torch.arange(S))
+    assert torch.equal(sp, want_sp) and torch.equal(off, want_off) and torch.equal(pos, want_pos)
+
+
 def test_experts_no_tokens(harness, tmp_path):
     x, gu, dn, w, idx = _experts_case(0, 3, 2, 8, 3, torch.float32)
     out, gate_up, _, _ = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)

@@ -118,14 +118,31 @@ int run_experts(std::ifstream& in, std::ofstream& out) {
   out.write(reinterpret_cast<const char*>(gate_up_out.p), static_cast<std::streamsize>(S * 2 * I * el));
   return 0;
 }
+// sort IN OUT: int64 [S, E], ids [S] -> int64 sorted_pairs [S], offsets [E+1], pos [S].
+int run_sort(std::ifstream& in, std::ofstream& out) {
+  int64_t h[2];
+  in.read(reinterpret_cast<char*>(h), sizeof(h));
+  const int64_t S = h[0], E = h[1];
+  auto ids = read_vec<int64_t>(in, S);
+  if (!in) return std::fprintf(stderr, "short input\n"), 2;
+  std::vector<int64_t> sorted_pairs(S, -7), offsets(E + 1, -7), pos(S, -7);
+  if (cuda::launch_moe_sort_pairs(ids.data(), S, E, sorted_pairs.data(), offsets.data(), pos.data(),
+                                  nullptr) != cudaSuccess)
+    return std::fprintf(stderr, "launch_moe_sort_pairs failed\n"), 3;
+  write_vec(out, sorted_pairs);
+  write_vec(out, offsets);
+  write_vec(out, pos);
+  return 0;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 4) return std::fprintf(stderr, "usage: harness route|experts IN OUT\n"), 2;
+  if (argc != 4) return std::fprintf(stderr, "usage: harness route|experts|sort IN OUT\n"), 2;
   std::ifstream in(argv[2], std::ios::binary);
   std::ofstream out(argv[3], std::ios::binary);
   const std::string mode = argv[1];
   if (mode == "route") return run_route(in, out);
   if (mode == "experts") return run_experts(in, out);
+  if (mode == "sort") return run_sort(in, out);
   return std::fprintf(stderr, "unknown mode\n"), 2;
 }

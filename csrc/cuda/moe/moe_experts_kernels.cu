@@ -153,7 +153,7 @@ static_assert(kBK == 4 * 8, "one 16-byte copy slot covers a quarter of a row of 
 
 // Copies 8 elements k..k+7 of `row` into dst (16 bytes, shared), zeros where out of range.
 template <typename T, bool kVec>
-__device__ __forceinline__ void copy_chunk8(T* dst, const T* row, int64_t k, int64_t Kd) {
+__device__ __forceinline__ void copy_chunk8(T* dst, const T* row, int k, int Kd) {
   if constexpr (kVec) {  // Kd % 8 == 0: the chunk is entirely in or out of range
     if (row != nullptr && k < Kd) {
       __pipeline_memcpy_async(dst, row + k, 16);
@@ -195,13 +195,14 @@ grouped_gemm_wmma(GroupedProblem p, int n_tiles, const T* __restrict__ A,
   const T* b_src[2];
   tile_sources<T, kSwiGLU>(p, A, Be, row0, m, m0, n0, ld_row, a_src, b_src);
 
+  const int Kd = static_cast<int>(p.Kd);  // a row length: < 2^31
+  T* const slot = stages + ld_row * kLd + ld_col;  // this thread's A slot in stage 0
   auto load_stage = [&](int buf, int kt) {
-    T* As = stages + buf * kStageElems;
-    T* Bs = As + kBM * kLd;
-    const int64_t k = static_cast<int64_t>(kt) * kBK + ld_col;
-    copy_chunk8<T, kVec>(As + ld_row * kLd + ld_col, a_src, k, p.Kd);
-    copy_chunk8<T, kVec>(Bs + ld_row * kLd + ld_col, b_src[0], k, p.Kd);
-    copy_chunk8<T, kVec>(Bs + (ld_row + kBM) * kLd + ld_col, b_src[1], k, p.Kd);
+    T* As = slot + buf * kStageElems;
+    const int k = kt * kBK + ld_col;
+    copy_chunk8<T, kVec>(As, a_src, k, Kd);
+    copy_chunk8<T, kVec>(As + kBM * kLd, b_src[0], k, Kd);
+    copy_chunk8<T, kVec>(As + 2 * kBM * kLd, b_src[1], k, Kd);
   };
 
   const int warp = tid / 32, wm = warp / 4, wn = warp % 4;
@@ -215,7 +216,7 @@ grouped_gemm_wmma(GroupedProblem p, int n_tiles, const T* __restrict__ A,
   // uniform). Before computing stage kt, wait until at most kStages - 2 groups are pending
   // (so groups 0..kt have landed for this thread), then a barrier makes every thread's copies
   // visible and guarantees that stage kt - 1's buffer, refilled next, is no longer read.
-  const int nk = static_cast<int>((p.Kd + kBK - 1) / kBK);
+  const int nk = (Kd + kBK - 1) / kBK;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < nk) load_stage(s, s);
@@ -631,6 +632,36 @@ cudaError_t run_experts(const T* x, const int64_t* sorted_pairs, const int64_t* 
   return launch_combine<T>(y, w, pos, T_, K, H, out, stream);
 }
 
+// Stable sort of the S (token, k) pairs by expert for small S, in one block (the ATen sort,
+// searchsorted and scatter of the binding are several launches, which dominate a decode step):
+//   offsets[e] = #{j : id_j < e},  place(i) = #{j : id_j < id_i, or id_j == id_i and j < i},
+//   sorted_pairs[place(i)] = i,  pos[i] = place(i).
+// Plain counting over the ids staged in shared memory: exact, no atomics, same result as a
+// stable sort. The ids are in [0, E) (the binding checks the range first).
+constexpr int kSortMaxPairs = 1024;
+constexpr int kSortThreads = 256;
+
+__global__ void __launch_bounds__(kSortThreads)
+sort_pairs_kernel(const int64_t* __restrict__ ids, int S, int64_t E,
+                  int64_t* __restrict__ sorted_pairs, int64_t* __restrict__ offsets,
+                  int64_t* __restrict__ pos) {
+  __shared__ int sid[kSortMaxPairs];
+  for (int i = threadIdx.x; i < S; i += kSortThreads) sid[i] = static_cast<int>(ids[i]);
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e <= E; e += kSortThreads) {
+    int c = 0;
+    for (int j = 0; j < S; ++j) c += sid[j] < e;
+    offsets[e] = c;
+  }
+  for (int i = threadIdx.x; i < S; i += kSortThreads) {
+    const int v = sid[i];
+    int place = 0;
+    for (int j = 0; j < S; ++j) place += sid[j] < v || (sid[j] == v && j < i);
+    sorted_pairs[place] = i;
+    pos[i] = place;
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_moe_experts(DType dtype, const void* x, const int64_t* sorted_pairs,
@@ -652,6 +683,16 @@ cudaError_t launch_moe_experts(DType dtype, const void* x, const int64_t* sorted
   }
 #undef LMOE_RUN_EXPERTS
   return cudaErrorInvalidValue;
+}
+
+int64_t moe_sort_pairs_max() { return kSortMaxPairs; }
+
+cudaError_t launch_moe_sort_pairs(const int64_t* ids, int64_t S, int64_t E, int64_t* sorted_pairs,
+                                  int64_t* offsets, int64_t* pos, cudaStream_t stream) {
+  if (S <= 0 || S > kSortMaxPairs) return cudaErrorInvalidValue;
+  sort_pairs_kernel<<<1, kSortThreads, 0, stream>>>(ids, static_cast<int>(S), E, sorted_pairs,
+                                                    offsets, pos);
+  return cudaGetLastError();
 }
 
 }  // namespace latentmoe::cuda
