@@ -33,6 +33,7 @@ _PROBE = (
 )
 _LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
 _SHARED = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?((?:unsigned\s+)?\w+)\s+(\w+)((?:\[[^\]]*\])+);")
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?((?:unsigned\s+)?\w+)\s+(\w+)\[\];")
 
 
 def _as_host_code(cu_source: str) -> str:
@@ -40,7 +41,8 @@ def _as_host_code(cu_source: str) -> str:
     lines = [ln for ln in cu_source.split("\n")
              if not ln.startswith(("#include <cuda_", "#include <mma.h>", '#include "cuda/'))]
     src = "\n".join(lines)
-    src, n_launch = _LAUNCH.subn(r"emu_launch(\2, [&] { \1(\3); });", src)
+    src, n_launch = _LAUNCH.subn(r"emu_launch(\2, reinterpret_cast<const void*>(&\1), [&] { \1(\3); });", src)
+    src = _EXTERN_SHARED.sub(r"\1* \2 = static_cast<\1*>(emu::dynamic_shared());", src)
     src, n_shared = _SHARED.subn(
         r"\1 (&\2)\3 = *reinterpret_cast<\1(*)\3>(emu::shared_alloc(sizeof(\1\3)));", src)
     assert n_launch > 0 and "<<<" not in src, "a kernel launch was not rewritten"
@@ -267,10 +269,10 @@ def _err(a, b):
         (70, 8, 2, 40, 33, "random", 0),      # WMMA tiles: K tail of 8, odd I (scalar down / stores)
         (130, 5, 1, 48, 80, "one", 0),        # one expert, 3 M-tiles (the last with 2 rows), 4 idle
         (40, 9, 2, 24, 8, "skewed", 0),       # experts with 0, 1 and 60+ rows
-        (100, 4, 2, 136, 72, "random", 0),    # 5 / 3 k-steps (> pipeline stages), N tails of 8
-        (100, 4, 2, 136, 72, "random", 1),    # x misaligned: gate_up scalar loads
-        (100, 4, 2, 136, 72, "random", 6),    # weights misaligned: scalar loads, vector stores
-        (100, 4, 2, 136, 72, "random", 8),    # outputs / scratch misaligned: scalar stores
+        (100, 4, 2, 200, 72, "random", 0),    # 7 / 3 k-steps (> 5 pipeline stages), N tails of 8
+        (100, 4, 2, 200, 72, "random", 1),    # x misaligned: gate_up scalar loads
+        (100, 4, 2, 200, 72, "random", 6),    # weights misaligned: scalar loads, vector stores
+        (100, 4, 2, 200, 72, "random", 8),    # outputs / scratch misaligned: scalar stores
     ],
 )
 def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I, pattern, misalign):

@@ -2,9 +2,11 @@
 // (launch configuration, tile scheduling, indexing, bounds, epilogues) runs on machines without a
 // GPU. Driven by tests/test_moe_cuda_emulation.py, which rewrites the .cu source mechanically:
 //   * `k<<<grid, block, smem, stream>>>(args);`  ->
-//         `emu_launch(grid, block, smem, stream, [&] { k(args); });`
+//         `emu_launch(grid, block, smem, stream, &k, [&] { k(args); });`
 //     emu_launch runs the blocks one after another, each with one std::thread per CUDA thread
 //     (the same threads are reused for every block of a launch).
+//   * `extern __shared__ T name[];`  ->  a pointer to the launch's dynamic shared memory in the
+//     same arena (the kernel's MaxDynamicSharedMemorySize attribute is checked, 48 KB without).
 //   * `__shared__ T name[d0][d1];`  ->  a reference into a per-block arena, refilled before every
 //     block with the bytes 0x7FC1 (a NaN as fp32, bf16 and fp16; a huge int64), so reads of
 //     shared memory the kernel did not write show up as NaN / a crash.
@@ -21,6 +23,7 @@
 #include <barrier>
 #include <chrono>
 #include <condition_variable>
+#include <map>
 #include <mutex>
 #include <cmath>
 #include <cstdint>
@@ -43,6 +46,7 @@ typedef int cudaError_t;
 typedef void* cudaStream_t;
 #define cudaSuccess 0
 #define cudaErrorInvalidValue 1
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
 struct dim3 {
@@ -133,12 +137,24 @@ struct Block {
 };
 inline Block* block = nullptr;
 inline thread_local size_t shared_used = 0;
-inline void* shared_alloc(size_t bytes) {
+// The device's limits: 48 KB of static shared memory per block, dynamic shared memory above
+// 48 KB only up to what cudaFuncSetAttribute(kernel, MaxDynamicSharedMemorySize) allowed, and
+// 227 KB in all (the arena is smaller: a kernel needing more fails here).
+constexpr size_t kStaticLimit = 48 * 1024, kBlockLimit = 227 * 1024;
+inline thread_local size_t static_used = 0;
+inline size_t dynamic_bytes = 0;  // of the launch in progress
+inline std::mutex attr_mutex;
+inline std::map<const void*, int> max_dynamic_smem;
+inline void* shared_alloc(size_t bytes, bool is_static = true) {
   const size_t off = (shared_used + 127) / 128 * 128;
   if (off + bytes > kArenaBytes) emu_fail("shared memory arena exhausted");
   shared_used = off + bytes;
+  if (is_static && (static_used += bytes) > kStaticLimit) emu_fail("more than 48 KB of static shared memory");
+  if (shared_used > kBlockLimit) emu_fail("more than 227 KB of shared memory per block");
   return block->arena + off;
 }
+// `extern __shared__ T name[];` (every thread gets the same block of dynamic_bytes).
+inline void* dynamic_shared() { return shared_alloc(dynamic_bytes, false); }
 inline void poison(void* p, size_t bytes) {
   auto* b = static_cast<unsigned char*>(p);
   for (size_t i = 0; i + 1 < bytes; i += 2) { b[i] = 0xC1; b[i + 1] = 0x7F; }  // little endian 0x7FC1
@@ -146,6 +162,15 @@ inline void poison(void* p, size_t bytes) {
 }  // namespace emu
 
 inline void __syncthreads() { emu::block->bar->arrive_and_wait(); }
+
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F* fn, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) emu_fail("cudaFuncSetAttribute: attribute not emulated");
+  if (value < 0 || static_cast<size_t>(value) > emu::kBlockLimit) return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lk(emu::attr_mutex);
+  emu::max_dynamic_smem[reinterpret_cast<const void*>(fn)] = value;
+  return cudaSuccess;
+}
 
 // ---- 16-byte vector types ---------------------------------------------------------------------
 struct alignas(16) uint4 { unsigned x, y, z, w; };
@@ -193,9 +218,15 @@ inline void __pipeline_wait_prior(size_t n) {
 }
 
 template <typename F>
-void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& kernel) {
+void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, const void* fn, F&& kernel) {
   if (block.y != 1 || block.z != 1 || grid.z != 1) emu_fail("only 1-D blocks and 2-D grids are emulated");
-  if (smem != 0) emu_fail("dynamic shared memory is not emulated");
+  {
+    std::lock_guard<std::mutex> lk(emu::attr_mutex);
+    const auto it = emu::max_dynamic_smem.find(fn);
+    const size_t allowed = it != emu::max_dynamic_smem.end() ? static_cast<size_t>(it->second) : emu::kStaticLimit;
+    if (smem > allowed) emu_fail("dynamic shared memory above the kernel's MaxDynamicSharedMemorySize");
+  }
+  emu::dynamic_bytes = smem;
   const unsigned nt = block.x;
   if (nt == 0 || nt > 1024 || grid.x == 0 || grid.y == 0 || grid.y > 65535u)
     emu_fail("bad launch configuration");
@@ -226,6 +257,7 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& kernel) {
           start.arrive_and_wait();
           blockIdx = dim3(bx, by);
           emu::shared_used = 0;
+          emu::static_used = 0;
           emu::reset_pipeline();
           kernel();
           bar.finish();

@@ -142,11 +142,12 @@ __device__ __forceinline__ void tile_sources(const GroupedProblem& p, const T* A
 
 // ---- tensor-core path (bf16 / fp16 in, fp32 accumulate) -------------------------------------
 // Tile 64 rows x 128 weight rows x 32 k, 8 warps (2 x 4, each 32 x 32 = 2 x 2 WMMA 16x16x16
-// fragments), a 3-stage cp.async pipeline (16-byte copies, 3 per thread per stage), padded
-// shared rows (40 elements = 80 bytes) so WMMA loads and the copies spread over the banks.
-// The fp32 C tile for the epilogue reuses the pipeline's shared memory.
+// fragments), a 5-stage cp.async pipeline (16-byte copies, 3 per thread per stage; up to 4
+// stages = 32 KB of weights in flight per block, 2 blocks per SM), padded shared rows (40
+// elements = 80 bytes) so WMMA loads and the copies spread over the banks. 75 KB of dynamic
+// shared memory per block; the fp32 C tile for the epilogue reuses it.
 constexpr int kBK = 32;
-constexpr int kStages = 3;
+constexpr int kStages = 5;
 constexpr int kLd = kBK + 8;    // smem row stride of A/B tiles (elements)
 constexpr int kLdc = kBR + 4;   // smem row stride of the fp32 C tile
 static_assert(kBK == 4 * 8, "one 16-byte copy slot covers a quarter of a row of a stage");
@@ -167,17 +168,19 @@ __device__ __forceinline__ void copy_chunk8(T* dst, const T* row, int k, int Kd)
   }
 }
 
+constexpr int kStageElems = (kBM + kBR) * kLd;  // 16-bit elements of one stage
+constexpr int kWmmaPipeBytes = kStages * kStageElems * 2;
+constexpr int kWmmaCBytes = kBM * kLdc * static_cast<int>(sizeof(float));
+constexpr int kWmmaSmemBytes = kWmmaPipeBytes > kWmmaCBytes ? kWmmaPipeBytes : kWmmaCBytes;
+
 template <typename T, bool kSwiGLU, bool kVec>
 __global__ void __launch_bounds__(kGemmThreads, 2)
 grouped_gemm_wmma(GroupedProblem p, int n_tiles, const T* __restrict__ A,
                   const T* __restrict__ B, T* __restrict__ out, T* __restrict__ act) {
   using namespace nvcuda;
+  static_assert(sizeof(T) == 2, "16-bit operands");
   constexpr int kBN = kSwiGLU ? kBR / 2 : kBR;  // output columns per tile
-  constexpr int kStageElems = (kBM + kBR) * kLd;
-  constexpr int kPipeBytes = kStages * kStageElems * static_cast<int>(sizeof(T));
-  constexpr int kCBytes = kBM * kLdc * static_cast<int>(sizeof(float));
-  constexpr int kSmemBytes = kPipeBytes > kCBytes ? kPipeBytes : kCBytes;
-  __shared__ __align__(128) unsigned char smem[kSmemBytes];
+  extern __shared__ __align__(128) unsigned char smem[];  // kWmmaSmemBytes
   T* const stages = reinterpret_cast<T*>(smem);
 
   const int tile = static_cast<int>(blockIdx.x) / n_tiles;
@@ -580,10 +583,23 @@ cudaError_t launch_gemm(const GroupedProblem& p, bool vec_in, int64_t max_tiles,
       grouped_gemm_fp32<kSwiGLU, false><<<grid, kGemmThreads, 0, stream>>>(p, nt, A, B, out, act);
     }
   } else {
+    // More than 48 KB of dynamic shared memory needs the opt-in (per kernel; cheap, no sync).
     if (vec_in) {
-      grouped_gemm_wmma<T, kSwiGLU, true><<<grid, kGemmThreads, 0, stream>>>(p, nt, A, B, out, act);
+      if (cudaError_t err = cudaFuncSetAttribute(grouped_gemm_wmma<T, kSwiGLU, true>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 kWmmaSmemBytes);
+          err != cudaSuccess)
+        return err;
+      grouped_gemm_wmma<T, kSwiGLU, true><<<grid, kGemmThreads, kWmmaSmemBytes, stream>>>(
+          p, nt, A, B, out, act);
     } else {
-      grouped_gemm_wmma<T, kSwiGLU, false><<<grid, kGemmThreads, 0, stream>>>(p, nt, A, B, out, act);
+      if (cudaError_t err = cudaFuncSetAttribute(grouped_gemm_wmma<T, kSwiGLU, false>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 kWmmaSmemBytes);
+          err != cudaSuccess)
+        return err;
+      grouped_gemm_wmma<T, kSwiGLU, false><<<grid, kGemmThreads, kWmmaSmemBytes, stream>>>(
+          p, nt, A, B, out, act);
     }
   }
   return cudaGetLastError();
