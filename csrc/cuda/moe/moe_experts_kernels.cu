@@ -209,6 +209,11 @@ grouped_gemm_wmma(GroupedProblem p, int n_tiles, const T* __restrict__ A,
   };
 
   const int warp = tid / 32, wm = warp / 4, wn = warp % 4;
+  // 16-row fragments wholly past the expert's rows only multiply zero padding: skipped
+  // (warp-uniform; their accumulators stay zero and are never stored to global memory).
+  bool live[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) live[i] = m0 + wm * 32 + i * 16 < m;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -235,18 +240,20 @@ grouped_gemm_wmma(GroupedProblem p, int n_tiles, const T* __restrict__ A,
     const T* Bs = As + kBM * kLd;
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
+      if (!live[0]) break;  // this warp's rows are all padding
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
 #pragma unroll
       for (int i = 0; i < 2; ++i)
-        wmma::load_matrix_sync(a[i], As + (wm * 32 + i * 16) * kLd + kk, kLd);
+        if (live[i]) wmma::load_matrix_sync(a[i], As + (wm * 32 + i * 16) * kLd + kk, kLd);
 #pragma unroll
       for (int j = 0; j < 2; ++j)
         wmma::load_matrix_sync(b[j], Bs + (wn * 32 + j * 16) * kLd + kk, kLd);
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        for (int j = 0; j < 2; ++j)
+          if (live[i]) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
     }
   }
   __pipeline_wait_prior(0);
