@@ -355,11 +355,15 @@ grouped_gemm_fp32(GroupedProblem p, int n_tiles, const float* __restrict__ A,
     stash(0);
   }
   __syncthreads();
+  // Threads whose 4 rows are all past the expert's rows would only multiply zero padding (a
+  // warp spans 8 rows, so mostly whole warps skip).
+  const bool live = m0 + ty * 4 < m;
   for (int kt = 0; kt < nk; ++kt) {
     const int cur = kt & 1;
     if (kt + 1 < nk) fetch(kt + 1);  // in flight while this stage is computed
 #pragma unroll
     for (int kk = 0; kk < kBKf; ++kk) {
+      if (!live) break;
       const float4 a4 = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
       const float4 b4 = *reinterpret_cast<const float4*>(&Bs[cur][kk][tx * 4]);
       const float4 c4 = *reinterpret_cast<const float4*>(&Bs[cur][kk][kBM + tx * 4]);
