@@ -269,10 +269,10 @@ def _err(a, b):
         (70, 8, 2, 40, 33, "random", 0),      # WMMA tiles: K tail of 8, odd I (scalar down / stores)
         (130, 5, 1, 48, 80, "one", 0),        # one expert, 3 M-tiles (the last with 2 rows), 4 idle
         (40, 9, 2, 24, 8, "skewed", 0),       # experts with 0, 1 and 60+ rows
-        (100, 4, 2, 200, 72, "random", 0),    # 7 / 3 k-steps (> 5 pipeline stages), N tails of 8
-        (100, 4, 2, 200, 72, "random", 1),    # x misaligned: gate_up scalar loads
-        (100, 4, 2, 200, 72, "random", 6),    # weights misaligned: scalar loads, vector stores
-        (100, 4, 2, 200, 72, "random", 8),    # outputs / scratch misaligned: scalar stores
+        (100, 4, 2, 264, 72, "random", 0),    # 5 / 2 k-steps of 64 (> 4 pipeline stages), N tails of 8
+        (100, 4, 2, 264, 72, "random", 1),    # x misaligned: gate_up scalar loads
+        (100, 4, 2, 264, 72, "random", 6),    # weights misaligned: scalar loads, vector stores
+        (100, 4, 2, 264, 72, "random", 8),    # outputs / scratch misaligned: scalar stores
     ],
 )
 def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I, pattern, misalign):

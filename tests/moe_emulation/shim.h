@@ -127,7 +127,7 @@ class Barrier {
   uint64_t gen_ = 0;
 };
 
-constexpr size_t kArenaBytes = 96 * 1024;
+constexpr size_t kArenaBytes = 227 * 1024;  // the most one block may have on sm_90
 struct Block {
   Barrier* bar;
   std::vector<Barrier*> warp_bars;

@@ -121,36 +121,40 @@ __device__ __forceinline__ void epilogue_vec(const GroupedProblem& p, int64_t r,
   }
 }
 
-// Row pointers of this thread's copy slots in a tiled GEMM (null where the row does not exist):
-// A row ld_row of the M-tile, weight rows ld_row and ld_row + 64 of the 128-row weight tile
-// (SwiGLU: rows 0..63 are gate rows n0.., rows 64..127 the matching up rows N + n0..).
+// Source of row R of a tile's operands (null where the row does not exist): R < 64 is A row R
+// of the M-tile, R = 64 + j weight row j of the 128-row weight tile (SwiGLU: j < 64 are gate
+// rows n0 + j, j >= 64 the matching up rows N + n0 + j - 64).
 template <typename T, bool kSwiGLU>
-__device__ __forceinline__ void tile_sources(const GroupedProblem& p, const T* A, const T* Be,
-                                             int64_t row0, int64_t m, int64_t m0, int64_t n0,
-                                             int ld_row, const T*& a_src, const T* (&b_src)[2]) {
+__device__ __forceinline__ const T* tile_row_source(const GroupedProblem& p, const T* A,
+                                                    const T* Be, int64_t row0, int64_t m,
+                                                    int64_t m0, int64_t n0, int R) {
   constexpr int kBN = kSwiGLU ? kBR / 2 : kBR;
-  const int64_t lr = m0 + ld_row;
-  a_src = lr < m ? A + a_row(p, row0 + lr) * p.Kd : nullptr;
-#pragma unroll
-  for (int q = 0; q < 2; ++q) {
-    const int j = ld_row + q * kBM;
-    const int64_t n = n0 + j % kBN;
-    const int64_t wrow = (kSwiGLU && j >= kBN ? p.N : 0) + n;
-    b_src[q] = n < p.N ? Be + wrow * p.Kd : nullptr;
+  if (R < kBM) {
+    const int64_t lr = m0 + R;
+    return lr < m ? A + a_row(p, row0 + lr) * p.Kd : nullptr;
   }
+  const int j = R - kBM;
+  const int64_t n = n0 + j % kBN;
+  const int64_t wrow = (kSwiGLU && j >= kBN ? p.N : 0) + n;
+  return n < p.N ? Be + wrow * p.Kd : nullptr;
 }
 
 // ---- tensor-core path (bf16 / fp16 in, fp32 accumulate) -------------------------------------
-// Tile 64 rows x 128 weight rows x 32 k, 8 warps (2 x 4, each 32 x 32 = 2 x 2 WMMA 16x16x16
-// fragments), a 5-stage cp.async pipeline (16-byte copies, 3 per thread per stage; up to 4
-// stages = 32 KB of weights in flight per block, 2 blocks per SM), padded shared rows (40
-// elements = 80 bytes) so WMMA loads and the copies spread over the banks. 75 KB of dynamic
-// shared memory per block; the fp32 C tile for the epilogue reuses it.
-constexpr int kBK = 32;
-constexpr int kStages = 5;
+// Tile 64 rows x 128 weight rows x 64 k, 8 warps (2 x 4, each 32 x 32 = 2 x 2 WMMA 16x16x16
+// fragments), a 4-stage cp.async pipeline (16-byte copies, 6 per thread per stage: each weight
+// row is read in whole 128-byte lines; up to 3 stages = 48 KB of weights in flight per block,
+// 2 blocks per SM), padded shared rows (72 elements = 144 bytes) so WMMA loads and the copies
+// spread over the banks. 108 KB of dynamic shared memory per block; the fp32 C tile for the
+// epilogue reuses it.
+constexpr int kBK = 64;
+constexpr int kStages = 4;
 constexpr int kLd = kBK + 8;    // smem row stride of A/B tiles (elements)
 constexpr int kLdc = kBR + 4;   // smem row stride of the fp32 C tile
-static_assert(kBK == 4 * 8, "one 16-byte copy slot covers a quarter of a row of a stage");
+constexpr int kChunksPerRow = kBK / 8;                       // 16-byte chunks per stage row
+constexpr int kRowsPerPass = kGemmThreads / kChunksPerRow;   // stage rows copied per pass
+constexpr int kSlots = (kBM + kBR) / kRowsPerPass;           // copies per thread per stage
+static_assert(kGemmThreads % kChunksPerRow == 0 && (kBM + kBR) % kRowsPerPass == 0,
+              "copy slots tile the stage exactly");
 
 // Copies 8 elements k..k+7 of `row` into dst (16 bytes, shared), zeros where out of range.
 template <typename T, bool kVec>
@@ -193,19 +197,22 @@ grouped_gemm_wmma(GroupedProblem p, int n_tiles, const T* __restrict__ A,
   const int64_t n0 = static_cast<int64_t>(nt) * kBN;
   const T* Be = B + e * p.b_rows * p.Kd;
   const int tid = threadIdx.x;
-  const int ld_row = tid >> 2, ld_col = (tid & 3) * 8;
-  const T* a_src;
-  const T* b_src[2];
-  tile_sources<T, kSwiGLU>(p, A, Be, row0, m, m0, n0, ld_row, a_src, b_src);
+  // Copy slots: stage rows ld_row + q * kRowsPerPass (A rows, then weight rows), 8 elements
+  // from column ld_col.
+  const int ld_row = tid / kChunksPerRow, ld_col = (tid % kChunksPerRow) * 8;
+  const T* src[kSlots];
+#pragma unroll
+  for (int q = 0; q < kSlots; ++q)
+    src[q] = tile_row_source<T, kSwiGLU>(p, A, Be, row0, m, m0, n0, ld_row + q * kRowsPerPass);
 
   const int Kd = static_cast<int>(p.Kd);  // a row length: < 2^31
-  T* const slot = stages + ld_row * kLd + ld_col;  // this thread's A slot in stage 0
+  T* const slot = stages + ld_row * kLd + ld_col;  // this thread's first slot in stage 0
   auto load_stage = [&](int buf, int kt) {
-    T* As = slot + buf * kStageElems;
+    T* st = slot + buf * kStageElems;
     const int k = kt * kBK + ld_col;
-    copy_chunk8<T, kVec>(As, a_src, k, Kd);
-    copy_chunk8<T, kVec>(As + kBM * kLd, b_src[0], k, Kd);
-    copy_chunk8<T, kVec>(As + 2 * kBM * kLd, b_src[1], k, Kd);
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q)
+      copy_chunk8<T, kVec>(st + q * kRowsPerPass * kLd, src[q], k, Kd);
   };
 
   const int warp = tid / 32, wm = warp / 4, wn = warp % 4;
@@ -318,9 +325,11 @@ grouped_gemm_fp32(GroupedProblem p, int n_tiles, const float* __restrict__ A,
   const float* Be = B + e * p.b_rows * p.Kd;
   const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
   const int ld_row = tid >> 2, ld_col = (tid & 3) * 4;
-  const float* a_src;
+  const float* a_src = tile_row_source<float, kSwiGLU>(p, A, Be, row0, m, m0, n0, ld_row);
   const float* b_src[2];
-  tile_sources<float, kSwiGLU>(p, A, Be, row0, m, m0, n0, ld_row, a_src, b_src);
+#pragma unroll
+  for (int q = 0; q < 2; ++q)
+    b_src[q] = tile_row_source<float, kSwiGLU>(p, A, Be, row0, m, m0, n0, kBM + ld_row + q * kBM);
 
   float4 ra, rb0, rb1;
   auto fetch = [&](int kt) {

@@ -37,7 +37,7 @@ cudaError_t launch_moe_sort_pairs(const int64_t* ids, int64_t S, int64_t E, int6
 //   pair order. Scratch: tile_start [E+1] int32, act [S, I], y [S, H] (dtype).
 //   Outputs: gate_up_out [S, 2I] (pre-activation, sorted order), out [T, H].
 // Grouped GEMM tiles (64 rows x 128 weight rows) are scheduled over (expert, M-tile, N-tile);
-// experts with no rows get no tiles. bf16/fp16 use tensor cores (WMMA, fp32 accumulate, 3-stage
+// experts with no rows get no tiles. bf16/fp16 use tensor cores (WMMA, fp32 accumulate, 4-stage
 // cp.async pipeline); fp32 uses FMA tiles with 4x8 register micro-tiles. With at most 64 pairs
 // (decode) a bandwidth-bound GEMV (one warp per expert and output column) runs instead. Loads
 // and stores are 16-byte vectors where the sizes and pointer alignments allow, element-wise
