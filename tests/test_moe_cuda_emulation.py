@@ -3,11 +3,14 @@
 tests/moe_emulation/ compiles the .cu files' kernels AND their launchers (launch configuration,
 decode vs tiled choice, tile counting and the tile-count bound) as host C++: one std::thread per
 CUDA thread, std::barrier for __syncthreads, the warp butterfly of cuda_utils.cuh, NaN-filled
-shared memory and scratch, and nvcuda::wmma emulated on whole 16x16 tiles (fp32 accumulation). The
-CPU ops are themselves tested against the references and HF (test_moe_route.py,
-test_moe_experts.py). Not covered here: the ATen code of moe_binding.cpp (the expert sort is
-recomputed with the same torch ops), the device's __expf (routing uses std::exp here), the
-tensor cores' accumulation order, memory-ordering / race behaviour of real warps, performance.
+shared memory and scratch, nvcuda::wmma emulated on whole 16x16 tiles (fp32 accumulation), cp.async
+copies deferred until their batch is waited for, dynamic shared memory with the device's limits.
+Buffers can be shifted off 16-byte alignment to drive the kernels' element-wise paths. The CPU ops
+are themselves tested against the references and HF (test_moe_route.py, test_moe_experts.py). Not
+covered here: the ATen code of moe_binding.cpp (its large-batch expert sort is recomputed with the
+same torch ops; its small-batch sort kernel is tested against them), the device's __expf (routing
+uses std::exp here), the tensor cores' accumulation order, memory-ordering / race behaviour of
+real warps, performance.
 """
 
 from __future__ import annotations

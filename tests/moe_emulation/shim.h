@@ -16,7 +16,10 @@
 // butterfly as cuda_utils.cuh. nvcuda::wmma is emulated on whole 16x16 tiles held by lane 0 of
 // each warp (fp32 accumulation in k order; the tensor cores' internal order differs); loads and
 // stores check that all 32 lanes take part with the same pointer and ldm, and the API's
-// documented pointer-alignment / leading-dimension requirements.
+// documented pointer-alignment / leading-dimension requirements. Asynchronous copies
+// (__pipeline_memcpy_async / commit / wait_prior) are deferred until the kernel waits for their
+// batch, so a stage read before its wait still holds the poison. uint4 / float4 are 16-byte
+// aligned structs.
 #pragma once
 #include <algorithm>
 #include <atomic>
