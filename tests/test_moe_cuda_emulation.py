@@ -15,6 +15,7 @@ real warps, performance.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -78,12 +79,16 @@ def harness(tmp_path_factory):
     return exe
 
 
-def _run(exe, mode, tmp_path, blobs):
+def _run(exe, mode, tmp_path, blobs, smem_optin=None):
     with open(tmp_path / "in.bin", "wb") as f:
         for b in blobs:
             f.write(b)
+    env = dict(os.environ)
+    env.pop("LATENTMOE_EMU_SMEM_OPTIN", None)
+    if smem_optin is not None:
+        env["LATENTMOE_EMU_SMEM_OPTIN"] = str(smem_optin)
     res = subprocess.run([str(exe), mode, str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     return (tmp_path / "out.bin").read_bytes()
 
@@ -182,7 +187,7 @@ def _experts_case(T, E, K, H, I, dtype, idx=None, seed=0):
     return x, gu, dn, w, idx
 
 
-def _emulate_experts(harness, tmp_path, x, gu, dn, w, idx, misalign=0):
+def _emulate_experts(harness, tmp_path, x, gu, dn, w, idx, misalign=0, smem_optin=None):
     T, H = x.shape
     E, I, K = gu.shape[0], gu.shape[1] // 2, idx.shape[1]
     flat = idx.reshape(-1)
@@ -192,7 +197,7 @@ def _emulate_experts(harness, tmp_path, x, gu, dn, w, idx, misalign=0):
     pos = torch.empty_like(sorted_pairs).scatter_(0, sorted_pairs, torch.arange(flat.numel()))
     blobs = [_i64(_DT[x.dtype], T, K, E, H, I, misalign), _raw(x), _raw(sorted_pairs), _raw(offsets), _raw(pos),
              _raw(gu), _raw(dn), _raw(w.float())]
-    raw = _run(harness, "experts", tmp_path, blobs)
+    raw = _run(harness, "experts", tmp_path, blobs, smem_optin)
     ints = np.frombuffer(raw, np.int32 if x.dtype == torch.float32 else np.int16).copy()
     vals = torch.from_numpy(ints).view(x.dtype)
     return vals[: T * H].view(T, H), vals[T * H:].view(T * K, 2 * I), sorted_pairs, offsets
@@ -261,27 +266,30 @@ def _err(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "T,E,K,H,I,pattern,misalign",
+    "T,E,K,H,I,pattern,misalign,smem_optin",
     [
-        (3, 8, 2, 40, 24, "random", 0),       # decode GEMV in 16-bit, vector loads
-        (7, 16, 4, 36, 20, "random", 0),      # decode, H / I not multiples of 8: scalar paths
-        (6, 5, 1, 48, 24, "one", 0),          # decode, 6 rows of one expert (row groups 4 + 2)
-        (64, 6, 1, 16, 16, "one", 0),         # S = 64 on one expert
-        (16, 8, 4, 24, 16, "random", 0),      # S = 64: the largest decode batch
-        (13, 8, 5, 24, 16, "random", 0),      # S = 65: the smallest tiled batch
-        (70, 8, 2, 40, 33, "random", 0),      # WMMA tiles: K tail of 8, odd I (scalar down / stores)
-        (130, 5, 1, 48, 80, "one", 0),        # one expert, 3 M-tiles (the last with 2 rows), 4 idle
-        (40, 9, 2, 24, 8, "skewed", 0),       # experts with 0, 1 and 60+ rows
-        (100, 4, 2, 264, 72, "random", 0),    # 5 / 2 k-steps of 64 (> 4 pipeline stages), N tails of 8
-        (100, 4, 2, 264, 72, "random", 1),    # x misaligned: gate_up scalar loads
-        (100, 4, 2, 264, 72, "random", 6),    # weights misaligned: scalar loads, vector stores
-        (100, 4, 2, 264, 72, "random", 8),    # outputs / scratch misaligned: scalar stores
+        (3, 8, 2, 40, 24, "random", 0, None),       # decode GEMV in 16-bit, vector loads
+        (7, 16, 4, 36, 20, "random", 0, None),      # decode, H / I not multiples of 8: scalar paths
+        (6, 5, 1, 48, 24, "one", 0, None),          # decode, 6 rows of one expert (row groups 4 + 2)
+        (64, 6, 1, 16, 16, "one", 0, None),         # S = 64 on one expert
+        (16, 8, 4, 24, 16, "random", 0, None),      # S = 64: the largest decode batch
+        (13, 8, 5, 24, 16, "random", 0, None),      # S = 65: the smallest tiled batch
+        (70, 8, 2, 40, 33, "random", 0, None),      # WMMA tiles: K tail of 8, odd I (scalar down / stores)
+        (130, 5, 1, 48, 80, "one", 0, None),        # one expert, 3 M-tiles (the last with 2 rows), 4 idle
+        (40, 9, 2, 24, 8, "skewed", 0, None),       # experts with 0, 1 and 60+ rows
+        (100, 4, 2, 264, 72, "random", 0, None),    # 5 / 2 k-steps of 64 (> 4 pipeline stages), N tails of 8
+        (100, 4, 2, 264, 72, "random", 1, None),    # x misaligned: gate_up scalar loads
+        (100, 4, 2, 264, 72, "random", 6, None),    # weights misaligned: scalar loads, vector stores
+        (100, 4, 2, 264, 72, "random", 8, None),    # outputs / scratch misaligned: scalar stores
+        (100, 4, 2, 264, 72, "random", 0, 99 * 1024),  # 99 KB per block (sm_86): 2-stage pipeline
+        (100, 4, 2, 264, 72, "random", 6, 99 * 1024),  # the same on the element-wise loads
     ],
 )
-def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I, pattern, misalign):
+def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I, pattern, misalign,
+                                         smem_optin):
     idx = _pattern_idx(pattern, T, K, 2)
     x, gu, dn, w, idx = _experts_case(T, E, K, H, I, dtype, idx, seed=T * 7 + H)
-    out, gate_up, sp, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx, misalign)
+    out, gate_up, sp, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx, misalign, smem_optin)
     want_out, _, _, want_gu = torch.ops.latentmoe.moe_experts.default(x, gu, dn, w, idx)
     assert not out.float().isnan().any() and not gate_up.float().isnan().any()
     ref_out, ref_pre = _fp64_reference(x, gu, dn, w, idx)

@@ -50,6 +50,18 @@ typedef void* cudaStream_t;
 #define cudaSuccess 0
 #define cudaErrorInvalidValue 1
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+inline cudaError_t cudaGetDevice(int* dev) { return *dev = 0, cudaSuccess; }
+// The emulated device allows 227 KB of shared memory per block (sm_90), or what the environment
+// variable LATENTMOE_EMU_SMEM_OPTIN says (bytes), to drive the kernels' smaller configurations.
+inline int emu_smem_optin() {
+  const char* v = std::getenv("LATENTMOE_EMU_SMEM_OPTIN");
+  return v != nullptr ? std::atoi(v) : 227 * 1024;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
+  return *value = emu_smem_optin(), cudaSuccess;
+}
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
 struct dim3 {
@@ -169,7 +181,8 @@ inline void __syncthreads() { emu::block->bar->arrive_and_wait(); }
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F* fn, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) emu_fail("cudaFuncSetAttribute: attribute not emulated");
-  if (value < 0 || static_cast<size_t>(value) > emu::kBlockLimit) return cudaErrorInvalidValue;
+  if (value < 0 || static_cast<size_t>(value) > emu::kBlockLimit || value > emu_smem_optin())
+    return cudaErrorInvalidValue;
   std::lock_guard<std::mutex> lk(emu::attr_mutex);
   emu::max_dynamic_smem[reinterpret_cast<const void*>(fn)] = value;
   return cudaSuccess;

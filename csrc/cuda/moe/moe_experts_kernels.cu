@@ -144,10 +144,11 @@ __device__ __forceinline__ const T* tile_row_source(const GroupedProblem& p, con
 // fragments), a 4-stage cp.async pipeline (16-byte copies, 6 per thread per stage: each weight
 // row is read in whole 128-byte lines; up to 3 stages = 48 KB of weights in flight per block,
 // 2 blocks per SM), padded shared rows (72 elements = 144 bytes) so WMMA loads and the copies
-// spread over the banks. 108 KB of dynamic shared memory per block; the fp32 C tile for the
-// epilogue reuses it.
+// spread over the banks. 108 KB of dynamic shared memory per block (2 stages, 54 KB, on devices
+// that allow less per block); the fp32 C tile for the epilogue reuses it.
 constexpr int kBK = 64;
-constexpr int kStages = 4;
+constexpr int kStagesDeep = 4;     // sm_80 / sm_90 (up to 163 / 227 KB per block)
+constexpr int kStagesShallow = 2;  // devices with less opt-in shared memory (sm_86 / sm_89: 99 KB)
 constexpr int kLd = kBK + 8;    // smem row stride of A/B tiles (elements)
 constexpr int kLdc = kBR + 4;   // smem row stride of the fp32 C tile
 constexpr int kChunksPerRow = kBK / 8;                       // 16-byte chunks per stage row
@@ -173,18 +174,19 @@ __device__ __forceinline__ void copy_chunk8(T* dst, const T* row, int k, int Kd)
 }
 
 constexpr int kStageElems = (kBM + kBR) * kLd;  // 16-bit elements of one stage
-constexpr int kWmmaPipeBytes = kStages * kStageElems * 2;
 constexpr int kWmmaCBytes = kBM * kLdc * static_cast<int>(sizeof(float));
-constexpr int kWmmaSmemBytes = kWmmaPipeBytes > kWmmaCBytes ? kWmmaPipeBytes : kWmmaCBytes;
+constexpr int wmma_smem_bytes(int stages) {
+  return stages * kStageElems * 2 > kWmmaCBytes ? stages * kStageElems * 2 : kWmmaCBytes;
+}
 
-template <typename T, bool kSwiGLU, bool kVec>
+template <typename T, bool kSwiGLU, bool kVec, int kStages>
 __global__ void __launch_bounds__(kGemmThreads, 2)
 grouped_gemm_wmma(GroupedProblem p, int n_tiles, const T* __restrict__ A,
                   const T* __restrict__ B, T* __restrict__ out, T* __restrict__ act) {
   using namespace nvcuda;
-  static_assert(sizeof(T) == 2, "16-bit operands");
+  static_assert(sizeof(T) == 2 && kStages >= 2, "16-bit operands, at least double buffering");
   constexpr int kBN = kSwiGLU ? kBR / 2 : kBR;  // output columns per tile
-  extern __shared__ __align__(128) unsigned char smem[];  // kWmmaSmemBytes
+  extern __shared__ __align__(128) unsigned char smem[];  // wmma_smem_bytes(kStages)
   T* const stages = reinterpret_cast<T*>(smem);
 
   const int tile = static_cast<int>(blockIdx.x) / n_tiles;
@@ -587,6 +589,20 @@ cudaError_t launch_gemv(const GroupedProblem& p, bool vec_in, int64_t rows, cons
   return cudaGetLastError();
 }
 
+// More than 48 KB of dynamic shared memory needs the opt-in (per kernel; cheap, no sync).
+template <typename T, bool kSwiGLU, bool kVec, int kStages>
+cudaError_t launch_wmma(const GroupedProblem& p, unsigned grid, int nt, const T* A, const T* B,
+                        T* out, T* act, cudaStream_t stream) {
+  constexpr int kBytes = wmma_smem_bytes(kStages);
+  if (cudaError_t err = cudaFuncSetAttribute(grouped_gemm_wmma<T, kSwiGLU, kVec, kStages>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+      err != cudaSuccess)
+    return err;
+  grouped_gemm_wmma<T, kSwiGLU, kVec, kStages><<<grid, kGemmThreads, kBytes, stream>>>(
+      p, nt, A, B, out, act);
+  return cudaGetLastError();
+}
+
 template <typename T, bool kSwiGLU>
 cudaError_t launch_gemm(const GroupedProblem& p, bool vec_in, int64_t max_tiles, const T* A,
                         const T* B, T* out, T* act, cudaStream_t stream) {
@@ -603,24 +619,18 @@ cudaError_t launch_gemm(const GroupedProblem& p, bool vec_in, int64_t max_tiles,
       grouped_gemm_fp32<kSwiGLU, false><<<grid, kGemmThreads, 0, stream>>>(p, nt, A, B, out, act);
     }
   } else {
-    // More than 48 KB of dynamic shared memory needs the opt-in (per kernel; cheap, no sync).
-    if (vec_in) {
-      if (cudaError_t err = cudaFuncSetAttribute(grouped_gemm_wmma<T, kSwiGLU, true>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 kWmmaSmemBytes);
-          err != cudaSuccess)
-        return err;
-      grouped_gemm_wmma<T, kSwiGLU, true><<<grid, kGemmThreads, kWmmaSmemBytes, stream>>>(
-          p, nt, A, B, out, act);
-    } else {
-      if (cudaError_t err = cudaFuncSetAttribute(grouped_gemm_wmma<T, kSwiGLU, false>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 kWmmaSmemBytes);
-          err != cudaSuccess)
-        return err;
-      grouped_gemm_wmma<T, kSwiGLU, false><<<grid, kGemmThreads, kWmmaSmemBytes, stream>>>(
-          p, nt, A, B, out, act);
+    int dev = 0, optin = 0;
+    if (cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
+    if (cudaError_t err =
+            cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+        err != cudaSuccess)
+      return err;
+    if (optin >= wmma_smem_bytes(kStagesDeep)) {
+      return vec_in ? launch_wmma<T, kSwiGLU, true, kStagesDeep>(p, grid, nt, A, B, out, act, stream)
+                    : launch_wmma<T, kSwiGLU, false, kStagesDeep>(p, grid, nt, A, B, out, act, stream);
     }
+    return vec_in ? launch_wmma<T, kSwiGLU, true, kStagesShallow>(p, grid, nt, A, B, out, act, stream)
+                  : launch_wmma<T, kSwiGLU, false, kStagesShallow>(p, grid, nt, A, B, out, act, stream);
   }
   return cudaGetLastError();
 }
