@@ -3,15 +3,19 @@
 tests/moe_emulation/ compiles the .cu files' kernels AND their launchers (launch configuration,
 decode vs tiled choice, tile counting and the tile-count bound) as host C++: one std::thread per
 CUDA thread, std::barrier for __syncthreads, the warp butterfly of cuda_utils.cuh, NaN-filled
-shared memory and scratch, and nvcuda::wmma emulated on whole 16x16 tiles (fp32 accumulation). The
-CPU ops are themselves tested against the references and HF (test_moe_route.py,
-test_moe_experts.py). Not covered here: the ATen code of moe_binding.cpp (the expert sort is
-recomputed with the same torch ops), the device's __expf (routing uses std::exp here), the
-tensor cores' accumulation order, memory-ordering / race behaviour of real warps, performance.
+shared memory and scratch, nvcuda::wmma emulated on whole 16x16 tiles (fp32 accumulation), cp.async
+copies deferred until their batch is waited for, dynamic shared memory with the device's limits.
+Buffers can be shifted off 16-byte alignment to drive the kernels' element-wise paths. The CPU ops
+are themselves tested against the references and HF (test_moe_route.py, test_moe_experts.py). Not
+covered here: the ATen code of moe_binding.cpp (its large-batch expert sort is recomputed with the
+same torch ops; its small-batch sort kernel is tested against them), the device's __expf (routing
+uses std::exp here), the tensor cores' accumulation order, memory-ordering / race behaviour of
+real warps, performance.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -33,6 +37,7 @@ _PROBE = (
 )
 _LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
 _SHARED = re.compile(r"__shared__\s+(?:__align__\(\d+\)\s+)?((?:unsigned\s+)?\w+)\s+(\w+)((?:\[[^\]]*\])+);")
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?((?:unsigned\s+)?\w+)\s+(\w+)\[\];")
 
 
 def _as_host_code(cu_source: str) -> str:
@@ -40,7 +45,8 @@ def _as_host_code(cu_source: str) -> str:
     lines = [ln for ln in cu_source.split("\n")
              if not ln.startswith(("#include <cuda_", "#include <mma.h>", '#include "cuda/'))]
     src = "\n".join(lines)
-    src, n_launch = _LAUNCH.subn(r"emu_launch(\2, [&] { \1(\3); });", src)
+    src, n_launch = _LAUNCH.subn(r"emu_launch(\2, reinterpret_cast<const void*>(&\1), [&] { \1(\3); });", src)
+    src = _EXTERN_SHARED.sub(r"\1* \2 = static_cast<\1*>(emu::dynamic_shared());", src)
     src, n_shared = _SHARED.subn(
         r"\1 (&\2)\3 = *reinterpret_cast<\1(*)\3>(emu::shared_alloc(sizeof(\1\3)));", src)
     assert n_launch > 0 and "<<<" not in src, "a kernel launch was not rewritten"
@@ -54,7 +60,8 @@ def harness(tmp_path_factory):
     if cxx is None:
         pytest.skip("needs a C++ compiler")
     work = tmp_path_factory.mktemp("moe_emulation")
-    flags = ["-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas"]
+    # -fno-strict-aliasing: the kernels reinterpret 16-byte vectors as their elements, as CUDA code does.
+    flags = ["-std=c++20", "-O2", "-pthread", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
     (work / "probe.cpp").write_text(_PROBE)
     if subprocess.run([cxx, *flags, str(work / "probe.cpp"), "-o", str(work / "probe")],
                       capture_output=True).returncode != 0:
@@ -72,12 +79,16 @@ def harness(tmp_path_factory):
     return exe
 
 
-def _run(exe, mode, tmp_path, blobs):
+def _run(exe, mode, tmp_path, blobs, smem_optin=None):
     with open(tmp_path / "in.bin", "wb") as f:
         for b in blobs:
             f.write(b)
+    env = dict(os.environ)
+    env.pop("LATENTMOE_EMU_SMEM_OPTIN", None)
+    if smem_optin is not None:
+        env["LATENTMOE_EMU_SMEM_OPTIN"] = str(smem_optin)
     res = subprocess.run([str(exe), mode, str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     return (tmp_path / "out.bin").read_bytes()
 
@@ -176,7 +187,7 @@ def _experts_case(T, E, K, H, I, dtype, idx=None, seed=0):
     return x, gu, dn, w, idx
 
 
-def _emulate_experts(harness, tmp_path, x, gu, dn, w, idx):
+def _emulate_experts(harness, tmp_path, x, gu, dn, w, idx, misalign=0, smem_optin=None):
     T, H = x.shape
     E, I, K = gu.shape[0], gu.shape[1] // 2, idx.shape[1]
     flat = idx.reshape(-1)
@@ -184,9 +195,9 @@ def _emulate_experts(harness, tmp_path, x, gu, dn, w, idx):
     sorted_ids, sorted_pairs = torch.sort(flat, stable=True)
     offsets = torch.searchsorted(sorted_ids, torch.arange(E + 1))
     pos = torch.empty_like(sorted_pairs).scatter_(0, sorted_pairs, torch.arange(flat.numel()))
-    blobs = [_i64(_DT[x.dtype], T, K, E, H, I), _raw(x), _raw(sorted_pairs), _raw(offsets), _raw(pos),
+    blobs = [_i64(_DT[x.dtype], T, K, E, H, I, misalign), _raw(x), _raw(sorted_pairs), _raw(offsets), _raw(pos),
              _raw(gu), _raw(dn), _raw(w.float())]
-    raw = _run(harness, "experts", tmp_path, blobs)
+    raw = _run(harness, "experts", tmp_path, blobs, smem_optin)
     ints = np.frombuffer(raw, np.int32 if x.dtype == torch.float32 else np.int16).copy()
     vals = torch.from_numpy(ints).view(x.dtype)
     return vals[: T * H].view(T, H), vals[T * H:].view(T * K, 2 * I), sorted_pairs, offsets
@@ -202,28 +213,44 @@ def _fp64_reference(x, gu, dn, w, idx):
     return (w.double()[..., None] * y).sum(1), pre
 
 
+def _pattern_idx(pattern, T, K, one_expert):
+    if pattern == "one":
+        return torch.full((T, K), one_expert)
+    if pattern == "skewed":  # K = 2, E >= 9
+        return torch.stack([torch.tensor([0, 8 if t % 40 == 0 else 3]) if t % 2 else torch.tensor([3, 5])
+                            for t in range(T)])
+    return None
+
+
+# Paths (see moe_experts_kernels.cu): S = T*K <= 64 runs the decode GEMV, larger S the tiled GEMMs.
+# 16-byte vector loads need the reduction length (H for gate_up, I for down) to be a multiple of
+# 4 fp32 / 8 16-bit elements and aligned operands; vector stores need N (I, H) likewise and
+# aligned outputs; otherwise the kernels take their element-wise paths. `misalign` shifts buffers
+# one element off 16-byte alignment (bits: 1 x, 2 gate_up, 4 down, 8 outputs and scratch).
 @pytest.mark.parametrize(
-    "T,E,K,H,I,pattern",
+    "T,E,K,H,I,pattern,misalign",
     [
-        (1, 8, 2, 32, 16, "random"),       # T = 1 (decode GEMV)
-        (7, 16, 4, 37, 19, "random"),      # decode path, odd sizes, idle experts
-        (16, 8, 4, 21, 17, "random"),      # S = 64: the largest decode batch
-        (17, 8, 4, 21, 33, "random"),      # S = 68: the smallest tiled batch
-        (97, 12, 3, 37, 19, "random"),     # tiled, H / I not multiples of the 64 / 16 tiles
-        (150, 6, 1, 130, 70, "one"),       # every token on one expert (3 M-tiles), 5 idle experts
-        (40, 9, 2, 24, 8, "skewed"),       # uneven: experts with 0, 1 and 60+ rows
-        (90, 4, 4, 65, 67, "random"),      # K = E, N-tiles 2 with a 1- / 3-column tail
+        (1, 8, 2, 32, 16, "random", 0),       # T = 1 (decode GEMV), vector loads
+        (1, 8, 2, 32, 16, "random", 15),      # the same with every buffer misaligned: scalar paths
+        (7, 16, 4, 37, 19, "random", 0),      # decode path, odd sizes (scalar), idle experts
+        (6, 5, 1, 44, 20, "one", 0),          # decode, one expert with 6 rows (row groups 4 + 2)
+        (64, 6, 1, 24, 12, "one", 0),         # S = 64 on one expert: 16 row groups of the GEMV
+        (16, 8, 4, 21, 17, "random", 0),      # S = 64: the largest decode batch
+        (17, 8, 4, 21, 33, "random", 0),      # S = 68: the smallest tiled batch (scalar loads)
+        (13, 8, 5, 24, 12, "random", 0),      # S = 65: tiled, vector loads
+        (97, 12, 3, 37, 19, "random", 0),     # tiled, H / I not multiples of the tiles
+        (150, 6, 1, 130, 70, "one", 0),       # every token on one expert (3 M-tiles), 5 idle experts
+        (40, 9, 2, 24, 8, "skewed", 0),       # uneven: experts with 0, 1 and 60+ rows
+        (90, 4, 4, 65, 67, "random", 0),      # K = E, N-tiles 2 with a 1- / 3-column tail
+        (64, 8, 2, 68, 36, "random", 0),      # vector loads, 5 / 3 k-steps (k tails of 4)
+        (64, 8, 2, 68, 36, "random", 1),      # x misaligned: gate_up scalar, down vector
+        (64, 8, 2, 68, 36, "random", 14),     # weights and outputs misaligned
     ],
 )
-def test_experts_fp32_kernels_match_cpu(harness, tmp_path, T, E, K, H, I, pattern):
-    idx = None
-    if pattern == "one":
-        idx = torch.full((T, K), 4)
-    elif pattern == "skewed":
-        idx = torch.stack([torch.tensor([0, 8 if t % 40 == 0 else 3]) if t % 2 else torch.tensor([3, 5])
-                           for t in range(T)])
+def test_experts_fp32_kernels_match_cpu(harness, tmp_path, T, E, K, H, I, pattern, misalign):
+    idx = _pattern_idx(pattern, T, K, 4)
     x, gu, dn, w, idx = _experts_case(T, E, K, H, I, torch.float32, idx, seed=T + H)
-    out, gate_up, sp, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)
+    out, gate_up, sp, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx, misalign)
     want_out, sp_w, off_w, want_gu = torch.ops.latentmoe.moe_experts.default(x, gu, dn, w, idx)
     assert torch.equal(sp, sp_w) and torch.equal(off, off_w)
     assert not out.isnan().any() and not gate_up.isnan().any()
@@ -239,17 +266,30 @@ def _err(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "T,E,K,H,I,pattern",
+    "T,E,K,H,I,pattern,misalign,smem_optin",
     [
-        (3, 8, 2, 40, 24, "random"),       # decode GEMV in 16-bit
-        (70, 8, 2, 40, 33, "random"),      # WMMA tiles: K tail of 8 (H = 40 = 32 + 8), N tails
-        (130, 5, 1, 48, 80, "one"),        # one expert, 3 M-tiles (the last with 2 rows), 4 idle
+        (3, 8, 2, 40, 24, "random", 0, None),       # decode GEMV in 16-bit, vector loads
+        (7, 16, 4, 36, 20, "random", 0, None),      # decode, H / I not multiples of 8: scalar paths
+        (6, 5, 1, 48, 24, "one", 0, None),          # decode, 6 rows of one expert (row groups 4 + 2)
+        (64, 6, 1, 16, 16, "one", 0, None),         # S = 64 on one expert
+        (16, 8, 4, 24, 16, "random", 0, None),      # S = 64: the largest decode batch
+        (13, 8, 5, 24, 16, "random", 0, None),      # S = 65: the smallest tiled batch
+        (70, 8, 2, 40, 33, "random", 0, None),      # WMMA tiles: K tail of 8, odd I (scalar down / stores)
+        (130, 5, 1, 48, 80, "one", 0, None),        # one expert, 3 M-tiles (the last with 2 rows), 4 idle
+        (40, 9, 2, 24, 8, "skewed", 0, None),       # experts with 0, 1 and 60+ rows
+        (100, 4, 2, 264, 72, "random", 0, None),    # 5 / 2 k-steps of 64 (> 4 pipeline stages), N tails of 8
+        (100, 4, 2, 264, 72, "random", 1, None),    # x misaligned: gate_up scalar loads
+        (100, 4, 2, 264, 72, "random", 6, None),    # weights misaligned: scalar loads, vector stores
+        (100, 4, 2, 264, 72, "random", 8, None),    # outputs / scratch misaligned: scalar stores
+        (100, 4, 2, 264, 72, "random", 0, 99 * 1024),  # 99 KB per block (sm_86): 2-stage pipeline
+        (100, 4, 2, 264, 72, "random", 6, 99 * 1024),  # the same on the element-wise loads
     ],
 )
-def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I, pattern):
-    idx = torch.full((T, K), 2) if pattern == "one" else None
+def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I, pattern, misalign,
+                                         smem_optin):
+    idx = _pattern_idx(pattern, T, K, 2)
     x, gu, dn, w, idx = _experts_case(T, E, K, H, I, dtype, idx, seed=T * 7 + H)
-    out, gate_up, sp, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)
+    out, gate_up, sp, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx, misalign, smem_optin)
     want_out, _, _, want_gu = torch.ops.latentmoe.moe_experts.default(x, gu, dn, w, idx)
     assert not out.float().isnan().any() and not gate_up.float().isnan().any()
     ref_out, ref_pre = _fp64_reference(x, gu, dn, w, idx)
@@ -261,6 +301,36 @@ def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I
     assert _err(out, ref_out) <= 2 * _err(want_out, ref_out) + eps * ref_out.abs().max().item()
     torch.testing.assert_close(gate_up.float(), want_gu.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out.float(), want_out.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "S,E,pattern",
+    [
+        (1, 8, "random"),        # T = 1, K = 1
+        (6, 64, "random"),       # V2-Lite decode step (top-6 of 64)
+        (300, 16, "random"),     # more pairs than threads, many ties
+        (1024, 256, "random"),   # the largest batch of the one-block sort, E > threads
+        (1024, 3, "one"),        # every pair on the last expert: offsets [0, 0, 0, S]
+        (257, 5, "first"),       # every pair on expert 0
+    ],
+)
+def test_sort_pairs_kernel_matches_aten(harness, tmp_path, S, E, pattern):
+    # The binding's small-batch sort must give what its ATen path gives (stable sort,
+    # searchsorted, scatter).
+    g = torch.Generator().manual_seed(S * 13 + E)
+    if pattern == "one":
+        ids = torch.full((S,), E - 1, dtype=torch.long)
+    elif pattern == "first":
+        ids = torch.zeros(S, dtype=torch.long)
+    else:
+        ids = torch.randint(0, E, (S,), generator=g)
+    raw = _run(harness, "sort", tmp_path, [_i64(S, E), _raw(ids)])
+    got = torch.from_numpy(np.frombuffer(raw, np.int64).copy())
+    sp, off, pos = got[:S], got[S:S + E + 1], got[S + E + 1:]
+    sorted_ids, want_sp = torch.sort(ids, stable=True)
+    want_off = torch.searchsorted(sorted_ids, torch.arange(E + 1))
+    want_pos = torch.empty_like(want_sp).scatter_(0, want_sp, torch.arange(S))
+    assert torch.equal(sp, want_sp) and torch.equal(off, want_off) and torch.equal(pos, want_pos)
 
 
 def test_experts_no_tokens(harness, tmp_path):

@@ -146,6 +146,21 @@ def test_experts_sorted_pairs_stable(device):
     assert off.cpu().tolist() == [0, 2, 3, 6]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T,E,K", [(1, 64, 6), (128, 256, 8), (205, 64, 5), (171, 16, 6)])
+def test_experts_cuda_sort_matches_cpu(T, E, K):
+    # S = 6 and 1024 take the binding's one-block sort, 1025 and 1026 the ATen sort; indices as a
+    # non-contiguous view.
+    x = torch.randn(T, 8)
+    gu, down = _experts(E, 8, 4, "cpu")
+    w, idx = _routing(T, E, K, "cpu")
+    _, sp, off, _ = torch.ops.latentmoe.moe_experts.default(x, gu, down, w, idx)
+    idx_view = idx.t().contiguous().cuda().t()
+    _, sp_c, off_c, _ = torch.ops.latentmoe.moe_experts.default(x.cuda(), gu.cuda(), down.cuda(),
+                                                                w.cuda(), idx_view)
+    assert torch.equal(sp_c.cpu(), sp) and torch.equal(off_c.cpu(), off)
+
+
 def _args(device="cpu", T=5, E=4, K=2, H=8, I=6):
     x = torch.randn(T, H, device=device)
     gu, down = _experts(E, H, I, device)
@@ -206,6 +221,24 @@ def test_experts_decode_and_tile_boundaries(device, T):
     x = torch.randn(T, H, device=device)
     gu, down = _experts(E, H, I, device)
     w, idx = _routing(T, E, K, device)
+    want = ref.swiglu_experts(*(t.double().cpu() for t in (x, gu, down, w)), idx.cpu())
+    assert rel_err(moe_experts(x, gu, down, w, idx).cpu(), want) <= 1e-5
+    for dtype in (torch.bfloat16, torch.float16):
+        lp = [t.to(dtype) for t in (x, gu, down)]
+        ref_lp = ref.swiglu_experts(*(t.cpu() for t in lp), w.cpu(), idx.cpu())
+        err = (moe_experts(*lp, w, idx).cpu().double() - want).abs().max().item()
+        assert err <= 2 * (ref_lp.double() - want).abs().max().item() + 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("H,I", [(392, 136), (390, 130)])  # vector loads / element-wise loads
+def test_experts_cuda_long_reduction(H, I):
+    # k-loops longer than the GEMM pipelines (7 / 3 steps of 64 in 16-bit, 25 / 9 of 16 in fp32),
+    # several M-tiles per expert and N tails, on the 16-byte and the element-wise paths.
+    T, E, K = 300, 16, 4
+    x = torch.randn(T, H, device="cuda")
+    gu, down = _experts(E, H, I, "cuda")
+    w, idx = _routing(T, E, K, "cuda")
     want = ref.swiglu_experts(*(t.double().cpu() for t in (x, gu, down, w)), idx.cpu())
     assert rel_err(moe_experts(x, gu, down, w, idx).cpu(), want) <= 1e-5
     for dtype in (torch.bfloat16, torch.float16):

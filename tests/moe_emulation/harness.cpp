@@ -7,10 +7,14 @@
 // route IN OUT:   int64 [T, E, K, n_group, topk_group, score_func, norm, has_bias, has_grad_scores],
 //                 float scale, fp32 logits [T,E], bias [E]?, grad_weights [T,K], grad_scores [T,E]?
 //                 -> fp32 weights [T,K], int64 indices [T,K], fp32 scores [T,E], fp32 grad_logits [T,E]
-// experts IN OUT: int64 [dtype (0 fp32, 1 bf16, 2 fp16), T, K, E, H, I], x [T,H], int64
+// experts IN OUT: int64 [dtype (0 fp32, 1 bf16, 2 fp16), T, K, E, H, I, misalign], x [T,H], int64
 //                 sorted_pairs [S], offsets [E+1], pos [S], gate_up [E,2I,H], down [E,H,I],
 //                 fp32 weights [S]  (x / gate_up / down as raw 4- or 2-byte elements)
 //                 -> out [T,H], gate_up_out [S,2I] (raw elements of the dtype)
+//                 The dtype buffers start 16-byte aligned, as torch's allocations do, except those
+//                 named by the bits of misalign, which start one element past a 16-byte boundary
+//                 (as a tensor view with a storage offset can): 1 x, 2 gate_up, 4 down,
+//                 8 gate_up_out / act / y / out.
 #include "shim.h"
 
 #include "common/dtype.h"
@@ -71,41 +75,74 @@ int run_route(std::ifstream& in, std::ofstream& out) {
   return 0;
 }
 
+// A dtype buffer of `bytes` bytes starting 16-byte aligned, or one element past that.
+struct Buf {
+  std::vector<unsigned char> storage;
+  unsigned char* p;
+  Buf(size_t bytes, size_t shift, bool poison) : storage(bytes + 32) {
+    if (poison) emu::poison(storage.data(), storage.size());
+    const auto base = reinterpret_cast<uintptr_t>(storage.data());
+    p = storage.data() + ((16 - base % 16) % 16) + shift;
+  }
+};
+
 int run_experts(std::ifstream& in, std::ofstream& out) {
-  int64_t h[6];
+  int64_t h[7];
   in.read(reinterpret_cast<char*>(h), sizeof(h));
-  const int64_t T = h[1], K = h[2], E = h[3], H = h[4], I = h[5], S = T * K;
+  const int64_t T = h[1], K = h[2], E = h[3], H = h[4], I = h[5], S = T * K, mis = h[6];
   const DType dt = static_cast<DType>(h[0]);
   const size_t el = dt == DType::kFloat32 ? 4 : 2;
-  auto x = read_vec<unsigned char>(in, T * H * el);
+  auto shift = [&](int bit) { return (mis & bit) ? el : 0; };
+  auto read_buf = [&](size_t bytes, int bit) {
+    Buf b(bytes, shift(bit), false);
+    in.read(reinterpret_cast<char*>(b.p), static_cast<std::streamsize>(bytes));
+    return b;
+  };
+  auto x = read_buf(T * H * el, 1);
   auto sorted_pairs = read_vec<int64_t>(in, S);
   auto offsets = read_vec<int64_t>(in, E + 1);
   auto pos = read_vec<int64_t>(in, S);
-  auto gu = read_vec<unsigned char>(in, E * 2 * I * H * el);
-  auto dn = read_vec<unsigned char>(in, E * H * I * el);
+  auto gu = read_buf(E * 2 * I * H * el, 2);
+  auto dn = read_buf(E * H * I * el, 4);
   auto w = read_vec<float>(in, S);
   if (!in) return std::fprintf(stderr, "short input\n"), 2;
   // Scratch and outputs start as NaN (at::empty on the GPU is uninitialised too).
   auto tile_start = poisoned((E + 1) * sizeof(int));
-  auto gate_up_out = poisoned(S * 2 * I * el), act = poisoned(S * I * el), y = poisoned(S * H * el);
-  auto o = poisoned(T * H * el);
+  Buf gate_up_out(S * 2 * I * el, shift(8), true), act(S * I * el, shift(8), true);
+  Buf y(S * H * el, shift(8), true), o(T * H * el, shift(8), true);
   const cudaError_t err = cuda::launch_moe_experts(
-      dt, x.data(), sorted_pairs.data(), offsets.data(), pos.data(), gu.data(), dn.data(), w.data(), T, K, E,
-      H, I, reinterpret_cast<int*>(tile_start.data()), gate_up_out.data(), act.data(), y.data(), o.data(),
-      nullptr);
+      dt, x.p, sorted_pairs.data(), offsets.data(), pos.data(), gu.p, dn.p, w.data(), T, K, E, H, I,
+      reinterpret_cast<int*>(tile_start.data()), gate_up_out.p, act.p, y.p, o.p, nullptr);
   if (err != cudaSuccess) return std::fprintf(stderr, "launch_moe_experts failed\n"), 3;
-  write_vec(out, o);
-  write_vec(out, gate_up_out);
+  out.write(reinterpret_cast<const char*>(o.p), static_cast<std::streamsize>(T * H * el));
+  out.write(reinterpret_cast<const char*>(gate_up_out.p), static_cast<std::streamsize>(S * 2 * I * el));
+  return 0;
+}
+// sort IN OUT: int64 [S, E], ids [S] -> int64 sorted_pairs [S], offsets [E+1], pos [S].
+int run_sort(std::ifstream& in, std::ofstream& out) {
+  int64_t h[2];
+  in.read(reinterpret_cast<char*>(h), sizeof(h));
+  const int64_t S = h[0], E = h[1];
+  auto ids = read_vec<int64_t>(in, S);
+  if (!in) return std::fprintf(stderr, "short input\n"), 2;
+  std::vector<int64_t> sorted_pairs(S, -7), offsets(E + 1, -7), pos(S, -7);
+  if (cuda::launch_moe_sort_pairs(ids.data(), S, E, sorted_pairs.data(), offsets.data(), pos.data(),
+                                  nullptr) != cudaSuccess)
+    return std::fprintf(stderr, "launch_moe_sort_pairs failed\n"), 3;
+  write_vec(out, sorted_pairs);
+  write_vec(out, offsets);
+  write_vec(out, pos);
   return 0;
 }
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 4) return std::fprintf(stderr, "usage: harness route|experts IN OUT\n"), 2;
+  if (argc != 4) return std::fprintf(stderr, "usage: harness route|experts|sort IN OUT\n"), 2;
   std::ifstream in(argv[2], std::ios::binary);
   std::ofstream out(argv[3], std::ios::binary);
   const std::string mode = argv[1];
   if (mode == "route") return run_route(in, out);
   if (mode == "experts") return run_experts(in, out);
+  if (mode == "sort") return run_sort(in, out);
   return std::fprintf(stderr, "unknown mode\n"), 2;
 }

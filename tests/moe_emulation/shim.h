@@ -2,9 +2,11 @@
 // (launch configuration, tile scheduling, indexing, bounds, epilogues) runs on machines without a
 // GPU. Driven by tests/test_moe_cuda_emulation.py, which rewrites the .cu source mechanically:
 //   * `k<<<grid, block, smem, stream>>>(args);`  ->
-//         `emu_launch(grid, block, smem, stream, [&] { k(args); });`
+//         `emu_launch(grid, block, smem, stream, &k, [&] { k(args); });`
 //     emu_launch runs the blocks one after another, each with one std::thread per CUDA thread
 //     (the same threads are reused for every block of a launch).
+//   * `extern __shared__ T name[];`  ->  a pointer to the launch's dynamic shared memory in the
+//     same arena (the kernel's MaxDynamicSharedMemorySize attribute is checked, 48 KB without).
 //   * `__shared__ T name[d0][d1];`  ->  a reference into a per-block arena, refilled before every
 //     block with the bytes 0x7FC1 (a NaN as fp32, bf16 and fp16; a huge int64), so reads of
 //     shared memory the kernel did not write show up as NaN / a crash.
@@ -14,19 +16,24 @@
 // butterfly as cuda_utils.cuh. nvcuda::wmma is emulated on whole 16x16 tiles held by lane 0 of
 // each warp (fp32 accumulation in k order; the tensor cores' internal order differs); loads and
 // stores check that all 32 lanes take part with the same pointer and ldm, and the API's
-// documented pointer-alignment / leading-dimension requirements.
+// documented pointer-alignment / leading-dimension requirements. Asynchronous copies
+// (__pipeline_memcpy_async / commit / wait_prior) are deferred until the kernel waits for their
+// batch, so a stage read before its wait still holds the poison. uint4 / float4 are 16-byte
+// aligned structs.
 #pragma once
 #include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <chrono>
 #include <condition_variable>
+#include <map>
 #include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -35,13 +42,26 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __align__(x)
 
 typedef int cudaError_t;
 typedef void* cudaStream_t;
 #define cudaSuccess 0
 #define cudaErrorInvalidValue 1
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+inline cudaError_t cudaGetDevice(int* dev) { return *dev = 0, cudaSuccess; }
+// The emulated device allows 227 KB of shared memory per block (sm_90), or what the environment
+// variable LATENTMOE_EMU_SMEM_OPTIN says (bytes), to drive the kernels' smaller configurations.
+inline int emu_smem_optin() {
+  const char* v = std::getenv("LATENTMOE_EMU_SMEM_OPTIN");
+  return v != nullptr ? std::atoi(v) : 227 * 1024;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
+  return *value = emu_smem_optin(), cudaSuccess;
+}
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
 struct dim3 {
@@ -122,7 +142,7 @@ class Barrier {
   uint64_t gen_ = 0;
 };
 
-constexpr size_t kArenaBytes = 96 * 1024;
+constexpr size_t kArenaBytes = 227 * 1024;  // the most one block may have on sm_90
 struct Block {
   Barrier* bar;
   std::vector<Barrier*> warp_bars;
@@ -132,12 +152,24 @@ struct Block {
 };
 inline Block* block = nullptr;
 inline thread_local size_t shared_used = 0;
-inline void* shared_alloc(size_t bytes) {
+// The device's limits: 48 KB of static shared memory per block, dynamic shared memory above
+// 48 KB only up to what cudaFuncSetAttribute(kernel, MaxDynamicSharedMemorySize) allowed, and
+// 227 KB in all (the arena is smaller: a kernel needing more fails here).
+constexpr size_t kStaticLimit = 48 * 1024, kBlockLimit = 227 * 1024;
+inline thread_local size_t static_used = 0;
+inline size_t dynamic_bytes = 0;  // of the launch in progress
+inline std::mutex attr_mutex;
+inline std::map<const void*, int> max_dynamic_smem;
+inline void* shared_alloc(size_t bytes, bool is_static = true) {
   const size_t off = (shared_used + 127) / 128 * 128;
   if (off + bytes > kArenaBytes) emu_fail("shared memory arena exhausted");
   shared_used = off + bytes;
+  if (is_static && (static_used += bytes) > kStaticLimit) emu_fail("more than 48 KB of static shared memory");
+  if (shared_used > kBlockLimit) emu_fail("more than 227 KB of shared memory per block");
   return block->arena + off;
 }
+// `extern __shared__ T name[];` (every thread gets the same block of dynamic_bytes).
+inline void* dynamic_shared() { return shared_alloc(dynamic_bytes, false); }
 inline void poison(void* p, size_t bytes) {
   auto* b = static_cast<unsigned char*>(p);
   for (size_t i = 0; i + 1 < bytes; i += 2) { b[i] = 0xC1; b[i + 1] = 0x7F; }  // little endian 0x7FC1
@@ -147,9 +179,70 @@ inline void poison(void* p, size_t bytes) {
 inline void __syncthreads() { emu::block->bar->arrive_and_wait(); }
 
 template <typename F>
-void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& kernel) {
+cudaError_t cudaFuncSetAttribute(F* fn, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) emu_fail("cudaFuncSetAttribute: attribute not emulated");
+  if (value < 0 || static_cast<size_t>(value) > emu::kBlockLimit || value > emu_smem_optin())
+    return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lk(emu::attr_mutex);
+  emu::max_dynamic_smem[reinterpret_cast<const void*>(fn)] = value;
+  return cudaSuccess;
+}
+
+// ---- 16-byte vector types ---------------------------------------------------------------------
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+
+// ---- asynchronous copies (<cuda_pipeline_primitives.h>) ----------------------------------------
+// Copies are deferred, as on the GPU: __pipeline_memcpy_async records the copy in the thread's
+// open batch, __pipeline_commit closes the batch, and __pipeline_wait_prior(n) performs every
+// committed batch but the newest n. Until then the shared destination keeps its poison, so a
+// read of a stage the kernel has not waited for shows up as NaN. Copies must go from global to
+// shared memory, 4, 8 or 16 bytes with both addresses aligned to the size.
+namespace emu {
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+inline thread_local std::vector<AsyncCopy> open_batch;
+inline thread_local std::deque<std::vector<AsyncCopy>> committed_batches;
+inline void reset_pipeline() {
+  open_batch.clear();
+  committed_batches.clear();
+}
+}  // namespace emu
+
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t bytes, size_t zfill = 0) {
+  if (bytes != 4 && bytes != 8 && bytes != 16) emu_fail("__pipeline_memcpy_async size not 4, 8 or 16");
+  if (zfill != 0) emu_fail("__pipeline_memcpy_async zero fill is not emulated");
+  const auto d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+  if (d % bytes != 0 || s % bytes != 0) emu_fail("__pipeline_memcpy_async address not aligned to its size");
+  const auto a = reinterpret_cast<uintptr_t>(emu::block->arena);
+  if (d < a || d + bytes > a + emu::kArenaBytes) emu_fail("__pipeline_memcpy_async destination not in shared memory");
+  if (s >= a && s < a + emu::kArenaBytes) emu_fail("__pipeline_memcpy_async source in shared memory");
+  emu::open_batch.push_back({dst, src, bytes});
+}
+inline void __pipeline_commit() {
+  emu::committed_batches.push_back(std::move(emu::open_batch));
+  emu::open_batch.clear();
+}
+inline void __pipeline_wait_prior(size_t n) {
+  while (emu::committed_batches.size() > n) {
+    for (const auto& c : emu::committed_batches.front()) std::memcpy(c.dst, c.src, c.bytes);
+    emu::committed_batches.pop_front();
+  }
+}
+
+template <typename F>
+void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, const void* fn, F&& kernel) {
   if (block.y != 1 || block.z != 1 || grid.z != 1) emu_fail("only 1-D blocks and 2-D grids are emulated");
-  if (smem != 0) emu_fail("dynamic shared memory is not emulated");
+  {
+    std::lock_guard<std::mutex> lk(emu::attr_mutex);
+    const auto it = emu::max_dynamic_smem.find(fn);
+    const size_t allowed = it != emu::max_dynamic_smem.end() ? static_cast<size_t>(it->second) : emu::kStaticLimit;
+    if (smem > allowed) emu_fail("dynamic shared memory above the kernel's MaxDynamicSharedMemorySize");
+  }
+  emu::dynamic_bytes = smem;
   const unsigned nt = block.x;
   if (nt == 0 || nt > 1024 || grid.x == 0 || grid.y == 0 || grid.y > 65535u)
     emu_fail("bad launch configuration");
@@ -180,6 +273,8 @@ void emu_launch(dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& kernel) {
           start.arrive_and_wait();
           blockIdx = dim3(bx, by);
           emu::shared_used = 0;
+          emu::static_used = 0;
+          emu::reset_pipeline();
           kernel();
           bar.finish();
           blk->warp_bars[t / 32]->finish();

@@ -1,5 +1,6 @@
 // CUDA registrations of the MoE ops: argument checks (shared with CPU, csrc/cpu/moe.cpp), the
-// stable permute of (token, k) pairs by expert (ATen stable sort + searchsorted: no host sync),
+// stable permute of (token, k) pairs by expert (one counting-sort launch for small batches,
+// ATen stable sort + searchsorted otherwise: no host sync),
 // and the launches. The index range check of moe_experts reads min/max back to the host (one
 // sync) so out-of-range ids raise a ValueError instead of reading out of bounds. The backward of
 // moe_experts is the device-generic ATen implementation (per-expert GEMMs; one host sync for the
@@ -84,9 +85,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_cuda(
     TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < E, "latentmoe.moe_experts: argument 'indices' holds ",
                       lo_v < 0 ? lo_v : hi_v, ", outside [0, E=", E, ")");
   }
-  auto [sorted_ids, sorted_pairs] = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  auto offsets = at::searchsorted(sorted_ids, at::arange(E + 1, flat.options()));
-  auto pos = at::empty_like(sorted_pairs).scatter_(0, sorted_pairs, at::arange(S, flat.options()));
+  at::Tensor sorted_pairs, offsets, pos;
+  if (S > 0 && S <= moe_sort_pairs_max()) {
+    // Small batches (decode): one counting-sort launch instead of sort + searchsorted + scatter.
+    auto ids = flat.contiguous();
+    sorted_pairs = at::empty({S}, ids.options());
+    offsets = at::empty({E + 1}, ids.options());
+    pos = at::empty({S}, ids.options());
+    check_launch("moe_experts",
+                 launch_moe_sort_pairs(ids.const_data_ptr<int64_t>(), S, E,
+                                       sorted_pairs.mutable_data_ptr<int64_t>(),
+                                       offsets.mutable_data_ptr<int64_t>(),
+                                       pos.mutable_data_ptr<int64_t>(),
+                                       at::cuda::getCurrentCUDAStream()));
+  } else {
+    auto [sorted_ids, sp] = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    sorted_pairs = sp;
+    offsets = at::searchsorted(sorted_ids, at::arange(E + 1, flat.options()));
+    pos = at::empty_like(sorted_pairs).scatter_(0, sorted_pairs, at::arange(S, flat.options()));
+  }
   auto x = hidden.contiguous();
   auto wgu = gate_up_proj.contiguous();
   auto wd = down_proj.contiguous();

@@ -1,20 +1,29 @@
 // MoE expert CUDA kernels: a grouped GEMM whose blocks are scheduled over
 // (expert, M-tile, N-tile), used twice (gate_up with the SwiGLU fused into its epilogue, then
-// down), and a deterministic weighted combine. Kept deliberately simple (scalar, bounds-checked
-// tile loads; no async copies or pipelining) so it is obviously correct.
+// down), a decode GEMV for few rows, and a deterministic weighted combine.
 //
 // GEMM shape per expert e with m_e rows (rows offsets[e] .. offsets[e+1] of the sorted pairs):
-//   C[r, n] = sum_k A[row(r), k] * B_e[n, k],   B_e = weight + e * N_total * Kd  (HF layout,
+//   C[r, n] = sum_k A[row(r), k] * B_e[n, k],   B_e = weight + e * b_rows * Kd  (HF layout,
 //   [out_features, in_features], so both operands are K-contiguous).
 // A rows are gathered on the fly: for gate_up, row(r) = token of the sorted pair; for down, the
 // activation row itself. M-tiles of all experts are numbered consecutively (tile_start[e] is the
-// first M-tile of expert e); grid.x covers an upper bound of the tile count (surplus blocks
-// exit at once), grid.y the N-tiles. With at most kDecodeMaxRows pairs (decode), a
-// bandwidth-bound warp-per-output GEMV (grouped_gemv) replaces the tiled GEMM.
+// first M-tile of expert e); the 1-D grid covers an upper bound of the tile count times the
+// N-tile count, N-tile fastest (blocks of one M-tile run together and share its A rows through
+// L2; an expert's weights are streamed once per M-tile, and its M-tiles are neighbours in time,
+// so with several M-tiles per expert they share the weights through L2). Surplus blocks exit.
+//
+// Loads are 16-byte vectors (8 bf16/fp16 or 4 fp32) when the reduction length is a multiple of
+// the vector and the operand base pointers are 16-byte aligned (checked on the host; the
+// template flag kVec); otherwise the same kernels load element by element with bounds checks.
+// Outputs are stored 16 bytes at a time when N and the output pointers allow (runtime flag
+// vec_out, uniform), element by element otherwise. No atomics anywhere: every output element is
+// written once by one thread, every sum is in a fixed order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <mma.h>
 
+#include <cstdint>
 #include <type_traits>
 
 #include "common/moe_math.h"
@@ -24,19 +33,27 @@
 namespace latentmoe::cuda {
 namespace {
 
-constexpr int kBM = 64;
-constexpr int kBN = 64;
+constexpr int kGemmThreads = 256;  // tiled GEMMs: 8 warps
+constexpr int kBM = 64;        // rows (sorted pairs) per M-tile
+constexpr int kBR = 128;       // weight rows per tile: 64 gate + 64 up (SwiGLU), 128 otherwise
+static_assert(kGemmThreads / 4 == kBM && kBR == 2 * kBM, "the copy slots assume these");
 
 struct GroupedProblem {
   const int64_t* offsets;      // [E+1] rows of each expert in sorted order
-  const int* tile_start;       // [E+1] first M-tile of each expert
+  const int* tile_start;       // [E+1] first M-tile of each expert (tiled path only)
   int64_t E;
   const int64_t* sorted_pairs; // gather map (gate_up) or null (down: identity rows)
   int64_t K;                   // top-k (pair id / K = token)
   int64_t N;                   // output columns per GEMM (I for gate_up, H for down)
   int64_t Kd;                  // reduction length (H for gate_up, I for down)
   int64_t b_rows;              // rows of one expert's weight (2I or H)
+  bool vec_out;                // N a multiple of the 16-byte vector, outputs 16-byte aligned
 };
+
+template <typename T>
+constexpr int kVecElems = 16 / static_cast<int>(sizeof(T));
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Expert owning M-tile `tile`: the largest e with tile_start[e] <= tile (experts with no rows
 // own no tiles, and the last of equal starts is the one that has tiles).
@@ -47,6 +64,11 @@ __device__ __forceinline__ int64_t expert_of_tile(const int* tile_start, int64_t
     if (tile_start[mid] <= tile) lo = mid; else hi = mid - 1;
   }
   return lo;
+}
+
+// Source row of sorted row r in A (token for gate_up, r itself for down).
+__device__ __forceinline__ int64_t a_row(const GroupedProblem& p, int64_t r) {
+  return p.sorted_pairs != nullptr ? p.sorted_pairs[r] / p.K : r;
 }
 
 // Epilogue of one output element (r: row in sorted order, n: column).
@@ -64,180 +86,333 @@ __device__ __forceinline__ void epilogue(int64_t r, int64_t n, float c_gate, flo
   }
 }
 
-// ---- tensor-core path (bf16 / fp16 in, fp32 accumulate), 4 warps, 64x64 tile --------------
-constexpr int kBK = 32;
-constexpr int kLd = kBK + 8;   // smem row stride of A/B tiles (elements)
-constexpr int kLdc = kBN + 4;  // smem row stride of the fp32 C tiles
-
+// The same for kV = 16 / sizeof(T) consecutive columns n .. n+kV-1 (gate values g, up values u,
+// read with stride 1): one 16-byte store per output when vec_out and all columns exist,
+// element by element (bounds-checked) otherwise. Same rounding points as epilogue().
 template <typename T, bool kSwiGLU>
-__global__ void __launch_bounds__(128)
-grouped_gemm_wmma(GroupedProblem p, const T* __restrict__ A, const T* __restrict__ B,
-                  T* __restrict__ out, T* __restrict__ act) {
-  using namespace nvcuda;
-  constexpr int kTileBytes = (kBM + (kSwiGLU ? 2 : 1) * kBN) * kLd * sizeof(T);
-  constexpr int kCBytes = (kSwiGLU ? 2 : 1) * kBM * kLdc * sizeof(float);
-  __shared__ __align__(128) unsigned char smem[kTileBytes > kCBytes ? kTileBytes : kCBytes];
-  __shared__ int64_t row_base[kBM];
-  T* As = reinterpret_cast<T*>(smem);
-  T* Bg = As + kBM * kLd;
-  T* Bu = Bg + kBN * kLd;
-
-  const int tile = static_cast<int>(blockIdx.x);
-  if (tile >= p.tile_start[p.E]) return;
-  const int64_t e = expert_of_tile(p.tile_start, p.E, tile);
-  const int64_t row0 = p.offsets[e];
-  const int64_t m = p.offsets[e + 1] - row0;
-  const int64_t m0 = static_cast<int64_t>(tile - p.tile_start[e]) * kBM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
-  const T* Be = B + e * p.b_rows * p.Kd;
-  const int tid = threadIdx.x;
-  for (int r = tid; r < kBM; r += blockDim.x) {
-    const int64_t lr = m0 + r;
-    int64_t src = -1;
-    if (lr < m) src = p.sorted_pairs != nullptr ? p.sorted_pairs[row0 + lr] / p.K : row0 + lr;
-    row_base[r] = src;
-  }
-  const int warp = tid / 32, wm = warp / 2, wn = warp % 2;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_g[2][2], acc_u[2][2];
+__device__ __forceinline__ void epilogue_vec(const GroupedProblem& p, int64_t r, int64_t n,
+                                             const float* g, const float* u,
+                                             T* __restrict__ out, T* __restrict__ act) {
+  constexpr int kV = kVecElems<T>;
+  const int64_t N = p.N;
+  if (p.vec_out && n + kV <= N) {
+    alignas(16) T gv[kV];
+    alignas(16) T uv[kV];
+    alignas(16) T av[kV];
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      wmma::fill_fragment(acc_g[i][j], 0.f);
-      wmma::fill_fragment(acc_u[i][j], 0.f);
-    }
-  __syncthreads();
-  const T zero = from_float<T>(0.f);
-  for (int64_t k0 = 0; k0 < p.Kd; k0 += kBK) {
-    for (int idx = tid; idx < kBM * kBK; idx += blockDim.x) {
-      const int r = idx / kBK, c = idx % kBK;
-      const int64_t src = row_base[r];
-      As[r * kLd + c] = (src >= 0 && k0 + c < p.Kd) ? A[src * p.Kd + k0 + c] : zero;
-    }
-    for (int idx = tid; idx < kBN * kBK; idx += blockDim.x) {
-      const int n = idx / kBK, c = idx % kBK;
-      const bool ok = n0 + n < p.N && k0 + c < p.Kd;
-      Bg[n * kLd + c] = ok ? Be[(n0 + n) * p.Kd + k0 + c] : zero;
-      if constexpr (kSwiGLU) Bu[n * kLd + c] = ok ? Be[(p.N + n0 + n) * p.Kd + k0 + c] : zero;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], As + (wm * 32 + i * 16) * kLd + kk, kLd);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::load_matrix_sync(b, Bg + (wn * 32 + j * 16) * kLd + kk, kLd);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::mma_sync(acc_g[i][j], a[i], b, acc_g[i][j]);
-        if constexpr (kSwiGLU) {
-          wmma::load_matrix_sync(b, Bu + (wn * 32 + j * 16) * kLd + kk, kLd);
-#pragma unroll
-          for (int i = 0; i < 2; ++i) wmma::mma_sync(acc_u[i][j], a[i], b, acc_u[i][j]);
-        }
+    for (int i = 0; i < kV; ++i) {
+      gv[i] = from_float<T>(g[i]);
+      if constexpr (kSwiGLU) {
+        uv[i] = from_float<T>(u[i]);
+        av[i] = from_float<T>(moe::swiglu(to_float(gv[i]), to_float(uv[i])));
       }
     }
-    __syncthreads();
-  }
-  // The A/B tiles are dead: reuse their shared memory for the fp32 C tiles.
-  float* Cg = reinterpret_cast<float*>(smem);
-  float* Cu = Cg + kBM * kLdc;
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      float* dst = Cg + (wm * 32 + i * 16) * kLdc + wn * 32 + j * 16;
-      wmma::store_matrix_sync(dst, acc_g[i][j], kLdc, wmma::mem_row_major);
-      if constexpr (kSwiGLU)
-        wmma::store_matrix_sync(Cu + (dst - Cg), acc_u[i][j], kLdc, wmma::mem_row_major);
+    if constexpr (kSwiGLU) {
+      *reinterpret_cast<uint4*>(out + r * 2 * N + n) = *reinterpret_cast<const uint4*>(gv);
+      *reinterpret_cast<uint4*>(out + r * 2 * N + N + n) = *reinterpret_cast<const uint4*>(uv);
+      *reinterpret_cast<uint4*>(act + r * N + n) = *reinterpret_cast<const uint4*>(av);
+    } else {
+      *reinterpret_cast<uint4*>(out + r * N + n) = *reinterpret_cast<const uint4*>(gv);
     }
-  __syncthreads();
-  for (int idx = tid; idx < kBM * kBN; idx += blockDim.x) {
-    const int r = idx / kBN, c = idx % kBN;
-    if (m0 + r >= m || n0 + c >= p.N) continue;
-    epilogue<T, kSwiGLU>(row0 + m0 + r, n0 + c, Cg[r * kLdc + c],
-                         kSwiGLU ? Cu[r * kLdc + c] : 0.f, p.N, out, act);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kV; ++i)
+      if (n + i < N) epilogue<T, kSwiGLU>(r, n + i, g[i], kSwiGLU ? u[i] : 0.f, N, out, act);
   }
 }
 
-// ---- fp32 path: FMA tiles, 256 threads, each owns a 4x4 (x2 for SwiGLU) sub-tile ----------
-constexpr int kBKf = 16;
+// Source of row R of a tile's operands (null where the row does not exist): R < 64 is A row R
+// of the M-tile, R = 64 + j weight row j of the 128-row weight tile (SwiGLU: j < 64 are gate
+// rows n0 + j, j >= 64 the matching up rows N + n0 + j - 64).
+template <typename T, bool kSwiGLU>
+__device__ __forceinline__ const T* tile_row_source(const GroupedProblem& p, const T* A,
+                                                    const T* Be, int64_t row0, int64_t m,
+                                                    int64_t m0, int64_t n0, int R) {
+  constexpr int kBN = kSwiGLU ? kBR / 2 : kBR;
+  if (R < kBM) {
+    const int64_t lr = m0 + R;
+    return lr < m ? A + a_row(p, row0 + lr) * p.Kd : nullptr;
+  }
+  const int j = R - kBM;
+  const int64_t n = n0 + j % kBN;
+  const int64_t wrow = (kSwiGLU && j >= kBN ? p.N : 0) + n;
+  return n < p.N ? Be + wrow * p.Kd : nullptr;
+}
 
-template <bool kSwiGLU>
-__global__ void __launch_bounds__(256)
-grouped_gemm_fp32(GroupedProblem p, const float* __restrict__ A, const float* __restrict__ B,
-                  float* __restrict__ out, float* __restrict__ act) {
-  __shared__ float As[kBKf][kBM + 1];
-  __shared__ float Bg[kBKf][kBN + 1];
-  __shared__ float Bu[kSwiGLU ? kBKf : 1][kBN + 1];
-  __shared__ int64_t row_base[kBM];
-  const int tile = static_cast<int>(blockIdx.x);
-  if (tile >= p.tile_start[p.E]) return;
+// ---- tensor-core path (bf16 / fp16 in, fp32 accumulate) -------------------------------------
+// Tile 64 rows x 128 weight rows x 64 k, 8 warps (2 x 4, each 32 x 32 = 2 x 2 WMMA 16x16x16
+// fragments), a 4-stage cp.async pipeline (16-byte copies, 6 per thread per stage: each weight
+// row is read in whole 128-byte lines; up to 3 stages = 48 KB of weights in flight per block,
+// 2 blocks per SM), padded shared rows (72 elements = 144 bytes) so WMMA loads and the copies
+// spread over the banks. 108 KB of dynamic shared memory per block (2 stages, 54 KB, on devices
+// that allow less per block); the fp32 C tile for the epilogue reuses it.
+constexpr int kBK = 64;
+constexpr int kStagesDeep = 4;     // sm_80 / sm_90 (up to 163 / 227 KB per block)
+constexpr int kStagesShallow = 2;  // devices with less opt-in shared memory (sm_86 / sm_89: 99 KB)
+constexpr int kLd = kBK + 8;    // smem row stride of A/B tiles (elements)
+constexpr int kLdc = kBR + 4;   // smem row stride of the fp32 C tile
+constexpr int kChunksPerRow = kBK / 8;                       // 16-byte chunks per stage row
+constexpr int kRowsPerPass = kGemmThreads / kChunksPerRow;   // stage rows copied per pass
+constexpr int kSlots = (kBM + kBR) / kRowsPerPass;           // copies per thread per stage
+static_assert(kGemmThreads % kChunksPerRow == 0 && (kBM + kBR) % kRowsPerPass == 0,
+              "copy slots tile the stage exactly");
+
+// Copies 8 elements k..k+7 of `row` into dst (16 bytes, shared), zeros where out of range.
+template <typename T, bool kVec>
+__device__ __forceinline__ void copy_chunk8(T* dst, const T* row, int k, int Kd) {
+  if constexpr (kVec) {  // Kd % 8 == 0: the chunk is entirely in or out of range
+    if (row != nullptr && k < Kd) {
+      __pipeline_memcpy_async(dst, row + k, 16);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = uint4{0u, 0u, 0u, 0u};
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      dst[i] = (row != nullptr && k + i < Kd) ? row[k + i] : from_float<T>(0.f);
+  }
+}
+
+constexpr int kStageElems = (kBM + kBR) * kLd;  // 16-bit elements of one stage
+constexpr int kWmmaCBytes = kBM * kLdc * static_cast<int>(sizeof(float));
+constexpr int wmma_smem_bytes(int stages) {
+  return stages * kStageElems * 2 > kWmmaCBytes ? stages * kStageElems * 2 : kWmmaCBytes;
+}
+
+template <typename T, bool kSwiGLU, bool kVec, int kStages>
+__global__ void __launch_bounds__(kGemmThreads, 2)
+grouped_gemm_wmma(GroupedProblem p, int n_tiles, const T* __restrict__ A,
+                  const T* __restrict__ B, T* __restrict__ out, T* __restrict__ act) {
+  using namespace nvcuda;
+  static_assert(sizeof(T) == 2 && kStages >= 2, "16-bit operands, at least double buffering");
+  constexpr int kBN = kSwiGLU ? kBR / 2 : kBR;  // output columns per tile
+  extern __shared__ __align__(128) unsigned char smem[];  // wmma_smem_bytes(kStages)
+  T* const stages = reinterpret_cast<T*>(smem);
+
+  const int tile = static_cast<int>(blockIdx.x) / n_tiles;
+  const int nt = static_cast<int>(blockIdx.x) % n_tiles;
+  if (tile >= p.tile_start[p.E]) return;  // uniform per block
   const int64_t e = expert_of_tile(p.tile_start, p.E, tile);
   const int64_t row0 = p.offsets[e];
   const int64_t m = p.offsets[e + 1] - row0;
   const int64_t m0 = static_cast<int64_t>(tile - p.tile_start[e]) * kBM;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
-  const float* Be = B + e * p.b_rows * p.Kd;
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  for (int r = tid; r < kBM; r += blockDim.x) {
-    const int64_t lr = m0 + r;
-    int64_t src = -1;
-    if (lr < m) src = p.sorted_pairs != nullptr ? p.sorted_pairs[row0 + lr] / p.K : row0 + lr;
-    row_base[r] = src;
+  const int64_t n0 = static_cast<int64_t>(nt) * kBN;
+  const T* Be = B + e * p.b_rows * p.Kd;
+  const int tid = threadIdx.x;
+  // Copy slots: stage rows ld_row + q * kRowsPerPass (A rows, then weight rows), 8 elements
+  // from column ld_col.
+  const int ld_row = tid / kChunksPerRow, ld_col = (tid % kChunksPerRow) * 8;
+  const T* src[kSlots];
+#pragma unroll
+  for (int q = 0; q < kSlots; ++q)
+    src[q] = tile_row_source<T, kSwiGLU>(p, A, Be, row0, m, m0, n0, ld_row + q * kRowsPerPass);
+
+  const int Kd = static_cast<int>(p.Kd);  // a row length: < 2^31
+  T* const slot = stages + ld_row * kLd + ld_col;  // this thread's first slot in stage 0
+  auto load_stage = [&](int buf, int kt) {
+    T* st = slot + buf * kStageElems;
+    const int k = kt * kBK + ld_col;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q)
+      copy_chunk8<T, kVec>(st + q * kRowsPerPass * kLd, src[q], k, Kd);
+  };
+
+  const int warp = tid / 32, wm = warp / 4, wn = warp % 4;
+  // 16-row fragments wholly past the expert's rows only multiply zero padding: skipped
+  // (warp-uniform; their accumulators stay zero and are never stored to global memory).
+  bool live[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) live[i] = m0 + wm * 32 + i * 16 < m;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  // Pipeline: group g holds stage g's copies (an empty group past the end keeps the count
+  // uniform). Before computing stage kt, wait until at most kStages - 2 groups are pending
+  // (so groups 0..kt have landed for this thread), then a barrier makes every thread's copies
+  // visible and guarantees that stage kt - 1's buffer, refilled next, is no longer read.
+  const int nk = (Kd + kBK - 1) / kBK;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < nk) load_stage(s, s);
+    __pipeline_commit();
   }
-  float acc_g[4][4] = {}, acc_u[4][4] = {};
+  for (int kt = 0; kt < nk; ++kt) {
+    __pipeline_wait_prior(kStages - 2);
+    __syncthreads();
+    const int pf = kt + kStages - 1;
+    if (pf < nk) load_stage(pf % kStages, pf);
+    __pipeline_commit();
+    const T* As = stages + (kt % kStages) * kStageElems;
+    const T* Bs = As + kBM * kLd;
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      if (!live[0]) break;  // this warp's rows are all padding
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        if (live[i]) wmma::load_matrix_sync(a[i], As + (wm * 32 + i * 16) * kLd + kk, kLd);
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::load_matrix_sync(b[j], Bs + (wn * 32 + j * 16) * kLd + kk, kLd);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          if (live[i]) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();  // all warps are done with the stages: reuse them for the C tile
+  float* C = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(C + (wm * 32 + i * 16) * kLdc + wn * 32 + j * 16, acc[i][j], kLdc,
+                              wmma::mem_row_major);
   __syncthreads();
-  for (int64_t k0 = 0; k0 < p.Kd; k0 += kBKf) {
-    for (int idx = tid; idx < kBM * kBKf; idx += blockDim.x) {
-      const int r = idx / kBKf, c = idx % kBKf;
-      const int64_t src = row_base[r];
-      As[c][r] = (src >= 0 && k0 + c < p.Kd) ? A[src * p.Kd + k0 + c] : 0.f;
-    }
-    for (int idx = tid; idx < kBN * kBKf; idx += blockDim.x) {
-      const int n = idx / kBKf, c = idx % kBKf;
-      const bool ok = n0 + n < p.N && k0 + c < p.Kd;
-      Bg[c][n] = ok ? Be[(n0 + n) * p.Kd + k0 + c] : 0.f;
-      if constexpr (kSwiGLU) Bu[c][n] = ok ? Be[(p.N + n0 + n) * p.Kd + k0 + c] : 0.f;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kBKf; ++kk) {
-      float a[4], bg[4], bu[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        bg[j] = Bg[kk][tx + 16 * j];
-        bu[j] = kSwiGLU ? Bu[kk][tx + 16 * j] : 0.f;
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          acc_g[i][j] = fmaf(a[i], bg[j], acc_g[i][j]);
-          if constexpr (kSwiGLU) acc_u[i][j] = fmaf(a[i], bu[j], acc_u[i][j]);
-        }
-    }
-    __syncthreads();
+  // 8 output columns per thread and step; SwiGLU: gate in C columns 0..63, up in 64..127.
+  constexpr int kChunks = kBN / 8;
+  for (int idx = tid; idx < kBM * kChunks; idx += kGemmThreads) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    if (m0 + r >= m) continue;
+    const float* cg = C + r * kLdc + c;
+    epilogue_vec<T, kSwiGLU>(p, row0 + m0 + r, n0 + c, cg, cg + (kSwiGLU ? kBN : 0), out, act);
   }
+}
+
+// ---- fp32 path: FMA tiles 64 x 128 x 16, 256 threads, each a 4 x 8 register micro-tile ------
+// Operands go k-major into double-buffered shared memory (float4 global loads for the next
+// k-step are issued before the current one is computed); every thread reads one float4 of A
+// and two of B per k (rows ty*4.., weight rows tx*4.. and 64 + tx*4..). With SwiGLU, the two
+// weight-row groups are the gate and up rows of the same 4 output columns, so the epilogue
+// runs from registers.
+constexpr int kBKf = 16;
+
+template <bool kVec>
+__device__ __forceinline__ float4 load4(const float* row, int64_t k, int64_t Kd) {
+  float4 v{0.f, 0.f, 0.f, 0.f};
+  if (row == nullptr) return v;
+  if constexpr (kVec) {  // Kd % 4 == 0: the 4 elements are entirely in or out of range
+    if (k < Kd) v = *reinterpret_cast<const float4*>(row + k);
+  } else {
+    v.x = k < Kd ? row[k] : 0.f;
+    v.y = k + 1 < Kd ? row[k + 1] : 0.f;
+    v.z = k + 2 < Kd ? row[k + 2] : 0.f;
+    v.w = k + 3 < Kd ? row[k + 3] : 0.f;
+  }
+  return v;
+}
+
+template <bool kSwiGLU, bool kVec>
+__global__ void __launch_bounds__(kGemmThreads, 2)
+grouped_gemm_fp32(GroupedProblem p, int n_tiles, const float* __restrict__ A,
+                  const float* __restrict__ B, float* __restrict__ out,
+                  float* __restrict__ act) {
+  constexpr int kBN = kSwiGLU ? kBR / 2 : kBR;
+  __shared__ __align__(16) float As[2][kBKf][kBM + 4];
+  __shared__ __align__(16) float Bs[2][kBKf][kBR + 4];
+  const int tile = static_cast<int>(blockIdx.x) / n_tiles;
+  const int nt = static_cast<int>(blockIdx.x) % n_tiles;
+  if (tile >= p.tile_start[p.E]) return;  // uniform per block
+  const int64_t e = expert_of_tile(p.tile_start, p.E, tile);
+  const int64_t row0 = p.offsets[e];
+  const int64_t m = p.offsets[e + 1] - row0;
+  const int64_t m0 = static_cast<int64_t>(tile - p.tile_start[e]) * kBM;
+  const int64_t n0 = static_cast<int64_t>(nt) * kBN;
+  const float* Be = B + e * p.b_rows * p.Kd;
+  const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+  const int ld_row = tid >> 2, ld_col = (tid & 3) * 4;
+  const float* a_src = tile_row_source<float, kSwiGLU>(p, A, Be, row0, m, m0, n0, ld_row);
+  const float* b_src[2];
+#pragma unroll
+  for (int q = 0; q < 2; ++q)
+    b_src[q] = tile_row_source<float, kSwiGLU>(p, A, Be, row0, m, m0, n0, kBM + ld_row + q * kBM);
+
+  float4 ra, rb0, rb1;
+  auto fetch = [&](int kt) {
+    const int64_t k = static_cast<int64_t>(kt) * kBKf + ld_col;
+    ra = load4<kVec>(a_src, k, p.Kd);
+    rb0 = load4<kVec>(b_src[0], k, p.Kd);
+    rb1 = load4<kVec>(b_src[1], k, p.Kd);
+  };
+  auto stash = [&](int buf) {
+    As[buf][ld_col + 0][ld_row] = ra.x;
+    As[buf][ld_col + 1][ld_row] = ra.y;
+    As[buf][ld_col + 2][ld_row] = ra.z;
+    As[buf][ld_col + 3][ld_row] = ra.w;
+    Bs[buf][ld_col + 0][ld_row] = rb0.x;
+    Bs[buf][ld_col + 1][ld_row] = rb0.y;
+    Bs[buf][ld_col + 2][ld_row] = rb0.z;
+    Bs[buf][ld_col + 3][ld_row] = rb0.w;
+    Bs[buf][ld_col + 0][ld_row + kBM] = rb1.x;
+    Bs[buf][ld_col + 1][ld_row + kBM] = rb1.y;
+    Bs[buf][ld_col + 2][ld_row + kBM] = rb1.z;
+    Bs[buf][ld_col + 3][ld_row + kBM] = rb1.w;
+  };
+
+  float acc[4][8];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t r = m0 + ty + 16 * i, c = n0 + tx + 16 * j;
-      if (r < m && c < p.N)
-        epilogue<float, kSwiGLU>(row0 + r, c, acc_g[i][j], acc_u[i][j], p.N, out, act);
+    for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+  const int nk = static_cast<int>((p.Kd + kBKf - 1) / kBKf);
+  if (nk > 0) {
+    fetch(0);
+    stash(0);
+  }
+  __syncthreads();
+  // Threads whose 4 rows are all past the expert's rows would only multiply zero padding (a
+  // warp spans 8 rows, so mostly whole warps skip).
+  const bool live = m0 + ty * 4 < m;
+  for (int kt = 0; kt < nk; ++kt) {
+    const int cur = kt & 1;
+    if (kt + 1 < nk) fetch(kt + 1);  // in flight while this stage is computed
+#pragma unroll
+    for (int kk = 0; kk < kBKf; ++kk) {
+      if (!live) break;
+      const float4 a4 = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
+      const float4 b4 = *reinterpret_cast<const float4*>(&Bs[cur][kk][tx * 4]);
+      const float4 c4 = *reinterpret_cast<const float4*>(&Bs[cur][kk][kBM + tx * 4]);
+      const float a[4] = {a4.x, a4.y, a4.z, a4.w};
+      const float b[8] = {b4.x, b4.y, b4.z, b4.w, c4.x, c4.y, c4.z, c4.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
     }
+    // The other buffer was last read in step kt - 1, which every thread finished before the
+    // barrier that ended it.
+    if (kt + 1 < nk) stash(cur ^ 1);
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t lr = m0 + ty * 4 + i;
+    if (lr >= m) continue;
+    if constexpr (kSwiGLU) {
+      epilogue_vec<float, true>(p, row0 + lr, n0 + tx * 4, &acc[i][0], &acc[i][4], out, act);
+    } else {
+      epilogue_vec<float, false>(p, row0 + lr, n0 + tx * 4, &acc[i][0], nullptr, out, act);
+      epilogue_vec<float, false>(p, row0 + lr, n0 + kBM + tx * 4, &acc[i][4], nullptr, out, act);
+    }
+  }
 }
 
-// ---- decode path (few rows): one warp per (sorted row, output column) ------------------------
-// Every row's dot products stream the expert's weight rows once, coalesced across the warp's
-// lanes: bandwidth-bound, with none of the 64-row tile padding of the GEMM above.
+// ---- decode path (few rows): one warp per (expert, output column) ----------------------------
+// Bandwidth-bound: each warp streams the weight row(s) of its column once per group of up to
+// kGemvRows rows of the expert, 16 bytes per lane per load with kGemvUnroll loads (x2 with the
+// up row) in flight per lane; the expert's activation rows are small and come from L1/L2.
+// grid.y runs over sorted rows; only the block row of an expert's first row does work (it
+// computes all of the expert's rows), the others exit at once.
 constexpr int64_t kDecodeMaxRows = 64;
 constexpr int kGemvWarps = 8;
+constexpr int kGemvRows = 4;
+constexpr int kGemvUnroll = 4;
 
 // Expert owning sorted row r: the largest e < E with offsets[e] <= r (an expert with no rows
 // shares its offset with the next one, so the last of equal offsets is the owner).
@@ -250,28 +425,95 @@ __device__ __forceinline__ int64_t expert_of_row(const int64_t* offsets, int64_t
   return lo;
 }
 
-template <typename T, bool kSwiGLU>
+// 16 bytes (kVecElems<T> elements) at p as floats.
+template <typename T>
+__device__ __forceinline__ void load_vec_f32(const T* p, float* f) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  const T* x = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int i = 0; i < kVecElems<T>; ++i) f[i] = to_float(x[i]);
+}
+
+template <typename T, bool kSwiGLU, bool kVec>
 __global__ void __launch_bounds__(kGemvWarps * 32)
 grouped_gemv(GroupedProblem p, int64_t rows, const T* __restrict__ A, const T* __restrict__ B,
              T* __restrict__ out, T* __restrict__ act) {
+  constexpr int kV = kVecElems<T>;
   const int lane = threadIdx.x % 32;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
-  const int64_t r = blockIdx.y;
-  if (n >= p.N || r >= rows) return;  // uniform per warp: n and r are the same for all lanes
-  const int64_t e = expert_of_row(p.offsets, p.E, r);
-  const int64_t src = p.sorted_pairs != nullptr ? p.sorted_pairs[r] / p.K : r;
-  const T* a = A + src * p.Kd;
+  const int64_t r_first = blockIdx.y;
+  if (n >= p.N || r_first >= rows) return;  // uniform per warp
+  const int64_t e = expert_of_row(p.offsets, p.E, r_first);
+  if (p.offsets[e] != r_first) return;      // uniform per block: not the expert's first row
+  const int64_t r_end = p.offsets[e + 1];
   const T* wg = B + (e * p.b_rows + n) * p.Kd;
-  const T* wu = kSwiGLU ? B + (e * p.b_rows + p.N + n) * p.Kd : wg;
-  float g = 0.f, u = 0.f;
-  for (int64_t k = lane; k < p.Kd; k += 32) {
-    const float av = to_float(a[k]);
-    g = fmaf(av, to_float(wg[k]), g);
-    if constexpr (kSwiGLU) u = fmaf(av, to_float(wu[k]), u);
+  const T* wu = kSwiGLU ? wg + p.N * p.Kd : wg;
+  for (int64_t r0 = r_first; r0 < r_end; r0 += kGemvRows) {
+    const int nr = static_cast<int>(r_end - r0 < kGemvRows ? r_end - r0 : kGemvRows);
+    const T* a[kGemvRows];
+#pragma unroll
+    for (int j = 0; j < kGemvRows; ++j) a[j] = A + a_row(p, r0 + (j < nr ? j : 0)) * p.Kd;
+    float g[kGemvRows], u[kGemvRows];
+#pragma unroll
+    for (int j = 0; j < kGemvRows; ++j) g[j] = u[j] = 0.f;
+    if constexpr (kVec) {  // Kd % kV == 0, rows 16-byte aligned
+      const int64_t n_chunks = p.Kd / kV;
+      for (int64_t c0 = lane; c0 < n_chunks; c0 += 32 * kGemvUnroll) {
+        uint4 vg[kGemvUnroll], vu[kGemvUnroll];
+#pragma unroll
+        for (int q = 0; q < kGemvUnroll; ++q) {
+          const int64_t c = c0 + q * 32;
+          if (c < n_chunks) {
+            vg[q] = *reinterpret_cast<const uint4*>(wg + c * kV);
+            if constexpr (kSwiGLU) vu[q] = *reinterpret_cast<const uint4*>(wu + c * kV);
+          }
+        }
+#pragma unroll
+        for (int q = 0; q < kGemvUnroll; ++q) {
+          const int64_t c = c0 + q * 32;
+          if (c >= n_chunks) break;
+          float fg[kV], fu[kV];
+          const T* xg = reinterpret_cast<const T*>(&vg[q]);
+          const T* xu = reinterpret_cast<const T*>(&vu[q]);
+#pragma unroll
+          for (int i = 0; i < kV; ++i) {
+            fg[i] = to_float(xg[i]);
+            fu[i] = kSwiGLU ? to_float(xu[i]) : 0.f;
+          }
+#pragma unroll
+          for (int j = 0; j < kGemvRows; ++j) {
+            if (j >= nr) break;
+            float fa[kV];
+            load_vec_f32<T>(a[j] + c * kV, fa);
+#pragma unroll
+            for (int i = 0; i < kV; ++i) {
+              g[j] = fmaf(fa[i], fg[i], g[j]);
+              if constexpr (kSwiGLU) u[j] = fmaf(fa[i], fu[i], u[j]);
+            }
+          }
+        }
+      }
+    } else {
+      for (int64_t k = lane; k < p.Kd; k += 32) {
+        const float wgk = to_float(wg[k]);
+        const float wuk = kSwiGLU ? to_float(wu[k]) : 0.f;
+#pragma unroll
+        for (int j = 0; j < kGemvRows; ++j) {
+          if (j >= nr) break;
+          const float av = to_float(a[j][k]);
+          g[j] = fmaf(av, wgk, g[j]);
+          if constexpr (kSwiGLU) u[j] = fmaf(av, wuk, u[j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kGemvRows; ++j) {
+      if (j >= nr) break;  // nr is uniform per warp
+      const float gs = warp_sum(g[j]);
+      const float us = kSwiGLU ? warp_sum(u[j]) : 0.f;
+      if (lane == 0) epilogue<T, kSwiGLU>(r0 + j, n, gs, us, p.N, out, act);
+    }
   }
-  g = warp_sum(g);
-  if constexpr (kSwiGLU) u = warp_sum(u);
-  if (lane == 0) epilogue<T, kSwiGLU>(r, n, g, u, p.N, out, act);
 }
 
 // tile_start[e] = sum over e' < e of ceil(m_e' / kBM); tile_start[E] = total. One thread: E is
@@ -287,26 +529,108 @@ __global__ void tile_start_kernel(const int64_t* __restrict__ offsets, int64_t E
   tile_start[E] = acc;
 }
 
-// out[t, :] = sum_k w[t*K+k] * y[pos[t*K+k], :], fp32, in k order (deterministic).
-template <typename T>
+// out[t, :] = sum_k w[t*K+k] * y[pos[t*K+k], :], fp32, in k order (deterministic). With kVec
+// (H a multiple of the 16-byte vector, y / out aligned) each thread does 16 bytes of columns.
+template <typename T, bool kVec>
 __global__ void combine_kernel(const T* __restrict__ y, const float* __restrict__ w,
                                const int64_t* __restrict__ pos, int64_t K, int64_t H,
                                T* __restrict__ out) {
   const int64_t t = blockIdx.x;
-  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k) acc += w[t * K + k] * to_float(y[pos[t * K + k] * H + h]);
-    out[t * H + h] = from_float<T>(acc);
+  if constexpr (kVec) {
+    constexpr int kV = kVecElems<T>;
+    for (int64_t h = static_cast<int64_t>(threadIdx.x) * kV; h < H;
+         h += static_cast<int64_t>(blockDim.x) * kV) {
+      float acc[kV];
+#pragma unroll
+      for (int i = 0; i < kV; ++i) acc[i] = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float wk = w[t * K + k];
+        float v[kV];
+        load_vec_f32<T>(y + pos[t * K + k] * H + h, v);
+#pragma unroll
+        for (int i = 0; i < kV; ++i) acc[i] += wk * v[i];
+      }
+      alignas(16) T o[kV];
+#pragma unroll
+      for (int i = 0; i < kV; ++i) o[i] = from_float<T>(acc[i]);
+      *reinterpret_cast<uint4*>(out + t * H + h) = *reinterpret_cast<const uint4*>(o);
+    }
+  } else {
+    for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += w[t * K + k] * to_float(y[pos[t * K + k] * H + h]);
+      out[t * H + h] = from_float<T>(acc);
+    }
   }
 }
 
-template <typename T, bool kSwiGLU>
-cudaError_t launch_gemm(const GroupedProblem& p, dim3 grid, const T* A, const T* B, T* out,
-                        T* act, cudaStream_t stream) {
-  if constexpr (std::is_same_v<T, float>) {
-    grouped_gemm_fp32<kSwiGLU><<<grid, 256, 0, stream>>>(p, A, B, out, act);
+template <typename T>
+cudaError_t launch_combine(const T* y, const float* w, const int64_t* pos, int64_t T_, int64_t K,
+                           int64_t H, T* out, cudaStream_t stream) {
+  const bool vec = H % kVecElems<T> == 0 && aligned16(y) && aligned16(out);
+  const unsigned grid = static_cast<unsigned>(T_);
+  if (vec) {
+    combine_kernel<T, true><<<grid, 256, 0, stream>>>(y, w, pos, K, H, out);
   } else {
-    grouped_gemm_wmma<T, kSwiGLU><<<grid, 128, 0, stream>>>(p, A, B, out, act);
+    combine_kernel<T, false><<<grid, 256, 0, stream>>>(y, w, pos, K, H, out);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, bool kSwiGLU>
+cudaError_t launch_gemv(const GroupedProblem& p, bool vec_in, int64_t rows, const T* A,
+                        const T* B, T* out, T* act, cudaStream_t stream) {
+  dim3 grid(static_cast<unsigned>((p.N + kGemvWarps - 1) / kGemvWarps), static_cast<unsigned>(rows));
+  if (vec_in) {
+    grouped_gemv<T, kSwiGLU, true><<<grid, kGemvWarps * 32, 0, stream>>>(p, rows, A, B, out, act);
+  } else {
+    grouped_gemv<T, kSwiGLU, false><<<grid, kGemvWarps * 32, 0, stream>>>(p, rows, A, B, out, act);
+  }
+  return cudaGetLastError();
+}
+
+// More than 48 KB of dynamic shared memory needs the opt-in (per kernel; cheap, no sync).
+template <typename T, bool kSwiGLU, bool kVec, int kStages>
+cudaError_t launch_wmma(const GroupedProblem& p, unsigned grid, int nt, const T* A, const T* B,
+                        T* out, T* act, cudaStream_t stream) {
+  constexpr int kBytes = wmma_smem_bytes(kStages);
+  if (cudaError_t err = cudaFuncSetAttribute(grouped_gemm_wmma<T, kSwiGLU, kVec, kStages>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+      err != cudaSuccess)
+    return err;
+  grouped_gemm_wmma<T, kSwiGLU, kVec, kStages><<<grid, kGemmThreads, kBytes, stream>>>(
+      p, nt, A, B, out, act);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kSwiGLU>
+cudaError_t launch_gemm(const GroupedProblem& p, bool vec_in, int64_t max_tiles, const T* A,
+                        const T* B, T* out, T* act, cudaStream_t stream) {
+  constexpr int64_t kBN = kSwiGLU ? kBR / 2 : kBR;
+  const int64_t n_tiles = (p.N + kBN - 1) / kBN;
+  const int64_t blocks = max_tiles * n_tiles;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;  // beyond the 1-D grid
+  const unsigned grid = static_cast<unsigned>(blocks);
+  const int nt = static_cast<int>(n_tiles);
+  if constexpr (std::is_same_v<T, float>) {
+    if (vec_in) {
+      grouped_gemm_fp32<kSwiGLU, true><<<grid, kGemmThreads, 0, stream>>>(p, nt, A, B, out, act);
+    } else {
+      grouped_gemm_fp32<kSwiGLU, false><<<grid, kGemmThreads, 0, stream>>>(p, nt, A, B, out, act);
+    }
+  } else {
+    int dev = 0, optin = 0;
+    if (cudaError_t err = cudaGetDevice(&dev); err != cudaSuccess) return err;
+    if (cudaError_t err =
+            cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+        err != cudaSuccess)
+      return err;
+    if (optin >= wmma_smem_bytes(kStagesDeep)) {
+      return vec_in ? launch_wmma<T, kSwiGLU, true, kStagesDeep>(p, grid, nt, A, B, out, act, stream)
+                    : launch_wmma<T, kSwiGLU, false, kStagesDeep>(p, grid, nt, A, B, out, act, stream);
+    }
+    return vec_in ? launch_wmma<T, kSwiGLU, true, kStagesShallow>(p, grid, nt, A, B, out, act, stream)
+                  : launch_wmma<T, kSwiGLU, false, kStagesShallow>(p, grid, nt, A, B, out, act, stream);
   }
   return cudaGetLastError();
 }
@@ -318,36 +642,70 @@ cudaError_t run_experts(const T* x, const int64_t* sorted_pairs, const int64_t* 
                         T* gate_up_out, T* act, T* y, T* out, cudaStream_t stream) {
   const int64_t S = T_ * K;
   if (S == 0) return cudaSuccess;
+  if (I == 0) return cudaErrorInvalidValue;  // the op rejects it; a zero grid would fail anyway
+  constexpr int64_t kV = kVecElems<T>;
+  // 16-byte loads need the reduction length to be a multiple of the vector (every row then
+  // starts 16-byte aligned) and aligned bases; 16-byte stores likewise for N and the outputs.
+  const bool vec_up = H % kV == 0 && aligned16(x) && aligned16(gate_up);
+  const bool vec_dn = I % kV == 0 && aligned16(act) && aligned16(down);
+  const bool vec_out_up = I % kV == 0 && aligned16(gate_up_out) && aligned16(act);
+  const bool vec_out_dn = H % kV == 0 && aligned16(y);
+  GroupedProblem up{offsets, tile_start, E, sorted_pairs, K, I, H, 2 * I, vec_out_up};
+  GroupedProblem dn{offsets, tile_start, E, nullptr, K, H, I, H, vec_out_dn};
   if (S <= kDecodeMaxRows) {
-    GroupedProblem up{offsets, nullptr, E, sorted_pairs, K, I, H, 2 * I};
-    dim3 grid_up(static_cast<unsigned>((I + kGemvWarps - 1) / kGemvWarps), static_cast<unsigned>(S));
-    grouped_gemv<T, true><<<grid_up, kGemvWarps * 32, 0, stream>>>(up, S, x, gate_up, gate_up_out, act);
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+    up.tile_start = dn.tile_start = nullptr;
+    if (cudaError_t err = launch_gemv<T, true>(up, vec_up, S, x, gate_up, gate_up_out, act, stream);
+        err != cudaSuccess)
+      return err;
     if (H == 0) return cudaSuccess;  // out is [T, 0]; a zero grid dimension is a launch error
-    GroupedProblem dn{offsets, nullptr, E, nullptr, K, H, I, H};
-    dim3 grid_dn(static_cast<unsigned>((H + kGemvWarps - 1) / kGemvWarps), static_cast<unsigned>(S));
-    grouped_gemv<T, false><<<grid_dn, kGemvWarps * 32, 0, stream>>>(dn, S, act, down, y, nullptr);
-    if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-    combine_kernel<T><<<static_cast<unsigned>(T_), 256, 0, stream>>>(y, w, pos, K, H, out);
-    return cudaGetLastError();
+    if (cudaError_t err = launch_gemv<T, false>(dn, vec_dn, S, act, down, y, nullptr, stream);
+        err != cudaSuccess)
+      return err;
+    return launch_combine<T>(y, w, pos, T_, K, H, out, stream);
   }
   tile_start_kernel<<<1, 1, 0, stream>>>(offsets, E, tile_start);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
   // sum_e ceil(m_e / kBM) <= ceil(S / kBM) + min(E, S): an upper bound known on the host.
   const int64_t max_tiles = (S + kBM - 1) / kBM + (E < S ? E : S);
-  GroupedProblem up{offsets, tile_start, E, sorted_pairs, K, I, H, 2 * I};
-  dim3 grid_up(static_cast<unsigned>(max_tiles), static_cast<unsigned>((I + kBN - 1) / kBN));
-  if (cudaError_t err = launch_gemm<T, true>(up, grid_up, x, gate_up, gate_up_out, act, stream);
+  if (cudaError_t err = launch_gemm<T, true>(up, vec_up, max_tiles, x, gate_up, gate_up_out, act,
+                                             stream);
       err != cudaSuccess)
     return err;
   if (H == 0) return cudaSuccess;  // out is [T, 0]; a zero grid dimension is a launch error
-  GroupedProblem dn{offsets, tile_start, E, nullptr, K, H, I, H};
-  dim3 grid_dn(static_cast<unsigned>(max_tiles), static_cast<unsigned>((H + kBN - 1) / kBN));
-  if (cudaError_t err = launch_gemm<T, false>(dn, grid_dn, act, down, y, nullptr, stream);
+  if (cudaError_t err = launch_gemm<T, false>(dn, vec_dn, max_tiles, act, down, y, nullptr, stream);
       err != cudaSuccess)
     return err;
-  combine_kernel<T><<<static_cast<unsigned>(T_), 256, 0, stream>>>(y, w, pos, K, H, out);
-  return cudaGetLastError();
+  return launch_combine<T>(y, w, pos, T_, K, H, out, stream);
+}
+
+// Stable sort of the S (token, k) pairs by expert for small S, in one block (the ATen sort,
+// searchsorted and scatter of the binding are several launches, which dominate a decode step):
+//   offsets[e] = #{j : id_j < e},  place(i) = #{j : id_j < id_i, or id_j == id_i and j < i},
+//   sorted_pairs[place(i)] = i,  pos[i] = place(i).
+// Plain counting over the ids staged in shared memory: exact, no atomics, same result as a
+// stable sort. The ids are in [0, E) (the binding checks the range first).
+constexpr int kSortMaxPairs = 1024;
+constexpr int kSortThreads = 256;
+
+__global__ void __launch_bounds__(kSortThreads)
+sort_pairs_kernel(const int64_t* __restrict__ ids, int S, int64_t E,
+                  int64_t* __restrict__ sorted_pairs, int64_t* __restrict__ offsets,
+                  int64_t* __restrict__ pos) {
+  __shared__ int sid[kSortMaxPairs];
+  for (int i = threadIdx.x; i < S; i += kSortThreads) sid[i] = static_cast<int>(ids[i]);
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e <= E; e += kSortThreads) {
+    int c = 0;
+    for (int j = 0; j < S; ++j) c += sid[j] < e;
+    offsets[e] = c;
+  }
+  for (int i = threadIdx.x; i < S; i += kSortThreads) {
+    const int v = sid[i];
+    int place = 0;
+    for (int j = 0; j < S; ++j) place += sid[j] < v || (sid[j] == v && j < i);
+    sorted_pairs[place] = i;
+    pos[i] = place;
+  }
 }
 
 }  // namespace
@@ -371,6 +729,16 @@ cudaError_t launch_moe_experts(DType dtype, const void* x, const int64_t* sorted
   }
 #undef LMOE_RUN_EXPERTS
   return cudaErrorInvalidValue;
+}
+
+int64_t moe_sort_pairs_max() { return kSortMaxPairs; }
+
+cudaError_t launch_moe_sort_pairs(const int64_t* ids, int64_t S, int64_t E, int64_t* sorted_pairs,
+                                  int64_t* offsets, int64_t* pos, cudaStream_t stream) {
+  if (S <= 0 || S > kSortMaxPairs) return cudaErrorInvalidValue;
+  sort_pairs_kernel<<<1, kSortThreads, 0, stream>>>(ids, static_cast<int>(S), E, sorted_pairs,
+                                                    offsets, pos);
+  return cudaGetLastError();
 }
 
 }  // namespace latentmoe::cuda

@@ -23,14 +23,25 @@ cudaError_t launch_moe_route_backward(const float* grad_weights, const float* gr
                                       moe::RouteParams p, int64_t T, float* grad_logits,
                                       cudaStream_t stream);
 
+// Stable sort of the S flat expert ids (pair ids t*K+j) by expert, for 0 < S <=
+// moe_sort_pairs_max(), in one launch: sorted_pairs [S] (pair ids grouped by expert, in pair
+// order within an expert), offsets [E+1], pos [S] (inverse of sorted_pairs). The ids must be in
+// [0, E). The same result as a stable sort + searchsorted + scatter.
+int64_t moe_sort_pairs_max();
+cudaError_t launch_moe_sort_pairs(const int64_t* ids, int64_t S, int64_t E, int64_t* sorted_pairs,
+                                  int64_t* offsets, int64_t* pos, cudaStream_t stream);
+
 // Routed SwiGLU experts given the expert-sorted (token, k) pairs.
 //   x [T, H]; sorted_pairs [S = T*K] (pair ids t*K+j, grouped by expert); offsets [E+1];
 //   pos [S] inverse of sorted_pairs; gate_up [E, 2I, H]; down [E, H, I]; weights [S] fp32 in
 //   pair order. Scratch: tile_start [E+1] int32, act [S, I], y [S, H] (dtype).
 //   Outputs: gate_up_out [S, 2I] (pre-activation, sorted order), out [T, H].
-// Grouped GEMM tiles are scheduled over (expert, M-tile, N-tile); experts with no rows get no
-// tiles. bf16/fp16 use tensor cores (WMMA, fp32 accumulate); fp32 uses FMA tiles. With at most
-// 64 pairs (decode) a bandwidth-bound warp-per-output GEMV runs instead of the tiled GEMM.
+// Grouped GEMM tiles (64 rows x 128 weight rows) are scheduled over (expert, M-tile, N-tile);
+// experts with no rows get no tiles. bf16/fp16 use tensor cores (WMMA, fp32 accumulate, 4-stage
+// cp.async pipeline); fp32 uses FMA tiles with 4x8 register micro-tiles. With at most 64 pairs
+// (decode) a bandwidth-bound GEMV (one warp per expert and output column) runs instead. Loads
+// and stores are 16-byte vectors where the sizes and pointer alignments allow, element-wise
+// otherwise.
 cudaError_t launch_moe_experts(DType dtype, const void* x, const int64_t* sorted_pairs,
                                const int64_t* offsets, const int64_t* pos, const void* gate_up,
                                const void* down, const float* weights, int64_t T, int64_t K,
