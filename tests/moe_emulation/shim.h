@@ -317,6 +317,28 @@ inline float warp_sum(float v) { return warp_butterfly(v, false); }
 inline float warp_max(float v) { return warp_butterfly(v, true); }
 }  // namespace latentmoe::cuda
 
+// Warp intrinsics (full warps only): __shfl_xor_sync exchanges through the warp's word slots
+// between two warp barriers; __syncwarp is a warp barrier.
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffle of a small value");
+  if (mask != 0xffffffffu || blockDim.x % 32 != 0) emu_fail("__shfl_xor_sync: only full warps are emulated");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint64_t* w = emu::block->warp_words + warp * 32;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  w[lane] = bits;
+  emu::block->warp_bars[warp]->arrive_and_wait();
+  T r;
+  std::memcpy(&r, &w[lane ^ lane_mask], sizeof(T));
+  emu::block->warp_bars[warp]->arrive_and_wait();
+  return r;
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu || blockDim.x % 32 != 0) emu_fail("__syncwarp: only full warps are emulated");
+  emu::block->warp_bars[threadIdx.x >> 5]->arrive_and_wait();
+}
+
 // ---- nvcuda::wmma on whole tiles --------------------------------------------------------------
 namespace nvcuda::wmma {
 struct matrix_a {};
