@@ -61,7 +61,7 @@ if [[ "$skip" != *tests* ]]; then
   # The *_cuda_emulation tests run CUDA sources on the host (CPU); CI runs them, so they are left out.
   # LATENTMOE_EXPECT_CUDA=1: a CUDA case that would skip fails instead.
   xdist=""; "$PY" -c "import xdist" 2>/dev/null && xdist="-n 4"
-  (cd tests && LATENTMOE_EXPECT_CUDA=1 timeout 200 "$PY" -m pytest -q -k "cuda and not emulation" $xdist -rfE --tb=short \
+  (cd tests && LATENTMOE_EXPECT_CUDA=1 timeout 150 "$PY" -m pytest -q -k "cuda and not emulation" $xdist -rfE --tb=short \
      --durations=10 -p no:cacheprovider --continue-on-collection-errors . ) >"$OUT/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$OUT/summary.txt"
   tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
@@ -69,32 +69,32 @@ fi
 
 if [[ "$skip" != *sanitizer* ]]; then
   stage "compute-sanitizer memcheck"
-  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" bench/gpu_smoke.py >"$OUT/sanitizer.log" 2>&1 || status=1
+  timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" bench/gpu_smoke.py >"$OUT/sanitizer.log" 2>&1 || status=1
   tail -5 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
 fi
 
 if [[ "$skip" != *racecheck* ]]; then
   stage "compute-sanitizer racecheck (shared-memory hazards)"
-  timeout 120 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 3 "$PY" bench/gpu_smoke.py \
+  timeout 90 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 3 "$PY" bench/gpu_smoke.py \
     >>"$OUT/sanitizer.log" 2>&1 || status=1
   tail -3 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
-fi
-
-if [[ "$skip" != *ncu* ]] && command -v ncu >/dev/null; then
-  stage "Nsight Compute (latentmoe kernels of bench/gpu_profile.py)"
-  # --clock-control none: leave the card's clocks as they are (see the device notes).
-  timeout 150 ncu --clock-control none --kernel-name-base demangled \
-    --kernel-name regex:"mla_decode|grouped|combine" --launch-skip 0 --launch-count 24 \
-    --section SpeedOfLight --section Occupancy --section LaunchStats \
-    "$PY" bench/gpu_profile.py >"$OUT/ncu.txt" 2>&1 || echo "ncu failed or timed out (see ncu.txt)" | tee -a "$OUT/summary.txt"
-  grep -E "^  [a-z_].*\(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" "$OUT/ncu.txt" \
-    | head -80 >>"$OUT/summary.txt"
 fi
 
 if [[ "$skip" != *bench* ]]; then
   stage "benchmarks"
   timeout 220 "$PY" bench/run.py --device cuda --full --out "$OUT" >"$OUT/bench.log" 2>&1 || status=1
   tail -40 "$OUT/bench.log"
+fi
+
+if [[ "$skip" != *ncu* ]] && command -v ncu >/dev/null; then
+  stage "Nsight Compute (latentmoe kernels of bench/gpu_profile.py)"
+  # --clock-control none: leave the card's clocks as they are (see the device notes).
+  timeout 60 ncu --clock-control none --kernel-name-base demangled \
+    --kernel-name regex:"mla_decode|grouped|combine" --launch-skip 0 --launch-count 24 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    "$PY" bench/gpu_profile.py >"$OUT/ncu.txt" 2>&1 || echo "ncu failed or timed out (see ncu.txt)" | tee -a "$OUT/summary.txt"
+  grep -E "^  [a-z_].*\(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" "$OUT/ncu.txt" \
+    | head -80 >>"$OUT/summary.txt"
 fi
 
 stage "done, status $status"
