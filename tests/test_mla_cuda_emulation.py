@@ -298,7 +298,7 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
         q_latent, q_pe, kv, lens, scale, block_table=table, causal=causal, window=window, pe_cache=pe_cache
     )
     # Launch configuration: split kernel (n_splits, row groups of 16 (C <= 512) or 8, B) x 256,
-    # merge (B*rows, column chunks of 128) x 128.
+    # merge (B*rows, column chunks of 64) x 64.
     rpb = 16 if C <= 512 else 8
     assert used == (n_splits or used) and used >= 1
     if not n_splits:  # the policy: at most one split per 64 keys of the longest row, about one wave
@@ -308,7 +308,7 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
     if used == 1:  # one split writes out and lse itself
         assert len(launches) == 1
     else:
-        assert launches[1][:4] == (B * Sq * H, -(-C // 128), 1, 128)
+        assert launches[1][:4] == (B * Sq * H, -(-C // 64), 1, 64)
     cache_rows = kv.shape[0] * kv.shape[1]
     staged = expect_staged(C, R, 4, cache_rows, pe_split)
     assert launches[0][4] == split_smem_bytes(C, R, 4, staged)

@@ -48,6 +48,7 @@ inline float warp_reduce(float v, bool is_max) {
   emu_block->warp_bars[warp]->arrive_and_wait();
   return r;
 }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_block->warp_bars[threadIdx.x >> 5]->arrive_and_wait(); }
 inline float warp_sum(float v) { return warp_reduce(v, false); }
 inline float warp_max(float v) { return warp_reduce(v, true); }
 }  // namespace latentmoe::cuda

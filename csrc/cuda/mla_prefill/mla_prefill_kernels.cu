@@ -433,6 +433,7 @@ mla_prefill_fwd_kernel(Params p, FwdLayout L, const T* __restrict__ q_nope, cons
         const float e = (s == -INFINITY || m_new == -INFINITY) ? 0.f : math::fast_exp(s - m_new);
         const float sum = warp_sum(e);
         ps[lane * kPS + r] = e;
+        __syncwarp();  // every lane has read row_m[r] before lane 0 replaces it (racecheck: WAR)
         if (lane == 0) {
           const float resc = math::softmax_rescale(m_old, m_new);
           row_l[r] = row_l[r] * resc + sum;
