@@ -114,6 +114,26 @@ __device__ __forceinline__ bool key_visible(const Params& p, int64_t seqlen, int
   return j >= mla_prefill::key_begin(p, pos) && j < mla_prefill::key_end(p, seqlen, pos);
 }
 
+// Online-softmax update of query row r for one key tile, by one warp (lane = key, s = its score
+// or -inf): returns the lane's unnormalised probability; lane 0 updates the row's running max and
+// sum and records the factor that rescales the row's accumulators. Every lane has read row_m[r]
+// before lane 0 rewrites it (__syncwarp: shuffles alone do not order shared memory).
+__device__ __forceinline__ float softmax_row_update(float* row_m, float* row_l, float* row_r, int64_t r, float s,
+                                                   int lane) {
+  const float m_old = row_m[r];
+  const float m_new = fmaxf(m_old, warp_max(s));
+  const float e = (s == -INFINITY || m_new == -INFINITY) ? 0.f : math::fast_exp(s - m_new);
+  const float sum = warp_sum(e);
+  __syncwarp();
+  if (lane == 0) {
+    const float resc = math::softmax_rescale(m_old, m_new);
+    row_l[r] = row_l[r] * resc + sum;
+    row_m[r] = m_new;
+    row_r[r] = resc;
+  }
+  return e;
+}
+
 // ---- forward ------------------------------------------------------------------------------------
 // Absorbed (MQA-style) form. Each block owns kRows attention rows = (query, head) pairs of one batch
 // row: qb consecutive queries x hb consecutive heads (r = hh * qb + qi). For long prompts qb = 32,
@@ -427,19 +447,7 @@ mla_prefill_fwd_kernel(Params p, FwdLayout L, const T* __restrict__ q_nope, cons
           const int64_t pos = mla_prefill::query_pos(seqlen, p.S, i_begin + r % qb);
           vis = key_visible(p, seqlen, pos, t0 + lane);
         }
-        s = vis ? s : -INFINITY;
-        const float m_old = row_m[r];
-        const float m_new = fmaxf(m_old, warp_max(s));
-        const float e = (s == -INFINITY || m_new == -INFINITY) ? 0.f : math::fast_exp(s - m_new);
-        const float sum = warp_sum(e);
-        ps[lane * kPS + r] = e;
-        __syncwarp();  // every lane has read row_m[r] before lane 0 replaces it (racecheck: WAR)
-        if (lane == 0) {
-          const float resc = math::softmax_rescale(m_old, m_new);
-          row_l[r] = row_l[r] * resc + sum;
-          row_m[r] = m_new;
-          row_r[r] = resc;
-        }
+        ps[lane * kPS + r] = softmax_row_update(row_m, row_l, row_r, r, vis ? s : -INFINITY, lane);
       }
       __syncthreads();
 
@@ -624,18 +632,7 @@ mla_prefill_fwd_decompress_kernel(Params p, const T* __restrict__ q_nope, const 
     }
     __syncthreads();
     for (int r = warp; r < QT; r += n_warps) {
-      const float s = ss[r * kKTile + lane];
-      const float m_old = row_m[r];
-      const float m_new = fmaxf(m_old, warp_max(s));
-      const float e = (s == -INFINITY || m_new == -INFINITY) ? 0.f : math::fast_exp(s - m_new);
-      const float sum = warp_sum(e);
-      ss[r * kKTile + lane] = e;
-      if (lane == 0) {
-        const float resc = math::softmax_rescale(m_old, m_new);
-        row_l[r] = row_l[r] * resc + sum;
-        row_m[r] = m_new;
-        row_r[r] = resc;
-      }
+      ss[r * kKTile + lane] = softmax_row_update(row_m, row_l, row_r, r, ss[r * kKTile + lane], lane);
     }
     __syncthreads();
     for (int64_t idx = threadIdx.x; idx < QT * p.Dv; idx += blockDim.x) {
