@@ -21,7 +21,7 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: test bench venv build dev info clean gpu-wheels
+.PHONY: test bench venv build dev info clean gpu-wheels gpu-prebuilt
 
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ bench: build
 gpu-wheels: venv
 	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl tomesd \
 	  "transformers==$$($(PY) -c 'import transformers;print(transformers.__version__)')"
+
+# The extension for the lent GPU machine (Python 3.12, torch 2.11), into .prebuilt/.
+gpu-prebuilt: venv
+	bash bench/build_prebuilt.sh
 
 clean:
 	rm -rf build build.log python/latentmoe/_C*.so

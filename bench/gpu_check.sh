@@ -6,9 +6,10 @@
 #
 #   here first:  make gpu-wheels     (tomesd and this venv's transformers as wheels in .whl/: the
 #                                     device image has no tomesd and an older transformers)
-#   optional:    .prebuilt/_C.cpython-312-x86_64-linux-gnu.so: the extension built elsewhere against
-#                torch 2.11.0+cu130 for Python 3.12 (cmake -DPython3_EXECUTABLE=<that python>), so the
-#                device skips the build. If it does not import there, the script builds from source.
+#   optional:    make gpu-prebuilt   (.prebuilt/_C.cpython-312-x86_64-linux-gnu.so: the extension built
+#                                     here against torch 2.11.0+cu130 for Python 3.12, so the device
+#                                     skips the build; if it does not import there, the script
+#                                     builds from source)
 #   device run:  bash bench/gpu_check.sh   carry [".whl", ".prebuilt"], timeout_s 560
 #   optional:    LATENTMOE_GPU_CHECK_SKIP=bench     skip stages (build|tests|sanitizer|racecheck|ncu|bench)
 set -uo pipefail

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Build the extension here for the lent GPU machine's Python and torch (bench/gpu_check.sh loads
+# it from .prebuilt/ and skips its own build; it builds from source if this one does not import).
+#
+#   bash bench/build_prebuilt.sh        (after `make venv`; needs python3.12 on PATH and nvcc)
+#
+# The device image has Python 3.12 and torch 2.11.0+cu130. This creates .prebuilt-venv with that
+# torch (no dependencies: its CUDA libraries are taken from the project venv's torch, same CUDA
+# major), builds with CMake into build/prebuilt, and copies _C*.so to .prebuilt/. Both folders are
+# git-ignored; carry .prebuilt with the device call.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+TORCH_DEVICE_VERSION="${TORCH_DEVICE_VERSION:-2.11.0}"
+PY312="${PY312:-python3.12}"
+VENV=.prebuilt-venv
+command -v "$PY312" >/dev/null || { echo "build_prebuilt: $PY312 not found (set PY312)"; exit 1; }
+test -x .venv/bin/python || { echo "build_prebuilt: run 'make venv' first (the project venv provides cmake, ninja and the CUDA libraries)"; exit 1; }
+if ! test -x "$VENV/bin/python"; then
+  "$PY312" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --no-deps "torch==$TORCH_DEVICE_VERSION"
+  "$VENV/bin/python" -m pip install -q typing_extensions filelock sympy networkx jinja2 fsspec numpy "setuptools<82"
+fi
+# CUDA runtime libraries and headers of the project venv's torch wheels (nvidia/*/lib, include).
+NV="$(.venv/bin/python -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia"))')"
+export LD_LIBRARY_PATH="$(ls -d "$NV"/*/lib 2>/dev/null | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+INC="$(ls -d "$NV"/*/include 2>/dev/null | sed 's/^/-isystem /' | paste -sd' ')"
+"$VENV/bin/python" -c "import torch; print('build_prebuilt: torch', torch.__version__, 'CUDA', torch.version.cuda)"
+LATENTMOE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" .venv/bin/cmake -S . -B build/prebuilt -G Ninja \
+  -DCMAKE_MAKE_PROGRAM="$ROOT/.venv/bin/ninja" -DPython3_EXECUTABLE="$ROOT/$VENV/bin/python" \
+  -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS="$INC" -DCMAKE_CUDA_FLAGS="$INC" >/dev/null
+.venv/bin/cmake --build build/prebuilt
+mkdir -p .prebuilt && rm -f .prebuilt/_C*.so && cp build/prebuilt/_C*.so .prebuilt/
+# A smoke import with the device's torch (CPU here): the ops register and report their kernels.
+tmp="$(mktemp -d)"; cp -r python/latentmoe "$tmp/"; rm -f "$tmp"/latentmoe/_C*.so; cp .prebuilt/_C*.so "$tmp/latentmoe/"
+(cd "$tmp" && PYTHONPATH="$tmp" "$ROOT/$VENV/bin/python" -m latentmoe.info | head -4)
+rm -rf "$tmp"
+ls -la .prebuilt
