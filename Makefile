@@ -12,6 +12,7 @@ MAX_JOBS ?= 2
 export MAX_JOBS
 TORCH_CUDA_ARCH_LIST ?= 9.0
 export TORCH_CUDA_ARCH_LIST
+GPU_PREBUILT_ARCH ?= 9.0a
 export CMAKE_BUILD_PARALLEL_LEVEL := $(MAX_JOBS)
 
 # The nvcc on PATH may be a wrapper script in another folder than its toolkit: ask nvcc itself
@@ -61,7 +62,7 @@ gpu-wheels: venv
 
 # The extension for the lent GPU machine (Python 3.12, torch 2.11), into .prebuilt/.
 gpu-prebuilt: venv
-	bash bench/build_prebuilt.sh
+	TORCH_CUDA_ARCH_LIST="$(GPU_PREBUILT_ARCH)" bash bench/build_prebuilt.sh
 
 clean:
 	rm -rf build build.log python/latentmoe/_C*.so

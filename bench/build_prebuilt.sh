@@ -14,12 +14,16 @@ ROOT="$(pwd)"
 TORCH_DEVICE_VERSION="${TORCH_DEVICE_VERSION:-2.11.0}"
 PY312="${PY312:-python3.12}"
 VENV=.prebuilt-venv
-command -v "$PY312" >/dev/null || { echo "build_prebuilt: $PY312 not found (set PY312)"; exit 1; }
+"$PY312" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null \
+  || { echo "build_prebuilt: no working Python 3.12 as '$PY312' (set PY312=/path/to/python3.12)"; exit 1; }
 test -x .venv/bin/python || { echo "build_prebuilt: run 'make venv' first (the project venv provides cmake, ninja and the CUDA libraries)"; exit 1; }
 if ! test -x "$VENV/bin/python"; then
   "$PY312" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --no-deps "torch==$TORCH_DEVICE_VERSION"
-  "$VENV/bin/python" -m pip install -q typing_extensions filelock sympy networkx jinja2 fsspec numpy "setuptools<82"
+  # torch's own dependency list names its CUDA wheels, deliberately not installed: pip's
+  # "requires ..., which is not installed" lines about them are expected.
+  "$VENV/bin/python" -m pip install -q typing_extensions filelock sympy networkx jinja2 fsspec numpy "setuptools<82" 2>&1 \
+    | grep -v "which is not installed\|dependency resolver\|dependency conflicts" || true
 fi
 # CUDA runtime libraries and headers of the project venv's torch wheels (nvidia/*/lib, include).
 NV="$(.venv/bin/python -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia"))')"
