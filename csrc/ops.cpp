@@ -77,10 +77,13 @@ TORCH_LIBRARY(latentmoe, m) {
   // by expert; experts with no tokens cost nothing. Also returns, for the backward:
   // sorted_pairs [T*k] int64 (pair id t*k+j in expert order, stable), expert_offsets [E+1] int64,
   // gate_up_out [T*k, 2I] (pre-activation gate|up, hidden's dtype, in sorted order).
+  // check_values=false (CUDA): no host copy of the index range (no sync, CUDA-graph capturable);
+  // pairs whose index lies outside [0, E) are then dropped, never read out of bounds. The CPU
+  // checks either way.
   m.def(
       "moe_experts(Tensor hidden, Tensor gate_up_proj, Tensor down_proj, Tensor weights,"
-      " Tensor indices) -> (Tensor out, Tensor sorted_pairs, Tensor expert_offsets,"
-      " Tensor gate_up_out)");
+      " Tensor indices, bool check_values=True) -> (Tensor out, Tensor sorted_pairs,"
+      " Tensor expert_offsets, Tensor gate_up_out)");
   // Backward of moe_experts: grad_hidden [T, H], grad_gate_up_proj [E, 2I, H],
   // grad_down_proj [E, H, I], grad_weights [T, k] (weights' dtype). Deterministic.
   m.def(

@@ -312,6 +312,7 @@ def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I
         (1024, 256, "random"),   # the largest batch of the one-block sort, E > threads
         (1024, 3, "one"),        # every pair on the last expert: offsets [0, 0, 0, S]
         (257, 5, "first"),       # every pair on expert 0
+        (300, 9, "out_of_range"),  # unchecked call: ids < 0 and >= E land outside every expert's rows
     ],
 )
 def test_sort_pairs_kernel_matches_aten(harness, tmp_path, S, E, pattern):
@@ -322,6 +323,8 @@ def test_sort_pairs_kernel_matches_aten(harness, tmp_path, S, E, pattern):
         ids = torch.full((S,), E - 1, dtype=torch.long)
     elif pattern == "first":
         ids = torch.zeros(S, dtype=torch.long)
+    elif pattern == "out_of_range":
+        ids = torch.randint(-3, E + 3, (S,), generator=g)
     else:
         ids = torch.randint(0, E, (S,), generator=g)
     raw = _run(harness, "sort", tmp_path, [_i64(S, E), _raw(ids)])
@@ -331,6 +334,24 @@ def test_sort_pairs_kernel_matches_aten(harness, tmp_path, S, E, pattern):
     want_off = torch.searchsorted(sorted_ids, torch.arange(E + 1))
     want_pos = torch.empty_like(want_sp).scatter_(0, want_sp, torch.arange(S))
     assert torch.equal(sp, want_sp) and torch.equal(off, want_off) and torch.equal(pos, want_pos)
+
+
+@pytest.mark.parametrize("T,dtype", [(5, torch.float32), (40, torch.float32), (40, torch.bfloat16)])
+def test_experts_unchecked_bad_indices_are_dropped(harness, tmp_path, T, dtype):
+    """check_values=False on CUDA: indices outside [0, E) are not checked on the host. The sort
+    places them outside every expert's rows, no expert kernel touches those rows (their scratch
+    stays NaN-poisoned), and the combine drops them: the output is the experts' sum over the valid
+    pairs only (decode GEMV at T=5, tiled GEMMs at T=40)."""
+    E, K, H, I = 6, 3, 24, 16
+    x, gu, dn, w, idx = _experts_case(T, E, K, H, I, dtype, seed=T)
+    bad = torch.rand(T, K, generator=torch.Generator().manual_seed(1)) < 0.3
+    idx = torch.where(bad, torch.where(torch.rand(T, K) < 0.5, torch.tensor(-2), torch.tensor(E + 1)), idx)
+    out, _, _, off = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)
+    assert off[0] == (idx < 0).sum() and off[-1] == (idx < E).sum()
+    assert not out.float().isnan().any()
+    ref_out, _ = _fp64_reference(x, gu, dn, w.masked_fill(bad, 0.0), idx.clamp(0, E - 1))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol * max(1.0, ref_out.abs().max().item()))
 
 
 def test_experts_no_tokens(harness, tmp_path):

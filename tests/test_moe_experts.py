@@ -176,6 +176,28 @@ def test_experts_index_out_of_range(device, bad_value):
         moe_experts(*a)
 
 
+def test_experts_unchecked_still_checks_on_cpu():
+    # check_values=False only skips the CUDA host copy; the CPU checks the range either way.
+    a = _args()
+    a[4][1, 0] = 9
+    with pytest.raises(ValueError, match="indices"):
+        moe_experts(*a, check_values=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_experts_unchecked_cuda_drops_bad_pairs():
+    # No host copy of the range: pairs with an index outside [0, E) contribute nothing.
+    x, gu, down, w, idx = _args("cuda")
+    E = gu.shape[0]
+    bad = torch.zeros_like(idx, dtype=torch.bool)
+    bad[0, 0], bad[2, 1] = True, True
+    idx_bad = idx.clone()
+    idx_bad[0, 0], idx_bad[2, 1] = -5, E + 3
+    got = moe_experts(x, gu, down, w, idx_bad, check_values=False)
+    want = moe_experts(x, gu, down, w.masked_fill(bad, 0.0), idx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "pos,make,match",
     [

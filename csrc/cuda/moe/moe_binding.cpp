@@ -72,14 +72,17 @@ at::Tensor moe_route_backward_cuda(const at::Tensor& grad_weights,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_cuda(
     const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
-    const at::Tensor& weights, const at::Tensor& indices) {
+    const at::Tensor& weights, const at::Tensor& indices, bool check_values) {
   moe_host::check_experts_args("moe_experts", hidden, gate_up_proj, down_proj, weights, indices);
   c10::cuda::CUDAGuard guard(hidden.device());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const int64_t T = hidden.size(0), H = hidden.size(1), E = gate_up_proj.size(0);
   const int64_t I = gate_up_proj.size(1) / 2, K = indices.size(1), S = T * K;
   auto flat = indices.reshape({-1});
-  if (S > 0) {
+  // check_values = false: no host copy (no sync); the sort places indices outside [0, E) before
+  // expert 0's rows or after the last expert's, no expert kernel touches those rows, and the
+  // combine drops them.
+  if (S > 0 && check_values) {
     auto [lo, hi] = at::aminmax(flat);
     const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
     TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < E, "latentmoe.moe_experts: argument 'indices' holds ",

@@ -533,9 +533,12 @@ __global__ void tile_start_kernel(const int64_t* __restrict__ offsets, int64_t E
 // (H a multiple of the 16-byte vector, y / out aligned) each thread does 16 bytes of columns.
 template <typename T, bool kVec>
 __global__ void combine_kernel(const T* __restrict__ y, const float* __restrict__ w,
-                               const int64_t* __restrict__ pos, int64_t K, int64_t H,
-                               T* __restrict__ out) {
+                               const int64_t* __restrict__ pos, const int64_t* __restrict__ offsets,
+                               int64_t E, int64_t K, int64_t H, T* __restrict__ out) {
   const int64_t t = blockIdx.x;
+  // Sorted rows [offsets[0], offsets[E]) belong to experts; a pair placed outside (an index out of
+  // [0, E) in an unchecked call) has no computed row and is dropped.
+  const int64_t lo = offsets[0], hi = offsets[E];
   if constexpr (kVec) {
     constexpr int kV = kVecElems<T>;
     for (int64_t h = static_cast<int64_t>(threadIdx.x) * kV; h < H;
@@ -544,9 +547,11 @@ __global__ void combine_kernel(const T* __restrict__ y, const float* __restrict_
 #pragma unroll
       for (int i = 0; i < kV; ++i) acc[i] = 0.f;
       for (int64_t k = 0; k < K; ++k) {
+        const int64_t row = pos[t * K + k];
+        if (row < lo || row >= hi) continue;
         const float wk = w[t * K + k];
         float v[kV];
-        load_vec_f32<T>(y + pos[t * K + k] * H + h, v);
+        load_vec_f32<T>(y + row * H + h, v);
 #pragma unroll
         for (int i = 0; i < kV; ++i) acc[i] += wk * v[i];
       }
@@ -558,21 +563,24 @@ __global__ void combine_kernel(const T* __restrict__ y, const float* __restrict_
   } else {
     for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
       float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += w[t * K + k] * to_float(y[pos[t * K + k] * H + h]);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t row = pos[t * K + k];
+        if (row >= lo && row < hi) acc += w[t * K + k] * to_float(y[row * H + h]);
+      }
       out[t * H + h] = from_float<T>(acc);
     }
   }
 }
 
 template <typename T>
-cudaError_t launch_combine(const T* y, const float* w, const int64_t* pos, int64_t T_, int64_t K,
-                           int64_t H, T* out, cudaStream_t stream) {
+cudaError_t launch_combine(const T* y, const float* w, const int64_t* pos, const int64_t* offsets,
+                           int64_t E, int64_t T_, int64_t K, int64_t H, T* out, cudaStream_t stream) {
   const bool vec = H % kVecElems<T> == 0 && aligned16(y) && aligned16(out);
   const unsigned grid = static_cast<unsigned>(T_);
   if (vec) {
-    combine_kernel<T, true><<<grid, 256, 0, stream>>>(y, w, pos, K, H, out);
+    combine_kernel<T, true><<<grid, 256, 0, stream>>>(y, w, pos, offsets, E, K, H, out);
   } else {
-    combine_kernel<T, false><<<grid, 256, 0, stream>>>(y, w, pos, K, H, out);
+    combine_kernel<T, false><<<grid, 256, 0, stream>>>(y, w, pos, offsets, E, K, H, out);
   }
   return cudaGetLastError();
 }
@@ -661,7 +669,7 @@ cudaError_t run_experts(const T* x, const int64_t* sorted_pairs, const int64_t* 
     if (cudaError_t err = launch_gemv<T, false>(dn, vec_dn, S, act, down, y, nullptr, stream);
         err != cudaSuccess)
       return err;
-    return launch_combine<T>(y, w, pos, T_, K, H, out, stream);
+    return launch_combine<T>(y, w, pos, offsets, E, T_, K, H, out, stream);
   }
   tile_start_kernel<<<1, 1, 0, stream>>>(offsets, E, tile_start);
   if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
@@ -675,7 +683,7 @@ cudaError_t run_experts(const T* x, const int64_t* sorted_pairs, const int64_t* 
   if (cudaError_t err = launch_gemm<T, false>(dn, vec_dn, max_tiles, act, down, y, nullptr, stream);
       err != cudaSuccess)
     return err;
-  return launch_combine<T>(y, w, pos, T_, K, H, out, stream);
+  return launch_combine<T>(y, w, pos, offsets, E, T_, K, H, out, stream);
 }
 
 // Stable sort of the S (token, k) pairs by expert for small S, in one block (the ATen sort,
@@ -683,7 +691,8 @@ cudaError_t run_experts(const T* x, const int64_t* sorted_pairs, const int64_t* 
 //   offsets[e] = #{j : id_j < e},  place(i) = #{j : id_j < id_i, or id_j == id_i and j < i},
 //   sorted_pairs[place(i)] = i,  pos[i] = place(i).
 // Plain counting over the ids staged in shared memory: exact, no atomics, same result as a
-// stable sort. The ids are in [0, E) (the binding checks the range first).
+// stable sort. Ids outside [0, E) (unchecked calls) land before offsets[0] or after offsets[E],
+// in no expert's rows.
 constexpr int kSortMaxPairs = 1024;
 constexpr int kSortThreads = 256;
 

@@ -31,9 +31,11 @@ class MoEExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
         nn.init.normal_(self.down_proj, std=intermediate_size**-0.5)
 
-    def forward(self, hidden: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
-        """``[T, hidden]``, ``[T, k]``, ``[T, k]`` -> ``[T, hidden]`` (see ``ops.moe_experts``)."""
-        return moe_experts(hidden, self.gate_up_proj, self.down_proj, weights, indices)
+    def forward(self, hidden: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                check_values: bool = True):
+        """``[T, hidden]``, ``[T, k]``, ``[T, k]`` -> ``[T, hidden]`` (see ``ops.moe_experts``;
+        ``check_values=False`` for indices from a router: no device sync on CUDA)."""
+        return moe_experts(hidden, self.gate_up_proj, self.down_proj, weights, indices, check_values)
 
 
 class SharedExperts(nn.Module):
@@ -131,11 +133,15 @@ class MoE(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
         weights, indices, scores = self.route(x)
-        out = self.experts(x, weights, indices).view(shape)
+        # The indices come from the router, always in range: no index check, so no device sync
+        # (a CUDA graph can capture this forward).
+        out = self.experts(x, weights, indices, check_values=False).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
-        with torch.no_grad():
-            load = torch.bincount(indices.reshape(-1), minlength=self.num_experts)
+        with torch.no_grad():  # counts without bincount (which reads its input's max back to the host)
+            flat = indices.reshape(-1)
+            load = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device).index_add_(
+                0, flat, torch.ones_like(flat))
             self.last_load = load
             self.load_counts += load
         self.aux_loss = None

@@ -48,6 +48,7 @@ def moe_experts(
     down_proj: torch.Tensor,
     weights: torch.Tensor,
     indices: torch.Tensor,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Routed SwiGLU experts in HF's 3-D layout, grouped by expert.
 
@@ -57,11 +58,16 @@ def moe_experts(
         down_proj: ``[E, H, I]``, hidden's dtype.
         weights: ``[T, k]`` float32 (or hidden's dtype).
         indices: ``[T, k]`` int64 in ``[0, E)`` (ValueError otherwise).
+        check_values: ``False`` skips the index range check on CUDA, which copies the range to
+            the host (one device sync per call; a CUDA graph cannot capture it). For indices that
+            come from a router. A pair whose index lies outside ``[0, E)`` then contributes
+            nothing and is never read out of bounds; the backward needs valid indices. The CPU
+            checks either way.
     Returns:
         ``[T, H]`` in hidden's dtype: ``sum_k weights[t,k] * expert_{indices[t,k]}(hidden[t])``,
         bitwise deterministic. Differentiable in hidden, both weights and ``weights``.
     """
-    return _lib.moe_experts.default(hidden, gate_up_proj, down_proj, weights, indices)[0]
+    return _lib.moe_experts.default(hidden, gate_up_proj, down_proj, weights, indices, check_values)[0]
 
 
 @torch.library.register_fake("latentmoe::moe_route")
@@ -80,7 +86,7 @@ def _moe_route_backward_fake(grad_weights, grad_scores, scores, indices, score_f
 
 
 @torch.library.register_fake("latentmoe::moe_experts")
-def _moe_experts_fake(hidden, gate_up_proj, down_proj, weights, indices):
+def _moe_experts_fake(hidden, gate_up_proj, down_proj, weights, indices, check_values=True):
     S = indices.shape[0] * indices.shape[1]
     return (
         torch.empty_like(hidden),
@@ -125,7 +131,7 @@ torch.library.register_autograd(
 
 
 def _moe_experts_setup(ctx, inputs, output):
-    hidden, gate_up_proj, down_proj, weights, _ = inputs
+    hidden, gate_up_proj, down_proj, weights = inputs[:4]
     _, sorted_pairs, expert_offsets, gate_up_out = output
     ctx.save_for_backward(
         hidden, gate_up_proj, down_proj, weights, sorted_pairs, expert_offsets, gate_up_out
@@ -134,7 +140,7 @@ def _moe_experts_setup(ctx, inputs, output):
 
 def _moe_experts_bwd(ctx, grad_out, *_unused):
     grads = _lib.moe_experts_backward.default(grad_out.contiguous(), *ctx.saved_tensors)
-    return (*grads, None)
+    return (*grads, None, None)  # no gradient for indices / check_values
 
 
 torch.library.register_autograd(
