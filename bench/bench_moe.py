@@ -93,6 +93,10 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
             rows.append(row("moe_experts", f"hf_{impl}", mode, T, times[impl], device))
         t_ours = timeit(lambda: latentmoe.ops.moe_experts(x, gu, down, w, idx))
         rows.append(row("moe_experts", "latentmoe", mode, T, t_ours, device))
+        if device.startswith("cuda"):  # as nn.MoE calls it: no host copy of the index range
+            t_unchecked = timeit(lambda: latentmoe.ops.moe_experts(x, gu, down, w, idx, check_values=False))
+            rows.append(row("moe_experts", "latentmoe_unchecked", mode, T, t_unchecked, device,
+                            note="check_values=False (no device sync), as nn.MoE calls it"))
         best = min(times, key=lambda k: times[k][0])
         goal = "goal >= 1.4x at 512 tokens" if T == 512 else ""
         rows.append(ratio_row("moe_experts", f"speedup_vs_best_hf({best})", T,
