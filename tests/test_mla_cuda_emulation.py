@@ -263,8 +263,9 @@ def split_smem_bytes(C, R, elt, staged):
     query and key tiles, partial scores, probabilities, plus the raw staging tile when the rows
     come in by async 16-byte copies."""
     D, rpb = C + R, (16 if C <= 512 else 8)
-    slt = -(-D // 32) * 32
-    base = 4 * (slt * rpb + slt * 36 + 8 * rpb * 32 + 32 * rpb + -(-rpb // 4) * 4) + 16 * rpb  # + int64 ranges
+    nw = 16 if rpb == 16 else 8  # warps: 512 or 256 threads
+    slt = -(-D // (4 * nw)) * (4 * nw)
+    base = 4 * (slt * rpb + slt * 36 + nw * rpb * 32 + 32 * rpb + -(-rpb // 4) * 4) + 16 * rpb  # + int64 ranges
     ds = -(-D // (16 // elt)) * (16 // elt)
     while (ds * elt // 4) % 32 != 4:
         ds += 16 // elt
@@ -297,14 +298,15 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
     want_o, want_l = mla_decode(
         q_latent, q_pe, kv, lens, scale, block_table=table, causal=causal, window=window, pe_cache=pe_cache
     )
-    # Launch configuration: split kernel (n_splits, row groups of 16 (C <= 512) or 8, B) x 256,
+    # Launch configuration: split kernel (n_splits, row groups of 16 (C <= 512, 512 threads) or 8
+    # (256 threads), B),
     # merge (B*rows, column chunks of 64) x 64.
     rpb = 16 if C <= 512 else 8
     assert used == (n_splits or used) and used >= 1
     if not n_splits:  # the policy: at most one split per 64 keys of the longest row, about one wave
         assert used <= max(1, -(-max(seqlens) // 64))
         assert used <= max(1, -(-SM_COUNT // (B * -(-(Sq * H) // rpb))))
-    assert launches[0][:4] == (used, -(-(Sq * H) // rpb), B, 256)
+    assert launches[0][:4] == (used, -(-(Sq * H) // rpb), B, 512 if rpb == 16 else 256)
     if used == 1:  # one split writes out and lse itself
         assert len(launches) == 1
     else:

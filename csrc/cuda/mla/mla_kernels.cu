@@ -1,8 +1,8 @@
 // MLA CUDA kernels: split-KV absorbed decode on the latent cache + LSE merge, and the fused
 // cache append. Math shared with the CPU kernels lives in common/mla_math.h and common/math.h.
 //
-// Decode: grid (n_splits, row groups, B), 256 threads. A block owns ROWS query rows (row = (s, h);
-// 16 when C <= 512, else 8) of one batch row and one contiguous split of the keys, so all of its
+// Decode: grid (n_splits, row groups, B). A block owns ROWS query rows (row = (s, h); 16 rows and
+// 512 threads when C <= 512, else 8 rows and 256 threads) of one batch row and one contiguous split of the keys, so all of its
 // heads share every cache row it reads (read once from memory per block). Per tile of kTile = 32
 // keys:
 //   load    warp w copies keys w, w+8, ... (the page lookup once per key). When rows are 16-byte
@@ -10,12 +10,12 @@
 //           copies into a staging buffer, issued one tile ahead (tile i+1 is in flight during tile
 //           i's math), and are then transposed to fp32 kt[c][key]; otherwise lanes load them
 //           directly into kt.
-//   scores  split over D: warp w sums its eighth of the D = C + R dimensions for all ROWS x 32
+//   scores  split over D: warp w sums its share (1 / warps) of the D = C + R dims for all ROWS x 32
 //           scores, each lane a 4-row x KPL-key register block fed by 16-byte reads of the
 //           transposed queries qt[c][row] and keys kt[c][key] (8 FMAs per shared-memory load
 //           instead of ~3); the 8 partial sums of each score are added in a fixed order.
 //   softmax the running max / sum of each row live in one warp (lane = key; shuffles).
-//   PV      thread owns columns tid + 256 j (j < CPT) for all ROWS rows (ROWS*CPT fp32 registers),
+//   PV      thread owns columns tid + threads * j (j < CPT) for all ROWS rows (ROWS*CPT registers),
 //           reading 4 keys of a column at once from kt.
 // FLOPs per key and row: D (scores) + C (PV) multiply-adds; bytes per key: D cache values, read
 // once per block. Partials (m, l, unnormalised accumulators) go to a workspace; the merge kernel
@@ -35,8 +35,9 @@
 namespace latentmoe::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+// Threads of a split block: 512 (16 warps) when it holds 16 query rows (C <= 512: one output
+// column per thread, and twice the warps per SM to hide latency at one block per SM), else 256.
+constexpr int kThreads = 256;  // the 8-row blocks; kMaxCpt columns per thread bound C
 constexpr int kTile = 32;   // keys per tile == lanes per warp
 constexpr int kMaxCpt = 8;  // accumulator columns per thread: C <= kThreads * kMaxCpt
 constexpr int64_t kMinSplitKeys = 64;
@@ -44,12 +45,13 @@ constexpr int64_t kMaxSplits = 1024;  // the merge keeps one weight per split in
 constexpr int kMergeThreads = 64;     // merge: one output column per thread
 
 __host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-__host__ __device__ inline int rows_per_block(int64_t C) { return C <= 2 * kThreads ? 16 : 8; }
-// Transposed tiles have SLT = round_up(D, 32) rows (8 warp slices of SLT / 8, a multiple of 4),
-// zero past D. Key rows of kt hold the 32 keys plus 4 pad floats: 16-byte rows, and 8 lanes
+__host__ __device__ inline int rows_per_block(int64_t C) { return C <= 512 ? 16 : 8; }
+__host__ __device__ constexpr int threads_for_rows(int rows) { return rows == 16 ? 512 : 256; }
+// Transposed tiles have SLT = round_up(D, 4 * NW) rows (NW warp slices of SLT / NW, a multiple of
+// 4), zero past D. Key rows of kt hold the 32 keys plus 4 pad floats: 16-byte rows, and 8 lanes
 // reading 16 bytes at 8 consecutive rows hit 32 distinct banks.
 constexpr int kKt = kTile + 4;
-__host__ __device__ inline int64_t slices_len(int64_t D) { return round_up(D, 32); }
+__host__ __device__ inline int64_t slices_len(int64_t D, int NW) { return round_up(D, 4 * NW); }
 // Staged raw rows: stride DS elements, 16-byte multiple, with DS*elt/4 = 4 (mod 32) words so 8
 // lanes reading 16 bytes of 8 consecutive rows hit distinct banks.
 __host__ __device__ inline int64_t stage_stride(int64_t D, int64_t elt) {
@@ -60,9 +62,10 @@ __host__ __device__ inline int64_t stage_stride(int64_t D, int64_t elt) {
 
 template <int ROWS>
 __host__ __device__ inline size_t split_smem_floats(int64_t D) {
-  const int64_t SLT = slices_len(D);
+  constexpr int NW = threads_for_rows(ROWS) / 32;
+  const int64_t SLT = slices_len(D, NW);
   // qt, kt, partial scores, probabilities, alpha (padded to 16 bytes), then 2 x ROWS int64 ranges.
-  return static_cast<size_t>(SLT * ROWS + SLT * kKt + kWarps * ROWS * kTile + kTile * ROWS + round_up(ROWS, 4) +
+  return static_cast<size_t>(SLT * ROWS + SLT * kKt + NW * ROWS * kTile + kTile * ROWS + round_up(ROWS, 4) +
                              4 * ROWS);
 }
 // Staging buffer of one tile of raw cache rows (bytes, a multiple of 16), placed before the floats.
@@ -72,13 +75,14 @@ __host__ __device__ inline size_t stage_bytes(int64_t D, size_t elt) {
 }
 
 template <typename T, int ROWS, int CPT>
-__global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArgs a) {
+__global__ void __launch_bounds__(threads_for_rows(ROWS)) mla_decode_split_kernel(MlaDecodeArgs a) {
+  constexpr int NT = threads_for_rows(ROWS), kWarps = NT / 32;
   constexpr int RPT = ROWS / kWarps;  // softmax rows per warp
   constexpr int RB = ROWS / 4;        // score row blocks of 4 rows
   constexpr int KPL = kTile / (32 / RB);  // keys per lane in the score block: 4 (16 rows) or 2 (8)
   static_assert(ROWS % kWarps == 0 && ROWS % 4 == 0 && (KPL == 2 || KPL == 4), "block shape");
   extern __shared__ float smem[];
-  const int64_t C = a.C, R = a.R, D = C + R, SLT = slices_len(D), SL = SLT / kWarps;
+  const int64_t C = a.C, R = a.R, D = C + R, SLT = slices_len(D, kWarps), SL = SLT / kWarps;
   const int64_t elt = static_cast<int64_t>(sizeof(T)), DS = stage_stride(D, elt);
   T* stage = reinterpret_cast<T*>(smem);  // [kTile, DS] raw rows (async path only)
   float* qt = smem + (a.stage_async ? stage_bytes(D, sizeof(T)) / sizeof(float) : 0);  // [SLT, ROWS]
@@ -107,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
 
   // Queries, transposed and scaled: thread i writes qt[c][i % ROWS] (consecutive threads,
   // consecutive words); rows past nrows and columns past D are 0.
-  for (int64_t i = tid; i < SLT * ROWS; i += kThreads) {
+  for (int64_t i = tid; i < SLT * ROWS; i += NT) {
     const int r = static_cast<int>(i % ROWS);
     const int64_t c = i / ROWS;
     float v = 0.f;
@@ -225,7 +229,7 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
         for (int j = 0; j < KPL; ++j) sc[i][j] = 0.f;
       const float* q = qt + rb * 4;
       const float* kk = kt + kb * KPL;
-#pragma unroll 4
+#pragma unroll 2
       for (int64_t c = warp * SL; c < warp * SL + SL; ++c) {
         const float4 qv = *reinterpret_cast<const float4*>(q + c * ROWS);
         float kv[KPL];
@@ -284,7 +288,7 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
       float v[CPT][4];
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
-        const int64_t c = tid + static_cast<int64_t>(j) * kThreads;
+        const int64_t c = tid + static_cast<int64_t>(j) * NT;
         float4 t4 = make_float4(0.f, 0.f, 0.f, 0.f);
         if (c < C) t4 = *reinterpret_cast<const float4*>(kt + c * kKt + k0);
         v[j][0] = t4.x; v[j][1] = t4.y; v[j][2] = t4.z; v[j][3] = t4.w;
@@ -325,7 +329,7 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
       const float inv = inv_s[r];
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
-        const int64_t c = tid + static_cast<int64_t>(j) * kThreads;
+        const int64_t c = tid + static_cast<int64_t>(j) * NT;
         if (c < C) out[(b * rows + r0 + r) * C + c] = from_float<T>(acc[r][j] * inv);
       }
     }
@@ -347,7 +351,7 @@ __global__ void __launch_bounds__(kThreads) mla_decode_split_kernel(MlaDecodeArg
     if (r >= nrows) break;
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
-      const int64_t c = tid + static_cast<int64_t>(j) * kThreads;
+      const int64_t c = tid + static_cast<int64_t>(j) * NT;
       if (c < C) a.part_acc[(pbase + r) * C + c] = acc[r][j];
     }
   }
@@ -439,7 +443,7 @@ cudaError_t decode_typed_cpt(const MlaDecodeArgs& args, cudaStream_t stream) {
   const int64_t rows = a.Sq * a.H;
   dim3 grid(static_cast<unsigned>(a.n_splits), static_cast<unsigned>((rows + ROWS - 1) / ROWS),
             static_cast<unsigned>(a.B));
-  kernel<<<grid, kThreads, smem, stream>>>(a);
+  kernel<<<grid, threads_for_rows(ROWS), smem, stream>>>(a);
   err = cudaGetLastError();
   if (err != cudaSuccess || a.n_splits == 1) return err;  // one split writes out and lse itself
   dim3 mgrid(static_cast<unsigned>(a.B * rows), static_cast<unsigned>((a.C + kMergeThreads - 1) / kMergeThreads));
@@ -451,9 +455,8 @@ template <typename T>
 cudaError_t decode_typed(const MlaDecodeArgs& a, cudaStream_t stream) {
   if (a.B == 0 || a.Sq * a.H == 0) return cudaSuccess;
   if (a.n_splits < 1 || a.n_splits > kMaxSplits || a.C < 1) return cudaErrorInvalidValue;
+  if (rows_per_block(a.C) == 16) return decode_typed_cpt<T, 16, 1>(a, stream);  // 512 threads, C <= 512
   const int64_t cpt = (a.C + kThreads - 1) / kThreads;
-  if (cpt <= 1) return decode_typed_cpt<T, 16, 1>(a, stream);
-  if (cpt <= 2) return decode_typed_cpt<T, 16, 2>(a, stream);
   if (cpt <= 4) return decode_typed_cpt<T, 8, 4>(a, stream);
   if (cpt <= kMaxCpt) return decode_typed_cpt<T, 8, kMaxCpt>(a, stream);
   return cudaErrorInvalidValue;
