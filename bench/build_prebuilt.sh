@@ -35,6 +35,8 @@ LATENTMOE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" .venv/bin/
   -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS="$INC" -DCMAKE_CUDA_FLAGS="$INC" >/dev/null
 .venv/bin/cmake --build build/prebuilt
 mkdir -p .prebuilt && rm -f .prebuilt/_C*.so && cp build/prebuilt/_C*.so .prebuilt/
+# The sources it was built from: gpu_check.sh builds from source instead when they differ.
+bash bench/source_hash.sh > .prebuilt/SOURCES.sha256
 # A smoke import with the device's torch (CPU here): the ops register and report their kernels.
 tmp="$(mktemp -d)"; cp -r python/latentmoe "$tmp/"; rm -f "$tmp"/latentmoe/_C*.so; cp .prebuilt/_C*.so "$tmp/latentmoe/"
 (cd "$tmp" && PYTHONPATH="$tmp" "$ROOT/$VENV/bin/python" -m latentmoe.info | head -4)

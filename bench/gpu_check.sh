@@ -34,6 +34,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 built=0
+if [[ "$skip" != *build* ]] && ls .prebuilt/_C*.so >/dev/null 2>&1 \
+   && [[ "$(cat .prebuilt/SOURCES.sha256 2>/dev/null)" != "$(bash bench/source_hash.sh)" ]]; then
+  echo "prebuilt extension was built from other sources than these (make gpu-prebuilt); building from source" \
+    | tee -a "$OUT/summary.txt"
+  rm -f .prebuilt/_C*.so
+fi
 if [[ "$skip" != *build* ]] && ls .prebuilt/_C*.so >/dev/null 2>&1; then
   stage "prebuilt extension from .prebuilt/"
   cp .prebuilt/_C*.so python/latentmoe/
