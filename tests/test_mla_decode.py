@@ -337,3 +337,14 @@ def test_decode_random_shapes_property():
         check_close(out, lse, *prob, 0.25, causal, window)
 
     check()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_cuda_grid_limit_is_a_clear_error():
+    # Batch rows go on the grid's z axis (at most 65535): a larger batch is refused by name.
+    B, C, R = 65536, 8, 0
+    q = torch.randn(B, 1, 1, C, device="cuda")
+    kv = torch.randn(B, 2, C + R, device="cuda")
+    lens = torch.ones(B, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="q_latent.*65535"):
+        mla_decode(q, q[..., :0], kv, lens, 1.0, max_seqlen=2)
