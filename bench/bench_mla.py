@@ -90,27 +90,35 @@ def _decode_step_rows(device: str, dtype, contexts, reps: int) -> list[dict]:
     return rows
 
 
+def _capture_graph(fn, reset=lambda: None, warmups: int = 2):
+    """CUDA: `fn` warmed up, then captured in a CUDA graph on a side stream. `reset` runs before
+    each warm-up call and before the capture (state the calls advance, e.g. cache lengths)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):  # outside the capture
+            reset()
+            fn()
+        reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph
+
+
 def _graph_step_rows(ours, cache, x, pe, L, t_hf, device, mode, reps) -> list[dict]:
     """CUDA: the module's decode step captured in a CUDA graph and replayed (no host work per
     step: the ops make no device-to-host copy with a LatentKVCache). Each replay appends one more
     token (lengths L + 1, L + 2, ...; at most ~25 replays, within the cache's spare room)."""
+
+    def at_length_L():
+        cache.seqlens[0] = torch.full_like(cache.seqlens[0], L)
+        cache._host_lens[0] = [L] * cache.batch_size
+
     try:
         with torch.no_grad():
-            cache.seqlens[0] = torch.full_like(cache.seqlens[0], L)
-            cache._host_lens[0] = [L] * cache.batch_size
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up outside the capture
-                    cache.seqlens[0] = torch.full_like(cache.seqlens[0], L)
-                    cache._host_lens[0] = [L] * cache.batch_size
-                    ours(x, pe, None, cache=cache)
-                cache.seqlens[0] = torch.full_like(cache.seqlens[0], L)
-                cache._host_lens[0] = [L] * cache.batch_size
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    ours(x, pe, None, cache=cache)
-            torch.cuda.current_stream().wait_stream(side)
+            graph = _capture_graph(lambda: ours(x, pe, None, cache=cache), reset=at_length_L)
             t = time_ms(graph.replay, device, warmup=3, reps=20)
     except Exception as e:  # report, and keep the other rows of this family
         return [row("mla_decode_step", "latentmoe_cuda_graph", mode, L, (float("nan"),) * 3, device,
@@ -160,15 +168,7 @@ def _graph_op_rows(fn, device: str, mode: str, L: int) -> list[dict]:
     """CUDA: `fn` (one op call) captured in a CUDA graph and replayed: device time without the
     host's per-call work (argument checks, allocations, launches)."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        t = time_ms(graph.replay, device, warmup=3, reps=20, min_time_s=0.1)
+        t = time_ms(_capture_graph(fn).replay, device, warmup=3, reps=20, min_time_s=0.1)
         note = "one call captured in a CUDA graph, replayed: kernels only"
     except Exception as e:  # report, keep the other rows
         t, note = (float("nan"),) * 3, f"failed: {type(e).__name__}: {e}"[:200]

@@ -2,10 +2,10 @@
 // cache append. Math shared with the CPU kernels lives in common/mla_math.h and common/math.h.
 //
 // Decode: grid (n_splits, row groups, B). A block owns ROWS query rows (row = (s, h); 16 rows and
-// 512 threads when C <= 512, else 8 rows and 256 threads) of one batch row and one contiguous split of the keys, so all of its
-// heads share every cache row it reads (read once from memory per block). Per tile of kTile = 32
-// keys:
-//   load    warp w copies keys w, w+8, ... (the page lookup once per key). When rows are 16-byte
+// 512 threads when C <= 512, else 8 rows and 256 threads) of one batch row and one contiguous
+// split of the keys, so all of its heads share every cache row it reads (read once from memory
+// per block). Per tile of kTile = 32 keys:
+//   load    warp w copies keys w, w + warps, ... (the page lookup once per key). When rows are 16-byte
 //           aligned (the V3 layout in every dtype) the raw rows come in by asynchronous 16-byte
 //           copies into a staging buffer, issued one tile ahead (tile i+1 is in flight during tile
 //           i's math), and are then transposed to fp32 kt[c][key]; otherwise lanes load them
@@ -13,7 +13,7 @@
 //   scores  split over D: warp w sums its share (1 / warps) of the D = C + R dims for all ROWS x 32
 //           scores, each lane a 4-row x KPL-key register block fed by 16-byte reads of the
 //           transposed queries qt[c][row] and keys kt[c][key] (8 FMAs per shared-memory load
-//           instead of ~3); the 8 partial sums of each score are added in a fixed order.
+//           instead of ~3); the warps' partial sums of each score are added in a fixed order.
 //   softmax the running max / sum of each row live in one warp (lane = key; shuffles).
 //   PV      thread owns columns tid + threads * j (j < CPT) for all ROWS rows (ROWS*CPT registers),
 //           reading 4 keys of a column at once from kt.
@@ -35,17 +35,16 @@
 namespace latentmoe::cuda {
 namespace {
 
-// Threads of a split block: 512 (16 warps) when it holds 16 query rows (C <= 512: one output
-// column per thread, and twice the warps per SM to hide latency at one block per SM), else 256.
-constexpr int kThreads = 256;  // the 8-row blocks; kMaxCpt columns per thread bound C
 constexpr int kTile = 32;   // keys per tile == lanes per warp
-constexpr int kMaxCpt = 8;  // accumulator columns per thread: C <= kThreads * kMaxCpt
+constexpr int kMaxCpt = 8;  // accumulator columns per thread of the 8-row blocks: C <= 256 * kMaxCpt
 constexpr int64_t kMinSplitKeys = 64;
 constexpr int64_t kMaxSplits = 1024;  // the merge keeps one weight per split in shared memory
 constexpr int kMergeThreads = 64;     // merge: one output column per thread
 
 __host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 __host__ __device__ inline int rows_per_block(int64_t C) { return C <= 512 ? 16 : 8; }
+// Threads of a split block: 512 (16 warps) when it holds 16 query rows (C <= 512: one output
+// column per thread, and twice the warps per SM to hide latency at one block per SM), else 256.
 __host__ __device__ constexpr int threads_for_rows(int rows) { return rows == 16 ? 512 : 256; }
 // Transposed tiles have SLT = round_up(D, 4 * NW) rows (NW warp slices of SLT / NW, a multiple of
 // 4), zero past D. Key rows of kt hold the 32 keys plus 4 pad floats: 16-byte rows, and 8 lanes
@@ -198,8 +197,7 @@ __global__ void __launch_bounds__(threads_for_rows(ROWS)) mla_decode_split_kerne
           for (int i = 0; i < V; ++i) v[i] = 0.f;  // finite: p = 0 multiplies it
         }
 #pragma unroll
-        for (int i = 0; i < V; ++i)
-          if (c + i < SLT) kt[(c + i) * kKt + k] = v[i];
+        for (int i = 0; i < V; ++i) kt[(c + i) * kKt + k] = v[i];  // SLT is a multiple of V
       }
       __syncthreads();  // kt ready, the staging buffer free again
       if (t0 + kTile < k_end) issue_tile(t0 + kTile);  // in flight during this tile's math
@@ -398,18 +396,24 @@ __global__ void __launch_bounds__(kMergeThreads) mla_decode_merge_kernel(MlaDeco
   if (blockIdx.y == 0 && threadIdx.x == 0) a.lse[br] = math::softmax_lse({m_max, l_sum});
 }
 
-// Raise a kernel's dynamic shared-memory limit once per device (to the device's maximum), not on
-// every launch: the limit does not change the occupancy of launches that use less.
-// `done` is one flag per device, owned by the caller's kernel instantiation (all instantiations
-// share one function type, so the flags cannot live here). The runtime refuses a dynamic limit
-// that, added to the kernel's static shared memory, exceeds the opt-in budget.
+// The dynamic shared memory `kernel` may use on `device`: the opt-in limit minus the kernel's
+// static shared memory (the runtime refuses a larger limit). The first call per device raises the
+// kernel's limit to it (that does not change the occupancy of launches that use less) and caches
+// it in `cached` (one slot per device, owned by the caller's kernel instantiation: all
+// instantiations share one function type), so later calls make no attribute queries.
 constexpr int kMaxDevices = 64;
 template <typename K>
-cudaError_t allow_max_smem(K* kernel, int device, int budget, std::atomic<bool>* done) {
+cudaError_t smem_budget(K* kernel, int device, std::atomic<int>* cached, int* budget) {
   const bool known = device >= 0 && device < kMaxDevices;
-  if (known && done[device].load(std::memory_order_acquire)) return cudaSuccess;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, budget);
-  if (err == cudaSuccess && known) done[device].store(true, std::memory_order_release);
+  if (known && (*budget = cached[device].load(std::memory_order_acquire)) > 0) return cudaSuccess;
+  int optin = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  cudaFuncAttributes attr{};
+  if ((err = cudaFuncGetAttributes(&attr, kernel)) != cudaSuccess) return err;
+  *budget = optin - static_cast<int>(attr.sharedSizeBytes);
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, *budget);
+  if (err == cudaSuccess && known) cached[device].store(*budget, std::memory_order_release);
   return err;
 }
 
@@ -418,16 +422,12 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 template <typename T, int ROWS, int CPT>
 cudaError_t decode_typed_cpt(const MlaDecodeArgs& args, cudaStream_t stream) {
   MlaDecodeArgs a = args;
-  int device = 0, optin = 0;
+  int device = 0, budget = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return err;
   auto kernel = mla_decode_split_kernel<T, ROWS, CPT>;
-  cudaFuncAttributes attr{};
-  err = cudaFuncGetAttributes(&attr, kernel);
-  if (err != cudaSuccess) return err;
-  const int budget = optin - static_cast<int>(attr.sharedSizeBytes);  // dynamic bytes allowed
+  static std::atomic<int> budget_of[kMaxDevices];
+  if ((err = smem_budget(kernel, device, budget_of, &budget)) != cudaSuccess) return err;
   const int64_t D = a.C + a.R;
   const size_t base = sizeof(float) * split_smem_floats<ROWS>(D);
   // Async 16-byte copies need every row segment (c_kv, k_pe) and row start 16-byte aligned, and
@@ -437,9 +437,6 @@ cudaError_t decode_typed_cpt(const MlaDecodeArgs& args, cudaStream_t stream) {
                   (a.pe_stride * elt) % 16 == 0 && aligned16(a.kv_cache) && aligned16(a.pe_src) &&
                   base + stage_bytes(D, sizeof(T)) <= static_cast<size_t>(budget);
   const size_t smem = base + (a.stage_async ? stage_bytes(D, sizeof(T)) : 0);
-  static std::atomic<bool> smem_set[kMaxDevices];
-  err = allow_max_smem(kernel, device, budget, smem_set);
-  if (err != cudaSuccess) return err;
   const int64_t rows = a.Sq * a.H;
   dim3 grid(static_cast<unsigned>(a.n_splits), static_cast<unsigned>((rows + ROWS - 1) / ROWS),
             static_cast<unsigned>(a.B));
@@ -456,7 +453,7 @@ cudaError_t decode_typed(const MlaDecodeArgs& a, cudaStream_t stream) {
   if (a.B == 0 || a.Sq * a.H == 0) return cudaSuccess;
   if (a.n_splits < 1 || a.n_splits > kMaxSplits || a.C < 1) return cudaErrorInvalidValue;
   if (rows_per_block(a.C) == 16) return decode_typed_cpt<T, 16, 1>(a, stream);  // 512 threads, C <= 512
-  const int64_t cpt = (a.C + kThreads - 1) / kThreads;
+  const int64_t cpt = (a.C + threads_for_rows(8) - 1) / threads_for_rows(8);
   if (cpt <= 4) return decode_typed_cpt<T, 8, 4>(a, stream);
   if (cpt <= kMaxCpt) return decode_typed_cpt<T, 8, kMaxCpt>(a, stream);
   return cudaErrorInvalidValue;
@@ -530,7 +527,7 @@ size_t mla_decode_smem_bytes(int64_t C, int64_t R) {
 
 int mla_decode_rows_per_block(int64_t C) { return rows_per_block(C); }
 
-int64_t mla_decode_max_c() { return static_cast<int64_t>(kThreads) * kMaxCpt; }
+int64_t mla_decode_max_c() { return static_cast<int64_t>(threads_for_rows(8)) * kMaxCpt; }
 
 cudaError_t launch_mla_decode(DType dtype, const MlaDecodeArgs& a, cudaStream_t stream) {
   switch (dtype) {
