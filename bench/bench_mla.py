@@ -8,6 +8,9 @@ q_lora; fp32 weights (~55 MB read per decode step), batch 1.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 from transformers import DeepseekV3Config
 from transformers.cache_utils import DynamicCache
@@ -213,7 +216,37 @@ def _decode_op_rows(device: str, dtype, contexts) -> list[dict]:
                       f"compute floor / read floor = {flop_ms / floor_ms:.1f}x: "
                       + ("compute-bound here" if flop_ms > floor_ms else "bandwidth-bound here")),
         ]
+        rows += _cuda_cores_rows(lambda: latentmoe.ops.mla_decode(q_latent, q_pe, kv, lens, scale, max_seqlen=L),
+                                 device, dtype, mode, L, t_op)
     return rows
+
+
+@contextlib.contextmanager
+def _decode_kernel(name: str):
+    """Force mla_decode's split kernel (the binding reads LATENTMOE_MLA_DECODE_KERNEL per call)."""
+    old = os.environ.get("LATENTMOE_MLA_DECODE_KERNEL")
+    os.environ["LATENTMOE_MLA_DECODE_KERNEL"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LATENTMOE_MLA_DECODE_KERNEL", None)
+        else:
+            os.environ["LATENTMOE_MLA_DECODE_KERNEL"] = old
+
+
+def _cuda_cores_rows(fn, device: str, dtype, mode: str, L: int, t_auto) -> list[dict]:
+    """bf16 / fp16 on CUDA run the tensor-core split kernel; the CUDA-core one, forced, for scale."""
+    if not device.startswith("cuda") or dtype == torch.float32:
+        return []
+    with _decode_kernel("cuda_cores"):
+        t_cc = time_ms(fn, device, warmup=3, reps=10, min_time_s=0.2)
+    return [
+        row("mla_decode", "latentmoe_cuda_cores", mode, L, t_cc, device,
+            note="LATENTMOE_MLA_DECODE_KERNEL=cuda_cores (the default here is the tensor-core kernel)"),
+        ratio_row("mla_decode", "tensor_cores_speedup", L, t_cc[0] / t_auto[0], device,
+                  f"{mode}; CUDA-core time / tensor-core time, no goal"),
+    ]
 
 
 def _decode_op_scale_rows(device: str, dtype, B: int, heads: int, L: int) -> list[dict]:
@@ -225,13 +258,15 @@ def _decode_op_scale_rows(device: str, dtype, B: int, heads: int, L: int) -> lis
     q_pe = torch.randn(B, 1, heads, R, device=device, dtype=dtype)
     kv = torch.randn(B, L, C + R, device=device, dtype=dtype)
     lens = torch.full((B,), L, dtype=torch.int32, device=device)
-    t = time_ms(lambda: latentmoe.ops.mla_decode(q_latent, q_pe, kv, lens, 0.1, max_seqlen=L), device,
-                warmup=3, reps=10, min_time_s=0.2)
+    def op():
+        return latentmoe.ops.mla_decode(q_latent, q_pe, kv, lens, 0.1, max_seqlen=L)
+
+    t = time_ms(op, device, warmup=3, reps=10, min_time_s=0.2)
     nbytes = kv.numel() * kv.element_size()
     floor_ms = nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3
     flops = B * 2.0 * heads * L * ((C + R) + C)
     mode = f"op-{dt}-B{B}-H{heads}"
-    return [
+    return _cuda_cores_rows(op, device, dtype, mode, L, t) + [
         row("mla_decode", "latentmoe", mode, L, t, device, note="max_seqlen given"),
         row("mla_decode", "read_once_floor", mode, L, (floor_ms,) * 3, device,
             note=f"plain read of {nbytes / 2**20:.0f} MiB at measured bandwidth"),

@@ -40,6 +40,7 @@ _PROBE = (
     "int main() { ucontext_t c; getcontext(&c); return std::is_trivially_copyable_v<float> && f() > 0 ? 0 : 1; }\n"
 )
 SM_COUNT = 132  # H100 / H200 SXM
+_KERNEL = {"auto": 0, "cuda_cores": 1, "tensor_cores": 2}  # MlaDecodeKernel
 
 
 def kernels_as_host_code(src: str) -> str:
@@ -144,6 +145,7 @@ def emulated_decode(
     n_splits=0,
     order=0,
     max_seqlen=-1,
+    kernel="auto",
 ):
     B, Sq, H, C = q_latent.shape
     R = q_pe.shape[-1]
@@ -165,6 +167,7 @@ def emulated_decode(
         SM_COUNT,
         n_splits,
         max_seqlen,
+        _KERNEL[kernel],
     ]
     payload = np.array(head, dtype=np.int64).tobytes() + np.float32(scale).tobytes()
     payload += _raw(q_latent) + _raw(q_pe) + _raw(kv) + (b"" if pe_cache is None else _raw(pe_cache))
@@ -300,7 +303,7 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
     )
     # Launch configuration: split kernel (n_splits, row groups of 16 (C <= 512, 512 threads) or 8
     # (256 threads), B),
-    # merge (B*rows, column chunks of 64) x 64.
+    # merge (B*rows, column chunks of 64) x 256 (4 groups of 64 columns).
     rpb = 16 if C <= 512 else 8
     assert used == (n_splits or used) and used >= 1
     if not n_splits:  # the policy: at most one split per 64 keys of the longest row, about one wave
@@ -310,7 +313,7 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
     if used == 1:  # one split writes out and lse itself
         assert len(launches) == 1
     else:
-        assert launches[1][:4] == (B * Sq * H, -(-C // 64), 1, 64)
+        assert launches[1][:4] == (B * Sq * H, -(-C // 64), 1, 256)
     cache_rows = kv.shape[0] * kv.shape[1]
     staged = expect_staged(C, R, 4, cache_rows, pe_split)
     assert launches[0][4] == split_smem_bytes(C, R, 4, staged)
@@ -412,6 +415,122 @@ def test_decode_low_precision(harness, tmp_path, dtype, name):
     torch.testing.assert_close(
         out.float(), want_o.float(), rtol=ulp, atol=ulp * want_o.float().abs().max().item()
     )
+
+
+# ---- tensor-core split kernel (bf16 / fp16; csrc/cuda/common/mma.cuh emulated by emu.h) ----------
+
+
+def mma_smem_bytes(C, R, mt):
+    """Dynamic shared memory of the tensor-core split kernel (as mla_kernels.cu lays it out): 3 key
+    buffers of 32 rows and the query rows (SW = round_up(D, 16) / 2 + 4 words each), fp32 scores,
+    16-bit probabilities, alpha / m / l floats and the int64 key ranges of its 16 * mt rows."""
+    sw = -(-(C + R) // 16) * 16 // 2 + 4
+    rb = 16 * mt
+    return 4 * (3 * 32 * sw + rb * sw + rb * 36) + 2 * rb * 40 + 12 * rb + 16 * rb
+
+
+def mma_tiles(rows):
+    return min(4, -(-rows // 16))
+
+
+# (B, Sq, H, dims, seqlens, capacity, page_size, causal, window, pe_split, n_splits override):
+# every m-tile count (rows 16 / 18 / 48 / 34 / 128), many splits, a padded D (C=40, R=16: D=56 -> 64), pages of
+# 1 and 17 with NaN in unused slots, zero-length rows, MTP causal rows with a window, a separate
+# pe cache, a single split (out / lse written by the split kernel), full last rows.
+MMA_CASES = {
+    "v3_h16_one_mtile_splits": (1, 1, 16, V3, [700], 700, 0, True, -1, False, 0),
+    "h9_sq2_two_mtiles_paged17_zero_row": (2, 2, 9, SMALL, [300, 0], 306, 17, True, -1, False, 0),
+    "h3_sq16_three_mtiles_window": (1, 16, 3, SMALL, [200], 200, 0, True, 7, False, 4),
+    "h17_sq2_padded_d_paged16": (2, 2, 17, {"C": 40, "R": 16}, [45, 1], 48, 16, False, 0, False, 0),
+    "h128_four_mtiles_paged1": (1, 1, 128, {"C": 64, "R": 16}, [70], 70, 1, True, -1, False, 2),
+    "h5_pe_cache_single_split": (2, 1, 5, SMALL, [33, 5], 40, 0, True, -1, True, 1),
+    "v3_h8_sq2_full_row_pe_cache": (2, 2, 8, V3, [64, 100], 100, 0, True, -1, True, 0),
+    # 47 splits: every merge thread group (splits in turns of 8 over 4 groups) has work.
+    "h16_many_splits": (1, 1, 16, {"C": 32, "R": 16}, [3000], 3000, 0, True, -1, False, 0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(MMA_CASES))
+def test_decode_tensor_cores_match_reference(harness, tmp_path, dtype, name):
+    B, Sq, H, dims, seqlens, cap, page_size, causal, window, pe_split, n_splits = MMA_CASES[name]
+    C, R = dims["C"], dims["R"]
+    q_latent, q_pe, kv, lens, table, pe_cache = decode_problem(
+        B, Sq, H, C, R, seqlens, cap, page_size, pe_split, dtype, seed=len(name) + 7
+    )
+    scale = 1 / math.sqrt(192)
+    order = 0 if dtype == torch.bfloat16 else 1 + len(name)  # forward, or a random thread order
+    out, lse, used, launches = emulated_decode(
+        harness, tmp_path, q_latent, q_pe, kv, lens, table, scale, causal, window, pe_cache, n_splits, order
+    )
+    mt, rows = mma_tiles(Sq * H), Sq * H
+    assert launches[0] == (used, -(-rows // (16 * mt)), B, 256, mma_smem_bytes(C, R, mt), 0)
+    assert len(launches) == (1 if used == 1 else 2)
+    if used > 1:
+        assert launches[1][:4] == (B * rows, -(-C // 64), 1, 256)
+    if name == "h16_many_splits":
+        assert used == 47
+    assert out.dtype == dtype and not out.isnan().any() and not lse.isnan().any()
+    want_o, want_l = mla_decode(
+        q_latent, q_pe, kv, lens, scale, block_table=table, causal=causal, window=window, pe_cache=pe_cache
+    )
+    empty = torch.isinf(want_l)
+    assert torch.equal(torch.isinf(lse), empty) and torch.all(lse[empty] < 0)
+    assert torch.all(out[empty] == 0)
+    # Scores are exact products of the 16-bit inputs summed in fp32: lse as the CPU op's.
+    torch.testing.assert_close(lse[~empty], want_l[~empty], rtol=1e-5, atol=1e-5)
+    # The probabilities enter P V rounded to the 16-bit type (half an ulp each), the output is
+    # rounded once more: within about two ulps of the largest output.
+    ulp = torch.finfo(dtype).eps
+    full = kv if pe_cache is None else torch.cat([kv, pe_cache], -1)
+    ref_o, _ = ref.mla_decode(
+        q_latent.double(), q_pe.double(), full.double(), lens, scale, block_table=table, causal=causal, window=window
+    )
+    tol = 2 * ulp * ref_o.abs().max().item()
+    torch.testing.assert_close(out.double(), ref_o, rtol=ulp, atol=tol)
+    torch.testing.assert_close(out.float(), want_o.float(), rtol=ulp, atol=tol)
+
+
+def test_decode_kernel_choice(harness, tmp_path):
+    """Auto picks tensor cores for bf16 / fp16 with C, R multiples of 8 and the CUDA-core kernel
+    for fp32 or other widths; forcing either works where it applies, and forcing tensor cores
+    where they do not is an error (no silent fallback)."""
+    args = decode_problem(2, 1, 9, 48, 16, [90, 40], 90, 0, False, torch.bfloat16, seed=2)
+    q_latent, q_pe, kv, lens, table, pe_cache = args
+    run = lambda kernel, *a: emulated_decode(  # noqa: E731
+        harness, tmp_path, *a, lens, table, 0.1, True, -1, pe_cache, 2, kernel=kernel
+    )
+    out_tc, lse_tc, _, l_tc = run("auto", q_latent, q_pe, kv)
+    out_cc, lse_cc, _, l_cc = run("cuda_cores", q_latent, q_pe, kv)
+    assert l_tc[0][3] == 256 and l_tc[0][4] == mma_smem_bytes(48, 16, 1)
+    assert l_cc[0][3] == 512 and l_cc[0][4] != l_tc[0][4]
+    ulp = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(lse_tc, lse_cc, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_tc.float(), out_cc.float(), rtol=ulp, atol=2 * ulp * out_cc.abs().max().item())
+    # fp32: CUDA cores under auto; tensor cores refused.
+    q32, p32, kv32 = q_latent.float(), q_pe.float(), kv.float()
+    assert run("auto", q32, p32, kv32)[3][0][3] == 512
+    with pytest.raises(AssertionError, match="launch_mla_decode returned 1"):
+        run("tensor_cores", q32, p32, kv32)
+    # C not a multiple of 8: CUDA cores under auto; tensor cores refused.
+    odd = decode_problem(2, 1, 9, 44, 16, [90, 40], 90, 0, False, torch.bfloat16, seed=2)
+    assert run("auto", *odd[:3])[3][0][3] == 512
+    with pytest.raises(AssertionError, match="launch_mla_decode returned 1"):
+        run("tensor_cores", *odd[:3])
+
+
+def test_decode_tensor_cores_thread_order_independent(harness, tmp_path):
+    B, Sq, H, dims, seqlens, cap, page_size, causal, window, pe_split, n_splits = MMA_CASES[
+        "h9_sq2_two_mtiles_paged17_zero_row"
+    ]
+    args = decode_problem(B, Sq, H, dims["C"], dims["R"], seqlens, cap, page_size, pe_split, torch.bfloat16, 9)
+    q_latent, q_pe, kv, lens, table, pe_cache = args
+    runs = [
+        emulated_decode(harness, tmp_path, q_latent, q_pe, kv, lens, table, 0.1, causal, window, pe_cache, 3, o)
+        for o in (0, 1, 55)
+    ]
+    for other in runs[1:]:
+        assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
 
 
 def _selftest(exe, which):

@@ -348,3 +348,37 @@ def test_decode_cuda_grid_limit_is_a_clear_error():
     lens = torch.ones(B, dtype=torch.int32, device="cuda")
     with pytest.raises(ValueError, match="q_latent.*65535"):
         mla_decode(q, q[..., :0], kv, lens, 1.0, max_seqlen=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "B,Sq,H,C,R,seqlens,page_size",
+    [(1, 1, 16, 512, 64, [3000], None), (2, 2, 9, 48, 16, [300, 0], 17), (3, 1, 128, 512, 64, [700, 5, 64], 64),
+     (2, 16, 3, 40, 16, [200, 16], 1)],
+)
+def test_decode_cuda_tensor_and_cuda_cores_agree(monkeypatch, dtype, B, Sq, H, C, R, seqlens, page_size):
+    """The tensor-core split kernel (auto for bf16 / fp16 with C, R multiples of 8) and the
+    CUDA-core one, forced by LATENTMOE_MLA_DECODE_KERNEL, both meet the reference tolerance."""
+    prob = make_problem(B, Sq, H, C, R, seqlens, page_size, dtype=dtype, device="cuda")
+    results = {}
+    for kernel in ("tensor_cores", "cuda_cores", "auto"):
+        monkeypatch.setenv("LATENTMOE_MLA_DECODE_KERNEL", kernel)
+        results[kernel] = mla_decode(*prob[:4], 0.06, block_table=prob[4], causal=True)
+        check_close(*results[kernel], *prob, 0.06, True, -1)
+    assert torch.equal(results["auto"][0], results["tensor_cores"][0])
+    torch.testing.assert_close(results["tensor_cores"][1], results["cuda_cores"][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_cuda_forced_tensor_cores_refused_where_they_do_not_apply(monkeypatch):
+    monkeypatch.setenv("LATENTMOE_MLA_DECODE_KERNEL", "tensor_cores")
+    prob = make_problem(1, 1, 4, 48, 16, [20], dtype=torch.float32, device="cuda")
+    with pytest.raises(ValueError, match="tensor-core kernel does not apply"):
+        mla_decode(*prob[:4], 0.1)
+    prob = make_problem(1, 1, 4, 44, 16, [20], dtype=torch.bfloat16, device="cuda")  # C % 8 != 0
+    with pytest.raises(ValueError, match="tensor-core kernel does not apply"):
+        mla_decode(*prob[:4], 0.1)
+    monkeypatch.setenv("LATENTMOE_MLA_DECODE_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="LATENTMOE_MLA_DECODE_KERNEL must be"):
+        mla_decode(*prob[:4], 0.1)

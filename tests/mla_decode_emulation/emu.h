@@ -63,6 +63,7 @@ struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
@@ -162,6 +163,7 @@ struct State {
   std::vector<uint64_t> warp_gen;
   std::vector<int> warp_line;
   std::vector<uint64_t> warp_slots;
+  std::vector<uint32_t> mma_slots;  // per lane: a[4], b[2] of a warp-wide mma_16816
   std::vector<unsigned char> dyn;
   std::map<std::string, std::vector<unsigned char>> statics;
   size_t static_bytes = 0;
@@ -243,6 +245,7 @@ inline void run_block(size_t smem) {
   s.warp_gen.assign(nw, 0);
   s.warp_line.assign(nw, -1);
   s.warp_slots.assign(nw * 32, ~uint64_t{0});
+  s.mma_slots.assign(nw * 32 * 6, ~uint32_t{0});
   s.fibers.assign(n, Fiber{});
   if (s.stacks.size() < n) s.stacks.resize(n, std::vector<char>(kStack));
   for (unsigned i = 0; i < n; ++i) {
@@ -393,13 +396,18 @@ inline void __pipeline_wait_prior(size_t keep) {
   }
 }
 
-enum cudaDeviceAttr : int { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr : int { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 inline cudaError_t cudaGetDevice(int* dev) {
   *dev = 0;
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
-  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin || dev != 0) return cudaErrorInvalidValue;
+  if (dev != 0) return cudaErrorInvalidValue;
+  if (attr == cudaDevAttrComputeCapabilityMajor) {
+    *value = 9;  // sm_90
+    return cudaSuccess;
+  }
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
   *value = static_cast<int>(emu::kSmemOptin);
   return cudaSuccess;
 }
@@ -429,3 +437,52 @@ inline cudaError_t cudaGetLastError() {
   emu::st().last_error = cudaSuccess;
   return e;
 }
+
+// ---- tensor-core MMA (csrc/cuda/common/mma.cuh) --------------------------------------------------
+// mma.sync.aligned.m16n8k16.row.col with fp32 accumulators, as a warp collective: every lane
+// deposits its A and B registers, and after a warp barrier each lane rebuilds the 16x16 A and
+// 16x8 B tiles from all 32 lanes (the PTX ISA's fragment layouts, documented in mma.cuh) and
+// computes its own four D values (products summed in k order in fp32, then added to d). A warp
+// with fewer than 32 lanes, or lanes arriving from different call sites, is an error.
+#define LATENTMOE_EMULATED_MMA 1
+namespace latentmoe::cuda {
+template <typename T>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], int line = __builtin_LINE()) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "16-bit operands");
+  emu::State& s = emu::st();
+  const unsigned lin = s.cur->lin, w = lin / 32, lane = lin % 32;
+  if (emu::warp_lanes(w) != 32) emu::fail("mma_16816 needs a full warp");
+  uint32_t* mine = &s.mma_slots[static_cast<size_t>(lin) * 6];
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b[0];
+  mine[5] = b[1];
+  emu::warp_barrier(line);
+  auto half_of = [](uint32_t reg, int hi) {
+    const uint16_t bits = static_cast<uint16_t>(hi ? reg >> 16 : reg & 0xFFFFu);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      return __bfloat162float(__nv_bfloat16{bits});
+    } else {
+      return __half2float(__half{bits});
+    }
+  };
+  const uint32_t* warp_regs = &s.mma_slots[static_cast<size_t>(w) * 32 * 6];
+  // A[row][k]: lane (row % 8) * 4 + (k % 8) / 2, register (row >= 8) + 2 * (k >= 8), half k % 2.
+  auto A = [&](int row, int k) {
+    const int ln = (row % 8) * 4 + (k % 8) / 2, reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return half_of(warp_regs[ln * 6 + reg], k % 2);
+  };
+  // B[k][n]: lane n * 4 + (k % 8) / 2, register 4 + (k >= 8), half k % 2.
+  auto B = [&](int k, int n) {
+    const int ln = n * 4 + (k % 8) / 2;
+    return half_of(warp_regs[ln * 6 + 4 + (k >= 8 ? 1 : 0)], k % 2);
+  };
+  const int g = static_cast<int>(lane / 4), t = static_cast<int>(lane % 4);
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i % 2);
+    float acc = 0.f;
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    d[i] += acc;
+  }
+  emu::warp_barrier(line);  // every lane has read the slots before any lane writes them again
+}
+}  // namespace latentmoe::cuda

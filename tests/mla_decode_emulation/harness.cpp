@@ -8,7 +8,8 @@
 //   harness selftest divergent|early_exit|race|shuffle|too_much_smem|big_grid
 //
 // decode IN: int64 [dtype, B, Sq, H, C, R, paged, lmax_or_page_size, num_pages, max_pages, causal,
-//   window, split_pe, sm_count, n_splits_override, max_seqlen (-1: checked call)], float scale, then
+//   window, split_pe, sm_count, n_splits_override, max_seqlen (-1: checked call), kernel (MlaDecodeKernel)],
+//   float scale, then
 //   q_latent, q_pe, kv_cache,
 //   pe_cache (if split_pe), int32 seqlens [B], int32 block_table [B, max_pages] (if paged).
 //   Element arrays are raw dtype bytes (dtype 0 fp32, 1 bf16, 2 fp16, as common/dtype.h).
@@ -95,7 +96,7 @@ void print_log() {
 }
 
 int run_decode(const char* out_path) {
-  int64_t h[16];
+  int64_t h[17];
   in_file.read(reinterpret_cast<char*>(h), sizeof h);
   float scale;
   in_file.read(reinterpret_cast<char*>(&scale), sizeof scale);
@@ -165,6 +166,7 @@ int run_decode(const char* out_path) {
   a.causal = h[10] != 0;
   a.window = h[11];
   a.n_splits = n_splits;
+  a.kernel = static_cast<int>(h[16]);
   const cudaError_t err = launch_mla_decode(dtype, a, nullptr);
   print_log();
   if (err != cudaSuccess) {

@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/mla_checks.h"
 #include "cuda/common/binding_utils.h"
@@ -15,6 +17,18 @@ namespace latentmoe::cuda {
 namespace {
 
 namespace chk = latentmoe::checks;
+
+// LATENTMOE_MLA_DECODE_KERNEL=auto|cuda_cores|tensor_cores (unset: auto) picks the split kernel;
+// tests use it to run both kernels on one call.
+int decode_kernel_choice() {
+  const char* v = std::getenv("LATENTMOE_MLA_DECODE_KERNEL");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return kDecodeAuto;
+  if (std::strcmp(v, "cuda_cores") == 0) return kDecodeCudaCores;
+  if (std::strcmp(v, "tensor_cores") == 0) return kDecodeTensorCores;
+  TORCH_CHECK_VALUE(false, "latentmoe.mla_decode: LATENTMOE_MLA_DECODE_KERNEL must be auto, cuda_cores or tensor_cores, not '",
+                    v, "'");
+  return kDecodeAuto;
+}
 
 std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, const at::Tensor& q_pe,
                                                    const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
@@ -83,6 +97,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   a.causal = causal;
   a.window = window;
   a.n_splits = n_splits;
+  a.kernel = decode_kernel_choice();
+  TORCH_CHECK_VALUE(a.kernel != kDecodeTensorCores || mla_decode_tensor_cores_apply(to_dtype(q_latent.scalar_type()), a),
+                    "latentmoe.mla_decode: LATENTMOE_MLA_DECODE_KERNEL=tensor_cores, but the tensor-core kernel does not "
+                    "apply to this call (it needs bf16 / fp16, C and R multiples of 8, C <= 512, 16-byte aligned "
+                    "q_latent / q_pe / cache rows and an sm_80+ GPU)");
   check_launch(op, launch_mla_decode(to_dtype(q_latent.scalar_type()), a, at::cuda::getCurrentCUDAStream()));
   return {out, lse};
 }

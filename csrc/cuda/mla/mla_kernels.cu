@@ -27,10 +27,12 @@
 #include "common/math.h"
 #include "common/mla_math.h"
 #include "cuda/common/cuda_utils.cuh"
+#include "cuda/common/mma.cuh"
 #include "cuda/mla/mla_launch.h"
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 namespace latentmoe::cuda {
 namespace {
@@ -39,7 +41,10 @@ constexpr int kTile = 32;   // keys per tile == lanes per warp
 constexpr int kMaxCpt = 8;  // accumulator columns per thread of the 8-row blocks: C <= 256 * kMaxCpt
 constexpr int64_t kMinSplitKeys = 64;
 constexpr int64_t kMaxSplits = 1024;  // the merge keeps one weight per split in shared memory
-constexpr int kMergeThreads = 64;     // merge: one output column per thread
+constexpr int kMergeCols = 64;        // merge: output columns per block
+constexpr int kMergeGroups = 4;       // merge: thread groups splitting the splits
+constexpr int kMergeThreads = kMergeCols * kMergeGroups;
+constexpr int kMergeBatch = 8;        // merge: loads in flight per thread
 
 __host__ __device__ inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 __host__ __device__ inline int rows_per_block(int64_t C) { return C <= 512 ? 16 : 8; }
@@ -355,12 +360,291 @@ __global__ void __launch_bounds__(threads_for_rows(ROWS)) mla_decode_split_kerne
   }
 }
 
-// Grid (B * rows, column chunks of kMergeThreads): combine the splits of one row by LSE, in split
-// order, normalise, write out (and lse, from the first chunk).
+// ---- tensor-core split kernel (bf16 / fp16) ------------------------------------------------------
+// Grid (n_splits, row blocks, B) as above; a block owns RB = 16 * MT query rows (MT m-tiles of 16
+// rows, MT = 1..4) and runs 8 warps. Per tile of kMmaKeys = 32 keys:
+//   load    raw cache rows by 16-byte cp.async into one of kMmaStages buffers, issued
+//           kMmaStages - 1 tiles ahead (warp w copies keys w, w + 8, ..; the page lookup once per
+//           key); keys past the split are zero-filled (finite: p = 0 multiplies them).
+//   scores  S = Q K^T with mma.m16n8k16 (mma.cuh): the RB x 32 score tile is MT x 4 m16n8 tiles,
+//           warp w computes tiles w, w + 8; Q (16-bit, unscaled) stays in shared memory; S * scale
+//           goes to shared memory in fp32.
+//   softmax 4 threads per row (8 keys each, two xor shuffles): running max / sum in fp32, p rounded
+//           to the 16-bit type into P, the rescale factor of each row into alpha.
+//   PV      O = diag(alpha) O + P V, V = the first C columns of the same buffer: warp w owns the
+//           output columns of n-tiles w, w + 8, .. (64 columns of C = 512) for all MT m-tiles, in
+//           mma accumulators (MT x 8 x 4 fp32 registers per thread).
+// Shared-memory rows of Q and of the key buffers are DP = round_up(D, 16) values plus 8 pad
+// values: SW = DP / 2 + 4 32-bit words, 4 (mod 8), so the 8 rows x 4 words of a fragment load hit
+// 32 distinct banks. The partials and the single-split epilogue are those of the CUDA-core kernel.
+constexpr int kMmaThreads = 256, kMmaWarps = 8;
+constexpr int kMmaKeys = 32;            // keys per tile
+constexpr int kMmaStages = 3;           // key buffers in flight
+constexpr int kMmaNtPerWarp = 8;        // output n-tiles (8 columns) per warp: C <= 8 * 8 * 8
+constexpr int64_t kMmaMaxC = 8 * kMmaWarps * kMmaNtPerWarp;
+constexpr int kMmaSld = kMmaKeys + 4;   // fp32 score row stride (floats)
+constexpr int kMmaPld = kMmaKeys + 8;   // 16-bit probability row stride (elements): 20 words
+static_assert(kMmaKeys % 16 == 0 && kMmaThreads == 4 * 64, "4 softmax threads per row of up to 64");
+
+__host__ __device__ inline int64_t mma_row_words(int64_t D) { return round_up(D, 16) / 2 + 4; }
+__host__ __device__ inline size_t mma_smem_bytes(int64_t D, int mt) {
+  const int64_t sw = mma_row_words(D), rb = 16 * mt;
+  return static_cast<size_t>(4 * (kMmaStages * kMmaKeys * sw + rb * sw + rb * kMmaSld) + 2 * rb * kMmaPld +
+                             4 * 3 * rb + 8 * 2 * rb);
+}
+
+template <typename T, int MT>
+__global__ void __launch_bounds__(kMmaThreads) mla_decode_mma_kernel(MlaDecodeArgs a) {
+  constexpr int RB = 16 * MT;
+  static_assert(MT >= 1 && MT <= 4, "1..4 m-tiles");
+  extern __shared__ float smem[];
+  const int64_t C = a.C, R = a.R, D = C + R, DP = round_up(D, 16), SW = mma_row_words(D);
+  uint32_t* stage_w = reinterpret_cast<uint32_t*>(smem);  // [kMmaStages][kMmaKeys][SW]
+  uint32_t* q_w = stage_w + kMmaStages * kMmaKeys * SW;    // [RB][SW]
+  float* s_s = reinterpret_cast<float*>(q_w + RB * SW);    // [RB][kMmaSld]
+  T* p_s = reinterpret_cast<T*>(s_s + RB * kMmaSld);       // [RB][kMmaPld]
+  float* alpha_s = reinterpret_cast<float*>(p_s + RB * kMmaPld);  // [RB]
+  float* m_s = alpha_s + RB;                                       // [RB] final state
+  float* l_s = m_s + RB;                                           // [RB]
+  int64_t* lo_s = reinterpret_cast<int64_t*>(l_s + RB);            // [RB] visible keys
+  int64_t* hi_s = lo_s + RB;                                       // [RB]
+
+  const T* q_latent = static_cast<const T*>(a.q_latent);
+  const T* q_pe = static_cast<const T*>(a.q_pe);
+  const T* cache = static_cast<const T*>(a.kv_cache);
+  const T* pe_src = static_cast<const T*>(a.pe_src);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int64_t b = blockIdx.z, sp = blockIdx.x;
+  const int64_t rows = a.Sq * a.H;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * RB;
+  const int nrows = static_cast<int>(rows - r0 < RB ? rows - r0 : RB);
+  int64_t seqlen = a.seqlens[b];
+  const int64_t cap = a.capacity < a.max_seqlen ? a.capacity : a.max_seqlen;
+  seqlen = seqlen < 0 ? 0 : (seqlen > cap ? cap : seqlen);
+
+  // Queries in 16-byte chunks (C and R are multiples of 8, so a chunk lies in q_latent or q_pe);
+  // rows past nrows and columns past D are 0. The pad columns [D, DP) of the key buffers are
+  // zeroed once: the copies never write them.
+  const int64_t cpr = DP / 8;  // chunks per row
+  for (int64_t i = tid; i < RB * cpr; i += kMmaThreads) {
+    const int r = static_cast<int>(i / cpr);
+    const int64_t col = (i % cpr) * 8;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (r < nrows) {
+      const int64_t off = b * rows + r0 + r;
+      if (col < C) {
+        v = *reinterpret_cast<const uint4*>(q_latent + off * C + col);
+      } else if (col < D) {
+        v = *reinterpret_cast<const uint4*>(q_pe + off * R + (col - C));
+      }
+    }
+    *reinterpret_cast<uint4*>(q_w + r * SW + col / 2) = v;
+  }
+  if (DP > D) {
+    for (int i = tid; i < kMmaStages * kMmaKeys; i += kMmaThreads) {
+      *reinterpret_cast<uint4*>(stage_w + i * SW + D / 2) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  if (tid < RB) {
+    mla::KeyRange kr{0, 0};
+    if (tid < nrows) kr = mla::visible_keys(seqlen, a.Sq, (r0 + tid) / a.H, a.causal, a.window);
+    lo_s[tid] = kr.lo;
+    hi_s[tid] = kr.hi;
+  }
+  __syncthreads();
+  int64_t lo_all = seqlen, hi_all = 0;
+  for (int r = 0; r < nrows; ++r) {
+    if (hi_s[r] > lo_s[r]) {
+      lo_all = min(lo_all, lo_s[r]);
+      hi_all = max(hi_all, hi_s[r]);
+    }
+  }
+  const int64_t split_len = a.max_seqlen > 0 ? (a.max_seqlen + a.n_splits - 1) / a.n_splits : 1;
+  const int64_t k_begin = max(lo_all, sp * split_len);
+  const int64_t k_end = min(hi_all, (sp + 1) * split_len);
+  const int64_t n_tiles = k_begin < k_end ? (k_end - k_begin + kMmaKeys - 1) / kMmaKeys : 0;
+
+  // Tile `it` into buffer it % kMmaStages, one commit group per tile (empty past the end).
+  const int kv_chunks = static_cast<int>(C * 2 / 16), pe_chunks = static_cast<int>(R * 2 / 16);
+  auto issue = [&](int64_t it) {
+    if (it < n_tiles) {
+      const int64_t t0 = k_begin + it * kMmaKeys;
+      uint32_t* buf = stage_w + (it % kMmaStages) * kMmaKeys * SW;
+      for (int k = warp; k < kMmaKeys; k += kMmaWarps) {
+        const int64_t t = t0 + k;
+        char* dst = reinterpret_cast<char*>(buf + k * SW);
+        if (t < k_end) {
+          const int64_t row = mla::cache_row(a.block_table, a.max_pages, a.page_size, a.lmax, a.num_pages, b, t);
+          const char* kv = reinterpret_cast<const char*>(cache + row * a.kv_stride);
+          const char* pe = reinterpret_cast<const char*>(pe_src + row * a.pe_stride);
+          for (int ch = lane; ch < kv_chunks; ch += 32) __pipeline_memcpy_async(dst + ch * 16, kv + ch * 16, 16);
+          for (int ch = lane; ch < pe_chunks; ch += 32)
+            __pipeline_memcpy_async(dst + C * 2 + ch * 16, pe + ch * 16, 16);
+        } else {
+          for (int ch = lane; ch < kv_chunks + pe_chunks; ch += 32)
+            *reinterpret_cast<uint4*>(dst + ch * 16) = make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+    }
+    __pipeline_commit();
+  };
+  for (int s = 0; s < kMmaStages - 1; ++s) issue(s);
+
+  const int sr = tid >> 2, sq = tid & 3;  // softmax: row sr, keys sq * 8 .. sq * 8 + 7
+  float m_run = -INFINITY, l_run = 0.f;
+  float o[MT][kMmaNtPerWarp][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int j = 0; j < kMmaNtPerWarp; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) o[mt][j][i] = 0.f;
+
+  for (int64_t it = 0; it < n_tiles; ++it) {
+    __pipeline_wait_prior(kMmaStages - 2);
+    __syncthreads();  // tile `it` landed for every thread; the buffer issued next is consumed
+    issue(it + kMmaStages - 1);
+    const uint32_t* kw = stage_w + (it % kMmaStages) * kMmaKeys * SW;
+    const int64_t t0 = k_begin + it * kMmaKeys;
+    // Scores.
+    for (int tt = warp; tt < MT * 4; tt += kMmaWarps) {
+      const int mt = tt >> 2, nt = tt & 3;
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      const uint32_t* qa = q_w + (mt * 16 + g) * SW + t4;
+      const uint32_t* kb = kw + (nt * 8 + g) * SW + t4;
+#pragma unroll 4
+      for (int64_t kk = 0; kk < DP / 2; kk += 8) {
+        const uint32_t af[4] = {qa[kk], qa[kk + 8 * SW], qa[kk + 4], qa[kk + 8 * SW + 4]};
+        const uint32_t bf[2] = {kb[kk], kb[kk + 4]};
+        mma_16816<T>(acc, af, bf);
+      }
+      float* srow = s_s + (mt * 16 + g) * kMmaSld + nt * 8 + 2 * t4;
+      srow[0] = acc[0] * a.scale;
+      srow[1] = acc[1] * a.scale;
+      srow[8 * kMmaSld] = acc[2] * a.scale;
+      srow[8 * kMmaSld + 1] = acc[3] * a.scale;
+    }
+    __syncthreads();
+    // Softmax (whole warps take part or skip: RB is a multiple of 8 rows).
+    if (sr < RB) {
+      float sv[8];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int64_t t = t0 + sq * 8 + j;
+        const bool ok = sr < nrows && t < k_end && t >= lo_s[sr] && t < hi_s[sr];
+        sv[j] = ok ? s_s[sr * kMmaSld + sq * 8 + j] : -INFINITY;
+        mx = fmaxf(mx, sv[j]);
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run, mx);
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float p = sv[j] == -INFINITY ? 0.f : math::fast_exp(sv[j] - m_new);
+        sum += p;
+        p_s[sr * kMmaPld + sq * 8 + j] = from_float<T>(p);
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float alpha = math::softmax_rescale(m_run, m_new);
+      l_run = l_run * alpha + sum;
+      m_run = m_new;
+      if (sq == 0) alpha_s[sr] = alpha;
+    }
+    __syncthreads();
+    // O = diag(alpha) O + P V.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const float a0 = alpha_s[mt * 16 + g], a1 = alpha_s[mt * 16 + g + 8];
+#pragma unroll
+      for (int j = 0; j < kMmaNtPerWarp; ++j) {
+        o[mt][j][0] *= a0;
+        o[mt][j][1] *= a0;
+        o[mt][j][2] *= a1;
+        o[mt][j][3] *= a1;
+      }
+    }
+    const uint32_t* pw = reinterpret_cast<const uint32_t*>(p_s);
+    const uint16_t* vh = reinterpret_cast<const uint16_t*>(kw);  // row stride 2 * SW values
+#pragma unroll
+    for (int ks = 0; ks < kMmaKeys / 16; ++ks) {
+      uint32_t af[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint32_t* pr = pw + (mt * 16 + g) * (kMmaPld / 2) + ks * 8 + t4;
+        af[mt][0] = pr[0];
+        af[mt][1] = pr[8 * (kMmaPld / 2)];
+        af[mt][2] = pr[4];
+        af[mt][3] = pr[8 * (kMmaPld / 2) + 4];
+      }
+      const uint16_t* v0 = vh + (ks * 16 + 2 * t4) * 2 * SW + g;
+#pragma unroll
+      for (int j = 0; j < kMmaNtPerWarp; ++j) {
+        const int64_t c0 = static_cast<int64_t>(warp + kMmaWarps * j) * 8;
+        if (c0 >= C) break;  // warp-uniform
+        const uint16_t* v = v0 + c0;
+        const uint32_t bf[2] = {static_cast<uint32_t>(v[0]) | (static_cast<uint32_t>(v[2 * SW]) << 16),
+                                static_cast<uint32_t>(v[16 * SW]) | (static_cast<uint32_t>(v[18 * SW]) << 16)};
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) mma_16816<T>(o[mt][j], af[mt], bf);
+      }
+    }
+  }
+  __pipeline_wait_prior(0);  // the empty groups issued past the last tile
+  if (sr < RB && sq == 0) {
+    m_s[sr] = m_run;
+    l_s[sr] = l_run;
+  }
+  __syncthreads();
+  const bool single = a.n_splits == 1;
+  const int64_t pbase = (b * a.n_splits + sp) * rows + r0;
+  if (tid < nrows) {
+    if (single) {
+      a.lse[b * rows + r0 + tid] = math::softmax_lse({m_s[tid], l_s[tid]});
+    } else {
+      a.part_m[pbase + tid] = m_s[tid];
+      a.part_l[pbase + tid] = l_s[tid];
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = mt * 16 + g + 8 * h;
+      if (r >= nrows) continue;
+      const float inv = single ? (l_s[r] > 0.f ? 1.f / l_s[r] : 0.f) : 1.f;
+#pragma unroll
+      for (int j = 0; j < kMmaNtPerWarp; ++j) {
+        const int64_t c = static_cast<int64_t>(warp + kMmaWarps * j) * 8 + 2 * t4;
+        if (c >= C) break;
+        const float v0 = o[mt][j][2 * h] * inv, v1 = o[mt][j][2 * h + 1] * inv;
+        if (single) {
+          T* out = static_cast<T*>(a.out) + (b * rows + r0 + r) * C + c;
+          out[0] = from_float<T>(v0);
+          out[1] = from_float<T>(v1);
+        } else {
+          float* dst = a.part_acc + (pbase + r) * C + c;
+          dst[0] = v0;
+          dst[1] = v1;
+        }
+      }
+    }
+  }
+}
+
+// Grid (B * rows, column chunks of kMergeCols): combine the splits of one row by LSE, normalise,
+// write out (and lse, from the first chunk). The block's 4 groups of kMergeCols threads (one
+// column each) take splits in turns of kMergeBatch consecutive ones, with the kMergeBatch loads of
+// a turn issued together (the partials sit in L2: one turn costs about one L2 latency, where a
+// single dependent chain over the splits cost one per split); the groups' sums are added in group
+// order. Which splits a thread sums and in which order is fixed: deterministic.
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads) mla_decode_merge_kernel(MlaDecodeArgs a) {
   extern __shared__ float w_s[];  // [n_splits] merge weights / l_sum
   __shared__ float red_s[32];
+  __shared__ float grp_s[(kMergeGroups - 1) * kMergeCols];
   const int64_t rows = a.Sq * a.H;
   const int64_t br = blockIdx.x, b = br / rows, r = br % rows;
   const int64_t n = a.n_splits;
@@ -384,13 +668,26 @@ __global__ void __launch_bounds__(kMergeThreads) mla_decode_merge_kernel(MlaDeco
   const float l_sum = block_sum(l_part, red_s);  // begins with a barrier: red_s reads above are done
   const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
   __syncthreads();  // w_s complete
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * kMergeThreads + threadIdx.x;
+  const int col = static_cast<int>(threadIdx.x) % kMergeCols, grp = static_cast<int>(threadIdx.x) / kMergeCols;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kMergeCols + col;
+  float o = 0.f;
   if (c < a.C) {
-    float o = 0.f;
-    // In split order (deterministic). Every split wrote finite partials (0 where it saw no key),
-    // so weight-0 splits add exact zeros: no branch, and the unrolled loads are all in flight.
-#pragma unroll 8
-    for (int64_t sp = 0; sp < n; ++sp) o = fmaf(w_s[sp], a.part_acc[part(sp) * a.C + c], o);
+    // Every split wrote finite partials (0 where it saw no key), so weight-0 splits add zeros.
+    for (int64_t s0 = static_cast<int64_t>(grp) * kMergeBatch; s0 < n; s0 += kMergeGroups * kMergeBatch) {
+      float v[kMergeBatch];
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i) v[i] = s0 + i < n ? a.part_acc[part(s0 + i) * a.C + c] : 0.f;
+#pragma unroll
+      for (int i = 0; i < kMergeBatch; ++i) {
+        if (s0 + i < n) o = fmaf(w_s[s0 + i], v[i], o);
+      }
+    }
+  }
+  if (grp > 0) grp_s[(grp - 1) * kMergeCols + col] = o;
+  __syncthreads();
+  if (grp == 0 && c < a.C) {
+#pragma unroll
+    for (int k = 0; k < kMergeGroups - 1; ++k) o += grp_s[k * kMergeCols + col];
     static_cast<T*>(a.out)[br * a.C + c] = from_float<T>(o * inv);
   }
   if (blockIdx.y == 0 && threadIdx.x == 0) a.lse[br] = math::softmax_lse({m_max, l_sum});
@@ -419,6 +716,14 @@ cudaError_t smem_budget(K* kernel, int device, std::atomic<int>* cached, int* bu
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+template <typename T>
+cudaError_t launch_merge(const MlaDecodeArgs& a, cudaStream_t stream) {
+  const int64_t rows = a.Sq * a.H;
+  dim3 mgrid(static_cast<unsigned>(a.B * rows), static_cast<unsigned>((a.C + kMergeCols - 1) / kMergeCols));
+  mla_decode_merge_kernel<T><<<mgrid, kMergeThreads, sizeof(float) * a.n_splits, stream>>>(a);
+  return cudaGetLastError();
+}
+
 template <typename T, int ROWS, int CPT>
 cudaError_t decode_typed_cpt(const MlaDecodeArgs& args, cudaStream_t stream) {
   MlaDecodeArgs a = args;
@@ -443,15 +748,85 @@ cudaError_t decode_typed_cpt(const MlaDecodeArgs& args, cudaStream_t stream) {
   kernel<<<grid, threads_for_rows(ROWS), smem, stream>>>(a);
   err = cudaGetLastError();
   if (err != cudaSuccess || a.n_splits == 1) return err;  // one split writes out and lse itself
-  dim3 mgrid(static_cast<unsigned>(a.B * rows), static_cast<unsigned>((a.C + kMergeThreads - 1) / kMergeThreads));
-  mla_decode_merge_kernel<T><<<mgrid, kMergeThreads, sizeof(float) * a.n_splits, stream>>>(a);
-  return cudaGetLastError();
+  return launch_merge<T>(a, stream);
+}
+
+// Compute capability major and opt-in shared memory of the current device, cached per device.
+cudaError_t device_facts(int* major, int* optin) {
+  static std::atomic<int> major_of[kMaxDevices], optin_of[kMaxDevices];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const bool known = device >= 0 && device < kMaxDevices;
+  if (known && (*major = major_of[device].load(std::memory_order_acquire)) > 0) {
+    *optin = optin_of[device].load(std::memory_order_acquire);
+    return cudaSuccess;
+  }
+  if ((err = cudaDeviceGetAttribute(major, cudaDevAttrComputeCapabilityMajor, device)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)) != cudaSuccess) return err;
+  if (known) {
+    optin_of[device].store(*optin, std::memory_order_release);
+    major_of[device].store(*major, std::memory_order_release);
+  }
+  return cudaSuccess;
+}
+
+// m-tiles of 16 query rows per tensor-core block: up to 4 (64 rows).
+inline int mma_mtiles(int64_t rows) { return rows >= 64 ? 4 : static_cast<int>((rows + 15) / 16); }
+
+cudaError_t tensor_cores_apply(DType dtype, const MlaDecodeArgs& a, bool* apply) {
+  *apply = false;
+  if (dtype == DType::kFloat32 || a.C < 8 || a.C > kMmaMaxC || a.C % 8 != 0 || a.R % 8 != 0 ||
+      a.kv_stride % 8 != 0 || a.pe_stride % 8 != 0 || !aligned16(a.q_latent) || !aligned16(a.q_pe) ||
+      !aligned16(a.kv_cache) || !aligned16(a.pe_src)) {
+    return cudaSuccess;
+  }
+  int major = 0, optin = 0;
+  const cudaError_t err = device_facts(&major, &optin);
+  if (err != cudaSuccess) return err;
+  *apply = major >= 8 && mma_smem_bytes(a.C + a.R, mma_mtiles(a.Sq * a.H)) <= static_cast<size_t>(optin);
+  return cudaSuccess;
+}
+
+template <typename T, int MT>
+cudaError_t decode_mma(const MlaDecodeArgs& a, cudaStream_t stream) {
+  int device = 0, budget = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  auto kernel = mla_decode_mma_kernel<T, MT>;
+  static std::atomic<int> budget_of[kMaxDevices];
+  if ((err = smem_budget(kernel, device, budget_of, &budget)) != cudaSuccess) return err;
+  const size_t smem = mma_smem_bytes(a.C + a.R, MT);
+  if (smem > static_cast<size_t>(budget)) return cudaErrorInvalidValue;
+  const int64_t rows = a.Sq * a.H;
+  dim3 grid(static_cast<unsigned>(a.n_splits), static_cast<unsigned>((rows + 16 * MT - 1) / (16 * MT)),
+            static_cast<unsigned>(a.B));
+  kernel<<<grid, kMmaThreads, smem, stream>>>(a);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || a.n_splits == 1) return err;
+  return launch_merge<T>(a, stream);
 }
 
 template <typename T>
-cudaError_t decode_typed(const MlaDecodeArgs& a, cudaStream_t stream) {
+cudaError_t decode_typed(DType dtype, const MlaDecodeArgs& a, cudaStream_t stream) {
   if (a.B == 0 || a.Sq * a.H == 0) return cudaSuccess;
   if (a.n_splits < 1 || a.n_splits > kMaxSplits || a.C < 1) return cudaErrorInvalidValue;
+  if (a.kernel != kDecodeCudaCores) {
+    bool apply = false;
+    const cudaError_t err = tensor_cores_apply(dtype, a, &apply);
+    if (err != cudaSuccess) return err;
+    if constexpr (!std::is_same_v<T, float>) {
+      if (apply) {
+        switch (mma_mtiles(a.Sq * a.H)) {
+          case 1: return decode_mma<T, 1>(a, stream);
+          case 2: return decode_mma<T, 2>(a, stream);
+          case 3: return decode_mma<T, 3>(a, stream);
+          default: return decode_mma<T, 4>(a, stream);
+        }
+      }
+    }
+    if (a.kernel == kDecodeTensorCores) return cudaErrorInvalidValue;
+  }
   if (rows_per_block(a.C) == 16) return decode_typed_cpt<T, 16, 1>(a, stream);  // 512 threads, C <= 512
   const int64_t cpt = (a.C + threads_for_rows(8) - 1) / threads_for_rows(8);
   if (cpt <= 4) return decode_typed_cpt<T, 8, 4>(a, stream);
@@ -529,11 +904,16 @@ int mla_decode_rows_per_block(int64_t C) { return rows_per_block(C); }
 
 int64_t mla_decode_max_c() { return static_cast<int64_t>(threads_for_rows(8)) * kMaxCpt; }
 
+bool mla_decode_tensor_cores_apply(DType dtype, const MlaDecodeArgs& a) {
+  bool apply = false;
+  return tensor_cores_apply(dtype, a, &apply) == cudaSuccess && apply;
+}
+
 cudaError_t launch_mla_decode(DType dtype, const MlaDecodeArgs& a, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: return decode_typed<float>(a, stream);
-    case DType::kBFloat16: return decode_typed<__nv_bfloat16>(a, stream);
-    case DType::kFloat16: return decode_typed<__half>(a, stream);
+    case DType::kFloat32: return decode_typed<float>(dtype, a, stream);
+    case DType::kBFloat16: return decode_typed<__nv_bfloat16>(dtype, a, stream);
+    case DType::kFloat16: return decode_typed<__half>(dtype, a, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -32,7 +32,17 @@ struct MlaDecodeArgs {
   int64_t window;
   int64_t n_splits;
   bool stage_async;           // set by launch_mla_decode: cache rows come in by async 16-byte copies
+  int kernel;                 // MlaDecodeKernel: which split kernel (kDecodeAuto picks)
 };
+
+// Split kernels of mla_decode. kDecodeAuto: the tensor-core kernel where it applies (bf16 / fp16, C and
+// R multiples of 8, C <= 512, 16-byte aligned rows, an sm_80+ device), else the CUDA-core one.
+// kDecodeCudaCores / kDecodeTensorCores force one (tests; LATENTMOE_MLA_DECODE_KERNEL=cuda_cores|tensor_cores in
+// the binding); forcing tensor cores where they do not apply is cudaErrorInvalidValue.
+enum MlaDecodeKernel : int { kDecodeAuto = 0, kDecodeCudaCores = 1, kDecodeTensorCores = 2 };
+
+// Whether the tensor-core split kernel can run this call (dtype, shapes, alignment, device).
+bool mla_decode_tensor_cores_apply(DType dtype, const MlaDecodeArgs& a);
 
 // Number of key splits (blocks along the sequence, at most 1024) for a call whose longest row
 // holds `max_seqlen` keys; the caller sizes the workspace.
