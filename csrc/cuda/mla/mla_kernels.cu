@@ -509,20 +509,27 @@ __global__ void __launch_bounds__(kMmaThreads) mla_decode_mma_kernel(MlaDecodeAr
     // Scores.
     for (int tt = warp; tt < MT * 4; tt += kMmaWarps) {
       const int mt = tt >> 2, nt = tt & 3;
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+      // Even and odd k-steps accumulate apart (two independent mma chains), added at the end.
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
       const uint32_t* qa = q_w + (mt * 16 + g) * SW + t4;
       const uint32_t* kb = kw + (nt * 8 + g) * SW + t4;
-#pragma unroll 4
-      for (int64_t kk = 0; kk < DP / 2; kk += 8) {
-        const uint32_t af[4] = {qa[kk], qa[kk + 8 * SW], qa[kk + 4], qa[kk + 8 * SW + 4]};
-        const uint32_t bf[2] = {kb[kk], kb[kk + 4]};
-        mma_16816<T>(acc, af, bf);
+#pragma unroll 2
+      for (int64_t kk = 0; kk < DP / 2; kk += 16) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t k8 = kk + 8 * h;
+          if (k8 < DP / 2) {  // warp-uniform
+            const uint32_t af[4] = {qa[k8], qa[k8 + 8 * SW], qa[k8 + 4], qa[k8 + 8 * SW + 4]};
+            const uint32_t bf[2] = {kb[k8], kb[k8 + 4]};
+            mma_16816<T>(acc[h], af, bf);
+          }
+        }
       }
       float* srow = s_s + (mt * 16 + g) * kMmaSld + nt * 8 + 2 * t4;
-      srow[0] = acc[0] * a.scale;
-      srow[1] = acc[1] * a.scale;
-      srow[8 * kMmaSld] = acc[2] * a.scale;
-      srow[8 * kMmaSld + 1] = acc[3] * a.scale;
+      srow[0] = (acc[0][0] + acc[1][0]) * a.scale;
+      srow[1] = (acc[0][1] + acc[1][1]) * a.scale;
+      srow[8 * kMmaSld] = (acc[0][2] + acc[1][2]) * a.scale;
+      srow[8 * kMmaSld + 1] = (acc[0][3] + acc[1][3]) * a.scale;
     }
     __syncthreads();
     // Softmax (whole warps take part or skip: RB is a multiple of 8 rows).
