@@ -39,7 +39,7 @@ namespace {
 
 constexpr int kTile = 32;   // keys per tile == lanes per warp
 constexpr int kMaxCpt = 8;  // accumulator columns per thread of the 8-row blocks: C <= 256 * kMaxCpt
-constexpr int64_t kMinSplitKeys = 64;
+constexpr int64_t kMinSplitKeys = 32;  // one tile: short caches still spread over many SMs
 constexpr int64_t kMaxSplits = 1024;  // the merge keeps one weight per split in shared memory
 constexpr int kMergeCols = 64;        // merge: output columns per block
 constexpr int kMergeGroups = 4;       // merge: thread groups splitting the splits
@@ -894,7 +894,7 @@ cudaError_t append_typed(const MlaAppendArgs& a, cudaStream_t stream) {
 int64_t mla_decode_num_splits(int64_t B, int64_t rows, int64_t C, int64_t max_seqlen, int sm_count) {
   const int rpb = rows_per_block(C);
   const int64_t blocks = B * ((rows + rpb - 1) / rpb);
-  // About one wave of split blocks; each split at least kMinSplitKeys keys (two tiles).
+  // About one wave of split blocks; each split at least kMinSplitKeys keys (one tile).
   const int64_t want = (static_cast<int64_t>(sm_count) + blocks - 1) / blocks;
   const int64_t most = (max_seqlen + kMinSplitKeys - 1) / kMinSplitKeys;
   int64_t n = want < most ? want : most;
