@@ -41,8 +41,8 @@ constexpr int kTile = 32;   // keys per tile == lanes per warp
 constexpr int kMaxCpt = 8;  // accumulator columns per thread of the 8-row blocks: C <= 256 * kMaxCpt
 constexpr int64_t kMinSplitKeys = 32;  // one tile: short caches still spread over many SMs
 constexpr int64_t kMaxSplits = 1024;  // the merge keeps one weight per split in shared memory
-constexpr int kMergeCols = 64;        // merge: output columns per block
-constexpr int kMergeGroups = 4;       // merge: thread groups splitting the splits
+constexpr int kMergeCols = 32;        // merge: output columns per block
+constexpr int kMergeGroups = 8;       // merge: thread groups splitting the splits
 constexpr int kMergeThreads = kMergeCols * kMergeGroups;
 constexpr int kMergeBatch = 8;        // merge: loads in flight per thread
 
@@ -366,10 +366,12 @@ __global__ void __launch_bounds__(threads_for_rows(ROWS)) mla_decode_split_kerne
 //   load    raw cache rows by 16-byte cp.async into one of kMmaStages buffers, issued
 //           kMmaStages - 1 tiles ahead (warp w copies keys w, w + 8, ..; the page lookup once per
 //           key); keys past the split are zero-filled (finite: p = 0 multiplies them).
-//   scores  S = Q K^T with mma.m16n8k16 (mma.cuh): the RB x 32 score tile is MT x 4 m16n8 tiles,
-//           warp w computes tiles w, w + 8; Q (16-bit, unscaled) stays in shared memory; S * scale
-//           goes to shared memory in fp32.
-//   softmax 4 threads per row (8 keys each, two xor shuffles): running max / sum in fp32, p rounded
+//   scores  S = Q K^T with mma.m16n8k16 (mma.cuh): the RB x 32 score tile is MT x 4 m16n8 tiles;
+//           a warp takes one m-tile, two n-tiles (sharing each A fragment) and, for MT <= 2, one
+//           of KP = 4 / MT parts of D (all 8 warps busy, shorter mma chains); Q (16-bit,
+//           unscaled) stays in shared memory; the KP partial sums go to shared memory in fp32.
+//   softmax 4 threads per row (8 keys each, two xor shuffles): the k-parts added in order and
+//           scaled, running max / sum in fp32, p rounded
 //           to the 16-bit type into P, the rescale factor of each row into alpha.
 //   PV      O = diag(alpha) O + P V, V = the first C columns of the same buffer: warp w owns the
 //           output columns of n-tiles w, w + 8, .. (64 columns of C = 512) for all MT m-tiles, in
@@ -386,11 +388,18 @@ constexpr int kMmaSld = kMmaKeys + 4;   // fp32 score row stride (floats)
 constexpr int kMmaPld = kMmaKeys + 8;   // 16-bit probability row stride (elements): 20 words
 static_assert(kMmaKeys % 16 == 0 && kMmaThreads == 4 * 64, "4 softmax threads per row of up to 64");
 
+// Score work units: (m-tile, pair of n-tiles, k-part), at most one per warp. With few m-tiles the
+// D dimension is split into KP parts so all 8 warps work and each mma chain is shorter.
+__host__ __device__ constexpr int mma_kparts(int mt) { return mt == 1 ? 4 : (mt == 2 ? 2 : 1); }
+template <int MT>
+constexpr int kMmaUnits = MT * 2 * mma_kparts(MT);
+static_assert(kMmaUnits<1> == 8 && kMmaUnits<2> == 8 && kMmaUnits<3> == 6 && kMmaUnits<4> == 8, "units");
+
 __host__ __device__ inline int64_t mma_row_words(int64_t D) { return round_up(D, 16) / 2 + 4; }
 __host__ __device__ inline size_t mma_smem_bytes(int64_t D, int mt) {
   const int64_t sw = mma_row_words(D), rb = 16 * mt;
-  return static_cast<size_t>(4 * (kMmaStages * kMmaKeys * sw + rb * sw + rb * kMmaSld) + 2 * rb * kMmaPld +
-                             4 * 3 * rb + 8 * 2 * rb);
+  return static_cast<size_t>(4 * (kMmaStages * kMmaKeys * sw + rb * sw + mma_kparts(mt) * rb * kMmaSld) +
+                             2 * rb * kMmaPld + 4 * 3 * rb + 8 * 2 * rb);
 }
 
 template <typename T, int MT>
@@ -401,8 +410,8 @@ __global__ void __launch_bounds__(kMmaThreads) mla_decode_mma_kernel(MlaDecodeAr
   const int64_t C = a.C, R = a.R, D = C + R, DP = round_up(D, 16), SW = mma_row_words(D);
   uint32_t* stage_w = reinterpret_cast<uint32_t*>(smem);  // [kMmaStages][kMmaKeys][SW]
   uint32_t* q_w = stage_w + kMmaStages * kMmaKeys * SW;    // [RB][SW]
-  float* s_s = reinterpret_cast<float*>(q_w + RB * SW);    // [RB][kMmaSld]
-  T* p_s = reinterpret_cast<T*>(s_s + RB * kMmaSld);       // [RB][kMmaPld]
+  float* s_s = reinterpret_cast<float*>(q_w + RB * SW);    // [KP][RB][kMmaSld] partial scores
+  T* p_s = reinterpret_cast<T*>(s_s + mma_kparts(MT) * RB * kMmaSld);  // [RB][kMmaPld]
   float* alpha_s = reinterpret_cast<float*>(p_s + RB * kMmaPld);  // [RB]
   float* m_s = alpha_s + RB;                                       // [RB] final state
   float* l_s = m_s + RB;                                           // [RB]
@@ -506,30 +515,34 @@ __global__ void __launch_bounds__(kMmaThreads) mla_decode_mma_kernel(MlaDecodeAr
     issue(it + kMmaStages - 1);
     const uint32_t* kw = stage_w + (it % kMmaStages) * kMmaKeys * SW;
     const int64_t t0 = k_begin + it * kMmaKeys;
-    // Scores.
-    for (int tt = warp; tt < MT * 4; tt += kMmaWarps) {
-      const int mt = tt >> 2, nt = tt & 3;
-      // Even and odd k-steps accumulate apart (two independent mma chains), added at the end.
+    // Scores: work units (m-tile, pair of n-tiles, k-part), one per warp; a unit's A fragment
+    // serves both n-tiles. The KP k-parts of a score are partial sums in KP buffers, added in
+    // k-part order by the softmax (deterministic).
+    if (warp < kMmaUnits<MT>) {
+      constexpr int KP = mma_kparts(MT);
+      const int kp = warp % KP, np = (warp / KP) % 2, mt = warp / (2 * KP);
+      const int64_t nks = DP / 16, ks_lo = kp * nks / KP, ks_hi = (kp + 1) * nks / KP;
       float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
       const uint32_t* qa = q_w + (mt * 16 + g) * SW + t4;
-      const uint32_t* kb = kw + (nt * 8 + g) * SW + t4;
+      const uint32_t* kb0 = kw + (np * 16 + g) * SW + t4;  // n-tile 2 np
+      const uint32_t* kb1 = kb0 + 8 * SW;                  // n-tile 2 np + 1
 #pragma unroll 2
-      for (int64_t kk = 0; kk < DP / 2; kk += 16) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t k8 = kk + 8 * h;
-          if (k8 < DP / 2) {  // warp-uniform
-            const uint32_t af[4] = {qa[k8], qa[k8 + 8 * SW], qa[k8 + 4], qa[k8 + 8 * SW + 4]};
-            const uint32_t bf[2] = {kb[k8], kb[k8 + 4]};
-            mma_16816<T>(acc[h], af, bf);
-          }
-        }
+      for (int64_t ks = ks_lo; ks < ks_hi; ++ks) {
+        const int64_t k8 = ks * 8;
+        const uint32_t af[4] = {qa[k8], qa[k8 + 8 * SW], qa[k8 + 4], qa[k8 + 8 * SW + 4]};
+        const uint32_t b0[2] = {kb0[k8], kb0[k8 + 4]};
+        const uint32_t b1[2] = {kb1[k8], kb1[k8 + 4]};
+        mma_16816<T>(acc[0], af, b0);
+        mma_16816<T>(acc[1], af, b1);
       }
-      float* srow = s_s + (mt * 16 + g) * kMmaSld + nt * 8 + 2 * t4;
-      srow[0] = (acc[0][0] + acc[1][0]) * a.scale;
-      srow[1] = (acc[0][1] + acc[1][1]) * a.scale;
-      srow[8 * kMmaSld] = (acc[0][2] + acc[1][2]) * a.scale;
-      srow[8 * kMmaSld + 1] = (acc[0][3] + acc[1][3]) * a.scale;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float* srow = s_s + (kp * RB + mt * 16 + g) * kMmaSld + (2 * np + h) * 8 + 2 * t4;
+        srow[0] = acc[h][0];
+        srow[1] = acc[h][1];
+        srow[8 * kMmaSld] = acc[h][2];
+        srow[8 * kMmaSld + 1] = acc[h][3];
+      }
     }
     __syncthreads();
     // Softmax (whole warps take part or skip: RB is a multiple of 8 rows).
@@ -540,7 +553,10 @@ __global__ void __launch_bounds__(kMmaThreads) mla_decode_mma_kernel(MlaDecodeAr
       for (int j = 0; j < 8; ++j) {
         const int64_t t = t0 + sq * 8 + j;
         const bool ok = sr < nrows && t < k_end && t >= lo_s[sr] && t < hi_s[sr];
-        sv[j] = ok ? s_s[sr * kMmaSld + sq * 8 + j] : -INFINITY;
+        float dot = 0.f;
+#pragma unroll
+        for (int kp = 0; kp < mma_kparts(MT); ++kp) dot += s_s[(kp * RB + sr) * kMmaSld + sq * 8 + j];
+        sv[j] = ok ? dot * a.scale : -INFINITY;
         mx = fmaxf(mx, sv[j]);
       }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -642,7 +658,7 @@ __global__ void __launch_bounds__(kMmaThreads) mla_decode_mma_kernel(MlaDecodeAr
 }
 
 // Grid (B * rows, column chunks of kMergeCols): combine the splits of one row by LSE, normalise,
-// write out (and lse, from the first chunk). The block's 4 groups of kMergeCols threads (one
+// write out (and lse, from the first chunk). The block's 8 groups of kMergeCols threads (one
 // column each) take splits in turns of kMergeBatch consecutive ones, with the kMergeBatch loads of
 // a turn issued together (the partials sit in L2: one turn costs about one L2 latency, where a
 // single dependent chain over the splits cost one per split); the groups' sums are added in group
