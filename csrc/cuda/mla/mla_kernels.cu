@@ -431,23 +431,23 @@ __global__ void __launch_bounds__(kMmaThreads) mla_decode_mma_kernel(MlaDecodeAr
   const int64_t cap = a.capacity < a.max_seqlen ? a.capacity : a.max_seqlen;
   seqlen = seqlen < 0 ? 0 : (seqlen > cap ? cap : seqlen);
 
-  // Queries in 16-byte chunks (C and R are multiples of 8, so a chunk lies in q_latent or q_pe);
-  // rows past nrows and columns past D are 0. The pad columns [D, DP) of the key buffers are
+  // Queries in 16-byte async copies (C and R are multiples of 8, so a chunk lies in q_latent or
+  // q_pe); rows past nrows and columns past D are 0. The pad columns [D, DP) of the key buffers are
   // zeroed once: the copies never write them.
-  const int64_t cpr = DP / 8;  // chunks per row
-  for (int64_t i = tid; i < RB * cpr; i += kMmaThreads) {
-    const int r = static_cast<int>(i / cpr);
-    const int64_t col = (i % cpr) * 8;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (r < nrows) {
-      const int64_t off = b * rows + r0 + r;
-      if (col < C) {
-        v = *reinterpret_cast<const uint4*>(q_latent + off * C + col);
-      } else if (col < D) {
-        v = *reinterpret_cast<const uint4*>(q_pe + off * R + (col - C));
-      }
+  // The copies join the first tile's commit group (waited for before the first scores).
+  const int cpr = static_cast<int>(DP / 8);  // chunks per row
+  for (int i = tid; i < RB * cpr; i += kMmaThreads) {
+    const int r = i / cpr;
+    const int64_t col = static_cast<int64_t>(i % cpr) * 8;
+    void* dst = q_w + r * SW + col / 2;
+    const int64_t off = b * rows + r0 + r;
+    if (r < nrows && col < C) {
+      __pipeline_memcpy_async(dst, q_latent + off * C + col, 16);
+    } else if (r < nrows && col < D) {
+      __pipeline_memcpy_async(dst, q_pe + off * R + (col - C), 16);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
     }
-    *reinterpret_cast<uint4*>(q_w + r * SW + col / 2) = v;
   }
   if (DP > D) {
     for (int i = tid; i < kMmaStages * kMmaKeys; i += kMmaThreads) {
@@ -522,26 +522,32 @@ __global__ void __launch_bounds__(kMmaThreads) mla_decode_mma_kernel(MlaDecodeAr
       constexpr int KP = mma_kparts(MT);
       const int kp = warp % KP, np = (warp / KP) % 2, mt = warp / (2 * KP);
       const int64_t nks = DP / 16, ks_lo = kp * nks / KP, ks_hi = (kp + 1) * nks / KP;
-      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      // acc[e][h]: n-tile 2 np + h over the even (e = 0) or odd (e = 1) k-steps: four
+      // independent mma chains, the two halves added at the end.
+      float acc[2][2][4] = {};
       const uint32_t* qa = q_w + (mt * 16 + g) * SW + t4;
       const uint32_t* kb0 = kw + (np * 16 + g) * SW + t4;  // n-tile 2 np
       const uint32_t* kb1 = kb0 + 8 * SW;                  // n-tile 2 np + 1
-#pragma unroll 2
-      for (int64_t ks = ks_lo; ks < ks_hi; ++ks) {
-        const int64_t k8 = ks * 8;
-        const uint32_t af[4] = {qa[k8], qa[k8 + 8 * SW], qa[k8 + 4], qa[k8 + 8 * SW + 4]};
-        const uint32_t b0[2] = {kb0[k8], kb0[k8 + 4]};
-        const uint32_t b1[2] = {kb1[k8], kb1[k8 + 4]};
-        mma_16816<T>(acc[0], af, b0);
-        mma_16816<T>(acc[1], af, b1);
+      for (int64_t ks = ks_lo; ks < ks_hi; ks += 2) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (ks + e < ks_hi) {  // warp-uniform
+            const int64_t k8 = (ks + e) * 8;
+            const uint32_t af[4] = {qa[k8], qa[k8 + 8 * SW], qa[k8 + 4], qa[k8 + 8 * SW + 4]};
+            const uint32_t b0[2] = {kb0[k8], kb0[k8 + 4]};
+            const uint32_t b1[2] = {kb1[k8], kb1[k8 + 4]};
+            mma_16816<T>(acc[e][0], af, b0);
+            mma_16816<T>(acc[e][1], af, b1);
+          }
+        }
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float* srow = s_s + (kp * RB + mt * 16 + g) * kMmaSld + (2 * np + h) * 8 + 2 * t4;
-        srow[0] = acc[h][0];
-        srow[1] = acc[h][1];
-        srow[8 * kMmaSld] = acc[h][2];
-        srow[8 * kMmaSld + 1] = acc[h][3];
+        srow[0] = acc[0][h][0] + acc[1][h][0];
+        srow[1] = acc[0][h][1] + acc[1][h][1];
+        srow[8 * kMmaSld] = acc[0][h][2] + acc[1][h][2];
+        srow[8 * kMmaSld + 1] = acc[0][h][3] + acc[1][h][3];
       }
     }
     __syncthreads();
