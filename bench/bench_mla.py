@@ -275,6 +275,30 @@ def _decode_op_scale_rows(device: str, dtype, B: int, heads: int, L: int) -> lis
     ]
 
 
+def _linear_rows(device: str, dtype) -> list[dict]:
+    """linear_small (the module's decode-step projections) vs F.linear at the q_proj shape
+    ([1, 2048] x [3072, 2048]^T), against reading the weight once."""
+    rows = []
+    dt = str(dtype).removeprefix("torch.")
+    w = torch.randn(H * (NOPE + R), HIDDEN, device=device, dtype=dtype)
+    for M in (1, 4):
+        x = torch.randn(M, HIDDEN, device=device, dtype=dtype)
+        mode = f"q_proj-{dt}-M{M}"
+        t_f = time_ms(lambda: torch.nn.functional.linear(x, w), device, warmup=3, reps=20, min_time_s=0.2)
+        t_o = time_ms(lambda: latentmoe.ops.linear_small(x, w), device, warmup=3, reps=20, min_time_s=0.2)
+        nbytes = w.numel() * w.element_size()
+        floor_ms = nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3
+        rows += [
+            row("linear_small", "torch_linear", mode, M, t_f, device),
+            row("linear_small", "latentmoe", mode, M, t_o, device),
+            row("linear_small", "read_once_floor", mode, M, (floor_ms,) * 3, device,
+                note=f"plain read of the {nbytes / 2**20:.0f} MiB weight"),
+            ratio_row("linear_small", "speedup_vs_torch", M, t_f[0] / t_o[0], device, f"{mode}; no goal"),
+            ratio_row("linear_small", "time_over_floor", M, t_o[0] / floor_ms, device, f"{mode}; no goal"),
+        ]
+    return rows
+
+
 def _append_rows(device: str, dtype) -> list[dict]:
     """mla_append_cache (kv_a_layernorm + RoPE of k_pe + write into the cache slots, one kernel) vs
     the same three steps with HF's modules / functions and a slice write, and vs the bytes floor."""
@@ -461,6 +485,7 @@ def run(device: str, quick: bool) -> list[dict]:
     rows = _decode_step_rows(device, dtype, contexts, reps=5)
     rows += _decode_op_rows(device, dtype, contexts)
     rows += _append_rows(device, dtype)
+    rows += _linear_rows(device, dtype)
     if device.startswith("cuda"):
         rows += _decode_op_rows(device, torch.bfloat16, contexts)
         if not quick:

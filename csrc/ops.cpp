@@ -21,6 +21,14 @@ TORCH_LIBRARY(latentmoe, m) {
       "rms_norm_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor rstd)"
       " -> (Tensor grad_input, Tensor grad_weight)");
 
+  // ---- projections ---------------------------------------------------------------------------
+  // out [M, N] = input [M, K] @ weight [N, K]^T (+ bias [N]) for M <= 16 rows (decode-step
+  // projections; nn.Linear's weight layout). Same dtype throughout (fp32/bf16/fp16, contiguous),
+  // fp32 accumulation, out in input's dtype. CPU: streams each weight row once, threads split N,
+  // deterministic. CUDA: cuBLAS. No autograd (inference; the modules use nn.Linear when a gradient
+  // is needed).
+  m.def("linear_small(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
+
   // ---- MLA (multi-head latent attention) -------------------------------------------------------
   // Absorbed MLA attention on the latent cache (decode, MTP/speculative Sq > 1).
   //   q_latent [B, Sq, H, C] (= W_UK^T q_nope), q_pe [B, Sq, H, R] (rotated), fp32/bf16/fp16.

@@ -1,0 +1,30 @@
+"""``linear_small``: a projection of a few rows (a decode step), bound by reading the weight once."""
+
+from __future__ import annotations
+
+import torch
+
+_lib = torch.ops.latentmoe
+
+MAX_ROWS = 16  # csrc/common/linear_checks.h
+
+
+def linear_small(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``input @ weight.T + bias`` for at most 16 rows.
+
+    Args:
+        input: ``[M, K]`` with ``M <= 16``, fp32/bf16/fp16, contiguous.
+        weight: ``[N, K]`` (``nn.Linear.weight``), same dtype, contiguous.
+        bias: optional ``[N]``, same dtype.
+    Returns:
+        ``[M, N]`` in the input dtype (fp32 accumulation). The CPU kernel streams each weight row
+        once (threads split ``N``; bitwise deterministic), where a BLAS GEMM with one row runs
+        well below the memory's read rate; CUDA calls cuBLAS. No autograd: an inference op.
+    Raises ``ValueError`` naming the argument on bad shapes, dtypes or more than 16 rows.
+    """
+    return _lib.linear_small.default(input, weight, bias)
+
+
+@torch.library.register_fake("latentmoe::linear_small")
+def _linear_small_fake(input, weight, bias=None):
+    return input.new_empty((input.shape[0], weight.shape[0]))

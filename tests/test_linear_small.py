@@ -1,0 +1,85 @@
+"""latentmoe.ops.linear_small (decode-step projections) against torch.nn.functional.linear in fp64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentmoe.ops import linear_small
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 77, 2048), (2, 129, 95), (3, 64, 33), (16, 300, 520), (5, 3, 7)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_small_matches_fp64(device, dtype, M, N, K, with_bias):
+    x = torch.randn(M, K, device=device).to(dtype)
+    w = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if with_bias else None
+    got = linear_small(x, w, b)
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == dtype and got.shape == (M, N)
+    # fp32 accumulation, one rounding to the output dtype.
+    tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+
+
+@pytest.mark.parametrize("isa", ["generic", "native"])
+def test_linear_small_cpu_isa_paths_agree(monkeypatch, isa):
+    """The portable and AVX2 instantiations (LATENTMOE_CPU_ISA) give the same result up to fp32
+    summation order; each is deterministic run to run."""
+    if isa == "generic":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    x = torch.randn(3, 1000)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = torch.randn(257, 1000).to(dtype)
+        a, b = linear_small(x.to(dtype), w), linear_small(x.to(dtype), w)
+        assert torch.equal(a, b)
+        want = torch.nn.functional.linear(x.to(dtype).double(), w.double())
+        tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+        torch.testing.assert_close(a.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_linear_small_thread_count_does_not_change_bits():
+    x, w = torch.randn(2, 513), torch.randn(1001, 513)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = linear_small(x, w)
+        torch.set_num_threads(max(2, old))
+        assert torch.equal(one, linear_small(x, w))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_linear_small_empty_and_inputs_untouched(device):
+    x, w = torch.randn(0, 8, device=device), torch.randn(5, 8, device=device)
+    assert linear_small(x, w).shape == (0, 5)
+    x, w, b = torch.randn(2, 8, device=device), torch.randn(5, 8, device=device), torch.randn(5, device=device)
+    copies = [t.clone() for t in (x, w, b)]
+    linear_small(x, w, b)
+    assert all(torch.equal(t, c) for t, c in zip((x, w, b), copies))
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: (torch.randn(17, 8), torch.randn(4, 8), None), "at most 16"),
+        (lambda: (torch.randn(2, 8), torch.randn(4, 9), None), "'weight' dim 1"),
+        (lambda: (torch.randn(2, 8), torch.randn(4, 8).double(), None), "'weight' has dtype"),
+        (lambda: (torch.randn(2, 8).int(), torch.randn(4, 8), None), "'input' must be float32"),
+        (lambda: (torch.randn(2, 8, 1), torch.randn(4, 8), None), "'input' must be 2-D"),
+        (lambda: (torch.randn(8, 2).t(), torch.randn(4, 8), None), "'input' must be contiguous"),
+        (lambda: (torch.randn(2, 8), torch.randn(8, 4).t(), None), "'weight' must be contiguous"),
+        (lambda: (torch.randn(2, 8), torch.randn(4, 8), torch.randn(5)), "'bias' dim 0"),
+        (lambda: (torch.randn(2, 8), torch.randn(4, 8), torch.randn(4).half()), "'bias' has dtype"),
+    ],
+)
+def test_linear_small_bad_input(make, match):
+    with pytest.raises(ValueError, match=match):
+        linear_small(*make())
+
+
+def test_linear_small_opcheck(device):
+    x, w, b = torch.randn(3, 40, device=device), torch.randn(7, 40, device=device), torch.randn(7, device=device)
+    torch.library.opcheck(torch.ops.latentmoe.linear_small.default, (x, w, b))
+    torch.library.opcheck(torch.ops.latentmoe.linear_small.default, (x, w, None))
