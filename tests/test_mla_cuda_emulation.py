@@ -750,20 +750,22 @@ def test_decode_unchecked_good_values_match_checked(harness, tmp_path):
         torch.testing.assert_close(lse, want_l, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_unchecked_bad_values_stay_in_bounds(harness, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # CUDA-core / tensor-core kernel
+def test_decode_unchecked_bad_values_stay_in_bounds(harness, tmp_path, dtype):
     B, Sq, H, C, R, cap, page = 3, 1, 3, 48, 16, 68, 17
-    f32 = torch.float32
-    q_latent, q_pe, kv, lens, table, _ = decode_problem(B, Sq, H, C, R, [68, 5, 20], cap, page, False, f32, 6)
+    q_latent, q_pe, kv, lens, table, _ = decode_problem(B, Sq, H, C, R, [68, 5, 20], cap, page, False, dtype, 6)
     bad_lens = torch.tensor([10**6, -7, 20], dtype=torch.int32)  # past the capacity, negative, fine
     bad_table = table.clone()
     bad_table[0, 1], bad_table[0, 3], bad_table[1, 0] = 10**6, -3, 2**31 - 1
-    out, lse, _, _ = emulated_decode(
+    out, lse, _, launches = emulated_decode(
         harness, tmp_path, q_latent, q_pe, kv, bad_lens, bad_table, 0.2, True, -1, max_seqlen=cap
     )
+    assert launches[0][3] == (512 if dtype == torch.float32 else 256)
     # Row 1 (negative length) is empty; row 2's values are good and its result is the checked one.
     assert torch.all(out[1] == 0) and torch.all(lse[1] == -math.inf)
     want_o, want_l = mla_decode(q_latent[2:], q_pe[2:], kv, lens[2:], 0.2, block_table=table[2:])
-    torch.testing.assert_close(out[2:], want_o, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(out[2:].float(), want_o.float(), rtol=tol, atol=tol * want_o.float().abs().max().item())
     torch.testing.assert_close(lse[2:], want_l, rtol=1e-5, atol=1e-5)
 
 
