@@ -83,3 +83,23 @@ def test_linear_small_opcheck(device):
     x, w, b = torch.randn(3, 40, device=device), torch.randn(7, 40, device=device), torch.randn(7, device=device)
     torch.library.opcheck(torch.ops.latentmoe.linear_small.default, (x, w, b))
     torch.library.opcheck(torch.ops.latentmoe.linear_small.default, (x, w, None))
+
+
+def test_project_picks_linear_small_only_without_grad_for_few_cpu_rows(monkeypatch):
+    """nn._linear.project: linear_small for <= 16 CPU rows when no gradient is needed (same values
+    as the layer), the layer itself under autograd or for more rows."""
+    import latentmoe.nn._linear as lin
+
+    calls = []
+    real = lin.linear_small
+    monkeypatch.setattr(lin, "linear_small", lambda *a: calls.append(a[0].shape) or real(*a))
+    layer = torch.nn.Linear(40, 24, bias=True)
+    x = torch.randn(2, 3, 40)
+    with torch.no_grad():
+        got = lin.project(layer, x)
+        torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+        assert calls == [(6, 40)] and got.shape == (2, 3, 24)
+        lin.project(layer, torch.randn(17, 40))  # more rows than linear_small takes
+        assert len(calls) == 1
+    y = lin.project(layer, x)  # parameters require grad: autograd path
+    assert y.grad_fn is not None and len(calls) == 1

@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentmoe.nn._linear import project
 from latentmoe.nn.norm import RMSNorm
-from latentmoe.ops.linear import MAX_ROWS as _LINEAR_SMALL_ROWS
-from latentmoe.ops.linear import linear_small
 from latentmoe.ops.mla import mla_append_cache, mla_decode
 from latentmoe.ops.mla_prefill import mla_prefill
 from latentmoe.ops.norm import rms_norm
@@ -259,15 +258,15 @@ class MultiHeadLatentAttention(nn.Module):
         B, S, _ = hidden_states.shape
         H, N, R, C = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if self.q_lora_rank is None:
-            q = self._linear(self.q_proj, hidden_states)
+            q = project(self.q_proj, hidden_states)
         else:
-            q = self._linear(self.q_b_proj, self.q_a_layernorm(self._linear(self.q_a_proj, hidden_states)))
+            q = project(self.q_b_proj, self.q_a_layernorm(project(self.q_a_proj, hidden_states)))
         q = q.view(B, S, H, self.qk_head_dim)
         q_nope = q[..., :N]
         cos, sin = position_embeddings
         cos, sin = cos.to(hidden_states.dtype), sin.to(hidden_states.dtype)
         q_pe = _rotate(q[..., N:], cos, sin, self.rope_interleave)
-        kv = self._linear(self.kv_a_proj_with_mqa, hidden_states)
+        kv = project(self.kv_a_proj_with_mqa, hidden_states)
         grad = torch.is_grad_enabled() and (
             hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())
         )
@@ -311,24 +310,9 @@ class MultiHeadLatentAttention(nn.Module):
                 out = self._prefill_attention(q_nope, q_pe, rows, seqlens, None)
         else:
             out = self._sdpa_attention(q_nope, q_pe, c_all, pe_all, None if plain_causal else attention_mask)
-        return self._linear(self.o_proj, out.reshape(B, S, H * self.v_head_dim)), None
+        return project(self.o_proj, out.reshape(B, S, H * self.v_head_dim)), None
 
     # ---- pieces --------------------------------------------------------------------------------
-    @staticmethod
-    def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """``layer(x)``. A decode step's few rows on the CPU without a gradient go through
-        ``linear_small``, which streams the weight once (a one-row BLAS GEMM reads it at about half
-        the memory's rate); everything else is the layer itself."""
-        w = layer.weight
-        rows = x.numel() // x.shape[-1]
-        if (
-            x.device.type != "cpu" or rows > _LINEAR_SMALL_ROWS or x.dtype != w.dtype
-            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-        ):
-            return layer(x)
-        out = linear_small(x.reshape(rows, x.shape[-1]).contiguous(), w.contiguous(), layer.bias)
-        return out.view(*x.shape[:-1], w.shape[0])
-
     def _kv_norm(self, x: torch.Tensor) -> torch.Tensor:
         w = self.kv_a_layernorm.weight
         return rms_norm(x.contiguous(), w.to(x.dtype), self.kv_a_layernorm.variance_epsilon)
@@ -365,7 +349,7 @@ class MultiHeadLatentAttention(nn.Module):
             L = cache.get_seq_length(layer)
             rows = cache.rows(layer, L)
             out = self._sdpa_attention(q_nope, q_pe, rows[..., :C], rows[..., C:], None)
-        return self._linear(self.o_proj, out.reshape(B, S, self.num_heads * self.v_head_dim))
+        return project(self.o_proj, out.reshape(B, S, self.num_heads * self.v_head_dim))
 
     def _absorbed_attention(self, q_nope, q_pe, kv_cache, seqlens, block_table, pe_cache=None, max_seqlen=-1):
         """``[B, S, H, V]`` via ``mla_decode`` on the latent rows (no autograd)."""
