@@ -78,6 +78,43 @@ __host__ __device__ inline size_t stage_bytes(int64_t D, size_t elt) {
   return static_cast<size_t>(round_up(kTile * stage_stride(D, e) * e, 16));
 }
 
+// Cached tokens of batch row b: host-checked, or (unchecked calls) cut to what the splits cover,
+// never past the cache.
+__device__ inline int64_t row_seqlen(const MlaDecodeArgs& a, int64_t b) {
+  const int64_t seqlen = a.seqlens[b];
+  const int64_t cap = a.capacity < a.max_seqlen ? a.capacity : a.max_seqlen;
+  return seqlen < 0 ? 0 : (seqlen > cap ? cap : seqlen);
+}
+
+// Visible keys of the block's query rows r0 .. r0 + nrows - 1: thread i < rows_cap writes row i's
+// range into lo_s / hi_s (empty past nrows). The caller puts a barrier before reading them.
+__device__ inline void store_row_ranges(const MlaDecodeArgs& a, int64_t seqlen, int64_t r0, int nrows, int rows_cap,
+                                        int64_t* lo_s, int64_t* hi_s) {
+  const int tid = threadIdx.x;
+  if (tid < rows_cap) {
+    mla::KeyRange kr{0, 0};
+    if (tid < nrows) kr = mla::visible_keys(seqlen, a.Sq, (r0 + tid) / a.H, a.causal, a.window);
+    lo_s[tid] = kr.lo;
+    hi_s[tid] = kr.hi;
+  }
+}
+
+// Keys [lo, hi) split `sp` reads: the union of the rows' visible ranges, cut to the split's slice.
+// Splits tile [0, max_seqlen): sized by the longest row, not the capacity, so a large cache
+// holding short rows launches no idle blocks. Keys past a row's seqlen are never read.
+__device__ inline mla::KeyRange split_keys(const MlaDecodeArgs& a, int64_t seqlen, int nrows, const int64_t* lo_s,
+                                           const int64_t* hi_s, int64_t sp) {
+  int64_t lo_all = seqlen, hi_all = 0;
+  for (int r = 0; r < nrows; ++r) {
+    if (hi_s[r] > lo_s[r]) {
+      lo_all = min(lo_all, lo_s[r]);
+      hi_all = max(hi_all, hi_s[r]);
+    }
+  }
+  const int64_t split_len = a.max_seqlen > 0 ? (a.max_seqlen + a.n_splits - 1) / a.n_splits : 1;
+  return {max(lo_all, sp * split_len), min(hi_all, (sp + 1) * split_len)};
+}
+
 template <typename T, int ROWS, int CPT>
 __global__ void __launch_bounds__(threads_for_rows(ROWS)) mla_decode_split_kernel(MlaDecodeArgs a) {
   constexpr int NT = threads_for_rows(ROWS), kWarps = NT / 32;
@@ -108,10 +145,7 @@ __global__ void __launch_bounds__(threads_for_rows(ROWS)) mla_decode_split_kerne
   const int64_t rows = a.Sq * a.H;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * ROWS;
   const int nrows = static_cast<int>(rows - r0 < ROWS ? rows - r0 : ROWS);
-  int64_t seqlen = a.seqlens[b];
-  // Host-checked, or (unchecked calls) cut to what the splits cover: never past the cache.
-  const int64_t cap = a.capacity < a.max_seqlen ? a.capacity : a.max_seqlen;
-  seqlen = seqlen < 0 ? 0 : (seqlen > cap ? cap : seqlen);
+  const int64_t seqlen = row_seqlen(a, b);
 
   // Queries, transposed and scaled: thread i writes qt[c][i % ROWS] (consecutive threads,
   // consecutive words); rows past nrows and columns past D are 0.
@@ -125,25 +159,10 @@ __global__ void __launch_bounds__(threads_for_rows(ROWS)) mla_decode_split_kerne
     }
     qt[i] = v * a.scale;
   }
-  if (tid < ROWS) {
-    mla::KeyRange kr{0, 0};
-    if (tid < nrows) kr = mla::visible_keys(seqlen, a.Sq, (r0 + tid) / a.H, a.causal, a.window);
-    lo_s[tid] = kr.lo;
-    hi_s[tid] = kr.hi;
-  }
+  store_row_ranges(a, seqlen, r0, nrows, ROWS, lo_s, hi_s);
   __syncthreads();
-  int64_t lo_all = seqlen, hi_all = 0;
-  for (int r = 0; r < nrows; ++r) {
-    if (hi_s[r] > lo_s[r]) {
-      lo_all = min(lo_all, lo_s[r]);
-      hi_all = max(hi_all, hi_s[r]);
-    }
-  }
-  // Splits tile [0, max_seqlen): sized by the longest row, not the capacity, so a large cache
-  // holding short rows launches no idle blocks. Keys past a row's seqlen are never read.
-  const int64_t split_len = a.max_seqlen > 0 ? (a.max_seqlen + a.n_splits - 1) / a.n_splits : 1;
-  const int64_t k_begin = max(lo_all, sp * split_len);
-  const int64_t k_end = min(hi_all, (sp + 1) * split_len);
+  const mla::KeyRange keys = split_keys(a, seqlen, nrows, lo_s, hi_s, sp);
+  const int64_t k_begin = keys.lo, k_end = keys.hi;
 
   float m_run[RPT], l_run[RPT];  // state of rows warp*RPT + i, replicated in the warp's lanes
 #pragma unroll
@@ -427,9 +446,7 @@ __global__ void __launch_bounds__(kMmaThreads) mla_decode_mma_kernel(MlaDecodeAr
   const int64_t rows = a.Sq * a.H;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * RB;
   const int nrows = static_cast<int>(rows - r0 < RB ? rows - r0 : RB);
-  int64_t seqlen = a.seqlens[b];
-  const int64_t cap = a.capacity < a.max_seqlen ? a.capacity : a.max_seqlen;
-  seqlen = seqlen < 0 ? 0 : (seqlen > cap ? cap : seqlen);
+  const int64_t seqlen = row_seqlen(a, b);
 
   // Queries in 16-byte async copies (C and R are multiples of 8, so a chunk lies in q_latent or
   // q_pe); rows past nrows and columns past D are 0. The pad columns [D, DP) of the key buffers are
@@ -454,23 +471,10 @@ __global__ void __launch_bounds__(kMmaThreads) mla_decode_mma_kernel(MlaDecodeAr
       *reinterpret_cast<uint4*>(stage_w + i * SW + D / 2) = make_uint4(0u, 0u, 0u, 0u);
     }
   }
-  if (tid < RB) {
-    mla::KeyRange kr{0, 0};
-    if (tid < nrows) kr = mla::visible_keys(seqlen, a.Sq, (r0 + tid) / a.H, a.causal, a.window);
-    lo_s[tid] = kr.lo;
-    hi_s[tid] = kr.hi;
-  }
+  store_row_ranges(a, seqlen, r0, nrows, RB, lo_s, hi_s);
   __syncthreads();
-  int64_t lo_all = seqlen, hi_all = 0;
-  for (int r = 0; r < nrows; ++r) {
-    if (hi_s[r] > lo_s[r]) {
-      lo_all = min(lo_all, lo_s[r]);
-      hi_all = max(hi_all, hi_s[r]);
-    }
-  }
-  const int64_t split_len = a.max_seqlen > 0 ? (a.max_seqlen + a.n_splits - 1) / a.n_splits : 1;
-  const int64_t k_begin = max(lo_all, sp * split_len);
-  const int64_t k_end = min(hi_all, (sp + 1) * split_len);
+  const mla::KeyRange keys = split_keys(a, seqlen, nrows, lo_s, hi_s, sp);
+  const int64_t k_begin = keys.lo, k_end = keys.hi;
   const int64_t n_tiles = k_begin < k_end ? (k_end - k_begin + kMmaKeys - 1) / kMmaKeys : 0;
 
   // Tile `it` into buffer it % kMmaStages, one commit group per tile (empty past the end).
