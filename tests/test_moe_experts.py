@@ -343,3 +343,35 @@ def test_experts_cpu_scheduling_and_tiles(monkeypatch, case, dtype, threads, isa
         ref_lp = ref.swiglu_experts(*lp, w, idx)
         err = (out.double() - want).abs().max().item()
         assert err <= 2 * (ref_lp.double() - want).abs().max().item() + 1e-3
+
+
+@pytest.mark.parametrize("isa", ["native", "generic"])
+@pytest.mark.parametrize("T,H,I", [(1, 75, 41), (2, 530, 45), (4, 61, 33)])
+def test_experts_cpu_small_m_bf16_groups(monkeypatch, isa, T, H, I):
+    # The bf16 small-M path: weight rows dotted 4 at a time with the next 4 prefetched, shared
+    # out over threads in contiguous ranges. Row counts 1..4 per expert (T tokens, top-6 of 8),
+    # gate|up / down row counts that leave 1..3 rows in the last group (2I = 82, 90, 66; H = 75,
+    # 530, 61), k tails past the 32-element prefetch blocks and the 16-element ones. Against the
+    # reference, and bitwise equal at 1, 2 and 3 threads (the ranges, so the groups split
+    # between threads differ).
+    if isa == "generic":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    E, K = 8, 6
+    x = torch.randn(T, H)
+    gu, down = _experts(E, H, I, "cpu")
+    w, idx = _routing(T, E, K, "cpu")
+    want = ref.swiglu_experts(*(t.double() for t in (x, gu, down, w)), idx)
+    lp = [t.to(torch.bfloat16) for t in (x, gu, down)]
+    ref_lp = ref.swiglu_experts(*lp, w, idx)
+    prev = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(moe_experts(*lp, w, idx))
+    finally:
+        torch.set_num_threads(prev)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    err = (outs[0].double() - want).abs().max().item()
+    assert err <= 2 * (ref_lp.double() - want).abs().max().item() + 1e-3
