@@ -57,6 +57,12 @@ def mla_decode(
     Returns:
         ``(out_latent [B, Sq, H, C] in q dtype, lse [B, Sq, H] fp32)``; rows without a visible key
         give 0 and ``-inf``. Multiply ``out_latent`` by ``w_uv`` per head for the value output.
+
+    Numerics: scores and softmax in fp32 everywhere. On CUDA, bf16 / fp16 calls with C and R
+    multiples of 8 (and C <= 512) run on tensor cores, where the softmax weights are rounded to the
+    input dtype before the weighted sum (as flash attention does; within about an ulp of the
+    output); fp32 and other widths run on CUDA cores in fp32. ``LATENTMOE_MLA_DECODE_KERNEL=
+    cuda_cores|tensor_cores`` forces one (``ValueError`` where tensor cores do not apply).
     """
     return _lib.mla_decode.default(
         q_latent, q_pe, kv_cache, cache_seqlens, block_table, float(softmax_scale), causal, window, pe_cache,
