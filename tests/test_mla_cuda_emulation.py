@@ -451,6 +451,26 @@ MMA_CASES = {
 }
 
 
+def _random_mma_cases(n, seed=4321):
+    """Seeded random configurations the tensor-core kernel takes (C, R multiples of 8)."""
+    rng = np.random.default_rng(seed)
+    cases = {}
+    for i in range(n):
+        B, Sq, H = int(rng.integers(1, 4)), int(rng.integers(1, 5)), int(rng.integers(1, 40))
+        C, R = 8 * int(rng.integers(1, 12)), 8 * int(rng.integers(0, 4))
+        cap = int(rng.integers(1, 200))
+        lens = [int(v) for v in rng.integers(0, cap + 1, size=B)]
+        lens[int(rng.integers(0, B))] = cap
+        cases[f"random_mma{i}"] = (
+            B, Sq, H, {"C": C, "R": R}, lens, cap, int(rng.choice([0, 1, 7, 16])), bool(rng.integers(0, 2)),
+            int(rng.choice([-1, -1, 0, 5, 33])), bool(rng.integers(0, 2)), int(rng.choice([0, 0, 1, 3])),
+        )
+    return cases
+
+
+MMA_CASES.update(_random_mma_cases(8))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", list(MMA_CASES))
 def test_decode_tensor_cores_match_reference(harness, tmp_path, dtype, name):
