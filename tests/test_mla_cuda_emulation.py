@@ -306,9 +306,8 @@ def test_decode_matches_cpu_op_fp32(harness, tmp_path, name):
     # merge (B*rows, column chunks of 32) x 256 (8 groups of 32 columns).
     rpb = 16 if C <= 512 else 8
     assert used == (n_splits or used) and used >= 1
-    if not n_splits:  # the policy: at most one split per 32 keys of the longest row, about one wave
-        assert used <= max(1, -(-max(seqlens) // 32))
-        assert used <= max(1, -(-SM_COUNT // (B * -(-(Sq * H) // rpb))))
+    if not n_splits:  # the policy: at most one split per 32 keys of the longest row, at most one wave
+        assert used == max(1, min(-(-max(seqlens) // 32), SM_COUNT // (B * -(-(Sq * H) // rpb))))
     assert launches[0][:4] == (used, -(-(Sq * H) // rpb), B, 512 if rpb == 16 else 256)
     if used == 1:  # one split writes out and lse itself
         assert len(launches) == 1
@@ -356,7 +355,7 @@ def test_decode_splits_exercised(harness, tmp_path):
         B, Sq, H, dims["C"], dims["R"], seqlens, cap, 0, False, torch.float32, seed=3
     )
     *_, used, _ = emulated_decode(harness, tmp_path, q_latent, q_pe, kv, lens, None, 0.1, True, -1)
-    assert used == min(-(-SM_COUNT // 2), -(-1100 // 32)) == 35
+    assert used == min(SM_COUNT // 2, -(-1100 // 32)) == 35
 
 
 @pytest.mark.parametrize("name", ["paged17_sq2_splits", "contig_sq2_h9_window", "v3_paged16_h1"])
@@ -448,6 +447,13 @@ MMA_CASES = {
     "v3_h8_sq2_full_row_pe_cache": (2, 2, 8, V3, [64, 100], 100, 0, True, -1, True, 0),
     # 94 splits: every merge thread group (splits in turns of 8 over 8 groups) has work.
     "h16_many_splits": (1, 1, 16, {"C": 32, "R": 16}, [3000], 3000, 0, True, -1, False, 0),
+    # 8 tiles through the 3 key buffers of one split; C = 72: 9 output n-tiles over 8 warps.
+    "c72_one_split_eight_tiles": (1, 1, 16, {"C": 72, "R": 8}, [250], 250, 0, True, -1, False, 1),
+    # More than 64 rows, not a multiple of 64, over several splits (row blocks of 64 and 6 / 35).
+    "h70_paged16_three_splits": (2, 1, 70, SMALL, [150, 90], 150, 16, True, -1, False, 3),
+    "sq3_h33_c504_window_policy": (1, 3, 33, {"C": 504, "R": 8}, [120], 120, 0, True, 20, False, 0),
+    # 40 rows: one block of 3 m-tiles, so the policy's wave wants 132 splits (63 by length), not 44.
+    "h40_policy_long": (1, 1, 40, SMALL, [2000], 2000, 0, True, -1, False, 0),
 }
 
 
@@ -491,6 +497,9 @@ def test_decode_tensor_cores_match_reference(harness, tmp_path, dtype, name):
         assert launches[1][:4] == (B * rows, -(-C // 32), 1, 256)
     if name == "h16_many_splits":
         assert used == 94
+    if not n_splits:  # the policy counts the tensor-core kernel's blocks of 16 * mt rows
+        blocks = B * -(-rows // (16 * mt))
+        assert used == max(1, min(SM_COUNT // blocks, -(-max(seqlens) // 32), 1024))
     assert out.dtype == dtype and not out.isnan().any() and not lse.isnan().any()
     want_o, want_l = mla_decode(
         q_latent, q_pe, kv, lens, scale, block_table=table, causal=causal, window=window, pe_cache=pe_cache
@@ -510,6 +519,22 @@ def test_decode_tensor_cores_match_reference(harness, tmp_path, dtype, name):
     tol = 2 * ulp * ref_o.abs().max().item()
     torch.testing.assert_close(out.double(), ref_o, rtol=ulp, atol=tol)
     torch.testing.assert_close(out.float(), want_o.float(), rtol=ulp, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_tensor_cores_peaked_softmax(harness, tmp_path, dtype):
+    """Large queries (x30): scores of several hundred, a sharply peaked softmax. Scores stay fp32
+    (the 16-bit queries are never scaled before the product), so the result matches the CPU op."""
+    q_latent, q_pe, kv, lens, table, pe_cache = decode_problem(
+        2, 2, 9, 48, 16, [200, 77], 200, 16, False, dtype, seed=13
+    )
+    q_latent, q_pe = (q_latent.float() * 30).to(dtype), (q_pe.float() * 30).to(dtype)
+    out, lse, _, launches = emulated_decode(harness, tmp_path, q_latent, q_pe, kv, lens, table, 0.125, True, -1)
+    assert launches[0][3] == 256 and not out.isnan().any() and not out.isinf().any()
+    want_o, want_l = mla_decode(q_latent, q_pe, kv, lens, 0.125, block_table=table)
+    torch.testing.assert_close(lse, want_l, rtol=1e-5, atol=1e-4)
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.float(), want_o.float(), rtol=ulp, atol=2 * ulp * want_o.float().abs().max().item())
 
 
 def test_decode_kernel_choice(harness, tmp_path):

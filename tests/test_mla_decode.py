@@ -382,3 +382,23 @@ def test_decode_cuda_forced_tensor_cores_refused_where_they_do_not_apply(monkeyp
     monkeypatch.setenv("LATENTMOE_MLA_DECODE_KERNEL", "fastest")
     with pytest.raises(ValueError, match="LATENTMOE_MLA_DECODE_KERNEL must be"):
         mla_decode(*prob[:4], 0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("which", ["q_latent", "q_pe", "kv_cache"])
+def test_decode_cuda_misaligned_inputs_use_cuda_cores(monkeypatch, which):
+    """A contiguous input whose data starts off a 16-byte boundary (a view at an odd offset): auto
+    runs the CUDA-core kernel (correct result), forcing tensor cores is a ValueError."""
+    prob = list(make_problem(2, 1, 16, 64, 16, [90, 33], None, dtype=torch.bfloat16, device="cuda"))
+    i = {"q_latent": 0, "q_pe": 1, "kv_cache": 2}[which]
+    t = prob[i]
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
+    shifted = flat[1:].view(t.shape)
+    shifted.copy_(t)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    prob[i] = shifted
+    out, lse = mla_decode(*prob[:4], 0.1, block_table=prob[4])
+    check_close(out, lse, *prob, 0.1, True, -1)
+    monkeypatch.setenv("LATENTMOE_MLA_DECODE_KERNEL", "tensor_cores")
+    with pytest.raises(ValueError, match="tensor-core kernel does not apply"):
+        mla_decode(*prob[:4], 0.1, block_table=prob[4])

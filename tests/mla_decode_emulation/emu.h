@@ -372,15 +372,17 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32, int line = 
   return r;
 }
 
-// <cuda_pipeline.h> primitives. A copy lands only when its thread waits for its group, so a read
-// of the destination before the wait (or by another thread before a barrier) sees the old bytes
-// (the 0xFF poison, or the previous tile).
+// <cuda_pipeline.h> primitives. Issuing a copy poisons its destination (0xFF bytes: NaN) and the
+// data lands only when its thread waits for its group, so a read of the destination between the
+// issue and the wait (or by another thread before a barrier) sees poison: that catches a copy
+// issued into a buffer other threads still read, as well as a read before the wait.
 inline void __pipeline_memcpy_async(void* dst, const void* src, size_t n, size_t zfill = 0) {
   if (zfill != 0) emu::fail("__pipeline_memcpy_async zero-fill is not emulated");
   if (n != 4 && n != 8 && n != 16) emu::fail("__pipeline_memcpy_async size must be 4, 8 or 16 bytes");
   if (reinterpret_cast<uintptr_t>(dst) % n != 0 || reinterpret_cast<uintptr_t>(src) % n != 0) {
     emu::fail("__pipeline_memcpy_async pointers must be aligned to the copy size");
   }
+  std::memset(dst, 0xFF, n);
   emu::st().cur->open.push_back({dst, src, n});
 }
 inline void __pipeline_commit() {
@@ -414,11 +416,15 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
 
 struct cudaFuncAttributes {
   size_t sharedSizeBytes;  // static shared memory: known here once the kernel has run (else 0)
+  int ptxVersion;          // the emulated build targets sm_90
+  int binaryVersion;
 };
 template <typename F>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F* kernel) {
   const auto it = emu::st().static_of.find(reinterpret_cast<const void*>(kernel));
   attr->sharedSizeBytes = it == emu::st().static_of.end() ? 0 : it->second;
+  attr->ptxVersion = 90;
+  attr->binaryVersion = 90;
   return cudaSuccess;
 }
 

@@ -116,8 +116,6 @@ int run_decode(const char* out_path) {
   auto lens = read_vec<int32_t>(B);
   auto table = read_vec<int32_t>(paged ? B * max_pages : 0);
 
-  // As the binding: n_splits from the launcher's policy, workspace of that size (left as garbage
-  // there: NaN here, so a partial the merge reads but no split wrote shows up).
   // As the binding: the caller's max_seqlen (h[15] >= 0: unchecked call), else the longest row
   // from the host copy of cache_seqlens.
   int64_t max_seqlen = h[15];
@@ -125,11 +123,6 @@ int run_decode(const char* out_path) {
     max_seqlen = 0;
     for (int64_t b = 0; b < B; ++b) max_seqlen = std::max<int64_t>(max_seqlen, lens->data()[b]);
   }
-  const int64_t n_splits =
-      h[14] > 0 ? h[14] : mla_decode_num_splits(B, rows, C, max_seqlen, static_cast<int>(h[13]));
-  auto part_acc = poisoned<float>(B * n_splits * rows * C);
-  auto part_m = poisoned<float>(B * n_splits * rows);
-  auto part_l = poisoned<float>(B * n_splits * rows);
   auto out = poisoned<unsigned char>(B * rows * C * es);
   auto lse = poisoned<float>(B * rows);
   if (mla_decode_smem_bytes(C, R) > emu::kSmemOptin) emu::fail("binding would reject: shared memory");
@@ -146,11 +139,6 @@ int run_decode(const char* out_path) {
   a.block_table = paged ? table->data() : nullptr;
   a.out = out->data();
   a.lse = lse->data();
-  // As the binding: no workspace for a single split (it writes out / lse itself), so any access
-  // to one faults.
-  a.part_acc = n_splits > 1 ? part_acc->data() : nullptr;
-  a.part_m = n_splits > 1 ? part_m->data() : nullptr;
-  a.part_l = n_splits > 1 ? part_l->data() : nullptr;
   a.B = B;
   a.Sq = Sq;
   a.H = H;
@@ -165,8 +153,19 @@ int run_decode(const char* out_path) {
   a.scale = scale;
   a.causal = h[10] != 0;
   a.window = h[11];
-  a.n_splits = n_splits;
   a.kernel = static_cast<int>(h[16]);
+  // As the binding: the split count of the kernel that will run (or the test's override), then a
+  // workspace of that size (left as garbage there: NaN here, so a partial the merge reads but no
+  // split wrote shows up). No workspace for a single split (it writes out / lse itself), so any
+  // access to one faults.
+  const int64_t n_splits = h[14] > 0 ? h[14] : mla_decode_num_splits(dtype, a, static_cast<int>(h[13]));
+  auto part_acc = poisoned<float>(B * n_splits * rows * C);
+  auto part_m = poisoned<float>(B * n_splits * rows);
+  auto part_l = poisoned<float>(B * n_splits * rows);
+  a.part_acc = n_splits > 1 ? part_acc->data() : nullptr;
+  a.part_m = n_splits > 1 ? part_m->data() : nullptr;
+  a.part_l = n_splits > 1 ? part_l->data() : nullptr;
+  a.n_splits = n_splits;
   const cudaError_t err = launch_mla_decode(dtype, a, nullptr);
   print_log();
   if (err != cudaSuccess) {

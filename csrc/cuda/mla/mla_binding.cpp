@@ -63,17 +63,6 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   auto out = at::empty_like(q_latent);
   auto lse = at::empty({B, Sq, H}, q_latent.options().dtype(at::kFloat));
   const int64_t rows = Sq * H;
-  const int64_t n_splits = mla_decode_num_splits(B, rows, C, max_seqlen, props->multiProcessorCount);
-  // One workspace allocation: partial accumulators [B, n_splits, rows, C], then m and l
-  // [B, n_splits, rows] each (C is a whole number of floats, so every part stays 4-byte aligned).
-  // A single split writes out and lse directly and needs none.
-  const int64_t n_part = B * n_splits * rows;
-  at::Tensor work;
-  float* part_acc = nullptr;
-  if (n_splits > 1) {
-    work = at::empty({n_part * (C + 2)}, q_latent.options().dtype(at::kFloat));
-    part_acc = work.mutable_data_ptr<float>();
-  }
   MlaDecodeArgs a{};
   a.q_latent = q_latent.const_data_ptr();
   a.q_pe = q_pe.const_data_ptr();
@@ -86,9 +75,6 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   a.block_table = d.paged ? block_table->const_data_ptr<int32_t>() : nullptr;
   a.out = out.mutable_data_ptr();
   a.lse = lse.mutable_data_ptr<float>();
-  a.part_acc = part_acc;
-  a.part_m = part_acc != nullptr ? part_acc + n_part * C : nullptr;
-  a.part_l = part_acc != nullptr ? part_acc + n_part * (C + 1) : nullptr;
   a.B = B; a.Sq = Sq; a.H = H; a.C = C; a.R = R;
   a.lmax = d.lmax; a.page_size = d.page_size; a.max_pages = d.max_pages; a.num_pages = d.num_pages;
   a.capacity = d.capacity;
@@ -96,13 +82,26 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   a.scale = static_cast<float>(softmax_scale);
   a.causal = causal;
   a.window = window;
-  a.n_splits = n_splits;
   a.kernel = decode_kernel_choice();
-  TORCH_CHECK_VALUE(a.kernel != kDecodeTensorCores || mla_decode_tensor_cores_apply(to_dtype(q_latent.scalar_type()), a),
+  const DType dtype = to_dtype(q_latent.scalar_type());
+  TORCH_CHECK_VALUE(a.kernel != kDecodeTensorCores || mla_decode_tensor_cores_apply(dtype, a),
                     "latentmoe.mla_decode: LATENTMOE_MLA_DECODE_KERNEL=tensor_cores, but the tensor-core kernel does not "
                     "apply to this call (it needs bf16 / fp16, C and R multiples of 8, C <= 512, 16-byte aligned "
-                    "q_latent / q_pe / cache rows and an sm_80+ GPU)");
-  check_launch(op, launch_mla_decode(to_dtype(q_latent.scalar_type()), a, at::cuda::getCurrentCUDAStream()));
+                    "q_latent / q_pe / cache rows and an sm_80+ GPU and build)");
+  // The split count follows the kernel that will run (its query rows per block).
+  a.n_splits = mla_decode_num_splits(dtype, a, props->multiProcessorCount);
+  // One workspace allocation: partial accumulators [B, n_splits, rows, C], then m and l
+  // [B, n_splits, rows] each (C is a whole number of floats, so every part stays 4-byte aligned).
+  // A single split writes out and lse directly and needs none.
+  const int64_t n_part = B * a.n_splits * rows;
+  at::Tensor work;
+  if (a.n_splits > 1) {
+    work = at::empty({n_part * (C + 2)}, q_latent.options().dtype(at::kFloat));
+    a.part_acc = work.mutable_data_ptr<float>();
+    a.part_m = a.part_acc + n_part * C;
+    a.part_l = a.part_acc + n_part * (C + 1);
+  }
+  check_launch(op, launch_mla_decode(dtype, a, at::cuda::getCurrentCUDAStream()));
   return {out, lse};
 }
 

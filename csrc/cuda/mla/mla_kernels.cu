@@ -804,6 +804,27 @@ cudaError_t device_facts(int* major, int* optin) {
   return cudaSuccess;
 }
 
+// Whether the tensor-core kernels run on the current device as mma.sync code: their PTX targets
+// sm_80+ (a build for older archs, e.g. TORCH_CUDA_ARCH_LIST=7.5+PTX, compiles them to a trap,
+// and a newer GPU would JIT that). Cached per device.
+cudaError_t mma_compiled(bool* ok) {
+  static std::atomic<int> state_of[kMaxDevices];  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const bool known = device >= 0 && device < kMaxDevices;
+  const int cached = known ? state_of[device].load(std::memory_order_acquire) : 0;
+  if (cached != 0) {
+    *ok = cached == 2;
+    return cudaSuccess;
+  }
+  cudaFuncAttributes attr{};
+  if ((err = cudaFuncGetAttributes(&attr, mla_decode_mma_kernel<__nv_bfloat16, 1>)) != cudaSuccess) return err;
+  *ok = attr.ptxVersion >= 80;
+  if (known) state_of[device].store(*ok ? 2 : 1, std::memory_order_release);
+  return cudaSuccess;
+}
+
 // m-tiles of 16 query rows per tensor-core block: up to 4 (64 rows).
 inline int mma_mtiles(int64_t rows) { return rows >= 64 ? 4 : static_cast<int>((rows + 15) / 16); }
 
@@ -815,9 +836,11 @@ cudaError_t tensor_cores_apply(DType dtype, const MlaDecodeArgs& a, bool* apply)
     return cudaSuccess;
   }
   int major = 0, optin = 0;
-  const cudaError_t err = device_facts(&major, &optin);
+  cudaError_t err = device_facts(&major, &optin);
   if (err != cudaSuccess) return err;
-  *apply = major >= 8 && mma_smem_bytes(a.C + a.R, mma_mtiles(a.Sq * a.H)) <= static_cast<size_t>(optin);
+  bool compiled = false;  // the tensor-core kernels were built for sm_80+ (else they only trap)
+  if ((err = mma_compiled(&compiled)) != cudaSuccess) return err;
+  *apply = major >= 8 && compiled && mma_smem_bytes(a.C + a.R, mma_mtiles(a.Sq * a.H)) <= static_cast<size_t>(optin);
   return cudaSuccess;
 }
 
@@ -917,12 +940,17 @@ cudaError_t append_typed(const MlaAppendArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-int64_t mla_decode_num_splits(int64_t B, int64_t rows, int64_t C, int64_t max_seqlen, int sm_count) {
-  const int rpb = rows_per_block(C);
-  const int64_t blocks = B * ((rows + rpb - 1) / rpb);
-  // About one wave of split blocks; each split at least kMinSplitKeys keys (one tile).
-  const int64_t want = (static_cast<int64_t>(sm_count) + blocks - 1) / blocks;
-  const int64_t most = (max_seqlen + kMinSplitKeys - 1) / kMinSplitKeys;
+int64_t mla_decode_num_splits(DType dtype, const MlaDecodeArgs& a, int sm_count) {
+  // Query rows per block of the split kernel launch_mla_decode will run for this call.
+  bool tc = false;
+  if (a.kernel != kDecodeCudaCores && tensor_cores_apply(dtype, a, &tc) != cudaSuccess) tc = false;
+  const int64_t rows = a.Sq * a.H, rpb = tc ? 16 * mma_mtiles(rows) : rows_per_block(a.C);
+  const int64_t blocks = a.B * ((rows + rpb - 1) / rpb);
+  if (blocks == 0) return 1;
+  // At most one wave of split blocks (both split kernels run one block per SM: a second, partial
+  // wave would cost as much as the first), each split at least kMinSplitKeys keys (one tile).
+  const int64_t want = static_cast<int64_t>(sm_count) / blocks;
+  const int64_t most = (a.max_seqlen + kMinSplitKeys - 1) / kMinSplitKeys;
   int64_t n = want < most ? want : most;
   if (n > kMaxSplits) n = kMaxSplits;
   return n < 1 ? 1 : n;

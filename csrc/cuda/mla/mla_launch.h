@@ -44,9 +44,11 @@ enum MlaDecodeKernel : int { kDecodeAuto = 0, kDecodeCudaCores = 1, kDecodeTenso
 // Whether the tensor-core split kernel can run this call (dtype, shapes, alignment, device).
 bool mla_decode_tensor_cores_apply(DType dtype, const MlaDecodeArgs& a);
 
-// Number of key splits (blocks along the sequence, at most 1024) for a call whose longest row
-// holds `max_seqlen` keys; the caller sizes the workspace.
-int64_t mla_decode_num_splits(int64_t B, int64_t rows, int64_t C, int64_t max_seqlen, int sm_count);
+// Number of key splits (blocks along the sequence, at most 1024) for the call `a` describes (its
+// shapes, max_seqlen, pointers and kernel choice: the split kernel that will run sets the rows per
+// block, and about one wave of blocks is the aim); the caller sizes the workspace and sets
+// a.n_splits to it.
+int64_t mla_decode_num_splits(DType dtype, const MlaDecodeArgs& a, int sm_count);
 
 // Dynamic shared memory one split block needs for latent rank C and rope dim R (bytes).
 size_t mla_decode_smem_bytes(int64_t C, int64_t R);
