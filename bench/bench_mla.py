@@ -491,6 +491,7 @@ def run(device: str, quick: bool) -> list[dict]:
         if not quick:
             for heads in (16, 128):
                 rows += _decode_op_scale_rows(device, torch.bfloat16, 64, heads, 4096)
+            rows += _decode_op_scale_rows(device, torch.bfloat16, 1, 128, 16384)  # V3's heads, one sequence
     rows += _prefill_rows(device, dtype, [4096])  # the goal's size, also in quick runs
     rows += _train_rows(device, dtype, 1024 if quick else 4096)
     if device.startswith("cuda") and not quick:
