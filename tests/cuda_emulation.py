@@ -1,5 +1,6 @@
 """Shared by the host-emulation tests of CUDA sources (tests/mla_decode_emulation/emu.h).
 
+`host_compiler` finds the C++ compiler the harnesses are built with (the test skips without one).
 `as_host_code` rewrites the only three constructs of a .cu file that are not plain C++ for emu.h:
 `extern __shared__ T x[];`, static `__shared__ T a[N], ...;` and `kernel<<<...>>>(args);`.
 """
@@ -7,6 +8,9 @@
 from __future__ import annotations
 
 import re
+import shutil
+
+import pytest
 
 
 def as_host_code(src: str) -> tuple[str, int, int, int]:
@@ -26,3 +30,11 @@ def as_host_code(src: str) -> tuple[str, int, int, int]:
     )
     assert "__shared__" not in src and "<<<" not in src
     return src, n_dyn, n_static, n_launch
+
+
+def host_compiler() -> str:
+    """g++ (or c++) on PATH; skips the calling test when there is none."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("needs a C++ compiler")
+    return cxx

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from cuda_emulation import as_host_code
+from cuda_emulation import as_host_code, host_compiler
 from latentmoe.ops import mla_append_cache, mla_decode
 from latentmoe.reference import mla as ref
 
@@ -53,9 +52,7 @@ def kernels_as_host_code(src: str) -> str:
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("needs a C++ compiler")
+    cxx = host_compiler()
     work = tmp_path_factory.mktemp("mla_decode_emulation")
     flags = ["-std=c++20", "-O2", "-Wno-unknown-pragmas"]
     if os.environ.get("LATENTMOE_EMU_SANITIZE") == "1":  # opt-in: slower build (~30 s), ASan + UBSan

@@ -5,13 +5,13 @@ gradients vs torch autograd, opcheck, bad input."""
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cuda_emulation import host_compiler
 
 from latentmoe.reference import mla as reference
 from latentmoe.ops.mla_prefill import mla_prefill
@@ -593,9 +593,7 @@ def _kernels_as_host_code(cu_source: str) -> str:
 
 @pytest.fixture(scope="module")
 def emulated_kernels(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("needs a C++ compiler")
+    cxx = host_compiler()
     work = tmp_path_factory.mktemp("mla_prefill_emulation")
     # shared memory is untyped on the device (the forward keeps int64 row offsets in it)
     flags = ["-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas", "-fno-strict-aliasing"]

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cuda_emulation import host_compiler
 
 import latentmoe  # noqa: F401  (registers the ops)
 from latentmoe.ops import moe_route
@@ -56,9 +56,7 @@ def _as_host_code(cu_source: str) -> str:
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("needs a C++ compiler")
+    cxx = host_compiler()
     work = tmp_path_factory.mktemp("moe_emulation")
     # -fno-strict-aliasing: the kernels reinterpret 16-byte vectors as their elements, as CUDA code does.
     flags = ["-std=c++20", "-O2", "-pthread", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]

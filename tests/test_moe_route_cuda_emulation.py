@@ -13,14 +13,13 @@ warp-per-token kernel for every experts-per-lane width and the one-thread-per-to
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from cuda_emulation import as_host_code
+from cuda_emulation import as_host_code, host_compiler
 from latentmoe.ops import moe_route
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +30,7 @@ _KERNELS = _ROOT / "csrc" / "cuda" / "moe" / "moe_route_kernels.cu"
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("needs a C++ compiler")
+    cxx = host_compiler()
     work = tmp_path_factory.mktemp("moe_route_emulation")
     src, _, _, n_launch = as_host_code(_KERNELS.read_text())
     assert n_launch >= 3, n_launch  # the warp kernel, the per-token kernel, the backward

@@ -726,63 +726,7 @@ __global__ void __launch_bounds__(kMergeThreads) mla_decode_merge_kernel(MlaDeco
   if (blockIdx.y == 0 && threadIdx.x == 0) a.lse[br] = math::softmax_lse({m_max, l_sum});
 }
 
-// The dynamic shared memory `kernel` may use on `device`: the opt-in limit minus the kernel's
-// static shared memory (the runtime refuses a larger limit). The first call per device raises the
-// kernel's limit to it (that does not change the occupancy of launches that use less) and caches
-// it in `cached` (one slot per device, owned by the caller's kernel instantiation: all
-// instantiations share one function type), so later calls make no attribute queries.
 constexpr int kMaxDevices = 64;
-template <typename K>
-cudaError_t smem_budget(K* kernel, int device, std::atomic<int>* cached, int* budget) {
-  const bool known = device >= 0 && device < kMaxDevices;
-  if (known && (*budget = cached[device].load(std::memory_order_acquire)) > 0) return cudaSuccess;
-  int optin = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return err;
-  cudaFuncAttributes attr{};
-  if ((err = cudaFuncGetAttributes(&attr, kernel)) != cudaSuccess) return err;
-  *budget = optin - static_cast<int>(attr.sharedSizeBytes);
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, *budget);
-  if (err == cudaSuccess && known) cached[device].store(*budget, std::memory_order_release);
-  return err;
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-template <typename T>
-cudaError_t launch_merge(const MlaDecodeArgs& a, cudaStream_t stream) {
-  const int64_t rows = a.Sq * a.H;
-  dim3 mgrid(static_cast<unsigned>(a.B * rows), static_cast<unsigned>((a.C + kMergeCols - 1) / kMergeCols));
-  mla_decode_merge_kernel<T><<<mgrid, kMergeThreads, sizeof(float) * a.n_splits, stream>>>(a);
-  return cudaGetLastError();
-}
-
-template <typename T, int ROWS, int CPT>
-cudaError_t decode_typed_cpt(const MlaDecodeArgs& args, cudaStream_t stream) {
-  MlaDecodeArgs a = args;
-  int device = 0, budget = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  auto kernel = mla_decode_split_kernel<T, ROWS, CPT>;
-  static std::atomic<int> budget_of[kMaxDevices];
-  if ((err = smem_budget(kernel, device, budget_of, &budget)) != cudaSuccess) return err;
-  const int64_t D = a.C + a.R;
-  const size_t base = sizeof(float) * split_smem_floats<ROWS>(D);
-  // Async 16-byte copies need every row segment (c_kv, k_pe) and row start 16-byte aligned, and
-  // room for the staging buffer.
-  const int64_t elt = static_cast<int64_t>(sizeof(T));
-  a.stage_async = (a.C * elt) % 16 == 0 && (a.R * elt) % 16 == 0 && (a.kv_stride * elt) % 16 == 0 &&
-                  (a.pe_stride * elt) % 16 == 0 && aligned16(a.kv_cache) && aligned16(a.pe_src) &&
-                  base + stage_bytes(D, sizeof(T)) <= static_cast<size_t>(budget);
-  const size_t smem = base + (a.stage_async ? stage_bytes(D, sizeof(T)) : 0);
-  const int64_t rows = a.Sq * a.H;
-  dim3 grid(static_cast<unsigned>(a.n_splits), static_cast<unsigned>((rows + ROWS - 1) / ROWS),
-            static_cast<unsigned>(a.B));
-  kernel<<<grid, threads_for_rows(ROWS), smem, stream>>>(a);
-  err = cudaGetLastError();
-  if (err != cudaSuccess || a.n_splits == 1) return err;  // one split writes out and lse itself
-  return launch_merge<T>(a, stream);
-}
 
 // Compute capability major and opt-in shared memory of the current device, cached per device.
 cudaError_t device_facts(int* major, int* optin) {
@@ -802,6 +746,71 @@ cudaError_t device_facts(int* major, int* optin) {
     major_of[device].store(*major, std::memory_order_release);
   }
   return cudaSuccess;
+}
+
+// The dynamic shared memory `kernel` may use on the current device: the opt-in limit minus the
+// kernel's static shared memory (the runtime refuses a larger limit). The first call per device
+// raises the kernel's limit to it (that does not change the occupancy of launches that use less)
+// and caches it in `cached` (one slot per device, owned by the caller's kernel instantiation: all
+// instantiations share one function type), so later calls make no attribute queries.
+template <typename K>
+cudaError_t smem_budget(K* kernel, std::atomic<int>* cached, int* budget) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const bool known = device >= 0 && device < kMaxDevices;
+  if (known && (*budget = cached[device].load(std::memory_order_acquire)) > 0) return cudaSuccess;
+  int major = 0, optin = 0;
+  if ((err = device_facts(&major, &optin)) != cudaSuccess) return err;
+  cudaFuncAttributes attr{};
+  if ((err = cudaFuncGetAttributes(&attr, kernel)) != cudaSuccess) return err;
+  *budget = optin - static_cast<int>(attr.sharedSizeBytes);
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, *budget);
+  if (err == cudaSuccess && known) cached[device].store(*budget, std::memory_order_release);
+  return err;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+cudaError_t launch_merge(const MlaDecodeArgs& a, cudaStream_t stream) {
+  const int64_t rows = a.Sq * a.H;
+  dim3 mgrid(static_cast<unsigned>(a.B * rows), static_cast<unsigned>((a.C + kMergeCols - 1) / kMergeCols));
+  mla_decode_merge_kernel<T><<<mgrid, kMergeThreads, sizeof(float) * a.n_splits, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// One split kernel's launch, then the merge (a single split writes out and lse itself).
+template <typename T, typename K>
+cudaError_t launch_split(K* kernel, int64_t block_rows, int threads, size_t smem, const MlaDecodeArgs& a,
+                         cudaStream_t stream) {
+  const int64_t rows = a.Sq * a.H;
+  dim3 grid(static_cast<unsigned>(a.n_splits), static_cast<unsigned>((rows + block_rows - 1) / block_rows),
+            static_cast<unsigned>(a.B));
+  kernel<<<grid, threads, smem, stream>>>(a);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || a.n_splits == 1) return err;
+  return launch_merge<T>(a, stream);
+}
+
+template <typename T, int ROWS, int CPT>
+cudaError_t decode_typed_cpt(const MlaDecodeArgs& args, cudaStream_t stream) {
+  MlaDecodeArgs a = args;
+  int budget = 0;
+  auto kernel = mla_decode_split_kernel<T, ROWS, CPT>;
+  static std::atomic<int> budget_of[kMaxDevices];
+  const cudaError_t err = smem_budget(kernel, budget_of, &budget);
+  if (err != cudaSuccess) return err;
+  const int64_t D = a.C + a.R;
+  const size_t base = sizeof(float) * split_smem_floats<ROWS>(D);
+  // Async 16-byte copies need every row segment (c_kv, k_pe) and row start 16-byte aligned, and
+  // room for the staging buffer.
+  const int64_t elt = static_cast<int64_t>(sizeof(T));
+  a.stage_async = (a.C * elt) % 16 == 0 && (a.R * elt) % 16 == 0 && (a.kv_stride * elt) % 16 == 0 &&
+                  (a.pe_stride * elt) % 16 == 0 && aligned16(a.kv_cache) && aligned16(a.pe_src) &&
+                  base + stage_bytes(D, sizeof(T)) <= static_cast<size_t>(budget);
+  const size_t smem = base + (a.stage_async ? stage_bytes(D, sizeof(T)) : 0);
+  return launch_split<T>(kernel, ROWS, threads_for_rows(ROWS), smem, a, stream);
 }
 
 // Whether the tensor-core kernels run on the current device as mma.sync code: their PTX targets
@@ -846,21 +855,14 @@ cudaError_t tensor_cores_apply(DType dtype, const MlaDecodeArgs& a, bool* apply)
 
 template <typename T, int MT>
 cudaError_t decode_mma(const MlaDecodeArgs& a, cudaStream_t stream) {
-  int device = 0, budget = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
+  int budget = 0;
   auto kernel = mla_decode_mma_kernel<T, MT>;
   static std::atomic<int> budget_of[kMaxDevices];
-  if ((err = smem_budget(kernel, device, budget_of, &budget)) != cudaSuccess) return err;
+  const cudaError_t err = smem_budget(kernel, budget_of, &budget);
+  if (err != cudaSuccess) return err;
   const size_t smem = mma_smem_bytes(a.C + a.R, MT);
   if (smem > static_cast<size_t>(budget)) return cudaErrorInvalidValue;
-  const int64_t rows = a.Sq * a.H;
-  dim3 grid(static_cast<unsigned>(a.n_splits), static_cast<unsigned>((rows + 16 * MT - 1) / (16 * MT)),
-            static_cast<unsigned>(a.B));
-  kernel<<<grid, kMmaThreads, smem, stream>>>(a);
-  err = cudaGetLastError();
-  if (err != cudaSuccess || a.n_splits == 1) return err;
-  return launch_merge<T>(a, stream);
+  return launch_split<T>(kernel, 16 * MT, kMmaThreads, smem, a, stream);
 }
 
 template <typename T>
