@@ -14,7 +14,7 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE, DeepseekV3TopkRouter
 
 import latentmoe
-from bench.common import ratio_row, read_bandwidth_gbs, row, time_ms
+from bench.common import paired_ratio, ratio_row, read_bandwidth_gbs, row, time_ms, time_paired
 
 # Issue 4's shape: hidden 2048, 64 experts top-6, intermediate 1408, 2 shared experts. Quick mode
 # (CI, ~1 min on 2 cores) runs the same measurements at a quarter of the FLOPs per token.
@@ -91,7 +91,28 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
                                 note=f"failed: {type(e).__name__}"))
                 continue
             rows.append(row("moe_experts", f"hf_{impl}", mode, T, times[impl], device))
-        t_ours = timeit(lambda: latentmoe.ops.moe_experts(x, gu, down, w, idx))
+        def ours_fn():
+            return latentmoe.ops.moe_experts(x, gu, down, w, idx)
+
+        # Ours and its floor(s) timed in alternation, the ratio taken round by round
+        # (time_paired): on a shared machine the floor can move by 2x between minutes.
+        if T == 1:
+            nbytes = TOP_K * 3 * H * I * elt  # the active experts' weights, read once
+            buf = torch.randn(max(1, nbytes // 4), device=device)  # fp32: a bandwidth-bound read
+            floor_fns = {"floor_weight_stream": lambda: buf.sum(dtype=torch.float32)}
+        else:
+            # One dense GEMM with the same active FLOPs, weight in HF's [out, in] layout. In
+            # bf16 also the fp32 GEMM: on CPUs without native bf16 it is the faster of the two,
+            # and the floor is the faster one.
+            floor_fns = {}
+            for fdt in {dtype, torch.float32}:
+                a_f = torch.randn(T * TOP_K, H, device=device, dtype=fdt)
+                b_f = torch.randn(3 * I, H, device=device, dtype=fdt)
+                floor_fns[f"floor_dense_mm_{str(fdt)[6:]}"] = (lambda a_f=a_f, b_f=b_f: torch.mm(a_f, b_f.t()))
+        slow = T >= 512 and not device.startswith("cuda")
+        stats, per_round = time_paired({"ours": ours_fn, **floor_fns}, device,
+                                       rounds=5 if slow else 9, reps=1 if slow else 5)
+        t_ours = stats["ours"]
         rows.append(row("moe_experts", "latentmoe", mode, T, t_ours, device))
         if device.startswith("cuda"):  # as nn.MoE calls it: no host copy of the index range
             t_unchecked = timeit(lambda: latentmoe.ops.moe_experts(x, gu, down, w, idx, check_values=False))
@@ -103,32 +124,28 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
                               times[best][0] / t_ours[0], device, f"{mode}; {goal}",
                               target=(">=", 1.4) if T == 512 else None))
         if T == 1:
-            nbytes = TOP_K * 3 * H * I * elt  # the active experts' weights, read once
-            floor = (nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3,) * 3
+            floor = stats["floor_weight_stream"]
             rows.append(row("moe_experts", "floor_weight_stream", mode, T, floor, device,
-                            note="active experts' bytes / read bandwidth measured now"))
-            rows.append(ratio_row("moe_experts", "time_over_floor", T, t_ours[0] / floor[0], device,
-                                  f"{mode}; goal <= 1.2x the weight-streaming floor", target=("<=", 1.2)))
+                            note=f"fp32 sum over the active experts' bytes ({nbytes / 2**20:.0f} MiB)"))
+            rows.append(ratio_row("moe_experts", "time_over_floor", T,
+                                  paired_ratio(per_round, "ours", "floor_weight_stream"), device,
+                                  f"{mode}; goal <= 1.2x the weight-streaming floor; median of "
+                                  "per-round ratios (timed in alternation)", target=("<=", 1.2)))
         else:
-            # One dense GEMM with the same active FLOPs, weight in HF's [out, in] layout. In
-            # bf16 also the fp32 GEMM: on CPUs without native bf16 it is the faster of the two,
-            # and the floor is the faster one.
-            floors = {}
-            for fdt in {dtype, torch.float32}:
-                a = torch.randn(T * TOP_K, H, device=device, dtype=fdt)
-                b = torch.randn(3 * I, H, device=device, dtype=fdt)
-                floors[fdt] = timeit(lambda: torch.mm(a, b.t()))
-                rows.append(row("moe_experts", f"floor_dense_mm_{str(fdt)[6:]}", mode, T,
-                                floors[fdt], device, note="one torch.mm of the same active FLOPs"))
-            floor = min(floors.values(), key=lambda t: t[0])
+            for name in floor_fns:
+                rows.append(row("moe_experts", name, mode, T, stats[name], device,
+                                note="one torch.mm of the same active FLOPs"))
+            floor = min((stats[n] for n in floor_fns), key=lambda t: t[0])
             # Unlike the floor's one weight matrix, the experts' weights stream from memory once
             # per call: that read, at the bandwidth measured now, as a share of the floor.
             nbytes = idx.unique().numel() * 3 * H * I * elt
             read_ms = nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3
             g = "goal <= 1.15x at 512 tokens; " if T == 512 else ""
-            rows.append(ratio_row("moe_experts", "time_over_floor", T, t_ours[0] / floor[0], device,
-                                  f"{mode}; {g}reading the active experts' weights "
-                                  f"({nbytes / 2**20:.0f} MiB) alone is {read_ms / floor[0]:.2f}x the floor",
+            rows.append(ratio_row("moe_experts", "time_over_floor", T,
+                                  paired_ratio(per_round, "ours", list(floor_fns)), device,
+                                  f"{mode}; {g}median of per-round ratios (timed in alternation); "
+                                  f"reading the active experts' weights ({nbytes / 2**20:.0f} MiB) "
+                                  f"alone is {read_ms / floor[0]:.2f}x the floor",
                                   target=("<=", 1.15) if T == 512 else None))
             rows.append(ratio_row("moe_experts", "best_hf_over_floor", T, times[best][0] / floor[0],
                                   device, mode))
@@ -158,29 +175,36 @@ def _expert_count_rows(device, quick) -> list[dict]:
     time to read those bytes at the read bandwidth measured now, as a share of E=16's time.
     """
     rows = []
-    timeit = _timer(device, quick)
     # Smaller than the headline shape so 256 experts fit in memory (and in quick mode's time).
     hidden, inter, T = (512, 256, 512) if quick else (1024, 512, 512)
     dtype = torch.bfloat16
-    base = None
-    for E in (16, 64, 256):
+    mode = f"fwd-bfloat16-T{T}-h{hidden}-i{inter}-top{TOP_K}"
+    counts = (16, 64, 256)
+    fns, read_bytes = {}, {}
+    for E in counts:
         gu = torch.randn(E, 2 * inter, hidden, device=device, dtype=dtype) * hidden**-0.5
         down = torch.randn(E, hidden, inter, device=device, dtype=dtype) * inter**-0.5
         x = torch.randn(T, hidden, device=device, dtype=dtype)
         idx = torch.stack([torch.randperm(E, device=device)[:TOP_K] for _ in range(T)])
         w = torch.rand(T, TOP_K, device=device)
-        t = timeit(lambda: latentmoe.ops.moe_experts(x, gu, down, w, idx))
-        base = base or t[0]
-        mode = f"fwd-bfloat16-T{T}-h{hidden}-i{inter}-top{TOP_K}"
-        nbytes = idx.unique().numel() * 3 * hidden * inter * gu.element_size()
+        fns[E] = (lambda x=x, gu=gu, down=down, w=w, idx=idx:
+                  latentmoe.ops.moe_experts(x, gu, down, w, idx))
+        read_bytes[E] = idx.unique().numel() * 3 * hidden * inter * gu.element_size()
+    # The three timed in alternation, each ratio to E=16 taken round by round (time_paired).
+    stats, per_round = time_paired(fns, device, rounds=7, reps=3)
+    base = stats[16][0]
+    for E in counts:
+        nbytes = read_bytes[E]
         read = (nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3,) * 3
-        rows += [row("moe_experts_vs_E", "latentmoe", mode, E, t, device),
+        rows += [row("moe_experts_vs_E", "latentmoe", mode, E, stats[E], device),
                  row("moe_experts_vs_E", "floor_weight_read", mode, E, read, device,
                      note="active experts' bytes / read bandwidth measured now"),
-                 ratio_row("moe_experts_vs_E", "time_over_E16", E, t[0] / base, device,
-                           f"{mode}; goal within 0.85-1.15x; reading the weights alone is "
-                           f"{read[0] / base:.2f}x E16's time; {T * TOP_K // E} rows per expert "
-                           "share each weight's load and conversion",
+                 ratio_row("moe_experts_vs_E", "time_over_E16", E, paired_ratio(per_round, E, 16),
+                           device,
+                           f"{mode}; goal within 0.85-1.15x; median of per-round ratios (timed in "
+                           f"alternation); reading the weights alone is {read[0] / base:.2f}x "
+                           f"E16's time; {T * TOP_K // E} rows per expert share each weight's load "
+                           "and conversion",
                            target=("in", (0.85, 1.15)) if E != 16 else None)]
     return rows
 

@@ -48,6 +48,44 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int = 3, reps: int = 
     return statistics.median(times), q[1], q[7]
 
 
+def time_paired(fns: dict, device: str, rounds: int = 9, reps: int = 3,
+                warmup: int = 1) -> tuple[dict, dict]:
+    """Times several functions in alternation, for ratios that hold on a shared machine.
+
+    Each of ``rounds`` rounds times every function ``reps`` times in a row (the order rotating from
+    round to round) and keeps the median; a ratio is then taken round by round
+    (:func:`paired_ratio`), so a slow spell of the machine (memory bandwidth shared with other
+    tenants can halve between minutes) slows both sides of the ratio alike.
+    Returns ({name: (p50, p20, p80) over all calls, in ms}, {name: [per-round medians]}).
+    """
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    _sync(device)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            ts = [time_ms(fns[name], device, warmup=0, reps=1)[0] for _ in range(reps)]
+            samples[name] += ts
+            per_round[name].append(statistics.median(ts))
+    stats = {}
+    for name, ts in samples.items():
+        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+        stats[name] = (statistics.median(ts), q[1], q[7])
+    return stats, per_round
+
+
+def paired_ratio(per_round: dict, num, den) -> float:
+    """Median over rounds of time(num) / time(den) (den: one name, or several whose per-round
+    minimum is the denominator, e.g. the faster of two floors)."""
+    dens = list(den) if isinstance(den, (list, tuple)) else [den]
+    return statistics.median(
+        n / min(per_round[d][i] for d in dens) for i, n in enumerate(per_round[num]))
+
+
 def row(kernel: str, provider: str, mode: str, x, t: tuple[float, float, float], device: str,
         metric: str = "time", unit: str = "ms", note: str = "") -> dict:
     import latentmoe
