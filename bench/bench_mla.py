@@ -227,17 +227,23 @@ def _decode_op_rows(device: str, dtype, contexts) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _decode_kernel(name: str):
-    """Force mla_decode's split kernel (the binding reads LATENTMOE_MLA_DECODE_KERNEL per call)."""
-    old = os.environ.get("LATENTMOE_MLA_DECODE_KERNEL")
-    os.environ["LATENTMOE_MLA_DECODE_KERNEL"] = name
+def env_setting(var: str, value: str):
+    """Set one of the kernels' environment switches for a block (the bindings read them per call:
+    LATENTMOE_MLA_DECODE_KERNEL, LATENTMOE_MLA_PREFILL_FORWARD)."""
+    old = os.environ.get(var)
+    os.environ[var] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("LATENTMOE_MLA_DECODE_KERNEL", None)
+            os.environ.pop(var, None)
         else:
-            os.environ["LATENTMOE_MLA_DECODE_KERNEL"] = old
+            os.environ[var] = old
+
+
+def _decode_kernel(name: str):
+    """Force mla_decode's split kernel."""
+    return env_setting("LATENTMOE_MLA_DECODE_KERNEL", name)
 
 
 def _cuda_cores_rows(fn, device: str, dtype, mode: str, L: int, t_auto) -> list[dict]:
@@ -365,10 +371,21 @@ def _prefill_rows(device: str, dtype, lengths) -> list[dict]:
         mode = f"prefill-{dt}"
         rows += [
             row("mla_prefill", "hf_sdpa", mode, L, t_hf, device),
-            row("mla_prefill", "latentmoe", mode, L, t_ours, device, note=_prefill_note(device)),
+            row("mla_prefill", "latentmoe", mode, L, t_ours, device, note=_prefill_note(device, dtype)),
             ratio_row("mla_prefill", "speedup_vs_hf", L, t_hf[0] / t_ours[0], device,
                       "goal >= 2x at 4K (issue 3)", target=(">=", 2) if L == 4096 else None),
         ]
+        if device.startswith("cuda") and dtype != torch.float32:
+            # bf16 / fp16 run the absorbed path (mla_decode's tensor cores) by default: the
+            # per-head prefill kernel, forced, for scale.
+            with torch.no_grad(), env_setting("LATENTMOE_MLA_PREFILL_FORWARD", "kernel"):
+                t_kernel = time_ms(lambda: ours(x, pe, None), device, warmup=1, reps=3)
+            rows += [
+                row("mla_prefill", "latentmoe_prefill_kernel", mode, L, t_kernel, device,
+                    note="LATENTMOE_MLA_PREFILL_FORWARD=kernel (per-head decompression, CUDA cores)"),
+                ratio_row("mla_prefill", "absorbed_speedup", L, t_kernel[0] / t_ours[0], device,
+                          "default (absorbed, tensor cores) vs the prefill kernel forced; no goal"),
+            ]
     return rows
 
 
@@ -398,8 +415,10 @@ def _train_rows(device: str, dtype, L: int) -> list[dict]:
     ]
 
 
-def _prefill_note(device: str) -> str:
+def _prefill_note(device: str, dtype=torch.float32) -> str:
     if latentmoe.nn.mla._has_kernel(latentmoe.nn.mla._PREFILL_OP, torch.device(device)):
+        if device.startswith("cuda") and dtype != torch.float32:
+            return "mla_prefill: absorbed queries through mla_decode's tensor-core kernel, chunked"
         return "mla_prefill kernel (in-kernel latent decompression)"
     return "SDPA on decompressed K/V (no mla_prefill kernel for this device)"
 
@@ -498,6 +517,8 @@ def run(device: str, quick: bool) -> list[dict]:
                 rows += _decode_op_scale_rows(device, torch.bfloat16, 64, heads, 4096)
             rows += _decode_op_scale_rows(device, torch.bfloat16, 1, 128, 16384)  # V3's heads, one sequence
     rows += _prefill_rows(device, dtype, [4096])  # the goal's size, also in quick runs
+    if device.startswith("cuda"):
+        rows += _prefill_rows(device, torch.bfloat16, [4096])
     rows += _train_rows(device, dtype, 1024 if quick else 4096)
     if device.startswith("cuda") and not quick:
         rows += _prefill_memory_rows(device, torch.bfloat16, 16384)

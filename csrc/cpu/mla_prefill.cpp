@@ -18,6 +18,7 @@
 #include "common/math.h"
 #include "common/mla_prefill_checks.h"
 #include "common/mla_prefill_math.h"
+#include "mla_prefill_absorbed.h"
 
 namespace latentmoe::cpu {
 namespace {
@@ -188,6 +189,12 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_cpu(const at::Tensor& q_nope, con
                                                    int64_t window) {
   const Params p = mla_prefill::check_args("mla_prefill", q_nope, q_pe, latent_cache, cache_seqlens, w_uk,
                                            w_uv, softmax_scale, block_table, causal, window);
+  // The CPU runs the absorbed path (through mla_decode) only when asked: its prefill kernel is
+  // faster here (fewer FLOPs per key than attending on the latent); the tests use it to check
+  // the path GPUs take.
+  if (mla_prefill::forward_path_choice() == mla_prefill::ForwardPath::kAbsorbed)
+    return mla_prefill::forward_absorbed(p, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale,
+                                         block_table);
   auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
   auto out = at::empty({p.B, p.S, p.H, p.Dv}, q_nope.options());
   auto lse = at::empty({p.B, p.S, p.H}, q_nope.options().dtype(at::kFloat));

@@ -3,6 +3,9 @@ sliding-window masks as ``mla_decode``), fake kernels, autograd.
 
 CPU and CUDA kernels for the forward and for the backward (``mla_prefill_backward``), on a
 contiguous or paged latent cache. Weights come as ``w_uk`` / ``w_uv`` views of ``kv_b_proj.weight``.
+On CUDA, bf16 / fp16 forwards run by default through ``mla_decode``'s tensor-core kernel on
+absorbed queries (``q_nope @ w_uk``), in chunks of bounded size (LATENTMOE_MLA_PREFILL_FORWARD
+=auto|kernel|absorbed; see the README).
 """
 
 from __future__ import annotations

@@ -1,0 +1,101 @@
+// mla_prefill's forward through mla_decode (see mla_prefill_absorbed.h).
+#include "mla_prefill_absorbed.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+namespace latentmoe::mla_prefill {
+namespace {
+
+// Bytes of chunk-sized temporaries (q_latent and out_latent with their head-major copies, about
+// 6 values of max(C, Dv) per query row): 256 MiB is 2K tokens of 16 heads x C 512 in bf16, or 256
+// tokens of 128 heads, still 32K query rows (hundreds of blocks) per mla_decode call.
+constexpr int64_t kChunkBytes = int64_t{256} << 20;
+
+int64_t chunk_tokens(const Params& p, int64_t elt) {
+  if (const char* v = std::getenv("LATENTMOE_MLA_PREFILL_CHUNK"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    TORCH_CHECK_VALUE(end != v && *end == '\0' && n >= 1,
+                      "latentmoe.mla_prefill: LATENTMOE_MLA_PREFILL_CHUNK must be a positive integer, not '", v,
+                      "'");
+    return n;
+  }
+  const int64_t per_token = std::max<int64_t>(1, p.B * p.H * std::max(p.C, p.Dv) * 6 * elt);
+  return std::max<int64_t>(1, kChunkBytes / per_token);
+}
+
+using DecodeFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, const std::optional<at::Tensor>&, double,
+                                                    bool, int64_t, const std::optional<at::Tensor>&, int64_t);
+
+}  // namespace
+
+ForwardPath forward_path_choice() {
+  const char* v = std::getenv("LATENTMOE_MLA_PREFILL_FORWARD");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return ForwardPath::kAuto;
+  if (std::strcmp(v, "kernel") == 0) return ForwardPath::kKernel;
+  if (std::strcmp(v, "absorbed") == 0) return ForwardPath::kAbsorbed;
+  TORCH_CHECK_VALUE(false, "latentmoe.mla_prefill: LATENTMOE_MLA_PREFILL_FORWARD must be auto, kernel or absorbed, not '",
+                    v, "'");
+  return ForwardPath::kAuto;
+}
+
+bool absorbed_supported(const Params& p) { return p.causal || p.window < 0; }
+
+std::tuple<at::Tensor, at::Tensor> forward_absorbed(const Params& p, const at::Tensor& q_nope,
+                                                    const at::Tensor& q_pe, const at::Tensor& latent_cache,
+                                                    const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
+                                                    const at::Tensor& w_uv, double softmax_scale,
+                                                    const std::optional<at::Tensor>& block_table) {
+  TORCH_CHECK_VALUE(absorbed_supported(p),
+                    "latentmoe.mla_prefill: the absorbed forward (LATENTMOE_MLA_PREFILL_FORWARD=absorbed) takes "
+                    "causal=True, or no window; got causal=False with window=", p.window);
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // inner ops are implementation
+  auto out = at::empty({p.B, p.S, p.H, p.Dv}, q_nope.options());
+  auto lse = at::empty({p.B, p.S, p.H}, q_nope.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  static auto decode = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("latentmoe::mla_decode", "")
+                           .typed<DecodeFn>();
+  const auto lens = cache_seqlens.to(at::kLong);
+  // check_args has checked every length against the capacity: mla_decode needs no host copy.
+  const int64_t capacity = p.Lmax;
+  const at::Tensor w_uv_t = w_uv.transpose(1, 2);  // [H, C, Dv]
+  // mla_decode takes a contiguous cache and table (a strided cache is copied: the kernel path,
+  // which auto picks for it, reads it in place).
+  const at::Tensor cache = latent_cache.contiguous();
+  std::optional<at::Tensor> table;
+  if (block_table.has_value()) table = block_table->contiguous();
+  const int64_t chunk = chunk_tokens(p, q_nope.element_size());
+  for (int64_t s0 = 0; s0 < p.S; s0 += chunk) {
+    const int64_t sc = std::min(chunk, p.S - s0);
+    // Head-major GEMMs: q_latent[b, s, h] = q_nope[b, s0 + s, h] @ w_uk[h].
+    auto qn = q_nope.narrow(1, s0, sc).permute({2, 0, 1, 3}).reshape({p.H, p.B * sc, p.Dn});
+    auto q_lat = at::bmm(qn, w_uk).view({p.H, p.B, sc, p.C}).permute({1, 2, 0, 3}).contiguous();
+    auto q_pe_c = q_pe.narrow(1, s0, sc).contiguous();
+    // Row b's queries s0 .. s0 + sc - 1 sit at lens_b - S + s0 + i: cut the row there, so that
+    // mla_decode's query i (at lens_c - sc + i) lands on the same position. Causal: the keys past
+    // it are invisible anyway; a cut below 0 leaves no key (those queries sit at negative
+    // positions: output 0, LSE -inf, as the prefill kernels). Non-causal without a window:
+    // positions do not matter and every row keeps its length.
+    at::Tensor lens_c = cache_seqlens.contiguous();
+    if (p.causal) lens_c = (lens - (p.S - s0 - sc)).clamp_min(0).to(at::kInt);
+    auto [o_lat, lse_c] = decode.call(q_lat, q_pe_c, cache, lens_c, table, softmax_scale, p.causal, p.window,
+                                      std::nullopt, capacity);
+    // out[b, s, h] = o_lat[b, s, h] @ w_uv[h]^T.
+    auto ol = o_lat.permute({2, 0, 1, 3}).reshape({p.H, p.B * sc, p.C});
+    auto o = at::bmm(ol, w_uv_t).view({p.H, p.B, sc, p.Dv}).permute({1, 2, 0, 3});
+    out.narrow(1, s0, sc).copy_(o);
+    lse.narrow(1, s0, sc).copy_(lse_c);
+  }
+  return {out, lse};
+}
+
+}  // namespace latentmoe::mla_prefill

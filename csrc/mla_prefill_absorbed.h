@@ -1,0 +1,41 @@
+// mla_prefill's forward through mla_decode: absorbed queries attending on the latent cache.
+//
+// Per chunk of query tokens: q_latent = q_nope W_UK (per head, a batched GEMM), then mla_decode
+// on the latent cache (the chunk's queries as its Sq query tokens, each row's length cut to the
+// chunk's last position, so mla_decode's "query i sits at cache_seqlens - Sq + i" puts every
+// query at its prefill position), then out = out_latent W_UV^T. The same attention as the
+// prefill kernels (K_nope = c W_UK^T, V = c W_UV^T per head), associated the other way round.
+// Extra memory is bounded by the chunk (kChunkBytes), whatever S is: O(1) in the tokens.
+//
+// Why: on GPUs with tensor cores this runs the prefill on mla_decode's tensor-core kernel, which
+// the per-head decompressing prefill kernel does not use. Device-generic (ATen ops and the
+// dispatcher): the CPU runs the same code for the tests (LATENTMOE_MLA_PREFILL_FORWARD=absorbed).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "common/mla_prefill_math.h"
+
+namespace latentmoe::mla_prefill {
+
+enum class ForwardPath { kAuto, kKernel, kAbsorbed };
+
+// LATENTMOE_MLA_PREFILL_FORWARD=auto|kernel|absorbed (unset: auto). Anything else is a ValueError.
+ForwardPath forward_path_choice();
+
+// Whether the absorbed path computes this call's masking: causal (any window), or no window.
+// (A non-causal window depends on each query's position, which the chunking would move.)
+bool absorbed_supported(const Params& p);
+
+// out [B, S, H, Dv] (q_nope's dtype) and lse [B, S, H] fp32, as mla_prefill. Arguments already
+// checked by check_args (p). LATENTMOE_MLA_PREFILL_CHUNK (query tokens per chunk, >= 1) overrides
+// the chunk size (tests).
+std::tuple<at::Tensor, at::Tensor> forward_absorbed(const Params& p, const at::Tensor& q_nope,
+                                                    const at::Tensor& q_pe, const at::Tensor& latent_cache,
+                                                    const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
+                                                    const at::Tensor& w_uv, double softmax_scale,
+                                                    const std::optional<at::Tensor>& block_table);
+
+}  // namespace latentmoe::mla_prefill

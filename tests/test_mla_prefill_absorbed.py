@@ -1,0 +1,195 @@
+"""mla_prefill's forward through mla_decode (csrc/mla_prefill_absorbed.cpp): absorbed queries on the
+latent cache, chunk by chunk, each chunk's rows cut at its last position.
+
+GPUs take this path by default for bf16 / fp16 (mla_decode's tensor-core kernel); the CPU takes it
+only when LATENTMOE_MLA_PREFILL_FORWARD=absorbed asks, which these tests do on every device, with
+chunks small enough to cut rows mid-prefill (LATENTMOE_MLA_PREFILL_CHUNK), against the fp64
+reference of test_mla_prefill (NaN-poisoned cache slots, varlen rows, rows shorter than S, empty
+rows, paged caches, windows) and through the backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_mla_prefill import (
+    KEYS,
+    SMALL,
+    V3,
+    err,
+    grads_of,
+    make_inputs,
+    ref_fn,
+    run_ref,
+    run_ref_masked,
+    to_paged,
+)
+
+from latentmoe.ops.mla_prefill import mla_prefill
+
+
+@pytest.fixture(params=[None, 1, 3, 4], ids=["chunk-auto", "chunk-1", "chunk-3", "chunk-4"])
+def absorbed(request, monkeypatch):
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_FORWARD", "absorbed")
+    if request.param is None:
+        monkeypatch.delenv("LATENTMOE_MLA_PREFILL_CHUNK", raising=False)
+    else:
+        monkeypatch.setenv("LATENTMOE_MLA_PREFILL_CHUNK", str(request.param))
+    return request.param
+
+
+def _op(x, scale, **kw):
+    return mla_prefill(x["q_nope"], x["q_pe"], x["latent_cache"], x["cache_seqlens"], x["w_uk"], x["w_uv"],
+                       scale, **kw)
+
+
+@pytest.mark.parametrize("H", [1, 3])
+def test_varlen_short_and_empty_rows(device, absorbed, H):
+    # Row 0: prefix 7 + 5 new; row 1 empty; row 2 shorter than S (its first 2 queries see nothing,
+    # and with chunks of 1 or 3 the first chunk's rows are cut below 0); row 3 exactly S tokens.
+    S, seqlens, Lmax = 5, [12, 0, 3, 5], 16
+    x = make_inputs(4, S, H, seqlens, Lmax, **SMALL, device=device)
+    scale = 0.7 / math.sqrt(SMALL["Dn"] + SMALL["R"])
+    out, lse = _op(x, scale)
+    assert out.shape == (4, S, H, SMALL["Dv"]) and out.dtype == torch.float32
+    assert not out.isnan().any() and not lse.isnan().any()
+    ref_out, ref_lse = run_ref(x, scale)
+    assert err(out, ref_out) < 2e-5
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), live)
+    assert err(lse[live], ref_lse[live]) < 2e-5
+    assert (out[1] == 0).all() and (lse[1] == -math.inf).all()
+    assert (out[2, :2] == 0).all() and (lse[2, :2] == -math.inf).all()
+
+
+def test_v3_dims(device, absorbed):
+    S, seqlens, Lmax = 6, [70, 6, 133], 140
+    x = make_inputs(3, S, 3, seqlens, Lmax, **V3, device=device)
+    scale = 1 / math.sqrt(192)
+    out, lse = _op(x, scale)
+    ref_out, ref_lse = run_ref(x, scale)
+    assert err(out, ref_out) < 5e-5
+    assert err(lse, ref_lse) < 5e-5
+
+
+@pytest.mark.parametrize("causal,window", [(True, 0), (True, 5), (True, 70), (False, -1)])
+def test_causal_and_window(device, absorbed, causal, window):
+    S, seqlens, Lmax = 7, [150, 0, 4, 7], 152
+    x = make_inputs(4, S, 3, seqlens, Lmax, **SMALL, device=device)
+    out, lse = _op(x, 0.3, causal=causal, window=window)
+    ref_out, ref_lse = run_ref_masked(x, 0.3, causal, window)
+    assert not out.isnan().any()
+    assert err(out, ref_out) < 2e-5
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), live)
+    assert err(lse[live], ref_lse[live]) < 2e-5
+
+
+def test_noncausal_window_is_refused(device, monkeypatch):
+    # A non-causal window depends on each query's position, which the chunking moves: refused by
+    # name when forced (auto keeps the prefill kernel for it).
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_FORWARD", "absorbed")
+    x = make_inputs(1, 3, 2, [5], 6, **SMALL, device=device)
+    with pytest.raises(ValueError, match="causal=True, or no window"):
+        _op(x, 0.3, causal=False, window=2)
+
+
+@pytest.mark.parametrize("var,value", [("LATENTMOE_MLA_PREFILL_FORWARD", "fast"),
+                                       ("LATENTMOE_MLA_PREFILL_CHUNK", "0"),
+                                       ("LATENTMOE_MLA_PREFILL_CHUNK", "12x")])
+def test_bad_settings_are_refused(device, monkeypatch, var, value):
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_FORWARD", "absorbed")
+    monkeypatch.setenv(var, value)
+    x = make_inputs(1, 3, 2, [5], 6, **SMALL, device=device)
+    with pytest.raises(ValueError, match=var):
+        _op(x, 0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(device, absorbed, dtype):
+    S, seqlens, Lmax = 9, [30, 9, 4], 33
+    x = make_inputs(3, S, 3, seqlens, Lmax, **SMALL, device=device, dtype=dtype)
+    scale = 1 / math.sqrt(40)
+    out, lse = _op(x, scale)
+    assert out.dtype == dtype and not out.isnan().any()
+    ref_out, ref_lse = run_ref(x, scale)
+    low_out, low_lse = run_ref(x, scale, dtype=dtype)
+    # q_latent and out_latent are rounded to the input dtype between the steps: one rounding more
+    # than the reference run in low precision, hence 3x its error.
+    assert err(out, ref_out) <= 3 * err(low_out, ref_out) + 1e-3
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), live)
+    assert err(lse[live], ref_lse[live]) <= 3 * err(low_lse[live], ref_lse[live]) + 1e-3
+
+
+@pytest.mark.parametrize("page_size", [1, 17])
+def test_paged(device, absorbed, page_size):
+    S, seqlens, Lmax = 6, [40, 0, 3, 23], 41
+    x = make_inputs(4, S, 3, seqlens, Lmax, **SMALL, device=device)
+    paged, table = to_paged(x["latent_cache"], page_size)
+    out, lse = mla_prefill(x["q_nope"], x["q_pe"], paged, x["cache_seqlens"], x["w_uk"], x["w_uv"], 0.3,
+                           block_table=table)
+    ref_out, ref_lse = run_ref(x, 0.3)
+    assert err(out, ref_out) < 2e-5
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), live)
+    assert err(lse[live], ref_lse[live]) < 2e-5
+
+
+def test_strided_cache_and_inputs_not_mutated(device, absorbed):
+    # A cache whose rows are a strided view (padding columns): copied for mla_decode, never written.
+    S, seqlens, Lmax = 4, [9, 4], 10
+    x = make_inputs(2, S, 3, seqlens, Lmax, **SMALL, device=device)
+    wide = torch.full((2, Lmax, SMALL["C"] + SMALL["R"] + 5), float("nan"), device=device)
+    wide[..., : SMALL["C"] + SMALL["R"]] = x["latent_cache"]
+    xs = dict(x, latent_cache=wide[..., : SMALL["C"] + SMALL["R"]])
+    before = {k: v.clone() for k, v in xs.items()}
+    out, lse = _op(xs, 0.5)
+    ref_out, _ = run_ref(x, 0.5)
+    assert err(out, ref_out) < 2e-5
+    for k, v in xs.items():
+        assert torch.equal(v.nan_to_num(7.0), before[k].nan_to_num(7.0)), k
+
+
+def test_gradients_through_absorbed_forward(device, absorbed):
+    # The backward (prefill kernels) takes out / lse from this forward: gradients match fp64 autograd.
+    S, seqlens, Lmax = 5, [12, 3, 5], 14
+    x = make_inputs(3, S, 2, seqlens, Lmax, **SMALL, device=device, poison=False)
+    lens = x["cache_seqlens"]
+    g_out = torch.randn(3, S, 2, SMALL["Dv"], device=device, dtype=torch.float64)
+    g_lse = torch.randn(3, S, 2, device=device, dtype=torch.float64)
+
+    def op(t):
+        return mla_prefill(t["q_nope"], t["q_pe"], t["latent_cache"], lens, t["w_uk"], t["w_uv"], 0.4)
+
+    got = grads_of(op, x, KEYS, g_out, g_lse)
+    want = grads_of(ref_fn(lens, 0.4), x, KEYS, g_out, g_lse)
+    for k in KEYS:
+        if k == "latent_cache":
+            for b, L in enumerate(seqlens):
+                torch.testing.assert_close(got[k][b, :L], want[k][b, :L], rtol=1e-4, atol=1e-5)
+        else:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_auto_absorbed_agrees_with_kernel(monkeypatch, dtype):
+    # On a GPU, auto runs bf16 / fp16 through the absorbed path (tensor cores): it agrees with the
+    # prefill kernel (forced) within the low-precision reference's error.
+    S, seqlens, Lmax = 70, [200, 70, 33], 210
+    x = make_inputs(3, S, 4, seqlens, Lmax, **V3, device="cuda", dtype=dtype)
+    scale = 1 / math.sqrt(192)
+    monkeypatch.delenv("LATENTMOE_MLA_PREFILL_FORWARD", raising=False)
+    out_auto, lse_auto = _op(x, scale)
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_FORWARD", "kernel")
+    out_k, lse_k = _op(x, scale)
+    ref_out, ref_lse = run_ref(x, scale)
+    low_out, _ = run_ref(x, scale, dtype=dtype)
+    bound = 3 * err(low_out, ref_out) + 1e-3
+    assert err(out_auto, ref_out) <= bound and err(out_k, ref_out) <= bound
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse_auto), live)
+    assert err(lse_auto[live], lse_k[live]) < 2e-2
