@@ -3,9 +3,11 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -57,7 +59,10 @@ std::tuple<at::Tensor, at::Tensor> forward_absorbed(const Params& p, const at::T
   TORCH_CHECK_VALUE(absorbed_supported(p),
                     "latentmoe.mla_prefill: the absorbed forward (LATENTMOE_MLA_PREFILL_FORWARD=absorbed) takes "
                     "causal=True, or no window; got causal=False with window=", p.window);
-  at::AutoDispatchBelowADInplaceOrView no_autograd;  // inner ops are implementation
+  // The inner ops are implementation: no autograd, and no autocast (mla_prefill has no autocast
+  // kernel, so an autocast region would otherwise recast the bmm's outputs under it).
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto out = at::empty({p.B, p.S, p.H, p.Dv}, q_nope.options());
   auto lse = at::empty({p.B, p.S, p.H}, q_nope.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -65,35 +70,49 @@ std::tuple<at::Tensor, at::Tensor> forward_absorbed(const Params& p, const at::T
                            .findSchemaOrThrow("latentmoe::mla_decode", "")
                            .typed<DecodeFn>();
   const auto lens = cache_seqlens.to(at::kLong);
-  // check_args has checked every length against the capacity: mla_decode needs no host copy.
-  const int64_t capacity = p.Lmax;
+  // check_args has checked every length against the capacity. The longest row bounds each
+  // chunk's mla_decode call (its splits cover [0, max_seqlen)): one more small host copy on CUDA.
+  const int64_t max_len = cache_seqlens.max().item<int64_t>();
   const at::Tensor w_uv_t = w_uv.transpose(1, 2);  // [H, C, Dv]
   // mla_decode takes a contiguous cache and table (a strided cache is copied: the kernel path,
   // which auto picks for it, reads it in place).
   const at::Tensor cache = latent_cache.contiguous();
   std::optional<at::Tensor> table;
   if (block_table.has_value()) table = block_table->contiguous();
-  const int64_t chunk = chunk_tokens(p, q_nope.element_size());
+  // mla_decode takes at most 65535 blocks of (at least 8) query rows per batch row.
+  const int64_t chunk = std::min(chunk_tokens(p, q_nope.element_size()), std::max<int64_t>(1, 65535 * 8 / p.H));
   for (int64_t s0 = 0; s0 < p.S; s0 += chunk) {
     const int64_t sc = std::min(chunk, p.S - s0);
     // Head-major GEMMs: q_latent[b, s, h] = q_nope[b, s0 + s, h] @ w_uk[h].
-    auto qn = q_nope.narrow(1, s0, sc).permute({2, 0, 1, 3}).reshape({p.H, p.B * sc, p.Dn});
-    auto q_lat = at::bmm(qn, w_uk).view({p.H, p.B, sc, p.C}).permute({1, 2, 0, 3}).contiguous();
+    at::Tensor q_lat;
+    {
+      auto qn = q_nope.narrow(1, s0, sc).permute({2, 0, 1, 3}).reshape({p.H, p.B * sc, p.Dn});
+      q_lat = at::bmm(qn, w_uk).view({p.H, p.B, sc, p.C}).permute({1, 2, 0, 3}).contiguous();
+    }
     auto q_pe_c = q_pe.narrow(1, s0, sc).contiguous();
+    // 16-byte aligned rows for the tensor-core kernel (a contiguous slice may start anywhere).
+    if (reinterpret_cast<uintptr_t>(q_pe_c.const_data_ptr()) % 16 != 0) q_pe_c = q_pe_c.clone();
     // Row b's queries s0 .. s0 + sc - 1 sit at lens_b - S + s0 + i: cut the row there, so that
     // mla_decode's query i (at lens_c - sc + i) lands on the same position. Causal: the keys past
     // it are invisible anyway; a cut below 0 leaves no key (those queries sit at negative
     // positions: output 0, LSE -inf, as the prefill kernels). Non-causal without a window:
     // positions do not matter and every row keeps its length.
     at::Tensor lens_c = cache_seqlens.contiguous();
-    if (p.causal) lens_c = (lens - (p.S - s0 - sc)).clamp_min(0).to(at::kInt);
+    int64_t max_c = max_len;
+    if (p.causal) {
+      const int64_t cut = p.S - s0 - sc;
+      lens_c = (lens - cut).clamp_min(0).to(at::kInt);
+      max_c = std::max<int64_t>(0, max_len - cut);
+    }
     auto [o_lat, lse_c] = decode.call(q_lat, q_pe_c, cache, lens_c, table, softmax_scale, p.causal, p.window,
-                                      std::nullopt, capacity);
+                                      std::nullopt, max_c);
+    q_lat.reset();
+    q_pe_c.reset();
+    lse.narrow(1, s0, sc).copy_(lse_c);
     // out[b, s, h] = o_lat[b, s, h] @ w_uv[h]^T.
     auto ol = o_lat.permute({2, 0, 1, 3}).reshape({p.H, p.B * sc, p.C});
-    auto o = at::bmm(ol, w_uv_t).view({p.H, p.B, sc, p.Dv}).permute({1, 2, 0, 3});
-    out.narrow(1, s0, sc).copy_(o);
-    lse.narrow(1, s0, sc).copy_(lse_c);
+    o_lat.reset();
+    out.narrow(1, s0, sc).copy_(at::bmm(ol, w_uv_t).view({p.H, p.B, sc, p.Dv}).permute({1, 2, 0, 3}));
   }
   return {out, lse};
 }
