@@ -193,3 +193,19 @@ def test_cuda_auto_absorbed_agrees_with_kernel(monkeypatch, dtype):
     live = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse_auto), live)
     assert err(lse_auto[live], lse_k[live]) < 2e-2
+
+
+def test_autocast_region_does_not_leak_inside(device, absorbed):
+    # Under autocast the op's inner GEMMs must keep the inputs' dtype (mla_prefill has no autocast
+    # kernel): fp16 inputs inside a bf16 autocast region give the same result as outside it.
+    x = make_inputs(2, 5, 3, [12, 5], 14, **SMALL, device=device, dtype=torch.float16)
+    want_out, want_lse = _op(x, 0.3)
+    amp = torch.bfloat16 if device == "cpu" else torch.float16
+    other = torch.float16 if amp == torch.bfloat16 else torch.bfloat16
+    x2 = make_inputs(2, 5, 3, [12, 5], 14, **SMALL, device=device, dtype=other)
+    with torch.autocast(device, dtype=amp):
+        out, lse = _op(x, 0.3)
+        out2, _ = _op(x2, 0.3)
+    assert out.dtype == torch.float16 and out2.dtype == other
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
