@@ -42,9 +42,13 @@ def smoke_mla_prefill(dev: str) -> None:
             q_nope = torch.randn(B, S, H, Dn, device=dev, dtype=dtype, requires_grad=True)
             q_pe = torch.randn(B, S, H, R, device=dev, dtype=dtype, requires_grad=True)
             w = (torch.randn(H, Dn + Dv, C, device=dev) * 0.1).to(dtype).requires_grad_()
-            out, lse = latentmoe.ops.mla_prefill(q_nope, q_pe, cache, lens, w[:, :Dn], w[:, Dn:], 0.1,
-                                                 block_table=table)
-            (out.float().sum() + lse[lse.isfinite()].sum()).backward()
+            # bf16 / fp16: the default absorbed path (through mla_decode), then the kernel forced.
+            for path in ("auto",) if dtype == torch.float32 else ("auto", "kernel"):
+                os.environ["LATENTMOE_MLA_PREFILL_FORWARD"] = path
+                out, lse = latentmoe.ops.mla_prefill(q_nope, q_pe, cache, lens, w[:, :Dn], w[:, Dn:], 0.1,
+                                                     block_table=table)
+                (out.float().sum() + lse[lse.isfinite()].sum()).backward()
+            os.environ.pop("LATENTMOE_MLA_PREFILL_FORWARD", None)
 
 
 SMOKES = [smoke_norm, bench_mla.smoke, smoke_mla_prefill, bench_moe.smoke]
