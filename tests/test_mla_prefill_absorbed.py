@@ -14,18 +14,8 @@ import math
 
 import pytest
 import torch
-from test_mla_prefill import (
-    KEYS,
-    SMALL,
-    V3,
-    err,
-    grads_of,
-    make_inputs,
-    ref_fn,
-    run_ref,
-    run_ref_masked,
-    to_paged,
-)
+import test_mla_prefill as tp
+from test_mla_prefill import KEYS, SMALL, V3, err, grads_of, make_inputs, ref_fn, run_ref
 
 from latentmoe.ops.mla_prefill import mla_prefill
 
@@ -45,46 +35,39 @@ def _op(x, scale, **kw):
                        scale, **kw)
 
 
-@pytest.mark.parametrize("H", [1, 3])
+# The forward tests of test_mla_prefill, run through the absorbed path (their bodies reused).
+
+
+@pytest.mark.parametrize("H", [1, 3, 9])
 def test_varlen_short_and_empty_rows(device, absorbed, H):
-    # Row 0: prefix 7 + 5 new; row 1 empty; row 2 shorter than S (its first 2 queries see nothing,
-    # and with chunks of 1 or 3 the first chunk's rows are cut below 0); row 3 exactly S tokens.
-    S, seqlens, Lmax = 5, [12, 0, 3, 5], 16
-    x = make_inputs(4, S, H, seqlens, Lmax, **SMALL, device=device)
-    scale = 0.7 / math.sqrt(SMALL["Dn"] + SMALL["R"])
-    out, lse = _op(x, scale)
-    assert out.shape == (4, S, H, SMALL["Dv"]) and out.dtype == torch.float32
-    assert not out.isnan().any() and not lse.isnan().any()
-    ref_out, ref_lse = run_ref(x, scale)
-    assert err(out, ref_out) < 2e-5
-    live = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), live)
-    assert err(lse[live], ref_lse[live]) < 2e-5
-    assert (out[1] == 0).all() and (lse[1] == -math.inf).all()
-    assert (out[2, :2] == 0).all() and (lse[2, :2] == -math.inf).all()
+    # Row 2 is shorter than S: with chunks of 1 or 3 the first chunk's rows are cut below 0.
+    tp.test_forward_small_dims_varlen(device, H)
 
 
 def test_v3_dims(device, absorbed):
-    S, seqlens, Lmax = 6, [70, 6, 133], 140
-    x = make_inputs(3, S, 3, seqlens, Lmax, **V3, device=device)
-    scale = 1 / math.sqrt(192)
-    out, lse = _op(x, scale)
-    ref_out, ref_lse = run_ref(x, scale)
-    assert err(out, ref_out) < 5e-5
-    assert err(lse, ref_lse) < 5e-5
+    tp.test_forward_v3_dims(device)
+
+
+def test_many_queries_and_chunked_prefill(device, absorbed):
+    tp.test_forward_many_queries_and_tiles(device)
+    tp.test_chunked_prefill_matches_full_prefill(device)
 
 
 @pytest.mark.parametrize("causal,window", [(True, 0), (True, 5), (True, 70), (False, -1)])
 def test_causal_and_window(device, absorbed, causal, window):
-    S, seqlens, Lmax = 7, [150, 0, 4, 7], 152
-    x = make_inputs(4, S, 3, seqlens, Lmax, **SMALL, device=device)
-    out, lse = _op(x, 0.3, causal=causal, window=window)
-    ref_out, ref_lse = run_ref_masked(x, 0.3, causal, window)
-    assert not out.isnan().any()
-    assert err(out, ref_out) < 2e-5
-    live = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), live)
-    assert err(lse[live], ref_lse[live]) < 2e-5
+    tp.test_forward_causal_and_window(device, causal, window)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(device, absorbed, dtype):
+    # q_latent and out_latent are rounded to the input dtype between the steps, one rounding more
+    # than the kernel; the test's bound (2x the low-precision reference's error) still holds.
+    tp.test_forward_low_precision(device, dtype)
+
+
+@pytest.mark.parametrize("page_size", [1, 17])
+def test_paged(device, absorbed, page_size):
+    tp.test_paged_matches_contiguous(device, page_size)
 
 
 def test_noncausal_window_is_refused(device, monkeypatch):
@@ -105,37 +88,6 @@ def test_bad_settings_are_refused(device, monkeypatch, var, value):
     x = make_inputs(1, 3, 2, [5], 6, **SMALL, device=device)
     with pytest.raises(ValueError, match=var):
         _op(x, 0.3)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(device, absorbed, dtype):
-    S, seqlens, Lmax = 9, [30, 9, 4], 33
-    x = make_inputs(3, S, 3, seqlens, Lmax, **SMALL, device=device, dtype=dtype)
-    scale = 1 / math.sqrt(40)
-    out, lse = _op(x, scale)
-    assert out.dtype == dtype and not out.isnan().any()
-    ref_out, ref_lse = run_ref(x, scale)
-    low_out, low_lse = run_ref(x, scale, dtype=dtype)
-    # q_latent and out_latent are rounded to the input dtype between the steps: one rounding more
-    # than the reference run in low precision, hence 3x its error.
-    assert err(out, ref_out) <= 3 * err(low_out, ref_out) + 1e-3
-    live = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), live)
-    assert err(lse[live], ref_lse[live]) <= 3 * err(low_lse[live], ref_lse[live]) + 1e-3
-
-
-@pytest.mark.parametrize("page_size", [1, 17])
-def test_paged(device, absorbed, page_size):
-    S, seqlens, Lmax = 6, [40, 0, 3, 23], 41
-    x = make_inputs(4, S, 3, seqlens, Lmax, **SMALL, device=device)
-    paged, table = to_paged(x["latent_cache"], page_size)
-    out, lse = mla_prefill(x["q_nope"], x["q_pe"], paged, x["cache_seqlens"], x["w_uk"], x["w_uv"], 0.3,
-                           block_table=table)
-    ref_out, ref_lse = run_ref(x, 0.3)
-    assert err(out, ref_out) < 2e-5
-    live = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), live)
-    assert err(lse[live], ref_lse[live]) < 2e-5
 
 
 def test_strided_cache_and_inputs_not_mutated(device, absorbed):
@@ -188,7 +140,7 @@ def test_cuda_auto_absorbed_agrees_with_kernel(monkeypatch, dtype):
     out_k, lse_k = _op(x, scale)
     ref_out, ref_lse = run_ref(x, scale)
     low_out, _ = run_ref(x, scale, dtype=dtype)
-    bound = 3 * err(low_out, ref_out) + 1e-3
+    bound = 2 * err(low_out, ref_out) + 1e-3
     assert err(out_auto, ref_out) <= bound and err(out_k, ref_out) <= bound
     live = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse_auto), live)

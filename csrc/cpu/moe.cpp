@@ -423,7 +423,7 @@ float dot(const C* x, const TW* w, int64_t n, bool avx) {
 // style) with a read in place. Why not BLAS: at ~50 rows a single-threaded MKL sgemm spends
 // ~30% of its time packing w (perf, AVX2 Zen 3), and a bf16 w first needed a whole fp32 copy
 // of the expert. Below kRowsForPanels rows (many experts, few tokens each) packing would cost
-// as much as the multiplication: gemm_rows then dots rows of a with plain copies of w's rows.
+// as much as the multiplication: gemm_rows then dots rows of a with w's rows (in place, or widened copies).
 // Fixed summation order: bitwise deterministic.
 namespace awt {
 
@@ -544,12 +544,12 @@ __attribute__((target("avx2,fma"))) void tile(const float* a, int64_t lda, const
 // Fewer rows than this take gemm_rows below instead of the packed-panel GEMM (measured on Zen 3:
 // gemm_rows is 10-50% faster at 8-32 rows, even at 48).
 constexpr int64_t kRowsForPanels = 33;
-// Below this many rows gemm_rows_w dots bf16 / fp16 weight rows widened in registers (per m-tile)
+// Below this many rows gemm_rows dots bf16 / fp16 weight rows widened in registers (per m-tile)
 // instead of widening each row once into a copy: at 12 rows (E = 256, top-6, 512 tokens) 25-40%
 // faster (Zen 3, weights from memory); at 24 rows the copy's one widening per row is as fast.
 // fp32 weights always go in place (nothing to widen).
 constexpr int64_t kRowsWidenInPlace = 16;
-// gemm_rows_w prefetches the weight rows this far ahead (2 groups of 3 rows).
+// gemm_rows prefetches the weight rows this far ahead (2 groups of 3 rows) when it reads them in place.
 constexpr int64_t kRowsPrefetch = 6;
 
 // Sums of the lanes of a0, a1, a2, a3 (in that order).
@@ -559,96 +559,7 @@ __attribute__((target("avx2,fma"))) inline __m128 hsum4(__m256 a0, __m256 a1, __
 }
 
 // out[i, j] (+)= dot(a[i, :kc], w[j, :kc]) for i < MR, j < NR: 4 x 3 vector accumulators along k,
-// summed across lanes at the end.
-template <int MR, int NR>
-__attribute__((target("avx2,fma"))) void dot_tile(const float* a, int64_t lda, const float* w,
-                                                  int64_t ldw, int64_t kc, float* out, int64_t ldo,
-                                                  bool accumulate) {
-  __m256 acc[NR][4];
-#pragma GCC unroll 4
-  for (int j = 0; j < NR; ++j)
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) acc[j][i] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= kc; k += 8) {
-    __m256 wv[NR];
-#pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
-#pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i) {
-      const __m256 av = _mm256_loadu_ps(a + i * lda + k);
-#pragma GCC unroll 4
-      for (int j = 0; j < NR; ++j) acc[j][i] = _mm256_fmadd_ps(av, wv[j], acc[j][i]);
-    }
-  }
-  if (k < kc) {  // the last kc % 8 columns, masked
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(kc - k)),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    __m256 wv[NR];
-#pragma GCC unroll 4
-    for (int j = 0; j < NR; ++j) wv[j] = _mm256_maskload_ps(w + j * ldw + k, mask);
-#pragma GCC unroll 4
-    for (int i = 0; i < MR; ++i) {
-      const __m256 av = _mm256_maskload_ps(a + i * lda + k, mask);
-#pragma GCC unroll 4
-      for (int j = 0; j < NR; ++j) acc[j][i] = _mm256_fmadd_ps(av, wv[j], acc[j][i]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int j = 0; j < NR; ++j) {
-    alignas(16) float sums[4];
-    _mm_store_ps(sums, hsum4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
-    for (int i = 0; i < MR; ++i) {
-      float* o = out + i * ldo + j;
-      *o = accumulate ? *o + sums[i] : sums[i];
-    }
-  }
-}
-
-template <int MR>
-__attribute__((target("avx2,fma"))) void dot_tile_n(int64_t nr, const float* a, int64_t lda,
-                                                    const float* w, int64_t ldw, int64_t kc,
-                                                    float* out, int64_t ldo, bool accumulate) {
-  if (nr == 3) dot_tile<MR, 3>(a, lda, w, ldw, kc, out, ldo, accumulate);
-  else if (nr == 2) dot_tile<MR, 2>(a, lda, w, ldw, kc, out, ldo, accumulate);
-  else dot_tile<MR, 1>(a, lda, w, ldw, kc, out, ldo, accumulate);
-}
-
-// gemm for few rows (M < kRowsForPanels), where packing w into panels would cost as much as
-// the multiplication: w is only copied (widened), 3 rows at a time, and dotted with 4 rows of a
-// at a time. scratch: 3 * padded_stride(kKcRows) floats.
-template <typename TW>
-__attribute__((target("avx2,fma,f16c"))) void gemm_rows(const float* a, int64_t lda, const TW* w,
-                                                       int64_t ldw, float* out, int64_t ldo,
-                                                       int64_t M, int64_t N, int64_t K,
-                                                       float* scratch) {
-  for (int64_t k0 = 0; k0 < K; k0 += kKcRows) {
-    const int64_t kc = std::min(kKcRows, K - k0);
-    const int64_t ldb = padded_stride(kc);
-    for (int64_t n0 = 0; n0 < N; n0 += 3) {
-      const int64_t nr = std::min<int64_t>(3, N - n0);
-      for (int64_t r = 0; r < nr; ++r) {
-        const TW* src = w + (n0 + r) * ldw + k0;
-        float* dst = scratch + r * ldb;
-        int64_t k = 0;
-        for (; k + 8 <= kc; k += 8) _mm256_storeu_ps(dst + k, load8<TW>(src + k));
-        for (; k < kc; ++k) dst[k] = static_cast<float>(src[k]);
-      }
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const float* at = a + m0 * lda + k0;
-        float* ot = out + m0 * ldo + n0;
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 4: dot_tile_n<4>(nr, at, lda, scratch, ldb, kc, ot, ldo, k0 > 0); break;
-          case 3: dot_tile_n<3>(nr, at, lda, scratch, ldb, kc, ot, ldo, k0 > 0); break;
-          case 2: dot_tile_n<2>(nr, at, lda, scratch, ldb, kc, ot, ldo, k0 > 0); break;
-          default: dot_tile_n<1>(nr, at, lda, scratch, ldb, kc, ot, ldo, k0 > 0); break;
-        }
-      }
-    }
-  }
-}
-
-// dot_tile on weight rows in their own dtype (widened in registers: no copy of w).
+// summed across lanes at the end. w's rows in their own dtype (bf16 / fp16 widened in registers).
 template <int MR, int NR, typename TW>
 __attribute__((target("avx2,fma,f16c"))) void dot_tile_w(const float* a, int64_t lda, const TW* w,
                                                         int64_t ldw, int64_t kc, float* out,
@@ -671,15 +582,19 @@ __attribute__((target("avx2,fma,f16c"))) void dot_tile_w(const float* a, int64_t
       for (int j = 0; j < NR; ++j) acc[j][i] = _mm256_fmadd_ps(av, wv[j], acc[j][i]);
     }
   }
-  if (k < kc) {  // the last kc % 8 columns: w widened through a zero-padded copy, a masked
+  if (k < kc) {  // the last kc % 8 columns, masked (16-bit w through a zero-padded copy)
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(kc - k)),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     __m256 wv[NR];
 #pragma GCC unroll 4
     for (int j = 0; j < NR; ++j) {
-      alignas(32) float t[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int64_t kk = k; kk < kc; ++kk) t[kk - k] = static_cast<float>(w[j * ldw + kk]);
-      wv[j] = _mm256_load_ps(t);
+      if constexpr (std::is_same_v<TW, float>) {
+        wv[j] = _mm256_maskload_ps(w + j * ldw + k, mask);
+      } else {
+        alignas(32) float t[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int64_t kk = k; kk < kc; ++kk) t[kk - k] = static_cast<float>(w[j * ldw + kk]);
+        wv[j] = _mm256_load_ps(t);
+      }
     }
 #pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) {
@@ -708,36 +623,60 @@ __attribute__((target("avx2,fma,f16c"))) void dot_tile_w_n(int64_t nr, const flo
   else dot_tile_w<MR, 1, TW>(a, lda, w, ldw, kc, out, ldo, accumulate);
 }
 
-// gemm_rows without the widened copy: the dot tiles read w's rows in place (fp32, or widened in
-// registers), and the rows kRowsPrefetch ahead are prefetched (to L2), a few lines per m-tile.
-// Same summation order as gemm_rows.
+// dot_tile_w for mr (1..4) rows of a and nr (1..3) rows of w.
 template <typename TW>
-__attribute__((target("avx2,fma,f16c"))) void gemm_rows_w(const float* a, int64_t lda, const TW* w,
-                                                         int64_t ldw, float* out, int64_t ldo,
-                                                         int64_t M, int64_t N, int64_t K) {
+__attribute__((target("avx2,fma,f16c"))) void dot_tile_w_rows(int64_t mr, int64_t nr, const float* a,
+                                                             int64_t lda, const TW* w, int64_t ldw,
+                                                             int64_t kc, float* out, int64_t ldo,
+                                                             bool accumulate) {
+  switch (mr) {
+    case 4: return dot_tile_w_n<4, TW>(nr, a, lda, w, ldw, kc, out, ldo, accumulate);
+    case 3: return dot_tile_w_n<3, TW>(nr, a, lda, w, ldw, kc, out, ldo, accumulate);
+    case 2: return dot_tile_w_n<2, TW>(nr, a, lda, w, ldw, kc, out, ldo, accumulate);
+    default: return dot_tile_w_n<1, TW>(nr, a, lda, w, ldw, kc, out, ldo, accumulate);
+  }
+}
+
+// gemm for few rows (M < kRowsForPanels), where packing w into panels would cost as much as
+// the multiplication: rows of w are dotted with 4 rows of a at a time, 3 rows of w per group.
+// fp32 weights are read in place, and 16-bit ones too (widened in registers by every m-tile)
+// up to kRowsWidenInPlace rows; there the rows kRowsPrefetch ahead are prefetched to L2, a few
+// lines per m-tile. Above it each group is widened once into `scratch` (3 * padded_stride(
+// kKcRows) floats) and the tiles read the copy. The same summation order either way.
+template <typename TW>
+__attribute__((target("avx2,fma,f16c"))) void gemm_rows(const float* a, int64_t lda, const TW* w,
+                                                       int64_t ldw, float* out, int64_t ldo,
+                                                       int64_t M, int64_t N, int64_t K,
+                                                       float* scratch) {
   constexpr int64_t kEl = static_cast<int64_t>(sizeof(TW));
+  const bool in_place = std::is_same_v<TW, float> || M <= kRowsWidenInPlace;
   const int64_t n_mtiles = (M + 3) / 4;
   for (int64_t k0 = 0; k0 < K; k0 += kKcRows) {
     const int64_t kc = std::min(kKcRows, K - k0);
+    const int64_t ldb = padded_stride(kc), lines = (kc * kEl + 63) / 64;
     for (int64_t n0 = 0; n0 < N; n0 += 3) {
       const int64_t nr = std::min<int64_t>(3, N - n0);
       const int64_t pn = n0 + kRowsPrefetch;
-      const int64_t p_rows = pn < N ? std::min<int64_t>(3, N - pn) : 0;
+      const int64_t p_rows = in_place && pn < N ? std::min<int64_t>(3, N - pn) : 0;
+      if (!in_place) {
+        for (int64_t r = 0; r < nr; ++r) {
+          const TW* src = w + (n0 + r) * ldw + k0;
+          float* dst = scratch + r * ldb;
+          int64_t k = 0;
+          for (; k + 8 <= kc; k += 8) _mm256_storeu_ps(dst + k, load8<TW>(src + k));
+          for (; k < kc; ++k) dst[k] = static_cast<float>(src[k]);
+        }
+      }
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t t = m0 / 4;
-        const int64_t lines = (kc * kEl + 63) / 64;
         for (int64_t r = 0; r < p_rows; ++r)
           for (int64_t l = lines * t / n_mtiles; l < lines * (t + 1) / n_mtiles; ++l)
             _mm_prefetch(reinterpret_cast<const char*>(w + (pn + r) * ldw + k0) + 64 * l, _MM_HINT_T1);
         const float* at = a + m0 * lda + k0;
-        const TW* wt = w + n0 * ldw + k0;
         float* ot = out + m0 * ldo + n0;
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 4: dot_tile_w_n<4, TW>(nr, at, lda, wt, ldw, kc, ot, ldo, k0 > 0); break;
-          case 3: dot_tile_w_n<3, TW>(nr, at, lda, wt, ldw, kc, ot, ldo, k0 > 0); break;
-          case 2: dot_tile_w_n<2, TW>(nr, at, lda, wt, ldw, kc, ot, ldo, k0 > 0); break;
-          default: dot_tile_w_n<1, TW>(nr, at, lda, wt, ldw, kc, ot, ldo, k0 > 0); break;
-        }
+        const int64_t mr = std::min<int64_t>(4, M - m0);
+        if (in_place) dot_tile_w_rows<TW>(mr, nr, at, lda, w + n0 * ldw + k0, ldw, kc, ot, ldo, k0 > 0);
+        else dot_tile_w_rows<float>(mr, nr, at, lda, scratch, ldb, kc, ot, ldo, k0 > 0);
       }
     }
   }
@@ -752,11 +691,7 @@ __attribute__((target("avx2,fma,f16c"))) void gemm(const float* a, int64_t lda, 
     for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldo, out + m * ldo + N, 0.f);
     return;
   }
-  if (M < kRowsForPanels) {
-    if (std::is_same_v<TW, float> || M <= kRowsWidenInPlace)
-      return gemm_rows_w<TW>(a, lda, w, ldw, out, ldo, M, N, K);
-    return gemm_rows<TW>(a, lda, w, ldw, out, ldo, M, N, K, panel);
-  }
+  if (M < kRowsForPanels) return gemm_rows<TW>(a, lda, w, ldw, out, ldo, M, N, K, panel);
   // n outer, k inner: each panel's 16 weight rows are read front to back (long sequential
   // streams for the prefetchers), while out's 16 columns stay in L1 across the k blocks.
   for (int64_t n0 = 0; n0 < N; n0 += kNr) {
