@@ -224,6 +224,8 @@ DECODE_CASES = {
     # Large caches holding short rows: the splits follow the longest row, not the capacity.
     "contig_big_capacity_short_rows": (2, 1, 3, SMALL, [300, 40], 4000, 0, True, -1, False, 0),
     "paged17_big_capacity_short_rows": (2, 2, 3, SMALL, [20, 530], 17 * 300, 17, True, -1, False, 0),
+    # mla_prefill's absorbed path (forced in fp32): a chunk of query tokens, some before the row.
+    "prefill_chunk_sq24_h5_short_row": (2, 24, 5, SMALL, [150, 10], 150, 0, True, -1, False, 0),
 }
 
 
@@ -451,6 +453,11 @@ MMA_CASES = {
     "sq3_h33_c504_window_policy": (1, 3, 33, {"C": 504, "R": 8}, [120], 120, 0, True, 20, False, 0),
     # 40 rows: one block of 3 m-tiles, so the policy's wave wants 132 splits (63 by length), not 44.
     "h40_policy_long": (1, 1, 40, SMALL, [2000], 2000, 0, True, -1, False, 0),
+    # As mla_prefill's absorbed path calls it: a chunk of many query tokens, each row block holding
+    # 4 tokens x 16 heads with their own causal ranges (16 blocks); rows cut below S, so the first
+    # queries of a row sit at negative positions (no key), with a window and a paged cache.
+    "prefill_chunk_sq64_h16": (1, 64, 16, SMALL, [200], 200, 0, True, -1, False, 0),
+    "prefill_short_rows_sq48_h5_window_paged": (2, 48, 5, SMALL, [30, 48], 48, 16, True, 9, False, 0),
 }
 
 
