@@ -143,7 +143,9 @@ __global__ void __launch_bounds__(threads_for_rows(ROWS)) mla_decode_split_kerne
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t b = blockIdx.z, sp = blockIdx.x;
   const int64_t rows = a.Sq * a.H;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * ROWS;
+  // Row blocks run last first: with many query tokens (mla_prefill's absorbed path) later tokens
+  // see more keys, and starting the longest blocks first balances the SMs (longest first).
+  const int64_t r0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * ROWS;
   const int nrows = static_cast<int>(rows - r0 < ROWS ? rows - r0 : ROWS);
   const int64_t seqlen = row_seqlen(a, b);
 
@@ -444,7 +446,9 @@ __global__ void __launch_bounds__(kMmaThreads) mla_decode_mma_kernel(MlaDecodeAr
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int64_t b = blockIdx.z, sp = blockIdx.x;
   const int64_t rows = a.Sq * a.H;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * RB;
+  // Row blocks run last first: with many query tokens (mla_prefill's absorbed path) later tokens
+  // see more keys, and starting the longest blocks first balances the SMs (longest first).
+  const int64_t r0 = static_cast<int64_t>(gridDim.y - 1 - blockIdx.y) * RB;
   const int nrows = static_cast<int>(rows - r0 < RB ? rows - r0 : RB);
   const int64_t seqlen = row_seqlen(a, b);
 
