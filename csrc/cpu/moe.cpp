@@ -957,8 +957,8 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
             if constexpr (kF32) gu_e = guo + o * 2 * I;
             else gu_e = gu_buf;
             awt::gemm<T>(xa, ldx, wgu_p + e * 2 * I * H, H, gu_e, 2 * I, m, 2 * I, H, panel);
-            for (int64_t r = 0; r < m; ++r)
-              swiglu_rows<T, float>(gu_e + r * 2 * I, guo + (o + r) * 2 * I, act_e + r * lda, 1, I);
+            for (int64_t r = 0; r < m; ++r)  // the row kernel itself: already on a worker thread
+              swiglu_row_avx2<T>(gu_e + r * 2 * I, guo + (o + r) * 2 * I, act_e + r * lda, I);
             awt::gemm<T>(act_e, lda, wd_p + e * H * I, I, yp + o * H, H, m, H, I, panel);
           }
           return;
