@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import test_mla_prefill as tp
@@ -161,3 +162,44 @@ def test_autocast_region_does_not_leak_inside(device, absorbed):
     assert out.dtype == torch.float16 and out2.dtype == other
     torch.testing.assert_close(out, want_out, rtol=0, atol=0)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+
+
+def _random_cases(n, seed=2026):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(n):
+        B, S, H = int(rng.integers(1, 4)), int(rng.integers(1, 40)), int(rng.integers(1, 6))
+        C, R = int(rng.integers(1, 40)), int(rng.integers(0, 20))
+        Dn, Dv = int(rng.integers(1, 24)), int(rng.integers(1, 24))
+        lens = [int(v) for v in rng.integers(0, S + 30, size=B)]
+        Lmax = max(lens) + int(rng.integers(0, 5))
+        causal = bool(rng.integers(0, 4))  # mostly causal, as prefill runs
+        window = int(rng.choice([-1, -1, 0, 3, 17])) if causal else -1
+        page = int(rng.choice([0, 0, 1, 5, 16]))
+        chunk = int(rng.integers(1, S + 2))
+        cases.append((B, S, H, dict(C=C, R=R, Dn=Dn, Dv=Dv), lens, Lmax, causal, window, page, chunk))
+    return cases
+
+
+@pytest.mark.parametrize("case", _random_cases(16), ids=lambda c: f"B{c[0]}S{c[1]}H{c[2]}chunk{c[9]}")
+def test_random_configurations_match_the_kernel(monkeypatch, case):
+    # Seeded random shapes, lengths (shorter and longer than S), masks, page sizes and chunk sizes:
+    # the absorbed path agrees with the CPU prefill kernel (fp32).
+    B, S, H, dims, lens, Lmax, causal, window, page, chunk = case
+    x = make_inputs(B, S, H, lens, Lmax, **dims, device="cpu")
+    cache, table = x["latent_cache"], None
+    if page:
+        cache, table = tp.to_paged(cache, page)
+    kw = dict(block_table=table, causal=causal, window=window)
+    scale = 0.3
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_FORWARD", "kernel")
+    want_out, want_lse = mla_prefill(x["q_nope"], x["q_pe"], cache, x["cache_seqlens"], x["w_uk"], x["w_uv"],
+                                     scale, **kw)
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_FORWARD", "absorbed")
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_CHUNK", str(chunk))
+    out, lse = mla_prefill(x["q_nope"], x["q_pe"], cache, x["cache_seqlens"], x["w_uk"], x["w_uv"], scale, **kw)
+    assert not out.isnan().any() and not lse.isnan().any()
+    live = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), live)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lse[live], want_lse[live], rtol=1e-5, atol=2e-5)
