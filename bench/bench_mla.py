@@ -8,9 +8,6 @@ q_lora; fp32 weights (~55 MB read per decode step), batch 1.
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 from transformers import DeepseekV3Config
 from transformers.cache_utils import DynamicCache
@@ -22,7 +19,9 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 
 import latentmoe
-from bench.common import gemm_gflops, paired_ratio, ratio_row, read_bandwidth_gbs, row, time_ms, time_paired
+from bench.common import (
+    env_setting, gemm_gflops, paired_ratio, ratio_row, read_bandwidth_gbs, row, time_ms, time_paired,
+)
 
 H, C, R, NOPE, V, HIDDEN = 16, 512, 64, 128, 128, 2048
 
@@ -224,21 +223,6 @@ def _decode_op_rows(device: str, dtype, contexts) -> list[dict]:
         rows += _cuda_cores_rows(lambda: latentmoe.ops.mla_decode(q_latent, q_pe, kv, lens, scale, max_seqlen=L),
                                  device, dtype, mode, L, t_op)
     return rows
-
-
-@contextlib.contextmanager
-def env_setting(var: str, value: str):
-    """Set one of the kernels' environment switches for a block (the bindings read them per call:
-    LATENTMOE_MLA_DECODE_KERNEL, LATENTMOE_MLA_PREFILL_FORWARD)."""
-    old = os.environ.get(var)
-    os.environ[var] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = old
 
 
 def _decode_kernel(name: str):

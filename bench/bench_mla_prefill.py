@@ -24,8 +24,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 
 import latentmoe
-from bench.bench_mla import env_setting
-from bench.common import ratio_row, row, time_ms
+from bench.common import env_setting, ratio_row, row, time_ms
 from latentmoe.reference.mla import apply_rope, split_kv_b
 
 GiB = 1024**3

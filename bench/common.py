@@ -4,6 +4,8 @@ goal). ``goal`` is set on ratio rows that carry an issue's target, as ``">= 75"`
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 from typing import Callable
@@ -46,6 +48,21 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int = 3, reps: int = 
             break
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
     return statistics.median(times), q[1], q[7]
+
+
+@contextlib.contextmanager
+def env_setting(var: str, value: str):
+    """Set one of the kernels' environment switches for a block (the bindings read them per call:
+    LATENTMOE_MLA_DECODE_KERNEL, LATENTMOE_MLA_PREFILL_FORWARD)."""
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old
 
 
 def time_paired(fns: dict, device: str, rounds: int = 9, reps: int = 3,

@@ -14,7 +14,8 @@ import torch
 import latentmoe
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import bench_mla, bench_moe  # noqa: E402  (their smoke() call every MLA / MoE op once)
+from bench import bench_mla, bench_moe  # noqa: E402
+from bench.common import env_setting  # noqa: E402  (their smoke() call every MLA / MoE op once)
 
 
 def smoke_norm(dev: str) -> None:
@@ -44,11 +45,10 @@ def smoke_mla_prefill(dev: str) -> None:
             w = (torch.randn(H, Dn + Dv, C, device=dev) * 0.1).to(dtype).requires_grad_()
             # bf16 / fp16: the default absorbed path (through mla_decode), then the kernel forced.
             for path in ("auto",) if dtype == torch.float32 else ("auto", "kernel"):
-                os.environ["LATENTMOE_MLA_PREFILL_FORWARD"] = path
-                out, lse = latentmoe.ops.mla_prefill(q_nope, q_pe, cache, lens, w[:, :Dn], w[:, Dn:], 0.1,
-                                                     block_table=table)
-                (out.float().sum() + lse[lse.isfinite()].sum()).backward()
-            os.environ.pop("LATENTMOE_MLA_PREFILL_FORWARD", None)
+                with env_setting("LATENTMOE_MLA_PREFILL_FORWARD", path):
+                    out, lse = latentmoe.ops.mla_prefill(q_nope, q_pe, cache, lens, w[:, :Dn], w[:, Dn:], 0.1,
+                                                         block_table=table)
+                    (out.float().sum() + lse[lse.isfinite()].sum()).backward()
 
 
 SMOKES = [smoke_norm, bench_mla.smoke, smoke_mla_prefill, bench_moe.smoke]

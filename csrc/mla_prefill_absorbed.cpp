@@ -69,7 +69,6 @@ std::tuple<at::Tensor, at::Tensor> forward_absorbed(const Params& p, const at::T
   static auto decode = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("latentmoe::mla_decode", "")
                            .typed<DecodeFn>();
-  const auto lens = cache_seqlens.to(at::kLong);
   // check_args has checked every length against the capacity. The longest row bounds each
   // chunk's mla_decode call (its splits cover [0, max_seqlen)): one more small host copy on CUDA.
   const int64_t max_len = cache_seqlens.max().item<int64_t>();
@@ -97,13 +96,9 @@ std::tuple<at::Tensor, at::Tensor> forward_absorbed(const Params& p, const at::T
     // it are invisible anyway; a cut below 0 leaves no key (those queries sit at negative
     // positions: output 0, LSE -inf, as the prefill kernels). Non-causal without a window:
     // positions do not matter and every row keeps its length.
-    at::Tensor lens_c = cache_seqlens.contiguous();
-    int64_t max_c = max_len;
-    if (p.causal) {
-      const int64_t cut = p.S - s0 - sc;
-      lens_c = (lens - cut).clamp_min(0).to(at::kInt);
-      max_c = std::max<int64_t>(0, max_len - cut);
-    }
+    const int64_t cut = p.causal ? p.S - s0 - sc : 0;
+    const at::Tensor lens_c = cut > 0 ? (cache_seqlens - cut).clamp_min(0) : cache_seqlens.contiguous();
+    const int64_t max_c = std::max<int64_t>(0, max_len - cut);
     auto [o_lat, lse_c] = decode.call(q_lat, q_pe_c, cache, lens_c, table, softmax_scale, p.causal, p.window,
                                       std::nullopt, max_c);
     q_lat.reset();
