@@ -259,10 +259,25 @@ def test_absorbed_weights_never_stale():
     mine.load_state_dict(hf2.state_dict(), strict=True)
     errs, _ = _run_steps(cfg, hf2, mine, 2, "paged", steps=[4, 1])
     assert max(errs) <= 1e-4, errs
-    mine.kv_b_proj.weight = torch.nn.Parameter(hf.kv_b_proj.weight.detach().clone())  # new storage
-    w_uk, _ = mine.absorbed_weights()
     H, N = cfg.num_attention_heads, cfg.qk_nope_head_dim
-    assert torch.equal(w_uk, hf.kv_b_proj.weight.detach().view(H, -1, cfg.kv_lora_rank)[:, :N])
+
+    def expected(src):
+        return src.detach().view(H, -1, cfg.kv_lora_rank)[:, :N]
+
+    with torch.no_grad():  # the cache is used only without autograd
+        mine.absorbed_weights()  # fill it for the current weight
+        mine.kv_b_proj.weight = torch.nn.Parameter(hf.kv_b_proj.weight.detach().clone())  # new storage
+        assert torch.equal(mine.absorbed_weights()[0], expected(hf.kv_b_proj.weight))
+        for scale in (2.0, 3.0):  # .data swaps: the version counter need not move
+            mine.kv_b_proj.weight.data = hf.kv_b_proj.weight.detach() * scale
+            assert torch.equal(mine.absorbed_weights()[0], expected(hf.kv_b_proj.weight * scale))
+        # Two swaps between uses: the second weight may land where the first one was freed.
+        for _ in range(3):
+            mine.kv_b_proj.weight.data = hf.kv_b_proj.weight.detach() * 4.0
+            mine.absorbed_weights()
+            mine.kv_b_proj.weight.data = hf.kv_b_proj.weight.detach() * 5.0
+            mine.kv_b_proj.weight.data = hf.kv_b_proj.weight.detach() * 6.0
+            assert torch.equal(mine.absorbed_weights()[0], expected(hf.kv_b_proj.weight * 6.0))
 
 
 def test_state_dict_keys_identical_to_hf():

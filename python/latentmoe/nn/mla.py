@@ -221,6 +221,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.scaling = _softmax_scale(config)
         self._absorbed_key = None
         self._absorbed = None
+        self._absorbed_src = None
 
     # ---- absorbed weights --------------------------------------------------------------------
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +229,9 @@ class MultiHeadLatentAttention(nn.Module):
 
         Cached and keyed on the weight's storage pointer, version counter (bumped by every
         in-place update: optimizer steps, ``load_state_dict``), dtype and device, so they are never
-        stale. Under autograd they are plain views (no cache), so gradients flow to kv_b_proj.
+        stale. The cache holds the weight it was made from, so a replaced weight (``.data = ...``
+        or a new Parameter) cannot hand its address to the next one. Under autograd they are plain
+        views (no cache), so gradients flow to kv_b_proj.
         """
         w = self.kv_b_proj.weight
         H, N, V, C = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
@@ -238,9 +241,12 @@ class MultiHeadLatentAttention(nn.Module):
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if self._absorbed_key != key:
             with torch.no_grad():
-                wv = w.detach().view(H, N + V, C)
+                src = w.detach()
+                wv = src.view(H, N + V, C)
                 self._absorbed = (wv[:, :N].contiguous(), wv[:, N:].transpose(1, 2).contiguous())
-            self._absorbed_key = key
+            # Holding the source keeps its memory from being reused by a later weight at the
+            # same address (which, with an unchanged version counter, would match the key).
+            self._absorbed_key, self._absorbed_src = key, src
         return self._absorbed
 
     # ---- forward -----------------------------------------------------------------------------
