@@ -34,7 +34,8 @@ def _pair(case, dtype=torch.float32, device="cpu"):
     return cfg, hf.to(device), mine.to(device).eval()
 
 
-def _run_steps(cfg, hf, mine, B, cache_kind, device="cpu", dtype=torch.float32, steps=STEPS):
+def _run_steps(cfg, hf, mine, B, cache_kind, device="cpu", dtype=torch.float32, steps=STEPS,
+               cache_kw="cache"):
     cache_hf = hf_cache(cfg)
     if cache_kind == "hf":
         cache_mine = hf_cache(cfg)
@@ -59,7 +60,7 @@ def _run_steps(cfg, hf, mine, B, cache_kind, device="cpu", dtype=torch.float32, 
         mask = causal_additive_mask(B, n, past, dtype).to(device)
         with torch.no_grad():
             want, _ = hf(x, pe, mask, cache=cache_hf)
-            got, w = mine(x, pe, mask, cache=cache_mine)
+            got, w = mine(x, pe, mask, **{cache_kw: cache_mine})
         assert w is None and got.shape == want.shape
         errs.append(rel_err(got, want))
         past += n
@@ -72,6 +73,19 @@ def test_prefill_then_decode_matches_hf(case, cache_kind):
     cfg, hf, mine = _pair(case)
     errs, _ = _run_steps(cfg, hf, mine, case["B"], cache_kind)
     assert max(errs) <= 1e-4, errs
+
+
+@pytest.mark.parametrize("cache_kind", ["hf", "contig", "paged"])
+def test_cache_as_past_key_values(cache_kind):
+    # Older transformers pass the cache as past_key_values=: the same steps, the same results.
+    cfg, hf, mine = _pair(CASES[1])
+    errs, cache = _run_steps(cfg, hf, mine, CASES[1]["B"], cache_kind, cache_kw="past_key_values")
+    assert max(errs) <= 1e-4, errs
+    assert cache.get_seq_length(0) == sum(STEPS)
+    x = torch.randn(CASES[1]["B"], 1, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.full((CASES[1]["B"], 1), sum(STEPS)))
+    with torch.no_grad(), pytest.raises(ValueError, match="past_key_values"):
+        mine(x, pe, None, cache=cache, past_key_values=hf_cache(cfg))
 
 
 @pytest.mark.parametrize("cache_kind", ["hf", "contig", "paged"])

@@ -392,10 +392,11 @@ def test_bad_input_names_argument(device, name, make):
         _call(x, **{name: make(x)})
 
 
-def test_int_dtype_rejected(device):
+def test_unsupported_dtypes_rejected(device):
     x = make_inputs(1, 2, 1, [2], 2, C=8, R=4, Dn=8, Dv=6, device=device)
-    with pytest.raises(ValueError, match="q_nope"):
-        _call(x, q_nope=x["q_nope"].to(torch.float64))
+    for dtype in (torch.float64, torch.int32, torch.int64):
+        with pytest.raises(ValueError, match="q_nope"):
+            _call(x, q_nope=x["q_nope"].to(dtype))
 
 
 # ---- the layer around the op vs HF DeepseekV3Attention ---------------------------------------------

@@ -261,6 +261,11 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         if cache is None:
             cache = past_key_values
+        elif past_key_values is not None and past_key_values is not cache:
+            raise ValueError(
+                "MultiHeadLatentAttention: got two different caches, 'cache' and 'past_key_values' "
+                "(older transformers name the argument past_key_values); pass one"
+            )
         B, S, _ = hidden_states.shape
         H, N, R, C = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if self.q_lora_rank is None:
