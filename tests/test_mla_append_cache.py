@@ -40,7 +40,7 @@ def expected_rows(latent, k_pe, weight, cos, sin, interleave):
 
 
 @pytest.mark.parametrize("interleave", [True, False])
-@pytest.mark.parametrize("page_size", [None, 1, 16, 17])
+@pytest.mark.parametrize("page_size", [None, 1, 16, 17, 64])
 @pytest.mark.parametrize("S", [1, 5])
 def test_append_matches_hf(device, interleave, page_size, S):
     B, C, R = 3, 48, 16
@@ -133,6 +133,8 @@ def _good():
         ("cos", torch.randn(2, 3, 8), "cos"),
         ("kv_latent", torch.randn(2, 48, 3).transpose(1, 2), "kv_latent"),  # non-contiguous
         ("block_table", torch.full((2, 1), 99, dtype=torch.int32), "block_table"),
+        ("block_table", torch.tensor([[0, 1], [-1, 3]], dtype=torch.int32), "block_table"),  # used page
+        ("block_table", torch.zeros(2, 2, dtype=torch.int64), "block_table"),
     ],
 )
 @pytest.mark.parametrize("check_values", [True, False])  # the CPU checks values either way
@@ -143,6 +145,17 @@ def test_append_bad_input(key, value, name, check_values):
         args["kv_cache"] = torch.zeros(4, 8, 64)
     with pytest.raises(ValueError, match=name):
         mla_append_cache(**args, check_values=check_values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["kv_latent", "k_pe", "norm_weight", "cos", "sin", "cache_seqlens"])
+def test_append_device_mismatch(name):
+    args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
+    args[name] = args[name].cpu()
+    before = args["kv_cache"].clone()
+    with pytest.raises(RuntimeError, match=name):
+        mla_append_cache(**args)
+    assert torch.equal(args["kv_cache"], before)
 
 
 def test_append_unchecked_matches_checked(device):
