@@ -77,6 +77,31 @@ def test_experts_match_hf(device, name):
     assert rel_err(out.cpu(), want) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_experts_routing_weights_in_hidden_dtype(device, dtype):
+    # Routing weights may come in the hidden dtype: used as their fp32 values, with their
+    # gradient returned in their own dtype.
+    T, H, I, E, K = 13, 24, 20, 6, 3
+    x = torch.randn(T, H).to(dtype)
+    gu = (torch.randn(E, 2 * I, H) * 0.2).to(dtype)
+    dn = (torch.randn(E, H, I) * 0.2).to(dtype)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    w = torch.rand(T, K).to(dtype)
+    args = [t.to(device) for t in (x, gu, dn)]
+    wl = w.to(device).clone().requires_grad_()
+    wf = w.float().to(device).requires_grad_()
+    out_l = moe_experts(*args, wl, idx.to(device))
+    out_f = moe_experts(*args, wf, idx.to(device))
+    assert out_l.dtype == dtype and torch.equal(out_l, out_f)
+    g = torch.randn_like(out_l)
+    out_l.backward(g)
+    out_f.backward(g)
+    assert wl.grad.dtype == dtype
+    assert torch.equal(wl.grad, wf.grad.to(dtype))
+    want = ref.swiglu_experts(x.float(), gu.float(), dn.float(), w.float(), idx)
+    assert rel_err(out_l.float().cpu(), want) <= 3e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_experts_deterministic(device, dtype):
     T, E, K, H, I = 300, 32, 6, 64, 40
@@ -185,14 +210,15 @@ def test_experts_unchecked_still_checks_on_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_experts_unchecked_cuda_drops_bad_pairs():
+@pytest.mark.parametrize("T", [5, 700])  # T * K past 1024 takes the sort-based permute
+def test_experts_unchecked_cuda_drops_bad_pairs(T):
     # No host copy of the range: pairs with an index outside [0, E) contribute nothing.
-    x, gu, down, w, idx = _args("cuda")
+    x, gu, down, w, idx = _args("cuda", T=T)
     E = gu.shape[0]
     bad = torch.zeros_like(idx, dtype=torch.bool)
-    bad[0, 0], bad[2, 1] = True, True
+    bad[0, 0], bad[2, 1], bad[T - 1, 1] = True, True, True
     idx_bad = idx.clone()
-    idx_bad[0, 0], idx_bad[2, 1] = -5, E + 3
+    idx_bad[0, 0], idx_bad[2, 1], idx_bad[T - 1, 1] = -5, E + 3, E
     got = moe_experts(x, gu, down, w, idx_bad, check_values=False)
     want = moe_experts(x, gu, down, w.masked_fill(bad, 0.0), idx)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

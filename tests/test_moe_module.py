@@ -115,6 +115,21 @@ def test_aux_loss(seq_aux):
     assert rel_err(ours.gate.weight.grad, w.grad) <= 1e-4
 
 
+def test_seq_aux_input_ranks():
+    ours, theirs = _pair("v3", aux_loss_alpha=0.01, seq_aux=True)
+    ours.train()
+    x = torch.randn(10, 40)  # [T, hidden]: one sequence
+    ours(x)
+    w = theirs.gate.weight.detach()
+    _, idx, scores = ref.route(ref.router_logits(x, w), 4, n_group=4, topk_group=2,
+                               e_score_correction_bias=theirs.gate.e_score_correction_bias,
+                               routed_scaling_factor=2.5)
+    want = ref.aux_loss_sequence(scores, idx, 16, 0.01, 1)
+    assert abs(ours.aux_loss.item() - want.item()) <= 1e-6
+    with pytest.raises(ValueError, match="seq_aux"):
+        ours(torch.randn(2, 3, 4, 40))  # which dim holds the sequences is ambiguous
+
+
 def test_load_counts_and_update_bias():
     ours, _ = _pair("v3")
     x1, x2 = torch.randn(20, 40), torch.randn(7, 40)

@@ -56,6 +56,57 @@ def test_route_matches_hf_v3_router(device, name):
     assert rel_err(w, w_hf) <= 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_from_hidden_and_router_weight(device, dtype):
+    # The hidden-states entry: logits computed from hidden + router weight, as HF's router does.
+    moe = hf_moe("v3")
+    g = moe.gate
+    x = torch.randn(29, CONFIGS["v3"]["hidden_size"]).to(dtype)
+    kw = dict(n_group=g.num_group, topk_group=g.topk_group, norm_topk_prob=g.norm_topk_prob,
+              routed_scaling_factor=g.routed_scaling_factor)
+    logits, w_hf, i_hf = g(x.float())
+    xd = x.to(device).clone().requires_grad_()
+    wd = g.weight.detach().to(device).requires_grad_()
+    bias = g.e_score_correction_bias.to(device)
+    w, i, scores = moe_route(xd, g.top_k, e_score_correction_bias=bias, router_weight=wd, **kw)
+    w2, i2, scores2 = moe_route(torch.nn.functional.linear(x.to(device).float(), wd.detach()),
+                                g.top_k, e_score_correction_bias=bias, **kw)
+    assert torch.equal(i, i2) and torch.equal(w.detach(), w2) and torch.equal(scores.detach(), scores2)
+    ws, iss = sort_by_index(w.detach().cpu(), i.cpu())
+    w_hf, i_hf = sort_by_index(w_hf, i_hf)
+    assert torch.equal(iss, i_hf)
+    assert rel_err(ws, w_hf) <= 1e-6
+    (w.square().sum() + scores.sum()).backward()  # gradients reach the router and the hidden states
+    wr = g.weight.detach().clone().requires_grad_()
+    xr = x.detach().float().clone().requires_grad_()
+    wref, _, sref = moe_route(torch.nn.functional.linear(xr, wr), g.top_k,
+                              e_score_correction_bias=g.e_score_correction_bias, **kw)
+    (wref.square().sum() + sref.sum()).backward()
+    assert rel_err(wd.grad.cpu(), wr.grad) <= 1e-5
+    assert rel_err(xd.grad.cpu().float(), xr.grad) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    assert xd.grad.dtype == dtype
+
+
+def test_route_router_weight_bad_args():
+    x, w = torch.randn(5, 12), torch.randn(16, 12)
+    with pytest.raises(ValueError, match="router_weight"):
+        moe_route(x, 2, router_weight=w[:, :11])  # hidden sizes differ
+    with pytest.raises(ValueError, match="router_weight"):
+        moe_route(x, 2, router_weight=w[None])
+    with pytest.raises(ValueError, match="router_weight"):
+        moe_route(x, 2, router_weight=w.double())
+    with pytest.raises(ValueError, match="router_weight"):
+        moe_route(x.long(), 2, router_weight=w)
+    with pytest.raises(ValueError, match="top_k|k"):
+        moe_route(x, 17, router_weight=w)  # k > E, E from the router weight
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_route_router_weight_device_mismatch():
+    with pytest.raises(RuntimeError, match="router_weight"):
+        moe_route(torch.randn(5, 12, device="cuda"), 2, router_weight=torch.randn(16, 12))
+
+
 def test_softmax_route_matches_hf_v2_router(device):
     router = hf_v2_router(num_experts=12, top_k=3, hidden=20, scale=1.5)
     x = torch.randn(37, 20)

@@ -63,8 +63,9 @@ class MoE(nn.Module):
         score_func: ``"sigmoid"`` (V3, default; else ``config.scoring_func`` if present) or
             ``"softmax"``.
         aux_loss_alpha: balance-loss weight alpha (default ``config.aux_loss_alpha`` or 0: off).
-        seq_aux: sequence-wise balance loss (per sequence of a ``[B, S, hidden]`` input, averaged)
-            instead of the expert-level one over all tokens (default ``config.seq_aux`` or False).
+        seq_aux: sequence-wise balance loss (per sequence of a ``[B, S, hidden]`` input, averaged;
+            a ``[T, hidden]`` input is one sequence) instead of the expert-level one over all tokens
+            (default ``config.seq_aux`` or False).
         bias_update_speed: gamma of the aux-loss-free bias update (default 0.001).
 
     After each forward: ``last_load`` (``[E]`` int64 tokens per expert), ``load_counts``
@@ -117,9 +118,8 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor):
         """Routing of ``x [T, hidden]``: ``(weights [T,k] fp32, indices [T,k] int64, scores [T,E])``."""
-        logits = F.linear(x.float(), self.gate.weight.float())
         return moe_route(
-            logits,
+            x,
             self.top_k,
             n_group=self.n_group,
             topk_group=self.topk_group,
@@ -127,6 +127,7 @@ class MoE(nn.Module):
             score_func=self.score_func,
             norm_topk_prob=self.norm_topk_prob,
             routed_scaling_factor=self.routed_scaling_factor,
+            router_weight=self.gate.weight,
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -147,7 +148,14 @@ class MoE(nn.Module):
             self.load_counts += load
         self.aux_loss = None
         if self.training and self.aux_loss_alpha > 0:
-            batch = shape[0] if (self.seq_aux and len(shape) == 3) else 1
+            batch = 1  # a [T, hidden] input is one sequence
+            if self.seq_aux and len(shape) == 3:
+                batch = shape[0]
+            elif self.seq_aux and len(shape) != 2:
+                raise ValueError(
+                    "latentmoe.nn.MoE: seq_aux needs hidden_states [B, S, hidden] (sequences) or "
+                    f"[T, hidden] (one sequence), got {tuple(shape)}"
+                )
             self.aux_loss = self._balance_loss(scores, indices, batch)
         return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from latentmoe.ops._checks import forbid_double_backward
 
@@ -19,11 +20,14 @@ def moe_route(
     score_func: str = "sigmoid",
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
+    router_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused DeepSeek-V3 top-k routing (HF ``DeepseekV3TopkRouter`` semantics).
 
     Args:
-        logits: ``[T, E]`` float32 router logits (``hidden.float() @ W_gate.float().T``).
+        logits: ``[T, E]`` float32 router logits (``hidden.float() @ W_gate.float().T``); or, when
+            ``router_weight`` is given, the hidden states ``[T, hidden]`` (float32 / bfloat16 /
+            float16), from which the logits are computed that way (an fp32 GEMM, as HF's router).
         top_k: experts per token, ``1 <= top_k <= topk_group * E // n_group``.
         n_group, topk_group: group-limited selection; a group's score is the sum of its top-2
             biased scores; experts of the other groups are excluded (HF masks them with -inf).
@@ -31,15 +35,41 @@ def moe_route(
         score_func: ``"sigmoid"`` (V3) or ``"softmax"``.
         norm_topk_prob: divide the chosen weights by their sum + 1e-20.
         routed_scaling_factor: final multiplier.
+        router_weight: ``[E, hidden]`` router weight (HF ``gate.weight``), or None (``logits``
+            are logits). Differentiable: gradients reach it and the hidden states.
     Returns:
         ``weights [T, top_k]`` float32, ``indices [T, top_k]`` int64 (descending biased score,
         ties -> lower index), ``scores [T, E]`` float32 (unbiased). ``weights`` and ``scores``
         are differentiable w.r.t. ``logits``.
     """
+    if router_weight is not None:
+        logits = _router_logits(logits, router_weight)
     return _lib.moe_route.default(
         logits, e_score_correction_bias, top_k, n_group, topk_group, score_func,
         norm_topk_prob, routed_scaling_factor,
     )
+
+
+def _router_logits(hidden: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """``hidden.float() @ router_weight.float().T`` after moe_route's checks of both."""
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if router_weight.dim() != 2 or router_weight.dtype not in floats:
+        raise ValueError(
+            f"latentmoe.moe_route: 'router_weight' must be [E, hidden] float32/bfloat16/float16, "
+            f"got {tuple(router_weight.shape)} {router_weight.dtype}"
+        )
+    if hidden.dim() != 2 or hidden.dtype not in floats or hidden.shape[1] != router_weight.shape[1]:
+        raise ValueError(
+            f"latentmoe.moe_route: with 'router_weight' [E, hidden] = {tuple(router_weight.shape)}, "
+            f"'logits' must be the hidden states [T, {router_weight.shape[1]}] "
+            f"(float32/bfloat16/float16), got {tuple(hidden.shape)} {hidden.dtype}"
+        )
+    if hidden.device != router_weight.device:
+        raise RuntimeError(
+            f"latentmoe.moe_route: argument 'router_weight' is on {router_weight.device} but the "
+            f"hidden states ('logits') are on {hidden.device}; all tensors must be on one device"
+        )
+    return F.linear(hidden.float(), router_weight.float())
 
 
 def moe_experts(
