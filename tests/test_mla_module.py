@@ -419,3 +419,32 @@ def test_latent_cache_decode_step_captures_in_cuda_graph():
             graph.replay()
             torch.testing.assert_close(got, want[i], rtol=1e-5, atol=1e-5)
         assert cache.seqlens[0].tolist() == [P + n] * B
+
+
+def test_torch_compile_fullgraph():
+    # Training without a cache traces whole and matches eager; a 4-D mask is applied as given
+    # (SDPA) while tracing; a LatentKVCache under torch.compile is refused.
+    torch._dynamo.reset()
+    cfg, hf, mine = _pair(CASES[0])
+    mine.train()
+    B, S = 2, 9
+    x = torch.randn(B, S, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
+    mask = causal_additive_mask(B, S, 0)
+    compiled = torch.compile(mine, fullgraph=True, backend="aot_eager")
+    for m in (None, mask):
+        res = []
+        for fn in (mine, compiled):
+            mine.zero_grad()
+            xg = x.clone().requires_grad_()
+            out, _ = fn(xg, pe, m)
+            out.square().sum().backward()
+            res.append((out.detach(), xg.grad, mine.kv_b_proj.weight.grad.clone(),
+                        mine.q_b_proj.weight.grad.clone()))
+        for a, b in zip(*res):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    mine.eval()
+    cache = LatentKVCache(1, B, 16, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    with torch.no_grad(), pytest.raises(Exception, match="LatentKVCache keeps its lengths"):
+        compiled(x, pe, None, cache=cache)
+    assert cache.get_seq_length(0) == 0

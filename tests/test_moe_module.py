@@ -219,3 +219,21 @@ def test_forward_captures_in_cuda_graph():
             x_in.copy_(x)
             graph.replay()
             torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_training():
+    # The module traces whole (no graph breaks): forward, aux loss and gradients as in eager.
+    torch._dynamo.reset()
+    ours, _ = _pair("v3", aux_loss_alpha=0.01, seq_aux=True)
+    ours.train()
+    x = torch.randn(3, 7, 40)
+    grads = []
+    for fn in (ours, torch.compile(ours, fullgraph=True, backend="aot_eager")):
+        ours.zero_grad()
+        xg = x.clone().requires_grad_()
+        out = fn(xg)
+        (out.square().sum() + ours.aux_loss).backward()
+        grads.append((out.detach(), ours.aux_loss.detach(), xg.grad, ours.gate.weight.grad.clone(),
+                      ours.experts.gate_up_proj.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -69,7 +69,12 @@ _PREFILL_OP = "mla_prefill"
 
 def _has_kernel(op: str, device: torch.device) -> bool:
     """Whether ``latentmoe::<op>`` has a kernel registered for ``device``'s dispatch key."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return _has_kernel_for(op, device.type)
+
+
+@torch.compiler.assume_constant_result  # registrations are fixed once the extension is loaded
+def _has_kernel_for(op: str, device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"latentmoe::{op}", key)
 
 
@@ -185,6 +190,12 @@ class MultiHeadLatentAttention(nn.Module):
         embedding output at the new tokens' positions), ``attention_mask`` (HF 4-D or None), and the
         cache as ``cache=`` or ``past_key_values=`` (an HF ``Cache`` or a :class:`LatentKVCache`).
         Returns ``(out [B, S, hidden], None)`` like HF (no attention weights).
+    torch.compile (``fullgraph=True`` works): with no cache or an HF cache. A 4-D mask cannot be
+    inspected while tracing, so there it is applied as given through SDPA on decompressed K/V;
+    pass ``attention_mask=None`` for plain causal attention to keep the fused kernels. A
+    :class:`LatentKVCache` keeps its lengths on the host (each step would recompile): traced, it
+    raises a ValueError (``fullgraph=True`` reports it; otherwise that part runs eagerly after a
+    graph break); decode with it eagerly or in CUDA graphs.
     """
 
     decode_max_tokens = 16  # at most this many new tokens take the absorbed decode path
@@ -231,11 +242,12 @@ class MultiHeadLatentAttention(nn.Module):
         in-place update: optimizer steps, ``load_state_dict``), dtype and device, so they are never
         stale. The cache holds the weight it was made from, so a replaced weight (``.data = ...``
         or a new Parameter) cannot hand its address to the next one. Under autograd they are plain
-        views (no cache), so gradients flow to kv_b_proj.
+        views (no cache), so gradients flow to kv_b_proj; under torch.compile too.
         """
         w = self.kv_b_proj.weight
         H, N, V, C = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
-        if torch.is_grad_enabled() and w.requires_grad:
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+            # (torch.compile cannot trace the cache's pointer key: views there too.)
             wv = w.view(H, N + V, C)
             return wv[:, :N], wv[:, N:].transpose(1, 2)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
@@ -333,6 +345,11 @@ class MultiHeadLatentAttention(nn.Module):
         C, layer = self.kv_lora_rank, self.layer_idx
         if cache.batch_size != B:
             raise ValueError(f"MultiHeadLatentAttention: cache batch {cache.batch_size} != input batch {B}")
+        if torch.compiler.is_compiling():
+            raise ValueError(
+                "MultiHeadLatentAttention: a LatentKVCache keeps its lengths on the host, so under "
+                "torch.compile every step would recompile; decode with it eagerly or in CUDA graphs"
+            )
         cache.reserve(layer, S)
         w = self.kv_a_layernorm.weight.to(kv.dtype)
         # The cache's host lengths were just checked against its capacity (reserve) and its table
@@ -420,6 +437,8 @@ class MultiHeadLatentAttention(nn.Module):
             return True
         if mask.dim() != 4 or mask.shape[-2] != S or mask.shape[-1] < L:
             return False
+        if torch.compiler.is_compiling():
+            return False  # its values cannot be read while tracing: applied as given (SDPA)
         keep = mask[..., :L] if mask.dtype == torch.bool else mask[..., :L] > torch.finfo(mask.dtype).min / 2
         i = torch.arange(S, device=mask.device)[:, None] + (L - S)
         want = torch.arange(L, device=mask.device)[None, :] <= i
