@@ -444,6 +444,13 @@ def test_torch_compile_fullgraph():
         for a, b in zip(*res):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     mine.eval()
+    with torch.no_grad():  # prefill, then decode steps on HF's cache
+        c1, c2 = hf_cache(cfg), hf_cache(cfg)
+        for past, n in ((0, S), (S, 1), (S + 1, 1)):
+            xs = torch.randn(B, n, cfg.hidden_size)
+            pes = rope_embeddings(cfg, (past + torch.arange(n))[None].expand(B, -1))
+            torch.testing.assert_close(compiled(xs, pes, None, cache=c1)[0],
+                                       mine(xs, pes, None, cache=c2)[0], rtol=1e-4, atol=1e-5)
     cache = LatentKVCache(1, B, 16, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
     with torch.no_grad(), pytest.raises(Exception, match="LatentKVCache keeps its lengths"):
         compiled(x, pe, None, cache=cache)
