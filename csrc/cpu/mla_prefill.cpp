@@ -220,7 +220,9 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_cpu(const at::Tensor& q_nope, con
 // order into its own fp32 buffers (for a contiguous cache only the rows of its batch rows), and
 // the buffers are added up in partition order afterwards. No locks, and the result is bitwise
 // the same from run to run at a given thread count. Extra memory: about (B + threads) rows of
-// Lmax x (C+R) fp32, plus one copy of the weight gradients per thread.
+// Lmax x (C+R) fp32, plus weight-gradient buffers for the heads each partition's tasks cover
+// (tasks go batch row, head, query chunk: with B = 1 about H + threads heads in all, not a full
+// copy per thread: at H = 128 that was 67 MB a thread).
 
 template <typename T>
 void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse, const T* q_nope,
@@ -234,7 +236,8 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
   const int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
   struct Part {
     int64_t task_begin, task_end, row_lo, row_hi;  // tasks [begin, end); grad rows [lo, hi)
-    std::vector<float> gcache, gwk, gwv;
+    int64_t h_lo, h_hi;                            // heads its tasks touch: [lo, hi)
+    std::vector<float> gcache, gwk, gwv;           // gwk / gwv: heads [h_lo, h_hi) only
   };
   std::vector<Part> parts(n_parts);
   for (int64_t i = 0; i < n_parts; ++i) {
@@ -248,12 +251,17 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
       pt.row_lo = 0;
       pt.row_hi = pt.task_end > pt.task_begin ? grad_rows : 0;
     }
+    // Within one batch row its heads are one range; across rows, all heads.
+    const bool one_row = pt.task_end > pt.task_begin &&
+                         pt.task_begin / tasks_per_b == (pt.task_end - 1) / tasks_per_b;
+    pt.h_lo = one_row ? (pt.task_begin / sp.chunks) % p.H : 0;
+    pt.h_hi = one_row ? ((pt.task_end - 1) / sp.chunks) % p.H + 1 : (pt.task_end > pt.task_begin ? p.H : 0);
   }
   // One partition: its tasks in order, into its own buffers.
   auto run_part = [&](Part& pt) {
     pt.gcache.assign((pt.row_hi - pt.row_lo) * CR, 0.f);
-    pt.gwk.assign(p.H * p.Dn * p.C, 0.f);
-    pt.gwv.assign(p.H * p.Dv * p.C, 0.f);
+    pt.gwk.assign((pt.h_hi - pt.h_lo) * p.Dn * p.C, 0.f);
+    pt.gwv.assign((pt.h_hi - pt.h_lo) * p.Dv * p.C, 0.f);
     const int64_t task_begin = pt.task_begin, task_end = pt.task_end;
     const int64_t cs = sp.chunk_size;
     std::vector<float> wk_buf(p.Dn * p.C), wv_buf(p.Dv * p.C);
@@ -355,8 +363,8 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
         for (int64_t d = 0; d < p.Dn; ++d) grad_q_nope[qi * p.Dn + d] = static_cast<T>(dqn[r * p.Dn + d]);
         for (int64_t d = 0; d < p.R; ++d) grad_q_pe[qi * p.R + d] = static_cast<T>(dqp[r * p.R + d]);
       }
-      float* gk = pt.gwk.data() + h * p.Dn * p.C;
-      float* gv = pt.gwv.data() + h * p.Dv * p.C;
+      float* gk = pt.gwk.data() + (h - pt.h_lo) * p.Dn * p.C;
+      float* gv = pt.gwv.data() + (h - pt.h_lo) * p.Dv * p.C;
       for (int64_t k = 0; k < p.Dn * p.C; ++k) gk[k] += dwk_buf[k];
       for (int64_t k = 0; k < p.Dv * p.C; ++k) gv[k] += dwv_buf[k];
     }
@@ -375,13 +383,14 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
       }
     }
   });
-  const int64_t nwk = p.H * p.Dn * p.C, nwv = p.H * p.Dv * p.C;
+  const int64_t per_k = p.Dn * p.C, per_v = p.Dv * p.C, nwk = p.H * per_k, nwv = p.H * per_v;
   at::parallel_for(0, nwk + nwv, 4096, [&](int64_t b, int64_t e) {
-    for (const Part& pt : parts)
-      for (int64_t i = b; i < e; ++i) {
-        if (i < nwk) grad_w_uk[i] += pt.gwk[i];
-        else grad_w_uv[i - nwk] += pt.gwv[i - nwk];
-      }
+    for (const Part& pt : parts) {  // its heads' elements only (elsewhere it holds nothing)
+      const int64_t lo = std::max(b, pt.h_lo * per_k), hi = std::min(e, pt.h_hi * per_k);
+      for (int64_t i = lo; i < hi; ++i) grad_w_uk[i] += pt.gwk[i - pt.h_lo * per_k];
+      const int64_t lo_v = std::max(b, nwk + pt.h_lo * per_v), hi_v = std::min(e, nwk + pt.h_hi * per_v);
+      for (int64_t i = lo_v; i < hi_v; ++i) grad_w_uv[i - nwk] += pt.gwv[i - nwk - pt.h_lo * per_v];
+    }
   });
 }
 
