@@ -297,25 +297,32 @@ def test_cpu_backward_is_bitwise_deterministic(threads):
         assert torch.equal(runs[0][k], runs[1][k]), k
 
 
-@pytest.mark.parametrize("seqlens", [[57], [57, 0, 23]])
-def test_cpu_backward_any_thread_count(seqlens):
-    # Partitions of (batch row, head, query chunk) tasks cut through heads and batch rows at these
-    # thread counts; each keeps weight-gradient buffers for its own heads only. Every count gives
-    # the reference's gradients.
-    B, S, H, Lmax = len(seqlens), 24, 5, 60
+@pytest.mark.parametrize("seqlens", [[57], [57, 0, 23], [90, 12]])
+def test_cpu_any_thread_count(seqlens):
+    # Forward: tasks from a shared counter, last query chunks first. Backward: partitions of
+    # (batch row, head, query chunk) tasks cut by work, through heads and batch rows at these
+    # thread counts, each with weight-gradient buffers for its own heads only. Every count gives
+    # the reference's outputs and gradients.
+    B, S, H, Lmax = len(seqlens), 24, 5, 96
     x = make_inputs(B, S, H, seqlens, Lmax, **SMALL, device="cpu")
     scale = 1 / math.sqrt(SMALL["Dn"] + SMALL["R"])
     g_out = torch.randn(B, S, H, SMALL["Dv"], dtype=torch.float64)
     g_lse = torch.randn(B, S, H, dtype=torch.float64)
+    clean = dict(x, latent_cache=x["clean"])
+    want_out, want_lse = ref_fn(x["cache_seqlens"], scale)(clean)
     prev = torch.get_num_threads()
     runs = []
     try:
         for threads in (1, 3, 7, 16):
             torch.set_num_threads(threads)
+            out, lse = op_fn(x, x["cache_seqlens"], scale)(x)
+            assert err(out, want_out) < 1e-4 * max(1.0, want_out.abs().max().item())
+            assert torch.equal(torch.isfinite(lse), torch.isfinite(want_lse))
+            live = torch.isfinite(want_lse)
+            assert err(lse[live], want_lse[live]) < 1e-4
             runs.append(grads_of(op_fn(x, x["cache_seqlens"], scale), x, KEYS, g_out, g_lse))
     finally:
         torch.set_num_threads(prev)
-    clean = dict(x, latent_cache=x["clean"])
     want = grads_of(ref_fn(x["cache_seqlens"], scale), clean, KEYS, g_out, g_lse)
     for run in runs:
         for k in KEYS:

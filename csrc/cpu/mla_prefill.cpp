@@ -5,7 +5,9 @@
 //
 // Work split: tasks (b, h, query chunk) run in parallel. A task walks the key tiles once (key
 // tile outer, all its queries inner), so each tile is decompressed once per task; queries are
-// split into chunks only when B*H is too small to keep the threads busy. Per-task memory is
+// split into chunks only when B*H is too small to keep the threads busy. Causally a later chunk
+// sees more keys: the forward hands tasks out last chunks first from a shared counter, the
+// backward (fixed partitions, for its fixed-order sums) pairs early and late chunks. Per-task memory is
 // O(chunk + tile) rows: never O(tokens x heads x dim), never O(L^2). GEMMs on the buffers go
 // through at::mm (single-threaded inside the parallel region).
 #include <ATen/ATen.h>
@@ -13,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "common/math.h"
@@ -62,6 +65,11 @@ struct Split {
   int64_t chunk_size;  // queries per chunk
 };
 
+// The query chunk of the j-th task of one (b, h) in the backward's order 0, n-1, 1, n-2, ..:
+// consecutive tasks pair a short causal chunk with a long one, so contiguous ranges of tasks
+// (the backward's partitions) carry similar work.
+inline int64_t zigzag_chunk(int64_t j, int64_t chunks) { return j % 2 == 0 ? j / 2 : chunks - 1 - j / 2; }
+
 Split split_queries(const Params& p) {
   const int64_t bh = std::max<int64_t>(1, p.B * p.H);
   const int64_t want = (2 * at::get_num_threads() + bh - 1) / bh;
@@ -102,8 +110,13 @@ template <typename T>
 void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* cache,
                      const int32_t* block_table, const int32_t* seqlens, const T* w_uk, const T* w_uv, T* out, float* lse) {
   const Split sp = split_queries(p);
-  const int64_t n_tasks = p.B * p.H * sp.chunks;
-  at::parallel_for(0, n_tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+  const int64_t bh = p.B * p.H, n_tasks = bh * sp.chunks;
+  // Each worker takes tasks from a shared counter, the last query chunks of every (b, h) first
+  // (causally the longest), then the ones before: no thread is left with the long tail. Which
+  // thread runs a task does not change its result.
+  const int64_t n_workers = std::min<int64_t>(at::get_num_threads(), n_tasks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
     std::vector<float> wk_buf(p.Dn * p.C), wv_buf(p.Dv * p.C);
     std::vector<float> qn(sp.chunk_size * p.Dn), qp(sp.chunk_size * p.R), acc(sp.chunk_size * p.Dv);
     std::vector<float> scores(sp.chunk_size * kKeyTile);
@@ -112,10 +125,10 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
     auto wk = mat(wk_buf.data(), p.Dn, p.C);
     auto wv = mat(wv_buf.data(), p.Dv, p.C);
     int64_t loaded_head = -1;
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t c = task % sp.chunks;
-      const int64_t h = (task / sp.chunks) % p.H;
-      const int64_t b = task / (sp.chunks * p.H);
+    for (int64_t j = next.fetch_add(1); j < n_tasks; j = next.fetch_add(1)) {
+      const int64_t c = sp.chunks - 1 - j / bh;
+      const int64_t h = j % bh % p.H;
+      const int64_t b = j % bh / p.H;
       const int64_t seqlen = seqlens[b];
       const int64_t i_begin = c * sp.chunk_size;
       const int64_t i_end = std::min(p.S, i_begin + sp.chunk_size);
@@ -239,11 +252,32 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
     int64_t h_lo, h_hi;                            // heads its tasks touch: [lo, hi)
     std::vector<float> gcache, gwk, gwv;           // gwk / gwv: heads [h_lo, h_hi) only
   };
+  // Partition boundaries by work: each task's (query, key) pairs plus a fixed cost per query
+  // (its loads and stores); each cut at the task boundary nearest to its share of the work.
+  std::vector<double> work_before(n_tasks + 1, 0.0);
+  for (int64_t task = 0; task < n_tasks; ++task) {
+    const int64_t c = zigzag_chunk(task % sp.chunks, sp.chunks), b = task / tasks_per_b;
+    const int64_t i_end = std::min(p.S, (c + 1) * sp.chunk_size);
+    double w = 0.0;
+    for (int64_t i = std::max(c * sp.chunk_size, mla_prefill::first_live_query(p, seqlens[b])); i < i_end; ++i) {
+      const int64_t pos = mla_prefill::query_pos(seqlens[b], p.S, i);
+      w += 16.0 + static_cast<double>(mla_prefill::key_end(p, seqlens[b], pos) - mla_prefill::key_begin(p, pos));
+    }
+    work_before[task + 1] = work_before[task] + w;
+  }
+  std::vector<int64_t> cut(n_parts + 1, n_tasks);
+  cut[0] = 0;
+  for (int64_t i = 1, task = 0; i < n_parts; ++i) {
+    const double share = work_before[n_tasks] * static_cast<double>(i) / static_cast<double>(n_parts);
+    while (task < n_tasks && work_before[task + 1] <= share) ++task;  // work_before[task] <= share
+    const bool next_nearer = task < n_tasks && work_before[task + 1] - share < share - work_before[task];
+    cut[i] = std::max(task + (next_nearer ? 1 : 0), cut[i - 1]);
+  }
   std::vector<Part> parts(n_parts);
   for (int64_t i = 0; i < n_parts; ++i) {
     Part& pt = parts[i];
-    pt.task_begin = i * n_tasks / n_parts;
-    pt.task_end = (i + 1) * n_tasks / n_parts;
+    pt.task_begin = cut[i];
+    pt.task_end = cut[i + 1];
     if (p.page_size == 0 && pt.task_end > pt.task_begin) {  // contiguous: rows of its batch rows only
       pt.row_lo = pt.task_begin / tasks_per_b * p.rows_per_major;
       pt.row_hi = ((pt.task_end - 1) / tasks_per_b + 1) * p.rows_per_major;
@@ -277,7 +311,7 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
     auto dwv = mat(dwv_buf.data(), p.Dv, p.C);
     int64_t loaded_head = -1;
     for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t c = task % sp.chunks;
+      const int64_t c = zigzag_chunk(task % sp.chunks, sp.chunks);
       const int64_t h = (task / sp.chunks) % p.H;
       const int64_t b = task / (sp.chunks * p.H);
       const int64_t seqlen = seqlens[b];
