@@ -569,6 +569,60 @@ def test_paged_matches_contiguous(device, page_size):
     assert (got["latent_cache"][~read.to(device)] == 0).all()
 
 
+def _shared_page_gradients_match():
+    # Rows 0 and 1 read one shared first page (a common prefix): its gradient is the sum of both
+    # rows' gradients on those positions (contiguous cache with the prefix copied in both rows).
+    page, S, seqlens, Lmax = 8, 5, [20, 13], 24
+    x = make_inputs(2, S, 2, seqlens, Lmax, **SMALL, device="cpu")
+    x["latent_cache"][1, :page] = x["latent_cache"][0, :page]
+    paged, table = to_paged(x["latent_cache"], page)
+    spare = table[1, 0].item()
+    table[1, 0] = table[0, 0]
+    paged[spare] = float("nan")  # the copy row 1 no longer reads
+    g_out = torch.randn(2, S, 2, SMALL["Dv"], dtype=torch.float64)
+    g_lse = torch.randn(2, S, 2, dtype=torch.float64)
+    want = grads_of(op_fn(x, x["cache_seqlens"], 0.3), x, KEYS, g_out, g_lse)
+
+    def paged_fn(t):
+        return mla_prefill(t["q_nope"], t["q_pe"], t["latent_cache"], x["cache_seqlens"], t["w_uk"],
+                           t["w_uv"], 0.3, block_table=table)
+
+    got = grads_of(paged_fn, dict(x, latent_cache=paged), KEYS, g_out, g_lse)
+    g = want["latent_cache"]
+    torch.testing.assert_close(got["latent_cache"][table[0, 0]], g[0, :page] + g[1, :page], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["latent_cache"][table[1, 1], : seqlens[1] - page], g[1, page : seqlens[1]],
+                               rtol=1e-4, atol=1e-5)
+    assert (got["latent_cache"][spare] == 0).all()
+
+
+def test_paged_shared_page_gradients():
+    _shared_page_gradients_match()
+
+
+@pytest.mark.parametrize("bwd_window", ["1", "37", "128", "100000"])
+def test_cpu_backward_key_windows(monkeypatch, bwd_window):
+    # When the threads' latent-gradient buffers would be too large, the CPU backward takes the
+    # keys in windows (forced small here): every window size gives the reference's gradients,
+    # fp32 and bf16, varlen rows with prefixes, sliding windows, paged caches, a shared page.
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_BWD_WINDOW", bwd_window)
+    test_gradients_match_autograd_fp64("cpu", 3, SMALL)
+    test_gradients_chunked_prefix_and_long("cpu")
+    test_gradients_causal_and_window("cpu", True, 9)
+    test_gradients_low_precision("cpu", torch.bfloat16)
+    test_paged_matches_contiguous("cpu", 16)
+    _shared_page_gradients_match()
+
+
+def test_cpu_backward_window_setting_checked(monkeypatch):
+    x = make_inputs(1, 3, 1, [5], 6, **SMALL, device="cpu")
+    g_out = torch.randn(1, 3, 1, SMALL["Dv"], dtype=torch.float64)
+    g_lse = torch.zeros(1, 3, 1, dtype=torch.float64)
+    for bad in ("0", "-3", "abc"):
+        monkeypatch.setenv("LATENTMOE_MLA_PREFILL_BWD_WINDOW", bad)
+        with pytest.raises(ValueError, match="LATENTMOE_MLA_PREFILL_BWD_WINDOW"):
+            grads_of(op_fn(x, x["cache_seqlens"], 0.3), x, KEYS, g_out, g_lse)
+
+
 @pytest.mark.parametrize(
     "make,match",
     [
@@ -749,3 +803,59 @@ def test_device_mismatch_names_argument(name):
     x = make_inputs(2, 3, 2, [5, 3], 6, C=8, R=4, Dn=8, Dv=6, device="cuda")
     with pytest.raises(RuntimeError, match=name):
         _call(x, **{name: x[name].cpu()})
+
+
+_PEAK_SCRIPT = """
+import json, sys, torch
+import latentmoe
+
+def status_kib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
+S, H, threads, mode = {S}, {H}, {threads}, "{mode}"
+torch.set_num_threads(threads)
+N, R, C, V = 128, 64, 512, 128
+q_nope = torch.randn(1, S, H, N); q_pe = torch.randn(1, S, H, R); cache = torch.randn(1, S, C + R)
+w_uk = torch.randn(H, N, C) * C ** -0.5; w_uv = torch.randn(H, V, C) * C ** -0.5
+lens = torch.full((1,), S, dtype=torch.int32)
+op = torch.ops.latentmoe
+out, lse = op.mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, 0.07)
+g, g_lse = torch.randn_like(out), torch.zeros_like(lse)
+small = torch.full((1,), 64, dtype=torch.int32)
+op.mla_prefill_backward(g[:, :64].contiguous(), g_lse[:, :64].contiguous(), q_nope[:, :64], q_pe[:, :64],
+                        cache, small, w_uk, w_uv, out[:, :64].contiguous(), lse[:, :64].contiguous(), 0.07)
+before = status_kib("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+if mode == "forward":
+    res = op.mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, 0.07)
+else:
+    res = op.mla_prefill_backward(g, g_lse, q_nope, q_pe, cache, lens, w_uk, w_uv, out, lse, 0.07)
+peak = status_kib("VmHWM")
+print(json.dumps({{"extra": (peak - before) * 1024, "outputs": sum(t.numel() * t.element_size() for t in res)}}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc (peak RSS)")
+@pytest.mark.parametrize("mode", ["forward", "backward"])
+def test_cpu_extra_memory_with_many_threads(mode):
+    # Per-thread buffers are bounded in all (query chunks, the backward's latent-gradient key
+    # windows, weight gradients only for each partition's heads). 64 heads on 32 threads at 1K
+    # tokens: per-thread full copies of the weight gradients alone were 1 GiB; the budget here
+    # is what the kernels allow themselves (256 MiB of query buffers, 64 MiB of latent-gradient
+    # windows, weight gradients of heads + threads heads) plus slack.
+    import json
+    import sys
+
+    import latentmoe
+
+    pkg_root = str(Path(latentmoe.__file__).resolve().parent.parent)
+    code = f"import sys; sys.path.insert(0, {pkg_root!r})\n" + _PEAK_SCRIPT.format(S=1024, H=64, threads=32, mode=mode)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    per_head_w = (128 + 128) * 512 * 4
+    budget = (256 << 20) + (64 << 20) + (64 + 32) * per_head_w + (64 << 20)
+    assert got["extra"] <= got["outputs"] + budget, (got, budget)

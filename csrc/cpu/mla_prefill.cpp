@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "common/math.h"
@@ -70,11 +72,21 @@ struct Split {
 // (the backward's partitions) carry similar work.
 inline int64_t zigzag_chunk(int64_t j, int64_t chunks) { return j % 2 == 0 ? j / 2 : chunks - 1 - j / 2; }
 
-Split split_queries(const Params& p) {
+// All threads' per-query buffers (a chunk's queries, its score rows, ...) stay within this: on a
+// machine with many threads, long prompts are cut into more, shorter chunks (each decompresses
+// its keys again: more work, bounded memory). 64 threads at 16K context: 2K-query chunks.
+constexpr int64_t kQueryBufferBytes = int64_t{256} << 20;
+
+// Query chunks: enough tasks for twice the threads, and chunks short enough that the threads'
+// buffers of per_query_floats floats per query fit in kQueryBufferBytes.
+Split split_queries(const Params& p, int64_t per_query_floats) {
   const int64_t bh = std::max<int64_t>(1, p.B * p.H);
-  const int64_t want = (2 * at::get_num_threads() + bh - 1) / bh;
+  const int64_t threads = at::get_num_threads();
+  const int64_t want = (2 * threads + bh - 1) / bh;
+  const int64_t max_size = std::max<int64_t>(
+      kMinQueryChunk, kQueryBufferBytes / (threads * per_query_floats * static_cast<int64_t>(sizeof(float))));
   const int64_t max_chunks = std::max<int64_t>(1, (p.S + kMinQueryChunk - 1) / kMinQueryChunk);
-  const int64_t chunks = std::clamp<int64_t>(want, 1, max_chunks);
+  const int64_t chunks = std::clamp<int64_t>(std::max(want, (p.S + max_size - 1) / max_size), 1, max_chunks);
   const int64_t size = std::max<int64_t>(1, (p.S + chunks - 1) / chunks);
   return {chunks, size};
 }
@@ -109,7 +121,8 @@ void decompress_tile(const Params& p, const T* cache, const int32_t* block_table
 template <typename T>
 void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* cache,
                      const int32_t* block_table, const int32_t* seqlens, const T* w_uk, const T* w_uv, T* out, float* lse) {
-  const Split sp = split_queries(p);
+  // Per query: q_nope, q_pe, the output accumulator, a score row, the running max and sum.
+  const Split sp = split_queries(p, p.Dn + p.R + p.Dv + kKeyTile + 2);
   const int64_t bh = p.B * p.H, n_tasks = bh * sp.chunks;
   // Each worker takes tasks from a shared counter, the last query chunks of every (b, h) first
   // (causally the longest), then the ones before: no thread is left with the long tail. Which
@@ -229,28 +242,50 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_cpu(const at::Tensor& q_nope, con
 //   dQ += dS K, dK = dS^T Q; and through the decompression
 //   d c_kv += dK_nope W_UK + dV W_UV, dW_UK_h += dK_nope^T c_kv, dW_UV_h += dV^T c_kv.
 // Tasks own their queries' dQ. The latent-cache and weight gradients are sums over tasks: tasks
-// are cut into one contiguous range per thread (a partition); each partition runs its tasks in
-// order into its own fp32 buffers (for a contiguous cache only the rows of its batch rows), and
-// the buffers are added up in partition order afterwards. No locks, and the result is bitwise
-// the same from run to run at a given thread count. Extra memory: about (B + threads) rows of
-// Lmax x (C+R) fp32, plus weight-gradient buffers for the heads each partition's tasks cover
-// (tasks go batch row, head, query chunk: with B = 1 about H + threads heads in all, not a full
-// copy per thread: at H = 128 that was 67 MB a thread).
+// (batch row, head, query chunk) are cut into one contiguous range per thread (a partition, cut
+// by work); each partition runs its tasks in order into its own fp32 buffers, and the buffers
+// are added up in partition order afterwards. No locks, and the result is bitwise the same from
+// run to run at a given thread count.
+// Extra memory: each partition's latent-gradient buffer holds its batch rows' keys of one key
+// window: all keys (one window) while the partitions' buffers fit in kGradWindowBytes, else
+// windows of keys taken one after another (each task then revisits its queries per window and
+// adds its dQ into fp32 accumulators: grad_q itself in fp32, else an fp32 copy). Weight-gradient
+// buffers cover the heads a partition's tasks touch (with B = 1 about H + threads heads in all).
+constexpr int64_t kGradWindowBytes = int64_t{64} << 20;
+
+// Keys per window: LATENTMOE_MLA_PREFILL_BWD_WINDOW (tests), else all keys while the partitions'
+// buffers fit in kGradWindowBytes, else the largest number of key tiles that does.
+int64_t backward_window(int64_t keys, int64_t rows_in_buffers, int64_t CR) {
+  if (const char* v = std::getenv("LATENTMOE_MLA_PREFILL_BWD_WINDOW"); v != nullptr && *v != '\0') {
+    char* end = nullptr;
+    const long long n = std::strtoll(v, &end, 10);
+    TORCH_CHECK_VALUE(end != v && *end == '\0' && n >= 1,
+                      "latentmoe.mla_prefill_backward: LATENTMOE_MLA_PREFILL_BWD_WINDOW must be a positive "
+                      "integer, not '", v, "'");
+    return std::min<int64_t>(n, std::max<int64_t>(1, keys));
+  }
+  const int64_t per_key = std::max<int64_t>(1, rows_in_buffers * CR * static_cast<int64_t>(sizeof(float)));
+  if (keys * per_key <= kGradWindowBytes) return std::max<int64_t>(1, keys);
+  return std::max<int64_t>(kKeyTile, kGradWindowBytes / per_key / kKeyTile * kKeyTile);
+}
 
 template <typename T>
 void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse, const T* q_nope,
                       const T* q_pe, const T* cache, const int32_t* block_table, const int32_t* seqlens, const T* w_uk, const T* w_uv,
                       const T* out, const float* lse, T* grad_q_nope, T* grad_q_pe, float* grad_cache,
-                      int64_t grad_rows, float* grad_w_uk, float* grad_w_uv) {
-  const Split sp = split_queries(p);
+                      float* grad_w_uk, float* grad_w_uv) {
+  // Per query: q, dO, lse, delta, dq, and rows of P and dS.
+  const Split sp = split_queries(p, 2 * (p.Dn + p.R) + p.Dv + 2 + 2 * kKeyTile);
   const int64_t n_tasks = p.B * p.H * sp.chunks;
   const int64_t CR = p.C + p.R;
   const int64_t tasks_per_b = p.H * sp.chunks;
   const int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks));
   struct Part {
-    int64_t task_begin, task_end, row_lo, row_hi;  // tasks [begin, end); grad rows [lo, hi)
-    int64_t h_lo, h_hi;                            // heads its tasks touch: [lo, hi)
-    std::vector<float> gcache, gwk, gwv;           // gwk / gwv: heads [h_lo, h_hi) only
+    int64_t task_begin, task_end;  // tasks [begin, end)
+    int64_t b_lo, b_hi;            // batch rows its tasks touch: [lo, hi)
+    int64_t h_lo, h_hi;            // heads its tasks touch: [lo, hi)
+    std::vector<float> gcache;     // [b_hi - b_lo, window, C+R]: keys of the current window
+    std::vector<float> gwk, gwv;   // heads [h_lo, h_hi) only
   };
   // Partition boundaries by work: each task's (query, key) pairs plus a fixed cost per query
   // (its loads and stores); each cut at the task boundary nearest to its share of the work.
@@ -274,28 +309,47 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
     cut[i] = std::max(task + (next_nearer ? 1 : 0), cut[i - 1]);
   }
   std::vector<Part> parts(n_parts);
+  int64_t rows_in_buffers = 0;  // batch rows over all partitions' latent-gradient buffers
   for (int64_t i = 0; i < n_parts; ++i) {
     Part& pt = parts[i];
     pt.task_begin = cut[i];
     pt.task_end = cut[i + 1];
-    if (p.page_size == 0 && pt.task_end > pt.task_begin) {  // contiguous: rows of its batch rows only
-      pt.row_lo = pt.task_begin / tasks_per_b * p.rows_per_major;
-      pt.row_hi = ((pt.task_end - 1) / tasks_per_b + 1) * p.rows_per_major;
-    } else {
-      pt.row_lo = 0;
-      pt.row_hi = pt.task_end > pt.task_begin ? grad_rows : 0;
-    }
+    const bool any = pt.task_end > pt.task_begin;
+    pt.b_lo = any ? pt.task_begin / tasks_per_b : 0;
+    pt.b_hi = any ? (pt.task_end - 1) / tasks_per_b + 1 : 0;
     // Within one batch row its heads are one range; across rows, all heads.
-    const bool one_row = pt.task_end > pt.task_begin &&
-                         pt.task_begin / tasks_per_b == (pt.task_end - 1) / tasks_per_b;
+    const bool one_row = any && pt.b_hi - pt.b_lo == 1;
     pt.h_lo = one_row ? (pt.task_begin / sp.chunks) % p.H : 0;
-    pt.h_hi = one_row ? ((pt.task_end - 1) / sp.chunks) % p.H + 1 : (pt.task_end > pt.task_begin ? p.H : 0);
-  }
-  // One partition: its tasks in order, into its own buffers.
-  auto run_part = [&](Part& pt) {
-    pt.gcache.assign((pt.row_hi - pt.row_lo) * CR, 0.f);
+    pt.h_hi = one_row ? ((pt.task_end - 1) / sp.chunks) % p.H + 1 : (any ? p.H : 0);
     pt.gwk.assign((pt.h_hi - pt.h_lo) * p.Dn * p.C, 0.f);
     pt.gwv.assign((pt.h_hi - pt.h_lo) * p.Dv * p.C, 0.f);
+    rows_in_buffers += pt.b_hi - pt.b_lo;
+  }
+  int64_t keys = 0;  // key positions of the longest row
+  for (int64_t b = 0; b < p.B; ++b) keys = std::max<int64_t>(keys, seqlens[b]);
+  const int64_t win = backward_window(keys, rows_in_buffers, CR);
+  const bool windowed = win < keys;
+  // Windowed, dQ sums over the windows: in grad_q itself for fp32, else in an fp32 copy.
+  const int64_t n_q = p.B * p.S * p.H;
+  std::vector<float> dq_copy;
+  float* dq_nope = nullptr;
+  float* dq_pe = nullptr;
+  if (windowed) {
+    if constexpr (std::is_same_v<T, float>) {
+      dq_nope = grad_q_nope;
+      dq_pe = grad_q_pe;
+    } else {
+      dq_copy.resize(n_q * (p.Dn + p.R));
+      dq_nope = dq_copy.data();
+      dq_pe = dq_nope + n_q * p.Dn;
+    }
+    std::fill(dq_nope, dq_nope + n_q * p.Dn, 0.f);
+    std::fill(dq_pe, dq_pe + n_q * p.R, 0.f);
+  }
+
+  // One partition's tasks over keys [w0, w1), in order, into its own buffers.
+  auto run_part = [&](Part& pt, int64_t w0, int64_t w1) {
+    pt.gcache.assign((pt.b_hi - pt.b_lo) * (w1 - w0) * CR, 0.f);
     const int64_t task_begin = pt.task_begin, task_end = pt.task_end;
     const int64_t cs = sp.chunk_size;
     std::vector<float> wk_buf(p.Dn * p.C), wv_buf(p.Dv * p.C);
@@ -319,13 +373,19 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
       const int64_t i_end = std::min(p.S, i_begin + sp.chunk_size);
       if (i_begin >= i_end) continue;
       const int64_t i_lo = std::clamp(mla_prefill::first_live_query(p, seqlen), i_begin, i_end);
-      for (int64_t i = i_begin; i < i_lo; ++i) {  // queries that saw nothing: zero gradient
-        const int64_t qi = (b * p.S + i) * p.H + h;
-        std::fill(grad_q_nope + qi * p.Dn, grad_q_nope + (qi + 1) * p.Dn, static_cast<T>(0.f));
-        std::fill(grad_q_pe + qi * p.R, grad_q_pe + (qi + 1) * p.R, static_cast<T>(0.f));
+      if (!windowed) {
+        for (int64_t i = i_begin; i < i_lo; ++i) {  // queries that saw nothing: zero gradient
+          const int64_t qi = (b * p.S + i) * p.H + h;
+          std::fill(grad_q_nope + qi * p.Dn, grad_q_nope + (qi + 1) * p.Dn, static_cast<T>(0.f));
+          std::fill(grad_q_pe + qi * p.R, grad_q_pe + (qi + 1) * p.R, static_cast<T>(0.f));
+        }
       }
       const int64_t nq = i_end - i_lo;
       if (nq == 0) continue;
+      const int64_t pos0 = mla_prefill::query_pos(seqlen, p.S, i_lo);
+      const int64_t kv_begin = std::max(w0, mla_prefill::key_begin(p, pos0));
+      const int64_t kv_end = std::min(w1, mla_prefill::key_end(p, seqlen, pos0 + nq - 1));
+      if (kv_begin >= kv_end) continue;  // (windowed only: every live query sees some key)
       if (loaded_head != h) {
         load_weights(p, w_uk, w_uv, h, wk_buf.data(), wv_buf.data());
         loaded_head = h;
@@ -345,9 +405,6 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
       std::fill(dqp.begin(), dqp.begin() + nq * p.R, 0.f);
       dwk.zero_();
       dwv.zero_();
-      const int64_t pos0 = mla_prefill::query_pos(seqlen, p.S, i_lo);
-      const int64_t kv_begin = mla_prefill::key_begin(p, pos0);
-      const int64_t kv_end = mla_prefill::key_end(p, seqlen, pos0 + nq - 1);
       for (int64_t t0 = kv_begin; t0 < kv_end; t0 += kKeyTile) {
         const int64_t nt = std::min(kKeyTile, kv_end - t0);
         const int64_t r0 = std::clamp<int64_t>(mla_prefill::first_query_seeing(p, seqlen, t0) - i_lo, 0, nq);
@@ -385,17 +442,22 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
         dct_m.addmm_(dv_m, wv);
         dwk.addmm_(dkn_m.t(), ct_m);
         dwv.addmm_(dv_m.t(), ct_m);
+        float* gbase = pt.gcache.data() + ((b - pt.b_lo) * (w1 - w0) + (t0 - w0)) * CR;
         for (int64_t t = 0; t < nt; ++t) {
-          const int64_t row = mla_prefill::grad_cache_row(p, mla_prefill::cache_slot(p, block_table, b, t0 + t));
-          float* g = pt.gcache.data() + (row - pt.row_lo) * CR;
+          float* g = gbase + t * CR;
           for (int64_t k = 0; k < p.C; ++k) g[k] += dct[t * p.C + k];
           for (int64_t k = 0; k < p.R; ++k) g[p.C + k] += dkp[t * p.R + k];
         }
       }
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t qi = (b * p.S + i_lo + r) * p.H + h;
-        for (int64_t d = 0; d < p.Dn; ++d) grad_q_nope[qi * p.Dn + d] = static_cast<T>(dqn[r * p.Dn + d]);
-        for (int64_t d = 0; d < p.R; ++d) grad_q_pe[qi * p.R + d] = static_cast<T>(dqp[r * p.R + d]);
+        if (windowed) {
+          for (int64_t d = 0; d < p.Dn; ++d) dq_nope[qi * p.Dn + d] += dqn[r * p.Dn + d];
+          for (int64_t d = 0; d < p.R; ++d) dq_pe[qi * p.R + d] += dqp[r * p.R + d];
+        } else {
+          for (int64_t d = 0; d < p.Dn; ++d) grad_q_nope[qi * p.Dn + d] = static_cast<T>(dqn[r * p.Dn + d]);
+          for (int64_t d = 0; d < p.R; ++d) grad_q_pe[qi * p.R + d] = static_cast<T>(dqp[r * p.R + d]);
+        }
       }
       float* gk = pt.gwk.data() + (h - pt.h_lo) * p.Dn * p.C;
       float* gv = pt.gwv.data() + (h - pt.h_lo) * p.Dv * p.C;
@@ -403,20 +465,31 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
       for (int64_t k = 0; k < p.Dv * p.C; ++k) gv[k] += dwv_buf[k];
     }
   };
-  at::parallel_for(0, n_parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    for (int64_t part = part_begin; part < part_end; ++part) run_part(parts[part]);
-  });
-  // Partition sums, in partition order (grad_cache / grad_w_* start at zero).
-  at::parallel_for(0, grad_rows, 64, [&](int64_t rb, int64_t re) {
-    for (const Part& pt : parts) {
-      const int64_t lo = std::max(rb, pt.row_lo), hi = std::min(re, pt.row_hi);
-      for (int64_t row = lo; row < hi; ++row) {
-        const float* src = pt.gcache.data() + (row - pt.row_lo) * CR;
-        float* dst = grad_cache + row * CR;
-        for (int64_t k = 0; k < CR; ++k) dst[k] += src[k];
-      }
-    }
-  });
+  for (int64_t w0 = 0; w0 < std::max<int64_t>(keys, 1); w0 += win) {
+    const int64_t w1 = std::min(keys, w0 + win);
+    at::parallel_for(0, n_parts, 1, [&](int64_t part_begin, int64_t part_end) {
+      for (int64_t part = part_begin; part < part_end; ++part) run_part(parts[part], w0, w1);
+    });
+    // The window's latent gradients, partition by partition, then key by key (a paged cache's
+    // rows may share pages): threads split the C+R columns, so no two write one element.
+    at::parallel_for(0, CR, 32, [&](int64_t k0, int64_t k1) {
+      for (const Part& pt : parts)
+        for (int64_t b = pt.b_lo; b < pt.b_hi; ++b)
+          for (int64_t t = w0; t < std::min<int64_t>(w1, seqlens[b]); ++t) {
+            const int64_t row = mla_prefill::grad_cache_row(p, mla_prefill::cache_slot(p, block_table, b, t));
+            const float* src = pt.gcache.data() + ((b - pt.b_lo) * (w1 - w0) + (t - w0)) * CR;
+            float* dst = grad_cache + row * CR;
+            for (int64_t k = k0; k < k1; ++k) dst[k] += src[k];
+          }
+    });
+  }
+  for (Part& pt : parts) std::vector<float>().swap(pt.gcache);
+  if (windowed && !std::is_same_v<T, float>) {
+    at::parallel_for(0, n_q, 64, [&](int64_t qb, int64_t qe) {
+      for (int64_t k = qb * p.Dn; k < qe * p.Dn; ++k) grad_q_nope[k] = static_cast<T>(dq_nope[k]);
+      for (int64_t k = qb * p.R; k < qe * p.R; ++k) grad_q_pe[k] = static_cast<T>(dq_pe[k]);
+    });
+  }
   const int64_t per_k = p.Dn * p.C, per_v = p.Dv * p.C, nwk = p.H * per_k, nwv = p.H * per_v;
   at::parallel_for(0, nwk + nwv, 4096, [&](int64_t b, int64_t e) {
     for (const Part& pt : parts) {  // its heads' elements only (elsewhere it holds nothing)
@@ -446,8 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
           io.seqlens.const_data_ptr<int32_t>(), w_uk.const_data_ptr<scalar_t>(), w_uv.const_data_ptr<scalar_t>(),
           io.out.const_data_ptr<scalar_t>(), io.lse.const_data_ptr<float>(),
           io.grad_q_nope.mutable_data_ptr<scalar_t>(), io.grad_q_pe.mutable_data_ptr<scalar_t>(),
-          io.grad_cache.mutable_data_ptr<float>(), io.grad_cache.numel() / (p.C + p.R),
-          io.grad_w_uk.mutable_data_ptr<float>(),
+          io.grad_cache.mutable_data_ptr<float>(), io.grad_w_uk.mutable_data_ptr<float>(),
           io.grad_w_uv.mutable_data_ptr<float>());
     });
   }
