@@ -111,8 +111,9 @@ def _inputs(cfg, S, device, dtype):
     return x, cos.to(dtype), sin.to(dtype)
 
 
-def op_peak_extra_bytes(S: int, device: str, dtype: torch.dtype) -> int:
-    """Peak memory of one ``mla_prefill`` call beyond its inputs (outputs included), at context S."""
+def op_peak_extra_bytes(S: int, device: str, dtype: torch.dtype, backward: bool = False) -> int:
+    """Peak memory of one ``mla_prefill`` call (or, with ``backward``, one ``mla_prefill_backward``
+    call) beyond its inputs (outputs included), at context S."""
     if device.startswith("cuda"):
         H, N, R, C, V = 16, 128, 64, 512, 128
         q_nope = torch.randn(1, S, H, N, device=device, dtype=dtype)
@@ -121,12 +122,19 @@ def op_peak_extra_bytes(S: int, device: str, dtype: torch.dtype) -> int:
         w_uk = torch.randn(H, N, C, device=device, dtype=dtype) / math.sqrt(C)
         w_uv = torch.randn(H, V, C, device=device, dtype=dtype) / math.sqrt(C)
         lens = torch.full((1,), S, dtype=torch.int32, device=device)
+        op = torch.ops.latentmoe
+        if backward:
+            out, lse = op.mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, 0.07)
+            g, g_lse = torch.randn_like(out), torch.zeros_like(lse)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        out = latentmoe.ops.mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, 0.07)
+        if backward:
+            res = op.mla_prefill_backward(g, g_lse, q_nope, q_pe, cache, lens, w_uk, w_uv, out, lse, 0.07)
+        else:
+            res = op.mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, 0.07)
         torch.cuda.synchronize()
-        del out
+        del res
         return torch.cuda.max_memory_allocated() - base
     # CPU: the process's peak RSS grows only past its previous peak, so measure in a fresh child
     # whose inputs are allocated (and touched) before the call.
@@ -137,7 +145,7 @@ def op_peak_extra_bytes(S: int, device: str, dtype: torch.dtype) -> int:
         f"import sys; sys.path.insert(0, {pkg_root!r}); "
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]\n"
     )
-    code = prelude + _CPU_PEAK_SCRIPT.format(S=S, dtype=str(dtype).removeprefix("torch."))
+    code = prelude + _CPU_PEAK_SCRIPT.format(S=S, dtype=str(dtype).removeprefix("torch."), backward=backward)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(json.loads(res.stdout.strip().splitlines()[-1])["extra"])
 
@@ -159,14 +167,26 @@ cache = torch.empty(1, S, C + R, dtype=dt).normal_()
 w_uk = torch.empty(H, N, C, dtype=dt).normal_(0, C ** -0.5)
 w_uv = torch.empty(H, V, C, dtype=dt).normal_(0, C ** -0.5)
 small = torch.full((1,), 64, dtype=torch.int32)
-latentmoe.ops.mla_prefill(q_nope[:, -64:], q_pe[:, -64:], cache, small, w_uk, w_uv, 0.07)
+lens = torch.full((1,), S, dtype=torch.int32)
+op = torch.ops.latentmoe
+if {backward}:
+    out, lse = op.mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, 0.07)
+    g, g_lse = torch.empty_like(out).normal_(), torch.zeros_like(lse)
+    warm = [t[:, :64].contiguous() for t in (g, g_lse, q_nope, q_pe)]
+    op.mla_prefill_backward(*warm, cache, small, w_uk, w_uv, out[:, :64].contiguous(),
+                            lse[:, :64].contiguous(), 0.07)
+else:
+    op.mla_prefill(q_nope[:, -64:], q_pe[:, -64:], cache, small, w_uk, w_uv, 0.07)
 before = status_kib("VmRSS")
 try:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 except OSError:
     pass
-out = latentmoe.ops.mla_prefill(q_nope, q_pe, cache, torch.full((1,), S, dtype=torch.int32), w_uk, w_uv, 0.07)
+if {backward}:
+    res = op.mla_prefill_backward(g, g_lse, q_nope, q_pe, cache, lens, w_uk, w_uv, out, lse, 0.07)
+else:
+    res = op.mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, 0.07)
 peak = status_kib("VmHWM")
 print(json.dumps({{"extra": max(0, peak - before) * 1024}}))
 """
@@ -228,6 +248,13 @@ def run(device: str, quick: bool) -> list[dict]:
               metric="memory", unit="GiB", note=note)
     mem["goal"] = "< 4"
     rows.append(mem)
+    # The backward's extra peak (no goal: issue 3 asks that it be chunked so long sequences fit).
+    S_bwd = 4096
+    extra_b = op_peak_extra_bytes(S_bwd, device, dtype, backward=True)
+    rows.append(row("mla_prefill_backward", "latentmoe", f"peak-extra-mem-{dt}", S_bwd, (extra_b / GiB,) * 3,
+                    device, metric="memory", unit="GiB",
+                    note=f"no goal; op alone, its gradients included ({S_bwd * 16 * 192 * dtype.itemsize / GiB:.2f} "
+                         f"GiB of them for the queries); {how}"))
     return rows
 
 
