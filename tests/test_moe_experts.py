@@ -371,6 +371,52 @@ def test_experts_cpu_scheduling_and_tiles(monkeypatch, case, dtype, threads, isa
         assert err <= 2 * (ref_lp.double() - want).abs().max().item() + 1e-3
 
 
+@pytest.mark.parametrize("case", ["uniform", "one_heavy", "few_active", "ragged"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("isa", ["native", "generic"])  # generic: the ATen backward
+def test_experts_cpu_backward_scheduling(monkeypatch, case, dtype, isa):
+    # The CPU backward: experts concurrently (one thread each) or, too large to share out, alone
+    # with their GEMMs split across the threads; H = 530 spans three 256-row k blocks of the
+    # activation-gradient GEMMs, 2I = 90 and I = 45 end in partial 16-column panels and 6-row
+    # tiles, and "ragged" gives every row count from 1 to E. Gradients against fp64 autograd of
+    # the reference; and the AVX2 backward op gives the same bits at 1, 2 and 3 threads.
+    if isa == "generic":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    T, E, H, I = (13, 12, 530, 45) if case == "ragged" else (40, 10, 530, 45)
+    x = torch.randn(T, H)
+    gu, down = _experts(E, H, I, "cpu")
+    w, idx = _scheduling_routing(case, T, E)
+    g = torch.randn(T, H)
+    leaves = [t.double().requires_grad_() for t in (x, gu, down, w)]
+    ref.swiglu_experts(*leaves, idx).backward(g.double())
+    lp = [t.to(dtype) for t in (x, gu, down)]
+    lp_ref = [t.clone().requires_grad_() for t in lp] + [w.clone().requires_grad_()]
+    ref.swiglu_experts(*lp_ref, idx).backward(g.to(dtype))
+    ins = [t.clone().requires_grad_() for t in lp] + [w.clone().requires_grad_()]
+    moe_experts(*ins, idx).backward(g.to(dtype))
+    for got, low, exact in zip(ins, lp_ref, leaves):
+        if dtype == torch.float32:
+            assert rel_err(got.grad, exact.grad) <= 1e-5
+        else:
+            err = (got.grad.double() - exact.grad).abs().max().item()
+            assert err <= 2 * (low.grad.double() - exact.grad).abs().max().item() + 1e-3
+    if isa == "generic":
+        return  # (the ATen backward's GEMMs may split sums by thread count)
+    op = torch.ops.latentmoe
+    _, pairs, offsets, gate_up_out = op.moe_experts.default(*lp, w, idx, True)
+    prev = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(op.moe_experts_backward.default(g.to(dtype), *lp, w, pairs, offsets, gate_up_out))
+    finally:
+        torch.set_num_threads(prev)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("isa", ["native", "generic"])
 @pytest.mark.parametrize("T,H,I", [(1, 75, 41), (2, 530, 45), (4, 61, 33)])
 def test_experts_cpu_small_m_bf16_groups(monkeypatch, isa, T, H, I):

@@ -146,16 +146,13 @@ void check_experts_backward_args(const at::Tensor& hidden, const at::Tensor& gat
                      at::empty({hidden.size(0), weights.size(1)}, hidden.options().dtype(at::kLong)));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
-    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
-    const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
-    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out) {
+void check_experts_backward_tensors(const at::Tensor& grad_out, const at::Tensor& hidden,
+                                    const at::Tensor& gate_up_proj, const at::Tensor& weights,
+                                    const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets,
+                                    const at::Tensor& gate_up_out) {
   const char* op = "moe_experts_backward";
-  // The ATen calls below are our implementation, not something to differentiate.
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const int64_t T = hidden.size(0), H = hidden.size(1), E = gate_up_proj.size(0);
-  const int64_t I = gate_up_proj.size(1) / 2;
-  const int64_t K = weights.size(1), S = T * K;
+  const int64_t E = gate_up_proj.size(0), I = gate_up_proj.size(1) / 2;
+  const int64_t S = hidden.size(0) * weights.size(1);
   chk::same_dtype(op, "grad_out", grad_out, "hidden", hidden);
   TORCH_CHECK_VALUE(grad_out.sizes() == hidden.sizes(), "latentmoe.moe_experts_backward: argument 'grad_out' has shape ",
                     grad_out.sizes(), " but 'hidden' has shape ", hidden.sizes());
@@ -169,6 +166,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
   chk::same_dtype(op, "gate_up_out", gate_up_out, "hidden", hidden);
   TORCH_CHECK_VALUE(gate_up_out.dim() == 2 && gate_up_out.size(0) == S && gate_up_out.size(1) == 2 * I,
                     "latentmoe.moe_experts_backward: argument 'gate_up_out' must be [T*k, 2I]");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
+    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
+    const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
+    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out) {
+  // The ATen calls below are our implementation, not something to differentiate.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  check_experts_backward_tensors(grad_out, hidden, gate_up_proj, weights, sorted_pairs, expert_offsets,
+                                 gate_up_out);
+  const int64_t T = hidden.size(0), H = hidden.size(1), E = gate_up_proj.size(0);
+  const int64_t I = gate_up_proj.size(1) / 2;
+  const int64_t K = weights.size(1), S = T * K;
   const auto dt = hidden.scalar_type();
   auto off = expert_offsets.to(at::kCPU);
   const int64_t* op_ = off.const_data_ptr<int64_t>();
@@ -501,8 +511,9 @@ __attribute__((target("avx2,fma,f16c"))) void pack_panel(const TW* w, int64_t ld
   }
 }
 
-// out[MR, nr] (+)= a[MR, kc] @ panel[kc, 16] (first nr columns), a's rows lda apart.
-template <int MR>
+// out[MR, nr] (+)= a[MR, kc] @ panel[kc, 16] (first nr columns), a's rows lda apart (kATrans:
+// a given transposed, a[i, k] at a[k * lda + i]).
+template <int MR, bool kATrans = false>
 __attribute__((target("avx2,fma"))) void tile(const float* a, int64_t lda, const float* panel,
                                               int64_t kc, float* out, int64_t ldo, int64_t nr,
                                               bool accumulate) {
@@ -514,7 +525,7 @@ __attribute__((target("avx2,fma"))) void tile(const float* a, int64_t lda, const
     const __m256 b0 = _mm256_loadu_ps(panel + k * kNr), b1 = _mm256_loadu_ps(panel + k * kNr + 8);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
+      const __m256 av = _mm256_broadcast_ss(kATrans ? a + k * lda + i : a + i * lda + k);
       c0[i] = _mm256_fmadd_ps(av, b0, c0[i]);
       c1[i] = _mm256_fmadd_ps(av, b1, c1[i]);
     }
@@ -725,6 +736,73 @@ __attribute__((target("avx2,fma,f16c"))) void gemm(const float* a, int64_t lda, 
           case 3: tile<3>(at, lda, panel, kc, ot, ldo, nr, acc); break;
           case 2: tile<2>(at, lda, panel, kc, ot, ldo, nr, acc); break;
           default: tile<1>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+        }
+      }
+    }
+  }
+}
+
+// panel[k * 16 + j] = fp32(w[k * ldw + j]) for k < kc, j < nr (<= 16); zero for j >= nr: a
+// panel of w in [K, N] layout (n contiguous), a straight copy (no transpose).
+template <typename TW>
+__attribute__((target("avx2,fma,f16c"))) void pack_panel_kn(const TW* w, int64_t ldw, int64_t nr,
+                                                           int64_t kc, float* panel) {
+  if (nr == kNr) {
+    for (int64_t k = 0; k < kc; ++k) {
+      _mm256_storeu_ps(panel + k * kNr, load8<TW>(w + k * ldw));
+      _mm256_storeu_ps(panel + k * kNr + 8, load8<TW>(w + k * ldw + 8));
+    }
+    return;
+  }
+  for (int64_t k = 0; k < kc; ++k)
+    for (int64_t j = 0; j < kNr; ++j) panel[k * kNr + j] = j < nr ? static_cast<float>(w[k * ldw + j]) : 0.f;
+}
+
+// out[M, N] = a[M, K] @ w[K, N] for output columns [n_begin, n_end) (n_begin a multiple of 16),
+// w in [K, N] layout (fp32 / bf16 / fp16), a row-major (rows lda apart) or, kATrans, given as
+// [K, M] (a[i, k] at a[k * lda + i]). The backward's GEMMs: activation gradients (a the rows'
+// gradients, w an expert's weight as stored) and weight gradients (a and w both the expert's
+// rows, K = its row count). Each output element sums over k in the same order whatever the
+// column range or the caller's split: bitwise the same across thread counts.
+template <typename TW, bool kATrans>
+__attribute__((target("avx2,fma,f16c"))) void gemm_kn(const float* a, int64_t lda, const TW* w,
+                                                     int64_t ldw, float* out, int64_t ldo,
+                                                     int64_t M, int64_t n_begin, int64_t n_end,
+                                                     int64_t K, float* panel) {
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldo + n_begin, out + m * ldo + n_end, 0.f);
+    return;
+  }
+  const int64_t n_mtiles = (M + kMr - 1) / kMr;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kNr) {
+    const int64_t nr = std::min(kNr, n_end - n0);
+    for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+      const int64_t kc = std::min(kKc, K - k0);
+      pack_panel_kn<TW>(w + k0 * ldw + n0, ldw, nr, kc, panel);
+      // The next panel's rows (ldw apart: one line each, on a different page where ldw is 4 KiB)
+      // are prefetched to L2 a few per tile; packing would otherwise wait on each of them.
+      const bool last_k = k0 + kKc >= K;
+      const int64_t next_n0 = last_k ? n0 + kNr : n0, next_k0 = last_k ? 0 : k0 + kKc;
+      const int64_t next_rows = next_n0 < n_end ? std::min(kKc, K - next_k0) : 0;
+      const char* next_w = reinterpret_cast<const char*>(w + next_k0 * ldw + next_n0);
+      const int64_t row_bytes = ldw * static_cast<int64_t>(sizeof(TW));
+      const int64_t span = std::min(kNr, n_end - next_n0) * static_cast<int64_t>(sizeof(TW)) - 1;
+      for (int64_t m0 = 0; m0 < M; m0 += kMr) {
+        const int64_t t = m0 / kMr;
+        for (int64_t r = next_rows * t / n_mtiles; r < next_rows * (t + 1) / n_mtiles; ++r) {
+          _mm_prefetch(next_w + r * row_bytes, _MM_HINT_T1);
+          _mm_prefetch(next_w + r * row_bytes + span, _MM_HINT_T1);
+        }
+        const float* at = kATrans ? a + k0 * lda + m0 : a + m0 * lda + k0;
+        float* ot = out + m0 * ldo + n0;
+        const bool acc = k0 > 0;
+        switch (std::min(kMr, M - m0)) {
+          case 6: tile<6, kATrans>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          case 5: tile<5, kATrans>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          case 4: tile<4, kATrans>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          case 3: tile<3, kATrans>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          case 2: tile<2, kATrans>(at, lda, panel, kc, ot, ldo, nr, acc); break;
+          default: tile<1, kATrans>(at, lda, panel, kc, ot, ldo, nr, acc); break;
         }
       }
     }
@@ -1074,12 +1152,309 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_cpu(
   return {out, sorted_pairs, offsets, gate_up_out};
 }
 
+// ---- backward on AVX2 -----------------------------------------------------------------------
+// Per expert, in fp32 (16-bit operands widened as they are read), with the rounding points of
+// the forward (act and the SwiGLU gradient rounded to the input dtype):
+//   ga_u = gy @ W_down[e]          act = T(silu(g) * u)       gyw = T(gy * w)
+//   dW_down[e] = gyw^T @ act       dw = rowsum(ga_u * act)    ga = ga_u * w
+//   gh = T([ga * u * silu'(g), ga * silu(g)])
+//   dW_gate_up[e] = gh^T @ xs      dxs = gh @ W_gate_up[e]
+// Experts run concurrently, one thread each, largest first (as the forward); an expert too big
+// to share out runs alone with its GEMMs split across the threads (columns of the activation
+// gradients, rows of the weight gradients: the same sums either way). Each token's k rows of dxs
+// are added in k order: bitwise deterministic, whatever the thread count. No weight is copied
+// whole (the ATen path widened every expert's weights to fp32 for bf16 / fp16).
+
+// Rows [o, o + m) of one expert: the gathered inputs and the SwiGLU terms. act and gyw rounded to T.
+template <typename T>
+LMOE_CPU_AVX2 void backward_rows_in(const T* x, const T* gout, const T* guo, const float* wts,
+                                    const int64_t* sorted_pairs, int64_t K, int64_t H, int64_t I,
+                                    int64_t o, int64_t r_begin, int64_t r_end, float* xs, float* gy,
+                                    float* gyw, float* gu, float* act, float* ws, int64_t ldh,
+                                    int64_t ld2i, int64_t ldi) {
+  using vec8::v8f;
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const int64_t p = sorted_pairs[o + r], tok = p / K;
+    const float w = wts[p];
+    ws[r] = w;
+    const T* xr = x + tok * H;
+    const T* gr = gout + tok * H;
+    float* xsr = xs + r * ldh;
+    float* gyr = gy + r * ldh;
+    float* gwr = gyw + r * ldh;
+    int64_t h = 0;
+    for (; h + 8 <= H; h += 8) {
+      const v8f gv = vec8::load_f32<T, true>(gr + h);
+      vec8::store(xsr + h, vec8::load_f32<T, true>(xr + h));
+      vec8::store(gyr + h, gv);
+      vec8::store(gwr + h, vec8::round_to<T, true>(gv * vec8::splat(w)));
+    }
+    for (; h < H; ++h) {
+      xsr[h] = static_cast<float>(xr[h]);
+      gyr[h] = static_cast<float>(gr[h]);
+      gwr[h] = static_cast<float>(static_cast<T>(gyr[h] * w));
+    }
+    const T* gur = guo + (o + r) * 2 * I;
+    float* gus = gu + r * ld2i;
+    float* ar = act + r * ldi;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+      const v8f g = vec8::load_f32<T, true>(gur + i), u = vec8::load_f32<T, true>(gur + I + i);
+      vec8::store(gus + i, g);
+      vec8::store(gus + I + i, u);
+      vec8::store(ar + i, vec8::round_to<T, true>(silu8(g) * u));
+    }
+    for (; i < I; ++i) {
+      const float g = static_cast<float>(gur[i]), u = static_cast<float>(gur[I + i]);
+      gus[i] = g;
+      gus[I + i] = u;
+      ar[i] = static_cast<float>(static_cast<T>(silu1(g) * u));
+    }
+  }
+}
+
+// d silu(g) / dg = sig * (1 + g * (1 - sig)), sig = 1 / (1 + exp(-g)) (from exp(-|g|) <= 1).
+LMOE_V8_INLINE vec8::v8f sigmoid8(vec8::v8f g) {
+  const vec8::v8u bits = reinterpret_cast<const vec8::v8u&>(g) | 0x80000000u;  // -|g|
+  const vec8::v8f z = vec8::exp_nonpos(reinterpret_cast<const vec8::v8f&>(bits));
+  const vec8::v8f one = vec8::splat(1.f);
+  return (g >= vec8::splat(0.f) ? one : z) / (one + z);
+}
+LMOE_V8_INLINE float sigmoid1(float g) {
+  const float z = vec8::exp_nonpos(-std::fabs(g));
+  return (g >= 0.f ? 1.f : z) / (1.f + z);
+}
+
+// Rows [r_begin, r_end): dw[o + r] = sum_i ga_u * act, and gh (rounded to T).
+template <typename T>
+LMOE_CPU_AVX2 void backward_rows_gh(const float* gau, const float* act, const float* gu, const float* ws,
+                                    int64_t I, int64_t o, int64_t r_begin, int64_t r_end, float* gh,
+                                    float* grad_ws, int64_t ld2i, int64_t ldi) {
+  using vec8::v8f;
+  const v8f one = vec8::splat(1.f);
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const float* gar = gau + r * ldi;
+    const float* ar = act + r * ldi;
+    const float* gur = gu + r * ld2i;
+    float* ghr = gh + r * ld2i;
+    const v8f w = vec8::splat(ws[r]);
+    v8f dot = vec8::splat(0.f);
+    float dot_tail = 0.f;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+      const v8f ga_u = vec8::load(gar + i);
+      dot += ga_u * vec8::load(ar + i);
+      const v8f ga = ga_u * w, g = vec8::load(gur + i), u = vec8::load(gur + I + i);
+      const v8f sig = sigmoid8(g);
+      vec8::store(ghr + i, vec8::round_to<T, true>(ga * u * sig * (one + g * (one - sig))));
+      vec8::store(ghr + I + i, vec8::round_to<T, true>(ga * (g * sig)));
+    }
+    for (; i < I; ++i) {
+      dot_tail += gar[i] * ar[i];
+      const float ga = gar[i] * ws[r], g = gur[i], u = gur[I + i];
+      const float sig = sigmoid1(g);
+      ghr[i] = static_cast<float>(static_cast<T>(ga * u * sig * (1.f + g * (1.f - sig))));
+      ghr[I + i] = static_cast<float>(static_cast<T>(ga * (g * sig)));
+    }
+    grad_ws[o + r] = vec8::hsum(dot) + dot_tail;
+  }
+}
+
+template <typename T>
+LMOE_CPU_AVX2 void store_as(const float* src, T* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) vec8::store_from_f32<T, true>(dst + i, vec8::load(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// Rows [r_begin, r_end) of a weight gradient out[M, N] (T) = a^T @ w, a given [K, M] (lda), w
+// [K, N] (ldw), both fp32. In blocks of 48 rows, so the tiles' stores stay within 48 rows of
+// out (whole rows 4 KiB apart at N = 1024 fp32 made every tile store a new page: fp32 ran at
+// half the rate of bf16, which goes through an fp32 block and is converted row by row).
+template <typename T>
+void weight_grad_rows(const float* a, int64_t lda, const float* w, int64_t ldw, T* out, int64_t N,
+                      int64_t K, int64_t r_begin, int64_t r_end) {
+  constexpr int64_t kBlock = 48;
+  std::vector<float> panel(awt::kKc * awt::kNr);
+  std::vector<float> buf(std::is_same_v<T, float> ? 0 : kBlock * N);
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += kBlock) {
+    const int64_t nr = std::min(kBlock, r_end - r0);
+    if constexpr (std::is_same_v<T, float>) {
+      awt::gemm_kn<float, true>(a + r0, lda, w, ldw, out + r0 * N, N, nr, 0, N, K, panel.data());
+    } else {
+      awt::gemm_kn<float, true>(a + r0, lda, w, ldw, buf.data(), N, nr, 0, N, K, panel.data());
+      store_as<T>(buf.data(), out + r0 * N, nr * N);
+    }
+  }
+}
+
+// fn(begin, end) over [0, n): split across the threads (par), or in one call.
+template <typename F>
+void for_range(bool par, int64_t n, int64_t grain, const F& fn) {
+  if (par) at::parallel_for(0, n, grain, fn);
+  else if (n > 0) fn(0, n);
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_awt(
+    const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
+    const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
+    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const int64_t T_ = hidden.size(0), H = hidden.size(1), E = gate_up_proj.size(0);
+  const int64_t I = gate_up_proj.size(1) / 2, K = weights.size(1), S = T_ * K;
+  auto x = hidden.contiguous();
+  auto gout = grad_out.contiguous();
+  auto wgu = gate_up_proj.contiguous();
+  auto wd = down_proj.contiguous();
+  auto guo = gate_up_out.contiguous();
+  auto wts = weights.to(at::kFloat).contiguous();
+  auto sp = sorted_pairs.contiguous();
+  auto offs = expert_offsets.to(at::kCPU).contiguous();
+  const int64_t* off = offs.const_data_ptr<int64_t>();
+  const int64_t* spp = sp.const_data_ptr<int64_t>();
+  // The forward's sort: offsets from 0 to T*k, non-decreasing; pairs in [0, T*k). (Read as
+  // indices below: checked, so a bad pair list cannot send a read or write out of bounds.)
+  TORCH_CHECK_VALUE(off[0] == 0 && off[E] == S,
+                    "latentmoe.moe_experts_backward: argument 'expert_offsets' must run from 0 to T*k");
+  for (int64_t e = 0; e < E; ++e)
+    TORCH_CHECK_VALUE(off[e] <= off[e + 1],
+                      "latentmoe.moe_experts_backward: argument 'expert_offsets' must be non-decreasing");
+  for (int64_t i = 0; i < S; ++i)
+    TORCH_CHECK_VALUE(spp[i] >= 0 && spp[i] < S,
+                      "latentmoe.moe_experts_backward: argument 'sorted_pairs' has an entry outside [0, T*k)");
+  auto grad_gu = at::empty_like(wgu);
+  auto grad_down = at::empty_like(wd);
+  auto gxs = at::empty({S, H}, x.options().dtype(at::kFloat));
+  auto grad_ws = at::empty({S}, x.options().dtype(at::kFloat));
+  const int64_t ldh = awt::padded_stride(H), ldi = awt::padded_stride(I), ld2i = awt::padded_stride(2 * I);
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = gout.const_data_ptr<T>();
+  const T* gup = guo.const_data_ptr<T>();
+  const T* wgu_p = wgu.const_data_ptr<T>();
+  const T* wd_p = wd.const_data_ptr<T>();
+  const float* wtp = wts.const_data_ptr<float>();
+  T* ggu = grad_gu.mutable_data_ptr<T>();
+  T* gdn = grad_down.mutable_data_ptr<T>();
+  float* gxs_p = gxs.mutable_data_ptr<float>();
+  float* gws_p = grad_ws.mutable_data_ptr<float>();
+  const int64_t per_row = 3 * ldh + 2 * ld2i + 2 * ldi + 1;  // xs, gy, gyw, gu, gh, act, ga_u, w
+
+  // One expert (rows [o, o + m)); par: its row loops and GEMMs split across the threads.
+  auto expert = [&](int64_t e, float* buf, bool par) {
+    const int64_t o = off[e], m = off[e + 1] - o;
+    float* xs = buf;
+    float* gy = xs + m * ldh;
+    float* gyw = gy + m * ldh;
+    float* gu = gyw + m * ldh;
+    float* gh = gu + m * ld2i;
+    float* act = gh + m * ld2i;
+    float* gau = act + m * ldi;
+    float* ws = gau + m * ldi;
+    for_range(par, m, 4, [&](int64_t b, int64_t en) {
+      backward_rows_in<T>(xp, gp, gup, wtp, spp, K, H, I, o, b, en, xs, gy, gyw, gu, act, ws, ldh, ld2i, ldi);
+    });
+    const T* wd_e = wd_p + e * H * I;
+    const T* wgu_e = wgu_p + e * 2 * I * H;
+    // ga_u [m, I] = gy @ W_down[e] ([H, I]): columns split.
+    for_range(par, (I + awt::kNr - 1) / awt::kNr, 1, [&](int64_t b, int64_t en) {
+      std::vector<float> panel(awt::kKc * awt::kNr);
+      awt::gemm_kn<T, false>(gy, ldh, wd_e, I, gau, ldi, m, b * awt::kNr, std::min(I, en * awt::kNr), H,
+                             panel.data());
+    });
+    // dW_down[e] [H, I] = gyw^T @ act: rows split.
+    for_range(par, (H + awt::kMr - 1) / awt::kMr, 8, [&](int64_t b, int64_t en) {
+      weight_grad_rows<T>(gyw, ldh, act, ldi, gdn + e * H * I, I, m, b * awt::kMr, std::min(H, en * awt::kMr));
+    });
+    for_range(par, m, 4, [&](int64_t b, int64_t en) {
+      backward_rows_gh<T>(gau, act, gu, ws, I, o, b, en, gh, gws_p, ld2i, ldi);
+    });
+    // dW_gate_up[e] [2I, H] = gh^T @ xs: rows split.
+    for_range(par, (2 * I + awt::kMr - 1) / awt::kMr, 8, [&](int64_t b, int64_t en) {
+      weight_grad_rows<T>(gh, ld2i, xs, ldh, ggu + e * 2 * I * H, H, m, b * awt::kMr,
+                          std::min(2 * I, en * awt::kMr));
+    });
+    // dxs [m, H] = gh @ W_gate_up[e] ([2I, H]): columns split.
+    for_range(par, (H + awt::kNr - 1) / awt::kNr, 1, [&](int64_t b, int64_t en) {
+      std::vector<float> panel(awt::kKc * awt::kNr);
+      awt::gemm_kn<T, false>(gh, ld2i, wgu_e, H, gxs_p + o * H, H, m, b * awt::kNr, std::min(H, en * awt::kNr),
+                             2 * I, panel.data());
+    });
+  };
+
+  // Idle experts: zero gradients. Large ones alone (split); the rest concurrently, largest first.
+  const int64_t n_threads = at::get_num_threads();
+  std::vector<int64_t> large, concurrent;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t m = off[e + 1] - off[e];
+    if (m == 0) {
+      std::fill(ggu + e * 2 * I * H, ggu + (e + 1) * 2 * I * H, static_cast<T>(0.f));
+      std::fill(gdn + e * H * I, gdn + (e + 1) * H * I, static_cast<T>(0.f));
+    } else if (n_threads > 1 && m * n_threads > S) {
+      large.push_back(e);
+    } else {
+      concurrent.push_back(e);
+    }
+  }
+  for (int64_t e : large) {
+    std::vector<float> buf((off[e + 1] - off[e]) * per_row);
+    expert(e, buf.data(), true);
+  }
+  if (!concurrent.empty()) {
+    std::stable_sort(concurrent.begin(), concurrent.end(), [&](int64_t a, int64_t b) {
+      return off[a + 1] - off[a] > off[b + 1] - off[b];
+    });
+    const int64_t n_conc = static_cast<int64_t>(concurrent.size());
+    const int64_t m_max = off[concurrent[0] + 1] - off[concurrent[0]];
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(n_threads, n_conc), 1, [&](int64_t, int64_t) {
+      std::vector<float> buf(m_max * per_row);
+      for (int64_t i = next.fetch_add(1); i < n_conc; i = next.fetch_add(1)) expert(concurrent[i], buf.data(), false);
+    });
+  }
+  // Each token's k rows, added in k order.
+  std::vector<int64_t> pos(S);
+  for (int64_t i = 0; i < S; ++i) pos[spp[i]] = i;
+  auto grad_hidden = at::empty({T_, H}, x.options());
+  T* ghp = grad_hidden.mutable_data_ptr<T>();
+  at::parallel_for(0, T_, 4, [&](int64_t b, int64_t en) {
+    std::vector<float> acc(H);
+    for (int64_t t = b; t < en; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t k = 0; k < K; ++k) {
+        const float* src = gxs_p + pos[t * K + k] * H;
+        for (int64_t h = 0; h < H; ++h) acc[h] += src[h];
+      }
+      for (int64_t h = 0; h < H; ++h) ghp[t * H + h] = static_cast<T>(acc[h]);
+    }
+  });
+  auto grad_weights = at::empty({T_, K}, x.options().dtype(at::kFloat));
+  float* gwp = grad_weights.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < S; ++i) gwp[i] = gws_p[pos[i]];
+  return {grad_hidden, grad_gu, grad_down, grad_weights.to(weights.scalar_type())};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
     const at::Tensor& expert_offsets, const at::Tensor& gate_up_out) {
   moe_host::check_experts_backward_args(hidden, gate_up_proj, down_proj, weights);
   const auto dt = hidden.scalar_type();
+  if (awt::cpu_supported() && (dt == at::kFloat || !cpu_fast_low_precision_gemm()) &&
+      (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf)) {
+    moe_host::check_experts_backward_tensors(grad_out, hidden, gate_up_proj, weights, sorted_pairs,
+                                             expert_offsets, gate_up_out);
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> res;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "moe_experts_backward_cpu", [&] {
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        TORCH_CHECK(false, "unreachable");
+      } else {
+        res = experts_backward_awt<scalar_t>(grad_out, hidden, gate_up_proj, down_proj, weights,
+                                             sorted_pairs, expert_offsets, gate_up_out);
+      }
+    });
+    return res;
+  }
   if (dt != at::kFloat && !cpu_fast_low_precision_gemm()) {
     // As in the forward: fp32 GEMMs on upconverted operands where bf16/fp16 GEMMs are slow.
     at::AutoDispatchBelowADInplaceOrView no_autograd;

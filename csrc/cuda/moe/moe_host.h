@@ -32,6 +32,13 @@ void check_experts_args(const char* op, const at::Tensor& hidden, const at::Tens
 void check_experts_backward_args(const at::Tensor& hidden, const at::Tensor& gate_up_proj,
                                  const at::Tensor& down_proj, const at::Tensor& weights);
 
+// moe_experts_backward's own tensors: grad_out like hidden, sorted_pairs [T*k] and
+// expert_offsets [E+1] int64, gate_up_out [T*k, 2I] in hidden's dtype.
+void check_experts_backward_tensors(const at::Tensor& grad_out, const at::Tensor& hidden,
+                                    const at::Tensor& gate_up_proj, const at::Tensor& weights,
+                                    const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets,
+                                    const at::Tensor& gate_up_out);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
