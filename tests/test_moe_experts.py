@@ -447,3 +447,21 @@ def test_experts_cpu_small_m_bf16_groups(monkeypatch, isa, T, H, I):
         assert torch.equal(o, outs[0])
     err = (outs[0].double() - want).abs().max().item()
     assert err <= 2 * (ref_lp.double() - want).abs().max().item() + 1e-3
+
+
+def test_experts_backward_rejects_a_bad_sort():
+    # The backward op reads the forward's sort as indices: offsets and pairs are checked first.
+    x, gu, down, w, idx = _args()
+    op = torch.ops.latentmoe
+    _, pairs, offsets, gate_up_out = op.moe_experts.default(x, gu, down, w, idx, True)
+    g = torch.randn_like(x)
+    bad_pairs = pairs.clone()
+    bad_pairs[3] = pairs.numel() + 7
+    bad_offsets = offsets.clone()
+    bad_offsets[-1] += 1
+    shuffled = offsets.clone()
+    shuffled[1], shuffled[2] = offsets[2] + 1, offsets[1]
+    for p, o, name in ((bad_pairs, offsets, "sorted_pairs"), (pairs, bad_offsets, "expert_offsets"),
+                       (pairs, shuffled, "expert_offsets")):
+        with pytest.raises(ValueError, match=name):
+            op.moe_experts_backward.default(g, x, gu, down, w, p, o, gate_up_out)
