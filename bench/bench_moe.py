@@ -246,6 +246,39 @@ def _router_rows(device, quick) -> list[dict]:
     return rows
 
 
+def _train_rows(device, quick) -> list[dict]:
+    """A training step of the routed experts (forward + backward to hidden, both weights and the
+    routing weights) vs HF grouped_mm's, at 512 tokens. No goal (issue 4 sets none for the
+    backward). On CPU fp32 only: HF's bf16 grouped_mm backward takes over 10 s there."""
+    rows = []
+    timeit = _timer(device, quick)
+    H, I = (QUICK_HIDDEN, QUICK_INTER) if quick else (HIDDEN, INTER)
+    dtypes = (torch.float32, torch.bfloat16) if device.startswith("cuda") else (torch.float32,)
+    T = 512
+    for dtype in dtypes:
+        hf = _hf_moe(_config(hidden=H, inter=I), dtype, device)
+        hf.config._experts_implementation = "grouped_mm"
+        gu, down = hf.experts.gate_up_proj, hf.experts.down_proj
+        x = torch.randn(T, H, device=device, dtype=dtype)
+        with torch.no_grad():
+            _, w, idx = hf.gate(x)
+
+        def step(fn):
+            xg = x.clone().requires_grad_()
+            wg = w.clone().requires_grad_()
+            fn(xg, wg).float().sum().backward()
+            gu.grad = down.grad = None
+
+        t_hf = timeit(lambda: step(lambda xg, wg: hf.experts(xg, idx, wg)))
+        t_ours = timeit(lambda: step(lambda xg, wg: latentmoe.ops.moe_experts(xg, gu, down, wg, idx)))
+        mode = f"fwd+bwd-{str(dtype)[6:]}-h{H}-i{I}-E{EXPERTS}-top{TOP_K}"
+        rows += [row("moe_experts_train", "hf_grouped_mm", mode, T, t_hf, device),
+                 row("moe_experts_train", "latentmoe", mode, T, t_ours, device),
+                 ratio_row("moe_experts_train", "speedup_vs_hf_grouped_mm", T, t_hf[0] / t_ours[0], device,
+                           f"{mode}; no goal")]
+    return rows
+
+
 def run(device: str, quick: bool) -> list[dict]:
     tokens_list = [1, 512] if quick else [1, 512, 4096]
     rows = []
@@ -253,6 +286,7 @@ def run(device: str, quick: bool) -> list[dict]:
         for dtype in (torch.float32, torch.bfloat16):
             rows += _experts_rows(device, quick, dtype, tokens_list)
         rows += _expert_count_rows(device, quick)
+    rows += _train_rows(device, quick)
     rows += _router_rows(device, quick)
     return rows
 
