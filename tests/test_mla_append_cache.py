@@ -159,6 +159,8 @@ def test_append_device_mismatch(name):
 
 
 def test_append_unchecked_matches_checked(device):
+    if device == "cpu":
+        pytest.skip("the CPU checks the values either way (check_values changes nothing there)")
     latent, k_pe, weight, cos, sin = make_inputs(2, 3, 48, 16, [1, 2], True, torch.float32, device)
     lens = torch.tensor([1, 4], dtype=torch.int32, device=device)
     a = torch.randn(2, 8, 64, device=device)
