@@ -696,52 +696,6 @@ __attribute__((target("avx2,fma,f16c"))) void gemm_rows(const float* a, int64_t 
   }
 }
 
-// out[M, N] = a[M, K] @ w[N, K]^T (row strides lda, ldw, ldo). panel: kKc * kNr floats of scratch.
-template <typename TW>
-__attribute__((target("avx2,fma,f16c"))) void gemm(const float* a, int64_t lda, const TW* w,
-                                                  int64_t ldw, float* out, int64_t ldo, int64_t M,
-                                                  int64_t N, int64_t K, float* panel) {
-  if (K == 0) {  // an empty sum (hidden size 0): the k loops below would leave out unwritten
-    for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldo, out + m * ldo + N, 0.f);
-    return;
-  }
-  if (M < kRowsForPanels) return gemm_rows<TW>(a, lda, w, ldw, out, ldo, M, N, K, panel);
-  // n outer, k inner: each panel's 16 weight rows are read front to back (long sequential
-  // streams for the prefetchers), while out's 16 columns stay in L1 across the k blocks.
-  for (int64_t n0 = 0; n0 < N; n0 += kNr) {
-    const int64_t nr = std::min(kNr, N - n0);
-    for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-      const int64_t kc = std::min(kKc, K - k0);
-      pack_panel<TW>(w + n0 * ldw + k0, ldw, nr, kc, panel);
-      // The next panel (along k, else the first of the next n block) is prefetched to L2, a few
-      // rows per tile: packing reads w from memory, and would otherwise wait on it (+5-10%).
-      const bool last_k = k0 + kKc >= K;
-      const int64_t next_n0 = last_k ? n0 + kNr : n0, next_k0 = last_k ? 0 : k0 + kKc;
-      const int64_t next_rows = next_n0 < N ? std::min(kNr, N - next_n0) : 0;
-      const int64_t next_bytes = (std::min(kKc, K - next_k0) * static_cast<int64_t>(sizeof(TW)));
-      const char* next_w = reinterpret_cast<const char*>(w + next_n0 * ldw + next_k0);
-      const int64_t n_mtiles = (M + kMr - 1) / kMr;
-      for (int64_t m0 = 0; m0 < M; m0 += kMr) {
-        const int64_t t = m0 / kMr;
-        for (int64_t r = next_rows * t / n_mtiles; r < next_rows * (t + 1) / n_mtiles; ++r)
-          for (int64_t b = 0; b < next_bytes; b += 64)
-            _mm_prefetch(next_w + r * ldw * static_cast<int64_t>(sizeof(TW)) + b, _MM_HINT_T1);
-        const float* at = a + m0 * lda + k0;
-        float* ot = out + m0 * ldo + n0;
-        const bool acc = k0 > 0;
-        switch (std::min(kMr, M - m0)) {
-          case 6: tile<6>(at, lda, panel, kc, ot, ldo, nr, acc); break;
-          case 5: tile<5>(at, lda, panel, kc, ot, ldo, nr, acc); break;
-          case 4: tile<4>(at, lda, panel, kc, ot, ldo, nr, acc); break;
-          case 3: tile<3>(at, lda, panel, kc, ot, ldo, nr, acc); break;
-          case 2: tile<2>(at, lda, panel, kc, ot, ldo, nr, acc); break;
-          default: tile<1>(at, lda, panel, kc, ot, ldo, nr, acc); break;
-        }
-      }
-    }
-  }
-}
-
 // panel[k * 16 + j] = fp32(w[k * ldw + j]) for k < kc, j < nr (<= 16); zero for j >= nr: a
 // panel of w in [K, N] layout (n contiguous), a straight copy (no transpose).
 template <typename TW>
@@ -758,55 +712,88 @@ __attribute__((target("avx2,fma,f16c"))) void pack_panel_kn(const TW* w, int64_t
     for (int64_t j = 0; j < kNr; ++j) panel[k * kNr + j] = j < nr ? static_cast<float>(w[k * ldw + j]) : 0.f;
 }
 
-// out[M, N] = a[M, K] @ w[K, N] for output columns [n_begin, n_end) (n_begin a multiple of 16),
-// w in [K, N] layout (fp32 / bf16 / fp16), a row-major (rows lda apart) or, kATrans, given as
-// [K, M] (a[i, k] at a[k * lda + i]). The backward's GEMMs: activation gradients (a the rows'
-// gradients, w an expert's weight as stored) and weight gradients (a and w both the expert's
-// rows, K = its row count). Each output element sums over k in the same order whatever the
-// column range or the caller's split: bitwise the same across thread counts.
-template <typename TW, bool kATrans>
-__attribute__((target("avx2,fma,f16c"))) void gemm_kn(const float* a, int64_t lda, const TW* w,
-                                                     int64_t ldw, float* out, int64_t ldo,
-                                                     int64_t M, int64_t n_begin, int64_t n_end,
-                                                     int64_t K, float* panel) {
-  if (K == 0) {
+// out[mr, nr] (+)= a @ panel for mr (1..6) rows: tile<MR, kATrans> by mr.
+template <bool kATrans>
+__attribute__((target("avx2,fma"))) inline void tile_rows(int64_t mr, const float* a, int64_t lda,
+                                                         const float* panel, int64_t kc, float* out,
+                                                         int64_t ldo, int64_t nr, bool acc) {
+  switch (mr) {
+    case 6: return tile<6, kATrans>(a, lda, panel, kc, out, ldo, nr, acc);
+    case 5: return tile<5, kATrans>(a, lda, panel, kc, out, ldo, nr, acc);
+    case 4: return tile<4, kATrans>(a, lda, panel, kc, out, ldo, nr, acc);
+    case 3: return tile<3, kATrans>(a, lda, panel, kc, out, ldo, nr, acc);
+    case 2: return tile<2, kATrans>(a, lda, panel, kc, out, ldo, nr, acc);
+    default: return tile<1, kATrans>(a, lda, panel, kc, out, ldo, nr, acc);
+  }
+}
+
+// out[M, n_begin:n_end] = a @ w through packed 16-column panels (n_begin a multiple of 16).
+// w is [N, K] (kWKMajor false: HF's [out, in], out = a @ w^T; panels transposed as packed) or
+// [K, N] (true: out = a @ w; panels a straight copy). a is [M, K] row-major, or kATrans [K, M]
+// (a[i, k] at a[k * lda + i]). n outer, k inner: out's 16 columns stay in L1 across the k
+// blocks. The next panel (along k, else the first of the next n block) is prefetched to L2, a
+// few rows per tile: packing reads w from memory and would otherwise wait on it (+5-10%; for
+// [K, N] each of its rows is one line, on a page of its own where ldw is 4 KiB). Each output
+// element sums over k in the same order whatever the column range: bitwise the same however a
+// caller splits the columns or the rows.
+template <typename TW, bool kWKMajor, bool kATrans>
+__attribute__((target("avx2,fma,f16c"))) void panel_gemm(const float* a, int64_t lda, const TW* w,
+                                                        int64_t ldw, float* out, int64_t ldo, int64_t M,
+                                                        int64_t n_begin, int64_t n_end, int64_t K,
+                                                        float* panel) {
+  if (K == 0) {  // an empty sum (hidden size 0): the k loops below would leave out unwritten
     for (int64_t m = 0; m < M; ++m) std::fill(out + m * ldo + n_begin, out + m * ldo + n_end, 0.f);
     return;
   }
+  constexpr int64_t kEl = static_cast<int64_t>(sizeof(TW));
   const int64_t n_mtiles = (M + kMr - 1) / kMr;
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kNr) {
     const int64_t nr = std::min(kNr, n_end - n0);
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
       const int64_t kc = std::min(kKc, K - k0);
-      pack_panel_kn<TW>(w + k0 * ldw + n0, ldw, nr, kc, panel);
-      // The next panel's rows (ldw apart: one line each, on a different page where ldw is 4 KiB)
-      // are prefetched to L2 a few per tile; packing would otherwise wait on each of them.
+      if constexpr (kWKMajor) pack_panel_kn<TW>(w + k0 * ldw + n0, ldw, nr, kc, panel);
+      else pack_panel<TW>(w + n0 * ldw + k0, ldw, nr, kc, panel);
       const bool last_k = k0 + kKc >= K;
       const int64_t next_n0 = last_k ? n0 + kNr : n0, next_k0 = last_k ? 0 : k0 + kKc;
-      const int64_t next_rows = next_n0 < n_end ? std::min(kKc, K - next_k0) : 0;
-      const char* next_w = reinterpret_cast<const char*>(w + next_k0 * ldw + next_n0);
-      const int64_t row_bytes = ldw * static_cast<int64_t>(sizeof(TW));
-      const int64_t span = std::min(kNr, n_end - next_n0) * static_cast<int64_t>(sizeof(TW)) - 1;
+      const int64_t next_nr = next_n0 < n_end ? std::min(kNr, n_end - next_n0) : 0;
+      const int64_t next_kc = std::min(kKc, K - next_k0);
+      // The next panel as rows of w: its rows (and bytes per row) in w's layout.
+      const int64_t pf_rows = next_nr == 0 ? 0 : (kWKMajor ? next_kc : next_nr);
+      const int64_t pf_bytes = (kWKMajor ? next_nr : next_kc) * kEl;
+      const char* pf = reinterpret_cast<const char*>(kWKMajor ? w + next_k0 * ldw + next_n0
+                                                              : w + next_n0 * ldw + next_k0);
       for (int64_t m0 = 0; m0 < M; m0 += kMr) {
         const int64_t t = m0 / kMr;
-        for (int64_t r = next_rows * t / n_mtiles; r < next_rows * (t + 1) / n_mtiles; ++r) {
-          _mm_prefetch(next_w + r * row_bytes, _MM_HINT_T1);
-          _mm_prefetch(next_w + r * row_bytes + span, _MM_HINT_T1);
+        for (int64_t r = pf_rows * t / n_mtiles; r < pf_rows * (t + 1) / n_mtiles; ++r) {
+          for (int64_t b = 0; b < pf_bytes; b += 64) _mm_prefetch(pf + r * ldw * kEl + b, _MM_HINT_T1);
+          _mm_prefetch(pf + r * ldw * kEl + pf_bytes - 1, _MM_HINT_T1);
         }
         const float* at = kATrans ? a + k0 * lda + m0 : a + m0 * lda + k0;
-        float* ot = out + m0 * ldo + n0;
-        const bool acc = k0 > 0;
-        switch (std::min(kMr, M - m0)) {
-          case 6: tile<6, kATrans>(at, lda, panel, kc, ot, ldo, nr, acc); break;
-          case 5: tile<5, kATrans>(at, lda, panel, kc, ot, ldo, nr, acc); break;
-          case 4: tile<4, kATrans>(at, lda, panel, kc, ot, ldo, nr, acc); break;
-          case 3: tile<3, kATrans>(at, lda, panel, kc, ot, ldo, nr, acc); break;
-          case 2: tile<2, kATrans>(at, lda, panel, kc, ot, ldo, nr, acc); break;
-          default: tile<1, kATrans>(at, lda, panel, kc, ot, ldo, nr, acc); break;
-        }
+        tile_rows<kATrans>(std::min(kMr, M - m0), at, lda, panel, kc, out + m0 * ldo + n0, ldo, nr, k0 > 0);
       }
     }
   }
+}
+
+// out[M, N] = a[M, K] @ w[N, K]^T (row strides lda, ldw, ldo). panel: kKc * kNr floats of scratch.
+template <typename TW>
+__attribute__((target("avx2,fma,f16c"))) void gemm(const float* a, int64_t lda, const TW* w,
+                                                  int64_t ldw, float* out, int64_t ldo, int64_t M,
+                                                  int64_t N, int64_t K, float* panel) {
+  if (K > 0 && M < kRowsForPanels) return gemm_rows<TW>(a, lda, w, ldw, out, ldo, M, N, K, panel);
+  panel_gemm<TW, false, false>(a, lda, w, ldw, out, ldo, M, 0, N, K, panel);
+}
+
+// out[M, N] = a[M, K] @ w[K, N] for output columns [n_begin, n_end) (n_begin a multiple of 16),
+// w in [K, N] layout (fp32 / bf16 / fp16), a row-major or (kATrans) given as [K, M]. The
+// backward's GEMMs: activation gradients (a the rows' gradients, w an expert's weight as
+// stored) and weight gradients (a and w both the expert's rows, K = its row count).
+template <typename TW, bool kATrans>
+__attribute__((target("avx2,fma,f16c"))) void gemm_kn(const float* a, int64_t lda, const TW* w,
+                                                     int64_t ldw, float* out, int64_t ldo,
+                                                     int64_t M, int64_t n_begin, int64_t n_end,
+                                                     int64_t K, float* panel) {
+  panel_gemm<TW, true, kATrans>(a, lda, w, ldw, out, ldo, M, n_begin, n_end, K, panel);
 }
 
 }  // namespace awt
