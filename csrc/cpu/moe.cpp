@@ -555,8 +555,12 @@ __attribute__((target("avx2,fma"))) void tile(const float* a, int64_t lda, const
 
 // Fewer rows than this take gemm_rows below instead of the packed-panel GEMM (measured on Zen 3:
 // gemm_rows is faster up to about 32 rows; from 36 rows the panels are, 2 threads on fp32 at 36
-// rows: 135 vs 110 GFLOP/s).
+// rows: 135 vs 110 GFLOP/s). bf16 weights from 25 rows: there gemm_rows widens each weight row
+// into a copy too, and the panels' one widening serves all the rows (2 threads, 256 experts of
+// [512, 512] / [512, 256] from memory: at 24 rows 123-126 vs 112-125, at 32 rows 133-141 vs
+// 104-127 GFLOP/s).
 constexpr int64_t kRowsForPanels = 33;
+constexpr int64_t kRowsForPanelsBf16 = 25;
 // Below this many rows gemm_rows dots bf16 / fp16 weight rows widened in registers (per m-tile)
 // instead of widening each row once into a copy: at 12 rows (E = 256, top-6, 512 tokens) 25-40%
 // faster (Zen 3, weights from memory); at 24 rows the copy's one widening per row is as fast.
@@ -780,7 +784,8 @@ template <typename TW>
 __attribute__((target("avx2,fma,f16c"))) void gemm(const float* a, int64_t lda, const TW* w,
                                                   int64_t ldw, float* out, int64_t ldo, int64_t M,
                                                   int64_t N, int64_t K, float* panel) {
-  if (K > 0 && M < kRowsForPanels) return gemm_rows<TW>(a, lda, w, ldw, out, ldo, M, N, K, panel);
+  const int64_t rows_for_panels = std::is_same_v<TW, c10::BFloat16> ? kRowsForPanelsBf16 : kRowsForPanels;
+  if (K > 0 && M < rows_for_panels) return gemm_rows<TW>(a, lda, w, ldw, out, ldo, M, N, K, panel);
   panel_gemm<TW, false, false>(a, lda, w, ldw, out, ldo, M, 0, N, K, panel);
 }
 
