@@ -613,6 +613,60 @@ def test_cpu_backward_key_windows(monkeypatch, bwd_window):
     _shared_page_gradients_match()
 
 
+def _random_backward_cases(n, seed=7):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(n):
+        B, S, H = int(rng.integers(1, 4)), int(rng.integers(1, 40)), int(rng.integers(1, 6))
+        lens = [int(rng.integers(0, 90)) for _ in range(B)]
+        causal = bool(rng.integers(0, 4))  # mostly causal
+        window = int(rng.choice([-1, -1, 0, 5, 17]))
+        page = int(rng.choice([0, 0, 1, 16, 17]))
+        threads = int(rng.choice([1, 2, 3, 5, 16]))
+        bwd_window = str(int(rng.choice([1, 7, 64, 129, 100000])))
+        cases.append((B, S, H, lens, causal, window, page, threads, bwd_window))
+    return cases
+
+
+@pytest.mark.parametrize("case", _random_backward_cases(12),
+                         ids=lambda c: f"B{c[0]}S{c[1]}H{c[2]}t{c[7]}w{c[8]}")
+def test_cpu_backward_random_configurations(monkeypatch, case):
+    # Seeded random shapes, lengths (shorter and longer than S, empty), masks, page sizes, thread
+    # counts (partitions cut through heads and rows) and key windows: gradients vs fp64 autograd.
+    B, S, H, lens, causal, window, page, threads, bwd_window = case
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_BWD_WINDOW", bwd_window)
+    Lmax = max(lens + [1])
+    x = make_inputs(B, S, H, lens, Lmax, **SMALL, device="cpu")
+    cache, table = (x["latent_cache"], None) if page == 0 else to_paged(x["latent_cache"], page)
+    g_out = torch.randn(B, S, H, SMALL["Dv"], dtype=torch.float64)
+    g_lse = torch.randn(B, S, H, dtype=torch.float64)
+
+    def op(t):
+        return mla_prefill(t["q_nope"], t["q_pe"], t["latent_cache"], x["cache_seqlens"], t["w_uk"], t["w_uv"],
+                           0.3, block_table=table, causal=causal, window=window)
+
+    def ref(t):
+        return ref_attention(t["q_nope"], t["q_pe"], t["latent_cache"], lens, t["w_uk"], t["w_uv"], 0.3,
+                             causal=causal, window=window)
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = grads_of(op, dict(x, latent_cache=cache), KEYS, g_out, g_lse)
+    finally:
+        torch.set_num_threads(prev)
+    want = grads_of(ref, dict(x, latent_cache=x["clean"]), KEYS, g_out, g_lse)
+    if table is not None:
+        got["latent_cache"] = reference.gather_paged(got["latent_cache"], table, Lmax)
+    for k in KEYS:
+        w = want[k] if k != "latent_cache" else torch.stack([want[k][b] * (torch.arange(Lmax) < L)[:, None]
+                                                              for b, L in enumerate(lens)])
+        g = got[k] if k != "latent_cache" else torch.stack([got[k][b] * (torch.arange(Lmax) < L)[:, None]
+                                                             for b, L in enumerate(lens)])
+        assert not g.isnan().any(), k
+        assert err(g, w) < 1e-4 * max(1.0, w.abs().max().item()), (k, err(g, w))
+
+
 def test_cpu_backward_window_setting_checked(monkeypatch):
     x = make_inputs(1, 3, 1, [5], 6, **SMALL, device="cpu")
     g_out = torch.randn(1, 3, 1, SMALL["Dv"], dtype=torch.float64)
