@@ -339,20 +339,26 @@ def _scheduling_routing(case, T, E):
     return torch.rand(T, 6) + 0.1, rows[torch.randperm(rows.numel())].view(T, 6)
 
 
+def _scheduling_problem(monkeypatch, case, isa):
+    """(x, gate_up, down, weights, indices) of a scheduler case (H = 530, I = 45); isa "generic"
+    selects the CPU path without AVX2."""
+    if isa == "generic":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    T, E, H, I = (13, 12, 530, 45) if case == "ragged" else (40, 10, 530, 45)
+    x = torch.randn(T, H)
+    gu, down = _experts(E, H, I, "cpu")
+    return (x, gu, down, *_scheduling_routing(case, T, E))
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("case", ["uniform", "one_heavy", "few_active", "ragged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("isa", ["native", "generic"])  # generic: the path of CPUs without AVX2
 def test_experts_cpu_scheduling_and_tiles(monkeypatch, case, dtype, threads, isa):
-    if isa == "generic":
-        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
     # H = 530: three k blocks of the CPU GEMM, the last one ragged; H and 2I = 90 end in partial
     # 16-column panels; I = 45 leaves a ragged k tail in the down projection. At 3 threads
     # "few_active" runs two concurrent experts on three threads beside one large expert.
-    T, E, H, I = (13, 12, 530, 45) if case == "ragged" else (40, 10, 530, 45)
-    x = torch.randn(T, H)
-    gu, down = _experts(E, H, I, "cpu")
-    w, idx = _scheduling_routing(case, T, E)
+    x, gu, down, w, idx = _scheduling_problem(monkeypatch, case, isa)
     want = ref.swiglu_experts(*(t.double() for t in (x, gu, down, w)), idx)
     lp = [t.to(dtype) for t in (x, gu, down)]
     prev = torch.get_num_threads()
@@ -380,13 +386,8 @@ def test_experts_cpu_backward_scheduling(monkeypatch, case, dtype, isa):
     # activation-gradient GEMMs, 2I = 90 and I = 45 end in partial 16-column panels and 6-row
     # tiles, and "ragged" gives every row count from 1 to E. Gradients against fp64 autograd of
     # the reference; and the AVX2 backward op gives the same bits at 1, 2 and 3 threads.
-    if isa == "generic":
-        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
-    T, E, H, I = (13, 12, 530, 45) if case == "ragged" else (40, 10, 530, 45)
-    x = torch.randn(T, H)
-    gu, down = _experts(E, H, I, "cpu")
-    w, idx = _scheduling_routing(case, T, E)
-    g = torch.randn(T, H)
+    x, gu, down, w, idx = _scheduling_problem(monkeypatch, case, isa)
+    g = torch.randn_like(x)
     leaves = [t.double().requires_grad_() for t in (x, gu, down, w)]
     ref.swiglu_experts(*leaves, idx).backward(g.double())
     lp = [t.to(dtype) for t in (x, gu, down)]
