@@ -21,14 +21,7 @@ namespace {
 constexpr int64_t kChunkBytes = int64_t{256} << 20;
 
 int64_t chunk_tokens(const Params& p, int64_t elt) {
-  if (const char* v = std::getenv("LATENTMOE_MLA_PREFILL_CHUNK"); v != nullptr && *v != '\0') {
-    char* end = nullptr;
-    const long long n = std::strtoll(v, &end, 10);
-    TORCH_CHECK_VALUE(end != v && *end == '\0' && n >= 1,
-                      "latentmoe.mla_prefill: LATENTMOE_MLA_PREFILL_CHUNK must be a positive integer, not '", v,
-                      "'");
-    return n;
-  }
+  if (const auto n = positive_int_setting("mla_prefill", "LATENTMOE_MLA_PREFILL_CHUNK")) return *n;
   const int64_t per_token = std::max<int64_t>(1, p.B * p.H * std::max(p.C, p.Dv) * 6 * elt);
   return std::max<int64_t>(1, kChunkBytes / per_token);
 }
@@ -38,6 +31,16 @@ using DecodeFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at:
                                                     bool, int64_t, const std::optional<at::Tensor>&, int64_t);
 
 }  // namespace
+
+std::optional<int64_t> positive_int_setting(const char* op, const char* name) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return std::nullopt;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK_VALUE(end != v && *end == '\0' && n >= 1, "latentmoe.", op, ": ", name,
+                    " must be a positive integer, not '", v, "'");
+  return static_cast<int64_t>(n);
+}
 
 ForwardPath forward_path_choice() {
   const char* v = std::getenv("LATENTMOE_MLA_PREFILL_FORWARD");

@@ -14,6 +14,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+#include <optional>
 #include <tuple>
 
 #include "common/mla_prefill_math.h"
@@ -21,6 +23,10 @@
 namespace latentmoe::mla_prefill {
 
 enum class ForwardPath { kAuto, kKernel, kAbsorbed };
+
+// The environment variable `name` as a positive integer, or nullopt when unset or empty; any
+// other value is a ValueError naming the op and the variable (test and tuning settings).
+std::optional<int64_t> positive_int_setting(const char* op, const char* name);
 
 // LATENTMOE_MLA_PREFILL_FORWARD=auto|kernel|absorbed (unset: auto). Anything else is a ValueError.
 ForwardPath forward_path_choice();

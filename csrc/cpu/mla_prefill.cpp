@@ -256,14 +256,8 @@ constexpr int64_t kGradWindowBytes = int64_t{64} << 20;
 // Keys per window: LATENTMOE_MLA_PREFILL_BWD_WINDOW (tests), else all keys while the partitions'
 // buffers fit in kGradWindowBytes, else the largest number of key tiles that does.
 int64_t backward_window(int64_t keys, int64_t rows_in_buffers, int64_t CR) {
-  if (const char* v = std::getenv("LATENTMOE_MLA_PREFILL_BWD_WINDOW"); v != nullptr && *v != '\0') {
-    char* end = nullptr;
-    const long long n = std::strtoll(v, &end, 10);
-    TORCH_CHECK_VALUE(end != v && *end == '\0' && n >= 1,
-                      "latentmoe.mla_prefill_backward: LATENTMOE_MLA_PREFILL_BWD_WINDOW must be a positive "
-                      "integer, not '", v, "'");
-    return std::min<int64_t>(n, std::max<int64_t>(1, keys));
-  }
+  if (const auto n = mla_prefill::positive_int_setting("mla_prefill_backward", "LATENTMOE_MLA_PREFILL_BWD_WINDOW"))
+    return std::min<int64_t>(*n, std::max<int64_t>(1, keys));
   const int64_t per_key = std::max<int64_t>(1, rows_in_buffers * CR * static_cast<int64_t>(sizeof(float)));
   if (keys * per_key <= kGradWindowBytes) return std::max<int64_t>(1, keys);
   return std::max<int64_t>(kKeyTile, kGradWindowBytes / per_key / kKeyTile * kKeyTile);

@@ -818,18 +818,20 @@ void expert_gemm(const at::Tensor& a, const at::Tensor& weight_e, at::Tensor out
   }
 }
 
-// silu(g) = g * sigmoid(g), with sigmoid from z = exp(-|g|) (<= 1, so exp_nonpos applies):
-// 1 / (1 + z) for g >= 0, z / (1 + z) below. 8 lanes, and its scalar twin for the tails.
-LMOE_V8_INLINE vec8::v8f silu8(vec8::v8f g) {
+// sigmoid(g) from z = exp(-|g|) (<= 1, so exp_nonpos applies): 1 / (1 + z) for g >= 0,
+// z / (1 + z) below; silu(g) = g * sigmoid(g). 8 lanes, and scalar twins for the tails.
+LMOE_V8_INLINE vec8::v8f sigmoid8(vec8::v8f g) {
   const vec8::v8u bits = reinterpret_cast<const vec8::v8u&>(g) | 0x80000000u;  // -|g|
   const vec8::v8f z = vec8::exp_nonpos(reinterpret_cast<const vec8::v8f&>(bits));
   const vec8::v8f one = vec8::splat(1.f);
-  return g * ((g >= vec8::splat(0.f) ? one : z) / (one + z));
+  return (g >= vec8::splat(0.f) ? one : z) / (one + z);
 }
-LMOE_V8_INLINE float silu1(float g) {
+LMOE_V8_INLINE float sigmoid1(float g) {
   const float z = vec8::exp_nonpos(-std::fabs(g));
-  return g * ((g >= 0.f ? 1.f : z) / (1.f + z));
+  return (g >= 0.f ? 1.f : z) / (1.f + z);
 }
+LMOE_V8_INLINE vec8::v8f silu8(vec8::v8f g) { return g * sigmoid8(g); }
+LMOE_V8_INLINE float silu1(float g) { return g * sigmoid1(g); }
 
 // One row of swiglu_rows with fp32 gate|up: 8 lanes at a time.
 template <typename T, bool kAvx>
@@ -1205,19 +1207,8 @@ LMOE_CPU_AVX2 void backward_rows_in(const T* x, const T* gout, const T* guo, con
   }
 }
 
-// d silu(g) / dg = sig * (1 + g * (1 - sig)), sig = 1 / (1 + exp(-g)) (from exp(-|g|) <= 1).
-LMOE_V8_INLINE vec8::v8f sigmoid8(vec8::v8f g) {
-  const vec8::v8u bits = reinterpret_cast<const vec8::v8u&>(g) | 0x80000000u;  // -|g|
-  const vec8::v8f z = vec8::exp_nonpos(reinterpret_cast<const vec8::v8f&>(bits));
-  const vec8::v8f one = vec8::splat(1.f);
-  return (g >= vec8::splat(0.f) ? one : z) / (one + z);
-}
-LMOE_V8_INLINE float sigmoid1(float g) {
-  const float z = vec8::exp_nonpos(-std::fabs(g));
-  return (g >= 0.f ? 1.f : z) / (1.f + z);
-}
-
-// Rows [r_begin, r_end): dw[o + r] = sum_i ga_u * act, and gh (rounded to T).
+// Rows [r_begin, r_end): dw[o + r] = sum_i ga_u * act, and gh (rounded to T), with
+// d silu(g) / dg = sig * (1 + g * (1 - sig)).
 template <typename T>
 LMOE_CPU_AVX2 void backward_rows_gh(const float* gau, const float* act, const float* gu, const float* ws,
                                     int64_t I, int64_t o, int64_t r_begin, int64_t r_end, float* gh,
@@ -1404,22 +1395,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_awt(
       for (int64_t i = next.fetch_add(1); i < n_conc; i = next.fetch_add(1)) expert(concurrent[i], buf.data(), false);
     });
   }
-  // Each token's k rows, added in k order.
+  // Each token's k rows, added in k order: the forward's combine with unit weights (1 * x is x).
   std::vector<int64_t> pos(S);
   for (int64_t i = 0; i < S; ++i) pos[spp[i]] = i;
   auto grad_hidden = at::empty({T_, H}, x.options());
-  T* ghp = grad_hidden.mutable_data_ptr<T>();
-  at::parallel_for(0, T_, 4, [&](int64_t b, int64_t en) {
-    std::vector<float> acc(H);
-    for (int64_t t = b; t < en; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t k = 0; k < K; ++k) {
-        const float* src = gxs_p + pos[t * K + k] * H;
-        for (int64_t h = 0; h < H; ++h) acc[h] += src[h];
-      }
-      for (int64_t h = 0; h < H; ++h) ghp[t * H + h] = static_cast<T>(acc[h]);
-    }
-  });
+  const std::vector<float> ones(S, 1.f);
+  combine_rows<T, float>(gxs_p, ones.data(), pos.data(), grad_hidden.mutable_data_ptr<T>(), T_, K, H);
   auto grad_weights = at::empty({T_, K}, x.options().dtype(at::kFloat));
   float* gwp = grad_weights.mutable_data_ptr<float>();
   for (int64_t i = 0; i < S; ++i) gwp[i] = gws_p[pos[i]];
@@ -1436,16 +1417,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
       (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf)) {
     moe_host::check_experts_backward_tensors(grad_out, hidden, gate_up_proj, weights, sorted_pairs,
                                              expert_offsets, gate_up_out);
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> res;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "moe_experts_backward_cpu", [&] {
-      if constexpr (std::is_same_v<scalar_t, double>) {
-        TORCH_CHECK(false, "unreachable");
-      } else {
-        res = experts_backward_awt<scalar_t>(grad_out, hidden, gate_up_proj, down_proj, weights,
-                                             sorted_pairs, expert_offsets, gate_up_out);
-      }
-    });
-    return res;
+    const auto run = [&](auto tag) {
+      return experts_backward_awt<decltype(tag)>(grad_out, hidden, gate_up_proj, down_proj, weights,
+                                                 sorted_pairs, expert_offsets, gate_up_out);
+    };
+    if (dt == at::kBFloat16) return run(c10::BFloat16{});
+    if (dt == at::kHalf) return run(c10::Half{});
+    return run(float{});
   }
   if (dt != at::kFloat && !cpu_fast_low_precision_gemm()) {
     // As in the forward: fp32 GEMMs on upconverted operands where bf16/fp16 GEMMs are slow.

@@ -148,14 +148,12 @@ class MoE(nn.Module):
             self.load_counts += load
         self.aux_loss = None
         if self.training and self.aux_loss_alpha > 0:
-            batch = 1  # a [T, hidden] input is one sequence
-            if self.seq_aux and len(shape) == 3:
-                batch = shape[0]
-            elif self.seq_aux and len(shape) != 2:
+            if self.seq_aux and len(shape) not in (2, 3):
                 raise ValueError(
                     "latentmoe.nn.MoE: seq_aux needs hidden_states [B, S, hidden] (sequences) or "
                     f"[T, hidden] (one sequence), got {tuple(shape)}"
                 )
+            batch = shape[0] if self.seq_aux and len(shape) == 3 else 1  # [T, hidden]: one sequence
             self.aux_loss = self._balance_loss(scores, indices, batch)
         return out
 
