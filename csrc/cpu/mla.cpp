@@ -78,12 +78,16 @@ LMOE_V8_INLINE void scores_block(int64_t D, const float* q, int64_t ldq, const f
       for (int j = 0; j < NR; ++j) acc[i][j] += qv * kv[j];
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      float t = v8::hsum(acc[i][j]);
-      for (int64_t dd = d; dd < D; ++dd) t += q[i * ldq + dd] * k[j * ldk + dd];
-      s[i * lds + j] = t;
+  for (int j = 0; j < NR; ++j) {
+    // The MR rows' lane sums for key j in one reduction (rows past MR padded with zeros).
+    const auto row = [&](int i) { return i < MR ? acc[i < MR ? i : 0][j] : v8::splat(0.f); };
+    const v8::v4f t = v8::hsum4(row(0), row(1), row(2), row(3));
+    for (int i = 0; i < MR; ++i) {
+      float u = t[i];
+      for (int64_t dd = d; dd < D; ++dd) u += q[i * ldq + dd] * k[j * ldk + dd];
+      s[i * lds + j] = u;
     }
+  }
 }
 
 template <int MR>

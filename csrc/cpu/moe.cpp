@@ -570,12 +570,6 @@ constexpr int64_t kRowsWidenInPlace = 16;
 // in place.
 constexpr int64_t kRowsPrefetch = 6;
 
-// Sums of the lanes of a0, a1, a2, a3 (in that order).
-__attribute__((target("avx2,fma"))) inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
 // out[i, j] (+)= dot(a[i, :kc], w[j, :kc]) for i < MR, j < NR: 4 x 3 vector accumulators along k,
 // summed across lanes at the end. w's rows in their own dtype (bf16 / fp16 widened in registers).
 template <int MR, int NR, typename TW>
@@ -623,8 +617,7 @@ __attribute__((target("avx2,fma,f16c"))) void dot_tile_w(const float* a, int64_t
   }
 #pragma GCC unroll 4
   for (int j = 0; j < NR; ++j) {
-    alignas(16) float sums[4];
-    _mm_store_ps(sums, hsum4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
+    const vec8::v4f sums = vec8::hsum4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
     for (int i = 0; i < MR; ++i) {
       float* o = out + i * ldo + j;
       *o = accumulate ? *o + sums[i] : sums[i];
