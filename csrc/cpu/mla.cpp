@@ -52,7 +52,7 @@ struct DecodeParams {
   int64_t window;
   int64_t n_splits, split_len, n_groups;
   DecodeTileFn tile_fn;          // decode_tile_avx2 or decode_tile_generic
-  bool f16c;                     // widen fp16 cache rows with F16C (with the AVX2 path)
+  bool avx2;                     // the AVX2+FMA(+F16C) tile kernel and cache-row widening
 };
 
 namespace v8 = latentmoe::cpu::vec8;
@@ -232,13 +232,13 @@ void decode_tile_generic(int64_t m, int64_t n, int64_t D, int64_t C, const float
   decode_tile_body(m, n, D, C, q, k, ldk, scores, lds, acc, rows, st);
 }
 
-// dst[0, n) = fp32 of src[0, n): fp16 through F16C where the CPU has it (c10::Half's scalar
-// conversion is the slow part of an fp16 decode otherwise), other types by plain casts.
+// dst[0, n) = fp32 of src[0, n): 16-bit types with AVX2 (+F16C) where the CPU has it (c10::Half's
+// scalar conversion is the slow part of an fp16 decode otherwise), other types by plain casts.
 template <typename T>
-void widen(const T* src, float* dst, int64_t n, bool f16c) {
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    if (f16c) {
-      v8::widen_half_f16c(reinterpret_cast<const uint16_t*>(src), dst, n);
+void widen(const T* src, float* dst, int64_t n, bool avx2) {
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+    if (avx2) {
+      v8::widen_avx2<T>(src, dst, n);
       return;
     }
   }
@@ -293,8 +293,8 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t);
         float* dst = tile.data() + (t - t0) * D;
-        widen(cache + row * p.kv_stride, dst, C, p.f16c);
-        widen(pe_src + row * p.pe_stride, dst + C, R, p.f16c);
+        widen(cache + row * p.kv_stride, dst, C, p.avx2);
+        widen(pe_src + row * p.pe_stride, dst + C, R, p.avx2);
       }
       k = tile.data();
     }
@@ -389,8 +389,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
   p.causal = causal;
   p.window = window;
   p.n_groups = (rows + kRowGroup - 1) / kRowGroup;
-  p.f16c = v8::use_avx2();
-  p.tile_fn = p.f16c ? &decode_tile_avx2 : &decode_tile_generic;
+  p.avx2 = v8::use_avx2();
+  p.tile_fn = p.avx2 ? &decode_tile_avx2 : &decode_tile_generic;
   // Enough items for every thread; each split keeps at least kMinSplit keys.
   const int64_t want = (2 * at::get_num_threads() + B * p.n_groups - 1) / (B * p.n_groups);
   p.n_splits = std::max<int64_t>(1, std::min<int64_t>(want, (max_len + kMinSplit - 1) / kMinSplit));

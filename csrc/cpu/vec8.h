@@ -191,11 +191,14 @@ LMOE_V8_INLINE v8f round_to(v8f v) {
   }
 }
 
-// fp16 -> fp32 of n values with the F16C conversion (8 at a time); only where use_avx2() holds.
-__attribute__((target("avx2,fma,f16c"))) inline void widen_half_f16c(const uint16_t* src, float* dst, int64_t n) {
+// dst[0, n) = fp32 of src[0, n) (T: c10::BFloat16 or c10::Half), 8 at a time with AVX2 (bf16 by
+// the zero interleave, fp16 through F16C); only where use_avx2() holds. Portable code widens
+// bf16 with SSE2 shuffles at half the width, and fp16 per element through c10.
+template <typename T>
+LMOE_CPU_AVX2 void widen_avx2(const T* src, float* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) half_to_f32(src + i, dst + i);
-  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+  for (; i + 8 <= n; i += 8) store(dst + i, load_f32<T, true>(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 }  // namespace latentmoe::cpu::vec8
