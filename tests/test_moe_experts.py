@@ -8,6 +8,13 @@ from latentmoe.ops import moe_experts
 from latentmoe.reference import moe as ref
 
 
+def assert_lowp_close(got: torch.Tensor, low_ref: torch.Tensor, exact: torch.Tensor) -> None:
+    """A bf16 / fp16 result within twice the low-precision reference's own error of the fp64 one
+    (plus 1e-3)."""
+    err = (got.double() - exact).abs().max().item()
+    assert err <= 2 * (low_ref.double() - exact).abs().max().item() + 1e-3
+
+
 def _routing(T, E, K, device, dtype=torch.float32):
     indices = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(device)
     weights = (torch.rand(T, K) + 0.1).to(device=device, dtype=dtype)
@@ -278,8 +285,7 @@ def _check_all_dtypes(T, E, K, H, I, device):
     for dtype in (torch.bfloat16, torch.float16):
         lp = [t.to(dtype) for t in (x, gu, down)]
         ref_lp = ref.swiglu_experts(*(t.cpu() for t in lp), w.cpu(), idx.cpu())
-        err = (moe_experts(*lp, w, idx).cpu().double() - want).abs().max().item()
-        assert err <= 2 * (ref_lp.double() - want).abs().max().item() + 1e-3
+        assert_lowp_close(moe_experts(*lp, w, idx).cpu(), ref_lp, want)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -313,11 +319,9 @@ def test_experts_cpu_low_precision_paths(monkeypatch, path, dtype):
     (out.float() * g).sum().backward()
     ref_out = ref.swiglu_experts(*(t.detach() for t in want), idx)
     ref_lp_out = ref.swiglu_experts(*(t.detach() for t in lp_ref), idx)
-    err = (out.double() - ref_out).abs().max().item()
-    assert err <= 2 * (ref_lp_out.double() - ref_out).abs().max().item() + 1e-3
+    assert_lowp_close(out, ref_lp_out, ref_out)
     for a, b, c in zip(ours, lp_ref, want):
-        err = (a.grad.double() - c.grad).abs().max().item()
-        assert err <= 2 * (b.grad.double() - c.grad).abs().max().item() + 1e-3
+        assert_lowp_close(a.grad, b.grad, c.grad)
 
 
 
@@ -372,9 +376,7 @@ def test_experts_cpu_scheduling_and_tiles(monkeypatch, case, dtype, threads, isa
     if dtype == torch.float32:
         assert rel_err(out, want) <= 1e-5
     else:
-        ref_lp = ref.swiglu_experts(*lp, w, idx)
-        err = (out.double() - want).abs().max().item()
-        assert err <= 2 * (ref_lp.double() - want).abs().max().item() + 1e-3
+        assert_lowp_close(out, ref.swiglu_experts(*lp, w, idx), want)
 
 
 @pytest.mark.parametrize("case", ["uniform", "one_heavy", "few_active", "ragged"])
@@ -399,8 +401,7 @@ def test_experts_cpu_backward_scheduling(monkeypatch, case, dtype, isa):
         if dtype == torch.float32:
             assert rel_err(got.grad, exact.grad) <= 1e-5
         else:
-            err = (got.grad.double() - exact.grad).abs().max().item()
-            assert err <= 2 * (low.grad.double() - exact.grad).abs().max().item() + 1e-3
+            assert_lowp_close(got.grad, low.grad, exact.grad)
     if isa == "generic":
         return  # (the ATen backward's GEMMs may split sums by thread count)
     op = torch.ops.latentmoe
@@ -446,8 +447,7 @@ def test_experts_cpu_small_m_bf16_groups(monkeypatch, isa, T, H, I):
         torch.set_num_threads(prev)
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
-    err = (outs[0].double() - want).abs().max().item()
-    assert err <= 2 * (ref_lp.double() - want).abs().max().item() + 1e-3
+    assert_lowp_close(outs[0], ref_lp, want)
 
 
 def test_experts_backward_rejects_a_bad_sort():
@@ -508,5 +508,4 @@ def test_experts_cpu_backward_random_shapes(case):
         if dtype == torch.float32:
             assert rel_err(got.grad, ex.grad) <= 1e-5
         else:
-            err = (got.grad.double() - ex.grad).abs().max().item()
-            assert err <= 2 * (lp.grad.double() - ex.grad).abs().max().item() + 1e-3
+            assert_lowp_close(got.grad, lp.grad, ex.grad)

@@ -50,17 +50,18 @@ LMOE_V8_INLINE float hsum(v8f v) {
 
 typedef float v4f __attribute__((vector_size(16), aligned(4), may_alias));
 
+// [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7]: vhaddps as two shuffles and an add.
+LMOE_V8_INLINE v8f pair_add(v8f x, v8f y) {
+  return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
 // The lane sums of a, b, c, d at once (out[0] = sum of a's lanes, ...), each summed as
-// ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) whichever slot it takes: three pairwise-add
-// rounds (vhaddps-like shuffles) and one 128-bit add, where four separate hsum calls are four
-// serial chains of seven scalar adds each.
+// ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) whichever slot it takes: three pair_add
+// rounds and one 128-bit add, where four separate hsum calls are four serial chains of seven
+// scalar adds each.
 LMOE_V8_INLINE v4f hsum4(v8f a, v8f b, v8f c, v8f d) {
-  const v8f ab = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
-                 __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);  // a01 a23 b01 b23 | a45 a67 b45 b67
-  const v8f cd = __builtin_shufflevector(c, d, 0, 2, 8, 10, 4, 6, 12, 14) +
-                 __builtin_shufflevector(c, d, 1, 3, 9, 11, 5, 7, 13, 15);
-  const v8f s = __builtin_shufflevector(ab, cd, 0, 2, 8, 10, 4, 6, 12, 14) +
-                __builtin_shufflevector(ab, cd, 1, 3, 9, 11, 5, 7, 13, 15);  // a0123 b0123 c0123 d0123 | 4567s
+  const v8f s = pair_add(pair_add(a, b), pair_add(c, d));  // a0123 b0123 c0123 d0123 | the 4567s
   return __builtin_shufflevector(s, s, 0, 1, 2, 3) + __builtin_shufflevector(s, s, 4, 5, 6, 7);
 }
 
