@@ -14,7 +14,7 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE, DeepseekV3TopkRouter
 
 import latentmoe
-from bench.common import paired_ratio, ratio_row, read_bandwidth_gbs, row, time_ms, time_paired
+from bench.common import env_setting, paired_ratio, ratio_row, read_bandwidth_gbs, row, time_ms, time_paired
 
 # Issue 4's shape: hidden 2048, 64 experts top-6, intermediate 1408, 2 shared experts. Quick mode
 # (CI, ~1 min on 2 cores) runs the same measurements at a quarter of the FLOPs per token.
@@ -282,6 +282,13 @@ def _train_rows(device, quick) -> list[dict]:
                  row("moe_experts_train", "latentmoe", mode, T, t_ours, device),
                  ratio_row("moe_experts_train", "speedup_vs_hf_grouped_mm", T, t_hf[0] / t_ours[0], device,
                            f"{mode}; no goal")]
+        if device.startswith("cuda"):
+            # The CUDA backward's GEMM groups one expert at a time, against the default (grouped
+            # for bf16 on sm90 / sm100): what at::_grouped_mm saves.
+            with env_setting("LATENTMOE_MOE_BACKWARD_GEMM", "loop"):
+                t_loop = timeit(lambda: step(lambda xg, wg: latentmoe.ops.moe_experts(xg, gu, down, wg, idx)))
+            rows.append(row("moe_experts_train", "latentmoe_loop_gemms", mode, T, t_loop, device,
+                            note="LATENTMOE_MOE_BACKWARD_GEMM=loop"))
     return rows
 
 

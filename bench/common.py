@@ -53,7 +53,7 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int = 3, reps: int = 
 @contextlib.contextmanager
 def env_setting(var: str, value: str):
     """Set one of the kernels' environment switches for a block (the bindings read them per call:
-    LATENTMOE_MLA_DECODE_KERNEL, LATENTMOE_MLA_PREFILL_FORWARD)."""
+    LATENTMOE_MLA_DECODE_KERNEL, LATENTMOE_MLA_PREFILL_FORWARD, LATENTMOE_MOE_BACKWARD_GEMM)."""
     old = os.environ.get(var)
     os.environ[var] = value
     try:

@@ -450,6 +450,108 @@ def test_experts_cpu_small_m_bf16_groups(monkeypatch, isa, T, H, I):
     assert_lowp_close(outs[0], ref_lp, want)
 
 
+def _aten_backward_case(dtype, device="cpu", T=45, E=12, K=3, H=40, I=24, idle=3):
+    """A backward problem whose last `idle` experts get no tokens and hold NaN weights (an empty
+    group that read them, or a weight gradient left unset, shows up as NaN)."""
+    x = torch.randn(T, H)
+    gu, down = _experts(E, H, I, "cpu")
+    gu[E - idle:] = float("nan")
+    down[E - idle:] = float("nan")
+    w, idx = _routing(T, E - idle, K, "cpu")
+    g = torch.randn(T, H)
+    exact = [t.double().requires_grad_() for t in (x, gu, down, w)]
+    ref.swiglu_experts(*exact, idx).backward(g.double())
+    low = [t.to(dtype).clone().requires_grad_() for t in (x, gu, down)] + [w.clone().requires_grad_()]
+    ref.swiglu_experts(*low, idx).backward(g.to(dtype))
+    ours = [t.to(device=device, dtype=dtype).clone().requires_grad_() for t in (x, gu, down)]
+    ours.append(w.to(device).clone().requires_grad_())
+    return ours, idx.to(device), g.to(device=device, dtype=dtype), low, exact
+
+
+def _check_aten_backward(ours, low, exact, dtype, idle=3):
+    for got, lo, ex in zip(ours, low, exact):
+        got = got.grad.cpu()
+        if got.dim() == 3:  # the weight gradients: exactly zero for the experts without tokens
+            assert torch.equal(got[-idle:], torch.zeros_like(got[-idle:]))
+            got, lo, ex = got[:-idle], lo.grad[:-idle], ex.grad[:-idle]
+        else:
+            lo, ex = lo.grad, ex.grad
+        assert torch.isfinite(got).all()
+        if dtype == torch.float32:
+            assert rel_err(got, ex) <= 1e-5
+        else:
+            assert_lowp_close(got, lo, ex)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gemms", ["grouped", "loop"])
+def test_experts_aten_backward_gemms(monkeypatch, dtype, gemms):
+    # The device-generic ATen backward (the one CUDA runs), with its four GEMM groups as one
+    # at::_grouped_mm each or as one GEMM per active expert (LATENTMOE_MOE_BACKWARD_GEMM), on the
+    # CPU's at::_grouped_mm with bf16 / fp16 operands as CUDA passes them (LATENTMOE_CPU_LOWP_GEMM
+    # =native). Three idle experts with NaN weights; gradients against fp64 autograd of the
+    # reference. The profiler shows which GEMMs ran: four grouped calls, or none.
+    monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    monkeypatch.setenv("LATENTMOE_CPU_LOWP_GEMM", "native")
+    monkeypatch.setenv("LATENTMOE_MOE_BACKWARD_GEMM", gemms)
+    ours, idx, g, low, exact = _aten_backward_case(dtype)
+    out = moe_experts(*ours, idx)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out.backward(g)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "aten::_grouped_mm")
+    assert calls == (4 if gemms == "grouped" else 0)
+    _check_aten_backward(ours, low, exact, dtype)
+
+
+def test_experts_aten_backward_gemms_no_rows(monkeypatch):
+    # No tokens: no GEMM at all (at::_grouped_mm rejects an empty jagged dimension), zero weight
+    # gradients.
+    monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    monkeypatch.setenv("LATENTMOE_MOE_BACKWARD_GEMM", "grouped")
+    op = torch.ops.latentmoe
+    x = torch.randn(0, 16)
+    gu, down = _experts(4, 16, 8, "cpu")
+    w, idx = torch.rand(0, 2), torch.zeros(0, 2, dtype=torch.long)
+    _, pairs, offsets, gate_up_out = op.moe_experts.default(x, gu, down, w, idx, True)
+    gx, ggu, gd, gw = op.moe_experts_backward.default(torch.randn(0, 16), x, gu, down, w, pairs,
+                                                      offsets, gate_up_out)
+    assert gx.shape == (0, 16) and gw.shape == (0, 2)
+    assert torch.equal(ggu, torch.zeros_like(gu)) and torch.equal(gd, torch.zeros_like(down))
+
+
+def test_experts_aten_backward_gemms_errors(monkeypatch):
+    monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    op = torch.ops.latentmoe
+    x, gu, down, w, idx = _args()
+    _, pairs, offsets, gate_up_out = op.moe_experts.default(x, gu, down, w, idx, True)
+    g = torch.randn_like(x)
+    monkeypatch.setenv("LATENTMOE_MOE_BACKWARD_GEMM", "fastest")
+    with pytest.raises(ValueError, match="LATENTMOE_MOE_BACKWARD_GEMM must be auto, grouped or loop"):
+        op.moe_experts_backward.default(g, x, gu, down, w, pairs, offsets, gate_up_out)
+    # Forced grouped GEMMs on rows whose stride is not a multiple of 16 bytes: a clear error
+    # naming the sizes, not at::_grouped_mm's own.
+    monkeypatch.setenv("LATENTMOE_MOE_BACKWARD_GEMM", "grouped")
+    x, gu, down = torch.randn(5, 37), *_experts(4, 37, 8, "cpu")
+    w, idx = _routing(5, 4, 2, "cpu")
+    _, pairs, offsets, gate_up_out = op.moe_experts.default(x, gu, down, w, idx, True)
+    with pytest.raises(ValueError, match="multiples of 16 bytes in Float; got H=37, I=8"):
+        op.moe_experts_backward.default(torch.randn_like(x), x, gu, down, w, pairs, offsets,
+                                        gate_up_out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gemms", ["auto", "grouped", "loop"])
+def test_experts_cuda_backward_gemms(monkeypatch, dtype, gemms):
+    # The CUDA backward's GEMM groups: auto (grouped for bf16 on sm90 / sm100), forced grouped
+    # (at::_grouped_mm's own kernel for bf16 there, its fallback elsewhere), and the per-expert
+    # loop; idle experts with NaN weights get exactly zero weight gradients.
+    monkeypatch.setenv("LATENTMOE_MOE_BACKWARD_GEMM", gemms)
+    ours, idx, g, low, exact = _aten_backward_case(dtype, "cuda", T=300, E=16, H=64, I=40)
+    moe_experts(*ours, idx).backward(g)
+    _check_aten_backward(ours, low, exact, dtype)
+
+
 def test_experts_backward_rejects_a_bad_sort():
     # The backward op reads the forward's sort as indices: offsets and pairs are checked first.
     x, gu, down, w, idx = _args()

@@ -168,10 +168,25 @@ void check_experts_backward_tensors(const at::Tensor& grad_out, const at::Tensor
                     "latentmoe.moe_experts_backward: argument 'gate_up_out' must be [T*k, 2I]");
 }
 
+std::optional<BackwardGemms> backward_gemm_setting() {
+  const char* v = std::getenv("LATENTMOE_MOE_BACKWARD_GEMM");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return std::nullopt;
+  if (std::strcmp(v, "grouped") == 0) return BackwardGemms::kGrouped;
+  if (std::strcmp(v, "loop") == 0) return BackwardGemms::kLoop;
+  TORCH_CHECK_VALUE(false, "latentmoe.moe_experts_backward: LATENTMOE_MOE_BACKWARD_GEMM must be auto, grouped or loop, not '",
+                    v, "'");
+  return std::nullopt;
+}
+
+bool grouped_gemm_aligned(int64_t H, int64_t I, at::ScalarType dtype) {
+  const int64_t es = static_cast<int64_t>(c10::elementSize(dtype));
+  return (H * es) % 16 == 0 && (I * es) % 16 == 0;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
-    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out) {
+    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out, BackwardGemms gemms) {
   // The ATen calls below are our implementation, not something to differentiate.
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   check_experts_backward_tensors(grad_out, hidden, gate_up_proj, weights, sorted_pairs, expert_offsets,
@@ -180,8 +195,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
   const int64_t I = gate_up_proj.size(1) / 2;
   const int64_t K = weights.size(1), S = T * K;
   const auto dt = hidden.scalar_type();
-  auto off = expert_offsets.to(at::kCPU);
-  const int64_t* op_ = off.const_data_ptr<int64_t>();
+  const bool grouped = gemms == BackwardGemms::kGrouped;
+  TORCH_CHECK_VALUE(!grouped || grouped_gemm_aligned(H, I, dt),
+                    "latentmoe.moe_experts_backward: the grouped GEMMs (LATENTMOE_MOE_BACKWARD_GEMM=grouped) need "
+                    "the hidden size and the intermediate size to be multiples of 16 bytes in ", dt, "; got H=", H,
+                    ", I=", I);
+  // Group ends over the sorted rows, as at::_grouped_mm takes them (int32, on the device); the
+  // loop reads the offsets on the host instead.
+  at::Tensor ends, off;
+  const int64_t* op_ = nullptr;
+  if (grouped) {
+    ends = expert_offsets.narrow(0, 1, E).to(at::kInt);
+  } else {
+    off = expert_offsets.to(at::kCPU);
+    op_ = off.const_data_ptr<int64_t>();
+  }
   auto tok = at::div(sorted_pairs, K, "floor");
   auto w_s = weights.reshape({-1}).to(at::kFloat).index_select(0, sorted_pairs).unsqueeze(1);
   auto xs = hidden.index_select(0, tok);
@@ -192,10 +220,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
   auto silu = g * sig;
   auto act = (silu * u).to(dt);
   auto gyw = (gy.to(at::kFloat) * w_s).to(dt);
-  auto ga_unweighted = at::empty({S, I}, hidden.options());
-  auto grad_gu = at::zeros_like(gate_up_proj);
-  auto grad_down = at::zeros_like(down_proj);
-  for (int64_t e = 0; e < E; ++e) {
+  // A total of 0 rows is no GEMM at all (at::_grouped_mm rejects an empty jagged dimension).
+  const bool grouped_rows = grouped && S > 0;
+  at::Tensor ga_unweighted, grad_down, grad_gu;
+  if (grouped_rows) {
+    ga_unweighted = at::_grouped_mm(gy, down_proj, ends);  // [S, H] @ [E, H, I] per group
+    grad_down = at::_grouped_mm(gyw.t(), act, ends);       // [H, S] @ [S, I], K jagged: [E, H, I]
+  } else {
+    ga_unweighted = at::empty({S, I}, hidden.options());
+    grad_gu = at::zeros_like(gate_up_proj);
+    grad_down = at::zeros_like(down_proj);
+  }
+  for (int64_t e = 0; !grouped && e < E; ++e) {
     const int64_t o = op_[e], m = op_[e + 1] - op_[e];
     if (m == 0) continue;
     mm_into(ga_unweighted.narrow(0, o, m), gy.narrow(0, o, m), down_proj[e]);
@@ -205,8 +241,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
   auto grad_w_s = (gau * act.to(at::kFloat)).sum(1);
   auto ga = gau * w_s;
   auto gh = at::cat({ga * u * sig * (1 + g * (1 - sig)), ga * silu}, 1).to(dt);
-  auto gxs = at::empty({S, H}, hidden.options());
-  for (int64_t e = 0; e < E; ++e) {
+  at::Tensor gxs;
+  if (grouped_rows) {
+    grad_gu = at::_grouped_mm(gh.t(), xs, ends);      // [2I, S] @ [S, H], K jagged: [E, 2I, H]
+    gxs = at::_grouped_mm(gh, gate_up_proj, ends);    // [S, 2I] @ [E, 2I, H] per group
+    // Experts with no rows get zero weight gradients here, not whatever the kernel leaves in an
+    // empty group (public reports: non-zero on sm100).
+    auto idle = (expert_offsets.narrow(0, 1, E) == expert_offsets.narrow(0, 0, E)).view({E, 1, 1});
+    grad_down.masked_fill_(idle, 0);
+    grad_gu.masked_fill_(idle, 0);
+  } else {
+    gxs = at::empty({S, H}, hidden.options());
+  }
+  for (int64_t e = 0; !grouped && e < E; ++e) {
     const int64_t o = op_[e], m = op_[e + 1] - op_[e];
     if (m == 0) continue;
     mm_into(grad_gu[e], gh.narrow(0, o, m).t(), xs.narrow(0, o, m));
@@ -1406,6 +1453,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
     const at::Tensor& expert_offsets, const at::Tensor& gate_up_out) {
   moe_host::check_experts_backward_args(hidden, gate_up_proj, down_proj, weights);
   const auto dt = hidden.scalar_type();
+  // The ATen backward below loops over the experts unless told otherwise: on the CPU,
+  // at::_grouped_mm is itself a loop of GEMMs (tests force it to check the grouped calls' forms).
+  const auto gemms = moe_host::backward_gemm_setting().value_or(moe_host::BackwardGemms::kLoop);
   if (awt::cpu_supported() && (dt == at::kFloat || !cpu_fast_low_precision_gemm()) &&
       (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf)) {
     moe_host::check_experts_backward_tensors(grad_out, hidden, gate_up_proj, weights, sorted_pairs,
@@ -1424,12 +1474,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
     auto f = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
     auto [gx, ggu, gd, gw] = moe_host::experts_backward(
         f(grad_out), f(hidden), f(gate_up_proj), f(down_proj), weights, sorted_pairs,
-        expert_offsets, f(gate_up_out));
+        expert_offsets, f(gate_up_out), gemms);
     return {gx.to(dt), ggu.to(dt), gd.to(dt), gw};
   }
   return moe_host::experts_backward(grad_out.contiguous(), hidden.contiguous(),
                                     gate_up_proj.contiguous(), down_proj.contiguous(), weights,
-                                    sorted_pairs, expert_offsets, gate_up_out);
+                                    sorted_pairs, expert_offsets, gate_up_out, gemms);
 }
 
 }  // namespace

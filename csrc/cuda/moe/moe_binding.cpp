@@ -135,9 +135,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
     const at::Tensor& expert_offsets, const at::Tensor& gate_up_out) {
   moe_host::check_experts_backward_args(hidden, gate_up_proj, down_proj, weights);
   c10::cuda::CUDAGuard guard(hidden.device());
+  const auto setting = moe_host::backward_gemm_setting();
+  auto gemms = moe_host::BackwardGemms::kLoop;
+  if (setting.has_value()) {
+    gemms = *setting;
+  } else {
+    // auto: grouped where at::_grouped_mm has its own kernel (bf16 on sm90 / sm100; elsewhere it
+    // copies the offsets to the host and loops, as kLoop does) and the strides suit it.
+    const int major = at::cuda::getDeviceProperties(hidden.get_device())->major;
+    const int64_t I = gate_up_proj.size(1) / 2;
+    if (hidden.scalar_type() == at::kBFloat16 && (major == 9 || major == 10) &&
+        moe_host::grouped_gemm_aligned(hidden.size(1), I, at::kBFloat16))
+      gemms = moe_host::BackwardGemms::kGrouped;
+  }
   return moe_host::experts_backward(grad_out.contiguous(), hidden.contiguous(),
                                     gate_up_proj.contiguous(), down_proj.contiguous(), weights,
-                                    sorted_pairs, expert_offsets, gate_up_out);
+                                    sorted_pairs, expert_offsets, gate_up_out, gemms);
 }
 
 }  // namespace

@@ -1,10 +1,11 @@
 // Host-side MoE helpers shared by the CPU and CUDA registrations, implemented in
 // csrc/cpu/moe.cpp (always built): argument checks, and the device-generic backward of
-// moe_experts written with ATen GEMMs on each expert's rows (runs on CPU and CUDA tensors).
+// moe_experts written with ATen GEMMs on the expert-sorted rows (runs on CPU and CUDA tensors).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -39,9 +40,24 @@ void check_experts_backward_tensors(const at::Tensor& grad_out, const at::Tensor
                                     const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets,
                                     const at::Tensor& gate_up_out);
 
+// How experts_backward runs its four GEMM groups (data and weight gradients of gate_up and down):
+// kLoop, one ATen GEMM per active expert and group (4 per active expert); kGrouped, one
+// at::_grouped_mm per group over the expert-sorted rows (4 calls, offsets read on the device, no
+// host copy). at::_grouped_mm has a fast kernel for bf16 on sm90 / sm100 (what HF's grouped_mm
+// experts use); elsewhere it loops over the groups itself.
+enum class BackwardGemms { kLoop, kGrouped };
+
+// LATENTMOE_MOE_BACKWARD_GEMM=auto|grouped|loop (unset or auto: nullopt, the caller's choice);
+// ValueError on any other value. Tests force either path.
+std::optional<BackwardGemms> backward_gemm_setting();
+
+// Whether at::_grouped_mm takes the backward's operands: every row stride (H and I elements) a
+// multiple of 16 bytes.
+bool grouped_gemm_aligned(int64_t H, int64_t I, at::ScalarType dtype);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
-    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out);
+    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out, BackwardGemms gemms);
 
 }  // namespace latentmoe::moe_host
