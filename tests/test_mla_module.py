@@ -175,8 +175,8 @@ def test_decode_low_precision(dtype, cache_kind):
         past += n
 
 
-@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
-def test_inside_hf_model_with_hf_cache(attn_impl):
+def _hf_model_pair(attn_impl):
+    """(HF DeepseekV3Model, the same model with our attention in every layer), 2 layers."""
     from transformers import DeepseekV3Model
 
     cfg = make_config(heads=3, q_lora=24)
@@ -194,6 +194,12 @@ def test_inside_hf_model_with_hf_cache(attn_impl):
         attn = MultiHeadLatentAttention(cfg, i)
         attn.load_state_dict(layer.self_attn.state_dict(), strict=True)
         layer.self_attn = attn
+    return cfg, model, ours
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_inside_hf_model_with_hf_cache(attn_impl):
+    cfg, model, ours = _hf_model_pair(attn_impl)
     ids = torch.randint(0, cfg.vocab_size, (2, 8))
     with torch.no_grad():
         a = model(ids, use_cache=True)
@@ -211,6 +217,29 @@ def test_inside_hf_model_with_hf_cache(attn_impl):
             a = model(nxt, cache=cache_a, use_cache=True)
             b = ours(nxt, cache=cache_b, use_cache=True)
             assert rel_err(b.last_hidden_state, a.last_hidden_state) <= 1e-4
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_inside_hf_model_with_hf_static_cache(attn_impl):
+    # HF's StaticCache hands back its whole pre-allocated buffer (zeros past the written slots),
+    # and its length as a device tensor; HF's sdpa path passes no mask for the first prefill
+    # (causal from the first key). A prefill of 5 tokens, a chunk of 3 more, then decode steps.
+    from transformers.cache_utils import StaticCache
+
+    cfg, model, ours = _hf_model_pair(attn_impl)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    with torch.no_grad():
+        cache_a = StaticCache(config=cfg, max_cache_len=32)
+        cache_b = StaticCache(config=cfg, max_cache_len=32)
+        steps = [ids[:, :5], ids[:, 5:]] + [torch.randint(0, cfg.vocab_size, (2, 1)) for _ in range(3)]
+        for chunk in steps:
+            a = model(chunk, cache=cache_a, use_cache=True).last_hidden_state
+            b = ours(chunk, cache=cache_b, use_cache=True).last_hidden_state
+            assert rel_err(b, a) <= 1e-4
+        # What our layers wrote is what HF's wrote, and nothing past the written slots.
+        for la, lb in zip(cache_a.layers, cache_b.layers):
+            assert torch.allclose(lb.keys, la.keys, rtol=1e-4, atol=1e-5)
+            assert torch.equal(lb.keys[:, :, 11:], torch.zeros_like(lb.keys[:, :, 11:]))
 
 
 def _left_padded(cfg, B, S, pad):

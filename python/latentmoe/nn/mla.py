@@ -177,6 +177,14 @@ class LatentKVCache:
         return (self.kv_lora_rank + self.rope_dim) * self.kv[0].element_size()
 
 
+def _causal_keep(S: int, L: int, valid, device) -> torch.Tensor:
+    """``[S, L]`` bool: query i (at position valid - S + i) keeps keys 0 .. valid - S + i."""
+    if isinstance(valid, torch.Tensor):
+        valid = valid.to(device)
+    i = torch.arange(S, device=device)[:, None] + (valid - S)
+    return torch.arange(L, device=device)[None, :] <= i
+
+
 class MultiHeadLatentAttention(nn.Module):
     """Multi-head latent attention with HF ``DeepseekV3Attention``'s parameters and interface.
 
@@ -301,7 +309,7 @@ class MultiHeadLatentAttention(nn.Module):
                     "(training uses cache=None)"
                 )
             L = cache.get_seq_length(self.layer_idx) + S
-            if not self._is_plain_causal(attention_mask, B, S, L):
+            if not self._is_plain_causal(attention_mask, B, S, L, L):
                 raise ValueError(
                     "MultiHeadLatentAttention: with a LatentKVCache, attention is causal over each row's own "
                     "cached tokens; 'attention_mask' must be None or the plain causal mask (for padding, "
@@ -311,18 +319,30 @@ class MultiHeadLatentAttention(nn.Module):
 
         c_kv = self._kv_norm(kv[..., :C])
         k_pe = _rotate(kv[..., C:].view(B, S, 1, R), cos, sin, self.rope_interleave)
+        past = 0
         if cache is not None:
+            past = cache.get_seq_length(self.layer_idx)
             keys, values = cache.update(c_kv.view(B, 1, S, C), k_pe.view(B, 1, S, R), self.layer_idx)
             c_all, pe_all = keys[:, 0], values[:, 0]
         else:
             c_all, pe_all = c_kv, k_pe[:, :, 0]
         L = c_all.shape[1]
-        plain_causal = self._is_plain_causal(attention_mask, B, S, L)
+        # Keys holding tokens: all L of a growing cache (HF DynamicCache); a pre-allocated one (HF
+        # StaticCache) hands back its whole buffer, of which only the first past + S slots are
+        # written. Its length is a device tensor there: used as one (no host copy, compile-safe).
+        if isinstance(past, torch.Tensor):
+            valid = torch.clamp(past.to(c_all.device) + S, max=L)
+        else:
+            valid = min(int(past) + S, L)
+        plain_causal = self._is_plain_causal(attention_mask, B, S, L, valid)
         dropout = self.training and self.attention_dropout > 0
         if plain_causal and not dropout and (
             (not grad and S <= self.decode_max_tokens) or _has_kernel(_PREFILL_OP, hidden_states.device)
         ):
-            seqlens = torch.full((B,), L, dtype=torch.int32, device=c_all.device)
+            if isinstance(valid, torch.Tensor):
+                seqlens = valid.to(torch.int32).expand(B).contiguous()
+            else:
+                seqlens = torch.full((B,), valid, dtype=torch.int32, device=c_all.device)
             if not grad and S <= self.decode_max_tokens:  # HF's keys/values read in place
                 out = self._absorbed_attention(
                     q_nope, q_pe, c_all.contiguous(), seqlens, None,
@@ -332,7 +352,9 @@ class MultiHeadLatentAttention(nn.Module):
                 rows = torch.cat([c_all, pe_all], dim=-1)
                 out = self._prefill_attention(q_nope, q_pe, rows, seqlens, None)
         else:
-            out = self._sdpa_attention(q_nope, q_pe, c_all, pe_all, None if plain_causal else attention_mask)
+            out = self._sdpa_attention(
+                q_nope, q_pe, c_all, pe_all, None if plain_causal else attention_mask, valid
+            )
         return project(self.o_proj, out.reshape(B, S, H * self.v_head_dim)), None
 
     # ---- pieces --------------------------------------------------------------------------------
@@ -376,7 +398,7 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             L = cache.get_seq_length(layer)
             rows = cache.rows(layer, L)
-            out = self._sdpa_attention(q_nope, q_pe, rows[..., :C], rows[..., C:], None)
+            out = self._sdpa_attention(q_nope, q_pe, rows[..., :C], rows[..., C:], None, L)
         return project(self.o_proj, out.reshape(B, S, self.num_heads * self.v_head_dim))
 
     def _absorbed_attention(self, q_nope, q_pe, kv_cache, seqlens, block_table, pe_cache=None, max_seqlen=-1):
@@ -405,8 +427,9 @@ class MultiHeadLatentAttention(nn.Module):
         )
         return out.to(q_nope.dtype)
 
-    def _sdpa_attention(self, q_nope, q_pe, c_all, pe_all, mask) -> torch.Tensor:
-        """Differentiable path: decompress to per-head K/V, SDPA. ``[B, S, H, V]``."""
+    def _sdpa_attention(self, q_nope, q_pe, c_all, pe_all, mask, valid) -> torch.Tensor:
+        """Differentiable path: decompress to per-head K/V, SDPA. ``[B, S, H, V]``. With no mask,
+        the S queries are the last of the first ``valid`` keys (int or 0-dim tensor) of ``c_all``."""
         B, S, H, N = q_nope.shape
         L = c_all.shape[1]
         kv = self.kv_b_proj(c_all).view(B, L, H, N + self.v_head_dim)
@@ -414,11 +437,10 @@ class MultiHeadLatentAttention(nn.Module):
         v = kv[..., N:].transpose(1, 2)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         if mask is None:
-            if S == L:
+            if S == L and not isinstance(valid, torch.Tensor):
                 attn_mask, causal = None, True
-            else:  # new tokens at positions past .. past+S-1 over keys 0 .. L-1
-                i = torch.arange(S, device=q.device)[:, None] + (L - S)
-                attn_mask, causal = torch.arange(L, device=q.device)[None, :] <= i, False
+            else:  # new tokens at positions valid-S .. valid-1 over keys 0 .. L-1
+                attn_mask, causal = _causal_keep(S, L, valid, q.device), False
         else:
             attn_mask, causal = mask[..., :L], False
             if attn_mask.dtype != torch.bool:
@@ -430,9 +452,10 @@ class MultiHeadLatentAttention(nn.Module):
         return out.transpose(1, 2)
 
     @staticmethod
-    def _is_plain_causal(mask: torch.Tensor | None, B: int, S: int, L: int) -> bool:
+    def _is_plain_causal(mask: torch.Tensor | None, B: int, S: int, L: int, valid) -> bool:
         """True when ``mask`` (HF 4-D, bool keep-mask or additive float) is None or exactly the
-        causal mask of S new tokens at the end of L keys (so the kernels' causal rule applies)."""
+        causal mask of S new tokens at the end of the first ``valid`` of L keys (so the kernels'
+        causal rule applies with ``valid`` as each row's length)."""
         if mask is None:
             return True
         if mask.dim() != 4 or mask.shape[-2] != S or mask.shape[-1] < L:
@@ -440,8 +463,7 @@ class MultiHeadLatentAttention(nn.Module):
         if torch.compiler.is_compiling():
             return False  # its values cannot be read while tracing: applied as given (SDPA)
         keep = mask[..., :L] if mask.dtype == torch.bool else mask[..., :L] > torch.finfo(mask.dtype).min / 2
-        i = torch.arange(S, device=mask.device)[:, None] + (L - S)
-        want = torch.arange(L, device=mask.device)[None, :] <= i
+        want = _causal_keep(S, L, valid, mask.device)
         if mask.dtype != torch.bool and torch.any(mask[..., :L][keep] != 0):
             return False  # additive biases other than 0 / -inf
         return bool(torch.equal(keep, want.expand_as(keep)))
