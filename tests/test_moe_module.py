@@ -197,6 +197,39 @@ def test_hf_experts_interface():
     assert spy.call_count == 1
 
 
+def _custom_gate(self, gate_up_out):
+    gate, up = gate_up_out.chunk(2, dim=-1)
+    return (up + 1) * gate * torch.sigmoid(1.702 * gate)  # a clamped-style SwiGLU variant
+
+
+@pytest.mark.parametrize("what", ["has_bias", "is_transposed", "is_concatenated", "has_gate",
+                                  "has_post_expert_norm", "_is_expert_parallel", "act_fn",
+                                  "_apply_gate"])
+def test_hf_experts_interface_refuses_what_it_does_not_compute(what):
+    # Each layout or function the kernel does not implement raises, never a silently different
+    # result: the decorator's flags, HF's expert parallelism, another activation, and a class's
+    # own gate (as transformers' MiniMax-M3 experts define).
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
+
+    cfg = hf_config("v3")
+    cls = DeepseekV3Experts
+    if what == "_apply_gate":
+        cls = type("GatedExperts", (DeepseekV3Experts,), {"_apply_gate": _custom_gate})
+    experts = cls(cfg)
+    experts.config._experts_implementation = "latentmoe"
+    if what == "act_fn":
+        experts.act_fn = torch.nn.GELU()
+    elif what in ("is_concatenated", "has_gate"):
+        setattr(experts, what, False)
+    elif what != "_apply_gate":
+        setattr(experts, what, True)
+    x = torch.randn(4, cfg.hidden_size)
+    idx = torch.randint(0, cfg.n_routed_experts, (4, cfg.num_experts_per_tok))
+    w = torch.rand(4, cfg.num_experts_per_tok)
+    with pytest.raises(NotImplementedError, match="latentmoe experts implementation does not support"):
+        experts(x, idx, w)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_forward_captures_in_cuda_graph():
     # The module's forward makes no host copy (router indices go unchecked, loads are counted

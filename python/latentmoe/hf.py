@@ -17,6 +17,26 @@ from latentmoe.ops.moe import moe_experts
 EXPERTS_IMPLEMENTATION = "latentmoe"
 
 
+def _default_gate(experts: torch.nn.Module) -> bool:
+    """Whether the module gates with transformers' default ``act_fn(gate) * up`` (a class may
+    override ``_apply_gate``, e.g. with a clamped or scaled SwiGLU, which the kernel does not
+    compute)."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # transformers without per-class gates
+        return not hasattr(type(experts), "_apply_gate")
+    return getattr(type(experts), "_apply_gate", _default_apply_gate) is _default_apply_gate
+
+
+def _silu_activation(experts: torch.nn.Module) -> bool:
+    """Whether the module's activation is SiLU: its ``act_fn`` where it has one (what HF's eager
+    path calls), else ``config.hidden_act``."""
+    act = getattr(experts, "act_fn", None)
+    if act is not None:
+        return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return getattr(getattr(experts, "config", None), "hidden_act", "silu") in ("silu", "swish")
+
+
 def latentmoe_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -32,19 +52,21 @@ def latentmoe_experts_forward(
     Returns:
         ``[T, hidden]`` in ``hidden_states.dtype``.
     Raises:
-        NotImplementedError: for layouts the kernel does not implement (biases, transposed or
-            interleaved weights, no gate, expert parallelism, an activation other than SiLU).
+        NotImplementedError: for what the kernel does not implement (biases, transposed or
+            interleaved weights, no gate, a post-expert norm, expert parallelism, an activation
+            other than SiLU, a class's own ``_apply_gate``).
     """
     unsupported = [
         name
         for name, bad in (
+            ("a custom _apply_gate", not _default_gate(self)),
             ("has_bias", getattr(self, "has_bias", False)),
             ("is_transposed", getattr(self, "is_transposed", False)),
             ("not is_concatenated", not getattr(self, "is_concatenated", True)),
             ("not has_gate", not getattr(self, "has_gate", True)),
             ("has_post_expert_norm", getattr(self, "has_post_expert_norm", False)),
             ("expert parallel", getattr(self, "_is_expert_parallel", False)),
-            ("activation", getattr(getattr(self, "config", None), "hidden_act", "silu") != "silu"),
+            ("an activation other than SiLU", not _silu_activation(self)),
         )
         if bad
     ]
