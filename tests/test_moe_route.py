@@ -167,6 +167,39 @@ def test_route_opcheck(device):
                            s, idx, "sigmoid", True, 1.0))
 
 
+def _route_backward_args(device, T=9, E=16, K=3):
+    s = torch.rand(T, E, device=device)
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(device)
+    return torch.randn(T, K, device=device), torch.randn(T, E, device=device), s, idx
+
+
+@pytest.mark.parametrize("bad", [16, -1, 10**8])
+def test_route_backward_rejects_bad_indices(bad):
+    # The backward op indexes the scores and its output by `indices`: values outside [0, E) are a
+    # ValueError naming it (once a SIGSEGV at 1e8), and score_func must be a known name.
+    gw, gs, s, idx = _route_backward_args("cpu")
+    idx[4, 1] = bad
+    with pytest.raises(ValueError, match="'indices' holds"):
+        torch.ops.latentmoe.moe_route_backward.default(gw, gs, s, idx, "sigmoid", True, 1.0)
+    with pytest.raises(ValueError, match="score_func"):
+        torch.ops.latentmoe.moe_route_backward.default(gw, gs, s, idx.clamp(0, 15), "tanh", True, 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("norm", [True, False])
+def test_route_backward_cuda_skips_bad_indices(norm):
+    # CUDA does not copy the indices to the host to check them: an entry outside [0, E) is
+    # skipped (nothing read or written out of bounds), as if that column were not there.
+    gw, gs, s, idx = _route_backward_args("cuda")
+    bad = idx.clone()
+    bad[:, 1] = torch.tensor([16, -1, 10**8] * 3, device="cuda")
+    op = torch.ops.latentmoe.moe_route_backward.default
+    got = op(gw, gs, s, bad, "sigmoid", norm, 2.0)
+    keep = [0, 2]
+    want = op(gw[:, keep].contiguous(), gs, s, idx[:, keep].contiguous(), "sigmoid", norm, 2.0)
+    torch.testing.assert_close(got, want)
+
+
 def test_route_compile(device):
     f = torch.compile(lambda l, b: moe_route(l, 2, n_group=2, topk_group=1,
                                              e_score_correction_bias=b), fullgraph=True)

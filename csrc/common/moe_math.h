@@ -116,9 +116,14 @@ LMOE_HD void route_token(const float* logits, const float* bias, const RoutePara
                                   : weights[k] * p.routed_scaling_factor;
 }
 
+// An index the backward may use: [0, E). The CPU rejects others before the math runs; on CUDA
+// (no host copy of the indices) the math skips them, so nothing is read or written out of bounds.
+LMOE_HD bool valid_expert(int64_t e, int E) { return e >= 0 && e < E; }
+
 // Backward of one token's routing to its logits.
 //   grad_weights [K]: dL/dweights; grad_scores [E] or null: dL/dscores (e.g. from an aux loss).
-//   scores [E], indices [K] as returned by route_token. Writes grad_logits [E].
+//   scores [E], indices [K] as returned by route_token (entries outside [0, E) are skipped).
+//   Writes grad_logits [E].
 LMOE_HD void route_token_backward(const float* grad_weights, const float* grad_scores,
                                   const float* scores, const int64_t* indices,
                                   const RouteParams& p, float* grad_logits) {
@@ -129,15 +134,17 @@ LMOE_HD void route_token_backward(const float* grad_weights, const float* grad_s
     // w_k = c s_k / D, D = sum_j s_j + eps:  dL/ds_j = c (g_j / D - sum_k g_k s_k / D^2).
     float D = 0.f, dot = 0.f;
     for (int k = 0; k < p.top_k; ++k) {
+      if (!valid_expert(indices[k], E)) continue;
       const float s = scores[indices[k]];
       D += s;
       dot += grad_weights[k] * s;
     }
     D += kNormEps;
     for (int k = 0; k < p.top_k; ++k)
-      grad_logits[indices[k]] += c * (grad_weights[k] / D - dot / (D * D));
+      if (valid_expert(indices[k], E)) grad_logits[indices[k]] += c * (grad_weights[k] / D - dot / (D * D));
   } else {
-    for (int k = 0; k < p.top_k; ++k) grad_logits[indices[k]] += c * grad_weights[k];
+    for (int k = 0; k < p.top_k; ++k)
+      if (valid_expert(indices[k], E)) grad_logits[indices[k]] += c * grad_weights[k];
   }
   // Now grad_logits holds dL/dscores; chain through the score function.
   if (p.score_func == kSigmoid) {

@@ -80,8 +80,12 @@ moe::RouteParams check_route_args(const at::Tensor& logits,
 
 void check_route_backward_args(const at::Tensor& grad_weights,
                                const std::optional<at::Tensor>& grad_scores,
-                               const at::Tensor& scores, const at::Tensor& indices) {
+                               const at::Tensor& scores, const at::Tensor& indices,
+                               const std::string& score_func) {
   const char* op = "moe_route_backward";
+  TORCH_CHECK_VALUE(score_func == "sigmoid" || score_func == "softmax",
+                    "latentmoe.moe_route_backward: argument 'score_func' must be 'sigmoid' or 'softmax', got '",
+                    score_func, "'");
   chk::dim(op, "scores", scores, 2);
   chk::dtype(op, "scores", scores, at::kFloat);
   chk::dim(op, "indices", indices, 2);
@@ -303,21 +307,25 @@ at::Tensor moe_route_backward_cpu(const at::Tensor& grad_weights,
                                   const at::Tensor& scores, const at::Tensor& indices,
                                   c10::string_view score_func, bool norm_topk_prob,
                                   double routed_scaling_factor) {
-  moe_host::check_route_backward_args(grad_weights, grad_scores, scores, indices);
+  moe_host::check_route_backward_args(grad_weights, grad_scores, scores, indices,
+                                      std::string(score_func));
   const int64_t T = scores.size(0), E = scores.size(1), K = indices.size(1);
+  auto idx = indices.contiguous();
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < T * K; ++i)
+    TORCH_CHECK_VALUE(ip[i] >= 0 && ip[i] < E, "latentmoe.moe_route_backward: argument 'indices' holds ",
+                      ip[i], ", outside [0, E=", E, ")");
   moe::RouteParams p{static_cast<int>(E), static_cast<int>(K), 1, 1,
                      score_func == "sigmoid" ? moe::kSigmoid : moe::kSoftmax, norm_topk_prob,
                      static_cast<float>(routed_scaling_factor)};
   auto gw = grad_weights.contiguous();
   auto s = scores.contiguous();
-  auto idx = indices.contiguous();
   std::optional<at::Tensor> gs =
       grad_scores.has_value() ? std::optional(grad_scores->contiguous()) : std::nullopt;
   auto grad_logits = at::empty({T, E}, s.options());
   const float* gwp = gw.const_data_ptr<float>();
   const float* gsp = gs.has_value() ? gs->const_data_ptr<float>() : nullptr;
   const float* spp = s.const_data_ptr<float>();
-  const int64_t* ip = idx.const_data_ptr<int64_t>();
   float* gl = grad_logits.mutable_data_ptr<float>();
   at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)

@@ -49,7 +49,8 @@ at::Tensor moe_route_backward_cuda(const at::Tensor& grad_weights,
                                    const at::Tensor& scores, const at::Tensor& indices,
                                    c10::string_view score_func, bool norm_topk_prob,
                                    double routed_scaling_factor) {
-  moe_host::check_route_backward_args(grad_weights, grad_scores, scores, indices);
+  moe_host::check_route_backward_args(grad_weights, grad_scores, scores, indices,
+                                      std::string(score_func));
   c10::cuda::CUDAGuard guard(scores.device());
   const int64_t T = scores.size(0), E = scores.size(1), K = indices.size(1);
   moe::RouteParams p{static_cast<int>(E), static_cast<int>(K), 1, 1,

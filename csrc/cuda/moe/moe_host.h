@@ -20,9 +20,13 @@ moe::RouteParams check_route_args(const at::Tensor& logits,
                                   const std::string& score_func, bool norm_topk_prob,
                                   double routed_scaling_factor);
 
+// moe_route_backward's shapes, dtypes, devices and score_func (not the index values: the CPU
+// checks those itself; on CUDA that would cost a host copy, and the kernel skips any index
+// outside [0, E) instead of writing out of bounds).
 void check_route_backward_args(const at::Tensor& grad_weights,
                                const std::optional<at::Tensor>& grad_scores,
-                               const at::Tensor& scores, const at::Tensor& indices);
+                               const at::Tensor& scores, const at::Tensor& indices,
+                               const std::string& score_func);
 
 // Shapes, dtypes and devices of moe_experts (not the index values).
 void check_experts_args(const char* op, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
