@@ -135,6 +135,12 @@ def _good():
         ("block_table", torch.full((2, 1), 99, dtype=torch.int32), "block_table"),
         ("block_table", torch.tensor([[0, 1], [-1, 3]], dtype=torch.int32), "block_table"),  # used page
         ("block_table", torch.zeros(2, 2, dtype=torch.int64), "block_table"),
+        ("eps", float("nan"), "eps"),  # would write NaN rows into the cache
+        ("eps", float("inf"), "eps"),
+        ("eps", -1e-6, "eps"),
+        # A strided view of a cache: an error that does not advise a .contiguous() copy (the op
+        # writes in place; the copy would take the writes).
+        ("kv_cache", torch.zeros(8, 2, 64).transpose(0, 1), "kv_cache' must be contiguous.*in place"),
     ],
 )
 @pytest.mark.parametrize("check_values", [True, False])  # the CPU checks values either way
@@ -143,8 +149,10 @@ def test_append_bad_input(key, value, name, check_values):
     args[key] = value
     if key == "block_table":
         args["kv_cache"] = torch.zeros(4, 8, 64)
+    before = args["kv_cache"].clone()
     with pytest.raises(ValueError, match=name):
         mla_append_cache(**args, check_values=check_values)
+    assert torch.equal(args["kv_cache"], before)  # nothing written
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

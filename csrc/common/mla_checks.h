@@ -57,7 +57,10 @@ inline CacheDims check_cache(const char* op, const at::Tensor& kv_cache, const a
   } else {
     chk::size(op, "kv_cache", kv_cache, 2, d.D, "kv_lora_rank + rope dim");
   }
-  chk::contiguous(op, "kv_cache", kv_cache);
+  // Not chk::contiguous's "call .contiguous()": mla_append_cache writes into the cache in place, and
+  // a contiguous copy would take the writes.
+  TORCH_CHECK_VALUE(kv_cache.is_contiguous(), "latentmoe.", op, ": argument 'kv_cache' must be contiguous, got strides ",
+                    kv_cache.strides(), "; allocate the cache contiguous (mla_append_cache writes into it in place)");
   if (d.split) {
     const at::Tensor& pe = *pe_cache;
     chk::same_dtype(op, "pe_cache", pe, ref_name, ref);
@@ -161,10 +164,10 @@ inline void check_decode_queries(const char* op, const at::Tensor& q_latent, con
 }
 
 // mla_append_cache inputs: kv_latent [B, S, C], k_pe / cos / sin [B, S, R] (R even), norm_weight
-// [C]; floating, one dtype and device, contiguous. (The cache is checked by check_cache.)
+// [C]; floating, one dtype and device, contiguous; eps finite and >= 0. (The cache is checked by check_cache.)
 inline void check_append_args(const char* op, const at::Tensor& kv_latent,
                        const at::Tensor& k_pe, const at::Tensor& norm_weight, const at::Tensor& cos,
-                       const at::Tensor& sin) {
+                       const at::Tensor& sin, double eps) {
   chk::floating(op, "kv_latent", kv_latent);
   chk::dim(op, "kv_latent", kv_latent, 3);
   chk::contiguous(op, "kv_latent", kv_latent);
@@ -187,6 +190,8 @@ inline void check_append_args(const char* op, const at::Tensor& kv_latent,
   chk::size(op, "norm_weight", norm_weight, 0, kv_latent.size(2), "kv_lora_rank");
   chk::contiguous(op, "norm_weight", norm_weight);
   chk::nonempty(op, "kv_latent", kv_latent);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "latentmoe.", op, ": argument 'eps' must be finite and >= 0, got ",
+                    eps);
 }
 
 }  // namespace latentmoe::mla

@@ -445,7 +445,7 @@ void mla_append_cache_cpu(at::Tensor& kv_cache, const at::Tensor& kv_latent, con
                           const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& block_table,
                           bool rope_interleave, bool check_values) {
   const char* op = "mla_append_cache";
-  mla::check_append_args(op, kv_latent, k_pe, norm_weight, cos, sin);
+  mla::check_append_args(op, kv_latent, k_pe, norm_weight, cos, sin, eps);
   const int64_t B = kv_latent.size(0), S = kv_latent.size(1);
   auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, kv_latent.size(2), k_pe.size(2),
                             kv_latent, "kv_latent");
