@@ -65,10 +65,12 @@ def test_one_expert_for_all_tokens_and_idle_experts(device):
     assert ours.last_load.cpu().tolist() == [0, 0, 13, 0, 0, 13, 0, 0]
 
 
-def test_gradients_match_hf(device):
-    ours, theirs = _pair("v3", device=device)
-    x = torch.randn(2, 9, 40)
-    g = torch.randn(2, 9, 40)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_gradients_match_hf(device, name):
+    ours, theirs = _pair(name, device=device)
+    h = CONFIGS[name]["hidden_size"]
+    x = torch.randn(2, 9, h)
+    g = torch.randn(2, 9, h)
     xh = x.clone().requires_grad_()
     (theirs(xh) * g).sum().backward()
     xo = x.to(device).requires_grad_()
@@ -76,7 +78,12 @@ def test_gradients_match_hf(device):
     assert rel_err(xo.grad.cpu(), xh.grad) <= 1e-4
     theirs_p = dict(theirs.named_parameters())
     for k, p in ours.named_parameters():
-        assert rel_err(p.grad.cpu(), theirs_p[k].grad) <= 1e-4, k
+        # Relative to the gradient's size, but no finer than 1e-6 absolute: with top-1 and
+        # norm_topk_prob the router's weight is s / (s + 1e-20) = 1, and its exact gradient (about
+        # 1e-20) comes out of either implementation as fp32 rounding noise of about 1e-7.
+        want = theirs_p[k].grad
+        err = (p.grad.cpu() - want).abs().max().item()
+        assert err <= 1e-4 * max(want.abs().max().item(), 1e-2), (k, err)
 
 
 def test_bf16_forward(device):
