@@ -490,7 +490,7 @@ def smoke(device: str) -> None:
 
 def run(device: str, quick: bool) -> list[dict]:
     dtype = torch.float32
-    contexts = [1024, 4096] if quick else [1024, 4096, 16384]
+    contexts = [1024, 4096, 16384]  # issue 3's decode contexts, quick runs included
     rows = _decode_step_rows(device, dtype, contexts, reps=5)
     rows += _decode_op_rows(device, dtype, contexts)
     rows += _append_rows(device, dtype)

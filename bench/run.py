@@ -33,10 +33,16 @@ def _print_table(rows: list[dict]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--full", action="store_true", help="all sizes (slow on CPU); default is the quick set")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true",
+                      help="all sizes, the issues' headline shapes (the default on CUDA; slow on CPU)")
+    size.add_argument("--quick", action="store_true",
+                      help="the quick set: smaller MoE shapes, fewer sizes (the default on CPU)")
     ap.add_argument("--only", default="", help="comma-separated families")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
+    if not args.quick and not args.full:
+        args.full = args.device.startswith("cuda")
 
     families = [f for f in (args.only.split(",") if args.only else FAMILIES) if f]
     os.makedirs(args.out, exist_ok=True)
