@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from latentmoe.ops._checks import check_linear_small
+
 _lib = torch.ops.latentmoe
 
 MAX_ROWS = 16  # csrc/common/linear_checks.h
@@ -27,4 +29,5 @@ def linear_small(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 @torch.library.register_fake("latentmoe::linear_small")
 def _linear_small_fake(input, weight, bias=None):
+    check_linear_small(input, weight, bias, MAX_ROWS)
     return input.new_empty((input.shape[0], weight.shape[0]))

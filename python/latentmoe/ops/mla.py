@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from latentmoe.ops._checks import check_mla_append_cache, check_mla_decode
+
 _lib = torch.ops.latentmoe
 
 
@@ -110,6 +112,9 @@ def _mla_decode_fake(
     q_latent, q_pe, kv_cache, cache_seqlens, block_table, softmax_scale, causal=True, window=-1,
     pe_cache=None, max_seqlen=-1,
 ):
+    check_mla_decode(
+        q_latent, q_pe, kv_cache, cache_seqlens, block_table, softmax_scale, window, pe_cache, max_seqlen
+    )
     B, Sq, H, _ = q_latent.shape
     return torch.empty_like(q_latent), q_latent.new_empty((B, Sq, H), dtype=torch.float32)
 
@@ -119,4 +124,5 @@ def _mla_append_cache_fake(
     kv_cache, kv_latent, k_pe, norm_weight, eps, cos, sin, cache_seqlens, block_table, rope_interleave,
     check_values=True,
 ):
+    check_mla_append_cache(kv_cache, kv_latent, k_pe, norm_weight, eps, cos, sin, cache_seqlens, block_table)
     return None

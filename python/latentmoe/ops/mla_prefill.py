@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from latentmoe.ops._checks import check_same_device, forbid_double_backward
+from latentmoe.ops._checks import check_mla_prefill, check_mla_prefill_backward, forbid_double_backward
 
 _lib = torch.ops.latentmoe
 
@@ -71,13 +71,10 @@ def _mla_prefill_fake(
     q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table=None, causal=True,
     window=-1,
 ):
-    extra = {} if block_table is None else {"block_table": block_table}
-    check_same_device(
-        "mla_prefill", q_nope=q_nope, q_pe=q_pe, latent_cache=latent_cache,
-        cache_seqlens=cache_seqlens, w_uk=w_uk, w_uv=w_uv, **extra,
+    B, S, H, Dv = check_mla_prefill(
+        "mla_prefill", q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table,
+        window,
     )
-    B, S, H, _ = q_nope.shape
-    Dv = w_uv.shape[1]
     return q_nope.new_empty(B, S, H, Dv), q_nope.new_empty(B, S, H, dtype=torch.float32)
 
 
@@ -86,6 +83,11 @@ def _mla_prefill_backward_fake(
     grad_out, grad_lse, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, softmax_scale,
     block_table=None, causal=True, window=-1,
 ):
+    B, S, H, Dv = check_mla_prefill(
+        "mla_prefill_backward", q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale,
+        block_table, window,
+    )
+    check_mla_prefill_backward(B, S, H, Dv, q_nope, grad_out, grad_lse, out, lse)
     return (
         torch.empty_like(q_nope, memory_format=torch.contiguous_format),
         torch.empty_like(q_pe, memory_format=torch.contiguous_format),

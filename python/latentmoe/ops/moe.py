@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from latentmoe.ops._checks import forbid_double_backward
+from latentmoe.ops._checks import (
+    check_moe_experts,
+    check_moe_experts_backward,
+    check_moe_route,
+    check_moe_route_backward,
+    forbid_double_backward,
+)
 
 _lib = torch.ops.latentmoe
 
@@ -102,6 +108,7 @@ def moe_experts(
 
 @torch.library.register_fake("latentmoe::moe_route")
 def _moe_route_fake(logits, bias, top_k, n_group, topk_group, score_func, norm, scale):
+    check_moe_route(logits, bias, top_k, n_group, topk_group, score_func)
     T = logits.shape[0]
     return (
         logits.new_empty(T, top_k),
@@ -112,11 +119,13 @@ def _moe_route_fake(logits, bias, top_k, n_group, topk_group, score_func, norm, 
 
 @torch.library.register_fake("latentmoe::moe_route_backward")
 def _moe_route_backward_fake(grad_weights, grad_scores, scores, indices, score_func, norm, scale):
+    check_moe_route_backward(grad_weights, grad_scores, scores, indices, score_func)
     return torch.empty_like(scores)
 
 
 @torch.library.register_fake("latentmoe::moe_experts")
 def _moe_experts_fake(hidden, gate_up_proj, down_proj, weights, indices, check_values=True):
+    check_moe_experts("moe_experts", hidden, gate_up_proj, down_proj, weights, indices)
     S = indices.shape[0] * indices.shape[1]
     return (
         torch.empty_like(hidden),
@@ -127,7 +136,12 @@ def _moe_experts_fake(hidden, gate_up_proj, down_proj, weights, indices, check_v
 
 
 @torch.library.register_fake("latentmoe::moe_experts_backward")
-def _moe_experts_backward_fake(grad_out, hidden, gate_up_proj, down_proj, weights, *saved):
+def _moe_experts_backward_fake(
+    grad_out, hidden, gate_up_proj, down_proj, weights, sorted_pairs, expert_offsets, gate_up_out
+):
+    check_moe_experts_backward(
+        grad_out, hidden, gate_up_proj, down_proj, weights, sorted_pairs, expert_offsets, gate_up_out
+    )
     return (
         torch.empty_like(hidden),
         torch.empty_like(gate_up_proj),

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from latentmoe.ops._checks import check_same_device, forbid_double_backward
+from latentmoe.ops._checks import (
+    check_add_rms_norm,
+    check_norm,
+    check_rms_norm_backward,
+    forbid_double_backward,
+)
 
 _lib = torch.ops.latentmoe
 
@@ -40,13 +45,13 @@ def add_rms_norm(
 
 @torch.library.register_fake("latentmoe::rms_norm")
 def _rms_norm_fake(input, weight, eps):
-    check_same_device("rms_norm", input=input, weight=weight)
+    check_norm("rms_norm", input, weight)
     return torch.empty_like(input), input.new_empty(input.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.register_fake("latentmoe::add_rms_norm")
 def _add_rms_norm_fake(input, residual, weight, eps):
-    check_same_device("add_rms_norm", input=input, residual=residual, weight=weight)
+    check_add_rms_norm(input, residual, weight)
     return (
         torch.empty_like(input),
         torch.empty_like(input),
@@ -56,6 +61,7 @@ def _add_rms_norm_fake(input, residual, weight, eps):
 
 @torch.library.register_fake("latentmoe::rms_norm_backward")
 def _rms_norm_backward_fake(grad_out, input, weight, rstd):
+    check_rms_norm_backward(grad_out, input, weight, rstd)
     return torch.empty_like(input), torch.empty_like(weight)
 
 

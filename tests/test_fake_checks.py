@@ -1,0 +1,393 @@
+"""The fake (meta) kernels repeat the real kernels' argument checks (python/latentmoe/ops/_checks.py).
+
+Table-driven: every bad call is made once with CPU tensors (the C++ checks) and once with meta
+tensors (the fake kernel); both must raise the same exception with the same message, naming the
+same argument. Device mismatches (cpu + meta tensors) dispatch to the fake kernel whatever the real
+kernel would do, so those only check that the fake raises RuntimeError naming the argument. Also:
+good calls give the same output shapes on meta as on the CPU, and torch.compile traces through the
+checks (a bad call fails while tracing; dynamic sizes stay dynamic).
+"""
+
+import re
+
+import pytest
+import torch
+
+import latentmoe.ops  # noqa: F401  (registers the fake kernels)
+
+F32, F16, F64, I32, I64 = torch.float32, torch.float16, torch.float64, torch.int32, torch.int64
+NAN, INF = float("nan"), float("inf")
+
+
+class T:
+    """A tensor argument: zeros of ``shape`` and ``dtype``, made on the call's device."""
+
+    def __init__(self, *shape, dtype=F32):
+        self.shape, self.dtype = shape, dtype
+
+    def __call__(self, device):
+        return torch.zeros(self.shape, dtype=self.dtype, device=device)
+
+
+# Good calls: positional arguments in schema order (a callable makes a tensor for a device).
+# moe_experts_backward's saved tensors route all 6 (token, k) pairs to expert 0.
+GOOD = {
+    "rms_norm": dict(input=T(3, 8), weight=T(8), eps=1e-6),
+    "add_rms_norm": dict(input=T(3, 8), residual=T(3, 8), weight=T(8), eps=1e-6),
+    "rms_norm_backward": dict(grad_out=T(3, 8), input=T(3, 8), weight=T(8), rstd=T(3)),
+    "linear_small": dict(input=T(4, 8), weight=T(5, 8), bias=None),
+    "mla_decode": dict(
+        q_latent=T(2, 1, 2, 8), q_pe=T(2, 1, 2, 4), kv_cache=T(2, 6, 12), cache_seqlens=T(2, dtype=I32),
+        block_table=None, softmax_scale=0.5, causal=True, window=-1, pe_cache=None, max_seqlen=-1,
+    ),
+    "mla_append_cache": dict(
+        kv_cache=T(2, 6, 12), kv_latent=T(2, 3, 8), k_pe=T(2, 3, 4), norm_weight=T(8), eps=1e-6,
+        cos=T(2, 3, 4), sin=T(2, 3, 4), cache_seqlens=T(2, dtype=I32), block_table=None,
+        rope_interleave=True, check_values=True,
+    ),
+    "mla_prefill": dict(
+        q_nope=T(2, 3, 2, 6), q_pe=T(2, 3, 2, 4), latent_cache=T(2, 6, 12), cache_seqlens=T(2, dtype=I32),
+        w_uk=T(2, 6, 8), w_uv=T(2, 5, 8), softmax_scale=0.5, block_table=None, causal=True, window=-1,
+    ),
+    "mla_prefill_backward": dict(
+        grad_out=T(2, 3, 2, 5), grad_lse=T(2, 3, 2), q_nope=T(2, 3, 2, 6), q_pe=T(2, 3, 2, 4),
+        latent_cache=T(2, 6, 12), cache_seqlens=T(2, dtype=I32), w_uk=T(2, 6, 8), w_uv=T(2, 5, 8),
+        out=T(2, 3, 2, 5), lse=T(2, 3, 2), softmax_scale=0.5, block_table=None, causal=True, window=-1,
+    ),
+    "moe_route": dict(
+        logits=T(4, 16), e_score_correction_bias=None, top_k=2, n_group=4, topk_group=2, score_func="sigmoid",
+        norm_topk_prob=True, routed_scaling_factor=1.0,
+    ),
+    "moe_route_backward": dict(
+        grad_weights=T(4, 2), grad_scores=None, scores=T(4, 16), indices=T(4, 2, dtype=I64),
+        score_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=1.0,
+    ),
+    "moe_experts": dict(
+        hidden=T(3, 8), gate_up_proj=T(4, 10, 8), down_proj=T(4, 8, 5), weights=T(3, 2),
+        indices=T(3, 2, dtype=I64), check_values=True,
+    ),
+    "moe_experts_backward": dict(
+        grad_out=T(3, 8), hidden=T(3, 8), gate_up_proj=T(4, 10, 8), down_proj=T(4, 8, 5), weights=T(3, 2),
+        sorted_pairs=lambda dev: torch.arange(6, device=dev),
+        expert_offsets=lambda dev: torch.tensor([0, 6, 6, 6, 6], device=dev), gate_up_out=T(6, 10),
+    ),
+}
+PAGED = dict(kv_cache=T(3, 4, 12), block_table=T(2, 2, dtype=I32))  # capacity 8
+PAGED_PREFILL = dict(latent_cache=T(3, 4, 12), block_table=T(2, 2, dtype=I32))
+SPLIT = dict(kv_cache=T(2, 6, 8), pe_cache=T(2, 6, 4))
+# More good calls: the optional tensors given.
+VARIANTS = [(op, {}) for op in GOOD] + [
+    ("linear_small", dict(bias=T(5))),
+    ("mla_decode", PAGED),
+    ("mla_decode", SPLIT),
+    ("mla_decode", {**PAGED, "max_seqlen": 8}),
+    ("mla_append_cache", PAGED),
+    ("mla_prefill", PAGED_PREFILL),
+    ("mla_prefill_backward", PAGED_PREFILL),
+    ("moe_route", dict(e_score_correction_bias=T(16))),
+    ("moe_route_backward", dict(grad_scores=T(4, 16))),
+]
+# Tensors whose device C++ does not check (moe_host::check_experts_backward_tensors).
+NO_DEVICE_CHECK = {("moe_experts_backward", n) for n in ("sorted_pairs", "expert_offsets", "gate_up_out")}
+
+QL, QP = T(2, 1, 2, 8), T(2, 1, 2, 4)
+EMPTY_APPEND = dict(kv_latent=T(2, 0, 8), k_pe=T(2, 0, 4), cos=T(2, 0, 4), sin=T(2, 0, 4))
+ODD_ROPE = dict(kv_cache=T(2, 6, 11), k_pe=T(2, 3, 3), cos=T(2, 3, 3), sin=T(2, 3, 3))
+NO_HEADS = dict(q_nope=T(2, 3, 0, 6), q_pe=T(2, 3, 0, 4), w_uk=T(0, 6, 8), w_uv=T(0, 5, 8))
+# (op, overrides of the good call, the argument the error names). Overrides naming a block_table
+# or pe_cache start from the paged / split call.
+BAD = [
+    ("rms_norm", dict(input=T(3, 8, dtype=I32)), "input"),
+    ("rms_norm", dict(input=T()), "input"),
+    ("rms_norm", dict(input=T(0, 8)), "input"),
+    ("rms_norm", dict(weight=T(8, dtype=F16)), "weight"),
+    ("rms_norm", dict(weight=T(1, 8)), "weight"),
+    ("rms_norm", dict(weight=T(7)), "weight"),
+    ("add_rms_norm", dict(weight=T(7)), "weight"),
+    ("add_rms_norm", dict(residual=T(3, 8, dtype=F64)), "residual"),
+    ("add_rms_norm", dict(residual=T(2, 8)), "residual"),
+    ("rms_norm_backward", dict(input=T(3, 8, dtype=I32)), "input"),
+    ("rms_norm_backward", dict(grad_out=T(3, 8, dtype=F16)), "grad_out"),
+    ("rms_norm_backward", dict(grad_out=T(2, 8)), "grad_out"),
+    ("rms_norm_backward", dict(rstd=T(3, dtype=F16)), "rstd"),
+    ("rms_norm_backward", dict(rstd=T(2)), "rstd"),
+    ("linear_small", dict(input=T(4, 8, dtype=I32)), "input"),
+    ("linear_small", dict(input=T(1, 4, 8)), "input"),
+    ("linear_small", dict(input=T(17, 8)), "input"),
+    ("linear_small", dict(weight=T(5, 8, dtype=F16)), "weight"),
+    ("linear_small", dict(weight=T(8)), "weight"),
+    ("linear_small", dict(weight=T(5, 7)), "weight"),
+    ("linear_small", dict(bias=T(5, dtype=F16)), "bias"),
+    ("linear_small", dict(bias=T(1, 5)), "bias"),
+    ("linear_small", dict(bias=T(4)), "bias"),
+    ("mla_decode", dict(q_latent=T(2, 1, 2, 8, dtype=I32)), "q_latent"),
+    ("mla_decode", dict(q_latent=T(2, 2, 8)), "q_latent"),
+    ("mla_decode", dict(q_pe=T(2, 1, 2, 4, dtype=F16)), "q_pe"),
+    ("mla_decode", dict(q_pe=T(2, 2, 4)), "q_pe"),
+    ("mla_decode", dict(q_pe=T(2, 1, 3, 4)), "q_pe"),
+    ("mla_decode", dict(q_latent=T(2, 0, 2, 8), q_pe=T(2, 0, 2, 4)), "q_latent"),
+    ("mla_decode", dict(kv_cache=T(2, 6, 12, dtype=F16)), "kv_cache"),
+    ("mla_decode", dict(kv_cache=T(2, 12)), "kv_cache"),
+    ("mla_decode", dict(kv_cache=T(2, 6, 13)), "kv_cache"),
+    ("mla_decode", dict(kv_cache=T(3, 6, 12)), "kv_cache"),
+    ("mla_decode", dict(cache_seqlens=T(2, dtype=I64)), "cache_seqlens"),
+    ("mla_decode", dict(cache_seqlens=T(2, 1, dtype=I32)), "cache_seqlens"),
+    ("mla_decode", dict(cache_seqlens=T(3, dtype=I32)), "cache_seqlens"),
+    ("mla_decode", dict(block_table=T(2, 2, dtype=I64)), "block_table"),
+    ("mla_decode", dict(block_table=T(2, dtype=I32)), "block_table"),
+    ("mla_decode", dict(block_table=T(3, 2, dtype=I32)), "block_table"),
+    ("mla_decode", dict(block_table=T(2, 2, dtype=I32), kv_cache=T(3, 0, 12)), "kv_cache"),
+    ("mla_decode", dict(pe_cache=T(2, 6, 4), kv_cache=T(2, 6, 12)), "kv_cache"),
+    ("mla_decode", dict(pe_cache=T(2, 6, 4, dtype=F64)), "pe_cache"),
+    ("mla_decode", dict(pe_cache=T(2, 5, 4)), "pe_cache"),
+    ("mla_decode", dict(pe_cache=T(2, 6, 5)), "pe_cache"),
+    ("mla_decode", dict(window=-2), "window"),
+    ("mla_decode", dict(softmax_scale=NAN), "softmax_scale"),
+    ("mla_decode", dict(softmax_scale=-INF), "softmax_scale"),
+    ("mla_decode", dict(max_seqlen=-2), "max_seqlen"),
+    ("mla_decode", dict(max_seqlen=7), "max_seqlen"),
+    ("mla_decode", dict(block_table=T(2, 2, dtype=I32), max_seqlen=9), "max_seqlen"),
+    ("mla_append_cache", dict(kv_latent=T(2, 3, 8, dtype=I32)), "kv_latent"),
+    ("mla_append_cache", dict(kv_latent=T(6, 8)), "kv_latent"),
+    ("mla_append_cache", dict(k_pe=T(2, 3, 4, dtype=F16)), "k_pe"),
+    ("mla_append_cache", dict(cos=T(6, 4)), "cos"),
+    ("mla_append_cache", dict(sin=T(1, 3, 4)), "sin"),
+    ("mla_append_cache", ODD_ROPE, "k_pe"),
+    ("mla_append_cache", dict(cos=T(2, 3, 6)), "cos"),
+    ("mla_append_cache", dict(norm_weight=T(8, dtype=F64)), "norm_weight"),
+    ("mla_append_cache", dict(norm_weight=T(7)), "norm_weight"),
+    ("mla_append_cache", EMPTY_APPEND, "kv_latent"),
+    ("mla_append_cache", dict(eps=NAN), "eps"),
+    ("mla_append_cache", dict(eps=INF), "eps"),
+    ("mla_append_cache", dict(eps=-1e-6), "eps"),
+    ("mla_append_cache", dict(kv_cache=T(2, 6, 12, dtype=F16)), "kv_cache"),
+    ("mla_append_cache", dict(kv_cache=T(2, 6, 13)), "kv_cache"),
+    ("mla_append_cache", dict(cache_seqlens=T(2, dtype=I64)), "cache_seqlens"),
+    ("mla_append_cache", dict(block_table=T(2, 2, dtype=I64)), "block_table"),
+    ("mla_prefill", dict(q_nope=T(2, 3, 2, 6, dtype=I32)), "q_nope"),
+    ("mla_prefill", dict(q_nope=T(2, 3, 12)), "q_nope"),
+    ("mla_prefill", dict(q_pe=T(2, 3, 8)), "q_pe"),
+    ("mla_prefill", dict(latent_cache=T(12, 12)), "latent_cache"),
+    ("mla_prefill", dict(cache_seqlens=T(2, 1, dtype=I32)), "cache_seqlens"),
+    ("mla_prefill", dict(w_uk=T(12, 8)), "w_uk"),
+    ("mla_prefill", dict(w_uv=T(10, 8)), "w_uv"),
+    ("mla_prefill", dict(q_pe=T(2, 3, 2, 4, dtype=F16)), "q_pe"),
+    ("mla_prefill", dict(w_uv=T(2, 5, 8, dtype=F64)), "w_uv"),
+    ("mla_prefill", dict(cache_seqlens=T(2, dtype=I64)), "cache_seqlens"),
+    ("mla_prefill", dict(block_table=T(2, dtype=I32)), "block_table"),
+    ("mla_prefill", dict(block_table=T(2, 2, dtype=I64)), "block_table"),
+    ("mla_prefill", dict(block_table=T(3, 2, dtype=I32)), "block_table"),
+    ("mla_prefill", dict(block_table=T(2, 2, dtype=I32), latent_cache=T(3, 0, 12)), "latent_cache"),
+    ("mla_prefill", NO_HEADS, "q_nope"),
+    ("mla_prefill", dict(q_pe=T(2, 2, 2, 4)), "q_pe"),
+    ("mla_prefill", dict(latent_cache=T(3, 6, 12)), "latent_cache"),
+    ("mla_prefill", dict(w_uk=T(2, 6, 0)), "w_uk"),
+    ("mla_prefill", dict(latent_cache=T(2, 6, 13)), "latent_cache"),
+    ("mla_prefill", dict(w_uk=T(3, 6, 8)), "w_uk"),
+    ("mla_prefill", dict(w_uk=T(2, 5, 8)), "w_uk"),
+    ("mla_prefill", dict(w_uv=T(3, 5, 8)), "w_uv"),
+    ("mla_prefill", dict(w_uv=T(2, 5, 7)), "w_uv"),
+    ("mla_prefill", dict(w_uv=T(2, 0, 8)), "w_uv"),
+    ("mla_prefill", dict(cache_seqlens=T(3, dtype=I32)), "cache_seqlens"),
+    ("mla_prefill", dict(softmax_scale=INF), "softmax_scale"),
+    ("mla_prefill", dict(window=-2), "window"),
+    ("mla_prefill_backward", dict(q_nope=T(2, 3, 12)), "q_nope"),
+    ("mla_prefill_backward", dict(window=-2), "window"),
+    ("mla_prefill_backward", dict(grad_out=T(2, 3, 2, 5, dtype=F16)), "grad_out"),
+    ("mla_prefill_backward", dict(out=T(2, 3, 2, 5, dtype=F64)), "out"),
+    ("mla_prefill_backward", dict(grad_lse=T(2, 3, 2, dtype=F16)), "grad_lse"),
+    ("mla_prefill_backward", dict(lse=T(2, 3, 2, dtype=F64)), "lse"),
+    ("mla_prefill_backward", dict(grad_out=T(2, 3, 2, 4)), "grad_out"),
+    ("mla_prefill_backward", dict(out=T(2, 3, 5)), "out"),
+    ("mla_prefill_backward", dict(grad_lse=T(2, 3, 3)), "grad_lse"),
+    ("mla_prefill_backward", dict(lse=T(2, 3, 2, 1)), "lse"),
+    ("moe_route", dict(logits=T(4, 16, 1)), "logits"),
+    ("moe_route", dict(logits=T(4, 16, dtype=F16)), "logits"),
+    ("moe_route", dict(logits=T(4, 0)), "logits"),
+    ("moe_route", dict(e_score_correction_bias=T(1, 16)), "e_score_correction_bias"),
+    ("moe_route", dict(e_score_correction_bias=T(16, dtype=F16)), "e_score_correction_bias"),
+    ("moe_route", dict(e_score_correction_bias=T(8)), "e_score_correction_bias"),
+    ("moe_route", dict(score_func="relu"), "score_func"),
+    ("moe_route", dict(n_group=0), "n_group"),
+    ("moe_route", dict(n_group=65), "n_group"),
+    ("moe_route", dict(n_group=3), "n_group"),
+    ("moe_route", dict(topk_group=0), "topk_group"),
+    ("moe_route", dict(topk_group=5), "topk_group"),
+    ("moe_route", dict(top_k=0), "top_k"),
+    ("moe_route", dict(top_k=9), "top_k"),
+    ("moe_route", dict(top_k=17, n_group=1, topk_group=1), "top_k"),
+    ("moe_route_backward", dict(score_func="tanh"), "score_func"),
+    ("moe_route_backward", dict(scores=T(16)), "scores"),
+    ("moe_route_backward", dict(scores=T(4, 16, dtype=F16)), "scores"),
+    ("moe_route_backward", dict(indices=T(8, dtype=I64)), "indices"),
+    ("moe_route_backward", dict(indices=T(4, 2, dtype=I32)), "indices"),
+    ("moe_route_backward", dict(indices=T(3, 2, dtype=I64)), "indices"),
+    ("moe_route_backward", dict(grad_weights=T(8)), "grad_weights"),
+    ("moe_route_backward", dict(grad_weights=T(4, 2, dtype=F16)), "grad_weights"),
+    ("moe_route_backward", dict(grad_weights=T(4, 3)), "grad_weights"),
+    ("moe_route_backward", dict(grad_scores=T(4, 16, dtype=F64)), "grad_scores"),
+    ("moe_route_backward", dict(grad_scores=T(4, 15)), "grad_scores"),
+    ("moe_experts", dict(hidden=T(3, 8, 1)), "hidden"),
+    ("moe_experts", dict(hidden=T(3, 8, dtype=I32)), "hidden"),
+    ("moe_experts", dict(gate_up_proj=T(10, 8)), "gate_up_proj"),
+    ("moe_experts", dict(down_proj=T(8, 5)), "down_proj"),
+    ("moe_experts", dict(gate_up_proj=T(4, 10, 8, dtype=F16)), "gate_up_proj"),
+    ("moe_experts", dict(down_proj=T(4, 8, 5, dtype=F16)), "down_proj"),
+    ("moe_experts", dict(gate_up_proj=T(4, 10, 7)), "gate_up_proj"),
+    ("moe_experts", dict(gate_up_proj=T(4, 9, 8)), "gate_up_proj"),
+    ("moe_experts", dict(gate_up_proj=T(4, 0, 8)), "gate_up_proj"),
+    ("moe_experts", dict(down_proj=T(3, 8, 5)), "down_proj"),
+    ("moe_experts", dict(down_proj=T(4, 7, 5)), "down_proj"),
+    ("moe_experts", dict(down_proj=T(4, 8, 6)), "down_proj"),
+    ("moe_experts", dict(indices=T(6, dtype=I64)), "indices"),
+    ("moe_experts", dict(indices=T(3, 2, dtype=I32)), "indices"),
+    ("moe_experts", dict(indices=T(2, 2, dtype=I64)), "indices"),
+    ("moe_experts", dict(weights=T(6)), "weights"),
+    ("moe_experts", dict(weights=T(3, 3)), "weights"),
+    ("moe_experts", dict(weights=T(3, 2, dtype=F16)), "weights"),
+    ("moe_experts", dict(weights=T(3, 2, dtype=F64)), "weights"),
+    ("moe_experts_backward", dict(hidden=T(3, 8, dtype=I32)), "hidden"),
+    ("moe_experts_backward", dict(gate_up_proj=T(4, 10, 8, dtype=F16)), "gate_up_proj"),
+    ("moe_experts_backward", dict(down_proj=T(4, 8, 6)), "down_proj"),
+    ("moe_experts_backward", dict(weights=T(3, 2, 1)), "weights"),
+    ("moe_experts_backward", dict(grad_out=T(3, 8, dtype=F16)), "grad_out"),
+    ("moe_experts_backward", dict(grad_out=T(2, 8)), "grad_out"),
+    ("moe_experts_backward", dict(sorted_pairs=T(6, dtype=I32)), "sorted_pairs"),
+    ("moe_experts_backward", dict(sorted_pairs=T(5, dtype=I64)), "sorted_pairs"),
+    ("moe_experts_backward", dict(expert_offsets=T(5, dtype=I32)), "expert_offsets"),
+    ("moe_experts_backward", dict(expert_offsets=T(4, dtype=I64)), "expert_offsets"),
+    ("moe_experts_backward", dict(gate_up_out=T(6, 10, dtype=F16)), "gate_up_out"),
+    ("moe_experts_backward", dict(gate_up_out=T(6, 9)), "gate_up_out"),
+    # Two errors: the first in the C++ order wins.
+    ("rms_norm_backward", dict(rstd=T(2, dtype=F16), grad_out=T(2, 8)), "grad_out"),
+    ("linear_small", dict(input=T(17, 8), weight=T(5, 7)), "input"),
+    ("mla_decode", dict(window=-2, softmax_scale=NAN, max_seqlen=99), "window"),
+    ("mla_decode", dict(kv_cache=T(2, 6, 13), q_pe=T(2, 1, 3, 4)), "q_pe"),
+    ("mla_append_cache", dict(eps=NAN, kv_cache=T(2, 6, 13)), "eps"),
+    ("mla_prefill", dict(window=-2, softmax_scale=INF), "softmax_scale"),
+    ("mla_prefill", dict(w_uv=T(2, 5, 7), cache_seqlens=T(2, dtype=I64)), "cache_seqlens"),
+    ("moe_route", dict(score_func="relu", top_k=17, e_score_correction_bias=T(8)), "e_score_correction_bias"),
+    ("moe_route", dict(score_func="relu", top_k=17), "score_func"),
+    ("moe_experts", dict(weights=T(3, 2, dtype=F64), down_proj=T(4, 8, 6)), "down_proj"),
+    ("moe_experts_backward", dict(gate_up_out=T(6, 9), sorted_pairs=T(5, dtype=I64)), "sorted_pairs"),
+]
+
+
+def _spec(op, overrides):
+    """The good call's arguments with ``overrides`` (from the paged / split call if they name a
+    block_table / pe_cache)."""
+    start = dict(GOOD[op])
+    if "block_table" in overrides:
+        start.update(PAGED_PREFILL if op.startswith("mla_prefill") else PAGED)
+    elif "pe_cache" in overrides:
+        start.update(SPLIT)
+    assert set(overrides) <= set(start), overrides
+    return {**start, **overrides}
+
+
+def _args(op, overrides, device):
+    """Positional arguments; ``device`` is one device, or a function of the argument's name."""
+    dev = device if callable(device) else (lambda name: device)
+    return [v(dev(k)) if callable(v) else v for k, v in _spec(op, overrides).items()]
+
+
+def _call(op, args):
+    return getattr(torch.ops.latentmoe, op).default(*args)
+
+
+def _raised(op, args):
+    try:
+        _call(op, args)
+    except Exception as e:  # noqa: BLE001  (the test compares what was raised)
+        return e
+    return None
+
+
+def _arg_name(err):
+    m = re.search(r"argument '(\w+)'", str(err))
+    return m and m.group(1)
+
+
+@pytest.mark.parametrize(
+    "op, overrides, name", BAD, ids=[f"{op}-{i}-{name}" for i, (op, _, name) in enumerate(BAD)]
+)
+def test_fake_raises_as_the_cpu_kernel(op, overrides, name):
+    cpu = _raised(op, _args(op, overrides, "cpu"))
+    meta = _raised(op, _args(op, overrides, "meta"))
+    assert cpu is not None, "the CPU kernel accepted the call"
+    assert meta is not None, f"the fake kernel accepted a call the CPU kernel rejects: {cpu}"
+    assert (type(meta), _arg_name(meta)) == (type(cpu), _arg_name(cpu)) == (ValueError, name), (cpu, meta)
+    assert str(meta) == str(cpu)
+
+
+# Each tensor argument of each good call (of a variant: the tensors it changes) moved to meta.
+DEVICE_CASES = [
+    (op, overrides, name)
+    for op, overrides in VARIANTS
+    for name, value in _spec(op, overrides).items()
+    if callable(value) and (not overrides or name in overrides) and (op, name) not in NO_DEVICE_CHECK
+    and sum(map(callable, _spec(op, overrides).values())) > 1
+]
+
+
+@pytest.mark.parametrize(
+    "op, overrides, name", DEVICE_CASES,
+    ids=[f"{op}-{i}-{name}" for i, (op, _, name) in enumerate(DEVICE_CASES)],
+)
+def test_fake_rejects_mixed_devices(op, overrides, name):
+    # One tensor on meta, the others on the CPU: the dispatcher picks the meta (fake) kernel.
+    args = _args(op, overrides, lambda arg: "meta" if arg == name else "cpu")
+    with pytest.raises(RuntimeError, match="all tensors must be on one device") as info:
+        _call(op, args)
+    assert f"'{name}' is on meta" in str(info.value)
+
+
+def _meta_of(out):
+    outs = out if isinstance(out, tuple) else (out,)
+    return [None if t is None else (tuple(t.shape), t.dtype) for t in outs]
+
+
+@pytest.mark.parametrize(
+    "op, overrides", VARIANTS, ids=[f"{op}-{i}" for i, (op, _) in enumerate(VARIANTS)]
+)
+def test_good_calls_same_outputs_on_meta(op, overrides):
+    want = _meta_of(_call(op, _args(op, overrides, "cpu")))
+    got = _call(op, _args(op, overrides, "meta"))
+    assert _meta_of(got) == want
+    assert all(t is None or t.device.type == "meta" for t in (got if isinstance(got, tuple) else (got,)))
+
+
+def test_compile_bad_top_k_fails_while_tracing():
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def route(logits):
+        return torch.ops.latentmoe.moe_route.default(logits, None, 17, 1, 1, "sigmoid", True, 1.0)
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="argument 'top_k'"):
+        torch.compile(route, fullgraph=True, backend=backend)(torch.randn(4, 16))
+    assert graphs == []  # the fake kernel raised: no graph was made, no kernel ran
+
+
+def test_compile_dynamic_sizes_stay_dynamic():
+    # The checks compare symbolic sizes (guards) but never specialize them: one graph serves both T.
+    from torch._dynamo.testing import CompileCounter
+
+    def moe(hidden, router, gate_up, down):
+        weights, indices, _ = torch.ops.latentmoe.moe_route.default(
+            hidden @ router.T, None, 2, 4, 2, "softmax", True, 1.0
+        )
+        return torch.ops.latentmoe.moe_experts.default(hidden, gate_up, down, weights, indices, True)[0]
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(moe, fullgraph=True, dynamic=True, backend=counter)
+    weights = (torch.randn(16, 8), torch.randn(16, 10, 8), torch.randn(16, 8, 5))
+    for tokens in (3, 7):
+        hidden = torch.randn(tokens, 8)
+        torch.testing.assert_close(compiled(hidden, *weights), moe(hidden, *weights))
+    assert counter.frame_count == 1
