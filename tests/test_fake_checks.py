@@ -87,8 +87,6 @@ VARIANTS = [(op, {}) for op in GOOD] + [
     ("moe_route", dict(e_score_correction_bias=T(16))),
     ("moe_route_backward", dict(grad_scores=T(4, 16))),
 ]
-# Tensors whose device C++ does not check (moe_host::check_experts_backward_tensors).
-NO_DEVICE_CHECK = {("moe_experts_backward", n) for n in ("sorted_pairs", "expert_offsets", "gate_up_out")}
 
 QL, QP = T(2, 1, 2, 8), T(2, 1, 2, 4)
 EMPTY_APPEND = dict(kv_latent=T(2, 0, 8), k_pe=T(2, 0, 4), cos=T(2, 0, 4), sin=T(2, 0, 4))
@@ -103,6 +101,9 @@ BAD = [
     ("rms_norm", dict(weight=T(8, dtype=F16)), "weight"),
     ("rms_norm", dict(weight=T(1, 8)), "weight"),
     ("rms_norm", dict(weight=T(7)), "weight"),
+    ("rms_norm", dict(eps=float("nan")), "eps"),
+    ("rms_norm", dict(eps=-1e-6), "eps"),
+    ("add_rms_norm", dict(eps=float("inf")), "eps"),
     ("add_rms_norm", dict(weight=T(7)), "weight"),
     ("add_rms_norm", dict(residual=T(3, 8, dtype=F64)), "residual"),
     ("add_rms_norm", dict(residual=T(2, 8)), "residual"),
@@ -216,6 +217,7 @@ BAD = [
     ("moe_route", dict(top_k=0), "top_k"),
     ("moe_route", dict(top_k=9), "top_k"),
     ("moe_route", dict(top_k=17, n_group=1, topk_group=1), "top_k"),
+    ("moe_route", dict(routed_scaling_factor=float("nan")), "routed_scaling_factor"),
     ("moe_route_backward", dict(score_func="tanh"), "score_func"),
     ("moe_route_backward", dict(scores=T(16)), "scores"),
     ("moe_route_backward", dict(scores=T(4, 16, dtype=F16)), "scores"),
@@ -247,6 +249,8 @@ BAD = [
     ("moe_experts", dict(weights=T(3, 2, dtype=F16)), "weights"),
     ("moe_experts", dict(weights=T(3, 2, dtype=F64)), "weights"),
     ("moe_experts_backward", dict(hidden=T(3, 8, dtype=I32)), "hidden"),
+    ("moe_experts_backward", dict(hidden=T(8)), "hidden"),  # ranks before the stand-in's sizes
+    ("moe_experts_backward", dict(weights=T(6)), "weights"),
     ("moe_experts_backward", dict(gate_up_proj=T(4, 10, 8, dtype=F16)), "gate_up_proj"),
     ("moe_experts_backward", dict(down_proj=T(4, 8, 6)), "down_proj"),
     ("moe_experts_backward", dict(weights=T(3, 2, 1)), "weights"),
@@ -325,7 +329,7 @@ DEVICE_CASES = [
     (op, overrides, name)
     for op, overrides in VARIANTS
     for name, value in _spec(op, overrides).items()
-    if callable(value) and (not overrides or name in overrides) and (op, name) not in NO_DEVICE_CHECK
+    if callable(value) and (not overrides or name in overrides)
     and sum(map(callable, _spec(op, overrides).values())) > 1
 ]
 

@@ -570,6 +570,22 @@ def test_experts_backward_rejects_a_bad_sort():
             op.moe_experts_backward.default(g, x, gu, down, w, p, o, gate_up_out)
 
 
+@pytest.mark.parametrize("isa", ["native", "generic"])
+def test_experts_backward_checks_dtypes_before_converting(monkeypatch, isa):
+    # bf16 without AVX2 or native bf16 GEMMs runs the backward on fp32 copies: the saved tensors'
+    # dtypes are checked before that conversion, not after it.
+    if isa == "generic":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    monkeypatch.setenv("LATENTMOE_CPU_LOWP_GEMM", "fp32")
+    x, gu, down, w, idx = (t.bfloat16() if t.is_floating_point() else t for t in _args())
+    op = torch.ops.latentmoe
+    _, pairs, offsets, gate_up_out = op.moe_experts.default(x, gu, down, w, idx, True)
+    for name, g, guo in (("grad_out", torch.randn(x.shape), gate_up_out),
+                         ("gate_up_out", torch.randn_like(x), gate_up_out.float())):
+        with pytest.raises(ValueError, match=name):
+            op.moe_experts_backward.default(g, x, gu, down, w, pairs, offsets, guo)
+
+
 def _random_backward_cases(n, seed=11):
     g = torch.Generator().manual_seed(seed)
 

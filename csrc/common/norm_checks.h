@@ -1,6 +1,8 @@
 // Argument checks of the RMSNorm ops, shared by the CPU kernels and the CUDA bindings.
 #pragma once
 
+#include <cmath>
+
 #include "common/checks.h"
 
 namespace latentmoe::norm {
@@ -16,6 +18,12 @@ inline void check_args(const char* op, const at::Tensor& input, const at::Tensor
   TORCH_CHECK_VALUE(weight.size(0) == input.size(-1), "latentmoe.", op, ": argument 'weight' has ",
                     weight.size(0), " elements but 'input' has last dim ", input.size(-1));
   chk::nonempty(op, "input", input);
+}
+
+// eps: finite and >= 0 (a NaN or negative eps would give NaN rows, not an error).
+inline void check_eps(const char* op, double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "latentmoe.", op, ": argument 'eps' must be finite and >= 0, got ",
+                    eps);
 }
 
 inline void check_residual(const at::Tensor& input, const at::Tensor& residual) {

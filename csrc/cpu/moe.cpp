@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
 #include <immintrin.h>
 #include <memory>
@@ -69,6 +70,8 @@ moe::RouteParams check_route_args(const at::Tensor& logits,
   const int64_t kept = topk_group * (E / n_group);
   TORCH_CHECK_VALUE(top_k >= 1 && top_k <= kept, "latentmoe.moe_route: argument 'top_k' (", top_k,
                     ") must be in [1, topk_group * E / n_group = ", kept, "] (E=", E, ")");
+  TORCH_CHECK_VALUE(std::isfinite(routed_scaling_factor),
+                    "latentmoe.moe_route: argument 'routed_scaling_factor' must be finite, got ", routed_scaling_factor);
   return moe::RouteParams{static_cast<int>(E),
                           static_cast<int>(top_k),
                           static_cast<int>(n_group),
@@ -145,6 +148,9 @@ void check_experts_args(const char* op, const at::Tensor& hidden, const at::Tens
 
 void check_experts_backward_args(const at::Tensor& hidden, const at::Tensor& gate_up_proj,
                                  const at::Tensor& down_proj, const at::Tensor& weights) {
+  // Ranks first: the stand-in below reads hidden.size(0) and weights.size(1).
+  chk::dim("moe_experts_backward", "hidden", hidden, 2);
+  chk::dim("moe_experts_backward", "weights", weights, 2);
   // Indices of the right shape stand in for the ones the forward already validated.
   check_experts_args("moe_experts_backward", hidden, gate_up_proj, down_proj, weights,
                      at::empty({hidden.size(0), weights.size(1)}, hidden.options().dtype(at::kLong)));
@@ -162,12 +168,15 @@ void check_experts_backward_tensors(const at::Tensor& grad_out, const at::Tensor
                     grad_out.sizes(), " but 'hidden' has shape ", hidden.sizes());
   chk::same_device(op, "grad_out", grad_out, "hidden", hidden);
   chk::dtype(op, "sorted_pairs", sorted_pairs, at::kLong);
+  chk::same_device(op, "sorted_pairs", sorted_pairs, "hidden", hidden);
   TORCH_CHECK_VALUE(sorted_pairs.dim() == 1 && sorted_pairs.size(0) == S,
                     "latentmoe.moe_experts_backward: argument 'sorted_pairs' must be [T*k]");
   chk::dtype(op, "expert_offsets", expert_offsets, at::kLong);
+  chk::same_device(op, "expert_offsets", expert_offsets, "hidden", hidden);
   TORCH_CHECK_VALUE(expert_offsets.dim() == 1 && expert_offsets.size(0) == E + 1,
                     "latentmoe.moe_experts_backward: argument 'expert_offsets' must be [E+1]");
   chk::same_dtype(op, "gate_up_out", gate_up_out, "hidden", hidden);
+  chk::same_device(op, "gate_up_out", gate_up_out, "hidden", hidden);
   TORCH_CHECK_VALUE(gate_up_out.dim() == 2 && gate_up_out.size(0) == S && gate_up_out.size(1) == 2 * I,
                     "latentmoe.moe_experts_backward: argument 'gate_up_out' must be [T*k, 2I]");
 }
@@ -1464,10 +1473,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
   // The ATen backward below loops over the experts unless told otherwise: on the CPU,
   // at::_grouped_mm is itself a loop of GEMMs (tests force it to check the grouped calls' forms).
   const auto gemms = moe_host::backward_gemm_setting().value_or(moe_host::BackwardGemms::kLoop);
+  // Before any path converts them (the fp32 fallback below would otherwise pass a wrong dtype).
+  moe_host::check_experts_backward_tensors(grad_out, hidden, gate_up_proj, weights, sorted_pairs,
+                                           expert_offsets, gate_up_out);
   if (awt::cpu_supported() && (dt == at::kFloat || !cpu_fast_low_precision_gemm()) &&
       (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf)) {
-    moe_host::check_experts_backward_tensors(grad_out, hidden, gate_up_proj, weights, sorted_pairs,
-                                             expert_offsets, gate_up_out);
     const auto run = [&](auto tag) {
       return experts_backward_awt<decltype(tag)>(grad_out, hidden, gate_up_proj, down_proj, weights,
                                                  sorted_pairs, expert_offsets, gate_up_out);

@@ -96,6 +96,7 @@ void rms_norm_rows(const T* x, const T* w, T* out, float* rstd_out, int64_t rows
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& input, const at::Tensor& weight,
                                                 double eps) {
   norm::check_args("rms_norm", input, weight);
+  norm::check_eps("rms_norm", eps);
   auto x = input.contiguous();
   auto w = weight.contiguous();
   const int64_t D = x.size(-1);
@@ -116,6 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor
                                                                 double eps) {
   norm::check_args("add_rms_norm", input, weight);
   norm::check_residual(input, residual);
+  norm::check_eps("add_rms_norm", eps);
   auto x = input.contiguous();
   auto res = residual.contiguous();
   auto w = weight.contiguous();

@@ -15,6 +15,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& input, const at::Tensor& weight,
                                                  double eps) {
   norm::check_args("rms_norm", input, weight);
+  norm::check_eps("rms_norm", eps);
   c10::cuda::CUDAGuard guard(input.device());
   auto x = input.contiguous();
   auto w = weight.contiguous();
@@ -36,6 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tenso
                                                                  double eps) {
   norm::check_args("add_rms_norm", input, weight);
   norm::check_residual(input, residual);
+  norm::check_eps("add_rms_norm", eps);
   c10::cuda::CUDAGuard guard(input.device());
   auto x = input.contiguous();
   auto res = residual.contiguous();

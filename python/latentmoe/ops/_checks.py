@@ -5,8 +5,9 @@ The fake kernels (``torch.library.register_fake``; they run for meta tensors and
 C++ order, with the same exception types and messages (``latentmoe.<op>: argument '<name>' ...``):
 ranks, sizes and shapes, dtypes, non-empty inputs, devices (``RuntimeError``; everything else is
 ``ValueError``) and the scalar arguments (``moe_route``'s ``top_k`` / ``n_group`` / ``topk_group`` /
-``score_func``, ``window >= -1``, finite ``softmax_scale``, ``max_seqlen`` in ``[-1, capacity]``,
-``mla_append_cache``'s ``eps``, ``linear_small``'s row limit). So a call the real kernel rejects for
+``score_func`` and finite ``routed_scaling_factor``, ``window >= -1``, finite ``softmax_scale``,
+``max_seqlen`` in ``[-1, capacity]``, the norms' and ``mla_append_cache``'s ``eps``,
+``linear_small``'s row limit). So a call the real kernel rejects for
 its metadata fails the same way at trace time, before any kernel runs.
 
 They do NOT repeat:
@@ -124,6 +125,11 @@ def check_norm(op: str, input, weight) -> None:
     require(weight.shape[0] == input.shape[-1], op, "weight",
             lambda: f"has {weight.shape[0]} elements but 'input' has last dim {input.shape[-1]}")
     nonempty(op, "input", input)
+
+
+def check_norm_eps(op: str, eps: float) -> None:
+    """norm::check_eps."""
+    require(math.isfinite(eps) and eps >= 0, op, "eps", lambda: f"must be finite and >= 0, got {_num(eps)}")
 
 
 def check_add_rms_norm(input, residual, weight) -> None:
@@ -298,7 +304,7 @@ def check_mla_prefill_backward(B, S, H, Dv, q_nope, grad_out, grad_lse, out, lse
                 lambda: f"must have shape {dims} = {_shape(want)}, got {_shape(t)}")
 
 
-def check_moe_route(logits, bias, top_k, n_group, topk_group, score_func_) -> None:
+def check_moe_route(logits, bias, top_k, n_group, topk_group, score_func_, scale) -> None:
     """moe_host::check_route_args (csrc/cpu/moe.cpp)."""
     op = "moe_route"
     dim(op, "logits", logits, 2)
@@ -319,6 +325,7 @@ def check_moe_route(logits, bias, top_k, n_group, topk_group, score_func_) -> No
     kept = topk_group * (E // n_group)
     require(1 <= top_k and top_k <= kept, op, "top_k",
             lambda: f"({top_k}) must be in [1, topk_group * E / n_group = {kept}] (E={E})")
+    require(math.isfinite(scale), op, "routed_scaling_factor", lambda: f"must be finite, got {_num(scale)}")
 
 
 def check_moe_route_backward(grad_weights, grad_scores, scores, indices, score_func_) -> None:
@@ -372,8 +379,10 @@ def check_moe_experts_backward(grad_out, hidden, gate_up_proj, down_proj, weight
                                expert_offsets, gate_up_out) -> None:
     """moe_host::check_experts_backward_args, then check_experts_backward_tensors."""
     op = "moe_experts_backward"
-    # As C++: int64 indices of shape [T, k] on hidden's device stand in for the forward's (whose
-    # hidden.size(0) / weights.size(1) raise IndexError for a hidden of rank 0 / weights of rank < 2).
+    # As C++: ranks first, then int64 indices of shape [T, k] on hidden's device stand in for the
+    # forward's.
+    dim(op, "hidden", hidden, 2)
+    dim(op, "weights", weights, 2)
     stand_in = hidden.new_empty((hidden.shape[0], weights.shape[1]), dtype=torch.int64)
     check_moe_experts(op, hidden, gate_up_proj, down_proj, weights, stand_in)
     E, I2 = gate_up_proj.shape[0], gate_up_proj.shape[1]
@@ -382,12 +391,15 @@ def check_moe_experts_backward(grad_out, hidden, gate_up_proj, down_proj, weight
     same_shape(op, "grad_out", grad_out, "hidden", hidden)
     same_device(op, "grad_out", grad_out, "hidden", hidden)
     dtype(op, "sorted_pairs", sorted_pairs, torch.int64)
+    same_device(op, "sorted_pairs", sorted_pairs, "hidden", hidden)
     require(sorted_pairs.dim() == 1 and sorted_pairs.shape[0] == n_pairs, op, "sorted_pairs",
             lambda: "must be [T*k]")
     dtype(op, "expert_offsets", expert_offsets, torch.int64)
+    same_device(op, "expert_offsets", expert_offsets, "hidden", hidden)
     require(expert_offsets.dim() == 1 and expert_offsets.shape[0] == E + 1, op, "expert_offsets",
             lambda: "must be [E+1]")
     same_dtype(op, "gate_up_out", gate_up_out, "hidden", hidden)
+    same_device(op, "gate_up_out", gate_up_out, "hidden", hidden)
     require(gate_up_out.dim() == 2 and gate_up_out.shape[0] == n_pairs and gate_up_out.shape[1] == I2,
             op, "gate_up_out", lambda: "must be [T*k, 2I]")
 

@@ -108,7 +108,7 @@ def moe_experts(
 
 @torch.library.register_fake("latentmoe::moe_route")
 def _moe_route_fake(logits, bias, top_k, n_group, topk_group, score_func, norm, scale):
-    check_moe_route(logits, bias, top_k, n_group, topk_group, score_func)
+    check_moe_route(logits, bias, top_k, n_group, topk_group, score_func, scale)
     T = logits.shape[0]
     return (
         logits.new_empty(T, top_k),

@@ -7,6 +7,7 @@ import torch
 from latentmoe.ops._checks import (
     check_add_rms_norm,
     check_norm,
+    check_norm_eps,
     check_rms_norm_backward,
     forbid_double_backward,
 )
@@ -46,12 +47,14 @@ def add_rms_norm(
 @torch.library.register_fake("latentmoe::rms_norm")
 def _rms_norm_fake(input, weight, eps):
     check_norm("rms_norm", input, weight)
+    check_norm_eps("rms_norm", eps)
     return torch.empty_like(input), input.new_empty(input.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.register_fake("latentmoe::add_rms_norm")
 def _add_rms_norm_fake(input, residual, weight, eps):
     check_add_rms_norm(input, residual, weight)
+    check_norm_eps("add_rms_norm", eps)
     return (
         torch.empty_like(input),
         torch.empty_like(input),
