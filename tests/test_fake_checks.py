@@ -138,6 +138,10 @@ BAD = [
     ("mla_decode", dict(block_table=T(2, dtype=I32)), "block_table"),
     ("mla_decode", dict(block_table=T(3, 2, dtype=I32)), "block_table"),
     ("mla_decode", dict(block_table=T(2, 2, dtype=I32), kv_cache=T(3, 0, 12)), "kv_cache"),
+    # An empty page pool: the unchecked paths (max_seqlen given, check_values=False) clamp table
+    # entries into [0, num_pages), so it is rejected up front.
+    ("mla_decode", dict(block_table=T(2, 2, dtype=I32), kv_cache=T(0, 4, 12), max_seqlen=8), "kv_cache"),
+    ("mla_append_cache", dict(block_table=T(2, 2, dtype=I32), kv_cache=T(0, 4, 12)), "kv_cache"),
     ("mla_decode", dict(pe_cache=T(2, 6, 4), kv_cache=T(2, 6, 12)), "kv_cache"),
     ("mla_decode", dict(pe_cache=T(2, 6, 4, dtype=F64)), "pe_cache"),
     ("mla_decode", dict(pe_cache=T(2, 5, 4)), "pe_cache"),

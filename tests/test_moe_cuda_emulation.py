@@ -311,6 +311,7 @@ def test_experts_16bit_kernels_match_cpu(harness, tmp_path, dtype, T, E, K, H, I
         (1024, 3, "one"),        # every pair on the last expert: offsets [0, 0, 0, S]
         (257, 5, "first"),       # every pair on expert 0
         (300, 9, "out_of_range"),  # unchecked call: ids < 0 and >= E land outside every expert's rows
+        (64, 9, "huge"),  # ids beyond int32 (2^32 + 3 once wrapped to 3): still outside
     ],
 )
 def test_sort_pairs_kernel_matches_aten(harness, tmp_path, S, E, pattern):
@@ -323,6 +324,10 @@ def test_sort_pairs_kernel_matches_aten(harness, tmp_path, S, E, pattern):
         ids = torch.zeros(S, dtype=torch.long)
     elif pattern == "out_of_range":
         ids = torch.randint(-3, E + 3, (S,), generator=g)
+    elif pattern == "huge":
+        ids = torch.randint(0, E, (S,), generator=g)
+        ids[::3] = (1 << 32) + 3
+        ids[1::7] = -(1 << 33) + 5
     else:
         ids = torch.randint(0, E, (S,), generator=g)
     raw = _run(harness, "sort", tmp_path, [_i64(S, E), _raw(ids)])

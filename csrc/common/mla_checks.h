@@ -88,6 +88,8 @@ inline CacheDims check_cache(const char* op, const at::Tensor& kv_cache, const a
     d.page_size = kv_cache.size(1);
     d.max_pages = bt.size(1);
     TORCH_CHECK_VALUE(d.page_size >= 1, "latentmoe.", op, ": argument 'kv_cache' has page_size 0");
+    // The unchecked paths clamp table entries into [0, num_pages): an empty pool has no such page.
+    TORCH_CHECK_VALUE(d.num_pages >= 1, "latentmoe.", op, ": argument 'kv_cache' (paged) has no pages");
     d.capacity = d.max_pages * d.page_size;
   } else {
     chk::size(op, "kv_cache", kv_cache, 0, B, "batch (contiguous cache [B, Lmax, C+R])");

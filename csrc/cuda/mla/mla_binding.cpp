@@ -45,8 +45,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
                     "; the CUDA kernel supports C <= ", mla_decode_max_c());
   // Grid limits: batch rows on grid z, blocks of query rows on grid y (65535 each).
   const int64_t rpb = mla_decode_rows_per_block(C);
-  TORCH_CHECK_VALUE(B <= 65535, "latentmoe.mla_decode: argument 'q_latent' has batch ", B,
-                    "; the CUDA kernel takes at most 65535 batch rows per call (split the batch)");
+  TORCH_CHECK_VALUE(B <= kMlaDecodeMaxBatch, "latentmoe.mla_decode: argument 'q_latent' has batch ", B,
+                    "; the CUDA kernel takes at most ", kMlaDecodeMaxBatch, " batch rows per call (split the batch)");
   TORCH_CHECK_VALUE((Sq * H + rpb - 1) / rpb <= 65535, "latentmoe.mla_decode: argument 'q_latent' has ",
                     Sq, " x ", H, " query rows per batch row; the CUDA kernel takes at most ", 65535 * rpb);
   c10::cuda::CUDAGuard guard(q_latent.device());

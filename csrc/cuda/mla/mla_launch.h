@@ -56,6 +56,9 @@ size_t mla_decode_smem_bytes(int64_t C, int64_t R);
 // Query rows (s, h) one split block handles: 16 for C <= 512, else 8.
 int mla_decode_rows_per_block(int64_t C);
 
+// Batch rows one mla_decode call takes (they run on grid z).
+constexpr int64_t kMlaDecodeMaxBatch = 65535;
+
 // Largest kv_lora_rank C the kernel supports (accumulator registers per thread).
 int64_t mla_decode_max_c();
 

@@ -32,7 +32,9 @@ void check_smem(const char* op, size_t need) {
 // sm_80+), the masking allows it and the cache is contiguous. Expected from the H200 runs: about
 // 80 TFLOP/s on the absorbed shape against the prefill kernel's ~17 TFLOP/s (its CUDA cores).
 bool absorbed_on_tensor_cores(const Params& p, const at::Tensor& q_nope, const at::Tensor& latent_cache) {
-  if (q_nope.scalar_type() == at::kFloat || !mla_prefill::absorbed_supported(p) || !latent_cache.is_contiguous())
+  // (Batches beyond mla_decode's grid limit stay on the prefill kernel, whose grid is 1-D.)
+  if (q_nope.scalar_type() == at::kFloat || !mla_prefill::absorbed_supported(p) || !latent_cache.is_contiguous() ||
+      p.B > kMlaDecodeMaxBatch)
     return false;
   MlaDecodeArgs a{};
   a.q_latent = nullptr;  // allocated by the absorbed path (aligned)

@@ -891,6 +891,21 @@ mla_prefill_bwd_dkv_kernel(Params p, const T* __restrict__ grad_out, const T* __
 }
 
 // ---- host launchers ----
+// Lets `kernel` take the device's whole opt-in shared memory. The same value on every call: a
+// per-call size would let a call on another host thread shrink the limit between this call's
+// setting and its launch (the binding checked that this call's size fits).
+template <typename K>
+cudaError_t allow_optin_smem(K* kernel) {
+  int dev = 0, optin = 0;
+  cudaFuncAttributes attr{};
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              optin - static_cast<int>(attr.sharedSizeBytes));
+}
+
 template <typename T>
 cudaError_t forward_absorbed(const Params& p, const void* q_nope, const void* q_pe, const void* cache,
                           const int32_t* block_table, const int32_t* seqlens, const void* w_uk, const void* w_uv,
@@ -900,8 +915,7 @@ cudaError_t forward_absorbed(const Params& p, const void* q_nope, const void* q_
   if (L.blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   L.vec = reinterpret_cast<uintptr_t>(cache) % (4 * sizeof(T)) == 0 && p.kv_sb % 4 == 0 && p.kv_sl % 4 == 0;
   const size_t smem = static_cast<size_t>(L.floats) * sizeof(float);
-  cudaError_t err = cudaFuncSetAttribute(mla_prefill_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  cudaError_t err = allow_optin_smem(mla_prefill_fwd_kernel<T>);
   if (err != cudaSuccess) return err;
   mla_prefill_fwd_kernel<T><<<static_cast<unsigned>(L.blocks), kThreads, smem, stream>>>(
       p, L, static_cast<const T*>(q_nope), static_cast<const T*>(q_pe), static_cast<const T*>(cache), block_table,
@@ -917,8 +931,7 @@ cudaError_t forward_tiled(const Params& p, const void* q_nope, const void* q_pe,
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = static_cast<size_t>(fwd_floats(p, QT)) * sizeof(float);
-  cudaError_t err = cudaFuncSetAttribute(mla_prefill_fwd_decompress_kernel<T, QT>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaError_t err = allow_optin_smem(mla_prefill_fwd_decompress_kernel<T, QT>);
   if (err != cudaSuccess) return err;
   mla_prefill_fwd_decompress_kernel<T, QT><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
       p, static_cast<const T*>(q_nope), static_cast<const T*>(q_pe), static_cast<const T*>(cache), block_table,
@@ -962,11 +975,9 @@ cudaError_t backward_typed(const Params& p, const void* grad_out, const float* g
   if (dq_blocks > 0x7fffffff || dkv_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t dq_smem = static_cast<size_t>(bwd_dq_floats(p)) * sizeof(float);
   const size_t dkv_smem = static_cast<size_t>(bwd_dkv_floats(p)) * sizeof(float);
-  cudaError_t err = cudaFuncSetAttribute(mla_prefill_bwd_dq_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(dq_smem));
+  cudaError_t err = allow_optin_smem(mla_prefill_bwd_dq_kernel<T>);
   if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(mla_prefill_bwd_dkv_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(dkv_smem));
+  err = allow_optin_smem(mla_prefill_bwd_dkv_kernel<T>);
   if (err != cudaSuccess) return err;
   mla_prefill_bwd_dq_kernel<T><<<static_cast<unsigned>(dq_blocks), kThreads, dq_smem, stream>>>(
       p, static_cast<const T*>(grad_out), grad_lse, static_cast<const T*>(q_nope), static_cast<const T*>(q_pe),

@@ -23,6 +23,7 @@
 #include <cuda_pipeline_primitives.h>
 #include <mma.h>
 
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
@@ -701,7 +702,12 @@ sort_pairs_kernel(const int64_t* __restrict__ ids, int S, int64_t E,
                   int64_t* __restrict__ sorted_pairs, int64_t* __restrict__ offsets,
                   int64_t* __restrict__ pos) {
   __shared__ int sid[kSortMaxPairs];
-  for (int i = threadIdx.x; i < S; i += kSortThreads) sid[i] = static_cast<int>(ids[i]);
+  // Saturated, not truncated, to int: an out-of-range id (check_values=False) beyond int's range
+  // must stay out of range, not wrap into [0, E). (Order is kept except among such ids.)
+  for (int i = threadIdx.x; i < S; i += kSortThreads) {
+    const int64_t v = ids[i];
+    sid[i] = v < INT_MIN ? INT_MIN : (v > INT_MAX ? INT_MAX : static_cast<int>(v));
+  }
   __syncthreads();
   for (int64_t e = threadIdx.x; e <= E; e += kSortThreads) {
     int c = 0;

@@ -10,7 +10,14 @@ namespace latentmoe::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kRowsPerPartial = 64;
+constexpr int64_t kRowsPerPartial = 64;
+constexpr int64_t kMaxPartials = 65535;  // gridDim.y limit of the dw-partial launch
+
+// Rows each dw partial sums: 64, or more once 64-row partials would exceed the grid's y limit.
+int64_t rows_per_partial(int64_t rows) {
+  const int64_t spread = (rows + kMaxPartials - 1) / kMaxPartials;
+  return spread > kRowsPerPartial ? spread : kRowsPerPartial;
+}
 
 template <typename T>
 __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual,
@@ -41,7 +48,7 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ r
 }
 
 // One block per row: grad_x. grad_w partials: block b of the second kernel sums rows
-// [b*kRowsPerPartial, ...) per column, in row order.
+// [b*rows_per_partial(rows), ...) per column, in row order.
 template <typename T>
 __global__ void rms_norm_backward_dx_kernel(const T* __restrict__ g, const T* __restrict__ x,
                                             const T* __restrict__ w,
@@ -69,11 +76,11 @@ __global__ void rms_norm_backward_dw_partial_kernel(const T* __restrict__ g,
                                                     const T* __restrict__ x,
                                                     const float* __restrict__ rstd,
                                                     float* __restrict__ partial, int64_t rows,
-                                                    int64_t D) {
+                                                    int64_t D, int64_t per_partial) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= D) return;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kRowsPerPartial;
-  const int64_t r1 = min(rows, r0 + kRowsPerPartial);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * per_partial;
+  const int64_t r1 = min(rows, r0 + per_partial);
   float acc = 0.f;
   for (int64_t r = r0; r < r1; ++r) acc += to_float(g[r * D + col]) * to_float(x[r * D + col]) * rstd[r];
   partial[blockIdx.y * D + col] = acc;
@@ -110,7 +117,7 @@ cudaError_t rms_norm_backward_typed(const void* g, const void* x, const void* w,
   const int64_t n_partials = rms_norm_backward_partials(rows);
   dim3 grid(static_cast<unsigned>((D + kThreads - 1) / kThreads), static_cast<unsigned>(n_partials));
   rms_norm_backward_dw_partial_kernel<T><<<grid, kThreads, 0, stream>>>(
-      static_cast<const T*>(g), static_cast<const T*>(x), rstd, gw_partial, rows, D);
+      static_cast<const T*>(g), static_cast<const T*>(x), rstd, gw_partial, rows, D, rows_per_partial(rows));
   column_sum_kernel<<<static_cast<unsigned>((D + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
       gw_partial, gw_f32, n_partials, D);
   return cudaGetLastError();
@@ -133,7 +140,8 @@ cudaError_t launch_rms_norm(DType dtype, const void* x, const void* residual, co
 }
 
 int64_t rms_norm_backward_partials(int64_t rows) {
-  return (rows + kRowsPerPartial - 1) / kRowsPerPartial;
+  const int64_t per = rows_per_partial(rows);
+  return (rows + per - 1) / per;  // at most kMaxPartials
 }
 
 cudaError_t launch_rms_norm_backward(DType dtype, const void* g, const void* x, const void* w,

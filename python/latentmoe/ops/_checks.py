@@ -200,6 +200,7 @@ def check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, ref, ref_name
     dim(op, "block_table", block_table, 2)
     size(op, "block_table", block_table, 0, B, "batch")
     require(kv_cache.shape[1] >= 1, op, "kv_cache", lambda: "has page_size 0")
+    require(kv_cache.shape[0] >= 1, op, "kv_cache", lambda: "(paged) has no pages")
     return block_table.shape[1] * kv_cache.shape[1]
 
 
