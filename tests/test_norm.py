@@ -77,6 +77,21 @@ def test_rms_norm_gradients_match_hf(device):
     torch.testing.assert_close(gw, hf.weight.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rms_norm_backward_many_rows_cuda():
+    # 4,194,305 rows: 64-row weight-gradient partials would need 65,537 blocks on grid y (limit
+    # 65,535); the partials grow instead. Against fp64 autograd of the same math.
+    rows, D = 4 * 1024 * 1024 + 1, 8
+    x = torch.randn(rows, D, device="cuda", requires_grad=True)
+    w = torch.randn(D, device="cuda", requires_grad=True)
+    g = torch.randn(rows, D, device="cuda")
+    rms_norm(x, w, 1e-6).backward(g)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd).backward(g.double())
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-4, atol=1e-2)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rms_norm_gradients_low_precision(monkeypatch, device, dtype, isa):
