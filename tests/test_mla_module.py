@@ -484,3 +484,104 @@ def test_torch_compile_fullgraph():
     with torch.no_grad(), pytest.raises(Exception, match="LatentKVCache keeps its lengths"):
         compiled(x, pe, None, cache=cache)
     assert cache.get_seq_length(0) == 0
+
+
+class _LowRank(torch.nn.Module):
+    """A LoRA-style wrapper (as peft builds): base linear plus a low-rank update. Not an nn.Linear,
+    so the module must call it rather than read its weight."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.a = torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.3)
+        self.b = torch.nn.Parameter(torch.randn(base.out_features, rank) * 0.3)
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a.t()) @ self.b.t()
+
+
+@pytest.mark.parametrize("wrapped", ["kv_b_proj", "o_proj", "q_b_proj"])
+def test_wrapped_projections_are_called(wrapped):
+    # Prefill and decode steps (the kernels' paths when every projection is a plain nn.Linear)
+    # with one projection wrapped in a low-rank adapter, in both models: the adapter must act.
+    # A forward hook on o_proj fires once per call.
+    cfg, model, ours = _hf_model_pair("sdpa")
+    torch.manual_seed(5)
+    for m in (model, ours):
+        for layer in m.layers:
+            base = getattr(layer.self_attn, wrapped)
+            setattr(layer.self_attn, wrapped, _LowRank(base))
+    for la, lb in zip(model.layers, ours.layers):
+        getattr(lb.self_attn, wrapped).load_state_dict(getattr(la.self_attn, wrapped).state_dict())
+    calls = []
+    ours.layers[0].self_attn.o_proj.register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    with torch.no_grad():
+        a = model(ids, use_cache=True)
+        b = ours(ids, use_cache=True)
+        assert rel_err(b.last_hidden_state, a.last_hidden_state) <= 1e-4
+        nxt = torch.randint(0, cfg.vocab_size, (2, 1))
+        a2 = model(nxt, cache=a.cache, use_cache=True).last_hidden_state
+        b2 = ours(nxt, cache=b.cache, use_cache=True).last_hidden_state
+        assert rel_err(b2, a2) <= 1e-4
+    assert len(calls) == 2
+    # The adapter trains: its parameters get gradients matching HF's.
+    (model(ids).last_hidden_state.sum()).backward()
+    (ours(ids).last_hidden_state.sum()).backward()
+    pa = getattr(model.layers[1].self_attn, wrapped).a.grad
+    pb = getattr(ours.layers[1].self_attn, wrapped).a.grad
+    assert pb is not None and rel_err(pb, pa) <= 1e-4
+
+
+@pytest.mark.parametrize("pad", ["left", "right", "none"])
+def test_2d_padding_mask_and_block_mask(pad):
+    # HF's flash-attention path hands attention a 2-D [B, keys] padding mask, its flex path a
+    # BlockMask: both mean "causal and not padding", against the 4-D mask HF eager builds.
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    cfg = make_config(heads=3, q_lora=24)
+    hf = make_hf_attention(cfg)
+    mine = MultiHeadLatentAttention(cfg, 0).eval()
+    mine.load_state_dict(hf.state_dict(), strict=True)
+    B, S = 3, 6
+    keep = torch.ones(B, S, dtype=torch.bool)
+    if pad == "left":
+        keep[1, :2] = False
+    elif pad == "right":
+        keep[2, 4:] = False
+    x = torch.randn(B, S, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
+    causal = torch.tril(torch.ones(S, S, dtype=torch.bool))
+    mask4 = (causal[None, None] & keep[:, None, None, :])
+    additive = torch.zeros(B, 1, S, S).masked_fill(~mask4, torch.finfo(torch.float32).min)
+
+    def mod(b, h, q, k):
+        return (k <= q) & keep[b, k]
+
+    block = create_block_mask(mod, B, 1, S, S, device="cpu")
+    with torch.no_grad():
+        want, _ = hf(x, pe, additive)
+        for mask in (keep.long(), keep, block):
+            got, _ = mine(x, pe, mask)
+            for b in range(B):  # rows of padding queries are not compared
+                rows = keep[b] if pad == "right" else torch.ones(S, dtype=torch.bool)
+                rows = rows & (keep[b].cumsum(0) > 0)
+                assert rel_err(got[b, rows], want[b, rows]) <= 1e-4
+    with pytest.raises(ValueError, match="attention_mask"):
+        mine(x, pe, torch.ones(B, 1, S))
+
+
+def test_module_made_under_inference_mode():
+    # Inference tensors have no version counter: the absorbed weights are views there, not cached.
+    cfg = make_config(heads=3, q_lora=24)
+    hf = make_hf_attention(cfg)
+    with torch.inference_mode():
+        mine = MultiHeadLatentAttention(cfg, 0).eval()
+        mine.load_state_dict(hf.state_dict(), strict=True)
+        cache_a, cache_b = hf_cache(cfg), hf_cache(cfg)
+        for past, n in ((0, 5), (5, 1), (6, 1)):
+            x = torch.randn(2, n, cfg.hidden_size)
+            pe = rope_embeddings(cfg, (past + torch.arange(n))[None].expand(2, -1))
+            want, _ = hf(x, pe, causal_additive_mask(2, n, past), cache=cache_a)
+            got, _ = mine(x, pe, None, cache=cache_b)
+            assert rel_err(got, want) <= 1e-4

@@ -277,3 +277,47 @@ def test_torch_compile_fullgraph_training():
                       ours.experts.gate_up_proj.grad.clone()))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bias_stays_fp32_and_updates_in_bf16():
+    # update_bias moves the selection bias by gamma = 1e-3: representable in fp32, lost in bf16
+    # once |bias| > 0.25. The bias stays fp32 through .to(bfloat16) (as HF's from_pretrained keeps it).
+    ours, _ = _pair("v3")
+    ours = ours.to(torch.bfloat16)
+    bias = ours.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32 and ours.gate.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        bias.fill_(1.0)
+    ours(torch.randn(7, 40, dtype=torch.bfloat16))
+    ours.update_bias()
+    assert (ours.gate.e_score_correction_bias != 1.0).all()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_keeps_figures(reentrant):
+    # The recomputation in backward must not count loads twice or replace aux_loss; with
+    # non-reentrant checkpointing the router's gradient (aux loss included) matches no checkpointing.
+    from torch.utils.checkpoint import checkpoint
+
+    ours, _ = _pair("v3", aux_loss_alpha=0.01)
+    ours.train()
+    x = torch.randn(2, 7, 40)
+
+    def step(use_ckpt):
+        ours.zero_grad()
+        ours.load_counts.zero_()
+        xi = x.clone().requires_grad_()
+        out = checkpoint(ours, xi, use_reentrant=reentrant) if use_ckpt else ours(xi)
+        aux = ours.aux_loss
+        (out.sum() + aux).backward()
+        assert ours.aux_loss is aux
+        return ours.load_counts.clone(), ours.gate.weight.grad.clone(), aux
+
+    counts, grad, _ = step(False)
+    counts_ck, grad_ck, aux_ck = step(True)
+    assert torch.equal(counts_ck, counts) and int(counts.sum()) == 2 * 7 * 4
+    if not reentrant:
+        assert aux_ck.requires_grad
+        torch.testing.assert_close(grad_ck, grad)
+    else:  # documented: reentrant checkpointing runs the forward without autograd
+        assert not aux_ck.requires_grad

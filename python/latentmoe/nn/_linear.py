@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from latentmoe.ops.linear import MAX_ROWS, linear_small
+
+
+def is_plain_linear(layer: nn.Module) -> bool:
+    """Whether ``layer(x)`` is exactly ``F.linear(x, layer.weight, layer.bias)``, so its weight may
+    be read directly: an ``nn.Linear`` itself (not a subclass or a wrapper such as a peft LoRA
+    layer) with no forward hooks of its own and no global ones."""
+    return (
+        type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+        and not _module._global_forward_hooks and not _module._global_forward_pre_hooks
+    )
 
 
 def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``. A decode step's few rows (at most 16) on the CPU without a gradient go through
     ``linear_small``, which streams the weight once (a BLAS GEMM with one to sixteen rows reads it
-    at a fraction of the memory's rate); everything else, and anything needing autograd, is the
-    layer itself. Same result up to fp32 summation order."""
+    at a fraction of the memory's rate); everything else, anything needing autograd, and any layer
+    that is not a plain ``nn.Linear`` (LoRA wrappers, hooks) is the layer itself. Same result up to
+    fp32 summation order."""
+    if not is_plain_linear(layer):
+        return layer(x)
     w = layer.weight
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (

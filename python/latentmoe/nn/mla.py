@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentmoe.nn._linear import project
+from latentmoe.nn._linear import is_plain_linear, project
 from latentmoe.nn.norm import RMSNorm
 from latentmoe.ops.mla import mla_append_cache, mla_decode
 from latentmoe.ops.mla_prefill import mla_prefill
@@ -178,11 +178,42 @@ class LatentKVCache:
 
 
 def _causal_keep(S: int, L: int, valid, device) -> torch.Tensor:
-    """``[S, L]`` bool: query i (at position valid - S + i) keeps keys 0 .. valid - S + i."""
+    """``[S, L]`` bool (``[B, 1, S, L]`` for ``valid`` of shape ``[B, 1, 1]``): query i, at
+    position valid - S + i, keeps keys 0 .. valid - S + i."""
     if isinstance(valid, torch.Tensor):
         valid = valid.to(device)
     i = torch.arange(S, device=device)[:, None] + (valid - S)
-    return torch.arange(L, device=device)[None, :] <= i
+    keep = torch.arange(L, device=device)[None, :] <= i
+    return keep[:, None] if keep.dim() == 3 else keep
+
+
+def _dense_mask(mask, B: int, S: int, L: int, valid):
+    """HF's attention masks as the 4-D ones the module applies (None stays None): a flex-attention
+    ``BlockMask`` evaluated densely, a 2-D ``[B, keys]`` padding mask (what HF's flash-attention
+    path passes) combined with the causal rule. 4-D masks pass through."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):  # a flex-attention BlockMask
+        from torch.nn.attention.flex_attention import create_mask
+
+        q_len, kv_len = mask.seq_lengths
+        if q_len != S:
+            raise ValueError(f"MultiHeadLatentAttention: the BlockMask covers {q_len} queries, not the {S} new tokens")
+        mask = create_mask(mask.mask_mod, B, 1, S, kv_len, device=mask.kv_num_blocks.device)
+    elif mask.dim() == 2:
+        keep = mask.bool()
+        if keep.shape[-1] < L:  # keys past the mask: slots not written yet
+            keep = F.pad(keep, (0, L - keep.shape[-1]), value=False)
+        mask = keep[:, None, None, :L] & _causal_keep(S, L, valid, mask.device)
+    elif mask.dim() != 4:
+        raise ValueError(
+            "MultiHeadLatentAttention: 'attention_mask' must be None, HF's 4-D mask, a 2-D [batch, keys] "
+            f"padding mask or a flex-attention BlockMask, got shape {tuple(mask.shape)}"
+        )
+    if mask.shape[-1] < L:
+        fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+        mask = F.pad(mask, (0, L - mask.shape[-1]), value=fill)
+    return mask
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -197,7 +228,13 @@ class MultiHeadLatentAttention(nn.Module):
         ``hidden_states [B, S, hidden]``, ``position_embeddings (cos, sin) [B, S, R]`` (HF's rotary
         embedding output at the new tokens' positions), ``attention_mask`` (HF 4-D or None), and the
         cache as ``cache=`` or ``past_key_values=`` (an HF ``Cache`` or a :class:`LatentKVCache`).
-        Returns ``(out [B, S, hidden], None)`` like HF (no attention weights).
+        Returns ``(out [B, S, hidden], None)`` like HF (no attention weights: they are never
+        materialised, and HF's ``output_attentions``, which records HF's own attention class by
+        hooks, comes back empty with this module swapped in). ``attention_mask`` may also be HF's
+        2-D ``[B, keys]`` padding mask (its flash-attention path) or a flex-attention
+        ``BlockMask``. Projections that are not plain ``nn.Linear`` layers (peft LoRA wrappers,
+        forward hooks) are called as modules; a wrapped ``kv_b_proj`` takes the path that
+        decompresses K/V through it instead of the fused kernels.
     torch.compile (``fullgraph=True`` works): with no cache or an HF cache. A 4-D mask cannot be
     inspected while tracing, so there it is applied as given through SDPA on decompressed K/V;
     pass ``attention_mask=None`` for plain causal attention to keep the fused kernels. A
@@ -254,8 +291,9 @@ class MultiHeadLatentAttention(nn.Module):
         """
         w = self.kv_b_proj.weight
         H, N, V, C = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
-        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
-            # (torch.compile cannot trace the cache's pointer key: views there too.)
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling() or w.is_inference():
+            # (torch.compile cannot trace the cache's pointer key, and inference tensors have no
+            # version counter to key on: views there too.)
             wv = w.view(H, N + V, C)
             return wv[:, :N], wv[:, N:].transpose(1, 2)
         key = (w.data_ptr(), w._version, w.dtype, w.device)
@@ -309,7 +347,7 @@ class MultiHeadLatentAttention(nn.Module):
                     "(training uses cache=None)"
                 )
             L = cache.get_seq_length(self.layer_idx) + S
-            if not self._is_plain_causal(attention_mask, B, S, L, L):
+            if not self._is_plain_causal(_dense_mask(attention_mask, B, S, L, L), B, S, L, L):
                 raise ValueError(
                     "MultiHeadLatentAttention: with a LatentKVCache, attention is causal over each row's own "
                     "cached tokens; 'attention_mask' must be None or the plain causal mask (for padding, "
@@ -334,9 +372,12 @@ class MultiHeadLatentAttention(nn.Module):
             valid = torch.clamp(past.to(c_all.device) + S, max=L)
         else:
             valid = min(int(past) + S, L)
+        attention_mask = _dense_mask(attention_mask, B, S, L, valid)
         plain_causal = self._is_plain_causal(attention_mask, B, S, L, valid)
         dropout = self.training and self.attention_dropout > 0
-        if plain_causal and not dropout and (
+        # The kernels read kv_b_proj's weight directly: only for a plain nn.Linear (a LoRA wrapper
+        # or a hook takes the path that calls the layer).
+        if plain_causal and not dropout and is_plain_linear(self.kv_b_proj) and (
             (not grad and S <= self.decode_max_tokens) or _has_kernel(_PREFILL_OP, hidden_states.device)
         ):
             if isinstance(valid, torch.Tensor):
@@ -382,7 +423,8 @@ class MultiHeadLatentAttention(nn.Module):
             block_table=cache.block_table, rope_interleave=self.rope_interleave, check_values=False,
         )
         cache.advance(layer, S)
-        if S <= self.decode_max_tokens:
+        plain_kv_b = is_plain_linear(self.kv_b_proj)
+        if S <= self.decode_max_tokens and plain_kv_b:
             # Eager: the longest row (host-known) sizes the kernel's splits. Under CUDA-graph
             # capture the replays run at later lengths than the host sees now, so the bound is
             # the capacity (splits over the whole cache; correct at every length it can hold).
@@ -391,14 +433,16 @@ class MultiHeadLatentAttention(nn.Module):
                 q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table,
                 max_seqlen=cache.capacity if capturing else max(cache._host_lens[layer]),
             )
-        elif _has_kernel(_PREFILL_OP, q_nope.device):
+        elif plain_kv_b and _has_kernel(_PREFILL_OP, q_nope.device):
             out = self._prefill_attention(
                 q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table
             )
-        else:
-            L = cache.get_seq_length(layer)
+        else:  # decompressed K/V through the layer itself; each row up to its own length
+            lens = cache._host_lens[layer]
+            L = max(lens)
             rows = cache.rows(layer, L)
-            out = self._sdpa_attention(q_nope, q_pe, rows[..., :C], rows[..., C:], None, L)
+            valid = torch.tensor(lens, device=rows.device).view(B, 1, 1)
+            out = self._sdpa_attention(q_nope, q_pe, rows[..., :C], rows[..., C:], None, valid)
         return project(self.o_proj, out.reshape(B, S, self.num_heads * self.v_head_dim))
 
     def _absorbed_attention(self, q_nope, q_pe, kv_cache, seqlens, block_table, pe_cache=None, max_seqlen=-1):

@@ -10,6 +10,14 @@ from latentmoe.nn._linear import project
 from latentmoe.ops.moe import moe_experts, moe_route
 
 
+def _recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing recomputing it
+    (the autograd engine has a current graph task). Not while tracing (torch.compile)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 class MoERouter(nn.Module):
     """Router parameters, named as HF ``DeepseekV3TopkRouter``: ``weight [E, hidden]`` (fp32) and
     the ``e_score_correction_bias [E]`` buffer (fp32, selection only)."""
@@ -19,6 +27,15 @@ class MoERouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
         nn.init.normal_(self.weight, std=hidden_size**-0.5)
+
+    def _apply(self, fn, recurse=True):
+        # The bias stays fp32 through .to(dtype) / .half() (as HF's from_pretrained keeps it, via
+        # _keep_in_fp32_modules_strict): update_bias's steps of gamma = 1e-3 vanish in bf16 once
+        # |bias| > 0.25 (its spacing there is 2e-3), so balancing would silently stop.
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
 
 
 class MoEExperts(nn.Module):
@@ -70,7 +87,13 @@ class MoE(nn.Module):
 
     After each forward: ``last_load`` (``[E]`` int64 tokens per expert), ``load_counts``
     (accumulated since the last ``update_bias``) and, in training with ``aux_loss_alpha > 0``,
-    ``aux_loss`` (0-d fp32, differentiable w.r.t. the router weight).
+    ``aux_loss`` (0-d fp32, differentiable w.r.t. the router weight). Under activation
+    checkpointing, the recomputation during backward leaves them as the forward set them (loads
+    counted once). Reentrant checkpointing (``use_reentrant=True``) runs the forward without
+    autograd, so ``aux_loss`` then has no gradient: use the non-reentrant kind (HF's default).
+    ``e_score_correction_bias`` stays fp32 whatever dtype the module is cast to.
+    HF's ``output_router_logits`` records HF's own router class by hooks: with this module swapped
+    into an HF model it comes back empty.
     """
 
     def __init__(
@@ -140,13 +163,17 @@ class MoE(nn.Module):
         out = self.experts(x, weights, indices, check_values=False).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
-        with torch.no_grad():  # counts without bincount (which reads its input's max back to the host)
-            flat = indices.reshape(-1)
-            load = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device).index_add_(
-                0, flat, torch.ones_like(flat))
-            self.last_load = load
-            self.load_counts += load
-        self.aux_loss = None
+        # Activation checkpointing's second run keeps the figures of the first (it still computes the
+        # balance loss: non-reentrant checkpointing checks that both runs save the same tensors).
+        recompute = _recomputing()
+        if not recompute:
+            with torch.no_grad():  # counts without bincount (which reads its max back to the host)
+                flat = indices.reshape(-1)
+                load = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device).index_add_(
+                    0, flat, torch.ones_like(flat))
+                self.last_load = load
+                self.load_counts += load
+        aux_loss = None
         if self.training and self.aux_loss_alpha > 0:
             if self.seq_aux and len(shape) not in (2, 3):
                 raise ValueError(
@@ -154,7 +181,9 @@ class MoE(nn.Module):
                     f"[T, hidden] (one sequence), got {tuple(shape)}"
                 )
             batch = shape[0] if self.seq_aux and len(shape) == 3 else 1  # [T, hidden]: one sequence
-            self.aux_loss = self._balance_loss(scores, indices, batch)
+            aux_loss = self._balance_loss(scores, indices, batch)
+        if not recompute:
+            self.aux_loss = aux_loss
         return out
 
     def _balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, batch: int) -> torch.Tensor:
