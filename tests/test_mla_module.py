@@ -585,3 +585,38 @@ def test_module_made_under_inference_mode():
             want, _ = hf(x, pe, causal_additive_mask(2, n, past), cache=cache_a)
             got, _ = mine(x, pe, None, cache=cache_b)
             assert rel_err(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_latent_cache_wrapped_kv_b_matches_kernels_varlen(page_size):
+    # A wrapped kv_b_proj (here a zero low-rank update: the same function) takes the path that
+    # decompresses the cached rows through the layer; with rows of different lengths each row must
+    # still attend to its own tokens only, as the kernels do. Decode and a 20-token chunk.
+    cfg = make_config(heads=3, q_lora=24)
+    plain = MultiHeadLatentAttention(cfg, 0).eval()
+    wrapped = MultiHeadLatentAttention(cfg, 0).eval()
+    wrapped.load_state_dict(plain.state_dict())
+    wrapped.kv_b_proj = _LowRank(wrapped.kv_b_proj)
+    with torch.no_grad():
+        wrapped.kv_b_proj.b.zero_()
+    B, lens = 3, [9, 4, 7]
+    caches = [LatentKVCache(1, B, 64, cfg.kv_lora_rank, cfg.qk_rope_head_dim, page_size=page_size)
+              for _ in range(2)]
+    rows = torch.randn(B, max(lens), cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    for cache in caches:
+        for b, n in enumerate(lens):
+            t = torch.arange(n)
+            slots = t if page_size is None else cache.block_table[b, t // page_size].long() * page_size + t % page_size
+            flat = cache.kv[0].view(-1, rows.shape[-1]) if page_size else cache.kv[0][b]
+            flat[slots] = rows[b, :n]
+        cache.seqlens[0].copy_(torch.tensor(lens, dtype=torch.int32))
+        cache._host_lens[0] = list(lens)
+    with torch.no_grad():
+        for n in (1, 20):
+            x = torch.randn(B, n, cfg.hidden_size)
+            pos = torch.tensor(lens)[:, None] + torch.arange(n)
+            pe = rope_embeddings(cfg, pos)
+            want, _ = plain(x, pe, None, cache=caches[0])
+            got, _ = wrapped(x, pe, None, cache=caches[1])
+            assert rel_err(got, want) <= 1e-4
+            lens = [v + n for v in lens]
