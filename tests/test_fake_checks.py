@@ -352,7 +352,23 @@ def test_fake_rejects_mixed_devices(op, overrides, name):
 
 def _meta_of(out):
     outs = out if isinstance(out, tuple) else (out,)
-    return [None if t is None else (tuple(t.shape), t.dtype) for t in outs]
+    return [None if t is None else (tuple(t.shape), t.dtype, t.stride()) for t in outs]
+
+
+# Good calls with transposed inputs where the kernels accept them: the real kernels return
+# contiguous outputs, and the fakes must report the same strides (torch.compile asserts it).
+STRIDED = [
+    ("rms_norm", lambda d: dict(input=torch.randn(8, 3, device=d).t())),
+    ("add_rms_norm", lambda d: dict(input=torch.randn(8, 3, device=d).t(),
+                                    residual=torch.randn(8, 3, device=d).t())),
+    ("moe_route", lambda d: dict(logits=torch.randn(16, 4, device=d).t())),
+]
+
+
+@pytest.mark.parametrize("op, make", STRIDED, ids=[op for op, _ in STRIDED])
+def test_strided_inputs_same_output_strides_on_meta(op, make):
+    want = _meta_of(_call(op, _args(op, make("cpu"), "cpu")))
+    assert _meta_of(_call(op, _args(op, make("meta"), "meta"))) == want
 
 
 @pytest.mark.parametrize(

@@ -913,3 +913,19 @@ def test_cpu_extra_memory_with_many_threads(mode):
     per_head_w = (128 + 128) * 512 * 4
     budget = (256 << 20) + (64 << 20) + (64 + 32) * per_head_w + (64 << 20)
     assert got["extra"] <= got["outputs"] + budget, (got, budget)
+
+
+def test_strided_cache_seqlens(device):
+    # cache_seqlens may be a strided view: its values are checked as the kernel reads them (the
+    # check once read the raw buffer, passed [6, 6] for the view [6, 200000], and the kernel read
+    # far out of bounds), and valid strided lengths give the contiguous call's result.
+    x = make_inputs(2, 4, 2, [6, 5], 8, **SMALL, device=device)
+    args = (x["q_nope"], x["q_pe"], x["latent_cache"])
+    w = (x["w_uk"], x["w_uv"], 0.3)
+    bad = torch.tensor([6, 6, 200000, 5], dtype=torch.int32, device=device)[::2]
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        mla_prefill(*args, bad, *w)
+    good = torch.tensor([6, 0, 5, 0], dtype=torch.int32, device=device)[::2]
+    out, lse = mla_prefill(*args, good, *w)
+    want, want_lse = mla_prefill(*args, good.contiguous(), *w)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)

@@ -240,3 +240,19 @@ def test_route_bad_tensors():
 def test_route_device_mismatch():
     with pytest.raises(RuntimeError, match="e_score_correction_bias"):
         moe_route(torch.randn(4, 16, device="cuda"), 2, e_score_correction_bias=torch.randn(16))
+
+
+@pytest.mark.parametrize("top_k", [2, 4])
+def test_route_non_finite_inputs_stay_in_bounds(device, top_k):
+    # A group holding +inf and -inf biased scores sums to NaN (was read as "excluded": with every
+    # other group used up the selection indexed expert -1, corrupting memory at top_k=4). Such a
+    # group now ranks last; NaN logits rank as -inf. Indices stay in [0, E), distinct.
+    logits = torch.zeros(3, 4)
+    logits[2, 1] = float("nan")
+    bias = torch.tensor([float("inf"), float("-inf"), 0.0, 0.0])
+    w, idx, _ = moe_route(logits.to(device), top_k, n_group=2, topk_group=2,
+                          e_score_correction_bias=bias.to(device))
+    idx = idx.cpu()
+    assert ((idx >= 0) & (idx < 4)).all()
+    assert all(len(set(row.tolist())) == top_k for row in idx)
+    assert idx[0].tolist() == [0, 2, 3, 1][:top_k]  # +inf first, -inf last, ties to the lower index

@@ -96,7 +96,9 @@ inline Params check_args(const char* op, const at::Tensor& q_nope, const at::Ten
                     ": argument 'softmax_scale' must be finite, got ", softmax_scale);
   if (p.B > 0) {
     // One small device-to-host copy on CUDA: an out-of-range length would read out of bounds.
-    auto lens = cache_seqlens.to(at::kCPU);
+    // .contiguous(): a strided CPU tensor is its own .to(kCPU), and its values are read below as a
+    // plain array (the kernels take cache_seqlens.contiguous(), so check those same values).
+    auto lens = cache_seqlens.to(at::kCPU).contiguous();
     const int32_t* lp = lens.const_data_ptr<int32_t>();
     for (int64_t b = 0; b < p.B; ++b) {
       TORCH_CHECK_VALUE(lp[b] >= 0 && lp[b] <= p.Lmax, "latentmoe.", op, ": argument 'cache_seqlens'[", b,

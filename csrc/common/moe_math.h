@@ -89,7 +89,10 @@ LMOE_HD void route_token(const float* logits, const float* bias, const RoutePara
           have2 = true;
         }
       }
-      group_score[g] = have2 ? top1 + top2 : top1;
+      const float gsum = have2 ? top1 + top2 : top1;
+      // (+inf) + (-inf) (infinite biases) is NaN, the "excluded" mark: such a group ranks last
+      // instead, so the picks below always find topk_group groups.
+      group_score[g] = is_nan(gsum) ? -INFINITY : gsum;
     }
     bool kept[kMaxGroups];
     for (int g = 0; g < p.n_group; ++g) kept[g] = false;

@@ -220,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
   if (grouped) {
     ends = expert_offsets.narrow(0, 1, E).to(at::kInt);
   } else {
-    off = expert_offsets.to(at::kCPU);
+    off = expert_offsets.to(at::kCPU).contiguous();
     op_ = off.const_data_ptr<int64_t>();
   }
   auto tok = at::div(sorted_pairs, K, "floor");

@@ -103,7 +103,10 @@ moe_route_warp_kernel(const float* __restrict__ logits, const float* __restrict_
         t2 = fmaxf(lo, fmaxf(t2, o2));
         t1 = hi;
       }
-      if (lane == 0) gscore[g] = gs == 1 ? t1 : t1 + t2;
+      if (lane == 0) {
+        const float gsum = gs == 1 ? t1 : t1 + t2;
+        gscore[g] = moe::is_nan(gsum) ? -INFINITY : gsum;  // as route_token: ranks last, never excluded
+      }
     }
     __syncwarp();
     uint64_t kept = 0;  // the same greedy picks in every lane

@@ -116,7 +116,8 @@ def _mla_decode_fake(
         q_latent, q_pe, kv_cache, cache_seqlens, block_table, softmax_scale, window, pe_cache, max_seqlen
     )
     B, Sq, H, _ = q_latent.shape
-    return torch.empty_like(q_latent), q_latent.new_empty((B, Sq, H), dtype=torch.float32)
+    out = torch.empty_like(q_latent, memory_format=torch.contiguous_format)
+    return out, q_latent.new_empty((B, Sq, H), dtype=torch.float32)
 
 
 @torch.library.register_fake("latentmoe::mla_append_cache")

@@ -101,7 +101,10 @@ def moe_experts(
             checks either way.
     Returns:
         ``[T, H]`` in hidden's dtype: ``sum_k weights[t,k] * expert_{indices[t,k]}(hidden[t])``,
-        bitwise deterministic. Differentiable in hidden, both weights and ``weights``.
+        bitwise the same from run to run at a given thread count (on the CPU, an expert with more
+        rows than the threads share goes to a BLAS GEMM when several threads run, so 1 and 2
+        threads may differ in the last bits; the CPU backward with AVX2 is the same at any thread
+        count). Differentiable in hidden, both weights and ``weights``.
     """
     return _lib.moe_experts.default(hidden, gate_up_proj, down_proj, weights, indices, check_values)[0]
 
@@ -113,14 +116,14 @@ def _moe_route_fake(logits, bias, top_k, n_group, topk_group, score_func, norm, 
     return (
         logits.new_empty(T, top_k),
         logits.new_empty(T, top_k, dtype=torch.int64),
-        torch.empty_like(logits),
+        torch.empty_like(logits, memory_format=torch.contiguous_format),
     )
 
 
 @torch.library.register_fake("latentmoe::moe_route_backward")
 def _moe_route_backward_fake(grad_weights, grad_scores, scores, indices, score_func, norm, scale):
     check_moe_route_backward(grad_weights, grad_scores, scores, indices, score_func)
-    return torch.empty_like(scores)
+    return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("latentmoe::moe_experts")
@@ -128,7 +131,7 @@ def _moe_experts_fake(hidden, gate_up_proj, down_proj, weights, indices, check_v
     check_moe_experts("moe_experts", hidden, gate_up_proj, down_proj, weights, indices)
     S = indices.shape[0] * indices.shape[1]
     return (
-        torch.empty_like(hidden),
+        torch.empty_like(hidden, memory_format=torch.contiguous_format),
         indices.new_empty(S),
         indices.new_empty(gate_up_proj.shape[0] + 1),
         hidden.new_empty(S, gate_up_proj.shape[1]),
@@ -143,10 +146,10 @@ def _moe_experts_backward_fake(
         grad_out, hidden, gate_up_proj, down_proj, weights, sorted_pairs, expert_offsets, gate_up_out
     )
     return (
-        torch.empty_like(hidden),
-        torch.empty_like(gate_up_proj),
-        torch.empty_like(down_proj),
-        torch.empty_like(weights),
+        torch.empty_like(hidden, memory_format=torch.contiguous_format),
+        torch.empty_like(gate_up_proj, memory_format=torch.contiguous_format),
+        torch.empty_like(down_proj, memory_format=torch.contiguous_format),
+        torch.empty_like(weights, memory_format=torch.contiguous_format),
     )
 
 

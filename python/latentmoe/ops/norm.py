@@ -48,7 +48,8 @@ def add_rms_norm(
 def _rms_norm_fake(input, weight, eps):
     check_norm("rms_norm", input, weight)
     check_norm_eps("rms_norm", eps)
-    return torch.empty_like(input), input.new_empty(input.shape[:-1], dtype=torch.float32)
+    out = torch.empty_like(input, memory_format=torch.contiguous_format)
+    return out, input.new_empty(input.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.register_fake("latentmoe::add_rms_norm")
@@ -56,8 +57,8 @@ def _add_rms_norm_fake(input, residual, weight, eps):
     check_add_rms_norm(input, residual, weight)
     check_norm_eps("add_rms_norm", eps)
     return (
-        torch.empty_like(input),
-        torch.empty_like(input),
+        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(input, memory_format=torch.contiguous_format),
         input.new_empty(input.shape[:-1], dtype=torch.float32),
     )
 
@@ -65,7 +66,8 @@ def _add_rms_norm_fake(input, residual, weight, eps):
 @torch.library.register_fake("latentmoe::rms_norm_backward")
 def _rms_norm_backward_fake(grad_out, input, weight, rstd):
     check_rms_norm_backward(grad_out, input, weight, rstd)
-    return torch.empty_like(input), torch.empty_like(weight)
+    contiguous = torch.contiguous_format
+    return torch.empty_like(input, memory_format=contiguous), torch.empty_like(weight, memory_format=contiguous)
 
 
 def _rms_norm_setup(ctx, inputs, output):
