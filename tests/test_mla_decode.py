@@ -402,3 +402,25 @@ def test_decode_cuda_misaligned_inputs_use_cuda_cores(monkeypatch, which):
     monkeypatch.setenv("LATENTMOE_MLA_DECODE_KERNEL", "tensor_cores")
     with pytest.raises(ValueError, match="tensor-core kernel does not apply"):
         mla_decode(*prob[:4], 0.1, block_table=prob[4])
+
+
+@pytest.mark.parametrize("isa", ["native", "generic"])
+@pytest.mark.parametrize("L,bad", [(16, 3), (40, 9), (11, 9), (300, 290)])
+def test_nan_in_used_inputs_propagates(monkeypatch, isa, L, bad):
+    # A NaN in a key the row attends to, or in the query, makes that row's output and LSE NaN, as
+    # softmax attention does (it once came out finite, or as an "empty" row: 0 and -inf). Other
+    # rows stay finite. Key counts with vector lanes only, a scalar tail, and several splits.
+    if isa == "generic":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    C, R, H = 16, 8, 3
+    q, qp = torch.randn(1, 1, H, C), torch.randn(1, 1, H, R)
+    cache = torch.randn(1, L, C + R)
+    lens = torch.tensor([L], dtype=torch.int32)
+    cache[0, bad, C + 1] = float("nan")  # k_pe of one key: every head's score of that key
+    out, lse = mla_decode(q, qp, cache, lens, 0.3)
+    assert out.isnan().all() and lse.isnan().all()
+    cache[0, bad, C + 1] = 0.0
+    q[0, 0, 1, 0] = float("nan")  # head 1's query only
+    out, lse = mla_decode(q, qp, cache, lens, 0.3)
+    assert out[:, :, 1].isnan().all() and lse[:, :, 1].isnan().all()
+    assert torch.isfinite(out[:, :, [0, 2]]).all() and torch.isfinite(lse[:, :, [0, 2]]).all()

@@ -929,3 +929,21 @@ def test_strided_cache_seqlens(device):
     out, lse = mla_prefill(*args, good, *w)
     want, want_lse = mla_prefill(*args, good.contiguous(), *w)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+def test_nan_in_used_inputs_propagates(device):
+    # A NaN in a cached key every query sees makes all outputs and LSEs NaN (the LSE once came
+    # out -inf, as for an empty row); a NaN in one query's latent part only that query's head.
+    x = make_inputs(1, 3, 2, [9], 9, **SMALL, device=device)
+    cache = x["latent_cache"].clone()
+    cache[0, 0, SMALL["C"] + 1] = float("nan")
+    w = (x["w_uk"], x["w_uv"], 0.3)
+    out, lse = mla_prefill(x["q_nope"], x["q_pe"], cache, x["cache_seqlens"], *w)
+    assert out.isnan().all() and lse.isnan().all()
+    q = x["q_nope"].clone()
+    q[0, 2, 1, 0] = float("nan")
+    out, lse = mla_prefill(q, x["q_pe"], x["latent_cache"], x["cache_seqlens"], *w)
+    assert out[0, 2, 1].isnan().all() and lse[0, 2, 1].isnan()
+    keep = torch.ones_like(lse, dtype=torch.bool)
+    keep[0, 2, 1] = False
+    assert torch.isfinite(lse[keep]).all() and torch.isfinite(out[keep]).all()

@@ -61,10 +61,14 @@ LMOE_HD float softmax_rescale(float m_old, float m_new) {
   return m_old == -INFINITY ? 0.0f : fast_exp(m_old - m_new);
 }
 
-// Natural-log log-sum-exp of a finished state; the empty state gives -inf.
+// Natural-log log-sum-exp of a finished state; the empty state (l == 0) gives -inf. A NaN sum
+// (a NaN score or query) stays NaN: `!(l <= 0)` rather than `l > 0`, which is false for NaN.
 LMOE_HD float softmax_lse(SoftmaxState s) {
-  return s.l > 0.0f ? s.m + logf(s.l) : -INFINITY;
+  return !(s.l <= 0.0f) ? s.m + logf(s.l) : -INFINITY;
 }
+
+// 1 / l for a finished softmax sum: 0 for the empty row (l == 0: output 0), NaN stays NaN.
+LMOE_HD float softmax_inv_sum(float l) { return !(l <= 0.0f) ? 1.0f / l : 0.0f; }
 
 // Rotate one (x1, x2) pair by angle with cos `c` and sin `s`: (x1 c - x2 s, x2 c + x1 s).
 // HF's rotate_half pairs element i with i + d/2; the interleaved layout pairs 2i with 2i+1.

@@ -44,8 +44,10 @@ LMOE_HD int64_t cache_row(const int32_t* block_table, int64_t max_pages, int64_t
 }
 
 // Merge of split partials (running max m_i, sum l_i, unnormalised accumulators) of one query
-// row: weight of split i is exp(m_i - m_max). Empty splits (l_i == 0, m_i == -inf) weigh 0.
+// row: weight of split i is exp(m_i - m_max). Empty splits (l_i == 0, m_i == -inf) weigh 0; a
+// split whose sum is NaN (a NaN score) weighs NaN, so the NaN reaches the output and LSE.
 LMOE_HD float merge_weight(float m_i, float l_i, float m_max) {
+  if (l_i != l_i) return l_i;
   return (l_i > 0.0f && m_i != -INFINITY) ? math::fast_exp(m_i - m_max) : 0.0f;
 }
 

@@ -350,7 +350,7 @@ void mla_decode_impl(const DecodeParams& p, const T* q_latent, const T* q_pe, co
 #pragma omp simd
         for (int64_t c = 0; c < p.C; ++c) o[c] += w * a[c];
       }
-      const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
+      const float inv = math::softmax_inv_sum(l_sum);
       T* dst = out + br * p.C;
       for (int64_t c = 0; c < p.C; ++c) dst[c] = static_cast<T>(o[c] * inv);
       lse[br] = math::softmax_lse({m_max, l_sum});

@@ -198,7 +198,7 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t i = i_lo + r;
         const math::SoftmaxState st{row_m[r], row_l[r]};
-        const float inv = st.l > 0.f ? 1.f / st.l : 0.f;
+        const float inv = math::softmax_inv_sum(st.l);
         T* o = out + ((b * p.S + i) * p.H + h) * p.Dv;
         for (int64_t d = 0; d < p.Dv; ++d) o[d] = static_cast<T>(acc[r * p.Dv + d] * inv);
         lse[(b * p.S + i) * p.H + h] = math::softmax_lse(st);

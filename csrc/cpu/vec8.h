@@ -73,7 +73,7 @@ LMOE_V8_INLINE v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
 LMOE_V8_INLINE v8f exp_nonpos(v8f x) {
   const v8f lo = splat(-87.33654f);
   const auto under = x < lo;  // lanes that flush to 0
-  x = vmax(x, lo);
+  x = under ? lo : x;  // not vmax(x, lo), which turns a NaN lane into lo: NaN must stay NaN
   const v8f magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const v8f kf = (x * splat(1.44269504088896341f) + magic) - magic;
   v8f r = x - kf * splat(0.693359375f);

@@ -341,7 +341,7 @@ __global__ void __launch_bounds__(threads_for_rows(ROWS)) mla_decode_split_kerne
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
         const int r = warp * RPT + i;
-        inv_s[r] = l_run[i] > 0.f ? 1.f / l_run[i] : 0.f;
+        inv_s[r] = math::softmax_inv_sum(l_run[i]);
         if (r < nrows) a.lse[b * rows + r0 + r] = math::softmax_lse({m_run[i], l_run[i]});
       }
     }
@@ -651,7 +651,7 @@ __global__ void __launch_bounds__(kMmaThreads) mla_decode_mma_kernel(MlaDecodeAr
     for (int h = 0; h < 2; ++h) {
       const int r = mt * 16 + g + 8 * h;
       if (r >= nrows) continue;
-      const float inv = single ? (l_s[r] > 0.f ? 1.f / l_s[r] : 0.f) : 1.f;
+      const float inv = single ? math::softmax_inv_sum(l_s[r]) : 1.f;
 #pragma unroll
       for (int j = 0; j < kMmaNtPerWarp; ++j) {
         const int64_t c = static_cast<int64_t>(warp + kMmaWarps * j) * 8 + 2 * t4;
@@ -703,7 +703,7 @@ __global__ void __launch_bounds__(kMergeThreads) mla_decode_merge_kernel(MlaDeco
     l_part += wt * a.part_l[part(sp)];
   }
   const float l_sum = block_sum(l_part, red_s);  // begins with a barrier: red_s reads above are done
-  const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
+  const float inv = math::softmax_inv_sum(l_sum);
   __syncthreads();  // w_s complete
   const int col = static_cast<int>(threadIdx.x) % kMergeCols, grp = static_cast<int>(threadIdx.x) / kMergeCols;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * kMergeCols + col;

@@ -488,7 +488,7 @@ mla_prefill_fwd_kernel(Params p, FwdLayout L, const T* __restrict__ q_nope, cons
     for (int i = 0; i < 8; ++i) {
       const int r = 8 * oy + i;
       const float l = row_l[r];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const float inv = math::softmax_inv_sum(l);
       if (ok0) {
         *reinterpret_cast<float4*>(ob + r * ds + 4 * ox) =
             make_float4(o[i][0] * inv, o[i][1] * inv, o[i][2] * inv, o[i][3] * inv);
@@ -647,7 +647,7 @@ mla_prefill_fwd_decompress_kernel(Params p, const T* __restrict__ q_nope, const 
   for (int64_t idx = threadIdx.x; idx < rows * p.Dv; idx += blockDim.x) {
     const int64_t r = idx / p.Dv, d = idx % p.Dv, i = tl.i_begin + r;
     const float l = row_l[r];
-    const float o = (i >= tl.i_lo && l > 0.f) ? acc[idx] / l : 0.f;
+    const float o = (i >= tl.i_lo && !(l <= 0.f)) ? acc[idx] / l : 0.f;  // NaN sums stay NaN
     out[((tl.b * p.S + i) * p.H + tl.h) * p.Dv + d] = from_float<T>(o);
   }
   for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
