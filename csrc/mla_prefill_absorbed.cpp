@@ -12,6 +12,8 @@
 #include <cstring>
 #include <optional>
 
+#include "common/settings.h"
+
 namespace latentmoe::mla_prefill {
 namespace {
 
@@ -43,13 +45,11 @@ std::optional<int64_t> positive_int_setting(const char* op, const char* name) {
 }
 
 ForwardPath forward_path_choice() {
-  const char* v = std::getenv("LATENTMOE_MLA_PREFILL_FORWARD");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return ForwardPath::kAuto;
-  if (std::strcmp(v, "kernel") == 0) return ForwardPath::kKernel;
-  if (std::strcmp(v, "absorbed") == 0) return ForwardPath::kAbsorbed;
-  TORCH_CHECK_VALUE(false, "latentmoe.mla_prefill: LATENTMOE_MLA_PREFILL_FORWARD must be auto, kernel or absorbed, not '",
-                    v, "'");
-  return ForwardPath::kAuto;
+  switch (settings::choice("mla_prefill", "LATENTMOE_MLA_PREFILL_FORWARD", {"auto", "kernel", "absorbed"})) {
+    case 1: return ForwardPath::kKernel;
+    case 2: return ForwardPath::kAbsorbed;
+    default: return ForwardPath::kAuto;
+  }
 }
 
 bool absorbed_supported(const Params& p) { return p.causal || p.window < 0; }

@@ -27,6 +27,7 @@
 
 #include "common/checks.h"
 #include "common/moe_math.h"
+#include "common/settings.h"
 #include "cpu/vec8.h"
 #include "cuda/moe/moe_host.h"
 
@@ -182,13 +183,11 @@ void check_experts_backward_tensors(const at::Tensor& grad_out, const at::Tensor
 }
 
 std::optional<BackwardGemms> backward_gemm_setting() {
-  const char* v = std::getenv("LATENTMOE_MOE_BACKWARD_GEMM");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return std::nullopt;
-  if (std::strcmp(v, "grouped") == 0) return BackwardGemms::kGrouped;
-  if (std::strcmp(v, "loop") == 0) return BackwardGemms::kLoop;
-  TORCH_CHECK_VALUE(false, "latentmoe.moe_experts_backward: LATENTMOE_MOE_BACKWARD_GEMM must be auto, grouped or loop, not '",
-                    v, "'");
-  return std::nullopt;
+  switch (settings::choice("moe_experts_backward", "LATENTMOE_MOE_BACKWARD_GEMM", {"auto", "grouped", "loop"})) {
+    case 1: return BackwardGemms::kGrouped;
+    case 2: return BackwardGemms::kLoop;
+    default: return std::nullopt;
+  }
 }
 
 bool grouped_gemm_aligned(int64_t H, int64_t I, at::ScalarType dtype) {

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "common/mla_checks.h"
+#include "common/settings.h"
 #include "cuda/common/binding_utils.h"
 #include "cuda/mla/mla_launch.h"
 
@@ -21,13 +22,11 @@ namespace chk = latentmoe::checks;
 // LATENTMOE_MLA_DECODE_KERNEL=auto|cuda_cores|tensor_cores (unset: auto) picks the split kernel;
 // tests use it to run both kernels on one call.
 int decode_kernel_choice() {
-  const char* v = std::getenv("LATENTMOE_MLA_DECODE_KERNEL");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return kDecodeAuto;
-  if (std::strcmp(v, "cuda_cores") == 0) return kDecodeCudaCores;
-  if (std::strcmp(v, "tensor_cores") == 0) return kDecodeTensorCores;
-  TORCH_CHECK_VALUE(false, "latentmoe.mla_decode: LATENTMOE_MLA_DECODE_KERNEL must be auto, cuda_cores or tensor_cores, not '",
-                    v, "'");
-  return kDecodeAuto;
+  switch (settings::choice("mla_decode", "LATENTMOE_MLA_DECODE_KERNEL", {"auto", "cuda_cores", "tensor_cores"})) {
+    case 1: return kDecodeCudaCores;
+    case 2: return kDecodeTensorCores;
+    default: return kDecodeAuto;
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, const at::Tensor& q_pe,
