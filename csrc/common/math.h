@@ -45,6 +45,33 @@ LMOE_HD float accurate_exp(float x) { return expf(x); }
 
 LMOE_HD float accurate_sigmoid(float x) { return 1.0f / (1.0f + accurate_exp(-x)); }
 
+// Sum of x[0, n) in a fixed order that keeps the rounding error O(log n) instead of the O(n) of
+// a running sum: leaves of 8 consecutive values summed in order, then the leaf sums combined as a
+// balanced binary tree (a binary counter of partial sums). The CPU and the CUDA routing both call
+// it, so they add in the same order. n < 8 * 2^31.
+LMOE_HD float tree_sum(const float* x, int n) {
+  constexpr int kLeaf = 8;
+  float level[32];  // level[j]: the sum of 2^j leaves, held while bit j of `leaves` is set
+  unsigned leaves = 0;
+  for (int b = 0; b < n; b += kLeaf) {
+    const int end = n - b < kLeaf ? n : b + kLeaf;
+    float s = x[b];
+    for (int i = b + 1; i < end; ++i) s += x[i];
+    int j = 0;
+    for (unsigned c = leaves; c & 1u; c >>= 1, ++j) s = level[j] + s;
+    level[j] = s;
+    ++leaves;
+  }
+  float total = 0.f;
+  bool any = false;
+  for (int j = 0; j < 32; ++j) {
+    if (((leaves >> j) & 1u) == 0) continue;
+    total = any ? level[j] + total : level[j];
+    any = true;
+  }
+  return total;
+}
+
 LMOE_HD float silu(float x) { return x * sigmoid(x); }
 
 // Online softmax state for one query row: running max `m`, running sum `l` of exp(s - m).

@@ -1,8 +1,8 @@
 // MoE routing CUDA kernels. Forward: one warp per token (E <= 1024), the experts spread over the
 // lanes (expert e in lane e % 32, register e / 32), with the selection rules of
 // common/moe_math.h: group scores = sum of the two largest choice scores of the group, groups
-// and experts picked greedily, ties -> lower index, the softmax denominator and the weight sum
-// added in expert / selection order as the shared code does, so CPU and GPU make the same picks.
+// and experts picked greedily, ties -> lower index, the softmax denominator (math::tree_sum) and
+// the weight sum added in the shared code's order, so CPU and GPU make the same picks.
 // Larger E: one thread per token running moe::route_token itself. Scores use the accurate expf on
 // both sides, so CPU and GPU agree to an ulp or two; an exact near-tie can still break
 // differently across devices. Backward: one thread per token (moe::route_token_backward).
@@ -63,9 +63,8 @@ moe_route_warp_kernel(const float* __restrict__ logits, const float* __restrict_
       if (e < E) ex[e] = s[j];
     }
     __syncwarp();
-    float sum = 0.f;  // in expert order, by one lane, as the shared code
-    if (lane == 0)
-      for (int e = 0; e < E; ++e) sum += ex[e];
+    float sum = 0.f;  // by one lane, in the shared code's order (math::tree_sum)
+    if (lane == 0) sum = math::tree_sum(ex, E);
     sum = warp_sum(sum);  // the other lanes add zeros: exact
     const float inv = 1.f / sum;
 #pragma unroll
