@@ -292,7 +292,7 @@ def test_gradients_match_hf(monkeypatch, case, prefill_kernel):
 
 def test_absorbed_weights_never_stale():
     cfg, hf, mine = _pair(CASES[0])
-    _run_steps(cfg, hf, mine, 2, "contig", steps=[4, 1])  # fills the absorbed-weight cache
+    _run_steps(cfg, hf, mine, 2, "contig", steps=[4, 1])  # a first decode (would fill any cache)
     with torch.no_grad():  # in-place update (what an optimizer step does)
         hf.kv_b_proj.weight.mul_(1.5).add_(0.01)
         mine.kv_b_proj.weight.mul_(1.5).add_(0.01)
@@ -307,8 +307,8 @@ def test_absorbed_weights_never_stale():
     def expected(src):
         return src.detach().view(H, -1, cfg.kv_lora_rank)[:, :N]
 
-    with torch.no_grad():  # the cache is used only without autograd
-        mine.absorbed_weights()  # fill it for the current weight
+    with torch.no_grad():  # (a cache would be used only without autograd)
+        mine.absorbed_weights()
         mine.kv_b_proj.weight = torch.nn.Parameter(hf.kv_b_proj.weight.detach().clone())  # new storage
         assert torch.equal(mine.absorbed_weights()[0], expected(hf.kv_b_proj.weight))
         for scale in (2.0, 3.0):  # .data swaps: the version counter need not move
@@ -321,6 +321,135 @@ def test_absorbed_weights_never_stale():
             mine.kv_b_proj.weight.data = hf.kv_b_proj.weight.detach() * 5.0
             mine.kv_b_proj.weight.data = hf.kv_b_proj.weight.detach() * 6.0
             assert torch.equal(mine.absorbed_weights()[0], expected(hf.kv_b_proj.weight * 6.0))
+
+
+def _decode_err(cfg, hf, mine, B=2, S=3):
+    """Decode-sized call (no grad, S <= 16 new tokens): the absorbed path, against HF."""
+    x = torch.randn(B, S, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
+    with torch.no_grad():
+        want, _ = hf(x, pe, causal_additive_mask(B, S, 0))
+        got, _ = mine(x, pe, None)
+    return rel_err(got, want)
+
+
+@pytest.mark.parametrize("how", ["fused_adamw", "fused_sgd", "data_copy", "data_mul", "foreach_data"])
+def test_decode_follows_updates_that_skip_the_version_counter(how):
+    # Fused optimizers and in-place updates through .data leave the weight's version counter as
+    # it was; a cache of the absorbed weights keyed on it made decode use the old kv_b_proj.
+    cfg, hf, mine = _pair(CASES[0])
+    assert _decode_err(cfg, hf, mine) <= 1e-4  # a first decode call (would fill any cache)
+    if how.startswith("fused"):
+        for m in (hf, mine):
+            m.train()
+            opt = (torch.optim.AdamW(m.parameters(), lr=0.05, fused=True) if how == "fused_adamw"
+                   else torch.optim.SGD(m.parameters(), lr=0.5, fused=True))
+            torch.manual_seed(3)
+            x = torch.randn(2, 20, cfg.hidden_size)
+            pe = rope_embeddings(cfg, torch.arange(20)[None].expand(2, -1))
+            m(x, pe, causal_additive_mask(2, 20, 0) if m is hf else None)[0].square().sum().backward()
+            opt.step()
+            m.eval()
+        assert rel_err(mine.kv_b_proj.weight, hf.kv_b_proj.weight) <= 1e-5
+    else:
+        new = torch.randn_like(hf.kv_b_proj.weight) * 0.2
+        for m in (hf, mine):
+            w = m.kv_b_proj.weight
+            if how == "data_copy":
+                w.data.copy_(new)
+            elif how == "data_mul":
+                w.data.mul_(2.0)
+            else:
+                torch._foreach_mul_([w.data], 3.0)
+    assert _decode_err(cfg, hf, mine) <= 1e-4
+
+
+@pytest.mark.parametrize("cache_kind", [None, "hf", "contig"])
+def test_autocast_bf16_matches_hf(cache_kind):
+    # Under CPU autocast the projections run in bf16 (as HF's do) and the kernels get one dtype.
+    cfg, hf, mine = _pair(CASES[0])
+    B = 2
+    caches = {None: (None, None), "hf": (hf_cache(cfg), hf_cache(cfg)),
+              "contig": (hf_cache(cfg), LatentKVCache(1, B, 12, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                                                      dtype=torch.bfloat16))}
+    c_hf, c_me = caches[cache_kind]
+    past = 0
+    for S in ([8, 1, 2] if cache_kind else [8, 3]):
+        x = torch.randn(B, S, cfg.hidden_size)
+        pe = rope_embeddings(cfg, (past + torch.arange(S))[None].expand(B, -1))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            want, _ = hf(x, pe, causal_additive_mask(B, S, past), cache=c_hf)
+            got, _ = mine(x, pe, None, cache=c_me)
+        assert got.dtype == want.dtype == torch.bfloat16
+        assert rel_err(got.float(), want.float()) <= 3e-2
+        if cache_kind:
+            past += S
+    # training under autocast: gradients reach the fp32 weights
+    x = torch.randn(B, 6, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(6)[None].expand(B, -1))
+    mine.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = mine(x, pe, None)
+    out.float().square().sum().backward()
+    assert mine.kv_b_proj.weight.grad is not None and mine.kv_b_proj.weight.grad.dtype == torch.float32
+
+
+def test_latent_cache_dtype_and_broadcast_rope():
+    # Rows are stored in the cache's dtype (a bf16 cache for an fp32 model), and cos / sin may be
+    # shared by the batch ([1, S, R]) as with no cache or an HF cache.
+    cfg, hf, mine = _pair(CASES[0])
+    B, steps = 2, [5, 1, 1]
+    c_hf = hf_cache(cfg)
+    c16 = LatentKVCache(1, B, 7, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=torch.bfloat16)
+    c32 = LatentKVCache(1, B, 7, cfg.kv_lora_rank, cfg.qk_rope_head_dim, page_size=2)
+    past = 0
+    for S in steps:
+        x = torch.randn(B, S, cfg.hidden_size)
+        pe = rope_embeddings(cfg, (past + torch.arange(S))[None])  # [1, S, R]
+        with torch.no_grad():
+            want, _ = hf(x, tuple(t.expand(B, -1, -1) for t in pe), causal_additive_mask(B, S, past), cache=c_hf)
+            got32, _ = mine(x, pe, None, cache=c32)
+            got16, _ = mine(x, pe, None, cache=c16)
+        assert got16.dtype == torch.float32 and c16.kv[0].dtype == torch.bfloat16
+        assert rel_err(got32, want) <= 1e-4
+        assert rel_err(got16, want) <= 3e-2
+        past += S
+
+
+def test_float64_is_refused_up_front():
+    cfg, hf, mine = _pair(CASES[0])
+    mine.double()
+    x = torch.randn(1, 3, cfg.hidden_size, dtype=torch.float64)
+    pe = rope_embeddings(cfg, torch.arange(3)[None], torch.float64)
+    with pytest.raises(ValueError, match="MultiHeadLatentAttention: 'hidden_states' must be float32"):
+        mine(x, pe, None)
+
+
+def test_export_with_dynamic_sequence_across_decode_sizes():
+    # torch.export with a dynamic S spanning decode_max_tokens (and linear_small's row limit):
+    # no branch on S while exporting; the program matches eager on both sides.
+    from torch.export import Dim, export
+
+    cfg, hf, mine = _pair(CASES[0])
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x, cos, sin):
+            return self.m(x, (cos, sin), None)[0]
+
+    s = Dim("s", min=2, max=64)
+    x = torch.randn(2, 6, cfg.hidden_size)
+    cos, sin = rope_embeddings(cfg, torch.arange(6)[None].expand(2, -1))
+    prog = export(Wrap(mine), (x, cos, sin), dynamic_shapes=({1: s}, {1: s}, {1: s}))
+    for S in (3, 40):
+        x = torch.randn(2, S, cfg.hidden_size)
+        pe = rope_embeddings(cfg, torch.arange(S)[None].expand(2, -1))
+        with torch.no_grad():
+            want, _ = hf(x, pe, causal_additive_mask(2, S, 0))
+        assert rel_err(prog.module()(x, *pe), want) <= 1e-4
 
 
 def test_state_dict_keys_identical_to_hf():
@@ -620,3 +749,23 @@ def test_latent_cache_wrapped_kv_b_matches_kernels_varlen(page_size):
             got, _ = wrapped(x, pe, None, cache=caches[1])
             assert rel_err(got, want) <= 1e-4
             lens = [v + n for v in lens]
+
+
+def test_bias_only_training_takes_the_autograd_path():
+    # Frozen weights, trainable biases (attention_bias=True): projections of few rows must not go
+    # through linear_small (no autograd), whose call PyTorch flags with a warning.
+    import warnings
+
+    cfg = make_config(q_lora=24)
+    cfg.attention_bias = True
+    torch.manual_seed(0)
+    mine = MultiHeadLatentAttention(cfg, 0).train()
+    for name, p in mine.named_parameters():
+        p.requires_grad_(name.endswith("bias"))
+    x = torch.randn(1, 3, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(3)[None])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, _ = mine(x, pe, None)
+        out.square().sum().backward()
+    assert mine.o_proj.bias.grad is not None and mine.kv_a_proj_with_mqa.bias.grad is not None

@@ -321,3 +321,85 @@ def test_activation_checkpointing_keeps_figures(reentrant):
         torch.testing.assert_close(grad_ck, grad)
     else:  # documented: reentrant checkpointing runs the forward without autograd
         assert not aux_ck.requires_grad
+
+
+def test_cast_keeps_bias_values():
+    # .to(bf16) / .half() keep the bias fp32 *and* its values (not cast down and back up).
+    ours, _ = _pair("v3")
+    with torch.no_grad():
+        ours.gate.e_score_correction_bias.copy_(1.0 + 2e-4 * torch.arange(ours.num_experts))
+    want = ours.gate.e_score_correction_bias.clone()
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        cast(ours)
+        assert torch.equal(ours.gate.e_score_correction_bias, want)
+
+
+def test_autocast_bf16():
+    # The router runs in fp32 under autocast (moe_route takes fp32 logits); the routed experts in
+    # their weights' dtype; the shared experts follow autocast. HF gives the same up to bf16.
+    ours, theirs = _pair("v3")
+    x = torch.randn(3, 11, CONFIGS["v3"]["hidden_size"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = theirs(x)
+        got = ours(x)
+        got_bf16_in = ours(x.bfloat16())  # activations in bf16, weights fp32
+    assert got.dtype == want.dtype == torch.float32
+    assert rel_err(got, want) <= 3e-2
+    assert got_bf16_in.dtype == torch.bfloat16 and rel_err(got_bf16_in.float(), want) <= 5e-2
+    ours.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(x).float().square().sum().backward()
+    assert ours.gate.weight.grad is not None and ours.experts.gate_up_proj.grad is not None
+
+
+def test_deepcopy_and_pickle_after_training_forward():
+    # aux_loss belongs to the step's autograd graph: copies take its value (an EMA / eval copy).
+    import copy
+    import io
+
+    ours = MoE(hf_config("v3"), aux_loss_alpha=0.01).train()
+    ours(torch.randn(2, 5, CONFIGS["v3"]["hidden_size"]))
+    assert ours.aux_loss.requires_grad
+    twin = copy.deepcopy(ours)
+    assert torch.equal(twin.aux_loss, ours.aux_loss.detach()) and not twin.aux_loss.requires_grad
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded.experts.down_proj, ours.experts.down_proj)
+    assert ours.aux_loss.requires_grad  # the original keeps its graph
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_meta_init_then_load(assign):
+    # Big-model loading: build on the meta device, then to_empty + load_state_dict, or
+    # load_state_dict(assign=True). load_counts (not in the state_dict) must start from zeros.
+    theirs = hf_moe("v3")
+    with torch.device("meta"):
+        ours = MoE(hf_config("v3"))
+    if assign:
+        ours.load_state_dict(theirs.state_dict(), assign=True)
+    else:
+        ours.to_empty(device="cpu")
+        ours.load_state_dict(theirs.state_dict())
+        assert torch.equal(ours.load_counts, torch.zeros_like(ours.load_counts))
+    x = torch.randn(9, CONFIGS["v3"]["hidden_size"])
+    assert rel_err(ours(x), theirs(x)) <= 1e-4
+    assert ours.load_counts.device.type == "cpu"
+    assert int(ours.load_counts.sum()) == 9 * ours.top_k
+    assert torch.equal(ours.load_counts, ours.last_load)
+
+
+def test_empty_batch_aux_loss_is_zero():
+    ours = MoE(hf_config("v3"), aux_loss_alpha=0.01).train()
+    for seq_aux in (False, True):
+        ours.seq_aux = seq_aux
+        out = ours(torch.randn(0, CONFIGS["v3"]["hidden_size"]))
+        assert out.shape == (0, CONFIGS["v3"]["hidden_size"])
+        assert ours.aux_loss.item() == 0.0
+
+
+def test_float64_is_refused_up_front():
+    ours = MoE(hf_config("v3")).double()
+    with pytest.raises(ValueError, match="MoE: 'hidden_states' must be float32"):
+        ours(torch.randn(3, CONFIGS["v3"]["hidden_size"], dtype=torch.float64))

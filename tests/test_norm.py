@@ -238,3 +238,27 @@ def test_rms_norm_rounds_like_torch(monkeypatch, dtype, isa):
     same = out[ok] == want[ok]
     # Different sum orders may move rstd by an ulp and flip a rounding; nearly all bits must match.
     assert same.float().mean() > 0.99
+
+
+def test_module_mixed_dtypes_as_hf():
+    # fp32 weight on bf16 / fp16 activations (e.g. under autocast): HF returns weight *
+    # normed.to(input dtype) in fp32; a bf16 weight on fp32 activations gives fp32 either way.
+    from latentmoe.nn import RMSNorm
+
+    for w_dt, x_dt in [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                       (torch.bfloat16, torch.float32)]:
+        hf, ours = DeepseekV3RMSNorm(24, eps=1e-5), RMSNorm(24, eps=1e-5)
+        with torch.no_grad():
+            hf.weight.copy_(torch.randn(24))
+        ours.load_state_dict(hf.state_dict())
+        hf, ours = hf.to(w_dt), ours.to(w_dt)
+        x = torch.randn(5, 24, dtype=x_dt)
+        want, got = hf(x), ours(x)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        res = torch.randn(5, 24, dtype=x_dt)
+        normed, summed = ours(x, res)
+        assert torch.equal(summed, x + res)
+        torch.testing.assert_close(normed, hf(x + res), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="RMSNorm: 'hidden_states' must be float32"):
+        RMSNorm(4)(torch.randn(2, 4, dtype=torch.float64))

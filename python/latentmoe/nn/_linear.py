@@ -19,20 +19,32 @@ def is_plain_linear(layer: nn.Module) -> bool:
     )
 
 
+def check_float_dtype(module: str, name: str, x: torch.Tensor) -> None:
+    """ValueError unless ``x`` is float32 / bfloat16 / float16 (the dtypes the kernels run)."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"latentmoe.nn.{module}: '{name}' must be float32, bfloat16 or float16 (the dtypes of "
+            f"latentmoe's kernels), got {x.dtype}"
+        )
+
+
 def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``. A decode step's few rows (at most 16) on the CPU without a gradient go through
     ``linear_small``, which streams the weight once (a BLAS GEMM with one to sixteen rows reads it
     at a fraction of the memory's rate); everything else, anything needing autograd, and any layer
-    that is not a plain ``nn.Linear`` (LoRA wrappers, hooks) is the layer itself. Same result up to
-    fp32 summation order."""
+    that is not a plain ``nn.Linear`` (LoRA wrappers, hooks) is the layer itself, as is every call
+    under ``torch.autocast`` (which casts the layer's inputs) or ``torch.export``. Same result up
+    to fp32 summation order."""
     if not is_plain_linear(layer):
         return layer(x)
-    w = layer.weight
+    w, b = layer.weight, layer.bias
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
-        x.device.type != "cpu" or rows == 0 or rows > MAX_ROWS or x.dtype != w.dtype
-        or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        x.device.type != "cpu" or x.dtype != w.dtype or torch.is_autocast_enabled("cpu")
+        or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)))
+        or torch.compiler.is_exporting()  # no branch on the row count: a dynamic one may span MAX_ROWS
+        or rows == 0 or rows > MAX_ROWS
     ):
         return layer(x)
-    out = linear_small(x.reshape(rows, x.shape[-1]).contiguous(), w.contiguous(), layer.bias)
+    out = linear_small(x.reshape(rows, x.shape[-1]).contiguous(), w.contiguous(), b)
     return out.view(*x.shape[:-1], w.shape[0])

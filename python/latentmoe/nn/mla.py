@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentmoe.nn._linear import is_plain_linear, project
+from latentmoe.nn._linear import check_float_dtype, is_plain_linear, project
 from latentmoe.nn.norm import RMSNorm
 from latentmoe.ops.mla import mla_append_cache, mla_decode
 from latentmoe.ops.mla_prefill import mla_prefill
@@ -65,6 +65,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: b
 
 
 _PREFILL_OP = "mla_prefill"
+
+# Decode calls with at least this many query rows (B * S) multiply by contiguous copies of the
+# absorbed weights on the CPU (ATen's fp32 bmm on the strided views is slower there; measured on
+# Zen 3, H = 16, N = V = 128, C = 512).
+_CPU_BMM_COPY_ROWS = 16
 
 
 def _has_kernel(op: str, device: torch.device) -> bool:
@@ -275,37 +280,20 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, kv_b_out, bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, hidden, bias=bias)
         self.scaling = _softmax_scale(config)
-        self._absorbed_key = None
-        self._absorbed = None
-        self._absorbed_src = None
 
     # ---- absorbed weights --------------------------------------------------------------------
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(w_uk [H, N, C], w_uv_t [H, C, V])`` from ``kv_b_proj.weight``, contiguous.
+        """``(w_uk [H, N, C], w_uv_t [H, C, V])``: views of ``kv_b_proj.weight``.
 
-        Cached and keyed on the weight's storage pointer, version counter (bumped by every
-        in-place update: optimizer steps, ``load_state_dict``), dtype and device, so they are never
-        stale. The cache holds the weight it was made from, so a replaced weight (``.data = ...``
-        or a new Parameter) cannot hand its address to the next one. Under autograd they are plain
-        views (no cache), so gradients flow to kv_b_proj; under torch.compile too.
+        Never cached: a cache keyed on the weight's version counter went stale after fused
+        optimizer steps (``AdamW(fused=True)`` does not bump it) and in-place updates through
+        ``.data``, so every call reads the current weight. Views keep gradients flowing to
+        kv_b_proj and work under torch.compile and torch.func.
         """
         w = self.kv_b_proj.weight
         H, N, V, C = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
-        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling() or w.is_inference():
-            # (torch.compile cannot trace the cache's pointer key, and inference tensors have no
-            # version counter to key on: views there too.)
-            wv = w.view(H, N + V, C)
-            return wv[:, :N], wv[:, N:].transpose(1, 2)
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._absorbed_key != key:
-            with torch.no_grad():
-                src = w.detach()
-                wv = src.view(H, N + V, C)
-                self._absorbed = (wv[:, :N].contiguous(), wv[:, N:].transpose(1, 2).contiguous())
-            # Holding the source keeps its memory from being reused by a later weight at the
-            # same address (which, with an unchanged version counter, would match the key).
-            self._absorbed_key, self._absorbed_src = key, src
-        return self._absorbed
+        wv = w.view(H, N + V, C)
+        return wv[:, :N], wv[:, N:].transpose(1, 2)
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(
@@ -324,6 +312,7 @@ class MultiHeadLatentAttention(nn.Module):
                 "MultiHeadLatentAttention: got two different caches, 'cache' and 'past_key_values' "
                 "(older transformers name the argument past_key_values); pass one"
             )
+        check_float_dtype("MultiHeadLatentAttention", "hidden_states", hidden_states)
         B, S, _ = hidden_states.shape
         H, N, R, C = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if self.q_lora_rank is None:
@@ -333,7 +322,8 @@ class MultiHeadLatentAttention(nn.Module):
         q = q.view(B, S, H, self.qk_head_dim)
         q_nope = q[..., :N]
         cos, sin = position_embeddings
-        cos, sin = cos.to(hidden_states.dtype), sin.to(hidden_states.dtype)
+        # The projections' dtype: the hidden states', or autocast's (under torch.autocast).
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q_pe = _rotate(q[..., N:], cos, sin, self.rope_interleave)
         kv = project(self.kv_a_proj_with_mqa, hidden_states)
         grad = torch.is_grad_enabled() and (
@@ -377,14 +367,16 @@ class MultiHeadLatentAttention(nn.Module):
         dropout = self.training and self.attention_dropout > 0
         # The kernels read kv_b_proj's weight directly: only for a plain nn.Linear (a LoRA wrapper
         # or a hook takes the path that calls the layer).
+        # torch.export: no branch on S (a dynamic S may span decode_max_tokens): the prefill kernel.
+        decode = not grad and not torch.compiler.is_exporting() and S <= self.decode_max_tokens
         if plain_causal and not dropout and is_plain_linear(self.kv_b_proj) and (
-            (not grad and S <= self.decode_max_tokens) or _has_kernel(_PREFILL_OP, hidden_states.device)
+            decode or _has_kernel(_PREFILL_OP, hidden_states.device)
         ):
             if isinstance(valid, torch.Tensor):
                 seqlens = valid.to(torch.int32).expand(B).contiguous()
             else:
                 seqlens = torch.full((B,), valid, dtype=torch.int32, device=c_all.device)
-            if not grad and S <= self.decode_max_tokens:  # HF's keys/values read in place
+            if decode:  # HF's keys/values read in place
                 out = self._absorbed_attention(
                     q_nope, q_pe, c_all.contiguous(), seqlens, None,
                     pe_cache=pe_all.contiguous(), max_seqlen=L,
@@ -414,12 +406,16 @@ class MultiHeadLatentAttention(nn.Module):
                 "torch.compile every step would recompile; decode with it eagerly or in CUDA graphs"
             )
         cache.reserve(layer, S)
-        w = self.kv_a_layernorm.weight.to(kv.dtype)
+        # Rows are stored in the cache's dtype (e.g. a bf16 cache for an fp32 model, or an fp32
+        # one under autocast); cos / sin may be shared by the batch ([1, S, R]).
+        dt = cache.kv[layer].dtype
+        w = self.kv_a_layernorm.weight.to(dt)
+        cos, sin = cos.to(dt).expand(B, S, -1).contiguous(), sin.to(dt).expand(B, S, -1).contiguous()
         # The cache's host lengths were just checked against its capacity (reserve) and its table
         # at construction: the ops need not copy them to the host again.
         mla_append_cache(
-            cache.kv[layer], kv[..., :C].contiguous(), kv[..., C:].contiguous(), w,
-            self.kv_a_layernorm.variance_epsilon, cos.contiguous(), sin.contiguous(), cache.seqlens[layer],
+            cache.kv[layer], kv[..., :C].to(dt).contiguous(), kv[..., C:].to(dt).contiguous(), w,
+            self.kv_a_layernorm.variance_epsilon, cos, sin, cache.seqlens[layer],
             block_table=cache.block_table, rope_interleave=self.rope_interleave, check_values=False,
         )
         cache.advance(layer, S)
@@ -450,14 +446,22 @@ class MultiHeadLatentAttention(nn.Module):
         B, S, H, N = q_nope.shape
         w_uk, w_uv_t = self.absorbed_weights()
         dt = kv_cache.dtype
-        q_heads = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, N).to(dt)
-        q_latent = torch.bmm(q_heads, w_uk.to(dt))  # [H, B*S, C]
-        q_latent = q_latent.view(H, B, S, -1).permute(1, 2, 0, 3).contiguous()
-        out_latent, _ = mla_decode(
-            q_latent, q_pe.to(dt).contiguous(), kv_cache, seqlens, self.scaling,
-            block_table=block_table, causal=True, pe_cache=pe_cache, max_seqlen=max_seqlen,
-        )
-        out = torch.bmm(out_latent.permute(2, 0, 1, 3).reshape(H, B * S, -1), w_uv_t.to(dt))  # [H, BS, V]
+        # The two per-head products run in the cache's dtype, on the CPU in fp32: ATen's CPU bmm
+        # in bf16 / fp16 is 10-100x slower than fp32 on CPUs without native bf16 dot products, and
+        # its fp32 bmm slows on the weights' strided views once many rows share them (copies,
+        # made per call, pay off there). Autocast is off: it would run them in its dtype.
+        mm_dt = torch.float32 if kv_cache.device.type == "cpu" else dt
+        if mm_dt != w_uk.dtype or (kv_cache.device.type == "cpu" and B * S >= _CPU_BMM_COPY_ROWS):
+            w_uk, w_uv_t = w_uk.to(mm_dt).contiguous(), w_uv_t.to(mm_dt).contiguous()
+        with torch.autocast(kv_cache.device.type, enabled=False):
+            q_heads = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, N).to(mm_dt)
+            q_latent = torch.bmm(q_heads, w_uk)  # [H, B*S, C]
+            q_latent = q_latent.view(H, B, S, -1).permute(1, 2, 0, 3).to(dt).contiguous()
+            out_latent, _ = mla_decode(
+                q_latent, q_pe.to(dt).contiguous(), kv_cache, seqlens, self.scaling,
+                block_table=block_table, causal=True, pe_cache=pe_cache, max_seqlen=max_seqlen,
+            )
+            out = torch.bmm(out_latent.permute(2, 0, 1, 3).reshape(H, B * S, -1).to(mm_dt), w_uv_t)  # [H, BS, V]
         return out.view(H, B, S, -1).permute(1, 2, 0, 3).to(q_nope.dtype)
 
     def _prefill_attention(self, q_nope, q_pe, kv_cache, seqlens, block_table) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentmoe.nn._linear import project
+from latentmoe.nn._linear import check_float_dtype, project
 from latentmoe.ops.moe import moe_experts, moe_route
 
 
@@ -29,12 +29,17 @@ class MoERouter(nn.Module):
         nn.init.normal_(self.weight, std=hidden_size**-0.5)
 
     def _apply(self, fn, recurse=True):
-        # The bias stays fp32 through .to(dtype) / .half() (as HF's from_pretrained keeps it, via
-        # _keep_in_fp32_modules_strict): update_bias's steps of gamma = 1e-3 vanish in bf16 once
-        # |bias| > 0.25 (its spacing there is 2e-3), so balancing would silently stop.
+        # The bias stays fp32, values included, through .to(dtype) / .half() (as HF's
+        # from_pretrained keeps it, via _keep_in_fp32_modules_strict): update_bias's steps of
+        # gamma = 1e-3 vanish in bf16 once |bias| > 0.25 (its spacing there is 2e-3), so balancing
+        # would silently stop. Only the device (or the storage, for to_empty) follows fn.
+        bias = self.e_score_correction_bias
         super()._apply(fn, recurse)
-        if self.e_score_correction_bias.dtype != torch.float32:
-            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        moved = self.e_score_correction_bias
+        if moved.dtype != torch.float32:
+            if bias.dtype == torch.float32 and not bias.is_meta and not moved.is_meta:
+                moved = bias.to(moved.device)  # the fp32 values, not the rounded ones
+            self.e_score_correction_bias = moved.float()
         return self
 
 
@@ -153,14 +158,41 @@ class MoE(nn.Module):
             router_weight=self.gate.weight,
         )
 
+    def _apply(self, fn, recurse=True):
+        # load_counts is not in the state_dict: after meta-device construction and to_empty its
+        # storage is uninitialised, so it starts again from zeros there.
+        was_meta = self.load_counts.is_meta
+        super()._apply(fn, recurse)
+        if was_meta and not self.load_counts.is_meta:
+            self.load_counts.zero_()
+        return self
+
+    def __getstate__(self):
+        # aux_loss is part of the last training step's autograd graph: copies (deepcopy, pickle:
+        # an EMA or eval copy) take its value, not the graph (which deepcopy refuses).
+        state = super().__getstate__()
+        if isinstance(state.get("aux_loss"), torch.Tensor):
+            state = dict(state, aux_loss=state["aux_loss"].detach())
+        return state
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``[..., hidden]`` -> ``[..., hidden]`` in the input dtype (as HF ``DeepseekV3MoE``)."""
+        """``[..., hidden]`` -> ``[..., hidden]`` in the input dtype (as HF ``DeepseekV3MoE``).
+
+        Under ``torch.autocast`` the router runs in fp32 (as DeepSeek's gating does) and the
+        routed experts in their weights' dtype (the hidden states are cast to it); the shared
+        experts follow autocast like any ``nn.Linear``."""
+        check_float_dtype("MoE", "hidden_states", hidden_states)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
+        if self.load_counts.is_meta:  # loaded with load_state_dict(assign=True) after meta init
+            self.load_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
         weights, indices, scores = self.route(x)
         # The indices come from the router, always in range: no index check, so no device sync
         # (a CUDA graph can capture this forward).
-        out = self.experts(x, weights, indices, check_values=False).view(shape)
+        xe = x
+        if xe.dtype != self.experts.gate_up_proj.dtype and torch.is_autocast_enabled(xe.device.type):
+            xe = xe.to(self.experts.gate_up_proj.dtype)
+        out = self.experts(xe, weights, indices, check_values=False).to(x.dtype).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
         # Activation checkpointing's second run keeps the figures of the first (it still computes the
@@ -190,6 +222,8 @@ class MoE(nn.Module):
         """``alpha * E * sum_i f_i P_i`` per sequence (``batch`` of them), averaged."""
         E, k = self.num_experts, self.top_k
         T = scores.shape[0]
+        if T == 0:  # no tokens: nothing to balance (0, not 0 / 0)
+            return scores.sum() * 0.0
         s = scores.view(batch, T // batch, E)
         p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)  # [B, E]
         counts = torch.zeros(batch, E, device=scores.device, dtype=torch.float32)

@@ -75,7 +75,8 @@ def _router_logits(hidden: torch.Tensor, router_weight: torch.Tensor) -> torch.T
             f"latentmoe.moe_route: argument 'router_weight' is on {router_weight.device} but the "
             f"hidden states ('logits') are on {hidden.device}; all tensors must be on one device"
         )
-    return F.linear(hidden.float(), router_weight.float())
+    with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits under autocast too
+        return F.linear(hidden.float(), router_weight.float())
 
 
 def moe_experts(
