@@ -939,6 +939,7 @@ __global__ void mla_append_kernel(MlaAppendArgs a) {
 template <typename T>
 cudaError_t append_typed(const MlaAppendArgs& a, cudaStream_t stream) {
   if (a.B * a.S == 0) return cudaSuccess;
+  if (a.B * a.S > 0x7fffffff) return cudaErrorInvalidConfiguration;  // one block per token
   const size_t smem = 4 * static_cast<size_t>(a.R) * sizeof(float);
   mla_append_kernel<T><<<static_cast<unsigned>(a.B * a.S), 128, smem, stream>>>(a);
   return cudaGetLastError();

@@ -100,6 +100,7 @@ cudaError_t rms_norm_typed(const void* x, const void* residual, const void* w, v
                            void* residual_out, float* rstd, int64_t rows, int64_t D, float eps,
                            cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
+  if (rows > 0x7fffffff) return cudaErrorInvalidConfiguration;  // one block per row: the 1-D grid's limit
   rms_norm_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const T*>(w),
       static_cast<T*>(out), static_cast<T*>(residual_out), rstd, D, eps);
@@ -111,6 +112,7 @@ cudaError_t rms_norm_backward_typed(const void* g, const void* x, const void* w,
                                     void* gx, float* gw_partial, float* gw_f32, int64_t rows,
                                     int64_t D, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
+  if (rows > 0x7fffffff) return cudaErrorInvalidConfiguration;  // one block per row: the 1-D grid's limit
   rms_norm_backward_dx_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
       static_cast<const T*>(g), static_cast<const T*>(x), static_cast<const T*>(w), rstd,
       static_cast<T*>(gx), D);
