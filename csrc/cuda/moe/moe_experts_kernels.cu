@@ -577,7 +577,7 @@ template <typename T>
 cudaError_t launch_combine(const T* y, const float* w, const int64_t* pos, const int64_t* offsets,
                            int64_t E, int64_t T_, int64_t K, int64_t H, T* out, cudaStream_t stream) {
   const bool vec = H % kVecElems<T> == 0 && aligned16(y) && aligned16(out);
-  if (T_ > 0x7fffffff) return cudaErrorInvalidConfiguration;  // one block per token
+  if (T_ > 0x7fffffff) return cudaErrorInvalidValue;  // one block per token: beyond the 1-D grid
   const unsigned grid = static_cast<unsigned>(T_);
   if (vec) {
     combine_kernel<T, true><<<grid, 256, 0, stream>>>(y, w, pos, offsets, E, K, H, out);

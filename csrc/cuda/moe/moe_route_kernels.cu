@@ -207,7 +207,7 @@ cudaError_t launch_moe_route(const float* logits, const float* bias, moe::RouteP
                              int64_t T, float* scores, float* choice, float* weights,
                              int64_t* indices, cudaStream_t stream) {
   if (T == 0) return cudaSuccess;
-  if ((T + kRouteWarps - 1) / kRouteWarps > 0x7fffffff) return cudaErrorInvalidConfiguration;  // 1-D grid
+  if ((T + kRouteWarps - 1) / kRouteWarps > 0x7fffffff) return cudaErrorInvalidValue;  // beyond the 1-D grid
   const int E = p.num_experts;
   if (p.n_group <= kMaxGroups && E <= kMaxWarpExperts) {
     if (E <= 32) return launch_route_warp<1>(logits, bias, p, T, scores, weights, indices, stream);
