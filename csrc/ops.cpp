@@ -44,11 +44,13 @@ TORCH_LIBRARY(latentmoe, m) {
   //   device sync on CUDA); >= 0 = the caller's bound on every cache_seqlens entry (<= capacity):
   //   no host copy on CUDA (the call can be captured in a CUDA graph), rows longer than it are cut
   //   there and table entries are clamped into the pool, so bad values never read out of bounds.
-  //   The CPU kernel checks the values either way.
+  //   The CPU kernel checks the values either way. A SymInt, so a traced decode step over a
+  //   growing cache (torch.compile, HF DynamicCache) keeps the length symbolic; the kernels get
+  //   it concrete (int64_t).
   m.def(
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor kv_cache, Tensor cache_seqlens,"
       " Tensor? block_table, float softmax_scale, bool causal=True, int window=-1,"
-      " Tensor? pe_cache=None, int max_seqlen=-1) -> (Tensor out_latent, Tensor lse)");
+      " Tensor? pe_cache=None, SymInt max_seqlen=-1) -> (Tensor out_latent, Tensor lse)");
   // Fused cache append: c = kv_a_layernorm(kv_latent) (HF RMSNorm numerics), k_pe rotated with
   // HF's (cos, sin) in either RoPE layout, rows [c | k_pe] written at token slots
   // cache_seqlens[b] + s of row b (contiguous or paged cache). MUTATES kv_cache (only those slots).

@@ -112,3 +112,31 @@ def test_config_helper_is_sane():
     attn = make_hf_attention(cfg)
     assert attn.q_proj is not None and attn.num_heads == 9
     assert attn.scaling != (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5  # YaRN mscale applied
+
+
+def offload_like_accelerate(model: torch.nn.Module) -> None:
+    """What accelerate's cpu_offload does to a model (without needing accelerate): every module
+    with parameters of its own keeps them on the meta device and gets an instance-level
+    ``forward`` that brings them in for the call and sends them back after it. A module that reads
+    a sub-module's weight without calling it sees a meta tensor."""
+    import functools
+
+    for mod in list(model.modules()):
+        own = dict(mod.named_parameters(recurse=False))
+        if not own:
+            continue
+        store = {k: v.detach().clone() for k, v in own.items()}
+        for k, v in own.items():
+            setattr(mod, k, torch.nn.Parameter(v.detach().to("meta"), requires_grad=v.requires_grad))
+        old = mod.forward
+
+        def forward(*args, _mod=mod, _old=old, _store=store, **kwargs):
+            for k, v in _store.items():
+                setattr(_mod, k, torch.nn.Parameter(v, requires_grad=False))
+            try:
+                return _old(*args, **kwargs)
+            finally:
+                for k, v in _store.items():
+                    setattr(_mod, k, torch.nn.Parameter(v.to("meta"), requires_grad=False))
+
+        mod.forward = functools.update_wrapper(forward, old)

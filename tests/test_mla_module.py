@@ -11,6 +11,7 @@ from test_mla_common import (
     hf_cache,
     make_config,
     make_hf_attention,
+    offload_like_accelerate,
     rel_err,
     rope_embeddings,
 )
@@ -769,3 +770,88 @@ def test_bias_only_training_takes_the_autograd_path():
         out, _ = mine(x, pe, None)
         out.square().sum().backward()
     assert mine.o_proj.bias.grad is not None and mine.kv_a_proj_with_mqa.bias.grad is not None
+
+
+@pytest.mark.parametrize("cache_kind", [None, "hf"])
+def test_offloaded_weights_like_accelerate(cache_kind):
+    # accelerate's offloading keeps weights on meta and loads them in a patched forward: every
+    # sub-layer must be called as a module (no direct weight reads), prefill and decode.
+    cfg, hf, mine = _pair(CASES[0])
+    offload_like_accelerate(mine)
+    assert mine.kv_b_proj.weight.is_meta and mine.kv_a_layernorm.weight.is_meta
+    B = 2
+    c_hf, c_me = (hf_cache(cfg), hf_cache(cfg)) if cache_kind else (None, None)
+    past = 0
+    for S in ([7, 1, 2] if cache_kind else [7, 3]):
+        x = torch.randn(B, S, cfg.hidden_size)
+        pe = rope_embeddings(cfg, (past + torch.arange(S))[None].expand(B, -1))
+        with torch.no_grad():
+            want, _ = hf(x, pe, causal_additive_mask(B, S, past), cache=c_hf)
+            got, _ = mine(x, pe, None, cache=c_me)
+        assert rel_err(got, want) <= 1e-4
+        past += S if cache_kind else 0
+    cache = LatentKVCache(1, B, 8, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    with torch.no_grad(), pytest.raises(ValueError, match="plain RMSNorm"):
+        mine(torch.randn(B, 2, cfg.hidden_size), rope_embeddings(cfg, torch.arange(2)[None].expand(B, -1)),
+             None, cache=cache)
+
+
+def test_compiled_decode_with_growing_cache_does_not_recompile_per_step():
+    # torch.compile of decode steps over an HF DynamicCache: the cache length stays symbolic (the
+    # mla_decode schema takes max_seqlen as a SymInt), so after the automatic-dynamic recompile
+    # every step reuses one graph, as HF's attention does; it once recompiled every step until the
+    # recompile limit, then silently ran eagerly.
+    import torch._dynamo.utils as dynamo_utils
+
+    cfg, hf, mine = _pair(CASES[0])
+    B, P = 2, 5
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    comp = torch.compile(mine, backend="aot_eager")
+    c_hf, c_me = hf_cache(cfg), hf_cache(cfg)
+    x = torch.randn(B, P, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(P)[None].expand(B, -1))
+    with torch.no_grad():
+        hf(x, pe, causal_additive_mask(B, P, 0), cache=c_hf)
+        mine(x, pe, None, cache=c_me)
+        graphs = []
+        for step in range(6):
+            x = torch.randn(B, 1, cfg.hidden_size)
+            pe = rope_embeddings(cfg, torch.full((B, 1), P + step))
+            want, _ = hf(x, pe, causal_additive_mask(B, 1, P + step), cache=c_hf)
+            got, _ = comp(x, pe, None, cache=c_me)
+            assert rel_err(got, want) <= 1e-4
+            graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+    assert graphs[-1] <= 2 and graphs[-1] == graphs[2], graphs
+
+
+@pytest.mark.parametrize("page", [None, 3])
+def test_latent_cache_trim_after_padded_prefill(page):
+    # Right-padded prefill of rows with different prompt lengths, then trim: each row decodes from
+    # its own length, as if its prompt had been prefilled alone.
+    cfg, hf, mine = _pair(CASES[0])
+    lens, P = [6, 3], 6
+    x = torch.randn(2, P, cfg.hidden_size)
+    cache = LatentKVCache(1, 2, 10, cfg.kv_lora_rank, cfg.qk_rope_head_dim, page_size=page)
+    with torch.no_grad():
+        mine(x, rope_embeddings(cfg, torch.arange(P)[None].expand(2, -1)), None, cache=cache)
+    cache.trim(torch.tensor(lens))
+    assert cache.lengths(0) == lens and cache.seqlens[0].tolist() == lens
+    steps = torch.randn(2, 2, cfg.hidden_size)
+    outs = []
+    for t in range(2):  # both rows step together, each at its own position
+        pos = torch.tensor([[lens[0] + t], [lens[1] + t]])
+        with torch.no_grad():
+            outs.append(mine(steps[:, t:t + 1], rope_embeddings(cfg, pos), None, cache=cache)[0])
+    for b, n in enumerate(lens):  # row b alone through HF: its prompt, then the same two tokens
+        c_hf = hf_cache(cfg)
+        with torch.no_grad():
+            hf(x[b:b + 1, :n], rope_embeddings(cfg, torch.arange(n)[None]), causal_additive_mask(1, n, 0), cache=c_hf)
+            for t in range(2):
+                pe_b = rope_embeddings(cfg, torch.tensor([[n + t]]))
+                want, _ = hf(steps[b:b + 1, t:t + 1], pe_b, causal_additive_mask(1, 1, n + t), cache=c_hf)
+                assert rel_err(outs[t][b:b + 1], want) <= 1e-4, (b, t)
+    with pytest.raises(ValueError, match="trimming cannot add"):
+        cache.trim([9, 1])
+    with pytest.raises(ValueError, match="layer_idx 1 is out of range"):
+        cache.lengths(1)

@@ -403,3 +403,33 @@ def test_float64_is_refused_up_front():
     ours = MoE(hf_config("v3")).double()
     with pytest.raises(ValueError, match="MoE: 'hidden_states' must be float32"):
         ours(torch.randn(3, CONFIGS["v3"]["hidden_size"], dtype=torch.float64))
+
+
+def test_offloaded_weights_like_accelerate():
+    # accelerate's offloading: weights on meta, brought in by each module's patched forward. The
+    # router, experts and shared experts must each be called as modules.
+    from test_mla_common import offload_like_accelerate
+
+    ours, theirs = _pair("v3")
+    offload_like_accelerate(ours)
+    assert ours.gate.weight.is_meta and ours.experts.gate_up_proj.is_meta
+    for shape in [(1, 1), (3, 11)]:
+        x = torch.randn(*shape, CONFIGS["v3"]["hidden_size"])
+        with torch.no_grad():
+            assert rel_err(ours(x), theirs(x)) <= 1e-4
+
+
+def test_made_under_inference_mode_runs_outside_it():
+    # Built (or loaded) under torch.inference_mode(), then run under no_grad (what generate does):
+    # the in-place load counting and update_bias must not hit inference tensors.
+    with torch.inference_mode():
+        ours, theirs = _pair("v3")
+        ours.eval()
+    x = torch.randn(5, CONFIGS["v3"]["hidden_size"])
+    with torch.no_grad():
+        assert rel_err(ours(x), theirs(x)) <= 1e-4
+        ours(x)
+    assert int(ours.load_counts.sum()) == 2 * 5 * ours.top_k
+    ours.update_bias()
+    assert int(ours.load_counts.sum()) == 0
+    assert (ours.gate.e_score_correction_bias != theirs.gate.e_score_correction_bias).any()

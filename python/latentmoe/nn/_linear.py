@@ -9,14 +9,21 @@ from torch.nn.modules import module as _module
 from latentmoe.ops.linear import MAX_ROWS, linear_small
 
 
-def is_plain_linear(layer: nn.Module) -> bool:
-    """Whether ``layer(x)`` is exactly ``F.linear(x, layer.weight, layer.bias)``, so its weight may
-    be read directly: an ``nn.Linear`` itself (not a subclass or a wrapper such as a peft LoRA
-    layer) with no forward hooks of its own and no global ones."""
+def is_plain(module: nn.Module, cls: type) -> bool:
+    """Whether ``module`` is exactly a ``cls`` whose call is its class's forward, so its parameters
+    may be read directly instead of calling it: not a subclass or a wrapper (a peft LoRA layer),
+    no forward hooks of its own or global ones, and no forward replaced on the instance (how
+    accelerate's offload hooks bring weights in from the meta device for the call)."""
     return (
-        type(layer) is nn.Linear and not layer._forward_hooks and not layer._forward_pre_hooks
+        type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+        and "forward" not in module.__dict__
         and not _module._global_forward_hooks and not _module._global_forward_pre_hooks
     )
+
+
+def is_plain_linear(layer: nn.Module) -> bool:
+    """Whether ``layer(x)`` is exactly ``F.linear(x, layer.weight, layer.bias)`` (see is_plain)."""
+    return is_plain(layer, nn.Linear)
 
 
 def check_float_dtype(module: str, name: str, x: torch.Tensor) -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentmoe.nn._linear import check_float_dtype, is_plain_linear, project
+from latentmoe.nn._linear import check_float_dtype, is_plain, is_plain_linear, project
 from latentmoe.nn.norm import RMSNorm
 from latentmoe.ops.mla import mla_append_cache, mla_decode
 from latentmoe.ops.mla_prefill import mla_prefill
@@ -95,7 +95,8 @@ class LatentKVCache:
             ``[num_pages, page_size, C+R]`` pool per layer with ``block_table [B, ceil(capacity /
             page_size)]`` (int32). By default row ``b`` owns pages ``b*max_pages ...``; pass
             ``block_table`` (and ``num_pages``) to share a pool in any order.
-    Per layer it tracks ``seqlens [B]`` (int32, on ``device``) and a host copy used for the
+    Per layer it tracks ``seqlens [B]`` (int32, on ``device``; rows may differ: :meth:`trim`
+    cuts each row to its own length, :meth:`lengths` reads them) and a host copy used for the
     overflow check; with the table checked here once, the module's decode and append calls skip
     the ops' per-call host check (no device sync per layer and step), so a decode step can be
     captured in a CUDA graph and replayed step after step (copy each step's hidden states and
@@ -149,12 +150,45 @@ class LatentKVCache:
         self.seqlens = [torch.zeros(batch_size, dtype=torch.int32, device=device) for _ in range(num_layers)]
         self._host_lens = [[0] * batch_size for _ in range(num_layers)]
 
+    def _layer(self, layer_idx: int) -> int:
+        if not 0 <= layer_idx < len(self.kv):
+            raise ValueError(
+                f"LatentKVCache: layer_idx {layer_idx} is out of range: the cache was made for "
+                f"num_layers={len(self.kv)}"
+            )
+        return layer_idx
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens cached in row 0 of ``layer_idx`` (rows advance together through the module)."""
-        return self._host_lens[layer_idx][0]
+        """Tokens cached in row 0 of ``layer_idx`` (rows advance together through the module; see
+        :meth:`lengths` for every row)."""
+        return self._host_lens[self._layer(layer_idx)][0]
+
+    def lengths(self, layer_idx: int = 0) -> list[int]:
+        """Tokens cached in each batch row of ``layer_idx``."""
+        return list(self._host_lens[self._layer(layer_idx)])
+
+    def trim(self, lengths, layer_idx: int | None = None) -> None:
+        """Cut each batch row back to ``lengths[b]`` tokens (at most what it holds), in every layer
+        or in ``layer_idx``: e.g. after a right-padded prefill, each row keeps its own prompt and
+        the next tokens are appended (and attend) from there. ``lengths``: B ints or a tensor."""
+        lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+        layers = range(len(self.kv)) if layer_idx is None else [self._layer(layer_idx)]
+        if len(lengths) != self.batch_size:
+            raise ValueError(f"LatentKVCache.trim: 'lengths' needs {self.batch_size} entries, got {len(lengths)}")
+        for layer in layers:
+            held = self._host_lens[layer]
+            if any(n < 0 or n > h for n, h in zip(lengths, held)):
+                raise ValueError(
+                    f"LatentKVCache.trim: 'lengths' {lengths} must be in [0, tokens held {held}] "
+                    f"(layer {layer}): trimming cannot add tokens"
+                )
+        for layer in layers:
+            self._host_lens[layer] = list(lengths)
+            self.seqlens[layer].copy_(torch.tensor(lengths, dtype=torch.int32))
 
     def reserve(self, layer_idx: int, n_new: int) -> None:
         """Raise ValueError if ``n_new`` more tokens per row would not fit."""
+        self._layer(layer_idx)
         need = max(self._host_lens[layer_idx]) + n_new
         if need > self.capacity:
             raise ValueError(
@@ -361,7 +395,7 @@ class MultiHeadLatentAttention(nn.Module):
         if isinstance(past, torch.Tensor):
             valid = torch.clamp(past.to(c_all.device) + S, max=L)
         else:
-            valid = min(int(past) + S, L)
+            valid = min(past + S, L)  # (no int(): a traced growing cache keeps its length symbolic)
         attention_mask = _dense_mask(attention_mask, B, S, L, valid)
         plain_causal = self._is_plain_causal(attention_mask, B, S, L, valid)
         dropout = self.training and self.attention_dropout > 0
@@ -392,6 +426,8 @@ class MultiHeadLatentAttention(nn.Module):
 
     # ---- pieces --------------------------------------------------------------------------------
     def _kv_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if not is_plain(self.kv_a_layernorm, RMSNorm):  # hooked / wrapped: called as a module
+            return self.kv_a_layernorm(x).to(x.dtype)
         w = self.kv_a_layernorm.weight
         return rms_norm(x.contiguous(), w.to(x.dtype), self.kv_a_layernorm.variance_epsilon)
 
@@ -404,6 +440,12 @@ class MultiHeadLatentAttention(nn.Module):
             raise ValueError(
                 "MultiHeadLatentAttention: a LatentKVCache keeps its lengths on the host, so under "
                 "torch.compile every step would recompile; decode with it eagerly or in CUDA graphs"
+            )
+        if not is_plain(self.kv_a_layernorm, RMSNorm):
+            raise ValueError(
+                "MultiHeadLatentAttention: with a LatentKVCache, kv_a_layernorm's weight feeds the fused "
+                "mla_append_cache kernel directly, so it must be a plain RMSNorm (no hooks or wrapper, no "
+                "offloading of its weight); use an HF cache for such a module"
             )
         cache.reserve(layer, S)
         # Rows are stored in the cache's dtype (e.g. a bf16 cache for an fp32 model, or an fp32

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentmoe.nn._linear import check_float_dtype, project
+from latentmoe.nn._linear import check_float_dtype, is_plain, project
 from latentmoe.ops.moe import moe_experts, moe_route
 
 
@@ -27,6 +27,13 @@ class MoERouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
         nn.init.normal_(self.weight, std=hidden_size**-0.5)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Router logits ``[T, E]`` fp32 of ``hidden [T, hidden]`` (HF's fp32 linear). MoE calls
+        this only when the router is hooked or wrapped (e.g. accelerate's offloading); otherwise
+        ``moe_route`` reads the weight itself."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.weight.float())
 
     def _apply(self, fn, recurse=True):
         # The bias stays fp32, values included, through .to(dtype) / .half() (as HF's
@@ -146,8 +153,9 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor):
         """Routing of ``x [T, hidden]``: ``(weights [T,k] fp32, indices [T,k] int64, scores [T,E])``."""
+        plain = is_plain(self.gate, MoERouter)  # else its call brings in its weight (hooks)
         return moe_route(
-            x,
+            x if plain else self.gate(x),
             self.top_k,
             n_group=self.n_group,
             topk_group=self.topk_group,
@@ -155,7 +163,7 @@ class MoE(nn.Module):
             score_func=self.score_func,
             norm_topk_prob=self.norm_topk_prob,
             routed_scaling_factor=self.routed_scaling_factor,
-            router_weight=self.gate.weight,
+            router_weight=self.gate.weight if plain else None,
         )
 
     def _apply(self, fn, recurse=True):
@@ -184,8 +192,14 @@ class MoE(nn.Module):
         check_float_dtype("MoE", "hidden_states", hidden_states)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
-        if self.load_counts.is_meta:  # loaded with load_state_dict(assign=True) after meta init
+        if torch.compiler.is_compiling():
+            pass  # is_inference() cannot be traced: these two repairs happen in eager calls only
+        elif self.load_counts.is_meta:  # loaded with load_state_dict(assign=True) after meta init
             self.load_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        elif self.load_counts.is_inference() and not torch.is_inference_mode_enabled():
+            # Made under torch.inference_mode(), used outside it: an inference tensor can't be
+            # updated in place there, so the counts move to a normal tensor.
+            self.load_counts = self.load_counts.clone()
         weights, indices, scores = self.route(x)
         # The indices come from the router, always in range: no index check, so no device sync
         # (a CUDA graph can capture this forward).
@@ -243,8 +257,11 @@ class MoE(nn.Module):
         """
         if load is None:
             load = self.load_counts.clone()
-            self.load_counts.zero_()
+            # (a new tensor, not zero_(): the counts may be an inference tensor, see forward)
+            self.load_counts = torch.zeros_like(self.load_counts)
         load = load.to(torch.float32)
         gamma = self.bias_update_speed if gamma is None else gamma
         bias = self.gate.e_score_correction_bias
+        if bias.is_inference() and not torch.is_inference_mode_enabled():  # as load_counts in forward
+            bias = self.gate.e_score_correction_bias = bias.clone()
         bias += gamma * torch.sign(load.mean() - load).to(bias.dtype)

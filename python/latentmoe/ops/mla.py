@@ -68,7 +68,7 @@ def mla_decode(
     """
     return _lib.mla_decode.default(
         q_latent, q_pe, kv_cache, cache_seqlens, block_table, float(softmax_scale), causal, window, pe_cache,
-        int(max_seqlen),
+        max_seqlen if isinstance(max_seqlen, torch.SymInt) else int(max_seqlen),  # symbolic stays so
     )
 
 
