@@ -66,11 +66,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: b
 
 _PREFILL_OP = "mla_prefill"
 
-# Decode calls with at least this many query rows (B * S) multiply by contiguous copies of the
-# absorbed weights on the CPU (ATen's fp32 bmm on the strided views is slower there; measured on
-# Zen 3, H = 16, N = V = 128, C = 512).
-_CPU_BMM_COPY_ROWS = 16
-
 
 def _has_kernel(op: str, device: torch.device) -> bool:
     """Whether ``latentmoe::<op>`` has a kernel registered for ``device``'s dispatch key."""
@@ -488,13 +483,14 @@ class MultiHeadLatentAttention(nn.Module):
         B, S, H, N = q_nope.shape
         w_uk, w_uv_t = self.absorbed_weights()
         dt = kv_cache.dtype
-        # The two per-head products run in the cache's dtype, on the CPU in fp32: ATen's CPU bmm
-        # in bf16 / fp16 is 10-100x slower than fp32 on CPUs without native bf16 dot products, and
-        # its fp32 bmm slows on the weights' strided views once many rows share them (copies,
-        # made per call, pay off there). Autocast is off: it would run them in its dtype.
+        # The two per-head products run in the cache's dtype, on the CPU in fp32: there ATen's bf16
+        # bmm was 12x (1 row) to 85x (64 rows) slower than converting the weights per call and
+        # multiplying in fp32 (Zen 3, H = 16, N = V = 128, C = 512), and fp32 on the strided views
+        # was as fast as on contiguous copies up to 64 rows. Autocast is off: it would pick the
+        # dtype itself.
         mm_dt = torch.float32 if kv_cache.device.type == "cpu" else dt
-        if mm_dt != w_uk.dtype or (kv_cache.device.type == "cpu" and B * S >= _CPU_BMM_COPY_ROWS):
-            w_uk, w_uv_t = w_uk.to(mm_dt).contiguous(), w_uv_t.to(mm_dt).contiguous()
+        if mm_dt != w_uk.dtype:
+            w_uk, w_uv_t = w_uk.to(mm_dt), w_uv_t.to(mm_dt)
         with torch.autocast(kv_cache.device.type, enabled=False):
             q_heads = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, N).to(mm_dt)
             q_latent = torch.bmm(q_heads, w_uk)  # [H, B*S, C]
