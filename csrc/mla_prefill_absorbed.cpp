@@ -35,7 +35,7 @@ using DecodeFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at:
 }  // namespace
 
 std::optional<int64_t> positive_int_setting(const char* op, const char* name) {
-  const char* v = std::getenv(name);
+  const char* v = settings::get(name);
   if (v == nullptr || *v == '\0') return std::nullopt;
   char* end = nullptr;
   const long long n = std::strtoll(v, &end, 10);

@@ -7,8 +7,20 @@
 #define LATENTMOE_WITH_CUDA 0
 #endif
 
+#include "common/settings.h"
+
+// Takes a new snapshot of the LATENTMOE_* environment variables (see common/settings.h).
+static PyObject* reload_settings(PyObject*, PyObject*) {
+  latentmoe::settings::reload();
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef latentmoe_methods[] = {
+    {"reload_settings", reload_settings, METH_NOARGS, "Re-read the LATENTMOE_* environment variables."},
+    {nullptr, nullptr, 0, nullptr}};
+
 static struct PyModuleDef latentmoe_module = {PyModuleDef_HEAD_INIT, "_C",
-                                              "latentmoe compiled kernels", -1, nullptr};
+                                              "latentmoe compiled kernels", -1, latentmoe_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&latentmoe_module);

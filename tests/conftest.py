@@ -22,3 +22,20 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def monkeypatch(monkeypatch):
+    """pytest's monkeypatch, with the kernels' snapshot of the LATENTMOE_* variables retaken after
+    each setenv / delenv and after the test's changes are undone (latentmoe.reload_settings)."""
+    for name in ("setenv", "delenv"):
+        original = getattr(monkeypatch, name)
+
+        def patched(*args, _original=original, **kwargs):
+            _original(*args, **kwargs)
+            latentmoe.reload_settings()
+
+        setattr(monkeypatch, name, patched)
+    yield monkeypatch
+    monkeypatch.undo()
+    latentmoe.reload_settings()

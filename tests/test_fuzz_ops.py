@@ -25,6 +25,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import latentmoe  # noqa: E402
 from latentmoe import reference  # noqa: E402
 from latentmoe.ops import (  # noqa: E402
     add_rms_norm,
@@ -71,6 +72,7 @@ def cpu_env(isa: str = "native", threads: int | None = None, **env):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        latentmoe.reload_settings()
         if threads is not None:
             torch.set_num_threads(threads)
         yield
@@ -81,6 +83,7 @@ def cpu_env(isa: str = "native", threads: int | None = None, **env):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        latentmoe.reload_settings()
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -627,3 +627,32 @@ def test_experts_cpu_backward_random_shapes(case):
             assert rel_err(got.grad, ex.grad) <= 1e-5
         else:
             assert_lowp_close(got.grad, lp.grad, ex.grad)
+
+
+def test_settings_are_a_snapshot():
+    # The kernels read LATENTMOE_* once and never call getenv while running (getenv is not safe
+    # against another thread's os.environ assignment): a change takes effect at reload_settings().
+    import os
+
+    import latentmoe
+
+    op = torch.ops.latentmoe
+    x, gu, down, w, idx = _args()
+    saved = {k: os.environ.get(k) for k in ("LATENTMOE_CPU_ISA", "LATENTMOE_MOE_BACKWARD_GEMM")}
+    try:
+        os.environ["LATENTMOE_CPU_ISA"] = "generic"  # the ATen backward, which reads the GEMM switch
+        latentmoe.reload_settings()
+        _, pairs, offsets, gate_up_out = op.moe_experts.default(x, gu, down, w, idx, True)
+        args = (torch.randn_like(x), x, gu, down, w, pairs, offsets, gate_up_out)
+        os.environ["LATENTMOE_MOE_BACKWARD_GEMM"] = "fastest"
+        op.moe_experts_backward.default(*args)  # the snapshot predates the bad value
+        latentmoe.reload_settings()
+        with pytest.raises(ValueError, match="LATENTMOE_MOE_BACKWARD_GEMM must be"):
+            op.moe_experts_backward.default(*args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        latentmoe.reload_settings()

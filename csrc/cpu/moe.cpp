@@ -969,7 +969,7 @@ void combine_rows(const C* y, const float* w, const int64_t* pos, T* out, int64_
 // LATENTMOE_CPU_LOWP_GEMM=native|fp32 overrides the choice (tests exercise both paths).
 bool cpu_fast_low_precision_gemm() {
   static const bool detected = at::get_cpu_capability().find("AVX512") != std::string::npos;
-  const char* env = std::getenv("LATENTMOE_CPU_LOWP_GEMM");
+  const char* env = settings::get("LATENTMOE_CPU_LOWP_GEMM");
   if (env != nullptr && std::string(env) == "native") return true;
   if (env != nullptr && std::string(env) == "fp32") return false;
   return detected;

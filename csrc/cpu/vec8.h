@@ -15,6 +15,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/settings.h"
+
 // The helpers only ever run inlined into a clone, so the vector-return ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -34,7 +36,7 @@ typedef int32_t v8i __attribute__((vector_size(32), aligned(4), may_alias));
 inline bool use_avx2() {
   static const bool has =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  const char* env = std::getenv("LATENTMOE_CPU_ISA");
+  const char* env = settings::get("LATENTMOE_CPU_ISA");
   return has && !(env != nullptr && std::strcmp(env, "generic") == 0);
 }
 

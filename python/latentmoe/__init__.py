@@ -17,4 +17,14 @@ from latentmoe import nn, reference  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "reference", "__version__"]
+
+def reload_settings() -> None:
+    """Re-read the ``LATENTMOE_*`` environment variables (README, "Settings").
+
+    The kernels read them once, at the first op call, and never call ``getenv`` again (it is not
+    safe against another thread assigning ``os.environ`` while ops run): after changing one later,
+    call this. Ops already running finish with the values they started with."""
+    _C.reload_settings()
+
+
+__all__ = ["ops", "nn", "reference", "reload_settings", "__version__"]
