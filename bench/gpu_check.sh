@@ -66,9 +66,10 @@ if [[ "$skip" != *tests* ]]; then
   # Every CUDA case (no -x: one run should list all failures); a test file whose import fails
   # (e.g. a package missing there) is reported without hiding the others.
   # The *_cuda_emulation tests run CUDA sources on the host (CPU); CI runs them, so they are left out.
-  # LATENTMOE_EXPECT_CUDA=1: a CUDA case that would skip fails instead.
+  # LATENTMOE_REQUIRE_GPU=1: the run fails (conftest) if torch sees no usable GPU, instead of
+  # skipping every CUDA case; LATENTMOE_EXPECT_CUDA=1: every op must have a CUDA kernel.
   xdist=""; "$PY" -c "import xdist" 2>/dev/null && xdist="-n 4"
-  (cd tests && LATENTMOE_EXPECT_CUDA=1 timeout 150 "$PY" -m pytest -q -k "cuda and not emulation" $xdist -rfE --tb=short \
+  (cd tests && LATENTMOE_REQUIRE_GPU=1 LATENTMOE_EXPECT_CUDA=1 timeout 150 "$PY" -m pytest -q -k "cuda and not emulation" $xdist -rfE --tb=short \
      --durations=10 -p no:cacheprovider --continue-on-collection-errors . ) >"$OUT/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$OUT/summary.txt"
   tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"

@@ -15,8 +15,15 @@ static PyObject* reload_settings(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+namespace latentmoe::cpu {
+const char* active_cpu_isa();  // csrc/cpu/linear.cpp
+}
+
+static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(latentmoe::cpu::active_cpu_isa()); }
+
 static PyMethodDef latentmoe_methods[] = {
     {"reload_settings", reload_settings, METH_NOARGS, "Re-read the LATENTMOE_* environment variables."},
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU micro-kernels' instantiation in use: 'avx2' or 'generic'."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef latentmoe_module = {PyModuleDef_HEAD_INIT, "_C",

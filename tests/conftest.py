@@ -1,5 +1,7 @@
 """Shared test fixtures: device parametrisation (CUDA cases skip cleanly without a GPU)."""
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,12 @@ DEVICES = [
         marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     ),
 ]
+
+
+def pytest_configure(config):
+    # bench/gpu_check.sh sets it on the lent GPU: there a CUDA test must not skip for want of one.
+    if os.environ.get("LATENTMOE_REQUIRE_GPU") == "1" and not torch.cuda.is_available():
+        raise pytest.UsageError("LATENTMOE_REQUIRE_GPU=1 but torch.cuda.is_available() is False")
 
 
 @pytest.fixture(params=DEVICES)
@@ -34,6 +42,8 @@ def monkeypatch(monkeypatch):
         def patched(*args, _original=original, **kwargs):
             _original(*args, **kwargs)
             latentmoe.reload_settings()
+            if os.environ.get("LATENTMOE_CPU_ISA") == "generic":  # the switch reached the kernels
+                assert latentmoe._C.cpu_isa() == "generic"
 
         setattr(monkeypatch, name, patched)
     yield monkeypatch

@@ -73,6 +73,8 @@ def cpu_env(isa: str = "native", threads: int | None = None, **env):
             else:
                 os.environ[k] = v
         latentmoe.reload_settings()
+        if isa == "generic":
+            assert latentmoe._C.cpu_isa() == "generic"
         if threads is not None:
             torch.set_num_threads(threads)
         yield

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cuda_emulation import as_host_code, host_compiler
+from cuda_emulation import as_host_code, host_compiler, skip_unless_required
 from latentmoe.ops import mla_append_cache, mla_decode
 from latentmoe.reference import mla as ref
 
@@ -62,7 +62,7 @@ def harness(tmp_path_factory):
         [cxx, *flags, str(work / "probe.cpp"), "-o", str(work / "probe")], check=False, capture_output=True
     )
     if probe.returncode != 0 or subprocess.run([str(work / "probe")], check=False).returncode != 0:
-        pytest.skip("the C++ compiler lacks C++20 or <ucontext.h>")
+        skip_unless_required("the C++ compiler lacks C++20 or <ucontext.h>")
     (work / "mla_kernels_host.inc").write_text(kernels_as_host_code(_KERNELS.read_text()))
     exe = work / "harness"
     res = subprocess.run(

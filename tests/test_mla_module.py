@@ -142,12 +142,17 @@ def _without_prefill_kernel(monkeypatch):
 @pytest.mark.parametrize("cache_kind", ["hf", "contig", "paged"])
 def test_long_prefill(monkeypatch, cache_kind, prefill_kernel):
     # More new tokens than decode_max_tokens: mla_prefill kernel, or the SDPA path.
+    import latentmoe.nn.mla as mod
+
     if not prefill_kernel:
         _without_prefill_kernel(monkeypatch)
+    calls, real = [], mod.mla_prefill
+    monkeypatch.setattr(mod, "mla_prefill", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
     cfg, hf, mine = _pair(CASES[0])
     errs, cache = _run_steps(cfg, hf, mine, 2, cache_kind, steps=[5, 20, 1, 18])
     assert max(errs) <= 1e-4, errs
     assert cache.get_seq_length(0) == 44
+    assert calls == ([20, 18] if prefill_kernel else [])  # the path the test names ran
 
 
 @pytest.mark.parametrize("cache_kind", ["latent", "hf"])
@@ -741,15 +746,26 @@ def test_latent_cache_wrapped_kv_b_matches_kernels_varlen(page_size):
             flat[slots] = rows[b, :n]
         cache.seqlens[0].copy_(torch.tensor(lens, dtype=torch.int32))
         cache._host_lens[0] = list(lens)
-    with torch.no_grad():
-        for n in (1, 20):
-            x = torch.randn(B, n, cfg.hidden_size)
-            pos = torch.tensor(lens)[:, None] + torch.arange(n)
-            pe = rope_embeddings(cfg, pos)
-            want, _ = plain(x, pe, None, cache=caches[0])
-            got, _ = wrapped(x, pe, None, cache=caches[1])
-            assert rel_err(got, want) <= 1e-4
-            lens = [v + n for v in lens]
+    import latentmoe.nn.mla as mod
+
+    calls = []
+    real_decode, real_prefill = mod.mla_decode, mod.mla_prefill
+    mod.mla_decode = lambda *a, **k: calls.append(("decode", a[0].shape[1])) or real_decode(*a, **k)
+    mod.mla_prefill = lambda *a, **k: calls.append(("prefill", a[0].shape[1])) or real_prefill(*a, **k)
+    try:
+        with torch.no_grad():
+            for n in (1, 20):
+                x = torch.randn(B, n, cfg.hidden_size)
+                pos = torch.tensor(lens)[:, None] + torch.arange(n)
+                pe = rope_embeddings(cfg, pos)
+                want, _ = plain(x, pe, None, cache=caches[0])
+                got, _ = wrapped(x, pe, None, cache=caches[1])
+                assert rel_err(got, want) <= 1e-4
+                lens = [v + n for v in lens]
+    finally:
+        mod.mla_decode, mod.mla_prefill = real_decode, real_prefill
+    # The plain module ran the kernels, the wrapped one neither (so the comparison is independent).
+    assert calls == [("decode", 1), ("prefill", 20)]
 
 
 def test_bias_only_training_takes_the_autograd_path():

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cuda_emulation import host_compiler
+from cuda_emulation import host_compiler, skip_unless_required
 
 import latentmoe  # noqa: F401  (registers the ops)
 from latentmoe.ops import moe_route
@@ -63,7 +63,7 @@ def harness(tmp_path_factory):
     (work / "probe.cpp").write_text(_PROBE)
     if subprocess.run([cxx, *flags, str(work / "probe.cpp"), "-o", str(work / "probe")],
                       capture_output=True).returncode != 0:
-        pytest.skip("the C++ compiler lacks C++20 <barrier> / _Float16")
+        skip_unless_required("the C++ compiler lacks C++20 <barrier> / _Float16")
     cu = _ROOT / "csrc" / "cuda" / "moe"
     (work / "route_host.inc").write_text(_as_host_code((cu / "moe_route_kernels.cu").read_text()))
     (work / "experts_host.inc").write_text(_as_host_code((cu / "moe_experts_kernels.cu").read_text()))

@@ -345,6 +345,17 @@ def test_autocast_bf16():
         got_bf16_in = ours(x.bfloat16())  # activations in bf16, weights fp32
     assert got.dtype == want.dtype == torch.float32
     assert rel_err(got, want) <= 3e-2
+    # The routed experts' part exactly as without autocast (fp32 router and experts): only the
+    # shared experts change.
+    shared = ours.shared_experts
+    ours.shared_experts = None
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            routed_ac = ours(x)
+        routed = ours(x)
+    finally:
+        ours.shared_experts = shared
+    assert rel_err(routed_ac, routed) <= 1e-6
     assert got_bf16_in.dtype == torch.bfloat16 and rel_err(got_bf16_in.float(), want) <= 5e-2
     ours.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -96,4 +96,8 @@ at::Tensor linear_small_cpu(const at::Tensor& input, const at::Tensor& weight, c
 
 TORCH_LIBRARY_IMPL(latentmoe, CPU, m) { m.impl("linear_small", &linear_small_cpu); }
 
+// The CPU micro-kernels' instantiation the next op will run ("avx2" or "generic"; vec8::use_avx2):
+// latentmoe._C.cpu_isa() for tests that force the portable one.
+const char* active_cpu_isa() { return vec8::use_avx2() ? "avx2" : "generic"; }
+
 }  // namespace latentmoe::cpu
