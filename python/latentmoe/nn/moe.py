@@ -257,8 +257,10 @@ class MoE(nn.Module):
         """
         if load is None:
             load = self.load_counts.clone()
-            # (a new tensor, not zero_(): the counts may be an inference tensor, see forward)
-            self.load_counts = torch.zeros_like(self.load_counts)
+            if self.load_counts.is_inference() and not torch.is_inference_mode_enabled():
+                self.load_counts = torch.zeros_like(self.load_counts)  # as in forward
+            else:
+                self.load_counts.zero_()
         load = load.to(torch.float32)
         gamma = self.bias_update_speed if gamma is None else gamma
         bias = self.gate.e_score_correction_bias
