@@ -444,3 +444,46 @@ def test_made_under_inference_mode_runs_outside_it():
     ours.update_bias()
     assert int(ours.load_counts.sum()) == 0
     assert (ours.gate.e_score_correction_bias != theirs.gate.e_score_correction_bias).any()
+
+
+def _experts_module(act_fn=None):
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
+
+    cfg = hf_config("v3")
+    experts = DeepseekV3Experts(cfg)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.2)
+    if act_fn is not None:
+        del experts.act_fn  # (a registered module: a plain function can't replace it in place)
+        experts.act_fn = act_fn
+    x = torch.randn(9, cfg.hidden_size)
+    idx = torch.randint(0, cfg.n_routed_experts, (9, cfg.num_experts_per_tok))
+    w = torch.rand(9, cfg.num_experts_per_tok)
+    return cfg, experts, x, idx, w
+
+
+@pytest.mark.parametrize("act", ["functional", "module"])
+def test_hf_experts_interface_accepts_plain_silu_forms(act):
+    # act_fn as torch.nn.functional.silu (transformers' Lfm2-MoE experts) or an nn.SiLU module is
+    # SwiGLU the kernel computes: it must run, not be refused as "another activation".
+    import torch.nn.functional as F
+
+    cfg, experts, x, idx, w = _experts_module(F.silu if act == "functional" else torch.nn.SiLU())
+    cfg._experts_implementation = "eager"
+    want = experts(x, idx, w)
+    cfg._experts_implementation = "latentmoe"
+    assert rel_err(experts(x, idx, w), want) <= 1e-5
+
+
+def test_hf_experts_interface_autocast_mixed_dtypes():
+    # fp32 weights, bf16 activations under autocast: computed in the weights' dtype and returned in
+    # the activations' (as transformers' grouped_mm), not a dtype error from the kernel.
+    cfg, experts, x, idx, w = _experts_module()
+    cfg._experts_implementation = "eager"
+    want = experts(x, idx, w)
+    cfg._experts_implementation = "latentmoe"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = experts(x.bfloat16(), idx, w)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got.float(), want) <= 2e-2

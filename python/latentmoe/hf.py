@@ -33,7 +33,8 @@ def _silu_activation(experts: torch.nn.Module) -> bool:
     path calls), else ``config.hidden_act``."""
     act = getattr(experts, "act_fn", None)
     if act is not None:
-        return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+        return (act is torch.nn.functional.silu or isinstance(act, torch.nn.SiLU)
+                or type(act).__name__ == "SiLUActivation")
     return getattr(getattr(experts, "config", None), "hidden_act", "silu") in ("silu", "swish")
 
 
@@ -75,9 +76,11 @@ def latentmoe_experts_forward(
             f"latentmoe experts implementation does not support {type(self).__name__} with "
             f"{', '.join(unsupported)}; use another experts_implementation"
         )
-    return moe_experts(
-        hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index.long()
-    )
+    # Activations in another dtype than the weights (bf16 under autocast, fp32 weights): computed
+    # in the weights' dtype and returned in the activations', as transformers' grouped_mm does.
+    x = hidden_states.to(self.gate_up_proj.dtype)
+    out = moe_experts(x, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index.long())
+    return out.to(hidden_states.dtype)
 
 
 def register() -> None:
