@@ -52,10 +52,14 @@ def time_ms(fn: Callable[[], object], device: str, warmup: int = 3, reps: int = 
 
 @contextlib.contextmanager
 def env_setting(var: str, value: str):
-    """Set one of the kernels' environment switches for a block (the bindings read them per call:
-    LATENTMOE_MLA_DECODE_KERNEL, LATENTMOE_MLA_PREFILL_FORWARD, LATENTMOE_MOE_BACKWARD_GEMM)."""
+    """Set one of the kernels' environment switches for a block (LATENTMOE_MLA_DECODE_KERNEL,
+    LATENTMOE_MLA_PREFILL_FORWARD, LATENTMOE_MOE_BACKWARD_GEMM); the kernels read a snapshot of
+    them, retaken here on entry and exit (latentmoe.reload_settings)."""
+    import latentmoe
+
     old = os.environ.get(var)
     os.environ[var] = value
+    latentmoe.reload_settings()
     try:
         yield
     finally:
@@ -63,6 +67,7 @@ def env_setting(var: str, value: str):
             os.environ.pop(var, None)
         else:
             os.environ[var] = old
+        latentmoe.reload_settings()
 
 
 def time_paired(fns: dict, device: str, rounds: int = 9, reps: int = 3,

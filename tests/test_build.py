@@ -49,3 +49,19 @@ def test_cpu_isa_switch_reaches_the_kernels(monkeypatch):
     assert latentmoe._C.cpu_isa() == "generic"
     monkeypatch.delenv("LATENTMOE_CPU_ISA")
     assert latentmoe._C.cpu_isa() == native
+
+
+def test_bench_env_setting_reaches_the_kernels():
+    # bench/common.py's env_setting switches a kernel path for one block of a benchmark (e.g. the
+    # loop backward row): the kernels read a snapshot, so it must retake it on entry and exit.
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        from bench.common import env_setting
+    finally:
+        sys.path.pop(0)
+    before = latentmoe._C.cpu_isa()
+    with env_setting("LATENTMOE_CPU_ISA", "generic"):
+        assert latentmoe._C.cpu_isa() == "generic"
+    assert latentmoe._C.cpu_isa() == before
