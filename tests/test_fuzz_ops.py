@@ -58,6 +58,16 @@ def fuzz(max_examples: int):
     )
 
 
+def _set_env(values: dict) -> None:
+    """os.environ[k] = v for each entry (None unsets), then the kernels' settings snapshot."""
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    latentmoe.reload_settings()
+
+
 @contextlib.contextmanager
 def cpu_env(isa: str = "native", threads: int | None = None, **env):
     """``LATENTMOE_CPU_ISA=generic`` when ``isa == "generic"``, other ``LATENTMOE_*`` variables
@@ -67,12 +77,7 @@ def cpu_env(isa: str = "native", threads: int | None = None, **env):
     old = {k: os.environ.get(k) for k in env}
     prev_threads = torch.get_num_threads()
     try:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        latentmoe.reload_settings()
+        _set_env(env)
         if isa == "generic":
             assert latentmoe._C.cpu_isa() == "generic"
         if threads is not None:
@@ -80,12 +85,7 @@ def cpu_env(isa: str = "native", threads: int | None = None, **env):
         yield
     finally:
         torch.set_num_threads(prev_threads)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        latentmoe.reload_settings()
+        _set_env(old)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

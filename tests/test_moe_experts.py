@@ -1,5 +1,7 @@
 """latentmoe.ops.moe_experts (CPU and CUDA) against the reference and HF DeepseekV3Experts."""
 
+from unittest import mock
+
 import pytest
 import torch
 from moe_helpers import hf_moe, rel_err
@@ -638,21 +640,16 @@ def test_settings_are_a_snapshot():
 
     op = torch.ops.latentmoe
     x, gu, down, w, idx = _args()
-    saved = {k: os.environ.get(k) for k in ("LATENTMOE_CPU_ISA", "LATENTMOE_MOE_BACKWARD_GEMM")}
     try:
-        os.environ["LATENTMOE_CPU_ISA"] = "generic"  # the ATen backward, which reads the GEMM switch
-        latentmoe.reload_settings()
-        _, pairs, offsets, gate_up_out = op.moe_experts.default(x, gu, down, w, idx, True)
-        args = (torch.randn_like(x), x, gu, down, w, pairs, offsets, gate_up_out)
-        os.environ["LATENTMOE_MOE_BACKWARD_GEMM"] = "fastest"
-        op.moe_experts_backward.default(*args)  # the snapshot predates the bad value
-        latentmoe.reload_settings()
-        with pytest.raises(ValueError, match="LATENTMOE_MOE_BACKWARD_GEMM must be"):
-            op.moe_experts_backward.default(*args)
+        with mock.patch.dict(os.environ):  # every variable restored on exit
+            os.environ["LATENTMOE_CPU_ISA"] = "generic"  # the ATen backward, which reads the GEMM switch
+            latentmoe.reload_settings()
+            _, pairs, offsets, gate_up_out = op.moe_experts.default(x, gu, down, w, idx, True)
+            args = (torch.randn_like(x), x, gu, down, w, pairs, offsets, gate_up_out)
+            os.environ["LATENTMOE_MOE_BACKWARD_GEMM"] = "fastest"
+            op.moe_experts_backward.default(*args)  # the snapshot predates the bad value
+            latentmoe.reload_settings()
+            with pytest.raises(ValueError, match="LATENTMOE_MOE_BACKWARD_GEMM must be"):
+                op.moe_experts_backward.default(*args)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         latentmoe.reload_settings()
