@@ -3,7 +3,7 @@
 #               TORCH_CUDA_ARCH_LIST, default 9.0, when nvcc is found), run pytest.
 #   make bench  same setup, then the microbenchmarks on the default device (CSV in bench/results/).
 # Other targets: make dev (in-tree build into python/latentmoe for PYTHONPATH=python work),
-#                make info, make clean.
+#                make sanitize (the CPU kernels under ASan + UBSan), make info, make clean.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -22,7 +22,7 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: test bench venv build dev info clean gpu-wheels gpu-prebuilt
+.PHONY: test bench venv build dev info clean gpu-wheels gpu-prebuilt sanitize
 
 $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,27 @@ dev: venv
 	$(VENV)/bin/cmake -S . -B build/dev -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release
 	$(VENV)/bin/cmake --build build/dev
 	cp build/dev/_C*.so python/latentmoe/
+
+# The CPU kernels built with AddressSanitizer + UndefinedBehaviorSanitizer (CPU-only build in
+# build/asan, a package copy in build/asan/pkg), then every test but the CUDA-emulation harnesses
+# (they build their own: LATENTMOE_EMU_SANITIZE=1) with the runtime preloaded into python. Any
+# report fails the run: ASan aborts on its first error, UBSan too (halt_on_error). pytest runs with
+# -s so a report is printed, not swallowed by its output capture.
+CXX ?= g++
+SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer
+SAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so.6)
+sanitize: venv
+	LATENTMOE_CUDA=0 $(VENV)/bin/cmake -S . -B build/asan -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) \
+	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" -DCMAKE_SHARED_LINKER_FLAGS="$(SAN_FLAGS)"
+	$(VENV)/bin/cmake --build build/asan
+	rm -rf build/asan/pkg && mkdir -p build/asan/pkg && cp -r python/latentmoe build/asan/pkg/
+	rm -f build/asan/pkg/latentmoe/_C*.so && cp build/asan/_C*.so build/asan/pkg/latentmoe/
+	cd tests && LD_PRELOAD="$(SAN_PRELOAD)" PYTHONPATH=$(abspath build/asan/pkg) \
+	  ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0:allocator_may_return_null=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 LATENTMOE_EXPECT_CUDA=0 \
+	  $(abspath $(PY)) -m pytest -s -q -p no:cacheprovider --ignore-glob='*cuda_emulation*' \
+	  . ; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "latentmoe: pytest collected no tests"; exit 1; fi; exit $$rc
 
 info: build
 	cd /tmp && $(abspath $(PY)) -m latentmoe.info

@@ -399,7 +399,7 @@ LMOE_V8_INLINE void dotr_bf16_split_step(const float* a, const uint16_t* b, int6
                                          vec8::v8f* lo, vec8::v8f* hi) {
   const vec8::v8f alo = vec8::load(a + k), ahi = vec8::load(a + k + 8);
   for (int j = 0; j < R; ++j) {
-    const vec8::v8u w = *reinterpret_cast<const vec8::v8u*>(b + j * ldb + k);
+    const vec8::v8u w = vec8::load_u32x8(b + j * ldb + k);
     const vec8::v8u wl = w << 16, wh = w & 0xFFFF0000u;
     lo[j] += alo * reinterpret_cast<const vec8::v8f&>(wl);
     hi[j] += ahi * reinterpret_cast<const vec8::v8f&>(wh);

@@ -119,6 +119,14 @@ typedef uint16_t v8h __attribute__((vector_size(16), aligned(2), may_alias));
 typedef uint16_t v16h __attribute__((vector_size(32), aligned(2), may_alias));
 typedef uint32_t v8u __attribute__((vector_size(32), aligned(4), may_alias));
 
+// 8 32-bit lanes from any address (bf16 weight rows are only 2-byte aligned when a row has an odd
+// number of elements): a byte copy, which compiles to one unaligned vector load.
+LMOE_V8_INLINE v8u load_u32x8(const void* p) {
+  v8u v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
 // bf16 -> fp32 by interleaving zeros below each value (the 16-bit shift): two shuffles on AVX2
 // (vpermq + vpunpcklwd), where a zero-extend-and-shift splits into five.
 LMOE_V8_INLINE v8f bf16_load(const void* p) {
