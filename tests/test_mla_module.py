@@ -490,16 +490,29 @@ def test_latent_cache_overflow_and_misuse():
 
 
 def test_latent_cache_rejects_masks_it_cannot_honour():
-    # A LatentKVCache attends causally over each row's own tokens: a padding mask must raise, not be
-    # ignored; None and the plain causal mask (as HF builds it) are accepted.
+    # A LatentKVCache attends causally over each row's own tokens. A left-padding mask is honoured
+    # by storing only each row's real tokens (padding queries give 0); masks it cannot express so
+    # (right padding, a key hidden from some queries only) must raise, not be ignored; None and the
+    # plain causal mask (as HF builds it) are accepted.
     cfg, hf, mine = _pair(CASES[0])
     B, S = 2, 4
     x, pe, pad = _left_padded(cfg, B, S, 2)
     with torch.no_grad():
         cache = LatentKVCache(1, B, 8, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
-        with pytest.raises(ValueError, match="attention_mask"):
-            mine(x, pe, pad, cache=cache)
-        assert cache.get_seq_length(0) == 0  # nothing appended
+        got, _ = mine(x, pe, pad, cache=cache)
+        want, _ = hf(x, pe, pad)
+        assert rel_err(got[0], want[0]) <= 1e-4 and rel_err(got[1, 2:], want[1, 2:]) <= 1e-4
+        assert torch.all(got[1, :2] == 0)
+        assert cache.lengths(0) == [4, 2] and cache.get_seq_length(0) == 4
+        right = causal_additive_mask(B, S, 0).clone()
+        right[1, :, :, 2:] = torch.finfo(torch.float32).min
+        one_query = causal_additive_mask(B, S, 0).clone()
+        one_query[1, :, 3, 0] = torch.finfo(torch.float32).min
+        for bad in (right, one_query):
+            cache = LatentKVCache(1, B, 8, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+            with pytest.raises(ValueError, match="attention_mask"):
+                mine(x, pe, bad, cache=cache)
+            assert cache.get_seq_length(0) == 0  # nothing appended
         a, _ = mine(x, pe, causal_additive_mask(B, S, 0), cache=cache)
         b, _ = mine(x, pe, None, cache=LatentKVCache(1, B, 8, cfg.kv_lora_rank, cfg.qk_rope_head_dim))
     torch.testing.assert_close(a, b)

@@ -20,13 +20,18 @@ Paths of :meth:`MultiHeadLatentAttention.forward`:
 
 An HF ``attention_mask`` that is anything but the plain causal mask (e.g. left padding) sends the
 step through the SDPA path with that mask, so results stay correct. With a :class:`LatentKVCache`
-visibility is causal over each row's own cached tokens, so the mask must be None or plain causal
-(anything else raises ValueError rather than being ignored).
+visibility is causal over each row's own cached tokens: the mask must be None, plain causal, or
+causal with left padding (what HF ``generate`` builds for a padded batch), for which the layer
+stores only each row's real tokens, so the kernels' causal rule is still HF's masked attention
+(anything else raises ValueError rather than being ignored). A :class:`LatentKVCache` implements
+what transformers' ``generate`` needs from a cache: ``model.generate(..., cache=LatentKVCache(...))``
+on a model whose attention modules are this class.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +103,30 @@ class LatentKVCache:
     rotary embeddings into the captured input tensors). Replays advance the device lengths but not
     the host copy: keep the number of replays within the capacity (tokens past it are dropped,
     never written out of bounds).
+
+    Positions and padding: each layer also counts the token positions it was given
+    (:meth:`get_seq_length`, HF's "past length", padding included). Padding is never stored: when
+    the attention mask hides some of a step's new tokens (HF's left padding), the module writes
+    only each row's real tokens, so row ``b`` holds ``lengths()[b]`` tokens, at most that count,
+    and the kernels' causal rule over each row's own tokens is HF's masked attention. Without
+    padding every row holds every position.
+
+    Hugging Face ``generate``: the cache implements the part of transformers' ``Cache`` interface
+    that ``generate`` and the mask builders of transformers 5.x call (:meth:`get_seq_length`,
+    :meth:`get_query_offset`, :meth:`get_mask_sizes`, :meth:`crop`, :meth:`reorder_cache`, the
+    ``is_*`` flags; transformers is not imported), so a model whose attention modules are
+    :class:`MultiHeadLatentAttention` generates with ``model.generate(..., cache=c)``
+    (``past_key_values=c`` in older releases): greedy or sampled, left-padded batches, assisted
+    decoding (:meth:`crop`) and beam search (:meth:`reorder_cache`). Size it for the run:
+    ``batch_size`` = batch * num_beams (* num_return_sequences when sampling several), ``capacity``
+    >= padded prompt length + max_new_tokens - 1; a step that would not fit raises ValueError
+    before anything is written. HF's own attention classes cannot use it (:meth:`update` raises).
     """
+
+    # transformers' Cache flags: lengths live on the host (a compiled step would recompile at every
+    # length; the module refuses torch.compile with this cache), and crop() can roll back.
+    is_compileable = False
+    is_croppable = True
 
     def __init__(
         self,
@@ -144,6 +172,10 @@ class LatentKVCache:
         self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.seqlens = [torch.zeros(batch_size, dtype=torch.int32, device=device) for _ in range(num_layers)]
         self._host_lens = [[0] * batch_size for _ in range(num_layers)]
+        self._seen = [0] * num_layers  # positions given per layer (padding included)
+        # Per layer, the first position from which every row holds every token (no padding, no
+        # trim since): crop() may remove positions back to it, not further.
+        self._dense_from = [0] * num_layers
 
     def _layer(self, layer_idx: int) -> int:
         if not 0 <= layer_idx < len(self.kv):
@@ -154,9 +186,9 @@ class LatentKVCache:
         return layer_idx
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens cached in row 0 of ``layer_idx`` (rows advance together through the module; see
-        :meth:`lengths` for every row)."""
-        return self._host_lens[self._layer(layer_idx)][0]
+        """Token positions ``layer_idx`` was given so far, padding included (HF's past length); rows
+        hold at most this many tokens, each exactly this many without padding (see :meth:`lengths`)."""
+        return self._seen[self._layer(layer_idx)]
 
     def lengths(self, layer_idx: int = 0) -> list[int]:
         """Tokens cached in each batch row of ``layer_idx``."""
@@ -165,7 +197,8 @@ class LatentKVCache:
     def trim(self, lengths, layer_idx: int | None = None) -> None:
         """Cut each batch row back to ``lengths[b]`` tokens (at most what it holds), in every layer
         or in ``layer_idx``: e.g. after a right-padded prefill, each row keeps its own prompt and
-        the next tokens are appended (and attend) from there. ``lengths``: B ints or a tensor."""
+        the next tokens are appended (and attend) from there. ``lengths``: B ints or a tensor.
+        The positions count (:meth:`get_seq_length`) becomes the longest row."""
         lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
         layers = range(len(self.kv)) if layer_idx is None else [self._layer(layer_idx)]
         if len(lengths) != self.batch_size:
@@ -180,6 +213,7 @@ class LatentKVCache:
         for layer in layers:
             self._host_lens[layer] = list(lengths)
             self.seqlens[layer].copy_(torch.tensor(lengths, dtype=torch.int32))
+            self._seen[layer] = self._dense_from[layer] = max(lengths)
 
     def reserve(self, layer_idx: int, n_new: int) -> None:
         """Raise ValueError if ``n_new`` more tokens per row would not fit."""
@@ -187,14 +221,35 @@ class LatentKVCache:
         need = max(self._host_lens[layer_idx]) + n_new
         if need > self.capacity:
             raise ValueError(
-                f"LatentKVCache: layer {layer_idx} would hold {need} tokens but capacity is {self.capacity}"
+                f"LatentKVCache: layer {layer_idx} would hold {need} tokens but capacity is {self.capacity} "
+                "(for generate: at least the padded prompt length + max_new_tokens - 1)"
             )
 
-    def advance(self, layer_idx: int, n_new: int) -> None:
-        """Count ``n_new`` appended tokens in every row of ``layer_idx`` (the device lengths in place,
-        so a decode step captured in a CUDA graph advances them on every replay)."""
-        self.seqlens[layer_idx].add_(n_new)
-        self._host_lens[layer_idx] = [n + n_new for n in self._host_lens[layer_idx]]
+    def advance(self, layer_idx: int, n_new, positions: int | None = None) -> None:
+        """Count appended tokens in ``layer_idx``: ``n_new`` (an int) in every row, the device lengths
+        grown in place, so a decode step captured in a CUDA graph advances them on every replay; or
+        ``n_new[b]`` in row ``b`` (B ints) for a step of ``positions`` new tokens whose others were
+        padding (each row's padding before its real tokens)."""
+        seen = self._seen[layer_idx]
+        if isinstance(n_new, int):
+            self.seqlens[layer_idx].add_(n_new)
+            self._host_lens[layer_idx] = [n + n_new for n in self._host_lens[layer_idx]]
+            self._seen[layer_idx] = seen + (n_new if positions is None else positions)
+            return
+        counts = [int(n) for n in n_new]
+        fits = positions is not None and all(0 <= n <= positions for n in counts)
+        if len(counts) != self.batch_size or not fits:
+            raise ValueError(
+                f"LatentKVCache.advance: per-row 'n_new' needs {self.batch_size} entries in [0, positions], "
+                f"got {counts} with positions={positions}"
+            )
+        lens = self.seqlens[layer_idx]
+        lens.add_(torch.tensor(counts, dtype=torch.int32).to(lens.device))
+        self._host_lens[layer_idx] = [n + c for n, c in zip(self._host_lens[layer_idx], counts)]
+        padding = positions - min(counts)  # the longest run of padding, each row's before its tokens
+        if padding:
+            self._dense_from[layer_idx] = seen + padding
+        self._seen[layer_idx] = seen + positions
 
     def rows(self, layer_idx: int, length: int) -> torch.Tensor:
         """The first ``length`` cached rows of every batch row as ``[B, length, C+R]``."""
@@ -209,6 +264,117 @@ class LatentKVCache:
     def bytes_per_token(self) -> int:
         """Cache bytes one token costs per layer."""
         return (self.kv_lora_rank + self.rope_dim) * self.kv[0].element_size()
+
+    # ---- transformers' Cache interface (what generate() and the mask builders call) ------------
+    @property
+    def is_sliding(self) -> list[bool]:
+        """Per layer: no sliding window."""
+        return [False] * len(self.kv)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer: attention layers (no recurrent state)."""
+        return [False] * len(self.kv)
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Position of the next new token in HF's padded coordinates: :meth:`get_seq_length`."""
+        return self.get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` HF's mask builders size the mask with: every position so far
+        and the ``query_length`` new ones, from position 0."""
+        return self.get_seq_length(layer_idx) + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        """Tokens a row can hold: the capacity."""
+        return self.capacity
+
+    def activate_past_recording(self) -> None:
+        """HF generate asks caches to keep what :meth:`crop` may roll back: this one keeps every
+        token anyway (nothing to do)."""
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` positions from every row of every layer (HF's
+        convention: a count <= 0, 0 does nothing; assisted decoding drops rejected draft tokens
+        so). Only positions that every row holds can go: not back into a padded prompt, nor to
+        before a :meth:`trim`."""
+        n = operator.index(tokens_to_remove)
+        if n > 0:
+            raise ValueError(
+                f"LatentKVCache.crop: 'tokens_to_remove' must be <= 0 (minus the number of tokens to remove, "
+                f"HF's convention), got {n}"
+            )
+        n = -n
+        for layer in range(len(self.kv)):
+            removable = self._seen[layer] - self._dense_from[layer]
+            if n > removable:
+                raise ValueError(
+                    f"LatentKVCache.crop: 'tokens_to_remove' = -{n}, but layer {layer} can give back only "
+                    f"its last {removable} of {self._seen[layer]} positions (earlier ones hold padding in "
+                    "some row, or precede a trim)"
+                )
+        if n == 0:
+            return
+        for layer in range(len(self.kv)):
+            self._seen[layer] -= n
+            self._host_lens[layer] = [m - n for m in self._host_lens[layer]]
+            self.seqlens[layer].sub_(n)
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Row ``b`` becomes a copy of row ``beam_idx[b]`` (tokens and length) in every layer: HF beam
+        search's step. A paged cache copies pages, so no two rows may share a page of the table."""
+        src = torch.as_tensor(beam_idx)
+        integer = not (src.dtype.is_floating_point or src.dtype.is_complex or src.dtype == torch.bool)
+        if src.dim() != 1 or src.numel() != self.batch_size or not integer:
+            raise ValueError(
+                f"LatentKVCache.reorder_cache: 'beam_idx' must be {self.batch_size} integer row indices, got "
+                f"shape {tuple(src.shape)} of {src.dtype}"
+            )
+        order = [int(i) for i in src.tolist()]
+        if any(not 0 <= i < self.batch_size for i in order):
+            raise ValueError(
+                f"LatentKVCache.reorder_cache: 'beam_idx' entries must be in [0, {self.batch_size}), "
+                f"got {order}"
+            )
+        if order == list(range(self.batch_size)):
+            return
+        device = self.kv[0].device
+        idx = torch.tensor(order, device=device)
+        table = None if self.block_table is None else self.block_table.long()
+        if table is not None and torch.unique(table).numel() != table.numel():
+            raise ValueError(
+                "LatentKVCache.reorder_cache: rows of 'block_table' share pages; beam search copies rows "
+                "page by page and needs every row to own its pages"
+            )
+        for layer, kv in enumerate(self.kv):
+            lens = self._host_lens[layer]
+            n = max(lens)
+            if n:
+                if table is None:
+                    kv[:, :n] = kv[idx, :n]  # the gather copies first: rows may read themselves
+                else:
+                    p = (n + self.page_size - 1) // self.page_size
+                    kv[table[:, :p]] = kv[table[idx, :p]]
+            new = [lens[i] for i in order]
+            self._host_lens[layer] = new
+            self.seqlens[layer].copy_(torch.tensor(new, dtype=torch.int32))
+
+    def reset(self) -> None:
+        """Empty every layer (lengths and positions back to 0; stored rows stay but are never read
+        past the lengths), e.g. to reuse the cache for another generate call."""
+        for layer in range(len(self.kv)):
+            self.seqlens[layer].zero_()
+            self._host_lens[layer] = [0] * self.batch_size
+            self._seen[layer] = self._dense_from[layer] = 0
+
+    def update(self, key_states=None, value_states=None, layer_idx=None, *args, **kwargs):
+        """HF's attention classes call ``cache.update(keys, values, layer_idx)``: refused."""
+        raise ValueError(
+            f"LatentKVCache: an attention layer ({layer_idx=}) called update() with keys and values, as "
+            "transformers' attention classes do; a LatentKVCache is written only by "
+            "latentmoe.nn.MultiHeadLatentAttention (swap the model's attention modules for it), or use "
+            "an HF cache (DynamicCache, StaticCache)"
+        )
 
 
 def _causal_keep(S: int, L: int, valid, device) -> torch.Tensor:
@@ -365,14 +531,19 @@ class MultiHeadLatentAttention(nn.Module):
                     "MultiHeadLatentAttention: LatentKVCache is for inference; run under torch.no_grad() "
                     "(training uses cache=None)"
                 )
-            L = cache.get_seq_length(self.layer_idx) + S
-            if not self._is_plain_causal(_dense_mask(attention_mask, B, S, L, L), B, S, L, L):
+            if cache.batch_size != B:
                 raise ValueError(
-                    "MultiHeadLatentAttention: with a LatentKVCache, attention is causal over each row's own "
-                    "cached tokens; 'attention_mask' must be None or the plain causal mask (for padding, "
-                    "give rows their own lengths in the cache instead of masking)"
+                    f"MultiHeadLatentAttention: cache batch {cache.batch_size} != input batch {B} (generate "
+                    "runs batch * num_beams rows in beam search, * num_return_sequences when sampling "
+                    "several: size the LatentKVCache for that)"
                 )
-            return self._forward_latent_cache(q_nope, q_pe, kv, cos, sin, cache), None
+            if torch.compiler.is_compiling():
+                raise ValueError(
+                    "MultiHeadLatentAttention: a LatentKVCache keeps its lengths on the host, so under "
+                    "torch.compile every step would recompile; decode with it eagerly or in CUDA graphs"
+                )
+            keep = self._latent_cache_new_tokens(attention_mask, B, S, cache)
+            return self._forward_latent_cache(q_nope, q_pe, kv, cos, sin, cache, keep), None
 
         c_kv = self._kv_norm(kv[..., :C])
         k_pe = _rotate(kv[..., C:].view(B, S, 1, R), cos, sin, self.rope_interleave)
@@ -426,16 +597,58 @@ class MultiHeadLatentAttention(nn.Module):
         w = self.kv_a_layernorm.weight
         return rms_norm(x.contiguous(), w.to(x.dtype), self.kv_a_layernorm.variance_epsilon)
 
-    def _forward_latent_cache(self, q_nope, q_pe, kv, cos, sin, cache: LatentKVCache) -> torch.Tensor:
+    def _latent_cache_new_tokens(self, attention_mask, B: int, S: int, cache: LatentKVCache):
+        """Which of the ``S`` new tokens a :class:`LatentKVCache` stores: None for all (no mask, or
+        the plain causal mask), else ``[B, S]`` bool, False for padding.
+
+        The cache holds no padding: each row keeps its own tokens and the kernels attend causally
+        over them, which is HF's masked attention when the mask is the causal mask with some keys
+        hidden in every query row (padding), each row's hidden new keys before its real new tokens
+        (left padding), and as many visible earlier keys as the row holds. Rows of padding queries
+        are not read (their outputs are set to 0). Any other mask raises ValueError."""
+        seen = cache.get_seq_length(self.layer_idx)
+        L = seen + S
+        mask = _dense_mask(attention_mask, B, S, L, L)
+        if self._is_plain_causal(mask, B, S, L, L):
+            return None
+
+        def refuse(why: str):
+            raise ValueError(
+                "MultiHeadLatentAttention: with a LatentKVCache, 'attention_mask' must be None, the causal "
+                "mask, or the causal mask with left padding (as HF builds it from a 2-D padding mask): "
+                "the cache stores each row's real tokens only and attends causally over them; " + why
+            )
+
+        if mask.dim() != 4 or mask.shape[0] not in (1, B) or mask.shape[1] != 1 or mask.shape[2] != S:
+            refuse(f"got a mask of shape {tuple(mask.shape)} for {B} rows of {S} new tokens")
+        m = mask[..., :L]
+        if m.dtype == torch.bool:
+            keep = m
+        else:
+            keep = m > torch.finfo(m.dtype).min / 2
+            if torch.any(m[keep] != 0):
+                refuse("this one adds biases other than 0 / -inf")
+        keep = keep[:, 0].expand(B, S, L)
+        keys = keep[:, -1]  # what the last new token sees: every unpadded key
+        new = keys[:, seen:]
+        if not bool(torch.all(new[:, :-1] <= new[:, 1:])):
+            refuse("in this one a row's padding comes after some of its new tokens (right padding?)")
+        want = keys[:, None, :] & _causal_keep(S, L, L, keys.device)
+        if bool(torch.any((keep != want) & new[:, :, None])):
+            refuse("in this one a real token's row is not the causal mask with the padded keys hidden")
+        held = keys[:, :seen].sum(1).tolist()
+        if held != cache.lengths(self.layer_idx):
+            refuse(
+                f"this one shows {held} unpadded earlier keys per row but the cache rows hold "
+                f"{cache.lengths(self.layer_idx)} tokens"
+            )
+        return None if bool(new.all()) else new
+
+    def _forward_latent_cache(
+        self, q_nope, q_pe, kv, cos, sin, cache: LatentKVCache, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, S = q_nope.shape[:2]
         C, layer = self.kv_lora_rank, self.layer_idx
-        if cache.batch_size != B:
-            raise ValueError(f"MultiHeadLatentAttention: cache batch {cache.batch_size} != input batch {B}")
-        if torch.compiler.is_compiling():
-            raise ValueError(
-                "MultiHeadLatentAttention: a LatentKVCache keeps its lengths on the host, so under "
-                "torch.compile every step would recompile; decode with it eagerly or in CUDA graphs"
-            )
         if not is_plain(self.kv_a_layernorm, RMSNorm):
             raise ValueError(
                 "MultiHeadLatentAttention: with a LatentKVCache, kv_a_layernorm's weight feeds the fused "
@@ -448,6 +661,13 @@ class MultiHeadLatentAttention(nn.Module):
         dt = cache.kv[layer].dtype
         w = self.kv_a_layernorm.weight.to(dt)
         cos, sin = cos.to(dt).expand(B, S, -1).contiguous(), sin.to(dt).expand(B, S, -1).contiguous()
+        if keep is not None:
+            # Row b keeps its last n_b new tokens (left padding): rotate them to the front, so they
+            # land at the row's next slots; its padding is written past its new length, never read
+            # there, and overwritten by later tokens.
+            n_keep = keep.sum(1)
+            src = (torch.arange(S, device=keep.device)[None, :] + (S - n_keep)[:, None]) % S
+            kv, cos, sin = (t.gather(1, src[:, :, None].expand_as(t)) for t in (kv, cos, sin))
         # The cache's host lengths were just checked against its capacity (reserve) and its table
         # at construction: the ops need not copy them to the host again.
         mla_append_cache(
@@ -455,7 +675,10 @@ class MultiHeadLatentAttention(nn.Module):
             self.kv_a_layernorm.variance_epsilon, cos, sin, cache.seqlens[layer],
             block_table=cache.block_table, rope_interleave=self.rope_interleave, check_values=False,
         )
-        cache.advance(layer, S)
+        if keep is None:
+            cache.advance(layer, S)
+        else:
+            cache.advance(layer, n_keep.tolist(), positions=S)
         plain_kv_b = is_plain_linear(self.kv_b_proj)
         if S <= self.decode_max_tokens and plain_kv_b:
             # Eager: the longest row (host-known) sizes the kernel's splits. Under CUDA-graph
@@ -476,6 +699,10 @@ class MultiHeadLatentAttention(nn.Module):
             rows = cache.rows(layer, L)
             valid = torch.tensor(lens, device=rows.device).view(B, 1, 1)
             out = self._sdpa_attention(q_nope, q_pe, rows[..., :C], rows[..., C:], None, valid)
+        if keep is not None:
+            # Padding queries sit before their row's new tokens: they see no key (the kernels and
+            # SDPA give 0) or, in a row that already holds tokens, those. Nobody reads them: 0.
+            out = out.masked_fill(~keep[:, :, None, None], 0)
         return project(self.o_proj, out.reshape(B, S, self.num_heads * self.v_head_dim))
 
     def _absorbed_attention(self, q_nope, q_pe, kv_cache, seqlens, block_table, pe_cache=None, max_seqlen=-1):

@@ -1,0 +1,313 @@
+"""``model.generate(..., cache=LatentKVCache(...))`` in a stock HF ``DeepseekV3ForCausalLM`` whose
+attention modules are latentmoe's ``MultiHeadLatentAttention``, against HF's own run with a
+``DynamicCache`` (same weights): the same generated ids, logits within LOGITS_TOL."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from latentmoe.nn import LatentKVCache, MultiHeadLatentAttention
+from test_mla_common import (
+    causal_additive_mask,
+    hf_cache,
+    make_config,
+    make_hf_attention,
+    rel_err,
+    rope_embeddings,
+)
+
+LOGITS_TOL = 1e-5  # max |ours - HF| / max |HF| over the logits of every step
+PAD = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _models(attn_impl: str = "sdpa", moe: bool = False):
+    """(config, HF model, the same model with our attention in every layer), 2 layers, random weights.
+    Dense MLPs unless ``moe`` (then layer 1 is a routed-experts layer). Cached: generate does not
+    change the models."""
+    from transformers import DeepseekV3ForCausalLM
+
+    cfg = make_config(heads=3, q_lora=24)
+    cfg._attn_implementation = attn_impl
+    cfg.num_hidden_layers = 2
+    cfg.first_k_dense_replace = 1 if moe else 2
+    torch.manual_seed(0)
+    hf = DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    ours = DeepseekV3ForCausalLM(cfg).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    for i, layer in enumerate(ours.model.layers):
+        attn = MultiHeadLatentAttention(cfg, i)
+        attn.load_state_dict(layer.self_attn.state_dict(), strict=True)
+        layer.self_attn = attn
+    return cfg, hf, ours
+
+
+def _cache(cfg, batch, capacity, page_size=None, **kw):
+    return LatentKVCache(
+        cfg.num_hidden_layers, batch, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+        page_size=page_size, **kw,
+    )
+
+
+def _prompts(P: int, pads, seed: int = 1):
+    """``len(pads)`` prompts of P tokens, row b left-padded with ``pads[b]`` pad tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (len(pads), P), generator=g)
+    mask = torch.ones(len(pads), P, dtype=torch.long)
+    for b, n in enumerate(pads):
+        ids[b, :n], mask[b, :n] = PAD, 0
+    return ids, mask
+
+
+def _greedy(**kw):
+    return dict(do_sample=False, pad_token_id=PAD, return_dict_in_generate=True, output_logits=True, **kw)
+
+
+def _assert_same(ours, hf):
+    assert torch.equal(ours.sequences, hf.sequences), (ours.sequences, hf.sequences)
+    assert len(ours.logits) == len(hf.logits)
+    for step, (a, b) in enumerate(zip(ours.logits, hf.logits)):
+        err = float((a - b).abs().max() / b.abs().max())
+        assert err <= LOGITS_TOL, (step, err)
+
+
+def _no_sdpa(monkeypatch):
+    """Fail if the module falls back to decompressed K/V: with plain projections, a LatentKVCache
+    runs the fused kernels at every step, padded or not."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the SDPA path ran")
+
+    monkeypatch.setattr(MultiHeadLatentAttention, "_sdpa_attention", fail)
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+@pytest.mark.parametrize("P", [7, 20])  # prefill through mla_decode (<= 16 tokens) / mla_prefill
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_greedy_left_padded_batch_matches_dynamic_cache(monkeypatch, attn_impl, P, page_size):
+    cfg, hf, ours = _models(attn_impl)
+    pads, new = [0, 3, 5], 6
+    ids, mask = _prompts(P, pads)
+    want = hf.generate(ids, attention_mask=mask, **_greedy(max_new_tokens=new))
+    cache = _cache(cfg, 3, P + new - 1, page_size)
+    _no_sdpa(monkeypatch)
+    got = ours.generate(ids, attention_mask=mask, cache=cache, **_greedy(max_new_tokens=new))
+    _assert_same(got, want)
+    assert got.cache is cache
+    # Padding is not stored: each row holds its prompt and the generated tokens fed back.
+    for layer in range(cfg.num_hidden_layers):
+        assert cache.lengths(layer) == [P - n + new - 1 for n in pads]
+        assert cache.seqlens[layer].tolist() == cache.lengths(layer)
+        assert cache.get_seq_length(layer) == P + new - 1
+
+
+@pytest.mark.parametrize("page_size", [None, 3])
+def test_greedy_without_padding_and_deprecated_kwarg(page_size):
+    # No attention mask at all (HF drops an all-ones one), and the cache passed under the name
+    # transformers deprecates (past_key_values=) but still accepts.
+    cfg, hf, ours = _models("sdpa")
+    ids, _ = _prompts(9, [0, 0])
+    want = hf.generate(ids, **_greedy(max_new_tokens=5))
+    cache = _cache(cfg, 2, 13, page_size)
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        got = ours.generate(ids, past_key_values=cache, **_greedy(max_new_tokens=5))
+    _assert_same(got, want)
+    assert cache.lengths(0) == cache.lengths(1) == [13, 13]
+
+
+def test_model_with_routed_experts():
+    # The stock layer stack with a routed-experts layer (only attention is swapped).
+    cfg, hf, ours = _models("sdpa", moe=True)
+    ids, mask = _prompts(8, [0, 2])
+    want = hf.generate(ids, attention_mask=mask, **_greedy(max_new_tokens=5))
+    got = ours.generate(ids, attention_mask=mask, cache=_cache(cfg, 2, 12), **_greedy(max_new_tokens=5))
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_beam_search_reorders_rows(page_size):
+    cfg, hf, ours = _models("eager")
+    ids, mask = _prompts(8, [0, 3])
+    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True,
+              output_scores=True)
+    want = hf.generate(ids, attention_mask=mask, **kw)
+    cache = _cache(cfg, 2 * 3, 8 + 6 - 1, page_size)  # batch * num_beams rows
+    orders, reorder = [], cache.reorder_cache
+
+    def spy(beam_idx):
+        orders.append(beam_idx.tolist())
+        reorder(beam_idx)
+
+    cache.reorder_cache = spy
+    got = ours.generate(ids, attention_mask=mask, cache=cache, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(got.sequences_scores, want.sequences_scores, rtol=0, atol=1e-5)
+    assert any(o != list(range(6)) for o in orders)  # rows really moved
+
+
+@pytest.mark.parametrize("how", ["prompt_lookup", "assistant_model"])
+def test_assisted_decoding_crops_rejected_drafts(how):
+    # Assisted generation (batch 1): each step verifies the drafted tokens in one forward and crops
+    # the rejected ones from the cache. Drafts from prompt lookup, or from a second model (HF's own,
+    # with its own DynamicCache: the routed-experts variant, so some drafts are rejected).
+    cfg, hf, ours = _models("sdpa")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]])
+    if how == "prompt_lookup":
+        kw = _greedy(max_new_tokens=12, prompt_lookup_num_tokens=3)
+    else:
+        kw = _greedy(max_new_tokens=12, assistant_model=_models("sdpa", moe=True)[1])
+    want = hf.generate(ids, **kw)
+    assert torch.equal(want.sequences, hf.generate(ids, **_greedy(max_new_tokens=12)).sequences)
+    cache = _cache(cfg, 1, 40, page_size=4)
+    crops, crop = [], cache.crop
+    cache.crop = lambda n: (crops.append(n), crop(n))[1]
+    got = ours.generate(ids, cache=cache, **kw)
+    _assert_same(got, want)
+    assert any(n < 0 for n in crops)
+    assert cache.get_seq_length() == cache.lengths(0)[0] == got.sequences.shape[1] - 1
+
+
+def test_continue_generation_then_reset():
+    # A second generate call continues from the cache (full ids and mask passed again); reset()
+    # empties it for a new batch.
+    from transformers import DynamicCache
+
+    cfg, hf, ours = _models("eager")
+    ids, mask = _prompts(6, [0, 2])
+    dyn, cache = DynamicCache(config=cfg), _cache(cfg, 2, 6 + 8 - 1)
+    first_hf = hf.generate(ids, attention_mask=mask, cache=dyn, **_greedy(max_new_tokens=4))
+    first = ours.generate(ids, attention_mask=mask, cache=cache, **_greedy(max_new_tokens=4))
+    _assert_same(first, first_hf)
+    mask2 = torch.cat([mask, torch.ones(2, 4, dtype=torch.long)], dim=1)
+    second_hf = hf.generate(first_hf.sequences, attention_mask=mask2, cache=dyn, **_greedy(max_new_tokens=4))
+    second = ours.generate(first.sequences, attention_mask=mask2, cache=cache, **_greedy(max_new_tokens=4))
+    _assert_same(second, second_hf)
+    assert cache.lengths(0) == [13, 11]
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.lengths(1) == [0, 0]
+    _assert_same(ours.generate(ids, attention_mask=mask, cache=cache, **_greedy(max_new_tokens=4)), first_hf)
+
+
+def test_wrapped_kv_b_proj_left_padded():
+    # A hooked kv_b_proj takes the path that decompresses K/V through the layer (SDPA), where
+    # padding queries see no key at all: their rows must not turn into NaN anywhere.
+    cfg, hf, ours = _models("sdpa")
+    calls = []
+    handles = [layer.self_attn.kv_b_proj.register_forward_hook(lambda *a: calls.append(1))
+               for layer in ours.model.layers]
+    try:
+        ids, mask = _prompts(7, [0, 4])
+        want = hf.generate(ids, attention_mask=mask, **_greedy(max_new_tokens=4, output_hidden_states=True))
+        got = ours.generate(ids, attention_mask=mask, cache=_cache(cfg, 2, 10),
+                            **_greedy(max_new_tokens=4, output_hidden_states=True))
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls
+    _assert_same(got, want)
+    assert all(torch.isfinite(h).all() for step in got.hidden_states for h in step)
+
+
+def test_capacity_overflow_is_refused_and_writes_nothing():
+    cfg, hf, ours = _models("sdpa")
+    ids, mask = _prompts(6, [0, 2])
+    cache = _cache(cfg, 2, 8)  # needs 6 + 5 - 1 = 10
+    with pytest.raises(ValueError, match="capacity is 8"):
+        ours.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=5, do_sample=False,
+                      pad_token_id=PAD)
+    # The prefill and two decode steps went in; the step that did not fit changed nothing.
+    for layer in range(2):
+        assert cache.get_seq_length(layer) == 8 and cache.lengths(layer) == [8, 6]
+
+
+def test_refusals():
+    cfg, hf, ours = _models("sdpa")
+    ids, mask = _prompts(6, [0, 2])
+    kw = dict(max_new_tokens=2, do_sample=False, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="num_beams"):  # beams need batch * num_beams rows
+        ours.generate(ids, attention_mask=mask, cache=_cache(cfg, 2, 16), num_beams=2, **kw)
+    with pytest.raises(ValueError, match="update"):  # HF's own attention cannot write latents
+        hf.generate(ids, attention_mask=mask, cache=_cache(cfg, 2, 16), **kw)
+    cache = _cache(cfg, 2, 16)
+    with pytest.raises(ValueError, match="right padding"):  # HF only logs a warning for it
+        ours.generate(ids.flip(1), attention_mask=mask.flip(1), cache=cache, **kw)
+    assert cache.get_seq_length() == 0 and cache.lengths(0) == [0, 0]
+
+
+def test_crop_and_reorder_arguments():
+    cfg, hf, ours = _models("sdpa")
+    ids, mask = _prompts(6, [0, 2])
+    cache = _cache(cfg, 2, 16)
+    ours.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    assert cache.get_seq_length() == 9 and cache.lengths(0) == [9, 7]
+    with pytest.raises(ValueError, match="tokens_to_remove"):
+        cache.crop(2)  # HF's convention is negative
+    with pytest.raises(ValueError, match="only its last 7"):
+        cache.crop(-8)  # back into the prompt, where row 1 holds padding
+    cache.crop(0)
+    cache.crop(-7)
+    assert cache.get_seq_length(1) == 2 and cache.lengths(1) == [2, 0] and cache.seqlens[1].tolist() == [2, 0]
+    with pytest.raises(ValueError, match="beam_idx"):
+        cache.reorder_cache(torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="beam_idx"):
+        cache.reorder_cache(torch.tensor([0.0, 1.0]))
+    cache.reorder_cache(torch.tensor([0, 0]))
+    assert cache.lengths(0) == [2, 2] and torch.equal(cache.kv[0][1, :2], cache.kv[0][0, :2])
+    table = torch.tensor([[0, 1], [0, 1]], dtype=torch.int32)  # both rows on the same pages
+    shared = _cache(cfg, 2, 8, page_size=4, num_pages=2, block_table=table)
+    shared.advance(0, 1)
+    with pytest.raises(ValueError, match="share pages"):
+        shared.reorder_cache(torch.tensor([1, 0]))
+
+
+def test_cache_interface_values():
+    # What transformers' generate and mask builders read from a cache.
+    cfg, _, _ = _models("sdpa")
+    cache = _cache(cfg, 2, 16)
+    assert cache.is_compileable is False and cache.is_croppable is True
+    assert cache.is_sliding == cache.is_linear == [False, False]
+    cache.advance(0, [3, 1], positions=4)
+    assert cache.get_seq_length(0) == cache.get_query_offset(0) == 4 and cache.lengths(0) == [3, 1]
+    assert cache.get_mask_sizes(2, 0) == (6, 0) and cache.get_max_length() == 16
+    cache.activate_past_recording()  # nothing to record: every token is kept
+    with pytest.raises(ValueError, match="n_new"):
+        cache.advance(0, [5, 1], positions=4)
+
+
+def test_module_padding_in_a_later_step():
+    # Module level: a row's padding may also come in a later step, before that step's real tokens
+    # (e.g. a chunked prefill): real queries match HF's masked attention, padding queries give 0.
+    cfg = make_config(heads=3, q_lora=24)
+    hf = make_hf_attention(cfg)
+    mine = MultiHeadLatentAttention(cfg, 0).eval()
+    mine.load_state_dict(hf.state_dict(), strict=True)
+    B, T = 2, 7
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[1, 3:5] = False  # row 1: 3 tokens, 2 padding, 2 tokens
+    pos = (keep.long().cumsum(1) - 1).clamp_min(0)
+    x = torch.randn(B, T, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    c_hf, c_mine = hf_cache(cfg), LatentKVCache(1, B, 8, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    for lo, hi in ((0, 3), (3, T)):
+        mask = causal_additive_mask(B, hi - lo, lo).masked_fill(~keep[:, None, None, :hi], torch.finfo().min)
+        pe = rope_embeddings(cfg, pos[:, lo:hi])
+        with torch.no_grad():
+            want, _ = hf(x[:, lo:hi], pe, mask, cache=c_hf)
+            got, _ = mine(x[:, lo:hi], pe, mask, cache=c_mine)
+        real = keep[:, lo:hi]
+        assert rel_err(got[real], want[real]) <= 1e-4
+        assert torch.all(got[~real] == 0)
+    assert c_mine.lengths(0) == [7, 5] and c_mine.get_seq_length(0) == 7
+    # A decode step whose mask disagrees with what the rows hold (row 0 never had padding) is refused.
+    keep = torch.cat([keep, torch.ones(B, 1, dtype=torch.bool)], dim=1)
+    keep[0, 0] = False
+    mask = causal_additive_mask(B, 1, T).masked_fill(~keep[:, None, None, :], torch.finfo().min)
+    pe = rope_embeddings(cfg, pos[:, -1:] + 1)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"shows \[6, 5\] unpadded earlier keys"):
+        mine(x[:, :1], pe, mask, cache=c_mine)
+    assert c_mine.lengths(0) == [7, 5] and c_mine.get_seq_length(0) == 7
