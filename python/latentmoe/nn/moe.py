@@ -93,8 +93,8 @@ class MoE(nn.Module):
             ``"softmax"``.
         aux_loss_alpha: balance-loss weight alpha (default ``config.aux_loss_alpha`` or 0: off).
         seq_aux: sequence-wise balance loss (per sequence of a ``[B, S, hidden]`` input, averaged;
-            a ``[T, hidden]`` input is one sequence) instead of the expert-level one over all tokens
-            (default ``config.seq_aux`` or False).
+            a ``[T, hidden]`` input is one sequence) instead of the expert-level one over all the
+            call's tokens (default ``config.seq_aux`` or False).
         bias_update_speed: gamma of the aux-loss-free bias update (default 0.001).
 
     After each forward: ``last_load`` (``[E]`` int64 tokens per expert), ``load_counts``
@@ -104,6 +104,13 @@ class MoE(nn.Module):
     counted once). Reentrant checkpointing (``use_reentrant=True``) runs the forward without
     autograd, so ``aux_loss`` then has no gradient: use the non-reentrant kind (HF's default).
     ``e_score_correction_bias`` stays fp32 whatever dtype the module is cast to.
+
+    Data parallelism (DDP, FSDP): ``load_counts`` counts this process's tokens (it is not a
+    buffer, so DDP's buffer broadcast leaves it alone); pass ``group=`` to :meth:`update_bias` to
+    update every rank's bias from the global load. ``aux_loss`` is computed over each rank's own
+    tokens: the expert-level loss is then the per-rank (per-device) balance loss, not the loss of
+    the concatenated batch (its load x probability product is not linear across ranks); the
+    sequence-wise one (``seq_aux``) is the same either way.
     HF's ``output_router_logits`` records HF's own router class by hooks: with this module swapped
     into an HF model it comes back empty.
     """
@@ -141,8 +148,10 @@ class MoE(nn.Module):
         self.shared_experts = SharedExperts(self.hidden_size, inter * n_shared) if n_shared > 0 else None
         self.aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
-        self.register_buffer("load_counts", torch.zeros(self.num_experts, dtype=torch.int64),
-                             persistent=False)
+        # A plain tensor attribute, not a buffer: DDP broadcasts rank 0's buffers into every rank at
+        # each forward, which would overwrite each rank's own counts (see update_bias's group). _apply
+        # moves it with the module; it is not in the state_dict.
+        self.load_counts = torch.zeros(self.num_experts, dtype=torch.int64)
 
     def extra_repr(self) -> str:
         return (
@@ -167,12 +176,15 @@ class MoE(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):
-        # load_counts is not in the state_dict: after meta-device construction and to_empty its
+        # load_counts moves with the module (.to, .cuda, to_empty) as a buffer would, and stays
+        # int64. It is not in the state_dict: after meta-device construction and to_empty its
         # storage is uninitialised, so it starts again from zeros there.
-        was_meta = self.load_counts.is_meta
         super()._apply(fn, recurse)
-        if was_meta and not self.load_counts.is_meta:
-            self.load_counts.zero_()
+        counts = self.load_counts
+        moved = fn(counts).to(torch.int64)
+        if counts.is_meta and not moved.is_meta:
+            moved.zero_()
+        self.load_counts = moved
         return self
 
     def __getstate__(self):
@@ -196,6 +208,8 @@ class MoE(nn.Module):
             pass  # is_inference() cannot be traced: these two repairs happen in eager calls only
         elif self.load_counts.is_meta:  # loaded with load_state_dict(assign=True) after meta init
             self.load_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        elif self.load_counts.device != x.device:  # parameters moved without _apply (FSDP's own moves)
+            self.load_counts = self.load_counts.to(x.device)
         elif self.load_counts.is_inference() and not torch.is_inference_mode_enabled():
             # Made under torch.inference_mode(), used outside it: an inference tensor can't be
             # updated in place there, so the counts move to a normal tensor.
@@ -247,13 +261,19 @@ class MoE(nn.Module):
         return self.aux_loss_alpha * E * (f * p).sum(dim=-1).mean()
 
     @torch.no_grad()
-    def update_bias(self, load: torch.Tensor | None = None, gamma: float | None = None) -> None:
+    def update_bias(self, load: torch.Tensor | None = None, gamma: float | None = None, *, group=None) -> None:
         """Aux-loss-free balancing: ``bias += gamma * sign(mean(load) - load)``.
 
         Args:
             load: ``[E]`` tokens per expert; default the ``load_counts`` accumulated since the
                 last call (which are then reset).
             gamma: update speed; default ``bias_update_speed``.
+            group: under data parallelism, a ``torch.distributed`` process group (e.g.
+                ``torch.distributed.group.WORLD``): ``load`` is summed over it first (an
+                ``all_reduce``, a collective every rank of the group must call), so every rank
+                applies the same update from the global load. ``None``: this process's load only,
+                and ranks whose batches differ drift apart (DDP's default ``broadcast_buffers``
+                then copies rank 0's bias into every rank at its next forward).
         """
         if load is None:
             load = self.load_counts.clone()
@@ -261,6 +281,15 @@ class MoE(nn.Module):
                 self.load_counts = torch.zeros_like(self.load_counts)  # as in forward
             else:
                 self.load_counts.zero_()
+        if load.shape != (self.num_experts,):
+            raise ValueError(
+                f"MoE.update_bias: 'load' must have shape ({self.num_experts},), got {tuple(load.shape)}"
+            )
+        if group is not None:
+            import torch.distributed as dist
+
+            load = load.to(torch.float32 if load.is_floating_point() else torch.int64).clone()  # not the caller's
+            dist.all_reduce(load, op=dist.ReduceOp.SUM, group=group)
         load = load.to(torch.float32)
         gamma = self.bias_update_speed if gamma is None else gamma
         bias = self.gate.e_score_correction_bias

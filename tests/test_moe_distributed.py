@@ -1,0 +1,79 @@
+"""latentmoe.nn.MoE under data parallelism: two CPU ranks (gloo) in spawned processes.
+
+DDP broadcasts rank 0's buffers into every rank at each forward (its default): the per-rank
+``load_counts`` must survive that, and ``update_bias(group=...)`` must give every rank the update
+of the global load."""
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from moe_helpers import hf_config
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from latentmoe.nn import MoE
+
+WORLD, STEPS, EVERY, GAMMA = 2, 6, 3, 0.05
+
+
+def _ranks(store: str, rank: int, use_ddp: bool) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)  # the same initial weights on both ranks
+        moe = MoE(hf_config("v3"), aux_loss_alpha=0.01, bias_update_speed=GAMMA)
+        with torch.no_grad():
+            moe.gate.e_score_correction_bias.zero_()
+        model = DDP(moe) if use_ddp else moe
+        assert "load_counts" not in dict(moe.named_buffers())
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+        mine = torch.zeros_like(moe.load_counts)
+        for step in range(STEPS):
+            x = torch.randn(2, 9, moe.hidden_size, generator=data)
+            y = model(x)
+            (y.square().mean() + moe.aux_loss).backward()
+            opt.step()
+            opt.zero_grad()
+            mine += moe.last_load
+            if (step + 1) % EVERY:
+                continue
+            # The counts this rank saw, whatever DDP broadcast in between.
+            assert torch.equal(moe.load_counts, mine), (step, moe.load_counts, mine)
+            total = mine.clone()
+            dist.all_reduce(total)
+            before = moe.gate.e_score_correction_bias.clone()
+            if step == EVERY - 1:  # an explicit load: reduced on a copy, load_counts left as they are
+                handed = mine.clone()
+                moe.update_bias(handed, group=dist.group.WORLD)
+                assert torch.equal(handed, mine)
+                moe.load_counts.zero_()
+            else:  # the accumulated counts, then reset
+                moe.update_bias(group=dist.group.WORLD)
+                assert int(moe.load_counts.abs().sum()) == 0
+            load = total.float()
+            want = before + GAMMA * torch.sign(load.mean() - load)
+            assert torch.equal(moe.gate.e_score_correction_bias, want)
+            mine.zero_()
+            biases = [torch.empty_like(want) for _ in range(WORLD)]
+            dist.all_gather(biases, moe.gate.e_score_correction_bias)
+            assert torch.equal(biases[0], biases[1])  # every rank applied the same update
+            assert torch.count_nonzero(want) > 0
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, use_ddp: bool) -> None:
+    mp.spawn(_worker, args=(str(tmp_path / "store"), use_ddp), nprocs=WORLD, join=True)
+
+
+def _worker(rank: int, store: str, use_ddp: bool) -> None:
+    torch.set_num_threads(1)
+    _ranks(store, rank, use_ddp)
+
+
+def test_ddp_keeps_each_ranks_load_counts_and_update_bias_uses_the_global_load(tmp_path):
+    _run(tmp_path, use_ddp=True)
+
+
+def test_update_bias_group_without_ddp(tmp_path):
+    # Plain data parallelism by hand (or FSDP, which does not broadcast buffers): the same update.
+    _run(tmp_path, use_ddp=False)
