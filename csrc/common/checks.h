@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <initializer_list>
+#include <optional>
 #include <string>
 
 namespace latentmoe::checks {
@@ -64,6 +65,14 @@ inline void contiguous(const char* op, const char* name, const at::Tensor& t) {
 inline void nonempty(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.numel() > 0, "latentmoe.", op, ": argument '", name,
                     "' is empty (shape ", t.sizes(), ")");
+}
+
+// A private contiguous copy of a small index tensor (lengths, a block table), made after its
+// metadata checks: the values a CPU kernel checks are then the values it reads, even if another
+// thread changes the caller's tensor meanwhile (B + B * max_pages int32s: nothing next to the op).
+inline at::Tensor private_copy(const at::Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); }
+inline std::optional<at::Tensor> private_copy(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(private_copy(*t)) : std::nullopt;
 }
 
 }  // namespace latentmoe::checks

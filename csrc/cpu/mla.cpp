@@ -358,11 +358,6 @@ void mla_decode_impl(const DecodeParams& p, const T* q_latent, const T* q_pe, co
   });
 }
 
-// Private copies of the lengths and the table, made after their metadata checks: the values checked
-// are the values the kernel reads, even if another thread changes the caller's tensors meanwhile
-// (B + B * max_pages int32s: nothing next to the op).
-at::Tensor checked_copy(const at::Tensor& t) { return t.clone(at::MemoryFormat::Contiguous); }
-
 std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, const at::Tensor& q_pe,
                                                   const at::Tensor& kv_cache, const at::Tensor& cache_seqlens_in,
                                                   const c10::optional<at::Tensor>& block_table_in,
@@ -373,9 +368,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
   const int64_t B = q_latent.size(0), Sq = q_latent.size(1), H = q_latent.size(2);
   const int64_t C = q_latent.size(3), R = q_pe.size(3);
   auto d = mla::check_cache(op, kv_cache, cache_seqlens_in, block_table_in, B, C, R, q_latent, "q_latent", pe_cache);
-  const at::Tensor cache_seqlens = checked_copy(cache_seqlens_in);
-  const c10::optional<at::Tensor> block_table =
-      block_table_in.has_value() ? c10::optional<at::Tensor>(checked_copy(*block_table_in)) : c10::nullopt;
+  const at::Tensor cache_seqlens = chk::private_copy(cache_seqlens_in);  // checked and read: the same values
+  const c10::optional<at::Tensor> block_table = chk::private_copy(block_table_in);
   mla::check_decode_scalars(softmax_scale, window);
   // The CPU always checks the values (no device sync to save); a given max_seqlen must bound them.
   mla::check_max_seqlen(op, max_seqlen, d);
@@ -457,9 +451,8 @@ void mla_append_cache_cpu(at::Tensor& kv_cache, const at::Tensor& kv_latent, con
   const int64_t B = kv_latent.size(0), S = kv_latent.size(1);
   auto d = mla::check_cache(op, kv_cache, cache_seqlens_in, block_table_in, B, kv_latent.size(2), k_pe.size(2),
                             kv_latent, "kv_latent");
-  const at::Tensor cache_seqlens = checked_copy(cache_seqlens_in);
-  const c10::optional<at::Tensor> block_table =
-      block_table_in.has_value() ? c10::optional<at::Tensor>(checked_copy(*block_table_in)) : c10::nullopt;
+  const at::Tensor cache_seqlens = chk::private_copy(cache_seqlens_in);  // checked and read: the same values
+  const c10::optional<at::Tensor> block_table = chk::private_copy(block_table_in);
   (void)check_values;  // the CPU always checks the values: it costs no device sync here
   mla::check_cache_values(op, d, cache_seqlens, block_table, S);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv_latent.scalar_type(), "mla_append_cache_cpu", [&] {

@@ -209,10 +209,13 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
 
 std::tuple<at::Tensor, at::Tensor> mla_prefill_cpu(const at::Tensor& q_nope, const at::Tensor& q_pe,
                                                    const at::Tensor& latent_cache,
-                                                   const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
+                                                   const at::Tensor& cache_seqlens_in, const at::Tensor& w_uk,
                                                    const at::Tensor& w_uv, double softmax_scale,
-                                                   const std::optional<at::Tensor>& block_table, bool causal,
+                                                   const std::optional<at::Tensor>& block_table_in, bool causal,
                                                    int64_t window) {
+  // Checked and read: the same values (private copies, whatever another thread does meanwhile).
+  const at::Tensor cache_seqlens = latentmoe::checks::private_copy(cache_seqlens_in);
+  const std::optional<at::Tensor> block_table = latentmoe::checks::private_copy(block_table_in);
   const Params p = mla_prefill::check_args("mla_prefill", q_nope, q_pe, latent_cache, cache_seqlens, w_uk,
                                            w_uv, softmax_scale, block_table, causal, window);
   // The CPU runs the absorbed path (through mla_decode) only when asked: its prefill kernel is
@@ -497,9 +500,11 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefill_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q_nope, const at::Tensor& q_pe,
-    const at::Tensor& latent_cache, const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
+    const at::Tensor& latent_cache, const at::Tensor& cache_seqlens_in, const at::Tensor& w_uk,
     const at::Tensor& w_uv, const at::Tensor& out, const at::Tensor& lse, double softmax_scale,
-    const std::optional<at::Tensor>& block_table, bool causal, int64_t window) {
+    const std::optional<at::Tensor>& block_table_in, bool causal, int64_t window) {
+  const at::Tensor cache_seqlens = latentmoe::checks::private_copy(cache_seqlens_in);  // as in the forward
+  const std::optional<at::Tensor> block_table = latentmoe::checks::private_copy(block_table_in);
   auto io = mla_prefill::prepare_backward("mla_prefill_backward", grad_out, grad_lse, q_nope, q_pe, latent_cache,
                                          cache_seqlens, w_uk, w_uv, out, lse, softmax_scale, block_table, causal,
                                          window);
