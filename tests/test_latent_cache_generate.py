@@ -48,6 +48,13 @@ def _models(attn_impl: str = "sdpa", moe: bool = False):
     return cfg, hf, ours
 
 
+def _on(device: str, *models):
+    """Copies of ``models`` on ``device`` (the cached CPU models stay as they are)."""
+    import copy
+
+    return [m if device == "cpu" else copy.deepcopy(m).to(device) for m in models]
+
+
 def _cache(cfg, batch, capacity, page_size=None, **kw):
     return LatentKVCache(
         cfg.num_hidden_layers, batch, capacity, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
@@ -90,12 +97,13 @@ def _no_sdpa(monkeypatch):
 @pytest.mark.parametrize("page_size", [None, 4])
 @pytest.mark.parametrize("P", [7, 20])  # prefill through mla_decode (<= 16 tokens) / mla_prefill
 @pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
-def test_greedy_left_padded_batch_matches_dynamic_cache(monkeypatch, attn_impl, P, page_size):
+def test_greedy_left_padded_batch_matches_dynamic_cache(monkeypatch, device, attn_impl, P, page_size):
     cfg, hf, ours = _models(attn_impl)
+    hf, ours = _on(device, hf, ours)
     pads, new = [0, 3, 5], 6
-    ids, mask = _prompts(P, pads)
+    ids, mask = (t.to(device) for t in _prompts(P, pads))
     want = hf.generate(ids, attention_mask=mask, **_greedy(max_new_tokens=new))
-    cache = _cache(cfg, 3, P + new - 1, page_size)
+    cache = _cache(cfg, 3, P + new - 1, page_size, device=device)
     _no_sdpa(monkeypatch)
     got = ours.generate(ids, attention_mask=mask, cache=cache, **_greedy(max_new_tokens=new))
     _assert_same(got, want)
@@ -131,13 +139,14 @@ def test_model_with_routed_experts():
 
 
 @pytest.mark.parametrize("page_size", [None, 4])
-def test_beam_search_reorders_rows(page_size):
+def test_beam_search_reorders_rows(device, page_size):
     cfg, hf, ours = _models("eager")
-    ids, mask = _prompts(8, [0, 3])
+    hf, ours = _on(device, hf, ours)
+    ids, mask = (t.to(device) for t in _prompts(8, [0, 3]))
     kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True,
               output_scores=True)
     want = hf.generate(ids, attention_mask=mask, **kw)
-    cache = _cache(cfg, 2 * 3, 8 + 6 - 1, page_size)  # batch * num_beams rows
+    cache = _cache(cfg, 2 * 3, 8 + 6 - 1, page_size, device=device)  # batch * num_beams rows
     orders, reorder = [], cache.reorder_cache
 
     def spy(beam_idx):
