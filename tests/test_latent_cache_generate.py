@@ -13,6 +13,7 @@ from latentmoe.nn import LatentKVCache, MultiHeadLatentAttention
 from test_mla_common import (
     causal_additive_mask,
     hf_cache,
+    hf_model_pair,
     make_config,
     make_hf_attention,
     rel_err,
@@ -30,22 +31,7 @@ def _models(attn_impl: str = "sdpa", moe: bool = False):
     change the models."""
     from transformers import DeepseekV3ForCausalLM
 
-    cfg = make_config(heads=3, q_lora=24)
-    cfg._attn_implementation = attn_impl
-    cfg.num_hidden_layers = 2
-    cfg.first_k_dense_replace = 1 if moe else 2
-    torch.manual_seed(0)
-    hf = DeepseekV3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.2)
-    ours = DeepseekV3ForCausalLM(cfg).eval()
-    ours.load_state_dict(hf.state_dict(), strict=True)
-    for i, layer in enumerate(ours.model.layers):
-        attn = MultiHeadLatentAttention(cfg, i)
-        attn.load_state_dict(layer.self_attn.state_dict(), strict=True)
-        layer.self_attn = attn
-    return cfg, hf, ours
+    return hf_model_pair(DeepseekV3ForCausalLM, attn_impl, moe)
 
 
 def _on(device: str, *models):

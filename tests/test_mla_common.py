@@ -101,6 +101,31 @@ def hf_cache(cfg):
     return DynamicCache(config=cfg)
 
 
+def hf_model_pair(model_cls, attn_impl: str, moe: bool = False):
+    """(config, an HF ``model_cls`` (``DeepseekV3Model`` / ``DeepseekV3ForCausalLM``), the same
+    model with latentmoe's attention in every layer): 2 layers, 3 heads, q_lora, random weights.
+    Dense MLPs unless ``moe`` (then layer 1 is a routed-experts layer)."""
+    from latentmoe.nn import MultiHeadLatentAttention
+
+    cfg = make_config(heads=3, q_lora=24)
+    cfg._attn_implementation = attn_impl
+    cfg.num_hidden_layers = 2
+    cfg.first_k_dense_replace = 1 if moe else 2
+    torch.manual_seed(0)
+    hf = model_cls(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    ours = model_cls(cfg).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    layers = ours.model.layers if hasattr(ours, "model") else ours.layers
+    for i, layer in enumerate(layers):
+        attn = MultiHeadLatentAttention(cfg, i)
+        attn.load_state_dict(layer.self_attn.state_dict(), strict=True)
+        layer.self_attn = attn
+    return cfg, hf, ours
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (b is the trusted value)."""
     a, b = a.detach().double(), b.detach().double()

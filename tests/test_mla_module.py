@@ -9,6 +9,7 @@ from latentmoe.nn import LatentKVCache, MultiHeadLatentAttention
 from test_mla_common import (
     causal_additive_mask,
     hf_cache,
+    hf_model_pair,
     make_config,
     make_hf_attention,
     offload_like_accelerate,
@@ -182,25 +183,10 @@ def test_decode_low_precision(dtype, cache_kind):
 
 
 def _hf_model_pair(attn_impl):
-    """(HF DeepseekV3Model, the same model with our attention in every layer), 2 layers."""
+    """(config, HF DeepseekV3Model, the same model with our attention in every layer), 2 layers."""
     from transformers import DeepseekV3Model
 
-    cfg = make_config(heads=3, q_lora=24)
-    cfg._attn_implementation = attn_impl
-    cfg.num_hidden_layers = 2
-    cfg.first_k_dense_replace = 2  # dense MLPs: the test is about attention
-    torch.manual_seed(0)
-    model = DeepseekV3Model(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    ours = DeepseekV3Model(cfg).eval()
-    ours.load_state_dict(model.state_dict(), strict=True)
-    for i, layer in enumerate(ours.layers):
-        attn = MultiHeadLatentAttention(cfg, i)
-        attn.load_state_dict(layer.self_attn.state_dict(), strict=True)
-        layer.self_attn = attn
-    return cfg, model, ours
+    return hf_model_pair(DeepseekV3Model, attn_impl)  # dense MLPs: the test is about attention
 
 
 @pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
