@@ -488,6 +488,52 @@ def smoke(device: str) -> None:
                                          max_seqlen=cap)
 
 
+def _generate_rows(device: str, dtype, prompt: int, new: int, pads=(0, 64, 128, 256)) -> list[dict]:
+    """HF ``generate`` end to end (greedy; a 1-layer DeepseekV3ForCausalLM at the bench dims, a
+    left-padded batch): HF's attention with its DynamicCache vs latentmoe's attention with a
+    LatentKVCache (prefill kernel, then decode steps on the latent cache; padding not stored)."""
+    from transformers import DeepseekV3ForCausalLM
+
+    cfg = _config("sdpa")
+    torch.manual_seed(0)
+    hf = DeepseekV3ForCausalLM(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5)
+    hf = hf.to(device=device, dtype=dtype).eval()
+    ours = DeepseekV3ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    attn = latentmoe.nn.MultiHeadLatentAttention(cfg, 0).to(device=device, dtype=dtype)
+    attn.load_state_dict(ours.model.layers[0].self_attn.state_dict(), strict=True)
+    ours.model.layers[0].self_attn = attn.eval()
+    B = len(pads)
+    ids = torch.randint(1, cfg.vocab_size, (B, prompt), device=device)
+    mask = torch.ones(B, prompt, dtype=torch.long, device=device)
+    for b, n in enumerate(pads):
+        ids[b, :n], mask[b, :n] = 0, 0
+    kw = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    cache = latentmoe.nn.LatentKVCache(1, B, prompt + new, C, R, dtype=dtype, device=device)
+
+    def ours_generate():
+        cache.reset()
+        return ours.generate(ids, cache=cache, **kw)
+
+    with torch.no_grad():
+        same = torch.equal(hf.generate(ids, **kw), ours_generate())
+        t, per_round = time_paired({"hf": lambda: hf.generate(ids, **kw), "ours": ours_generate}, device,
+                                   rounds=3, reps=1)
+    dt = str(dtype).removeprefix("torch.")
+    mode = f"generate-{dt}-B{B}-P{prompt}-new{new}"
+    note = f"left padding {list(pads)}; greedy ids identical to HF's: {same}"
+    return [
+        row("mla_generate", "hf", mode, prompt, t["hf"], device, note=note),
+        row("mla_generate", "latentmoe", mode, prompt, t["ours"], device, note=note),
+        ratio_row("mla_generate", "speedup_vs_hf", prompt, paired_ratio(per_round, "hf", "ours"), device,
+                  "no goal (end to end: prefill + decode steps, MLP and lm_head included); median of "
+                  "per-round ratios"),
+    ]
+
+
 def run(device: str, quick: bool) -> list[dict]:
     dtype = torch.float32
     contexts = [1024, 4096, 16384]  # issue 3's decode contexts, quick runs included
@@ -507,6 +553,7 @@ def run(device: str, quick: bool) -> list[dict]:
     rows += _train_rows(device, dtype, 1024 if quick else 4096)
     if device.startswith("cuda") and not quick:
         rows += _prefill_memory_rows(device, torch.bfloat16, 16384)
+    rows += _generate_rows(device, dtype, 1024 if quick else 4096, 16)
     rows += _cache_bytes_rows(device)
     return rows
 
