@@ -306,3 +306,35 @@ def test_module_padding_in_a_later_step():
     with torch.no_grad(), pytest.raises(ValueError, match=r"shows \[6, 5\] unpadded earlier keys"):
         mine(x[:, :1], pe, mask, cache=c_mine)
     assert c_mine.lengths(0) == [7, 5] and c_mine.get_seq_length(0) == 7
+
+
+def test_plain_mask_after_left_out_padding_is_refused():
+    # Rows that left padding out hold fewer tokens than positions: a continuation without a mask
+    # (pad == eos, so HF cannot infer one: it attends over the pads it stored) cannot be honoured
+    # and must raise, not attend at the wrong rotary positions. trim() / reset() start over.
+    cfg, hf, ours = _models("sdpa")
+    ids, mask = _prompts(6, [0, 3])
+    kw = dict(do_sample=False, pad_token_id=PAD, eos_token_id=PAD)
+    cache = _cache(cfg, 2, 30)
+    first = ours.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=3, **kw)
+    assert cache.lengths(0) == [8, 5] and cache.get_seq_length(0) == 8
+    with pytest.raises(ValueError, match=r"rows hold \[8, 5\] tokens of 8 positions"):
+        ours.generate(first, cache=cache, max_new_tokens=2, **kw)
+    assert cache.lengths(0) == [8, 5]  # nothing written
+    cache.trim(cache.lengths(0))  # the rows' lengths as they are: from here the rows are the truth
+    ours.generate(first, cache=cache, max_new_tokens=1, **kw)
+
+
+def test_advance_takes_index_like_counts_and_empty_steps_are_refused():
+    import numpy as np
+
+    cfg, _, ours = _models("sdpa")
+    cache = _cache(cfg, 2, 16)
+    cache.advance(0, np.int64(2))
+    cache.advance(0, torch.tensor(1))
+    assert cache.lengths(0) == [3, 3] and cache.get_seq_length(0) == 3
+    attn = ours.model.layers[0].self_attn
+    x = torch.zeros(2, 0, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.zeros(2, 0, dtype=torch.long))
+    with torch.no_grad(), pytest.raises(ValueError, match="no new tokens"):
+        attn(x, pe, None, cache=cache)

@@ -105,11 +105,15 @@ class LatentKVCache:
     never written out of bounds).
 
     Positions and padding: each layer also counts the token positions it was given
-    (:meth:`get_seq_length`, HF's "past length", padding included). Padding is never stored: when
-    the attention mask hides some of a step's new tokens (HF's left padding), the module writes
-    only each row's real tokens, so row ``b`` holds ``lengths()[b]`` tokens, at most that count,
-    and the kernels' causal rule over each row's own tokens is HF's masked attention. Without
-    padding every row holds every position.
+    (:meth:`get_seq_length`, HF's "past length", padding included). Padding is never kept: when
+    the attention mask hides some of a step's new tokens (HF's left padding), each row keeps only
+    its real tokens, so row ``b`` holds ``lengths()[b]`` tokens, at most that count, and the
+    kernels' causal rule over each row's own tokens is HF's masked attention; later steps must
+    keep passing that padding mask (a plain causal mask or None then raises ValueError, until
+    :meth:`trim` or :meth:`reset`). Without padding every row holds every position. A step still
+    writes all of its S slots per row (the padding lands past the row's new length, to be
+    overwritten by later tokens), so a paged row needs its own pages up to its length + S, as
+    without padding: pages shared between rows are overwritten.
 
     Hugging Face ``generate``: the cache implements the part of transformers' ``Cache`` interface
     that ``generate`` and the mask builders of transformers 5.x call (:meth:`get_seq_length`,
@@ -119,8 +123,10 @@ class LatentKVCache:
     (``past_key_values=c`` in older releases): greedy or sampled, left-padded batches, assisted
     decoding (:meth:`crop`) and beam search (:meth:`reorder_cache`). Size it for the run:
     ``batch_size`` = batch * num_beams (* num_return_sequences when sampling several), ``capacity``
-    >= padded prompt length + max_new_tokens - 1; a step that would not fit raises ValueError
-    before anything is written. HF's own attention classes cannot use it (:meth:`update` raises).
+    >= padded prompt length + max_new_tokens - 1, plus the draft length with assisted decoding
+    (``prompt_lookup_num_tokens`` / the assistant's tokens: a verify step writes the whole draft
+    before the rejected part is cropped); a step that would not fit raises ValueError before
+    anything is written. HF's own attention classes cannot use it (:meth:`update` raises).
     """
 
     # transformers' Cache flags: lengths live on the host (a compiled step would recompile at every
@@ -176,6 +182,9 @@ class LatentKVCache:
         # Per layer, the first position from which every row holds every token (no padding, no
         # trim since): crop() may remove positions back to it, not further.
         self._dense_from = [0] * num_layers
+        # Per layer: padding was left out (a per-row advance) since the last trim / reset, so rows
+        # hold fewer tokens than positions and a mask must keep saying which were padding.
+        self._skipped = [False] * num_layers
 
     def _layer(self, layer_idx: int) -> int:
         if not 0 <= layer_idx < len(self.kv):
@@ -214,6 +223,7 @@ class LatentKVCache:
             self._host_lens[layer] = list(lengths)
             self.seqlens[layer].copy_(torch.tensor(lengths, dtype=torch.int32))
             self._seen[layer] = self._dense_from[layer] = max(lengths)
+            self._skipped[layer] = False
 
     def reserve(self, layer_idx: int, n_new: int) -> None:
         """Raise ValueError if ``n_new`` more tokens per row would not fit."""
@@ -222,7 +232,8 @@ class LatentKVCache:
         if need > self.capacity:
             raise ValueError(
                 f"LatentKVCache: layer {layer_idx} would hold {need} tokens but capacity is {self.capacity} "
-                "(for generate: at least the padded prompt length + max_new_tokens - 1)"
+                "(for generate: at least the padded prompt length + max_new_tokens - 1, plus the draft length "
+                "with assisted decoding)"
             )
 
     def advance(self, layer_idx: int, n_new, positions: int | None = None) -> None:
@@ -231,10 +242,14 @@ class LatentKVCache:
         ``n_new[b]`` in row ``b`` (B ints) for a step of ``positions`` new tokens whose others were
         padding (each row's padding before its real tokens)."""
         seen = self._seen[layer_idx]
-        if isinstance(n_new, int):
-            self.seqlens[layer_idx].add_(n_new)
-            self._host_lens[layer_idx] = [n + n_new for n in self._host_lens[layer_idx]]
-            self._seen[layer_idx] = seen + (n_new if positions is None else positions)
+        try:
+            n = operator.index(n_new)  # an int, a numpy integer, a 0-d integer tensor
+        except TypeError:
+            n = None
+        if n is not None:
+            self.seqlens[layer_idx].add_(n)
+            self._host_lens[layer_idx] = [m + n for m in self._host_lens[layer_idx]]
+            self._seen[layer_idx] = seen + (n if positions is None else positions)
             return
         counts = [int(n) for n in n_new]
         fits = positions is not None and all(0 <= n <= positions for n in counts)
@@ -249,6 +264,7 @@ class LatentKVCache:
         padding = positions - min(counts)  # the longest run of padding, each row's before its tokens
         if padding:
             self._dense_from[layer_idx] = seen + padding
+            self._skipped[layer_idx] = True
         self._seen[layer_idx] = seen + positions
 
     def rows(self, layer_idx: int, length: int) -> torch.Tensor:
@@ -366,6 +382,7 @@ class LatentKVCache:
             self.seqlens[layer].zero_()
             self._host_lens[layer] = [0] * self.batch_size
             self._seen[layer] = self._dense_from[layer] = 0
+            self._skipped[layer] = False
 
     def update(self, key_states=None, value_states=None, layer_idx=None, *args, **kwargs):
         """HF's attention classes call ``cache.update(keys, values, layer_idx)``: refused."""
@@ -509,6 +526,13 @@ class MultiHeadLatentAttention(nn.Module):
             )
         check_float_dtype("MultiHeadLatentAttention", "hidden_states", hidden_states)
         B, S, _ = hidden_states.shape
+        if S == 0 and isinstance(cache, LatentKVCache):
+            raise ValueError(
+                f"MultiHeadLatentAttention: no new tokens (hidden_states of shape {tuple(hidden_states.shape)}); "
+                f"with generate, the LatentKVCache already holds {cache.get_seq_length(self.layer_idx)} "
+                "positions of an earlier batch, so generate sliced the whole prompt away: call cache.reset() "
+                "before generating for a new batch"
+            )
         H, N, R, C = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if self.q_lora_rank is None:
             q = project(self.q_proj, hidden_states)
@@ -609,8 +633,6 @@ class MultiHeadLatentAttention(nn.Module):
         seen = cache.get_seq_length(self.layer_idx)
         L = seen + S
         mask = _dense_mask(attention_mask, B, S, L, L)
-        if self._is_plain_causal(mask, B, S, L, L):
-            return None
 
         def refuse(why: str):
             raise ValueError(
@@ -618,6 +640,17 @@ class MultiHeadLatentAttention(nn.Module):
                 "mask, or the causal mask with left padding (as HF builds it from a 2-D padding mask): "
                 "the cache stores each row's real tokens only and attends causally over them; " + why
             )
+
+        if self._is_plain_causal(mask, B, S, L, L):
+            held = cache.lengths(self.layer_idx)
+            if cache._skipped[self.layer_idx] and held != [seen] * B:
+                refuse(
+                    f"this cache left out padding (its rows hold {held} tokens of {seen} positions), so a "
+                    "mask must keep marking it: a plain causal mask (or None) would attend over padding the "
+                    "cache never stored (pass the padding mask, as generate does; trim() or reset() "
+                    "starts over)"
+                )
+            return None
 
         if mask.dim() != 4 or mask.shape[0] not in (1, B) or mask.shape[1] != 1 or mask.shape[2] != S:
             refuse(f"got a mask of shape {tuple(mask.shape)} for {B} rows of {S} new tokens")
@@ -632,7 +665,11 @@ class MultiHeadLatentAttention(nn.Module):
         keys = keep[:, -1]  # what the last new token sees: every unpadded key
         new = keys[:, seen:]
         if not bool(torch.all(new[:, :-1] <= new[:, 1:])):
-            refuse("in this one a row's padding comes after some of its new tokens (right padding?)")
+            refuse(
+                "in this one a row's padding comes after some of its new tokens: right padding, or a later "
+                "turn's left padding behind the previous turn's last token (not cached yet, so it is part "
+                "of this step); only padding before all of a step's tokens can be left out"
+            )
         want = keys[:, None, :] & _causal_keep(S, L, L, keys.device)
         if bool(torch.any((keep != want) & new[:, :, None])):
             refuse("in this one a real token's row is not the causal mask with the padded keys hidden")
