@@ -487,3 +487,14 @@ def test_hf_experts_interface_autocast_mixed_dtypes():
         got = experts(x.bfloat16(), idx, w)
     assert got.dtype == torch.bfloat16
     assert rel_err(got.float(), want) <= 2e-2
+
+
+def test_nan_router_weight_propagates_like_hf():
+    # A NaN row in the router weight (a diverged run): HF's outputs are NaN for every token (its
+    # topk picks the NaN expert); ours must not come out finite.
+    ours, theirs = _pair("v3")
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.gate.weight[5] = float("nan")
+    x = torch.randn(2, 6, CONFIGS["v3"]["hidden_size"])
+    assert torch.equal(torch.isnan(ours(x)), torch.isnan(theirs(x)))

@@ -267,3 +267,22 @@ def test_softmax_scores_accuracy(device, E):
     exact = torch.softmax(x.double(), -1)
     err = ((s.cpu().double() - exact).abs() / exact).max().item()
     assert err <= 4e-7
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_nan_score_reaches_the_weights(device, score_func, norm):
+    # A NaN logit (e.g. a NaN row of the router weight) must not be hidden: HF's topk picks the NaN
+    # expert, so the token's output is NaN. Here the picks stay among the finite scores (in range,
+    # deterministic) and every weight of that token is NaN; other tokens are untouched.
+    logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    logits[1, 5] = float("nan")
+    w, idx, _ = moe_route(logits.to(device), 2, n_group=2, topk_group=1, score_func=score_func,
+                          norm_topk_prob=norm)
+    w, idx = w.cpu(), idx.cpu()
+    assert torch.isnan(w[1]).all()
+    assert not torch.isnan(w[[0, 2, 3]]).any()
+    assert ((idx >= 0) & (idx < 8)).all() and len(set(idx[1].tolist())) == 2
+    want_w, want_idx, _ = moe_route(logits[[0, 2, 3]].to(device), 2, n_group=2, topk_group=1,
+                                    score_func=score_func, norm_topk_prob=norm)
+    assert torch.equal(w[[0, 2, 3]], want_w.cpu()) and torch.equal(idx[[0, 2, 3]], want_idx.cpu())

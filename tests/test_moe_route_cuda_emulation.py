@@ -108,3 +108,18 @@ def test_route_kernel_ties_lower_index(harness, tmp_path):
                        routed_scaling_factor=1.0)[1]
         assert torch.equal(i, wi)
         assert torch.equal(i[0], torch.arange(K))
+
+
+@pytest.mark.parametrize("E", [64, 1040])  # the warp kernel, the one-thread-per-token kernel
+@pytest.mark.parametrize("sf", ["sigmoid", "softmax"])
+def test_route_kernel_nan_score_poisons_the_tokens_weights(harness, tmp_path, E, sf):
+    """A NaN logit: the token's picks stay among the finite scores and all its weights are NaN
+    (moe::routed_weight), as on the CPU; other tokens are untouched."""
+    logits = torch.randn(3, E, generator=torch.Generator().manual_seed(E))
+    logits[1, 37] = float("nan")
+    w, i, s, _ = emulated_route(harness, tmp_path, logits, None, 4, 8, 2, sf, True, 1.0, order=3)
+    ww, wi, ws = moe_route(logits, top_k=4, n_group=8, topk_group=2, score_func=sf, norm_topk_prob=True)
+    assert torch.equal(i, wi)
+    assert torch.isnan(w[1]).all() and torch.isnan(ww[1]).all()
+    assert torch.equal(w[[0, 2]], ww[[0, 2]])
+    assert torch.equal(s.isnan(), ws.isnan()) and torch.equal(s.nan_to_num(), ws.nan_to_num())

@@ -58,14 +58,22 @@ LMOE_HD void route_scores(const float* logits, int E, int score_func, float* sco
   for (int e = 0; e < E; ++e) scores[e] *= inv;
 }
 
+// The token's weights once its scores are known: NaN for all K when any score is NaN (a NaN
+// router logit or weight), so the NaN reaches the token's output as with HF (whose topk picks the
+// NaN expert). The picks themselves stay among the finite scores: in range and deterministic.
+LMOE_HD float routed_weight(float w, bool nan_score) { return nan_score ? NAN : w; }
+
 // Routing of one token. `choice` is E floats of scratch; `bias` may be null.
-// Outputs: scores [E] (unbiased), weights [K] (fp32), indices [K] in descending biased score,
-// ties -> lower index. Non-kept groups are excluded (HF masks them with -inf).
+// Outputs: scores [E] (unbiased), weights [K] (fp32; all NaN if a score is NaN), indices [K] in
+// descending biased score, ties -> lower index. Non-kept groups are excluded (HF masks them with
+// -inf).
 LMOE_HD void route_token(const float* logits, const float* bias, const RouteParams& p,
                          float* scores, float* choice, float* weights, int64_t* indices) {
   const int E = p.num_experts;
   route_scores(logits, E, p.score_func, scores);
+  bool nan_score = false;
   for (int e = 0; e < E; ++e) {
+    nan_score = nan_score || is_nan(scores[e]);
     const float c = scores[e] + (bias != nullptr ? bias[e] : 0.f);
     choice[e] = is_nan(c) ? -INFINITY : c;  // NaN is our "excluded" mark; keep it unambiguous
   }
@@ -113,8 +121,9 @@ LMOE_HD void route_token(const float* logits, const float* bias, const RoutePara
   }
   // Divide then scale, as HF does, so fp32 results match it closely.
   for (int k = 0; k < p.top_k; ++k)
-    weights[k] = p.norm_topk_prob ? (weights[k] / (sum + kNormEps)) * p.routed_scaling_factor
-                                  : weights[k] * p.routed_scaling_factor;
+    weights[k] = routed_weight(p.norm_topk_prob ? (weights[k] / (sum + kNormEps)) * p.routed_scaling_factor
+                                                : weights[k] * p.routed_scaling_factor,
+                               nan_score);
 }
 
 // An index the backward may use: [0, E). The CPU rejects others before the math runs; on CUDA

@@ -70,12 +70,15 @@ moe_route_warp_kernel(const float* __restrict__ logits, const float* __restrict_
 #pragma unroll
     for (int j = 0; j < NPL; ++j) s[j] *= inv;
   }
+  float nan_score = 0.f;  // 1 when a score of the token is NaN (moe::routed_weight)
 #pragma unroll
   for (int j = 0; j < NPL; ++j) {
     const int e = lane + 32 * j;
+    if (e < E && moe::is_nan(s[j])) nan_score = 1.f;
     const float v = s[j] + (bias != nullptr && e < E ? bias[e] : 0.f);
     c[j] = e < E ? (moe::is_nan(v) ? -INFINITY : v) : NAN;  // NaN: not a candidate
   }
+  nan_score = warp_max(nan_score);
   if (p.n_group > 1) {
     const int gs = E / p.n_group;
     float* gscore = gscore_s + warp * kMaxGroups;
@@ -153,8 +156,9 @@ moe_route_warp_kernel(const float* __restrict__ logits, const float* __restrict_
   if (lane == 0) {
     for (int k = 0; k < K; ++k) {  // divide then scale, as the shared code (and HF)
       const float w = weights[t * K + k];
-      weights[t * K + k] = p.norm_topk_prob ? (w / (sum + moe::kNormEps)) * p.routed_scaling_factor
-                                            : w * p.routed_scaling_factor;
+      weights[t * K + k] = moe::routed_weight(p.norm_topk_prob ? (w / (sum + moe::kNormEps)) * p.routed_scaling_factor
+                                                               : w * p.routed_scaling_factor,
+                                              nan_score != 0.f);
     }
   }
 #pragma unroll

@@ -35,8 +35,10 @@ def moe_route(
             ``router_weight`` is given, the hidden states ``[T, hidden]`` (float32 / bfloat16 /
             float16), from which the logits are computed that way (an fp32 GEMM, as HF's router).
         top_k: experts per token, ``1 <= top_k <= topk_group * E // n_group``.
-        n_group, topk_group: group-limited selection; a group's score is the sum of its top-2
-            biased scores; experts of the other groups are excluded (HF masks them with -inf).
+        n_group, topk_group: group-limited selection (``n_group <= 64``, dividing E); a group's score
+            is the sum of its top-2 biased scores; experts of the other groups are excluded (HF masks
+            them with -inf). A token with a NaN score gets NaN weights (as HF, whose topk picks the
+            NaN expert), its picks staying among the finite scores.
         e_score_correction_bias: ``[E]`` float32, added for selection only, or None.
         score_func: ``"sigmoid"`` (V3) or ``"softmax"``.
         norm_topk_prob: divide the chosen weights by their sum + 1e-20.
