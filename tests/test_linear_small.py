@@ -103,3 +103,11 @@ def test_project_picks_linear_small_only_without_grad_for_few_cpu_rows(monkeypat
         assert len(calls) == 1
     y = lin.project(layer, x)  # parameters require grad: autograd path
     assert y.grad_fn is not None and len(calls) == 1
+
+
+def test_gradient_reaching_it_raises():
+    # No backward: a gradient must raise, not leave the inputs' .grad silently None.
+    x = torch.randn(2, 8, requires_grad=True)
+    out = linear_small(x, torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="linear_small: has no backward"):
+        out.sum().backward()

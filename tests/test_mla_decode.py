@@ -426,3 +426,11 @@ def test_nan_in_used_inputs_propagates(monkeypatch, isa, L, bad):
     out, lse = mla_decode(q, qp, cache, lens, 0.3)
     assert out[:, :, 1].isnan().all() and lse[:, :, 1].isnan().all()
     assert torch.isfinite(out[:, :, [0, 2]]).all() and torch.isfinite(lse[:, :, [0, 2]]).all()
+
+
+def test_gradient_reaching_it_raises():
+    # An inference op: a gradient must raise, not leave the queries' .grad silently None.
+    q = torch.randn(1, 1, 2, 8, requires_grad=True)
+    out, _ = mla_decode(q, torch.randn(1, 1, 2, 4), torch.randn(1, 5, 12), torch.tensor([5], dtype=torch.int32), 0.3)
+    with pytest.raises(RuntimeError, match="mla_decode: has no backward"):
+        out.sum().backward()

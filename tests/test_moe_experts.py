@@ -653,3 +653,21 @@ def test_settings_are_a_snapshot():
                 op.moe_experts_backward.default(*args)
     finally:
         latentmoe.reload_settings()
+
+
+@pytest.mark.parametrize("name", ["LATENTMOE_CPU_ISA", "LATENTMOE_CPU_LOWP_GEMM"])
+def test_unknown_cpu_switch_values_raise(name):
+    # The kernels read these without an op to blame: an unknown value is refused when the settings
+    # are (re)loaded, not silently run as the default.
+    import os
+
+    import latentmoe
+
+    try:
+        with mock.patch.dict(os.environ, {name: "bogus"}):
+            with pytest.raises(ValueError, match=f"{name} must be"):
+                latentmoe.reload_settings()
+        with mock.patch.dict(os.environ, {name: "auto"}):
+            latentmoe.reload_settings()
+    finally:
+        latentmoe.reload_settings()

@@ -17,13 +17,31 @@ from latentmoe import nn, reference  # noqa: E402
 
 __version__ = "0.1.0"
 
+# The CPU switches the kernels read without an op to name in an error (the other LATENTMOE_*
+# choices raise ValueError from the op that reads them): checked here, at import and on reload.
+_CPU_CHOICES = {"LATENTMOE_CPU_ISA": ("auto", "generic"), "LATENTMOE_CPU_LOWP_GEMM": ("auto", "native", "fp32")}
+
+
+def _check_cpu_settings() -> None:
+    import os
+
+    for name, allowed in _CPU_CHOICES.items():
+        value = os.environ.get(name, "")
+        if value not in ("",) + allowed:
+            raise ValueError(f"latentmoe: {name} must be {' or '.join(allowed)} (or unset), not {value!r}")
+
+
+_check_cpu_settings()
+
 
 def reload_settings() -> None:
-    """Re-read the ``LATENTMOE_*`` environment variables (README, "Settings").
+    """Re-read the ``LATENTMOE_*`` environment variables (README, "Runtime knobs").
 
     The kernels read them once, at the first op call, and never call ``getenv`` again (it is not
     safe against another thread assigning ``os.environ`` while ops run): after changing one later,
-    call this. Ops already running finish with the values they started with."""
+    call this. Ops already running finish with the values they started with. An unknown value of
+    ``LATENTMOE_CPU_ISA`` or ``LATENTMOE_CPU_LOWP_GEMM`` raises ``ValueError`` here (and at import)."""
+    _check_cpu_settings()
     _C.reload_settings()
 
 

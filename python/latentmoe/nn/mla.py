@@ -151,6 +151,8 @@ class LatentKVCache:
             raise ValueError("LatentKVCache: num_layers, batch_size and capacity must be >= 1")
         self.batch_size, self.capacity = batch_size, capacity
         self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
+        if page_size is not None and page_size < 1:
+            raise ValueError(f"LatentKVCache: 'page_size' must be None or >= 1, got {page_size}")
         self.page_size = page_size
         D = kv_lora_rank + rope_dim
         if page_size is None:
@@ -528,10 +530,10 @@ class MultiHeadLatentAttention(nn.Module):
         B, S, _ = hidden_states.shape
         if S == 0 and isinstance(cache, LatentKVCache):
             raise ValueError(
-                f"MultiHeadLatentAttention: no new tokens (hidden_states of shape {tuple(hidden_states.shape)}); "
-                f"with generate, the LatentKVCache already holds {cache.get_seq_length(self.layer_idx)} "
-                "positions of an earlier batch, so generate sliced the whole prompt away: call cache.reset() "
-                "before generating for a new batch"
+                f"MultiHeadLatentAttention: no new tokens (hidden_states of shape {tuple(hidden_states.shape)}) "
+                f"for a LatentKVCache holding {cache.get_seq_length(self.layer_idx)} positions (with generate: "
+                "a cache still holding an earlier batch makes generate slice the whole prompt away; call "
+                "cache.reset() before generating for a new batch)"
             )
         H, N, R, C = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         if self.q_lora_rank is None:

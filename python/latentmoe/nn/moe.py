@@ -87,10 +87,10 @@ class MoE(nn.Module):
     Args:
         config: an HF ``DeepseekV3Config`` (or any object with ``hidden_size``,
             ``moe_intermediate_size``, ``n_routed_experts``, ``num_experts_per_tok``, ``n_group``,
-            ``topk_group``, ``norm_topk_prob``, ``routed_scaling_factor``, ``n_shared_experts``;
-            ``hidden_act`` must be ``"silu"``).
-        score_func: ``"sigmoid"`` (V3, default; else ``config.scoring_func`` if present) or
-            ``"softmax"``.
+            ``topk_group`` (``n_group <= 64``), ``norm_topk_prob``, ``routed_scaling_factor``;
+            optionally ``n_shared_experts`` (default 0); ``hidden_act`` must be ``"silu"``).
+        score_func: ``"sigmoid"`` (V3) or ``"softmax"``; default ``config.scoring_func`` if present,
+            else ``"sigmoid"``.
         aux_loss_alpha: balance-loss weight alpha (default ``config.aux_loss_alpha`` or 0: off).
         seq_aux: sequence-wise balance loss (per sequence of a ``[B, S, hidden]`` input, averaged;
             a ``[T, hidden]`` input is one sequence) instead of the expert-level one over all the

@@ -405,11 +405,17 @@ def check_moe_experts_backward(grad_out, hidden, gate_up_proj, down_proj, weight
             op, "gate_up_out", lambda: "must be [T*k, 2I]")
 
 
-def forbid_double_backward(op: str) -> None:
-    """Register autograd for ``latentmoe::<op>`` (a backward op) that raises instead of letting
-    torch silently treat it as non-differentiable: second derivatives are not implemented."""
+def forbid_backward(op: str, why: str) -> None:
+    """Register autograd for ``latentmoe::<op>`` that raises ``RuntimeError(why)`` when a gradient
+    reaches it, instead of torch treating the op as non-differentiable (its inputs' gradients would
+    silently stay None, with only a warning)."""
 
     def _raise(ctx, *grads):
-        raise RuntimeError(f"latentmoe.{op}: double backward (second derivatives) is not supported")
+        raise RuntimeError(f"latentmoe.{op}: {why}")
 
     torch.library.register_autograd(f"latentmoe::{op}", _raise)
+
+
+def forbid_double_backward(op: str) -> None:
+    """:func:`forbid_backward` for a backward op: second derivatives are not implemented."""
+    forbid_backward(op, "double backward (second derivatives) is not supported")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from latentmoe.ops._checks import check_linear_small
+from latentmoe.ops._checks import check_linear_small, forbid_backward
 
 _lib = torch.ops.latentmoe
 
@@ -17,11 +17,12 @@ def linear_small(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     Args:
         input: ``[M, K]`` with ``M <= 16``, fp32/bf16/fp16, contiguous.
         weight: ``[N, K]`` (``nn.Linear.weight``), same dtype, contiguous.
-        bias: optional ``[N]``, same dtype.
+        bias: optional ``[N]``, same dtype, contiguous.
     Returns:
         ``[M, N]`` in the input dtype (fp32 accumulation). The CPU kernel streams each weight row
         once (threads split ``N``; bitwise deterministic), where a BLAS GEMM with one row runs
-        well below the memory's read rate; CUDA calls cuBLAS. No autograd: an inference op.
+        well below the memory's read rate; CUDA calls cuBLAS. An inference op with no backward: a
+        gradient reaching it raises ``RuntimeError`` (use ``F.linear`` where gradients are needed).
     Raises ``ValueError`` naming the argument on bad shapes, dtypes or more than 16 rows.
     """
     return _lib.linear_small.default(input, weight, bias)
@@ -31,3 +32,7 @@ def linear_small(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def _linear_small_fake(input, weight, bias=None):
     check_linear_small(input, weight, bias, MAX_ROWS)
     return input.new_empty((input.shape[0], weight.shape[0]))
+
+
+forbid_backward("linear_small", "has no backward (an inference op): use torch.nn.functional.linear where gradients "
+                "are needed, or call it under torch.no_grad()")

@@ -12,15 +12,16 @@ max_seqlen=n)`` and ``mla_append_cache(..., check_values=False)``. The CUDA kern
 access inside the cache whatever the values (rows cut at ``max_seqlen``, slots past the capacity
 skipped, pages clamped into the pool): bad values give wrong numbers, never an out-of-bounds read
 or write. The CPU kernels check the values either way (there is no sync to save).
-``mla_decode`` and ``mla_append_cache`` are inference ops (no autograd). Prefill and training use
-``latentmoe.ops.mla_prefill`` (in-kernel latent decompression, with a backward).
+``mla_decode`` and ``mla_append_cache`` are inference ops with no backward (a gradient reaching
+``mla_decode`` raises ``RuntimeError``). Prefill and training use ``latentmoe.ops.mla_prefill``
+(in-kernel latent decompression, with a backward).
 """
 
 from __future__ import annotations
 
 import torch
 
-from latentmoe.ops._checks import check_mla_append_cache, check_mla_decode
+from latentmoe.ops._checks import check_mla_append_cache, check_mla_decode, forbid_backward
 
 _lib = torch.ops.latentmoe
 
@@ -41,8 +42,8 @@ def mla_decode(
 
     Args:
         q_latent: ``[B, Sq, H, C]`` absorbed queries (``w_uk^T q_nope``), fp32/bf16/fp16, contiguous.
-        q_pe: ``[B, Sq, H, R]`` rotated rope queries, same dtype.
-        kv_cache: ``[B, Lmax, C+R]`` or paged ``[num_pages, page_size, C+R]``, same dtype.
+        q_pe: ``[B, Sq, H, R]`` rotated rope queries, same dtype, contiguous.
+        kv_cache: ``[B, Lmax, C+R]`` or paged ``[num_pages, page_size, C+R]``, same dtype, contiguous.
         cache_seqlens: ``[B]`` int32, tokens cached per row including the ``Sq`` new ones; query
             ``i`` sits at position ``cache_seqlens - Sq + i``.
         softmax_scale: score multiplier (see ``latentmoe.reference.mla.softmax_scale``).
@@ -127,3 +128,7 @@ def _mla_append_cache_fake(
 ):
     check_mla_append_cache(kv_cache, kv_latent, k_pe, norm_weight, eps, cos, sin, cache_seqlens, block_table)
     return None
+
+
+forbid_backward("mla_decode", "has no backward (an inference op): train through latentmoe.ops.mla_prefill, or call "
+                "it under torch.no_grad()")

@@ -21,7 +21,7 @@ def rms_norm(input: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> to
     Args:
         input: ``[..., D]``, float32 / bfloat16 / float16, non-empty.
         weight: ``[D]``, same dtype and device as ``input``.
-        eps: added to the mean square.
+        eps: added to the mean square (finite, >= 0).
     Returns:
         ``[..., D]`` in ``input.dtype``. Differentiable in ``input`` and ``weight``.
     """

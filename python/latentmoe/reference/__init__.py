@@ -7,4 +7,4 @@ Tests and docs use these; the library never falls back to them. One submodule pe
 from latentmoe.reference import hybrid, mla, moe, tome  # noqa: F401
 from latentmoe.reference.norm import rms_norm
 
-__all__ = ["rms_norm", "hybrid", "mla", "moe", "tome"]
+__all__ = ["rms_norm", "hybrid", "mla", "moe", "norm", "tome"]
