@@ -498,3 +498,18 @@ def test_nan_router_weight_propagates_like_hf():
             m.gate.weight[5] = float("nan")
     x = torch.randn(2, 6, CONFIGS["v3"]["hidden_size"])
     assert torch.equal(torch.isnan(ours(x)), torch.isnan(theirs(x)))
+
+
+@pytest.mark.parametrize("seq_aux", [False, True])
+def test_aux_loss_finite_when_a_tokens_scores_underflow(seq_aux):
+    # Every logit of one token below about -104: its sigmoid scores are all exactly 0. The balance
+    # loss normalises scores per token: that token must add 0, not 0/0 (NaN router gradients).
+    ours, _ = _pair("v3", aux_loss_alpha=0.01, seq_aux=seq_aux)
+    ours.train()
+    x = torch.randn(1, 5, CONFIGS["v3"]["hidden_size"])
+    with torch.no_grad():
+        ours.gate.weight.copy_(torch.randn_like(ours.gate.weight).abs())
+        x[0, 2] = -1e3 * torch.ones(x.shape[-1])  # logits ~ -1e3 * row sums: every score 0
+    ours(x)
+    ours.aux_loss.backward()
+    assert torch.isfinite(ours.aux_loss) and torch.isfinite(ours.gate.weight.grad).all()

@@ -253,7 +253,8 @@ class MoE(nn.Module):
         if T == 0:  # no tokens: nothing to balance (0, not 0 / 0)
             return scores.sum() * 0.0
         s = scores.view(batch, T // batch, E)
-        p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)  # [B, E]
+        # + 1e-20 (as norm_topk_prob): a token whose sigmoid scores all underflow to 0 adds 0, not 0/0.
+        p = (s / (s.sum(dim=-1, keepdim=True) + 1e-20)).mean(dim=1)  # [B, E]
         counts = torch.zeros(batch, E, device=scores.device, dtype=torch.float32)
         chosen = indices.view(batch, -1)
         counts.scatter_add_(1, chosen, torch.ones_like(chosen, dtype=torch.float32))

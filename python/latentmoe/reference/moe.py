@@ -162,7 +162,7 @@ def _balance(scores: torch.Tensor, indices: torch.Tensor, num_experts: int) -> t
     """
     T, k = indices.shape
     f = expert_load(indices, num_experts).to(scores.dtype) / (T * k)
-    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=0)
+    p = (scores / (scores.sum(dim=-1, keepdim=True) + NORM_EPS)).mean(dim=0)  # all-zero sigmoid rows: 0, not 0/0
     return num_experts * (f * p).sum()
 
 
