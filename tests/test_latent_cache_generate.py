@@ -11,11 +11,11 @@ import torch
 
 from latentmoe.nn import LatentKVCache, MultiHeadLatentAttention
 from test_mla_common import (
+    attention_pair,
     causal_additive_mask,
     hf_cache,
     hf_model_pair,
     make_config,
-    make_hf_attention,
     rel_err,
     rope_embeddings,
 )
@@ -279,9 +279,7 @@ def test_module_padding_in_a_later_step():
     # Module level: a row's padding may also come in a later step, before that step's real tokens
     # (e.g. a chunked prefill): real queries match HF's masked attention, padding queries give 0.
     cfg = make_config(heads=3, q_lora=24)
-    hf = make_hf_attention(cfg)
-    mine = MultiHeadLatentAttention(cfg, 0).eval()
-    mine.load_state_dict(hf.state_dict(), strict=True)
+    hf, mine = attention_pair(cfg)
     B, T = 2, 7
     keep = torch.ones(B, T, dtype=torch.bool)
     keep[1, 3:5] = False  # row 1: 3 tokens, 2 padding, 2 tokens

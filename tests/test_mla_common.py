@@ -101,6 +101,17 @@ def hf_cache(cfg):
     return DynamicCache(config=cfg)
 
 
+def attention_pair(cfg, dtype=torch.float32):
+    """(HF ``DeepseekV3Attention`` with random weights, latentmoe's attention with the same
+    weights, in eval mode), layer 0, in ``dtype``."""
+    from latentmoe.nn import MultiHeadLatentAttention
+
+    hf = make_hf_attention(cfg, dtype)
+    mine = MultiHeadLatentAttention(cfg, 0).to(dtype)
+    mine.load_state_dict(hf.state_dict(), strict=True)
+    return hf, mine.eval()
+
+
 def hf_model_pair(model_cls, attn_impl: str, moe: bool = False):
     """(config, an HF ``model_cls`` (``DeepseekV3Model`` / ``DeepseekV3ForCausalLM``), the same
     model with latentmoe's attention in every layer): 2 layers, 3 heads, q_lora, random weights.

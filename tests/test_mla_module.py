@@ -7,6 +7,7 @@ import torch
 
 from latentmoe.nn import LatentKVCache, MultiHeadLatentAttention
 from test_mla_common import (
+    attention_pair,
     causal_additive_mask,
     hf_cache,
     hf_model_pair,
@@ -30,10 +31,8 @@ def _pair(case, dtype=torch.float32, device="cpu"):
     cfg = make_config(
         heads=case["heads"], q_lora=case["q_lora"], interleave=case["interleave"], yarn=case["yarn"]
     )
-    hf = make_hf_attention(cfg, dtype)
-    mine = MultiHeadLatentAttention(cfg, 0).to(dtype)
-    mine.load_state_dict(hf.state_dict(), strict=True)
-    return cfg, hf.to(device), mine.to(device).eval()
+    hf, mine = attention_pair(cfg, dtype)
+    return cfg, hf.to(device), mine.to(device)
 
 
 def _run_steps(cfg, hf, mine, B, cache_kind, device="cpu", dtype=torch.float32, steps=STEPS,
@@ -674,9 +673,7 @@ def test_2d_padding_mask_and_block_mask(pad):
     from torch.nn.attention.flex_attention import create_block_mask
 
     cfg = make_config(heads=3, q_lora=24)
-    hf = make_hf_attention(cfg)
-    mine = MultiHeadLatentAttention(cfg, 0).eval()
-    mine.load_state_dict(hf.state_dict(), strict=True)
+    hf, mine = attention_pair(cfg)
     B, S = 3, 6
     keep = torch.ones(B, S, dtype=torch.bool)
     if pad == "left":
