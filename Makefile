@@ -49,7 +49,6 @@ dev: venv
 # (they build their own: LATENTMOE_EMU_SANITIZE=1) with the runtime preloaded into python. Any
 # report fails the run: ASan aborts on its first error, UBSan too (halt_on_error). pytest runs with
 # -s so a report is printed, not swallowed by its output capture.
-CXX ?= g++
 SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer
 SAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so.6)
 sanitize: venv

@@ -38,16 +38,23 @@ def _config(attn_impl: str) -> DeepseekV3Config:
     return cfg
 
 
-def _modules(cfg, device, dtype):
+def _with_hf_weights(make_hf, make_ours, device, dtype):
+    """(``make_hf()`` with seeded normal(0, fan_in^-1/2) weights, ``make_ours()`` loaded with the same
+    weights), both on ``device`` in ``dtype``, in eval mode."""
     torch.manual_seed(0)
-    hf = DeepseekV3Attention(cfg, 0)
+    hf = make_hf()
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, p.shape[-1] ** -0.5)
     hf = hf.to(device=device, dtype=dtype).eval()
-    ours = latentmoe.nn.MultiHeadLatentAttention(cfg, 0).to(device=device, dtype=dtype).eval()
+    ours = make_ours().to(device=device, dtype=dtype).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
     return hf, ours
+
+
+def _modules(cfg, device, dtype):
+    return _with_hf_weights(lambda: DeepseekV3Attention(cfg, 0),
+                            lambda: latentmoe.nn.MultiHeadLatentAttention(cfg, 0), device, dtype)
 
 
 def _decode_step_rows(device: str, dtype, contexts, reps: int) -> list[dict]:
@@ -495,14 +502,7 @@ def _generate_rows(device: str, dtype, prompt: int, new: int, pads=(0, 64, 128, 
     from transformers import DeepseekV3ForCausalLM
 
     cfg = _config("sdpa")
-    torch.manual_seed(0)
-    hf = DeepseekV3ForCausalLM(cfg)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, p.shape[-1] ** -0.5)
-    hf = hf.to(device=device, dtype=dtype).eval()
-    ours = DeepseekV3ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
-    ours.load_state_dict(hf.state_dict(), strict=True)
+    hf, ours = _with_hf_weights(lambda: DeepseekV3ForCausalLM(cfg), lambda: DeepseekV3ForCausalLM(cfg), device, dtype)
     attn = latentmoe.nn.MultiHeadLatentAttention(cfg, 0).to(device=device, dtype=dtype)
     attn.load_state_dict(ours.model.layers[0].self_attn.state_dict(), strict=True)
     ours.model.layers[0].self_attn = attn.eval()
