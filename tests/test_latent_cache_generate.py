@@ -189,6 +189,35 @@ def test_continue_generation_then_reset():
     _assert_same(ours.generate(ids, attention_mask=mask, cache=cache, **_greedy(max_new_tokens=4)), first_hf)
 
 
+@pytest.mark.parametrize("page_size", [None, 4])
+@pytest.mark.parametrize("P2", [5, 20])  # the new turn's step through mla_decode (<= 16 tokens) / mla_prefill
+def test_continue_with_a_left_padded_new_turn(monkeypatch, P2, page_size):
+    # Multi-turn chat: a second generate call appends each row's next turn, left-padded to a common
+    # length, after the first call's output. The previous turn's last token is not cached yet, so
+    # that step holds [last token, padding, new turn]: padding between a row's real tokens.
+    from transformers import DynamicCache
+
+    cfg, hf, ours = _models("sdpa")
+    pads, new = [0, 2, 4], 4
+    ids, mask = _prompts(6, pads)
+    capacity = 6 + new + P2 + new - 1
+    dyn, cache = DynamicCache(config=cfg), _cache(cfg, 3, capacity, page_size)
+    _no_sdpa(monkeypatch)
+    first_hf = hf.generate(ids, attention_mask=mask, cache=dyn, **_greedy(max_new_tokens=new))
+    first = ours.generate(ids, attention_mask=mask, cache=cache, **_greedy(max_new_tokens=new))
+    _assert_same(first, first_hf)
+    turn_pads = [P2 - 1, 0, 3]
+    turn, turn_mask = _prompts(P2, turn_pads, seed=2)
+    ids2 = torch.cat([first.sequences, turn], dim=1)
+    mask2 = torch.cat([mask, torch.ones(3, new, dtype=torch.long), turn_mask], dim=1)
+    second_hf = hf.generate(ids2, attention_mask=mask2, cache=dyn, **_greedy(max_new_tokens=new))
+    second = ours.generate(ids2, attention_mask=mask2, cache=cache, **_greedy(max_new_tokens=new))
+    _assert_same(second, second_hf)
+    for layer in range(cfg.num_hidden_layers):
+        assert cache.lengths(layer) == [6 - a + new + P2 - b + new - 1 for a, b in zip(pads, turn_pads)]
+        assert cache.get_seq_length(layer) == capacity
+
+
 def test_wrapped_kv_b_proj_left_padded():
     # A hooked kv_b_proj takes the path that decompresses K/V through the layer (SDPA), where
     # padding queries see no key at all: their rows must not turn into NaN anywhere.
@@ -304,6 +333,49 @@ def test_module_padding_in_a_later_step():
     with torch.no_grad(), pytest.raises(ValueError, match=r"shows \[6, 5\] unpadded earlier keys"):
         mine(x[:, :1], pe, mask, cache=c_mine)
     assert c_mine.lengths(0) == [7, 5] and c_mine.get_seq_length(0) == 7
+
+
+@pytest.mark.parametrize("hooked", [False, True])  # fused kernels / decompressed K/V (SDPA)
+@pytest.mark.parametrize("page_size", [None, 1, 5])
+def test_module_random_padding_patterns(hooked, page_size):
+    # Module level, several steps (decode and prefill sizes) with padding anywhere but after a row's
+    # last real token of the step (a step may also be all padding): real queries match HF's
+    # masked attention over its DynamicCache (which keeps the padding), padding queries give 0.
+    cfg = make_config(heads=3, q_lora=None)
+    hf, mine = attention_pair(cfg)
+    calls = []
+    if hooked:
+        mine.kv_b_proj.register_forward_hook(lambda *a: calls.append(1))
+    g = torch.Generator().manual_seed(11)
+    B, steps = 4, [1, 6, 1, 19, 3, 1]
+    T = sum(steps)
+    keep = torch.rand(B, T, generator=g) > 0.4
+    lo = 0
+    for S in steps:  # each row's last token of a step is real unless the whole step is padding
+        seg = keep[:, lo:lo + S]
+        seg[:, -1] |= seg.any(1)
+        lo += S
+    keep[0, :] = True  # one row without padding
+    keep[1, 1:7] = False  # one row whose whole second step is padding
+    pos = (keep.long().cumsum(1) - 1).clamp_min(0)
+    x = torch.randn(B, T, cfg.hidden_size, generator=g)
+    c_hf = hf_cache(cfg)
+    c_mine = LatentKVCache(1, B, T, cfg.kv_lora_rank, cfg.qk_rope_head_dim, page_size=page_size)
+    lo = 0
+    for S in steps:
+        hi = lo + S
+        mask = causal_additive_mask(B, S, lo).masked_fill(~keep[:, None, None, :hi], torch.finfo().min)
+        pe = rope_embeddings(cfg, pos[:, lo:hi])
+        with torch.no_grad():
+            want, _ = hf(x[:, lo:hi], pe, mask, cache=c_hf)
+            got, _ = mine(x[:, lo:hi], pe, mask, cache=c_mine)
+        real = keep[:, lo:hi]
+        if real.any():
+            assert rel_err(got[real], want[real]) <= 1e-4, S
+        assert torch.all(got[~real] == 0)
+        assert c_mine.lengths(0) == keep[:, :hi].sum(1).tolist() and c_mine.get_seq_length(0) == hi
+        lo = hi
+    assert bool(calls) == hooked
 
 
 def test_plain_mask_after_left_out_padding_is_refused():

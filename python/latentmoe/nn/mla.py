@@ -21,8 +21,8 @@ Paths of :meth:`MultiHeadLatentAttention.forward`:
 An HF ``attention_mask`` that is anything but the plain causal mask (e.g. left padding) sends the
 step through the SDPA path with that mask, so results stay correct. With a :class:`LatentKVCache`
 visibility is causal over each row's own cached tokens: the mask must be None, plain causal, or
-causal with left padding (what HF ``generate`` builds for a padded batch), for which the layer
-stores only each row's real tokens, so the kernels' causal rule is still HF's masked attention
+causal with padding keys hidden (what HF ``generate`` builds for a left-padded batch, or for a new
+turn padded on its left after earlier turns), for which the layer stores only each row's real tokens, so the kernels' causal rule is still HF's masked attention
 (anything else raises ValueError rather than being ignored). A :class:`LatentKVCache` implements
 what transformers' ``generate`` needs from a cache: ``model.generate(..., cache=LatentKVCache(...))``
 on a model whose attention modules are this class.
@@ -106,8 +106,9 @@ class LatentKVCache:
 
     Positions and padding: each layer also counts the token positions it was given
     (:meth:`get_seq_length`, HF's "past length", padding included). Padding is never kept: when
-    the attention mask hides some of a step's new tokens (HF's left padding), each row keeps only
-    its real tokens, so row ``b`` holds ``lengths()[b]`` tokens, at most that count, and the
+    the attention mask hides some of a step's new tokens (HF's left padding, also between a
+    continued batch's previous turn and its new, left-padded one), each row keeps only its real
+    tokens, in order, so row ``b`` holds ``lengths()[b]`` tokens, at most that count, and the
     kernels' causal rule over each row's own tokens is HF's masked attention; later steps must
     keep passing that padding mask (a plain causal mask or None then raises ValueError, until
     :meth:`trim` or :meth:`reset`). Without padding every row holds every position. A step still
@@ -242,7 +243,7 @@ class LatentKVCache:
         """Count appended tokens in ``layer_idx``: ``n_new`` (an int) in every row, the device lengths
         grown in place, so a decode step captured in a CUDA graph advances them on every replay; or
         ``n_new[b]`` in row ``b`` (B ints) for a step of ``positions`` new tokens whose others were
-        padding (each row's padding before its real tokens)."""
+        padding (each row's real tokens first in its slots, its padding after)."""
         seen = self._seen[layer_idx]
         try:
             n = operator.index(n_new)  # an int, a numpy integer, a 0-d integer tensor
@@ -629,9 +630,10 @@ class MultiHeadLatentAttention(nn.Module):
 
         The cache holds no padding: each row keeps its own tokens and the kernels attend causally
         over them, which is HF's masked attention when the mask is the causal mask with some keys
-        hidden in every query row (padding), each row's hidden new keys before its real new tokens
-        (left padding), and as many visible earlier keys as the row holds. Rows of padding queries
-        are not read (their outputs are set to 0). Any other mask raises ValueError."""
+        hidden in every query row (padding), each row's last new token real unless all of them are
+        padding (no right padding: HF computes a padding query's output, and generate reads the
+        last one), and as many visible earlier keys as the row holds. Rows of padding queries are
+        not read (their outputs are set to 0). Any other mask raises ValueError."""
         seen = cache.get_seq_length(self.layer_idx)
         L = seen + S
         mask = _dense_mask(attention_mask, B, S, L, L)
@@ -666,11 +668,11 @@ class MultiHeadLatentAttention(nn.Module):
         keep = keep[:, 0].expand(B, S, L)
         keys = keep[:, -1]  # what the last new token sees: every unpadded key
         new = keys[:, seen:]
-        if not bool(torch.all(new[:, :-1] <= new[:, 1:])):
+        if bool(torch.any(new.any(1) & ~new[:, -1])):
             refuse(
-                "in this one a row's padding comes after some of its new tokens: right padding, or a later "
-                "turn's left padding behind the previous turn's last token (not cached yet, so it is part "
-                "of this step); only padding before all of a step's tokens can be left out"
+                "in this one a row's last new token is padding after some of its real ones (right "
+                "padding): HF computes that padding query's output (and generate reads it), the cache "
+                "stores no padding; pad on the left, or anywhere before a row's last token"
             )
         want = keys[:, None, :] & _causal_keep(S, L, L, keys.device)
         if bool(torch.any((keep != want) & new[:, :, None])):
@@ -700,13 +702,20 @@ class MultiHeadLatentAttention(nn.Module):
         dt = cache.kv[layer].dtype
         w = self.kv_a_layernorm.weight.to(dt)
         cos, sin = cos.to(dt).expand(B, S, -1).contiguous(), sin.to(dt).expand(B, S, -1).contiguous()
+        q_src = None
         if keep is not None:
-            # Row b keeps its last n_b new tokens (left padding): rotate them to the front, so they
-            # land at the row's next slots; its padding is written past its new length, never read
-            # there, and overwritten by later tokens.
+            # Row b keeps its n_b real new tokens: moved (in order) to the front, so they land at the
+            # row's next slots; its padding is written past its new length, never read there, and
+            # overwritten by later tokens.
             n_keep = keep.sum(1)
-            src = (torch.arange(S, device=keep.device)[None, :] + (S - n_keep)[:, None]) % S
+            src = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
             kv, cos, sin = (t.gather(1, src[:, :, None].expand_as(t)) for t in (kv, cos, sin))
+            if not bool(torch.all(keep[:, :-1] <= keep[:, 1:])):
+                # Padding between real tokens (a new turn's left padding behind the previous turn's
+                # last token, which is not cached yet): the kernels' causal rule counts each row's
+                # queries from the end, so the real queries move (in order) behind the padding ones.
+                q_src = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices
+                q_nope, q_pe = (t.gather(1, q_src[:, :, None, None].expand_as(t)) for t in (q_nope, q_pe))
         # The cache's host lengths were just checked against its capacity (reserve) and its table
         # at construction: the ops need not copy them to the host again.
         mla_append_cache(
@@ -738,9 +747,11 @@ class MultiHeadLatentAttention(nn.Module):
             rows = cache.rows(layer, L)
             valid = torch.tensor(lens, device=rows.device).view(B, 1, 1)
             out = self._sdpa_attention(q_nope, q_pe, rows[..., :C], rows[..., C:], None, valid)
+        if q_src is not None:  # back to the step's order
+            out = torch.empty_like(out).scatter_(1, q_src[:, :, None, None].expand_as(out), out)
         if keep is not None:
-            # Padding queries sit before their row's new tokens: they see no key (the kernels and
-            # SDPA give 0) or, in a row that already holds tokens, those. Nobody reads them: 0.
+            # Padding queries ran before their row's real new tokens: they see no key (the kernels
+            # and SDPA give 0) or, in a row that already holds tokens, those. Nobody reads them: 0.
             out = out.masked_fill(~keep[:, :, None, None], 0)
         return project(self.o_proj, out.reshape(B, S, self.num_heads * self.v_head_dim))
 
