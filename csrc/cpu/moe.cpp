@@ -467,20 +467,23 @@ inline void dot_bf16_split(int64_t r, bool avx, const float* a, const uint16_t* 
 
 // dst = src with each full block of 16 reordered as [0, 2, .., 14, 1, 3, .., 15] (the layout
 // dotr_bf16_split_body expects); the last n % 16 values copied in order.
-void split_pairs(const float* src, float* dst, int64_t n) {
+// (src in fp32 or the compute type C: converted to fp32 as it is copied.)
+template <typename C>
+void split_pairs(const C* src, float* dst, int64_t n) {
   int64_t k = 0;
   for (; k + 16 <= n; k += 16)
     for (int j = 0; j < 8; ++j) {
-      dst[k + j] = src[k + 2 * j];
-      dst[k + 8 + j] = src[k + 2 * j + 1];
+      dst[k + j] = static_cast<float>(src[k + 2 * j]);
+      dst[k + 8 + j] = static_cast<float>(src[k + 2 * j + 1]);
     }
-  for (; k < n; ++k) dst[k] = src[k];
+  for (; k < n; ++k) dst[k] = static_cast<float>(src[k]);
 }
 
 template <typename TW, typename C>
 float dot(const C* x, const TW* w, int64_t n, bool avx) {
   if constexpr (std::is_same_v<C, float> &&
-                (std::is_same_v<TW, float> || std::is_same_v<TW, c10::BFloat16>)) {
+                (std::is_same_v<TW, float> || std::is_same_v<TW, c10::BFloat16> ||
+                 std::is_same_v<TW, c10::Half>)) {
     return avx ? dot_avx2<TW>(x, w, n) : dot_generic<TW>(x, w, n);
   } else {
     float acc = 0.f;
@@ -1105,18 +1108,23 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
   }
   if (!small.empty()) {
     const int64_t n_small = static_cast<int64_t>(small.size());
-    // out[o + r, n] = dot(a[o + r, :], weight[e, n, :]) for the small experts' rows.
+    // out[o + r, n] = dot(a[o + r, :], weight[e, n, :]) for the small experts' rows, in fp32
+    // whatever the compute type C (also where C is bf16 / fp16 because the CPU has native
+    // low-precision GEMMs: those are for many rows; here the weights' bytes set the time, and a
+    // bf16 / fp16 C would leave the vector kernels), the result rounded to C.
     const bool avx = vec8::use_avx2();
-    // bf16 weights with fp32 rows: the rows of the small experts are split into even / odd
-    // halves once (split_pairs), then every weight row is dotted without shuffles.
-    constexpr bool kSplit = std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, float>;
-    std::vector<int64_t> slot(kSplit ? S : 0, -1);
+    // bf16 weights: the rows of the small experts are split into even / odd halves once
+    // (split_pairs, in fp32), then every weight row is dotted without shuffles. A 16-bit C with
+    // other weights: the rows are widened to fp32 once.
+    constexpr bool kSplit = std::is_same_v<T, c10::BFloat16>;
+    constexpr bool kWiden = !kSplit && !std::is_same_v<C, float>;
+    std::vector<int64_t> slot(kSplit || kWiden ? S : 0, -1);
     int64_t n_rows = 0;
-    if constexpr (kSplit) {
+    if constexpr (kSplit || kWiden) {
       for (int64_t e : small)
         for (int64_t r = off[e]; r < off[e + 1]; ++r) slot[r] = n_rows++;
     }
-    std::vector<float> split_buf(kSplit ? n_rows * std::max(H, I) : 0);
+    std::vector<float> split_buf(kSplit || kWiden ? n_rows * std::max(H, I) : 0);
     auto stream_gemm = [&](const C* a, const T* weight, int64_t N, int64_t Kd, C* dst) {
       if constexpr (kSplit) {
         for (int64_t e : small)
@@ -1139,17 +1147,27 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
             for (int64_t r = off[e]; r < off[e + 1]; ++r) {
               dot_bf16_split(nr, avx, split_buf.data() + slot[r] * Kd, rows_of(j), Kd, Kd,
                              r == off[e] ? next : nullptr, res);
-              for (int64_t i = 0; i < nr; ++i) dst[r * N + n + i] = res[i];
+              for (int64_t i = 0; i < nr; ++i) dst[r * N + n + i] = static_cast<C>(res[i]);
             }
           }
         });
       } else {
+        // fp32 rows: a itself (C = fp32) or its rows widened once.
+        auto row_of = [&](int64_t r) -> const float* {
+          if constexpr (kWiden) return split_buf.data() + slot[r] * Kd;
+          else return a + r * Kd;
+        };
+        if constexpr (kWiden) {
+          for (int64_t e : small)
+            for (int64_t r = off[e]; r < off[e + 1]; ++r)
+              for (int64_t k = 0; k < Kd; ++k) split_buf[slot[r] * Kd + k] = static_cast<float>(a[r * Kd + k]);
+        }
         at::parallel_for(0, n_small * N, 64, [&](int64_t jb, int64_t je) {
           for (int64_t j = jb; j < je; ++j) {
             const int64_t e = small[j / N], n = j % N;
             const T* wr = weight + (e * N + n) * Kd;
             for (int64_t r = off[e]; r < off[e + 1]; ++r)
-              dst[r * N + n] = static_cast<C>(dot<T, C>(a + r * Kd, wr, Kd, avx));
+              dst[r * N + n] = static_cast<C>(dot<T, float>(row_of(r), wr, Kd, avx));
           }
         });
       }
