@@ -867,3 +867,126 @@ def test_latent_cache_trim_after_padded_prefill(page):
         cache.trim([9, 1])
     with pytest.raises(ValueError, match="layer_idx 1 is out of range"):
         cache.lengths(1)
+
+
+def _steps_vs_hf(cfg, hf, mine, cache_kind, B=2, steps=(20, 1, 3)):
+    """Max relative error of ``mine`` against ``hf`` over a prefill (prefill kernel) and decode
+    steps (absorbed decode), with an HF cache each or a LatentKVCache for ``mine``."""
+    c_hf = hf_cache(cfg)
+    c_mine = hf_cache(cfg) if cache_kind == "hf" else LatentKVCache(
+        1, B, sum(steps), cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    past, errs = 0, []
+    for n in steps:
+        x = torch.randn(B, n, cfg.hidden_size)
+        pe = rope_embeddings(cfg, (past + torch.arange(n))[None].expand(B, -1))
+        with torch.no_grad():
+            want, _ = hf(x, pe, causal_additive_mask(B, n, past), cache=c_hf)
+            got, _ = mine(x, pe, None, cache=c_mine)
+        errs.append(rel_err(got, want))
+        past += n
+    return max(errs)
+
+
+def _train_grads_vs_hf(cfg, hf, mine, S=7):
+    """(output error, {name: gradient error}) of one training step of both modules."""
+    x = torch.randn(2, S, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(S)[None].expand(2, -1))
+    g = torch.randn(2, S, cfg.hidden_size)
+    a, _ = hf(x, pe, causal_additive_mask(2, S, 0))
+    b, _ = mine(x, pe, None)
+    (a * g).sum().backward()
+    (b * g).sum().backward()
+    theirs = dict(hf.named_parameters())
+    return rel_err(b, a), {n: (float("inf") if p.grad is None else rel_err(p.grad, theirs[n].grad))
+                           for n, p in mine.named_parameters()}
+
+
+@pytest.mark.parametrize("cache_kind", ["hf", "contig"])
+def test_kv_b_proj_with_a_bias_is_applied(cache_kind):
+    # A kv_b_proj swapped for an nn.Linear with a bias (HF's has none): the kernels read only the
+    # weight, so such a layer is called (the decompressing path), in inference and in training.
+    cfg = make_config(heads=3, q_lora=None)
+    hf, mine = attention_pair(cfg)
+    biased = torch.nn.Linear(cfg.kv_lora_rank, hf.kv_b_proj.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(hf.kv_b_proj.weight)
+        biased.bias.normal_(0, 0.5)
+    hf.kv_b_proj = biased
+    mine.kv_b_proj = torch.nn.Linear(cfg.kv_lora_rank, biased.out_features, bias=True)
+    mine.kv_b_proj.load_state_dict(biased.state_dict())
+    assert _steps_vs_hf(cfg, hf, mine, cache_kind) <= 1e-4
+    err, grads = _train_grads_vs_hf(cfg, hf.train(), mine.train())
+    assert err <= 1e-4 and max(grads.values()) <= 1e-4, grads
+
+
+@pytest.mark.parametrize("cache_kind", ["hf", "contig"])
+def test_non_contiguous_kv_b_proj_weight(cache_kind):
+    # A weight loaded with assign=True from a transposed tensor (the same values, column-major).
+    cfg = make_config(heads=3, q_lora=24)
+    hf, mine = attention_pair(cfg)
+    state = mine.state_dict()
+    w = state["kv_b_proj.weight"]
+    state["kv_b_proj.weight"] = w.t().contiguous().t()
+    mine.load_state_dict(state, assign=True)
+    assert not mine.kv_b_proj.weight.is_contiguous()
+    assert _steps_vs_hf(cfg, hf, mine, cache_kind) <= 1e-4
+    err, grads = _train_grads_vs_hf(cfg, hf.train(), mine.train())
+    assert err <= 1e-4 and max(grads.values()) <= 1e-4, grads
+
+
+def test_backward_hooks_on_read_submodules_fire():
+    # kv_b_proj and kv_a_layernorm are read in place by the kernels when plain: a backward hook
+    # (its own, or a global one) fires only if the module is called, so such modules are called.
+    from torch.nn.modules.module import register_module_full_backward_hook
+
+    cfg = make_config(heads=3, q_lora=24)
+    for sub in ("kv_b_proj", "kv_a_layernorm", "global"):
+        hf, mine = attention_pair(cfg)
+        seen = {"hf": [], "mine": []}
+        handles = []
+        if sub == "global":
+            handles.append(register_module_full_backward_hook(
+                lambda mod, gi, go: seen["hf" if seen.get("_hf") else "mine"].append(type(mod).__name__)))
+        else:
+            for tag, m in (("hf", hf), ("mine", mine)):
+                handles.append(getattr(m, sub).register_full_backward_hook(
+                    lambda mod, gi, go, tag=tag: seen[tag].append(float(go[0].norm()))))
+        try:
+            if sub == "global":
+                seen["_hf"] = True
+                S = 5
+                x = torch.randn(1, S, cfg.hidden_size, requires_grad=True)
+                pe = rope_embeddings(cfg, torch.arange(S)[None])
+                hf(x, pe, causal_additive_mask(1, S, 0))[0].sum().backward()
+                seen["_hf"] = False
+                mine(x, pe, None)[0].sum().backward()
+                # The same modules fire (class names differ: RMSNorm / DeepseekV3RMSNorm, ...).
+                assert len(seen["mine"]) == len(seen["hf"]), seen
+                assert seen["mine"].count("Linear") == seen["hf"].count("Linear") >= 4, seen
+            else:
+                _train_grads_vs_hf(cfg, hf.train(), mine.train())
+                assert len(seen["mine"]) == len(seen["hf"]) == 1
+                assert abs(seen["mine"][0] - seen["hf"][0]) <= 1e-4 * seen["hf"][0]
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def test_latent_cache_made_under_inference_mode_used_under_no_grad():
+    # The cache's buffers are written in place: made under inference_mode they are still normal
+    # tensors, so generate-style use under no_grad works (and the other way round).
+    cfg = make_config(heads=3, q_lora=24)
+    hf, mine = attention_pair(cfg)
+    for make_mode, use_mode in ((torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode)):
+        with make_mode():
+            cache = LatentKVCache(1, 2, 8, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+        c_hf, past = hf_cache(cfg), 0
+        for n in (5, 1):
+            x = torch.randn(2, n, cfg.hidden_size)
+            pe = rope_embeddings(cfg, (past + torch.arange(n))[None].expand(2, -1))
+            with use_mode():
+                want, _ = hf(x, pe, causal_additive_mask(2, n, past), cache=c_hf)
+                got, _ = mine(x, pe, None, cache=cache)
+            assert rel_err(got, want) <= 1e-4
+            past += n
+        assert cache.lengths(0) == [6, 6]

@@ -297,6 +297,26 @@ def test_cpu_backward_is_bitwise_deterministic(threads):
         assert torch.equal(runs[0][k], runs[1][k]), k
 
 
+def test_deterministic_mode(device):
+    # torch.use_deterministic_algorithms(True): the CPU backward (fixed summation order) runs; the
+    # CUDA backward sums gradients with fp32 atomics and must say so (RuntimeError), not run.
+    S, seqlens, Lmax, H = 5, [9, 3], 12, 2
+    x = make_inputs(2, S, H, seqlens, Lmax, **SMALL, device=device)
+    scale = 1 / math.sqrt(SMALL["Dn"] + SMALL["R"])
+    g_out = torch.randn(2, S, H, SMALL["Dv"], dtype=torch.float64, device=device)
+    g_lse = torch.randn(2, S, H, dtype=torch.float64, device=device)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        if device == "cpu":
+            grads_of(op_fn(x, x["cache_seqlens"], scale), x, KEYS, g_out, g_lse)
+        else:
+            with pytest.raises(RuntimeError, match="mla_prefill_backward"):
+                grads_of(op_fn(x, x["cache_seqlens"], scale), x, KEYS, g_out, g_lse)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
 @pytest.mark.parametrize("seqlens", [[57], [57, 0, 23], [90, 12]])
 def test_cpu_any_thread_count(seqlens):
     # Forward: tasks from a shared counter, last query chunks first. Backward: partitions of

@@ -513,3 +513,19 @@ def test_aux_loss_finite_when_a_tokens_scores_underflow(seq_aux):
     ours(x)
     ours.aux_loss.backward()
     assert torch.isfinite(ours.aux_loss) and torch.isfinite(ours.gate.weight.grad).all()
+
+
+def test_backward_hook_on_the_gate_fires():
+    # The router's weight is read in place when the gate is plain: a backward hook on it fires
+    # only if it is called, so a hooked gate is called.
+    name = list(CONFIGS)[0]
+    ours, theirs = _pair(name)
+    seen = {"ours": [], "theirs": []}
+    for tag, m in (("ours", ours), ("theirs", theirs)):
+        m.gate.register_full_backward_hook(lambda mod, gi, go, tag=tag: seen[tag].append(
+            sum(float(t.norm()) for t in go if t is not None)))
+    x = torch.randn(2, 5, CONFIGS[name]["hidden_size"], requires_grad=True)
+    g = torch.randn(2, 5, CONFIGS[name]["hidden_size"])
+    (theirs(x) * g).sum().backward()
+    (ours(x) * g).sum().backward()
+    assert len(seen["ours"]) == len(seen["theirs"]) == 1 and seen["ours"][0] > 0

@@ -12,12 +12,15 @@ from latentmoe.ops.linear import MAX_ROWS, linear_small
 def is_plain(module: nn.Module, cls: type) -> bool:
     """Whether ``module`` is exactly a ``cls`` whose call is its class's forward, so its parameters
     may be read directly instead of calling it: not a subclass or a wrapper (a peft LoRA layer),
-    no forward hooks of its own or global ones, and no forward replaced on the instance (how
-    accelerate's offload hooks bring weights in from the meta device for the call)."""
+    no forward or backward hooks of its own or global ones (a backward hook fires only when the
+    module is called), and no forward replaced on the instance (how accelerate's offload hooks
+    bring weights in from the meta device for the call)."""
     return (
         type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+        and not module._backward_hooks and not module._backward_pre_hooks
         and "forward" not in module.__dict__
         and not _module._global_forward_hooks and not _module._global_forward_pre_hooks
+        and not _module._global_backward_hooks and not _module._global_backward_pre_hooks
     )
 
 

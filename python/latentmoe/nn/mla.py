@@ -178,8 +178,11 @@ class LatentKVCache:
                 )
             self.block_table = block_table.to(device=device, dtype=torch.int32).contiguous()
             shape = (num_pages, page_size, D)
-        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.seqlens = [torch.zeros(batch_size, dtype=torch.int32, device=device) for _ in range(num_layers)]
+        # Normal tensors even when made under torch.inference_mode(): they are written in place,
+        # which inference tensors refuse outside that mode (e.g. in generate, under no_grad).
+        with torch.inference_mode(False):
+            self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.seqlens = [torch.zeros(batch_size, dtype=torch.int32, device=device) for _ in range(num_layers)]
         self._host_lens = [[0] * batch_size for _ in range(num_layers)]
         self._seen = [0] * num_layers  # positions given per layer (padding included)
         # Per layer, the first position from which every row holds every token (no padding, no
@@ -497,15 +500,22 @@ class MultiHeadLatentAttention(nn.Module):
         self.scaling = _softmax_scale(config)
 
     # ---- absorbed weights --------------------------------------------------------------------
+    def _kv_b_plain(self) -> bool:
+        """Whether the kernels may read ``kv_b_proj.weight`` in place of calling the layer: a plain
+        ``nn.Linear`` without a bias (HF's has none; one swapped in with a bias is called, as is a
+        wrapped or hooked one, on the decompressing SDPA path)."""
+        return is_plain_linear(self.kv_b_proj) and self.kv_b_proj.bias is None
+
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(w_uk [H, N, C], w_uv_t [H, C, V])``: views of ``kv_b_proj.weight``.
+        """``(w_uk [H, N, C], w_uv_t [H, C, V])``: views of ``kv_b_proj.weight`` (of a contiguous copy
+        of it if it is not contiguous, e.g. loaded with ``assign=True`` from a transposed tensor).
 
         Never cached: a cache keyed on the weight's version counter went stale after fused
         optimizer steps (``AdamW(fused=True)`` does not bump it) and in-place updates through
         ``.data``, so every call reads the current weight. Views keep gradients flowing to
         kv_b_proj and work under torch.compile and torch.func.
         """
-        w = self.kv_b_proj.weight
+        w = self.kv_b_proj.weight.contiguous()  # (a copy only for a weight loaded non-contiguous)
         H, N, V, C = self.num_heads, self.qk_nope_head_dim, self.v_head_dim, self.kv_lora_rank
         wv = w.view(H, N + V, C)
         return wv[:, :N], wv[:, N:].transpose(1, 2)
@@ -596,7 +606,7 @@ class MultiHeadLatentAttention(nn.Module):
         # or a hook takes the path that calls the layer).
         # torch.export: no branch on S (a dynamic S may span decode_max_tokens): the prefill kernel.
         decode = not grad and not torch.compiler.is_exporting() and S <= self.decode_max_tokens
-        if plain_causal and not dropout and is_plain_linear(self.kv_b_proj) and (
+        if plain_causal and not dropout and self._kv_b_plain() and (
             decode or _has_kernel(_PREFILL_OP, hidden_states.device)
         ):
             if isinstance(valid, torch.Tensor):
@@ -727,7 +737,7 @@ class MultiHeadLatentAttention(nn.Module):
             cache.advance(layer, S)
         else:
             cache.advance(layer, n_keep.tolist(), positions=S)
-        plain_kv_b = is_plain_linear(self.kv_b_proj)
+        plain_kv_b = self._kv_b_plain()
         if S <= self.decode_max_tokens and plain_kv_b:
             # Eager: the longest row (host-known) sizes the kernel's splits. Under CUDA-graph
             # capture the replays run at later lengths than the host sees now, so the bound is
@@ -783,7 +793,7 @@ class MultiHeadLatentAttention(nn.Module):
         """``[B, S, H, V]`` via the ``mla_prefill`` kernel (differentiable for contiguous rows)."""
         dt = kv_cache.dtype
         H, N, V = self.num_heads, self.qk_nope_head_dim, self.v_head_dim
-        w = self.kv_b_proj.weight.to(dt).view(H, N + V, self.kv_lora_rank)
+        w = self.kv_b_proj.weight.to(dt).contiguous().view(H, N + V, self.kv_lora_rank)
         out, _ = mla_prefill(
             q_nope.to(dt).contiguous(), q_pe.to(dt).contiguous(), kv_cache, seqlens,
             w[:, :N], w[:, N:], self.scaling, block_table=block_table, causal=True,
