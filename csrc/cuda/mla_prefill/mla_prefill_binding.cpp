@@ -91,6 +91,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
   const Params& p = io.p;
   c10::cuda::CUDAGuard guard(q_nope.device());
   if (p.B * p.S > 0) {
+    // The latent-cache and kv_b gradients are summed with fp32 atomics: under
+    // torch.use_deterministic_algorithms(True) this raises (or warns, with warn_only=True).
+    at::globalContext().alertNotDeterministic(
+        "latentmoe::mla_prefill_backward on CUDA (fp32 atomicAdd into the latent-cache and kv_b_proj "
+        "gradients; the CPU backward is deterministic)");
     check_smem(op, mla_prefill_backward_smem_bytes(p));
     auto delta = at::empty({p.B, p.S, p.H}, q_nope.options().dtype(at::kFloat));
     check_launch(op, launch_mla_prefill_backward(
