@@ -327,6 +327,31 @@ def test_experts_cpu_low_precision_paths(monkeypatch, path, dtype):
 
 
 
+@pytest.mark.parametrize("T,E", [(1, 8), (40, 64), (200, 4)])  # 1, ~2 and ~150 rows per active expert
+def test_experts_cpu_low_precision_auto_choice(monkeypatch, T, E):
+    # LATENTMOE_CPU_LOWP_GEMM=auto: native bf16 GEMMs only on AVX-512 CPUs and only for calls with
+    # at least 32 rows per active expert; the same bits as the forced path it picks, in the
+    # forward and the backward.
+    K, H, I = 3, 48, 40
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    want_path = "native" if avx512 and T * K >= 32 * min(E, T * K) else "fp32"
+    x = torch.randn(T, H, dtype=torch.bfloat16)
+    gu, down = _experts(E, H, I, "cpu", torch.bfloat16)
+    w, idx = _routing(T, E, K, "cpu")
+    g = torch.randn(T, H, dtype=torch.bfloat16)
+
+    def run(path):
+        monkeypatch.setenv("LATENTMOE_CPU_LOWP_GEMM", path)
+        leaves = [t.clone().requires_grad_() for t in (x, gu, down, w)]
+        out = moe_experts(*leaves, idx)
+        (out.float() * g.float()).sum().backward()
+        return [out] + [t.grad for t in leaves]
+
+    auto, forced = run("auto"), run(want_path)
+    for a, b in zip(auto, forced):
+        assert torch.equal(a, b)
+
+
 def _scheduling_routing(case, T, E):
     """(weights, indices) that drive each branch of the CPU scheduler (experts run concurrently,
     multi-threaded large experts, the small-M path) and each row remainder of the 6-row tile."""
