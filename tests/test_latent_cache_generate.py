@@ -191,25 +191,26 @@ def test_continue_generation_then_reset():
 
 @pytest.mark.parametrize("page_size", [None, 4])
 @pytest.mark.parametrize("P2", [5, 20])  # the new turn's step through mla_decode (<= 16 tokens) / mla_prefill
-def test_continue_with_a_left_padded_new_turn(monkeypatch, P2, page_size):
+def test_continue_with_a_left_padded_new_turn(monkeypatch, device, P2, page_size):
     # Multi-turn chat: a second generate call appends each row's next turn, left-padded to a common
     # length, after the first call's output. The previous turn's last token is not cached yet, so
     # that step holds [last token, padding, new turn]: padding between a row's real tokens.
     from transformers import DynamicCache
 
     cfg, hf, ours = _models("sdpa")
+    hf, ours = _on(device, hf, ours)
     pads, new = [0, 2, 4], 4
-    ids, mask = _prompts(6, pads)
+    ids, mask = (t.to(device) for t in _prompts(6, pads))
     capacity = 6 + new + P2 + new - 1
-    dyn, cache = DynamicCache(config=cfg), _cache(cfg, 3, capacity, page_size)
+    dyn, cache = DynamicCache(config=cfg), _cache(cfg, 3, capacity, page_size, device=device)
     _no_sdpa(monkeypatch)
     first_hf = hf.generate(ids, attention_mask=mask, cache=dyn, **_greedy(max_new_tokens=new))
     first = ours.generate(ids, attention_mask=mask, cache=cache, **_greedy(max_new_tokens=new))
     _assert_same(first, first_hf)
     turn_pads = [P2 - 1, 0, 3]
-    turn, turn_mask = _prompts(P2, turn_pads, seed=2)
+    turn, turn_mask = (t.to(device) for t in _prompts(P2, turn_pads, seed=2))
     ids2 = torch.cat([first.sequences, turn], dim=1)
-    mask2 = torch.cat([mask, torch.ones(3, new, dtype=torch.long), turn_mask], dim=1)
+    mask2 = torch.cat([mask, torch.ones(3, new, dtype=torch.long, device=device), turn_mask], dim=1)
     second_hf = hf.generate(ids2, attention_mask=mask2, cache=dyn, **_greedy(max_new_tokens=new))
     second = ours.generate(ids2, attention_mask=mask2, cache=cache, **_greedy(max_new_tokens=new))
     _assert_same(second, second_hf)

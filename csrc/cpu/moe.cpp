@@ -919,6 +919,24 @@ void swiglu_row_generic(const float* gc, T* go, float* a, int64_t I) {
   swiglu_row_body<T, false>(gc, go, a, I);
 }
 
+// One row of swiglu_rows with gate|up already in T (native 16-bit GEMMs): widened 8 lanes at a
+// time, act rounded to T.
+template <typename T, bool kAvx>
+LMOE_V8_INLINE void swiglu_row_lowp_body(const T* gc, T* go, T* a, int64_t I) {
+  std::memcpy(go, gc, sizeof(T) * 2 * I);
+  int64_t i = 0;
+  for (; i + 8 <= I; i += 8) {
+    const vec8::v8f g = vec8::load_f32<T, kAvx>(gc + i);
+    const vec8::v8f u = vec8::load_f32<T, kAvx>(gc + I + i);
+    vec8::store_from_f32<T, kAvx>(a + i, silu8(g) * u);
+  }
+  for (; i < I; ++i) a[i] = static_cast<T>(silu1(static_cast<float>(gc[i])) * static_cast<float>(gc[I + i]));
+}
+template <typename T>
+LMOE_CPU_AVX2 void swiglu_row_lowp_avx2(const T* gc, T* go, T* a, int64_t I) {
+  swiglu_row_lowp_body<T, true>(gc, go, a, I);
+}
+
 // The SwiGLU between the GEMMs for one expert's rows: gate|up (compute type C) are rounded to T
 // (as a GEMM in T would), stored to gate_up_out for the backward, and act = T(silu(g) * u).
 // Vectorized where C is fp32 (the silu's exp is exp_nonpos, ~2 ulp; the scalar loop of std::exp
@@ -934,6 +952,10 @@ void swiglu_rows(const C* gate_up_c, T* gate_up_out, C* act, int64_t rows, int64
       if constexpr (std::is_same_v<C, float>) {
         if (avx) swiglu_row_avx2<T>(gc, go, a, I);
         else swiglu_row_generic<T>(gc, go, a, I);
+      } else if (std::is_same_v<C, T> && (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) &&
+                 avx) {
+        // (The scalar loop below, with std::exp, took ~40% of a native bf16 call at 512 tokens.)
+        if constexpr (std::is_same_v<C, T>) swiglu_row_lowp_avx2<T>(gc, go, a, I);
       } else {
         for (int64_t i = 0; i < I; ++i) {
           const T g = static_cast<T>(gc[i]), u = static_cast<T>(gc[I + i]);
