@@ -22,8 +22,9 @@ An HF ``attention_mask`` that is anything but the plain causal mask (e.g. left p
 step through the SDPA path with that mask, so results stay correct. With a :class:`LatentKVCache`
 visibility is causal over each row's own cached tokens: the mask must be None, plain causal, or
 causal with padding keys hidden (what HF ``generate`` builds for a left-padded batch, or for a new
-turn padded on its left after earlier turns), for which the layer stores only each row's real tokens, so the kernels' causal rule is still HF's masked attention
-(anything else raises ValueError rather than being ignored). A :class:`LatentKVCache` implements
+turn padded on its left after earlier turns), for which the layer stores only each row's real
+tokens, so the kernels' causal rule is still HF's masked attention (anything else raises
+ValueError rather than being ignored). A :class:`LatentKVCache` implements
 what transformers' ``generate`` needs from a cache: ``model.generate(..., cache=LatentKVCache(...))``
 on a model whose attention modules are this class.
 """
