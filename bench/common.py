@@ -160,3 +160,44 @@ def gemm_gflops(m: int, n: int, k: int, device: str, dtype=torch.float32) -> flo
     b = torch.randn(k, n, device=device).to(dtype)
     t = time_ms(lambda: torch.mm(a, b), device, warmup=2, reps=5, min_time_s=0.2)[0]
     return 2.0 * m * n * k / (t * 1e-3) / 1e9
+
+
+def machine_info(device: str) -> dict:
+    """What the figures were measured on (CPUs differ between runs: AVX2-only, AVX-512, AMX; the
+    CPU paths and their floors differ with them). Read from /proc and /sys where they exist."""
+    info = {"device": device, "torch": torch.__version__}
+    if device.startswith("cuda"):
+        idx = torch.device(device).index or 0
+        props = torch.cuda.get_device_properties(idx)
+        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        return info
+    model, flags = "unknown", set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    caches = {}
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    with contextlib.suppress(OSError):
+        for entry in sorted(os.listdir(base)):
+            with contextlib.suppress(OSError):
+                with open(f"{base}/{entry}/level") as f:
+                    level = f.read().strip()
+                with open(f"{base}/{entry}/type") as f:
+                    kind = f.read().strip()
+                with open(f"{base}/{entry}/size") as f:
+                    size = f.read().strip()
+                if kind != "Instruction":
+                    caches[f"L{level}"] = size
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"]
+    info.update(cpu=model, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                isa_flags=[f for f in wanted if f in flags], caches=caches,
+                LATENTMOE_CPU_ISA=os.environ.get("LATENTMOE_CPU_ISA", "auto"),
+                LATENTMOE_CPU_LOWP_GEMM=os.environ.get("LATENTMOE_CPU_LOWP_GEMM", "auto"))
+    return info

@@ -1,6 +1,7 @@
 """``make bench``: every microbenchmark on the default device (CUDA if available, else CPU).
 
-Prints a table and writes ``bench/results/<device>-<timestamp>.csv`` (one schema: bench/common.py).
+Prints a table and writes ``bench/results/<device>-<timestamp>.csv`` (one schema: bench/common.py)
+and, next to it, ``<device>-<timestamp>.machine.json`` (CPU model, ISA, caches; or the GPU).
 Usage: python bench/run.py [--device cpu|cuda] [--full] [--only norm,mla,moe] [--out DIR]
 """
 
@@ -10,6 +11,7 @@ import argparse
 import csv
 import datetime
 import importlib
+import json
 import os
 import sys
 
@@ -18,7 +20,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import COLUMNS, goal_met  # noqa: E402
+from bench.common import COLUMNS, goal_met, machine_info  # noqa: E402
 
 FAMILIES = ["norm", "mla", "mla_prefill", "moe"]
 
@@ -48,6 +50,11 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"{args.device}-{stamp}.csv")
+    # The machine next to the CSV (<name>.machine.json): figures from different CPUs differ.
+    machine = machine_info(args.device)
+    with open(path[: -len(".csv")] + ".machine.json", "w") as f:
+        json.dump(machine, f, indent=1)
+    print("[bench] machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
     rows, failed = [], []
     # The CSV and the table grow family by family, so a run cut short (a device time limit) keeps
     # what it measured.

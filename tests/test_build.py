@@ -65,3 +65,21 @@ def test_bench_env_setting_reaches_the_kernels():
     with env_setting("LATENTMOE_CPU_ISA", "generic"):
         assert latentmoe._C.cpu_isa() == "generic"
     assert latentmoe._C.cpu_isa() == before
+
+
+def test_bench_records_the_machine():
+    # bench/run.py writes machine_info next to each CSV: figures from different CPUs (AVX2-only,
+    # AVX-512, AMX) are not comparable, so each run says what it ran on.
+    import json
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        from bench.common import machine_info
+    finally:
+        sys.path.pop(0)
+    info = machine_info("cpu")
+    assert info["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["cores"] == os.cpu_count() and info["torch_threads"] == torch.get_num_threads()
+    assert isinstance(info["isa_flags"], list) and isinstance(info["caches"], dict)
+    json.dumps(info)  # what run.py writes
