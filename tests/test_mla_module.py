@@ -233,6 +233,58 @@ def test_inside_hf_model_with_hf_static_cache(attn_impl):
             assert torch.equal(lb.keys[:, :, 11:], torch.zeros_like(lb.keys[:, :, 11:]))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_hf_static_cache_module_level_without_mask(monkeypatch, compiled):
+    # StaticCache's get_seq_length is its own length tensor, advanced in place by update(): the
+    # module must count the new tokens once. With mask=None (plain causal) the steps take the fused
+    # decode (not SDPA over the whole buffer) and match HF's attention given the causal mask.
+    from transformers.cache_utils import StaticCache
+
+    cfg = make_config(heads=3, q_lora=24)
+    hf, mine = attention_pair(cfg)
+    paths = []
+    for name in ("_absorbed_attention", "_sdpa_attention"):
+        orig = getattr(MultiHeadLatentAttention, name)
+        monkeypatch.setattr(MultiHeadLatentAttention, name,
+                            lambda self, *a, _n=name, _o=orig, **k: (paths.append(_n), _o(self, *a, **k))[1])
+    run = torch.compile(mine, backend="aot_eager") if compiled else mine
+    B = 2
+    c_hf, c_mine = StaticCache(config=cfg, max_cache_len=16), StaticCache(config=cfg, max_cache_len=16)
+    past = 0
+    for S in (5, 3, 1, 1):
+        x = torch.randn(B, S, cfg.hidden_size)
+        pe = rope_embeddings(cfg, (past + torch.arange(S))[None].expand(B, -1))
+        with torch.no_grad():
+            # HF's attention needs the mask over the static buffer (16 keys): unwritten ones hidden.
+            mask = torch.full((B, 1, S, 16), torch.finfo().min)
+            mask[..., : past + S] = causal_additive_mask(B, S, past)
+            want, _ = hf(x, pe, mask, cache=c_hf)
+            got, _ = run(x, pe, None, cache=c_mine)
+        assert rel_err(got, want) <= 1e-4, S
+        past += S
+    if not compiled:
+        assert paths == ["_absorbed_attention"] * 4, paths
+
+
+def test_hf_static_cache_generate_takes_the_kernels(monkeypatch):
+    # generate(cache_implementation="static"): HF passes the causal mask over the whole buffer;
+    # every step (prefill and decode) must take the fused decode, with HF's ids.
+    from transformers import DeepseekV3ForCausalLM
+
+    cfg, hf, ours = hf_model_pair(DeepseekV3ForCausalLM, "sdpa")
+    ids = torch.randint(1, cfg.vocab_size, (2, 6))
+    kw = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
+    want = hf.generate(ids, **kw)
+    paths = []
+    for name in ("_absorbed_attention", "_sdpa_attention"):
+        orig = getattr(MultiHeadLatentAttention, name)
+        monkeypatch.setattr(MultiHeadLatentAttention, name,
+                            lambda self, *a, _n=name, _o=orig, **k: (paths.append(_n), _o(self, *a, **k))[1])
+    got = ours.generate(ids, **kw)
+    assert torch.equal(got, want)
+    assert paths and set(paths) == {"_absorbed_attention"}, paths
+
+
 def _left_padded(cfg, B, S, pad):
     """Inputs for S tokens per row, and HF's causal mask with row 1's first `pad` keys masked out
     (left padding; HF keeps fully padded query rows finite)."""
@@ -385,18 +437,18 @@ def test_autocast_bf16_matches_hf(cache_kind):
     assert mine.kv_b_proj.weight.grad is not None and mine.kv_b_proj.weight.grad.dtype == torch.float32
 
 
-def test_latent_cache_dtype_and_broadcast_rope():
+def test_latent_cache_dtype_and_broadcast_rope(device):
     # Rows are stored in the cache's dtype (a bf16 cache for an fp32 model), and cos / sin may be
     # shared by the batch ([1, S, R]) as with no cache or an HF cache.
-    cfg, hf, mine = _pair(CASES[0])
+    cfg, hf, mine = _pair(CASES[0], device=device)
     B, steps = 2, [5, 1, 1]
     c_hf = hf_cache(cfg)
-    c16 = LatentKVCache(1, B, 7, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=torch.bfloat16)
-    c32 = LatentKVCache(1, B, 7, cfg.kv_lora_rank, cfg.qk_rope_head_dim, page_size=2)
+    c16 = LatentKVCache(1, B, 7, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=torch.bfloat16, device=device)
+    c32 = LatentKVCache(1, B, 7, cfg.kv_lora_rank, cfg.qk_rope_head_dim, page_size=2, device=device)
     past = 0
     for S in steps:
-        x = torch.randn(B, S, cfg.hidden_size)
-        pe = rope_embeddings(cfg, (past + torch.arange(S))[None])  # [1, S, R]
+        x = torch.randn(B, S, cfg.hidden_size, device=device)
+        pe = tuple(t.to(device) for t in rope_embeddings(cfg, (past + torch.arange(S))[None]))  # [1, S, R]
         with torch.no_grad():
             want, _ = hf(x, tuple(t.expand(B, -1, -1) for t in pe), causal_additive_mask(B, S, past), cache=c_hf)
             got32, _ = mine(x, pe, None, cache=c32)

@@ -128,7 +128,9 @@ class LatentKVCache:
     >= padded prompt length + max_new_tokens - 1, plus the draft length with assisted decoding
     (``prompt_lookup_num_tokens`` / the assistant's tokens: a verify step writes the whole draft
     before the rejected part is cropped); a step that would not fit raises ValueError before
-    anything is written. HF's own attention classes cannot use it (:meth:`update` raises).
+    anything is written. HF's own attention classes cannot use it (:meth:`update` raises). As with
+    HF's own caches, ``generate`` continues from whatever the cache holds (it feeds only the prompt
+    tokens past the cached positions): call :meth:`reset` before generating for a new batch.
     """
 
     # transformers' Cache flags: lengths live on the host (a compiled step would recompile at every
@@ -588,6 +590,10 @@ class MultiHeadLatentAttention(nn.Module):
         past = 0
         if cache is not None:
             past = cache.get_seq_length(self.layer_idx)
+            if isinstance(past, torch.Tensor):
+                # HF's StaticCache returns its own length tensor, which update() advances in place:
+                # the length before this step must be a copy (else the new tokens count twice).
+                past = past.clone()
             keys, values = cache.update(c_kv.view(B, 1, S, C), k_pe.view(B, 1, S, R), self.layer_idx)
             c_all, pe_all = keys[:, 0], values[:, 0]
         else:
@@ -771,12 +777,13 @@ class MultiHeadLatentAttention(nn.Module):
         B, S, H, N = q_nope.shape
         w_uk, w_uv_t = self.absorbed_weights()
         dt = kv_cache.dtype
-        # The two per-head products run in the cache's dtype, on the CPU in fp32: there ATen's bf16
-        # bmm was 12x (1 row) to 85x (64 rows) slower than converting the weights per call and
-        # multiplying in fp32 (Zen 3, H = 16, N = V = 128, C = 512), and fp32 on the strided views
-        # was as fast as on contiguous copies up to 64 rows. Autocast is off: it would pick the
-        # dtype itself.
-        mm_dt = torch.float32 if kv_cache.device.type == "cpu" else dt
+        # The two per-head products run in the wider of the weights' and the cache's dtypes (fp32
+        # weights with a bf16 cache: no converted copy of the weights per call, only of the
+        # activations), on the CPU in fp32: there ATen's bf16 bmm was 12x (1 row) to 85x (64 rows)
+        # slower than converting the weights per call and multiplying in fp32 (Zen 3, H = 16,
+        # N = V = 128, C = 512), and fp32 on the strided views was as fast as on contiguous copies
+        # up to 64 rows. Autocast is off: it would pick the dtype itself.
+        mm_dt = torch.float32 if kv_cache.device.type == "cpu" else torch.promote_types(w_uk.dtype, dt)
         if mm_dt != w_uk.dtype:
             w_uk, w_uv_t = w_uk.to(mm_dt), w_uv_t.to(mm_dt)
         with torch.autocast(kv_cache.device.type, enabled=False):

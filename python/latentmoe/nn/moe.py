@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,9 +75,11 @@ class SharedExperts(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        with warnings.catch_warnings():  # zero-width (no shared experts): torch warns its init is a no-op
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+            self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+            self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return project(self.down_proj, F.silu(project(self.gate_proj, x)) * project(self.up_proj, x))
@@ -88,7 +92,8 @@ class MoE(nn.Module):
         config: an HF ``DeepseekV3Config`` (or any object with ``hidden_size``,
             ``moe_intermediate_size``, ``n_routed_experts``, ``num_experts_per_tok``, ``n_group``,
             ``topk_group`` (``n_group <= 64``), ``norm_topk_prob``, ``routed_scaling_factor``;
-            optionally ``n_shared_experts`` (default 0); ``hidden_act`` must be ``"silu"``).
+            optionally ``n_shared_experts`` (default 0: zero-width shared experts, as HF builds them);
+            ``hidden_act`` must be ``"silu"``).
         score_func: ``"sigmoid"`` (V3) or ``"softmax"``; default ``config.scoring_func`` if present,
             else ``"sigmoid"``.
         aux_loss_alpha: balance-loss weight alpha (default ``config.aux_loss_alpha`` or 0: off).
@@ -145,7 +150,9 @@ class MoE(nn.Module):
         self.experts = MoEExperts(self.num_experts, self.hidden_size, inter)
         self.gate = MoERouter(self.num_experts, self.hidden_size)
         n_shared = getattr(config, "n_shared_experts", 0) or 0
-        self.shared_experts = SharedExperts(self.hidden_size, inter * n_shared) if n_shared > 0 else None
+        # Built even with 0 shared experts (zero-width, as HF builds it: the same state_dict keys);
+        # then skipped in forward.
+        self.shared_experts = SharedExperts(self.hidden_size, inter * n_shared)
         self.aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
         # A plain tensor attribute, not a buffer: DDP broadcasts rank 0's buffers into every rank at
@@ -221,8 +228,9 @@ class MoE(nn.Module):
         if xe.dtype != self.experts.gate_up_proj.dtype and torch.is_autocast_enabled(xe.device.type):
             xe = xe.to(self.experts.gate_up_proj.dtype)
         out = self.experts(xe, weights, indices, check_values=False).to(x.dtype).view(shape)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(hidden_states)
+        shared = self.shared_experts
+        if shared is not None and not (isinstance(shared, SharedExperts) and shared.down_proj.in_features == 0):
+            out = out + shared(hidden_states)
         # Activation checkpointing's second run keeps the figures of the first (it still computes the
         # balance loss: non-reentrant checkpointing checks that both runs save the same tensors).
         recompute = _recomputing()
