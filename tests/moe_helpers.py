@@ -34,14 +34,17 @@ def hf_config(name: str) -> DeepseekV3Config:
     return cfg
 
 
-def hf_moe(name: str, dtype=torch.float32, seed: int = 0) -> DeepseekV3MoE:
-    """A DeepseekV3MoE with every parameter and the selection bias drawn at random (never zero)."""
+def hf_moe(name: str, dtype=torch.float32, seed: int = 0, **overrides) -> DeepseekV3MoE:
+    """A DeepseekV3MoE with every parameter and the selection bias drawn at random (never zero);
+    ``overrides`` set config fields (e.g. ``n_shared_experts=0``)."""
     cfg = hf_config(name)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
     torch.manual_seed(seed)
     moe = DeepseekV3MoE(cfg)
     with torch.no_grad():
         for p in moe.parameters():
-            p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5))
+            p.copy_(torch.randn_like(p) * (max(p.shape[-1], 1) ** -0.5))
         moe.gate.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts) * 0.1)
     return moe.to(dtype)
 

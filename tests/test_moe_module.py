@@ -535,18 +535,8 @@ def test_backward_hook_on_the_gate_fires():
 def test_no_shared_experts_state_dict_identical_to_hf():
     # n_shared_experts=0: HF builds zero-width shared experts (their keys are in its state_dict);
     # so does MoE, and strict loading works both ways. They add nothing.
-    from moe_helpers import CONFIGS, hf_config
-
-    name = list(CONFIGS)[0]
-    cfg = hf_config(name)
-    cfg.n_shared_experts = 0
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
-
-    torch.manual_seed(0)
-    theirs = DeepseekV3MoE(cfg).eval()
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.normal_(0, 0.2)
+    theirs = hf_moe(list(CONFIGS)[0], n_shared_experts=0).eval()
+    cfg = theirs.config
     ours = MoE(cfg).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     theirs.load_state_dict(ours.state_dict(), strict=True)
