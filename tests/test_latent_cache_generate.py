@@ -409,3 +409,26 @@ def test_advance_takes_index_like_counts_and_empty_steps_are_refused():
     pe = rope_embeddings(cfg, torch.zeros(2, 0, dtype=torch.long))
     with torch.no_grad(), pytest.raises(ValueError, match="no new tokens"):
         attn(x, pe, None, cache=cache)
+
+
+def test_mask_analysis_once_per_step(monkeypatch):
+    # Every layer of a step gets the same mask tensor: its analysis (host syncs on a GPU) runs in
+    # the first layer only, and again at every step; the ids stay HF's. crop / reorder_cache /
+    # reset / trim drop the kept analysis.
+    cfg, hf, ours = _models("eager")  # eager: HF passes a 4-D mask at every step
+    calls = []
+    orig = MultiHeadLatentAttention._analyse_latent_cache_mask
+    monkeypatch.setattr(MultiHeadLatentAttention, "_analyse_latent_cache_mask",
+                        lambda self, *a: (calls.append(self.layer_idx), orig(self, *a))[1])
+    ids, mask = _prompts(6, [0, 2])
+    new = 4
+    want = hf.generate(ids, attention_mask=mask, **_greedy(max_new_tokens=new))
+    cache = _cache(cfg, 2, 6 + new - 1)
+    got = ours.generate(ids, attention_mask=mask, cache=cache, **_greedy(max_new_tokens=new))
+    _assert_same(got, want)
+    assert cfg.num_hidden_layers == 2 and calls == [0] * new
+    for drop in (lambda c: c.crop(0), lambda c: c.reorder_cache(torch.tensor([1, 0])), lambda c: c.reset(),
+                 lambda c: c.trim(c.lengths(0))):
+        cache._mask_memo = ("key", 0, (True, None, None))
+        drop(cache)
+        assert cache._mask_memo is None

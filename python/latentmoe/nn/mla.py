@@ -194,6 +194,8 @@ class LatentKVCache:
         # Per layer: padding was left out (a per-row advance) since the last trim / reset, so rows
         # hold fewer tokens than positions and a mask must keep saying which were padding.
         self._skipped = [False] * num_layers
+        # The last mask analysis (MultiHeadLatentAttention): reused by the later layers of a step.
+        self._mask_memo = None
 
     def _layer(self, layer_idx: int) -> int:
         if not 0 <= layer_idx < len(self.kv):
@@ -217,6 +219,7 @@ class LatentKVCache:
         or in ``layer_idx``: e.g. after a right-padded prefill, each row keeps its own prompt and
         the next tokens are appended (and attend) from there. ``lengths``: B ints or a tensor.
         The positions count (:meth:`get_seq_length`) becomes the longest row."""
+        self._mask_memo = None
         lengths = [int(n) for n in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
         layers = range(len(self.kv)) if layer_idx is None else [self._layer(layer_idx)]
         if len(lengths) != self.batch_size:
@@ -323,6 +326,7 @@ class LatentKVCache:
         convention: a count <= 0, 0 does nothing; assisted decoding drops rejected draft tokens
         so). Only positions that every row holds can go: not back into a padded prompt, nor to
         before a :meth:`trim`."""
+        self._mask_memo = None
         n = operator.index(tokens_to_remove)
         if n > 0:
             raise ValueError(
@@ -348,6 +352,7 @@ class LatentKVCache:
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Row ``b`` becomes a copy of row ``beam_idx[b]`` (tokens and length) in every layer: HF beam
         search's step. A paged cache copies pages, so no two rows may share a page of the table."""
+        self._mask_memo = None
         src = torch.as_tensor(beam_idx)
         integer = not (src.dtype.is_floating_point or src.dtype.is_complex or src.dtype == torch.bool)
         if src.dim() != 1 or src.numel() != self.batch_size or not integer:
@@ -387,6 +392,7 @@ class LatentKVCache:
     def reset(self) -> None:
         """Empty every layer (lengths and positions back to 0; stored rows stay but are never read
         past the lengths), e.g. to reuse the cache for another generate call."""
+        self._mask_memo = None
         for layer in range(len(self.kv)):
             self.seqlens[layer].zero_()
             self._host_lens[layer] = [0] * self.batch_size
@@ -440,6 +446,14 @@ def _dense_mask(mask, B: int, S: int, L: int, valid):
         fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
         mask = F.pad(mask, (0, L - mask.shape[-1]), value=fill)
     return mask
+
+
+def _refuse_latent_cache_mask(why: str):
+    raise ValueError(
+        "MultiHeadLatentAttention: with a LatentKVCache, 'attention_mask' must be None, the causal mask, "
+        "or the causal mask with padding keys hidden (as HF builds it from a 2-D padding mask): the cache "
+        "stores each row's real tokens only and attends causally over them; " + why
+    )
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -650,57 +664,70 @@ class MultiHeadLatentAttention(nn.Module):
         hidden in every query row (padding), each row's last new token real unless all of them are
         padding (no right padding: HF computes a padding query's output, and generate reads the
         last one), and as many visible earlier keys as the row holds. Rows of padding queries are
-        not read (their outputs are set to 0). Any other mask raises ValueError."""
+        not read (their outputs are set to 0). Any other mask raises ValueError.
+
+        The mask's analysis reads its values (host syncs on a GPU); a model hands every layer the
+        same mask tensor in a step, so the later layers of the step reuse the first one's analysis
+        (kept on the cache, keyed by the tensor, its storage, shape and the positions seen) and only
+        check their own rows' lengths."""
         seen = cache.get_seq_length(self.layer_idx)
-        L = seen + S
-        mask = _dense_mask(attention_mask, B, S, L, L)
-
-        def refuse(why: str):
-            raise ValueError(
-                "MultiHeadLatentAttention: with a LatentKVCache, 'attention_mask' must be None, the causal "
-                "mask, or the causal mask with left padding (as HF builds it from a 2-D padding mask): "
-                "the cache stores each row's real tokens only and attends causally over them; " + why
-            )
-
-        if self._is_plain_causal(mask, B, S, L, L):
-            held = cache.lengths(self.layer_idx)
-            if cache._skipped[self.layer_idx] and held != [seen] * B:
-                refuse(
-                    f"this cache left out padding (its rows hold {held} tokens of {seen} positions), so a "
+        key = None
+        if isinstance(attention_mask, torch.Tensor):
+            key = (id(attention_mask), attention_mask.data_ptr(), tuple(attention_mask.shape),
+                   attention_mask.dtype, attention_mask.device, seen, B, S)
+        memo = cache._mask_memo
+        if key is not None and memo is not None and memo[0] == key and self.layer_idx > memo[1]:
+            plain, held, new = memo[2]
+        else:
+            plain, held, new = self._analyse_latent_cache_mask(attention_mask, B, S, seen)
+            cache._mask_memo = None if key is None else (key, self.layer_idx, (plain, held, new))
+        rows = cache.lengths(self.layer_idx)
+        if plain:
+            if cache._skipped[self.layer_idx] and rows != [seen] * B:
+                _refuse_latent_cache_mask(
+                    f"this cache left out padding (its rows hold {rows} tokens of {seen} positions), so a "
                     "mask must keep marking it: a plain causal mask (or None) would attend over padding the "
                     "cache never stored (pass the padding mask, as generate does; trim() or reset() "
                     "starts over)"
                 )
             return None
+        if held != rows:
+            _refuse_latent_cache_mask(
+                f"this one shows {held} unpadded earlier keys per row but the cache rows hold {rows} tokens"
+            )
+        return new
 
+    def _analyse_latent_cache_mask(self, attention_mask, B: int, S: int, seen: int):
+        """``(plain, held, new)`` for :meth:`_latent_cache_new_tokens`: whether the mask is the plain
+        causal one; else the unpadded earlier keys per row (host ints) and the new tokens kept
+        (``[B, S]`` bool, None when all are). Raises ValueError for masks a cache cannot honour."""
+        L = seen + S
+        mask = _dense_mask(attention_mask, B, S, L, L)
+        if self._is_plain_causal(mask, B, S, L, L):
+            return True, None, None
         if mask.dim() != 4 or mask.shape[0] not in (1, B) or mask.shape[1] != 1 or mask.shape[2] != S:
-            refuse(f"got a mask of shape {tuple(mask.shape)} for {B} rows of {S} new tokens")
+            _refuse_latent_cache_mask(f"got a mask of shape {tuple(mask.shape)} for {B} rows of {S} new tokens")
         m = mask[..., :L]
         if m.dtype == torch.bool:
             keep = m
         else:
             keep = m > torch.finfo(m.dtype).min / 2
             if torch.any(m[keep] != 0):
-                refuse("this one adds biases other than 0 / -inf")
+                _refuse_latent_cache_mask("this one adds biases other than 0 / -inf")
         keep = keep[:, 0].expand(B, S, L)
         keys = keep[:, -1]  # what the last new token sees: every unpadded key
         new = keys[:, seen:]
         if bool(torch.any(new.any(1) & ~new[:, -1])):
-            refuse(
+            _refuse_latent_cache_mask(
                 "in this one a row's last new token is padding after some of its real ones (right "
                 "padding): HF computes that padding query's output (and generate reads it), the cache "
                 "stores no padding; pad on the left, or anywhere before a row's last token"
             )
         want = keys[:, None, :] & _causal_keep(S, L, L, keys.device)
         if bool(torch.any((keep != want) & new[:, :, None])):
-            refuse("in this one a real token's row is not the causal mask with the padded keys hidden")
+            _refuse_latent_cache_mask("in this one a real token's row is not the causal mask with the padded keys hidden")
         held = keys[:, :seen].sum(1).tolist()
-        if held != cache.lengths(self.layer_idx):
-            refuse(
-                f"this one shows {held} unpadded earlier keys per row but the cache rows hold "
-                f"{cache.lengths(self.layer_idx)} tokens"
-            )
-        return None if bool(new.all()) else new
+        return False, held, None if bool(new.all()) else new
 
     def _forward_latent_cache(
         self, q_nope, q_pe, kv, cos, sin, cache: LatentKVCache, keep: torch.Tensor | None = None
