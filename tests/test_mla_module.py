@@ -1042,3 +1042,44 @@ def test_latent_cache_made_under_inference_mode_used_under_no_grad():
             assert rel_err(got, want) <= 1e-4
             past += n
         assert cache.lengths(0) == [6, 6]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_padding_rows_match_hf_eager(dtype):
+    # HF eager's fp32 additive mask (finfo(fp32).min) under autocast: cast to bf16 / fp16 it would be
+    # -inf, and a fully masked (left-padding) query row would give 0 where HF, adding the fp32 mask
+    # before an fp32 softmax, gives the uniform average. Those rows feed HF's causal-LM loss.
+    cfg = make_config(heads=3, q_lora=24)
+    hf, mine = attention_pair(cfg)
+    B, S = 2, 8
+    x = torch.randn(B, S, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[0, :3] = False
+    mask = causal_additive_mask(B, S, 0).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        want, _ = hf(x, pe, mask)
+        got, _ = mine(x, pe, mask)
+    assert want[0, :3].abs().max() > 0  # HF's padding rows are not 0
+    assert rel_err(got[0, :3].float(), want[0, :3].float()) <= 3e-2
+    assert rel_err(got.float(), want.float()) <= 3e-2
+
+
+def test_latent_cache_refuses_training_mode_with_attention_dropout():
+    # The fused kernels apply no dropout: a module left in training mode with attention_dropout > 0
+    # would decode as in eval mode, silently. It raises; eval() decodes.
+    cfg = make_config(heads=3, q_lora=24)
+    cfg.attention_dropout = 0.1
+    hf, mine = attention_pair(cfg)
+    cache = LatentKVCache(1, 2, 8, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    x = torch.randn(2, 3, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(3)[None].expand(2, -1))
+    mine.train()
+    with torch.no_grad(), pytest.raises(ValueError, match="model.eval"):
+        mine(x, pe, None, cache=cache)
+    assert cache.lengths(0) == [0, 0]
+    mine.eval()
+    with torch.no_grad():
+        want, _ = hf.eval()(x, pe, causal_additive_mask(2, 3, 0))
+        got, _ = mine(x, pe, None, cache=cache)
+    assert rel_err(got, want) <= 1e-4

@@ -439,6 +439,8 @@ def test_made_under_inference_mode_runs_outside_it():
     x = torch.randn(5, CONFIGS["v3"]["hidden_size"])
     with torch.no_grad():
         assert rel_err(ours(x), theirs(x)) <= 1e-4
+        ours.train()  # (eval forwards do not count)
+        ours(x)
         ours(x)
     assert int(ours.load_counts.sum()) == 2 * 5 * ours.top_k
     ours.update_bias()
@@ -544,3 +546,23 @@ def test_no_shared_experts_state_dict_identical_to_hf():
     x = torch.randn(2, 5, cfg.hidden_size)
     with torch.no_grad():
         assert rel_err(ours(x), theirs(x)) <= 1e-4
+
+
+def test_eval_forwards_set_last_load_but_do_not_count():
+    # update_bias balances training batches: a validation pass or generate between training steps
+    # (eval mode) must not steer it. last_load is every forward's.
+    ours, _ = _pair("v3")
+    h = CONFIGS["v3"]["hidden_size"]
+    x_train, x_eval = torch.randn(20, h), torch.randn(30, h)
+    ours(x_train)
+    train_load = ours.last_load.clone()
+    ours.eval()
+    with torch.no_grad():
+        ours(x_eval)
+    _, idx, _ = ours.route(x_eval)
+    assert torch.equal(ours.last_load, ref.expert_load(idx, ours.num_experts))
+    assert torch.equal(ours.load_counts, train_load)
+    ours.train()
+    bias0 = ours.gate.e_score_correction_bias.clone()
+    ours.update_bias(gamma=0.01)
+    torch.testing.assert_close(ours.gate.e_score_correction_bias, ref.update_bias(bias0, train_load, 0.01))

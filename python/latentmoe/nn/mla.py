@@ -31,6 +31,7 @@ on a model whose attention modules are this class.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 
@@ -585,6 +586,12 @@ class MultiHeadLatentAttention(nn.Module):
                     "MultiHeadLatentAttention: LatentKVCache is for inference; run under torch.no_grad() "
                     "(training uses cache=None)"
                 )
+            if self.training and self.attention_dropout > 0:
+                raise ValueError(
+                    f"MultiHeadLatentAttention: the module is in training mode with attention_dropout="
+                    f"{self.attention_dropout}, which a LatentKVCache's fused kernels do not apply; call "
+                    "model.eval() before decoding with it (or use an HF cache, whose path applies dropout)"
+                )
             if cache.batch_size != B:
                 raise ValueError(
                     f"MultiHeadLatentAttention: cache batch {cache.batch_size} != input batch {B} (generate "
@@ -851,13 +858,23 @@ class MultiHeadLatentAttention(nn.Module):
                 attn_mask, causal = _causal_keep(S, L, valid, q.device), False
         else:
             attn_mask, causal = mask[..., :L], False
-            if attn_mask.dtype != torch.bool:
+        out_dtype, ctx = q.dtype, contextlib.nullcontext()
+        if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            if attn_mask.dtype.itemsize > q.dtype.itemsize:
+                # A wider additive mask than q (autocast: bf16 / fp16 q, HF eager's fp32 mask): HF adds
+                # it to the scores in fp32 and takes the softmax in fp32, so do the same (cast to q's
+                # dtype, finfo(fp32).min would become -inf, and a fully masked padding query row would
+                # give 0 where HF gives the uniform average; those rows feed HF's causal-LM loss).
+                q, k, v = (t.to(attn_mask.dtype) for t in (q, k, v))
+                ctx = torch.autocast(q.device.type, enabled=False)  # (autocast would cast them back)
+            else:
                 attn_mask = attn_mask.to(q.dtype)
         dropout = self.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=causal, scale=self.scaling
-        )
-        return out.transpose(1, 2)
+        with ctx:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=causal, scale=self.scaling
+            )
+        return out.to(out_dtype).transpose(1, 2)
 
     @staticmethod
     def _is_plain_causal(mask: torch.Tensor | None, B: int, S: int, L: int, valid) -> bool:

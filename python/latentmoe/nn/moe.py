@@ -103,7 +103,10 @@ class MoE(nn.Module):
         bias_update_speed: gamma of the aux-loss-free bias update (default 0.001).
 
     After each forward: ``last_load`` (``[E]`` int64 tokens per expert), ``load_counts``
-    (accumulated since the last ``update_bias``) and, in training with ``aux_loss_alpha > 0``,
+    (accumulated over training-mode forwards since the last ``update_bias``: eval-mode forwards,
+    e.g. validation or ``generate`` between training steps, set ``last_load`` only, so the
+    aux-loss-free update balances the training batches, as DeepSeek-V3's does) and, in training
+    with ``aux_loss_alpha > 0``,
     ``aux_loss`` (0-d fp32, differentiable w.r.t. the router weight). Under activation
     checkpointing, the recomputation during backward leaves them as the forward set them (loads
     counted once). Reentrant checkpointing (``use_reentrant=True``) runs the forward without
@@ -240,7 +243,8 @@ class MoE(nn.Module):
                 load = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device).index_add_(
                     0, flat, torch.ones_like(flat))
                 self.last_load = load
-                self.load_counts += load
+                if self.training:  # the bias update balances training batches, not eval / generate
+                    self.load_counts += load
         aux_loss = None
         if self.training and self.aux_loss_alpha > 0:
             if self.seq_aux and len(shape) not in (2, 3):
