@@ -546,6 +546,46 @@ def test_experts_aten_backward_gemms_no_rows(monkeypatch):
     assert torch.equal(ggu, torch.zeros_like(gu)) and torch.equal(gd, torch.zeros_like(down))
 
 
+@pytest.mark.parametrize("gemms", ["grouped", "loop"])
+def test_experts_aten_backward_dropped_pairs(monkeypatch, gemms):
+    # A CUDA forward with check_values=False drops pairs whose id is out of range: sorted before
+    # expert 0 (id < 0) or after the last expert (id >= E), their gate_up_out rows never written.
+    # The backward (the device-generic ATen one) gives them no gradient and keeps them out of
+    # expert 0's group (at::_grouped_mm starts group 0 at row 0): the same gradients as the
+    # backward of the pairs that remain.
+    monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    monkeypatch.setenv("LATENTMOE_MOE_BACKWARD_GEMM", gemms)
+    op = torch.ops.latentmoe
+    T, K, E, H, I = 3, 2, 2, 16, 8
+    x = torch.randn(T, H)
+    gu, down = _experts(E, H, I, "cpu")
+    w = torch.rand(T, K) + 0.1
+    g = torch.randn(T, H)
+    # Pair 0 (token 0) had id -1, pair 5 (token 2) id E: pairs 1..4 go to experts 0, 0, 1, 1.
+    idx = torch.tensor([[0, 0], [0, 1], [1, 1]])
+    _, pairs, offsets, gate_up_out = op.moe_experts.default(x, gu, down, w, idx, True)
+    pairs_d = torch.tensor([0] + [p for p in pairs.tolist() if p not in (0, 5)] + [5])
+    rows = {p: r for r, p in enumerate(pairs.tolist())}
+    gate_up_d = torch.full((T * K, 2 * I), float("nan"))
+    for r, p in enumerate(pairs_d.tolist()):
+        if p not in (0, 5):
+            gate_up_d[r] = gate_up_out[rows[p]]
+    offs_d = torch.tensor([1, 1 + int((idx.view(-1)[1:5] == 0).sum()), 5])
+    gx, ggu, gd, gw = op.moe_experts_backward.default(g, x, gu, down, w, pairs_d, offs_d, gate_up_d)
+    # The reference: the same call with pairs 0 and 5 given zero routing weight on valid experts.
+    w_ref = w.clone()
+    w_ref[0, 0] = w_ref[2, 1] = 0
+    leaves = [t.clone().double().requires_grad_() for t in (x, gu, down, w_ref)]
+    (ref.swiglu_experts(*leaves, idx) * g.double()).sum().backward()
+    for got, want in ((gx, leaves[0].grad), (ggu, leaves[1].grad), (gd, leaves[2].grad)):
+        assert torch.isfinite(got).all()
+        assert rel_err(got.double(), want) <= 1e-5
+    assert gw[0, 0] == 0 and gw[2, 1] == 0
+    keep = torch.ones(T, K, dtype=torch.bool)
+    keep[0, 0] = keep[2, 1] = False
+    assert rel_err(gw[keep].double(), leaves[3].grad[keep]) <= 1e-5
+
+
 def test_experts_aten_backward_gemms_errors(monkeypatch):
     monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
     op = torch.ops.latentmoe

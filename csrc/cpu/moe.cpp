@@ -232,6 +232,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
   auto silu = g * sig;
   auto act = (silu * u).to(dt);
   auto gyw = (gy.to(at::kFloat) * w_s).to(dt);
+  // Pairs outside [expert_offsets[0], expert_offsets[E]): ids out of range, which a CUDA forward
+  // with check_values=False sorted before expert 0 or after expert E-1 and dropped (their
+  // gate_up_out rows were never written). They get no gradient, and must not join expert 0's
+  // group in at::_grouped_mm (which starts at row 0). A device mask: no host sync.
+  const auto rows = at::arange(S, expert_offsets.options());
+  const auto dropped = ((rows < expert_offsets.select(0, 0)) | (rows >= expert_offsets.select(0, E))).unsqueeze(1);
+  act.masked_fill_(dropped, 0);
+  gyw.masked_fill_(dropped, 0);
   // A total of 0 rows is no GEMM at all (at::_grouped_mm rejects an empty jagged dimension).
   const bool grouped_rows = grouped && S > 0;
   at::Tensor ga_unweighted, grad_down, grad_gu;
@@ -252,7 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
   auto gau = ga_unweighted.to(at::kFloat);
   auto grad_w_s = (gau * act.to(at::kFloat)).sum(1);
   auto ga = gau * w_s;
-  auto gh = at::cat({ga * u * sig * (1 + g * (1 - sig)), ga * silu}, 1).to(dt);
+  auto gh = at::cat({ga * u * sig * (1 + g * (1 - sig)), ga * silu}, 1).to(dt).masked_fill_(dropped, 0);
+  grad_w_s.masked_fill_(dropped.squeeze(1), 0);
   at::Tensor gxs;
   if (grouped_rows) {
     grad_gu = at::_grouped_mm(gh.t(), xs, ends);      // [2I, S] @ [S, H], K jagged: [E, 2I, H]
@@ -271,6 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     mm_into(grad_gu[e], gh.narrow(0, o, m).t(), xs.narrow(0, o, m));
     mm_into(gxs.narrow(0, o, m), gh.narrow(0, o, m), gate_up_proj[e]);
   }
+  gxs.masked_fill_(dropped, 0);  // (the loop leaves those rows unwritten)
   auto inv = at::empty_like(sorted_pairs).index_put_({sorted_pairs},
                                                      at::arange(S, sorted_pairs.options()));
   // Each token's k rows summed in k order (a fixed-order reduction, no atomics).
