@@ -233,6 +233,16 @@ def test_inside_hf_model_with_hf_static_cache(attn_impl):
             assert torch.equal(lb.keys[:, :, 11:], torch.zeros_like(lb.keys[:, :, 11:]))
 
 
+def _record_attention_paths(monkeypatch) -> list[str]:
+    """The attention paths taken (fused absorbed decode or decompressing SDPA), call by call."""
+    paths = []
+    for name in ("_absorbed_attention", "_sdpa_attention"):
+        orig = getattr(MultiHeadLatentAttention, name)
+        monkeypatch.setattr(MultiHeadLatentAttention, name,
+                            lambda self, *a, _n=name, _o=orig, **k: (paths.append(_n), _o(self, *a, **k))[1])
+    return paths
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_hf_static_cache_module_level_without_mask(monkeypatch, compiled):
     # StaticCache's get_seq_length is its own length tensor, advanced in place by update(): the
@@ -242,11 +252,7 @@ def test_hf_static_cache_module_level_without_mask(monkeypatch, compiled):
 
     cfg = make_config(heads=3, q_lora=24)
     hf, mine = attention_pair(cfg)
-    paths = []
-    for name in ("_absorbed_attention", "_sdpa_attention"):
-        orig = getattr(MultiHeadLatentAttention, name)
-        monkeypatch.setattr(MultiHeadLatentAttention, name,
-                            lambda self, *a, _n=name, _o=orig, **k: (paths.append(_n), _o(self, *a, **k))[1])
+    paths = _record_attention_paths(monkeypatch)
     run = torch.compile(mine, backend="aot_eager") if compiled else mine
     B = 2
     c_hf, c_mine = StaticCache(config=cfg, max_cache_len=16), StaticCache(config=cfg, max_cache_len=16)
@@ -275,11 +281,7 @@ def test_hf_static_cache_generate_takes_the_kernels(monkeypatch):
     ids = torch.randint(1, cfg.vocab_size, (2, 6))
     kw = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
     want = hf.generate(ids, **kw)
-    paths = []
-    for name in ("_absorbed_attention", "_sdpa_attention"):
-        orig = getattr(MultiHeadLatentAttention, name)
-        monkeypatch.setattr(MultiHeadLatentAttention, name,
-                            lambda self, *a, _n=name, _o=orig, **k: (paths.append(_n), _o(self, *a, **k))[1])
+    paths = _record_attention_paths(monkeypatch)
     got = ours.generate(ids, **kw)
     assert torch.equal(got, want)
     assert paths and set(paths) == {"_absorbed_attention"}, paths

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <immintrin.h>
 #include <memory>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -954,6 +955,8 @@ LMOE_CPU_AVX2 void swiglu_row_lowp_avx2(const T* gc, T* go, T* a, int64_t I) {
 template <typename T, typename C>
 void swiglu_rows(const C* gate_up_c, T* gate_up_out, C* act, int64_t rows, int64_t I) {
   const bool avx = vec8::use_avx2();
+  // gate|up already in a 16-bit T (native GEMMs): the widening row kernel.
+  constexpr bool kLowp = std::is_same_v<C, T> && (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>);
   at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const C* gc = gate_up_c + r * 2 * I;
@@ -962,10 +965,9 @@ void swiglu_rows(const C* gate_up_c, T* gate_up_out, C* act, int64_t rows, int64
       if constexpr (std::is_same_v<C, float>) {
         if (avx) swiglu_row_avx2<T>(gc, go, a, I);
         else swiglu_row_generic<T>(gc, go, a, I);
-      } else if (std::is_same_v<C, T> && (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) &&
-                 avx) {
+      } else if (kLowp && avx) {
         // (The scalar loop below, with std::exp, took ~40% of a native bf16 call at 512 tokens.)
-        if constexpr (std::is_same_v<C, T>) swiglu_row_lowp_avx2<T>(gc, go, a, I);
+        if constexpr (kLowp) swiglu_row_lowp_avx2<T>(gc, go, a, I);
       } else {
         for (int64_t i = 0; i < I; ++i) {
           const T g = static_cast<T>(gc[i]), u = static_cast<T>(gc[I + i]);
@@ -1009,20 +1011,23 @@ void combine_rows(const C* y, const float* w, const int64_t* pos, T* out, int64_
 // 13.3. A decode step (1 row per expert) streams its weights through the fp32 dot either way.
 constexpr int64_t kNativeMinRows = 32;
 
-bool cpu_fast_low_precision_gemm() {
-  static const bool detected = at::get_cpu_capability().find("AVX512") != std::string::npos;
+// LATENTMOE_CPU_LOWP_GEMM forced to native (true) or fp32 (false); nullopt under auto.
+std::optional<bool> cpu_low_precision_gemm_forced() {
   const char* env = settings::get("LATENTMOE_CPU_LOWP_GEMM");
   if (env != nullptr && std::string(env) == "native") return true;
   if (env != nullptr && std::string(env) == "fp32") return false;
-  return detected;
+  return std::nullopt;
+}
+
+bool cpu_fast_low_precision_gemm() {
+  static const bool detected = at::get_cpu_capability().find("AVX512") != std::string::npos;
+  return cpu_low_precision_gemm_forced().value_or(detected);
 }
 
 // The choice for one call with `rows` (token, expert) pairs over `active` experts.
 bool cpu_native_low_precision_gemm(int64_t rows, int64_t active) {
-  if (!cpu_fast_low_precision_gemm()) return false;
-  const char* env = settings::get("LATENTMOE_CPU_LOWP_GEMM");
-  if (env != nullptr && std::string(env) == "native") return true;
-  return active > 0 && rows >= kNativeMinRows * active;
+  if (const auto forced = cpu_low_precision_gemm_forced()) return *forced;
+  return cpu_fast_low_precision_gemm() && active > 0 && rows >= kNativeMinRows * active;
 }
 
 // Experts holding at least one row, from the [E + 1] offsets.
@@ -1549,11 +1554,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
   moe_host::check_experts_backward_tensors(grad_out, hidden, gate_up_proj, weights, sorted_pairs,
                                            expert_offsets, gate_up_out);
   // Native or fp32 GEMMs for 16-bit types: as the forward chose for these rows.
-  const auto offs_host = expert_offsets.to(at::kCPU).contiguous();
-  const int64_t E_ = gate_up_proj.size(0);
-  const bool native = dt != at::kFloat && offs_host.numel() == E_ + 1 &&
-                      cpu_native_low_precision_gemm(
-                          sorted_pairs.numel(), active_experts(offs_host.const_data_ptr<int64_t>(), E_));
+  const auto offs_host = expert_offsets.contiguous();  // (checked above: [E + 1] int64 on the CPU)
+  const bool native = dt != at::kFloat &&
+                      cpu_native_low_precision_gemm(sorted_pairs.numel(),
+                                                    active_experts(offs_host.const_data_ptr<int64_t>(),
+                                                                   gate_up_proj.size(0)));
   if (awt::cpu_supported() && (dt == at::kFloat || !native) &&
       (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf)) {
     const auto run = [&](auto tag) {
