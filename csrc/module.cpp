@@ -17,13 +17,18 @@ static PyObject* reload_settings(PyObject*, PyObject*) {
 
 namespace latentmoe::cpu {
 const char* active_cpu_isa();  // csrc/cpu/linear.cpp
+bool bf16dp_active();          // csrc/cpu/moe.cpp
 }
 
 static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(latentmoe::cpu::active_cpu_isa()); }
 
+static PyObject* cpu_bf16dp(PyObject*, PyObject*) { return PyBool_FromLong(latentmoe::cpu::bf16dp_active()); }
+
 static PyMethodDef latentmoe_methods[] = {
     {"reload_settings", reload_settings, METH_NOARGS, "Re-read the LATENTMOE_* environment variables."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU micro-kernels' instantiation in use: 'avx2' or 'generic'."},
+    {"cpu_bf16dp", cpu_bf16dp, METH_NOARGS,
+     "Whether bf16 MoE experts run the AVX512_BF16 GEMMs (the CPU has them and LATENTMOE_CPU_ISA allows)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef latentmoe_module = {PyModuleDef_HEAD_INIT, "_C",

@@ -6,6 +6,7 @@ import pytest
 import torch
 from moe_helpers import hf_moe, rel_err
 
+import latentmoe
 from latentmoe.ops import moe_experts
 from latentmoe.reference import moe as ref
 
@@ -329,27 +330,92 @@ def test_experts_cpu_low_precision_paths(monkeypatch, path, dtype):
 
 @pytest.mark.parametrize("T,E", [(1, 8), (40, 64), (200, 4)])  # 1, ~2 and ~150 rows per active expert
 def test_experts_cpu_low_precision_auto_choice(monkeypatch, T, E):
-    # LATENTMOE_CPU_LOWP_GEMM=auto: native bf16 GEMMs only on AVX-512 CPUs and only for calls with
-    # at least 32 rows per active expert; the same bits as the forced path it picks, in the
-    # forward and the backward.
+    # LATENTMOE_CPU_LOWP_GEMM=auto gives the bits of the forced path it should pick, in the forward
+    # and (the backward op on the same saved tensors) in the backward:
+    # - bf16 on a CPU with AVX512_BF16 (latentmoe._C.cpu_bf16dp()): the forward in bf16 (bf16dp's
+    #   GEMMs) at any row count, the backward on the fp32 panel GEMMs;
+    # - elsewhere: native (oneDNN) GEMMs only on AVX-512 CPUs and for calls with at least 32 rows
+    #   per active expert, in both directions.
     K, H, I = 3, 48, 40
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    want_path = "native" if avx512 and T * K >= 32 * min(E, T * K) else "fp32"
+    rule = "native" if avx512 and T * K >= 32 * min(E, T * K) else "fp32"
+    dp = latentmoe._C.cpu_bf16dp()
+    want_fwd, want_bwd = ("native", "fp32") if dp else (rule, rule)
     x = torch.randn(T, H, dtype=torch.bfloat16)
     gu, down = _experts(E, H, I, "cpu", torch.bfloat16)
     w, idx = _routing(T, E, K, "cpu")
     g = torch.randn(T, H, dtype=torch.bfloat16)
+    op = torch.ops.latentmoe
 
-    def run(path):
+    def forward(path):
         monkeypatch.setenv("LATENTMOE_CPU_LOWP_GEMM", path)
-        leaves = [t.clone().requires_grad_() for t in (x, gu, down, w)]
-        out = moe_experts(*leaves, idx)
-        (out.float() * g.float()).sum().backward()
-        return [out] + [t.grad for t in leaves]
+        return op.moe_experts.default(x, gu, down, w, idx, True)
 
-    auto, forced = run("auto"), run(want_path)
-    for a, b in zip(auto, forced):
+    def backward(path, saved):
+        monkeypatch.setenv("LATENTMOE_CPU_LOWP_GEMM", path)
+        _, pairs, offsets, gate_up_out = saved
+        return op.moe_experts_backward.default(g, x, gu, down, w, pairs, offsets, gate_up_out)
+
+    auto = forward("auto")
+    for a, b in zip(auto, forward(want_fwd)):
         assert torch.equal(a, b)
+    for a, b in zip(backward("auto", auto), backward(want_bwd, auto)):
+        assert torch.equal(a, b)
+
+
+def _bf16dp_or_skip():
+    if not latentmoe._C.cpu_bf16dp():
+        pytest.skip("the CPU lacks AVX512_BF16 (bf16dp's GEMMs do not run here)")
+
+
+@pytest.mark.parametrize("T,E,K,H,I", [
+    (97, 12, 3, 37, 19),     # K tails below one 32-lane step; every row remainder of the 4-row tile
+    (61, 5, 2, 530, 47),     # H = 530: 16 full k steps and a tail of 18; 2I = 94 / H end mid-span
+    (300, 2, 1, 2048, 40),   # ~150 rows per expert above rows_per_pass(2048) = 124: two passes
+    (40, 3, 3, 100, 101),    # every expert holds every token: too large to share out (threads split columns)
+])
+def test_experts_cpu_bf16dp_shapes(T, E, K, H, I):
+    # bf16dp's GEMMs (AVX512_BF16; the SwiGLU in the gate_up epilogue) against the fp64 reference
+    # within twice the bf16 reference's error, and bitwise equal at 1, 2 and 3 threads (experts
+    # concurrently, or one expert's columns split across the threads).
+    _bf16dp_or_skip()
+    x = torch.randn(T, H).to(torch.bfloat16)
+    gu, down = _experts(E, H, I, "cpu", torch.bfloat16)
+    w, idx = _routing(T, E, K, "cpu")
+    lp_ref = ref.swiglu_experts(x, gu, down, w, idx)
+    want = ref.swiglu_experts(*(t.double() for t in (x, gu, down, w)), idx)
+    prev = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(moe_experts(x, gu, down, w, idx))
+    finally:
+        torch.set_num_threads(prev)
+    assert_lowp_close(outs[0], lp_ref, want)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+
+
+def test_experts_cpu_bf16dp_gate_up_out_and_paths():
+    # The saved gate|up rows (the backward's input) are bf16 of the fp32 sums, as a bf16 GEMM
+    # returns them; and bf16dp's forward agrees with the oneDNN one (LATENTMOE_CPU_ISA=avx2 and
+    # LATENTMOE_CPU_LOWP_GEMM=native) within a bf16 rounding of the outputs.
+    _bf16dp_or_skip()
+    T, E, K, H, I = 50, 4, 2, 200, 70
+    x = torch.randn(T, H).to(torch.bfloat16)
+    gu, down = _experts(E, H, I, "cpu", torch.bfloat16)
+    w, idx = _routing(T, E, K, "cpu")
+    out, pairs, offsets, gate_up_out = torch.ops.latentmoe.moe_experts.default(x, gu, down, w, idx, True)
+    tok, e = pairs // K, idx.flatten()[pairs]
+    exact = torch.einsum("ph,pnh->pn", x[tok].double(), gu[e].double())
+    assert (gate_up_out.double() - exact).abs().max() <= 2 ** -7 * exact.abs().max()
+    with mock.patch.dict("os.environ", {"LATENTMOE_CPU_ISA": "avx2", "LATENTMOE_CPU_LOWP_GEMM": "native"}):
+        latentmoe.reload_settings()
+        assert not latentmoe._C.cpu_bf16dp()
+        other = moe_experts(x, gu, down, w, idx)
+    latentmoe.reload_settings()
+    assert (out.float() - other.float()).abs().max() <= 2 ** -6 * out.float().abs().max()
 
 
 def _scheduling_routing(case, T, E):
@@ -372,9 +438,9 @@ def _scheduling_routing(case, T, E):
 
 def _scheduling_problem(monkeypatch, case, isa):
     """(x, gate_up, down, weights, indices) of a scheduler case (H = 530, I = 45); isa "generic"
-    selects the CPU path without AVX2."""
-    if isa == "generic":
-        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    selects the CPU path without AVX2, "avx2" the one without AVX-512 kernels."""
+    if isa != "native":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
     T, E, H, I = (13, 12, 530, 45) if case == "ragged" else (40, 10, 530, 45)
     x = torch.randn(T, H)
     gu, down = _experts(E, H, I, "cpu")
@@ -384,7 +450,8 @@ def _scheduling_problem(monkeypatch, case, isa):
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("case", ["uniform", "one_heavy", "few_active", "ragged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("isa", ["native", "generic"])  # generic: the path of CPUs without AVX2
+# generic: the path of CPUs without AVX2; avx2: no AVX-512 kernels (bf16 through oneDNN or fp32)
+@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
 def test_experts_cpu_scheduling_and_tiles(monkeypatch, case, dtype, threads, isa):
     # H = 530: three k blocks of the CPU GEMM, the last one ragged; H and 2I = 90 end in partial
     # 16-column panels; I = 45 leaves a ragged k tail in the down projection. At 3 threads

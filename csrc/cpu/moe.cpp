@@ -1,7 +1,8 @@
 // MoE CPU kernels: DeepSeek-V3 routing (math in common/moe_math.h, shared with CUDA) and the
 // routed SwiGLU experts: counting-sort permute of (token, k) pairs by expert; experts run
 // concurrently, one thread each doing gate_up GEMM -> SwiGLU -> down GEMM (an AVX2 GEMM for
-// fp32 compute, else single-threaded BLAS / oneDNN), with multi-threaded GEMMs for an expert too
+// fp32 compute, bf16dp's vdpbf16ps GEMMs for bf16 on AVX512_BF16 CPUs (cpu/gemm_bf16.h), else
+// single-threaded BLAS / oneDNN), with multi-threaded GEMMs for an expert too
 // large to share out and a weight-streaming path for experts with a few rows; then a weighted
 // combine back to token order that sums each token's k rows in k order (bitwise deterministic,
 // no atomics). Also the device-generic host helpers of csrc/cuda/moe/moe_host.h (checks, the
@@ -29,6 +30,7 @@
 #include "common/checks.h"
 #include "common/moe_math.h"
 #include "common/settings.h"
+#include "cpu/gemm_bf16.h"
 #include "cpu/vec8.h"
 #include "cuda/moe/moe_host.h"
 
@@ -1030,6 +1032,26 @@ bool cpu_native_low_precision_gemm(int64_t rows, int64_t active) {
   return cpu_fast_low_precision_gemm() && active > 0 && rows >= kNativeMinRows * active;
 }
 
+// The forward's choice. bf16 on a CPU with AVX512_BF16 runs bf16dp's GEMMs whatever the row count
+// (bf16, 512 tokens, top-6, 2-core Zen 4: h512 / i256 at E = 256, 12 rows per expert, 15.9 ms
+// against 20.3 on the fp32 path and 34 through oneDNN; h1024 / i704 at E = 64, 44 against 53
+// through oneDNN and 87 on the fp32 path).
+bool cpu_native_forward(at::ScalarType dt, int64_t rows, int64_t active) {
+  if (dt == at::kBFloat16 && bf16dp::cpu_supported())
+    return cpu_low_precision_gemm_forced().value_or(true);
+  return cpu_native_low_precision_gemm(rows, active);
+}
+
+// The backward's choice: native means ATen (oneDNN) GEMMs. Where bf16dp runs the forward, auto
+// keeps the bf16 backward on the fp32 panel GEMMs: oneDNN's was no faster there at any row count
+// (same Zen 4, h512 / i256: E = 256 116 against 92 ms, E = 16 33 against 30; h1024 / i704 at
+// E = 64: 224 either way).
+bool cpu_native_backward(at::ScalarType dt, int64_t rows, int64_t active) {
+  if (dt == at::kBFloat16 && bf16dp::cpu_supported())
+    return cpu_low_precision_gemm_forced().value_or(false);
+  return cpu_native_low_precision_gemm(rows, active);
+}
+
 // Experts holding at least one row, from the [E + 1] offsets.
 int64_t active_experts(const int64_t* off, int64_t E) {
   int64_t n = 0;
@@ -1059,6 +1081,79 @@ void gather_rows(const T* x, const int64_t* sorted_pairs, int64_t K, int64_t H, 
     C* d = dst + (i - b) * H;
     for (int64_t h = 0; h < H; ++h) d[h] = static_cast<C>(src[h]);
   }
+}
+
+// bf16dp's epilogues (AVX2 code: they run on AVX-512 CPUs). A row's gate and up sums of n
+// columns: g and u rounded to bf16 (as a bf16 GEMM returns them) into the gate_up_out row, and
+// act = bf16(silu(g) * u), the arithmetic of swiglu_row_lowp_body.
+LMOE_CPU_AVX2 void dp_swiglu_cols(const float* g, const float* u, c10::BFloat16* go_g, c10::BFloat16* go_u,
+                                  c10::BFloat16* act, int64_t n) {
+  using T = c10::BFloat16;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const vec8::v8f gv = vec8::round_to<T, true>(vec8::load(g + i));
+    const vec8::v8f uv = vec8::round_to<T, true>(vec8::load(u + i));
+    vec8::store_from_f32<T, true>(go_g + i, gv);
+    vec8::store_from_f32<T, true>(go_u + i, uv);
+    vec8::store_from_f32<T, true>(act + i, silu8(gv) * uv);
+  }
+  for (; i < n; ++i) {
+    const T gb = static_cast<T>(g[i]), ub = static_cast<T>(u[i]);
+    go_g[i] = gb;
+    go_u[i] = ub;
+    act[i] = static_cast<T>(silu1(static_cast<float>(gb)) * static_cast<float>(ub));
+  }
+}
+
+template <typename T>
+LMOE_CPU_AVX2 void store_as(const float* src, T* dst, int64_t n);
+
+// One expert's rows through bf16dp (x rows gathered into xa, row stride ldx): gate columns
+// [j_begin, j_end) of the gate_up GEMM with its SwiGLU (gate_up_out rows, act rows of stride lda),
+// then output columns [n_begin, n_end) of the down GEMM into y (row stride H). A caller that
+// splits the columns across threads runs the gate_up part everywhere before any down part.
+void dp_expert_rows(const c10::BFloat16* xa, int64_t ldx, const c10::BFloat16* wgu_e, const c10::BFloat16* wd_e,
+                    int64_t H, int64_t I, int64_t m, c10::BFloat16* guo, c10::BFloat16* act, int64_t lda,
+                    c10::BFloat16* y, int64_t j_begin, int64_t j_end, int64_t n_begin, int64_t n_end, float* res) {
+  if (j_end > j_begin)
+    bf16dp::gemm_gate_up(xa, ldx, wgu_e, H, I, m, j_begin, j_end, res,
+                         [&](int64_t r, int64_t j0, const float* g, const float* u, int64_t n) {
+                           c10::BFloat16* gr = guo + r * 2 * I;
+                           dp_swiglu_cols(g, u, gr + j0, gr + I + j0, act + r * lda + j0, n);
+                         });
+  if (n_end > n_begin)
+    bf16dp::gemm(act, lda, wd_e, I, m, I, n_begin, n_end, res,
+                 [&](int64_t r, int64_t n0, const float* v, int64_t n) { store_as(v, y + r * H + n0, n); });
+}
+
+// An expert too large to share out (bf16dp path): its GEMMs' columns split across the threads.
+void dp_expert_parallel(const at::Tensor& x, const at::Tensor& wgu, const at::Tensor& wd, const int64_t* sorted_pairs,
+                        int64_t K, int64_t e, int64_t o, int64_t m, at::Tensor& gate_up_out, at::Tensor& y) {
+  using T = c10::BFloat16;
+  const int64_t H = x.size(1), I = wd.size(2);
+  const int64_t ldx = bf16dp::padded_stride(H), lda = bf16dp::padded_stride(I);
+  std::vector<T> xa(m * ldx), act(m * lda);
+  const T* xp = x.const_data_ptr<T>();
+  at::parallel_for(0, m, 16, [&](int64_t b, int64_t end) {
+    for (int64_t r = b; r < end; ++r) std::memcpy(xa.data() + r * ldx, xp + (sorted_pairs[o + r] / K) * H, sizeof(T) * H);
+  });
+  const T* wgu_e = wgu.const_data_ptr<T>() + e * 2 * I * H;
+  const T* wd_e = wd.const_data_ptr<T>() + e * H * I;
+  T* guo = gate_up_out.mutable_data_ptr<T>() + o * 2 * I;
+  T* yp = y.mutable_data_ptr<T>() + o * H;
+  const int64_t res_n = bf16dp::scratch_floats(m, std::min(H, I));
+  // Columns per task: one epilogue span (gate_up: gate columns; down: output columns).
+  constexpr int64_t kG = bf16dp::kSpan * bf16dp::kNr / 2, kD = bf16dp::kSpan * bf16dp::kNr;
+  at::parallel_for(0, (I + kG - 1) / kG, 1, [&](int64_t b, int64_t end) {
+    std::vector<float> res(res_n);
+    dp_expert_rows(xa.data(), ldx, wgu_e, wd_e, H, I, m, guo, act.data(), lda, yp, b * kG, std::min(I, end * kG), 0,
+                   0, res.data());
+  });
+  at::parallel_for(0, (H + kD - 1) / kD, 1, [&](int64_t b, int64_t end) {
+    std::vector<float> res(res_n);
+    dp_expert_rows(xa.data(), ldx, wgu_e, wd_e, H, I, m, guo, act.data(), lda, yp, 0, 0, b * kD,
+                   std::min(H, end * kD), res.data());
+  });
 }
 
 template <typename T, typename C>
@@ -1098,9 +1193,13 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
                              (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
                               std::is_same_v<T, c10::Half>);
   const bool awt_path = kAwtTypes && awt::cpu_supported();
+  // bf16 in and bf16 GEMMs (the native path) on a CPU with AVX512_BF16: bf16dp's GEMMs, the
+  // SwiGLU in the gate_up GEMM's epilogue, instead of oneDNN calls.
+  constexpr bool kDpTypes = std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, c10::BFloat16>;
+  const bool dp_path = kDpTypes && bf16dp::cpu_supported();
   at::Tensor y = at::empty({S, H}, copt);
   at::Tensor xs, gu_c, act;
-  if (!awt_path || !small.empty() || !large.empty()) {
+  if (!(awt_path || dp_path) || !small.empty() || (!large.empty() && !dp_path)) {
     xs = at::empty({S, H}, copt);
     gu_c = at::empty({S, 2 * I}, copt);
     act = at::empty({S, I}, copt);
@@ -1113,9 +1212,17 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
     return std::is_same_v<T, C> ? at::Tensor() : at::empty({2 * I * H}, copt);
   };
   if (!large.empty()) {
-    at::Tensor w_buf = make_w_buf();
-    for (int64_t e : large)
-      expert_mlp<T, C>(xs, wgu[e], wd[e], off[e], off[e + 1] - off[e], gu_c, act, y, gate_up_out, w_buf);
+    if constexpr (kDpTypes) {
+      if (dp_path) {
+        for (int64_t e : large) dp_expert_parallel(x, wgu, wd, sorted_pairs, K, e, off[e], off[e + 1] - off[e],
+                                                   gate_up_out, y);
+      }
+    }
+    if (!dp_path) {
+      at::Tensor w_buf = make_w_buf();
+      for (int64_t e : large)
+        expert_mlp<T, C>(xs, wgu[e], wd[e], off[e], off[e + 1] - off[e], gu_c, act, y, gate_up_out, w_buf);
+    }
   }
   if (!concurrent.empty()) {
     const int64_t n_conc = static_cast<int64_t>(concurrent.size());
@@ -1153,6 +1260,25 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
             for (int64_t r = 0; r < m; ++r)  // the row kernel itself: already on a worker thread
               swiglu_row_avx2<T>(gu_e + r * 2 * I, guo + (o + r) * 2 * I, act_e + r * lda, I);
             awt::gemm<T>(act_e, lda, wd_p + e * H * I, I, yp + o * H, H, m, H, I, panel);
+          }
+          return;
+        }
+      }
+      if constexpr (kDpTypes) {
+        if (dp_path) {
+          // Per thread: the expert's rows of x and its SwiGLU rows (bf16, padded rows) and the
+          // GEMMs' fp32 sums of one column block.
+          const int64_t ldx = bf16dp::padded_stride(H), lda = bf16dp::padded_stride(I);
+          std::vector<T> xa(m_max * ldx), act_e(m_max * lda);
+          std::vector<float> res(bf16dp::scratch_floats(m_max, std::min(H, I)));
+          const T* xp = x.const_data_ptr<T>();
+          for (int64_t i = next.fetch_add(1); i < n_conc; i = next.fetch_add(1)) {
+            const int64_t e = concurrent[i], o = off[e], m = off[e + 1] - o;
+            for (int64_t r = 0; r < m; ++r)
+              std::memcpy(xa.data() + r * ldx, xp + (sorted_pairs[o + r] / K) * H, sizeof(T) * H);
+            dp_expert_rows(xa.data(), ldx, wgu.const_data_ptr<T>() + e * 2 * I * H,
+                           wd.const_data_ptr<T>() + e * H * I, H, I, m, gate_up_out.mutable_data_ptr<T>() + o * 2 * I,
+                           act_e.data(), lda, y.mutable_data_ptr<T>() + o * H, 0, I, 0, H, res.data());
           }
           return;
         }
@@ -1265,7 +1391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_cpu(
   auto gate_up_out = at::empty({S, 2 * I}, x.options());
   auto out = at::empty({T, H}, x.options());
   const bool native = x.scalar_type() == at::kFloat ||
-                      cpu_native_low_precision_gemm(S, active_experts(offsets.const_data_ptr<int64_t>(), E));
+                      cpu_native_forward(x.scalar_type(), S, active_experts(offsets.const_data_ptr<int64_t>(), E));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_experts_cpu", [&] {
     if (native) {
       experts_forward<scalar_t, scalar_t>(x, wgu, wd, w.const_data_ptr<float>(), spp,
@@ -1553,12 +1679,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
   // Before any path converts them (the fp32 fallback below would otherwise pass a wrong dtype).
   moe_host::check_experts_backward_tensors(grad_out, hidden, gate_up_proj, weights, sorted_pairs,
                                            expert_offsets, gate_up_out);
-  // Native or fp32 GEMMs for 16-bit types: as the forward chose for these rows.
+  // Native or fp32 GEMMs for 16-bit types (cpu_native_backward).
   const auto offs_host = expert_offsets.contiguous();  // (checked above: [E + 1] int64 on the CPU)
   const bool native = dt != at::kFloat &&
-                      cpu_native_low_precision_gemm(sorted_pairs.numel(),
-                                                    active_experts(offs_host.const_data_ptr<int64_t>(),
-                                                                   gate_up_proj.size(0)));
+                      cpu_native_backward(dt, sorted_pairs.numel(),
+                                          active_experts(offs_host.const_data_ptr<int64_t>(), gate_up_proj.size(0)));
   if (awt::cpu_supported() && (dt == at::kFloat || !native) &&
       (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf)) {
     const auto run = [&](auto tag) {
@@ -1584,6 +1709,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
 }
 
 }  // namespace
+
+// latentmoe._C.cpu_bf16dp() (csrc/module.cpp): whether bf16 MoE experts run bf16dp's GEMMs.
+bool bf16dp_active() { return bf16dp::cpu_supported(); }
 
 TORCH_LIBRARY_IMPL(latentmoe, CPU, m) {
   m.impl("moe_route", &moe_route_cpu);

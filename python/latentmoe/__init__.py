@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 # The CPU switches the kernels read without an op to name in an error (the other LATENTMOE_*
 # choices raise ValueError from the op that reads them): checked here, at import and on reload.
-_CPU_CHOICES = {"LATENTMOE_CPU_ISA": ("auto", "generic"), "LATENTMOE_CPU_LOWP_GEMM": ("auto", "native", "fp32")}
+_CPU_CHOICES = {"LATENTMOE_CPU_ISA": ("auto", "avx2", "generic"), "LATENTMOE_CPU_LOWP_GEMM": ("auto", "native", "fp32")}
 
 
 def _check_cpu_settings() -> None:
