@@ -328,23 +328,34 @@ def test_experts_cpu_low_precision_paths(monkeypatch, path, dtype):
 
 
 
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,E", [(1, 8), (40, 64), (200, 4)])  # 1, ~2 and ~150 rows per active expert
-def test_experts_cpu_low_precision_auto_choice(monkeypatch, T, E):
+def test_experts_cpu_low_precision_auto_choice(monkeypatch, T, E, dtype):
     # LATENTMOE_CPU_LOWP_GEMM=auto gives the bits of the forced path it should pick, in the forward
     # and (the backward op on the same saved tensors) in the backward:
     # - bf16 on a CPU with AVX512_BF16 (latentmoe._C.cpu_bf16dp()): the forward in bf16 (bf16dp's
     #   GEMMs) at any row count, the backward on the fp32 panel GEMMs;
-    # - elsewhere: native (oneDNN) GEMMs only on AVX-512 CPUs and for calls with at least 32 rows
-    #   per active expert, in both directions.
+    # - elsewhere: native (oneDNN) GEMMs only on CPUs where oneDNN is fast in the dtype (bf16:
+    #   AVX-512; fp16: AVX512_FP16) and for calls with at least 32 rows per active expert, in both
+    #   directions.
     K, H, I = 3, 48, 40
     avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    rule = "native" if avx512 and T * K >= 32 * min(E, T * K) else "fp32"
-    dp = latentmoe._C.cpu_bf16dp()
+    fast = avx512 and (dtype == torch.bfloat16 or "avx512_fp16" in _cpu_flags())
+    rule = "native" if fast and T * K >= 32 * min(E, T * K) else "fp32"
+    dp = dtype == torch.bfloat16 and latentmoe._C.cpu_bf16dp()
     want_fwd, want_bwd = ("native", "fp32") if dp else (rule, rule)
-    x = torch.randn(T, H, dtype=torch.bfloat16)
-    gu, down = _experts(E, H, I, "cpu", torch.bfloat16)
+    x = torch.randn(T, H, dtype=dtype)
+    gu, down = _experts(E, H, I, "cpu", dtype)
     w, idx = _routing(T, E, K, "cpu")
-    g = torch.randn(T, H, dtype=torch.bfloat16)
+    g = torch.randn(T, H, dtype=dtype)
     op = torch.ops.latentmoe
 
     def forward(path):
