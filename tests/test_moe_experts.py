@@ -341,8 +341,8 @@ def _cpu_flags() -> set:
 def test_experts_cpu_low_precision_auto_choice(monkeypatch, T, E, dtype):
     # LATENTMOE_CPU_LOWP_GEMM=auto gives the bits of the forced path it should pick, in the forward
     # and (the backward op on the same saved tensors) in the backward:
-    # - bf16 on a CPU with AVX512_BF16 (latentmoe._C.cpu_bf16dp()): the forward in bf16 (bf16dp's
-    #   GEMMs) at any row count, the backward on the fp32 panel GEMMs;
+    # - bf16 on a CPU with AVX512_BF16 (latentmoe._C.cpu_bf16dp()): bf16dp's GEMMs (what native
+    #   runs there) at any row count, forward and backward;
     # - elsewhere: native (oneDNN) GEMMs only on CPUs where oneDNN is fast in the dtype (bf16:
     #   AVX-512; fp16: AVX512_FP16) and for calls with at least 32 rows per active expert, in both
     #   directions.
@@ -351,7 +351,7 @@ def test_experts_cpu_low_precision_auto_choice(monkeypatch, T, E, dtype):
     fast = avx512 and (dtype == torch.bfloat16 or "avx512_fp16" in _cpu_flags())
     rule = "native" if fast and T * K >= 32 * min(E, T * K) else "fp32"
     dp = dtype == torch.bfloat16 and latentmoe._C.cpu_bf16dp()
-    want_fwd, want_bwd = ("native", "fp32") if dp else (rule, rule)
+    want_fwd, want_bwd = ("native", "native") if dp else (rule, rule)
     x = torch.randn(T, H, dtype=dtype)
     gu, down = _experts(E, H, I, "cpu", dtype)
     w, idx = _routing(T, E, K, "cpu")
@@ -486,7 +486,8 @@ def test_experts_cpu_scheduling_and_tiles(monkeypatch, case, dtype, threads, isa
 
 @pytest.mark.parametrize("case", ["uniform", "one_heavy", "few_active", "ragged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("isa", ["native", "generic"])  # generic: the ATen backward
+# generic: the ATen backward; avx2: no AVX-512 kernels (bf16 on the fp32 panels or oneDNN)
+@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
 def test_experts_cpu_backward_scheduling(monkeypatch, case, dtype, isa):
     # The CPU backward: experts concurrently (one thread each) or, too large to share out, alone
     # with their GEMMs split across the threads; H = 530 spans three 256-row k blocks of the

@@ -254,4 +254,158 @@ inline void gemm_gate_up(const c10::BFloat16* a, int64_t lda, const c10::BFloat1
   }
 }
 
+// ---- [K, N]-layout GEMMs (the backward): out[r, n] = sum_k A(r, k) * B[k, n] ----------------
+// Outer-product form: vdpbf16ps multiplies a broadcast pair A(r, 2p), A(r, 2p + 1) with 16
+// columns of B's rows 2p and 2p + 1 interleaved ("pairs"), so B is repacked a panel at a time
+// (kKcPairs pairs of rows by kNp columns, 24 KiB: L1) by interleaving two rows with one permute
+// per 32 columns: cheap, unlike the 32-bit transpose the [N, K] layout would need. A is read as
+// 32-bit words: word (r, p) at A[r * ars + p * aps] holds A(r, 2p) (low half) and A(r, 2p + 1)
+// (high half): rows of a bf16 matrix (ars = row stride / 2, aps = 1), or pairs of rows of its
+// transpose interleaved the same way (ars = 1, aps = row stride in words: a weight gradient
+// sums over the expert's rows). For odd K the high half of each row's last word must be 0 (B's
+// missing row K is packed as 0, and 0 * NaN would be NaN). An 8 x 48 register tile (24
+// accumulators; 3 loads and 8 broadcasts per 24 vdpbf16ps). Sums in a fixed order: k blocks in
+// turn, pairs in order; each output the same whatever the column range or row split.
+constexpr int kKnMr = 8;            // rows of A per register tile
+constexpr int64_t kNp = 48;         // columns of B per panel (3 vectors of 16)
+constexpr int64_t kKcPairs = 128;   // pairs of B's rows per panel (256 k)
+
+// panel[p * kNp + c] = B[k0 + 2p, n0 + c] | B[k0 + 2p + 1, n0 + c] << 16 for p < np, c < kNp: rows
+// at or past K and columns at or past nb as 0.
+LMOE_CPU_AVX512BF16 inline void pack_pairs(const uint16_t* b, int64_t ldb, int64_t K, int64_t k0, int64_t np,
+                                          int64_t nb, uint32_t* panel) {
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                   24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  const __mmask32 m0 = static_cast<__mmask32>(nb >= 32 ? ~0ull : (1ull << nb) - 1);
+  const __mmask32 m1 = static_cast<__mmask32>(nb <= 32 ? 0 : (1ull << (nb - 32)) - 1);
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t k = k0 + 2 * p;
+    const uint16_t* r0 = b + k * ldb;
+    const uint16_t* r1 = r0 + ldb;
+    const bool has0 = k < K, has1 = k + 1 < K;
+    const __m512i x0 = has0 ? _mm512_maskz_loadu_epi16(m0, r0) : _mm512_setzero_si512();
+    const __m512i y0 = has1 ? _mm512_maskz_loadu_epi16(m0, r1) : _mm512_setzero_si512();
+    const __m512i x1 = has0 ? _mm512_maskz_loadu_epi16(m1, r0 + 32) : _mm512_setzero_si512();
+    const __m512i y1 = has1 ? _mm512_maskz_loadu_epi16(m1, r1 + 32) : _mm512_setzero_si512();
+    uint32_t* dst = panel + p * kNp;
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(x0, lo, y0));
+    _mm512_storeu_si512(dst + 16, _mm512_permutex2var_epi16(x0, hi, y0));
+    _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(x1, lo, y1));
+  }
+}
+
+// res[i * kNp + c] (+ if accumulate) = sum over pairs p < np of A(i, p) . panel[p, c], i < MR.
+template <int MR>
+LMOE_CPU_AVX512BF16 void kn_tile(const uint32_t* a, int64_t ars, int64_t aps, const uint32_t* panel, int64_t np,
+                                 float* res, bool accumulate) {
+  __m512 acc[MR][3];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < 3; ++v)
+      acc[i][v] = accumulate ? _mm512_loadu_ps(res + i * kNp + 16 * v) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < np; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + p * kNp);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + p * kNp + 16);
+    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(panel + p * kNp + 32);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * ars + p * aps]));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < 3; ++v) _mm512_storeu_ps(res + i * kNp + 16 * v, acc[i][v]);
+}
+
+// Floats of scratch `res` gemm_kn needs for M rows, K and columns [n_begin, n_end): one panel's
+// sums per row when K fits one k block, else the whole range's.
+inline int64_t kn_res_floats(int64_t M, int64_t K, int64_t n_begin, int64_t n_end) {
+  const bool one_block = (K + 1) / 2 <= kKcPairs;
+  return M * (one_block ? kNp : (n_end - n_begin + kNp - 1) / kNp * kNp);
+}
+constexpr int64_t kKnPanelWords = kKcPairs * kNp;
+
+// out[r, n] = sum_k A(r, k) * B[k, n] for r < M and n in [n_begin, n_end), B bf16 [K, N] (row
+// stride ldb), A as described above. k blocks outer, column panels inner: a k block's rows of B
+// (256 of them) are read panel by panel while they stay in L2, where panel-outer order walked
+// all of B once per panel (from memory when B is an expert's weight). The fp32 sums go to
+// epi(r, n0, sums, count) a row and a panel at a time (count <= kNp columns from n0): after each
+// panel when K is one k block, else at the end (the range's sums kept in res, panel j of row r
+// at res + (j * M + r) * kNp). panel: kKnPanelWords words; res: kn_res_floats(M, K, n_begin, n_end).
+template <typename Epi>
+inline void gemm_kn(const uint32_t* a, int64_t ars, int64_t aps, const c10::BFloat16* b, int64_t ldb, int64_t M,
+                    int64_t K, int64_t n_begin, int64_t n_end, uint32_t* panel, float* res, const Epi& epi) {
+  const int64_t pairs = (K + 1) / 2;
+  const bool one_block = pairs <= kKcPairs;
+  auto panel_sums = [&](int64_t n0) { return one_block ? res : res + (n0 - n_begin) / kNp * M * kNp; };
+  auto flush = [&](int64_t n0) {
+    const float* rp = panel_sums(n0);
+    for (int64_t r = 0; r < M; ++r) epi(r, n0, rp + r * kNp, std::min(kNp, n_end - n0));
+  };
+  for (int64_t p0 = 0; p0 < pairs; p0 += kKcPairs) {
+    const int64_t np = std::min(kKcPairs, pairs - p0);
+    const uint32_t* ap = a + p0 * aps;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kNp) {
+      pack_pairs(bits(b) + n0, ldb, K, 2 * p0, np, std::min(kNp, n_end - n0), panel);
+      float* rp = panel_sums(n0);
+      int64_t r = 0;
+      for (; r + kKnMr <= M; r += kKnMr) kn_tile<kKnMr>(ap + r * ars, ars, aps, panel, np, rp + r * kNp, p0 > 0);
+      for (; r + 4 <= M; r += 4) kn_tile<4>(ap + r * ars, ars, aps, panel, np, rp + r * kNp, p0 > 0);
+      for (; r + 2 <= M; r += 2) kn_tile<2>(ap + r * ars, ars, aps, panel, np, rp + r * kNp, p0 > 0);
+      for (; r < M; ++r) kn_tile<1>(ap + r * ars, ars, aps, panel, np, rp + r * kNp, p0 > 0);
+      if (one_block) flush(n0);
+    }
+  }
+  if (!one_block)
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kNp) flush(n0);
+}
+
+// dst rows (bf16, row stride ldd elements, even) = src rows (fp32 holding bf16 values: exact),
+// cols of each, plus a 0 at column `cols` when it is odd (the zero half gemm_kn wants).
+LMOE_CPU_AVX512BF16 inline void rows_to_bf16(const float* src, int64_t lds, int64_t rows, int64_t cols,
+                                            c10::BFloat16* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * lds;
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst + r * ldd);
+    int64_t c = 0;
+    for (; c + 32 <= cols; c += 32)
+      _mm512_storeu_si512(d + c, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + c + 16), _mm512_loadu_ps(s + c)));
+    for (; c < cols; ++c) d[c] = c10::BFloat16(s[c]).x;
+    if (cols % 2 == 1) d[cols] = 0;
+  }
+}
+
+// dst[p * ldd + c] = bf16(src[2p, c]) | bf16(src[2p + 1, c]) << 16 for c < cols, 2p < rows (row
+// 2p + 1 past the last: 0): src (fp32 holding bf16 values, row stride lds) with its pairs of rows
+// interleaved, the A operand of a weight gradient (ars = 1, aps = ldd).
+LMOE_CPU_AVX512BF16 inline void row_pairs_to_bf16(const float* src, int64_t lds, int64_t rows, int64_t cols,
+                                                 uint32_t* dst, int64_t ldd) {
+  for (int64_t p = 0; 2 * p < rows; ++p) {
+    const float* s0 = src + 2 * p * lds;
+    const float* s1 = 2 * p + 1 < rows ? s0 + lds : nullptr;
+    uint32_t* d = dst + p * ldd;
+    int64_t c = 0;
+    typedef uint32_t v16u __attribute__((vector_size(64), aligned(4), may_alias));  // (GCC 12 warns on
+    for (; c + 16 <= cols; c += 16) {                                              //  the shift intrinsics)
+      const v16u lo = *reinterpret_cast<const v16u*>(s0 + c) >> 16;
+      const v16u hi = s1 ? *reinterpret_cast<const v16u*>(s1 + c) & 0xFFFF0000u : v16u{};
+      *reinterpret_cast<v16u*>(d + c) = lo | hi;
+    }
+    for (; c < cols; ++c) {
+      uint32_t x0, x1 = 0;
+      std::memcpy(&x0, s0 + c, 4);
+      if (s1) std::memcpy(&x1, s1 + c, 4);
+      d[c] = (x0 >> 16) | (x1 & 0xFFFF0000u);
+    }
+  }
+}
+
 }  // namespace latentmoe::cpu::bf16dp

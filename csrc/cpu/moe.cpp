@@ -1048,13 +1048,13 @@ bool cpu_native_forward(at::ScalarType dt, int64_t rows, int64_t active) {
   return cpu_native_low_precision_gemm(dt, rows, active);
 }
 
-// The backward's choice: native means ATen (oneDNN) GEMMs. Where bf16dp runs the forward, auto
-// keeps the bf16 backward on the fp32 panel GEMMs: oneDNN's was no faster there at any row count
-// (same Zen 4, h512 / i256: E = 256 116 against 92 ms, E = 16 33 against 30; h1024 / i704 at
-// E = 64: 224 either way).
+// The backward's choice: native means ATen (oneDNN) GEMMs. bf16 where bf16dp runs never takes
+// them: experts_backward_awt runs bf16dp's GEMMs there (auto or native; fp32 forced: its fp32
+// panel GEMMs). oneDNN's was the slowest of the three on the 2-core Zen 4 (bf16, 512 tokens,
+// top-6; bf16dp / fp32 panels / oneDNN: h1024 / i704 / E = 64 174 / 233 / 231 ms; h512 / i256 /
+// E = 16 19 / 31 / 38; E = 256 90 / 99 / 118).
 bool cpu_native_backward(at::ScalarType dt, int64_t rows, int64_t active) {
-  if (dt == at::kBFloat16 && bf16dp::cpu_supported())
-    return cpu_low_precision_gemm_forced().value_or(false);
+  if (dt == at::kBFloat16 && bf16dp::cpu_supported()) return false;
   return cpu_native_low_precision_gemm(dt, rows, active);
 }
 
@@ -1588,6 +1588,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_awt(
   float* gxs_p = gxs.mutable_data_ptr<float>();
   float* gws_p = grad_ws.mutable_data_ptr<float>();
   const int64_t per_row = 3 * ldh + 2 * ld2i + 2 * ldi + 1;  // xs, gy, gyw, gu, gh, act, ga_u, w
+  // bf16 with bf16dp's GEMMs (AVX512_BF16; LATENTMOE_CPU_LOWP_GEMM auto or native): the same fp32
+  // row buffers and elementwise steps, the four GEMMs on bf16 copies of their operands (all of
+  // them bf16 values: the products are exact either way, the sums fp32 in another order).
+  const bool use_dp = std::is_same_v<T, c10::BFloat16> && bf16dp::cpu_supported() &&
+                      cpu_low_precision_gemm_forced().value_or(true);
+  auto dp_expert_backward = [&](int64_t e, int64_t m, int64_t o, bool par, const float* xs, const float* gy,
+                                const float* gyw, const float* gu, const float* act, float* gau, float* gh,
+                                const float* ws, int64_t ldh, int64_t ld2i, int64_t ldi, const T* wd_e,
+                                const T* wgu_e, int64_t I, int64_t H) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      using B16 = c10::BFloat16;
+      namespace dp = bf16dp;
+      const int64_t lhb = dp::padded_stride(H), lib = dp::padded_stride(I), l2ib = dp::padded_stride(2 * I);
+      const int64_t mp = (m + 1) / 2;  // pairs of rows
+      // (uninitialised: every element a GEMM reads is written first)
+      std::unique_ptr<B16[]> gy_b(new B16[m * lhb]), xs_b(new B16[m * lhb]), act_b(new B16[m * lib]),
+          gh_b(new B16[m * l2ib]);
+      std::unique_ptr<uint32_t[]> gyw_pk(new uint32_t[mp * (H + 16)]), gh_pk(new uint32_t[mp * (2 * I + 16)]);
+      for_range(par, m, 4, [&](int64_t b, int64_t en) {
+        dp::rows_to_bf16(gy + b * ldh, ldh, en - b, H, gy_b.get() + b * lhb, lhb);
+        dp::rows_to_bf16(xs + b * ldh, ldh, en - b, H, xs_b.get() + b * lhb, lhb);
+        dp::rows_to_bf16(act + b * ldi, ldi, en - b, I, act_b.get() + b * lib, lib);
+      });
+      dp::row_pairs_to_bf16(gyw, ldh, m, H, gyw_pk.get(), H + 16);
+      auto cols = [&](int64_t N, const auto& fn) {  // fn(n_begin, n_end, panel) over column blocks
+        for_range(par, (N + dp::kNp - 1) / dp::kNp, 1, [&](int64_t b, int64_t en) {
+          std::unique_ptr<uint32_t[]> panel(new uint32_t[dp::kKnPanelWords]);
+          fn(b * dp::kNp, std::min(N, en * dp::kNp), panel.get());
+        });
+      };
+      // ga_u [m, I] = gy @ W_down[e] ([H, I]).
+      cols(I, [&](int64_t nb, int64_t ne, uint32_t* panel) {
+        std::unique_ptr<float[]> res(new float[dp::kn_res_floats(m, H, nb, ne)]);
+        dp::gemm_kn(reinterpret_cast<const uint32_t*>(gy_b.get()), lhb / 2, 1, wd_e, I, m, H, nb, ne, panel,
+                    res.get(), [&](int64_t r, int64_t n0, const float* v, int64_t n) {
+                      std::memcpy(gau + r * ldi + n0, v, sizeof(float) * n);
+                    });
+      });
+      // dW_down[e] [H, I] = gyw^T @ act.
+      cols(I, [&](int64_t nb, int64_t ne, uint32_t* panel) {
+        std::unique_ptr<float[]> res(new float[dp::kn_res_floats(H, m, nb, ne)]);
+        dp::gemm_kn(gyw_pk.get(), 1, H + 16, act_b.get(), lib, H, m, nb, ne, panel, res.get(),
+                    [&](int64_t r, int64_t n0, const float* v, int64_t n) {
+                      store_as(v, gdn + e * H * I + r * I + n0, n);
+                    });
+      });
+      for_range(par, m, 4, [&](int64_t b, int64_t en) {
+        backward_rows_gh<T>(gau, act, gu, ws, I, o, b, en, gh, gws_p, ld2i, ldi);
+        dp::rows_to_bf16(gh + b * ld2i, ld2i, en - b, 2 * I, gh_b.get() + b * l2ib, l2ib);
+      });
+      dp::row_pairs_to_bf16(gh, ld2i, m, 2 * I, gh_pk.get(), 2 * I + 16);
+      // dW_gate_up[e] [2I, H] = gh^T @ xs.
+      cols(H, [&](int64_t nb, int64_t ne, uint32_t* panel) {
+        std::unique_ptr<float[]> res(new float[dp::kn_res_floats(2 * I, m, nb, ne)]);
+        dp::gemm_kn(gh_pk.get(), 1, 2 * I + 16, xs_b.get(), lhb, 2 * I, m, nb, ne, panel, res.get(),
+                    [&](int64_t r, int64_t n0, const float* v, int64_t n) {
+                      store_as(v, ggu + e * 2 * I * H + r * H + n0, n);
+                    });
+      });
+      // dxs [m, H] = gh @ W_gate_up[e] ([2I, H]).
+      cols(H, [&](int64_t nb, int64_t ne, uint32_t* panel) {
+        std::unique_ptr<float[]> res(new float[dp::kn_res_floats(m, 2 * I, nb, ne)]);
+        dp::gemm_kn(reinterpret_cast<const uint32_t*>(gh_b.get()), l2ib / 2, 1, wgu_e, H, m, 2 * I, nb, ne, panel,
+                    res.get(), [&](int64_t r, int64_t n0, const float* v, int64_t n) {
+                      std::memcpy(gxs_p + (o + r) * H + n0, v, sizeof(float) * n);
+                    });
+      });
+    }
+  };
 
   // One expert (rows [o, o + m)); par: its row loops and GEMMs split across the threads.
   auto expert = [&](int64_t e, float* buf, bool par) {
@@ -1605,6 +1674,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_awt(
     });
     const T* wd_e = wd_p + e * H * I;
     const T* wgu_e = wgu_p + e * 2 * I * H;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (use_dp) {
+        dp_expert_backward(e, m, o, par, xs, gy, gyw, gu, act, gau, gh, ws, ldh, ld2i, ldi, wd_e, wgu_e, I, H);
+        return;
+      }
+    }
     // ga_u [m, I] = gy @ W_down[e] ([H, I]): columns split.
     for_range(par, (I + awt::kNr - 1) / awt::kNr, 1, [&](int64_t b, int64_t en) {
       std::vector<float> panel(awt::kKc * awt::kNr);
