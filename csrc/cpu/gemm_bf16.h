@@ -286,6 +286,10 @@ LMOE_CPU_AVX512BF16 inline void pack_pairs(const uint16_t* b, int64_t ldb, int64
     const uint16_t* r0 = b + k * ldb;
     const uint16_t* r1 = r0 + ldb;
     const bool has0 = k < K, has1 = k + 1 < K;
+    if (has1) {  // the next panel's columns of both rows (gemm_kn walks B panel by panel)
+      _mm_prefetch(reinterpret_cast<const char*>(r0 + kNp + 32), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(r1 + kNp + 32), _MM_HINT_T1);
+    }
     const __m512i x0 = has0 ? _mm512_maskz_loadu_epi16(m0, r0) : _mm512_setzero_si512();
     const __m512i y0 = has1 ? _mm512_maskz_loadu_epi16(m0, r1) : _mm512_setzero_si512();
     const __m512i x1 = has0 ? _mm512_maskz_loadu_epi16(m1, r0 + 32) : _mm512_setzero_si512();
