@@ -206,27 +206,39 @@ constexpr int64_t kAhead = 2;
 // Floats of scratch `res` a call needs for M rows of a of length K.
 inline int64_t scratch_floats(int64_t M, int64_t K) { return std::min(M, rows_per_pass(K)) * kSpan * kNr; }
 
+// The driver of gemm and gemm_gate_up: for each pass of rows_per_pass(K) rows of a, spans of
+// columns [c0, c0 + span) of [c_begin, c_end), each computed as column blocks of kW columns
+// (rows c of w, and when kPaired rows off1 + c too, into res + c and res + ldr / 2 + c), then
+// epi(m, c0, sums, span) for each row; the blocks kAhead on are prefetched.
+template <bool kPaired, typename Epi>
+inline void gemm_spans(const c10::BFloat16* a, int64_t lda, const c10::BFloat16* w, int64_t ldw, int64_t off1,
+                       int64_t M, int64_t K, int64_t c_begin, int64_t c_end, float* res, const Epi& epi) {
+  constexpr int64_t kW = kPaired ? kNr / 2 : kNr, ldr = kSpan * kNr, kSpanCols = kPaired ? ldr / 2 : ldr;
+  const int64_t mc = rows_per_pass(K);
+  auto row1 = [&](int64_t c) { return kPaired ? bits(w + (off1 + c) * ldw) : nullptr; };
+  for (int64_t m0 = 0; m0 < M; m0 += mc) {
+    const int64_t mr = std::min(mc, M - m0);
+    for (int64_t c0 = c_begin; c0 < c_end; c0 += kSpanCols) {
+      const int64_t span = std::min(kSpanCols, c_end - c0);
+      for (int64_t c = 0; c < span; c += kW) {
+        const int64_t j = c0 + c, ja = j + kAhead * kW;  // ja: the block to prefetch
+        const int64_t hn = std::max<int64_t>(0, std::min<int64_t>(kW, c_end - ja));  // its columns
+        column_block(bits(a + m0 * lda), lda, mr, bits(w + j * ldw), row1(j), ldw, K, std::min(kW, span - c),
+                     kPaired, res + c, kPaired ? res + kSpanCols + c : nullptr, ldr,
+                     hn > 0 ? bits(w + ja * ldw) : nullptr, hn > 0 ? row1(ja) : nullptr, hn, kPaired ? 2 * hn : hn);
+      }
+      for (int64_t m = 0; m < mr; ++m) epi(m0 + m, c0, res + m * ldr, span);
+    }
+  }
+}
+
 // out[m, n] = a[m, :K] . w[n, :K] for m < M and n in [n_begin, n_end): a [M, K] (row stride lda,
 // see padded_stride), w [N, K] (ldw). The fp32 sums go to epi(m, n0, sums, count) a row at a time
 // (count <= kSpan * kNr consecutive columns from n0). res: scratch_floats(M, K).
 template <typename Epi>
 inline void gemm(const c10::BFloat16* a, int64_t lda, const c10::BFloat16* w, int64_t ldw, int64_t M, int64_t K,
                  int64_t n_begin, int64_t n_end, float* res, const Epi& epi) {
-  const int64_t mc = rows_per_pass(K), ldr = kSpan * kNr;
-  for (int64_t m0 = 0; m0 < M; m0 += mc) {
-    const int64_t mr = std::min(mc, M - m0);
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += ldr) {
-      const int64_t span = std::min(ldr, n_end - n0);
-      for (int64_t c = 0; c < span; c += kNr) {
-        const int64_t n = n0 + c, na = n + kAhead * kNr;  // na: the block to prefetch
-        const int64_t nn = std::max<int64_t>(0, std::min<int64_t>(kNr, n_end - na));  // its rows
-        column_block(bits(a + m0 * lda), lda, mr, bits(w + n * ldw), nullptr, ldw, K,
-                     std::min<int64_t>(kNr, span - c), false, res + c, nullptr, ldr, nn > 0 ? bits(w + na * ldw) : nullptr,
-                     nullptr, nn, nn);
-      }
-      for (int64_t m = 0; m < mr; ++m) epi(m0 + m, n0, res + m * ldr, span);
-    }
-  }
+  gemm_spans<false>(a, lda, w, ldw, 0, M, K, n_begin, n_end, res, epi);
 }
 
 // The gate_up GEMM for gate columns j in [j_begin, j_end) of I: each column block pairs gate rows
@@ -236,22 +248,9 @@ inline void gemm(const c10::BFloat16* a, int64_t lda, const c10::BFloat16* w, in
 template <typename Epi>
 inline void gemm_gate_up(const c10::BFloat16* a, int64_t lda, const c10::BFloat16* w, int64_t K, int64_t I,
                          int64_t M, int64_t j_begin, int64_t j_end, float* res, const Epi& epi) {
-  constexpr int64_t kHalf = kNr / 2;
-  const int64_t mc = rows_per_pass(K), ldr = kSpan * kNr, half = ldr / 2;
-  for (int64_t m0 = 0; m0 < M; m0 += mc) {
-    const int64_t mr = std::min(mc, M - m0);
-    for (int64_t j0 = j_begin; j0 < j_end; j0 += half) {
-      const int64_t span = std::min(half, j_end - j0);
-      for (int64_t c = 0; c < span; c += kHalf) {
-        const int64_t j = j0 + c, ja = j + kAhead * kHalf;  // ja: the block to prefetch
-        const int64_t hn = std::max<int64_t>(0, std::min<int64_t>(kHalf, j_end - ja));  // its gate rows
-        column_block(bits(a + m0 * lda), lda, mr, bits(w + j * K), bits(w + (I + j) * K), K, K,
-                     std::min<int64_t>(kHalf, span - c), true, res + c, res + half + c, ldr,
-                     hn > 0 ? bits(w + ja * K) : nullptr, hn > 0 ? bits(w + (I + ja) * K) : nullptr, hn, 2 * hn);
-      }
-      for (int64_t m = 0; m < mr; ++m) epi(m0 + m, j0, res + m * ldr, res + m * ldr + half, span);
-    }
-  }
+  gemm_spans<true>(a, lda, w, K, I, M, K, j_begin, j_end, res, [&](int64_t m, int64_t j0, float* v, int64_t n) {
+    epi(m, j0, v, v + kSpan * kNr / 2, n);
+  });
 }
 
 // ---- [K, N]-layout GEMMs (the backward): out[r, n] = sum_k A(r, k) * B[k, n] ----------------
