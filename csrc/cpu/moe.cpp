@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstring>
 #include <immintrin.h>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -1138,7 +1139,8 @@ void dp_expert_parallel(const at::Tensor& x, const at::Tensor& wgu, const at::Te
   using T = c10::BFloat16;
   const int64_t H = x.size(1), I = wd.size(2);
   const int64_t ldx = bf16dp::padded_stride(H), lda = bf16dp::padded_stride(I);
-  std::vector<T> xa(m * ldx), act(m * lda);
+  const T nan(std::numeric_limits<float>::quiet_NaN());  // row padding the GEMMs must never read
+  std::vector<T> xa(m * ldx, nan), act(m * lda, nan);
   const T* xp = x.const_data_ptr<T>();
   at::parallel_for(0, m, 16, [&](int64_t b, int64_t end) {
     for (int64_t r = b; r < end; ++r) std::memcpy(xa.data() + r * ldx, xp + (sorted_pairs[o + r] / K) * H, sizeof(T) * H);
@@ -1275,7 +1277,9 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
           // Per thread: the expert's rows of x and its SwiGLU rows (bf16, padded rows) and the
           // GEMMs' fp32 sums of one column block.
           const int64_t ldx = bf16dp::padded_stride(H), lda = bf16dp::padded_stride(I);
-          std::vector<T> xa(m_max * ldx), act_e(m_max * lda);
+          // (NaN-filled: the row padding the GEMMs must never read)
+          const T nan(std::numeric_limits<float>::quiet_NaN());
+          std::vector<T> xa(m_max * ldx, nan), act_e(m_max * lda, nan);
           std::vector<float> res(bf16dp::scratch_floats(m_max, std::min(H, I)));
           const T* xp = x.const_data_ptr<T>();
           for (int64_t i = next.fetch_add(1); i < n_conc; i = next.fetch_add(1)) {
