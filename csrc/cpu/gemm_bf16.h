@@ -1,8 +1,10 @@
 // bf16 GEMMs for the MoE experts on CPUs with AVX512_BF16 (Zen 4, Cooper Lake, Sapphire Rapids
-// and later): out[m, n] = sum_k a[m, k] * w[n, k] with a [M, K] and w [N, K] (HF's [out, in]
-// layout) both bf16, products exact and sums in fp32 (vdpbf16ps), the result rounded to bf16.
+// and later), products exact and sums in fp32 (vdpbf16ps). Two forms:
+// - gemm / gemm_gate_up (the forward): out[m, n] = sum_k a[m, k] * w[n, k], a [M, K] and w [N, K]
+//   (HF's [out, in] layout), below;
+// - gemm_kn (the backward): out[r, n] = sum_k A(r, k) * B[k, n] with B [K, N], further down.
 //
-// Dot-product form: each vdpbf16ps multiplies 32 consecutive k of one row of a with 32 of one row
+// Forward, dot-product form: each vdpbf16ps multiplies 32 consecutive k of one row of a with 32 of one row
 // of w, so both operands are read in place, in their own row-major layout, with no packing of the
 // weights (a packed panel is a 32-bit transpose of every weight row: as much work as the GEMM
 // itself at the ~50 rows per expert of a 512-token MoE call). A register tile of 4 rows of a by
@@ -11,9 +13,8 @@
 // K is not blocked: the 6 weight rows of a tile column stay in L1 / L2 while every row block of
 // a passes over them, so each weight byte comes from memory once. Rows of a must not be 4 KiB
 // apart (callers pad them: lda = K + 32 elements) or they would share L1 sets with the weight
-// rows. Measured single-threaded on a Zen 4 (2048 x 2816 and 1408 x 2048 weights from memory,
-// 48 rows): 165-174 GFLOP/s, where torch.mm (oneDNN) does 159 and the core's vdpbf16ps peak is
-// 230. Masked loads take the k tail, so any K works; sums run in a fixed order (bitwise
+// rows. Measured single-threaded on a Zen 4 (weights from memory, 48 rows): 165-185 GFLOP/s at
+// K = 704-2048, where torch.mm (oneDNN) does 159 and the core's vdpbf16ps peak is 230. Masked loads take the k tail, so any K works; sums run in a fixed order (bitwise
 // deterministic whatever the thread count or the column range a call computes).
 #pragma once
 
