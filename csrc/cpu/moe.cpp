@@ -1143,7 +1143,7 @@ void dp_expert_parallel(const at::Tensor& x, const at::Tensor& wgu, const at::Te
   std::vector<T> xa(m * ldx, nan), act(m * lda, nan);
   const T* xp = x.const_data_ptr<T>();
   at::parallel_for(0, m, 16, [&](int64_t b, int64_t end) {
-    for (int64_t r = b; r < end; ++r) std::memcpy(xa.data() + r * ldx, xp + (sorted_pairs[o + r] / K) * H, sizeof(T) * H);
+    for (int64_t r = b; r < end; ++r) gather_rows<T, T>(xp, sorted_pairs, K, H, o + r, o + r + 1, xa.data() + r * ldx);
   });
   const T* wgu_e = wgu.const_data_ptr<T>() + e * 2 * I * H;
   const T* wd_e = wd.const_data_ptr<T>() + e * H * I;
@@ -1285,7 +1285,7 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
           for (int64_t i = next.fetch_add(1); i < n_conc; i = next.fetch_add(1)) {
             const int64_t e = concurrent[i], o = off[e], m = off[e + 1] - o;
             for (int64_t r = 0; r < m; ++r)
-              std::memcpy(xa.data() + r * ldx, xp + (sorted_pairs[o + r] / K) * H, sizeof(T) * H);
+              gather_rows<T, T>(xp, sorted_pairs, K, H, o + r, o + r + 1, xa.data() + r * ldx);
             dp_expert_rows(xa.data(), ldx, wgu.const_data_ptr<T>() + e * 2 * I * H,
                            wd.const_data_ptr<T>() + e * H * I, H, I, m, gate_up_out.mutable_data_ptr<T>() + o * 2 * I,
                            act_e.data(), lda, y.mutable_data_ptr<T>() + o * H, 0, I, 0, H, res.data());
@@ -1599,8 +1599,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_awt(
                       cpu_low_precision_gemm_forced().value_or(true);
   auto dp_expert_backward = [&](int64_t e, int64_t m, int64_t o, bool par, const float* xs, const float* gy,
                                 const float* gyw, const float* gu, const float* act, float* gau, float* gh,
-                                const float* ws, int64_t ldh, int64_t ld2i, int64_t ldi, const T* wd_e,
-                                const T* wgu_e, int64_t I, int64_t H) {
+                                const float* ws) {
+    const T* wd_e = wd_p + e * H * I;
+    const T* wgu_e = wgu_p + e * 2 * I * H;
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       using B16 = c10::BFloat16;
       namespace dp = bf16dp;
@@ -1680,7 +1681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_awt(
     const T* wgu_e = wgu_p + e * 2 * I * H;
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       if (use_dp) {
-        dp_expert_backward(e, m, o, par, xs, gy, gyw, gu, act, gau, gh, ws, ldh, ld2i, ldi, wd_e, wgu_e, I, H);
+        dp_expert_backward(e, m, o, par, xs, gy, gyw, gu, act, gau, gh, ws);
         return;
       }
     }
