@@ -127,13 +127,13 @@ def test_decode_long_context_splits(device):
     check_close(out, lse, *prob, 0.1, True, -1)
 
 
-# The CPU kernel has an AVX2+FMA and a portable instantiation of its tile micro-kernels (picked by
-# CPU feature; LATENTMOE_CPU_ISA=generic forces the portable one). Shapes that hit every tail: query
-# rows not a multiple of 4, keys not a multiple of 3 or of the 128-key tile, C+R not a multiple of
-# 8 and C not a multiple of 24 or 8, windows cutting tiles, exp arguments far below 0. fp16 caches
-# are widened with F16C on the AVX2 path.
+# The CPU kernel has AVX-512, AVX2+FMA and portable instantiations of its tile micro-kernels (picked
+# by CPU feature; LATENTMOE_CPU_ISA=avx2 or generic forces the others). Shapes that hit every tail:
+# query rows not a multiple of 4 or 8, keys not a multiple of 3 or 6 or of the 128-key tile, C+R
+# not a multiple of 8 and C not a multiple of 48, 24, 16 or 8, windows cutting tiles, exp
+# arguments far below 0. fp16 caches are widened with F16C on the AVX paths.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("isa", ["native", "generic"])
+@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
 @pytest.mark.parametrize(
     "B,Sq,H,C,R,seqlens,page_size,causal,window,scale",
     [
@@ -141,13 +141,15 @@ def test_decode_long_context_splits(device):
         (1, 3, 3, 512, 64, [389], 17, True, 200, 0.07),
         (3, 2, 7, 80, 0, [129, 1, 256], 64, False, 100, 1.3),
         (1, 1, 16, 24, 8, [700], None, True, -1, 40.0),  # large scale: most weights underflow to 0
+        (1, 2, 11, 100, 12, [257], None, True, 50, 0.2),  # 22 rows: blocks of 8 and a tail of 6
+        (2, 2, 40, 48, 16, [150, 77], 32, True, -1, 0.2),  # 80 rows: items of 64 and 16 rows
     ],
 )
 def test_decode_cpu_isa_paths(
     monkeypatch, dtype, isa, B, Sq, H, C, R, seqlens, page_size, causal, window, scale
 ):
-    if isa == "generic":
-        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    if isa != "native":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
     prob = make_problem(B, Sq, H, C, R, seqlens, page_size, dtype=dtype)
     out, lse = mla_decode(*prob[:4], scale, block_table=prob[4], causal=causal, window=window)
     check_close(out, lse, *prob, scale, causal, window)
@@ -406,14 +408,14 @@ def test_decode_cuda_misaligned_inputs_use_cuda_cores(monkeypatch, which):
         mla_decode(*prob[:4], 0.1, block_table=prob[4])
 
 
-@pytest.mark.parametrize("isa", ["native", "generic"])
+@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
 @pytest.mark.parametrize("L,bad", [(16, 3), (40, 9), (11, 9), (300, 290)])
 def test_nan_in_used_inputs_propagates(monkeypatch, isa, L, bad):
     # A NaN in a key the row attends to, or in the query, makes that row's output and LSE NaN, as
     # softmax attention does (it once came out finite, or as an "empty" row: 0 and -inf). Other
     # rows stay finite. Key counts with vector lanes only, a scalar tail, and several splits.
-    if isa == "generic":
-        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    if isa != "native":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
     C, R, H = 16, 8, 3
     q, qp = torch.randn(1, 1, H, C), torch.randn(1, 1, H, R)
     cache = torch.randn(1, L, C + R)

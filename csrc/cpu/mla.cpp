@@ -3,15 +3,17 @@
 // mla_decode: work items are (batch row, group of query rows, split of the keys), run with
 // at::parallel_for. An item walks its keys in tiles of kTile cache rows; each tile is read once
 // for all query rows of the group (query row = (s, h) pair) and stays in L2 between its two uses:
-// scores and the weighted sum are register-blocked fp32 micro-kernels (vec8.h: AVX2+FMA clone
-// where the CPU has it), with a vectorised online softmax per row in between (common/math.h
-// state). fp32 accumulators; splits are merged by their LSE.
+// scores and the weighted sum are register-blocked fp32 micro-kernels (vec8.h vectors; AVX-512,
+// AVX2+FMA and portable instantiations picked by CPU feature), with an online softmax vectorised
+// across query rows in between. fp32 accumulators; splits are merged by their LSE.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -29,16 +31,26 @@ constexpr int64_t kTile = 128;       // cache rows per tile (128 x 576 fp32 = 28
 constexpr int64_t kRowGroup = 64;    // query rows per work item
 constexpr int64_t kMinSplit = 256;   // fewest keys worth a split of its own
 
-// One tile of n keys (fp32 rows k[n, D], row stride ldk) for the item's m query rows: scores,
-// online softmax per row, then acc[m, C] += weights . k[:, :C]. Rows with no visible key in the
-// tile (a >= e) get weights 0 and keep their state.
-struct TileRows {
-  const mla::KeyRange* ranges;  // per query row, in absolute key positions
-  int64_t t0;                   // absolute position of the tile's first key
+// One tile of n keys (fp32 rows k[n, D], row stride ldk) for the item's m query rows (query row
+// = (s, h) pair). The scores and softmax weights are stored key-major, p[j, i], with mp = m
+// rounded up to 8 (padding rows have an empty key range): the softmax runs across rows, 8 at a
+// time, and the weighted sum broadcasts p[j, i].
+struct TileArgs {
+  int64_t m, mp, n, D, C;
+  const float* q;     // [m, D]: the item's queries [q_latent | q_pe], times softmax_scale
+  const float* k;     // the tile's first key row
+  int64_t ldk;
+  int64_t t0;         // absolute position of the tile's first key
+  const int32_t* lo;  // [mp] per row, the visible keys [lo, hi) in absolute positions
+  const int32_t* hi;
+  float* p;           // [n, mp] scratch: scores, then softmax weights
+  float* alpha;       // [mp] scratch: the accumulators' rescale factors
+  float* acc;         // [m, C] unnormalised accumulators
+  float* m_run;       // [mp] online-softmax state per row: running max ...
+  float* l_run;       // ... and running sum of exp(s - m)
 };
 
-using DecodeTileFn = void (*)(int64_t m, int64_t n, int64_t D, int64_t C, const float* q, const float* k, int64_t ldk,
-                              float* scores, int64_t lds, float* acc, TileRows rows, math::SoftmaxState* st);
+using DecodeTileFn = void (*)(const TileArgs& a);
 
 struct DecodeParams {
   int64_t B, Sq, H, C, R, D;
@@ -51,186 +63,228 @@ struct DecodeParams {
   bool causal;
   int64_t window;
   int64_t n_splits, split_len, n_groups;
-  DecodeTileFn tile_fn;          // decode_tile_avx2 or decode_tile_generic
-  bool avx2;                     // the AVX2+FMA(+F16C) tile kernel and cache-row widening
+  DecodeTileFn tile_fn;          // decode_tile_avx512, decode_tile_avx2 or decode_tile_generic
+  bool avx2;                     // AVX2+FMA(+F16C) cache-row widening
 };
 
 namespace v8 = latentmoe::cpu::vec8;
-using v8::v8f;
+using v8::vf;
+using v8::vi;
 
-// ---- fp32 tile micro-kernels (vec8.h; inlined into decode_tile_avx2 and decode_tile_generic) ----
-// Register blocks: scores 4 query rows x 3 keys (12 accumulators, reduced over D in lanes of 8);
-// weighted sum 4 query rows x 24 latent columns (12 accumulators, over the tile's keys).
+// ---- fp32 tile micro-kernels (vec8.h vectors), instantiated for AVX-512 (W = 16), AVX2 (W = 8)
+// and portable code (W = 8) ----
+// Scores, dot-product form: 4 query rows by kScoreKeys keys, 8-lane partial sums over D reduced
+// at the end. (An outer-product form, rows in lanes, was no faster at 16 to 128 rows and pays for
+// padding rows below that.) Weighted sum, outer-product form: kPvRows query rows by kPvVecs
+// vectors of W latent columns; per key, kPvVecs vector loads of k[j, :C] and kPvRows broadcasts
+// of weights. The blocks fill 32 vector registers with AVX-512, 16 with AVX2.
+template <int W>
+constexpr int kScoreKeys = W == 16 ? 6 : 3;
+template <int W>
+constexpr int kPvRows = W == 16 ? 8 : 4;
+template <int W>
+constexpr int kPvVecs = 3;
 
-// s[i, j] = q[i, :D] . k[j, :D] for i < MR, j < NR.
+// p[j, i] = q[i, :D] . k[j, :D] for i < MR, j < NR.
 template <int MR, int NR>
-LMOE_V8_INLINE void scores_block(int64_t D, const float* q, int64_t ldq, const float* k, int64_t ldk, float* s,
-                                 int64_t lds) {
-  v8f acc[MR][NR];
+LMOE_V8_INLINE void scores_dot_block(int64_t D, const float* q, const float* k, int64_t ldk, float* p,
+                                     int64_t mp) {
+  v8::v8f acc[MR][NR];
+#pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) acc[i][j] = v8::splat(0.f);
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
-    v8f kv[NR];
+    v8::v8f kv[NR];
+#pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) kv[j] = v8::load(k + j * ldk + d);
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const v8f qv = v8::load(q + i * ldq + d);
+      const v8::v8f qv = v8::load(q + i * D + d);
+#pragma GCC unroll 16
       for (int j = 0; j < NR; ++j) acc[i][j] += qv * kv[j];
     }
   }
+#pragma GCC unroll 16
   for (int j = 0; j < NR; ++j) {
     // The MR rows' lane sums for key j in one reduction (rows past MR padded with zeros).
     const auto row = [&](int i) { return i < MR ? acc[i < MR ? i : 0][j] : v8::splat(0.f); };
     const v8::v4f t = v8::hsum4(row(0), row(1), row(2), row(3));
     for (int i = 0; i < MR; ++i) {
       float u = t[i];
-      for (int64_t dd = d; dd < D; ++dd) u += q[i * ldq + dd] * k[j * ldk + dd];
-      s[i * lds + j] = u;
+      for (int64_t dd = d; dd < D; ++dd) u += q[i * D + dd] * k[j * ldk + dd];
+      p[j * mp + i] = u;
     }
   }
 }
 
-template <int MR>
-LMOE_V8_INLINE void scores_rows(int64_t n, int64_t D, const float* q, int64_t ldq, const float* k, int64_t ldk,
-                                float* s, int64_t lds) {
-  int64_t j = 0;
-  for (; j + 3 <= n; j += 3) scores_block<MR, 3>(D, q, ldq, k + j * ldk, ldk, s + j, lds);
-  if (n - j == 2) scores_block<MR, 2>(D, q, ldq, k + j * ldk, ldk, s + j, lds);
-  if (n - j == 1) scores_block<MR, 1>(D, q, ldq, k + j * ldk, ldk, s + j, lds);
-}
-
-// acc[i, c] += sum_j p[i, j] * v[j, c] for i < MR, c in [c0, c0 + 8 NV), j < n.
-template <int MR, int NV>
-LMOE_V8_INLINE void pv_block(int64_t n, const float* p, int64_t ldp, const float* v, int64_t ldv, float* acc,
-                             int64_t ldacc) {
-  v8f o[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int c = 0; c < NV; ++c) o[i][c] = v8::load(acc + i * ldacc + 8 * c);
-  for (int64_t j = 0; j < n; ++j) {
-    v8f vv[NV];
-    for (int c = 0; c < NV; ++c) vv[c] = v8::load(v + j * ldv + 8 * c);
-    for (int i = 0; i < MR; ++i) {
-      const float w = p[i * ldp + j];  // vector * scalar: one broadcast
-      for (int c = 0; c < NV; ++c) o[i][c] += vv[c] * w;
-    }
+// Keys [j, n) in blocks of NR or fewer.
+template <int MR, int NR>
+LMOE_V8_INLINE void scores_dot_keys(const TileArgs& a, const float* q, float* p, int64_t j) {
+  for (; j + NR <= a.n; j += NR) scores_dot_block<MR, NR>(a.D, q, a.k + j * a.ldk, a.ldk, p + j * a.mp, a.mp);
+  if constexpr (NR > 1) {
+    if (j < a.n) scores_dot_keys<MR, NR - 1>(a, q, p, j);
   }
-  for (int i = 0; i < MR; ++i)
-    for (int c = 0; c < NV; ++c) v8::store(acc + i * ldacc + 8 * c, o[i][c]);
 }
 
-template <int MR>
-LMOE_V8_INLINE void pv_rows(int64_t n, int64_t C, const float* p, int64_t ldp, const float* v, int64_t ldv,
-                            float* acc, int64_t ldacc) {
-  int64_t c = 0;
-  for (; c + 24 <= C; c += 24) pv_block<MR, 3>(n, p, ldp, v + c, ldv, acc + c, ldacc);
-  for (; c + 8 <= C; c += 8) pv_block<MR, 1>(n, p, ldp, v + c, ldv, acc + c, ldacc);
-  for (int i = 0; i < MR; ++i)  // columns past the last multiple of 8
-    for (int64_t cc = c; cc < C; ++cc) {
-      float t = acc[i * ldacc + cc];
-      for (int64_t j = 0; j < n; ++j) t += p[i * ldp + j] * v[j * ldv + cc];
-      acc[i * ldacc + cc] = t;
-    }
+template <int W, int MR>
+LMOE_V8_INLINE void scores_dot_rows(const TileArgs& a, int64_t i0) {
+  scores_dot_keys<MR, kScoreKeys<W>>(a, a.q + i0 * a.D, a.p + i0, 0);
 }
 
-// Row i's online-softmax step over the tile's scores s[0, n): keys [a, e) are visible (a < e).
-// Overwrites s with the weights exp(s - m_new) (0 outside [a, e)), updates st, and returns the
-// factor the row's accumulator is multiplied by first.
-LMOE_V8_INLINE float softmax_row(float* s, int64_t n, int64_t a, int64_t e, math::SoftmaxState& st) {
-  float m_tile = -INFINITY;
-  for (int64_t j = a; j < e; ++j) m_tile = std::max(m_tile, s[j]);
-  const float m_new = std::max(st.m, m_tile);
-  const float alpha = math::softmax_rescale(st.m, m_new);
-  for (int64_t j = 0; j < a; ++j) s[j] = 0.f;
-  for (int64_t j = e; j < n; ++j) s[j] = 0.f;
-  v8f lsum = v8::splat(0.f);
-  const v8f mv = v8::splat(m_new);
-  int64_t j = a;
-  for (; j + 8 <= e; j += 8) {
-    const v8f w = v8::exp_nonpos(v8::load(s + j) - mv);
-    v8::store(s + j, w);
-    lsum += w;
-  }
-  float l = v8::hsum(lsum);
-  for (; j < e; ++j) {
-    s[j] = v8::exp_nonpos(s[j] - m_new);
-    l += s[j];
-  }
-  st = {m_new, st.l * alpha + l};
-  return alpha;
-}
-
-
-// Runs op.template rows<MR>(i) over row blocks [i, i + MR) covering [0, m): blocks of 4, then one
-// tail block of 1 to 3 rows.
-template <typename Op>
-LMOE_V8_INLINE void for_row_blocks(int64_t m, const Op& op) {
+template <int W>
+LMOE_V8_INLINE void scores(const TileArgs& a) {
   int64_t i = 0;
-  for (; i + 4 <= m; i += 4) op.template rows<4>(i);
-  switch (m - i) {
-    case 3: op.template rows<3>(i); break;
-    case 2: op.template rows<2>(i); break;
-    case 1: op.template rows<1>(i); break;
+  for (; i + 4 <= a.m; i += 4) scores_dot_rows<W, 4>(a, i);
+  switch (a.m - i) {
+    case 3: scores_dot_rows<W, 3>(a, i); break;
+    case 2: scores_dot_rows<W, 2>(a, i); break;
+    case 1: scores_dot_rows<W, 1>(a, i); break;
     default: break;
   }
 }
 
-struct ScoresOp {  // scores[i.., :n] = q[i..] . k^T
-  int64_t n, D;
-  const float* q;
-  const float* k;
-  int64_t ldk;
-  float* scores;
-  int64_t lds;
-  template <int MR>
-  LMOE_V8_INLINE void rows(int64_t i) const {
-    scores_rows<MR>(n, D, q + i * D, D, k, ldk, scores + i * lds, lds);
+// Online softmax of the tile for the W rows at lane i, keys [0, n): a key outside a row's [lo, hi)
+// gets weight 0 and leaves its state alone (kMasked; without it every key is visible to every
+// row). A NaN score is skipped by the max (`s > m` is false) and turns the row's weights and sum
+// into NaN. Overwrites p with the weights exp(s - m_new) and alpha with the factor each row's
+// accumulator is multiplied by first (0 while the row has seen no key).
+template <int W, bool kMasked>
+LMOE_V8_INLINE void softmax_lanes(const TileArgs& a, int64_t i) {
+  using V = vf<W>;
+  using I = vi<W>;
+  typedef uint32_t U __attribute__((vector_size(W * 4), aligned(4), may_alias));
+  const V neg_inf = v8::splatw<W>(-INFINITY);
+  // Key t is visible to a row iff t - lo < hi - lo as unsigned (hi >= lo): one compare.
+  const I lo = v8::loadw<W>(a.lo + i);
+  const U span = (U)(v8::loadw<W>(a.hi + i) - lo);  // same-size vector cast: the bits
+  const auto visible = [&](int64_t j) {
+    return (U)(v8::splatw<W>(static_cast<int32_t>(a.t0 + j)) - lo) < span;
+  };
+  V m_tile = neg_inf;
+  for (int64_t j = 0; j < a.n; ++j) {
+    V s = v8::loadw<W>(a.p + j * a.mp + i);
+    if constexpr (kMasked) s = visible(j) ? s : neg_inf;
+    m_tile = s > m_tile ? s : m_tile;
   }
-};
-
-struct WeightedSumOp {  // acc[i.., :C] += p[i.., :n] . k[:, :C]
-  int64_t n, C;
-  const float* p;
-  int64_t ldp;
-  const float* k;
-  int64_t ldk;
-  float* acc;
-  template <int MR>
-  LMOE_V8_INLINE void rows(int64_t i) const {
-    pv_rows<MR>(n, C, p + i * ldp, ldp, k, ldk, acc + i * C, C);
+  const V m_old = v8::loadw<W>(a.m_run + i);
+  const V m_new = m_tile > m_old ? m_tile : m_old;
+  const V alpha = m_old == neg_inf ? v8::splatw<W>(0.f) : v8::exp_nonpos_w<W>(m_old - m_new);
+  V l = v8::splatw<W>(0.f);
+  for (int64_t j = 0; j < a.n; ++j) {
+    float* pj = a.p + j * a.mp + i;
+    V w = v8::exp_nonpos_w<W>(v8::loadw<W>(pj) - m_new);
+    if constexpr (kMasked) w = visible(j) ? w : v8::splatw<W>(0.f);
+    v8::storew<W>(pj, w);
+    l += w;
   }
-};
+  v8::storew<W>(a.m_run + i, m_new);
+  v8::storew<W>(a.l_run + i, v8::loadw<W>(a.l_run + i) * alpha + l);
+  v8::storew<W>(a.alpha + i, alpha);
+}
 
-LMOE_V8_INLINE void decode_tile_body(int64_t m, int64_t n, int64_t D, int64_t C, const float* q, const float* k,
-                                     int64_t ldk, float* scores, int64_t lds, float* acc, TileRows rows,
-                                     math::SoftmaxState* st) {
-  for_row_blocks(m, ScoresOp{n, D, q, k, ldk, scores, lds});
-  for (int64_t r = 0; r < m; ++r) {
-    float* s = scores + r * lds;
-    const int64_t a = std::max<int64_t>(rows.t0, rows.ranges[r].lo) - rows.t0;
-    const int64_t e = std::min<int64_t>(rows.t0 + n, rows.ranges[r].hi) - rows.t0;
-    if (a >= e) {
-      for (int64_t j = 0; j < n; ++j) s[j] = 0.f;
-      continue;
+template <int W>
+LMOE_V8_INLINE void softmax(const TileArgs& a) {
+  for (int64_t i = 0; i < a.mp; i += W) {
+    // Every key of the tile lies in every row's range (padding rows, never read, do not count).
+    bool all_visible = true;
+    for (int64_t l = i; l < std::min(i + W, a.m); ++l) all_visible &= a.lo[l] <= a.t0 && a.hi[l] >= a.t0 + a.n;
+    if (all_visible) {
+      softmax_lanes<W, false>(a, i);
+    } else {
+      softmax_lanes<W, true>(a, i);
     }
-    const float alpha = softmax_row(s, n, a, e, st[r]);
-    if (alpha != 1.f) {
-      float* o = acc + r * C;
-      for (int64_t c = 0; c < C; ++c) o[c] *= alpha;
+  }
+}
+
+// acc[i0 + r, c0 + :NC W] = alpha[r] acc[...] + sum_j p[j, i0 + r] k[j, c0 + ...] for r < MR.
+template <int W, int MR, int NC>
+LMOE_V8_INLINE void pv_block(const TileArgs& a, int64_t i0, int64_t c0) {
+  using V = vf<W>;
+  V o[MR][NC];
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const float al = a.alpha[i0 + r];
+    #pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) o[r][c] = v8::loadw<W>(a.acc + (i0 + r) * a.C + c0 + c * W) * al;
+  }
+  const float* pj = a.p + i0;
+  const float* kj = a.k + c0;
+  for (int64_t j = 0; j < a.n; ++j, pj += a.mp, kj += a.ldk) {
+    V kv[NC];
+    #pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) kv[c] = v8::loadw<W>(kj + c * W);
+    #pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const V b = v8::splatw<W>(pj[r]);
+      #pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) o[r][c] += kv[c] * b;
     }
   }
-  for_row_blocks(m, WeightedSumOp{n, C, scores, lds, k, ldk, acc});
+  #pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+    #pragma GCC unroll 16
+    for (int c = 0; c < NC; ++c) v8::storew<W>(a.acc + (i0 + r) * a.C + c0 + c * W, o[r][c]);
 }
 
-LMOE_CPU_AVX2 void decode_tile_avx2(int64_t m, int64_t n, int64_t D, int64_t C, const float* q, const float* k,
-                                    int64_t ldk, float* scores, int64_t lds, float* acc, TileRows rows,
-                                    math::SoftmaxState* st) {
-  decode_tile_body(m, n, D, C, q, k, ldk, scores, lds, acc, rows, st);
+// Rows [i0, i0 + MR), every column: blocks of NC vectors, single vectors, then a scalar tail.
+template <int W, int MR>
+LMOE_V8_INLINE void pv_rows(const TileArgs& a, int64_t i0) {
+  constexpr int NC = kPvVecs<W>;
+  int64_t c = 0;
+  for (; c + NC * W <= a.C; c += NC * W) pv_block<W, MR, NC>(a, i0, c);
+  for (; c + W <= a.C; c += W) pv_block<W, MR, 1>(a, i0, c);
+  for (int r = 0; r < MR; ++r) {
+    const int64_t i = i0 + r;
+    for (int64_t cc = c; cc < a.C; ++cc) {
+      float t = a.acc[i * a.C + cc] * a.alpha[i];
+      for (int64_t j = 0; j < a.n; ++j) t += a.p[j * a.mp + i] * a.k[j * a.ldk + cc];
+      a.acc[i * a.C + cc] = t;
+    }
+  }
 }
 
-void decode_tile_generic(int64_t m, int64_t n, int64_t D, int64_t C, const float* q, const float* k, int64_t ldk,
-                         float* scores, int64_t lds, float* acc, TileRows rows, math::SoftmaxState* st) {
-  decode_tile_body(m, n, D, C, q, k, ldk, scores, lds, acc, rows, st);
+// Rows [i, m) in one block of MR rows or fewer: the tail after the full blocks.
+template <int W, int MR>
+LMOE_V8_INLINE void pv_tail(const TileArgs& a, int64_t i) {
+  if constexpr (MR > 0) {
+    if (a.m - i == MR) {
+      pv_rows<W, MR>(a, i);
+    } else {
+      pv_tail<W, MR - 1>(a, i);
+    }
+  }
 }
+
+template <int W>
+LMOE_V8_INLINE void weighted_sum(const TileArgs& a) {
+  constexpr int MR = kPvRows<W>;
+  int64_t i = 0;
+  for (; i + MR <= a.m; i += MR) pv_rows<W, MR>(a, i);
+  pv_tail<W, MR - 1>(a, i);
+}
+
+// Each phase is a function of its own (noinline) for each instruction set: inlined into one
+// function, the register allocator spilled loop offsets to vector registers and the op ran well
+// below the micro-kernels' own rate. The softmax runs 8 lanes at a time even with AVX-512:
+// GCC 12 turns 16-lane vector compares and selects into scalar code.
+#define LMOE_DECODE_TILE(ISA, ATTR, W)                                                        \
+  ATTR __attribute__((noinline)) void decode_scores_##ISA(const TileArgs& a) { scores<W>(a); } \
+  ATTR __attribute__((noinline)) void decode_softmax_##ISA(const TileArgs& a) { softmax<8>(a); } \
+  ATTR __attribute__((noinline)) void decode_weighted_sum_##ISA(const TileArgs& a) {            \
+    weighted_sum<W>(a);                                                                        \
+  }                                                                                            \
+  void decode_tile_##ISA(const TileArgs& a) {                                                  \
+    decode_scores_##ISA(a);                                                                    \
+    decode_softmax_##ISA(a);                                                                   \
+    decode_weighted_sum_##ISA(a);                                                              \
+  }
+
+LMOE_DECODE_TILE(avx512, LMOE_CPU_AVX512, 16)
+LMOE_DECODE_TILE(avx2, LMOE_CPU_AVX2, 8)
+LMOE_DECODE_TILE(generic, , 8)
+#undef LMOE_DECODE_TILE
 
 // dst[0, n) = fp32 of src[0, n): 16-bit types with AVX2 (+F16C) where the CPU has it (c10::Half's
 // scalar conversion is the slow part of an fp16 decode otherwise), other types by plain casts.
@@ -246,6 +300,43 @@ void widen(const T* src, float* dst, int64_t n, bool avx2) {
   for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<float>(src[c]);
 }
 
+// Per-thread scratch of the work items, 64-byte aligned (the kernels' vector loads of q and of the
+// weights would otherwise straddle cache lines), not zeroed: every entry is written before it is
+// read. `tile` (a widened copy of the keys) only where the cache is not read in place.
+class ItemScratch {
+ public:
+  ItemScratch(int64_t D, bool need_tile)
+      : mem_(static_cast<float*>(std::aligned_alloc(64, bytes(D, need_tile))), &std::free) {
+    TORCH_CHECK(mem_ != nullptr, "latentmoe.mla_decode: out of memory for the per-thread scratch");
+    float* f = mem_.get();
+    q = f;
+    p = q + D * kRowGroup;
+    alpha = p + kTile * kRowGroup;
+    m_run = alpha + kRowGroup;
+    l_run = m_run + kRowGroup;
+    lo = reinterpret_cast<int32_t*>(l_run + kRowGroup);
+    hi = lo + kRowGroup;
+    tile = need_tile ? reinterpret_cast<float*>(hi + kRowGroup) : nullptr;
+  }
+  float *q, *p, *alpha, *m_run, *l_run, *tile;
+  int32_t *lo, *hi;
+
+ private:
+  static size_t bytes(int64_t D, bool need_tile) {
+    const int64_t floats = (D + kTile + 5) * kRowGroup + (need_tile ? kTile * D : 0);
+    return (static_cast<size_t>(floats) * 4 + 63) / 64 * 64;  // aligned_alloc: a multiple of 64
+  }
+  std::unique_ptr<float, decltype(&std::free)> mem_;
+};
+
+// Whether the tiles are the cache's own rows (fp32, fused c_kv | k_pe rows, contiguous or in pages
+// of at least a quarter tile); otherwise keys are widened/gathered into the scratch tile.
+template <typename T>
+bool keys_in_place(const DecodeParams& p) {
+  return std::is_same_v<T, float> && !p.split && (p.block_table == nullptr || p.page_size >= kTile / 4);
+}
+
+
 // One work item: rows [r0, r1) of batch b (row r = s * H + h), keys of split `sp`. Writes the
 // unnormalised accumulators and (m, l) of each row to the partial buffers. Keys go in tiles of
 // up to kTile rows: fp32 rows of a contiguous or page-contiguous cache are used in place; other
@@ -253,58 +344,61 @@ void widen(const T* src, float* dst, int64_t n, bool avx2) {
 // the row's seqlen (valid data), so zero weights of keys a query does not see never meet NaN.
 template <typename T>
 void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const T* cache, const T* pe_src, int64_t b,
-                 int64_t r0, int64_t r1, int64_t sp, float* acc_out, float* m_out, float* l_out,
-                 std::vector<float>& qbuf, std::vector<float>& tile, std::vector<float>& scores) {
+                 int64_t r0, int64_t r1, int64_t sp, float* acc_out, float* m_out, float* l_out, ItemScratch& w) {
   const int64_t D = p.D, C = p.C, R = p.R, H = p.H;
   const int64_t nrows = r1 - r0;
+  const int64_t mp = (nrows + 7) / 8 * 8;
   const int64_t seqlen = p.seqlens[b];
-  // Pack the group's queries as fp32 rows [q_latent | q_pe] * scale.
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t qoff = b * p.Sq * H + r;
-    float* dst = qbuf.data() + (r - r0) * D;
+  // The group's queries, scaled: q[i, :] = [q_latent | q_pe][row r0 + i] * scale.
+  for (int64_t i = 0; i < nrows; ++i) {
+    const int64_t qoff = b * p.Sq * H + r0 + i;
     const T* ql = q_latent + qoff * C;
     const T* qp = q_pe + qoff * R;
-    for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<float>(ql[c]) * p.scale;
-    for (int64_t c = 0; c < R; ++c) dst[C + c] = static_cast<float>(qp[c]) * p.scale;
+    float* qi = w.q + i * D;
+    for (int64_t c = 0; c < C; ++c) qi[c] = static_cast<float>(ql[c]) * p.scale;
+    for (int64_t c = 0; c < R; ++c) qi[C + c] = static_cast<float>(qp[c]) * p.scale;
   }
-  std::vector<mla::KeyRange> ranges(nrows);
   int64_t lo_all = seqlen, hi_all = 0;
-  for (int64_t i = 0; i < nrows; ++i) {
-    ranges[i] = mla::visible_keys(seqlen, p.Sq, (r0 + i) / H, p.causal, p.window);
-    if (ranges[i].hi > ranges[i].lo) {
-      lo_all = std::min(lo_all, ranges[i].lo);
-      hi_all = std::max(hi_all, ranges[i].hi);
+  for (int64_t i = 0; i < mp; ++i) {
+    mla::KeyRange kr{0, 0};
+    if (i < nrows) kr = mla::visible_keys(seqlen, p.Sq, (r0 + i) / H, p.causal, p.window);
+    w.lo[i] = static_cast<int32_t>(kr.lo);
+    w.hi[i] = static_cast<int32_t>(kr.hi);
+    if (kr.hi > kr.lo) {
+      lo_all = std::min(lo_all, kr.lo);
+      hi_all = std::max(hi_all, kr.hi);
     }
+    w.m_run[i] = -INFINITY;
+    w.l_run[i] = 0.f;
   }
   const int64_t k_begin = std::max(lo_all, sp * p.split_len);
   const int64_t k_end = std::min(hi_all, (sp + 1) * p.split_len);
-  std::vector<math::SoftmaxState> st(nrows, math::softmax_empty());
   for (int64_t i = 0; i < nrows * C; ++i) acc_out[i] = 0.f;
-  constexpr bool kIsFloat = std::is_same_v<T, float>;
-  const bool in_place = kIsFloat && !p.split && (p.block_table == nullptr || p.page_size >= kTile / 4);
+  const bool in_place = keys_in_place<T>(p);
+  TileArgs a{nrows, mp, 0, D, C, w.q, nullptr, D, 0, w.lo, w.hi, w.p, w.alpha, acc_out, w.m_run, w.l_run};
   for (int64_t t0 = k_begin; t0 < k_end;) {
     int64_t t1 = std::min(k_end, t0 + kTile);
-    const float* k;
     if (in_place) {
       if (p.block_table != nullptr) t1 = std::min(t1, (t0 / p.page_size + 1) * p.page_size);  // stay in one page
-      k = reinterpret_cast<const float*>(cache) +
-          mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t0) * D;
+      a.k = reinterpret_cast<const float*>(cache) +
+            mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t0) * D;
     } else {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t);
-        float* dst = tile.data() + (t - t0) * D;
+        float* dst = w.tile + (t - t0) * D;
         widen(cache + row * p.kv_stride, dst, C, p.avx2);
         widen(pe_src + row * p.pe_stride, dst + C, R, p.avx2);
       }
-      k = tile.data();
+      a.k = w.tile;
     }
-    p.tile_fn(nrows, t1 - t0, D, C, qbuf.data(), k, D, scores.data(), kTile, acc_out, TileRows{ranges.data(), t0},
-                st.data());
+    a.n = t1 - t0;
+    a.t0 = t0;
+    p.tile_fn(a);
     t0 = t1;
   }
   for (int64_t i = 0; i < nrows; ++i) {
-    m_out[i] = st[i].m;
-    l_out[i] = st[i].l;
+    m_out[i] = w.m_run[i];
+    l_out[i] = w.l_run[i];
   }
 }
 
@@ -313,20 +407,22 @@ void mla_decode_impl(const DecodeParams& p, const T* q_latent, const T* q_pe, co
                      T* out, float* lse) {
   const int64_t rows = p.Sq * p.H;
   // Partials: [B, n_splits, rows, C] accumulators and [B, n_splits, rows] (m, l).
-  std::vector<float> acc(static_cast<size_t>(p.B * p.n_splits * rows * p.C));
-  std::vector<float> ms(static_cast<size_t>(p.B * p.n_splits * rows));
-  std::vector<float> ls(ms.size());
+  // (Uninitialised: each item writes its own rows; at::empty is 64-byte aligned.)
+  const at::Tensor partials = at::empty({p.B * p.n_splits * rows * (p.C + 2)}, at::kFloat);
+  float* acc = partials.mutable_data_ptr<float>();
+  float* ms = acc + p.B * p.n_splits * rows * p.C;
+  float* ls = ms + p.B * p.n_splits * rows;
   const int64_t n_items = p.B * p.n_groups * p.n_splits;
   at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(kRowGroup * p.D), tile(kTile * p.D), scores(kRowGroup * kTile);
+    ItemScratch scratch(p.D, !keys_in_place<T>(p));
     for (int64_t it = begin; it < end; ++it) {
       const int64_t sp = it % p.n_splits;
       const int64_t g = (it / p.n_splits) % p.n_groups;
       const int64_t b = it / (p.n_splits * p.n_groups);
       const int64_t r0 = g * kRowGroup, r1 = std::min(rows, r0 + kRowGroup);
       const int64_t base = (b * p.n_splits + sp) * rows + r0;
-      decode_item<T>(p, q_latent, q_pe, cache, pe_src, b, r0, r1, sp, acc.data() + base * p.C, ms.data() + base,
-                     ls.data() + base, qbuf, tile, scores);
+      decode_item<T>(p, q_latent, q_pe, cache, pe_src, b, r0, r1, sp, acc + base * p.C, ms + base, ls + base,
+                     scratch);
     }
   });
   // Merge the splits of each (b, row) by LSE, normalise, write out and lse.
@@ -346,7 +442,7 @@ void mla_decode_impl(const DecodeParams& p, const T* q_latent, const T* q_pe, co
         const float w = mla::merge_weight(ms[i], ls[i], m_max);
         if (w == 0.f) continue;
         l_sum += w * ls[i];
-        const float* a = acc.data() + i * p.C;
+        const float* a = acc + i * p.C;
 #pragma omp simd
         for (int64_t c = 0; c < p.C; ++c) o[c] += w * a[c];
       }
@@ -392,7 +488,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
   p.window = window;
   p.n_groups = (rows + kRowGroup - 1) / kRowGroup;
   p.avx2 = v8::use_avx2();
-  p.tile_fn = p.avx2 ? &decode_tile_avx2 : &decode_tile_generic;
+  const bool avx512 = p.avx2 && v8::use_avx512();
+  p.tile_fn = avx512 ? &decode_tile_avx512 : p.avx2 ? &decode_tile_avx2 : &decode_tile_generic;
   // Enough items for every thread; each split keeps at least kMinSplit keys.
   const int64_t want = (2 * at::get_num_threads() + B * p.n_groups - 1) / (B * p.n_groups);
   p.n_splits = std::max<int64_t>(1, std::min<int64_t>(want, (max_len + kMinSplit - 1) / kMinSplit));

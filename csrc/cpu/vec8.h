@@ -69,30 +69,100 @@ LMOE_V8_INLINE v4f hsum4(v8f a, v8f b, v8f c, v8f d) {
 
 LMOE_V8_INLINE v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
 
+// ---- W-lane fp32 vectors (W = 8: AVX2 or SSE pairs; W = 16: AVX-512 inside an
+// LMOE_CPU_AVX512 function) for kernels written once for both widths ----------------------------
+template <int W>
+struct Lanes;
+template <>
+struct Lanes<8> {
+  typedef float F __attribute__((vector_size(32), aligned(4), may_alias));
+  typedef int32_t I __attribute__((vector_size(32), aligned(4), may_alias));
+};
+template <>
+struct Lanes<16> {
+  typedef float F __attribute__((vector_size(64), aligned(4), may_alias));
+  typedef int32_t I __attribute__((vector_size(64), aligned(4), may_alias));
+};
+template <int W>
+using vf = typename Lanes<W>::F;
+template <int W>
+using vi = typename Lanes<W>::I;
+
+// The AVX-512 instantiation of a W = 16 kernel body.
+#define LMOE_CPU_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma,f16c")))
+
+// Whether to run the AVX-512 instantiations: the CPU has AVX512F/VL/BW/DQ (and AVX2, FMA, F16C),
+// and LATENTMOE_CPU_ISA is neither `generic` nor `avx2` (tests run the other paths that way).
+inline bool use_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  const char* env = settings::get("LATENTMOE_CPU_ISA");
+  return has && !(env != nullptr && (std::strcmp(env, "generic") == 0 || std::strcmp(env, "avx2") == 0));
+}
+
+template <int W>
+LMOE_V8_INLINE vf<W> loadw(const float* p) {
+  return *reinterpret_cast<const vf<W>*>(p);
+}
+template <int W>
+LMOE_V8_INLINE vi<W> loadw(const int32_t* p) {
+  return *reinterpret_cast<const vi<W>*>(p);
+}
+template <int W>
+LMOE_V8_INLINE void storew(float* p, vf<W> v) {
+  *reinterpret_cast<vf<W>*>(p) = v;
+}
+// x in every lane: {x} shuffled. (GCC 12 expands a 16-entry initializer list of x, or x - 0,
+// into 16 masked broadcasts in the AVX-512 kernels; `vf<W>{} + x` must keep 0 + -0 = +0 and so
+// adds.)
+template <int W>
+LMOE_V8_INLINE vf<W> splatw(float x) {
+  const vf<W> v = {x};
+  if constexpr (W == 8) {
+    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
+  } else {
+    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  }
+}
+template <int W>
+LMOE_V8_INLINE vi<W> splatw(int32_t x) {
+  const vi<W> v = {x};
+  if constexpr (W == 8) {
+    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
+  } else {
+    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  }
+}
+
 // exp(x) for x <= 0 (softmax weights exp(s - max)), about 2 ulp: x = k ln2 + r with |r| <= ln2/2,
 // exp(r) by the degree-6 polynomial of the Cephes expf (public coefficients), times 2^k built in
 // the exponent bits. x below -87.3 (exp underflows fp32's normal range) gives 0.
-LMOE_V8_INLINE v8f exp_nonpos(v8f x) {
-  const v8f lo = splat(-87.33654f);
+template <int W>
+LMOE_V8_INLINE vf<W> exp_nonpos_w(vf<W> x) {
+  using V = vf<W>;
+  const V lo = splatw<W>(-87.33654f);
   const auto under = x < lo;  // lanes that flush to 0
-  x = under ? lo : x;  // not vmax(x, lo), which turns a NaN lane into lo: NaN must stay NaN
-  const v8f magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v8f kf = (x * splat(1.44269504088896341f) + magic) - magic;
-  v8f r = x - kf * splat(0.693359375f);
-  r = r - kf * splat(-2.12194440e-4f);
-  v8f p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  const v8f y = p * r * r + r + splat(1.f);
-  const v8i k = __builtin_convertvector(kf, v8i);
-  const v8i bits = (k + 127) << 23;
-  const v8f scale = reinterpret_cast<const v8f&>(bits);
-  const v8f res = y * scale;
-  return under ? splat(0.f) : res;
+  x = under ? lo : x;  // not a max(x, lo), which turns a NaN lane into lo: NaN must stay NaN
+  const V magic = splatw<W>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const V kf = (x * 1.44269504088896341f + magic) - magic;
+  V r = x - kf * 0.693359375f;
+  r = r - kf * -2.12194440e-4f;
+  V p = splatw<W>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const V y = p * r * r + r + 1.f;
+  const vi<W> k = __builtin_convertvector(kf, vi<W>);
+  const vi<W> bits = (k + 127) << 23;
+  const V res = y * reinterpret_cast<const V&>(bits);
+  return under ? splatw<W>(0.f) : res;
 }
+
+LMOE_V8_INLINE v8f exp_nonpos(v8f x) { return exp_nonpos_w<8>(x); }
 
 // Scalar twin of exp_nonpos for tails (same polynomial, so lanes and tails agree).
 LMOE_V8_INLINE float exp_nonpos(float x) {
