@@ -40,6 +40,8 @@ struct TileArgs {
   const float* q;     // [m, D]: the item's queries [q_latent | q_pe], times softmax_scale
   const float* k;     // the tile's first key row
   int64_t ldk;
+  const float* next;  // the next tile's first key row (same ldk), prefetched during the scores; or null
+  int64_t n_next;     // its key count
   int64_t t0;         // absolute position of the tile's first key
   const int32_t* lo;  // [mp] per row, the visible keys [lo, hi) in absolute positions
   const int32_t* hi;
@@ -86,9 +88,10 @@ template <int W>
 constexpr int kPvVecs = 3;
 
 // p[j, i] = q[i, :D] . k[j, :D] for i < MR, j < NR.
+// pf: null, or NR rows (ldk apart) to prefetch into L2 meanwhile, a 64-byte line per row every 16 d.
 template <int MR, int NR>
 LMOE_V8_INLINE void scores_dot_block(int64_t D, const float* q, const float* k, int64_t ldk, float* p,
-                                     int64_t mp) {
+                                     int64_t mp, const float* pf) {
   v8::v8f acc[MR][NR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
@@ -96,6 +99,10 @@ LMOE_V8_INLINE void scores_dot_block(int64_t D, const float* q, const float* k, 
     for (int j = 0; j < NR; ++j) acc[i][j] = v8::splat(0.f);
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
+    if (pf != nullptr && (d & 15) == 0) {
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(pf + j * ldk + d, 0, 2);
+    }
     v8::v8f kv[NR];
 #pragma GCC unroll 16
     for (int j = 0; j < NR; ++j) kv[j] = v8::load(k + j * ldk + d);
@@ -109,8 +116,10 @@ LMOE_V8_INLINE void scores_dot_block(int64_t D, const float* q, const float* k, 
 #pragma GCC unroll 16
   for (int j = 0; j < NR; ++j) {
     // The MR rows' lane sums for key j in one reduction (rows past MR padded with zeros).
-    const auto row = [&](int i) { return i < MR ? acc[i < MR ? i : 0][j] : v8::splat(0.f); };
-    const v8::v4f t = v8::hsum4(row(0), row(1), row(2), row(3));
+    v8::v8f r4[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) r4[i] = i < MR ? acc[i < MR ? i : 0][j] : v8::splat(0.f);
+    const v8::v4f t = v8::hsum4(r4[0], r4[1], r4[2], r4[3]);
     for (int i = 0; i < MR; ++i) {
       float u = t[i];
       for (int64_t dd = d; dd < D; ++dd) u += q[i * D + dd] * k[j * ldk + dd];
@@ -119,18 +128,22 @@ LMOE_V8_INLINE void scores_dot_block(int64_t D, const float* q, const float* k, 
   }
 }
 
-// Keys [j, n) in blocks of NR or fewer.
+// Keys [j, n) in blocks of NR or fewer. With `prefetch`, each block prefetches the same rows of
+// the next tile (where it has them).
 template <int MR, int NR>
-LMOE_V8_INLINE void scores_dot_keys(const TileArgs& a, const float* q, float* p, int64_t j) {
-  for (; j + NR <= a.n; j += NR) scores_dot_block<MR, NR>(a.D, q, a.k + j * a.ldk, a.ldk, p + j * a.mp, a.mp);
+LMOE_V8_INLINE void scores_dot_keys(const TileArgs& a, const float* q, float* p, int64_t j, bool prefetch) {
+  for (; j + NR <= a.n; j += NR) {
+    const float* pf = prefetch && a.next != nullptr && j + NR <= a.n_next ? a.next + j * a.ldk : nullptr;
+    scores_dot_block<MR, NR>(a.D, q, a.k + j * a.ldk, a.ldk, p + j * a.mp, a.mp, pf);
+  }
   if constexpr (NR > 1) {
-    if (j < a.n) scores_dot_keys<MR, NR - 1>(a, q, p, j);
+    if (j < a.n) scores_dot_keys<MR, NR - 1>(a, q, p, j, prefetch);
   }
 }
 
 template <int W, int MR>
 LMOE_V8_INLINE void scores_dot_rows(const TileArgs& a, int64_t i0) {
-  scores_dot_keys<MR, kScoreKeys<W>>(a, a.q + i0 * a.D, a.p + i0, 0);
+  scores_dot_keys<MR, kScoreKeys<W>>(a, a.q + i0 * a.D, a.p + i0, 0, i0 == 0);
 }
 
 template <int W>
@@ -375,13 +388,25 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
   const int64_t k_end = std::min(hi_all, (sp + 1) * p.split_len);
   for (int64_t i = 0; i < nrows * C; ++i) acc_out[i] = 0.f;
   const bool in_place = keys_in_place<T>(p);
-  TileArgs a{nrows, mp, 0, D, C, w.q, nullptr, D, 0, w.lo, w.hi, w.p, w.alpha, acc_out, w.m_run, w.l_run};
-  for (int64_t t0 = k_begin; t0 < k_end;) {
+  // Tiles: up to kTile keys, within one page where the rows are read in place from pages.
+  const auto tile_end = [&](int64_t t0) {
     int64_t t1 = std::min(k_end, t0 + kTile);
+    if (in_place && p.block_table != nullptr) t1 = std::min(t1, (t0 / p.page_size + 1) * p.page_size);
+    return t1;
+  };
+  const auto row_ptr = [&](int64_t t) {
+    return reinterpret_cast<const float*>(cache) +
+           mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t) * D;
+  };
+  TileArgs a{nrows, mp, 0, D, C, w.q, nullptr, D, nullptr, 0, 0, w.lo, w.hi, w.p, w.alpha, acc_out, w.m_run, w.l_run};
+  for (int64_t t0 = k_begin; t0 < k_end;) {
+    const int64_t t1 = tile_end(t0);
     if (in_place) {
-      if (p.block_table != nullptr) t1 = std::min(t1, (t0 / p.page_size + 1) * p.page_size);  // stay in one page
-      a.k = reinterpret_cast<const float*>(cache) +
-            mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t0) * D;
+      a.k = row_ptr(t0);
+      // The next tile's rows come from memory while this one computes (the cache of a long
+      // context is not in the caches once a decode step's weights have streamed past).
+      a.next = t1 < k_end ? row_ptr(t1) : nullptr;
+      a.n_next = t1 < k_end ? tile_end(t1) - t1 : 0;
     } else {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t);
