@@ -40,7 +40,9 @@ struct TileArgs {
   const float* q;     // [m, D]: the item's queries [q_latent | q_pe], times softmax_scale
   const float* k;     // the tile's first key row
   int64_t ldk;
-  const float* next;  // the next tile's first key row (same ldk), prefetched during the scores; or null
+  const char* next;   // the next tile's first key row in the cache, prefetched during the scores; or null
+  int64_t next_ld;    // its row stride (bytes)
+  int64_t next_elt;   // its element size (bytes)
   int64_t n_next;     // its key count
   int64_t t0;         // absolute position of the tile's first key
   const int32_t* lo;  // [mp] per row, the visible keys [lo, hi) in absolute positions
@@ -88,10 +90,11 @@ template <int W>
 constexpr int kPvVecs = 3;
 
 // p[j, i] = q[i, :D] . k[j, :D] for i < MR, j < NR.
-// pf: null, or NR rows (ldk apart) to prefetch into L2 meanwhile, a 64-byte line per row every 16 d.
+// pf: null, or NR rows (pf_ld bytes apart, elements of pf_elt bytes) to prefetch into L2 meanwhile,
+// at element d of each row every 16 d (a 64-byte line of fp32, half of one of a 16-bit type).
 template <int MR, int NR>
 LMOE_V8_INLINE void scores_dot_block(int64_t D, const float* q, const float* k, int64_t ldk, float* p,
-                                     int64_t mp, const float* pf) {
+                                     int64_t mp, const char* pf, int64_t pf_ld, int64_t pf_elt) {
   v8::v8f acc[MR][NR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
@@ -101,7 +104,7 @@ LMOE_V8_INLINE void scores_dot_block(int64_t D, const float* q, const float* k, 
   for (; d + 8 <= D; d += 8) {
     if (pf != nullptr && (d & 15) == 0) {
 #pragma GCC unroll 16
-      for (int j = 0; j < NR; ++j) __builtin_prefetch(pf + j * ldk + d, 0, 2);
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(pf + j * pf_ld + d * pf_elt, 0, 2);
     }
     v8::v8f kv[NR];
 #pragma GCC unroll 16
@@ -133,8 +136,8 @@ LMOE_V8_INLINE void scores_dot_block(int64_t D, const float* q, const float* k, 
 template <int MR, int NR>
 LMOE_V8_INLINE void scores_dot_keys(const TileArgs& a, const float* q, float* p, int64_t j, bool prefetch) {
   for (; j + NR <= a.n; j += NR) {
-    const float* pf = prefetch && a.next != nullptr && j + NR <= a.n_next ? a.next + j * a.ldk : nullptr;
-    scores_dot_block<MR, NR>(a.D, q, a.k + j * a.ldk, a.ldk, p + j * a.mp, a.mp, pf);
+    const char* pf = prefetch && a.next != nullptr && j + NR <= a.n_next ? a.next + j * a.next_ld : nullptr;
+    scores_dot_block<MR, NR>(a.D, q, a.k + j * a.ldk, a.ldk, p + j * a.mp, a.mp, pf, a.next_ld, a.next_elt);
   }
   if constexpr (NR > 1) {
     if (j < a.n) scores_dot_keys<MR, NR - 1>(a, q, p, j, prefetch);
@@ -398,15 +401,24 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
     return reinterpret_cast<const float*>(cache) +
            mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t) * D;
   };
-  TileArgs a{nrows, mp, 0, D, C, w.q, nullptr, D, nullptr, 0, 0, w.lo, w.hi, w.p, w.alpha, acc_out, w.m_run, w.l_run};
+  TileArgs a{nrows, mp, 0, D, C, w.q, nullptr, D, nullptr, 0, 0, 0, 0, w.lo, w.hi, w.p, w.alpha, acc_out, w.m_run,
+             w.l_run};
   for (int64_t t0 = k_begin; t0 < k_end;) {
     const int64_t t1 = tile_end(t0);
+    // The next tile's rows come from memory while this one computes (the cache of a long context
+    // is not in the caches once a decode step's weights have streamed past): prefetched where
+    // they are evenly spaced, fp32 rows in place or any rows of a contiguous cache (the c_kv part
+    // of split rows).
+    a.next = nullptr;
+    if (t1 < k_end && (in_place || p.block_table == nullptr)) {
+      a.next = reinterpret_cast<const char*>(
+          cache + mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t1) * p.kv_stride);
+      a.next_ld = p.kv_stride * static_cast<int64_t>(sizeof(T));
+      a.next_elt = sizeof(T);
+      a.n_next = tile_end(t1) - t1;
+    }
     if (in_place) {
       a.k = row_ptr(t0);
-      // The next tile's rows come from memory while this one computes (the cache of a long
-      // context is not in the caches once a decode step's weights have streamed past).
-      a.next = t1 < k_end ? row_ptr(t1) : nullptr;
-      a.n_next = t1 < k_end ? tile_end(t1) - t1 : 0;
     } else {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t);
