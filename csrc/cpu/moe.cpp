@@ -1364,6 +1364,10 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
           for (int64_t j = jb; j < je; ++j) {
             const int64_t e = small[j / N], n = j % N;
             const T* wr = weight + (e * N + n) * Kd;
+            if (j + 2 < je) {  // the row after next, into L2 (as the bf16 path's groups do)
+              const T* ahead = weight + (small[(j + 2) / N] * N + (j + 2) % N) * Kd;
+              for (int64_t k = 0; k < Kd; k += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(ahead + k, 0, 2);
+            }
             for (int64_t r = off[e]; r < off[e + 1]; ++r)
               dst[r * N + n] = static_cast<C>(dot<T, float>(row_of(r), wr, Kd, avx));
           }
