@@ -5,7 +5,8 @@
 // for all query rows of the group (query row = (s, h) pair) and stays in L2 between its two uses:
 // scores and the weighted sum are register-blocked fp32 micro-kernels (vec8.h vectors; AVX-512,
 // AVX2+FMA and portable instantiations picked by CPU feature), with an online softmax vectorised
-// across query rows in between. fp32 accumulators; splits are merged by their LSE.
+// across query rows in between. On AVX512_BF16 CPUs the scores of bf16 rows read in place are
+// vdpbf16ps dot products (gemm_bf16.h). fp32 accumulators; splits are merged by their LSE.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -20,6 +22,7 @@
 #include "common/math.h"
 #include "common/mla_checks.h"
 #include "common/mla_math.h"
+#include "cpu/gemm_bf16.h"
 #include "cpu/vec8.h"
 
 namespace latentmoe::cpu {
@@ -38,6 +41,10 @@ constexpr int64_t kMinSplit = 256;   // fewest keys worth a split of its own
 struct TileArgs {
   int64_t m, mp, n, D, C;
   const float* q;     // [m, D]: the item's queries [q_latent | q_pe], times softmax_scale
+  const uint16_t* qb; // or, for bf16 scores: [m, D] bf16 queries, not scaled ...
+  const uint16_t* kb; // ... and the tile's bf16 key rows in the cache (row stride ldkb); else null
+  int64_t ldkb;
+  float score_scale;  // scores are multiplied by this in the softmax (1, or softmax_scale for kb)
   const float* k;     // the tile's first key row
   int64_t ldk;
   const char* next;   // the next tile's first key row in the cache, prefetched during the scores; or null
@@ -69,6 +76,7 @@ struct DecodeParams {
   int64_t n_splits, split_len, n_groups;
   DecodeTileFn tile_fn;          // decode_tile_avx512, decode_tile_avx2 or decode_tile_generic
   bool avx2;                     // AVX2+FMA(+F16C) cache-row widening
+  bool bf16_scores;              // bf16 rows in place: scores by the AVX512_BF16 dot products
 };
 
 namespace v8 = latentmoe::cpu::vec8;
@@ -178,9 +186,10 @@ LMOE_V8_INLINE void softmax_lanes(const TileArgs& a, int64_t i) {
   const auto visible = [&](int64_t j) {
     return (U)(v8::splatw<W>(static_cast<int32_t>(a.t0 + j)) - lo) < span;
   };
+  const V sc = v8::splatw<W>(a.score_scale);
   V m_tile = neg_inf;
   for (int64_t j = 0; j < a.n; ++j) {
-    V s = v8::loadw<W>(a.p + j * a.mp + i);
+    V s = v8::loadw<W>(a.p + j * a.mp + i) * sc;
     if constexpr (kMasked) s = visible(j) ? s : neg_inf;
     m_tile = s > m_tile ? s : m_tile;
   }
@@ -190,7 +199,7 @@ LMOE_V8_INLINE void softmax_lanes(const TileArgs& a, int64_t i) {
   V l = v8::splatw<W>(0.f);
   for (int64_t j = 0; j < a.n; ++j) {
     float* pj = a.p + j * a.mp + i;
-    V w = v8::exp_nonpos_w<W>(v8::loadw<W>(pj) - m_new);
+    V w = v8::exp_nonpos_w<W>(v8::loadw<W>(pj) * sc - m_new);
     if constexpr (kMasked) w = visible(j) ? w : v8::splatw<W>(0.f);
     v8::storew<W>(pj, w);
     l += w;
@@ -281,6 +290,17 @@ LMOE_V8_INLINE void weighted_sum(const TileArgs& a) {
   pv_tail<W, MR - 1>(a, i);
 }
 
+// Scores of bf16 queries and bf16 key rows read in place (AVX512_BF16, bf16dp's dot-product tiles:
+// products exact in fp32, sums in fp32): p[j, i] = qb[i, :D] . kb[j, :D], queries 6 at a time
+// against all the tile's keys. Unscaled: the softmax applies score_scale.
+void decode_scores_bf16(const TileArgs& a) {
+  for (int64_t i = 0; i < a.m; i += bf16dp::kNr) {
+    const int64_t h = std::min<int64_t>(bf16dp::kNr, a.m - i);
+    bf16dp::column_block(a.kb, a.ldkb, a.n, a.qb + i * a.D, nullptr, a.D, a.D, h, false, a.p + i, nullptr, a.mp,
+                         nullptr, nullptr, 0, 0);
+  }
+}
+
 // Each phase is a function of its own (noinline) for each instruction set: inlined into one
 // function, the register allocator spilled loop offsets to vector registers and the op ran well
 // below the micro-kernels' own rate. The softmax runs 8 lanes at a time even with AVX-512:
@@ -292,7 +312,11 @@ LMOE_V8_INLINE void weighted_sum(const TileArgs& a) {
     weighted_sum<W>(a);                                                                        \
   }                                                                                            \
   void decode_tile_##ISA(const TileArgs& a) {                                                  \
-    decode_scores_##ISA(a);                                                                    \
+    if (a.kb != nullptr) {                                                                     \
+      decode_scores_bf16(a);                                                                   \
+    } else {                                                                                   \
+      decode_scores_##ISA(a);                                                                  \
+    }                                                                                          \
     decode_softmax_##ISA(a);                                                                   \
     decode_weighted_sum_##ISA(a);                                                              \
   }
@@ -332,14 +356,16 @@ class ItemScratch {
     l_run = m_run + kRowGroup;
     lo = reinterpret_cast<int32_t*>(l_run + kRowGroup);
     hi = lo + kRowGroup;
-    tile = need_tile ? reinterpret_cast<float*>(hi + kRowGroup) : nullptr;
+    qb = reinterpret_cast<uint16_t*>(hi + kRowGroup);
+    tile = need_tile ? reinterpret_cast<float*>(qb + D * kRowGroup) : nullptr;  // (64-byte aligned)
   }
   float *q, *p, *alpha, *m_run, *l_run, *tile;
   int32_t *lo, *hi;
+  uint16_t* qb;
 
  private:
   static size_t bytes(int64_t D, bool need_tile) {
-    const int64_t floats = (D + kTile + 5) * kRowGroup + (need_tile ? kTile * D : 0);
+    const int64_t floats = (D + kTile + 5) * kRowGroup + D * kRowGroup / 2 + (need_tile ? kTile * D : 0);
     return (static_cast<size_t>(floats) * 4 + 63) / 64 * 64;  // aligned_alloc: a multiple of 64
   }
   std::unique_ptr<float, decltype(&std::free)> mem_;
@@ -373,6 +399,10 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
     float* qi = w.q + i * D;
     for (int64_t c = 0; c < C; ++c) qi[c] = static_cast<float>(ql[c]) * p.scale;
     for (int64_t c = 0; c < R; ++c) qi[C + c] = static_cast<float>(qp[c]) * p.scale;
+    if (p.bf16_scores) {  // (T is c10::BFloat16 then) the queries' own bits, not scaled
+      std::memcpy(w.qb + i * D, ql, C * sizeof(uint16_t));
+      std::memcpy(w.qb + i * D + C, qp, R * sizeof(uint16_t));
+    }
   }
   int64_t lo_all = seqlen, hi_all = 0;
   for (int64_t i = 0; i < mp; ++i) {
@@ -394,15 +424,31 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
   // Tiles: up to kTile keys, within one page where the rows are read in place from pages.
   const auto tile_end = [&](int64_t t0) {
     int64_t t1 = std::min(k_end, t0 + kTile);
-    if (in_place && p.block_table != nullptr) t1 = std::min(t1, (t0 / p.page_size + 1) * p.page_size);
+    if ((in_place || p.bf16_scores) && p.block_table != nullptr)
+      t1 = std::min(t1, (t0 / p.page_size + 1) * p.page_size);
     return t1;
   };
   const auto row_ptr = [&](int64_t t) {
     return reinterpret_cast<const float*>(cache) +
            mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t) * D;
   };
-  TileArgs a{nrows, mp, 0, D, C, w.q, nullptr, D, nullptr, 0, 0, 0, 0, w.lo, w.hi, w.p, w.alpha, acc_out, w.m_run,
-             w.l_run};
+  TileArgs a{};
+  a.m = nrows;
+  a.mp = mp;
+  a.D = D;
+  a.C = C;
+  a.q = w.q;
+  a.qb = w.qb;
+  a.ldkb = D;
+  a.score_scale = p.bf16_scores ? p.scale : 1.f;
+  a.ldk = D;
+  a.lo = w.lo;
+  a.hi = w.hi;
+  a.p = w.p;
+  a.alpha = w.alpha;
+  a.acc = acc_out;
+  a.m_run = w.m_run;
+  a.l_run = w.l_run;
   for (int64_t t0 = k_begin; t0 < k_end;) {
     const int64_t t1 = tile_end(t0);
     // The next tile's rows come from memory while this one computes (the cache of a long context
@@ -410,7 +456,7 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
     // they are evenly spaced, fp32 rows in place or any rows of a contiguous cache (the c_kv part
     // of split rows).
     a.next = nullptr;
-    if (t1 < k_end && (in_place || p.block_table == nullptr)) {
+    if (t1 < k_end && (in_place || p.bf16_scores || p.block_table == nullptr)) {
       a.next = reinterpret_cast<const char*>(
           cache + mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t1) * p.kv_stride);
       a.next_ld = p.kv_stride * static_cast<int64_t>(sizeof(T));
@@ -419,6 +465,12 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
     }
     if (in_place) {
       a.k = row_ptr(t0);
+    } else if (p.bf16_scores) {
+      // Scores from the bf16 rows in place; the weighted sum reads their c_kv part widened.
+      const T* k0 = cache + mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t0) * D;
+      a.kb = reinterpret_cast<const uint16_t*>(k0);
+      for (int64_t t = t0; t < t1; ++t) widen(k0 + (t - t0) * D, w.tile + (t - t0) * D, C, p.avx2);
+      a.k = w.tile;
     } else {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t);
@@ -525,6 +577,9 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
   p.window = window;
   p.n_groups = (rows + kRowGroup - 1) / kRowGroup;
   p.avx2 = v8::use_avx2();
+  // bf16 fused rows, contiguous or in pages of at least a quarter tile, on AVX512_BF16 CPUs.
+  p.bf16_scores = q_latent.scalar_type() == at::kBFloat16 && !d.split &&
+                  (!d.paged || d.page_size >= kTile / 4) && bf16dp::cpu_supported();
   const bool avx512 = p.avx2 && v8::use_avx512();
   p.tile_fn = avx512 ? &decode_tile_avx512 : p.avx2 ? &decode_tile_avx2 : &decode_tile_generic;
   // Enough items for every thread; each split keeps at least kMinSplit keys.
