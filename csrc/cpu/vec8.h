@@ -115,8 +115,8 @@ LMOE_V8_INLINE void storew(float* p, vf<W> v) {
   *reinterpret_cast<vf<W>*>(p) = v;
 }
 // x in every lane: {x} shuffled. (GCC 12 expands a 16-entry initializer list of x, or x - 0,
-// into 16 masked broadcasts in the AVX-512 kernels; `vf<W>{} + x` must keep 0 + -0 = +0 and so
-// adds.)
+// into 16 masked broadcasts in the AVX-512 kernels, as it did a shuffle helper taking the vector
+// as a parameter; `vf<W>{} + x` must keep 0 + -0 = +0 and so adds.)
 template <int W>
 LMOE_V8_INLINE vf<W> splatw(float x) {
   const vf<W> v = {x};
@@ -126,14 +126,12 @@ LMOE_V8_INLINE vf<W> splatw(float x) {
     return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
   }
 }
+// The int32 x in every lane: the float splat of its bits (shuffles move bits unchanged).
 template <int W>
 LMOE_V8_INLINE vi<W> splatw(int32_t x) {
-  const vi<W> v = {x};
-  if constexpr (W == 8) {
-    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
-  } else {
-    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-  }
+  float f;
+  std::memcpy(&f, &x, sizeof f);
+  return (vi<W>)splatw<W>(f);
 }
 
 // exp(x) for x <= 0 (softmax weights exp(s - max)), about 2 ulp: x = k ln2 + r with |r| <= ln2/2,
