@@ -162,25 +162,8 @@ LMOE_V8_INLINE vf<W> exp_nonpos_w(vf<W> x) {
 
 LMOE_V8_INLINE v8f exp_nonpos(v8f x) { return exp_nonpos_w<8>(x); }
 
-// Scalar twin of exp_nonpos for tails (same polynomial, so lanes and tails agree).
-LMOE_V8_INLINE float exp_nonpos(float x) {
-  if (x < -87.33654f) return 0.f;
-  const float magic = 12582912.0f;
-  const float kf = (x * 1.44269504088896341f + magic) - magic;
-  float r = x - kf * 0.693359375f;
-  r = r - kf * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
-  float scale;
-  __builtin_memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
-}
+// exp_nonpos of one value (tails): lane 0 of the vector form, so lanes and tails agree bit for bit.
+LMOE_V8_INLINE float exp_nonpos(float x) { return exp_nonpos_w<8>(splatw<8>(x))[0]; }
 
 // ---- 16-bit types <-> fp32, 8 lanes ----------------------------------------------------------
 typedef uint16_t v8h __attribute__((vector_size(16), aligned(2), may_alias));
