@@ -399,9 +399,10 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
     float* qi = w.q + i * D;
     for (int64_t c = 0; c < C; ++c) qi[c] = static_cast<float>(ql[c]) * p.scale;
     for (int64_t c = 0; c < R; ++c) qi[C + c] = static_cast<float>(qp[c]) * p.scale;
-    if (p.bf16_scores) {  // (T is c10::BFloat16 then) the queries' own bits, not scaled
-      std::memcpy(w.qb + i * D, ql, C * sizeof(uint16_t));
-      std::memcpy(w.qb + i * D + C, qp, R * sizeof(uint16_t));
+    if (p.bf16_scores) {  // (T is c10::BFloat16 then) the queries' own bits, not scaled; copy_n, not
+      // memcpy: q_pe of an R = 0 call has no data pointer
+      std::copy_n(reinterpret_cast<const uint16_t*>(ql), C, w.qb + i * D);
+      std::copy_n(reinterpret_cast<const uint16_t*>(qp), R, w.qb + i * D + C);
     }
   }
   int64_t lo_all = seqlen, hi_all = 0;
@@ -453,10 +454,10 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
     const int64_t t1 = tile_end(t0);
     // The next tile's rows come from memory while this one computes (the cache of a long context
     // is not in the caches once a decode step's weights have streamed past): prefetched where
-    // they are evenly spaced, fp32 rows in place or any rows of a contiguous cache (the c_kv part
-    // of split rows).
+    // they are fused rows (D values, all addressed) evenly spaced: read in place, or any rows of a
+    // contiguous cache.
     a.next = nullptr;
-    if (t1 < k_end && (in_place || p.bf16_scores || p.block_table == nullptr)) {
+    if (t1 < k_end && !p.split && (in_place || p.bf16_scores || p.block_table == nullptr)) {
       a.next = reinterpret_cast<const char*>(
           cache + mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t1) * p.kv_stride);
       a.next_ld = p.kv_stride * static_cast<int64_t>(sizeof(T));
