@@ -25,7 +25,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "common/settings.h"
+#include "cpu/vec8.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -38,14 +38,11 @@ constexpr int kMr = 4;       // rows of a per register tile
 constexpr int kNr = 6;       // rows of w per register tile
 constexpr int64_t kPad = 32; // row padding callers add to a's rows (elements)
 
-// The CPU has AVX512F/BW/VL/DQ and AVX512_BF16, and LATENTMOE_CPU_ISA is neither `generic` nor
-// `avx2` (tests run the other paths that way).
+// The CPU runs vec8's AVX-512 code (AVX512F/VL/BW/DQ; LATENTMOE_CPU_ISA neither `generic` nor
+// `avx2`: tests run the other paths that way) and has AVX512_BF16.
 inline bool cpu_supported() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bf16");
-  const char* env = settings::get("LATENTMOE_CPU_ISA");
-  return has && !(env != nullptr && (std::strcmp(env, "generic") == 0 || std::strcmp(env, "avx2") == 0));
+  static const bool bf16 = __builtin_cpu_supports("avx512bf16");
+  return bf16 && vec8::use_avx512();
 }
 
 // Row stride (elements) for copies of a's rows: K rounded up to 32, plus kPad.

@@ -157,16 +157,29 @@ LMOE_V8_INLINE void scores_dot_rows(const TileArgs& a, int64_t i0) {
   scores_dot_keys<MR, kScoreKeys<W>>(a, a.q + i0 * a.D, a.p + i0, 0, i0 == 0);
 }
 
+// The lambdas passed below are always inlined: as functions of their own they would be compiled
+// without the caller's target ISA (the AVX-512 kernels as baseline SSE code).
+#define LMOE_LAMBDA_INLINE __attribute__((always_inline))
+
+// f.template operator()<MR>(i) for the blocks [i, i + MR) of rows [0, m), then one call for the tail
+// (TAIL = 1 .. MR - 1 rows, when there is one).
+template <int MR, int TAIL = MR - 1, typename F>
+LMOE_V8_INLINE void for_row_blocks(int64_t m, const F& f, int64_t i = 0) {
+  if constexpr (TAIL == MR - 1) {
+    for (; i + MR <= m; i += MR) f.template operator()<MR>(i);
+  }
+  if constexpr (TAIL > 0) {
+    if (m - i == TAIL) {
+      f.template operator()<TAIL>(i);
+    } else {
+      for_row_blocks<MR, TAIL - 1>(m, f, i);
+    }
+  }
+}
+
 template <int W>
 LMOE_V8_INLINE void scores(const TileArgs& a) {
-  int64_t i = 0;
-  for (; i + 4 <= a.m; i += 4) scores_dot_rows<W, 4>(a, i);
-  switch (a.m - i) {
-    case 3: scores_dot_rows<W, 3>(a, i); break;
-    case 2: scores_dot_rows<W, 2>(a, i); break;
-    case 1: scores_dot_rows<W, 1>(a, i); break;
-    default: break;
-  }
+  for_row_blocks<4>(a.m, [&]<int MR>(int64_t i) LMOE_LAMBDA_INLINE { scores_dot_rows<W, MR>(a, i); });
 }
 
 // Online softmax of the tile for the W rows at lane i, keys [0, n): a key outside a row's [lo, hi)
@@ -270,24 +283,9 @@ LMOE_V8_INLINE void pv_rows(const TileArgs& a, int64_t i0) {
   }
 }
 
-// Rows [i, m) in one block of MR rows or fewer: the tail after the full blocks.
-template <int W, int MR>
-LMOE_V8_INLINE void pv_tail(const TileArgs& a, int64_t i) {
-  if constexpr (MR > 0) {
-    if (a.m - i == MR) {
-      pv_rows<W, MR>(a, i);
-    } else {
-      pv_tail<W, MR - 1>(a, i);
-    }
-  }
-}
-
 template <int W>
 LMOE_V8_INLINE void weighted_sum(const TileArgs& a) {
-  constexpr int MR = kPvRows<W>;
-  int64_t i = 0;
-  for (; i + MR <= a.m; i += MR) pv_rows<W, MR>(a, i);
-  pv_tail<W, MR - 1>(a, i);
+  for_row_blocks<kPvRows<W>>(a.m, [&]<int MR>(int64_t i) LMOE_LAMBDA_INLINE { pv_rows<W, MR>(a, i); });
 }
 
 // Scores of bf16 queries and bf16 key rows read in place (AVX512_BF16, bf16dp's dot-product tiles:
@@ -391,19 +389,21 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
   const int64_t nrows = r1 - r0;
   const int64_t mp = (nrows + 7) / 8 * 8;
   const int64_t seqlen = p.seqlens[b];
-  // The group's queries, scaled: q[i, :] = [q_latent | q_pe][row r0 + i] * scale.
+  // The group's queries [q_latent | q_pe][row r0 + i]: fp32 times scale, or for bf16 scores (T is
+  // c10::BFloat16 then) their own bits, not scaled (copy_n, not memcpy: q_pe of an R = 0 call has
+  // no data pointer).
   for (int64_t i = 0; i < nrows; ++i) {
     const int64_t qoff = b * p.Sq * H + r0 + i;
     const T* ql = q_latent + qoff * C;
     const T* qp = q_pe + qoff * R;
+    if (p.bf16_scores) {
+      std::copy_n(reinterpret_cast<const uint16_t*>(ql), C, w.qb + i * D);
+      std::copy_n(reinterpret_cast<const uint16_t*>(qp), R, w.qb + i * D + C);
+      continue;
+    }
     float* qi = w.q + i * D;
     for (int64_t c = 0; c < C; ++c) qi[c] = static_cast<float>(ql[c]) * p.scale;
     for (int64_t c = 0; c < R; ++c) qi[C + c] = static_cast<float>(qp[c]) * p.scale;
-    if (p.bf16_scores) {  // (T is c10::BFloat16 then) the queries' own bits, not scaled; copy_n, not
-      // memcpy: q_pe of an R = 0 call has no data pointer
-      std::copy_n(reinterpret_cast<const uint16_t*>(ql), C, w.qb + i * D);
-      std::copy_n(reinterpret_cast<const uint16_t*>(qp), R, w.qb + i * D + C);
-    }
   }
   int64_t lo_all = seqlen, hi_all = 0;
   for (int64_t i = 0; i < mp; ++i) {
@@ -422,16 +422,15 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
   const int64_t k_end = std::min(hi_all, (sp + 1) * p.split_len);
   for (int64_t i = 0; i < nrows * C; ++i) acc_out[i] = 0.f;
   const bool in_place = keys_in_place<T>(p);
-  // Tiles: up to kTile keys, within one page where the rows are read in place from pages.
+  const bool direct = in_place || p.bf16_scores;  // the kernels read the cache's fused rows themselves
+  // Tiles: up to kTile keys, within one page where the rows are read directly from pages.
   const auto tile_end = [&](int64_t t0) {
     int64_t t1 = std::min(k_end, t0 + kTile);
-    if ((in_place || p.bf16_scores) && p.block_table != nullptr)
-      t1 = std::min(t1, (t0 / p.page_size + 1) * p.page_size);
+    if (direct && p.block_table != nullptr) t1 = std::min(t1, (t0 / p.page_size + 1) * p.page_size);
     return t1;
   };
-  const auto row_ptr = [&](int64_t t) {
-    return reinterpret_cast<const float*>(cache) +
-           mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t) * D;
+  const auto row_of = [&](int64_t t) {  // the cache row of token t (its c_kv part for split rows)
+    return cache + mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t) * p.kv_stride;
   };
   TileArgs a{};
   a.m = nrows;
@@ -457,18 +456,17 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
     // they are fused rows (D values, all addressed) evenly spaced: read in place, or any rows of a
     // contiguous cache.
     a.next = nullptr;
-    if (t1 < k_end && !p.split && (in_place || p.bf16_scores || p.block_table == nullptr)) {
-      a.next = reinterpret_cast<const char*>(
-          cache + mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t1) * p.kv_stride);
+    if (t1 < k_end && !p.split && (direct || p.block_table == nullptr)) {
+      a.next = reinterpret_cast<const char*>(row_of(t1));
       a.next_ld = p.kv_stride * static_cast<int64_t>(sizeof(T));
       a.next_elt = sizeof(T);
       a.n_next = tile_end(t1) - t1;
     }
     if (in_place) {
-      a.k = row_ptr(t0);
+      a.k = reinterpret_cast<const float*>(row_of(t0));
     } else if (p.bf16_scores) {
       // Scores from the bf16 rows in place; the weighted sum reads their c_kv part widened.
-      const T* k0 = cache + mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t0) * D;
+      const T* k0 = row_of(t0);
       a.kb = reinterpret_cast<const uint16_t*>(k0);
       for (int64_t t = t0; t < t1; ++t) widen(k0 + (t - t0) * D, w.tile + (t - t0) * D, C, p.avx2);
       a.k = w.tile;
