@@ -16,6 +16,7 @@ import torch
 import latentmoe.ops  # noqa: F401  (registers the fake kernels)
 
 F32, F16, F64, I32, I64 = torch.float32, torch.float16, torch.float64, torch.int32, torch.int64
+BF16 = torch.bfloat16
 NAN, INF = float("nan"), float("inf")
 
 
@@ -70,6 +71,13 @@ GOOD = {
         grad_out=T(3, 8), hidden=T(3, 8), gate_up_proj=T(4, 10, 8), down_proj=T(4, 8, 5), weights=T(3, 2),
         sorted_pairs=lambda dev: torch.arange(6, device=dev),
         expert_offsets=lambda dev: torch.tensor([0, 6, 6, 6, 6], device=dev), gate_up_out=T(6, 10),
+    ),
+    "moe_pack_weight": dict(weight=T(4, 10, 7, dtype=BF16), gate_up=True),
+    # H = 8, I = 5: gate_up_packed [4, ceil(5/32), ceil(8/2), 64, 2], down_packed [4, ceil(8/64), ceil(5/2), 64, 2]
+    "moe_experts_packed": dict(
+        hidden=T(3, 8, dtype=BF16), gate_up_packed=T(4, 1, 4, 64, 2, dtype=BF16),
+        down_packed=T(4, 1, 3, 64, 2, dtype=BF16), weights=T(3, 2), indices=T(3, 2, dtype=I64),
+        intermediate_size=5,
     ),
 }
 PAGED = dict(kv_cache=T(3, 4, 12), block_table=T(2, 2, dtype=I32))  # capacity 8
@@ -266,6 +274,26 @@ BAD = [
     ("moe_experts_backward", dict(expert_offsets=T(4, dtype=I64)), "expert_offsets"),
     ("moe_experts_backward", dict(gate_up_out=T(6, 10, dtype=F16)), "gate_up_out"),
     ("moe_experts_backward", dict(gate_up_out=T(6, 9)), "gate_up_out"),
+    ("moe_pack_weight", dict(weight=T(4, 10, dtype=BF16)), "weight"),
+    ("moe_pack_weight", dict(weight=T(4, 10, 7)), "weight"),
+    ("moe_pack_weight", dict(weight=T(4, 0, 7, dtype=BF16)), "weight"),
+    ("moe_pack_weight", dict(weight=T(4, 9, 7, dtype=BF16)), "weight"),
+    ("moe_experts_packed", dict(hidden=T(3, 8)), "hidden"),
+    ("moe_experts_packed", dict(hidden=T(3, 8, 1, dtype=BF16)), "hidden"),
+    ("moe_experts_packed", dict(hidden=T(3, 0, dtype=BF16)), "hidden"),
+    ("moe_experts_packed", dict(intermediate_size=0), "intermediate_size"),
+    ("moe_experts_packed", dict(gate_up_packed=T(4, 1, 4, 64, dtype=BF16)), "gate_up_packed"),
+    ("moe_experts_packed", dict(gate_up_packed=T(0, 1, 4, 64, 2, dtype=BF16)), "gate_up_packed"),
+    ("moe_experts_packed", dict(gate_up_packed=T(4, 1, 4, 64, 2)), "gate_up_packed"),
+    ("moe_experts_packed", dict(gate_up_packed=T(4, 1, 5, 64, 2, dtype=BF16)), "gate_up_packed"),
+    ("moe_experts_packed", dict(intermediate_size=40), "gate_up_packed"),
+    ("moe_experts_packed", dict(down_packed=T(4, 1, 3, 64, 2, dtype=F16)), "down_packed"),
+    ("moe_experts_packed", dict(down_packed=T(3, 1, 3, 64, 2, dtype=BF16)), "down_packed"),
+    ("moe_experts_packed", dict(down_packed=T(4, 1, 4, 64, 2, dtype=BF16)), "down_packed"),
+    ("moe_experts_packed", dict(indices=T(3, 2)), "indices"),
+    ("moe_experts_packed", dict(indices=T(2, 2, dtype=I64)), "indices"),
+    ("moe_experts_packed", dict(weights=T(3, 3)), "weights"),
+    ("moe_experts_packed", dict(weights=T(3, 2, dtype=F16)), "weights"),
     # Two errors: the first in the C++ order wins.
     ("rms_norm_backward", dict(rstd=T(2, dtype=F16), grad_out=T(2, 8)), "grad_out"),
     ("linear_small", dict(input=T(17, 8), weight=T(5, 7)), "input"),

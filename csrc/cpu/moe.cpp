@@ -32,6 +32,7 @@
 #include "common/moe_math.h"
 #include "common/settings.h"
 #include "cpu/gemm_bf16.h"
+#include "cpu/moe_common.h"
 #include "cpu/vec8.h"
 #include "cuda/moe/moe_host.h"
 
@@ -357,21 +358,6 @@ at::Tensor moe_route_backward_cpu(const at::Tensor& grad_weights,
   return grad_logits;
 }
 
-// Counting sort of the T*K (token, k) pairs by expert; stable, so pairs of one expert keep
-// ascending pair order. Fills sorted_pairs [S] and offsets [E+1]; rejects out-of-range ids.
-void sort_pairs_by_expert(const int64_t* ids, int64_t S, int64_t E, int64_t* sorted_pairs,
-                          int64_t* offsets) {
-  std::vector<int64_t> cursor(E + 1, 0);
-  for (int64_t p = 0; p < S; ++p) {
-    const int64_t e = ids[p];
-    TORCH_CHECK_VALUE(e >= 0 && e < E, "latentmoe.moe_experts: argument 'indices' holds ", e,
-                      " at flat position ", p, ", outside [0, E=", E, ")");
-    ++cursor[e + 1];
-  }
-  for (int64_t e = 0; e < E; ++e) cursor[e + 1] += cursor[e];
-  for (int64_t e = 0; e <= E; ++e) offsets[e] = cursor[e];
-  for (int64_t p = 0; p < S; ++p) sorted_pairs[cursor[ids[p]]++] = p;
-}
 
 // Rows with at most this many tokens use the bandwidth-bound small-M path (each weight row is
 // streamed once and dotted with every token row) instead of a BLAS call.
@@ -891,20 +877,6 @@ void expert_gemm(const at::Tensor& a, const at::Tensor& weight_e, at::Tensor out
   }
 }
 
-// sigmoid(g) from z = exp(-|g|) (<= 1, so exp_nonpos applies): 1 / (1 + z) for g >= 0,
-// z / (1 + z) below; silu(g) = g * sigmoid(g). 8 lanes, and scalar twins for the tails.
-LMOE_V8_INLINE vec8::v8f sigmoid8(vec8::v8f g) {
-  const vec8::v8u bits = reinterpret_cast<const vec8::v8u&>(g) | 0x80000000u;  // -|g|
-  const vec8::v8f z = vec8::exp_nonpos(reinterpret_cast<const vec8::v8f&>(bits));
-  const vec8::v8f one = vec8::splat(1.f);
-  return (g >= vec8::splat(0.f) ? one : z) / (one + z);
-}
-LMOE_V8_INLINE float sigmoid1(float g) {
-  const float z = vec8::exp_nonpos(-std::fabs(g));
-  return (g >= 0.f ? 1.f : z) / (1.f + z);
-}
-LMOE_V8_INLINE vec8::v8f silu8(vec8::v8f g) { return g * sigmoid8(g); }
-LMOE_V8_INLINE float silu1(float g) { return g * sigmoid1(g); }
 
 // One row of swiglu_rows with fp32 gate|up: 8 lanes at a time.
 template <typename T, bool kAvx>
@@ -983,26 +955,6 @@ void swiglu_rows(const C* gate_up_c, T* gate_up_out, C* act, int64_t rows, int64
   });
 }
 
-// out[t] = sum_k w[t,k] * y[pos[t*K+k]], fp32 accumulation in k order (no atomics).
-template <typename T, typename C>
-void combine_rows(const C* y, const float* w, const int64_t* pos, T* out, int64_t n_tokens,
-                  int64_t K, int64_t H) {
-  at::parallel_for(0, n_tokens, 4, [&](int64_t b, int64_t e) {
-    std::vector<float> acc(H);
-    for (int64_t t = b; t < e; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t k = 0; k < K; ++k) {
-        const float wk = w[t * K + k];
-        const C* yr = y + pos[t * K + k] * H;
-#pragma omp simd
-        for (int64_t h = 0; h < H; ++h) acc[h] += wk * static_cast<float>(yr[h]);
-      }
-      T* o = out + t * H;
-#pragma omp simd
-      for (int64_t h = 0; h < H; ++h) o[h] = static_cast<T>(acc[h]);
-    }
-  });
-}
 
 // Whether bf16/fp16 GEMMs should run natively (oneDNN on AVX-512 / AMX CPUs) rather than as fp32
 // GEMMs on upconverted tiles (AVX2 and others, where the native path is several times slower).
@@ -1090,30 +1042,6 @@ void gather_rows(const T* x, const int64_t* sorted_pairs, int64_t K, int64_t H, 
   }
 }
 
-// bf16dp's epilogues (AVX2 code: they run on AVX-512 CPUs). A row's gate and up sums of n
-// columns: g and u rounded to bf16 (as a bf16 GEMM returns them) into the gate_up_out row, and
-// act = bf16(silu(g) * u), the arithmetic of swiglu_row_lowp_body.
-LMOE_CPU_AVX2 void dp_swiglu_cols(const float* g, const float* u, c10::BFloat16* go_g, c10::BFloat16* go_u,
-                                  c10::BFloat16* act, int64_t n) {
-  using T = c10::BFloat16;
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const vec8::v8f gv = vec8::round_to<T, true>(vec8::load(g + i));
-    const vec8::v8f uv = vec8::round_to<T, true>(vec8::load(u + i));
-    vec8::store_from_f32<T, true>(go_g + i, gv);
-    vec8::store_from_f32<T, true>(go_u + i, uv);
-    vec8::store_from_f32<T, true>(act + i, silu8(gv) * uv);
-  }
-  for (; i < n; ++i) {
-    const T gb = static_cast<T>(g[i]), ub = static_cast<T>(u[i]);
-    go_g[i] = gb;
-    go_u[i] = ub;
-    act[i] = static_cast<T>(silu1(static_cast<float>(gb)) * static_cast<float>(ub));
-  }
-}
-
-template <typename T>
-LMOE_CPU_AVX2 void store_as(const float* src, T* dst, int64_t n);
 
 // One expert's rows through bf16dp (x rows gathered into xa, row stride ldx): gate columns
 // [j_begin, j_end) of the gate_up GEMM with its SwiGLU (gate_up_out rows, act rows of stride lda),
@@ -1520,12 +1448,6 @@ LMOE_CPU_AVX2 void backward_rows_gh(const float* gau, const float* act, const fl
   }
 }
 
-template <typename T>
-LMOE_CPU_AVX2 void store_as(const float* src, T* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) vec8::store_from_f32<T, true>(dst + i, vec8::load(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
 
 // Rows [r_begin, r_end) of a weight gradient out[M, N] (T) = a^T @ w, a given [K, M] (lda), w
 // [K, N] (ldw), both fp32. In blocks of 48 rows, so the tiles' stores stay within 48 rows of

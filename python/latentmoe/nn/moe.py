@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentmoe.nn._linear import check_float_dtype, is_plain, project
-from latentmoe.ops.moe import moe_experts, moe_route
+from latentmoe.ops.moe import moe_experts, moe_experts_packed, moe_pack_experts, moe_route
 
 
 def _recomputing() -> bool:
@@ -54,7 +54,15 @@ class MoERouter(nn.Module):
 
 class MoEExperts(nn.Module):
     """Routed experts in HF's 3-D layout: ``gate_up_proj [E, 2I, hidden]``,
-    ``down_proj [E, hidden, I]``."""
+    ``down_proj [E, hidden, I]``.
+
+    :meth:`pack` switches a bfloat16 CPU module to prepacked weights for inference
+    (``ops.moe_experts_packed``: ~15% faster on AVX512_BF16 CPUs; the packed copy costs the
+    weights' memory again and is not in the ``state_dict``). A packed module re-packs by itself
+    when its weights are replaced or changed in place (``load_state_dict``, ``copy_``: the
+    parameters' storage or version counter), and refuses forwards that need a gradient; changes
+    that bypass the version counter (writes through ``.data``) need :meth:`pack` again.
+    :meth:`unpack` goes back to the HF layout (training)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -62,12 +70,61 @@ class MoEExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
         nn.init.normal_(self.down_proj, std=intermediate_size**-0.5)
+        self._pack = False
+        self._packed = None  # (gate_up_packed, down_packed, stamp of the weights they came from)
+
+    # ---- prepacked inference -------------------------------------------------------------------
+    def _stamp(self) -> tuple:
+        return tuple((p.data_ptr(), p._version, tuple(p.shape), p.dtype, p.device)
+                     for p in (self.gate_up_proj, self.down_proj))
+
+    def _repack(self) -> None:
+        gu, dn = self.gate_up_proj, self.down_proj
+        for name, p in (("gate_up_proj", gu), ("down_proj", dn)):
+            if p.dtype != torch.bfloat16 or p.device.type != "cpu":
+                raise ValueError(
+                    f"latentmoe.nn.MoEExperts.pack: packed experts need bfloat16 weights on the CPU, "
+                    f"'{name}' is {p.dtype} on {p.device} (cast with .to(torch.bfloat16), or unpack())"
+                )
+        with torch.no_grad():
+            self._packed = (*moe_pack_experts(gu.detach(), dn.detach()), self._stamp())
+
+    def pack(self) -> "MoEExperts":
+        """Pack the weights now (``ops.moe_pack_experts``) and run later forwards on them."""
+        self._repack()
+        self._pack = True
+        return self
+
+    def unpack(self) -> "MoEExperts":
+        """Drop the packed copy; forwards run ``ops.moe_experts`` on the HF layout again."""
+        self._pack, self._packed = False, None
+        return self
+
+    @property
+    def is_packed(self) -> bool:
+        return self._pack
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return dict(state, _packed=None)  # copies (deepcopy, pickle) re-pack on first use
 
     def forward(self, hidden: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 check_values: bool = True):
         """``[T, hidden]``, ``[T, k]``, ``[T, k]`` -> ``[T, hidden]`` (see ``ops.moe_experts``;
         ``check_values=False`` for indices from a router: no device sync on CUDA)."""
-        return moe_experts(hidden, self.gate_up_proj, self.down_proj, weights, indices, check_values)
+        if not self._pack:
+            return moe_experts(hidden, self.gate_up_proj, self.down_proj, weights, indices, check_values)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weights, self.gate_up_proj,
+                                                                       self.down_proj)):
+            raise RuntimeError(
+                "latentmoe.nn.MoEExperts: the experts are packed for inference (pack()); run the forward "
+                "under torch.no_grad() / torch.inference_mode(), or call unpack() to train"
+            )
+        if self._packed is None or self._packed[2] != self._stamp():
+            self._repack()
+        gate_up_packed, down_packed, _ = self._packed
+        return moe_experts_packed(hidden, gate_up_packed, down_packed, weights, indices,
+                                  self.gate_up_proj.shape[1] // 2)
 
 
 class SharedExperts(nn.Module):
@@ -309,3 +366,20 @@ class MoE(nn.Module):
         if bias.is_inference() and not torch.is_inference_mode_enabled():  # as load_counts in forward
             bias = self.gate.e_score_correction_bias = bias.clone()
         bias += gamma * torch.sign(load.mean() - load).to(bias.dtype)
+
+
+def pack_experts(model: nn.Module) -> int:
+    """:meth:`MoEExperts.pack` every latentmoe MoE experts module in ``model`` (bfloat16 on the CPU,
+    for inference); returns how many were packed. :func:`unpack_experts` undoes it."""
+    mods = [m for m in model.modules() if isinstance(m, MoEExperts)]
+    for m in mods:
+        m.pack()
+    return len(mods)
+
+
+def unpack_experts(model: nn.Module) -> int:
+    """:meth:`MoEExperts.unpack` every latentmoe MoE experts module in ``model``; returns the count."""
+    mods = [m for m in model.modules() if isinstance(m, MoEExperts)]
+    for m in mods:
+        m.unpack()
+    return len(mods)

@@ -405,6 +405,58 @@ def check_moe_experts_backward(grad_out, hidden, gate_up_proj, down_proj, weight
             op, "gate_up_out", lambda: "must be [T*k, 2I]")
 
 
+def check_moe_pack_weight(weight, gate_up) -> None:
+    """moe_pack_weight_cpu's checks (csrc/cpu/moe_packed.cpp)."""
+    op = "moe_pack_weight"
+    dim(op, "weight", weight, 3)
+    dtype(op, "weight", weight, torch.bfloat16)
+    require(weight.numel() != 0, op, "weight", lambda: f"is empty (shape {_shape(weight)})")
+    require(not gate_up or weight.shape[1] % 2 == 0, op, "weight",
+            lambda: "must be gate_up_proj [E, 2 * intermediate, hidden] (dim 1 even) when gate_up is true, "
+                    f"got shape {_shape(weight)}")
+
+
+def packed_shape(E, N, K, gate_up: bool) -> tuple:
+    """moe_pack_weight's output shape for a weight ``[E, N, K]``."""
+    P = -(-(N // 2) // 32) if gate_up else -(-N // 64)
+    return (E, P, -(-K // 2), 64, 2)
+
+
+def check_moe_experts_packed(hidden, gate_up_packed, down_packed, weights, indices, intermediate_size) -> None:
+    """moe_experts_packed_cpu's checks (csrc/cpu/moe_packed.cpp)."""
+    op = "moe_experts_packed"
+    dim(op, "hidden", hidden, 2)
+    dtype(op, "hidden", hidden, torch.bfloat16)
+    T, H, I = hidden.shape[0], hidden.shape[1], intermediate_size
+    require(H > 0, op, "hidden", lambda: f"has no columns (shape {_shape(hidden)})")
+    require(I > 0, op, "intermediate_size", lambda: f"must be >= 1, got {I}")
+    require(gate_up_packed.dim() == 5 and gate_up_packed.shape[0] > 0, op, "gate_up_packed",
+            lambda: f"must be 5-D [E, ceil(I/32), ceil(H/2), 64, 2] with E >= 1, got shape {_shape(gate_up_packed)}")
+    E = gate_up_packed.shape[0]
+    for name, t, want, layout, source in (
+        ("gate_up_packed", gate_up_packed, packed_shape(E, 2 * I, H, True), "[E, ceil(I/32), ceil(H/2), 64, 2]",
+         "gate_up_proj [E, 2I, H]"),
+        ("down_packed", down_packed, packed_shape(E, H, I, False), "[E, ceil(H/64), ceil(I/2), 64, 2]",
+         "down_proj [E, H, I]"),
+    ):
+        dtype(op, name, t, torch.bfloat16)
+        require(tuple(t.shape) == want, op, name,
+                lambda: f"must have shape {layout} = {_shape(want)} ({source} packed by moe_pack_weight), "
+                        f"got shape {_shape(t)}")
+        require(t.is_contiguous(), op, name,
+                lambda: f"must be contiguous (call .contiguous()), got strides {_shape(t.stride())}")
+    dim(op, "indices", indices, 2)
+    dtype(op, "indices", indices, torch.int64)
+    size(op, "indices", indices, 0, T, "tokens")
+    dim(op, "weights", weights, 2)
+    same_shape(op, "weights", weights, "indices", indices)
+    require(weights.dtype in (torch.float32, torch.bfloat16), op, "weights",
+            lambda: f"must be float32 or bfloat16, got {_dt(weights.dtype)}")
+    for name, t in (("gate_up_packed", gate_up_packed), ("down_packed", down_packed), ("weights", weights),
+                    ("indices", indices)):
+        same_device(op, name, t, "hidden", hidden)
+
+
 def forbid_backward(op: str, why: str) -> None:
     """Register autograd for ``latentmoe::<op>`` that raises ``RuntimeError(why)`` when a gradient
     reaches it, instead of torch treating the op as non-differentiable (its inputs' gradients would

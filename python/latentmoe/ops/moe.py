@@ -8,9 +8,13 @@ import torch.nn.functional as F
 from latentmoe.ops._checks import (
     check_moe_experts,
     check_moe_experts_backward,
+    check_moe_experts_packed,
+    check_moe_pack_weight,
     check_moe_route,
     check_moe_route_backward,
+    forbid_backward,
     forbid_double_backward,
+    packed_shape,
 )
 
 _lib = torch.ops.latentmoe
@@ -112,6 +116,51 @@ def moe_experts(
     return _lib.moe_experts.default(hidden, gate_up_proj, down_proj, weights, indices, check_values)[0]
 
 
+def moe_pack_experts(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack bfloat16 expert weights once for :func:`moe_experts_packed` (CPU inference).
+
+    Args:
+        gate_up_proj: ``[E, 2I, H]`` bfloat16 (HF layout: gate rows, then up rows), on the CPU.
+        down_proj: ``[E, H, I]`` bfloat16, on the CPU.
+    Returns:
+        ``(gate_up_packed [E, ceil(I/32), ceil(H/2), 64, 2], down_packed [E, ceil(H/64),
+        ceil(I/2), 64, 2])``, bfloat16 copies (the inputs are not changed; together about the
+        weights' size again). Panels of 64 output columns with the k pairs interleaved
+        (``packed[e, p, q, c, j] = w[e, row(p, c), 2q + j]``, zero padded), the layout the CPU's
+        ``vdpbf16ps`` multiplies without lane sums: on AVX512_BF16 CPUs the packed experts run
+        ~15% faster than :func:`moe_experts` on the HF layout (bench/bench_moe.py). A snapshot:
+        pack again after the weights change.
+    """
+    return (_lib.moe_pack_weight.default(gate_up_proj, True), _lib.moe_pack_weight.default(down_proj, False))
+
+
+def moe_experts_packed(
+    hidden: torch.Tensor,
+    gate_up_packed: torch.Tensor,
+    down_packed: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    intermediate_size: int,
+) -> torch.Tensor:
+    """:func:`moe_experts` on weights packed by :func:`moe_pack_experts` (CPU, bfloat16, inference).
+
+    Args:
+        hidden: ``[T, H]`` bfloat16.
+        gate_up_packed, down_packed: :func:`moe_pack_experts`'s output for ``gate_up_proj`` /
+            ``down_proj`` of intermediate size ``intermediate_size`` (contiguous, as returned).
+        weights: ``[T, k]`` float32 or bfloat16.
+        indices: ``[T, k]`` int64 in ``[0, E)`` (ValueError otherwise).
+        intermediate_size: ``I``.
+    Returns:
+        ``[T, H]`` bfloat16, the same function as :func:`moe_experts` (gate and up rounded to
+        bf16, ``act = bf16(silu(g) * u)``, each expert's output rounded to bf16, the k-sum in fp32
+        in k order), its fp32 sums taken in another order. Bitwise the same from run to run and at
+        any thread count. No backward: a gradient reaching it raises; train through
+        :func:`moe_experts`.
+    """
+    return _lib.moe_experts_packed.default(hidden, gate_up_packed, down_packed, weights, indices, intermediate_size)
+
+
 @torch.library.register_fake("latentmoe::moe_route")
 def _moe_route_fake(logits, bias, top_k, n_group, topk_group, score_func, norm, scale):
     check_moe_route(logits, bias, top_k, n_group, topk_group, score_func, scale)
@@ -154,6 +203,19 @@ def _moe_experts_backward_fake(
         torch.empty_like(down_proj, memory_format=torch.contiguous_format),
         torch.empty_like(weights, memory_format=torch.contiguous_format),
     )
+
+
+@torch.library.register_fake("latentmoe::moe_pack_weight")
+def _moe_pack_weight_fake(weight, gate_up):
+    check_moe_pack_weight(weight, gate_up)
+    E, N, K = weight.shape
+    return weight.new_empty(packed_shape(E, N, K, gate_up))
+
+
+@torch.library.register_fake("latentmoe::moe_experts_packed")
+def _moe_experts_packed_fake(hidden, gate_up_packed, down_packed, weights, indices, intermediate_size):
+    check_moe_experts_packed(hidden, gate_up_packed, down_packed, weights, indices, intermediate_size)
+    return hidden.new_empty(hidden.shape)
 
 
 def _moe_route_setup(ctx, inputs, output):
@@ -199,3 +261,6 @@ torch.library.register_autograd(
 
 forbid_double_backward("moe_route_backward")
 forbid_double_backward("moe_experts_backward")
+forbid_backward("moe_pack_weight", "has no backward (packing is for inference)")
+forbid_backward("moe_experts_packed", "has no backward (an inference op): train through latentmoe.ops.moe_experts "
+                "on the HF-layout weights")

@@ -1,0 +1,343 @@
+// Prepacked bf16 MoE experts for inference on the CPU: moe_pack_weight (HF layout -> panels) and
+// moe_experts_packed (the routed SwiGLU experts on those panels).
+//
+// Why a second layout: HF's [out, in] weight rows make each vdpbf16ps a dot product of 32 k of
+// one token row with 32 k of one weight row, summed across lanes at the end (cpu/gemm_bf16.h),
+// which runs at ~75% of the core's vdpbf16ps peak on a Zen 4. With the weights packed once into
+// panels of 64 output columns whose k pairs are interleaved (packed[q][c] = w[c][2q] | w[c][2q+1]
+// << 16), a vdpbf16ps multiplies one broadcast pair of a token row with 16 columns at once (outer
+// product, no lane sums): a 6 x 64 register tile (24 accumulators, 4 panel loads and 6 broadcasts
+// per 24 vdpbf16ps) runs at the peak in cache. Packing on the fly costs a 32-bit transpose of
+// every weight per call, as much as ~15% of the GEMM at the ~50 rows per expert of a 512-token
+// call (measured), so the panels are made once (moe_pack_weight) and kept.
+//
+// Layout ([E, P, Kp, 64, 2] bf16, Kp = ceil(K / 2); element [e, p, q, c, j] = w[e, row, 2q + j],
+// 0 for 2q + j >= K or a column past the end):
+//   down_proj [E, H, I] (gate_up = false): P = ceil(H / 64), column c of panel p is row 64p + c;
+//   gate_up_proj [E, 2I, H] (gate_up = true): P = ceil(I / 32), columns 0-31 of panel p are the
+//   gate rows 32p + c and columns 32-63 the matching up rows I + 32p + c, so a tile's epilogue
+//   has a column's gate and up sums together (the SwiGLU happens in registers' spill, never in a
+//   [rows, 2I] buffer).
+//
+// The op: gather each expert's token rows (bf16, as 32-bit pairs), then work items (expert,
+// panel) for gate_up + SwiGLU -> act, then (expert, panel) for down -> y, each phase split across
+// the threads in contiguous ranges of about equal cost (rows + a panel's streaming), then the
+// weighted combine in k order (cpu/moe_common.h). Sums run in a fixed order (k pairs in order per
+// column): bitwise the same run to run and at any thread count. CPUs without AVX512_BF16 (or
+// LATENTMOE_CPU_ISA=avx2 / generic) run a portable kernel on the same panels (fp32 arithmetic,
+// not bitwise equal to vdpbf16ps's).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "common/checks.h"
+#include "cpu/gemm_bf16.h"
+#include "cpu/moe_common.h"
+#include "cpu/vec8.h"
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace latentmoe::cpu {
+namespace {
+
+namespace chk = latentmoe::checks;
+
+constexpr int64_t kCols = 64;      // output columns per panel: 4 vectors of 16 fp32
+constexpr int64_t kGateCols = 32;  // gate_up panels: 32 gate columns, then the 32 matching up ones
+constexpr int kTileRows = 6;       // token rows per register tile (6 x 4 = 24 accumulators)
+// A work item's cost in rows for the split across threads: its rows plus about this much for
+// streaming its panel from memory (a decode step's items have one row each).
+constexpr int64_t kPanelCost = 4;
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t panels_of(int64_t N, bool gate_up) { return gate_up ? cdiv(N / 2, kGateCols) : cdiv(N, kCols); }
+
+// The weight row behind column c of panel p (N rows in all), or -1 for a zero column.
+inline int64_t source_row(int64_t p, int64_t c, int64_t N, bool gate_up) {
+  if (!gate_up) {
+    const int64_t n = p * kCols + c;
+    return n < N ? n : -1;
+  }
+  const int64_t I = N / 2, j = p * kGateCols + c % kGateCols;
+  if (j >= I) return -1;
+  return c < kGateCols ? j : I + j;
+}
+
+at::Tensor moe_pack_weight_cpu(const at::Tensor& weight, bool gate_up) {
+  const char* op = "moe_pack_weight";
+  chk::dim(op, "weight", weight, 3);
+  chk::dtype(op, "weight", weight, at::kBFloat16);
+  const int64_t E = weight.size(0), N = weight.size(1), K = weight.size(2);
+  TORCH_CHECK_VALUE(E > 0 && N > 0 && K > 0, "latentmoe.moe_pack_weight: argument 'weight' is empty (shape ",
+                    weight.sizes(), ")");
+  TORCH_CHECK_VALUE(!gate_up || N % 2 == 0, "latentmoe.moe_pack_weight: argument 'weight' must be gate_up_proj ",
+                    "[E, 2 * intermediate, hidden] (dim 1 even) when gate_up is true, got shape ", weight.sizes());
+  const int64_t P = panels_of(N, gate_up), Kp = cdiv(K, 2);
+  const at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty({E, P, Kp, kCols, 2}, w.options());
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.const_data_ptr<c10::BFloat16>());
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<c10::BFloat16>());
+  at::parallel_for(0, E * P, 1, [&](int64_t b, int64_t end) {
+    for (int64_t ep = b; ep < end; ++ep) {
+      const int64_t e = ep / P, p = ep % P;
+      uint32_t* panel = dst + ep * Kp * kCols;
+      for (int64_t c = 0; c < kCols; ++c) {
+        const int64_t r = source_row(p, c, N, gate_up);
+        if (r < 0) {
+          for (int64_t q = 0; q < Kp; ++q) panel[q * kCols + c] = 0;
+          continue;
+        }
+        const uint16_t* row = src + (e * N + r) * K;
+        for (int64_t q = 0; q < K / 2; ++q) {
+          uint32_t v;
+          std::memcpy(&v, row + 2 * q, 4);
+          panel[q * kCols + c] = v;
+        }
+        if (K % 2 == 1) panel[(Kp - 1) * kCols + c] = row[K - 1];
+      }
+    }
+  });
+  return out;
+}
+
+// res[i * 64 + c] = sum over pairs q < Kp of a_i(q) . panel[q][c] for i < MR, where a_i(q) =
+// a[i * lda + q] holds row i's elements 2q (low half) and 2q + 1. Meanwhile n_pf 64-byte lines
+// from pf on are prefetched to L2 (the next work item's panel, a share per tile), spread evenly.
+template <int MR>
+LMOE_CPU_AVX512BF16 void tile_dp(const uint32_t* a, int64_t lda, const uint32_t* panel, int64_t Kp, float* res,
+                                 const char* pf, int64_t n_pf) {
+  __m512 acc[MR][4];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
+  int64_t credit = 0;
+  for (int64_t q = 0; q < Kp; ++q) {
+    for (credit += n_pf; credit >= Kp; credit -= Kp, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+    const uint32_t* bq = panel + q * kCols;
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bq);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bq + 16);
+    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(bq + 32);
+    const __m512bh b3 = (__m512bh)_mm512_loadu_si512(bq + 48);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * lda + q]));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
+      acc[i][3] = _mm512_dpbf16_ps(acc[i][3], av, b3);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(res + i * kCols + 16 * v, acc[i][v]);
+}
+
+inline float bf16_lo(uint32_t w) {
+  const uint32_t u = w << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float bf16_hi(uint32_t w) {
+  const uint32_t u = w & 0xFFFF0000u;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// tile_dp's sums for CPUs without AVX512_BF16: each pair's two exact products added, then
+// accumulated, in fp32 (portable code).
+void tile_generic(const uint32_t* a, int64_t lda, int mr, const uint32_t* panel, int64_t Kp, float* res) {
+  for (int i = 0; i < mr; ++i) {
+    float acc[kCols] = {};
+    for (int64_t q = 0; q < Kp; ++q) {
+      const float x0 = bf16_lo(a[i * lda + q]), x1 = bf16_hi(a[i * lda + q]);
+      const uint32_t* bq = panel + q * kCols;
+      for (int64_t c = 0; c < kCols; ++c) acc[c] += x0 * bf16_lo(bq[c]) + x1 * bf16_hi(bq[c]);
+    }
+    std::memcpy(res + i * kCols, acc, sizeof(acc));
+  }
+}
+
+void tile(bool dp, int mr, const uint32_t* a, int64_t lda, const uint32_t* panel, int64_t Kp, float* res,
+          const char* pf, int64_t n_pf) {
+  if (!dp) return tile_generic(a, lda, mr, panel, Kp, res);
+  switch (mr) {
+    case 6: return tile_dp<6>(a, lda, panel, Kp, res, pf, n_pf);
+    case 5: return tile_dp<5>(a, lda, panel, Kp, res, pf, n_pf);
+    case 4: return tile_dp<4>(a, lda, panel, Kp, res, pf, n_pf);
+    case 3: return tile_dp<3>(a, lda, panel, Kp, res, pf, n_pf);
+    case 2: return tile_dp<2>(a, lda, panel, Kp, res, pf, n_pf);
+    default: return tile_dp<1>(a, lda, panel, Kp, res, pf, n_pf);
+  }
+}
+
+// A row's SwiGLU from its gate and up sums (n columns): act = bf16(silu(bf16(g)) * bf16(u)), the
+// arithmetic of the HF-layout path (dp_swiglu_cols).
+void swiglu_act(const float* g, const float* u, c10::BFloat16* act, int64_t n, bool avx2) {
+  if (avx2) return dp_swiglu_cols(g, u, nullptr, nullptr, act, n);
+  for (int64_t i = 0; i < n; ++i) {
+    const c10::BFloat16 gb(g[i]), ub(u[i]);
+    act[i] = c10::BFloat16(silu1(static_cast<float>(gb)) * static_cast<float>(ub));
+  }
+}
+
+void to_bf16(const float* src, c10::BFloat16* dst, int64_t n, bool avx2) {
+  if (avx2) return store_as(src, dst, n);
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
+}
+
+void check_packed(const char* name, const at::Tensor& t, int64_t E, int64_t P, int64_t Kp, const char* layout,
+                  const char* source) {
+  const char* op = "moe_experts_packed";
+  chk::dtype(op, name, t, at::kBFloat16);
+  TORCH_CHECK_VALUE(t.dim() == 5 && t.size(0) == E && t.size(1) == P && t.size(2) == Kp && t.size(3) == kCols &&
+                        t.size(4) == 2,
+                    "latentmoe.moe_experts_packed: argument '", name, "' must have shape ", layout, " = [", E, ", ", P,
+                    ", ", Kp, ", 64, 2] (", source, " packed by moe_pack_weight), got shape ", t.sizes());
+  chk::contiguous(op, name, t);
+}
+
+at::Tensor moe_experts_packed_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_packed,
+                                  const at::Tensor& down_packed, const at::Tensor& weights, const at::Tensor& indices,
+                                  int64_t intermediate_size) {
+  const char* op = "moe_experts_packed";
+  chk::dim(op, "hidden", hidden, 2);
+  chk::dtype(op, "hidden", hidden, at::kBFloat16);
+  const int64_t T = hidden.size(0), H = hidden.size(1), I = intermediate_size;
+  TORCH_CHECK_VALUE(H > 0, "latentmoe.moe_experts_packed: argument 'hidden' has no columns (shape ", hidden.sizes(),
+                    ")");
+  TORCH_CHECK_VALUE(I > 0, "latentmoe.moe_experts_packed: argument 'intermediate_size' must be >= 1, got ", I);
+  TORCH_CHECK_VALUE(gate_up_packed.dim() == 5 && gate_up_packed.size(0) > 0,
+                    "latentmoe.moe_experts_packed: argument 'gate_up_packed' must be 5-D [E, ceil(I/32), ceil(H/2), "
+                    "64, 2] with E >= 1, got shape ", gate_up_packed.sizes());
+  const int64_t E = gate_up_packed.size(0);
+  check_packed("gate_up_packed", gate_up_packed, E, cdiv(I, kGateCols), cdiv(H, 2), "[E, ceil(I/32), ceil(H/2), 64, 2]",
+               "gate_up_proj [E, 2I, H]");
+  check_packed("down_packed", down_packed, E, cdiv(H, kCols), cdiv(I, 2), "[E, ceil(H/64), ceil(I/2), 64, 2]",
+               "down_proj [E, H, I]");
+  chk::dim(op, "indices", indices, 2);
+  chk::dtype(op, "indices", indices, at::kLong);
+  chk::size(op, "indices", indices, 0, T, "tokens");
+  chk::dim(op, "weights", weights, 2);
+  TORCH_CHECK_VALUE(weights.sizes() == indices.sizes(), "latentmoe.moe_experts_packed: argument 'weights' has shape ",
+                    weights.sizes(), " but 'indices' has shape ", indices.sizes());
+  TORCH_CHECK_VALUE(weights.scalar_type() == at::kFloat || weights.scalar_type() == at::kBFloat16,
+                    "latentmoe.moe_experts_packed: argument 'weights' must be float32 or bfloat16, got ",
+                    weights.scalar_type());
+  chk::same_device(op, "gate_up_packed", gate_up_packed, "hidden", hidden);
+  chk::same_device(op, "down_packed", down_packed, "hidden", hidden);
+  chk::same_device(op, "weights", weights, "hidden", hidden);
+  chk::same_device(op, "indices", indices, "hidden", hidden);
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const int64_t K = indices.size(1), S = T * K;
+  at::Tensor out = at::empty({T, H}, hidden.options());
+  if (S == 0) return out.zero_();
+  const at::Tensor x = hidden.contiguous(), idx = indices.contiguous();
+  const at::Tensor w = weights.to(at::kFloat).contiguous();
+  std::vector<int64_t> sorted(S), off(E + 1), pos(S);
+  sort_pairs_by_expert(idx.const_data_ptr<int64_t>(), S, E, sorted.data(), off.data());
+  for (int64_t i = 0; i < S; ++i) pos[sorted[i]] = i;
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < E; ++e)
+    if (off[e + 1] > off[e]) active.push_back(e);
+
+  // Token rows as words of two bf16 (+16 words: rows 4 KiB apart would share L1 sets); the
+  // high half of an odd row's last word is 0 (the panels' missing k is 0, and 0 * NaN is NaN).
+  const int64_t ldx = cdiv(H, 2) + 16, lda = cdiv(I, 2) + 16;
+  std::unique_ptr<uint32_t[]> xs(new uint32_t[S * ldx]), act(new uint32_t[S * lda]);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<c10::BFloat16>());
+  at::parallel_for(0, S, 16, [&](int64_t b, int64_t end) {
+    for (int64_t i = b; i < end; ++i) {
+      uint32_t* d = xs.get() + i * ldx;
+      d[H / 2] = 0;  // (the odd H's last word, or a padding word)
+      std::memcpy(d, xp + (sorted[i] / K) * H, H * sizeof(uint16_t));
+      if (I % 2 == 1) act[i * lda + I / 2] = 0;
+    }
+  });
+  at::Tensor y = at::empty({S, H}, hidden.options());
+  c10::BFloat16* yp = y.mutable_data_ptr<c10::BFloat16>();
+  const bool dp = bf16dp::cpu_supported(), avx2 = vec8::use_avx2();
+  const auto* gu_words = reinterpret_cast<const uint32_t*>(gate_up_packed.const_data_ptr<c10::BFloat16>());
+  const auto* d_words = reinterpret_cast<const uint32_t*>(down_packed.const_data_ptr<c10::BFloat16>());
+  auto* act_bf16 = reinterpret_cast<c10::BFloat16*>(act.get());
+
+  const int64_t n_active = static_cast<int64_t>(active.size());
+  auto phase = [&](bool gate_up) {
+    const int64_t P = gate_up ? cdiv(I, kGateCols) : cdiv(H, kCols), Kp = gate_up ? cdiv(H, 2) : cdiv(I, 2);
+    const uint32_t* wp = gate_up ? gu_words : d_words;
+    const uint32_t* a_rows = gate_up ? xs.get() : act.get();
+    const int64_t ld = gate_up ? ldx : lda;
+    const int64_t n_items = n_active * P;  // item j: expert active[j / P], panel j % P
+    auto cost = [&](int64_t j) {
+      const int64_t e = active[j / P];
+      return off[e + 1] - off[e] + kPanelCost;
+    };
+    // Contiguous ranges of about equal cost, one per thread.
+    const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), n_items);
+    int64_t total = 0;
+    for (int64_t j = 0; j < n_items; ++j) total += cost(j);
+    std::vector<int64_t> bound(n_threads + 1, n_items);
+    bound[0] = 0;
+    {
+      int64_t t = 1, acc = 0;
+      for (int64_t j = 0; j < n_items && t < n_threads; ++j) {
+        acc += cost(j);
+        while (t < n_threads && acc * n_threads >= total * t) bound[t++] = j + 1;
+      }
+    }
+    auto panel_of = [&](int64_t j) { return wp + (active[j / P] * P + j % P) * Kp * kCols; };
+    at::parallel_for(0, n_threads, 1, [&](int64_t tb, int64_t te) {
+      alignas(64) float res[kTileRows * kCols];
+      for (int64_t t = tb; t < te; ++t) {
+        for (int64_t j = bound[t]; j < bound[t + 1]; ++j) {
+          const int64_t e = active[j / P], p = j % P, o = off[e], m = off[e + 1] - o;
+          const uint32_t* panel = panel_of(j);
+          const char* next = j + 1 < bound[t + 1] ? reinterpret_cast<const char*>(panel_of(j + 1)) : nullptr;
+          const int64_t lines = next ? Kp * kCols * 4 / 64 : 0, tiles = cdiv(m, kTileRows);
+          const int64_t share = cdiv(lines, tiles);
+          for (int64_t r = 0; r < m; r += kTileRows) {
+            const int mr = static_cast<int>(std::min<int64_t>(kTileRows, m - r));
+            const int64_t l0 = std::min(lines, r / kTileRows * share), l1 = std::min(lines, l0 + share);
+            tile(dp, mr, a_rows + (o + r) * ld, ld, panel, Kp, res, next ? next + 64 * l0 : nullptr, l1 - l0);
+            for (int i = 0; i < mr; ++i) {
+              const int64_t row = o + r + i;
+              const float* s = res + i * kCols;
+              if (gate_up) {
+                const int64_t n = std::min(kGateCols, I - p * kGateCols);
+                swiglu_act(s, s + kGateCols, act_bf16 + row * 2 * lda + p * kGateCols, n, avx2);
+              } else {
+                to_bf16(s, yp + row * H + p * kCols, std::min(kCols, H - p * kCols), avx2);
+              }
+            }
+          }
+        }
+      }
+    });
+  };
+  phase(true);
+  phase(false);
+  combine_rows<c10::BFloat16, c10::BFloat16>(yp, w.const_data_ptr<float>(), pos.data(),
+                                             out.mutable_data_ptr<c10::BFloat16>(), T, K, H);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(latentmoe, CPU, m) {
+  m.impl("moe_pack_weight", &moe_pack_weight_cpu);
+  m.impl("moe_experts_packed", &moe_experts_packed_cpu);
+}
+
+}  // namespace latentmoe::cpu

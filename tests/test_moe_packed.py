@@ -1,0 +1,222 @@
+"""Prepacked bf16 experts (CPU inference): latentmoe.ops.moe_pack_experts / moe_experts_packed and
+MoEExperts.pack(), against the reference, the HF-layout op and HF DeepseekV3MoE."""
+
+import copy
+
+import pytest
+import torch
+from moe_helpers import hf_config, hf_moe
+
+import latentmoe
+from latentmoe.nn import MoE, pack_experts, unpack_experts
+from latentmoe.ops import moe_experts, moe_experts_packed, moe_pack_experts
+from latentmoe.reference import moe as ref
+
+BF16 = torch.bfloat16
+
+
+def _problem(T, E, K, H, I, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(BF16)
+    gu = (torch.randn(E, 2 * I, H, generator=g) * H**-0.5).to(BF16)
+    down = (torch.randn(E, H, I, generator=g) * I**-0.5).to(BF16)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K).long()
+    w = torch.rand(T, K, generator=g) + 0.1
+    return x, gu, down, w, idx
+
+
+def _layout(w: torch.Tensor, gate_up: bool) -> torch.Tensor:
+    """The documented packed layout, built with plain torch (independent of the kernel)."""
+    E, N, K = w.shape
+    Kp = (K + 1) // 2
+    if gate_up:
+        I = N // 2
+        P = (I + 31) // 32
+        pad = lambda t: torch.nn.functional.pad(t, (0, 2 * Kp - K, 0, 32 * P - I))  # noqa: E731
+        cols = torch.cat([pad(w[:, :I]).view(E, P, 32, 2 * Kp), pad(w[:, I:]).view(E, P, 32, 2 * Kp)], 2)
+    else:
+        P = (N + 63) // 64
+        cols = torch.nn.functional.pad(w, (0, 2 * Kp - K, 0, 64 * P - N)).view(E, P, 64, 2 * Kp)
+    return cols.view(E, P, 64, Kp, 2).permute(0, 1, 3, 2, 4).contiguous()
+
+
+def _close(out, x, gu, down, w, idx):
+    """out within twice the bf16 reference's own error of the fp64 result (plus 1e-3)."""
+    exact = ref.swiglu_experts(x.double(), gu.double(), down.double(), w.double(), idx)
+    low = ref.swiglu_experts(x, gu, down, w, idx)
+    err = (out.double() - exact).abs().max().item()
+    ref_err = (low.double() - exact).abs().max().item()
+    assert err <= 2 * ref_err + 1e-3, (err, ref_err)
+
+
+@pytest.mark.parametrize("E,N,K", [(2, 64, 32), (3, 70, 9), (1, 2, 1), (2, 130, 66)])
+@pytest.mark.parametrize("gate_up", [False, True])
+def test_pack_layout(E, N, K, gate_up):
+    w = torch.randn(E, N, K).to(BF16)
+    keep = w.clone()
+    packed = torch.ops.latentmoe.moe_pack_weight(w, gate_up)
+    assert torch.equal(w, keep)  # a copy: the weight is untouched
+    assert torch.equal(packed, _layout(w, gate_up))
+
+
+def test_pack_reads_a_strided_weight():
+    w = torch.randn(3, 40, 70).to(BF16)
+    t = w.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    assert torch.equal(torch.ops.latentmoe.moe_pack_weight(t, False), _layout(w, False))
+
+
+# Odd H and I (k tails, partial panels: I % 32, H % 64), more experts than tokens (idle ones),
+# T = 1 (decode), and a 512-token call whose experts hold several 6-row tiles plus a remainder.
+@pytest.mark.parametrize("T,E,K,H,I", [(1, 8, 2, 32, 16), (7, 16, 4, 41, 23), (97, 12, 3, 37, 19),
+                                       (64, 4, 2, 130, 70), (512, 16, 6, 64, 96)])
+@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
+def test_packed_matches_reference(monkeypatch, T, E, K, H, I, isa):
+    if isa != "native":  # avx2 / generic: the portable kernel on the same panels
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
+    x, gu, down, w, idx = _problem(T, E, K, H, I)
+    gp, dp = moe_pack_experts(gu, down)
+    out = moe_experts_packed(x, gp, dp, w, idx, I)
+    assert out.dtype == BF16 and out.shape == x.shape
+    _close(out, x, gu, down, w, idx)
+    # The HF-layout op computes the same function (its sums in another order).
+    assert (out.float() - moe_experts(x, gu, down, w, idx).float()).abs().max() <= 0.02 * out.abs().max() + 1e-3
+
+
+def test_packed_one_expert_and_bf16_weights():
+    T, E, H, I = 50, 10, 24, 16
+    x, gu, down, _, _ = _problem(T, E, 1, H, I)
+    idx = torch.full((T, 1), 7)  # every token on expert 7, nine experts idle
+    w = (torch.rand(T, 1) + 0.1).to(BF16)
+    gp, dp = moe_pack_experts(gu, down)
+    out = moe_experts_packed(x, gp, dp, w, idx, I)
+    _close(out, x, gu, down, w.float(), idx)
+    # Idle experts' panels are never read.
+    gp2, dp2 = gp.clone(), dp.clone()
+    gp2[:7] = float("nan")
+    dp2[8:] = float("nan")
+    assert torch.equal(moe_experts_packed(x, gp2, dp2, w, idx, I), out)
+
+
+def test_packed_nan_in_a_used_input_propagates():
+    x, gu, down, w, idx = _problem(9, 4, 2, 33, 17)
+    x[3, 5] = float("nan")
+    gp, dp = moe_pack_experts(gu, down)
+    out = moe_experts_packed(x, gp, dp, w, idx, 17)
+    assert out[3].isnan().all() and not out[torch.arange(9) != 3].isnan().any()
+
+
+@pytest.mark.parametrize("isa", ["native", "generic"])
+def test_packed_deterministic_across_threads(monkeypatch, isa):
+    if isa != "native":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
+    x, gu, down, w, idx = _problem(200, 8, 3, 72, 40)
+    gp, dp = moe_pack_experts(gu, down)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = moe_experts_packed(x, gp, dp, w, idx, 40)
+        torch.set_num_threads(3)
+        three = moe_experts_packed(x, gp, dp, w, idx, 40)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+    assert torch.equal(moe_experts_packed(x, gp, dp, w, idx, 40), one)
+
+
+def test_packed_empty_calls():
+    _, gu, down, _, _ = _problem(1, 4, 2, 16, 8)
+    gp, dp = moe_pack_experts(gu, down)
+    out = moe_experts_packed(torch.zeros(0, 16, dtype=BF16), gp, dp, torch.zeros(0, 2), torch.zeros(0, 2).long(), 8)
+    assert out.shape == (0, 16)
+    x = torch.randn(3, 16).to(BF16)
+    out = moe_experts_packed(x, gp, dp, torch.zeros(3, 0), torch.zeros(3, 0).long(), 8)
+    assert torch.equal(out, torch.zeros(3, 16, dtype=BF16))  # no expert per token: 0
+
+
+def test_packed_bad_input():
+    x, gu, down, w, idx = _problem(5, 4, 2, 16, 8)
+    gp, dp = moe_pack_experts(gu, down)
+    with pytest.raises(ValueError, match="'indices' holds 4"):
+        moe_experts_packed(x, gp, dp, w, torch.full((5, 2), 4), 8)
+    with pytest.raises(ValueError, match="argument 'gate_up_packed' must have shape"):
+        moe_experts_packed(x, gp, dp, w, idx, 40)  # another intermediate size
+    with pytest.raises(ValueError, match="argument 'down_packed' must have shape"):
+        moe_experts_packed(x, gp, gp, w, idx, 8)
+    with pytest.raises(ValueError, match="argument 'gate_up_packed' must be contiguous"):
+        moe_experts_packed(x, gp.transpose(3, 4).contiguous().transpose(3, 4), dp, w, idx, 8)
+    with pytest.raises(ValueError, match="argument 'hidden' must have dtype BFloat16"):
+        moe_experts_packed(x.float(), gp, dp, w, idx, 8)
+    with pytest.raises(ValueError, match="argument 'weight' must have dtype BFloat16"):
+        moe_pack_experts(gu.float(), down)
+    with pytest.raises(ValueError, match="argument 'weight' must be gate_up_proj"):
+        torch.ops.latentmoe.moe_pack_weight(gu[:, :15], True)
+
+
+def test_packed_has_no_backward():
+    x, gu, down, w, idx = _problem(5, 4, 2, 16, 8)
+    gp, dp = moe_pack_experts(gu, down)
+    out = moe_experts_packed(x.requires_grad_(), gp, dp, w, idx, 8)
+    with pytest.raises(RuntimeError, match="moe_experts_packed: has no backward"):
+        out.float().sum().backward()
+
+
+def test_packed_opcheck_and_compile():
+    x, gu, down, w, idx = _problem(6, 4, 2, 16, 8)
+    gp, dp = moe_pack_experts(gu, down)
+    torch.library.opcheck(torch.ops.latentmoe.moe_experts_packed.default, (x, gp, dp, w, idx, 8),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.latentmoe.moe_pack_weight.default, (gu, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(lambda *a: moe_experts_packed(*a, 8), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x, gp, dp, w, idx), moe_experts_packed(x, gp, dp, w, idx, 8))
+
+
+@pytest.mark.parametrize("name", ["v3", "odd"])
+def test_module_packed_matches_hf(name):
+    hf = hf_moe(name, BF16).eval()
+    ours = MoE(hf_config(name)).to(BF16).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    x = torch.randn(3, 11, hf.config.hidden_size).to(BF16)
+    with torch.no_grad():
+        want = hf(x).float()
+        plain = ours(x).float()
+        ours.experts.pack()
+        packed = ours(x).float()
+    scale = want.abs().max()
+    assert (packed - want).abs().max() <= 0.03 * scale  # bf16 rounding of two implementations
+    assert (packed - plain).abs().max() <= 0.02 * scale
+    assert ours.state_dict().keys() == hf.state_dict().keys()  # the packed copy is not state
+
+
+def test_module_pack_lifecycle():
+    torch.manual_seed(0)
+    moe = MoE(hf_config("odd")).to(BF16)
+    x = torch.randn(7, moe.hidden_size).to(BF16)
+    assert pack_experts(torch.nn.Sequential(moe)) == 1 and moe.experts.is_packed
+    # A forward that needs a gradient is refused (packed weights are for inference).
+    with pytest.raises(RuntimeError, match="packed for inference"):
+        moe(x)
+    with torch.no_grad():
+        before = moe(x)
+        # Weights changed in place (load_state_dict copies): re-packed on the next forward.
+        sd = {k: v * 2 if k.startswith("experts.") else v for k, v in moe.state_dict().items()}
+        moe.load_state_dict(sd)
+        after = moe(x)
+        unpack_experts(moe)
+        plain = moe(x)
+    assert not torch.equal(before, after)
+    assert (after.float() - plain.float()).abs().max() <= 0.02 * plain.float().abs().max()
+    # Copies re-pack on first use.
+    moe.experts.pack()
+    twin = copy.deepcopy(moe)
+    with torch.inference_mode():
+        assert torch.equal(twin(x), moe(x))
+    # Not bf16 on the CPU any more: a clear error, no silent fallback.
+    moe.float()
+    with torch.no_grad(), pytest.raises(ValueError, match="need bfloat16 weights on the CPU"):
+        moe(x.float())
+    moe.experts.unpack()
+    with torch.no_grad():
+        moe(x.float())
+    with pytest.raises(ValueError, match="need bfloat16 weights on the CPU"):
+        moe.experts.pack()
