@@ -25,9 +25,11 @@ def test_info_lists_ops_with_kernels():
 def test_cuda_kernels_were_compiled():
     assert latentmoe._C.with_cuda == 1
     for op in info.ops():
-        if op.startswith("_"):
+        if op.startswith("_") or op in info.CPU_ONLY_OPS:
             continue
         assert "CUDA" in info.kernels(op), f"latentmoe::{op} has no CUDA kernel"
+    for op in info.CPU_ONLY_OPS:
+        assert "CPU" in info.kernels(op) and "CUDA" not in info.kernels(op)
 
 
 def test_mismatched_torch_is_reported(monkeypatch):

@@ -220,3 +220,13 @@ def test_module_pack_lifecycle():
         moe(x.float())
     with pytest.raises(ValueError, match="need bfloat16 weights on the CPU"):
         moe.experts.pack()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_packed_rejects_cuda_tensors():
+    x, gu, down, w, idx = _problem(5, 4, 2, 16, 8)
+    with pytest.raises(RuntimeError, match="argument 'gate_up_proj' is on cuda"):
+        moe_pack_experts(gu.cuda(), down.cuda())
+    gp, dp = moe_pack_experts(gu, down)
+    with pytest.raises(RuntimeError, match="argument 'hidden' is on cuda"):
+        moe_experts_packed(x.cuda(), gp, dp, w, idx, 8)

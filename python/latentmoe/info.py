@@ -8,6 +8,12 @@ import torch
 _KEYS = ("CPU", "CUDA", "Meta", "Autograd")
 
 
+# Ops with CPU kernels only, by design: the prepacked experts' panels are laid out for the CPU's
+# vdpbf16ps (on CUDA, moe_experts reads HF's layout on tensor cores). Their wrappers reject CUDA
+# tensors with a clear error.
+CPU_ONLY_OPS = frozenset({"moe_pack_weight", "moe_experts_packed"})
+
+
 def ops() -> list[str]:
     """Names of all ops in the ``latentmoe`` namespace, sorted."""
     names = [s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("latentmoe::")]

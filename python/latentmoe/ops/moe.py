@@ -131,6 +131,7 @@ def moe_pack_experts(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> tup
         ~15% faster than :func:`moe_experts` on the HF layout (bench/bench_moe.py). A snapshot:
         pack again after the weights change.
     """
+    _cpu_only("moe_pack_experts", gate_up_proj=gate_up_proj, down_proj=down_proj)
     return (_lib.moe_pack_weight.default(gate_up_proj, True), _lib.moe_pack_weight.default(down_proj, False))
 
 
@@ -158,7 +159,19 @@ def moe_experts_packed(
         any thread count. No backward: a gradient reaching it raises; train through
         :func:`moe_experts`.
     """
+    _cpu_only("moe_experts_packed", hidden=hidden, gate_up_packed=gate_up_packed, down_packed=down_packed,
+              weights=weights, indices=indices)
     return _lib.moe_experts_packed.default(hidden, gate_up_packed, down_packed, weights, indices, intermediate_size)
+
+
+def _cpu_only(op: str, **tensors: torch.Tensor) -> None:
+    """The prepacked experts have CPU kernels only (latentmoe.info.CPU_ONLY_OPS)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta"):
+            raise RuntimeError(
+                f"latentmoe.{op}: argument '{name}' is on {t.device}; the prepacked experts are a CPU "
+                "inference path (on CUDA, moe_experts runs HF's layout on tensor cores)"
+            )
 
 
 @torch.library.register_fake("latentmoe::moe_route")
