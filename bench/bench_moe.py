@@ -119,10 +119,10 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
         best = min(times, key=lambda k: times[k][0])
         hf.config._experts_implementation = best
         slow = T >= 512 and not device.startswith("cuda")
-        # bf16 on the CPU: also the prepacked experts (moe_pack_experts once, then
-        # moe_experts_packed: the inference path of MoEExperts.pack()).
+        # On the CPU also the prepacked experts (moe_pack_experts once, then moe_experts_packed:
+        # the inference path of MoEExperts.pack()).
         packed_fns = {}
-        if device == "cpu" and dtype == torch.bfloat16:
+        if device == "cpu" and dtype in (torch.bfloat16, torch.float32):
             gp, dp = latentmoe.ops.moe_pack_experts(gu.detach(), down.detach())
             packed_fns["ours_packed"] = lambda: latentmoe.ops.moe_experts_packed(x, gp, dp, w, idx, I)
         stats, per_round = time_paired({"ours": ours_fn, **packed_fns, "hf_best": lambda: hf.experts(x, idx, w),

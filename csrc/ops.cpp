@@ -101,17 +101,20 @@ TORCH_LIBRARY(latentmoe, m) {
       " Tensor down_proj, Tensor weights, Tensor sorted_pairs, Tensor expert_offsets,"
       " Tensor gate_up_out) -> (Tensor grad_hidden, Tensor grad_gate_up_proj,"
       " Tensor grad_down_proj, Tensor grad_weights)");
-  // Prepacked bf16 experts (CPU, inference; csrc/cpu/moe_packed.cpp). moe_pack_weight turns an
-  // HF-layout expert weight [E, N, K] bf16 into panels of 64 output columns with k pairs
-  // interleaved: [E, P, ceil(K/2), 64, 2] bf16, element [e, p, q, c, j] = weight[e, row, 2q + j]
-  // (0 past K or past the last row). gate_up=false: row = 64p + c, P = ceil(N/64) (down_proj).
-  // gate_up=true (gate_up_proj [E, 2I, H]): columns c < 32 are gate rows 32p + c, c >= 32 the up
-  // rows I + 32p + c - 32 (0 past I), P = ceil(I/32). A copy: the weight is not changed.
+  // Prepacked experts (CPU, inference; csrc/cpu/moe_packed.cpp). moe_pack_weight copies an
+  // HF-layout expert weight [E, N, K] (bf16 or fp32) into panels of 64 output columns:
+  // gate_up=false (down_proj): column c of panel p is row 64p + c, P = ceil(N/64); gate_up=true
+  // (gate_up_proj [E, 2I, H]): columns c < 32 are gate rows 32p + c, c >= 32 the up rows
+  // I + 32p + c - 32, P = ceil(I/32); columns past the end are 0. bf16: [E, P, ceil(K/2), 64, 2],
+  // element [e, p, q, c, j] = weight[e, row, 2q + j] (0 past K); fp32: [E, P, K, 64], element
+  // [e, p, k, c] = weight[e, row, k]. The weight is not changed.
   m.def("moe_pack_weight(Tensor weight, bool gate_up) -> Tensor");
   // moe_experts's output (same math; sums in another order) from packed weights: hidden [T, H]
-  // bf16, gate_up_packed [E, ceil(I/32), ceil(H/2), 64, 2] and down_packed [E, ceil(H/64),
-  // ceil(I/2), 64, 2] from moe_pack_weight, weights [T, k] fp32 or bf16, indices [T, k] int64 in
-  // [0, E), intermediate_size I. Returns out [T, H] bf16. No autograd (inference). Deterministic.
+  // bf16 or fp32, gate_up_packed / down_packed from moe_pack_weight in hidden's dtype (bf16:
+  // [E, ceil(I/32), ceil(H/2), 64, 2] and [E, ceil(H/64), ceil(I/2), 64, 2]; fp32:
+  // [E, ceil(I/32), H, 64] and [E, ceil(H/64), I, 64]), weights [T, k] fp32 or hidden's dtype,
+  // indices [T, k] int64 in [0, E), intermediate_size I. Returns out [T, H] in hidden's dtype.
+  // No autograd (inference). Deterministic.
   m.def(
       "moe_experts_packed(Tensor hidden, Tensor gate_up_packed, Tensor down_packed, Tensor weights,"
       " Tensor indices, int intermediate_size) -> Tensor");

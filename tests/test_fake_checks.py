@@ -86,6 +86,8 @@ SPLIT = dict(kv_cache=T(2, 6, 8), pe_cache=T(2, 6, 4))
 # More good calls: the optional tensors given.
 VARIANTS = [(op, {}) for op in GOOD] + [
     ("linear_small", dict(bias=T(5))),
+    ("moe_pack_weight", dict(weight=T(4, 10, 7))),
+    ("moe_experts_packed", dict(hidden=T(3, 8), gate_up_packed=T(4, 1, 8, 64), down_packed=T(4, 1, 5, 64))),
     ("mla_decode", PAGED),
     ("mla_decode", SPLIT),
     ("mla_decode", {**PAGED, "max_seqlen": 8}),
@@ -275,10 +277,17 @@ BAD = [
     ("moe_experts_backward", dict(gate_up_out=T(6, 10, dtype=F16)), "gate_up_out"),
     ("moe_experts_backward", dict(gate_up_out=T(6, 9)), "gate_up_out"),
     ("moe_pack_weight", dict(weight=T(4, 10, dtype=BF16)), "weight"),
-    ("moe_pack_weight", dict(weight=T(4, 10, 7)), "weight"),
+    ("moe_pack_weight", dict(weight=T(4, 10, 7, dtype=F16)), "weight"),
     ("moe_pack_weight", dict(weight=T(4, 0, 7, dtype=BF16)), "weight"),
     ("moe_pack_weight", dict(weight=T(4, 9, 7, dtype=BF16)), "weight"),
-    ("moe_experts_packed", dict(hidden=T(3, 8)), "hidden"),
+    ("moe_experts_packed", dict(hidden=T(3, 8)), "gate_up_packed"),  # fp32 hidden, bf16 panels
+    ("moe_experts_packed", dict(hidden=T(3, 8, dtype=F16)), "hidden"),
+    ("moe_experts_packed", dict(hidden=T(3, 8), gate_up_packed=T(4, 1, 8, 64), down_packed=T(4, 1, 5, 64),
+                                weights=T(3, 2, dtype=BF16)), "weights"),
+    ("moe_experts_packed", dict(hidden=T(3, 8), gate_up_packed=T(4, 1, 8, 64), down_packed=T(4, 1, 6, 64)),
+     "down_packed"),
+    ("moe_experts_packed", dict(hidden=T(3, 8), gate_up_packed=T(4, 1, 8, 64), down_packed=T(4, 1, 5, 64, 1)),
+     "down_packed"),
     ("moe_experts_packed", dict(hidden=T(3, 8, 1, dtype=BF16)), "hidden"),
     ("moe_experts_packed", dict(hidden=T(3, 0, dtype=BF16)), "hidden"),
     ("moe_experts_packed", dict(intermediate_size=0), "intermediate_size"),

@@ -1,5 +1,5 @@
-// Prepacked bf16 MoE experts for inference on the CPU: moe_pack_weight (HF layout -> panels) and
-// moe_experts_packed (the routed SwiGLU experts on those panels).
+// Prepacked MoE experts (bf16, fp32) for inference on the CPU: moe_pack_weight (HF layout ->
+// panels) and moe_experts_packed (the routed SwiGLU experts on those panels).
 //
 // Why a second layout: HF's [out, in] weight rows make each vdpbf16ps a dot product of 32 k of
 // one token row with 32 k of one weight row, summed across lanes at the end (cpu/gemm_bf16.h),
@@ -11,21 +11,26 @@
 // every weight per call, as much as ~15% of the GEMM at the ~50 rows per expert of a 512-token
 // call (measured), so the panels are made once (moe_pack_weight) and kept.
 //
-// Layout ([E, P, Kp, 64, 2] bf16, Kp = ceil(K / 2); element [e, p, q, c, j] = w[e, row, 2q + j],
-// 0 for 2q + j >= K or a column past the end):
+// Layout: panels of 64 output columns. Which weight row a column holds:
 //   down_proj [E, H, I] (gate_up = false): P = ceil(H / 64), column c of panel p is row 64p + c;
 //   gate_up_proj [E, 2I, H] (gate_up = true): P = ceil(I / 32), columns 0-31 of panel p are the
 //   gate rows 32p + c and columns 32-63 the matching up rows I + 32p + c, so a tile's epilogue
-//   has a column's gate and up sums together (the SwiGLU happens in registers' spill, never in a
-//   [rows, 2I] buffer).
+//   has a column's gate and up sums together (never a [rows, 2I] buffer);
+// columns past the last row are 0. bf16: [E, P, Kp, 64, 2], Kp = ceil(K / 2), element
+// [e, p, q, c, j] = w[e, row, 2q + j] (0 for 2q + j >= K). fp32: [E, P, K, 64], element
+// [e, p, k, c] = w[e, row, k] (the fp32 GEMMs of the HF-layout op transpose a 16-column panel of
+// each expert's weights per call, ~20% of their time at ~50 rows; a 6 x 64 tile of 16-lane FMAs
+// on these panels (6 x 16 of 8-lane ones without AVX-512) reads them in place).
 //
 // The op: gather each expert's token rows (bf16, as 32-bit pairs), then work items (expert,
 // panel) for gate_up + SwiGLU -> act, then (expert, panel) for down -> y, each phase split across
 // the threads in contiguous ranges of about equal cost (rows + a panel's streaming), then the
 // weighted combine in k order (cpu/moe_common.h). Sums run in a fixed order (k pairs in order per
 // column): bitwise the same run to run and at any thread count. CPUs without AVX512_BF16 (or
-// LATENTMOE_CPU_ISA=avx2 / generic) run a portable kernel on the same panels (fp32 arithmetic,
-// not bitwise equal to vdpbf16ps's).
+// LATENTMOE_CPU_ISA=avx2 / generic) run a portable kernel on the same bf16 panels (fp32
+// arithmetic, not bitwise equal to vdpbf16ps's); fp32 panels have AVX-512, AVX2 and portable
+// instantiations of one kernel (the same sums in the same order: the two FMA ones bitwise equal,
+// the portable one, without FMA, rounding each product).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -36,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -72,10 +78,28 @@ inline int64_t source_row(int64_t p, int64_t c, int64_t N, bool gate_up) {
   return c < kGateCols ? j : I + j;
 }
 
+// The fp32 panels: panel[k * 64 + c] = w[row(c)][k].
+void pack_f32(const float* src, int64_t E, int64_t N, int64_t K, bool gate_up, float* dst) {
+  const int64_t P = panels_of(N, gate_up);
+  at::parallel_for(0, E * P, 1, [&](int64_t b, int64_t end) {
+    for (int64_t ep = b; ep < end; ++ep) {
+      const int64_t e = ep / P, p = ep % P;
+      float* panel = dst + ep * K * kCols;
+      for (int64_t c = 0; c < kCols; ++c) {
+        const int64_t r = source_row(p, c, N, gate_up);
+        const float* row = r < 0 ? nullptr : src + (e * N + r) * K;
+        for (int64_t k = 0; k < K; ++k) panel[k * kCols + c] = row ? row[k] : 0.f;
+      }
+    }
+  });
+}
+
 at::Tensor moe_pack_weight_cpu(const at::Tensor& weight, bool gate_up) {
   const char* op = "moe_pack_weight";
   chk::dim(op, "weight", weight, 3);
-  chk::dtype(op, "weight", weight, at::kBFloat16);
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kFloat,
+                    "latentmoe.moe_pack_weight: argument 'weight' must be bfloat16 or float32, got ",
+                    weight.scalar_type());
   const int64_t E = weight.size(0), N = weight.size(1), K = weight.size(2);
   TORCH_CHECK_VALUE(E > 0 && N > 0 && K > 0, "latentmoe.moe_pack_weight: argument 'weight' is empty (shape ",
                     weight.sizes(), ")");
@@ -83,6 +107,11 @@ at::Tensor moe_pack_weight_cpu(const at::Tensor& weight, bool gate_up) {
                     "[E, 2 * intermediate, hidden] (dim 1 even) when gate_up is true, got shape ", weight.sizes());
   const int64_t P = panels_of(N, gate_up), Kp = cdiv(K, 2);
   const at::Tensor w = weight.contiguous();
+  if (w.scalar_type() == at::kFloat) {
+    at::Tensor out = at::empty({E, P, K, kCols}, w.options());
+    pack_f32(w.const_data_ptr<float>(), E, N, K, gate_up, out.mutable_data_ptr<float>());
+    return out;
+  }
   at::Tensor out = at::empty({E, P, Kp, kCols, 2}, w.options());
   const uint16_t* src = reinterpret_cast<const uint16_t*>(w.const_data_ptr<c10::BFloat16>());
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<c10::BFloat16>());
@@ -183,6 +212,88 @@ void tile(bool dp, int mr, const uint32_t* a, int64_t lda, const uint32_t* panel
   }
 }
 
+// res[i * 64 + c] = sum over k < K of a[i * lda + k] * panel[k * 64 + c] for i < MR (fp32
+// panels), the sums in k order; n_pf lines from pf prefetched as tile_dp does. W = 16: the whole
+// panel row per pass (6 x 4 vectors); W = 8: 16 columns per pass (6 x 2, AVX2's 16 registers).
+template <int W, int MR>
+LMOE_V8_INLINE void tile_f32_body(const float* a, int64_t lda, const float* panel, int64_t K, float* res,
+                                  const char* pf, int64_t n_pf) {
+  using V = vec8::vf<W>;
+  constexpr int NV = W == 16 ? 4 : 2;
+  for (int64_t c0 = 0; c0 < kCols; c0 += NV * W) {
+    V acc[MR][NV];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+    int64_t credit = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      if (c0 == 0)
+        for (credit += n_pf; credit >= K; credit -= K, pf += 64) __builtin_prefetch(pf, 0, 2);
+      V b[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) b[v] = vec8::loadw<W>(panel + k * kCols + c0 + v * W);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const V av = vec8::splatw<W>(a[i * lda + k]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[i][v] += av * b[v];
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) vec8::storew<W>(res + i * kCols + c0 + v * W, acc[i][v]);
+  }
+}
+
+#define LMOE_PACKED_F32_TILE(ISA, ATTR, W)                                                                    \
+  template <int MR>                                                                                          \
+  ATTR void tile_f32_##ISA(const float* a, int64_t lda, const float* panel, int64_t K, float* res, const char* pf, \
+                           int64_t n_pf) {                                                                   \
+    tile_f32_body<W, MR>(a, lda, panel, K, res, pf, n_pf);                                                   \
+  }
+LMOE_PACKED_F32_TILE(avx512, LMOE_CPU_AVX512, 16)
+LMOE_PACKED_F32_TILE(avx2, LMOE_CPU_AVX2, 8)
+LMOE_PACKED_F32_TILE(generic, , 8)
+#undef LMOE_PACKED_F32_TILE
+
+enum class Isa { kAvx512, kAvx2, kGeneric };
+
+template <int MR>
+void tile_f32_mr(Isa isa, const float* a, int64_t lda, const float* panel, int64_t K, float* res, const char* pf,
+                 int64_t n_pf) {
+  switch (isa) {
+    case Isa::kAvx512: return tile_f32_avx512<MR>(a, lda, panel, K, res, pf, n_pf);
+    case Isa::kAvx2: return tile_f32_avx2<MR>(a, lda, panel, K, res, pf, n_pf);
+    default: return tile_f32_generic<MR>(a, lda, panel, K, res, pf, n_pf);
+  }
+}
+
+void tile_f32(Isa isa, int mr, const float* a, int64_t lda, const float* panel, int64_t K, float* res,
+              const char* pf, int64_t n_pf) {
+  switch (mr) {
+    case 6: return tile_f32_mr<6>(isa, a, lda, panel, K, res, pf, n_pf);
+    case 5: return tile_f32_mr<5>(isa, a, lda, panel, K, res, pf, n_pf);
+    case 4: return tile_f32_mr<4>(isa, a, lda, panel, K, res, pf, n_pf);
+    case 3: return tile_f32_mr<3>(isa, a, lda, panel, K, res, pf, n_pf);
+    case 2: return tile_f32_mr<2>(isa, a, lda, panel, K, res, pf, n_pf);
+    default: return tile_f32_mr<1>(isa, a, lda, panel, K, res, pf, n_pf);
+  }
+}
+
+// act = silu(g) * u in fp32 (n columns), the arithmetic of the HF-layout op's fp32 SwiGLU.
+template <bool kAvx>
+LMOE_V8_INLINE void silu_mul_body(const float* g, const float* u, float* act, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) vec8::store(act + i, silu8(vec8::load(g + i)) * vec8::load(u + i));
+  for (; i < n; ++i) act[i] = silu1(g[i]) * u[i];
+}
+LMOE_CPU_AVX2 void silu_mul_avx2(const float* g, const float* u, float* act, int64_t n) {
+  silu_mul_body<true>(g, u, act, n);
+}
+void silu_mul_generic(const float* g, const float* u, float* act, int64_t n) { silu_mul_body<false>(g, u, act, n); }
+
 // A row's SwiGLU from its gate and up sums (n columns): act = bf16(silu(bf16(g)) * bf16(u)), the
 // arithmetic of the HF-layout path (dp_swiglu_cols).
 void swiglu_act(const float* g, const float* u, c10::BFloat16* act, int64_t n, bool avx2) {
@@ -198,51 +309,28 @@ void to_bf16(const float* src, c10::BFloat16* dst, int64_t n, bool avx2) {
   for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
 }
 
-void check_packed(const char* name, const at::Tensor& t, int64_t E, int64_t P, int64_t Kp, const char* layout,
-                  const char* source) {
+// The packed weight `name`: dtype T, shape `want` (printed as `layout`), contiguous.
+void check_packed(const char* name, const at::Tensor& t, at::ScalarType dt, std::vector<int64_t> want,
+                  const char* layout, const char* source) {
   const char* op = "moe_experts_packed";
-  chk::dtype(op, name, t, at::kBFloat16);
-  TORCH_CHECK_VALUE(t.dim() == 5 && t.size(0) == E && t.size(1) == P && t.size(2) == Kp && t.size(3) == kCols &&
-                        t.size(4) == 2,
-                    "latentmoe.moe_experts_packed: argument '", name, "' must have shape ", layout, " = [", E, ", ", P,
-                    ", ", Kp, ", 64, 2] (", source, " packed by moe_pack_weight), got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == dt, "latentmoe.moe_experts_packed: argument '", name, "' has dtype ",
+                    t.scalar_type(), " but 'hidden' has dtype ", dt, "; they must match");
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(want), "latentmoe.moe_experts_packed: argument '", name,
+                    "' must have shape ", layout, " = ", at::IntArrayRef(want), " (", source,
+                    " packed by moe_pack_weight), got shape ", t.sizes());
   chk::contiguous(op, name, t);
 }
 
-at::Tensor moe_experts_packed_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_packed,
-                                  const at::Tensor& down_packed, const at::Tensor& weights, const at::Tensor& indices,
-                                  int64_t intermediate_size) {
-  const char* op = "moe_experts_packed";
-  chk::dim(op, "hidden", hidden, 2);
-  chk::dtype(op, "hidden", hidden, at::kBFloat16);
-  const int64_t T = hidden.size(0), H = hidden.size(1), I = intermediate_size;
-  TORCH_CHECK_VALUE(H > 0, "latentmoe.moe_experts_packed: argument 'hidden' has no columns (shape ", hidden.sizes(),
-                    ")");
-  TORCH_CHECK_VALUE(I > 0, "latentmoe.moe_experts_packed: argument 'intermediate_size' must be >= 1, got ", I);
-  TORCH_CHECK_VALUE(gate_up_packed.dim() == 5 && gate_up_packed.size(0) > 0,
-                    "latentmoe.moe_experts_packed: argument 'gate_up_packed' must be 5-D [E, ceil(I/32), ceil(H/2), "
-                    "64, 2] with E >= 1, got shape ", gate_up_packed.sizes());
-  const int64_t E = gate_up_packed.size(0);
-  check_packed("gate_up_packed", gate_up_packed, E, cdiv(I, kGateCols), cdiv(H, 2), "[E, ceil(I/32), ceil(H/2), 64, 2]",
-               "gate_up_proj [E, 2I, H]");
-  check_packed("down_packed", down_packed, E, cdiv(H, kCols), cdiv(I, 2), "[E, ceil(H/64), ceil(I/2), 64, 2]",
-               "down_proj [E, H, I]");
-  chk::dim(op, "indices", indices, 2);
-  chk::dtype(op, "indices", indices, at::kLong);
-  chk::size(op, "indices", indices, 0, T, "tokens");
-  chk::dim(op, "weights", weights, 2);
-  TORCH_CHECK_VALUE(weights.sizes() == indices.sizes(), "latentmoe.moe_experts_packed: argument 'weights' has shape ",
-                    weights.sizes(), " but 'indices' has shape ", indices.sizes());
-  TORCH_CHECK_VALUE(weights.scalar_type() == at::kFloat || weights.scalar_type() == at::kBFloat16,
-                    "latentmoe.moe_experts_packed: argument 'weights' must be float32 or bfloat16, got ",
-                    weights.scalar_type());
-  chk::same_device(op, "gate_up_packed", gate_up_packed, "hidden", hidden);
-  chk::same_device(op, "down_packed", down_packed, "hidden", hidden);
-  chk::same_device(op, "weights", weights, "hidden", hidden);
-  chk::same_device(op, "indices", indices, "hidden", hidden);
-  at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const int64_t K = indices.size(1), S = T * K;
-  at::Tensor out = at::empty({T, H}, hidden.options());
+// The packed experts in T (bf16: token rows as 32-bit pairs, vdpbf16ps or the portable bf16
+// kernel; fp32: floats, the fp32 tiles), after the checks. Returns out [T, H] in T.
+template <typename T>
+at::Tensor packed_forward(const at::Tensor& hidden, const at::Tensor& gate_up_packed, const at::Tensor& down_packed,
+                          const at::Tensor& weights, const at::Tensor& indices, int64_t I) {
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  using A = std::conditional_t<kBf16, uint32_t, float>;  // a row element as the tiles read it
+  const int64_t Tn = hidden.size(0), H = hidden.size(1), E = gate_up_packed.size(0);
+  const int64_t K = indices.size(1), S = Tn * K;
+  at::Tensor out = at::empty({Tn, H}, hidden.options());
   if (S == 0) return out.zero_();
   const at::Tensor x = hidden.contiguous(), idx = indices.contiguous();
   const at::Tensor w = weights.to(at::kFloat).contiguous();
@@ -253,31 +341,35 @@ at::Tensor moe_experts_packed_cpu(const at::Tensor& hidden, const at::Tensor& ga
   for (int64_t e = 0; e < E; ++e)
     if (off[e + 1] > off[e]) active.push_back(e);
 
-  // Token rows as words of two bf16 (+16 words: rows 4 KiB apart would share L1 sets); the
-  // high half of an odd row's last word is 0 (the panels' missing k is 0, and 0 * NaN is NaN).
-  const int64_t ldx = cdiv(H, 2) + 16, lda = cdiv(I, 2) + 16;
-  std::unique_ptr<uint32_t[]> xs(new uint32_t[S * ldx]), act(new uint32_t[S * lda]);
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr<c10::BFloat16>());
+  // Token rows (+16 elements: rows 4 KiB apart would share L1 sets). bf16: words of two values;
+  // the high half of an odd row's last word is 0 (the panels' missing k is 0, and 0 * NaN is NaN).
+  auto row_len = [](int64_t n) { return (kBf16 ? cdiv(n, 2) : n) + 16; };
+  const int64_t ldx = row_len(H), lda = row_len(I);
+  std::unique_ptr<A[]> xs(new A[S * ldx]), act(new A[S * lda]);
+  const T* xp = x.const_data_ptr<T>();
   at::parallel_for(0, S, 16, [&](int64_t b, int64_t end) {
     for (int64_t i = b; i < end; ++i) {
-      uint32_t* d = xs.get() + i * ldx;
-      d[H / 2] = 0;  // (the odd H's last word, or a padding word)
-      std::memcpy(d, xp + (sorted[i] / K) * H, H * sizeof(uint16_t));
-      if (I % 2 == 1) act[i * lda + I / 2] = 0;
+      A* d = xs.get() + i * ldx;
+      if constexpr (kBf16) {
+        d[H / 2] = 0;  // (the odd H's last word, or a padding word)
+        if (I % 2 == 1) act[i * lda + I / 2] = 0;
+      }
+      std::memcpy(d, xp + (sorted[i] / K) * H, H * sizeof(T));
     }
   });
   at::Tensor y = at::empty({S, H}, hidden.options());
-  c10::BFloat16* yp = y.mutable_data_ptr<c10::BFloat16>();
+  T* yp = y.mutable_data_ptr<T>();
   const bool dp = bf16dp::cpu_supported(), avx2 = vec8::use_avx2();
-  const auto* gu_words = reinterpret_cast<const uint32_t*>(gate_up_packed.const_data_ptr<c10::BFloat16>());
-  const auto* d_words = reinterpret_cast<const uint32_t*>(down_packed.const_data_ptr<c10::BFloat16>());
-  auto* act_bf16 = reinterpret_cast<c10::BFloat16*>(act.get());
+  const Isa isa = vec8::use_avx512() ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kGeneric;
+  const A* gu_p = reinterpret_cast<const A*>(gate_up_packed.const_data_ptr<T>());
+  const A* d_p = reinterpret_cast<const A*>(down_packed.const_data_ptr<T>());
 
   const int64_t n_active = static_cast<int64_t>(active.size());
   auto phase = [&](bool gate_up) {
-    const int64_t P = gate_up ? cdiv(I, kGateCols) : cdiv(H, kCols), Kp = gate_up ? cdiv(H, 2) : cdiv(I, 2);
-    const uint32_t* wp = gate_up ? gu_words : d_words;
-    const uint32_t* a_rows = gate_up ? xs.get() : act.get();
+    const int64_t P = gate_up ? cdiv(I, kGateCols) : cdiv(H, kCols);
+    const int64_t Kd = gate_up ? H : I, Kp = kBf16 ? cdiv(Kd, 2) : Kd;  // Kp: panel rows
+    const A* wp = gate_up ? gu_p : d_p;
+    const A* a_rows = gate_up ? xs.get() : act.get();
     const int64_t ld = gate_up ? ldx : lda;
     const int64_t n_items = n_active * P;  // item j: expert active[j / P], panel j % P
     auto cost = [&](int64_t j) {
@@ -303,22 +395,31 @@ at::Tensor moe_experts_packed_cpu(const at::Tensor& hidden, const at::Tensor& ga
       for (int64_t t = tb; t < te; ++t) {
         for (int64_t j = bound[t]; j < bound[t + 1]; ++j) {
           const int64_t e = active[j / P], p = j % P, o = off[e], m = off[e + 1] - o;
-          const uint32_t* panel = panel_of(j);
+          const A* panel = panel_of(j);
           const char* next = j + 1 < bound[t + 1] ? reinterpret_cast<const char*>(panel_of(j + 1)) : nullptr;
           const int64_t lines = next ? Kp * kCols * 4 / 64 : 0, tiles = cdiv(m, kTileRows);
           const int64_t share = cdiv(lines, tiles);
           for (int64_t r = 0; r < m; r += kTileRows) {
             const int mr = static_cast<int>(std::min<int64_t>(kTileRows, m - r));
             const int64_t l0 = std::min(lines, r / kTileRows * share), l1 = std::min(lines, l0 + share);
-            tile(dp, mr, a_rows + (o + r) * ld, ld, panel, Kp, res, next ? next + 64 * l0 : nullptr, l1 - l0);
+            const char* pf = next ? next + 64 * l0 : nullptr;
+            if constexpr (kBf16) tile(dp, mr, a_rows + (o + r) * ld, ld, panel, Kp, res, pf, l1 - l0);
+            else tile_f32(isa, mr, a_rows + (o + r) * ld, ld, panel, Kp, res, pf, l1 - l0);
             for (int i = 0; i < mr; ++i) {
               const int64_t row = o + r + i;
               const float* s = res + i * kCols;
               if (gate_up) {
                 const int64_t n = std::min(kGateCols, I - p * kGateCols);
-                swiglu_act(s, s + kGateCols, act_bf16 + row * 2 * lda + p * kGateCols, n, avx2);
+                if constexpr (kBf16) {
+                  swiglu_act(s, s + kGateCols, reinterpret_cast<T*>(act.get()) + row * 2 * lda + p * kGateCols, n, avx2);
+                } else {
+                  float* ar = act.get() + row * lda + p * kGateCols;
+                  avx2 ? silu_mul_avx2(s, s + kGateCols, ar, n) : silu_mul_generic(s, s + kGateCols, ar, n);
+                }
               } else {
-                to_bf16(s, yp + row * H + p * kCols, std::min(kCols, H - p * kCols), avx2);
+                const int64_t n = std::min(kCols, H - p * kCols);
+                if constexpr (kBf16) to_bf16(s, yp + row * H + p * kCols, n, avx2);
+                else std::memcpy(yp + row * H + p * kCols, s, n * sizeof(float));
               }
             }
           }
@@ -328,9 +429,56 @@ at::Tensor moe_experts_packed_cpu(const at::Tensor& hidden, const at::Tensor& ga
   };
   phase(true);
   phase(false);
-  combine_rows<c10::BFloat16, c10::BFloat16>(yp, w.const_data_ptr<float>(), pos.data(),
-                                             out.mutable_data_ptr<c10::BFloat16>(), T, K, H);
+  combine_rows<T, T>(yp, w.const_data_ptr<float>(), pos.data(), out.mutable_data_ptr<T>(), Tn, K, H);
   return out;
+}
+
+at::Tensor moe_experts_packed_cpu(const at::Tensor& hidden, const at::Tensor& gate_up_packed,
+                                  const at::Tensor& down_packed, const at::Tensor& weights, const at::Tensor& indices,
+                                  int64_t intermediate_size) {
+  const char* op = "moe_experts_packed";
+  chk::dim(op, "hidden", hidden, 2);
+  const at::ScalarType dt = hidden.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kBFloat16 || dt == at::kFloat,
+                    "latentmoe.moe_experts_packed: argument 'hidden' must be bfloat16 or float32, got ", dt);
+  const bool bf16 = dt == at::kBFloat16;
+  const int64_t T = hidden.size(0), H = hidden.size(1), I = intermediate_size;
+  TORCH_CHECK_VALUE(H > 0, "latentmoe.moe_experts_packed: argument 'hidden' has no columns (shape ", hidden.sizes(),
+                    ")");
+  TORCH_CHECK_VALUE(I > 0, "latentmoe.moe_experts_packed: argument 'intermediate_size' must be >= 1, got ", I);
+  const int64_t rank = bf16 ? 5 : 4;
+  TORCH_CHECK_VALUE(gate_up_packed.dim() == rank && gate_up_packed.size(0) > 0,
+                    "latentmoe.moe_experts_packed: argument 'gate_up_packed' must be ", rank, "-D with E >= 1 (",
+                    bf16 ? "[E, ceil(I/32), ceil(H/2), 64, 2] for bfloat16" : "[E, ceil(I/32), H, 64] for float32",
+                    "), got shape ", gate_up_packed.sizes());
+  const int64_t E = gate_up_packed.size(0);
+  if (bf16) {
+    check_packed("gate_up_packed", gate_up_packed, dt, {E, cdiv(I, kGateCols), cdiv(H, 2), kCols, 2},
+                 "[E, ceil(I/32), ceil(H/2), 64, 2]", "gate_up_proj [E, 2I, H]");
+    check_packed("down_packed", down_packed, dt, {E, cdiv(H, kCols), cdiv(I, 2), kCols, 2},
+                 "[E, ceil(H/64), ceil(I/2), 64, 2]", "down_proj [E, H, I]");
+  } else {
+    check_packed("gate_up_packed", gate_up_packed, dt, {E, cdiv(I, kGateCols), H, kCols}, "[E, ceil(I/32), H, 64]",
+                 "gate_up_proj [E, 2I, H]");
+    check_packed("down_packed", down_packed, dt, {E, cdiv(H, kCols), I, kCols}, "[E, ceil(H/64), I, 64]",
+                 "down_proj [E, H, I]");
+  }
+  chk::dim(op, "indices", indices, 2);
+  chk::dtype(op, "indices", indices, at::kLong);
+  chk::size(op, "indices", indices, 0, T, "tokens");
+  chk::dim(op, "weights", weights, 2);
+  TORCH_CHECK_VALUE(weights.sizes() == indices.sizes(), "latentmoe.moe_experts_packed: argument 'weights' has shape ",
+                    weights.sizes(), " but 'indices' has shape ", indices.sizes());
+  TORCH_CHECK_VALUE(weights.scalar_type() == at::kFloat || weights.scalar_type() == dt,
+                    "latentmoe.moe_experts_packed: argument 'weights' must be float32 or hidden's dtype (", dt,
+                    "), got ", weights.scalar_type());
+  chk::same_device(op, "gate_up_packed", gate_up_packed, "hidden", hidden);
+  chk::same_device(op, "down_packed", down_packed, "hidden", hidden);
+  chk::same_device(op, "weights", weights, "hidden", hidden);
+  chk::same_device(op, "indices", indices, "hidden", hidden);
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  return bf16 ? packed_forward<c10::BFloat16>(hidden, gate_up_packed, down_packed, weights, indices, I)
+              : packed_forward<float>(hidden, gate_up_packed, down_packed, weights, indices, I);
 }
 
 }  // namespace

@@ -56,9 +56,9 @@ class MoEExperts(nn.Module):
     """Routed experts in HF's 3-D layout: ``gate_up_proj [E, 2I, hidden]``,
     ``down_proj [E, hidden, I]``.
 
-    :meth:`pack` switches a bfloat16 CPU module to prepacked weights for inference
-    (``ops.moe_experts_packed``: ~15% faster on AVX512_BF16 CPUs; the packed copy costs the
-    weights' memory again and is not in the ``state_dict``). A packed module re-packs by itself
+    :meth:`pack` switches a CPU module (bfloat16 or float32) to prepacked weights for inference
+    (``ops.moe_experts_packed``: no per-call weight transposes; the packed copy costs the weights'
+    memory again and is not in the ``state_dict``). A packed module re-packs by itself
     when its weights are replaced or changed in place (``load_state_dict``, ``copy_``: the
     parameters' storage or version counter), and refuses forwards that need a gradient; changes
     that bypass the version counter (writes through ``.data``) need :meth:`pack` again.
@@ -81,10 +81,10 @@ class MoEExperts(nn.Module):
     def _repack(self) -> None:
         gu, dn = self.gate_up_proj, self.down_proj
         for name, p in (("gate_up_proj", gu), ("down_proj", dn)):
-            if p.dtype != torch.bfloat16 or p.device.type != "cpu":
+            if p.dtype not in (torch.bfloat16, torch.float32) or p.device.type != "cpu":
                 raise ValueError(
-                    f"latentmoe.nn.MoEExperts.pack: packed experts need bfloat16 weights on the CPU, "
-                    f"'{name}' is {p.dtype} on {p.device} (cast with .to(torch.bfloat16), or unpack())"
+                    f"latentmoe.nn.MoEExperts.pack: packed experts need bfloat16 or float32 weights on the "
+                    f"CPU, '{name}' is {p.dtype} on {p.device} (cast them, or unpack())"
                 )
         with torch.no_grad():
             self._packed = (*moe_pack_experts(gu.detach(), dn.detach()), self._stamp())
@@ -369,8 +369,8 @@ class MoE(nn.Module):
 
 
 def pack_experts(model: nn.Module) -> int:
-    """:meth:`MoEExperts.pack` every latentmoe MoE experts module in ``model`` (bfloat16 on the CPU,
-    for inference); returns how many were packed. :func:`unpack_experts` undoes it."""
+    """:meth:`MoEExperts.pack` every latentmoe MoE experts module in ``model`` (bfloat16 or float32
+    on the CPU, for inference); returns how many were packed. :func:`unpack_experts` undoes it."""
     mods = [m for m in model.modules() if isinstance(m, MoEExperts)]
     for m in mods:
         m.pack()

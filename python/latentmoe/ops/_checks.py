@@ -409,37 +409,43 @@ def check_moe_pack_weight(weight, gate_up) -> None:
     """moe_pack_weight_cpu's checks (csrc/cpu/moe_packed.cpp)."""
     op = "moe_pack_weight"
     dim(op, "weight", weight, 3)
-    dtype(op, "weight", weight, torch.bfloat16)
+    require(weight.dtype in (torch.bfloat16, torch.float32), op, "weight",
+            lambda: f"must be bfloat16 or float32, got {_dt(weight.dtype)}")
     require(weight.numel() != 0, op, "weight", lambda: f"is empty (shape {_shape(weight)})")
     require(not gate_up or weight.shape[1] % 2 == 0, op, "weight",
             lambda: "must be gate_up_proj [E, 2 * intermediate, hidden] (dim 1 even) when gate_up is true, "
                     f"got shape {_shape(weight)}")
 
 
-def packed_shape(E, N, K, gate_up: bool) -> tuple:
-    """moe_pack_weight's output shape for a weight ``[E, N, K]``."""
+def packed_shape(E, N, K, gate_up: bool, dtype: torch.dtype) -> tuple:
+    """moe_pack_weight's output shape for a weight ``[E, N, K]`` of ``dtype``."""
     P = -(-(N // 2) // 32) if gate_up else -(-N // 64)
-    return (E, P, -(-K // 2), 64, 2)
+    return (E, P, -(-K // 2), 64, 2) if dtype == torch.bfloat16 else (E, P, K, 64)
 
 
 def check_moe_experts_packed(hidden, gate_up_packed, down_packed, weights, indices, intermediate_size) -> None:
     """moe_experts_packed_cpu's checks (csrc/cpu/moe_packed.cpp)."""
     op = "moe_experts_packed"
     dim(op, "hidden", hidden, 2)
-    dtype(op, "hidden", hidden, torch.bfloat16)
+    dt = hidden.dtype
+    require(dt in (torch.bfloat16, torch.float32), op, "hidden", lambda: f"must be bfloat16 or float32, got {_dt(dt)}")
+    bf16 = dt == torch.bfloat16
     T, H, I = hidden.shape[0], hidden.shape[1], intermediate_size
     require(H > 0, op, "hidden", lambda: f"has no columns (shape {_shape(hidden)})")
     require(I > 0, op, "intermediate_size", lambda: f"must be >= 1, got {I}")
-    require(gate_up_packed.dim() == 5 and gate_up_packed.shape[0] > 0, op, "gate_up_packed",
-            lambda: f"must be 5-D [E, ceil(I/32), ceil(H/2), 64, 2] with E >= 1, got shape {_shape(gate_up_packed)}")
+    rank = 5 if bf16 else 4
+    require(gate_up_packed.dim() == rank and gate_up_packed.shape[0] > 0, op, "gate_up_packed",
+            lambda: f"must be {rank}-D with E >= 1 ("
+                    + ("[E, ceil(I/32), ceil(H/2), 64, 2] for bfloat16" if bf16 else "[E, ceil(I/32), H, 64] for float32")
+                    + f"), got shape {_shape(gate_up_packed)}")
     E = gate_up_packed.shape[0]
+    gu_layout, d_layout = (("[E, ceil(I/32), ceil(H/2), 64, 2]", "[E, ceil(H/64), ceil(I/2), 64, 2]") if bf16
+                           else ("[E, ceil(I/32), H, 64]", "[E, ceil(H/64), I, 64]"))
     for name, t, want, layout, source in (
-        ("gate_up_packed", gate_up_packed, packed_shape(E, 2 * I, H, True), "[E, ceil(I/32), ceil(H/2), 64, 2]",
-         "gate_up_proj [E, 2I, H]"),
-        ("down_packed", down_packed, packed_shape(E, H, I, False), "[E, ceil(H/64), ceil(I/2), 64, 2]",
-         "down_proj [E, H, I]"),
+        ("gate_up_packed", gate_up_packed, packed_shape(E, 2 * I, H, True, dt), gu_layout, "gate_up_proj [E, 2I, H]"),
+        ("down_packed", down_packed, packed_shape(E, H, I, False, dt), d_layout, "down_proj [E, H, I]"),
     ):
-        dtype(op, name, t, torch.bfloat16)
+        same_dtype(op, name, t, "hidden", hidden)
         require(tuple(t.shape) == want, op, name,
                 lambda: f"must have shape {layout} = {_shape(want)} ({source} packed by moe_pack_weight), "
                         f"got shape {_shape(t)}")
@@ -450,8 +456,8 @@ def check_moe_experts_packed(hidden, gate_up_packed, down_packed, weights, indic
     size(op, "indices", indices, 0, T, "tokens")
     dim(op, "weights", weights, 2)
     same_shape(op, "weights", weights, "indices", indices)
-    require(weights.dtype in (torch.float32, torch.bfloat16), op, "weights",
-            lambda: f"must be float32 or bfloat16, got {_dt(weights.dtype)}")
+    require(weights.dtype in (torch.float32, dt), op, "weights",
+            lambda: f"must be float32 or hidden's dtype ({_dt(dt)}), got {_dt(weights.dtype)}")
     for name, t in (("gate_up_packed", gate_up_packed), ("down_packed", down_packed), ("weights", weights),
                     ("indices", indices)):
         same_device(op, name, t, "hidden", hidden)

@@ -117,19 +117,23 @@ def moe_experts(
 
 
 def moe_pack_experts(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack bfloat16 expert weights once for :func:`moe_experts_packed` (CPU inference).
+    """Pack expert weights once for :func:`moe_experts_packed` (CPU inference).
 
     Args:
-        gate_up_proj: ``[E, 2I, H]`` bfloat16 (HF layout: gate rows, then up rows), on the CPU.
-        down_proj: ``[E, H, I]`` bfloat16, on the CPU.
+        gate_up_proj: ``[E, 2I, H]`` bfloat16 or float32 (HF layout: gate rows, then up rows), on
+            the CPU.
+        down_proj: ``[E, H, I]``, the same dtype, on the CPU.
     Returns:
-        ``(gate_up_packed [E, ceil(I/32), ceil(H/2), 64, 2], down_packed [E, ceil(H/64),
-        ceil(I/2), 64, 2])``, bfloat16 copies (the inputs are not changed; together about the
-        weights' size again). Panels of 64 output columns with the k pairs interleaved
-        (``packed[e, p, q, c, j] = w[e, row(p, c), 2q + j]``, zero padded), the layout the CPU's
-        ``vdpbf16ps`` multiplies without lane sums: on AVX512_BF16 CPUs the packed experts run
-        ~15% faster than :func:`moe_experts` on the HF layout (bench/bench_moe.py). A snapshot:
-        pack again after the weights change.
+        ``(gate_up_packed, down_packed)``, copies in the weights' dtype (the inputs are not changed;
+        together about the weights' size again): panels of 64 output columns, a gate_up panel
+        holding 32 gate columns then the 32 matching up columns, zero padded. bfloat16:
+        ``[E, ceil(I/32), ceil(H/2), 64, 2]`` and ``[E, ceil(H/64), ceil(I/2), 64, 2]`` with the k
+        pairs interleaved (``packed[e, p, q, c, j] = w[e, row(p, c), 2q + j]``), the layout the
+        CPU's ``vdpbf16ps`` multiplies without lane sums; float32: ``[E, ceil(I/32), H, 64]`` and
+        ``[E, ceil(H/64), I, 64]`` (``packed[e, p, k, c] = w[e, row(p, c), k]``). The packed
+        experts skip the per-call weight transposes of :func:`moe_experts` (speed:
+        bench/bench_moe.py's ``latentmoe_packed`` rows). A snapshot: pack again after the weights
+        change.
     """
     _cpu_only("moe_pack_experts", gate_up_proj=gate_up_proj, down_proj=down_proj)
     return (_lib.moe_pack_weight.default(gate_up_proj, True), _lib.moe_pack_weight.default(down_proj, False))
@@ -143,19 +147,19 @@ def moe_experts_packed(
     indices: torch.Tensor,
     intermediate_size: int,
 ) -> torch.Tensor:
-    """:func:`moe_experts` on weights packed by :func:`moe_pack_experts` (CPU, bfloat16, inference).
+    """:func:`moe_experts` on weights packed by :func:`moe_pack_experts` (CPU inference).
 
     Args:
-        hidden: ``[T, H]`` bfloat16.
+        hidden: ``[T, H]`` bfloat16 or float32 (the packed weights' dtype).
         gate_up_packed, down_packed: :func:`moe_pack_experts`'s output for ``gate_up_proj`` /
             ``down_proj`` of intermediate size ``intermediate_size`` (contiguous, as returned).
-        weights: ``[T, k]`` float32 or bfloat16.
+        weights: ``[T, k]`` float32 or hidden's dtype.
         indices: ``[T, k]`` int64 in ``[0, E)`` (ValueError otherwise).
         intermediate_size: ``I``.
     Returns:
-        ``[T, H]`` bfloat16, the same function as :func:`moe_experts` (gate and up rounded to
-        bf16, ``act = bf16(silu(g) * u)``, each expert's output rounded to bf16, the k-sum in fp32
-        in k order), its fp32 sums taken in another order. Bitwise the same from run to run and at
+        ``[T, H]`` in hidden's dtype, the same function as :func:`moe_experts` (in bf16: gate and
+        up rounded to bf16, ``act = bf16(silu(g) * u)``, each expert's output rounded to bf16; the
+        k-sum in fp32 in k order), its sums taken in another order. Bitwise the same from run to run and at
         any thread count. No backward: a gradient reaching it raises; train through
         :func:`moe_experts`.
     """
@@ -222,7 +226,7 @@ def _moe_experts_backward_fake(
 def _moe_pack_weight_fake(weight, gate_up):
     check_moe_pack_weight(weight, gate_up)
     E, N, K = weight.shape
-    return weight.new_empty(packed_shape(E, N, K, gate_up))
+    return weight.new_empty(packed_shape(E, N, K, gate_up, weight.dtype))
 
 
 @torch.library.register_fake("latentmoe::moe_experts_packed")
