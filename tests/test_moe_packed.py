@@ -161,7 +161,7 @@ def test_packed_empty_calls():
 def test_packed_bad_input():
     x, gu, down, w, idx = _problem(5, 4, 2, 16, 8)
     gp, dp = moe_pack_experts(gu, down)
-    with pytest.raises(ValueError, match="'indices' holds 4"):
+    with pytest.raises(ValueError, match="moe_experts_packed: argument 'indices' holds 4"):
         moe_experts_packed(x, gp, dp, w, torch.full((5, 2), 4), 8)
     with pytest.raises(ValueError, match="argument 'gate_up_packed' must have shape"):
         moe_experts_packed(x, gp, dp, w, idx, 40)  # another intermediate size

@@ -19,11 +19,11 @@ namespace {
 // Counting sort of the T*K (token, k) pairs by expert; stable, so pairs of one expert keep
 // ascending pair order. Fills sorted_pairs [S] and offsets [E+1]; rejects out-of-range ids.
 void sort_pairs_by_expert(const int64_t* ids, int64_t S, int64_t E, int64_t* sorted_pairs,
-                          int64_t* offsets) {
+                          int64_t* offsets, const char* op = "moe_experts") {
   std::vector<int64_t> cursor(E + 1, 0);
   for (int64_t p = 0; p < S; ++p) {
     const int64_t e = ids[p];
-    TORCH_CHECK_VALUE(e >= 0 && e < E, "latentmoe.moe_experts: argument 'indices' holds ", e,
+    TORCH_CHECK_VALUE(e >= 0 && e < E, "latentmoe.", op, ": argument 'indices' holds ", e,
                       " at flat position ", p, ", outside [0, E=", E, ")");
     ++cursor[e + 1];
   }

@@ -335,7 +335,7 @@ at::Tensor packed_forward(const at::Tensor& hidden, const at::Tensor& gate_up_pa
   const at::Tensor x = hidden.contiguous(), idx = indices.contiguous();
   const at::Tensor w = weights.to(at::kFloat).contiguous();
   std::vector<int64_t> sorted(S), off(E + 1), pos(S);
-  sort_pairs_by_expert(idx.const_data_ptr<int64_t>(), S, E, sorted.data(), off.data());
+  sort_pairs_by_expert(idx.const_data_ptr<int64_t>(), S, E, sorted.data(), off.data(), "moe_experts_packed");
   for (int64_t i = 0; i < S; ++i) pos[sorted[i]] = i;
   std::vector<int64_t> active;
   for (int64_t e = 0; e < E; ++e)
