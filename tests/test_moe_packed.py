@@ -272,3 +272,39 @@ def test_packed_rejects_cuda_tensors():
     gp, dp = moe_pack_experts(gu, down)
     with pytest.raises(RuntimeError, match="argument 'hidden' is on cuda"):
         moe_experts_packed(x.cuda(), gp, dp, w, idx, 8)
+
+
+def test_module_packed_under_inference_mode_weights():
+    # Parameters made under inference_mode are inference tensors (no version counter).
+    with torch.inference_mode():
+        moe = MoE(hf_config("odd")).to(BF16)
+        moe.experts.pack()
+        x = torch.randn(5, moe.hidden_size).to(BF16)
+        packed = moe(x)
+        moe.experts.unpack()
+        plain = moe(x)
+    assert (packed.float() - plain.float()).abs().max() <= 0.02 * plain.float().abs().max()
+
+
+def test_module_packed_deepcopy_repacks_on_first_use():
+    moe = MoE(hf_config("odd")).to(BF16)
+    moe.experts.pack()
+    twin = copy.deepcopy(moe)
+    assert twin.experts.is_packed and twin.experts._packed is None  # not shared, not copied
+    x = torch.randn(4, moe.hidden_size).to(BF16)
+    with torch.no_grad():
+        assert torch.equal(twin(x), moe(x))
+    assert twin.experts._packed is not None and twin.experts._packed[0] is not moe.experts._packed[0]
+
+
+def test_module_packed_compiles_whole():
+    torch.manual_seed(0)
+    moe = MoE(hf_config("v3")).to(BF16).eval()
+    moe.experts.pack()
+    x = torch.randn(2, 9, moe.hidden_size).to(BF16)
+    compiled = torch.compile(moe, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), moe(x))
+    fresh = copy.deepcopy(moe)  # packed, its copy not made yet: a clear error while tracing
+    with torch.no_grad(), pytest.raises(Exception, match="call pack\\(\\) outside torch.compile"):
+        torch.compile(fresh, fullgraph=True, backend="eager")(x)

@@ -1,5 +1,5 @@
 // Helpers shared by the MoE CPU kernels (cpu/moe.cpp: HF-layout experts; cpu/moe_packed.cpp:
-// prepacked bf16 experts): the counting sort of (token, k) pairs by expert, the SwiGLU
+// prepacked bf16 / fp32 experts): the counting sort of (token, k) pairs by expert, the SwiGLU
 // activation's vector arithmetic and epilogue, and the weighted combine back to token order.
 #pragma once
 

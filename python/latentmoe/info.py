@@ -9,8 +9,8 @@ _KEYS = ("CPU", "CUDA", "Meta", "Autograd")
 
 
 # Ops with CPU kernels only, by design: the prepacked experts' panels are laid out for the CPU's
-# vdpbf16ps (on CUDA, moe_experts reads HF's layout on tensor cores). Their wrappers reject CUDA
-# tensors with a clear error.
+# register tiles (vdpbf16ps for bf16, 16-lane FMAs for fp32; on CUDA, moe_experts reads HF's
+# layout on tensor cores). Their wrappers reject CUDA tensors with a clear error.
 CPU_ONLY_OPS = frozenset({"moe_pack_weight", "moe_experts_packed"})
 
 

@@ -58,11 +58,18 @@ class MoEExperts(nn.Module):
 
     :meth:`pack` switches a CPU module (bfloat16 or float32) to prepacked weights for inference
     (``ops.moe_experts_packed``: no per-call weight transposes; the packed copy costs the weights'
-    memory again and is not in the ``state_dict``). A packed module re-packs by itself
-    when its weights are replaced or changed in place (``load_state_dict``, ``copy_``: the
-    parameters' storage or version counter), and refuses forwards that need a gradient; changes
-    that bypass the version counter (writes through ``.data``) need :meth:`pack` again.
+    memory again, more where ``I`` or ``hidden`` is not a multiple of 32 / 64 (the panels'
+    padding), and is not in the ``state_dict``). A packed module re-packs by itself in eager
+    forwards when its weights are replaced or changed in place (``load_state_dict``, ``copy_``:
+    the parameters' storage or version counter), and refuses forwards that need a gradient;
+    changes that bypass the version counter (writes through ``.data``), and weight changes
+    between calls of a ``torch.compile``d forward (which uses the copy it traced), need
+    :meth:`pack` again.
     :meth:`unpack` goes back to the HF layout (training)."""
+
+    # Class defaults: modules pickled before packing existed unpickle unpacked.
+    _pack = False
+    _packed = None  # (gate_up_packed, down_packed, stamp of the weights they came from)
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -70,12 +77,12 @@ class MoEExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
         nn.init.normal_(self.down_proj, std=intermediate_size**-0.5)
-        self._pack = False
-        self._packed = None  # (gate_up_packed, down_packed, stamp of the weights they came from)
 
     # ---- prepacked inference -------------------------------------------------------------------
     def _stamp(self) -> tuple:
-        return tuple((p.data_ptr(), p._version, tuple(p.shape), p.dtype, p.device)
+        # Inference tensors (made under torch.inference_mode) have no version counter; they
+        # cannot be changed in place outside inference mode either.
+        return tuple((p.data_ptr(), None if p.is_inference() else p._version, tuple(p.shape), p.dtype, p.device)
                      for p in (self.gate_up_proj, self.down_proj))
 
     def _repack(self) -> None:
@@ -120,7 +127,15 @@ class MoEExperts(nn.Module):
                 "latentmoe.nn.MoEExperts: the experts are packed for inference (pack()); run the forward "
                 "under torch.no_grad() / torch.inference_mode(), or call unpack() to train"
             )
-        if self._packed is None or self._packed[2] != self._stamp():
+        if torch.compiler.is_compiling():
+            # Traced: the packed copy is a constant of the graph (a re-pack in eager replaces it,
+            # and the changed attribute recompiles); the weight check runs in eager calls only.
+            if self._packed is None:
+                raise RuntimeError(
+                    "latentmoe.nn.MoEExperts: call pack() outside torch.compile (the packed copy of a copy "
+                    "(deepcopy, pickle) is made at its first eager forward)"
+                )
+        elif self._packed is None or self._packed[2] != self._stamp():
             self._repack()
         gate_up_packed, down_packed, _ = self._packed
         return moe_experts_packed(hidden, gate_up_packed, down_packed, weights, indices,
