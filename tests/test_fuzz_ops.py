@@ -34,6 +34,8 @@ from latentmoe.ops import (  # noqa: E402
     mla_decode,
     mla_prefill,
     moe_experts,
+    moe_experts_packed,
+    moe_pack_experts,
     moe_route,
     rms_norm,
 )
@@ -617,6 +619,28 @@ def test_fuzz_moe_experts(case):
         assert out.dtype == x.dtype and out.shape == x.shape
         assert torch.equal(out, again)  # bitwise deterministic
         assert torch.isfinite(out).all()  # idle experts' NaN weights are never read
+        want = ref_moe.swiglu_experts(*(t.double() for t in (x, gu, down, w)), idx)
+        bound = torch.einsum("tk,tkh->th", w.double().abs(), expert_error_scale(x, gu, down, idx))
+        results.append([(out, ref_moe.swiglu_experts(x, gu, down, w, idx), want, want.abs() + bound)])
+    check_experts_results(results, c["dtype"])
+
+
+@fuzz(80)
+@given(case=experts_cases())
+def test_fuzz_moe_experts_packed(case):
+    """The prepacked experts (bf16 and fp32; a drawn fp16 case runs in bf16) under the rules of
+    test_fuzz_moe_experts; the packed copies of the idle experts' NaN weights are never read."""
+    c = dict(case, dtype="bfloat16" if case["dtype"] == "float16" else case["dtype"])
+    results = []
+    for r in range(REPLICAS):
+        x, gu, down, w, idx, _ = experts_problem(c, c["seed"] + 1000 * r)
+        with cpu_env(c["isa"], c["threads"]):
+            gp, dp = moe_pack_experts(gu, down)
+            out = moe_experts_packed(x, gp, dp, w, idx, c["I"])
+            again = moe_experts_packed(x, gp, dp, w, idx, c["I"])
+        assert out.dtype == x.dtype and out.shape == x.shape
+        assert torch.equal(out, again)  # bitwise deterministic
+        assert torch.isfinite(out).all()
         want = ref_moe.swiglu_experts(*(t.double() for t in (x, gu, down, w)), idx)
         bound = torch.einsum("tk,tkh->th", w.double().abs(), expert_error_scale(x, gu, down, idx))
         results.append([(out, ref_moe.swiglu_experts(x, gu, down, w, idx), want, want.abs() + bound)])
