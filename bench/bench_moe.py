@@ -237,11 +237,22 @@ def _expert_count_rows(device, quick) -> list[dict]:
         w = torch.rand(T, TOP_K, device=device)
         fns[E] = (lambda x=x, gu=gu, down=down, w=w, idx=idx:
                   latentmoe.ops.moe_experts(x, gu, down, w, idx))
+        if device == "cpu":  # the prepacked experts too (their panels on huge pages where the OS allows)
+            gp, dp = latentmoe.ops.moe_pack_experts(gu, down)
+            fns[f"packed{E}"] = (lambda x=x, gp=gp, dp=dp, w=w, idx=idx:
+                                 latentmoe.ops.moe_experts_packed(x, gp, dp, w, idx, inter))
         read_bytes[E] = idx.unique().numel() * 3 * hidden * inter * gu.element_size()
-    # The three timed in alternation, each ratio to E=16 taken round by round (time_paired).
+    # All timed in alternation, each ratio to E=16 taken round by round (time_paired).
     stats, per_round = time_paired(fns, device, rounds=7, reps=3)
     base = stats[16][0]
     for E in counts:
+        if f"packed{E}" in stats:
+            rows += [row("moe_experts_vs_E", "latentmoe_packed", mode, E, stats[f"packed{E}"], device),
+                     ratio_row("moe_experts_vs_E", "packed_time_over_E16", E,
+                               paired_ratio(per_round, f"packed{E}", "packed16"), device,
+                               f"{mode}; prepacked weights (inference); goal within 0.85-1.15x; median of "
+                               "per-round ratios (timed in alternation)",
+                               target=("in", (0.85, 1.15)) if E != 16 else None)]
         nbytes = read_bytes[E]
         read = (nbytes / (read_bandwidth_gbs(nbytes, device) * 1e9) * 1e3,) * 3
         rows += [row("moe_experts_vs_E", "latentmoe", mode, E, stats[E], device),

@@ -36,6 +36,9 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -78,6 +81,24 @@ inline int64_t source_row(int64_t p, int64_t c, int64_t N, bool gate_up) {
   return c < kGateCols ? j : I + j;
 }
 
+// Ask for transparent huge pages (2 MiB) on the 2 MiB-aligned part of a fresh, untouched buffer
+// (the packed weights), before it is first written: the experts' panels are streamed from memory
+// once per call, and with 4 KiB pages the TLB misses of that stream cost time (bf16, 512 tokens,
+// 2-core Zen 4: E = 256 of h512 / i256 8.5 vs 9.5 ms, h1024 / i704 / E = 64 33.8 vs 35.3 ms,
+// measured with PyTorch's THP_MEM_ALLOC_ENABLE=1, which does the same for every large tensor).
+// Advice only: where the kernel has THP off or no huge page is free, the pages stay 4 KiB.
+void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // The fp32 panels: panel[k * 64 + c] = w[row(c)][k].
 void pack_f32(const float* src, int64_t E, int64_t N, int64_t K, bool gate_up, float* dst) {
   const int64_t P = panels_of(N, gate_up);
@@ -109,10 +130,12 @@ at::Tensor moe_pack_weight_cpu(const at::Tensor& weight, bool gate_up) {
   const at::Tensor w = weight.contiguous();
   if (w.scalar_type() == at::kFloat) {
     at::Tensor out = at::empty({E, P, K, kCols}, w.options());
+    advise_huge_pages(out.mutable_data_ptr(), out.nbytes());
     pack_f32(w.const_data_ptr<float>(), E, N, K, gate_up, out.mutable_data_ptr<float>());
     return out;
   }
   at::Tensor out = at::empty({E, P, Kp, kCols, 2}, w.options());
+  advise_huge_pages(out.mutable_data_ptr(), out.nbytes());
   const uint16_t* src = reinterpret_cast<const uint16_t*>(w.const_data_ptr<c10::BFloat16>());
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<c10::BFloat16>());
   at::parallel_for(0, E * P, 1, [&](int64_t b, int64_t end) {
