@@ -297,32 +297,46 @@ LMOE_CPU_AVX512BF16 inline void pack_pairs(const uint16_t* b, int64_t ldb, int64
   }
 }
 
-// res[i * kNp + c] (+ if accumulate) = sum over pairs p < np of A(i, p) . panel[p, c], i < MR.
-template <int MR>
-LMOE_CPU_AVX512BF16 void kn_tile(const uint32_t* a, int64_t ars, int64_t aps, const uint32_t* panel, int64_t np,
-                                 float* res, bool accumulate) {
-  __m512 acc[MR][3];
+// The outer-product register tile (also the prepacked experts', cpu/moe_packed.cpp):
+// res[i * LD + c] (+ if accumulate) = sum over pairs p < np of A(i, p) . panel[p * LD + c] for
+// i < MR and c < 16 * NV, A(i, p) the word a[i * ars + p * aps]. kPrefetch: meanwhile n_pf 64-byte
+// lines from pf on are prefetched to L2, spread evenly over the pairs (the next panel, a share per
+// tile). (The stride and the prefetch are compile-time: as run-time values they cost the short
+// tiles of the backward ~5%.)
+template <int MR, int NV, int64_t LD, bool kPrefetch>
+LMOE_CPU_AVX512BF16 void outer_tile(const uint32_t* a, int64_t ars, int64_t aps, const uint32_t* panel, int64_t np,
+                                    float* res, bool accumulate, const char* pf = nullptr, int64_t n_pf = 0) {
+  __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 3
-    for (int v = 0; v < 3; ++v)
-      acc[i][v] = accumulate ? _mm512_loadu_ps(res + i * kNp + 16 * v) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = accumulate ? _mm512_loadu_ps(res + i * LD + 16 * v) : _mm512_setzero_ps();
+  int64_t credit = 0;
   for (int64_t p = 0; p < np; ++p) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + p * kNp);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + p * kNp + 16);
-    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(panel + p * kNp + 32);
+    if constexpr (kPrefetch)
+      for (credit += n_pf; credit >= np; credit -= np, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+    __m512bh b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(panel + p * LD + 16 * v);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * ars + p * aps]));
-      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
-      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
-      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], av, b[v]);
     }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 3
-    for (int v = 0; v < 3; ++v) _mm512_storeu_ps(res + i * kNp + 16 * v, acc[i][v]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(res + i * LD + 16 * v, acc[i][v]);
+}
+
+// res[i * kNp + c] (+ if accumulate) = sum over pairs p < np of A(i, p) . panel[p, c], i < MR.
+template <int MR>
+LMOE_CPU_AVX512BF16 void kn_tile(const uint32_t* a, int64_t ars, int64_t aps, const uint32_t* panel, int64_t np,
+                                 float* res, bool accumulate) {
+  outer_tile<MR, 3, kNp, false>(a, ars, aps, panel, np, res, accumulate);
 }
 
 // Floats of scratch `res` gemm_kn needs for M rows, K and columns [n_begin, n_end): one panel's

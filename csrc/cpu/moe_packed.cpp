@@ -99,17 +99,18 @@ void advise_huge_pages(void* p, size_t bytes) {
 #endif
 }
 
-// The fp32 panels: panel[k * 64 + c] = w[row(c)][k].
-void pack_f32(const float* src, int64_t E, int64_t N, int64_t K, bool gate_up, float* dst) {
+// Panels of words W (a bf16 pair, or an fp32 value): panel (e, p)'s word (q, c) = word(e, r, q)
+// for the weight row r behind column c, 0 for columns past the end; Kw words per row.
+template <typename W, typename Word>
+void pack_panels(int64_t E, int64_t N, int64_t Kw, bool gate_up, W* dst, const Word& word) {
   const int64_t P = panels_of(N, gate_up);
   at::parallel_for(0, E * P, 1, [&](int64_t b, int64_t end) {
     for (int64_t ep = b; ep < end; ++ep) {
       const int64_t e = ep / P, p = ep % P;
-      float* panel = dst + ep * K * kCols;
+      W* panel = dst + ep * Kw * kCols;
       for (int64_t c = 0; c < kCols; ++c) {
         const int64_t r = source_row(p, c, N, gate_up);
-        const float* row = r < 0 ? nullptr : src + (e * N + r) * K;
-        for (int64_t k = 0; k < K; ++k) panel[k * kCols + c] = row ? row[k] : 0.f;
+        for (int64_t q = 0; q < Kw; ++q) panel[q * kCols + c] = r < 0 ? W{} : word(e, r, q);
       }
     }
   });
@@ -131,68 +132,23 @@ at::Tensor moe_pack_weight_cpu(const at::Tensor& weight, bool gate_up) {
   if (w.scalar_type() == at::kFloat) {
     at::Tensor out = at::empty({E, P, K, kCols}, w.options());
     advise_huge_pages(out.mutable_data_ptr(), out.nbytes());
-    pack_f32(w.const_data_ptr<float>(), E, N, K, gate_up, out.mutable_data_ptr<float>());
+    const float* src = w.const_data_ptr<float>();
+    pack_panels(E, N, K, gate_up, out.mutable_data_ptr<float>(),
+                [&](int64_t e, int64_t r, int64_t k) { return src[(e * N + r) * K + k]; });
     return out;
   }
   at::Tensor out = at::empty({E, P, Kp, kCols, 2}, w.options());
   advise_huge_pages(out.mutable_data_ptr(), out.nbytes());
   const uint16_t* src = reinterpret_cast<const uint16_t*>(w.const_data_ptr<c10::BFloat16>());
-  uint32_t* dst = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<c10::BFloat16>());
-  at::parallel_for(0, E * P, 1, [&](int64_t b, int64_t end) {
-    for (int64_t ep = b; ep < end; ++ep) {
-      const int64_t e = ep / P, p = ep % P;
-      uint32_t* panel = dst + ep * Kp * kCols;
-      for (int64_t c = 0; c < kCols; ++c) {
-        const int64_t r = source_row(p, c, N, gate_up);
-        if (r < 0) {
-          for (int64_t q = 0; q < Kp; ++q) panel[q * kCols + c] = 0;
-          continue;
-        }
-        const uint16_t* row = src + (e * N + r) * K;
-        for (int64_t q = 0; q < K / 2; ++q) {
-          uint32_t v;
-          std::memcpy(&v, row + 2 * q, 4);
-          panel[q * kCols + c] = v;
-        }
-        if (K % 2 == 1) panel[(Kp - 1) * kCols + c] = row[K - 1];
-      }
-    }
-  });
+  pack_panels(E, N, Kp, gate_up, reinterpret_cast<uint32_t*>(out.mutable_data_ptr<c10::BFloat16>()),
+              [&](int64_t e, int64_t r, int64_t q) {
+                const uint16_t* pair = src + (e * N + r) * K + 2 * q;
+                if (2 * q + 1 == K) return static_cast<uint32_t>(pair[0]);  // the odd K's last: (x, 0)
+                uint32_t v;
+                std::memcpy(&v, pair, 4);
+                return v;
+              });
   return out;
-}
-
-// res[i * 64 + c] = sum over pairs q < Kp of a_i(q) . panel[q][c] for i < MR, where a_i(q) =
-// a[i * lda + q] holds row i's elements 2q (low half) and 2q + 1. Meanwhile n_pf 64-byte lines
-// from pf on are prefetched to L2 (the next work item's panel, a share per tile), spread evenly.
-template <int MR>
-LMOE_CPU_AVX512BF16 void tile_dp(const uint32_t* a, int64_t lda, const uint32_t* panel, int64_t Kp, float* res,
-                                 const char* pf, int64_t n_pf) {
-  __m512 acc[MR][4];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
-  int64_t credit = 0;
-  for (int64_t q = 0; q < Kp; ++q) {
-    for (credit += n_pf; credit >= Kp; credit -= Kp, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
-    const uint32_t* bq = panel + q * kCols;
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bq);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bq + 16);
-    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(bq + 32);
-    const __m512bh b3 = (__m512bh)_mm512_loadu_si512(bq + 48);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i * lda + q]));
-      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
-      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
-      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
-      acc[i][3] = _mm512_dpbf16_ps(acc[i][3], av, b3);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(res + i * kCols + 16 * v, acc[i][v]);
 }
 
 inline float bf16_lo(uint32_t w) {
@@ -222,16 +178,21 @@ void tile_generic(const uint32_t* a, int64_t lda, int mr, const uint32_t* panel,
   }
 }
 
+// res[i * 64 + c] = sum over pairs q < Kp of a_i(q) . panel[q][c] for i < mr (<= 6), where
+// a_i(q) = a[i * lda + q] holds row i's elements 2q (low half) and 2q + 1: bf16dp's outer-product
+// tile (vdpbf16ps) where the CPU has AVX512_BF16, else tile_generic. Meanwhile n_pf 64-byte lines
+// from pf on are prefetched to L2 (the next work item's panel, a share per tile).
 void tile(bool dp, int mr, const uint32_t* a, int64_t lda, const uint32_t* panel, int64_t Kp, float* res,
           const char* pf, int64_t n_pf) {
   if (!dp) return tile_generic(a, lda, mr, panel, Kp, res);
+  using bf16dp::outer_tile;
   switch (mr) {
-    case 6: return tile_dp<6>(a, lda, panel, Kp, res, pf, n_pf);
-    case 5: return tile_dp<5>(a, lda, panel, Kp, res, pf, n_pf);
-    case 4: return tile_dp<4>(a, lda, panel, Kp, res, pf, n_pf);
-    case 3: return tile_dp<3>(a, lda, panel, Kp, res, pf, n_pf);
-    case 2: return tile_dp<2>(a, lda, panel, Kp, res, pf, n_pf);
-    default: return tile_dp<1>(a, lda, panel, Kp, res, pf, n_pf);
+    case 6: return outer_tile<6, 4, kCols, true>(a, lda, 1, panel, Kp, res, false, pf, n_pf);
+    case 5: return outer_tile<5, 4, kCols, true>(a, lda, 1, panel, Kp, res, false, pf, n_pf);
+    case 4: return outer_tile<4, 4, kCols, true>(a, lda, 1, panel, Kp, res, false, pf, n_pf);
+    case 3: return outer_tile<3, 4, kCols, true>(a, lda, 1, panel, Kp, res, false, pf, n_pf);
+    case 2: return outer_tile<2, 4, kCols, true>(a, lda, 1, panel, Kp, res, false, pf, n_pf);
+    default: return outer_tile<1, 4, kCols, true>(a, lda, 1, panel, Kp, res, false, pf, n_pf);
   }
 }
 
