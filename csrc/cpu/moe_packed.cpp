@@ -22,7 +22,7 @@
 // each expert's weights per call, ~20% of their time at ~50 rows; a 6 x 64 tile of 16-lane FMAs
 // on these panels (6 x 16 of 8-lane ones without AVX-512) reads them in place).
 //
-// The op: gather each expert's token rows (bf16, as 32-bit pairs), then work items (expert,
+// The op: gather each expert's token rows (bf16 ones as 32-bit pairs), then work items (expert,
 // panel) for gate_up + SwiGLU -> act, then (expert, panel) for down -> y, each phase split across
 // the threads in contiguous ranges of about equal cost (rows + a panel's streaming), then the
 // weighted combine in k order (cpu/moe_common.h). Sums run in a fixed order (k pairs in order per
