@@ -145,9 +145,10 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
         goal = "goal >= 1.4x at 512 tokens; " if T == 512 else ""
         # Each of ours: the HF-layout op ("", the default path) and the prepacked one ("packed_").
         # (prefix, our key, HF's key, what)
-        ours_keys = [("", "ours", "hf_best", "")] + [
-            ("packed_", "ours_packed", "hf_best_no_grad", "prepacked weights (inference), HF under no_grad; ")
-            for _ in packed_fns if _ == "ours_packed"]
+        ours_keys = [("", "ours", "hf_best", "")]
+        if packed_fns:
+            ours_keys.append(("packed_", "ours_packed", "hf_best_no_grad",
+                              "prepacked weights (inference), HF under no_grad; "))
         if packed_fns:
             rows.append(row("moe_experts", "latentmoe_packed", mode, T, stats["ours_packed"], device,
                             note="moe_experts_packed on weights packed once by moe_pack_experts"))

@@ -164,7 +164,7 @@ inline float bf16_hi(uint32_t w) {
   return f;
 }
 
-// tile_dp's sums for CPUs without AVX512_BF16: each pair's two exact products added, then
+// tile's sums for CPUs without AVX512_BF16: each pair's two exact products added, then
 // accumulated, in fp32 (portable code).
 void tile_generic(const uint32_t* a, int64_t lda, int mr, const uint32_t* panel, int64_t Kp, float* res) {
   for (int i = 0; i < mr; ++i) {
@@ -197,7 +197,7 @@ void tile(bool dp, int mr, const uint32_t* a, int64_t lda, const uint32_t* panel
 }
 
 // res[i * 64 + c] = sum over k < K of a[i * lda + k] * panel[k * 64 + c] for i < MR (fp32
-// panels), the sums in k order; n_pf lines from pf prefetched as tile_dp does. W = 16: the whole
+// panels), the sums in k order; n_pf lines from pf prefetched as tile's are. W = 16: the whole
 // panel row per pass (6 x 4 vectors); W = 8: 16 columns per pass (6 x 2, AVX2's 16 registers).
 template <int W, int MR>
 LMOE_V8_INLINE void tile_f32_body(const float* a, int64_t lda, const float* panel, int64_t K, float* res,

@@ -383,10 +383,14 @@ class MoE(nn.Module):
         bias += gamma * torch.sign(load.mean() - load).to(bias.dtype)
 
 
+def _experts_modules(model: nn.Module) -> list[MoEExperts]:
+    return [m for m in model.modules() if isinstance(m, MoEExperts)]
+
+
 def pack_experts(model: nn.Module) -> int:
     """:meth:`MoEExperts.pack` every latentmoe MoE experts module in ``model`` (bfloat16 or float32
     on the CPU, for inference); returns how many were packed. :func:`unpack_experts` undoes it."""
-    mods = [m for m in model.modules() if isinstance(m, MoEExperts)]
+    mods = _experts_modules(model)
     for m in mods:
         m.pack()
     return len(mods)
@@ -394,7 +398,7 @@ def pack_experts(model: nn.Module) -> int:
 
 def unpack_experts(model: nn.Module) -> int:
     """:meth:`MoEExperts.unpack` every latentmoe MoE experts module in ``model``; returns the count."""
-    mods = [m for m in model.modules() if isinstance(m, MoEExperts)]
+    mods = _experts_modules(model)
     for m in mods:
         m.unpack()
     return len(mods)
