@@ -301,6 +301,43 @@ def _linear_rows(device: str, dtype) -> list[dict]:
     return rows
 
 
+def _absorbed_rows(dtype) -> list[dict]:
+    """The module's two absorbed per-head products of a CPU decode step (q_nope @ W_UK and
+    o_latent @ W_UV^T on views of kv_b_proj's weight, 16 heads, one row each): bmm_small against
+    the path the module takes otherwise (ATen's bmm in fp32, bf16 weights converted per call) and
+    against a plain read of the weight bytes, timed in alternation."""
+    rows = []
+    dt = str(dtype).removeprefix("torch.")
+    wv = (torch.randn(H * (NOPE + V), C) / C**0.5).to(dtype).view(H, NOPE + V, C)
+    w_uk, w_uv_t = wv[:, :NOPE], wv[:, NOPE:].transpose(1, 2)
+    q, o = torch.randn(H, 1, NOPE).to(dtype), torch.randn(H, 1, C).to(dtype)
+    nbytes = wv.numel() * wv.element_size()  # both products together read kv_b_proj's weight once
+    buf = torch.randn(max(1, nbytes // 4))
+
+    def ours():
+        latentmoe.ops.bmm_small(q, w_uk)
+        latentmoe.ops.bmm_small(o, w_uv_t)
+
+    def aten():
+        torch.bmm(q.float(), w_uk.float())
+        torch.bmm(o.float(), w_uv_t.float())
+
+    stats, per_round = time_paired({"ours": ours, "aten": aten, "floor": lambda: buf.sum()}, "cpu", rounds=9, reps=5)
+    mode = f"absorbed-{dt}-H{H}"
+    rows += [
+        row("bmm_small", "aten_bmm_fp32", mode, 1, stats["aten"], "cpu",
+            note="torch.bmm in fp32 (bf16 weights converted per call): the module's path before bmm_small"),
+        row("bmm_small", "latentmoe", mode, 1, stats["ours"], "cpu", note="both products, bmm_small"),
+        row("bmm_small", "read_once_floor", mode, 1, stats["floor"], "cpu",
+            note=f"plain read of the {nbytes / 2**20:.0f} MiB weight"),
+        ratio_row("bmm_small", "speedup_vs_aten", 1, paired_ratio(per_round, "aten", "ours"), "cpu",
+                  f"{mode}; no goal; median of per-round ratios"),
+        ratio_row("bmm_small", "time_over_floor", 1, paired_ratio(per_round, "ours", "floor"), "cpu",
+                  f"{mode}; no goal; median of per-round ratios"),
+    ]
+    return rows
+
+
 def _append_rows(device: str, dtype) -> list[dict]:
     """mla_append_cache (kv_a_layernorm + RoPE of k_pe + write into the cache slots, one kernel) vs
     the same three steps with HF's modules / functions and a slice write, and vs the bytes floor."""
@@ -541,6 +578,9 @@ def run(device: str, quick: bool) -> list[dict]:
     rows += _decode_op_rows(device, dtype, contexts)
     rows += _append_rows(device, dtype)
     rows += _linear_rows(device, dtype)
+    if device == "cpu":  # a CPU-only op (on CUDA the module calls torch.bmm)
+        for dt in (torch.float32, torch.bfloat16):
+            rows += _absorbed_rows(dt)
     if device.startswith("cuda"):
         rows += _decode_op_rows(device, torch.bfloat16, contexts)
     else:  # the CPU's bf16 path (vdpbf16ps scores where the CPU has AVX512_BF16), at the goal's 4K

@@ -28,6 +28,12 @@ TORCH_LIBRARY(latentmoe, m) {
   // deterministic. CUDA: cuBLAS. No autograd (inference; the modules use nn.Linear when a gradient
   // is needed).
   m.def("linear_small(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
+  // out [G, M, N] = input [G, M, K] @ weight [G, K, N] (torch.bmm) for M <= 16 rows per entry
+  // (MLA's absorbed per-head products in a decode step). input contiguous; weight the same dtype
+  // (fp32/bf16/fp16) with rows of N adjacent (stride(2) == 1) or a transposed view with rows of K
+  // adjacent (stride(1) == 1), any other strides (slices of kv_b_proj's weight read in place).
+  // fp32 accumulation, out in input's dtype, deterministic. CPU only, no autograd (inference).
+  m.def("bmm_small(Tensor input, Tensor weight) -> Tensor");
 
   // ---- MLA (multi-head latent attention) -------------------------------------------------------
   // Absorbed MLA attention on the latent cache (decode, MTP/speculative Sq > 1).

@@ -1,4 +1,5 @@
-// Argument checks of linear_small, shared by the CPU and CUDA registrations.
+// Argument checks of linear_small (shared by the CPU and CUDA registrations) and of bmm_small
+// (CPU only).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -32,6 +33,34 @@ inline void check_args(const at::Tensor& input, const at::Tensor& weight, const 
     chk::size(op, "bias", *bias, 0, weight.size(0), "out_features = weight.size(0)");
     chk::contiguous(op, "bias", *bias);
   }
+}
+
+// bmm_small's weight layouts: kKn, weight [G, K, N] with its N elements of a row adjacent
+// (stride(2) == 1; any row stride, e.g. a slice of a larger matrix); kNk, the transposed view of
+// an [G, N, K] tensor (stride(1) == 1, rows of K adjacent). A dimension of size 1 counts as
+// adjacent whatever its stride.
+enum class BmmLayout { kKn, kNk };
+
+inline BmmLayout check_bmm_args(const at::Tensor& input, const at::Tensor& weight) {
+  namespace chk = latentmoe::checks;
+  const char* op = "bmm_small";
+  chk::floating(op, "input", input);
+  chk::same_dtype(op, "weight", weight, "input", input);
+  chk::same_device(op, "weight", weight, "input", input);
+  chk::dim(op, "input", input, 3);
+  chk::dim(op, "weight", weight, 3);
+  TORCH_CHECK_VALUE(input.size(1) <= kMaxRows, "latentmoe.bmm_small: argument 'input' has ", input.size(1),
+                    " rows per batch entry; the op takes at most ", kMaxRows, " (use torch.bmm for more)");
+  chk::size(op, "weight", weight, 0, input.size(0), "the batch size input.size(0)");
+  chk::size(op, "weight", weight, 1, input.size(2), "K = input.size(2)");
+  chk::contiguous(op, "input", input);
+  const int64_t K = weight.size(1), N = weight.size(2);
+  if (K <= 1 || weight.stride(1) == 1) return BmmLayout::kNk;
+  TORCH_CHECK_VALUE(N <= 1 || weight.stride(2) == 1, "latentmoe.bmm_small: argument 'weight' (strides ",
+                    weight.strides(), ") must have unit stride in its last dimension (a [G, K, N] matrix "
+                    "with rows of N adjacent) or in its middle one (a transposed [G, N, K] view); "
+                    "pass weight.contiguous()");
+  return BmmLayout::kKn;
 }
 
 }  // namespace latentmoe::linear

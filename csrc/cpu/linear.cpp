@@ -4,9 +4,20 @@
 // fp32 vectors, vec8.h: AVX2+FMA+F16C where the CPU has it, else portable; bf16 / fp16 weights
 // widened in registers), four independent accumulators per dot so a core is not held to one FMA
 // per latency. Fixed summation order: bitwise deterministic whatever the thread count.
+//
+// bmm_small CPU kernel (CPU only): out[g] = input[g] @ weight[g] for a few rows per batch entry
+// (MLA's absorbed per-head products in a decode step: q_nope @ W_UK, o_latent @ W_UV^T, read in
+// place from kv_b_proj's weight). A transposed weight view (rows of K adjacent) runs linear_small's
+// dot products; a [K, N] weight (rows of N adjacent) runs an axpy form: the weight rows are read
+// one after another (one sequential stream: the hardware prefetcher follows it from memory) and
+// each is added, times the input's k-th value, into the fp32 output rows, which stay in L1; every
+// output is summed in k order. Work items are (batch entry, block of kKnBlock columns): fixed
+// boundaries, so the bits do not depend on the thread count either.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "common/linear_checks.h"
 #include "cpu/vec8.h"
@@ -19,11 +30,12 @@ using v8::v8f;
 
 // out[m, n] for rows m in [0, M) of x (fp32, row stride K) and weight rows n in [n0, n1).
 // out_f: fp32 [M, N] scratch.
+// Weight row n at w + n * ldw.
 template <typename TW, bool kAvx>
-LMOE_V8_INLINE void rows_body(const float* x, int64_t M, const TW* w, int64_t K, int64_t N, int64_t n0, int64_t n1,
-                              float* out_f) {
+LMOE_V8_INLINE void rows_body(const float* x, int64_t M, const TW* w, int64_t ldw, int64_t K, int64_t N, int64_t n0,
+                              int64_t n1, float* out_f) {
   for (int64_t n = n0; n < n1; ++n) {
-    const TW* wr = w + n * K;
+    const TW* wr = w + n * ldw;
     for (int64_t m = 0; m < M; m += 2) {
       const float* x0 = x + m * K;
       const float* x1 = m + 1 < M ? x0 + K : x0;  // an odd last row pairs with itself
@@ -56,14 +68,60 @@ LMOE_V8_INLINE void rows_body(const float* x, int64_t M, const TW* w, int64_t K,
 }
 
 template <typename TW>
-LMOE_CPU_AVX2 void rows_avx2(const float* x, int64_t M, const TW* w, int64_t K, int64_t N, int64_t n0, int64_t n1,
-                             float* out_f) {
-  rows_body<TW, true>(x, M, w, K, N, n0, n1, out_f);
+LMOE_CPU_AVX2 void rows_avx2(const float* x, int64_t M, const TW* w, int64_t ldw, int64_t K, int64_t N, int64_t n0,
+                             int64_t n1, float* out_f) {
+  rows_body<TW, true>(x, M, w, ldw, K, N, n0, n1, out_f);
 }
 template <typename TW>
-void rows_generic(const float* x, int64_t M, const TW* w, int64_t K, int64_t N, int64_t n0, int64_t n1,
+void rows_generic(const float* x, int64_t M, const TW* w, int64_t ldw, int64_t K, int64_t N, int64_t n0, int64_t n1,
                   float* out_f) {
-  rows_body<TW, false>(x, M, w, K, N, n0, n1, out_f);
+  rows_body<TW, false>(x, M, w, ldw, K, N, n0, n1, out_f);
+}
+
+// Columns per bmm_small work item in the [K, N] form (a multiple of 32).
+constexpr int64_t kKnBlock = 512;
+
+// y[m, n] = sum_k x[m, k] * w[k * ldk + n] for m < M, n in [n0, n1): x fp32 [M, K], y fp32 rows
+// of stride N. Weight row k is read once, n0 to n1, and each output accumulates in k order.
+template <typename TW, bool kAvx>
+LMOE_V8_INLINE void kn_body(const float* x, int64_t M, const TW* w, int64_t ldk, int64_t K, int64_t N, int64_t n0,
+                            int64_t n1, float* y) {
+  for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + n0, y + m * N + n1, 0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    const TW* wr = w + k * ldk;
+    int64_t n = n0;
+    for (; n + 32 <= n1; n += 32) {
+      v8f wv[4];
+      for (int u = 0; u < 4; ++u) wv[u] = v8::load_f32<TW, kAvx>(wr + n + 8 * u);
+      for (int64_t m = 0; m < M; ++m) {
+        const v8f xs = v8::splat(x[m * K + k]);
+        float* yr = y + m * N + n;
+        for (int u = 0; u < 4; ++u) v8::store(yr + 8 * u, v8::load(yr + 8 * u) + xs * wv[u]);
+      }
+    }
+    for (; n + 8 <= n1; n += 8) {
+      const v8f wv = v8::load_f32<TW, kAvx>(wr + n);
+      for (int64_t m = 0; m < M; ++m) {
+        float* yr = y + m * N + n;
+        v8::store(yr, v8::load(yr) + v8::splat(x[m * K + k]) * wv);
+      }
+    }
+    for (; n < n1; ++n) {
+      const float wk = static_cast<float>(wr[n]);
+      for (int64_t m = 0; m < M; ++m) y[m * N + n] += x[m * K + k] * wk;
+    }
+  }
+}
+
+template <typename TW>
+LMOE_CPU_AVX2 void kn_avx2(const float* x, int64_t M, const TW* w, int64_t ldk, int64_t K, int64_t N, int64_t n0,
+                           int64_t n1, float* y) {
+  kn_body<TW, true>(x, M, w, ldk, K, N, n0, n1, y);
+}
+template <typename TW>
+void kn_generic(const float* x, int64_t M, const TW* w, int64_t ldk, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                float* y) {
+  kn_body<TW, false>(x, M, w, ldk, K, N, n0, n1, y);
 }
 
 at::Tensor linear_small_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -81,9 +139,9 @@ at::Tensor linear_small_cpu(const at::Tensor& input, const at::Tensor& weight, c
       const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * weight.element_size()));
       at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
         if (avx) {
-          rows_avx2<scalar_t>(xp, M, wp, K, N, n0, n1, op);
+          rows_avx2<scalar_t>(xp, M, wp, K, K, N, n0, n1, op);
         } else {
-          rows_generic<scalar_t>(xp, M, wp, K, N, n0, n1, op);
+          rows_generic<scalar_t>(xp, M, wp, K, K, N, n0, n1, op);
         }
       });
     });
@@ -92,9 +150,68 @@ at::Tensor linear_small_cpu(const at::Tensor& input, const at::Tensor& weight, c
   return out_f.to(input.scalar_type());
 }
 
+at::Tensor bmm_small_cpu(const at::Tensor& input, const at::Tensor& weight) {
+  const linear::BmmLayout layout = linear::check_bmm_args(input, weight);
+  const int64_t G = input.size(0), M = input.size(1), K = input.size(2), N = weight.size(2);
+  auto out_f = at::empty({G, M, N}, input.options().dtype(at::kFloat));
+  if (G > 0 && M > 0 && N > 0) {
+    if (K == 0) {
+      out_f.zero_();
+    } else {
+      const auto x = input.to(at::kFloat).contiguous();  // a few rows per entry: the copy is small
+      const float* xp = x.const_data_ptr<float>();
+      float* op = out_f.mutable_data_ptr<float>();
+      const bool avx = v8::use_avx2();
+      const int64_t sg = weight.stride(0);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "bmm_small", [&] {
+        const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+        if (layout == linear::BmmLayout::kNk) {
+          // Weight row n of entry g (K elements, adjacent) at wp + g * sg + n * ldw: linear_small's
+          // dot products, items of about 64 KiB of weights over the (entry, row) pairs.
+          const int64_t ldw = weight.stride(2);
+          const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * weight.element_size()));
+          at::parallel_for(0, G * N, grain, [&](int64_t b, int64_t e) {
+            while (b < e) {
+              const int64_t g = b / N, n0 = b % N, n1 = std::min(N, n0 + (e - b));
+              const scalar_t* wg = wp + g * sg;
+              const float* xg = xp + g * M * K;
+              float* og = op + g * M * N;
+              if (avx) {
+                rows_avx2<scalar_t>(xg, M, wg, ldw, K, N, n0, n1, og);
+              } else {
+                rows_generic<scalar_t>(xg, M, wg, ldw, K, N, n0, n1, og);
+              }
+              b += n1 - n0;
+            }
+          });
+        } else {
+          const int64_t ldk = weight.stride(1), blocks = (N + kKnBlock - 1) / kKnBlock;
+          at::parallel_for(0, G * blocks, 1, [&](int64_t b, int64_t e) {
+            for (int64_t i = b; i < e; ++i) {
+              const int64_t g = i / blocks, n0 = (i % blocks) * kKnBlock, n1 = std::min(N, n0 + kKnBlock);
+              const scalar_t* wg = wp + g * sg;
+              const float* xg = xp + g * M * K;
+              float* og = op + g * M * N;
+              if (avx) {
+                kn_avx2<scalar_t>(xg, M, wg, ldk, K, N, n0, n1, og);
+              } else {
+                kn_generic<scalar_t>(xg, M, wg, ldk, K, N, n0, n1, og);
+              }
+            }
+          });
+        }
+      });
+    }
+  }
+  return out_f.to(input.scalar_type());
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(latentmoe, CPU, m) { m.impl("linear_small", &linear_small_cpu); }
+TORCH_LIBRARY_IMPL(latentmoe, CPU, m) {
+  m.impl("linear_small", &linear_small_cpu);
+  m.impl("bmm_small", &bmm_small_cpu);
+}
 
 // The CPU micro-kernels' instantiation the next op will run ("avx2" or "generic"; vec8::use_avx2):
 // latentmoe._C.cpu_isa() for tests that force the portable one.

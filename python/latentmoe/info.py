@@ -10,8 +10,10 @@ _KEYS = ("CPU", "CUDA", "Meta", "Autograd")
 
 # Ops with CPU kernels only, by design: the prepacked experts' panels are laid out for the CPU's
 # register tiles (vdpbf16ps for bf16, 16-lane FMAs for fp32; on CUDA, moe_experts reads HF's
-# layout on tensor cores). Their wrappers reject CUDA tensors with a clear error.
-CPU_ONLY_OPS = frozenset({"moe_pack_weight", "moe_experts_packed"})
+# layout on tensor cores), and bmm_small streams strided weight views where a CPU BLAS bmm with one
+# row runs well below the memory's rate (on CUDA the module calls torch.bmm: cuBLAS). Their
+# wrappers reject CUDA tensors with a clear error.
+CPU_ONLY_OPS = frozenset({"moe_pack_weight", "moe_experts_packed", "bmm_small"})
 
 
 def ops() -> list[str]:

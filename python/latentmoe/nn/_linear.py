@@ -58,3 +58,14 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return layer(x)
     out = linear_small(x.reshape(rows, x.shape[-1]).contiguous(), w.contiguous(), b)
     return out.view(*x.shape[:-1], w.shape[0])
+
+
+def bmm_small_applies(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
+    """Whether per-entry products ``x @ w`` with ``rows`` rows per entry go through ``bmm_small``:
+    on the CPU, for 1 to 16 rows, when no gradient is needed and not under ``torch.export`` (no
+    branch on a row count that may be dynamic there)."""
+    return (
+        x.device.type == "cpu" and w.device.type == "cpu" and 0 < rows <= MAX_ROWS
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        and not torch.compiler.is_exporting()
+    )

@@ -7,7 +7,7 @@ ranks, sizes and shapes, dtypes, non-empty inputs, devices (``RuntimeError``; ev
 ``ValueError``) and the scalar arguments (``moe_route``'s ``top_k`` / ``n_group`` / ``topk_group`` /
 ``score_func`` and finite ``routed_scaling_factor``, ``window >= -1``, finite ``softmax_scale``,
 ``max_seqlen`` in ``[-1, capacity]``, the norms' and ``mla_append_cache``'s ``eps``,
-``linear_small``'s row limit). So a call the real kernel rejects for
+``linear_small``'s and ``bmm_small``'s row limits). So a call the real kernel rejects for
 its metadata fails the same way at trace time, before any kernel runs.
 
 They do NOT repeat:
@@ -17,8 +17,8 @@ They do NOT repeat:
   ``max_seqlen`` against the longest row. The real kernel checks them when it runs (a call with
   both a bad value and a later metadata error, e.g. ``mla_prefill``'s ``window``, raises the
   metadata error under tracing and the value error eagerly);
-* **contiguity** checks: fake tensors' strides under ``torch.compile`` may legitimately differ from
-  the eager ones; the real kernel checks contiguity.
+* **contiguity** and other stride checks (``bmm_small``'s weight layout): fake tensors' strides
+  under ``torch.compile`` may legitimately differ from the eager ones; the real kernel checks them.
 
 The C++ helpers they mirror are in csrc/common/checks.h; the op checks in csrc/common/*_checks.h
 and csrc/cpu/moe.cpp (``moe_host::check_*``). Sizes may be SymInts under dynamic shapes: they are
@@ -171,6 +171,28 @@ def check_linear_small(input, weight, bias, max_rows: int) -> None:
         same_device(op, "bias", bias, "input", input)
         dim(op, "bias", bias, 1)
         size(op, "bias", bias, 0, weight.shape[0], "out_features = weight.size(0)")
+
+
+def check_bmm_small(input, weight, max_rows: int) -> None:
+    """linear::check_bmm_args (csrc/common/linear_checks.h)."""
+    op = "bmm_small"
+    floating(op, "input", input)
+    same_dtype(op, "weight", weight, "input", input)
+    same_device(op, "weight", weight, "input", input)
+    dim(op, "input", input, 3)
+    dim(op, "weight", weight, 3)
+    require(input.shape[1] <= max_rows, op, "input", lambda: (
+        f"has {input.shape[1]} rows per batch entry; the op takes at most {max_rows} (use torch.bmm for more)"))
+    size(op, "weight", weight, 0, input.shape[0], "the batch size input.size(0)")
+    size(op, "weight", weight, 1, input.shape[2], "K = input.size(2)")
+
+
+def cpu_only(op: str, why: str, **tensors) -> None:
+    """RuntimeError naming the first tensor argument that is on another device than the CPU (or
+    meta): ``op`` has CPU kernels only (latentmoe.info.CPU_ONLY_OPS); ``why`` says what to use there."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta"):
+            raise RuntimeError(f"latentmoe.{op}: argument '{name}' is on {t.device}; {why}")
 
 
 def check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, ref, ref_name, pe_cache=None):

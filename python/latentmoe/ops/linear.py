@@ -1,10 +1,12 @@
-"""``linear_small``: a projection of a few rows (a decode step), bound by reading the weight once."""
+"""``linear_small``: a projection of a few rows (a decode step), bound by reading the weight once;
+``bmm_small``: the batched product of a few rows per entry with strided weight views (MLA's absorbed
+per-head products), CPU only."""
 
 from __future__ import annotations
 
 import torch
 
-from latentmoe.ops._checks import check_linear_small, forbid_backward
+from latentmoe.ops._checks import check_bmm_small, check_linear_small, cpu_only, forbid_backward
 
 _lib = torch.ops.latentmoe
 
@@ -36,3 +38,35 @@ def _linear_small_fake(input, weight, bias=None):
 
 forbid_backward("linear_small", "has no backward (an inference op): use torch.nn.functional.linear where gradients "
                 "are needed, or call it under torch.no_grad()")
+
+
+def bmm_small(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(input, weight)`` for at most 16 rows per batch entry, on the CPU.
+
+    Args:
+        input: ``[G, M, K]`` with ``M <= 16``, fp32/bf16/fp16, contiguous.
+        weight: ``[G, K, N]``, same dtype, read in place: rows of ``N`` adjacent (``stride(2) == 1``,
+            any row and batch strides, e.g. ``kv_b_proj.weight.view(H, N + V, C)[:, :N]``) or a
+            transposed view with rows of ``K`` adjacent (``stride(1) == 1``, e.g.
+            ``....view(H, N + V, C)[:, N:].transpose(1, 2)``).
+    Returns:
+        ``[G, M, N]`` in the input dtype, fp32 accumulation, bitwise deterministic whatever the
+        thread count. Each weight row is streamed once in a sequential order (ATen's CPU bmm with
+        one row read these views at about half the memory's rate), and bf16 / fp16 weights are
+        widened in registers (no fp32 copy of the weight). An inference op with no backward: a
+        gradient reaching it raises ``RuntimeError`` (use ``torch.bmm`` where gradients are
+        needed). CPU only (``latentmoe.info.CPU_ONLY_OPS``): CUDA tensors raise ``RuntimeError``.
+    Raises ``ValueError`` naming the argument on bad shapes, dtypes, strides or more than 16 rows.
+    """
+    cpu_only("bmm_small", "it is a CPU decode path (on CUDA use torch.bmm: cuBLAS)", input=input, weight=weight)
+    return _lib.bmm_small.default(input, weight)
+
+
+@torch.library.register_fake("latentmoe::bmm_small")
+def _bmm_small_fake(input, weight):
+    check_bmm_small(input, weight, MAX_ROWS)
+    return input.new_empty((input.shape[0], input.shape[1], weight.shape[2]))
+
+
+forbid_backward("bmm_small", "has no backward (an inference op): use torch.bmm where gradients are needed, or call it "
+                "under torch.no_grad()")

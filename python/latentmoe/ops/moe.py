@@ -12,6 +12,7 @@ from latentmoe.ops._checks import (
     check_moe_pack_weight,
     check_moe_route,
     check_moe_route_backward,
+    cpu_only,
     forbid_backward,
     forbid_double_backward,
     packed_shape,
@@ -170,12 +171,8 @@ def moe_experts_packed(
 
 def _cpu_only(op: str, **tensors: torch.Tensor) -> None:
     """The prepacked experts have CPU kernels only (latentmoe.info.CPU_ONLY_OPS)."""
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta"):
-            raise RuntimeError(
-                f"latentmoe.{op}: argument '{name}' is on {t.device}; the prepacked experts are a CPU "
-                "inference path (on CUDA, moe_experts runs HF's layout on tensor cores)"
-            )
+    cpu_only(op, "the prepacked experts are a CPU inference path (on CUDA, moe_experts runs HF's layout on "
+             "tensor cores)", **tensors)
 
 
 @torch.library.register_fake("latentmoe::moe_route")
