@@ -6,7 +6,8 @@
 // scores and the weighted sum are register-blocked fp32 micro-kernels (vec8.h vectors; AVX-512,
 // AVX2+FMA and portable instantiations picked by CPU feature), with an online softmax vectorised
 // across query rows in between. On AVX512_BF16 CPUs the scores of bf16 rows read in place are
-// vdpbf16ps dot products (gemm_bf16.h). fp32 accumulators; splits are merged by their LSE.
+// vdpbf16ps dot products and their weighted sums vdpbf16ps outer products on bf16-rounded
+// weights (gemm_bf16.h). fp32 accumulators; splits are merged by their LSE.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -47,8 +48,11 @@ struct TileArgs {
   const uint16_t* kb; // ... and the tile's bf16 key rows in the cache (row stride ldkb); else null
   int64_t ldkb;
   float score_scale;  // scores are multiplied by this in the softmax (1, or softmax_scale for kb)
-  const float* k;     // the tile's first key row
+  const float* k;     // the tile's first key row (fp32; null where the weighted sum reads kb)
   int64_t ldk;
+  uint32_t* pv_words; // bf16 weighted sum: scratch for the weights as bf16 pairs of keys ...
+  uint32_t* pv_panel; // ... gemm_kn's packed panel ...
+  float* pv_res;      // ... and its sums
   const char* next;   // the next tile's first key row in the cache, prefetched during the scores; or null
   int64_t next_ld;    // its row stride (bytes)
   int64_t next_elt;   // its element size (bytes)
@@ -337,6 +341,35 @@ LMOE_V8_INLINE void weighted_sum(const TileArgs& a) {
   for_row_blocks<kPvRows<W>>(a.m, [&]<int MR>(int64_t i) LMOE_LAMBDA_INLINE { pv_rows<W, MR>(a, i); });
 }
 
+// Weighted sum of bf16 key rows read in place (AVX512_BF16): acc[i, :C] = alpha[i] acc[i, :C] +
+// sum_j p[j, i] kb[j, :C], the weights rounded to bf16 (to nearest even; as the CUDA tensor-core
+// kernel does) and multiplied by the keys exactly in fp32 by bf16dp's outer-product tiles
+// (gemm_kn: the weights as words of two keys, ars = 1; the keys' pairs of rows interleaved into
+// panels as it goes). Sums in fp32 in key order, pairs at a time.
+LMOE_CPU_AVX512BF16 void decode_weighted_sum_bf16(const TileArgs& a) {
+  const int64_t pairs = (a.n + 1) / 2, ldw = a.mp;
+  for (int64_t q = 0; q < pairs; ++q) {
+    const float* s0 = a.p + 2 * q * a.mp;
+    const float* s1 = 2 * q + 1 < a.n ? s0 + a.mp : nullptr;  // past the last key: 0
+    uint32_t* d = a.pv_words + q * ldw;
+    for (int64_t i = 0; i < a.m; ++i) {
+      uint32_t b0, b1 = 0;
+      std::memcpy(&b0, s0 + i, 4);
+      if (s1 != nullptr) std::memcpy(&b1, s1 + i, 4);
+      // (p >= 0 or NaN: round to nearest even on the bits; a quiet NaN stays NaN)
+      const uint32_t r0 = (b0 + 0x7FFFu + ((b0 >> 16) & 1u)) >> 16;
+      const uint32_t r1 = (b1 + 0x7FFFu + ((b1 >> 16) & 1u)) & 0xFFFF0000u;
+      d[i] = r0 | r1;
+    }
+  }
+  bf16dp::gemm_kn(a.pv_words, 1, ldw, reinterpret_cast<const c10::BFloat16*>(a.kb), a.ldkb, a.m, a.n, 0, a.C,
+                  a.pv_panel, a.pv_res, [&](int64_t r, int64_t n0, const float* v, int64_t cnt) {
+                    float* o = a.acc + r * a.C + n0;
+                    const float al = a.alpha[r];
+                    for (int64_t c = 0; c < cnt; ++c) o[c] = o[c] * al + v[c];
+                  });
+}
+
 // Scores of bf16 queries and bf16 key rows read in place (AVX512_BF16, bf16dp's dot-product tiles:
 // products exact in fp32, sums in fp32): p[j, i] = qb[i, :D] . kb[j, :D], queries 6 at a time
 // against all the tile's keys. Unscaled: the softmax applies score_scale.
@@ -361,9 +394,11 @@ void decode_scores_bf16(const TileArgs& a) {
   void decode_tile_##ISA(const TileArgs& a) {                                                  \
     if (a.kb != nullptr) {                                                                     \
       decode_scores_bf16(a);                                                                   \
-    } else {                                                                                   \
-      decode_scores_##ISA(a);                                                                  \
+      decode_softmax_##ISA(a);                                                                 \
+      decode_weighted_sum_bf16(a);                                                             \
+      return;                                                                                  \
     }                                                                                          \
+    decode_scores_##ISA(a);                                                                    \
     decode_softmax_##ISA(a);                                                                   \
     decode_weighted_sum_##ISA(a);                                                              \
   }
@@ -413,7 +448,10 @@ class ItemScratch {
 
  private:
   static size_t bytes(int64_t D, bool need_tile) {
-    const int64_t floats = (2 * D + kTile + 5) * kRowGroup + D * kRowGroup / 2 + (need_tile ? kTile * D : 0);
+    // The tile: a widened copy of kTile keys, or the bf16 weighted sum's scratch (weights as key
+    // pairs, gemm_kn's panel and sums), whichever is larger.
+    const int64_t pv = (kTile + 1) / 2 * kRowGroup + bf16dp::kKnPanelWords + kRowGroup * bf16dp::kNp;
+    const int64_t floats = (2 * D + kTile + 5) * kRowGroup + D * kRowGroup / 2 + (need_tile ? std::max(kTile * D, pv) : 0);
     return (static_cast<size_t>(floats) * 4 + 63) / 64 * 64;  // aligned_alloc: a multiple of 64
   }
   std::unique_ptr<float, decltype(&std::free)> mem_;
@@ -522,11 +560,13 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
     if (in_place) {
       a.k = reinterpret_cast<const float*>(row_of(t0));
     } else if (p.bf16_scores) {
-      // Scores from the bf16 rows in place; the weighted sum reads their c_kv part widened.
-      const T* k0 = row_of(t0);
-      a.kb = reinterpret_cast<const uint16_t*>(k0);
-      for (int64_t t = t0; t < t1; ++t) widen(k0 + (t - t0) * D, w.tile + (t - t0) * D, C, p.avx2);
-      a.k = w.tile;
+      // Scores and the weighted sum from the bf16 rows in place (the tile scratch holds the
+      // weighted sum's bf16 weights, panel and sums).
+      a.kb = reinterpret_cast<const uint16_t*>(row_of(t0));
+      a.k = nullptr;
+      a.pv_words = reinterpret_cast<uint32_t*>(w.tile);
+      a.pv_panel = a.pv_words + (kTile + 1) / 2 * kRowGroup;
+      a.pv_res = reinterpret_cast<float*>(a.pv_panel + bf16dp::kKnPanelWords);
     } else {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t);
