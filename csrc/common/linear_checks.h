@@ -13,16 +13,25 @@ namespace latentmoe::linear {
 // decode-step projections; larger batches belong to a GEMM (nn.Linear).
 constexpr int64_t kMaxRows = 16;
 
-inline void check_args(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+// input and weight: floating, one dtype and device, `rank` dims each, at most kMaxRows rows (input
+// dim rank - 2, named `rows`; `instead`: what takes more).
+inline void check_operands(const char* op, const at::Tensor& input, const at::Tensor& weight, int64_t rank,
+                           const char* rows, const char* instead) {
   namespace chk = latentmoe::checks;
-  const char* op = "linear_small";
   chk::floating(op, "input", input);
   chk::same_dtype(op, "weight", weight, "input", input);
   chk::same_device(op, "weight", weight, "input", input);
-  chk::dim(op, "input", input, 2);
-  chk::dim(op, "weight", weight, 2);
-  TORCH_CHECK_VALUE(input.size(0) <= kMaxRows, "latentmoe.linear_small: argument 'input' has ", input.size(0),
-                    " rows; the op takes at most ", kMaxRows, " (use torch.nn.functional.linear for more)");
+  chk::dim(op, "input", input, rank);
+  chk::dim(op, "weight", weight, rank);
+  TORCH_CHECK_VALUE(input.size(rank - 2) <= kMaxRows, "latentmoe.", op, ": argument 'input' has ",
+                    input.size(rank - 2), " ", rows, "; the op takes at most ", kMaxRows, " (use ", instead,
+                    " for more)");
+}
+
+inline void check_args(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  namespace chk = latentmoe::checks;
+  const char* op = "linear_small";
+  check_operands(op, input, weight, 2, "rows", "torch.nn.functional.linear");
   chk::size(op, "weight", weight, 1, input.size(1), "in_features = input.size(1)");
   chk::contiguous(op, "input", input);
   chk::contiguous(op, "weight", weight);
@@ -44,13 +53,7 @@ enum class BmmLayout { kKn, kNk };
 inline BmmLayout check_bmm_args(const at::Tensor& input, const at::Tensor& weight) {
   namespace chk = latentmoe::checks;
   const char* op = "bmm_small";
-  chk::floating(op, "input", input);
-  chk::same_dtype(op, "weight", weight, "input", input);
-  chk::same_device(op, "weight", weight, "input", input);
-  chk::dim(op, "input", input, 3);
-  chk::dim(op, "weight", weight, 3);
-  TORCH_CHECK_VALUE(input.size(1) <= kMaxRows, "latentmoe.bmm_small: argument 'input' has ", input.size(1),
-                    " rows per batch entry; the op takes at most ", kMaxRows, " (use torch.bmm for more)");
+  check_operands(op, input, weight, 3, "rows per batch entry", "torch.bmm");
   chk::size(op, "weight", weight, 0, input.size(0), "the batch size input.size(0)");
   chk::size(op, "weight", weight, 1, input.size(2), "K = input.size(2)");
   chk::contiguous(op, "input", input);

@@ -67,17 +67,6 @@ LMOE_V8_INLINE void rows_body(const float* x, int64_t M, const TW* w, int64_t ld
   }
 }
 
-template <typename TW>
-LMOE_CPU_AVX2 void rows_avx2(const float* x, int64_t M, const TW* w, int64_t ldw, int64_t K, int64_t N, int64_t n0,
-                             int64_t n1, float* out_f) {
-  rows_body<TW, true>(x, M, w, ldw, K, N, n0, n1, out_f);
-}
-template <typename TW>
-void rows_generic(const float* x, int64_t M, const TW* w, int64_t ldw, int64_t K, int64_t N, int64_t n0, int64_t n1,
-                  float* out_f) {
-  rows_body<TW, false>(x, M, w, ldw, K, N, n0, n1, out_f);
-}
-
 // Columns per bmm_small work item in the [K, N] form (a multiple of 32).
 constexpr int64_t kKnBlock = 512;
 
@@ -113,15 +102,25 @@ LMOE_V8_INLINE void kn_body(const float* x, int64_t M, const TW* w, int64_t ldk,
   }
 }
 
-template <typename TW>
-LMOE_CPU_AVX2 void kn_avx2(const float* x, int64_t M, const TW* w, int64_t ldk, int64_t K, int64_t N, int64_t n0,
-                           int64_t n1, float* y) {
-  kn_body<TW, true>(x, M, w, ldk, K, N, n0, n1, y);
+// The two forms' instantiations: kKn picks kn_body (weight rows along K, ld = their stride) or
+// rows_body (weight rows along N, ld = their stride); AVX2+FMA or portable, by CPU feature.
+template <typename TW, bool kKn>
+LMOE_CPU_AVX2 void stream_avx2(const float* x, int64_t M, const TW* w, int64_t ld, int64_t K, int64_t N, int64_t n0,
+                               int64_t n1, float* out_f) {
+  if constexpr (kKn) kn_body<TW, true>(x, M, w, ld, K, N, n0, n1, out_f);
+  else rows_body<TW, true>(x, M, w, ld, K, N, n0, n1, out_f);
 }
-template <typename TW>
-void kn_generic(const float* x, int64_t M, const TW* w, int64_t ldk, int64_t K, int64_t N, int64_t n0, int64_t n1,
-                float* y) {
-  kn_body<TW, false>(x, M, w, ldk, K, N, n0, n1, y);
+template <typename TW, bool kKn>
+void stream_generic(const float* x, int64_t M, const TW* w, int64_t ld, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                    float* out_f) {
+  if constexpr (kKn) kn_body<TW, false>(x, M, w, ld, K, N, n0, n1, out_f);
+  else rows_body<TW, false>(x, M, w, ld, K, N, n0, n1, out_f);
+}
+template <typename TW, bool kKn>
+void stream(bool avx, const float* x, int64_t M, const TW* w, int64_t ld, int64_t K, int64_t N, int64_t n0, int64_t n1,
+            float* out_f) {
+  if (avx) stream_avx2<TW, kKn>(x, M, w, ld, K, N, n0, n1, out_f);
+  else stream_generic<TW, kKn>(x, M, w, ld, K, N, n0, n1, out_f);
 }
 
 at::Tensor linear_small_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -138,11 +137,7 @@ at::Tensor linear_small_cpu(const at::Tensor& input, const at::Tensor& weight, c
       // About 64 KiB of weights per task: enough to amortise the scheduling, many tasks to share out.
       const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * weight.element_size()));
       at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-        if (avx) {
-          rows_avx2<scalar_t>(xp, M, wp, K, K, N, n0, n1, op);
-        } else {
-          rows_generic<scalar_t>(xp, M, wp, K, K, N, n0, n1, op);
-        }
+        stream<scalar_t, false>(avx, xp, M, wp, K, K, N, n0, n1, op);
       });
     });
   }
@@ -173,14 +168,7 @@ at::Tensor bmm_small_cpu(const at::Tensor& input, const at::Tensor& weight) {
           at::parallel_for(0, G * N, grain, [&](int64_t b, int64_t e) {
             while (b < e) {
               const int64_t g = b / N, n0 = b % N, n1 = std::min(N, n0 + (e - b));
-              const scalar_t* wg = wp + g * sg;
-              const float* xg = xp + g * M * K;
-              float* og = op + g * M * N;
-              if (avx) {
-                rows_avx2<scalar_t>(xg, M, wg, ldw, K, N, n0, n1, og);
-              } else {
-                rows_generic<scalar_t>(xg, M, wg, ldw, K, N, n0, n1, og);
-              }
+              stream<scalar_t, false>(avx, xp + g * M * K, M, wp + g * sg, ldw, K, N, n0, n1, op + g * M * N);
               b += n1 - n0;
             }
           });
@@ -189,14 +177,7 @@ at::Tensor bmm_small_cpu(const at::Tensor& input, const at::Tensor& weight) {
           at::parallel_for(0, G * blocks, 1, [&](int64_t b, int64_t e) {
             for (int64_t i = b; i < e; ++i) {
               const int64_t g = i / blocks, n0 = (i % blocks) * kKnBlock, n1 = std::min(N, n0 + kKnBlock);
-              const scalar_t* wg = wp + g * sg;
-              const float* xg = xp + g * M * K;
-              float* og = op + g * M * N;
-              if (avx) {
-                kn_avx2<scalar_t>(xg, M, wg, ldk, K, N, n0, n1, og);
-              } else {
-                kn_generic<scalar_t>(xg, M, wg, ldk, K, N, n0, n1, og);
-              }
+              stream<scalar_t, true>(avx, xp + g * M * K, M, wp + g * sg, ldk, K, N, n0, n1, op + g * M * N);
             }
           });
         }

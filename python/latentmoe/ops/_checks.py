@@ -154,17 +154,21 @@ def check_rms_norm_backward(grad_out, input, weight, rstd) -> None:
             lambda: "must have one value per row of 'input'")
 
 
-def check_linear_small(input, weight, bias, max_rows: int) -> None:
-    """linear::check_args (csrc/common/linear_checks.h)."""
-    op = "linear_small"
+def _check_small_operands(op, input, weight, rank: int, max_rows: int, rows: str, instead: str) -> None:
+    """linear::check_operands (csrc/common/linear_checks.h)."""
     floating(op, "input", input)
     same_dtype(op, "weight", weight, "input", input)
     same_device(op, "weight", weight, "input", input)
-    dim(op, "input", input, 2)
-    dim(op, "weight", weight, 2)
-    require(input.shape[0] <= max_rows, op, "input", lambda: (
-        f"has {input.shape[0]} rows; the op takes at most {max_rows} "
-        "(use torch.nn.functional.linear for more)"))
+    dim(op, "input", input, rank)
+    dim(op, "weight", weight, rank)
+    require(input.shape[rank - 2] <= max_rows, op, "input", lambda: (
+        f"has {input.shape[rank - 2]} {rows}; the op takes at most {max_rows} (use {instead} for more)"))
+
+
+def check_linear_small(input, weight, bias, max_rows: int) -> None:
+    """linear::check_args (csrc/common/linear_checks.h)."""
+    op = "linear_small"
+    _check_small_operands(op, input, weight, 2, max_rows, "rows", "torch.nn.functional.linear")
     size(op, "weight", weight, 1, input.shape[1], "in_features = input.size(1)")
     if bias is not None:
         same_dtype(op, "bias", bias, "input", input)
@@ -176,13 +180,7 @@ def check_linear_small(input, weight, bias, max_rows: int) -> None:
 def check_bmm_small(input, weight, max_rows: int) -> None:
     """linear::check_bmm_args (csrc/common/linear_checks.h)."""
     op = "bmm_small"
-    floating(op, "input", input)
-    same_dtype(op, "weight", weight, "input", input)
-    same_device(op, "weight", weight, "input", input)
-    dim(op, "input", input, 3)
-    dim(op, "weight", weight, 3)
-    require(input.shape[1] <= max_rows, op, "input", lambda: (
-        f"has {input.shape[1]} rows per batch entry; the op takes at most {max_rows} (use torch.bmm for more)"))
+    _check_small_operands(op, input, weight, 3, max_rows, "rows per batch entry", "torch.bmm")
     size(op, "weight", weight, 0, input.shape[0], "the batch size input.size(0)")
     size(op, "weight", weight, 1, input.shape[2], "K = input.size(2)")
 
