@@ -29,6 +29,7 @@ import latentmoe  # noqa: E402
 from latentmoe import reference  # noqa: E402
 from latentmoe.ops import (  # noqa: E402
     add_rms_norm,
+    bmm_small,
     linear_small,
     mla_append_cache,
     mla_decode,
@@ -777,5 +778,33 @@ def test_fuzz_linear_small(M, K, N, with_bias, dtype, isa, seed):
         got = linear_small(x, w, b)
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     assert got.dtype == dt and got.shape == (M, N)
+    tol = 1e-5 if dt == torch.float32 else torch.finfo(dt).eps  # fp32 accumulation, one rounding
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+
+
+# ---- bmm_small -----------------------------------------------------------------------------------
+
+
+@fuzz(200)
+@given(G=st.integers(1, 5), M=st.integers(1, 16), K=st.one_of(st.integers(1, 40), st.integers(100, 600)),
+       N=st.one_of(st.integers(1, 40), st.integers(500, 1100)), layout=st.sampled_from(["kn", "nk"]),
+       pad=st.integers(0, 5), dtype=st.sampled_from(DTYPES), isa=st.sampled_from(["native", "generic"]),
+       threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16))
+def test_fuzz_bmm_small(G, M, K, N, layout, pad, dtype, isa, threads, seed):
+    # Weights as views into NaN-poisoned parents (rows `pad` elements apart plus a row of NaN between
+    # batch entries): a read outside the view shows as NaN.
+    gen = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    rows, cols = (K, N) if layout == "kn" else (N, K)
+    parent = torch.full((G, rows + 1, cols + pad), float("nan"), dtype=dt)
+    parent[:, :rows, :cols] = (torch.randn(G, rows, cols, generator=gen) / K**0.5).to(dt)
+    w = parent[:, :rows, :cols] if layout == "kn" else parent[:, :rows, :cols].transpose(1, 2)
+    x = torch.randn(G, M, K, generator=gen).to(dt)
+    x0 = x.clone()
+    with cpu_env(isa, threads):
+        got = bmm_small(x, w)
+    assert torch.equal(x, x0)
+    want = torch.bmm(x.double(), w.double())
+    assert got.dtype == dt and got.shape == (G, M, N) and torch.isfinite(got).all()
     tol = 1e-5 if dt == torch.float32 else torch.finfo(dt).eps  # fp32 accumulation, one rounding
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
