@@ -196,6 +196,31 @@ def test_module_decode_step_uses_bmm_small_without_grad(dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+def test_module_decode_step_keeps_fp32_products_for_a_wider_cache():
+    """bf16 weights with an fp32 cache: the products stay in fp32 (ATen's bmm), as the comment in
+    _absorbed_attention promises (bmm_small would round them to bf16); fp32 weights with a bf16
+    cache take bmm_small in fp32."""
+    from transformers import DeepseekV3Config
+
+    from latentmoe.nn import LatentKVCache, MultiHeadLatentAttention
+
+    cfg = DeepseekV3Config(
+        hidden_size=96, num_attention_heads=3, num_key_value_heads=3, q_lora_rank=None, kv_lora_rank=48,
+        qk_rope_head_dim=16, qk_nope_head_dim=24, v_head_dim=20, num_hidden_layers=1,
+    )
+    for w_dt, cache_dt, want_small in ((torch.bfloat16, torch.float32, False), (torch.float32, torch.bfloat16, True)):
+        torch.manual_seed(0)
+        attn = MultiHeadLatentAttention(cfg, 0).to(w_dt).eval()
+        cache = LatentKVCache(1, 1, 40, 48, 16, dtype=cache_dt)
+        cache.kv[0][:, :20] = torch.randn(1, 20, 64).to(cache_dt)
+        cache.advance(0, 20)
+        x = torch.randn(1, 1, 96).to(w_dt)
+        pe = (torch.randn(1, 1, 16).to(w_dt), torch.randn(1, 1, 16).to(w_dt))
+        with torch.no_grad():
+            _, ops = _decode_step_ops(attn, x, pe, cache)
+        assert ("latentmoe::bmm_small" in ops) == want_small and ("aten::bmm" in ops) != want_small, (w_dt, cache_dt)
+
+
 def test_bmm_small_applies_only_without_grad_for_few_cpu_rows():
     from latentmoe.nn._linear import bmm_small_applies
 

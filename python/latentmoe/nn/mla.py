@@ -822,7 +822,9 @@ class MultiHeadLatentAttention(nn.Module):
         # slower than converting the weights per call and multiplying in fp32 (Zen 3, H = 16,
         # N = V = 128, C = 512), and fp32 on the strided views was as fast as on contiguous copies
         # up to 64 rows. Autocast is off: it would pick the dtype itself.
-        small = bmm_small_applies(q_nope, w_uk, B * S)
+        # (bmm_small computes in the weights' dtype: only where the cache's is not wider, e.g. not
+        # bf16 weights with an fp32 cache, whose products stay in fp32 below.)
+        small = bmm_small_applies(q_nope, w_uk, B * S) and torch.promote_types(w_uk.dtype, dt) == w_uk.dtype
         if small:
             mm_dt = w_uk.dtype
         else:
