@@ -147,24 +147,6 @@ LMOE_V8_INLINE void scores_dot_block(int64_t D, const float* q, const float* k, 
   }
 }
 
-// Keys [j, n) in blocks of NR or fewer. With `prefetch`, each block prefetches the same rows of
-// the next tile (where it has them).
-template <int MR, int NR>
-LMOE_V8_INLINE void scores_dot_keys(const TileArgs& a, const float* q, float* p, int64_t j, bool prefetch) {
-  for (; j + NR <= a.n; j += NR) {
-    const char* pf = prefetch && a.next != nullptr && j + NR <= a.n_next ? a.next + j * a.next_ld : nullptr;
-    scores_dot_block<MR, NR>(a.D, q, a.k + j * a.ldk, a.ldk, p + j * a.mp, a.mp, pf, a.next_ld, a.next_elt);
-  }
-  if constexpr (NR > 1) {
-    if (j < a.n) scores_dot_keys<MR, NR - 1>(a, q, p, j, prefetch);
-  }
-}
-
-template <int W, int MR>
-LMOE_V8_INLINE void scores_dot_rows(const TileArgs& a, int64_t i0) {
-  scores_dot_keys<MR, kScoreKeys<W>>(a, a.q + i0 * a.D, a.p + i0, 0, i0 == 0);
-}
-
 // Scores, outer-product form (AVX-512; 16 query rows in the lanes, no lane sums): p[j, :16] =
 // sum over d of qt[d, :16] * k[j, d] for j < NR, summed in d order. One vector load of qt and NR
 // broadcasts of key values per d. (On a Zen 4, 16 rows by 4K keys of 576 fp32 values: 115-117
@@ -191,18 +173,6 @@ LMOE_V8_INLINE void scores_outer_block(int64_t D, const float* qt, const float* 
   for (int j = 0; j < NR; ++j) v8::storew<16>(p + j * mp, acc[j]);
 }
 
-// Keys [j, n) in blocks of NR or fewer, for the 16 rows of qt at p (+ i0 already).
-template <int NR>
-LMOE_V8_INLINE void scores_outer_keys(const TileArgs& a, const float* qt, float* p, int64_t j, bool prefetch) {
-  for (; j + NR <= a.n; j += NR) {
-    const char* pf = prefetch && a.next != nullptr && j + NR <= a.n_next ? a.next + j * a.next_ld : nullptr;
-    scores_outer_block<NR>(a.D, qt, a.k + j * a.ldk, a.ldk, p + j * a.mp, a.mp, pf, a.next_ld, a.next_elt);
-  }
-  if constexpr (NR > 1) {
-    if (j < a.n) scores_outer_keys<NR - 1>(a, qt, p, j, prefetch);
-  }
-}
-
 // The lambdas passed below are always inlined: as functions of their own they would be compiled
 // without the caller's target ISA (the AVX-512 kernels as baseline SSE code).
 #define LMOE_LAMBDA_INLINE __attribute__((always_inline))
@@ -223,15 +193,37 @@ LMOE_V8_INLINE void for_row_blocks(int64_t m, const F& f, int64_t i = 0) {
   }
 }
 
+// f.template operator()<R>(j, pf) for the tile's keys [j, j + R) in blocks of R = NR keys, then
+// fewer; with `prefetch`, pf is the same rows of the next tile where it has them (else null).
+template <int NR, typename F>
+LMOE_V8_INLINE void for_key_blocks(const TileArgs& a, bool prefetch, const F& f, int64_t j = 0) {
+  for (; j + NR <= a.n; j += NR) {
+    const char* pf = prefetch && a.next != nullptr && j + NR <= a.n_next ? a.next + j * a.next_ld : nullptr;
+    f.template operator()<NR>(j, pf);
+  }
+  if constexpr (NR > 1) {
+    if (j < a.n) for_key_blocks<NR - 1>(a, prefetch, f, j);
+  }
+}
+
+// The first block of rows prefetches the next tile.
 template <int W>
 LMOE_V8_INLINE void scores(const TileArgs& a) {
   int64_t i = 0;
-  if constexpr (W == 16) {  // rows in groups of 16 (the first one prefetches the next tile)
-    for (; i < a.qt_rows; i += 16) scores_outer_keys<kOuterKeys>(a, a.qt + i * a.D, a.p + i, 0, i == 0);
+  if constexpr (W == 16) {  // whole groups of 16 rows: the outer-product form
+    for (; i < a.qt_rows; i += 16) {
+      const float* qt = a.qt + i * a.D;
+      for_key_blocks<kOuterKeys>(a, i == 0, [&]<int NR>(int64_t j, const char* pf) LMOE_LAMBDA_INLINE {
+        scores_outer_block<NR>(a.D, qt, a.k + j * a.ldk, a.ldk, a.p + j * a.mp + i, a.mp, pf, a.next_ld, a.next_elt);
+      });
+    }
   }
   const bool prefetched = i > 0;
   for_row_blocks<4>(a.m, [&]<int MR>(int64_t r) LMOE_LAMBDA_INLINE {
-    scores_dot_keys<MR, kScoreKeys<W>>(a, a.q + r * a.D, a.p + r, 0, r == 0 && !prefetched);
+    const float* q = a.q + r * a.D;
+    for_key_blocks<kScoreKeys<W>>(a, r == 0 && !prefetched, [&]<int NR>(int64_t j, const char* pf) LMOE_LAMBDA_INLINE {
+      scores_dot_block<MR, NR>(a.D, q, a.k + j * a.ldk, a.ldk, a.p + j * a.mp + r, a.mp, pf, a.next_ld, a.next_elt);
+    });
   }, i);
 }
 
@@ -352,14 +344,9 @@ LMOE_CPU_AVX512BF16 void decode_weighted_sum_bf16(const TileArgs& a) {
     const float* s0 = a.p + 2 * q * a.mp;
     const float* s1 = 2 * q + 1 < a.n ? s0 + a.mp : nullptr;  // past the last key: 0
     uint32_t* d = a.pv_words + q * ldw;
-    for (int64_t i = 0; i < a.m; ++i) {
-      uint32_t b0, b1 = 0;
-      std::memcpy(&b0, s0 + i, 4);
-      if (s1 != nullptr) std::memcpy(&b1, s1 + i, 4);
-      // (p >= 0 or NaN: round to nearest even on the bits; a quiet NaN stays NaN)
-      const uint32_t r0 = (b0 + 0x7FFFu + ((b0 >> 16) & 1u)) >> 16;
-      const uint32_t r1 = (b1 + 0x7FFFu + ((b1 >> 16) & 1u)) & 0xFFFF0000u;
-      d[i] = r0 | r1;
+    for (int64_t i = 0; i < a.m; ++i) {  // (c10::BFloat16: round to nearest even, NaN kept)
+      const uint32_t lo = c10::BFloat16(s0[i]).x, hi = s1 != nullptr ? c10::BFloat16(s1[i]).x : 0;
+      d[i] = lo | hi << 16;
     }
   }
   bf16dp::gemm_kn(a.pv_words, 1, ldw, reinterpret_cast<const c10::BFloat16*>(a.kb), a.ldkb, a.m, a.n, 0, a.C,
@@ -544,6 +531,11 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
   a.acc = acc_out;
   a.m_run = w.m_run;
   a.l_run = w.l_run;
+  if (p.bf16_scores) {  // the tile scratch holds the bf16 weighted sum's weights, panel and sums
+    a.pv_words = reinterpret_cast<uint32_t*>(w.tile);
+    a.pv_panel = a.pv_words + (kTile + 1) / 2 * kRowGroup;
+    a.pv_res = reinterpret_cast<float*>(a.pv_panel + bf16dp::kKnPanelWords);
+  }
   for (int64_t t0 = k_begin; t0 < k_end;) {
     const int64_t t1 = tile_end(t0);
     // The next tile's rows come from memory while this one computes (the cache of a long context
@@ -560,13 +552,8 @@ void decode_item(const DecodeParams& p, const T* q_latent, const T* q_pe, const 
     if (in_place) {
       a.k = reinterpret_cast<const float*>(row_of(t0));
     } else if (p.bf16_scores) {
-      // Scores and the weighted sum from the bf16 rows in place (the tile scratch holds the
-      // weighted sum's bf16 weights, panel and sums).
+      // Scores and the weighted sum from the bf16 rows in place.
       a.kb = reinterpret_cast<const uint16_t*>(row_of(t0));
-      a.k = nullptr;
-      a.pv_words = reinterpret_cast<uint32_t*>(w.tile);
-      a.pv_panel = a.pv_words + (kTile + 1) / 2 * kRowGroup;
-      a.pv_res = reinterpret_cast<float*>(a.pv_panel + bf16dp::kKnPanelWords);
     } else {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = mla::cache_row(p.block_table, p.max_pages, p.page_size, p.lmax, p.num_pages, b, t);
