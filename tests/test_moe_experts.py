@@ -429,6 +429,25 @@ def test_experts_cpu_bf16dp_gate_up_out_and_paths():
     assert (out.float() - other.float()).abs().max() <= 2 ** -6 * out.float().abs().max()
 
 
+@pytest.mark.parametrize("I", [40, 48])  # a 16-lane tail in the AVX-512 epilogue, and none
+def test_experts_cpu_bf16_gate_up_out_rounds_to_nearest_even(I):
+    # Integer inputs: every gate / up sum is an integer exact in fp32 whatever the summation order,
+    # so the saved gate|up rows must be torch's bf16 rounding of it bit for bit (to nearest, ties
+    # to even; odd sums between 256 and 512 are ties), on whichever CPU path runs here.
+    T, E, K, H = 64, 4, 2, 64
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-8, 9, (T, H), generator=g).to(torch.bfloat16)
+    gu = torch.randint(-8, 9, (E, 2 * I, H), generator=g).to(torch.bfloat16)
+    down = torch.randint(-8, 9, (E, H, I), generator=g).to(torch.bfloat16)
+    w, idx = _routing(T, E, K, "cpu")
+    _, pairs, _, gate_up_out = torch.ops.latentmoe.moe_experts.default(x, gu, down, w, idx, True)
+    tok, e = pairs // K, idx.flatten()[pairs]
+    exact = torch.einsum("ph,pnh->pn", x[tok].double(), gu[e].double())
+    ties = (exact.abs() > 256) & (exact.abs() < 512) & (exact % 2 != 0)
+    assert ties.sum() > 100  # the case the rounding must get right is well represented
+    assert torch.equal(gate_up_out, exact.float().to(torch.bfloat16))
+
+
 def _scheduling_routing(case, T, E):
     """(weights, indices) that drive each branch of the CPU scheduler (experts run concurrently,
     multi-threaded large experts, the small-M path) and each row remainder of the 6-row tile."""

@@ -1043,7 +1043,8 @@ void gather_rows(const T* x, const int64_t* sorted_pairs, int64_t K, int64_t H, 
 }
 
 
-// One expert's rows through bf16dp (x rows gathered into xa, row stride ldx): gate columns
+// One expert's rows through bf16dp (AVX512_BF16 CPUs, so the epilogues' AVX-512 code runs too;
+// x rows gathered into xa, row stride ldx): gate columns
 // [j_begin, j_end) of the gate_up GEMM with its SwiGLU (gate_up_out rows, act rows of stride lda),
 // then output columns [n_begin, n_end) of the down GEMM into y (row stride H). A caller that
 // splits the columns across threads runs the gate_up part everywhere before any down part.
@@ -1054,11 +1055,11 @@ void dp_expert_rows(const c10::BFloat16* xa, int64_t ldx, const c10::BFloat16* w
     bf16dp::gemm_gate_up(xa, ldx, wgu_e, H, I, m, j_begin, j_end, res,
                          [&](int64_t r, int64_t j0, const float* g, const float* u, int64_t n) {
                            c10::BFloat16* gr = guo + r * 2 * I;
-                           dp_swiglu_cols(g, u, gr + j0, gr + I + j0, act + r * lda + j0, n);
+                           dp_swiglu_cols_avx512(g, u, gr + j0, gr + I + j0, act + r * lda + j0, n);
                          });
   if (n_end > n_begin)
     bf16dp::gemm(act, lda, wd_e, I, m, I, n_begin, n_end, res,
-                 [&](int64_t r, int64_t n0, const float* v, int64_t n) { store_as(v, y + r * H + n0, n); });
+                 [&](int64_t r, int64_t n0, const float* v, int64_t n) { store_bf16_avx512(v, y + r * H + n0, n); });
 }
 
 // An expert too large to share out (bf16dp path): its GEMMs' columns split across the threads.

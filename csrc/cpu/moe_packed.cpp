@@ -280,16 +280,18 @@ void silu_mul_generic(const float* g, const float* u, float* act, int64_t n) { s
 
 // A row's SwiGLU from its gate and up sums (n columns): act = bf16(silu(bf16(g)) * bf16(u)), the
 // arithmetic of the HF-layout path (dp_swiglu_cols).
-void swiglu_act(const float* g, const float* u, c10::BFloat16* act, int64_t n, bool avx2) {
-  if (avx2) return dp_swiglu_cols(g, u, nullptr, nullptr, act, n);
+void swiglu_act(const float* g, const float* u, c10::BFloat16* act, int64_t n, Isa isa) {
+  if (isa == Isa::kAvx512) return dp_swiglu_cols_avx512(g, u, nullptr, nullptr, act, n);
+  if (isa == Isa::kAvx2) return dp_swiglu_cols(g, u, nullptr, nullptr, act, n);
   for (int64_t i = 0; i < n; ++i) {
     const c10::BFloat16 gb(g[i]), ub(u[i]);
     act[i] = c10::BFloat16(silu1(static_cast<float>(gb)) * static_cast<float>(ub));
   }
 }
 
-void to_bf16(const float* src, c10::BFloat16* dst, int64_t n, bool avx2) {
-  if (avx2) return store_as(src, dst, n);
+void to_bf16(const float* src, c10::BFloat16* dst, int64_t n, Isa isa) {
+  if (isa == Isa::kAvx512) return store_bf16_avx512(src, dst, n);
+  if (isa == Isa::kAvx2) return store_as(src, dst, n);
   for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
 }
 
@@ -401,14 +403,14 @@ at::Tensor packed_forward(const at::Tensor& hidden, const at::Tensor& gate_up_pa
               if (gate_up) {
                 const int64_t n = std::min(kGateCols, I - p * kGateCols);
                 if constexpr (kBf16) {
-                  swiglu_act(s, s + kGateCols, reinterpret_cast<T*>(act.get()) + row * 2 * lda + p * kGateCols, n, avx2);
+                  swiglu_act(s, s + kGateCols, reinterpret_cast<T*>(act.get()) + row * 2 * lda + p * kGateCols, n, isa);
                 } else {
                   float* ar = act.get() + row * lda + p * kGateCols;
                   avx2 ? silu_mul_avx2(s, s + kGateCols, ar, n) : silu_mul_generic(s, s + kGateCols, ar, n);
                 }
               } else {
                 const int64_t n = std::min(kCols, H - p * kCols);
-                if constexpr (kBf16) to_bf16(s, yp + row * H + p * kCols, n, avx2);
+                if constexpr (kBf16) to_bf16(s, yp + row * H + p * kCols, n, isa);
                 else std::memcpy(yp + row * H + p * kCols, s, n * sizeof(float));
               }
             }
