@@ -348,6 +348,48 @@ def _absorbed_rows(dtype) -> list[dict]:
     return rows
 
 
+def _fused_decode_rows(dtype, L: int) -> list[dict]:
+    """A CPU decode step's attention at L cached tokens (16 heads, one query row): one
+    mla_decode_absorbed call against the separate ops the module ran before it (the rope of q_pe,
+    bmm_small, mla_decode, bmm_small and the reshapes between them, from Python), timed in
+    alternation on the same inputs. The weights and the cache stay in the caches here: the rows
+    show what the per-op dispatch and the Python between the ops cost."""
+    from latentmoe.nn.mla import _rotate
+
+    dt = str(dtype).removeprefix("torch.")
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, H, NOPE + R).to(dtype)
+    ang = torch.randn(1, 1, R // 2)
+    cos, sin = torch.cat([ang, ang], -1).cos().to(dtype), torch.cat([ang, ang], -1).sin().to(dtype)
+    w = (torch.randn(H * (NOPE + V), C) / C**0.5).to(dtype)
+    cache = torch.randn(1, L + 1, C + R).to(dtype)
+    lens = torch.tensor([L], dtype=torch.int32)
+    scale = (NOPE + R) ** -0.5
+    wv = w.view(H, NOPE + V, C)
+
+    def fused():
+        return latentmoe.ops.mla_decode_absorbed(q, cos, sin, w, cache, lens, scale, NOPE, max_seqlen=L)
+
+    def separate():
+        q_pe = _rotate(q[..., NOPE:], cos, sin, True)
+        q_lat = latentmoe.ops.bmm_small(q[..., :NOPE].permute(2, 0, 1, 3).reshape(H, 1, NOPE).contiguous(), wv[:, :NOPE])
+        o_lat, _ = latentmoe.ops.mla_decode(q_lat.view(H, 1, 1, C).permute(1, 2, 0, 3).contiguous(), q_pe.contiguous(),
+                                            cache, lens, scale, max_seqlen=L)
+        out = latentmoe.ops.bmm_small(o_lat.permute(2, 0, 1, 3).reshape(H, 1, C), wv[:, NOPE:].transpose(1, 2))
+        return out.view(H, 1, 1, V).permute(1, 2, 0, 3)
+
+    with torch.no_grad():
+        stats, per_round = time_paired({"fused": fused, "separate": separate}, "cpu", rounds=9, reps=9)
+    mode = f"attention-{dt}-H{H}"
+    return [
+        row("mla_decode_absorbed", "separate_ops", mode, L, stats["separate"], "cpu",
+            note="rope + bmm_small + mla_decode + bmm_small from Python (the module's path before the fused op)"),
+        row("mla_decode_absorbed", "latentmoe", mode, L, stats["fused"], "cpu", note="one mla_decode_absorbed call"),
+        ratio_row("mla_decode_absorbed", "speedup_vs_separate", L, paired_ratio(per_round, "separate", "fused"), "cpu",
+                  f"{mode}; no goal (what the dispatch between the ops costs); median of per-round ratios"),
+    ]
+
+
 def _append_rows(device: str, dtype) -> list[dict]:
     """mla_append_cache (kv_a_layernorm + RoPE of k_pe + write into the cache slots, one kernel) vs
     the same three steps with HF's modules / functions and a slice write, and vs the bytes floor."""
@@ -591,6 +633,7 @@ def run(device: str, quick: bool) -> list[dict]:
     if device == "cpu":  # a CPU-only op (on CUDA the module calls torch.bmm)
         for dt in (torch.float32, torch.bfloat16):
             rows += _absorbed_rows(dt)
+            rows += _fused_decode_rows(dt, 1024)
     if device.startswith("cuda"):
         rows += _decode_op_rows(device, torch.bfloat16, contexts)
     else:  # the CPU's bf16 path (vdpbf16ps scores where the CPU has AVX512_BF16), at the goal's 4K

@@ -57,6 +57,20 @@ TORCH_LIBRARY(latentmoe, m) {
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor kv_cache, Tensor cache_seqlens,"
       " Tensor? block_table, float softmax_scale, bool causal=True, int window=-1,"
       " Tensor? pe_cache=None, SymInt max_seqlen=-1) -> (Tensor out_latent, Tensor lse)");
+  // A decode step's attention from the q projection's per-head queries (CPU only): q [B, S, H, N+R]
+  // (q_nope = the first nope_dim = N values of each head, then the un-rotated rope part, R even),
+  // cos / sin [B or 1, S, R] (HF rotary embeddings), kv_b_weight [H*(N+V), C] (kv_b_proj.weight:
+  // per head N rows of W_UK, then V rows of W_UV), one dtype (fp32/bf16/fp16), contiguous, at most
+  // 16 query rows B*S. Computes q_pe = RoPE(q[..., N:]) (rope_interleave: HF's layouts), q_latent =
+  // q_nope @ W_UK per head, mla_decode(q_latent, q_pe, cache, ...) with the cache arguments as
+  // mla_decode's (in q's dtype), and returns out [B, S, H, V] = o_latent @ W_UV^T per head, in q's
+  // dtype; fp32 accumulation, each product rounded to the dtype as the separate ops round it.
+  // Deterministic at a given thread count (mla_decode's key splits). No autograd (inference).
+  m.def(
+      "mla_decode_absorbed(Tensor q, Tensor cos, Tensor sin, Tensor kv_b_weight, Tensor kv_cache,"
+      " Tensor cache_seqlens, Tensor? block_table, float softmax_scale, int nope_dim,"
+      " bool rope_interleave=True, bool causal=True, int window=-1, Tensor? pe_cache=None,"
+      " SymInt max_seqlen=-1) -> Tensor");
   // Fused cache append: c = kv_a_layernorm(kv_latent) (HF RMSNorm numerics), k_pe rotated with
   // HF's (cos, sin) in either RoPE layout, rows [c | k_pe] written at token slots
   // cache_seqlens[b] + s of row b (contiguous or paged cache). MUTATES kv_cache (only those slots).

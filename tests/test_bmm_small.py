@@ -159,9 +159,11 @@ def _decode_step_ops(attn, x, pe, cache):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_module_decode_step_uses_bmm_small_without_grad(dtype):
-    """A CPU decode step without a gradient takes both absorbed products through bmm_small (no
-    aten::bmm, no fp32 copy of bf16 weights), with the result of the torch.bmm path."""
+def test_module_decode_step_uses_bmm_small_without_grad(dtype, monkeypatch):
+    """A CPU decode step without a gradient runs as one mla_decode_absorbed call (which takes both
+    absorbed products through bmm_small's kernel); with that path off, both products go through
+    the bmm_small op (no aten::bmm, no fp32 copy of bf16 weights); all give the result of the
+    torch.bmm path."""
     import copy
 
     from transformers import DeepseekV3Config
@@ -178,22 +180,25 @@ def test_module_decode_step_uses_bmm_small_without_grad(dtype):
     cache = LatentKVCache(1, 2, 64, 48, 16, dtype=dtype)
     cache.kv[0][:, :30] = torch.randn(2, 30, 64).to(dtype)
     cache.advance(0, 30)
-    other = copy.deepcopy(cache)
+    caches = [copy.deepcopy(cache) for _ in range(2)]
     x = torch.randn(2, 1, 96).to(dtype)
     pe = (torch.randn(2, 1, 16).to(dtype), torch.randn(2, 1, 16).to(dtype))
     with torch.no_grad():
-        got, ops = _decode_step_ops(attn, x, pe, cache)
+        fused, ops = _decode_step_ops(attn, x, pe, cache)
+    assert "latentmoe::mla_decode_absorbed" in ops, ops
+    assert not {"latentmoe::bmm_small", "latentmoe::mla_decode", "aten::bmm"} & ops, ops
+    monkeypatch.setattr(MultiHeadLatentAttention, "_fused_decode_applies", lambda *a: False)
+    with torch.no_grad():
+        got, ops = _decode_step_ops(attn, x, pe, caches[0])
     assert "latentmoe::bmm_small" in ops and "aten::bmm" not in ops
-    real = mla_mod.bmm_small_applies
-    try:
-        mla_mod.bmm_small_applies = lambda *a: False
-        with torch.no_grad():
-            want, ops = _decode_step_ops(attn, x, pe, other)
-    finally:
-        mla_mod.bmm_small_applies = real
+    monkeypatch.setattr(mla_mod, "bmm_small_applies", lambda *a: False)
+    with torch.no_grad():
+        want, ops = _decode_step_ops(attn, x, pe, caches[1])
     assert "latentmoe::bmm_small" not in ops and "aten::bmm" in ops
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    # (bf16: the fused op rotates q_pe in fp32 and rounds once, the module per op as HF)
+    torch.testing.assert_close(fused.float(), want.float(), rtol=tol, atol=tol)
 
 
 def test_module_decode_step_keeps_fp32_products_for_a_wider_cache():

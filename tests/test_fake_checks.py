@@ -42,6 +42,12 @@ GOOD = {
         q_latent=T(2, 1, 2, 8), q_pe=T(2, 1, 2, 4), kv_cache=T(2, 6, 12), cache_seqlens=T(2, dtype=I32),
         block_table=None, softmax_scale=0.5, causal=True, window=-1, pe_cache=None, max_seqlen=-1,
     ),
+    # H = 2, nope_dim N = 6, R = 4, V = 5, C = 8: q [2, 1, 2, N + R], kv_b_weight [H * (N + V), C]
+    "mla_decode_absorbed": dict(
+        q=T(2, 1, 2, 10), cos=T(2, 1, 4), sin=T(2, 1, 4), kv_b_weight=T(22, 8), kv_cache=T(2, 6, 12),
+        cache_seqlens=T(2, dtype=I32), block_table=None, softmax_scale=0.5, nope_dim=6, rope_interleave=True,
+        causal=True, window=-1, pe_cache=None, max_seqlen=-1,
+    ),
     "mla_append_cache": dict(
         kv_cache=T(2, 6, 12), kv_latent=T(2, 3, 8), k_pe=T(2, 3, 4), norm_weight=T(8), eps=1e-6,
         cos=T(2, 3, 4), sin=T(2, 3, 4), cache_seqlens=T(2, dtype=I32), block_table=None,
@@ -93,6 +99,16 @@ VARIANTS = [(op, {}) for op in GOOD] + [
     ("mla_decode", PAGED),
     ("mla_decode", SPLIT),
     ("mla_decode", {**PAGED, "max_seqlen": 8}),
+    ("mla_decode_absorbed", PAGED),
+    ("mla_decode_absorbed", SPLIT),
+    ("mla_decode_absorbed", {**PAGED, "max_seqlen": 8}),
+    ("mla_decode_absorbed", dict(cos=T(1, 1, 4), sin=T(1, 1, 4))),  # one table for every row
+    ("mla_decode_absorbed", dict(kv_b_weight=T(12, 8))),  # V = 0: an empty output
+    ("mla_decode_absorbed", dict(q=T(2, 1, 2, 4), nope_dim=0, kv_b_weight=T(10, 8))),  # N = 0
+    ("mla_decode_absorbed", dict(q=T(2, 1, 2, 6), cos=T(2, 1, 0), sin=T(2, 1, 0),
+                                 kv_cache=T(2, 6, 8))),  # R = 0
+    ("mla_decode_absorbed", dict(q=T(8, 2, 2, 10), cos=T(8, 2, 4), sin=T(8, 2, 4), kv_cache=T(8, 6, 12),
+                                 cache_seqlens=T(8, dtype=I32))),  # 16 query rows, the most it takes
     ("mla_append_cache", PAGED),
     ("mla_prefill", PAGED_PREFILL),
     ("mla_prefill_backward", PAGED_PREFILL),
@@ -171,6 +187,40 @@ BAD = [
     ("mla_decode", dict(max_seqlen=-2), "max_seqlen"),
     ("mla_decode", dict(max_seqlen=7), "max_seqlen"),
     ("mla_decode", dict(block_table=T(2, 2, dtype=I32), max_seqlen=9), "max_seqlen"),
+    ("mla_decode_absorbed", dict(q=T(2, 1, 2, 10, dtype=I32)), "q"),
+    ("mla_decode_absorbed", dict(q=T(2, 1, 2, 10, dtype=F64)), "q"),
+    ("mla_decode_absorbed", dict(q=T(2, 2, 10)), "q"),
+    ("mla_decode_absorbed", dict(q=T(17, 1, 2, 10)), "q"),  # 17 query rows
+    ("mla_decode_absorbed", dict(q=T(2, 1, 0, 10)), "q"),
+    ("mla_decode_absorbed", dict(q=T(2, 1, 2, 0), nope_dim=0), "q"),
+    ("mla_decode_absorbed", dict(nope_dim=-1), "nope_dim"),
+    ("mla_decode_absorbed", dict(nope_dim=11), "nope_dim"),
+    ("mla_decode_absorbed", dict(nope_dim=5), "q"),  # odd rope dim 5
+    ("mla_decode_absorbed", dict(cos=T(2, 1, 4, dtype=F16)), "cos"),
+    ("mla_decode_absorbed", dict(cos=T(2, 4)), "cos"),
+    ("mla_decode_absorbed", dict(cos=T(2, 1, 6)), "cos"),
+    ("mla_decode_absorbed", dict(cos=T(3, 1, 4)), "cos"),
+    ("mla_decode_absorbed", dict(cos=T(2, 2, 4)), "cos"),
+    ("mla_decode_absorbed", dict(sin=T(2, 1, 2)), "sin"),
+    ("mla_decode_absorbed", dict(sin=T(1, 1, 4, dtype=F64)), "sin"),
+    ("mla_decode_absorbed", dict(kv_b_weight=T(21, 8)), "kv_b_weight"),  # rows not a multiple of H
+    ("mla_decode_absorbed", dict(kv_b_weight=T(10, 8)), "kv_b_weight"),  # fewer than nope_dim rows per head
+    ("mla_decode_absorbed", dict(kv_b_weight=T(22, 8, dtype=F16)), "kv_b_weight"),
+    ("mla_decode_absorbed", dict(kv_b_weight=T(176)), "kv_b_weight"),
+    ("mla_decode_absorbed", dict(kv_b_weight=T(22, 0)), "kv_b_weight"),
+    ("mla_decode_absorbed", dict(kv_b_weight=T(22, 9)), "kv_cache"),  # C = 9 vs cache rows of 8 + 4
+    ("mla_decode_absorbed", dict(kv_cache=T(2, 6, 12, dtype=F16)), "kv_cache"),
+    ("mla_decode_absorbed", dict(kv_cache=T(3, 6, 12)), "kv_cache"),
+    ("mla_decode_absorbed", dict(cache_seqlens=T(2, dtype=I64)), "cache_seqlens"),
+    ("mla_decode_absorbed", dict(cache_seqlens=T(3, dtype=I32)), "cache_seqlens"),
+    ("mla_decode_absorbed", dict(block_table=T(2, 2, dtype=I64)), "block_table"),
+    ("mla_decode_absorbed", dict(block_table=T(3, 2, dtype=I32)), "block_table"),
+    ("mla_decode_absorbed", dict(pe_cache=T(2, 6, 4, dtype=F64)), "pe_cache"),
+    ("mla_decode_absorbed", dict(pe_cache=T(2, 6, 5)), "pe_cache"),
+    ("mla_decode_absorbed", dict(window=-2), "window"),
+    ("mla_decode_absorbed", dict(softmax_scale=NAN), "softmax_scale"),
+    ("mla_decode_absorbed", dict(max_seqlen=-2), "max_seqlen"),
+    ("mla_decode_absorbed", dict(max_seqlen=7), "max_seqlen"),
     ("mla_append_cache", dict(kv_latent=T(2, 3, 8, dtype=I32)), "kv_latent"),
     ("mla_append_cache", dict(kv_latent=T(6, 8)), "kv_latent"),
     ("mla_append_cache", dict(k_pe=T(2, 3, 4, dtype=F16)), "k_pe"),
@@ -318,6 +368,9 @@ BAD = [
     ("bmm_small", dict(input=T(2, 17, 8), weight=T(3, 8, 5)), "input"),
     ("mla_decode", dict(window=-2, softmax_scale=NAN, max_seqlen=99), "window"),
     ("mla_decode", dict(kv_cache=T(2, 6, 13), q_pe=T(2, 1, 3, 4)), "q_pe"),
+    ("mla_decode_absorbed", dict(window=-2, softmax_scale=NAN, max_seqlen=99), "window"),
+    ("mla_decode_absorbed", dict(kv_b_weight=T(21, 8), cos=T(2, 1, 6)), "cos"),
+    ("mla_decode_absorbed", dict(q=T(17, 1, 2, 10), nope_dim=-1), "q"),
     ("mla_append_cache", dict(eps=NAN, kv_cache=T(2, 6, 13)), "eps"),
     ("mla_prefill", dict(window=-2, softmax_scale=INF), "softmax_scale"),
     ("mla_prefill", dict(w_uv=T(2, 5, 7), cache_seqlens=T(2, dtype=I64)), "cache_seqlens"),

@@ -33,6 +33,7 @@ from latentmoe.ops import (  # noqa: E402
     linear_small,
     mla_append_cache,
     mla_decode,
+    mla_decode_absorbed,
     mla_prefill,
     moe_experts,
     moe_experts_packed,
@@ -44,6 +45,9 @@ from latentmoe.reference import mla as ref_mla  # noqa: E402
 from latentmoe.reference import moe as ref_moe  # noqa: E402
 from moe_helpers import rel_err  # noqa: E402
 from test_mla_decode import reference as decode_reference  # noqa: E402
+from test_mla_decode_absorbed import reference as absorbed_reference  # noqa: E402
+from test_mla_decode_absorbed import rope_tables  # noqa: E402
+from test_mla_decode_absorbed import unfused as absorbed_unfused  # noqa: E402
 from test_mla_prefill import KEYS as PREFILL_KEYS  # noqa: E402
 from test_mla_prefill import grads_of, ref_attention  # noqa: E402
 
@@ -236,6 +240,79 @@ def test_fuzz_mla_decode(case):
     for t, t0 in zip((q_latent, q_pe, kv), before):  # inputs untouched (NaN bits included)
         assert torch.equal(bits(t), bits(t0))
     assert torch.equal(seqlens, before[3])
+
+
+# ---- mla_decode_absorbed -------------------------------------------------------------------------
+
+
+@st.composite
+def absorbed_cases(draw):
+    B = draw(st.integers(1, 3))
+    N = draw(st.one_of(st.integers(0, 40), st.just(128)))
+    R = draw(st.one_of(st.integers(0, 8).map(lambda r: 2 * r), st.just(64)))
+    return dict(
+        B=B, Sq=draw(st.integers(1, 16 // B)), H=draw(st.one_of(st.integers(1, 9), st.just(16))),
+        N=N if N + R else 1, R=R, C=draw(st.one_of(st.integers(1, 40), st.sampled_from([64, 512]))),
+        V=draw(st.one_of(st.integers(0, 40), st.just(128))),
+        lens=draw(st.lists(lengths, min_size=B, max_size=B)),
+        page=draw(st.one_of(st.none(), st.integers(1, 17), st.just(64))), slack=draw(st.integers(0, 3)),
+        extra_pages=draw(st.integers(0, 3)), garbage_tail=draw(st.booleans()),
+        causal=draw(st.booleans()), window=draw(st.one_of(st.just(-1), st.integers(0, 20))),
+        split_pe=draw(st.booleans()), max_seqlen=draw(st.sampled_from(["host", "longest", "capacity"])),
+        interleave=draw(st.booleans()), cos_per_row=draw(st.booleans()),
+        # softmax scale = spread / sqrt(N + R): logits of std ~spread (as decode_cases)
+        dtype=draw(st.sampled_from(DTYPES)), spread=draw(st.sampled_from([0.1, 0.5, 1.0, 2.0, 4.0])),
+        isa=draw(st.sampled_from(["native", "generic"])), threads=draw(st.integers(1, 3)),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@fuzz(40)
+@given(case=absorbed_cases())
+def test_fuzz_mla_decode_absorbed(case):
+    """The fused decode step (RoPE, W_UK, mla_decode, W_UV) vs the fp64 pipeline of
+    tests/test_mla_decode_absorbed.py (fp32 to 1e-5; bf16 / fp16 by assert_lowp), and vs the
+    unfused ops (bmm_small + mla_decode) at the same thread count."""
+    c = case
+    _, _, kv, seqlens, table, capacity = decode_problem(c)  # the cache (NaN where no row reads)
+    gen = torch.Generator().manual_seed(c["seed"] + 1)
+    B, S, H, N, R, C, V = (c[k] for k in ("B", "Sq", "H", "N", "R", "C", "V"))
+    dt = getattr(torch, c["dtype"])
+    cos, sin = rope_tables(B, S, R, c["lens"], per_row=c["cos_per_row"],
+                           factor=1.0 + 0.3 * torch.rand((), generator=gen).item())
+    a = dict(
+        q=torch.randn(B, S, H, N + R, generator=gen).to(dt), cos=cos.to(dt), sin=sin.to(dt),
+        kv_b_weight=(torch.randn(H * (N + V), C, generator=gen) / math.sqrt(C)).to(dt), kv_cache=kv,
+        cache_seqlens=seqlens, softmax_scale=c["spread"] / math.sqrt(N + R), nope_dim=N, block_table=table,
+        pe_cache=None,
+    )
+    if c["split_pe"]:
+        a["kv_cache"], a["pe_cache"] = kv[..., :C].contiguous(), kv[..., C:].contiguous()
+    before = {k: bits(v.clone()) if v.is_floating_point() else v.clone()
+              for k, v in a.items() if isinstance(v, torch.Tensor)}
+    max_seqlen = {"host": -1, "longest": max(c["lens"]), "capacity": capacity}[c["max_seqlen"]]
+    opts = dict(rope_interleave=c["interleave"], causal=c["causal"], window=c["window"])
+    with cpu_env(c["isa"], c["threads"]):
+        out = mla_decode_absorbed(**a, **opts, max_seqlen=max_seqlen)
+        again = mla_decode_absorbed(**a, **opts)
+        split_ops = absorbed_unfused(a, c["interleave"], c["causal"], c["window"])
+    assert out.shape == (B, S, H, V) and out.dtype == dt and torch.isfinite(out).all()
+    assert torch.equal(bits(out), bits(again))  # deterministic; max_seqlen changes nothing on the CPU
+    want, want_lse = absorbed_reference(a, c["interleave"], c["causal"], c["window"])
+    assert (out[torch.isinf(want_lse)] == 0).all()  # queries that see no key give exactly 0
+    for b, L in enumerate(c["lens"]):
+        if L == 0:
+            assert (out[b] == 0).all()
+    if dt == torch.float32:
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, amax(want)))
+        torch.testing.assert_close(out, split_ops, rtol=1e-6, atol=1e-6 * max(1.0, amax(want)))
+    else:
+        low, _ = absorbed_reference(a, c["interleave"], c["causal"], c["window"], dtype=dt, upcast=False)
+        assert_lowp(out, low, want, c["dtype"])
+        eps = torch.finfo(dt).eps  # the same kernels; a q_pe an ulp apart moves an output by an ulp or two
+        assert err(out, split_ops) <= 2 * eps * max(1.0, amax(want))
+    for k, v in before.items():  # inputs untouched (NaN bits included)
+        assert torch.equal(bits(a[k]) if a[k].is_floating_point() else a[k], v), k
 
 
 # ---- mla_prefill ---------------------------------------------------------------------------------

@@ -91,21 +91,22 @@ def test_cache_as_past_key_values(cache_kind):
 
 @pytest.mark.parametrize("cache_kind", ["hf", "contig", "paged"])
 def test_decode_steps_use_the_kernel(monkeypatch, cache_kind):
-    # Decode steps (even with HF's eager 4-D causal mask) must run the mla_decode kernel.
+    # Decode steps (even with HF's eager 4-D causal mask) must run the mla_decode kernel: on the
+    # CPU (these tests' device) inside mla_decode_absorbed for at most 16 query rows (batch 2 x 1 or
+    # 2 new tokens), else mla_decode between two products (as on CUDA).
     import latentmoe.nn.mla as mod
 
     calls = []
-    real = mod.mla_decode
+    for name in ("mla_decode", "mla_decode_absorbed"):
+        def counting(*args, _real=getattr(mod, name), _name=name, **kwargs):
+            calls.append((_name, args[0].shape[1]))
+            return _real(*args, **kwargs)
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mod, "mla_decode", counting)
+        monkeypatch.setattr(mod, name, counting)
     cfg, hf, mine = _pair(CASES[0])
     errs, _ = _run_steps(cfg, hf, mine, 2, cache_kind, steps=[9, 1, 2])
     assert max(errs) <= 1e-4
-    assert [s[1] for s in calls] == [9, 1, 2]
+    assert calls == [("mla_decode", 9), ("mla_decode_absorbed", 1), ("mla_decode_absorbed", 2)]
 
 
 def test_training_uses_the_prefill_kernel(monkeypatch):
@@ -234,9 +235,10 @@ def test_inside_hf_model_with_hf_static_cache(attn_impl):
 
 
 def _record_attention_paths(monkeypatch) -> list[str]:
-    """The attention paths taken (fused absorbed decode or decompressing SDPA), call by call."""
+    """The attention paths taken (absorbed decode: one mla_decode_absorbed call or separate ops; or
+    decompressing SDPA), call by call."""
     paths = []
-    for name in ("_absorbed_attention", "_sdpa_attention"):
+    for name in ("_fused_decode", "_absorbed_attention", "_sdpa_attention"):
         orig = getattr(MultiHeadLatentAttention, name)
         monkeypatch.setattr(MultiHeadLatentAttention, name,
                             lambda self, *a, _n=name, _o=orig, **k: (paths.append(_n), _o(self, *a, **k))[1])
@@ -269,7 +271,7 @@ def test_hf_static_cache_module_level_without_mask(monkeypatch, compiled):
         assert rel_err(got, want) <= 1e-4, S
         past += S
     if not compiled:
-        assert paths == ["_absorbed_attention"] * 4, paths
+        assert paths == ["_fused_decode"] * 4, paths  # (the CPU, at most 16 query rows)
 
 
 def test_hf_static_cache_generate_takes_the_kernels(monkeypatch):
@@ -284,7 +286,7 @@ def test_hf_static_cache_generate_takes_the_kernels(monkeypatch):
     paths = _record_attention_paths(monkeypatch)
     got = ours.generate(ids, **kw)
     assert torch.equal(got, want)
-    assert paths and set(paths) == {"_absorbed_attention"}, paths
+    assert paths and set(paths) == {"_fused_decode"}, paths  # (the CPU, at most 16 query rows)
 
 
 def _left_padded(cfg, B, S, pad):
@@ -799,8 +801,9 @@ def test_latent_cache_wrapped_kv_b_matches_kernels_varlen(page_size):
     import latentmoe.nn.mla as mod
 
     calls = []
-    real_decode, real_prefill = mod.mla_decode, mod.mla_prefill
+    real_decode, real_fused, real_prefill = mod.mla_decode, mod.mla_decode_absorbed, mod.mla_prefill
     mod.mla_decode = lambda *a, **k: calls.append(("decode", a[0].shape[1])) or real_decode(*a, **k)
+    mod.mla_decode_absorbed = lambda *a, **k: calls.append(("decode", a[0].shape[1])) or real_fused(*a, **k)
     mod.mla_prefill = lambda *a, **k: calls.append(("prefill", a[0].shape[1])) or real_prefill(*a, **k)
     try:
         with torch.no_grad():
@@ -813,7 +816,7 @@ def test_latent_cache_wrapped_kv_b_matches_kernels_varlen(page_size):
                 assert rel_err(got, want) <= 1e-4
                 lens = [v + n for v in lens]
     finally:
-        mod.mla_decode, mod.mla_prefill = real_decode, real_prefill
+        mod.mla_decode, mod.mla_decode_absorbed, mod.mla_prefill = real_decode, real_fused, real_prefill
     # The plain module ran the kernels, the wrapped one neither (so the comparison is independent).
     assert calls == [("decode", 1), ("prefill", 20)]
 

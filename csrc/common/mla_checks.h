@@ -143,10 +143,10 @@ inline int64_t check_max_seqlen(const char* op, int64_t max_seqlen, const CacheD
 
 // q_latent [B, Sq, H, C], q_pe [B, Sq, H, R]: floating, same dtype/device, contiguous.
 // Scalar arguments of mla_decode.
-inline void check_decode_scalars(double softmax_scale, int64_t window) {
-  TORCH_CHECK_VALUE(window >= -1, "latentmoe.mla_decode: argument 'window' must be >= -1 (-1 = no window), got ",
+inline void check_decode_scalars(double softmax_scale, int64_t window, const char* op = "mla_decode") {
+  TORCH_CHECK_VALUE(window >= -1, "latentmoe.", op, ": argument 'window' must be >= -1 (-1 = no window), got ",
                     window);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "latentmoe.mla_decode: argument 'softmax_scale' must be finite");
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "latentmoe.", op, ": argument 'softmax_scale' must be finite");
 }
 
 inline void check_decode_queries(const char* op, const at::Tensor& q_latent, const at::Tensor& q_pe) {
@@ -194,6 +194,60 @@ inline void check_append_args(const char* op, const at::Tensor& kv_latent,
   chk::nonempty(op, "kv_latent", kv_latent);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "latentmoe.", op, ": argument 'eps' must be finite and >= 0, got ",
                     eps);
+}
+
+// Shapes of one mla_decode_absorbed call.
+struct AbsorbedDims {
+  int64_t B = 0, S = 0, H = 0;
+  int64_t N = 0;  // nope dim: q's first N values per head, W_UK's rows per head
+  int64_t R = 0;  // rope dim: q's last R values per head
+  int64_t C = 0;  // kv_lora_rank: kv_b_weight's columns
+  int64_t V = 0;  // value dim: W_UV's rows per head
+};
+
+// mla_decode_absorbed's own arguments (the cache is checked by check_cache): q [B, S, H, N + R]
+// with nope_dim = N and R even, cos / sin [B or 1, S, R], kv_b_weight [H * (N + V), C] with C >= 1;
+// one floating dtype and device, contiguous, at most max_rows query rows (B * S).
+inline AbsorbedDims check_absorbed_args(const char* op, const at::Tensor& q, const at::Tensor& cos,
+                                        const at::Tensor& sin, const at::Tensor& kv_b_weight, int64_t nope_dim,
+                                        int64_t max_rows) {
+  AbsorbedDims a;
+  chk::floating(op, "q", q);
+  chk::dim(op, "q", q, 4);
+  chk::contiguous(op, "q", q);
+  chk::nonempty(op, "q", q);
+  a.B = q.size(0);
+  a.S = q.size(1);
+  a.H = q.size(2);
+  TORCH_CHECK_VALUE(a.B * a.S <= max_rows, "latentmoe.", op, ": argument 'q' has ", a.B * a.S,
+                    " query rows (batch * tokens); the op takes at most ", max_rows,
+                    " (a decode step; use mla_decode with torch.bmm for more)");
+  TORCH_CHECK_VALUE(nope_dim >= 0 && nope_dim <= q.size(3), "latentmoe.", op, ": argument 'nope_dim' (", nope_dim,
+                    ") must be in [0, q.size(3) = ", q.size(3), "]");
+  a.N = nope_dim;
+  a.R = q.size(3) - nope_dim;
+  TORCH_CHECK_VALUE(a.R % 2 == 0, "latentmoe.", op, ": argument 'q' gives the rope dim q.size(3) - nope_dim = ", a.R,
+                    ", which must be even (shape ", q.sizes(), ", nope_dim ", nope_dim, ")");
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}}) {
+    chk::same_dtype(op, name, t, "q", q);
+    chk::same_device(op, name, t, "q", q);
+    chk::dim(op, name, t, 3);
+    chk::contiguous(op, name, t);
+    TORCH_CHECK_VALUE((t.size(0) == a.B || t.size(0) == 1) && t.size(1) == a.S && t.size(2) == a.R, "latentmoe.",
+                      op, ": argument '", name, "' has shape ", t.sizes(), " but must be [B or 1, S, R] = [", a.B,
+                      " or 1, ", a.S, ", ", a.R, "] for 'q' of shape ", q.sizes(), " and nope_dim ", nope_dim);
+  }
+  chk::same_dtype(op, "kv_b_weight", kv_b_weight, "q", q);
+  chk::same_device(op, "kv_b_weight", kv_b_weight, "q", q);
+  chk::dim(op, "kv_b_weight", kv_b_weight, 2);
+  chk::contiguous(op, "kv_b_weight", kv_b_weight);
+  const int64_t rows = kv_b_weight.size(0);
+  TORCH_CHECK_VALUE(rows % a.H == 0 && rows / a.H >= a.N && kv_b_weight.size(1) >= 1, "latentmoe.", op,
+                    ": argument 'kv_b_weight' has shape ", kv_b_weight.sizes(), " but must be [H * (nope_dim + V), C] ",
+                    "with H = ", a.H, " heads (q.size(2)), nope_dim = ", a.N, ", some V >= 0 and C >= 1");
+  a.C = kv_b_weight.size(1);
+  a.V = rows / a.H - a.N;
+  return a;
 }
 
 }  // namespace latentmoe::mla

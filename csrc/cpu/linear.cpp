@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "common/linear_checks.h"
+#include "cpu/linear.h"
 #include "cpu/vec8.h"
 
 namespace latentmoe::cpu {
@@ -145,6 +146,8 @@ at::Tensor linear_small_cpu(const at::Tensor& input, const at::Tensor& weight, c
   return out_f.to(input.scalar_type());
 }
 
+}  // namespace
+
 at::Tensor bmm_small_cpu(const at::Tensor& input, const at::Tensor& weight) {
   const linear::BmmLayout layout = linear::check_bmm_args(input, weight);
   const int64_t G = input.size(0), M = input.size(1), K = input.size(2), N = weight.size(2);
@@ -186,8 +189,6 @@ at::Tensor bmm_small_cpu(const at::Tensor& input, const at::Tensor& weight) {
   }
   return out_f.to(input.scalar_type());
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(latentmoe, CPU, m) {
   m.impl("linear_small", &linear_small_cpu);

@@ -20,10 +20,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/linear_checks.h"
 #include "common/math.h"
 #include "common/mla_checks.h"
 #include "common/mla_math.h"
 #include "cpu/gemm_bf16.h"
+#include "cpu/linear.h"
 #include "cpu/vec8.h"
 
 namespace latentmoe::cpu {
@@ -626,34 +628,50 @@ void mla_decode_impl(const DecodeParams& p, const T* q_latent, const T* q_pe, co
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, const at::Tensor& q_pe,
-                                                  const at::Tensor& kv_cache, const at::Tensor& cache_seqlens_in,
-                                                  const c10::optional<at::Tensor>& block_table_in,
+// The cache arguments of a decode call, checked (shapes, dtypes, devices, scalars, then the values
+// on the host) for queries of B rows, C latent and R rope columns in ref's dtype, with private
+// copies of the lengths and table (checked and read: the same values).
+struct CheckedCache {
+  mla::CacheDims d;
+  at::Tensor seqlens;
+  c10::optional<at::Tensor> block_table;
+  int64_t max_len = 0;  // the longest cache_seqlens entry
+};
+
+CheckedCache check_decode_cache(const char* op, const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
+                                const c10::optional<at::Tensor>& block_table, int64_t B, int64_t C, int64_t R,
+                                const at::Tensor& ref, const char* ref_name, const c10::optional<at::Tensor>& pe_cache,
+                                double softmax_scale, int64_t window, int64_t max_seqlen) {
+  CheckedCache c;
+  c.d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, ref, ref_name, pe_cache);
+  c.seqlens = chk::private_copy(cache_seqlens);
+  c.block_table = chk::private_copy(block_table);
+  mla::check_decode_scalars(softmax_scale, window, op);
+  // The CPU always checks the values (no device sync to save); a given max_seqlen must bound them.
+  mla::check_max_seqlen(op, max_seqlen, c.d);
+  c.max_len = mla::check_cache_values(op, c.d, c.seqlens, c.block_table, 0);
+  TORCH_CHECK_VALUE(max_seqlen < 0 || c.max_len <= max_seqlen, "latentmoe.", op, ": argument 'max_seqlen' (",
+                    max_seqlen, ") is below the longest cache_seqlens entry ", c.max_len);
+  return c;
+}
+
+// mla_decode's computation on checked arguments: (out [B, Sq, H, C] in q_latent's dtype, lse).
+std::tuple<at::Tensor, at::Tensor> decode_checked(const at::Tensor& q_latent, const at::Tensor& q_pe,
+                                                  const at::Tensor& kv_cache, const CheckedCache& c,
                                                   double softmax_scale, bool causal, int64_t window,
-                                                  const c10::optional<at::Tensor>& pe_cache, int64_t max_seqlen) {
-  const char* op = "mla_decode";
-  mla::check_decode_queries(op, q_latent, q_pe);
+                                                  const c10::optional<at::Tensor>& pe_cache) {
+  const mla::CacheDims& d = c.d;
   const int64_t B = q_latent.size(0), Sq = q_latent.size(1), H = q_latent.size(2);
   const int64_t C = q_latent.size(3), R = q_pe.size(3);
-  auto d = mla::check_cache(op, kv_cache, cache_seqlens_in, block_table_in, B, C, R, q_latent, "q_latent", pe_cache);
-  const at::Tensor cache_seqlens = chk::private_copy(cache_seqlens_in);  // checked and read: the same values
-  const c10::optional<at::Tensor> block_table = chk::private_copy(block_table_in);
-  mla::check_decode_scalars(softmax_scale, window);
-  // The CPU always checks the values (no device sync to save); a given max_seqlen must bound them.
-  mla::check_max_seqlen(op, max_seqlen, d);
-  const int64_t max_len = mla::check_cache_values(op, d, cache_seqlens, block_table, 0);
-  TORCH_CHECK_VALUE(max_seqlen < 0 || max_len <= max_seqlen, "latentmoe.", op, ": argument 'max_seqlen' (",
-                    max_seqlen, ") is below the longest cache_seqlens entry ", max_len);
-
   auto out = at::empty_like(q_latent);
   auto lse = at::empty({B, Sq, H}, q_latent.options().dtype(at::kFloat));
-  const int32_t* lens = cache_seqlens.const_data_ptr<int32_t>();
+  const int32_t* lens = c.seqlens.const_data_ptr<int32_t>();
   const int64_t rows = Sq * H;
   DecodeParams p{};
   p.B = B; p.Sq = Sq; p.H = H; p.C = C; p.R = R; p.D = C + R;
   p.lmax = d.lmax; p.page_size = d.page_size; p.max_pages = d.max_pages; p.num_pages = d.num_pages;
   p.kv_stride = d.kv_stride; p.pe_stride = d.pe_stride; p.split = d.split;
-  p.block_table = d.paged ? block_table->const_data_ptr<int32_t>() : nullptr;
+  p.block_table = d.paged ? c.block_table->const_data_ptr<int32_t>() : nullptr;
   p.seqlens = lens;
   p.scale = static_cast<float>(softmax_scale);
   p.causal = causal;
@@ -668,8 +686,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
   p.outer_scores = avx512;
   // Enough items for every thread; each split keeps at least kMinSplit keys.
   const int64_t want = (2 * at::get_num_threads() + B * p.n_groups - 1) / (B * p.n_groups);
-  p.n_splits = std::max<int64_t>(1, std::min<int64_t>(want, (max_len + kMinSplit - 1) / kMinSplit));
-  p.split_len = std::max<int64_t>(1, (max_len + p.n_splits - 1) / p.n_splits);
+  p.n_splits = std::max<int64_t>(1, std::min<int64_t>(want, (c.max_len + kMinSplit - 1) / kMinSplit));
+  p.split_len = std::max<int64_t>(1, (c.max_len + p.n_splits - 1) / p.n_splits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_latent.scalar_type(), "mla_decode_cpu", [&] {
     const scalar_t* kv = kv_cache.const_data_ptr<scalar_t>();
     const scalar_t* pe = d.split ? pe_cache->const_data_ptr<scalar_t>() : kv + C;
@@ -677,6 +695,79 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, co
                               out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
   });
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_decode_cpu(const at::Tensor& q_latent, const at::Tensor& q_pe,
+                                                  const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
+                                                  const c10::optional<at::Tensor>& block_table,
+                                                  double softmax_scale, bool causal, int64_t window,
+                                                  const c10::optional<at::Tensor>& pe_cache, int64_t max_seqlen) {
+  const char* op = "mla_decode";
+  mla::check_decode_queries(op, q_latent, q_pe);
+  const CheckedCache c = check_decode_cache(op, kv_cache, cache_seqlens, block_table, q_latent.size(0),
+                                            q_latent.size(3), q_pe.size(3), q_latent, "q_latent", pe_cache,
+                                            softmax_scale, window, max_seqlen);
+  return decode_checked(q_latent, q_pe, kv_cache, c, softmax_scale, causal, window, pe_cache);
+}
+
+// ---- mla_decode_absorbed ------------------------------------------------------------------------
+// A decode step's attention from the per-head queries as the q projection gives them, in one call:
+// q_pe rotated (HF RoPE), q_latent = q_nope @ W_UK per head (bmm_small's kernel), mla_decode on
+// the cache, then out = o_latent @ W_UV^T per head, W_UK / W_UV read in place from kv_b_weight.
+// The same steps as the module's separate ops (mla_decode between two bmm_small calls), without
+// their per-op dispatch and the Python between them.
+
+// q_pe [B, S, H, R] = RoPE(q[..., N:]) with cos / sin rows [B or 1, S, R]: fp32, rounded once.
+template <typename T>
+void rotate_queries(const T* q, const T* cos, const T* sin, bool cs_batch, const mla::AbsorbedDims& a,
+                    bool interleave, T* out) {
+  const int64_t R = a.R, half = R / 2, D = a.N + R;
+  std::vector<float> x(R), cs(R), sn(R), o(R);
+  for (int64_t b = 0; b < a.B; ++b) {
+    for (int64_t s = 0; s < a.S; ++s) {
+      const int64_t crow = ((cs_batch ? b : 0) * a.S + s) * R;
+      for (int64_t i = 0; i < R; ++i) {
+        cs[i] = static_cast<float>(cos[crow + i]);
+        sn[i] = static_cast<float>(sin[crow + i]);
+      }
+      for (int64_t h = 0; h < a.H; ++h) {
+        const int64_t row = (b * a.S + s) * a.H + h;
+        for (int64_t i = 0; i < R; ++i) x[i] = static_cast<float>(q[row * D + a.N + i]);
+        for (int64_t i = 0; i < half; ++i) mla::rope_pair(x.data(), cs.data(), sn.data(), half, i, interleave, o.data());
+        for (int64_t i = 0; i < R; ++i) out[row * R + i] = static_cast<T>(o[i]);
+      }
+    }
+  }
+}
+
+at::Tensor mla_decode_absorbed_cpu(const at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin,
+                                   const at::Tensor& kv_b_weight, const at::Tensor& kv_cache,
+                                   const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& block_table,
+                                   double softmax_scale, int64_t nope_dim, bool rope_interleave, bool causal,
+                                   int64_t window, const c10::optional<at::Tensor>& pe_cache, int64_t max_seqlen) {
+  const char* op = "mla_decode_absorbed";
+  const mla::AbsorbedDims a = mla::check_absorbed_args(op, q, cos, sin, kv_b_weight, nope_dim, linear::kMaxRows);
+  const CheckedCache c = check_decode_cache(op, kv_cache, cache_seqlens, block_table, a.B, a.C, a.R, q, "q",
+                                            pe_cache, softmax_scale, window, max_seqlen);
+  const int64_t B = a.B, S = a.S, H = a.H, N = a.N, C = a.C, V = a.V;
+  at::Tensor q_pe = at::empty({B, S, H, a.R}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_decode_absorbed_rope", [&] {
+    rotate_queries<scalar_t>(q.const_data_ptr<scalar_t>(), cos.const_data_ptr<scalar_t>(),
+                             sin.const_data_ptr<scalar_t>(), cos.size(0) == B && B > 1, a, rope_interleave,
+                             q_pe.mutable_data_ptr<scalar_t>());
+  });
+  const at::Tensor w = kv_b_weight.view({H, N + V, C});
+  // [H, B*S, N] @ W_UK [H, N, C] (rows of C adjacent) -> q_latent [B, S, H, C]
+  const at::Tensor q_heads = q.narrow(3, 0, N).permute({2, 0, 1, 3}).reshape({H, B * S, N}).contiguous();
+  const at::Tensor q_latent =
+      bmm_small_cpu(q_heads, w.narrow(1, 0, N)).view({H, B, S, C}).permute({1, 2, 0, 3}).contiguous();
+  const auto o_latent = std::get<0>(decode_checked(q_latent, q_pe, kv_cache, c, softmax_scale, causal, window, pe_cache));
+  // [H, B*S, C] @ W_UV^T [H, C, V] (a transposed view: rows of C adjacent) -> [B, S, H, V]
+  const at::Tensor o_heads = o_latent.view({B * S, H, C}).transpose(0, 1).contiguous();
+  // (into a fresh [B, S, H, V]: contiguous() keeps an empty tensor's permuted strides)
+  at::Tensor out = at::empty({B, S, H, V}, q.options());
+  out.copy_(bmm_small_cpu(o_heads, w.narrow(1, N, V).transpose(1, 2)).view({H, B, S, V}).permute({1, 2, 0, 3}));
+  return out;
 }
 
 // ---- mla_append_cache -------------------------------------------------------------------------
@@ -742,6 +833,7 @@ void mla_append_cache_cpu(at::Tensor& kv_cache, const at::Tensor& kv_latent, con
 
 TORCH_LIBRARY_IMPL(latentmoe, CPU, m) {
   m.impl("mla_decode", &mla_decode_cpu);
+  m.impl("mla_decode_absorbed", &mla_decode_absorbed_cpu);
   m.impl("mla_append_cache", &mla_append_cache_cpu);
 }
 

@@ -11,9 +11,11 @@ _KEYS = ("CPU", "CUDA", "Meta", "Autograd")
 # Ops with CPU kernels only, by design: the prepacked experts' panels are laid out for the CPU's
 # register tiles (vdpbf16ps for bf16, 16-lane FMAs for fp32; on CUDA, moe_experts reads HF's
 # layout on tensor cores), and bmm_small streams strided weight views where a CPU BLAS bmm with one
-# row runs well below the memory's rate (on CUDA the module calls torch.bmm: cuBLAS). Their
+# row runs well below the memory's rate (on CUDA the module calls torch.bmm: cuBLAS), and
+# mla_decode_absorbed fuses mla_decode with two bmm_small products to save the CPU's per-op dispatch
+# in a decode step (on CUDA the module calls mla_decode between two torch.bmm). Their
 # wrappers reject CUDA tensors with a clear error.
-CPU_ONLY_OPS = frozenset({"moe_pack_weight", "moe_experts_packed", "bmm_small"})
+CPU_ONLY_OPS = frozenset({"moe_pack_weight", "moe_experts_packed", "bmm_small", "mla_decode_absorbed"})
 
 
 def ops() -> list[str]:

@@ -243,6 +243,45 @@ def check_mla_decode(q_latent, q_pe, kv_cache, cache_seqlens, block_table, softm
         f"must be -1 (check lengths on the host) or in [0, capacity = {capacity}], got {max_seqlen}"))
 
 
+def check_mla_decode_absorbed(q, cos, sin, kv_b_weight, kv_cache, cache_seqlens, block_table, softmax_scale,
+                              nope_dim, window, pe_cache, max_seqlen, max_rows: int) -> tuple:
+    """mla::check_absorbed_args, then check_cache, check_decode_scalars, check_max_seqlen (as the
+    kernel, without its contiguity checks); returns (B, S, H, V)."""
+    op = "mla_decode_absorbed"
+    floating(op, "q", q)
+    dim(op, "q", q, 4)
+    nonempty(op, "q", q)
+    B, S, H, D = q.shape
+    require(B * S <= max_rows, op, "q", lambda: (
+        f"has {B * S} query rows (batch * tokens); the op takes at most {max_rows} (a decode step; use "
+        "mla_decode with torch.bmm for more)"))
+    require(0 <= nope_dim <= D, op, "nope_dim", lambda: f"({nope_dim}) must be in [0, q.size(3) = {D}]")
+    R = D - nope_dim
+    require(R % 2 == 0, op, "q", lambda: (
+        f"gives the rope dim q.size(3) - nope_dim = {R}, which must be even (shape {_shape(q)}, nope_dim "
+        f"{nope_dim})"))
+    for name, t in (("cos", cos), ("sin", sin)):
+        same_dtype(op, name, t, "q", q)
+        same_device(op, name, t, "q", q)
+        dim(op, name, t, 3)
+        require(t.shape[0] in (B, 1) and t.shape[1] == S and t.shape[2] == R, op, name, lambda t=t: (
+            f"has shape {_shape(t)} but must be [B or 1, S, R] = [{B} or 1, {S}, {R}] for 'q' of shape "
+            f"{_shape(q)} and nope_dim {nope_dim}"))
+    same_dtype(op, "kv_b_weight", kv_b_weight, "q", q)
+    same_device(op, "kv_b_weight", kv_b_weight, "q", q)
+    dim(op, "kv_b_weight", kv_b_weight, 2)
+    rows, C = kv_b_weight.shape
+    require(rows % H == 0 and rows // H >= nope_dim and C >= 1, op, "kv_b_weight", lambda: (
+        f"has shape {_shape(kv_b_weight)} but must be [H * (nope_dim + V), C] with H = {H} heads (q.size(2)), "
+        f"nope_dim = {nope_dim}, some V >= 0 and C >= 1"))
+    capacity = check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, q, "q", pe_cache)
+    require(window >= -1, op, "window", lambda: f"must be >= -1 (-1 = no window), got {window}")
+    require(math.isfinite(softmax_scale), op, "softmax_scale", lambda: "must be finite")
+    require(max_seqlen >= -1 and max_seqlen <= capacity, op, "max_seqlen", lambda: (
+        f"must be -1 (check lengths on the host) or in [0, capacity = {capacity}], got {max_seqlen}"))
+    return B, S, H, rows // H - nope_dim
+
+
 def check_mla_append_cache(kv_cache, kv_latent, k_pe, norm_weight, eps, cos, sin, cache_seqlens, block_table):
     """mla::check_append_args (its eps check last), then mla::check_cache."""
     op = "mla_append_cache"

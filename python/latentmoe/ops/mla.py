@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from latentmoe.ops._checks import check_mla_append_cache, check_mla_decode, forbid_backward
+from latentmoe.ops._checks import (
+    check_mla_append_cache, check_mla_decode, check_mla_decode_absorbed, cpu_only, forbid_backward,
+)
+from latentmoe.ops.linear import MAX_ROWS
 
 _lib = torch.ops.latentmoe
 
@@ -73,6 +76,64 @@ def mla_decode(
     )
 
 
+def mla_decode_absorbed(
+    q: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_b_weight: torch.Tensor,
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    softmax_scale: float,
+    nope_dim: int,
+    block_table: torch.Tensor | None = None,
+    rope_interleave: bool = True,
+    causal: bool = True,
+    window: int = -1,
+    pe_cache: torch.Tensor | None = None,
+    max_seqlen: int = -1,
+) -> torch.Tensor:
+    """A decode step's MLA attention from the q projection's per-head queries, in one call (CPU).
+
+    Does what :class:`latentmoe.nn.MultiHeadLatentAttention` does around :func:`mla_decode` in a
+    decode step: rotates the rope part of the queries, absorbs ``W_UK`` into the rest, attends on the
+    latent cache and applies ``W_UV``, reading both from ``kv_b_weight`` in place. One op instead of
+    the separate ones (on a 2-core CPU their dispatch and the Python between them cost about a tenth
+    of a decode step).
+
+    Args:
+        q: ``[B, S, H, N + R]`` the q projection's output per head (HF ``q_proj`` / ``q_b_proj``
+            viewed as heads): the first ``N = nope_dim`` values are ``q_nope``, the last ``R``
+            (even) the un-rotated rope part. fp32 / bf16 / fp16, contiguous; at most 16 query rows
+            ``B * S``.
+        cos, sin: ``[B, S, R]`` or ``[1, S, R]`` HF rotary embeddings at the new tokens' positions,
+            q's dtype, contiguous.
+        kv_b_weight: ``[H * (N + V), C]`` ``kv_b_proj.weight`` (per head ``N`` rows of ``W_UK``, then
+            ``V`` rows of ``W_UV``), q's dtype, contiguous.
+        kv_cache, cache_seqlens, block_table, causal, window, pe_cache, max_seqlen: as
+            :func:`mla_decode` (the cache in q's dtype).
+        softmax_scale: score multiplier (see ``latentmoe.reference.mla.softmax_scale``).
+        nope_dim: ``N`` (``qk_nope_head_dim``).
+        rope_interleave: HF ``config.rope_interleave``.
+    Returns:
+        ``[B, S, H, V]`` in q's dtype: per head ``o_latent @ W_UV^T``, where ``o_latent`` is
+        :func:`mla_decode` of ``q_latent = q_nope @ W_UK`` and ``q_pe = RoPE(q[..., N:])``.
+
+    Numerics: the rotated ``q_pe`` is computed in fp32 and rounded once to the dtype; each product
+    sums in fp32 and is rounded to the dtype (as :func:`latentmoe.ops.bmm_small` rounds it); the
+    attention is :func:`mla_decode`'s. Bitwise the same from run to run at a given thread count (the
+    keys are split by the thread count, as in :func:`mla_decode`). CPU only (``latentmoe.info.CPU_ONLY_OPS``:
+    on CUDA call :func:`mla_decode` between two ``torch.bmm``); no backward.
+    """
+    cpu_only("mla_decode_absorbed", "on CUDA call mla_decode between two torch.bmm (the per-head products)",
+             q=q, cos=cos, sin=sin, kv_b_weight=kv_b_weight, kv_cache=kv_cache, cache_seqlens=cache_seqlens,
+             block_table=block_table, pe_cache=pe_cache)
+    return _lib.mla_decode_absorbed.default(
+        q, cos, sin, kv_b_weight, kv_cache, cache_seqlens, block_table, float(softmax_scale), int(nope_dim),
+        rope_interleave, causal, window, pe_cache,
+        max_seqlen if isinstance(max_seqlen, torch.SymInt) else int(max_seqlen),
+    )
+
+
 def mla_append_cache(
     kv_cache: torch.Tensor,
     kv_latent: torch.Tensor,
@@ -121,6 +182,18 @@ def _mla_decode_fake(
     return out, q_latent.new_empty((B, Sq, H), dtype=torch.float32)
 
 
+@torch.library.register_fake("latentmoe::mla_decode_absorbed")
+def _mla_decode_absorbed_fake(
+    q, cos, sin, kv_b_weight, kv_cache, cache_seqlens, block_table, softmax_scale, nope_dim, rope_interleave=True,
+    causal=True, window=-1, pe_cache=None, max_seqlen=-1,
+):
+    B, S, H, V = check_mla_decode_absorbed(
+        q, cos, sin, kv_b_weight, kv_cache, cache_seqlens, block_table, softmax_scale, nope_dim, window, pe_cache,
+        max_seqlen, MAX_ROWS,
+    )
+    return q.new_empty((B, S, H, V))
+
+
 @torch.library.register_fake("latentmoe::mla_append_cache")
 def _mla_append_cache_fake(
     kv_cache, kv_latent, k_pe, norm_weight, eps, cos, sin, cache_seqlens, block_table, rope_interleave,
@@ -130,5 +203,7 @@ def _mla_append_cache_fake(
     return None
 
 
+forbid_backward("mla_decode_absorbed", "has no backward (an inference op): train through latentmoe.ops.mla_prefill, "
+                "or call it under torch.no_grad()")
 forbid_backward("mla_decode", "has no backward (an inference op): train through latentmoe.ops.mla_prefill, or call "
                 "it under torch.no_grad()")
