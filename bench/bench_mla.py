@@ -283,7 +283,7 @@ def _linear_rows(device: str, dtype) -> list[dict]:
     rows = []
     dt = str(dtype).removeprefix("torch.")
     w = torch.randn(H * (NOPE + R), HIDDEN, device=device, dtype=dtype)
-    for M in (1, 4):
+    for M in (1, 4, 16):
         x = torch.randn(M, HIDDEN, device=device, dtype=dtype)
         mode = f"q_proj-{dt}-M{M}"
         t_f = time_ms(lambda: torch.nn.functional.linear(x, w), device, warmup=3, reps=20, min_time_s=0.2)
@@ -630,6 +630,8 @@ def run(device: str, quick: bool) -> list[dict]:
     rows += _decode_op_rows(device, dtype, contexts)
     rows += _append_rows(device, dtype)
     rows += _linear_rows(device, dtype)
+    if device == "cpu":  # the bf16 path (vdpbf16ps tiles on AVX512_BF16 CPUs)
+        rows += _linear_rows(device, torch.bfloat16)
     if device == "cpu":  # a CPU-only op (on CUDA the module calls torch.bmm)
         for dt in (torch.float32, torch.bfloat16):
             rows += _absorbed_rows(dt)

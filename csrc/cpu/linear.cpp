@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "common/linear_checks.h"
+#include "cpu/gemm_bf16.h"
 #include "cpu/linear.h"
 #include "cpu/vec8.h"
 
@@ -66,6 +67,28 @@ LMOE_V8_INLINE void rows_body(const float* x, int64_t M, const TW* w, int64_t ld
       if (m + 1 < M) out_f[(m + 1) * N + n] = s1;
     }
   }
+}
+
+// bf16 input and weight rows of K adjacent on AVX512_BF16 CPUs: bf16dp's vdpbf16ps dot-product
+// tiles (4 input rows by 6 weight rows; products exact in fp32, as the widening path's, sums in
+// fp32 in a fixed order, whatever the rows a task takes). out_f[m * ldo + n] for n in [n0, n1).
+// The 8-lane widening path is compute-bound from 2 rows up (2-core Zen 4, the q_proj shape from
+// memory: 2.8x / 6.7x the read floor at 4 / 16 rows, slower than oneDNN's F.linear there); these
+// tiles ran at 1.0-1.2x / 1.5-1.9x.
+struct Bf16Rows {
+  std::vector<c10::BFloat16> a;  // the input rows, row stride lda (bf16dp::padded_stride)
+  int64_t lda = 0;
+  Bf16Rows(const c10::BFloat16* x, int64_t M, int64_t K) : lda(bf16dp::padded_stride(K)) {
+    a.assign(static_cast<size_t>(std::max<int64_t>(M, 1) * lda), c10::BFloat16(0.f));
+    for (int64_t m = 0; m < M; ++m) std::copy_n(x + m * K, K, a.data() + m * lda);
+  }
+};
+
+void bf16_rows(const Bf16Rows& x, int64_t M, const c10::BFloat16* w, int64_t ldw, int64_t K, int64_t n0, int64_t n1,
+               float* out_f, int64_t ldo) {
+  std::vector<float> res(bf16dp::scratch_floats(M, K));
+  bf16dp::gemm(x.a.data(), x.lda, w, ldw, M, K, n0, n1, res.data(),
+               [&](int64_t m, int64_t c0, const float* v, int64_t count) { std::copy_n(v, count, out_f + m * ldo + c0); });
 }
 
 // Columns per bmm_small work item in the [K, N] form (a multiple of 32).
@@ -128,15 +151,20 @@ at::Tensor linear_small_cpu(const at::Tensor& input, const at::Tensor& weight, c
   linear::check_args(input, weight, bias);
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   auto out_f = at::empty({M, N}, input.options().dtype(at::kFloat));
-  if (M > 0 && N > 0) {
+  // About 64 KiB of weights per task: enough to amortise the scheduling, many tasks to share out.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * weight.element_size()));
+  if (M > 0 && N > 0 && K > 0 && weight.scalar_type() == at::kBFloat16 && bf16dp::cpu_supported()) {
+    const Bf16Rows x(input.const_data_ptr<c10::BFloat16>(), M, K);
+    const c10::BFloat16* wp = weight.const_data_ptr<c10::BFloat16>();
+    float* op = out_f.mutable_data_ptr<float>();
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { bf16_rows(x, M, wp, K, K, n0, n1, op, N); });
+  } else if (M > 0 && N > 0) {
     const auto x = input.to(at::kFloat).contiguous();  // a few rows: the copy is small
     const float* xp = x.const_data_ptr<float>();
     float* op = out_f.mutable_data_ptr<float>();
     const bool avx = v8::use_avx2();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "linear_small", [&] {
       const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-      // About 64 KiB of weights per task: enough to amortise the scheduling, many tasks to share out.
-      const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * weight.element_size()));
       at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
         stream<scalar_t, false>(avx, xp, M, wp, K, K, N, n0, n1, op);
       });
@@ -156,11 +184,29 @@ at::Tensor bmm_small_cpu(const at::Tensor& input, const at::Tensor& weight) {
     if (K == 0) {
       out_f.zero_();
     } else {
+      float* op = out_f.mutable_data_ptr<float>();
+      const int64_t sg = weight.stride(0);
+      if (layout == linear::BmmLayout::kNk && weight.scalar_type() == at::kBFloat16 && bf16dp::cpu_supported()) {
+        // bf16 weight rows of K adjacent: bf16dp's tiles, as linear_small's (work items as below).
+        const int64_t ldw = weight.stride(2);
+        const c10::BFloat16* xp = input.const_data_ptr<c10::BFloat16>();
+        std::vector<Bf16Rows> xs;
+        xs.reserve(G);
+        for (int64_t g = 0; g < G; ++g) xs.emplace_back(xp + g * M * K, M, K);
+        const c10::BFloat16* wp = weight.const_data_ptr<c10::BFloat16>();
+        const int64_t grain = std::max<int64_t>(1, 65536 / (K * 2));
+        at::parallel_for(0, G * N, grain, [&](int64_t b, int64_t e) {
+          while (b < e) {
+            const int64_t g = b / N, n0 = b % N, n1 = std::min(N, n0 + (e - b));
+            bf16_rows(xs[g], M, wp + g * sg, ldw, K, n0, n1, op + g * M * N, N);
+            b += n1 - n0;
+          }
+        });
+        return out_f.to(input.scalar_type());
+      }
       const auto x = input.to(at::kFloat).contiguous();  // a few rows per entry: the copy is small
       const float* xp = x.const_data_ptr<float>();
-      float* op = out_f.mutable_data_ptr<float>();
       const bool avx = v8::use_avx2();
-      const int64_t sg = weight.stride(0);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "bmm_small", [&] {
         const scalar_t* wp = weight.const_data_ptr<scalar_t>();
         if (layout == linear::BmmLayout::kNk) {

@@ -23,7 +23,8 @@ def linear_small(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     Returns:
         ``[M, N]`` in the input dtype (fp32 accumulation). The CPU kernel streams each weight row
         once (threads split ``N``; bitwise deterministic), where a BLAS GEMM with one row runs
-        well below the memory's read rate; CUDA calls cuBLAS. An inference op with no backward: a
+        well below the memory's read rate; bf16 on AVX512_BF16 CPUs runs ``vdpbf16ps`` tiles
+        (products exact, as the widening path's). CUDA calls cuBLAS. An inference op with no backward: a
         gradient reaching it raises ``RuntimeError`` (use ``F.linear`` where gradients are needed).
     Raises ``ValueError`` naming the argument on bad shapes, dtypes or more than 16 rows.
     """
@@ -53,7 +54,8 @@ def bmm_small(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ``[G, M, N]`` in the input dtype, fp32 accumulation, bitwise deterministic whatever the
         thread count. Each weight row is streamed once in a sequential order (ATen's CPU bmm with
         one row read these views at about half the memory's rate), and bf16 / fp16 weights are
-        widened in registers (no fp32 copy of the weight). An inference op with no backward: a
+        widened in registers (no fp32 copy of the weight; a bf16 transposed view on AVX512_BF16
+        CPUs runs ``linear_small``'s ``vdpbf16ps`` tiles). An inference op with no backward: a
         gradient reaching it raises ``RuntimeError`` (use ``torch.bmm`` where gradients are
         needed). CPU only (``latentmoe.info.CPU_ONLY_OPS``): CUDA tensors raise ``RuntimeError``.
     Raises ``ValueError`` naming the argument on bad shapes, dtypes, strides or more than 16 rows.
