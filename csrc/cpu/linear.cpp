@@ -1,9 +1,10 @@
 // linear_small CPU kernel: out[M, N] = input[M, K] @ weight[N, K]^T (+ bias) for a few rows (the
 // projections of a decode step), bound by reading the weight once. Threads split the N weight
-// rows (at::parallel_for); each weight row is dotted with the input rows two at a time (8-lane
-// fp32 vectors, vec8.h: AVX2+FMA+F16C where the CPU has it, else portable; bf16 / fp16 weights
-// widened in registers), four independent accumulators per dot so a core is not held to one FMA
-// per latency. Fixed summation order: bitwise deterministic whatever the thread count.
+// rows (at::parallel_for); one input row is dotted with each weight row by four independent
+// accumulators (so a core is not held to one FMA per latency), more rows in register tiles of 3
+// input rows by 3 weight rows (8-lane fp32 vectors, vec8.h: AVX2+FMA+F16C where the CPU has it,
+// else portable; bf16 / fp16 weights widened in registers; bf16 on AVX512_BF16 CPUs: bf16dp's
+// vdpbf16ps tiles). Fixed summation order: bitwise deterministic whatever the thread count.
 //
 // bmm_small CPU kernel (CPU only): out[g] = input[g] @ weight[g] for a few rows per batch entry
 // (MLA's absorbed per-head products in a decode step: q_nope @ W_UK, o_latent @ W_UV^T, read in
@@ -30,41 +31,92 @@ namespace {
 namespace v8 = latentmoe::cpu::vec8;
 using v8::v8f;
 
-// out[m, n] for rows m in [0, M) of x (fp32, row stride K) and weight rows n in [n0, n1).
-// out_f: fp32 [M, N] scratch.
-// Weight row n at w + n * ldw.
+// One input row (M = 1, a single sequence's decode step, bound by the weight's bytes): each weight
+// row dotted with it by four independent accumulators (the tiles below keep one per output: too
+// few chains in flight for one row, 1.2-1.5x the read floor against 1.0-1.2x here).
 template <typename TW, bool kAvx>
-LMOE_V8_INLINE void rows_body(const float* x, int64_t M, const TW* w, int64_t ldw, int64_t K, int64_t N, int64_t n0,
-                              int64_t n1, float* out_f) {
+LMOE_V8_INLINE void rows_body_one(const float* x, const TW* w, int64_t ldw, int64_t K, int64_t n0, int64_t n1,
+                                  float* out_f) {
   for (int64_t n = n0; n < n1; ++n) {
     const TW* wr = w + n * ldw;
-    for (int64_t m = 0; m < M; m += 2) {
-      const float* x0 = x + m * K;
-      const float* x1 = m + 1 < M ? x0 + K : x0;  // an odd last row pairs with itself
-      v8f a0[4] = {v8::splat(0.f), v8::splat(0.f), v8::splat(0.f), v8::splat(0.f)};
-      v8f a1[4] = {v8::splat(0.f), v8::splat(0.f), v8::splat(0.f), v8::splat(0.f)};
-      int64_t k = 0;
-      for (; k + 32 <= K; k += 32) {
-        for (int u = 0; u < 4; ++u) {
-          const v8f wv = v8::load_f32<TW, kAvx>(wr + k + 8 * u);
-          a0[u] += v8::load(x0 + k + 8 * u) * wv;
-          a1[u] += v8::load(x1 + k + 8 * u) * wv;
-        }
+    v8f a[4] = {v8::splat(0.f), v8::splat(0.f), v8::splat(0.f), v8::splat(0.f)};
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      for (int u = 0; u < 4; ++u) a[u] += v8::load(x + k + 8 * u) * v8::load_f32<TW, kAvx>(wr + k + 8 * u);
+    }
+    for (; k + 8 <= K; k += 8) a[0] += v8::load(x + k) * v8::load_f32<TW, kAvx>(wr + k);
+    float s = v8::hsum((a[0] + a[1]) + (a[2] + a[3]));
+    for (; k < K; ++k) s += x[k] * static_cast<float>(wr[k]);
+    out_f[n] = s;
+  }
+}
+
+// out[m, n] for rows m in [0, M) of x (fp32, row stride ldx) and weight rows n in [n0, n1).
+// out_f: fp32 [M, N] scratch.
+// Weight row n at w + n * ldw.
+// One row: rows_body_one. More: register tiles of MR input rows by NR weight rows (kRowsMr x
+// kRowsNr, smaller at the edges): per 8 k, MR + NR vector loads for MR * NR FMAs (a 2 x 1 tile did
+// 3 loads per 2 FMAs: at 4 / 16 rows of the q_proj shape, fp32 from memory on a Zen 4, 2.0-2.3x /
+// 3.9-6.1x the read floor against 1.5-1.7x / 2.8-3.0x here, in alternated runs). Every output has
+// one 8-lane accumulator over k in steps of 8, then a fixed lane sum and the k tail in order: the
+// same bits whatever tile computes it (so whatever the thread count or the rows a task takes).
+constexpr int kRowsMr = 3, kRowsNr = 3;
+
+template <typename TW, bool kAvx, int MR, int NR>
+LMOE_V8_INLINE void rows_tile(const float* x, int64_t ldx, int64_t K, const TW* w, int64_t ldw, int64_t N, float* out) {
+  v8f acc[MR][NR];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) acc[i][j] = v8::splat(0.f);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    v8f xv[MR];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) xv[i] = v8::load(x + i * ldx + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) {
+      const v8f wv = v8::load_f32<TW, kAvx>(w + j * ldw + k);
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) acc[i][j] += xv[i] * wv;
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      float sum = v8::hsum(acc[i][j]);
+      for (int64_t kk = k; kk < K; ++kk) sum += x[i * ldx + kk] * static_cast<float>(w[j * ldw + kk]);
+      out[i * N + j] = sum;
+    }
+  }
+}
+
+template <typename TW, bool kAvx, int NR>
+LMOE_V8_INLINE void rows_tile_m(int64_t mr, const float* x, int64_t ldx, int64_t K, const TW* w, int64_t ldw,
+                                int64_t N, float* out) {
+  switch (mr) {
+    case 3: return rows_tile<TW, kAvx, 3, NR>(x, ldx, K, w, ldw, N, out);
+    case 2: return rows_tile<TW, kAvx, 2, NR>(x, ldx, K, w, ldw, N, out);
+    default: return rows_tile<TW, kAvx, 1, NR>(x, ldx, K, w, ldw, N, out);
+  }
+}
+
+template <typename TW, bool kAvx>
+LMOE_V8_INLINE void rows_body(const float* x, int64_t ldx, int64_t M, const TW* w, int64_t ldw, int64_t K, int64_t N,
+                              int64_t n0, int64_t n1, float* out_f) {
+  static_assert(kRowsMr == 3 && kRowsNr == 3, "rows_tile_m's cases");
+  if (M == 1) return rows_body_one<TW, kAvx>(x, w, ldw, K, n0, n1, out_f);
+  for (int64_t n = n0; n < n1; n += kRowsNr) {
+    const int64_t nr = std::min<int64_t>(kRowsNr, n1 - n);
+    for (int64_t m = 0; m < M; m += kRowsMr) {
+      const int64_t mr = std::min<int64_t>(kRowsMr, M - m);
+      const float* xm = x + m * ldx;
+      const TW* wn = w + n * ldw;
+      float* o = out_f + m * N + n;
+      switch (nr) {
+        case 3: rows_tile_m<TW, kAvx, 3>(mr, xm, ldx, K, wn, ldw, N, o); break;
+        case 2: rows_tile_m<TW, kAvx, 2>(mr, xm, ldx, K, wn, ldw, N, o); break;
+        default: rows_tile_m<TW, kAvx, 1>(mr, xm, ldx, K, wn, ldw, N, o); break;
       }
-      for (; k + 8 <= K; k += 8) {
-        const v8f wv = v8::load_f32<TW, kAvx>(wr + k);
-        a0[0] += v8::load(x0 + k) * wv;
-        a1[0] += v8::load(x1 + k) * wv;
-      }
-      float s0 = v8::hsum((a0[0] + a0[1]) + (a0[2] + a0[3]));
-      float s1 = v8::hsum((a1[0] + a1[1]) + (a1[2] + a1[3]));
-      for (; k < K; ++k) {
-        const float wk = static_cast<float>(wr[k]);
-        s0 += x0[k] * wk;
-        s1 += x1[k] * wk;
-      }
-      out_f[m * N + n] = s0;
-      if (m + 1 < M) out_f[(m + 1) * N + n] = s1;
     }
   }
 }
@@ -132,13 +184,13 @@ template <typename TW, bool kKn>
 LMOE_CPU_AVX2 void stream_avx2(const float* x, int64_t M, const TW* w, int64_t ld, int64_t K, int64_t N, int64_t n0,
                                int64_t n1, float* out_f) {
   if constexpr (kKn) kn_body<TW, true>(x, M, w, ld, K, N, n0, n1, out_f);
-  else rows_body<TW, true>(x, M, w, ld, K, N, n0, n1, out_f);
+  else rows_body<TW, true>(x, K, M, w, ld, K, N, n0, n1, out_f);
 }
 template <typename TW, bool kKn>
 void stream_generic(const float* x, int64_t M, const TW* w, int64_t ld, int64_t K, int64_t N, int64_t n0, int64_t n1,
                     float* out_f) {
   if constexpr (kKn) kn_body<TW, false>(x, M, w, ld, K, N, n0, n1, out_f);
-  else rows_body<TW, false>(x, M, w, ld, K, N, n0, n1, out_f);
+  else rows_body<TW, false>(x, K, M, w, ld, K, N, n0, n1, out_f);
 }
 template <typename TW, bool kKn>
 void stream(bool avx, const float* x, int64_t M, const TW* w, int64_t ld, int64_t K, int64_t N, int64_t n0, int64_t n1,
