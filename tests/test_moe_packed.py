@@ -81,8 +81,8 @@ def test_pack_reads_a_strided_weight(dtype):
 @pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
 @pytest.mark.parametrize("dtype", [BF16, F32])
 def test_packed_matches_reference(monkeypatch, T, E, K, H, I, isa, dtype):
-    # bf16: avx2 / generic run the portable kernel on the same panels; fp32: the 8-lane AVX2 tiles
-    # and the portable ones.
+    # bf16: avx2 / generic run fp32 arithmetic on the same panels (the AVX2 + FMA kernel, the
+    # portable one); fp32: the 8-lane AVX2 tiles and the portable ones.
     if isa != "native":
         monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
     x, gu, down, w, idx = _problem(T, E, K, H, I, dtype=dtype)
@@ -102,6 +102,44 @@ def test_packed_fp32_avx512_and_avx2_tiles_agree(monkeypatch):
     native = moe_experts_packed(x, gp, dp, w, idx, 45)
     monkeypatch.setenv("LATENTMOE_CPU_ISA", "avx2")
     assert torch.equal(moe_experts_packed(x, gp, dp, w, idx, 45), native)
+
+
+# Rows per expert 1, 2, 3, 4 and more (each of the AVX2 kernel's row counts, a remainder after
+# whole 4-row tiles), odd H and I (the widened rows' zero past the last k).
+@pytest.mark.parametrize("T,E,K,H,I", [(1, 8, 2, 33, 17), (2, 3, 1, 130, 65), (3, 1, 1, 37, 19), (4, 2, 2, 64, 32),
+                                       (61, 5, 3, 71, 45)])
+def test_packed_bf16_avx2_and_portable_kernels_agree(monkeypatch, T, E, K, H, I):
+    # Without AVX512_BF16 the AVX2 kernel adds each pair's two exact products by FMA, the portable
+    # one by a multiply and an add: the same roundings, bitwise equal (none of these products
+    # underflows). (On an AVX2-only CPU the first run is what `native` runs too.)
+    x, gu, down, w, idx = _problem(T, E, K, H, I, dtype=BF16)
+    gp, dp = moe_pack_experts(gu, down)
+    monkeypatch.setenv("LATENTMOE_CPU_ISA", "avx2")
+    avx2 = moe_experts_packed(x, gp, dp, w, idx, I)
+    monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    assert torch.equal(moe_experts_packed(x, gp, dp, w, idx, I), avx2)
+    _close(avx2, x, gu, down, w, idx)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_packed_bf16_fp32_sums_take_one_product_at_a_time(monkeypatch, isa):
+    # Without AVX512_BF16 each product is added to the fp32 sum on its own, in k order. Built so
+    # that the order shows in the bf16 output: gate 64 (silu(64) = 64 in fp32) times up 2^-6,
+    # 2^-14, 2^-18, 2^-18 gives act = 1, 2^-8, 2^-12, 2^-12 exactly; the down products for column
+    # 0 are 1, 2^-8, 2^-24, 2^-24. One at a time: 1 + 2^-8, then each 2^-24 is half an fp32 ulp
+    # (a tie, to even: dropped), so the sum is 1 + 2^-8, a bf16 tie that rounds to 1. Pair sums
+    # (2^-24 + 2^-24 = 2^-23 first) would give 1 + 2^-8 + 2^-23, which rounds up to 1 + 2^-7.
+    monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
+    H, I = 2, 4
+    x = torch.tensor([[1.0, 0.0]], dtype=BF16)
+    gu = torch.zeros(1, 2 * I, H)
+    gu[0, :I, 0] = 64.0
+    gu[0, I:, 0] = torch.tensor([2.0**-6, 2.0**-14, 2.0**-18, 2.0**-18])
+    down = torch.zeros(1, H, I)
+    down[0, 0] = torch.tensor([1.0, 1.0, 2.0**-12, 2.0**-12])
+    gp, dp = moe_pack_experts(gu.to(BF16), down.to(BF16))
+    out = moe_experts_packed(x, gp, dp, torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long), I)
+    assert out[0, 0].item() == 1.0 and out[0, 1].item() == 0.0
 
 
 @pytest.mark.parametrize("dtype", [BF16, F32])
@@ -129,7 +167,7 @@ def test_packed_nan_in_a_used_input_propagates(dtype):
     assert out[3].isnan().all() and not out[torch.arange(9) != 3].isnan().any()
 
 
-@pytest.mark.parametrize("isa", ["native", "generic"])
+@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
 @pytest.mark.parametrize("dtype", [BF16, F32])
 def test_packed_deterministic_across_threads(monkeypatch, isa, dtype):
     if isa != "native":

@@ -27,8 +27,9 @@
 // the threads in contiguous ranges of about equal cost (rows + a panel's streaming), then the
 // weighted combine in k order (cpu/moe_common.h). Sums run in a fixed order (k pairs in order per
 // column): bitwise the same run to run and at any thread count. CPUs without AVX512_BF16 (or
-// LATENTMOE_CPU_ISA=avx2 / generic) run a portable kernel on the same bf16 panels (fp32
-// arithmetic, not bitwise equal to vdpbf16ps's); fp32 panels have AVX-512, AVX2 and portable
+// LATENTMOE_CPU_ISA=avx2 / generic) run fp32 arithmetic on the same bf16 panels, not bitwise
+// equal to vdpbf16ps's: an AVX2 + FMA kernel where the CPU has AVX2 (else portable code, the same
+// sums in the same order: bitwise equal to it); fp32 panels have AVX-512, AVX2 and portable
 // instantiations of one kernel (the same sums in the same order: the two FMA ones bitwise equal,
 // the portable one, without FMA, rounding each product).
 #include <ATen/ATen.h>
@@ -62,6 +63,7 @@ namespace chk = latentmoe::checks;
 constexpr int64_t kCols = 64;      // output columns per panel: 4 vectors of 16 fp32
 constexpr int64_t kGateCols = 32;  // gate_up panels: 32 gate columns, then the 32 matching up ones
 constexpr int kTileRows = 6;       // token rows per register tile (6 x 4 = 24 accumulators)
+constexpr int kTileRowsAvx2 = 4;   // ... for bf16 panels without AVX512_BF16 (tile_bf16_avx2)
 // A work item's cost in rows for the split across threads: its rows plus about this much for
 // streaming its panel from memory (a decode step's items have one row each).
 constexpr int64_t kPanelCost = 4;
@@ -164,24 +166,95 @@ inline float bf16_hi(uint32_t w) {
   return f;
 }
 
-// tile's sums for CPUs without AVX512_BF16: each pair's two exact products added, then
-// accumulated, in fp32 (portable code).
+// tile's sums for CPUs without AVX512_BF16, portable code: per pair, the product of its low
+// halves is added to the accumulator, then the product of its high halves, in fp32. A product of
+// two bf16 values is exact in fp32 (8-bit significands), so with or without FMA each step rounds
+// once, the same way: bitwise equal to tile_bf16_avx2's FMAs (except where a product underflows
+// fp32's normal range, where a separate multiply rounds it first).
 void tile_generic(const uint32_t* a, int64_t lda, int mr, const uint32_t* panel, int64_t Kp, float* res) {
   for (int i = 0; i < mr; ++i) {
     float acc[kCols] = {};
     for (int64_t q = 0; q < Kp; ++q) {
       const float x0 = bf16_lo(a[i * lda + q]), x1 = bf16_hi(a[i * lda + q]);
       const uint32_t* bq = panel + q * kCols;
-      for (int64_t c = 0; c < kCols; ++c) acc[c] += x0 * bf16_lo(bq[c]) + x1 * bf16_hi(bq[c]);
+      for (int64_t c = 0; c < kCols; ++c) {
+        acc[c] += x0 * bf16_lo(bq[c]);
+        acc[c] += x1 * bf16_hi(bq[c]);
+      }
     }
     std::memcpy(res + i * kCols, acc, sizeof(acc));
   }
 }
 
+// tile_generic's sums with AVX2 + FMA (CPUs without AVX512_BF16, such as Zen 3), MR (<= 4) rows:
+// NV vectors of 8 columns per pass over the panel (64 columns at one row, 32 at two, 16 at more:
+// at most 8 accumulators; a pass of 16 columns at one row read a quarter of each 256-byte panel
+// row and left a decode step's panels streaming at a fraction of the memory's rate). The pair
+// words of 8 columns split into their even (w << 16) and odd (w & 0xFFFF0000) fp32 values; the
+// rows of a come widened to fp32 (row i's element k at a[i * lda + k], 0 at k = K for an odd K),
+// broadcast from memory (splitting a pair word per row per k pair took as many vector integer
+// operations as the weights' split and slowed a 512-token call ~20%). n_pf lines from pf are
+// prefetched to L2 during the first pass.
+template <int MR>
+LMOE_CPU_AVX2 void tile_bf16_avx2(const float* a, int64_t lda, const uint32_t* panel, int64_t Kp, float* res,
+                                  const char* pf, int64_t n_pf) {
+  constexpr int NV = MR == 1 ? 8 : MR == 2 ? 4 : 2;
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t c0 = 0; c0 < kCols; c0 += 8 * NV) {
+    __m256 acc[MR][NV];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
+    int64_t credit = 0;
+    const uint32_t* bq = panel + c0;
+    for (int64_t q = 0; q < Kp; ++q, bq += kCols) {
+      if (c0 == 0)
+        for (credit += n_pf; credit >= Kp; credit -= Kp, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
+      if constexpr (NV == 2) {  // 3-4 rows: both weight vectors split first, a row split at a time
+        __m256 e[2], o[2];
+#pragma GCC unroll 2
+        for (int v = 0; v < 2; ++v) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bq + 8 * v));
+          e[v] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+          o[v] = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; ++i) {
+          __m256 x0, x1;
+          x0 = _mm256_broadcast_ss(a + i * lda + 2 * q), x1 = _mm256_broadcast_ss(a + i * lda + 2 * q + 1);
+#pragma GCC unroll 2
+          for (int v = 0; v < 2; ++v) acc[i][v] = _mm256_fmadd_ps(x1, o[v], _mm256_fmadd_ps(x0, e[v], acc[i][v]));
+        }
+      } else {  // 1-2 rows: the rows split first, a weight vector split at a time
+        __m256 x0[MR], x1[MR];
+#pragma GCC unroll 2
+        for (int i = 0; i < MR; ++i) {
+          x0[i] = _mm256_broadcast_ss(a + i * lda + 2 * q);
+          x1[i] = _mm256_broadcast_ss(a + i * lda + 2 * q + 1);
+        }
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bq + 8 * v));
+          const __m256 e = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+          const __m256 o = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
+#pragma GCC unroll 2
+          for (int i = 0; i < MR; ++i) acc[i][v] = _mm256_fmadd_ps(x1[i], o, _mm256_fmadd_ps(x0[i], e, acc[i][v]));
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) _mm256_storeu_ps(res + i * kCols + c0 + 8 * v, acc[i][v]);
+  }
+}
+
 // res[i * 64 + c] = sum over pairs q < Kp of a_i(q) . panel[q][c] for i < mr (<= 6), where
 // a_i(q) = a[i * lda + q] holds row i's elements 2q (low half) and 2q + 1: bf16dp's outer-product
-// tile (vdpbf16ps) where the CPU has AVX512_BF16, else tile_generic. Meanwhile n_pf 64-byte lines
-// from pf on are prefetched to L2 (the next work item's panel, a share per tile).
+// tile (vdpbf16ps) where the CPU has AVX512_BF16 (dp), else tile_generic (CPUs with AVX2 but
+// not AVX512_BF16 run tile_wide instead). Meanwhile n_pf 64-byte lines from pf on are prefetched to L2 (the
+// next work item's panel, a share per tile).
 void tile(bool dp, int mr, const uint32_t* a, int64_t lda, const uint32_t* panel, int64_t Kp, float* res,
           const char* pf, int64_t n_pf) {
   if (!dp) return tile_generic(a, lda, mr, panel, Kp, res);
@@ -196,14 +269,28 @@ void tile(bool dp, int mr, const uint32_t* a, int64_t lda, const uint32_t* panel
   }
 }
 
+// tile_bf16_avx2 for mr (<= kTileRowsAvx2) rows of a widened to fp32.
+void tile_wide(int mr, const float* a, int64_t lda, const uint32_t* panel, int64_t Kp, float* res, const char* pf,
+               int64_t n_pf) {
+  switch (mr) {
+    case 4: return tile_bf16_avx2<4>(a, lda, panel, Kp, res, pf, n_pf);
+    case 3: return tile_bf16_avx2<3>(a, lda, panel, Kp, res, pf, n_pf);
+    case 2: return tile_bf16_avx2<2>(a, lda, panel, Kp, res, pf, n_pf);
+    default: return tile_bf16_avx2<1>(a, lda, panel, Kp, res, pf, n_pf);
+  }
+}
+
 // res[i * 64 + c] = sum over k < K of a[i * lda + k] * panel[k * 64 + c] for i < MR (fp32
 // panels), the sums in k order; n_pf lines from pf prefetched as tile's are. W = 16: the whole
-// panel row per pass (6 x 4 vectors); W = 8: 16 columns per pass (6 x 2, AVX2's 16 registers).
+// panel row per pass (6 x 4 vectors); W = 8 (AVX2's 16 registers): 16 columns per pass (6 x 2),
+// 32 at two rows and all 64 at one (a pass of 16 columns at one row read a quarter of each
+// 256-byte panel row and left a decode step's panels streaming at a fraction of the memory's
+// rate).
 template <int W, int MR>
 LMOE_V8_INLINE void tile_f32_body(const float* a, int64_t lda, const float* panel, int64_t K, float* res,
                                   const char* pf, int64_t n_pf) {
   using V = vec8::vf<W>;
-  constexpr int NV = W == 16 ? 4 : 2;
+  constexpr int NV = W == 16 ? 4 : MR == 1 ? 8 : MR == 2 ? 4 : 2;
   for (int64_t c0 = 0; c0 < kCols; c0 += NV * W) {
     V acc[MR][NV];
 #pragma GCC unroll 8
@@ -331,22 +418,35 @@ at::Tensor packed_forward(const at::Tensor& hidden, const at::Tensor& gate_up_pa
   // the high half of an odd row's last word is 0 (the panels' missing k is 0, and 0 * NaN is NaN).
   auto row_len = [](int64_t n) { return (kBf16 ? cdiv(n, 2) : n) + 16; };
   const int64_t ldx = row_len(H), lda = row_len(I);
-  std::unique_ptr<A[]> xs(new A[S * ldx]), act(new A[S * lda]);
+  const bool dp = bf16dp::cpu_supported(), avx2 = vec8::use_avx2();
+  const Isa isa = vec8::use_avx512() ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kGeneric;
+  // bf16 without AVX512_BF16 but with AVX2 (tile_wide): the rows of a widened to fp32 as well
+  // (xs_f, act_f: element k of row i at i * 2 * ld + k, 0 at k = H / I), the bf16 words unused
+  // but for act's SwiGLU output, widened from there.
+  const bool wide = kBf16 && !dp && avx2;
+  const int64_t tile_rows = wide ? kTileRowsAvx2 : kTileRows;
+  std::unique_ptr<A[]> xs(new A[wide ? 0 : S * ldx]), act(new A[S * lda]);
+  std::unique_ptr<float[]> xs_f(new float[wide ? S * 2 * ldx : 0]), act_f(new float[wide ? S * 2 * lda : 0]);
   const T* xp = x.const_data_ptr<T>();
   at::parallel_for(0, S, 16, [&](int64_t b, int64_t end) {
     for (int64_t i = b; i < end; ++i) {
-      A* d = xs.get() + i * ldx;
+      const T* src = xp + (sorted[i] / K) * H;
       if constexpr (kBf16) {
-        d[H / 2] = 0;  // (the odd H's last word, or a padding word)
         if (I % 2 == 1) act[i * lda + I / 2] = 0;
+        if (wide) {
+          float* d = xs_f.get() + i * 2 * ldx;
+          vec8::widen_avx2(src, d, H);
+          d[H] = 0.f;
+          act_f[i * 2 * lda + I] = 0.f;
+          continue;
+        }
+        xs[i * ldx + H / 2] = 0;  // (the odd H's last word, or a padding word)
       }
-      std::memcpy(d, xp + (sorted[i] / K) * H, H * sizeof(T));
+      std::memcpy(xs.get() + i * ldx, src, H * sizeof(T));
     }
   });
   at::Tensor y = at::empty({S, H}, hidden.options());
   T* yp = y.mutable_data_ptr<T>();
-  const bool dp = bf16dp::cpu_supported(), avx2 = vec8::use_avx2();
-  const Isa isa = vec8::use_avx512() ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kGeneric;
   const A* gu_p = reinterpret_cast<const A*>(gate_up_packed.const_data_ptr<T>());
   const A* d_p = reinterpret_cast<const A*>(down_packed.const_data_ptr<T>());
 
@@ -386,24 +486,32 @@ at::Tensor packed_forward(const at::Tensor& hidden, const at::Tensor& gate_up_pa
           // expert; +6% at 12 rows), but not by an item of one tile: there the panels stream back
           // to back, the hardware prefetcher keeps up, and the 4 prefetches per k pair took a
           // decode step (T = 1, bf16, h1024 / i704, one thread) from 0.55 to 0.8-1.0 ms.
-          const int64_t tiles = cdiv(m, kTileRows);
+          const int64_t tiles = cdiv(m, tile_rows);
           const char* next =
               tiles > 1 && j + 1 < bound[t + 1] ? reinterpret_cast<const char*>(panel_of(j + 1)) : nullptr;
           const int64_t lines = next ? Kp * kCols * 4 / 64 : 0;
           const int64_t share = cdiv(lines, tiles);
-          for (int64_t r = 0; r < m; r += kTileRows) {
-            const int mr = static_cast<int>(std::min<int64_t>(kTileRows, m - r));
-            const int64_t l0 = std::min(lines, r / kTileRows * share), l1 = std::min(lines, l0 + share);
+          for (int64_t r = 0; r < m; r += tile_rows) {
+            const int mr = static_cast<int>(std::min<int64_t>(tile_rows, m - r));
+            const int64_t l0 = std::min(lines, r / tile_rows * share), l1 = std::min(lines, l0 + share);
             const char* pf = next ? next + 64 * l0 : nullptr;
-            if constexpr (kBf16) tile(dp, mr, a_rows + (o + r) * ld, ld, panel, Kp, res, pf, l1 - l0);
-            else tile_f32(isa, mr, a_rows + (o + r) * ld, ld, panel, Kp, res, pf, l1 - l0);
+            if constexpr (kBf16) {
+              if (wide)
+                tile_wide(mr, (gate_up ? xs_f.get() : act_f.get()) + (o + r) * 2 * ld, 2 * ld, panel, Kp, res, pf,
+                          l1 - l0);
+              else tile(dp, mr, a_rows + (o + r) * ld, ld, panel, Kp, res, pf, l1 - l0);
+            } else {
+              tile_f32(isa, mr, a_rows + (o + r) * ld, ld, panel, Kp, res, pf, l1 - l0);
+            }
             for (int i = 0; i < mr; ++i) {
               const int64_t row = o + r + i;
               const float* s = res + i * kCols;
               if (gate_up) {
                 const int64_t n = std::min(kGateCols, I - p * kGateCols);
                 if constexpr (kBf16) {
-                  swiglu_act(s, s + kGateCols, reinterpret_cast<T*>(act.get()) + row * 2 * lda + p * kGateCols, n, isa);
+                  T* ar = reinterpret_cast<T*>(act.get()) + row * 2 * lda + p * kGateCols;
+                  swiglu_act(s, s + kGateCols, ar, n, isa);
+                  if (wide) vec8::widen_avx2(ar, act_f.get() + row * 2 * lda + p * kGateCols, n);
                 } else {
                   float* ar = act.get() + row * lda + p * kGateCols;
                   avx2 ? silu_mul_avx2(s, s + kGateCols, ar, n) : silu_mul_generic(s, s + kGateCols, ar, n);
