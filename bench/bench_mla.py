@@ -150,10 +150,16 @@ _RATES: dict = {}
 
 
 def _gemm_rate(device: str, dtype) -> float:
-    """Dense GEMM rate (GFLOP/s) of a large torch.mm, measured once per run: the compute floor's rate."""
+    """Dense GEMM rate (GFLOP/s) of a large torch.mm, measured once per run: the compute floor's rate.
+    A 16-bit dtype's is the faster of its own torch.mm and fp32's: on CPUs without bf16 GEMM
+    hardware (AVX2 only) torch.mm in bf16 runs at under 1 GFLOP/s, while the products of 16-bit
+    operands can run in fp32 at fp32's rate, so the slower rate would be no floor."""
     key = (device, dtype)
     if key not in _RATES:
-        _RATES[key] = gemm_gflops(2048, 2048, 2048, device, dtype)
+        rate = gemm_gflops(2048, 2048, 2048, device, dtype)
+        if dtype != torch.float32:
+            rate = max(rate, _gemm_rate(device, torch.float32))
+        _RATES[key] = rate
     return _RATES[key]
 
 

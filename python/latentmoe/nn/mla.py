@@ -606,7 +606,6 @@ class MultiHeadLatentAttention(nn.Module):
             keep = self._latent_cache_new_tokens(attention_mask, B, S, cache)
             return self._forward_latent_cache(q, kv, cos, sin, cache, keep), None
 
-        q_nope, q_pe = self._query_parts(q, cos, sin)
         c_kv = self._kv_norm(kv[..., :C])
         k_pe = _rotate(kv[..., C:].view(B, S, 1, R), cos, sin, self.rope_interleave)
         past = 0
@@ -647,14 +646,16 @@ class MultiHeadLatentAttention(nn.Module):
                     q, cos, sin, c_all.contiguous(), seqlens, None, pe_cache=pe_all.contiguous(), max_seqlen=L
                 )
             elif decode:
+                q_nope, q_pe = self._query_parts(q, cos, sin)  # (here: the fused op rotates q_pe itself)
                 out = self._absorbed_attention(
                     q_nope, q_pe, c_all.contiguous(), seqlens, None,
                     pe_cache=pe_all.contiguous(), max_seqlen=L,
                 )
             else:
                 rows = torch.cat([c_all, pe_all], dim=-1)
-                out = self._prefill_attention(q_nope, q_pe, rows, seqlens, None)
+                out = self._prefill_attention(*self._query_parts(q, cos, sin), rows, seqlens, None)
         else:
+            q_nope, q_pe = self._query_parts(q, cos, sin)
             out = self._sdpa_attention(
                 q_nope, q_pe, c_all, pe_all, None if plain_causal else attention_mask, valid
             )
