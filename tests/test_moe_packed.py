@@ -104,10 +104,10 @@ def test_packed_fp32_avx512_and_avx2_tiles_agree(monkeypatch):
     assert torch.equal(moe_experts_packed(x, gp, dp, w, idx, 45), native)
 
 
-# Rows per expert 1, 2, 3, 4 and more (each of the AVX2 kernel's row counts, a remainder after
-# whole 4-row tiles), odd H and I (the widened rows' zero past the last k).
+# Rows per expert 1, 2, 3, 4, 5 and more (each of the AVX2 kernel's row counts, a remainder after
+# whole 5-row tiles), odd H and I (the widened rows' zero past the last k).
 @pytest.mark.parametrize("T,E,K,H,I", [(1, 8, 2, 33, 17), (2, 3, 1, 130, 65), (3, 1, 1, 37, 19), (4, 2, 2, 64, 32),
-                                       (61, 5, 3, 71, 45)])
+                                       (5, 1, 1, 40, 24), (61, 5, 3, 71, 45)])
 def test_packed_bf16_avx2_and_portable_kernels_agree(monkeypatch, T, E, K, H, I):
     # Without AVX512_BF16 the AVX2 kernel adds each pair's two exact products by FMA, the portable
     # one by a multiply and an add: the same roundings, bitwise equal (none of these products

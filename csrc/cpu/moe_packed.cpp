@@ -63,7 +63,10 @@ namespace chk = latentmoe::checks;
 constexpr int64_t kCols = 64;      // output columns per panel: 4 vectors of 16 fp32
 constexpr int64_t kGateCols = 32;  // gate_up panels: 32 gate columns, then the 32 matching up ones
 constexpr int kTileRows = 6;       // token rows per register tile (6 x 4 = 24 accumulators)
-constexpr int kTileRowsAvx2 = 4;   // ... for bf16 panels without AVX512_BF16 (tile_bf16_avx2)
+// ... for bf16 panels without AVX512_BF16 (tile_bf16_avx2: 10 accumulators, each taking two
+// dependent FMAs per k pair; at 4 rows their latency held a Zen 3 core to 50 GFLOP/s at 192 rows
+// per expert, at 5 rows 70)
+constexpr int kTileRowsAvx2 = 5;
 // A work item's cost in rows for the split across threads: its rows plus about this much for
 // streaming its panel from memory (a decode step's items have one row each).
 constexpr int64_t kPanelCost = 4;
@@ -186,9 +189,9 @@ void tile_generic(const uint32_t* a, int64_t lda, int mr, const uint32_t* panel,
   }
 }
 
-// tile_generic's sums with AVX2 + FMA (CPUs without AVX512_BF16, such as Zen 3), MR (<= 4) rows:
+// tile_generic's sums with AVX2 + FMA (CPUs without AVX512_BF16, such as Zen 3), MR (<= 5) rows:
 // NV vectors of 8 columns per pass over the panel (64 columns at one row, 32 at two, 16 at more:
-// at most 8 accumulators; a pass of 16 columns at one row read a quarter of each 256-byte panel
+// 8-10 accumulators; a pass of 16 columns at one row read a quarter of each 256-byte panel
 // row and left a decode step's panels streaming at a fraction of the memory's rate). The pair
 // words of 8 columns split into their even (w << 16) and odd (w & 0xFFFF0000) fp32 values; the
 // rows of a come widened to fp32 (row i's element k at a[i * lda + k], 0 at k = K for an odd K),
@@ -202,7 +205,7 @@ LMOE_CPU_AVX2 void tile_bf16_avx2(const float* a, int64_t lda, const uint32_t* p
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t c0 = 0; c0 < kCols; c0 += 8 * NV) {
     __m256 acc[MR][NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
@@ -211,7 +214,7 @@ LMOE_CPU_AVX2 void tile_bf16_avx2(const float* a, int64_t lda, const uint32_t* p
     for (int64_t q = 0; q < Kp; ++q, bq += kCols) {
       if (c0 == 0)
         for (credit += n_pf; credit >= Kp; credit -= Kp, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
-      if constexpr (NV == 2) {  // 3-4 rows: both weight vectors split first, a row split at a time
+      if constexpr (NV == 2) {  // 3-5 rows: both weight vectors split first, a row split at a time
         __m256 e[2], o[2];
 #pragma GCC unroll 2
         for (int v = 0; v < 2; ++v) {
@@ -219,7 +222,7 @@ LMOE_CPU_AVX2 void tile_bf16_avx2(const float* a, int64_t lda, const uint32_t* p
           e[v] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
           o[v] = _mm256_castsi256_ps(_mm256_and_si256(w, hi));
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int i = 0; i < MR; ++i) {
           __m256 x0, x1;
           x0 = _mm256_broadcast_ss(a + i * lda + 2 * q), x1 = _mm256_broadcast_ss(a + i * lda + 2 * q + 1);
@@ -243,7 +246,7 @@ LMOE_CPU_AVX2 void tile_bf16_avx2(const float* a, int64_t lda, const uint32_t* p
         }
       }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) _mm256_storeu_ps(res + i * kCols + c0 + 8 * v, acc[i][v]);
@@ -273,6 +276,7 @@ void tile(bool dp, int mr, const uint32_t* a, int64_t lda, const uint32_t* panel
 void tile_wide(int mr, const float* a, int64_t lda, const uint32_t* panel, int64_t Kp, float* res, const char* pf,
                int64_t n_pf) {
   switch (mr) {
+    case 5: return tile_bf16_avx2<5>(a, lda, panel, Kp, res, pf, n_pf);
     case 4: return tile_bf16_avx2<4>(a, lda, panel, Kp, res, pf, n_pf);
     case 3: return tile_bf16_avx2<3>(a, lda, panel, Kp, res, pf, n_pf);
     case 2: return tile_bf16_avx2<2>(a, lda, panel, Kp, res, pf, n_pf);
