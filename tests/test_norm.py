@@ -262,3 +262,49 @@ def test_module_mixed_dtypes_as_hf():
         torch.testing.assert_close(normed, hf(x + res), rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="RMSNorm: 'hidden_states' must be float32"):
         RMSNorm(4)(torch.randn(2, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("D", [7, 33, 203, 1040])
+@pytest.mark.parametrize("fused_add", [False, True])
+def test_rounding_points_exact_with_nonfinite(monkeypatch, dtype, D, fused_add, isa):
+    # Given the kernel's own rstd, every output is T(T(src * rstd) * w) bit for bit, src = x or
+    # h = T(x + r), on rows holding NaN / +-inf / values whose products overflow, on weights holding
+    # NaN / inf, and on rows where all is finite (the bf16 kernel's no-NaN fast path); D not a
+    # multiple of the vector width, so the scalar tails agree too.
+    if isa == "generic":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    g = torch.Generator().manual_seed(D * 7 + fused_add)
+    x = (torch.randn(9, D, generator=g) * 4).to(dtype)
+    r = (torch.randn(9, D, generator=g) * 4).to(dtype)
+    big = torch.finfo(dtype).max
+    x[1, D // 2] = float("nan")
+    x[2, D - 1] = float("inf")
+    x[3, 0] = -float("inf")
+    x[4, :] = 0  # all-zero row: rstd = 1 / sqrt(eps)
+    x[5, 1 % D] = big  # sum of squares overflows to inf in fp32 for 16-bit and fp32 alike
+    x[5, 2 % D] = big
+    for w_case in ["finite", "nan", "inf", "huge"]:
+        w = torch.randn(D, generator=g).to(dtype)
+        if w_case == "nan":
+            w[D // 3] = float("nan")
+        elif w_case == "inf":
+            w[D - 1] = float("inf")
+        elif w_case == "huge":
+            w[:] = big  # finite weights whose products overflow to inf
+        if fused_add:
+            out, h, rstd = torch.ops.latentmoe.add_rms_norm(x, r, w, 1e-6)
+            hv = x + r
+            assert torch.equal(torch.nan_to_num(h.float(), 7.0), torch.nan_to_num(hv.float(), 7.0))
+            src = hv
+        else:
+            out, rstd = torch.ops.latentmoe.rms_norm(x, w, 1e-6)
+            src = x
+        # fp32 sums as the kernel's (big values overflow them to inf: rstd 0).
+        want_rstd = torch.rsqrt(src.float().pow(2).sum(-1) / D + 1e-6)
+        torch.testing.assert_close(rstd, want_rstd, rtol=3e-6, atol=0, equal_nan=True)
+        want = ((src.float() * rstd[:, None]).to(dtype).float() * w.float()).to(dtype)
+        same = (out == want) | (out.isnan() & want.isnan())
+        bad = (~same).nonzero()[:5].tolist()
+        assert same.all(), f"w={w_case}: first mismatches at {bad}"

@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/norm_checks.h"
@@ -81,16 +83,189 @@ void add_generic(const T* x, const T* res, T* h, int64_t b, int64_t e) {
   add_body<T, false>(x, res, h, b, e);
 }
 
+// ---- bf16 rows on AVX2 --------------------------------------------------------------------------
+// 16 values per step. One 32-byte load is widened by interleaving zeros below each value inside
+// each 128-bit lane (unpacklo: elements 0-3 and 8-11; unpackhi: 4-7 and 12-15), and the pack back
+// (packus, also per lane) restores the order: no cross-lane shuffle either way. The weight is
+// widened the same way, so the lanes line up. Rounding to bf16 stays in registers, as c10 rounds:
+// bits + 0x7FFF + (bit 16), NaN -> 0x7FC0. The generic v8 body above took 8 values per step
+// through a pack, two cross-lane permutes and an unpack for its intermediate rounding, with one
+// accumulator chain: at 512 x 7168 (2 threads, Zen 3) 2.4-3.0 ms, 7-10x a plain copy.
+namespace bf16v {
+
+LMOE_CPU_AVX2 inline void load16(const c10::BFloat16* p, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i z = _mm256_setzero_si256();
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
+}
+
+// v's bits plus c10's round-to-nearest-even bias: the bf16 value in the high 16 bits (not NaN).
+LMOE_CPU_AVX2 inline __m256i biased(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  return _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+}
+
+LMOE_CPU_AVX2 inline __m256 is_nan(__m256 v) { return _mm256_cmp_ps(v, v, _CMP_UNORD_Q); }
+
+// fp32(bf16(v)): v rounded to bf16, as fp32 (NaN -> 0x7FC00000).
+LMOE_CPU_AVX2 inline __m256 round(__m256 v) {
+  const __m256 r = _mm256_castsi256_ps(_mm256_and_si256(biased(v), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  return _mm256_blendv_ps(r, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), is_nan(v));
+}
+
+// fp32(bf16(v)) for v not NaN.
+LMOE_CPU_AVX2 inline __m256 round_num(__m256 v) {
+  return _mm256_castsi256_ps(_mm256_and_si256(biased(v), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// Stores bf16(lo), bf16(hi) as 16 values in load16's order; kNoNaN: neither holds a NaN.
+template <bool kNoNaN = false>
+LMOE_CPU_AVX2 inline void store16(c10::BFloat16* p, __m256 lo, __m256 hi) {
+  if constexpr (kNoNaN) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm256_packus_epi32(_mm256_srli_epi32(biased(lo), 16), _mm256_srli_epi32(biased(hi), 16)));
+    return;
+  }
+  const __m256 nan16 = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0));
+  const __m256i l = _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_srli_epi32(biased(lo), 16)), nan16, is_nan(lo)));
+  const __m256i h = _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_srli_epi32(biased(hi), 16)), nan16, is_nan(hi)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_packus_epi32(l, h));
+}
+
+LMOE_CPU_AVX2 inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// Rows [r0, r1): out = T(T(src * rstd) * w), src = x, or with res given h = T(x + res) (written)
+// and src = h (re-read from L1 / L2: a row of 7168 values is 14 KiB). Sums of squares in four
+// chains; the last D % 16 values per element.
+LMOE_CPU_AVX2 void norm_rows(const c10::BFloat16* x, const c10::BFloat16* res, c10::BFloat16* h,
+                             const c10::BFloat16* w, c10::BFloat16* out, float* rstd_out, int64_t r0,
+                             int64_t r1, int64_t D, float eps, bool w_finite) {
+  const int64_t D16 = D / 16 * 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    const c10::BFloat16* xr = x + r * D;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float sum_sq = 0.f;
+    const c10::BFloat16* src = xr;
+    if (res != nullptr) {
+      const c10::BFloat16* rr = res + r * D;
+      c10::BFloat16* hr = h + r * D;
+      for (int64_t i = 0; i < D16; i += 16) {
+        __m256 xl, xh, rl, rh;
+        load16(xr + i, xl, xh);
+        load16(rr + i, rl, rh);
+        const __m256 sl = _mm256_add_ps(xl, rl), sh = _mm256_add_ps(xh, rh);
+        store16(hr + i, sl, sh);
+        const __m256 ql = round(sl), qh = round(sh);
+        const int u = static_cast<int>((i / 16) & 1);
+        acc[2 * u] = _mm256_fmadd_ps(ql, ql, acc[2 * u]);
+        acc[2 * u + 1] = _mm256_fmadd_ps(qh, qh, acc[2 * u + 1]);
+      }
+      for (int64_t i = D16; i < D; ++i) {
+        hr[i] = static_cast<c10::BFloat16>(widen(xr[i]) + widen(rr[i]));
+        sum_sq += widen(hr[i]) * widen(hr[i]);
+      }
+      src = hr;
+    } else {
+      int64_t i = 0;
+      for (; i + 32 <= D16; i += 32) {
+        __m256 a, b, c, d;
+        load16(xr + i, a, b);
+        load16(xr + i + 16, c, d);
+        acc[0] = _mm256_fmadd_ps(a, a, acc[0]);
+        acc[1] = _mm256_fmadd_ps(b, b, acc[1]);
+        acc[2] = _mm256_fmadd_ps(c, c, acc[2]);
+        acc[3] = _mm256_fmadd_ps(d, d, acc[3]);
+      }
+      for (; i < D16; i += 16) {
+        __m256 a, b;
+        load16(xr + i, a, b);
+        acc[0] = _mm256_fmadd_ps(a, a, acc[0]);
+        acc[1] = _mm256_fmadd_ps(b, b, acc[1]);
+      }
+      for (i = D16; i < D; ++i) sum_sq += widen(xr[i]) * widen(xr[i]);
+    }
+    sum_sq += hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    const float rstd = math::rms_rstd(sum_sq, static_cast<int>(D), eps);
+    rstd_out[r] = rstd;
+    const __m256 rs = _mm256_set1_ps(rstd);
+    c10::BFloat16* outr = out + r * D;
+    if (std::isfinite(sum_sq) && w_finite) {
+      // No NaN anywhere in the row: with sum_sq finite every |x * rstd| <= sqrt(D) (rstd <=
+      // sqrt(D) / |x|), and finite * finite weights is never NaN (an overflow to inf rounds as
+      // c10 rounds it).
+      for (int64_t i = 0; i < D16; i += 16) {
+        __m256 sl, sh, wl, wh;
+        load16(src + i, sl, sh);
+        load16(w + i, wl, wh);
+        store16<true>(outr + i, _mm256_mul_ps(round_num(_mm256_mul_ps(sl, rs)), wl),
+                      _mm256_mul_ps(round_num(_mm256_mul_ps(sh, rs)), wh));
+      }
+    } else {
+      for (int64_t i = 0; i < D16; i += 16) {
+        __m256 sl, sh, wl, wh;
+        load16(src + i, sl, sh);
+        load16(w + i, wl, wh);
+        store16(outr + i, _mm256_mul_ps(round(_mm256_mul_ps(sl, rs)), wl),
+                _mm256_mul_ps(round(_mm256_mul_ps(sh, rs)), wh));
+      }
+    }
+    for (int64_t i = D16; i < D; ++i) {
+      const float y = widen(static_cast<c10::BFloat16>(widen(src[i]) * rstd));
+      outr[i] = static_cast<c10::BFloat16>(y * widen(w[i]));
+    }
+  }
+}
+
+}  // namespace bf16v
+
+// Whether every weight is finite (the bf16 kernel then skips its NaN selects).
+template <typename T>
+bool all_finite(const T* w, int64_t D) {
+  for (int64_t i = 0; i < D; ++i)
+    if (!std::isfinite(static_cast<float>(w[i]))) return false;
+  return true;
+}
+
 template <typename T>
 void rms_norm_rows(const T* x, const T* w, T* out, float* rstd_out, int64_t rows, int64_t D, float eps) {
   const bool avx = v8::use_avx2();
+  const bool w_finite = std::is_same_v<T, c10::BFloat16> && avx && all_finite(w, D);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (avx) return bf16v::norm_rows(x, nullptr, nullptr, w, out, rstd_out, begin, end, D, eps, w_finite);
+    }
     if (avx) {
       norm_rows_avx2<T>(x, w, out, rstd_out, begin, end, D, eps);
     } else {
       norm_rows_generic<T>(x, w, out, rstd_out, begin, end, D, eps);
     }
   });
+}
+
+// add_rms_norm with the add fused into the rows' first pass, where a kernel does that (bf16 on
+// AVX2); false: the caller adds, then normalises.
+template <typename T>
+bool add_norm_fused(const T* x, const T* res, T* h, const T* w, T* out, float* rstd, int64_t rows,
+                    int64_t D, float eps) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const bool w_finite = all_finite(w, D);
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      bf16v::norm_rows(x, res, h, w, out, rstd, begin, end, D, eps, w_finite);
+    });
+    return true;
+  } else {
+    return false;
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& input, const at::Tensor& weight,
@@ -131,6 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor
     const scalar_t* rp = res.const_data_ptr<scalar_t>();
     scalar_t* hp = h.mutable_data_ptr<scalar_t>();
     const bool avx = v8::use_avx2();
+    if (avx && add_norm_fused<scalar_t>(xp, rp, hp, w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                        rstd.mutable_data_ptr<float>(), rows, D, static_cast<float>(eps)))
+      return;
     at::parallel_for(0, rows * D, 4096, [&](int64_t b, int64_t e) {
       if (avx) {
         add_avx2<scalar_t>(xp, rp, hp, b, e);
