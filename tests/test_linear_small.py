@@ -23,12 +23,12 @@ def test_linear_small_matches_fp64(device, dtype, M, N, K, with_bias):
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
 
 
-@pytest.mark.parametrize("isa", ["generic", "native"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "native"])
 def test_linear_small_cpu_isa_paths_agree(monkeypatch, isa):
-    """The portable and AVX2 instantiations (LATENTMOE_CPU_ISA) give the same result up to fp32
-    summation order; each is deterministic run to run."""
-    if isa == "generic":
-        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    """The portable, AVX2 and AVX-512 instantiations (LATENTMOE_CPU_ISA) give the same result up to
+    fp32 summation order; each is deterministic run to run."""
+    if isa != "native":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
     x = torch.randn(3, 1000)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         w = torch.randn(257, 1000).to(dtype)
@@ -37,6 +37,25 @@ def test_linear_small_cpu_isa_paths_agree(monkeypatch, isa):
         want = torch.nn.functional.linear(x.to(dtype).double(), w.double())
         tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
         torch.testing.assert_close(a.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "native"])
+@pytest.mark.parametrize("K", [1, 15, 16, 33, 520])
+def test_linear_small_rows_do_not_change_each_others_bits(monkeypatch, isa, K):
+    # Each output is one accumulator over k in a fixed order, whichever register tile (rows of
+    # the input by rows of the weight, smaller at the edges) computes it: a row's bits do not
+    # depend on which other rows share the call, for 2..16 rows (one row has a kernel of its own).
+    if isa != "native":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(K)
+    x, w = torch.randn(16, K, generator=g), torch.randn(23, K, generator=g)
+    full = linear_small(x, w)
+    for rows in ([0, 1], [3, 4, 5], [2, 7, 9, 11, 13], list(range(5, 16))):
+        part = linear_small(x[rows], w)
+        assert torch.equal(part, full[rows]), rows
+    # Weight rows too: outputs of a slice of the weight match the full call's columns.
+    assert torch.equal(linear_small(x[:6], w[5:]), full[:6, 5:])
+    torch.testing.assert_close(full.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-5 * K**0.5)
 
 
 def test_linear_small_thread_count_does_not_change_bits():
