@@ -78,16 +78,17 @@ LMOE_CPU_AVX512BF16 LMOE_BF16DP_INLINE void hsum8(const __m512* v, float* out) {
   std::memcpy(out, &t, 8 * sizeof(float));
 }
 
-// Weight rows to prefetch (to L2) during a tile: rows [r_begin, r_end) of the next column block,
-// row r at p0 + r * ldw for r < split, else p1 + (r - split) * ldw. One 64-byte line (32 k) of each
-// per step of 32 k, so the next block's weights arrive from memory while this one computes
-// (+15-25% at K = 704-1024 and 48 rows on a Zen 4: the hardware prefetcher alone left the first
-// tile of each block waiting; prefetching into L1 instead gained about half as much).
+// Weight rows to prefetch (to L2) during a tile: two rows of the next column block (or fewer, the
+// others pointing at a row the tile reads anyway, so the step has no branch and no loop: a loop over
+// a row range here kept 5 more registers live, and the tile spilled its row pointers). One 64-byte
+// line of each per step of 32 k, so the next block's weights arrive from memory while this one
+// computes (+15-25% at K = 704-1024 and 48 rows on a Zen 4: the hardware prefetcher alone left the
+// first tile of each block waiting; prefetching into L1 instead gained about half as much).
 struct Prefetch {
-  const uint16_t* p0 = nullptr;
-  const uint16_t* p1 = nullptr;
-  int64_t split = 0, r_begin = 0, r_end = 0;
+  const uint16_t* r0 = nullptr;
+  const uint16_t* r1 = nullptr;
 };
+constexpr int64_t kPfRows = 2;  // rows a tile prefetches
 
 // One step of 32 k (m: the k lanes to load) for MR rows of a and NA + NB rows of w (NA from w0,
 // NB from w1, ldw apart): acc[i * (NA + NB) + j] += a_i . w_j over those k.
@@ -96,9 +97,8 @@ LMOE_CPU_AVX512BF16 LMOE_BF16DP_INLINE void tile_step(__m512* acc, const uint16_
                                                      const uint16_t* w0, const uint16_t* w1, int64_t ldw,
                                                      int64_t k, __mmask32 m, const Prefetch& pf) {
   constexpr int NR = NA + NB;
-  for (int64_t r = pf.r_begin; r < pf.r_end; ++r)
-    _mm_prefetch(reinterpret_cast<const char*>((r < pf.split ? pf.p0 + r * ldw : pf.p1 + (r - pf.split) * ldw) + k),
-                 _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(pf.r0 + k), _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(pf.r1 + k), _MM_HINT_T1);
   __m512bh av[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) av[i] = (__m512bh)_mm512_maskz_loadu_epi16(m, a + i * lda + k);
@@ -160,19 +160,21 @@ LMOE_CPU_AVX512BF16 void tile_mr(int64_t h, bool paired, const uint16_t* a, int6
 // The dot products of all M rows of a with one column block of w (rows w0[0, h) and, when paired,
 // w1[0, h)): into r0[m * ldr + j] (and r1[m * ldr + j]), fp32. next: the rows of the column block
 // that follows (n_rows of them, the first `split` from next0, the rest from next1), prefetched
-// a share per tile.
+// kPfRows per tile; rows beyond what the tiles take (fewer than n_rows / kPfRows tiles: at most
+// 8 rows of a) are asked for up front, a line per 32 k.
 inline void column_block(const uint16_t* a, int64_t lda, int64_t M, const uint16_t* w0, const uint16_t* w1,
                          int64_t ldw, int64_t K, int64_t h, bool paired, float* r0, float* r1, int64_t ldr,
                          const uint16_t* next0, const uint16_t* next1, int64_t split, int64_t n_rows) {
   const int64_t tiles = (M + kMr - 1) / kMr;
-  const int64_t share = (n_rows + tiles - 1) / tiles;  // rows each tile prefetches
+  auto next_row = [&](int64_t r) { return r < split ? next0 + r * ldw : next1 + (r - split) * ldw; };
+  for (int64_t r = tiles * kPfRows; r < n_rows; ++r)
+    for (int64_t k = 0; k < K; k += 32) _mm_prefetch(reinterpret_cast<const char*>(next_row(r) + k), _MM_HINT_T1);
+  // Tile t prefetches rows kPfRows * t + [0, kPfRows) where they exist; else its own first weight row
+  // (read anyway: the prefetch costs a load slot, no memory traffic).
   auto pf_of = [&](int64_t t) {
     Prefetch pf;
-    pf.p0 = next0;
-    pf.p1 = next1;
-    pf.split = split;
-    pf.r_begin = std::min(n_rows, t * share);
-    pf.r_end = std::min(n_rows, (t + 1) * share);
+    pf.r0 = t * kPfRows < n_rows ? next_row(t * kPfRows) : w0;
+    pf.r1 = t * kPfRows + 1 < n_rows ? next_row(t * kPfRows + 1) : w0;
     return pf;
   };
   int64_t m = 0;
