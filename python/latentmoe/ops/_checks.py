@@ -519,19 +519,3 @@ def check_moe_experts_packed(hidden, gate_up_packed, down_packed, weights, indic
     for name, t in (("gate_up_packed", gate_up_packed), ("down_packed", down_packed), ("weights", weights),
                     ("indices", indices)):
         same_device(op, name, t, "hidden", hidden)
-
-
-def forbid_backward(op: str, why: str) -> None:
-    """Register autograd for ``latentmoe::<op>`` that raises ``RuntimeError(why)`` when a gradient
-    reaches it, instead of torch treating the op as non-differentiable (its inputs' gradients would
-    silently stay None, with only a warning)."""
-
-    def _raise(ctx, *grads):
-        raise RuntimeError(f"latentmoe.{op}: {why}")
-
-    torch.library.register_autograd(f"latentmoe::{op}", _raise)
-
-
-def forbid_double_backward(op: str) -> None:
-    """:func:`forbid_backward` for a backward op: second derivatives are not implemented."""
-    forbid_backward(op, "double backward (second derivatives) is not supported")

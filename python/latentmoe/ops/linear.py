@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from latentmoe.ops._checks import check_bmm_small, check_linear_small, cpu_only, forbid_backward
+from latentmoe.ops._checks import check_bmm_small, check_linear_small, cpu_only
 
 _lib = torch.ops.latentmoe
 
@@ -37,8 +37,6 @@ def _linear_small_fake(input, weight, bias=None):
     return input.new_empty((input.shape[0], weight.shape[0]))
 
 
-forbid_backward("linear_small", "has no backward (an inference op): use torch.nn.functional.linear where gradients "
-                "are needed, or call it under torch.no_grad()")
 
 
 def bmm_small(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -68,7 +66,3 @@ def bmm_small(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _bmm_small_fake(input, weight):
     check_bmm_small(input, weight, MAX_ROWS)
     return input.new_empty((input.shape[0], input.shape[1], weight.shape[2]))
-
-
-forbid_backward("bmm_small", "has no backward (an inference op): use torch.bmm where gradients are needed, or call it "
-                "under torch.no_grad()")

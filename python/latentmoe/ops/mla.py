@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from latentmoe.ops._checks import (
-    check_mla_append_cache, check_mla_decode, check_mla_decode_absorbed, cpu_only, forbid_backward,
+    check_mla_append_cache, check_mla_decode, check_mla_decode_absorbed, cpu_only,
 )
 from latentmoe.ops.linear import MAX_ROWS
 
@@ -201,9 +201,3 @@ def _mla_append_cache_fake(
 ):
     check_mla_append_cache(kv_cache, kv_latent, k_pe, norm_weight, eps, cos, sin, cache_seqlens, block_table)
     return None
-
-
-forbid_backward("mla_decode_absorbed", "has no backward (an inference op): train through latentmoe.ops.mla_prefill, "
-                "or call it under torch.no_grad()")
-forbid_backward("mla_decode", "has no backward (an inference op): train through latentmoe.ops.mla_prefill, or call "
-                "it under torch.no_grad()")

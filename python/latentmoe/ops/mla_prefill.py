@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from latentmoe.ops._checks import check_mla_prefill, check_mla_prefill_backward, forbid_double_backward
+from latentmoe.ops._checks import check_mla_prefill, check_mla_prefill_backward
 
 _lib = torch.ops.latentmoe
 
@@ -121,6 +121,3 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("latentmoe::mla_prefill", _backward, setup_context=_setup)
-
-
-forbid_double_backward("mla_prefill_backward")

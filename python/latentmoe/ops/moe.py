@@ -13,8 +13,6 @@ from latentmoe.ops._checks import (
     check_moe_route,
     check_moe_route_backward,
     cpu_only,
-    forbid_backward,
-    forbid_double_backward,
     packed_shape,
 )
 
@@ -273,8 +271,3 @@ torch.library.register_autograd(
     "latentmoe::moe_experts", _moe_experts_bwd, setup_context=_moe_experts_setup
 )
 
-forbid_double_backward("moe_route_backward")
-forbid_double_backward("moe_experts_backward")
-forbid_backward("moe_pack_weight", "has no backward (packing is for inference)")
-forbid_backward("moe_experts_packed", "has no backward (an inference op): train through latentmoe.ops.moe_experts "
-                "on the HF-layout weights")

@@ -9,7 +9,6 @@ from latentmoe.ops._checks import (
     check_norm,
     check_norm_eps,
     check_rms_norm_backward,
-    forbid_double_backward,
 )
 
 _lib = torch.ops.latentmoe
@@ -102,6 +101,3 @@ def _add_rms_norm_bwd(ctx, grad_out, grad_h, _grad_rstd):
 torch.library.register_autograd(
     "latentmoe::add_rms_norm", _add_rms_norm_bwd, setup_context=_add_rms_norm_setup
 )
-
-
-forbid_double_backward("rms_norm_backward")

@@ -1,0 +1,103 @@
+// Autograd kernels for latentmoe's ops without a backward (the inference ops, and the backward ops'
+// own second derivatives): a gradient that reaches one raises RuntimeError naming the op and what
+// to use instead, where torch would otherwise treat the op as non-differentiable (its inputs'
+// gradients silently None, only a warning). In C++ as one boxed kernel: torch.library's Python
+// register_autograd ran a Python function and a Python redispatch on every call, gradient or not
+// (about 10-15 us per call; a decode step of MultiHeadLatentAttention makes four such calls).
+//
+// The kernel runs the op below autograd; only when grad mode is on and an input requires grad do
+// its floating outputs get a grad_fn, an Error node whose backward raises the message.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/library.h>
+
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace latentmoe {
+namespace {
+
+// torch's pointer to an autograd node: std::shared_ptr<Node> in older releases, c10::intrusive_ptr
+// in newer ones (2.14); Edge::function has whichever this torch uses.
+using NodePtr = decltype(torch::autograd::Edge::function);
+template <typename P>
+struct IsShared : std::false_type {};
+template <typename N>
+struct IsShared<std::shared_ptr<N>> : std::true_type {};
+
+// An Error node (its backward raises msg) with the given next edges, as a P. (ErrorNode<P> depends
+// on P, so only the branch this torch uses is instantiated.)
+template <typename P>
+using ErrorNode = std::conditional_t<sizeof(P) != 0, torch::autograd::Error, void>;
+template <typename P>
+P make_error_node(std::string msg, torch::autograd::edge_list edges) {
+  if constexpr (IsShared<P>::value) return std::make_shared<ErrorNode<P>>(std::move(msg), std::move(edges));
+  else return c10::make_intrusive<ErrorNode<P>>(std::move(msg), std::move(edges));
+}
+
+constexpr const char* kNoDouble = "double backward (second derivatives) is not supported";
+
+// The message for op `name` (without the namespace): what it is and what to use where gradients
+// are needed.
+std::string why(const std::string& name) {
+  const std::string op = name.substr(name.find("::") + 2);
+  const char* text = kNoDouble;
+  if (op == "linear_small")
+    text = "has no backward (an inference op): use torch.nn.functional.linear where gradients are needed, or "
+           "call it under torch.no_grad()";
+  else if (op == "bmm_small")
+    text = "has no backward (an inference op): use torch.bmm where gradients are needed, or call it under "
+           "torch.no_grad()";
+  else if (op == "mla_decode_absorbed" || op == "mla_decode")
+    text = "has no backward (an inference op): train through latentmoe.ops.mla_prefill, or call it under "
+           "torch.no_grad()";
+  else if (op == "moe_pack_weight")
+    text = "has no backward (packing is for inference)";
+  else if (op == "moe_experts_packed")
+    text = "has no backward (an inference op): train through latentmoe.ops.moe_experts on the HF-layout weights";
+  return "latentmoe." + op + ": " + text;
+}
+
+void forbid_backward_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const size_t n_args = op.schema().arguments().size();
+  const size_t n_out = op.schema().returns().size();
+  std::vector<at::Tensor> inputs;
+  bool needs_grad = false;
+  if (at::GradMode::is_enabled()) {
+    for (auto it = stack->end() - static_cast<std::ptrdiff_t>(n_args); it != stack->end(); ++it) {
+      if (!it->isTensor()) continue;
+      const at::Tensor& t = it->toTensor();
+      if (!t.defined()) continue;
+      inputs.push_back(t);
+      needs_grad = needs_grad || t.requires_grad();
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  if (!needs_grad) return;
+  const NodePtr node = make_error_node<NodePtr>(why(op.schema().name()), torch::autograd::collect_next_edges(inputs));
+  for (auto it = stack->end() - static_cast<std::ptrdiff_t>(n_out); it != stack->end(); ++it) {
+    if (!it->isTensor()) continue;
+    const at::Tensor& t = it->toTensor();
+    if (t.defined() && torch::autograd::isDifferentiableType(t.scalar_type())) torch::autograd::set_history(t, node);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(latentmoe, Autograd, m) {
+  for (const char* op : {"linear_small", "bmm_small", "mla_decode", "mla_decode_absorbed", "moe_pack_weight",
+                         "moe_experts_packed", "rms_norm_backward", "mla_prefill_backward", "moe_route_backward",
+                         "moe_experts_backward"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&forbid_backward_kernel>());
+}
+
+}  // namespace latentmoe

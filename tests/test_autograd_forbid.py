@@ -1,0 +1,78 @@
+"""Ops without a backward (inference ops; the backward ops' second derivatives): a gradient that
+reaches one raises RuntimeError naming the op, under grad mode only; without a gradient (no_grad, or
+no input requiring one) nothing is recorded. (csrc/autograd_forbid.cpp: one C++ autograd kernel.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import latentmoe
+from latentmoe import ops
+
+
+def _inference_calls():
+    """(name, call(requires_grad) -> output) for each CPU inference op."""
+    torch.manual_seed(0)
+    E, H, I, T = 3, 8, 6, 5
+
+    def linear(rg):
+        return ops.linear_small(torch.randn(2, 7, requires_grad=rg), torch.randn(3, 7))
+
+    def bmm(rg):
+        return ops.bmm_small(torch.randn(2, 3, 5), torch.randn(2, 5, 4, requires_grad=rg))
+
+    def decode(rg):
+        cache = torch.randn(1, 6, 24)
+        q = torch.randn(1, 1, 2, 16, requires_grad=rg)
+        return ops.mla_decode(q, torch.randn(1, 1, 2, 8), cache, torch.tensor([6], dtype=torch.int32), 0.3)[0]
+
+    def absorbed(rg):
+        H_, N, V, C, R = 2, 4, 4, 16, 8
+        q = torch.randn(1, 1, H_, N + R, requires_grad=rg)
+        cos, sin = torch.randn(1, 1, R), torch.randn(1, 1, R)
+        return ops.mla_decode_absorbed(q, cos, sin, torch.randn(H_ * (N + V), C), torch.randn(1, 6, C + R),
+                                       torch.tensor([6], dtype=torch.int32), 0.3, N)
+
+    def packed(rg):
+        gu, dn = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+        gp, dp = ops.moe_pack_experts(gu, dn)
+        w = torch.rand(T, 2, requires_grad=rg)
+        return ops.moe_experts_packed(torch.randn(T, H), gp, dp, w, torch.randint(0, E, (T, 2)), I)
+
+    def pack(rg):
+        return ops.moe_pack_experts(torch.randn(E, 2 * I, H, requires_grad=rg), torch.randn(E, H, I))[0]
+
+    return [("linear_small", linear), ("bmm_small", bmm), ("mla_decode", decode),
+            ("mla_decode_absorbed", absorbed), ("moe_experts_packed", packed), ("moe_pack_weight", pack)]
+
+
+@pytest.mark.parametrize("name,call", _inference_calls(), ids=[n for n, _ in _inference_calls()])
+def test_inference_op_backward_raises(name, call):
+    out = call(True)
+    assert out.requires_grad and out.grad_fn is not None
+    with pytest.raises(RuntimeError, match=f"latentmoe.{name}: has no backward"):
+        out.float().sum().backward()
+    with torch.no_grad():
+        assert not call(True).requires_grad
+    assert not call(False).requires_grad
+
+
+def test_second_derivatives_raise():
+    x = torch.randn(3, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    (g,) = torch.autograd.grad(ops.rms_norm(x, w).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="latentmoe.rms_norm_backward: double backward"):
+        g.sum().backward()
+
+    E, H, I, T = 3, 8, 6, 5
+    hid = torch.randn(T, H, requires_grad=True)
+    gu, dn = torch.randn(E, 2 * I, H, requires_grad=True), torch.randn(E, H, I, requires_grad=True)
+    w, idx = torch.rand(T, 2, requires_grad=True), torch.randint(0, E, (T, 2))
+    (g,) = torch.autograd.grad(ops.moe_experts(hid, gu, dn, w, idx).pow(2).sum(), hid, create_graph=True)
+    with pytest.raises(RuntimeError, match="latentmoe.moe_experts_backward: double backward"):
+        g.sum().backward()
+    # A first-order backward under create_graph=False stays as it was.
+    (g1,) = torch.autograd.grad(ops.moe_experts(hid, gu, dn, w, idx).pow(2).sum(), hid)
+    assert not g1.requires_grad and torch.isfinite(g1).all()
+    assert latentmoe  # the package import registers the kernels
