@@ -70,12 +70,12 @@ def test_bmm_small_broadcast_batch_and_size_one_dims():
         _close(bmm_small(x, w), torch.bmm(x.double(), w.double()), torch.float32)
 
 
-@pytest.mark.parametrize("isa", ["generic", "native"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "native"])
 def test_bmm_small_cpu_isa_paths(monkeypatch, isa):
-    """The portable and AVX2 instantiations (LATENTMOE_CPU_ISA) both match fp64 and are
+    """The portable, AVX2 and AVX-512 instantiations (LATENTMOE_CPU_ISA) all match fp64 and are
     deterministic run to run."""
-    if isa == "generic":
-        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    if isa != "native":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
     for dtype in DTYPES:
         for w in _views(3, 70, 300, dtype).values():
             x = torch.randn(3, 3, 70).to(dtype)
