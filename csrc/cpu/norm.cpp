@@ -239,33 +239,45 @@ bool all_finite(const T* w, int64_t D) {
 template <typename T>
 void rms_norm_rows(const T* x, const T* w, T* out, float* rstd_out, int64_t rows, int64_t D, float eps) {
   const bool avx = v8::use_avx2();
-  const bool w_finite = std::is_same_v<T, c10::BFloat16> && avx && all_finite(w, D);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (avx) {  // bf16 on AVX2: its own kernel (the v8 body's AVX2 instantiation is not used for bf16)
+      const bool w_finite = all_finite(w, D);
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        bf16v::norm_rows(x, nullptr, nullptr, w, out, rstd_out, begin, end, D, eps, w_finite);
+      });
+      return;
+    }
+  }
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      if (avx) return bf16v::norm_rows(x, nullptr, nullptr, w, out, rstd_out, begin, end, D, eps, w_finite);
+    if constexpr (!std::is_same_v<T, c10::BFloat16>) {
+      if (avx) return norm_rows_avx2<T>(x, w, out, rstd_out, begin, end, D, eps);
     }
-    if (avx) {
-      norm_rows_avx2<T>(x, w, out, rstd_out, begin, end, D, eps);
-    } else {
-      norm_rows_generic<T>(x, w, out, rstd_out, begin, end, D, eps);
-    }
+    norm_rows_generic<T>(x, w, out, rstd_out, begin, end, D, eps);
   });
 }
 
-// add_rms_norm with the add fused into the rows' first pass, where a kernel does that (bf16 on
-// AVX2); false: the caller adds, then normalises.
+// h = T(x + res), then out = rms_norm(h): bf16 on AVX2 in one pass of its own kernel (the add fused
+// into the rows' first pass), other types the add, then rms_norm_rows.
 template <typename T>
-bool add_norm_fused(const T* x, const T* res, T* h, const T* w, T* out, float* rstd, int64_t rows,
-                    int64_t D, float eps) {
+void add_rms_norm_rows(const T* x, const T* res, T* h, const T* w, T* out, float* rstd, int64_t rows, int64_t D,
+                       float eps) {
+  const bool avx = v8::use_avx2();
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const bool w_finite = all_finite(w, D);
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      bf16v::norm_rows(x, res, h, w, out, rstd, begin, end, D, eps, w_finite);
-    });
-    return true;
-  } else {
-    return false;
+    if (avx) {
+      const bool w_finite = all_finite(w, D);
+      at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        bf16v::norm_rows(x, res, h, w, out, rstd, begin, end, D, eps, w_finite);
+      });
+      return;
+    }
   }
+  at::parallel_for(0, rows * D, 4096, [&](int64_t b, int64_t e) {
+    if constexpr (!std::is_same_v<T, c10::BFloat16>) {
+      if (avx) return add_avx2<T>(x, res, h, b, e);
+    }
+    add_generic<T>(x, res, h, b, e);
+  });
+  rms_norm_rows<T>(h, w, out, rstd, rows, D, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& input, const at::Tensor& weight,
@@ -305,19 +317,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = res.const_data_ptr<scalar_t>();
     scalar_t* hp = h.mutable_data_ptr<scalar_t>();
-    const bool avx = v8::use_avx2();
-    if (avx && add_norm_fused<scalar_t>(xp, rp, hp, w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                        rstd.mutable_data_ptr<float>(), rows, D, static_cast<float>(eps)))
-      return;
-    at::parallel_for(0, rows * D, 4096, [&](int64_t b, int64_t e) {
-      if (avx) {
-        add_avx2<scalar_t>(xp, rp, hp, b, e);
-      } else {
-        add_generic<scalar_t>(xp, rp, hp, b, e);
-      }
-    });
-    rms_norm_rows<scalar_t>(hp, w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                            rstd.mutable_data_ptr<float>(), rows, D, static_cast<float>(eps));
+    add_rms_norm_rows<scalar_t>(xp, rp, hp, w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+                                rstd.mutable_data_ptr<float>(), rows, D, static_cast<float>(eps));
   });
   return {out, h, rstd};
 }
