@@ -313,6 +313,29 @@ def _linear_rows(device: str, dtype) -> list[dict]:
     return rows
 
 
+def _linear_f32_rows() -> list[dict]:
+    """linear_f32 (the module's fp32 CPU projections of more than 16 rows, where
+    latentmoe._C.cpu_f32_gemm() picks it) vs F.linear (ATen's fp32 GEMM: MKL sgemm on x86), timed
+    in alternation at the module's prefill shapes with 1024 tokens: q_proj [1024, 2048] x [3072,
+    2048]^T and o_proj [1024, 2048] x [2048, 2048]^T. The rate of each is in its note."""
+    rows = []
+    chosen = latentmoe._C.cpu_f32_gemm()
+    for name, N in (("q_proj", H * (NOPE + R)), ("o_proj", HIDDEN)):
+        M, K = 1024, HIDDEN
+        x, w = torch.randn(M, K), torch.randn(N, K) / K**0.5
+        stats, per_round = time_paired({"ours": lambda: latentmoe.ops.linear_f32(x, w),
+                                        "aten": lambda: torch.nn.functional.linear(x, w)}, "cpu", rounds=5, reps=3)
+        mode = f"{name}-float32-M{M}"
+        rate = {k: 2.0 * M * N * K / (v[0] * 1e-3) / 1e9 for k, v in stats.items()}
+        rows += [
+            row("linear_f32", "torch_linear", mode, M, stats["aten"], "cpu", note=f"{rate['aten']:.0f} GFLOP/s"),
+            row("linear_f32", "latentmoe", mode, M, stats["ours"], "cpu", note=f"{rate['ours']:.0f} GFLOP/s"),
+            ratio_row("linear_f32", "speedup_vs_torch", M, paired_ratio(per_round, "aten", "ours"), "cpu",
+                      f"{mode}; no goal; the modules take it here: {chosen} (LATENTMOE_CPU_F32_GEMM)"),
+        ]
+    return rows
+
+
 def _absorbed_rows(dtype) -> list[dict]:
     """The module's two absorbed per-head products of a CPU decode step (q_nope @ W_UK and
     o_latent @ W_UV^T on views of kv_b_proj's weight, 16 heads, one row each): bmm_small against
@@ -648,7 +671,8 @@ def run(device: str, quick: bool) -> list[dict]:
     rows += _linear_rows(device, dtype)
     if device == "cpu":  # the bf16 path (vdpbf16ps tiles on AVX512_BF16 CPUs)
         rows += _linear_rows(device, torch.bfloat16)
-    if device == "cpu":  # a CPU-only op (on CUDA the module calls torch.bmm)
+    if device == "cpu":  # CPU-only ops (on CUDA the module calls torch.bmm and cuBLAS)
+        rows += _linear_f32_rows()
         for dt in (torch.float32, torch.bfloat16):
             rows += _absorbed_rows(dt)
             rows += _fused_decode_rows(dt, 1024)

@@ -48,7 +48,7 @@ constexpr const char* kNoDouble = "double backward (second derivatives) is not s
 std::string why(const std::string& name) {
   const std::string op = name.substr(name.find("::") + 2);
   const char* text = kNoDouble;
-  if (op == "linear_small")
+  if (op == "linear_small" || op == "linear_f32")
     text = "has no backward (an inference op): use torch.nn.functional.linear where gradients are needed, or "
            "call it under torch.no_grad()";
   else if (op == "bmm_small")
@@ -94,7 +94,7 @@ void forbid_backward_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet k
 }  // namespace
 
 TORCH_LIBRARY_IMPL(latentmoe, Autograd, m) {
-  for (const char* op : {"linear_small", "bmm_small", "mla_decode", "mla_decode_absorbed", "moe_pack_weight",
+  for (const char* op : {"linear_small", "linear_f32", "bmm_small", "mla_decode", "mla_decode_absorbed", "moe_pack_weight",
                          "moe_experts_packed", "rms_norm_backward", "mla_prefill_backward", "moe_route_backward",
                          "moe_experts_backward"})
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&forbid_backward_kernel>());

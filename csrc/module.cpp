@@ -3,6 +3,8 @@
 // another torch instead of failing on an undefined symbol.
 #include <Python.h>
 
+#include <exception>
+
 #ifndef LATENTMOE_WITH_CUDA
 #define LATENTMOE_WITH_CUDA 0
 #endif
@@ -18,17 +20,30 @@ static PyObject* reload_settings(PyObject*, PyObject*) {
 namespace latentmoe::cpu {
 const char* active_cpu_isa();  // csrc/cpu/linear.cpp
 bool bf16dp_active();          // csrc/cpu/moe.cpp
+bool f32_gemm_preferred();     // csrc/cpu/linear_f32.cpp
 }
 
 static PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(latentmoe::cpu::active_cpu_isa()); }
 
 static PyObject* cpu_bf16dp(PyObject*, PyObject*) { return PyBool_FromLong(latentmoe::cpu::bf16dp_active()); }
 
+static PyObject* cpu_f32_gemm(PyObject*, PyObject*) {
+  try {
+    return PyBool_FromLong(latentmoe::cpu::f32_gemm_preferred());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
 static PyMethodDef latentmoe_methods[] = {
     {"reload_settings", reload_settings, METH_NOARGS, "Re-read the LATENTMOE_* environment variables."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU micro-kernels' instantiation in use: 'avx2' or 'generic'."},
     {"cpu_bf16dp", cpu_bf16dp, METH_NOARGS,
      "Whether bf16 MoE experts run the AVX512_BF16 GEMMs (the CPU has them and LATENTMOE_CPU_ISA allows)."},
+    {"cpu_f32_gemm", cpu_f32_gemm, METH_NOARGS,
+     "Whether the modules' large fp32 CPU projections run linear_f32 (LATENTMOE_CPU_F32_GEMM; auto: AMD "
+     "CPUs with AVX-512, where ATen's MKL sgemm runs AVX2 code)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef latentmoe_module = {PyModuleDef_HEAD_INIT, "_C",

@@ -34,6 +34,11 @@ TORCH_LIBRARY(latentmoe, m) {
   // adjacent (stride(1) == 1), any other strides (slices of kv_b_proj's weight read in place).
   // fp32 accumulation, out in input's dtype, deterministic. CPU only, no autograd (inference).
   m.def("bmm_small(Tensor input, Tensor weight) -> Tensor");
+  // out [M, N] = input [M, K] @ weight [N, K]^T (+ bias [N]) in fp32, any M: the CPU's own GEMM
+  // tiles (csrc/cpu/gemm_f32.h) for large projections where ATen's fp32 GEMM runs below the
+  // CPU's FMA rate (MKL on AMD CPUs). fp32, contiguous, deterministic. CPU only, no autograd
+  // (inference; the modules use nn.Linear when a gradient is needed).
+  m.def("linear_f32(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
 
   // ---- MLA (multi-head latent attention) -------------------------------------------------------
   // Absorbed MLA attention on the latent cache (decode, MTP/speculative Sq > 1).

@@ -19,6 +19,9 @@ def _inference_calls():
     def linear(rg):
         return ops.linear_small(torch.randn(2, 7, requires_grad=rg), torch.randn(3, 7))
 
+    def linear_f32(rg):
+        return ops.linear_f32(torch.randn(20, 7, requires_grad=rg), torch.randn(3, 7))
+
     def bmm(rg):
         return ops.bmm_small(torch.randn(2, 3, 5), torch.randn(2, 5, 4, requires_grad=rg))
 
@@ -43,7 +46,7 @@ def _inference_calls():
     def pack(rg):
         return ops.moe_pack_experts(torch.randn(E, 2 * I, H, requires_grad=rg), torch.randn(E, H, I))[0]
 
-    return [("linear_small", linear), ("bmm_small", bmm), ("mla_decode", decode),
+    return [("linear_small", linear), ("linear_f32", linear_f32), ("bmm_small", bmm), ("mla_decode", decode),
             ("mla_decode_absorbed", absorbed), ("moe_experts_packed", packed), ("moe_pack_weight", pack)]
 
 

@@ -37,6 +37,7 @@ GOOD = {
     "add_rms_norm": dict(input=T(3, 8), residual=T(3, 8), weight=T(8), eps=1e-6),
     "rms_norm_backward": dict(grad_out=T(3, 8), input=T(3, 8), weight=T(8), rstd=T(3)),
     "linear_small": dict(input=T(4, 8), weight=T(5, 8), bias=None),
+    "linear_f32": dict(input=T(20, 8), weight=T(5, 8), bias=None),
     "bmm_small": dict(input=T(2, 3, 8), weight=T(2, 8, 5)),
     "mla_decode": dict(
         q_latent=T(2, 1, 2, 8), q_pe=T(2, 1, 2, 4), kv_cache=T(2, 6, 12), cache_seqlens=T(2, dtype=I32),
@@ -93,6 +94,7 @@ SPLIT = dict(kv_cache=T(2, 6, 8), pe_cache=T(2, 6, 4))
 # More good calls: the optional tensors given.
 VARIANTS = [(op, {}) for op in GOOD] + [
     ("linear_small", dict(bias=T(5))),
+    ("linear_f32", dict(bias=T(5))),
     ("bmm_small", dict(weight=lambda d: torch.zeros(2, 5, 8, device=d).transpose(1, 2))),
     ("moe_pack_weight", dict(weight=T(4, 10, 7))),
     ("moe_experts_packed", dict(hidden=T(3, 8), gate_up_packed=T(4, 1, 8, 64), down_packed=T(4, 1, 5, 64))),
@@ -149,6 +151,14 @@ BAD = [
     ("linear_small", dict(bias=T(5, dtype=F16)), "bias"),
     ("linear_small", dict(bias=T(1, 5)), "bias"),
     ("linear_small", dict(bias=T(4)), "bias"),
+    ("linear_f32", dict(input=T(20, 8, dtype=BF16)), "input"),
+    ("linear_f32", dict(input=T(1, 20, 8)), "input"),
+    ("linear_f32", dict(weight=T(5, 8, dtype=F64)), "weight"),
+    ("linear_f32", dict(weight=T(8)), "weight"),
+    ("linear_f32", dict(weight=T(5, 7)), "weight"),
+    ("linear_f32", dict(bias=T(5, dtype=F16)), "bias"),
+    ("linear_f32", dict(bias=T(1, 5)), "bias"),
+    ("linear_f32", dict(bias=T(4)), "bias"),
     ("bmm_small", dict(input=T(2, 3, 8, dtype=I32)), "input"),
     ("bmm_small", dict(input=T(3, 8)), "input"),
     ("bmm_small", dict(input=T(2, 17, 8)), "input"),
@@ -365,6 +375,7 @@ BAD = [
     # Two errors: the first in the C++ order wins.
     ("rms_norm_backward", dict(rstd=T(2, dtype=F16), grad_out=T(2, 8)), "grad_out"),
     ("linear_small", dict(input=T(17, 8), weight=T(5, 7)), "input"),
+    ("linear_f32", dict(input=T(20, 8, dtype=F16), weight=T(5, 7)), "input"),
     ("bmm_small", dict(input=T(2, 17, 8), weight=T(3, 8, 5)), "input"),
     ("mla_decode", dict(window=-2, softmax_scale=NAN, max_seqlen=99), "window"),
     ("mla_decode", dict(kv_cache=T(2, 6, 13), q_pe=T(2, 1, 3, 4)), "q_pe"),

@@ -30,6 +30,7 @@ from latentmoe import reference  # noqa: E402
 from latentmoe.ops import (  # noqa: E402
     add_rms_norm,
     bmm_small,
+    linear_f32,
     linear_small,
     mla_append_cache,
     mla_decode,
@@ -856,6 +857,28 @@ def test_fuzz_linear_small(M, K, N, with_bias, dtype, isa, seed):
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     assert got.dtype == dt and got.shape == (M, N)
     tol = 1e-5 if dt == torch.float32 else torch.finfo(dt).eps  # fp32 accumulation, one rounding
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+
+
+# ---- linear_f32 ----------------------------------------------------------------------------------
+
+
+@fuzz(100)
+@given(M=st.one_of(st.integers(1, 20), st.integers(140, 300)), K=st.one_of(st.integers(0, 40), st.integers(250, 600)),
+       N=st.one_of(st.integers(1, 70), st.integers(120, 200)), with_bias=st.booleans(),
+       isa=st.sampled_from(["native", "generic"]), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**16))
+def test_fuzz_linear_f32(M, K, N, with_bias, isa, threads, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen)
+    w = torch.randn(N, K, generator=gen) / max(K, 1) ** 0.5
+    b = torch.randn(N, generator=gen) if with_bias else None
+    copies = [t.clone() for t in (x, w)]
+    with cpu_env(isa, threads):
+        got = linear_f32(x, w, b)
+    assert torch.equal(x, copies[0]) and torch.equal(w, copies[1])
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    tol = 4e-6 * max(1.0, K**0.5)
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
 
 

@@ -8,8 +8,9 @@
 // split into chunks only when B*H is too small to keep the threads busy. Causally a later chunk
 // sees more keys: the forward hands tasks out last chunks first from a shared counter, the
 // backward (fixed partitions, for its fixed-order sums) pairs early and late chunks. Per-task memory is
-// O(chunk + tile) rows: never O(tokens x heads x dim), never O(L^2). GEMMs on the buffers go
-// through at::mm (single-threaded inside the parallel region).
+// O(chunk + tile) rows: never O(tokens x heads x dim), never O(L^2). The forward's GEMMs on the
+// buffers run this project's fp32 tiles (cpu/gemm_f32.h: ATen's MKL sgemm runs AVX2 code on AMD
+// CPUs), the backward's go through at::mm (single-threaded inside the parallel region).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,6 +24,7 @@
 #include "common/math.h"
 #include "common/mla_prefill_checks.h"
 #include "common/mla_prefill_math.h"
+#include "cpu/gemm_f32.h"
 #include "mla_prefill_absorbed.h"
 
 namespace latentmoe::cpu {
@@ -30,8 +32,9 @@ namespace {
 
 using mla_prefill::Params;
 
-// 128-token key tiles: big enough for at::mm to run near its large-GEMM rate (measured ~30% faster
-// than 64 on the 16-head, C=512 shape), small enough that causal diagonal tiles waste little.
+// 128-token key tiles: big enough for the GEMMs to run near their large-GEMM rate (measured ~30%
+// faster than 64 with at::mm on the 16-head, C=512 shape), small enough that causal diagonal tiles
+// waste little.
 constexpr int64_t kKeyTile = 128;
 constexpr int64_t kMinQueryChunk = 64;
 
@@ -98,17 +101,25 @@ void load_weights(const Params& p, const T* w_uk, const T* w_uv, int64_t h, floa
   for (int64_t d = 0; d < p.Dv; ++d) load_f32(w_uv + h * p.wuv_sh + d * p.wuv_sd, wv + d * p.C, p.C);
 }
 
+// Key tile [t0, t0+nt) of row b as fp32: c_kv rows into ct [nt, C] and k_pe rows into kp (row
+// stride ld_kp).
+template <typename T>
+void load_tile(const Params& p, const T* cache, const int32_t* block_table, int64_t b, int64_t t0, int64_t nt,
+               float* ct, float* kp, int64_t ld_kp) {
+  for (int64_t t = 0; t < nt; ++t) {
+    const T* row = cache + mla_prefill::cache_offset(p, mla_prefill::cache_slot(p, block_table, b, t0 + t));
+    load_f32(row, ct + t * p.C, p.C);
+    load_f32(row + p.C, kp + t * ld_kp, p.R);
+  }
+}
+
 // Key tile [t0, t0+nt) of row b: c_kv [nt, C] and k_pe [nt, R] as fp32, then the per-head
 // K_nope [nt, Dn] and V [nt, Dv].
 template <typename T>
 void decompress_tile(const Params& p, const T* cache, const int32_t* block_table, int64_t b, int64_t t0, int64_t nt,
                      const at::Tensor& wk, const at::Tensor& wv, float* ct, float* kp, float* kn,
                      float* v) {
-  for (int64_t t = 0; t < nt; ++t) {
-    const T* row = cache + mla_prefill::cache_offset(p, mla_prefill::cache_slot(p, block_table, b, t0 + t));
-    load_f32(row, ct + t * p.C, p.C);
-    load_f32(row + p.C, kp + t * p.R, p.R);
-  }
+  load_tile(p, cache, block_table, b, t0, nt, ct, kp, p.R);
   auto c = mat(ct, nt, p.C);
   auto kn_m = mat(kn, nt, p.Dn);
   auto v_m = mat(v, nt, p.Dv);
@@ -121,22 +132,25 @@ void decompress_tile(const Params& p, const T* cache, const int32_t* block_table
 template <typename T>
 void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* cache,
                      const int32_t* block_table, const int32_t* seqlens, const T* w_uk, const T* w_uv, T* out, float* lse) {
-  // Per query: q_nope, q_pe, the output accumulator, a score row, the running max and sum.
-  const Split sp = split_queries(p, p.Dn + p.R + p.Dv + kKeyTile + 2);
+  namespace g = gemm_f32;
+  // Per query: q_nope | q_pe, the output accumulator, a score row, the running max and sum.
+  const int64_t D = p.Dn + p.R;  // a query's (and a key's) width: [nope | rope]
+  const Split sp = split_queries(p, D + p.Dv + kKeyTile + 2);
   const int64_t bh = p.B * p.H, n_tasks = bh * sp.chunks;
+  const g::Isa isa = g::isa();
   // Each worker takes tasks from a shared counter, the last query chunks of every (b, h) first
   // (causally the longest), then the ones before: no thread is left with the long tail. Which
   // thread runs a task does not change its result.
   const int64_t n_workers = std::min<int64_t>(at::get_num_threads(), n_tasks);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
-    std::vector<float> wk_buf(p.Dn * p.C), wv_buf(p.Dv * p.C);
-    std::vector<float> qn(sp.chunk_size * p.Dn), qp(sp.chunk_size * p.R), acc(sp.chunk_size * p.Dv);
+    std::vector<float> wk_buf(p.Dn * p.C), wv_buf(p.Dv * p.C), wk_pk, wv_pk, k_pk, v_pk;
+    std::vector<float> q(sp.chunk_size * D), acc(sp.chunk_size * p.Dv);
     std::vector<float> scores(sp.chunk_size * kKeyTile);
     std::vector<float> row_m(sp.chunk_size), row_l(sp.chunk_size);
-    std::vector<float> ct(kKeyTile * p.C), kp(kKeyTile * p.R), kn(kKeyTile * p.Dn), v(kKeyTile * p.Dv);
-    auto wk = mat(wk_buf.data(), p.Dn, p.C);
-    auto wv = mat(wv_buf.data(), p.Dv, p.C);
+    // A key tile: c_kv [nt, C]; keys [nt, D] (K_nope from the latent, then k_pe); V [nt, Dv].
+    std::vector<float> ct(kKeyTile * p.C), keys(kKeyTile * D), v(kKeyTile * p.Dv);
+    g::Panels wk_pn, wv_pn;
     int64_t loaded_head = -1;
     for (int64_t j = next.fetch_add(1); j < n_tasks; j = next.fetch_add(1)) {
       const int64_t c = sp.chunks - 1 - j / bh;
@@ -155,15 +169,17 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
       }
       const int64_t nq = i_end - i_lo;
       if (nq == 0) continue;
-      if (loaded_head != h) {
+      if (loaded_head != h) {  // W_UK and W_UV of head h as panels (B = W^T of the decompression)
         load_weights(p, w_uk, w_uv, h, wk_buf.data(), wv_buf.data());
+        wk_pn = g::panels_nk(wk_buf.data(), p.C, p.Dn, p.C, wk_pk, false);
+        wv_pn = g::panels_nk(wv_buf.data(), p.C, p.Dv, p.C, wv_pk, false);
         loaded_head = h;
       }
-      // Queries, pre-multiplied by the softmax scale.
+      // Queries [nope | rope], pre-multiplied by the softmax scale.
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t i = i_lo + r;
-        load_f32(q_nope + b * p.qn_sb + i * p.qn_ss + h * p.qn_sh, qn.data() + r * p.Dn, p.Dn, p.scale);
-        load_f32(q_pe + b * p.qp_sb + i * p.qp_ss + h * p.qp_sh, qp.data() + r * p.R, p.R, p.scale);
+        load_f32(q_nope + b * p.qn_sb + i * p.qn_ss + h * p.qn_sh, q.data() + r * D, p.Dn, p.scale);
+        load_f32(q_pe + b * p.qp_sb + i * p.qp_ss + h * p.qp_sh, q.data() + r * D + p.Dn, p.R, p.scale);
         row_m[r] = -INFINITY;
         row_l[r] = 0.f;
       }
@@ -178,13 +194,16 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
         const int64_t r1 = std::clamp<int64_t>(mla_prefill::end_query_seeing(p, seqlen, t0 + nt) - i_lo, 0, nq);
         if (r0 >= r1) continue;
         const int64_t nr = r1 - r0;
-        decompress_tile(p, cache, block_table, b, t0, nt, wk, wv, ct.data(), kp.data(), kn.data(), v.data());
-        auto s = mat(scores.data(), nr, nt);
-        at::mm_out(s, mat(qn.data() + r0 * p.Dn, nr, p.Dn), mat(kn.data(), nt, p.Dn).t());
-        if (p.R > 0) s.addmm_(mat(qp.data() + r0 * p.R, nr, p.R), mat(kp.data(), nt, p.R).t());
+        // Decompress: keys[:, :Dn] = c_kv W_UK^T, V = c_kv W_UV^T; then the keys as panels.
+        load_tile(p, cache, block_table, b, t0, nt, ct.data(), keys.data() + p.Dn, D);
+        g::gemm(isa, nt, ct.data(), p.C, wk_pn, keys.data(), D, g::Init::kZero);
+        g::gemm(isa, nt, ct.data(), p.C, wv_pn, v.data(), p.Dv, g::Init::kZero);
+        const g::Panels k_pn = g::panels_nk(keys.data(), D, nt, D, k_pk, false);
+        g::gemm(isa, nr, q.data() + r0 * D, D, k_pn, scores.data(), nt, g::Init::kZero);
         mask_invisible_keys(p, seqlen, scores.data(), nr, nt, pos0 + r0, t0, -INFINITY);
         // Online softmax on the whole tile with ATen's vectorised kernels. Every row here sees a key
         // of the tile, so m_new is finite and exp(m_old - m_new) is 0 for a row's first tile.
+        auto s = mat(scores.data(), nr, nt);
         auto m_old = vec(row_m.data() + r0, nr);
         auto l = vec(row_l.data() + r0, nr);
         auto m_new = at::maximum(m_old, s.amax(1));
@@ -193,7 +212,8 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
         l.mul_(resc).add_(s.sum(1));
         m_old.copy_(m_new);
         mat(acc.data() + r0 * p.Dv, nr, p.Dv).mul_(resc.unsqueeze(1));
-        mat(acc.data() + r0 * p.Dv, nr, p.Dv).addmm_(s, mat(v.data(), nt, p.Dv));
+        const g::Panels v_pn = g::panels_kn(v.data(), p.Dv, p.Dv, nt, v_pk);
+        g::gemm(isa, nr, scores.data(), nt, v_pn, acc.data() + r0 * p.Dv, p.Dv, g::Init::kLoad);
       }
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t i = i_lo + r;

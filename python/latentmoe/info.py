@@ -13,9 +13,10 @@ _KEYS = ("CPU", "CUDA", "Meta", "Autograd")
 # layout on tensor cores), and bmm_small streams strided weight views where a CPU BLAS bmm with one
 # row runs well below the memory's rate (on CUDA the module calls torch.bmm: cuBLAS), and
 # mla_decode_absorbed fuses mla_decode with two bmm_small products to save the CPU's per-op dispatch
-# in a decode step (on CUDA the module calls mla_decode between two torch.bmm). Their
+# in a decode step (on CUDA the module calls mla_decode between two torch.bmm), and linear_f32 is
+# the CPU's own fp32 GEMM where ATen's runs below the FMA rate (on CUDA: cuBLAS). Their
 # wrappers reject CUDA tensors with a clear error.
-CPU_ONLY_OPS = frozenset({"moe_pack_weight", "moe_experts_packed", "bmm_small", "mla_decode_absorbed"})
+CPU_ONLY_OPS = frozenset({"moe_pack_weight", "moe_experts_packed", "bmm_small", "mla_decode_absorbed", "linear_f32"})
 
 
 def ops() -> list[str]:

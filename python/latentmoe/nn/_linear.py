@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from latentmoe.ops.linear import MAX_ROWS, linear_small
+from latentmoe import _C
+from latentmoe.ops.linear import MAX_ROWS, linear_f32, linear_small
 
 
 def is_plain(module: nn.Module, cls: type) -> bool:
@@ -39,12 +40,15 @@ def check_float_dtype(module: str, name: str, x: torch.Tensor) -> None:
 
 
 def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``. A decode step's few rows (at most 16) on the CPU without a gradient go through
+    """``layer(x)``. On the CPU without a gradient: a decode step's few rows (at most 16) go through
     ``linear_small``, which streams the weight once (a BLAS GEMM with one to sixteen rows reads it
-    at a fraction of the memory's rate); everything else, anything needing autograd, and any layer
-    that is not a plain ``nn.Linear`` (LoRA wrappers, hooks) is the layer itself, as is every call
-    under ``torch.autocast`` (which casts the layer's inputs) or ``torch.export``. Same result up
-    to fp32 summation order."""
+    at a fraction of the memory's rate), and more fp32 rows through ``linear_f32`` where
+    ``latentmoe._C.cpu_f32_gemm()`` says ATen's fp32 GEMM runs below the CPU's FMA rate (MKL on
+    AMD CPUs with AVX-512). Everything else, anything needing autograd, and any layer that is not
+    a plain ``nn.Linear`` (LoRA wrappers, hooks) is the layer itself, as is every call under
+    ``torch.autocast`` (which casts the layer's inputs) or ``torch.export``, and ``linear_f32``
+    under ``torch.compile`` (the compiler picks its own GEMM). Same result up to fp32 summation
+    order."""
     if not is_plain_linear(layer):
         return layer(x)
     w, b = layer.weight, layer.bias
@@ -53,10 +57,15 @@ def project(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         x.device.type != "cpu" or x.dtype != w.dtype or torch.is_autocast_enabled("cpu")
         or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)))
         or torch.compiler.is_exporting()  # no branch on the row count: a dynamic one may span MAX_ROWS
-        or rows == 0 or rows > MAX_ROWS
+        or rows == 0
     ):
         return layer(x)
-    out = linear_small(x.reshape(rows, x.shape[-1]).contiguous(), w.contiguous(), b)
+    if rows <= MAX_ROWS:
+        out = linear_small(x.reshape(rows, x.shape[-1]).contiguous(), w.contiguous(), b)
+    elif x.dtype == torch.float32 and not torch.compiler.is_compiling() and _C.cpu_f32_gemm():
+        out = linear_f32(x.reshape(rows, x.shape[-1]).contiguous(), w.contiguous(), b)
+    else:
+        return layer(x)
     return out.view(*x.shape[:-1], w.shape[0])
 
 

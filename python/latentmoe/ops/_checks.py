@@ -177,6 +177,22 @@ def check_linear_small(input, weight, bias, max_rows: int) -> None:
         size(op, "bias", bias, 0, weight.shape[0], "out_features = weight.size(0)")
 
 
+def check_linear_f32(input, weight, bias) -> None:
+    """csrc/cpu/linear_f32.cpp's checks."""
+    op = "linear_f32"
+    dtype(op, "input", input, torch.float32)
+    same_dtype(op, "weight", weight, "input", input)
+    same_device(op, "weight", weight, "input", input)
+    dim(op, "input", input, 2)
+    dim(op, "weight", weight, 2)
+    size(op, "weight", weight, 1, input.shape[1], "in_features = input.size(1)")
+    if bias is not None:
+        same_dtype(op, "bias", bias, "input", input)
+        same_device(op, "bias", bias, "input", input)
+        dim(op, "bias", bias, 1)
+        size(op, "bias", bias, 0, weight.shape[0], "out_features = weight.size(0)")
+
+
 def check_bmm_small(input, weight, max_rows: int) -> None:
     """linear::check_bmm_args (csrc/common/linear_checks.h)."""
     op = "bmm_small"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from latentmoe.ops._checks import check_bmm_small, check_linear_small, cpu_only
+from latentmoe.ops._checks import check_bmm_small, check_linear_f32, check_linear_small, cpu_only
 
 _lib = torch.ops.latentmoe
 
@@ -34,6 +34,36 @@ def linear_small(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 @torch.library.register_fake("latentmoe::linear_small")
 def _linear_small_fake(input, weight, bias=None):
     check_linear_small(input, weight, bias, MAX_ROWS)
+    return input.new_empty((input.shape[0], weight.shape[0]))
+
+
+def linear_f32(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``input @ weight.T + bias`` in fp32 for any number of rows, on latentmoe's own CPU GEMM tiles.
+
+    Args:
+        input: ``[M, K]`` fp32, contiguous.
+        weight: ``[N, K]`` (``nn.Linear.weight``) fp32, contiguous.
+        bias: optional ``[N]`` fp32, contiguous.
+    Returns:
+        ``[M, N]`` fp32. The weight is packed into 64-column panels per call (one pass over it),
+        then 6 x 64 register tiles of 16-lane FMAs (8-lane ones without AVX-512) run over row blocks
+        and panel ranges across the threads; each output is summed in ``k`` order, the bias first:
+        bitwise the same at any thread count. Made for CPUs where ATen's fp32 GEMM runs below the
+        FMA rate (PyTorch's MKL sgemm runs AVX2 code on AMD CPUs: 208 GFLOP/s on 2 Zen 5 cores,
+        about half of their 16-lane peak); the modules take it for large projections where
+        ``latentmoe._C.cpu_f32_gemm()`` says so (``LATENTMOE_CPU_F32_GEMM=auto|latentmoe|aten``).
+        An inference op with no backward: a gradient reaching it raises ``RuntimeError`` (use
+        ``F.linear`` where gradients are needed). CPU only (``latentmoe.info.CPU_ONLY_OPS``).
+    Raises ``ValueError`` naming the argument on bad shapes, dtypes or strides.
+    """
+    cpu_only("linear_f32", "it is a CPU GEMM (on CUDA use torch.nn.functional.linear: cuBLAS)",
+             input=input, weight=weight, bias=bias)
+    return _lib.linear_f32.default(input, weight, bias)
+
+
+@torch.library.register_fake("latentmoe::linear_f32")
+def _linear_f32_fake(input, weight, bias=None):
+    check_linear_f32(input, weight, bias)
     return input.new_empty((input.shape[0], weight.shape[0]))
 
 

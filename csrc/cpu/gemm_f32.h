@@ -1,0 +1,256 @@
+// fp32 GEMM on the CPU with this project's own register tiles: C = A B (+ bias, or + C), A
+// [M, K] row-major, B either [K, N] row-major ("kn": read in place, 64 columns at a time) or the
+// transpose of a row-major [N, K] matrix ("nk": nn.Linear's weight, a key tile; packed into
+// panels of 64 columns first). Used by linear_f32 (large projections) and by mla_prefill's
+// per-tile products.
+//
+// Why not ATen's at::mm: the fp32 GEMM of PyTorch's x86 builds is MKL's sgemm, which runs its
+// AVX2 code on AMD CPUs, AVX-512 ones included (measured on 2 Zen 5 cores: 208 GFLOP/s for
+// every shape from 128 x 512 x 128 to 4096 x 2048 x 3072, about half of their 16-lane FMA
+// peak). A 6 x 64 tile of 16-lane FMAs (24 accumulators; per k, 4 panel loads and 6 broadcasts
+// for 24 FMAs) runs near the peak with its panel in L1/L2.
+//
+// Blocking: K in blocks of kKc (a panel's [kKc, 64] slab is 64 KiB), rows in blocks of kMc (an A
+// block of kMc x kKc floats, packed k-major per 6-row group, stays in L2 while every panel passes
+// over it). The accumulators of a
+// tile start at 0, at the bias, or at C (a later k block, or the caller's accumulate mode), and
+// are stored back in fp32: each output is the sum in k order, the bias (or C) first; the result
+// is bitwise the same at any thread count and whatever the blocking.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/vec8.h"
+
+namespace latentmoe::cpu::gemm_f32 {
+
+constexpr int64_t kNr = 64;   // output columns per panel (4 vectors of 16 fp32)
+constexpr int kMr = 6;        // rows per register tile
+constexpr int64_t kKc = 256;  // k per block
+constexpr int64_t kMc = 144;  // rows per block (a multiple of kMr)
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// How a tile's accumulators start.
+enum class Init { kZero, kBias, kLoad };
+
+// c[i * ldc + col] = init + sum over k < K of a[k * kMr + i] * b[k * ldb + col], i < MR, col < 64
+// (a: the tile's rows packed k-major, kMr floats per k; all 64 columns of b and c exist; init = 0,
+// bias[col] or c's own value). W = 16: the 64 columns in one pass (MR x 4 accumulators); W = 8
+// (16 registers): NV vectors per pass.
+template <int W, int MR>
+LMOE_V8_INLINE void tile_body(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
+                              Init init, const float* bias) {
+  using V = vec8::vf<W>;
+  constexpr int NV = W == 16 ? 4 : MR == 1 ? 8 : MR == 2 ? 4 : 2;
+  for (int64_t c0 = 0; c0 < kNr; c0 += NV * W) {
+    V acc[MR][NV];
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v)
+        acc[i][v] = init == Init::kZero   ? V{}
+                    : init == Init::kBias ? vec8::loadw<W>(bias + c0 + v * W)
+                                          : vec8::loadw<W>(c + i * ldc + c0 + v * W);
+    for (int64_t k = 0; k < K; ++k) {
+      V bv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) bv[v] = vec8::loadw<W>(b + k * ldb + c0 + v * W);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const V av = vec8::splatw<W>(a[k * kMr + i]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) vec8::storew<W>(c + i * ldc + c0 + v * W, acc[i][v]);
+  }
+}
+
+#define LMOE_GEMM_F32_TILE(ISA, ATTR, W)                                                                       \
+  template <int MR>                                                                                            \
+  ATTR inline void tile_##ISA(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,  \
+                              Init init, const float* bias) {                                                \
+    tile_body<W, MR>(a, b, ldb, K, c, ldc, init, bias);                                                        \
+  }
+LMOE_GEMM_F32_TILE(avx512, LMOE_CPU_AVX512, 16)
+LMOE_GEMM_F32_TILE(avx2, LMOE_CPU_AVX2, 8)
+LMOE_GEMM_F32_TILE(generic, , 8)
+#undef LMOE_GEMM_F32_TILE
+
+enum class Isa { kAvx512, kAvx2, kGeneric };
+
+// The instantiation this CPU runs (LATENTMOE_CPU_ISA narrows it, as for the other kernels).
+inline Isa isa() { return vec8::use_avx512() ? Isa::kAvx512 : vec8::use_avx2() ? Isa::kAvx2 : Isa::kGeneric; }
+
+template <int MR>
+inline void tile_mr(Isa isa, const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc, Init init,
+                    const float* bias) {
+  switch (isa) {
+    case Isa::kAvx512: return tile_avx512<MR>(a, b, ldb, K, c, ldc, init, bias);
+    case Isa::kAvx2: return tile_avx2<MR>(a, b, ldb, K, c, ldc, init, bias);
+    default: return tile_generic<MR>(a, b, ldb, K, c, ldc, init, bias);
+  }
+}
+
+inline void tile(Isa isa, int mr, const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
+                 Init init, const float* bias) {
+  switch (mr) {
+    case 6: return tile_mr<6>(isa, a, b, ldb, K, c, ldc, init, bias);
+    case 5: return tile_mr<5>(isa, a, b, ldb, K, c, ldc, init, bias);
+    case 4: return tile_mr<4>(isa, a, b, ldb, K, c, ldc, init, bias);
+    case 3: return tile_mr<3>(isa, a, b, ldb, K, c, ldc, init, bias);
+    case 2: return tile_mr<2>(isa, a, b, ldb, K, c, ldc, init, bias);
+    default: return tile_mr<1>(isa, a, b, ldb, K, c, ldc, init, bias);
+  }
+}
+
+// Rows [m0, m1) x k [k0, k0 + kc) of A (row stride lda) packed for the tiles: per group of kMr
+// rows (the last one may have fewer), [kc, kMr] k-major at dst + group * kc * kMr. One L1-friendly
+// stream per tile instead of kMr rows a row stride apart (rows of a power-of-two stride share L1
+// sets).
+inline void pack_a(const float* a, int64_t lda, int64_t m0, int64_t m1, int64_t k0, int64_t kc, float* dst) {
+  for (int64_t i = m0; i < m1; i += kMr) {
+    const int mr = static_cast<int>(std::min<int64_t>(kMr, m1 - i));
+    float* g = dst + (i - m0) * kc;
+    for (int r = 0; r < mr; ++r) {
+      const float* src = a + (i + r) * lda + k0;
+      for (int64_t k = 0; k < kc; ++k) g[k * kMr + r] = src[k];
+    }
+  }
+}
+
+// B as panels of 64 columns: panel p's element (k, col) at base(p) + k * ld + col; columns past N
+// are 0 in a packed panel (a "kn" matrix whose N is not a multiple of 64 packs its last panel).
+struct Panels {
+  int64_t N = 0, K = 0, P = 0;
+  const float* kn = nullptr;  // "kn" read in place: full panels at kn + 64 p, row stride ld_kn
+  int64_t ld_kn = 0;
+  const float* packed = nullptr;  // [P or 1, K, 64]: every panel (nk), or the last one (kn)
+  const float* panel(int64_t p) const {
+    if (kn != nullptr && (p + 1) * kNr <= N) return kn + p * kNr;
+    return packed + (kn != nullptr ? 0 : p * K * kNr);
+  }
+  int64_t ld(int64_t p) const { return kn != nullptr && (p + 1) * kNr <= N ? ld_kn : kNr; }
+};
+
+// Packs w [N, K] (row stride ldw; B = w^T) into dst [P, K, 64], panels [p0, p1) only.
+inline void pack_nk(const float* w, int64_t ldw, int64_t N, int64_t K, float* dst, int64_t p0, int64_t p1) {
+  constexpr int64_t kKb = 64;  // transpose in 64 x 64 blocks
+  for (int64_t p = p0; p < p1; ++p) {
+    float* panel = dst + p * K * kNr;
+    const int64_t n0 = p * kNr, nc = std::min(kNr, N - n0);
+    for (int64_t k0 = 0; k0 < K; k0 += kKb) {
+      const int64_t kb = std::min(kKb, K - k0);
+      for (int64_t col = 0; col < nc; ++col) {
+        const float* src = w + (n0 + col) * ldw + k0;
+        for (int64_t k = 0; k < kb; ++k) panel[(k0 + k) * kNr + col] = src[k];
+      }
+      for (int64_t col = nc; col < kNr; ++col)
+        for (int64_t k = 0; k < kb; ++k) panel[(k0 + k) * kNr + col] = 0.f;
+    }
+  }
+}
+
+// Panels of B = w^T (w [N, K], row stride ldw), packed into buf.
+inline Panels panels_nk(const float* w, int64_t ldw, int64_t N, int64_t K, std::vector<float>& buf, bool parallel) {
+  Panels pn;
+  pn.N = N, pn.K = K, pn.P = cdiv(N, kNr);
+  buf.resize(static_cast<size_t>(pn.P * K * kNr));
+  if (parallel && pn.P > 1)
+    at::parallel_for(0, pn.P, 1, [&](int64_t p0, int64_t p1) { pack_nk(w, ldw, N, K, buf.data(), p0, p1); });
+  else
+    pack_nk(w, ldw, N, K, buf.data(), 0, pn.P);
+  pn.packed = buf.data();
+  return pn;
+}
+
+// Panels of B [K, N] (row stride ldb), read in place; a last partial panel is copied into buf.
+inline Panels panels_kn(const float* b, int64_t ldb, int64_t N, int64_t K, std::vector<float>& buf) {
+  Panels pn;
+  pn.N = N, pn.K = K, pn.P = cdiv(N, kNr), pn.kn = b, pn.ld_kn = ldb;
+  const int64_t n0 = (pn.P - 1) * kNr, nc = N - n0;
+  if (nc > 0 && nc < kNr) {
+    buf.assign(static_cast<size_t>(K * kNr), 0.f);
+    for (int64_t k = 0; k < K; ++k) std::memcpy(buf.data() + k * kNr, b + k * ldb + n0, nc * sizeof(float));
+    pn.packed = buf.data();
+  }
+  return pn;
+}
+
+// Rows [m0, m1) of C [M, N] (row stride ldc) = A B over panels [p0, p1), with `init` for the
+// first k block (kBias: bias [N]; kLoad: C's values) and C's values for the later ones.
+inline void gemm_block(Isa isa, const float* a, int64_t lda, const Panels& pn, float* c, int64_t ldc, int64_t m0,
+                       int64_t m1, int64_t p0, int64_t p1, Init init, const float* bias) {
+  if (bias == nullptr && init == Init::kBias) init = Init::kZero;
+  static thread_local std::vector<float> a_pk;  // the A block, packed (pack_a)
+  if (a_pk.size() < static_cast<size_t>(kMc * kKc)) a_pk.resize(kMc * kKc);
+  alignas(64) float tmp[kMr * kNr];
+  alignas(64) float bias_tmp[kNr];
+  for (int64_t k0 = 0; k0 < pn.K || (k0 == 0 && pn.K == 0); k0 += kKc) {
+    const int64_t kc = std::min(kKc, pn.K - k0);
+    const Init in = k0 == 0 ? init : Init::kLoad;
+    for (int64_t mb = m0; mb < m1; mb += kMc) {
+      const int64_t me = std::min(m1, mb + kMc);
+      pack_a(a, lda, mb, me, k0, kc, a_pk.data());
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* b = pn.panel(p) + k0 * pn.ld(p);
+        const int64_t ldb = pn.ld(p);
+        const int64_t n0 = p * kNr, nc = std::min(kNr, pn.N - n0);
+        const float* bias_p = bias != nullptr ? bias + n0 : nullptr;
+        if (in == Init::kBias && nc < kNr && bias_p != nullptr) {
+          std::fill(bias_tmp, bias_tmp + kNr, 0.f);
+          std::memcpy(bias_tmp, bias_p, nc * sizeof(float));
+          bias_p = bias_tmp;
+        }
+        for (int64_t i = mb; i < me; i += kMr) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMr, me - i));
+          const float* ai = a_pk.data() + (i - mb) * kc;
+          float* ci = c + i * ldc + n0;
+          if (nc == kNr) {
+            tile(isa, mr, ai, b, ldb, kc, ci, ldc, in, bias_p);
+          } else {  // the last, partial panel: through a 64-column buffer
+            if (in == Init::kLoad)
+              for (int r = 0; r < mr; ++r) std::memcpy(tmp + r * kNr, ci + r * ldc, nc * sizeof(float));
+            tile(isa, mr, ai, b, ldb, kc, tmp, kNr, in, bias_p);
+            for (int r = 0; r < mr; ++r) std::memcpy(ci + r * ldc, tmp + r * kNr, nc * sizeof(float));
+          }
+        }
+      }
+    }
+    if (pn.K == 0) break;
+  }
+}
+
+// C [M, N] = A [M, K] B (+ init), single-threaded (a caller inside a parallel region).
+inline void gemm(Isa isa, int64_t M, const float* a, int64_t lda, const Panels& pn, float* c, int64_t ldc, Init init,
+                 const float* bias = nullptr) {
+  if (M > 0 && pn.N > 0) gemm_block(isa, a, lda, pn, c, ldc, 0, M, 0, pn.P, init, bias);
+}
+
+// The same split across ATen's threads: work items are (row block, panel range), rows in blocks
+// of kMc and panels cut into as many ranges as it takes to give every thread about two items.
+inline void gemm_parallel(Isa isa, int64_t M, const float* a, int64_t lda, const Panels& pn, float* c, int64_t ldc,
+                          Init init, const float* bias = nullptr) {
+  if (M <= 0 || pn.N <= 0) return;
+  const int64_t n_mb = cdiv(M, kMc);
+  const int64_t threads = at::get_num_threads();
+  const int64_t n_pg = std::min(pn.P, std::max<int64_t>(1, cdiv(2 * threads, n_mb)));
+  at::parallel_for(0, n_mb * n_pg, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t mb = j / n_pg, pg = j % n_pg;
+      const int64_t p0 = pn.P * pg / n_pg, p1 = pn.P * (pg + 1) / n_pg;
+      gemm_block(isa, a, lda, pn, c, ldc, mb * kMc, std::min(M, (mb + 1) * kMc), p0, p1, init, bias);
+    }
+  });
+}
+
+}  // namespace latentmoe::cpu::gemm_f32
