@@ -1,8 +1,9 @@
 // fp32 GEMM on the CPU with this project's own register tiles: C = A B (+ bias, or + C), A
-// [M, K] row-major, B either [K, N] row-major ("kn": read in place, 64 columns at a time) or the
-// transpose of a row-major [N, K] matrix ("nk": nn.Linear's weight, a key tile; packed into
-// panels of 64 columns first). Used by linear_f32 (large projections) and by mla_prefill's
-// per-tile products.
+// [M, K] row-major, B either [K, N] row-major ("kn") or the transpose of a row-major [N, K] matrix
+// ("nk": nn.Linear's weight, a key tile), packed first into panels of 64 columns, each panel four
+// [K, 16] column strips one after the other (every strip one sequential stream: rows of a panel
+// 256 bytes apart would use a quarter of L1's sets). Used by linear_f32 (large projections) and
+// by mla_prefill's per-tile products.
 //
 // Why not ATen's at::mm: the fp32 GEMM of PyTorch's x86 builds is MKL's sgemm, which runs its
 // AVX2 code on AMD CPUs, AVX-512 ones included (measured on 2 Zen 5 cores: 208 GFLOP/s for
@@ -30,6 +31,7 @@
 namespace latentmoe::cpu::gemm_f32 {
 
 constexpr int64_t kNr = 64;   // output columns per panel (4 vectors of 16 fp32)
+constexpr int64_t kSub = 16;  // columns per strip of a panel
 constexpr int kMr = 6;        // rows per register tile
 constexpr int64_t kKc = 256;  // k per block
 constexpr int64_t kMc = 144;  // rows per block (a multiple of kMr)
@@ -39,12 +41,13 @@ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // How a tile's accumulators start.
 enum class Init { kZero, kBias, kLoad };
 
-// c[i * ldc + col] = init + sum over k < K of a[k * kMr + i] * b[k * ldb + col], i < MR, col < 64
-// (a: the tile's rows packed k-major, kMr floats per k; all 64 columns of b and c exist; init = 0,
-// bias[col] or c's own value). W = 16: the 64 columns in one pass (MR x 4 accumulators); W = 8
+// c[i * ldc + col] = init + sum over k < K of a[k * kMr + i] * B(k, col), i < MR, col < 64, with
+// B(k, col) = b[(col / 16) * ss + k * 16 + col % 16] (a panel's strips ss floats apart; a: the
+// tile's rows packed k-major, kMr floats per k; all 64 columns of c exist; init = 0, bias[col] or
+// c's own value). W = 16: the 64 columns in one pass (MR x 4 accumulators); W = 8
 // (16 registers): NV vectors per pass.
 template <int W, int MR>
-LMOE_V8_INLINE void tile_body(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
+LMOE_V8_INLINE void tile_body(const float* a, const float* b, int64_t ss, int64_t K, float* c, int64_t ldc,
                               Init init, const float* bias) {
   using V = vec8::vf<W>;
   constexpr int NV = W == 16 ? 4 : MR == 1 ? 8 : MR == 2 ? 4 : 2;
@@ -57,10 +60,13 @@ LMOE_V8_INLINE void tile_body(const float* a, const float* b, int64_t ldb, int64
         acc[i][v] = init == Init::kZero   ? V{}
                     : init == Init::kBias ? vec8::loadw<W>(bias + c0 + v * W)
                                           : vec8::loadw<W>(c + i * ldc + c0 + v * W);
+    const float* bp[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bp[v] = b + (c0 + v * W) / kSub * ss + (c0 + v * W) % kSub;
     for (int64_t k = 0; k < K; ++k) {
       V bv[NV];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) bv[v] = vec8::loadw<W>(b + k * ldb + c0 + v * W);
+      for (int v = 0; v < NV; ++v) bv[v] = vec8::loadw<W>(bp[v] + k * kSub);
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const V av = vec8::splatw<W>(a[k * kMr + i]);
@@ -77,9 +83,9 @@ LMOE_V8_INLINE void tile_body(const float* a, const float* b, int64_t ldb, int64
 
 #define LMOE_GEMM_F32_TILE(ISA, ATTR, W)                                                                       \
   template <int MR>                                                                                            \
-  ATTR inline void tile_##ISA(const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,  \
+  ATTR inline void tile_##ISA(const float* a, const float* b, int64_t ss, int64_t K, float* c, int64_t ldc,  \
                               Init init, const float* bias) {                                                \
-    tile_body<W, MR>(a, b, ldb, K, c, ldc, init, bias);                                                        \
+    tile_body<W, MR>(a, b, ss, K, c, ldc, init, bias);                                                        \
   }
 LMOE_GEMM_F32_TILE(avx512, LMOE_CPU_AVX512, 16)
 LMOE_GEMM_F32_TILE(avx2, LMOE_CPU_AVX2, 8)
@@ -92,24 +98,24 @@ enum class Isa { kAvx512, kAvx2, kGeneric };
 inline Isa isa() { return vec8::use_avx512() ? Isa::kAvx512 : vec8::use_avx2() ? Isa::kAvx2 : Isa::kGeneric; }
 
 template <int MR>
-inline void tile_mr(Isa isa, const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc, Init init,
+inline void tile_mr(Isa isa, const float* a, const float* b, int64_t ss, int64_t K, float* c, int64_t ldc, Init init,
                     const float* bias) {
   switch (isa) {
-    case Isa::kAvx512: return tile_avx512<MR>(a, b, ldb, K, c, ldc, init, bias);
-    case Isa::kAvx2: return tile_avx2<MR>(a, b, ldb, K, c, ldc, init, bias);
-    default: return tile_generic<MR>(a, b, ldb, K, c, ldc, init, bias);
+    case Isa::kAvx512: return tile_avx512<MR>(a, b, ss, K, c, ldc, init, bias);
+    case Isa::kAvx2: return tile_avx2<MR>(a, b, ss, K, c, ldc, init, bias);
+    default: return tile_generic<MR>(a, b, ss, K, c, ldc, init, bias);
   }
 }
 
-inline void tile(Isa isa, int mr, const float* a, const float* b, int64_t ldb, int64_t K, float* c, int64_t ldc,
+inline void tile(Isa isa, int mr, const float* a, const float* b, int64_t ss, int64_t K, float* c, int64_t ldc,
                  Init init, const float* bias) {
   switch (mr) {
-    case 6: return tile_mr<6>(isa, a, b, ldb, K, c, ldc, init, bias);
-    case 5: return tile_mr<5>(isa, a, b, ldb, K, c, ldc, init, bias);
-    case 4: return tile_mr<4>(isa, a, b, ldb, K, c, ldc, init, bias);
-    case 3: return tile_mr<3>(isa, a, b, ldb, K, c, ldc, init, bias);
-    case 2: return tile_mr<2>(isa, a, b, ldb, K, c, ldc, init, bias);
-    default: return tile_mr<1>(isa, a, b, ldb, K, c, ldc, init, bias);
+    case 6: return tile_mr<6>(isa, a, b, ss, K, c, ldc, init, bias);
+    case 5: return tile_mr<5>(isa, a, b, ss, K, c, ldc, init, bias);
+    case 4: return tile_mr<4>(isa, a, b, ss, K, c, ldc, init, bias);
+    case 3: return tile_mr<3>(isa, a, b, ss, K, c, ldc, init, bias);
+    case 2: return tile_mr<2>(isa, a, b, ss, K, c, ldc, init, bias);
+    default: return tile_mr<1>(isa, a, b, ss, K, c, ldc, init, bias);
   }
 }
 
@@ -128,19 +134,17 @@ inline void pack_a(const float* a, int64_t lda, int64_t m0, int64_t m1, int64_t 
   }
 }
 
-// B as panels of 64 columns: panel p's element (k, col) at base(p) + k * ld + col; columns past N
-// are 0 in a packed panel (a "kn" matrix whose N is not a multiple of 64 packs its last panel).
+// B packed as panels of 64 columns, [P, 4, K, 16]: element (k, col) of panel p at panel(p) +
+// (col / 16) * ss() + k * 16 + col % 16; columns past N are 0.
 struct Panels {
   int64_t N = 0, K = 0, P = 0;
-  const float* kn = nullptr;  // "kn" read in place: full panels at kn + 64 p, row stride ld_kn
-  int64_t ld_kn = 0;
-  const float* packed = nullptr;  // [P or 1, K, 64]: every panel (nk), or the last one (kn)
-  const float* panel(int64_t p) const {
-    if (kn != nullptr && (p + 1) * kNr <= N) return kn + p * kNr;
-    return packed + (kn != nullptr ? 0 : p * K * kNr);
-  }
-  int64_t ld(int64_t p) const { return kn != nullptr && (p + 1) * kNr <= N ? ld_kn : kNr; }
+  const float* packed = nullptr;
+  const float* panel(int64_t p) const { return packed + p * K * kNr; }
+  int64_t ss() const { return K * kSub; }
 };
+
+// Where B's element (k, col) of a panel goes (K rows per strip).
+inline int64_t packed_at(int64_t K, int64_t k, int64_t col) { return col / kSub * K * kSub + k * kSub + col % kSub; }
 
 // Packs w [N, K] (row stride ldw; B = w^T) into dst [P, K, 64], panels [p0, p1) only.
 inline void pack_nk(const float* w, int64_t ldw, int64_t N, int64_t K, float* dst, int64_t p0, int64_t p1) {
@@ -152,10 +156,10 @@ inline void pack_nk(const float* w, int64_t ldw, int64_t N, int64_t K, float* ds
       const int64_t kb = std::min(kKb, K - k0);
       for (int64_t col = 0; col < nc; ++col) {
         const float* src = w + (n0 + col) * ldw + k0;
-        for (int64_t k = 0; k < kb; ++k) panel[(k0 + k) * kNr + col] = src[k];
+        for (int64_t k = 0; k < kb; ++k) panel[packed_at(K, k0 + k, col)] = src[k];
       }
       for (int64_t col = nc; col < kNr; ++col)
-        for (int64_t k = 0; k < kb; ++k) panel[(k0 + k) * kNr + col] = 0.f;
+        for (int64_t k = 0; k < kb; ++k) panel[packed_at(K, k0 + k, col)] = 0.f;
     }
   }
 }
@@ -173,16 +177,24 @@ inline Panels panels_nk(const float* w, int64_t ldw, int64_t N, int64_t K, std::
   return pn;
 }
 
-// Panels of B [K, N] (row stride ldb), read in place; a last partial panel is copied into buf.
+// Panels of B [K, N] (row stride ldb), packed into buf.
 inline Panels panels_kn(const float* b, int64_t ldb, int64_t N, int64_t K, std::vector<float>& buf) {
   Panels pn;
-  pn.N = N, pn.K = K, pn.P = cdiv(N, kNr), pn.kn = b, pn.ld_kn = ldb;
-  const int64_t n0 = (pn.P - 1) * kNr, nc = N - n0;
-  if (nc > 0 && nc < kNr) {
-    buf.assign(static_cast<size_t>(K * kNr), 0.f);
-    for (int64_t k = 0; k < K; ++k) std::memcpy(buf.data() + k * kNr, b + k * ldb + n0, nc * sizeof(float));
-    pn.packed = buf.data();
+  pn.N = N, pn.K = K, pn.P = cdiv(N, kNr);
+  buf.resize(static_cast<size_t>(pn.P * K * kNr));
+  for (int64_t p = 0; p < pn.P; ++p) {
+    float* panel = buf.data() + p * K * kNr;
+    const int64_t n0 = p * kNr, nc = std::min(kNr, N - n0);
+    for (int64_t s = 0; s < kNr / kSub; ++s) {
+      const int64_t cs = std::clamp<int64_t>(nc - s * kSub, 0, kSub);  // columns of strip s that exist
+      for (int64_t k = 0; k < K; ++k) {
+        float* dst = panel + packed_at(K, k, s * kSub);
+        if (cs > 0) std::memcpy(dst, b + k * ldb + n0 + s * kSub, cs * sizeof(float));
+        std::fill(dst + cs, dst + kSub, 0.f);
+      }
+    }
   }
+  pn.packed = buf.data();
   return pn;
 }
 
@@ -202,8 +214,8 @@ inline void gemm_block(Isa isa, const float* a, int64_t lda, const Panels& pn, f
       const int64_t me = std::min(m1, mb + kMc);
       pack_a(a, lda, mb, me, k0, kc, a_pk.data());
       for (int64_t p = p0; p < p1; ++p) {
-        const float* b = pn.panel(p) + k0 * pn.ld(p);
-        const int64_t ldb = pn.ld(p);
+        const float* b = pn.panel(p) + k0 * kSub;
+        const int64_t ss = pn.ss();
         const int64_t n0 = p * kNr, nc = std::min(kNr, pn.N - n0);
         const float* bias_p = bias != nullptr ? bias + n0 : nullptr;
         if (in == Init::kBias && nc < kNr && bias_p != nullptr) {
@@ -216,11 +228,11 @@ inline void gemm_block(Isa isa, const float* a, int64_t lda, const Panels& pn, f
           const float* ai = a_pk.data() + (i - mb) * kc;
           float* ci = c + i * ldc + n0;
           if (nc == kNr) {
-            tile(isa, mr, ai, b, ldb, kc, ci, ldc, in, bias_p);
+            tile(isa, mr, ai, b, ss, kc, ci, ldc, in, bias_p);
           } else {  // the last, partial panel: through a 64-column buffer
             if (in == Init::kLoad)
               for (int r = 0; r < mr; ++r) std::memcpy(tmp + r * kNr, ci + r * ldc, nc * sizeof(float));
-            tile(isa, mr, ai, b, ldb, kc, tmp, kNr, in, bias_p);
+            tile(isa, mr, ai, b, ss, kc, tmp, kNr, in, bias_p);
             for (int r = 0; r < mr; ++r) std::memcpy(ci + r * ldc, tmp + r * kNr, nc * sizeof(float));
           }
         }
