@@ -1,5 +1,5 @@
-// Argument checks of linear_small (shared by the CPU and CUDA registrations) and of bmm_small
-// (CPU only).
+// Argument checks of linear_small (shared by the CPU and CUDA registrations), of bmm_small and
+// of linear_f32 (CPU only).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -28,10 +28,12 @@ inline void check_operands(const char* op, const at::Tensor& input, const at::Te
                     " for more)");
 }
 
-inline void check_args(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+// An nn.Linear call's checks after the operands' dtypes, devices and ranks: the weight's
+// in_features, contiguous input and weight, and the optional bias [out_features] (linear_small,
+// linear_f32).
+inline void check_weight_bias(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias) {
   namespace chk = latentmoe::checks;
-  const char* op = "linear_small";
-  check_operands(op, input, weight, 2, "rows", "torch.nn.functional.linear");
   chk::size(op, "weight", weight, 1, input.size(1), "in_features = input.size(1)");
   chk::contiguous(op, "input", input);
   chk::contiguous(op, "weight", weight);
@@ -42,6 +44,11 @@ inline void check_args(const at::Tensor& input, const at::Tensor& weight, const 
     chk::size(op, "bias", *bias, 0, weight.size(0), "out_features = weight.size(0)");
     chk::contiguous(op, "bias", *bias);
   }
+}
+
+inline void check_args(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_operands("linear_small", input, weight, 2, "rows", "torch.nn.functional.linear");
+  check_weight_bias("linear_small", input, weight, bias);
 }
 
 // bmm_small's weight layouts: kKn, weight [G, K, N] with its N elements of a row adjacent

@@ -119,14 +119,22 @@ inline void tile(Isa isa, int mr, const float* a, const float* b, int64_t ss, in
   }
 }
 
-// Rows [m0, m1) x k [k0, k0 + kc) of A (row stride lda) packed for the tiles: per group of kMr
-// rows (the last one may have fewer), [kc, kMr] k-major at dst + group * kc * kMr. One L1-friendly
-// stream per tile instead of kMr rows a row stride apart (rows of a power-of-two stride share L1
-// sets).
-inline void pack_a(const float* a, int64_t lda, int64_t m0, int64_t m1, int64_t k0, int64_t kc, float* dst) {
+// Rows [m0, m1) x k [k0, k0 + kc) of A packed for the tiles: per group of kMr rows (the last one
+// may have fewer), [kc, kMr] k-major at dst + group * kc * kMr. One L1-friendly stream per tile
+// instead of kMr rows a row stride apart (rows of a power-of-two stride share L1 sets). A's
+// element (i, k) is a[i * lda + k], or a[k * lda + i] with `trans` (A given as its transpose).
+inline void pack_a(const float* a, int64_t lda, bool trans, int64_t m0, int64_t m1, int64_t k0, int64_t kc,
+                   float* dst) {
   for (int64_t i = m0; i < m1; i += kMr) {
     const int mr = static_cast<int>(std::min<int64_t>(kMr, m1 - i));
     float* g = dst + (i - m0) * kc;
+    if (trans) {
+      for (int64_t k = 0; k < kc; ++k) {
+        const float* src = a + (k0 + k) * lda + i;
+        for (int r = 0; r < mr; ++r) g[k * kMr + r] = src[r];
+      }
+      continue;
+    }
     for (int r = 0; r < mr; ++r) {
       const float* src = a + (i + r) * lda + k0;
       for (int64_t k = 0; k < kc; ++k) g[k * kMr + r] = src[k];
@@ -201,7 +209,7 @@ inline Panels panels_kn(const float* b, int64_t ldb, int64_t N, int64_t K, std::
 // Rows [m0, m1) of C [M, N] (row stride ldc) = A B over panels [p0, p1), with `init` for the
 // first k block (kBias: bias [N]; kLoad: C's values) and C's values for the later ones.
 inline void gemm_block(Isa isa, const float* a, int64_t lda, const Panels& pn, float* c, int64_t ldc, int64_t m0,
-                       int64_t m1, int64_t p0, int64_t p1, Init init, const float* bias) {
+                       int64_t m1, int64_t p0, int64_t p1, Init init, const float* bias, bool a_trans = false) {
   if (bias == nullptr && init == Init::kBias) init = Init::kZero;
   static thread_local std::vector<float> a_pk;  // the A block, packed (pack_a)
   if (a_pk.size() < static_cast<size_t>(kMc * kKc)) a_pk.resize(kMc * kKc);
@@ -212,7 +220,7 @@ inline void gemm_block(Isa isa, const float* a, int64_t lda, const Panels& pn, f
     const Init in = k0 == 0 ? init : Init::kLoad;
     for (int64_t mb = m0; mb < m1; mb += kMc) {
       const int64_t me = std::min(m1, mb + kMc);
-      pack_a(a, lda, mb, me, k0, kc, a_pk.data());
+      pack_a(a, lda, a_trans, mb, me, k0, kc, a_pk.data());
       for (int64_t p = p0; p < p1; ++p) {
         const float* b = pn.panel(p) + k0 * kSub;
         const int64_t ss = pn.ss();
@@ -246,6 +254,12 @@ inline void gemm_block(Isa isa, const float* a, int64_t lda, const Panels& pn, f
 inline void gemm(Isa isa, int64_t M, const float* a, int64_t lda, const Panels& pn, float* c, int64_t ldc, Init init,
                  const float* bias = nullptr) {
   if (M > 0 && pn.N > 0) gemm_block(isa, a, lda, pn, c, ldc, 0, M, 0, pn.P, init, bias);
+}
+
+// The same with A given as its transpose: A's element (i, k) at at[k * ldat + i] (at [K, M]).
+inline void gemm_at(Isa isa, int64_t M, const float* at, int64_t ldat, const Panels& pn, float* c, int64_t ldc,
+                    Init init) {
+  if (M > 0 && pn.N > 0) gemm_block(isa, at, ldat, pn, c, ldc, 0, M, 0, pn.P, init, nullptr, /*a_trans=*/true);
 }
 
 // The same split across ATen's threads: work items are (row block, panel range), rows in blocks

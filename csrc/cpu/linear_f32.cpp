@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/linear_checks.h"
 #include "common/settings.h"
 #include "cpu/gemm_f32.h"
 
@@ -26,16 +27,7 @@ at::Tensor linear_f32_cpu(const at::Tensor& input, const at::Tensor& weight, con
   chk::same_device(op, "weight", weight, "input", input);
   chk::dim(op, "input", input, 2);
   chk::dim(op, "weight", weight, 2);
-  chk::size(op, "weight", weight, 1, input.size(1), "in_features = input.size(1)");
-  chk::contiguous(op, "input", input);
-  chk::contiguous(op, "weight", weight);
-  if (bias.has_value()) {
-    chk::same_dtype(op, "bias", *bias, "input", input);
-    chk::same_device(op, "bias", *bias, "input", input);
-    chk::dim(op, "bias", *bias, 1);
-    chk::size(op, "bias", *bias, 0, weight.size(0), "out_features = weight.size(0)");
-    chk::contiguous(op, "bias", *bias);
-  }
+  linear::check_weight_bias(op, input, weight, bias);
   const int64_t M = input.size(0), K = input.size(1), N = weight.size(0);
   auto out = at::empty({M, N}, input.options());
   if (out.numel() == 0) return out;

@@ -8,9 +8,10 @@
 // split into chunks only when B*H is too small to keep the threads busy. Causally a later chunk
 // sees more keys: the forward hands tasks out last chunks first from a shared counter, the
 // backward (fixed partitions, for its fixed-order sums) pairs early and late chunks. Per-task memory is
-// O(chunk + tile) rows: never O(tokens x heads x dim), never O(L^2). The forward's GEMMs on the
-// buffers run this project's fp32 tiles (cpu/gemm_f32.h: ATen's MKL sgemm runs AVX2 code on AMD
-// CPUs), the backward's go through at::mm (single-threaded inside the parallel region).
+// O(chunk + tile) rows: never O(tokens x heads x dim), never O(L^2). The GEMMs on the buffers,
+// forward and backward, run this project's fp32 tiles (cpu/gemm_f32.h; single-threaded inside
+// the parallel region): at these sizes faster than at::mm calls, and ATen's MKL sgemm runs AVX2
+// code on AMD CPUs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -111,20 +112,6 @@ void load_tile(const Params& p, const T* cache, const int32_t* block_table, int6
     load_f32(row, ct + t * p.C, p.C);
     load_f32(row + p.C, kp + t * ld_kp, p.R);
   }
-}
-
-// Key tile [t0, t0+nt) of row b: c_kv [nt, C] and k_pe [nt, R] as fp32, then the per-head
-// K_nope [nt, Dn] and V [nt, Dv].
-template <typename T>
-void decompress_tile(const Params& p, const T* cache, const int32_t* block_table, int64_t b, int64_t t0, int64_t nt,
-                     const at::Tensor& wk, const at::Tensor& wv, float* ct, float* kp, float* kn,
-                     float* v) {
-  load_tile(p, cache, block_table, b, t0, nt, ct, kp, p.R);
-  auto c = mat(ct, nt, p.C);
-  auto kn_m = mat(kn, nt, p.Dn);
-  auto v_m = mat(v, nt, p.Dv);
-  at::mm_out(kn_m, c, wk.t());
-  at::mm_out(v_m, c, wv.t());
 }
 
 // ---- forward ------------------------------------------------------------------------------------
@@ -369,17 +356,22 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
     pt.gcache.assign((pt.b_hi - pt.b_lo) * (w1 - w0) * CR, 0.f);
     const int64_t task_begin = pt.task_begin, task_end = pt.task_end;
     const int64_t cs = sp.chunk_size;
-    std::vector<float> wk_buf(p.Dn * p.C), wv_buf(p.Dv * p.C);
+    namespace g = gemm_f32;
+    const g::Isa isa = g::isa();
+    const int64_t D = p.Dn + p.R;  // a query's (and a key's) width: [nope | rope]
+    // Head h's W_UK [Dn, C] and W_UV [Dv, C] (fp32), as panels of their transposes (decompression)
+    // and of themselves (the latent gradient); their gradients' sums over the task.
+    std::vector<float> wk_buf(p.Dn * p.C), wv_buf(p.Dv * p.C), wk_nk, wv_nk, wk_kn, wv_kn;
     std::vector<float> dwk_buf(p.Dn * p.C), dwv_buf(p.Dv * p.C);
-    std::vector<float> qn(cs * p.Dn), qp(cs * p.R), dout(cs * p.Dv), row_lse(cs), delta(cs);
-    std::vector<float> dqn(cs * p.Dn), dqp(cs * p.R);
+    g::Panels wk_t, wv_t, wk_p, wv_p;
+    // Per query: q [nope | rope], dOut, LSE, delta, dq [nope | rope].
+    std::vector<float> q(cs * D), dout(cs * p.Dv), row_lse(cs), delta(cs), dq(cs * D);
     std::vector<float> prob(cs * kKeyTile), dscore(cs * kKeyTile);
-    std::vector<float> ct(kKeyTile * p.C), kp(kKeyTile * p.R), kn(kKeyTile * p.Dn), v(kKeyTile * p.Dv);
-    std::vector<float> dkn(kKeyTile * p.Dn), dkp(kKeyTile * p.R), dv(kKeyTile * p.Dv), dct(kKeyTile * p.C);
-    auto wk = mat(wk_buf.data(), p.Dn, p.C);
-    auto wv = mat(wv_buf.data(), p.Dv, p.C);
-    auto dwk = mat(dwk_buf.data(), p.Dn, p.C);
-    auto dwv = mat(dwv_buf.data(), p.Dv, p.C);
+    // A key tile: c_kv [nt, C]; keys [nt, D] (K_nope from the latent, then k_pe); V [nt, Dv]; and
+    // their gradients.
+    std::vector<float> ct(kKeyTile * p.C), keys(kKeyTile * D), v(kKeyTile * p.Dv);
+    std::vector<float> dkeys(kKeyTile * D), dv(kKeyTile * p.Dv), dct(kKeyTile * p.C);
+    std::vector<float> k_pk, v_pk, q_pk, do_pk, ct_pk;  // per-tile panels
     int64_t loaded_head = -1;
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t c = zigzag_chunk(task % sp.chunks, sp.chunks);
@@ -405,75 +397,77 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
       if (kv_begin >= kv_end) continue;  // (windowed only: every live query sees some key)
       if (loaded_head != h) {
         load_weights(p, w_uk, w_uv, h, wk_buf.data(), wv_buf.data());
+        wk_t = g::panels_nk(wk_buf.data(), p.C, p.Dn, p.C, wk_nk, false);
+        wv_t = g::panels_nk(wv_buf.data(), p.C, p.Dv, p.C, wv_nk, false);
+        wk_p = g::panels_kn(wk_buf.data(), p.C, p.C, p.Dn, wk_kn);
+        wv_p = g::panels_kn(wv_buf.data(), p.C, p.C, p.Dv, wv_kn);
         loaded_head = h;
       }
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t i = i_lo + r;
         const int64_t qi = (b * p.S + i) * p.H + h;
-        load_f32(q_nope + b * p.qn_sb + i * p.qn_ss + h * p.qn_sh, qn.data() + r * p.Dn, p.Dn);
-        load_f32(q_pe + b * p.qp_sb + i * p.qp_ss + h * p.qp_sh, qp.data() + r * p.R, p.R);
+        load_f32(q_nope + b * p.qn_sb + i * p.qn_ss + h * p.qn_sh, q.data() + r * D, p.Dn);
+        load_f32(q_pe + b * p.qp_sb + i * p.qp_ss + h * p.qp_sh, q.data() + r * D + p.Dn, p.R);
         load_f32(grad_out + qi * p.Dv, dout.data() + r * p.Dv, p.Dv);
         float dot = 0.f;
         for (int64_t d = 0; d < p.Dv; ++d) dot += dout[r * p.Dv + d] * static_cast<float>(out[qi * p.Dv + d]);
         delta[r] = dot - grad_lse[qi];
         row_lse[r] = lse[qi];
       }
-      std::fill(dqn.begin(), dqn.begin() + nq * p.Dn, 0.f);
-      std::fill(dqp.begin(), dqp.begin() + nq * p.R, 0.f);
-      dwk.zero_();
-      dwv.zero_();
+      std::fill(dq.begin(), dq.begin() + nq * D, 0.f);
+      std::fill(dwk_buf.begin(), dwk_buf.end(), 0.f);
+      std::fill(dwv_buf.begin(), dwv_buf.end(), 0.f);
       for (int64_t t0 = kv_begin; t0 < kv_end; t0 += kKeyTile) {
         const int64_t nt = std::min(kKeyTile, kv_end - t0);
         const int64_t r0 = std::clamp<int64_t>(mla_prefill::first_query_seeing(p, seqlen, t0) - i_lo, 0, nq);
         const int64_t r1 = std::clamp<int64_t>(mla_prefill::end_query_seeing(p, seqlen, t0 + nt) - i_lo, 0, nq);
         if (r0 >= r1) continue;
         const int64_t nr = r1 - r0;
-        decompress_tile(p, cache, block_table, b, t0, nt, wk, wv, ct.data(), kp.data(), kn.data(), v.data());
-        auto qn_m = mat(qn.data() + r0 * p.Dn, nr, p.Dn);
-        auto qp_m = mat(qp.data() + r0 * p.R, nr, p.R);
-        auto do_m = mat(dout.data() + r0 * p.Dv, nr, p.Dv);
-        auto kn_m = mat(kn.data(), nt, p.Dn);
-        auto kp_m = mat(kp.data(), nt, p.R);
-        auto v_m = mat(v.data(), nt, p.Dv);
-        auto pm = mat(prob.data(), nr, nt);
-        auto dsm = mat(dscore.data(), nr, nt);
-        at::mm_out(pm, qn_m, kn_m.t());
-        if (p.R > 0) pm.addmm_(qp_m, kp_m.t());
-        at::mm_out(dsm, do_m, v_m.t());  // dP
+        // Decompress: keys[:, :Dn] = c_kv W_UK^T, V = c_kv W_UV^T.
+        load_tile(p, cache, block_table, b, t0, nt, ct.data(), keys.data() + p.Dn, D);
+        g::gemm(isa, nt, ct.data(), p.C, wk_t, keys.data(), D, g::Init::kZero);
+        g::gemm(isa, nt, ct.data(), p.C, wv_t, v.data(), p.Dv, g::Init::kZero);
+        const float* qr = q.data() + r0 * D;
+        const float* dor = dout.data() + r0 * p.Dv;
+        // S = q K^T (unscaled) and dP = dOut V^T, [nr, nt] each.
+        g::gemm(isa, nr, qr, D, g::panels_nk(keys.data(), D, nt, D, k_pk, false), prob.data(), nt, g::Init::kZero);
+        g::gemm(isa, nr, dor, p.Dv, g::panels_nk(v.data(), p.Dv, nt, p.Dv, v_pk, false), dscore.data(), nt,
+                g::Init::kZero);
         // P = exp(scale * s - lse) (every row here is live: finite lse), zero for unseen keys;
         // dS = P (dP - delta) * scale.
+        auto pm = mat(prob.data(), nr, nt);
+        auto dsm = mat(dscore.data(), nr, nt);
         pm.mul_(p.scale).sub_(vec(row_lse.data() + r0, nr).unsqueeze(1)).exp_();
         mask_invisible_keys(p, seqlen, prob.data(), nr, nt, pos0 + r0, t0, 0.f);
         dsm.sub_(vec(delta.data() + r0, nr).unsqueeze(1)).mul_(pm).mul_(p.scale);
-        mat(dqn.data() + r0 * p.Dn, nr, p.Dn).addmm_(dsm, kn_m);
-        if (p.R > 0) mat(dqp.data() + r0 * p.R, nr, p.R).addmm_(dsm, kp_m);
-        auto dkn_m = mat(dkn.data(), nt, p.Dn);
-        auto dkp_m = mat(dkp.data(), nt, p.R);
-        auto dv_m = mat(dv.data(), nt, p.Dv);
-        auto dct_m = mat(dct.data(), nt, p.C);
-        auto ct_m = mat(ct.data(), nt, p.C);
-        at::mm_out(dkn_m, dsm.t(), qn_m);
-        if (p.R > 0) at::mm_out(dkp_m, dsm.t(), qp_m);
-        at::mm_out(dv_m, pm.t(), do_m);
-        at::mm_out(dct_m, dkn_m, wk);
-        dct_m.addmm_(dv_m, wv);
-        dwk.addmm_(dkn_m.t(), ct_m);
-        dwv.addmm_(dv_m.t(), ct_m);
+        // dq += dS keys; dkeys = dS^T q; dV = P^T dOut.
+        g::gemm(isa, nr, dscore.data(), nt, g::panels_kn(keys.data(), D, D, nt, k_pk), dq.data() + r0 * D, D,
+                g::Init::kLoad);
+        g::gemm_at(isa, nt, dscore.data(), nt, g::panels_kn(qr, D, D, nr, q_pk), dkeys.data(), D, g::Init::kZero);
+        g::gemm_at(isa, nt, prob.data(), nt, g::panels_kn(dor, p.Dv, p.Dv, nr, do_pk), dv.data(), p.Dv,
+                   g::Init::kZero);
+        // dc_kv = dK_nope W_UK + dV W_UV; dW_UK += dK_nope^T c_kv, dW_UV += dV^T c_kv.
+        g::gemm(isa, nt, dkeys.data(), D, wk_p, dct.data(), p.C, g::Init::kZero);
+        g::gemm(isa, nt, dv.data(), p.Dv, wv_p, dct.data(), p.C, g::Init::kLoad);
+        const g::Panels ct_p = g::panels_kn(ct.data(), p.C, p.C, nt, ct_pk);
+        g::gemm_at(isa, p.Dn, dkeys.data(), D, ct_p, dwk_buf.data(), p.C, g::Init::kLoad);
+        g::gemm_at(isa, p.Dv, dv.data(), p.Dv, ct_p, dwv_buf.data(), p.C, g::Init::kLoad);
         float* gbase = pt.gcache.data() + ((b - pt.b_lo) * (w1 - w0) + (t0 - w0)) * CR;
         for (int64_t t = 0; t < nt; ++t) {
-          float* g = gbase + t * CR;
-          for (int64_t k = 0; k < p.C; ++k) g[k] += dct[t * p.C + k];
-          for (int64_t k = 0; k < p.R; ++k) g[p.C + k] += dkp[t * p.R + k];
+          float* gr = gbase + t * CR;
+          for (int64_t k = 0; k < p.C; ++k) gr[k] += dct[t * p.C + k];
+          for (int64_t k = 0; k < p.R; ++k) gr[p.C + k] += dkeys[t * D + p.Dn + k];
         }
       }
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t qi = (b * p.S + i_lo + r) * p.H + h;
+        const float* dqr = dq.data() + r * D;
         if (windowed) {
-          for (int64_t d = 0; d < p.Dn; ++d) dq_nope[qi * p.Dn + d] += dqn[r * p.Dn + d];
-          for (int64_t d = 0; d < p.R; ++d) dq_pe[qi * p.R + d] += dqp[r * p.R + d];
+          for (int64_t d = 0; d < p.Dn; ++d) dq_nope[qi * p.Dn + d] += dqr[d];
+          for (int64_t d = 0; d < p.R; ++d) dq_pe[qi * p.R + d] += dqr[p.Dn + d];
         } else {
-          for (int64_t d = 0; d < p.Dn; ++d) grad_q_nope[qi * p.Dn + d] = static_cast<T>(dqn[r * p.Dn + d]);
-          for (int64_t d = 0; d < p.R; ++d) grad_q_pe[qi * p.R + d] = static_cast<T>(dqp[r * p.R + d]);
+          for (int64_t d = 0; d < p.Dn; ++d) grad_q_nope[qi * p.Dn + d] = static_cast<T>(dqr[d]);
+          for (int64_t d = 0; d < p.R; ++d) grad_q_pe[qi * p.R + d] = static_cast<T>(dqr[p.Dn + d]);
         }
       }
       float* gk = pt.gwk.data() + (h - pt.h_lo) * p.Dn * p.C;

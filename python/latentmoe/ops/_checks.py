@@ -169,6 +169,12 @@ def check_linear_small(input, weight, bias, max_rows: int) -> None:
     """linear::check_args (csrc/common/linear_checks.h)."""
     op = "linear_small"
     _check_small_operands(op, input, weight, 2, max_rows, "rows", "torch.nn.functional.linear")
+    _check_weight_bias(op, input, weight, bias)
+
+
+def _check_weight_bias(op, input, weight, bias) -> None:
+    """linear::check_weight_bias (csrc/common/linear_checks.h) less its contiguity checks, which
+    the fake kernels leave to the real ones (as for the other ops)."""
     size(op, "weight", weight, 1, input.shape[1], "in_features = input.size(1)")
     if bias is not None:
         same_dtype(op, "bias", bias, "input", input)
@@ -185,12 +191,7 @@ def check_linear_f32(input, weight, bias) -> None:
     same_device(op, "weight", weight, "input", input)
     dim(op, "input", input, 2)
     dim(op, "weight", weight, 2)
-    size(op, "weight", weight, 1, input.shape[1], "in_features = input.size(1)")
-    if bias is not None:
-        same_dtype(op, "bias", bias, "input", input)
-        same_device(op, "bias", bias, "input", input)
-        dim(op, "bias", bias, 1)
-        size(op, "bias", bias, 0, weight.shape[0], "out_features = weight.size(0)")
+    _check_weight_bias(op, input, weight, bias)
 
 
 def check_bmm_small(input, weight, max_rows: int) -> None:
