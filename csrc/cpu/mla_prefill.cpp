@@ -278,8 +278,11 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
                       const T* q_pe, const T* cache, const int32_t* block_table, const int32_t* seqlens, const T* w_uk, const T* w_uv,
                       const T* out, const float* lse, T* grad_q_nope, T* grad_q_pe, float* grad_cache,
                       float* grad_w_uk, float* grad_w_uv) {
-  // Per query: q, dO, lse, delta, dq, and rows of P and dS.
-  const Split sp = split_queries(p, 2 * (p.Dn + p.R) + p.Dv + 2 + 2 * kKeyTile);
+  // Per query: q and dq [nope | rope], dOut, LSE and delta, two score rows, and its rows of the
+  // panels of q and dOut (64-column panels: widths rounded up to 64).
+  const int64_t panel_floats = gemm_f32::cdiv(p.Dn + p.R, gemm_f32::kNr) * gemm_f32::kNr +
+                               gemm_f32::cdiv(p.Dv, gemm_f32::kNr) * gemm_f32::kNr;
+  const Split sp = split_queries(p, 2 * (p.Dn + p.R) + p.Dv + 2 + 2 * kKeyTile + panel_floats);
   const int64_t n_tasks = p.B * p.H * sp.chunks;
   const int64_t CR = p.C + p.R;
   const int64_t tasks_per_b = p.H * sp.chunks;
