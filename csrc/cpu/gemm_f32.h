@@ -154,7 +154,7 @@ struct Panels {
 // Where B's element (k, col) of a panel goes (K rows per strip).
 inline int64_t packed_at(int64_t K, int64_t k, int64_t col) { return col / kSub * K * kSub + k * kSub + col % kSub; }
 
-// Packs w [N, K] (row stride ldw; B = w^T) into dst [P, K, 64], panels [p0, p1) only.
+// Packs w [N, K] (row stride ldw; B = w^T) into dst [P, 4, K, 16] (Panels), panels [p0, p1) only.
 inline void pack_nk(const float* w, int64_t ldw, int64_t N, int64_t K, float* dst, int64_t p0, int64_t p1) {
   constexpr int64_t kKb = 64;  // transpose in 64 x 64 blocks
   for (int64_t p = p0; p < p1; ++p) {
