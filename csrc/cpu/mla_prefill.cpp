@@ -102,16 +102,21 @@ void load_weights(const Params& p, const T* w_uk, const T* w_uv, int64_t h, floa
   for (int64_t d = 0; d < p.Dv; ++d) load_f32(w_uv + h * p.wuv_sh + d * p.wuv_sd, wv + d * p.C, p.C);
 }
 
-// Key tile [t0, t0+nt) of row b as fp32: c_kv rows into ct [nt, C] and k_pe rows into kp (row
-// stride ld_kp).
+// Key tile [t0, t0+nt) of row b decompressed for one head, in fp32: c_kv into ct [nt, C], keys
+// [nt, D = Dn + R] (c_kv W_UK^T, then k_pe) and V [nt, Dv] = c_kv W_UV^T; wk_t and wv_t are the
+// panels of W_UK^T and W_UV^T.
 template <typename T>
-void load_tile(const Params& p, const T* cache, const int32_t* block_table, int64_t b, int64_t t0, int64_t nt,
-               float* ct, float* kp, int64_t ld_kp) {
+void decompress_tile(const Params& p, gemm_f32::Isa isa, const T* cache, const int32_t* block_table, int64_t b,
+                     int64_t t0, int64_t nt, const gemm_f32::Panels& wk_t, const gemm_f32::Panels& wv_t, float* ct,
+                     float* keys, float* v) {
+  const int64_t D = p.Dn + p.R;
   for (int64_t t = 0; t < nt; ++t) {
     const T* row = cache + mla_prefill::cache_offset(p, mla_prefill::cache_slot(p, block_table, b, t0 + t));
     load_f32(row, ct + t * p.C, p.C);
-    load_f32(row + p.C, kp + t * ld_kp, p.R);
+    load_f32(row + p.C, keys + t * D + p.Dn, p.R);
   }
+  gemm_f32::gemm(isa, nt, ct, p.C, wk_t, keys, D, gemm_f32::Init::kZero);
+  gemm_f32::gemm(isa, nt, ct, p.C, wv_t, v, p.Dv, gemm_f32::Init::kZero);
 }
 
 // ---- forward ------------------------------------------------------------------------------------
@@ -181,10 +186,7 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
         const int64_t r1 = std::clamp<int64_t>(mla_prefill::end_query_seeing(p, seqlen, t0 + nt) - i_lo, 0, nq);
         if (r0 >= r1) continue;
         const int64_t nr = r1 - r0;
-        // Decompress: keys[:, :Dn] = c_kv W_UK^T, V = c_kv W_UV^T; then the keys as panels.
-        load_tile(p, cache, block_table, b, t0, nt, ct.data(), keys.data() + p.Dn, D);
-        g::gemm(isa, nt, ct.data(), p.C, wk_pn, keys.data(), D, g::Init::kZero);
-        g::gemm(isa, nt, ct.data(), p.C, wv_pn, v.data(), p.Dv, g::Init::kZero);
+        decompress_tile(p, isa, cache, block_table, b, t0, nt, wk_pn, wv_pn, ct.data(), keys.data(), v.data());
         const g::Panels k_pn = g::panels_nk(keys.data(), D, nt, D, k_pk, false);
         g::gemm(isa, nr, q.data() + r0 * D, D, k_pn, scores.data(), nt, g::Init::kZero);
         mask_invisible_keys(p, seqlen, scores.data(), nr, nt, pos0 + r0, t0, -INFINITY);
@@ -426,10 +428,7 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
         const int64_t r1 = std::clamp<int64_t>(mla_prefill::end_query_seeing(p, seqlen, t0 + nt) - i_lo, 0, nq);
         if (r0 >= r1) continue;
         const int64_t nr = r1 - r0;
-        // Decompress: keys[:, :Dn] = c_kv W_UK^T, V = c_kv W_UV^T.
-        load_tile(p, cache, block_table, b, t0, nt, ct.data(), keys.data() + p.Dn, D);
-        g::gemm(isa, nt, ct.data(), p.C, wk_t, keys.data(), D, g::Init::kZero);
-        g::gemm(isa, nt, ct.data(), p.C, wv_t, v.data(), p.Dv, g::Init::kZero);
+        decompress_tile(p, isa, cache, block_table, b, t0, nt, wk_t, wv_t, ct.data(), keys.data(), v.data());
         const float* qr = q.data() + r0 * D;
         const float* dor = dout.data() + r0 * p.Dv;
         // S = q K^T (unscaled) and dP = dOut V^T, [nr, nt] each.
