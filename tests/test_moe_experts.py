@@ -544,7 +544,7 @@ def test_experts_cpu_backward_scheduling(monkeypatch, case, dtype, isa):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("isa", ["native", "generic"])
+@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
 @pytest.mark.parametrize("T,H,I", [(1, 75, 41), (2, 530, 45), (4, 61, 33)])
 def test_experts_cpu_small_m_bf16_groups(monkeypatch, isa, T, H, I):
     # The bf16 small-M path: weight rows dotted 4 at a time with the next 4 prefetched, shared
@@ -553,8 +553,10 @@ def test_experts_cpu_small_m_bf16_groups(monkeypatch, isa, T, H, I):
     # 530, 61), k tails past the 32-element prefetch blocks and the 16-element ones. Against the
     # reference, and bitwise equal at 1, 2 and 3 threads (the ranges, so the groups split
     # between threads differ).
-    if isa == "generic":
-        monkeypatch.setenv("LATENTMOE_CPU_ISA", "generic")
+    # native: vdpbf16ps on the bf16 rows where the CPU has AVX512_BF16 (dotr_bf16dp), else the
+    # AVX2 split kernel; avx2: that kernel on any AVX2 CPU; generic: the portable one.
+    if isa != "native":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
     E, K = 8, 6
     x = torch.randn(T, H)
     gu, down = _experts(E, H, I, "cpu")

@@ -465,6 +465,67 @@ inline void dot_bf16_split(int64_t r, bool avx, const float* a, const uint16_t* 
   }
 }
 
+// The small-M path's dot products on AVX512_BF16 CPUs, where the compute type is bf16 (a's rows
+// bf16, no split): out[j] = a . b[j * ldb, :n] for R (<= 4) weight rows, by vdpbf16ps: 32 k per
+// instruction, products exact and sums in fp32, two accumulators per row (lanes summed at the
+// end), masked loads for the k tail. Per 64-byte line of weights one load and one vdpbf16ps,
+// where the AVX2 split kernel takes two loads, two shifts / ands and four FMAs: the core keeps
+// more lines in flight (T = 1, bf16, h1024 / i704 / E = 64 on 2 Zen 5 cores, the 6 experts' weights
+// in L3: 0.28 -> 0.23 ms a call; from memory 0.75 -> 0.72).
+// `next` is prefetched as in dotr_bf16_split_body. Each row's sums run in a fixed order whatever
+// R is.
+template <int R>
+LMOE_CPU_AVX512BF16 void dotr_bf16dp(const uint16_t* a, const uint16_t* b, int64_t ldb, int64_t n,
+                                     const uint16_t* next, float* out) {
+  __m512 acc0[R], acc1[R];
+#pragma GCC unroll 4
+  for (int j = 0; j < R; ++j) acc0[j] = acc1[j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= n; k += 64) {
+    if (next != nullptr)
+#pragma GCC unroll 4
+      for (int j = 0; j < R; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + j * ldb + k), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(next + j * ldb + k + 32), _MM_HINT_T1);
+      }
+    const __m512bh a0 = (__m512bh)_mm512_loadu_si512(a + k), a1 = (__m512bh)_mm512_loadu_si512(a + k + 32);
+#pragma GCC unroll 4
+    for (int j = 0; j < R; ++j) {
+      acc0[j] = _mm512_dpbf16_ps(acc0[j], a0, (__m512bh)_mm512_loadu_si512(b + j * ldb + k));
+      acc1[j] = _mm512_dpbf16_ps(acc1[j], a1, (__m512bh)_mm512_loadu_si512(b + j * ldb + k + 32));
+    }
+  }
+  for (; k < n; k += 32) {  // the tail: zeros past n in both operands
+    const __mmask32 m = n - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint32_t{1} << (n - k)) - 1);
+    if (next != nullptr)
+#pragma GCC unroll 4
+      for (int j = 0; j < R; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldb + k), _MM_HINT_T1);
+    const __m512bh a0 = (__m512bh)_mm512_maskz_loadu_epi16(m, a + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < R; ++j)
+      acc0[j] = _mm512_dpbf16_ps(acc0[j], a0, (__m512bh)_mm512_maskz_loadu_epi16(m, b + j * ldb + k));
+  }
+  if (next != nullptr && n > 0)  // the rows' last lines
+#pragma GCC unroll 4
+    for (int j = 0; j < R; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldb + n - 1), _MM_HINT_T1);
+  __m512 sums[8];  // lanes summed by bf16dp's tree (_mm512_reduce_add_ps trips GCC 12's -Wuninitialized)
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) sums[j] = j < R ? _mm512_add_ps(acc0[j], acc1[j]) : _mm512_setzero_ps();
+  float s[8];
+  bf16dp::hsum8(sums, s);
+  std::memcpy(out, s, R * sizeof(float));
+}
+// r (1 <= r <= 4) rows at once.
+inline void dot_bf16dp(int64_t r, const uint16_t* a, const uint16_t* b, int64_t ldb, int64_t n,
+                       const uint16_t* next, float* out) {
+  switch (r) {
+    case 4: return dotr_bf16dp<4>(a, b, ldb, n, next, out);
+    case 3: return dotr_bf16dp<3>(a, b, ldb, n, next, out);
+    case 2: return dotr_bf16dp<2>(a, b, ldb, n, next, out);
+    default: return dotr_bf16dp<1>(a, b, ldb, n, next, out);
+  }
+}
+
 // dst = src with each full block of 16 reordered as [0, 2, .., 14, 1, 3, .., 15] (the layout
 // dotr_bf16_split_body expects); the last n % 16 values copied in order.
 // (src in fp32 or the compute type C: converted to fp32 as it is copied.)
@@ -1242,18 +1303,21 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
     // other weights: the rows are widened to fp32 once.
     constexpr bool kSplit = std::is_same_v<T, c10::BFloat16>;
     constexpr bool kWiden = !kSplit && !std::is_same_v<C, float>;
+    // bf16 rows and weights on an AVX512_BF16 CPU: vdpbf16ps on the rows as they are (dotr_bf16dp).
+    const bool dp_rows = dp_path;
     std::vector<int64_t> slot(kSplit || kWiden ? S : 0, -1);
     int64_t n_rows = 0;
     if constexpr (kSplit || kWiden) {
       for (int64_t e : small)
         for (int64_t r = off[e]; r < off[e + 1]; ++r) slot[r] = n_rows++;
     }
-    std::vector<float> split_buf(kSplit || kWiden ? n_rows * std::max(H, I) : 0);
+    std::vector<float> split_buf((kSplit && !dp_rows) || kWiden ? n_rows * std::max(H, I) : 0);
     auto stream_gemm = [&](const C* a, const T* weight, int64_t N, int64_t Kd, C* dst) {
       if constexpr (kSplit) {
-        for (int64_t e : small)
-          for (int64_t r = off[e]; r < off[e + 1]; ++r)
-            split_pairs(a + r * Kd, split_buf.data() + slot[r] * Kd, Kd);
+        if (!dp_rows)
+          for (int64_t e : small)
+            for (int64_t r = off[e]; r < off[e + 1]; ++r)
+              split_pairs(a + r * Kd, split_buf.data() + slot[r] * Kd, Kd);
         // Groups of kGroup weight rows of one expert. Each thread takes one contiguous range of
         // groups (faster than chunks from a shared counter, which break the threads' sequential
         // streams: measured), and each group prefetches the rows of the group after next while it
@@ -1272,8 +1336,13 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
             const uint16_t* next = j + 2 < je ? rows_of(j + 2) : nullptr;
             float res[kGroup];
             for (int64_t r = off[e]; r < off[e + 1]; ++r) {
-              dot_bf16_split(nr, avx, split_buf.data() + slot[r] * Kd, rows_of(j), Kd, Kd,
-                             r == off[e] ? next : nullptr, res);
+              const uint16_t* pf = r == off[e] ? next : nullptr;
+              if constexpr (kDpTypes) {
+                if (dp_rows) dot_bf16dp(nr, reinterpret_cast<const uint16_t*>(a + r * Kd), rows_of(j), Kd, Kd, pf, res);
+                else dot_bf16_split(nr, avx, split_buf.data() + slot[r] * Kd, rows_of(j), Kd, Kd, pf, res);
+              } else {
+                dot_bf16_split(nr, avx, split_buf.data() + slot[r] * Kd, rows_of(j), Kd, Kd, pf, res);
+              }
               for (int64_t i = 0; i < nr; ++i) dst[r * N + n + i] = static_cast<C>(res[i]);
             }
           }
