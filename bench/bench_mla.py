@@ -159,10 +159,17 @@ def _gemm_rate(device: str, dtype) -> float:
     """Dense GEMM rate (GFLOP/s) of a large torch.mm, measured once per run: the compute floor's rate.
     A 16-bit dtype's is the faster of its own torch.mm and fp32's: on CPUs without bf16 GEMM
     hardware (AVX2 only) torch.mm in bf16 runs at under 1 GFLOP/s, while the products of 16-bit
-    operands can run in fp32 at fp32's rate, so the slower rate would be no floor."""
+    operands can run in fp32 at fp32's rate, so the slower rate would be no floor. On the CPU fp32's
+    is also the faster of torch.mm and latentmoe's own fp32 GEMM (linear_f32): MKL runs its AVX2
+    code on AMD CPUs, at about half the rate of the AVX-512 FMA units (Zen 5: ~193 vs ~400)."""
     key = (device, dtype)
     if key not in _RATES:
         rate = gemm_gflops(2048, 2048, 2048, device, dtype)
+        if device == "cpu" and dtype == torch.float32:
+            a = torch.randn(2048, 2048)
+            b = torch.randn(2048, 2048)
+            t = time_ms(lambda: latentmoe.ops.linear_f32(a, b), device, warmup=2, reps=5, min_time_s=0.2)[0]
+            rate = max(rate, 2.0 * 2048**3 / (t * 1e-3) / 1e9)
         if dtype != torch.float32:
             rate = max(rate, _gemm_rate(device, torch.float32))
         _RATES[key] = rate
