@@ -553,8 +553,9 @@ def test_experts_cpu_small_m_bf16_groups(monkeypatch, isa, T, H, I):
     # 530, 61), k tails past the 32-element prefetch blocks and the 16-element ones. Against the
     # reference, and bitwise equal at 1, 2 and 3 threads (the ranges, so the groups split
     # between threads differ).
-    # native: vdpbf16ps on the bf16 rows where the CPU has AVX512_BF16 (dotr_bf16dp), else the
-    # AVX2 split kernel; avx2: that kernel on any AVX2 CPU; generic: the portable one.
+    # native: vdpbf16ps on the bf16 rows, one weight row at a time, where the CPU has AVX512_BF16
+    # (dot_bf16dp), else the AVX2 split kernel; avx2: that kernel on any AVX2 CPU; generic: the
+    # portable one.
     if isa != "native":
         monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
     E, K = 8, 6

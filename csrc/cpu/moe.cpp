@@ -466,64 +466,40 @@ inline void dot_bf16_split(int64_t r, bool avx, const float* a, const uint16_t* 
 }
 
 // The small-M path's dot products on AVX512_BF16 CPUs, where the compute type is bf16 (a's rows
-// bf16, no split): out[j] = a . b[j * ldb, :n] for R (<= 4) weight rows, by vdpbf16ps: 32 k per
-// instruction, products exact and sums in fp32, two accumulators per row (lanes summed at the
-// end), masked loads for the k tail. Per 64-byte line of weights one load and one vdpbf16ps,
-// where the AVX2 split kernel takes two loads, two shifts / ands and four FMAs: the core keeps
-// more lines in flight (T = 1, bf16, h1024 / i704 / E = 64 on 2 Zen 5 cores, the 6 experts' weights
-// in L3: 0.28 -> 0.23 ms a call; from memory 0.75 -> 0.72).
-// `next` is prefetched as in dotr_bf16_split_body. Each row's sums run in a fixed order whatever
-// R is.
-template <int R>
-LMOE_CPU_AVX512BF16 void dotr_bf16dp(const uint16_t* a, const uint16_t* b, int64_t ldb, int64_t n,
-                                     const uint16_t* next, float* out) {
-  __m512 acc0[R], acc1[R];
-#pragma GCC unroll 4
-  for (int j = 0; j < R; ++j) acc0[j] = acc1[j] = _mm512_setzero_ps();
+// bf16, no split): a . b[:n] for one weight row by vdpbf16ps: 32 k per instruction, products
+// exact and sums in fp32, two accumulators (lanes summed at the end), masked loads for the k
+// tail. Per 64-byte line of weights one load and one vdpbf16ps, where the AVX2 split kernel takes
+// two loads, two shifts / ands and four FMAs. One weight row at a time, so a thread's weights
+// stream as one sequential read: 4 rows at a time (4 streams 2 KiB apart, as the split kernel
+// reads them) ran 30% slower from memory (T = 1, bf16, h1024 / i704 / E = 64, 2 Zen 5 cores, the
+// experts' weights from memory: 0.64 vs 0.44 ms a call; the split kernel 0.75). `next` (or null):
+// a row to prefetch to L2, a line per 32 k.
+LMOE_CPU_AVX512BF16 float dot_bf16dp(const uint16_t* a, const uint16_t* b, int64_t n, const uint16_t* next) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= n; k += 64) {
-    if (next != nullptr)
-#pragma GCC unroll 4
-      for (int j = 0; j < R; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(next + j * ldb + k), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(next + j * ldb + k + 32), _MM_HINT_T1);
-      }
-    const __m512bh a0 = (__m512bh)_mm512_loadu_si512(a + k), a1 = (__m512bh)_mm512_loadu_si512(a + k + 32);
-#pragma GCC unroll 4
-    for (int j = 0; j < R; ++j) {
-      acc0[j] = _mm512_dpbf16_ps(acc0[j], a0, (__m512bh)_mm512_loadu_si512(b + j * ldb + k));
-      acc1[j] = _mm512_dpbf16_ps(acc1[j], a1, (__m512bh)_mm512_loadu_si512(b + j * ldb + k + 32));
+    if (next != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + k), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(next + k + 32), _MM_HINT_T1);
     }
+    acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(a + k), (__m512bh)_mm512_loadu_si512(b + k));
+    acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(a + k + 32),
+                            (__m512bh)_mm512_loadu_si512(b + k + 32));
   }
   for (; k < n; k += 32) {  // the tail: zeros past n in both operands
     const __mmask32 m = n - k >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint32_t{1} << (n - k)) - 1);
-    if (next != nullptr)
-#pragma GCC unroll 4
-      for (int j = 0; j < R; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldb + k), _MM_HINT_T1);
-    const __m512bh a0 = (__m512bh)_mm512_maskz_loadu_epi16(m, a + k);
-#pragma GCC unroll 4
-    for (int j = 0; j < R; ++j)
-      acc0[j] = _mm512_dpbf16_ps(acc0[j], a0, (__m512bh)_mm512_maskz_loadu_epi16(m, b + j * ldb + k));
+    if (next != nullptr) _mm_prefetch(reinterpret_cast<const char*>(next + k), _MM_HINT_T1);
+    acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_maskz_loadu_epi16(m, a + k),
+                            (__m512bh)_mm512_maskz_loadu_epi16(m, b + k));
   }
-  if (next != nullptr && n > 0)  // the rows' last lines
-#pragma GCC unroll 4
-    for (int j = 0; j < R; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldb + n - 1), _MM_HINT_T1);
-  __m512 sums[8];  // lanes summed by bf16dp's tree (_mm512_reduce_add_ps trips GCC 12's -Wuninitialized)
-#pragma GCC unroll 8
-  for (int j = 0; j < 8; ++j) sums[j] = j < R ? _mm512_add_ps(acc0[j], acc1[j]) : _mm512_setzero_ps();
+  if (next != nullptr && n > 0) _mm_prefetch(reinterpret_cast<const char*>(next + n - 1), _MM_HINT_T1);
+  // Lanes summed by bf16dp's tree (_mm512_reduce_add_ps trips GCC 12's -Wuninitialized).
+  __m512 sums[8] = {_mm512_add_ps(acc0, acc1)};
+#pragma GCC unroll 7
+  for (int j = 1; j < 8; ++j) sums[j] = _mm512_setzero_ps();
   float s[8];
   bf16dp::hsum8(sums, s);
-  std::memcpy(out, s, R * sizeof(float));
-}
-// r (1 <= r <= 4) rows at once.
-inline void dot_bf16dp(int64_t r, const uint16_t* a, const uint16_t* b, int64_t ldb, int64_t n,
-                       const uint16_t* next, float* out) {
-  switch (r) {
-    case 4: return dotr_bf16dp<4>(a, b, ldb, n, next, out);
-    case 3: return dotr_bf16dp<3>(a, b, ldb, n, next, out);
-    case 2: return dotr_bf16dp<2>(a, b, ldb, n, next, out);
-    default: return dotr_bf16dp<1>(a, b, ldb, n, next, out);
-  }
+  return s[0];
 }
 
 // dst = src with each full block of 16 reordered as [0, 2, .., 14, 1, 3, .., 15] (the layout
@@ -1338,8 +1314,11 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
             for (int64_t r = off[e]; r < off[e + 1]; ++r) {
               const uint16_t* pf = r == off[e] ? next : nullptr;
               if constexpr (kDpTypes) {
-                if (dp_rows) dot_bf16dp(nr, reinterpret_cast<const uint16_t*>(a + r * Kd), rows_of(j), Kd, Kd, pf, res);
-                else dot_bf16_split(nr, avx, split_buf.data() + slot[r] * Kd, rows_of(j), Kd, Kd, pf, res);
+                if (dp_rows) {
+                  const auto* ar = reinterpret_cast<const uint16_t*>(a + r * Kd);
+                  for (int64_t q = 0; q < nr; ++q)
+                    res[q] = dot_bf16dp(ar, rows_of(j) + q * Kd, Kd, pf != nullptr ? pf + q * Kd : nullptr);
+                } else dot_bf16_split(nr, avx, split_buf.data() + slot[r] * Kd, rows_of(j), Kd, Kd, pf, res);
               } else {
                 dot_bf16_split(nr, avx, split_buf.data() + slot[r] * Kd, rows_of(j), Kd, Kd, pf, res);
               }
