@@ -1279,18 +1279,17 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
     // other weights: the rows are widened to fp32 once.
     constexpr bool kSplit = std::is_same_v<T, c10::BFloat16>;
     constexpr bool kWiden = !kSplit && !std::is_same_v<C, float>;
-    // bf16 rows and weights on an AVX512_BF16 CPU: vdpbf16ps on the rows as they are (dotr_bf16dp).
-    const bool dp_rows = dp_path;
     std::vector<int64_t> slot(kSplit || kWiden ? S : 0, -1);
     int64_t n_rows = 0;
     if constexpr (kSplit || kWiden) {
       for (int64_t e : small)
         for (int64_t r = off[e]; r < off[e + 1]; ++r) slot[r] = n_rows++;
     }
-    std::vector<float> split_buf((kSplit && !dp_rows) || kWiden ? n_rows * std::max(H, I) : 0);
+    // (dp_path: bf16 rows and weights on an AVX512_BF16 CPU, dotted as they are by dot_bf16dp: no split)
+    std::vector<float> split_buf((kSplit && !dp_path) || kWiden ? n_rows * std::max(H, I) : 0);
     auto stream_gemm = [&](const C* a, const T* weight, int64_t N, int64_t Kd, C* dst) {
       if constexpr (kSplit) {
-        if (!dp_rows)
+        if (!dp_path)
           for (int64_t e : small)
             for (int64_t r = off[e]; r < off[e + 1]; ++r)
               split_pairs(a + r * Kd, split_buf.data() + slot[r] * Kd, Kd);
@@ -1313,12 +1312,10 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
             float res[kGroup];
             for (int64_t r = off[e]; r < off[e + 1]; ++r) {
               const uint16_t* pf = r == off[e] ? next : nullptr;
-              if constexpr (kDpTypes) {
-                if (dp_rows) {
-                  const auto* ar = reinterpret_cast<const uint16_t*>(a + r * Kd);
-                  for (int64_t q = 0; q < nr; ++q)
-                    res[q] = dot_bf16dp(ar, rows_of(j) + q * Kd, Kd, pf != nullptr ? pf + q * Kd : nullptr);
-                } else dot_bf16_split(nr, avx, split_buf.data() + slot[r] * Kd, rows_of(j), Kd, Kd, pf, res);
+              if (dp_path) {  // (C is bf16 there)
+                const auto* ar = reinterpret_cast<const uint16_t*>(a + r * Kd);
+                for (int64_t q = 0; q < nr; ++q)
+                  res[q] = dot_bf16dp(ar, rows_of(j) + q * Kd, Kd, pf != nullptr ? pf + q * Kd : nullptr);
               } else {
                 dot_bf16_split(nr, avx, split_buf.data() + slot[r] * Kd, rows_of(j), Kd, Kd, pf, res);
               }
