@@ -547,15 +547,15 @@ def test_experts_cpu_backward_scheduling(monkeypatch, case, dtype, isa):
 @pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
 @pytest.mark.parametrize("T,H,I", [(1, 75, 41), (2, 530, 45), (4, 61, 33)])
 def test_experts_cpu_small_m_bf16_groups(monkeypatch, isa, T, H, I):
-    # The bf16 small-M path: weight rows dotted 4 at a time with the next 4 prefetched, shared
-    # out over threads in contiguous ranges. Row counts 1..4 per expert (T tokens, top-6 of 8),
-    # gate|up / down row counts that leave 1..3 rows in the last group (2I = 82, 90, 66; H = 75,
+    # The bf16 small-M path: groups of 4 weight rows (each row dotted on its own, the group after
+    # next prefetched), shared out over threads in contiguous ranges. Row counts 1..4 per expert
+    # (T tokens, top-6 of 8), gate|up / down row counts that leave 1..3 rows in the last group (2I = 82, 90, 66; H = 75,
     # 530, 61), k tails past the 32-element prefetch blocks and the 16-element ones. Against the
     # reference, and bitwise equal at 1, 2 and 3 threads (the ranges, so the groups split
     # between threads differ).
     # native: vdpbf16ps on the bf16 rows, one weight row at a time, where the CPU has AVX512_BF16
-    # (dot_bf16dp), else the AVX2 split kernel; avx2: that kernel on any AVX2 CPU; generic: the
-    # portable one.
+    # (dot_bf16dp), else the AVX2 split kernel (dot_bf16_split_avx2); avx2: that kernel on any
+    # AVX2 CPU; generic: the portable one.
     if isa != "native":
         monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
     E, K = 8, 6

@@ -393,76 +393,46 @@ float dot_generic(const float* a, const TW* b, int64_t n) {
 // their low halves and the odd ones in their high halves, so (lane << 16) and (lane & 0xFFFF0000)
 // are the fp32 values of elements 0, 2, .., 14 and 1, 3, .., 15. `a` comes pre-split to match
 // (split_pairs); the last n % 16 elements stay in order.
-// One block of 16 elements of dotr_bf16_split_body.
-template <int R>
-LMOE_V8_INLINE void dotr_bf16_split_step(const float* a, const uint16_t* b, int64_t ldb, int64_t k,
-                                         vec8::v8f* lo, vec8::v8f* hi) {
-  const vec8::v8f alo = vec8::load(a + k), ahi = vec8::load(a + k + 8);
-  for (int j = 0; j < R; ++j) {
-    const vec8::v8u w = vec8::load_u32x8(b + j * ldb + k);
-    const vec8::v8u wl = w << 16, wh = w & 0xFFFF0000u;
-    lo[j] += alo * reinterpret_cast<const vec8::v8f&>(wl);
-    hi[j] += ahi * reinterpret_cast<const vec8::v8f&>(wh);
-  }
+// One block of 16 elements into one pair of accumulators (even and odd halves).
+LMOE_V8_INLINE void dot_bf16_split_step(const float* a, const uint16_t* b, int64_t k, vec8::v8f& lo,
+                                        vec8::v8f& hi) {
+  const vec8::v8u w = vec8::load_u32x8(b + k);
+  const vec8::v8u wl = w << 16, wh = w & 0xFFFF0000u;
+  lo += vec8::load(a + k) * reinterpret_cast<const vec8::v8f&>(wl);
+  hi += vec8::load(a + k + 8) * reinterpret_cast<const vec8::v8f&>(wh);
 }
 
-// out[j] = a . b[j * ldb, :n] for R (<= 4) weight rows per call, so each load of a serves R
-// rows; two accumulators per row (even and odd halves), so R = 4 runs 8 independent FMA chains.
-// Each row's arithmetic is the same whatever R is: how rows are grouped never changes a result.
-// `next` (or null): R rows (ldb apart) to prefetch, one 64-byte line per row every 32 elements,
-// so a later call's weights arrive from L3 / memory while this one computes. At T = 1 (bf16,
-// hidden 1024, Zen 3) this and the 4 rows per call took the decode step from ~0.9 ms to ~0.42
-// ms, where the former 2-row kernel without prefetch read at about half the cache's rate.
-template <int R, bool kAvx>
-LMOE_V8_INLINE void dotr_bf16_split_body(const float* a, const uint16_t* b, int64_t ldb, int64_t n,
-                                         const uint16_t* next, float* out) {
-  vec8::v8f lo[R], hi[R];
-  for (int j = 0; j < R; ++j) lo[j] = hi[j] = vec8::splat(0.f);
+// a . b[:n] for one bf16 weight row: two blocks of 16 per step into two pairs of accumulators
+// (four independent FMA chains). One weight row at a time, so a thread's weights stream as one
+// sequential read, as dot_bf16dp's do: 4 rows at a time (4 streams 2 KiB apart) ran 1.5-1.8x
+// the weight-streaming floor at T = 1 (bf16, h1024 / i704 / E = 64, 2 Zen 3 cores without
+// AVX-512, weights from memory), one row 1.2-1.35x in the same runs. `next` (or null): a row to
+// prefetch to L2, a line per 32 k (without it: 1.5-2x).
+template <bool kAvx>
+LMOE_V8_INLINE float dot_bf16_split_body(const float* a, const uint16_t* b, int64_t n, const uint16_t* next) {
+  vec8::v8f lo0 = vec8::splat(0.f), hi0 = lo0, lo1 = lo0, hi1 = lo0;
   int64_t k = 0;
-  if (next != nullptr) {
-    for (; k + 32 <= n; k += 32) {
-      for (int j = 0; j < R; ++j) __builtin_prefetch(next + j * ldb + k, 0, 2);
-      dotr_bf16_split_step<R>(a, b, ldb, k, lo, hi);
-      dotr_bf16_split_step<R>(a, b, ldb, k + 16, lo, hi);
-    }
-    if (n > 0)  // the row's last line
-      for (int j = 0; j < R; ++j) __builtin_prefetch(next + j * ldb + n - 1, 0, 2);
+  for (; k + 32 <= n; k += 32) {
+    if (next != nullptr) __builtin_prefetch(next + k, 0, 2);
+    dot_bf16_split_step(a, b, k, lo0, hi0);
+    dot_bf16_split_step(a, b, k + 16, lo1, hi1);
   }
-  for (; k + 16 <= n; k += 16) dotr_bf16_split_step<R>(a, b, ldb, k, lo, hi);
-  for (int j = 0; j < R; ++j) {
-    float s = vec8::hsum(lo[j] + hi[j]);
-    for (int64_t kk = k; kk < n; ++kk) {
-      const uint32_t bits = static_cast<uint32_t>(b[j * ldb + kk]) << 16;
-      float f;
-      std::memcpy(&f, &bits, sizeof(f));
-      s += a[kk] * f;
-    }
-    out[j] = s;
+  if (next != nullptr && n > 0) __builtin_prefetch(next + n - 1, 0, 2);  // the row's last line
+  for (; k + 16 <= n; k += 16) dot_bf16_split_step(a, b, k, lo0, hi0);
+  float s = vec8::hsum((lo0 + hi0) + (lo1 + hi1));
+  for (; k < n; ++k) {
+    const uint32_t bits = static_cast<uint32_t>(b[k]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    s += a[k] * f;
   }
+  return s;
 }
-template <int R>
-LMOE_CPU_AVX2 void dotr_bf16_split_avx2(const float* a, const uint16_t* b, int64_t ldb, int64_t n,
-                                        const uint16_t* next, float* out) {
-  dotr_bf16_split_body<R, true>(a, b, ldb, n, next, out);
+LMOE_CPU_AVX2 float dot_bf16_split_avx2(const float* a, const uint16_t* b, int64_t n, const uint16_t* next) {
+  return dot_bf16_split_body<true>(a, b, n, next);
 }
-template <int R>
-void dotr_bf16_split_generic(const float* a, const uint16_t* b, int64_t ldb, int64_t n,
-                             const uint16_t* next, float* out) {
-  dotr_bf16_split_body<R, false>(a, b, ldb, n, next, out);
-}
-// r (1 <= r <= 4) rows at once, by CPU feature.
-inline void dot_bf16_split(int64_t r, bool avx, const float* a, const uint16_t* b, int64_t ldb,
-                           int64_t n, const uint16_t* next, float* out) {
-  switch (r) {
-    case 4: return avx ? dotr_bf16_split_avx2<4>(a, b, ldb, n, next, out)
-                       : dotr_bf16_split_generic<4>(a, b, ldb, n, next, out);
-    case 3: return avx ? dotr_bf16_split_avx2<3>(a, b, ldb, n, next, out)
-                       : dotr_bf16_split_generic<3>(a, b, ldb, n, next, out);
-    case 2: return avx ? dotr_bf16_split_avx2<2>(a, b, ldb, n, next, out)
-                       : dotr_bf16_split_generic<2>(a, b, ldb, n, next, out);
-    default: return avx ? dotr_bf16_split_avx2<1>(a, b, ldb, n, next, out)
-                        : dotr_bf16_split_generic<1>(a, b, ldb, n, next, out);
-  }
+float dot_bf16_split_generic(const float* a, const uint16_t* b, int64_t n, const uint16_t* next) {
+  return dot_bf16_split_body<false>(a, b, n, next);
 }
 
 // The small-M path's dot products on AVX512_BF16 CPUs, where the compute type is bf16 (a's rows
@@ -470,10 +440,10 @@ inline void dot_bf16_split(int64_t r, bool avx, const float* a, const uint16_t* 
 // exact and sums in fp32, two accumulators (lanes summed at the end), masked loads for the k
 // tail. Per 64-byte line of weights one load and one vdpbf16ps, where the AVX2 split kernel takes
 // two loads, two shifts / ands and four FMAs. One weight row at a time, so a thread's weights
-// stream as one sequential read: 4 rows at a time (4 streams 2 KiB apart, as the split kernel
-// reads them) ran 30% slower from memory (T = 1, bf16, h1024 / i704 / E = 64, 2 Zen 5 cores, the
-// experts' weights from memory: 0.64 vs 0.44 ms a call; the split kernel 0.75). `next` (or null):
-// a row to prefetch to L2, a line per 32 k.
+// stream as one sequential read: 4 rows at a time (4 streams 2 KiB apart) ran 30% slower from
+// memory (T = 1, bf16, h1024 / i704 / E = 64, 2 Zen 5 cores, the experts' weights from memory:
+// 0.64 vs 0.44 ms a call; the split kernel, then 4 rows at a time, 0.75). `next` (or null): a row
+// to prefetch to L2, a line per 32 k.
 LMOE_CPU_AVX512BF16 float dot_bf16dp(const uint16_t* a, const uint16_t* b, int64_t n, const uint16_t* next) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t k = 0;
@@ -503,7 +473,7 @@ LMOE_CPU_AVX512BF16 float dot_bf16dp(const uint16_t* a, const uint16_t* b, int64
 }
 
 // dst = src with each full block of 16 reordered as [0, 2, .., 14, 1, 3, .., 15] (the layout
-// dotr_bf16_split_body expects); the last n % 16 values copied in order.
+// dot_bf16_split_body expects); the last n % 16 values copied in order.
 // (src in fp32 or the compute type C: converted to fp32 as it is copied.)
 template <typename C>
 void split_pairs(const C* src, float* dst, int64_t n) {
@@ -1298,7 +1268,8 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
         // streams: measured), and each group prefetches the rows of the group after next while it
         // computes (the next one's were asked for a group earlier: at T = 1, bf16, h1024 / i704,
         // 2 threads on a Zen 4 this took the call from 1.5-1.6x to 1.2-1.3x the weight-streaming
-        // floor; 4 or 8 groups ahead gained less).
+        // floor; 4 or 8 groups ahead gained less). Within a group each weight row is dotted on
+        // its own (dot_bf16dp / dot_bf16_split_*), so a thread's weights stream as one read.
         // Which thread computes a group does not change its result.
         constexpr int64_t kGroup = 4;
         const int64_t G = (N + kGroup - 1) / kGroup;  // groups per expert
@@ -1312,12 +1283,15 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
             float res[kGroup];
             for (int64_t r = off[e]; r < off[e + 1]; ++r) {
               const uint16_t* pf = r == off[e] ? next : nullptr;
-              if (dp_path) {  // (C is bf16 there)
-                const auto* ar = reinterpret_cast<const uint16_t*>(a + r * Kd);
-                for (int64_t q = 0; q < nr; ++q)
-                  res[q] = dot_bf16dp(ar, rows_of(j) + q * Kd, Kd, pf != nullptr ? pf + q * Kd : nullptr);
-              } else {
-                dot_bf16_split(nr, avx, split_buf.data() + slot[r] * Kd, rows_of(j), Kd, Kd, pf, res);
+              for (int64_t q = 0; q < nr; ++q) {
+                const uint16_t* wq = rows_of(j) + q * Kd;
+                const uint16_t* pq = pf != nullptr ? pf + q * Kd : nullptr;
+                if (dp_path)  // (C is bf16 there)
+                  res[q] = dot_bf16dp(reinterpret_cast<const uint16_t*>(a + r * Kd), wq, Kd, pq);
+                else if (avx)
+                  res[q] = dot_bf16_split_avx2(split_buf.data() + slot[r] * Kd, wq, Kd, pq);
+                else
+                  res[q] = dot_bf16_split_generic(split_buf.data() + slot[r] * Kd, wq, Kd, pq);
               }
               for (int64_t i = 0; i < nr; ++i) dst[r * N + n + i] = static_cast<C>(res[i]);
             }
