@@ -9,10 +9,12 @@
 // its floating outputs get a grad_fn, an Error node whose backward raises the message.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
 #include <memory>
@@ -91,9 +93,65 @@ void forbid_backward_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet k
   }
 }
 
+// mla_append_cache writes into kv_cache (Tensor(a!)) and has no backward. With grad mode on, an
+// input that requires grad raises here, before anything is written: the write would cut the
+// cache's values off from their gradients (kv_latent, k_pe, ...) or overwrite a tensor autograd
+// tracks (kv_cache itself). Under torch.no_grad() the op just runs, as torch's in-place ops do.
+// Its ADInplaceOrView kernel (below) bumps kv_cache's version counter.
+void mutating_no_grad_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    const auto& args = op.schema().arguments();
+    const auto first = stack->end() - static_cast<std::ptrdiff_t>(args.size());
+    for (size_t i = 0; i < args.size(); ++i) {
+      const c10::IValue& v = *(first + static_cast<std::ptrdiff_t>(i));
+      if (!v.isTensor() || !v.toTensor().defined() || !v.toTensor().requires_grad()) continue;
+      const std::string name = op.schema().name();
+      const bool written = args[i].alias_info() != nullptr && args[i].alias_info()->isWrite();
+      TORCH_CHECK(false, "latentmoe.", name.substr(name.find("::") + 2), ": argument '", args[i].name(),
+                  "' requires grad, but the op ", written ? "writes into it in place and " : "",
+                  "has no backward (an inference op): call it under torch.no_grad() or pass detached tensors");
+    }
+  }
+  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+}
+
+// ADInplaceOrView kernel of an op that writes into its Tensor(a!) arguments and returns nothing:
+// each written tensor's version counter is bumped, so a backward that saved it before the write
+// (mla_prefill's, which saves the cache) raises instead of running on the new contents. (torch's
+// autogradNotImplementedInplaceOrViewFallback bumps only arguments that are also returned.) An
+// inference tensor outside inference mode is refused before anything is written; torch's in-place
+// ops refuse it too, after writing.
+void bump_written_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const auto first = stack->end() - static_cast<std::ptrdiff_t>(args.size());
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i].alias_info() == nullptr || !args[i].alias_info()->isWrite()) continue;
+    const c10::IValue& v = *(first + static_cast<std::ptrdiff_t>(i));
+    if (!v.isTensor() || !v.toTensor().defined()) continue;
+    const at::Tensor& t = v.toTensor();
+    const std::string name = op.schema().name();
+    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), "latentmoe.", name.substr(name.find("::") + 2),
+                ": argument '", args[i].name(), "' is an inference tensor (made under torch.inference_mode()), which ",
+                "may not be written in place outside inference mode; run the op under torch.inference_mode() or ",
+                "pass a normal tensor (e.g. a clone made outside inference mode)");
+    written.push_back(t);
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) torch::autograd::increment_version(t);
+}
+
 }  // namespace
 
+TORCH_LIBRARY_IMPL(latentmoe, ADInplaceOrView, m) {
+  m.impl("mla_append_cache", torch::CppFunction::makeFromBoxedFunction<&bump_written_kernel>());
+}
+
 TORCH_LIBRARY_IMPL(latentmoe, Autograd, m) {
+  m.impl("mla_append_cache", torch::CppFunction::makeFromBoxedFunction<&mutating_no_grad_kernel>());
   for (const char* op : {"linear_small", "linear_f32", "bmm_small", "mla_decode", "mla_decode_absorbed", "moe_pack_weight",
                          "moe_experts_packed", "rms_norm_backward", "mla_prefill_backward", "moe_route_backward",
                          "moe_experts_backward"})

@@ -1,6 +1,7 @@
 """Ops without a backward (inference ops; the backward ops' second derivatives): a gradient that
 reaches one raises RuntimeError naming the op, under grad mode only; without a gradient (no_grad, or
-no input requiring one) nothing is recorded. (csrc/autograd_forbid.cpp: one C++ autograd kernel.)"""
+no input requiring one) nothing is recorded. mla_append_cache, which writes into the cache, refuses
+an input requiring grad before writing, and bumps the cache's version counter. (csrc/autograd_forbid.cpp.)"""
 
 from __future__ import annotations
 
@@ -79,3 +80,55 @@ def test_second_derivatives_raise():
     (g1,) = torch.autograd.grad(ops.moe_experts(hid, gu, dn, w, idx).pow(2).sum(), hid)
     assert not g1.requires_grad and torch.isfinite(g1).all()
     assert latentmoe  # the package import registers the kernels
+
+
+def _append(cache, latent=None, pe=None):
+    """mla_append_cache of 2 tokens at slots 2 and 3 of a [1, 8, 16 + 4] cache."""
+    B, S, C, R = 1, 2, 16, 4
+    ops.mla_append_cache(cache, torch.randn(B, S, C) if latent is None else latent,
+                         torch.randn(B, S, R) if pe is None else pe, torch.ones(C), 1e-6,
+                         torch.randn(B, S, R), torch.randn(B, S, R), torch.tensor([2], dtype=torch.int32))
+
+
+def test_append_cache_bumps_version_so_a_saved_cache_is_caught():
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    cache = torch.randn(1, 8, 20)
+    q = torch.randn(1, 2, 1, 8, requires_grad=True)
+    out, _ = ops.mla_prefill(q, torch.randn(1, 2, 1, 4), cache, i32(6), torch.randn(1, 8, 16),
+                             torch.randn(1, 6, 16), 0.2)  # saves the cache for its backward
+    v0 = cache._version
+    _append(cache)  # overwrites slots 2 and 3, which `out` read
+    assert cache._version == v0 + 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    with torch.no_grad():  # no_grad does not stop the count (as for torch's in-place ops)
+        _append(cache)
+    assert cache._version == v0 + 2
+
+
+@pytest.mark.parametrize("arg", ["kv_cache", "kv_latent", "k_pe"])
+def test_append_cache_refuses_inputs_requiring_grad(arg):
+    cache = torch.randn(1, 8, 20, requires_grad=arg == "kv_cache")
+    latent = torch.randn(1, 2, 16, requires_grad=arg == "kv_latent")
+    pe = torch.randn(1, 2, 4, requires_grad=arg == "k_pe")
+    before = cache.detach().clone()
+    with pytest.raises(RuntimeError, match=f"mla_append_cache: argument '{arg}' requires grad"):
+        _append(cache, latent, pe)
+    assert torch.equal(cache.detach(), before) and cache._version == 0  # nothing written
+    with torch.no_grad():  # without grad mode the op runs, as torch's in-place ops do
+        _append(cache, latent, pe)
+    assert not torch.equal(cache.detach(), before) and cache.grad_fn is None
+
+
+def test_append_cache_inference_tensor():
+    with torch.inference_mode():
+        cache = torch.zeros(1, 8, 20)
+    with pytest.raises(RuntimeError, match="mla_append_cache: argument 'kv_cache' is an inference tensor"):
+        _append(cache)
+    assert torch.equal(cache, torch.zeros(1, 8, 20))  # refused before writing
+    with torch.inference_mode():
+        _append(cache)
+    assert cache[0, 2:4].abs().sum() > 0 and cache[0, 4:].abs().sum() == 0
+    normal = torch.zeros(1, 8, 20)
+    _append(normal)  # a normal tensor made outside inference mode is fine outside it
+    assert normal._version == 1

@@ -13,7 +13,9 @@ access inside the cache whatever the values (rows cut at ``max_seqlen``, slots p
 skipped, pages clamped into the pool): bad values give wrong numbers, never an out-of-bounds read
 or write. The CPU kernels check the values either way (there is no sync to save).
 ``mla_decode`` and ``mla_append_cache`` are inference ops with no backward (a gradient reaching
-``mla_decode`` raises ``RuntimeError``). Prefill and training use ``latentmoe.ops.mla_prefill``
+``mla_decode`` raises ``RuntimeError``; ``mla_append_cache`` raises ``RuntimeError`` under grad mode
+when any input requires grad, before writing, and bumps ``kv_cache``'s version counter, so a
+backward that saved the cache before the write raises instead of reading the new contents). Prefill and training use ``latentmoe.ops.mla_prefill``
 (in-kernel latent decompression, with a backward).
 """
 
@@ -150,7 +152,8 @@ def mla_append_cache(
     """Fused ``kv_a_layernorm`` + RoPE of ``k_pe`` + write of new tokens into the cache (in place).
 
     Args:
-        kv_cache: contiguous or paged cache (see module doc); **mutated** at the target slots only.
+        kv_cache: contiguous or paged cache (see module doc); **mutated** at the target slots only
+            (its version counter bumped; an inference tensor only under ``torch.inference_mode()``).
         kv_latent: ``[B, S, C]`` un-normalised latents (first C outputs of ``kv_a_proj_with_mqa``).
         k_pe: ``[B, S, R]`` un-rotated rope keys (the last R outputs).
         norm_weight: ``[C]`` ``kv_a_layernorm.weight``; ``eps`` its epsilon (HF RMSNorm numerics).
