@@ -207,17 +207,34 @@ def test_packed_bad_input():
         moe_experts_packed(x, gp, gp, w, idx, 8)
     with pytest.raises(ValueError, match="argument 'gate_up_packed' must be contiguous"):
         moe_experts_packed(x, gp.transpose(3, 4).contiguous().transpose(3, 4), dp, w, idx, 8)
-    with pytest.raises(ValueError, match=r"argument 'gate_up_packed' must be 4-D with E >= 1 \(\[E, ceil\(I/32\), H, 64\] for float32"):
-        moe_experts_packed(x.float(), gp, dp, w, idx, 8)  # bf16 panels, fp32 hidden
+    # bf16 panels, fp32 hidden: named as a dtype mismatch (the layout check came first and named the rank)
+    with pytest.raises(ValueError, match="argument 'gate_up_packed' has dtype BFloat16 but 'hidden' has dtype Float"):
+        moe_experts_packed(x.float(), gp, dp, w, idx, 8)
     with pytest.raises(ValueError, match="argument 'hidden' must be bfloat16 or float32"):
         moe_experts_packed(x.half(), gp, dp, w, idx, 8)
-    with pytest.raises(ValueError, match="argument 'weight' must be bfloat16 or float32"):
-        moe_pack_experts(gu.half(), down)
     gp32, dp32 = moe_pack_experts(gu.float(), down.float())
-    with pytest.raises(ValueError, match="argument 'gate_up_packed' must be 4-D"):
+    with pytest.raises(ValueError, match="argument 'gate_up_packed' has dtype BFloat16 but 'hidden' has dtype Float"):
         moe_experts_packed(x.float(), gp, dp32, w, idx, 8)
     with pytest.raises(ValueError, match="argument 'down_packed' has dtype BFloat16 but 'hidden' has dtype Float"):
         moe_experts_packed(x.float(), gp32, dp, w, idx, 8)
+    with pytest.raises(ValueError, match="argument 'gate_up_packed' must be 4-D"):
+        moe_experts_packed(x.float(), gp32[0], dp32, w, idx, 8)
+    # moe_pack_experts checks the pair, naming its own arguments
+    with pytest.raises(ValueError, match="moe_pack_experts: argument 'gate_up_proj' must be bfloat16 or float32"):
+        moe_pack_experts(gu.half(), down.half())
+    with pytest.raises(ValueError, match="moe_pack_experts: argument 'down_proj' has dtype Float but 'gate_up_proj'"):
+        moe_pack_experts(gu, down.float())
+    for bad in (down[:3], down[:, :15], down[..., :7], down[0]):  # E, H, I, rank
+        with pytest.raises(ValueError, match="moe_pack_experts: argument 'down_proj' must be"):
+            moe_pack_experts(gu, bad)
+    with pytest.raises(ValueError, match=r"moe_pack_experts: argument 'gate_up_proj' must be \[E, 2I, H\]"):
+        moe_pack_experts(gu[:, :15], down)
+    # bf16: the shapes give I only up to its parity; a pack of I = 8 called with 7 is caught by its weights
+    with pytest.raises(ValueError, match="argument 'intermediate_size' is 7 but 'down_packed' holds nonzero weights"):
+        moe_experts_packed(x, gp, dp, w, idx, 7)
+    gp7, dp7 = moe_pack_experts(gu.view(4, 2, 8, 16)[:, :, :7].reshape(4, 14, 16), down[..., :7])
+    want = moe_experts(x, gu.view(4, 2, 8, 16)[:, :, :7].reshape(4, 14, 16), down[..., :7], w, idx)
+    torch.testing.assert_close(moe_experts_packed(x, gp7, dp7, w, idx, 7), want, rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="argument 'weight' must be gate_up_proj"):
         torch.ops.latentmoe.moe_pack_weight(gu[:, :15], True)
 

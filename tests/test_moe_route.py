@@ -101,6 +101,15 @@ def test_route_router_weight_bad_args():
         moe_route(x, 17, router_weight=w)  # k > E, E from the router weight
 
 
+def test_route_router_weight_meta():
+    # Shapes only (meta tensors, as a model built on the meta device would trace them): the router
+    # GEMM ran under torch.autocast("meta"), which raised "unsupported scalarType".
+    x, w = torch.randn(5, 12, device="meta"), torch.randn(16, 12, device="meta", dtype=torch.bfloat16)
+    weights, indices, scores = moe_route(x, 3, router_weight=w)
+    assert weights.device.type == "meta" and weights.shape == (5, 3) and weights.dtype == torch.float32
+    assert indices.shape == (5, 3) and indices.dtype == torch.int64 and scores.shape == (5, 16)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_route_router_weight_device_mismatch():
     with pytest.raises(RuntimeError, match="router_weight"):

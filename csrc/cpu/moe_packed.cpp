@@ -550,6 +550,12 @@ at::Tensor moe_experts_packed_cpu(const at::Tensor& hidden, const at::Tensor& ga
   TORCH_CHECK_VALUE(H > 0, "latentmoe.moe_experts_packed: argument 'hidden' has no columns (shape ", hidden.sizes(),
                     ")");
   TORCH_CHECK_VALUE(I > 0, "latentmoe.moe_experts_packed: argument 'intermediate_size' must be >= 1, got ", I);
+  // (The dtype first: the expected layout depends on it.)
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"gate_up_packed", gate_up_packed},
+                                std::pair<const char*, const at::Tensor&>{"down_packed", down_packed}})
+    TORCH_CHECK_VALUE(t.scalar_type() == dt, "latentmoe.moe_experts_packed: argument '", name, "' has dtype ",
+                      t.scalar_type(), " but 'hidden' has dtype ", dt, "; they must match (pack the experts in ",
+                      "the activations' dtype)");
   const int64_t rank = bf16 ? 5 : 4;
   TORCH_CHECK_VALUE(gate_up_packed.dim() == rank && gate_up_packed.size(0) > 0,
                     "latentmoe.moe_experts_packed: argument 'gate_up_packed' must be ", rank, "-D with E >= 1 (",
@@ -566,6 +572,15 @@ at::Tensor moe_experts_packed_cpu(const at::Tensor& hidden, const at::Tensor& ga
                  "gate_up_proj [E, 2I, H]");
     check_packed("down_packed", down_packed, dt, {E, cdiv(H, kCols), I, kCols}, "[E, ceil(H/64), I, 64]",
                  "down_proj [E, H, I]");
+  }
+  if (bf16 && I % 2 == 1) {
+    // The bf16 shapes give I only up to its parity (ceil(I / 2) k pairs): a pack of down_proj
+    // [E, H, I + 1] has the same shapes. Its k = I (the last pair's second half) holds weights,
+    // where a pack of [E, H, I] holds the zero padding.
+    const at::Tensor past = down_packed.select(2, cdiv(I, 2) - 1).select(3, 1);
+    TORCH_CHECK_VALUE(!past.any().item<bool>(), "latentmoe.moe_experts_packed: argument 'intermediate_size' is ", I,
+                      " but 'down_packed' holds nonzero weights at k = ", I, ", past the last column: it was packed ",
+                      "from down_proj [E, H, ", I + 1, "] (pass intermediate_size=", I + 1, ")");
   }
   chk::dim(op, "indices", indices, 2);
   chk::dtype(op, "indices", indices, at::kLong);

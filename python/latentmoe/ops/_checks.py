@@ -499,6 +499,26 @@ def packed_shape(E, N, K, gate_up: bool, dtype: torch.dtype) -> tuple:
     return (E, P, -(-K // 2), 64, 2) if dtype == torch.bfloat16 else (E, P, K, 64)
 
 
+def check_moe_pack_experts(gate_up_proj, down_proj) -> None:
+    """moe_pack_experts' checks of the pair (each packed by moe_pack_weight, whose own checks name
+    its one argument 'weight'): gate_up_proj [E, 2I, H] and down_proj [E, H, I] of one set of
+    experts, in one dtype (bfloat16 or float32) on one device."""
+    op = "moe_pack_experts"
+    dim(op, "gate_up_proj", gate_up_proj, 3)
+    dim(op, "down_proj", down_proj, 3)
+    require(gate_up_proj.dtype in (torch.bfloat16, torch.float32), op, "gate_up_proj",
+            lambda: f"must be bfloat16 or float32, got {_dt(gate_up_proj.dtype)}")
+    same_dtype(op, "down_proj", down_proj, "gate_up_proj", gate_up_proj)
+    same_device(op, "down_proj", down_proj, "gate_up_proj", gate_up_proj)
+    E, two_i, H = gate_up_proj.shape
+    require(E > 0 and two_i > 0 and H > 0 and two_i % 2 == 0, op, "gate_up_proj",
+            lambda: f"must be [E, 2I, H] with E, I, H >= 1, got shape {_shape(gate_up_proj)}")
+    want = (E, H, two_i // 2)
+    require(tuple(down_proj.shape) == want, op, "down_proj",
+            lambda: f"must be [E, H, I] = {_shape(want)} to match 'gate_up_proj' [E, 2I, H] = "
+                    f"{_shape(gate_up_proj)}, got shape {_shape(down_proj)}")
+
+
 def check_moe_experts_packed(hidden, gate_up_packed, down_packed, weights, indices, intermediate_size) -> None:
     """moe_experts_packed_cpu's checks (csrc/cpu/moe_packed.cpp)."""
     op = "moe_experts_packed"
@@ -509,6 +529,9 @@ def check_moe_experts_packed(hidden, gate_up_packed, down_packed, weights, indic
     T, H, I = hidden.shape[0], hidden.shape[1], intermediate_size
     require(H > 0, op, "hidden", lambda: f"has no columns (shape {_shape(hidden)})")
     require(I > 0, op, "intermediate_size", lambda: f"must be >= 1, got {I}")
+    for name, t in (("gate_up_packed", gate_up_packed), ("down_packed", down_packed)):  # (the layout depends on it)
+        require(t.dtype == dt, op, name, lambda: f"has dtype {_dt(t.dtype)} but 'hidden' has dtype {_dt(dt)}; they "
+                "must match (pack the experts in the activations' dtype)")
     rank = 5 if bf16 else 4
     require(gate_up_packed.dim() == rank and gate_up_packed.shape[0] > 0, op, "gate_up_packed",
             lambda: f"must be {rank}-D with E >= 1 ("

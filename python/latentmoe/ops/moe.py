@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -9,6 +11,7 @@ from latentmoe.ops._checks import (
     check_moe_experts,
     check_moe_experts_backward,
     check_moe_experts_packed,
+    check_moe_pack_experts,
     check_moe_pack_weight,
     check_moe_route,
     check_moe_route_backward,
@@ -80,7 +83,10 @@ def _router_logits(hidden: torch.Tensor, router_weight: torch.Tensor) -> torch.T
             f"latentmoe.moe_route: argument 'router_weight' is on {router_weight.device} but the "
             f"hidden states ('logits') are on {hidden.device}; all tensors must be on one device"
         )
-    with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits under autocast too
+    # fp32 logits under autocast too (devices without autocast, e.g. meta: nothing to switch off)
+    dev = hidden.device.type
+    off = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+    with off:
         return F.linear(hidden.float(), router_weight.float())
 
 
@@ -135,6 +141,7 @@ def moe_pack_experts(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> tup
         change.
     """
     _cpu_only("moe_pack_experts", gate_up_proj=gate_up_proj, down_proj=down_proj)
+    check_moe_pack_experts(gate_up_proj, down_proj)
     return (_lib.moe_pack_weight.default(gate_up_proj, True), _lib.moe_pack_weight.default(down_proj, False))
 
 
