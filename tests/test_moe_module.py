@@ -416,6 +416,18 @@ def test_float64_is_refused_up_front():
         ours(torch.randn(3, CONFIGS["v3"]["hidden_size"], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("shared", [0, 2])
+def test_wrong_hidden_size_is_refused(shared):
+    # [8, H/2] has as many values as [4, H]: the reshape to [-1, H] ran on garbage "tokens" (no
+    # shared experts) or failed in linear_small naming its 'weight' (with them).
+    cfg = hf_config("v3")
+    cfg.n_shared_experts = shared
+    ours, H = MoE(cfg), cfg.hidden_size
+    for x in (torch.randn(8, H // 2), torch.randn(3, H + 1), torch.randn(())):
+        with pytest.raises(ValueError, match=rf"MoE: 'hidden_states' must be \[\.\.\., hidden_size={H}\]"):
+            ours(x)
+
+
 def test_offloaded_weights_like_accelerate():
     # accelerate's offloading: weights on meta, brought in by each module's patched forward. The
     # router, experts and shared experts must each be called as modules.
@@ -489,6 +501,21 @@ def test_hf_experts_interface_autocast_mixed_dtypes():
         got = experts(x.bfloat16(), idx, w)
     assert got.dtype == torch.bfloat16
     assert rel_err(got.float(), want) <= 2e-2
+
+
+def test_hf_experts_interface_autocast_whole_moe():
+    # A whole HF DeepseekV3MoE under autocast with fp32 weights (the usual mixed-precision setup):
+    # HF's router gives bf16 routing weights there, which the kernel (fp32 compute) refused.
+    moe = hf_moe("v3")
+    x = torch.randn(2, 5, moe.config.hidden_size)
+    outs = {}
+    for impl in ("eager", "latentmoe"):
+        moe.config._experts_implementation = impl
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[impl] = moe(x)
+        outs[impl].float().sum().backward()  # trains under autocast too
+    assert outs["latentmoe"].dtype == outs["eager"].dtype
+    assert rel_err(outs["latentmoe"].float(), outs["eager"].float()) <= 2e-2
 
 
 def test_nan_router_weight_propagates_like_hf():

@@ -341,6 +341,43 @@ def test_module_packed_under_inference_mode_weights():
     assert (packed.float() - plain.float()).abs().max() <= 0.02 * plain.float().abs().max()
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_module_packed_repacks_after_an_optimizer_step(fused):
+    # A fused AdamW step (HF Trainer's default) changes the parameters without a version bump: the
+    # packed copy was stale. As an RL loop does: train, roll out packed, train, roll out again.
+    torch.manual_seed(0)
+    moe = MoE(hf_config("odd"))
+    x = torch.randn(9, moe.hidden_size)
+    opt = torch.optim.AdamW(moe.parameters(), lr=0.1, fused=fused, foreach=None if fused else False)
+    moe(x).sum().backward()
+    moe.eval().experts.pack()
+    with torch.no_grad():
+        moe(x)
+    opt.step()
+    with torch.no_grad():
+        packed = moe(x)
+        moe.experts.unpack()
+        fresh = moe(x)
+    assert (packed - fresh).abs().max() <= 1e-5 * fresh.abs().max()
+
+
+def test_module_packed_load_state_dict_under_inference_mode():
+    # Inference-tensor weights (module made under inference_mode) loaded in place under it: no
+    # version counter to show the change; load_state_dict itself drops the packed copy.
+    torch.manual_seed(0)
+    new_sd = MoE(hf_config("odd")).state_dict()
+    x = torch.randn(9, new_sd["experts.gate_up_proj"].shape[-1])
+    with torch.inference_mode():
+        moe = MoE(hf_config("odd")).eval()
+        moe.experts.pack()
+        moe(x)
+        moe.load_state_dict(new_sd)
+        packed = moe(x)
+        moe.experts.unpack()
+        fresh = moe(x)
+    assert (packed - fresh).abs().max() <= 1e-5 * fresh.abs().max()
+
+
 def test_module_packed_deepcopy_repacks_on_first_use():
     moe = MoE(hf_config("odd")).to(BF16)
     moe.experts.pack()

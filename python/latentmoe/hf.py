@@ -78,8 +78,11 @@ def latentmoe_experts_forward(
         )
     # Activations in another dtype than the weights (bf16 under autocast, fp32 weights): computed
     # in the weights' dtype and returned in the activations', as transformers' grouped_mm does.
+    # The routing weights too (bf16 from HF's router under autocast): the kernel takes fp32 ones
+    # or ones in the compute dtype.
     x = hidden_states.to(self.gate_up_proj.dtype)
-    out = moe_experts(x, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index.long())
+    w = top_k_weights if top_k_weights.dtype in (torch.float32, x.dtype) else top_k_weights.float()
+    out = moe_experts(x, self.gate_up_proj, self.down_proj, w, top_k_index.long())
     return out.to(hidden_states.dtype)
 
 

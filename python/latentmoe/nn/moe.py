@@ -52,6 +52,22 @@ class MoERouter(nn.Module):
         return self
 
 
+# Optimizer steps taken in this process since the first pack() (torch.optim's global step hook,
+# registered then): part of the packed experts' weight stamp.
+_OPTIMIZER_STEPS = [0]
+_STEP_HOOK = []
+
+
+def _count_optimizer_steps() -> None:
+    if not _STEP_HOOK:
+        def count(optimizer, args, kwargs):
+            _OPTIMIZER_STEPS[0] += 1
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEP_HOOK.append(register_optimizer_step_post_hook(count))
+
+
 class MoEExperts(nn.Module):
     """Routed experts in HF's 3-D layout: ``gate_up_proj [E, 2I, hidden]``,
     ``down_proj [E, hidden, I]``.
@@ -60,11 +76,12 @@ class MoEExperts(nn.Module):
     (``ops.moe_experts_packed``: no per-call weight transposes; the packed copy costs the weights'
     memory again, more where ``I`` or ``hidden`` is not a multiple of 32 / 64 (the panels'
     padding), and is not in the ``state_dict``). A packed module re-packs by itself in eager
-    forwards when its weights are replaced or changed in place (``load_state_dict``, ``copy_``:
-    the parameters' storage or version counter), and refuses forwards that need a gradient;
-    changes that bypass the version counter (writes through ``.data``), and weight changes
-    between calls of a ``torch.compile``d forward (which uses the copy it traced), need
-    :meth:`pack` again.
+    forwards when its weights are replaced or changed in place (``load_state_dict``, ``copy_``,
+    ``torch.optim`` steps, fused ones included: the parameters' storage or version counter, and
+    a count of optimizer steps), and refuses forwards that need a gradient; changes that bypass
+    all of these (writes through ``.data``, in-place writes to inference-tensor weights under
+    ``torch.inference_mode()`` other than by ``load_state_dict``), and weight changes between
+    calls of a ``torch.compile``d forward (which uses the copy it traced), need :meth:`pack` again.
     :meth:`unpack` goes back to the HF layout (training)."""
 
     # Class defaults: modules pickled before packing existed unpickle unpacked.
@@ -80,12 +97,22 @@ class MoEExperts(nn.Module):
 
     # ---- prepacked inference -------------------------------------------------------------------
     def _stamp(self) -> tuple:
-        # Inference tensors (made under torch.inference_mode) have no version counter; they
-        # cannot be changed in place outside inference mode either.
-        return tuple((p.data_ptr(), None if p.is_inference() else p._version, tuple(p.shape), p.dtype, p.device)
-                     for p in (self.gate_up_proj, self.down_proj))
+        # Inference tensors (made under torch.inference_mode) have no version counter (they are
+        # changed in place only inside inference mode); fused optimizer steps (torch._fused_adamw_,
+        # HF Trainer's default AdamW) change parameters without counting a version: the count of
+        # optimizer steps taken in this process stands in for both of those.
+        return (_OPTIMIZER_STEPS[0],) + tuple(
+            (p.data_ptr(), None if p.is_inference() else p._version, tuple(p.shape), p.dtype, p.device)
+            for p in (self.gate_up_proj, self.down_proj))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # New weights: the packed copy is made again at the next forward (load_state_dict under
+        # inference mode writes inference tensors in place without a version to show it).
+        self._packed = None
 
     def _repack(self) -> None:
+        _count_optimizer_steps()
         gu, dn = self.gate_up_proj, self.down_proj
         for name, p in (("gate_up_proj", gu), ("down_proj", dn)):
             if p.dtype not in (torch.bfloat16, torch.float32) or p.device.type != "cpu":
@@ -133,7 +160,7 @@ class MoEExperts(nn.Module):
             if self._packed is None:
                 raise RuntimeError(
                     "latentmoe.nn.MoEExperts: call pack() outside torch.compile (the packed copy of a copy "
-                    "(deepcopy, pickle) is made at its first eager forward)"
+                    "(deepcopy, pickle), or after load_state_dict, is made at its first eager forward)"
                 )
         elif self._packed is None or self._packed[2] != self._stamp():
             self._repack()
@@ -285,6 +312,11 @@ class MoE(nn.Module):
         experts follow autocast like any ``nn.Linear``."""
         check_float_dtype("MoE", "hidden_states", hidden_states)
         shape = hidden_states.shape
+        if hidden_states.dim() == 0 or shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"latentmoe.nn.MoE: 'hidden_states' must be [..., hidden_size={self.hidden_size}], got shape "
+                f"{list(shape)}"
+            )
         x = hidden_states.reshape(-1, self.hidden_size)
         if torch.compiler.is_compiling():
             pass  # is_inference() cannot be traced: these two repairs happen in eager calls only
