@@ -142,6 +142,8 @@ BAD = [
     ("rms_norm_backward", dict(grad_out=T(2, 8)), "grad_out"),
     ("rms_norm_backward", dict(rstd=T(3, dtype=F16)), "rstd"),
     ("rms_norm_backward", dict(rstd=T(2)), "rstd"),
+    ("rms_norm_backward", dict(rstd=T(3, 1)), "rstd"),  # one value per row, but not [rows]
+    ("rms_norm_backward", dict(input=T(2, 3, 4), grad_out=T(2, 3, 4), weight=T(4), rstd=T(3, 2)), "rstd"),
     ("linear_small", dict(input=T(4, 8, dtype=I32)), "input"),
     ("linear_small", dict(input=T(1, 4, 8)), "input"),
     ("linear_small", dict(input=T(17, 8)), "input"),
@@ -437,6 +439,39 @@ def test_fake_raises_as_the_cpu_kernel(op, overrides, name):
     assert meta is not None, f"the fake kernel accepted a call the CPU kernel rejects: {cpu}"
     assert (type(meta), _arg_name(meta)) == (type(cpu), _arg_name(cpu)) == (ValueError, name), (cpu, meta)
     assert str(meta) == str(cpu)
+
+
+def _required_tensors(op):
+    """The schema's Tensor arguments that may not be None (not ``Tensor?``)."""
+    schema = getattr(torch.ops.latentmoe, op).default._schema
+    return [a.name for a in schema.arguments if isinstance(a.type, torch._C.TensorType)]
+
+
+# (Not where it is the call's only tensor: the dispatcher itself then refuses the call before any
+# kernel, NotImplementedError "There were no tensor arguments"; the ops' Python wrappers, e.g.
+# latentmoe.ops.moe_route and moe_pack_experts, name it: test_none_in_the_wrappers.)
+NONE_CASES = [(op, name) for op in GOOD for name in _required_tensors(op)
+              if sum(callable(v) for v in GOOD[op].values()) > 1]
+
+
+@pytest.mark.parametrize("op, name", NONE_CASES, ids=[f"{op}-{name}" for op, name in NONE_CASES])
+def test_none_for_a_required_tensor_is_named(op, name):
+    # A None where a tensor is required: named by the CPU and the fake kernel alike (the CPU
+    # kernels failed with "tensor does not have a device", the fakes with AttributeError).
+    for device in ("cpu", "meta"):
+        err = _raised(op, _args(op, {name: None}, device))
+        assert isinstance(err, ValueError) and f"argument '{name}' is None" in str(err), (device, err)
+
+
+def test_none_in_the_wrappers():
+    from latentmoe.ops import moe_pack_experts, moe_route
+
+    with pytest.raises(ValueError, match="moe_route: argument 'logits' is None"):
+        moe_route(None, 2)
+    with pytest.raises(ValueError, match="moe_route: argument 'logits' is None"):
+        moe_route(None, 2, router_weight=torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="moe_pack_experts: argument 'gate_up_proj' is None"):
+        moe_pack_experts(None, torch.zeros(2, 8, 4))
 
 
 # Each tensor argument of each good call (of a variant: the tensors it changes) moved to meta.

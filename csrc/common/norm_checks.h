@@ -44,8 +44,11 @@ inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& in
   TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), "latentmoe.rms_norm_backward: argument 'grad_out' has shape ",
                     grad_out.sizes(), " but 'input' has shape ", input.sizes());
   chk::dtype(op, "rstd", rstd, at::kFloat);
-  TORCH_CHECK_VALUE(rstd.numel() * input.size(-1) == input.numel(),
-                    "latentmoe.rms_norm_backward: argument 'rstd' must have one value per row of 'input'");
+  // (The forward's rstd: input's shape without its last dim. Only the count was checked, so a
+  // [2, 2] rstd passed for a [4, 8] input.)
+  TORCH_CHECK_VALUE(rstd.sizes() == input.sizes().slice(0, input.dim() - 1),
+                    "latentmoe.rms_norm_backward: argument 'rstd' must have one value per row of 'input' (shape ",
+                    input.sizes().slice(0, input.dim() - 1), "), got shape ", rstd.sizes());
 }
 
 }  // namespace latentmoe::norm

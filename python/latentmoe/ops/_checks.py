@@ -65,21 +65,33 @@ def require(ok, op: str, name: str, rest: Callable[[], str]) -> None:
         raise ValueError(f"latentmoe.{op}: argument '{name}' {rest()}")
 
 
+def defined(op: str, name: str, t) -> None:
+    """A required tensor given as None: named (checks.h's ``defined``)."""
+    if t is None:
+        raise ValueError(f"latentmoe.{op}: argument '{name}' is None; a tensor is required")
+
+
 def floating(op: str, name: str, t: torch.Tensor) -> None:
+    defined(op, name, t)
     require(t.dtype in _FLOATING, op, name,
             lambda: f"must be float32, bfloat16 or float16, got {_dt(t.dtype)}")
 
 
 def dtype(op: str, name: str, t: torch.Tensor, want: torch.dtype) -> None:
+    defined(op, name, t)
     require(t.dtype == want, op, name, lambda: f"must have dtype {_dt(want)}, got {_dt(t.dtype)}")
 
 
 def same_dtype(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    defined(op, name, t)
+    defined(op, ref_name, ref)
     require(t.dtype == ref.dtype, op, name,
             lambda: f"has dtype {_dt(t.dtype)} but '{ref_name}' has dtype {_dt(ref.dtype)}; they must match")
 
 
 def same_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    defined(op, name, t)
+    defined(op, ref_name, ref)
     if t.device != ref.device:
         raise RuntimeError(
             f"latentmoe.{op}: argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}; "
@@ -88,14 +100,17 @@ def same_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.T
 
 
 def dim(op: str, name: str, t: torch.Tensor, want: int) -> None:
+    defined(op, name, t)
     require(t.dim() == want, op, name, lambda: f"must be {want}-D, got shape {_shape(t)}")
 
 
 def size(op: str, name: str, t: torch.Tensor, d: int, want, what: str) -> None:
+    defined(op, name, t)
     require(t.shape[d] == want, op, name, lambda: f"dim {d} must be {want} ({what}), got shape {_shape(t)}")
 
 
 def nonempty(op: str, name: str, t: torch.Tensor) -> None:
+    defined(op, name, t)
     require(t.numel() != 0, op, name, lambda: f"is empty (shape {_shape(t)})")
 
 
@@ -103,6 +118,8 @@ def same_shape(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Te
                why: str = "") -> None:
     """The ops' ``"argument 'x' has shape [..] but 'y' has shape [..]<why>"`` check, of the first
     ``dims`` dims (all by default)."""
+    defined(op, name, t)
+    defined(op, ref_name, ref)
     require(t.shape[:dims] == ref.shape[:dims], op, name,
             lambda: f"has shape {_shape(t)} but '{ref_name}' has shape {_shape(ref)}{why}")
 
@@ -150,8 +167,9 @@ def check_rms_norm_backward(grad_out, input, weight, rstd) -> None:
     same_device(op, "rstd", rstd, "input", input)
     same_shape(op, "grad_out", grad_out, "input", input)
     dtype(op, "rstd", rstd, torch.float32)
-    require(rstd.numel() * input.shape[-1] == input.numel(), op, "rstd",
-            lambda: "must have one value per row of 'input'")
+    require(tuple(rstd.shape) == tuple(input.shape[:-1]), op, "rstd",
+            lambda: f"must have one value per row of 'input' (shape {_shape(input.shape[:-1])}), got shape "
+                    f"{_shape(rstd)}")
 
 
 def _check_small_operands(op, input, weight, rank: int, max_rows: int, rows: str, instead: str) -> None:
@@ -530,6 +548,7 @@ def check_moe_experts_packed(hidden, gate_up_packed, down_packed, weights, indic
     require(H > 0, op, "hidden", lambda: f"has no columns (shape {_shape(hidden)})")
     require(I > 0, op, "intermediate_size", lambda: f"must be >= 1, got {I}")
     for name, t in (("gate_up_packed", gate_up_packed), ("down_packed", down_packed)):  # (the layout depends on it)
+        defined(op, name, t)
         require(t.dtype == dt, op, name, lambda: f"has dtype {_dt(t.dtype)} but 'hidden' has dtype {_dt(dt)}; they "
                 "must match (pack the experts in the activations' dtype)")
     rank = 5 if bf16 else 4

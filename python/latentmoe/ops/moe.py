@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from latentmoe.ops._checks import (
+    defined,
     check_moe_experts,
     check_moe_experts_backward,
     check_moe_experts_packed,
@@ -56,6 +57,7 @@ def moe_route(
         ties -> lower index), ``scores [T, E]`` float32 (unbiased). ``weights`` and ``scores``
         are differentiable w.r.t. ``logits``.
     """
+    defined("moe_route", "logits", logits)  # (the dispatcher can't place a call without a tensor)
     if router_weight is not None:
         logits = _router_logits(logits, router_weight)
     return _lib.moe_route.default(
