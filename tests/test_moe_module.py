@@ -401,6 +401,27 @@ def test_meta_init_then_load(assign):
     assert torch.equal(ours.load_counts, ours.last_load)
 
 
+def test_assign_load_of_a_bf16_state_dict_keeps_the_bias_fp32():
+    # assign=True puts the state dict's own tensors in place; the bias comes back to fp32 (as
+    # .to(bf16) keeps it) so update_bias's small steps still register.
+    sd = {k: v.to(torch.bfloat16) for k, v in MoE(hf_config("v3")).state_dict().items()}
+    with torch.device("meta"):
+        ours = MoE(hf_config("v3"))
+    ours.load_state_dict(sd, assign=True)
+    bias = ours.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32 and torch.equal(bias, sd["gate.e_score_correction_bias"].float())
+    assert ours.experts.gate_up_proj.dtype == torch.bfloat16  # the rest as given
+
+
+@pytest.mark.parametrize("field, value", [("moe_intermediate_size", 0), ("hidden_size", -1),
+                                          ("n_routed_experts", 0)])
+def test_bad_sizes_in_the_config_are_named(field, value):
+    cfg = hf_config("v3")
+    setattr(cfg, field, value)
+    with pytest.raises(ValueError, match=f"MoE: config.{field} must be an int >= 1"):
+        MoE(cfg)
+
+
 def test_empty_batch_aux_loss_is_zero():
     ours = MoE(hf_config("v3"), aux_loss_alpha=0.01).train()
     for seq_aux in (False, True):

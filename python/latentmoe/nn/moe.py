@@ -51,6 +51,14 @@ class MoERouter(nn.Module):
             self.e_score_correction_bias = moved.float()
         return self
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # load_state_dict(assign=True) puts the state dict's own tensor in place: fp32 again, as
+        # in _apply (a bf16 checkpoint's bias would otherwise stay bf16).
+        bias = self.e_score_correction_bias
+        if bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.float()
+
 
 # Optimizer steps taken in this process since the first pack() (torch.optim's global step hook,
 # registered then): part of the packed experts' weight stamp.
@@ -249,6 +257,10 @@ class MoE(nn.Module):
         self.seq_aux = bool(seq_aux if seq_aux is not None else getattr(config, "seq_aux", False))
         self.bias_update_speed = bias_update_speed
         inter = config.moe_intermediate_size
+        for field, value in (("hidden_size", self.hidden_size), ("moe_intermediate_size", inter),
+                             ("n_routed_experts", self.num_experts)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"latentmoe.nn.MoE: config.{field} must be an int >= 1, got {value!r}")
         self.experts = MoEExperts(self.num_experts, self.hidden_size, inter)
         self.gate = MoERouter(self.num_experts, self.hidden_size)
         n_shared = getattr(config, "n_shared_experts", 0) or 0
