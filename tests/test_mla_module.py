@@ -522,6 +522,13 @@ def test_latent_cache_overflow_and_misuse():
     assert cache.get_seq_length(0) == 4  # a failed append changes nothing
     with pytest.raises(ValueError, match="no_grad"):
         mine(x2[:, :1], tuple(t[:, :1] for t in pe2), None, cache=cache)
+    # A cache made for other dims, also with the same row width (C and R swapped): refused by name.
+    C, R = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    for dims in ((C + 1, R), (R, C)):
+        swapped = LatentKVCache(1, 2, 5, *dims)
+        with torch.no_grad(), pytest.raises(ValueError, match=f"made for kv_lora_rank={dims[0]}, rope_dim={dims[1]}"):
+            mine(x, pe, None, cache=swapped)
+        assert swapped.get_seq_length(0) == 0
     with pytest.raises(ValueError, match="block_table"):
         LatentKVCache(1, 2, 8, 4, 2, page_size=4, block_table=torch.zeros(3, 2, dtype=torch.int32))
     for bad in ([[0, 1], [2, 9]], [[0, -1], [2, 3]]):  # the decode / append calls trust the table

@@ -753,6 +753,13 @@ class MultiHeadLatentAttention(nn.Module):
                 "mla_append_cache kernel directly, so it must be a plain RMSNorm (no hooks or wrapper, no "
                 "offloading of its weight); use an HF cache for such a module"
             )
+        if (cache.kv_lora_rank, cache.rope_dim) != (C, self.qk_rope_head_dim):
+            # (The row width alone would pass a cache made with the two swapped.)
+            raise ValueError(
+                f"MultiHeadLatentAttention: the LatentKVCache was made for kv_lora_rank={cache.kv_lora_rank}, "
+                f"rope_dim={cache.rope_dim}; this layer has kv_lora_rank={C}, qk_rope_head_dim="
+                f"{self.qk_rope_head_dim}"
+            )
         cache.reserve(layer, S)
         # Rows are stored in the cache's dtype (e.g. a bf16 cache for an fp32 model, or an fp32
         # one under autocast); cos / sin may be shared by the batch ([1, S, R]).
