@@ -529,14 +529,17 @@ def test_hf_experts_interface_autocast_whole_moe():
     # HF's router gives bf16 routing weights there, which the kernel (fp32 compute) refused.
     moe = hf_moe("v3")
     x = torch.randn(2, 5, moe.config.hidden_size)
-    outs = {}
-    for impl in ("eager", "latentmoe"):
-        moe.config._experts_implementation = impl
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            outs[impl] = moe(x)
-        outs[impl].float().sum().backward()  # trains under autocast too
-    assert outs["latentmoe"].dtype == outs["eager"].dtype
-    assert rel_err(outs["latentmoe"].float(), outs["eager"].float()) <= 2e-2
+    for train in (True, False):  # training, and eval under no_grad (generate under autocast)
+        moe.train(train)
+        outs = {}
+        for impl in ("eager", "latentmoe"):
+            moe.config._experts_implementation = impl
+            with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(train):
+                outs[impl] = moe(x)
+            if train:
+                outs[impl].float().sum().backward()
+        assert outs["latentmoe"].dtype == outs["eager"].dtype
+        assert rel_err(outs["latentmoe"].float(), outs["eager"].float()) <= 2e-2
 
 
 def test_nan_router_weight_propagates_like_hf():
