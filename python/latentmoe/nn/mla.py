@@ -482,8 +482,8 @@ class MultiHeadLatentAttention(nn.Module):
     inspected while tracing, so there it is applied as given through SDPA on decompressed K/V;
     pass ``attention_mask=None`` for plain causal attention to keep the fused kernels. A
     :class:`LatentKVCache` keeps its lengths on the host (each step would recompile): traced, it
-    raises a ValueError (``fullgraph=True`` reports it; otherwise that part runs eagerly after a
-    graph break); decode with it eagerly or in CUDA graphs.
+    raises a ValueError (``fullgraph=True`` reports it wrapped in ``torch._dynamo.exc.Unsupported``;
+    otherwise that part runs eagerly after a graph break); decode with it eagerly or in CUDA graphs.
     """
 
     decode_max_tokens = 16  # at most this many new tokens take the absorbed decode path
