@@ -30,6 +30,9 @@ static PyObject* cpu_bf16dp(PyObject*, PyObject*) { return PyBool_FromLong(laten
 static PyObject* cpu_f32_gemm(PyObject*, PyObject*) {
   try {
     return PyBool_FromLong(latentmoe::cpu::f32_gemm_preferred());
+  } catch (const c10::Error& e) {  // the message without the C++ backtrace
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ValueError, e.what());
     return nullptr;
@@ -52,6 +55,9 @@ static struct PyModuleDef latentmoe_module = {PyModuleDef_HEAD_INIT, "_C",
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&latentmoe_module);
   if (m == nullptr) return nullptr;
+  // The settings' snapshot now, while the import holds the GIL: taken at the first op call it
+  // would run getenv with the GIL released, racing another thread's os.environ assignment.
+  latentmoe::settings::current();
   PyModule_AddStringConstant(m, "torch_version", LATENTMOE_TORCH_VERSION);
   PyModule_AddIntConstant(m, "with_cuda", LATENTMOE_WITH_CUDA);
   PyModule_AddStringConstant(m, "cuda_archs", LATENTMOE_CUDA_ARCHS);

@@ -53,6 +53,29 @@ def test_cpu_isa_switch_reaches_the_kernels(monkeypatch):
     assert latentmoe._C.cpu_isa() == native
 
 
+def test_settings_snapshot_is_taken_at_import():
+    # Taken when latentmoe._C is imported (holding the GIL): at the first op call it ran getenv
+    # with the GIL released, racing other threads' os.environ assignments. A variable changed
+    # later takes effect at reload_settings() only (os.environ directly: conftest reloads after
+    # monkeypatch's changes).
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch, latentmoe\n"
+        "native = latentmoe._C.cpu_isa()\n"
+        "os.environ['LATENTMOE_CPU_ISA'] = 'generic'\n"
+        "latentmoe.ops.rms_norm(torch.randn(2, 8), torch.ones(8))\n"  # the first op call
+        "assert latentmoe._C.cpu_isa() == native, 'read after import'\n"
+        "latentmoe.reload_settings()\n"
+        "assert latentmoe._C.cpu_isa() == 'generic'\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LATENTMOE_CPU_ISA"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
 def test_bench_env_setting_reaches_the_kernels():
     # bench/common.py's env_setting switches a kernel path for one block of a benchmark (e.g. the
     # loop backward row): the kernels read a snapshot, so it must retake it on entry and exit.

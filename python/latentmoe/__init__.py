@@ -37,9 +37,11 @@ _check_cpu_settings()
 def reload_settings() -> None:
     """Re-read the ``LATENTMOE_*`` environment variables (README, "Runtime knobs").
 
-    The kernels read them once, at the first op call, and never call ``getenv`` again (it is not
-    safe against another thread assigning ``os.environ`` while ops run): after changing one later,
-    call this. Ops already running finish with the values they started with. An unknown value of
+    The kernels read them once, at import (holding the GIL), and never call ``getenv`` again (it
+    is not safe against another thread assigning ``os.environ`` while ops run): after changing one
+    later, call this. An op running in another thread meanwhile may see the old values in some of
+    its steps and the new ones in later steps (each step computed correctly, but the bits then
+    match neither setting's): reload between calls where bits matter. An unknown value of
     ``LATENTMOE_CPU_ISA`` or ``LATENTMOE_CPU_LOWP_GEMM`` raises ``ValueError`` here (and at import)."""
     _check_cpu_settings()
     _C.reload_settings()
