@@ -39,6 +39,19 @@ def test_mismatched_torch_is_reported(monkeypatch):
         _build.load()
 
 
+def test_missing_library_is_reported_plainly(monkeypatch, tmp_path):
+    # No _C*.so in the package: Python's own text ("partially initialized module ... most likely
+    # due to a circular import") pointed the wrong way.
+    import sys
+
+    monkeypatch.delattr(latentmoe, "_C")
+    monkeypatch.delitem(sys.modules, "latentmoe._C")
+    monkeypatch.setattr(latentmoe, "__path__", [str(tmp_path)])
+    with pytest.raises(ImportError, match=r"missing or failed to load \(no compiled library \(_C\*\.so\) in ") as info:
+        _build.load()
+    assert "circular import" not in str(info.value) and str(tmp_path) in str(info.value)
+
+
 def test_cpu_isa_switch_reaches_the_kernels(monkeypatch):
     # The "generic" variants of the CPU tests rely on LATENTMOE_CPU_ISA reaching vec8::use_avx2
     # (through the settings snapshot; conftest's monkeypatch reloads it).

@@ -29,6 +29,11 @@ def load():
                 f"latentmoe._C was built for a different torch than the installed {torch.__version__} "
                 f"({msg}). {_REBUILD}"
             ) from e
+        if "cannot import name '_C'" in msg:  # no _C*.so at all (Python's text blames a circular import)
+            import latentmoe
+
+            where = ", ".join(getattr(latentmoe, "__path__", [])) or "the package"
+            msg = f"no compiled library (_C*.so) in {where}"
         raise ImportError(
             f"latentmoe's compiled library latentmoe._C is missing or failed to load ({msg}). {_REBUILD}"
         ) from e
