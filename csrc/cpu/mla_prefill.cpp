@@ -356,13 +356,16 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
     std::fill(dq_pe, dq_pe + n_q * p.R, 0.f);
   }
 
+  // The ISA read once for the whole call: every partition and key window takes the same path even
+  // if reload_settings() runs meanwhile in another thread.
+  const gemm_f32::Isa isa_once = gemm_f32::isa();
   // One partition's tasks over keys [w0, w1), in order, into its own buffers.
   auto run_part = [&](Part& pt, int64_t w0, int64_t w1) {
     pt.gcache.assign((pt.b_hi - pt.b_lo) * (w1 - w0) * CR, 0.f);
     const int64_t task_begin = pt.task_begin, task_end = pt.task_end;
     const int64_t cs = sp.chunk_size;
     namespace g = gemm_f32;
-    const g::Isa isa = g::isa();
+    const g::Isa isa = isa_once;
     const int64_t D = p.Dn + p.R;  // a query's (and a key's) width: [nope | rope]
     // Head h's W_UK [Dn, C] and W_UV [Dv, C] (fp32), as panels of their transposes (decompression)
     // and of themselves (the latent gradient); their gradients' sums over the task.

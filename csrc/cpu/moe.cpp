@@ -934,9 +934,10 @@ LMOE_CPU_AVX2 void swiglu_row_lowp_avx2(const T* gc, T* go, T* a, int64_t I) {
 // (as a GEMM in T would), stored to gate_up_out for the backward, and act = T(silu(g) * u).
 // Vectorized where C is fp32 (the silu's exp is exp_nonpos, ~2 ulp; the scalar loop of std::exp
 // cost ~10% of a decode step).
+// avx: the op's one reading of vec8::use_avx2() (a concurrent reload_settings() must not switch
+// the path between two of its steps).
 template <typename T, typename C>
-void swiglu_rows(const C* gate_up_c, T* gate_up_out, C* act, int64_t rows, int64_t I) {
-  const bool avx = vec8::use_avx2();
+void swiglu_rows(const C* gate_up_c, T* gate_up_out, C* act, int64_t rows, int64_t I, bool avx) {
   // gate|up already in a 16-bit T (native GEMMs): the widening row kernel.
   constexpr bool kLowp = std::is_same_v<C, T> && (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>);
   at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
@@ -1029,12 +1030,12 @@ int64_t active_experts(const int64_t* off, int64_t E) {
 template <typename T, typename C>
 void expert_mlp(const at::Tensor& xs, const at::Tensor& wgu_e, const at::Tensor& wd_e, int64_t o,
                 int64_t m, at::Tensor& gu_c, at::Tensor& act, at::Tensor& y,
-                at::Tensor& gate_up_out, at::Tensor& w_buf) {
+                at::Tensor& gate_up_out, at::Tensor& w_buf, bool avx) {
   const int64_t I = wd_e.size(1);
   at::Tensor gu_e = gu_c.narrow(0, o, m);
   expert_gemm<T, C>(xs.narrow(0, o, m), wgu_e, gu_e, w_buf);
   swiglu_rows<T, C>(gu_e.const_data_ptr<C>(), gate_up_out.mutable_data_ptr<T>() + o * 2 * I,
-                    act.mutable_data_ptr<C>() + o * I, m, I);
+                    act.mutable_data_ptr<C>() + o * I, m, I, avx);
   expert_gemm<T, C>(act.narrow(0, o, m), wd_e, y.narrow(0, o, m), w_buf);
 }
 
@@ -1136,7 +1137,10 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
   constexpr bool kAwtTypes = std::is_same_v<C, float> &&
                              (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
                               std::is_same_v<T, c10::Half>);
-  const bool awt_path = kAwtTypes && awt::cpu_supported();
+  // The ISA read once for the whole call (awt::cpu_supported() is vec8::use_avx2()): every step
+  // below takes the same path even if reload_settings() runs meanwhile in another thread.
+  const bool avx = vec8::use_avx2();
+  const bool awt_path = kAwtTypes && avx;
   // bf16 in and bf16 GEMMs (the native path) on a CPU with AVX512_BF16: bf16dp's GEMMs, the
   // SwiGLU in the gate_up GEMM's epilogue, instead of oneDNN calls.
   constexpr bool kDpTypes = std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, c10::BFloat16>;
@@ -1165,7 +1169,7 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
     if (!dp_path) {
       at::Tensor w_buf = make_w_buf();
       for (int64_t e : large)
-        expert_mlp<T, C>(xs, wgu[e], wd[e], off[e], off[e + 1] - off[e], gu_c, act, y, gate_up_out, w_buf);
+        expert_mlp<T, C>(xs, wgu[e], wd[e], off[e], off[e + 1] - off[e], gu_c, act, y, gate_up_out, w_buf, avx);
     }
   }
   if (!concurrent.empty()) {
@@ -1233,7 +1237,7 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
       for (int64_t i = next.fetch_add(1); i < n_conc; i = next.fetch_add(1)) {
         const int64_t e = concurrent[i];
         expert_mlp<T, C>(xs, wgu[e], wd[e], off[e], off[e + 1] - off[e], gu_c, act, y, gate_up_out,
-                         w_buf);
+                         w_buf, avx);
       }
     });
   }
@@ -1243,7 +1247,6 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
     // whatever the compute type C (also where C is bf16 / fp16 because the CPU has native
     // low-precision GEMMs: those are for many rows; here the weights' bytes set the time, and a
     // bf16 / fp16 C would leave the vector kernels), the result rounded to C.
-    const bool avx = vec8::use_avx2();
     // bf16 weights: the rows of the small experts are split into even / odd halves once
     // (split_pairs, in fp32), then every weight row is dotted without shuffles. A 16-bit C with
     // other weights: the rows are widened to fp32 once.
@@ -1327,7 +1330,7 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
       const int64_t o = off[e];
       swiglu_rows<T, C>(gu_c.const_data_ptr<C>() + o * 2 * I,
                         gate_up_out.mutable_data_ptr<T>() + o * 2 * I,
-                        act.mutable_data_ptr<C>() + o * I, off[e + 1] - o, I);
+                        act.mutable_data_ptr<C>() + o * I, off[e + 1] - o, I, avx);
     }
     stream_gemm(act.const_data_ptr<C>(), wd.const_data_ptr<T>(), H, I, y.mutable_data_ptr<C>());
   }
