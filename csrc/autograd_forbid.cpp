@@ -130,11 +130,13 @@ void bump_written_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, 
     const c10::IValue& v = *(first + static_cast<std::ptrdiff_t>(i));
     if (!v.isTensor() || !v.toTensor().defined()) continue;
     const at::Tensor& t = v.toTensor();
-    const std::string name = op.schema().name();
-    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(), "latentmoe.", name.substr(name.find("::") + 2),
-                ": argument '", args[i].name(), "' is an inference tensor (made under torch.inference_mode()), which ",
-                "may not be written in place outside inference mode; run the op under torch.inference_mode() or ",
-                "pass a normal tensor (e.g. a clone made outside inference mode)");
+    if (t.is_inference() && !c10::InferenceMode::is_enabled()) {
+      const std::string name = op.schema().name();
+      TORCH_CHECK(false, "latentmoe.", name.substr(name.find("::") + 2), ": argument '", args[i].name(),
+                  "' is an inference tensor (made under torch.inference_mode()), which may not be written in place ",
+                  "outside inference mode; run the op under torch.inference_mode() or pass a normal tensor (e.g. a ",
+                  "clone made outside inference mode)");
+    }
     written.push_back(t);
   }
   {

@@ -50,6 +50,10 @@ def test_missing_library_is_reported_plainly(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r"missing or failed to load \(no compiled library \(_C\*\.so\) in ") as info:
         _build.load()
     assert "circular import" not in str(info.value) and str(tmp_path) in str(info.value)
+    # One built for another Python (another ABI tag): named as such, not as missing.
+    (tmp_path / "_C.cpython-399-x86_64-linux-gnu.so").write_bytes(b"")
+    with pytest.raises(ImportError, match=r"_C\.cpython-399-x86_64-linux-gnu\.so in .*, but none for this Python"):
+        _build.load()
 
 
 def test_cpu_isa_switch_reaches_the_kernels(monkeypatch):
@@ -74,19 +78,25 @@ def test_settings_snapshot_is_taken_at_import():
     import subprocess
     import sys
 
+    # (Nothing reads a setting between the import and the change: no _C call, no op.)
     code = (
         "import os, torch, latentmoe\n"
-        "native = latentmoe._C.cpu_isa()\n"
         "os.environ['LATENTMOE_CPU_ISA'] = 'generic'\n"
         "latentmoe.ops.rms_norm(torch.randn(2, 8), torch.ones(8))\n"  # the first op call
-        "assert latentmoe._C.cpu_isa() == native, 'read after import'\n"
+        "first = latentmoe._C.cpu_isa()\n"
         "latentmoe.reload_settings()\n"
         "assert latentmoe._C.cpu_isa() == 'generic'\n"
-        "print('ok')\n"
+        "del os.environ['LATENTMOE_CPU_ISA']\n"
+        "latentmoe.reload_settings()\n"
+        "print(first, latentmoe._C.cpu_isa())\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "LATENTMOE_CPU_ISA"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+    assert res.returncode == 0, res.stderr[-2000:]
+    first, native = res.stdout.split()
+    if native == "generic":
+        pytest.skip("the CPU runs the portable code anyway: the two settings cannot be told apart")
+    assert first == native, "the setting was read after import"
 
 
 def test_bench_env_setting_reaches_the_kernels():

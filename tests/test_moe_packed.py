@@ -378,6 +378,17 @@ def test_module_packed_load_state_dict_under_inference_mode():
     assert (packed - fresh).abs().max() <= 1e-5 * fresh.abs().max()
 
 
+def test_module_packed_partial_load_keeps_the_packed_copy():
+    # A strict=False load without the experts' weights leaves them, and so their packed copy, alone.
+    moe = MoE(hf_config("odd")).eval()
+    moe.experts.pack()
+    packed = moe.experts._packed
+    moe.load_state_dict({"gate.weight": torch.zeros_like(moe.gate.weight)}, strict=False)
+    assert moe.experts._packed is packed
+    moe.load_state_dict(moe.state_dict())
+    assert moe.experts._packed is None  # re-packed at the next forward
+
+
 def test_module_packed_deepcopy_repacks_on_first_use():
     moe = MoE(hf_config("odd")).to(BF16)
     moe.experts.pack()

@@ -110,6 +110,20 @@ def test_route_router_weight_meta():
     assert indices.shape == (5, 3) and indices.dtype == torch.int64 and scores.shape == (5, 16)
 
 
+def test_module_with_a_hooked_router_on_meta():
+    # A hook on the gate sends the forward through MoERouter.forward, which had the same
+    # autocast("meta") failure.
+    from moe_helpers import hf_config
+
+    from latentmoe.nn import MoE
+
+    with torch.device("meta"):
+        moe = MoE(hf_config("v3"))
+    moe.gate.register_forward_hook(lambda mod, args, out: None)
+    out = moe(torch.randn(2, 3, moe.hidden_size, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 3, moe.hidden_size)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_route_router_weight_device_mismatch():
     with pytest.raises(RuntimeError, match="router_weight"):

@@ -29,11 +29,21 @@ def load():
                 f"latentmoe._C was built for a different torch than the installed {torch.__version__} "
                 f"({msg}). {_REBUILD}"
             ) from e
-        if "cannot import name '_C'" in msg:  # no _C*.so at all (Python's text blames a circular import)
+        if "cannot import name '_C'" in msg:  # (Python's text blames a circular import)
+            import glob
+            import importlib.machinery
+            import os
+
             import latentmoe
 
-            where = ", ".join(getattr(latentmoe, "__path__", [])) or "the package"
-            msg = f"no compiled library (_C*.so) in {where}"
+            dirs = list(getattr(latentmoe, "__path__", []))
+            found = sorted(os.path.basename(f) for d in dirs for f in glob.glob(os.path.join(d, "_C*.so")))
+            where = ", ".join(dirs) or "the package"
+            if found:  # built for another Python (its ABI tag)
+                msg = (f"{', '.join(found)} in {where}, but none for this Python (extension suffixes "
+                       f"{', '.join(importlib.machinery.EXTENSION_SUFFIXES)})")
+            else:
+                msg = f"no compiled library (_C*.so) in {where}"
         raise ImportError(
             f"latentmoe's compiled library latentmoe._C is missing or failed to load ({msg}). {_REBUILD}"
         ) from e

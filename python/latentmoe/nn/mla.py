@@ -44,6 +44,7 @@ from latentmoe.nn.norm import RMSNorm
 from latentmoe.ops.linear import bmm_small
 from latentmoe.ops.linear import MAX_ROWS
 from latentmoe.ops.mla import mla_append_cache, mla_decode, mla_decode_absorbed
+from latentmoe.ops._checks import autocast_off
 from latentmoe.ops.mla_prefill import mla_prefill
 from latentmoe.ops.norm import rms_norm
 
@@ -881,7 +882,7 @@ class MultiHeadLatentAttention(nn.Module):
             if mm_dt != w_uk.dtype:
                 w_uk, w_uv_t = w_uk.to(mm_dt), w_uv_t.to(mm_dt)
         mm = (lambda a, b: bmm_small(a.contiguous(), b)) if small else torch.bmm
-        with torch.autocast(kv_cache.device.type, enabled=False):
+        with autocast_off(kv_cache.device.type):
             q_heads = q_nope.permute(2, 0, 1, 3).reshape(H, B * S, N).to(mm_dt)
             q_latent = mm(q_heads, w_uk)  # [H, B*S, C]
             q_latent = q_latent.view(H, B, S, -1).permute(1, 2, 0, 3).to(dt).contiguous()
@@ -927,7 +928,7 @@ class MultiHeadLatentAttention(nn.Module):
                 # dtype, finfo(fp32).min would become -inf, and a fully masked padding query row would
                 # give 0 where HF gives the uniform average; those rows feed HF's causal-LM loss).
                 q, k, v = (t.to(attn_mask.dtype) for t in (q, k, v))
-                ctx = torch.autocast(q.device.type, enabled=False)  # (autocast would cast them back)
+                ctx = autocast_off(q.device.type)  # (autocast would cast them back)
             else:
                 attn_mask = attn_mask.to(q.dtype)
         dropout = self.attention_dropout if self.training else 0.0

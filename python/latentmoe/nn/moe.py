@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import threading
 import warnings
 
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentmoe.nn._linear import check_float_dtype, is_plain, project
+from latentmoe.ops._checks import autocast_off
 from latentmoe.ops.moe import moe_experts, moe_experts_packed, moe_pack_experts, moe_route
 
 
@@ -34,7 +37,7 @@ class MoERouter(nn.Module):
         """Router logits ``[T, E]`` fp32 of ``hidden [T, hidden]`` (HF's fp32 linear). MoE calls
         this only when the router is hooked or wrapped (e.g. accelerate's offloading); otherwise
         ``moe_route`` reads the weight itself."""
-        with torch.autocast(hidden.device.type, enabled=False):
+        with autocast_off(hidden.device.type):
             return F.linear(hidden.float(), self.weight.float())
 
     def _apply(self, fn, recurse=True):
@@ -61,19 +64,24 @@ class MoERouter(nn.Module):
 
 
 # Optimizer steps taken in this process since the first pack() (torch.optim's global step hook,
-# registered then): part of the packed experts' weight stamp.
+# registered then): part of the packed experts' weight stamp. Each step stores the next value of
+# one counter (next() on an itertools.count is atomic under the GIL): the stamp never comes back
+# to an old value, whichever threads step.
 _OPTIMIZER_STEPS = [0]
+_STEP_COUNTER = itertools.count(1)
 _STEP_HOOK = []
+_STEP_HOOK_LOCK = threading.Lock()
 
 
 def _count_optimizer_steps() -> None:
-    if not _STEP_HOOK:
-        def count(optimizer, args, kwargs):
-            _OPTIMIZER_STEPS[0] += 1
+    with _STEP_HOOK_LOCK:
+        if not _STEP_HOOK:
+            def count(optimizer, args, kwargs):
+                _OPTIMIZER_STEPS[0] = next(_STEP_COUNTER)
 
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+            from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        _STEP_HOOK.append(register_optimizer_step_post_hook(count))
+            _STEP_HOOK.append(register_optimizer_step_post_hook(count))
 
 
 class MoEExperts(nn.Module):
@@ -105,19 +113,23 @@ class MoEExperts(nn.Module):
 
     # ---- prepacked inference -------------------------------------------------------------------
     def _stamp(self) -> tuple:
-        # Inference tensors (made under torch.inference_mode) have no version counter (they are
-        # changed in place only inside inference mode); fused optimizer steps (torch._fused_adamw_,
-        # HF Trainer's default AdamW) change parameters without counting a version: the count of
-        # optimizer steps taken in this process stands in for both of those.
+        # Fused optimizer steps (torch._fused_adamw_, HF Trainer's default AdamW) change parameters
+        # without counting a version: the count of optimizer steps taken in this process stands in
+        # (any optimizer's: a step of another model's optimizer costs a re-pack too). Inference
+        # tensors (made under torch.inference_mode) have no version counter: load_state_dict drops
+        # the packed copy itself; other in-place writes to them need pack().
         return (_OPTIMIZER_STEPS[0],) + tuple(
             (p.data_ptr(), None if p.is_inference() else p._version, tuple(p.shape), p.dtype, p.device)
             for p in (self.gate_up_proj, self.down_proj))
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        # New weights: the packed copy is made again at the next forward (load_state_dict under
-        # inference mode writes inference tensors in place without a version to show it).
-        self._packed = None
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # New weights: the packed copy is made again at the next eager forward (load_state_dict
+        # under inference mode writes inference tensors in place without a version to show it; a
+        # compiled forward raises until then instead of using the old copy). Only when this
+        # module's weights were in the state dict (a partial strict=False load keeps it).
+        if any(prefix + name in state_dict for name in ("gate_up_proj", "down_proj")):
+            self._packed = None
 
     def _repack(self) -> None:
         _count_optimizer_steps()
@@ -128,8 +140,11 @@ class MoEExperts(nn.Module):
                     f"latentmoe.nn.MoEExperts.pack: packed experts need bfloat16 or float32 weights on the "
                     f"CPU, '{name}' is {p.dtype} on {p.device} (cast them, or unpack())"
                 )
+        # The stamp first: a weight change (another thread's optimizer step) while the op packs
+        # then shows at the next forward, instead of being stamped onto the old copy.
+        stamp = self._stamp()
         with torch.no_grad():
-            self._packed = (*moe_pack_experts(gu.detach(), dn.detach()), self._stamp())
+            self._packed = (*moe_pack_experts(gu.detach(), dn.detach()), stamp)
 
     def pack(self) -> "MoEExperts":
         """Pack the weights now (``ops.moe_pack_experts``) and run later forwards on them."""

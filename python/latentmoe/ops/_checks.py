@@ -27,6 +27,8 @@ only compared (a guard), and messages are formatted only when a check fails.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from collections.abc import Callable
 
@@ -63,6 +65,14 @@ def require(ok, op: str, name: str, rest: Callable[[], str]) -> None:
     called when the check fails (no formatting of symbolic sizes on the good path)."""
     if not ok:
         raise ValueError(f"latentmoe.{op}: argument '{name}' {rest()}")
+
+
+def autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``, or a null context on devices without
+    autocast (``meta``: ``torch.autocast("meta")`` raises "unsupported scalarType")."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def defined(op: str, name: str, t) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from latentmoe.ops._checks import (
+    autocast_off,
     defined,
     check_moe_experts,
     check_moe_experts_backward,
@@ -85,10 +84,7 @@ def _router_logits(hidden: torch.Tensor, router_weight: torch.Tensor) -> torch.T
             f"latentmoe.moe_route: argument 'router_weight' is on {router_weight.device} but the "
             f"hidden states ('logits') are on {hidden.device}; all tensors must be on one device"
         )
-    # fp32 logits under autocast too (devices without autocast, e.g. meta: nothing to switch off)
-    dev = hidden.device.type
-    off = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
-    with off:
+    with autocast_off(hidden.device.type):  # fp32 logits under autocast too
         return F.linear(hidden.float(), router_weight.float())
 
 
