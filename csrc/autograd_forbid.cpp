@@ -45,10 +45,15 @@ P make_error_node(std::string msg, torch::autograd::edge_list edges) {
 
 constexpr const char* kNoDouble = "double backward (second derivatives) is not supported";
 
-// The message for op `name` (without the namespace): what it is and what to use where gradients
-// are needed.
-std::string why(const std::string& name) {
-  const std::string op = name.substr(name.find("::") + 2);
+// The op's name without the namespace ("latentmoe::mla_decode" -> "mla_decode").
+std::string short_name(const c10::OperatorHandle& op) {
+  const std::string& name = op.schema().name();
+  return name.substr(name.find("::") + 2);
+}
+
+// The message for `op`: what it is and what to use where gradients are needed.
+std::string why(const c10::OperatorHandle& handle) {
+  const std::string op = short_name(handle);
   const char* text = kNoDouble;
   if (op == "linear_small" || op == "linear_f32")
     text = "has no backward (an inference op): use torch.nn.functional.linear where gradients are needed, or "
@@ -85,7 +90,7 @@ void forbid_backward_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet k
     op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
   }
   if (!needs_grad) return;
-  const NodePtr node = make_error_node<NodePtr>(why(op.schema().name()), torch::autograd::collect_next_edges(inputs));
+  const NodePtr node = make_error_node<NodePtr>(why(op), torch::autograd::collect_next_edges(inputs));
   for (auto it = stack->end() - static_cast<std::ptrdiff_t>(n_out); it != stack->end(); ++it) {
     if (!it->isTensor()) continue;
     const at::Tensor& t = it->toTensor();
@@ -105,9 +110,8 @@ void mutating_no_grad_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet 
     for (size_t i = 0; i < args.size(); ++i) {
       const c10::IValue& v = *(first + static_cast<std::ptrdiff_t>(i));
       if (!v.isTensor() || !v.toTensor().defined() || !v.toTensor().requires_grad()) continue;
-      const std::string name = op.schema().name();
       const bool written = args[i].alias_info() != nullptr && args[i].alias_info()->isWrite();
-      TORCH_CHECK(false, "latentmoe.", name.substr(name.find("::") + 2), ": argument '", args[i].name(),
+      TORCH_CHECK(false, "latentmoe.", short_name(op), ": argument '", args[i].name(),
                   "' requires grad, but the op ", written ? "writes into it in place and " : "",
                   "has no backward (an inference op): call it under torch.no_grad() or pass detached tensors");
     }
@@ -131,8 +135,7 @@ void bump_written_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, 
     if (!v.isTensor() || !v.toTensor().defined()) continue;
     const at::Tensor& t = v.toTensor();
     if (t.is_inference() && !c10::InferenceMode::is_enabled()) {
-      const std::string name = op.schema().name();
-      TORCH_CHECK(false, "latentmoe.", name.substr(name.find("::") + 2), ": argument '", args[i].name(),
+      TORCH_CHECK(false, "latentmoe.", short_name(op), ": argument '", args[i].name(),
                   "' is an inference tensor (made under torch.inference_mode()), which may not be written in place ",
                   "outside inference mode; run the op under torch.inference_mode() or pass a normal tensor (e.g. a ",
                   "clone made outside inference mode)");

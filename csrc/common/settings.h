@@ -1,9 +1,9 @@
 // Environment switches of the kernels. The environment is read once, when latentmoe._C is
 // imported (PyInit__C, holding the GIL), into an immutable snapshot; latentmoe.reload_settings()
 // (tests, or a user who changes a variable later) takes a new one. A reload while an op runs in
-// another thread can reach the op between two of its reads. Ops never call getenv themselves: glibc's getenv is not safe
-// against another thread's setenv (os.environ assignments), which reallocates the environment
-// while ops run with the GIL released.
+// another thread can reach the op between two of its reads. Ops never call getenv themselves:
+// glibc's getenv is not safe against another thread's setenv (os.environ assignments), which
+// reallocates the environment while ops run with the GIL released.
 #pragma once
 
 #include <c10/util/Exception.h>

@@ -46,7 +46,8 @@ at::Tensor linear_f32_cpu(const at::Tensor& input, const at::Tensor& weight, con
 // sgemm runs its AVX2 code (about half the FMA rate; measured, gemm_f32.h). On Intel CPUs MKL
 // runs AVX-512 code of its own, and without AVX-512 both run 8-lane FMAs: ATen's GEMM there.
 bool f32_gemm_preferred() {
-  switch (settings::choice("nn (the modules' fp32 projections)", "LATENTMOE_CPU_F32_GEMM", {"auto", "latentmoe", "aten"})) {
+  switch (settings::choice("nn (the modules' fp32 projections)", "LATENTMOE_CPU_F32_GEMM",
+                           {"auto", "latentmoe", "aten"})) {
     case 1: return true;
     case 2: return false;
     default: return vec8::use_avx512() && __builtin_cpu_is("amd");

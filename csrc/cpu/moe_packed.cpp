@@ -551,13 +551,8 @@ at::Tensor moe_experts_packed_cpu(const at::Tensor& hidden, const at::Tensor& ga
                     ")");
   TORCH_CHECK_VALUE(I > 0, "latentmoe.moe_experts_packed: argument 'intermediate_size' must be >= 1, got ", I);
   // (The dtype first: the expected layout depends on it.)
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"gate_up_packed", gate_up_packed},
-                                std::pair<const char*, const at::Tensor&>{"down_packed", down_packed}}) {
-    chk::defined(op, name, t);
-    TORCH_CHECK_VALUE(t.scalar_type() == dt, "latentmoe.moe_experts_packed: argument '", name, "' has dtype ",
-                      t.scalar_type(), " but 'hidden' has dtype ", dt, "; they must match (pack the experts in ",
-                      "the activations' dtype)");
-  }
+  chk::same_dtype(op, "gate_up_packed", gate_up_packed, "hidden", hidden);
+  chk::same_dtype(op, "down_packed", down_packed, "hidden", hidden);
   const int64_t rank = bf16 ? 5 : 4;
   TORCH_CHECK_VALUE(gate_up_packed.dim() == rank && gate_up_packed.size(0) > 0,
                     "latentmoe.moe_experts_packed: argument 'gate_up_packed' must be ", rank, "-D with E >= 1 (",

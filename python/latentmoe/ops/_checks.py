@@ -557,10 +557,8 @@ def check_moe_experts_packed(hidden, gate_up_packed, down_packed, weights, indic
     T, H, I = hidden.shape[0], hidden.shape[1], intermediate_size
     require(H > 0, op, "hidden", lambda: f"has no columns (shape {_shape(hidden)})")
     require(I > 0, op, "intermediate_size", lambda: f"must be >= 1, got {I}")
-    for name, t in (("gate_up_packed", gate_up_packed), ("down_packed", down_packed)):  # (the layout depends on it)
-        defined(op, name, t)
-        require(t.dtype == dt, op, name, lambda: f"has dtype {_dt(t.dtype)} but 'hidden' has dtype {_dt(dt)}; they "
-                "must match (pack the experts in the activations' dtype)")
+    same_dtype(op, "gate_up_packed", gate_up_packed, "hidden", hidden)  # (first: the layout depends on it)
+    same_dtype(op, "down_packed", down_packed, "hidden", hidden)
     rank = 5 if bf16 else 4
     require(gate_up_packed.dim() == rank and gate_up_packed.shape[0] > 0, op, "gate_up_packed",
             lambda: f"must be {rank}-D with E >= 1 ("

@@ -15,8 +15,9 @@ or write. The CPU kernels check the values either way (there is no sync to save)
 ``mla_decode`` and ``mla_append_cache`` are inference ops with no backward (a gradient reaching
 ``mla_decode`` raises ``RuntimeError``; ``mla_append_cache`` raises ``RuntimeError`` under grad mode
 when any input requires grad, before writing, and bumps ``kv_cache``'s version counter, so a
-backward that saved the cache before the write raises instead of reading the new contents). Prefill and training use ``latentmoe.ops.mla_prefill``
-(in-kernel latent decompression, with a backward).
+backward that saved the cache before the write raises instead of reading the new contents).
+Prefill and training use ``latentmoe.ops.mla_prefill`` (in-kernel latent decompression, with a
+backward).
 """
 
 from __future__ import annotations
