@@ -292,6 +292,24 @@ def test_softmax_scores_accuracy(device, E):
     assert err <= 4e-7
 
 
+@pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
+def test_nan_bias_reaches_the_weights(device, groups):
+    # A NaN selection bias (a corrupted parameter) was read as "exclude this expert": finite outputs
+    # routed around it, where HF's topk sends every token to it. Both hide the NaN; it now makes
+    # every token's weights NaN, as a NaN score does, with the picks in range and distinct.
+    logits = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(16, generator=torch.Generator().manual_seed(2)) * 0.1
+    bias[5] = float("nan")
+    n_group, topk_group = groups
+    w, idx, s = moe_route(logits.to(device), 4, n_group=n_group, topk_group=topk_group,
+                          e_score_correction_bias=bias.to(device))
+    w, idx = w.cpu(), idx.cpu()
+    assert torch.isnan(w).all()
+    assert not torch.isnan(s.cpu()).any()  # the scores are unbiased
+    assert ((idx >= 0) & (idx < 16)).all() and all(len(set(r.tolist())) == 4 for r in idx)
+    assert not (idx == 5).any()
+
+
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("norm", [True, False])
 def test_nan_score_reaches_the_weights(device, score_func, norm):

@@ -123,3 +123,17 @@ def test_route_kernel_nan_score_poisons_the_tokens_weights(harness, tmp_path, E,
     assert torch.isnan(w[1]).all() and torch.isnan(ww[1]).all()
     assert torch.equal(w[[0, 2]], ww[[0, 2]])
     assert torch.equal(s.isnan(), ws.isnan()) and torch.equal(s.nan_to_num(), ws.nan_to_num())
+
+
+@pytest.mark.parametrize("E", [64, 1040])  # the warp kernel, the one-thread-per-token kernel
+def test_route_kernel_nan_bias_poisons_every_tokens_weights(harness, tmp_path, E):
+    """A NaN selection bias counts as a NaN score of every token, as on the CPU: the same picks (the
+    NaN expert never among them) and all weights NaN."""
+    logits = torch.randn(3, E, generator=torch.Generator().manual_seed(E))
+    bias = torch.randn(E, generator=torch.Generator().manual_seed(E + 1)) * 0.1
+    bias[37] = float("nan")
+    w, i, s, _ = emulated_route(harness, tmp_path, logits, bias, 4, 8, 2, "sigmoid", True, 1.0, order=3)
+    ww, wi, ws = moe_route(logits, top_k=4, n_group=8, topk_group=2, e_score_correction_bias=bias)
+    assert torch.equal(i, wi) and not (i == 37).any()
+    assert torch.isnan(w).all() and torch.isnan(ww).all()
+    assert torch.equal(s, ws)

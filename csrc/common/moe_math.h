@@ -59,7 +59,7 @@ LMOE_HD void route_scores(const float* logits, int E, int score_func, float* sco
 }
 
 // The token's weights once its scores are known: NaN for all K when any score is NaN (a NaN
-// router logit or weight), so the NaN reaches the token's output as with HF (whose topk picks the
+// router logit or weight) or any selection bias is, so the NaN reaches the token's output as with HF (whose topk picks the
 // NaN expert). The picks themselves stay among the finite scores: in range and deterministic.
 LMOE_HD float routed_weight(float w, bool nan_score) { return nan_score ? NAN : w; }
 
@@ -73,8 +73,11 @@ LMOE_HD void route_token(const float* logits, const float* bias, const RoutePara
   route_scores(logits, E, p.score_func, scores);
   bool nan_score = false;
   for (int e = 0; e < E; ++e) {
-    nan_score = nan_score || is_nan(scores[e]);
     const float c = scores[e] + (bias != nullptr ? bias[e] : 0.f);
+    // A NaN score or a NaN selection bias (scores are finite or NaN, so c is NaN exactly then):
+    // the token's weights are NaN. A NaN bias makes every token's output NaN, where HF would
+    // silently send every token to that expert.
+    nan_score = nan_score || is_nan(c);
     choice[e] = is_nan(c) ? -INFINITY : c;  // NaN is our "excluded" mark; keep it unambiguous
   }
   if (p.n_group > 1) {

@@ -70,12 +70,12 @@ moe_route_warp_kernel(const float* __restrict__ logits, const float* __restrict_
 #pragma unroll
     for (int j = 0; j < NPL; ++j) s[j] *= inv;
   }
-  float nan_score = 0.f;  // 1 when a score of the token is NaN (moe::routed_weight)
+  float nan_score = 0.f;  // 1 when a score or bias of the token is NaN (moe::routed_weight)
 #pragma unroll
   for (int j = 0; j < NPL; ++j) {
     const int e = lane + 32 * j;
-    if (e < E && moe::is_nan(s[j])) nan_score = 1.f;
     const float v = s[j] + (bias != nullptr && e < E ? bias[e] : 0.f);
+    if (e < E && moe::is_nan(v)) nan_score = 1.f;  // a NaN score or bias (as route_token)
     c[j] = e < E ? (moe::is_nan(v) ? -INFINITY : v) : NAN;  // NaN: not a candidate
   }
   nan_score = warp_max(nan_score);

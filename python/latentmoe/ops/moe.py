@@ -45,7 +45,9 @@ def moe_route(
             is the sum of its top-2 biased scores; experts of the other groups are excluded (HF masks
             them with -inf). A token with a NaN score gets NaN weights (as HF, whose topk picks the
             NaN expert), its picks staying among the finite scores.
-        e_score_correction_bias: ``[E]`` float32, added for selection only, or None.
+        e_score_correction_bias: ``[E]`` float32, added for selection only, or None. A NaN entry
+            counts as a NaN score of every token (all weights NaN), where HF would silently send
+            every token to that expert.
         score_func: ``"sigmoid"`` (V3) or ``"softmax"``.
         norm_topk_prob: divide the chosen weights by their sum + 1e-20.
         routed_scaling_factor: final multiplier.
