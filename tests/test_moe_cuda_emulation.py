@@ -363,6 +363,15 @@ def test_experts_no_tokens(harness, tmp_path):
     assert out.shape == (0, 8) and gate_up.shape == (0, 6)
 
 
+def test_experts_no_pairs_give_zeros(harness, tmp_path):
+    # k = 0 with tokens: no pairs, so the launcher returned before the combine and `out` (from
+    # at::empty; the harness poisons it with NaN) was never written. The CPU op gives zeros.
+    x, gu, dn, w, idx = _experts_case(3, 4, 0, 8, 4, torch.float32)
+    out, _, _, _ = _emulate_experts(harness, tmp_path, x, gu, dn, w, idx)
+    assert torch.equal(out, torch.zeros(3, 8))
+    assert torch.equal(torch.ops.latentmoe.moe_experts.default(x, gu, dn, w, idx)[0], out)
+
+
 @pytest.mark.parametrize("T,K", [(5, 2), (40, 2)])  # decode GEMV and tiled paths
 def test_experts_zero_hidden_size(harness, tmp_path, T, K):
     # H = 0 is accepted by the op (out is [T, 0], gate_up_out all zero); a launch with a zero grid

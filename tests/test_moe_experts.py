@@ -256,6 +256,15 @@ def test_experts_bad_input(pos, make, match):
         moe_experts(*a)
 
 
+@pytest.mark.parametrize("dev", ["cpu", "meta"])
+def test_experts_no_experts(dev):
+    # E = 0 passed the checks; with check_values=False the CUDA decode kernel then read past the
+    # [E + 1] offsets and the empty weights. Every pair is out of range: refused by name.
+    x, gu, down, w, idx = (t.to(dev) for t in _args())
+    with pytest.raises(ValueError, match="'gate_up_proj' holds no experts"):
+        moe_experts(x, gu[:0], down[:0], w, idx, check_values=False)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_experts_device_mismatch():
     a = _args("cuda")

@@ -132,6 +132,9 @@ void check_experts_args(const char* op, const at::Tensor& hidden, const at::Tens
                     ": argument 'gate_up_proj' dim 1 must be 2 * intermediate size, got shape ",
                     gate_up_proj.sizes());
   const int64_t I = gate_up_proj.size(1) / 2;
+  // No experts: every pair would be out of range (and check_values=False kernels would read the
+  // empty weights).
+  TORCH_CHECK_VALUE(E > 0, "latentmoe.", op, ": argument 'gate_up_proj' holds no experts (dim 0 is 0)");
   chk::size(op, "down_proj", down_proj, 0, E, "number of experts");
   chk::size(op, "down_proj", down_proj, 1, H, "hidden size");
   chk::size(op, "down_proj", down_proj, 2, I, "intermediate size");

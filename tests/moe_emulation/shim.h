@@ -63,6 +63,9 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) 
   return *value = emu_smem_optin(), cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaMemsetAsync(void* p, int value, size_t n, cudaStream_t) {
+  return std::memset(p, value, n), cudaSuccess;
+}
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;

@@ -651,7 +651,9 @@ cudaError_t run_experts(const T* x, const int64_t* sorted_pairs, const int64_t* 
                         int64_t T_, int64_t K, int64_t E, int64_t H, int64_t I, int* tile_start,
                         T* gate_up_out, T* act, T* y, T* out, cudaStream_t stream) {
   const int64_t S = T_ * K;
-  if (S == 0) return cudaSuccess;
+  if (S == 0) {  // no pairs (k = 0): the output is all zeros, as the CPU's combine gives
+    return T_ * H == 0 ? cudaSuccess : cudaMemsetAsync(out, 0, sizeof(T) * T_ * H, stream);
+  }
   if (I == 0) return cudaErrorInvalidValue;  // the op rejects it; a zero grid would fail anyway
   constexpr int64_t kV = kVecElems<T>;
   // 16-byte loads need the reduction length to be a multiple of the vector (every row then

@@ -465,6 +465,7 @@ def check_moe_experts(op, hidden, gate_up_proj, down_proj, weights, indices) -> 
     size(op, "gate_up_proj", gate_up_proj, 2, H, "hidden size")
     require(I2 % 2 == 0 and I2 > 0, op, "gate_up_proj",
             lambda: f"dim 1 must be 2 * intermediate size, got shape {_shape(gate_up_proj)}")
+    require(E > 0, op, "gate_up_proj", lambda: "holds no experts (dim 0 is 0)")
     size(op, "down_proj", down_proj, 0, E, "number of experts")
     size(op, "down_proj", down_proj, 1, H, "hidden size")
     size(op, "down_proj", down_proj, 2, I2 // 2, "intermediate size")
