@@ -115,6 +115,17 @@ def test_decode_masks(device, causal, window, Sq, page_size):
     check_close(out, lse, *prob, 0.3, causal, window)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_decode_unbounded_window_is_no_window(device, causal):
+    # window = INT64_MAX: p - window overflowed in visible_keys for queries at negative positions
+    # (non-causal, Sq > seqlen + 1), which then saw no key (LSE -inf) instead of every key.
+    prob = make_problem(3, 5, 3, 48, 16, [2, 0, 40], 16, device=device)
+    want = mla_decode(*prob[:4], 0.3, block_table=prob[4], causal=causal, window=-1)
+    for window in (2**63 - 1, 2**62):
+        got = mla_decode(*prob[:4], 0.3, block_table=prob[4], causal=causal, window=window)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_decode_all_rows_empty(device):
     prob = make_problem(2, 2, 3, 48, 16, [0, 0], 16, device=device)
     out, lse = mla_decode(*prob[:4], 0.3, block_table=prob[4])

@@ -794,6 +794,34 @@ def emulated_kernels(tmp_path_factory):
     return exe
 
 
+def _emulate(exe, tmp_path, forward, q, cache, seqlens, kv_b, g_out, g_lse, scale, Lmax, page_size,
+             table, causal, window, Dn, Dv):
+    """Runs the emulated kernels (forward, then backward): [out, lse, grad_q_nope, grad_q_pe,
+    grad_latent_cache, grad_w_uk, grad_w_uv], fp32."""
+    B, S, H = q.shape[:3]
+    R, C = q.shape[-1] - Dn, kv_b.shape[-1]
+    num_pages = cache.shape[0] if page_size else 0
+    with open(tmp_path / "in.bin", "wb") as f:
+        head = [B, S, H, Dn, R, C, Dv, Lmax, page_size, num_pages, int(causal), window]
+        f.write(np.array(head, dtype=np.int64).tobytes())
+        f.write(np.float32(scale).tobytes())
+        f.write(q.numpy().tobytes())
+        f.write(cache.numpy().tobytes())
+        f.write(np.array(seqlens, dtype=np.int32).tobytes())
+        if table is not None:
+            f.write(table.numpy().astype(np.int32).tobytes())
+        for t in (kv_b, g_out, g_lse):
+            f.write(t.numpy().tobytes())
+    res = subprocess.run([str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), str(forward)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    flat = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32))
+    shapes = [(B, S, H, Dv), (B, S, H), (B, S, H, Dn), (B, S, H, R), tuple(cache.shape), (H, Dn, C),
+              (H, Dv, C)]
+    got = list(torch.split(flat, [math.prod(s) for s in shapes]))
+    return [g.view(s) for g, s in zip(got, shapes)]
+
+
 # forward: 0 = the absorbed kernel with the launcher's layout (queries first: 32 queries x 1 head
 # unless S < 32); 8 = up to 8 heads per block (fewer queries per block), so multi-head blocks meet
 # long prompts, several query tiles, key tiles and a partial last head group (H = 9 -> groups of 5
@@ -815,6 +843,9 @@ def emulated_kernels(tmp_path_factory):
         (3, 40, 2, dict(C=40, R=4, Dn=8, Dv=6), [90, 20, 0], 95, 0, True, 37),
         (3, 21, 2, dict(C=40, R=4, Dn=8, Dv=6), [70, 9, 0], 72, 16, False, 5),
         (2, 9, 2, SMALL, [50, 4], 52, 0, False, -1),
+        # a window near INT64_MAX ("unbounded") is no window: t1 + window overflowed in the shared
+        # end_query_seeing, so the CPU forward and the CUDA backward's key gradients dropped keys
+        (1, 40, 2, SMALL, [50], 52, 0, True, 2**63 - 1),
     ],
 )
 def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, forward, B, S, H, dims, seqlens, Lmax,
@@ -826,30 +857,13 @@ def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, forward, B, 
     for b, L in enumerate(seqlens):
         cache[b, L:] = float("nan")
     g_out, g_lse = torch.randn(B, S, H, Dv), torch.randn(B, S, H)
-    table, num_pages = None, 0
+    table = None
     if page_size:
         cache, table = to_paged(cache, page_size)
-        num_pages, Lmax = cache.shape[0], table.shape[1] * page_size
+        Lmax = table.shape[1] * page_size
     scale = 1 / math.sqrt(Dn + R)
-    with open(tmp_path / "in.bin", "wb") as f:
-        head = [B, S, H, Dn, R, C, Dv, Lmax, page_size, num_pages, int(causal), window]
-        f.write(np.array(head, dtype=np.int64).tobytes())
-        f.write(np.float32(scale).tobytes())
-        f.write(q.numpy().tobytes())
-        f.write(cache.numpy().tobytes())
-        f.write(np.array(seqlens, dtype=np.int32).tobytes())
-        if table is not None:
-            f.write(table.numpy().astype(np.int32).tobytes())
-        for t in (kv_b, g_out, g_lse):
-            f.write(t.numpy().tobytes())
-    res = subprocess.run([str(emulated_kernels), str(tmp_path / "in.bin"), str(tmp_path / "out.bin"),
-                          str(forward)], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    flat = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32))
-    shapes = [(B, S, H, Dv), (B, S, H), (B, S, H, Dn), (B, S, H, R), tuple(cache.shape), (H, Dn, C),
-              (H, Dv, C)]
-    got = list(torch.split(flat, [math.prod(s) for s in shapes]))
-    got = [g.view(s) for g, s in zip(got, shapes)]
+    got = _emulate(emulated_kernels, tmp_path, forward, q, cache, seqlens, kv_b, g_out, g_lse, scale, Lmax,
+                   page_size, table, causal, window, Dn, Dv)
 
     leaves = [t.clone().requires_grad_() for t in (q, cache, kv_b)]
     qq, cc, kk = leaves
@@ -869,6 +883,48 @@ def test_cuda_kernels_in_host_emulation(emulated_kernels, tmp_path, forward, B, 
             assert torch.equal(torch.isinf(g), torch.isinf(w))
             g, w = g[torch.isfinite(w)], w[torch.isfinite(w)]
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * max(1.0, w.abs().max().item()), msg=name)
+
+
+@pytest.mark.parametrize("forward", [0, -16])
+def test_cuda_kernels_nan_query_stays_nan(emulated_kernels, tmp_path, forward):
+    # A NaN query makes every score of its row NaN; fmaxf skips NaN, so the running max stayed
+    # -inf and the online softmax's "m_new == -inf: p = 0" branch dropped the row: output 0, LSE
+    # -inf (an empty row) and zero gradients, where the CPU op gives NaN.
+    B, S, H, Lmax, C, R, Dn, Dv = 1, 4, 2, 8, 32, 8, 16, 16
+    q = torch.randn(B, S, H, Dn + R)
+    q[0, 1, 0, 0] = float("nan")
+    kv_b = torch.randn(H, Dn + Dv, C) / math.sqrt(C)
+    cache = torch.randn(B, Lmax, C + R)
+    cache[0, 6:] = float("nan")
+    g_out, g_lse = torch.randn(B, S, H, Dv), torch.randn(B, S, H)
+    scale = 1 / math.sqrt(Dn + R)
+    out, lse, *_ = _emulate(emulated_kernels, tmp_path, forward, q, cache, [6], kv_b, g_out, g_lse, scale, Lmax,
+                            0, None, True, -1, Dn, Dv)
+    want_out, want_lse = mla_prefill(q[..., :Dn], q[..., Dn:], cache, torch.tensor([6], dtype=torch.int32),
+                                     kv_b[:, :Dn], kv_b[:, Dn:], scale)
+    assert out[0, 1, 0].isnan().all() and lse[0, 1, 0].isnan()
+    assert want_out[0, 1, 0].isnan().all() and want_lse[0, 1, 0].isnan()
+    ok = ~want_lse.isnan()
+    torch.testing.assert_close(lse[ok], want_lse[ok], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[ok], want_out[ok], rtol=1e-4, atol=1e-4)
+
+
+def test_unbounded_window_is_no_window():
+    # window = INT64_MAX (a caller's "unbounded") overflowed t1 + window in end_query_seeing: the
+    # CPU forward gave every row 0 / -inf. Any window >= the capacity must equal window = -1.
+    torch.manual_seed(0)
+    x = make_inputs(2, 20, 3, [30, 20], 32, **SMALL, device="cpu")
+    leaves = {k: x[k].detach().clone().requires_grad_() for k in ("q_nope", "q_pe", "latent_cache")}
+    res = []
+    for window in (-1, 2**63 - 1, 2**62, 32):
+        for t in leaves.values():
+            t.grad = None
+        out, lse = _call(x, window=window, **leaves)
+        (out.square().sum() + lse.sum()).backward()
+        res.append([out.detach(), lse.detach()] + [t.grad.clone() for t in leaves.values()])
+    for r in res[1:]:
+        for g, w in zip(r, res[0]):
+            assert torch.equal(g, w)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

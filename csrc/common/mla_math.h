@@ -25,7 +25,7 @@ LMOE_HD KeyRange visible_keys(int64_t seqlen, int64_t num_queries, int64_t q_ind
   const int64_t p = seqlen - num_queries + q_index;
   KeyRange r{0, seqlen};
   if (causal && p + 1 < r.hi) r.hi = p + 1;
-  if (window >= 0 && p - window > r.lo) r.lo = p - window;
+  if (window >= 0 && p > window) r.lo = p - window;  // (not p - window > 0: no overflow near INT64_MAX)
   if (r.hi < r.lo) r.hi = r.lo;
   return r;
 }

@@ -38,7 +38,8 @@ LMOE_HD int64_t query_pos(int64_t seqlen, int64_t S, int64_t i) { return seqlen 
 
 // Keys visible to the query at position `pos`: [key_begin, key_end) (non-empty for live queries).
 LMOE_HD int64_t key_begin(const Params& p, int64_t pos) {
-  return p.window >= 0 && pos - p.window > 0 ? pos - p.window : 0;
+  // (pos > window, not pos - window > 0: a window near INT64_MAX, "unbounded", must not overflow)
+  return p.window >= 0 && pos > p.window ? pos - p.window : 0;
 }
 LMOE_HD int64_t key_end(const Params& p, int64_t seqlen, int64_t pos) {
   return p.causal && pos + 1 < seqlen ? pos + 1 : seqlen;
@@ -60,7 +61,8 @@ LMOE_HD int64_t first_query_seeing(const Params& p, int64_t seqlen, int64_t t0) 
   return i > p.S ? p.S : i;
 }
 LMOE_HD int64_t end_query_seeing(const Params& p, int64_t seqlen, int64_t t1) {
-  if (p.window < 0) return p.S;
+  // i >= S <=> window >= seqlen - t1: tested first, so t1 + window below cannot overflow.
+  if (p.window < 0 || p.window >= seqlen - t1) return p.S;
   const int64_t i = t1 + p.window - (seqlen - p.S);  // key_begin(pos) < t1  <=>  pos < t1 + window
   return i < 0 ? 0 : (i > p.S ? p.S : i);
 }

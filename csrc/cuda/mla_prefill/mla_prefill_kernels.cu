@@ -122,7 +122,9 @@ __device__ __forceinline__ float softmax_row_update(float* row_m, float* row_l, 
                                                    int lane) {
   const float m_old = row_m[r];
   const float m_new = fmaxf(m_old, warp_max(s));
-  const float e = (s == -INFINITY || m_new == -INFINITY) ? 0.f : math::fast_exp(s - m_new);
+  // Only masked keys (-inf) give 0: a NaN score (NaN query or key) is skipped by fmaxf, so m_new
+  // may still be -inf, and exp(NaN) must reach the sum (NaN output and LSE, as the CPU op).
+  const float e = s == -INFINITY ? 0.f : math::fast_exp(s - m_new);
   const float sum = warp_sum(e);
   __syncwarp();
   if (lane == 0) {
