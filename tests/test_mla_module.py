@@ -463,6 +463,20 @@ def test_latent_cache_dtype_and_broadcast_rope(device):
         past += S
 
 
+def test_latent_cache_with_a_strided_norm_weight():
+    # A kv_a_layernorm weight loaded with assign=True from a strided view (a column of a stacked
+    # checkpoint tensor) reached mla_append_cache as is: "'norm_weight' must be contiguous".
+    cfg, hf, _ = _pair(CASES[0])
+    sd = hf.state_dict()
+    w = sd["kv_a_layernorm.weight"]
+    sd["kv_a_layernorm.weight"] = torch.stack([w, torch.ones_like(w)], dim=1)[:, 0]
+    mine = MultiHeadLatentAttention(cfg, 0).eval()
+    mine.load_state_dict(sd, assign=True)
+    assert not mine.kv_a_layernorm.weight.is_contiguous()
+    errs, _ = _run_steps(cfg, hf, mine, 2, "contig")
+    assert max(errs) <= 1e-4
+
+
 def test_float64_is_refused_up_front():
     cfg, hf, mine = _pair(CASES[0])
     mine.double()

@@ -381,6 +381,22 @@ def test_deepcopy_and_pickle_after_training_forward():
     assert ours.aux_loss.requires_grad  # the original keeps its graph
 
 
+def test_to_empty_off_meta_restarts_the_counts():
+    # to_empty on a materialised module gave load_counts uninitialised storage (only a meta
+    # module's counts were zeroed); it is not in the state_dict, so update_bias then moved the
+    # bias by garbage. Moves and casts keep the counts.
+    torch.manual_seed(0)
+    ours = MoE(hf_config("v3")).train()
+    ours(torch.randn(16, CONFIGS["v3"]["hidden_size"]))
+    counts = ours.load_counts.clone()
+    assert int(counts.sum()) == 16 * ours.top_k
+    ours.to("cpu").double().float()
+    assert torch.equal(ours.load_counts, counts)
+    for _ in range(3):
+        ours.to_empty(device="cpu")
+        assert torch.equal(ours.load_counts, torch.zeros_like(counts))
+
+
 @pytest.mark.parametrize("assign", [False, True])
 def test_meta_init_then_load(assign):
     # Big-model loading: build on the meta device, then to_empty + load_state_dict, or

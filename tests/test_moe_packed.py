@@ -319,6 +319,34 @@ def test_module_pack_lifecycle():
         moe.experts.pack()
 
 
+def test_module_packed_repacks_after_replacement_at_a_reused_address():
+    # The stamp compared the weights' address and version: a weight replaced twice between
+    # forwards (or cast there and back) often lands at the stamped address with the same version,
+    # and the old packed copy stayed in use (8 of 10 trials here, errors ~1). The storage is now
+    # compared by a weak reference.
+    from latentmoe.nn.moe import MoEExperts
+
+    torch.manual_seed(0)
+    ex = MoEExperts(8, 1024, 512).pack()
+    x, w = torch.randn(5, 1024), torch.rand(5, 2)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(5)])
+    with torch.no_grad():
+        for _ in range(10):
+            ex(x, w, idx)  # packs / stamps the current weights
+            ex.gate_up_proj = torch.nn.Parameter(torch.randn_like(ex.gate_up_proj) * 0.05)
+            ex.gate_up_proj = torch.nn.Parameter(torch.randn_like(ex.gate_up_proj) * 0.05)
+            got = ex(x, w, idx)
+            want = moe_experts(x, ex.gate_up_proj, ex.down_proj, w, idx)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for _ in range(5):
+            ex.gate_up_proj.copy_(torch.randn_like(ex.gate_up_proj))
+            ex(x, w, idx)
+            ex.half().float()  # .data replaced twice: the same Parameter objects and versions
+            got = ex(x, w, idx)
+            want = moe_experts(x, ex.gate_up_proj, ex.down_proj, w, idx)
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # stale: ~3e-4 (unrounded weights)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_packed_rejects_cuda_tensors():
     x, gu, down, w, idx = _problem(5, 4, 2, 16, 8)

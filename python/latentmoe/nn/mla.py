@@ -772,7 +772,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope = q_pe = None
         if not fused:
             q_nope, q_pe = self._query_parts(q, cos, sin)
-        w = self.kv_a_layernorm.weight.to(dt)
+        w = self.kv_a_layernorm.weight.to(dt).contiguous()  # (a strided weight, e.g. loaded with assign=True)
         cos, sin = cos.to(dt).expand(B, S, -1).contiguous(), sin.to(dt).expand(B, S, -1).contiguous()
         q_src = None
         if keep is not None:

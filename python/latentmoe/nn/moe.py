@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -118,9 +119,21 @@ class MoEExperts(nn.Module):
         # (any optimizer's: a step of another model's optimizer costs a re-pack too). Inference
         # tensors (made under torch.inference_mode) have no version counter: load_state_dict drops
         # the packed copy itself; other in-place writes to them need pack().
+        # The storage is held by a weak reference (the storage's Python object lives as long as
+        # the storage): an address alone is reused, e.g. a weight replaced twice (or cast there
+        # and back) can land at the stamped address with the same version, and the old copy stayed
+        # in use. A strong reference would keep replaced weights alive.
         return (_OPTIMIZER_STEPS[0],) + tuple(
-            (p.data_ptr(), None if p.is_inference() else p._version, tuple(p.shape), p.dtype, p.device)
+            (weakref.ref(p.untyped_storage()), p.data_ptr(), None if p.is_inference() else p._version,
+             tuple(p.shape), p.dtype, p.device)
             for p in (self.gate_up_proj, self.down_proj))
+
+    def _stamp_current(self, stamp: tuple) -> bool:
+        """Whether the weights are still those ``stamp`` (from :meth:`_stamp`) was taken of."""
+        now = self._stamp()
+        return stamp[0] == now[0] and all(
+            old[0]() is not None and old[0]() is new[0]() and old[1:] == new[1:]
+            for old, new in zip(stamp[1:], now[1:]))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -185,7 +198,7 @@ class MoEExperts(nn.Module):
                     "latentmoe.nn.MoEExperts: call pack() outside torch.compile (the packed copy of a copy "
                     "(deepcopy, pickle), or after load_state_dict, is made at its first eager forward)"
                 )
-        elif self._packed is None or self._packed[2] != self._stamp():
+        elif self._packed is None or not self._stamp_current(self._packed[2]):
             self._repack()
         gate_up_packed, down_packed, _ = self._packed
         return moe_experts_packed(hidden, gate_up_packed, down_packed, weights, indices,
@@ -312,13 +325,14 @@ class MoE(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):
-        # load_counts moves with the module (.to, .cuda, to_empty) as a buffer would, and stays
-        # int64. It is not in the state_dict: after meta-device construction and to_empty its
-        # storage is uninitialised, so it starts again from zeros there.
+        # load_counts moves with the module (.to, .cuda) as a buffer would, and stays int64. It is
+        # not in the state_dict, so where fn gives uninitialised storage (to_empty, from meta or
+        # not) it starts again from zeros: wherever the moved values differ from the counts (a
+        # copy or cast keeps them; garbage equal to the counts is the counts).
         super()._apply(fn, recurse)
         counts = self.load_counts
         moved = fn(counts).to(torch.int64)
-        if counts.is_meta and not moved.is_meta:
+        if not moved.is_meta and (counts.is_meta or not torch.equal(moved.to(counts.device), counts)):
             moved.zero_()
         self.load_counts = moved
         return self
