@@ -432,3 +432,30 @@ def test_mask_analysis_once_per_step(monkeypatch):
         cache._mask_memo = ("key", 0, (True, None, None))
         drop(cache)
         assert cache._mask_memo is None
+
+
+def test_mask_memo_is_tied_to_the_mask_tensor(monkeypatch):
+    # The memo was keyed by the mask's id and address only: a mask made per layer and freed can
+    # leave the next layer's mask (other values) at the same id and address, which then reused the
+    # first one's analysis. The memo now also holds the tensor by a weak reference (forged here:
+    # a key matching another tensor), and copies of the cache drop it (pickle cannot hold one).
+    import pickle
+
+    cfg, _, ours = _models("eager")
+    layers = [layer.self_attn for layer in ours.model.layers]
+    calls = []
+    orig = MultiHeadLatentAttention._analyse_latent_cache_mask
+    monkeypatch.setattr(MultiHeadLatentAttention, "_analyse_latent_cache_mask",
+                        lambda self, *a: (calls.append(self.layer_idx), orig(self, *a))[1])
+    cache = _cache(cfg, 2, 8)
+    B, S = 2, 3
+    m1 = torch.full((B, 1, S, S), float("-inf")).triu(1)
+    layers[0]._latent_cache_new_tokens(m1, B, S, cache)
+    layers[1]._latent_cache_new_tokens(m1, B, S, cache)
+    assert calls == [0]
+    m2 = m1.clone()
+    key, layer, result, ref = cache._mask_memo
+    cache._mask_memo = ((id(m2), m2.data_ptr()) + key[2:], 0, result, ref)
+    layers[1]._latent_cache_new_tokens(m2, B, S, cache)
+    assert calls == [0, 1]
+    assert cache._mask_memo is not None and pickle.loads(pickle.dumps(cache))._mask_memo is None

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -200,6 +201,10 @@ class LatentKVCache:
         self._skipped = [False] * num_layers
         # The last mask analysis (MultiHeadLatentAttention): reused by the later layers of a step.
         self._mask_memo = None
+
+    def __getstate__(self):
+        # Copies (deepcopy, pickle) start without the mask memo (it holds a weak reference).
+        return dict(self.__dict__, _mask_memo=None)
 
     def _layer(self, layer_idx: int) -> int:
         if not 0 <= layer_idx < len(self.kv):
@@ -690,11 +695,15 @@ class MultiHeadLatentAttention(nn.Module):
             key = (id(attention_mask), attention_mask.data_ptr(), tuple(attention_mask.shape),
                    attention_mask.dtype, attention_mask.device, seen, B, S)
         memo = cache._mask_memo
-        if key is not None and memo is not None and memo[0] == key and self.layer_idx > memo[1]:
+        # (The weak reference: a mask made per layer and freed can leave the next one at the same
+        # id and address, with other values.)
+        if (key is not None and memo is not None and memo[0] == key and self.layer_idx > memo[1]
+                and memo[3]() is attention_mask):
             plain, held, new = memo[2]
         else:
             plain, held, new = self._analyse_latent_cache_mask(attention_mask, B, S, seen)
-            cache._mask_memo = None if key is None else (key, self.layer_idx, (plain, held, new))
+            cache._mask_memo = None if key is None else (
+                key, self.layer_idx, (plain, held, new), weakref.ref(attention_mask))
         rows = cache.lengths(self.layer_idx)
         if plain:
             if cache._skipped[self.layer_idx] and rows != [seen] * B:
