@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 
 #include "common/settings.h"
@@ -75,6 +76,11 @@ std::tuple<at::Tensor, at::Tensor> forward_absorbed(const Params& p, const at::T
   // check_args has checked every length against the capacity. The longest row bounds each
   // chunk's mla_decode call (its splits cover [0, max_seqlen)): one more small host copy on CUDA.
   const int64_t max_len = cache_seqlens.max().item<int64_t>();
+  if (max_len <= 0) {  // every row empty (e.g. a paged pool of no pages, which mla_decode refuses)
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
   const at::Tensor w_uv_t = w_uv.transpose(1, 2);  // [H, C, Dv]
   // mla_decode takes a contiguous cache and table (a strided cache is copied: the kernel path,
   // which auto picks for it, reads it in place).

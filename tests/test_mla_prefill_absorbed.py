@@ -203,3 +203,20 @@ def test_random_configurations_match_the_kernel(monkeypatch, case):
     assert torch.equal(torch.isfinite(lse), live)
     torch.testing.assert_close(out, want_out, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(lse[live], want_lse[live], rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_paged_pool(device, absorbed, dtype):
+    # A paged pool of no pages with every row empty (the kernel path takes it): the absorbed path
+    # handed it to mla_decode, which refused it as "mla_decode: argument 'kv_cache' (paged) has
+    # no pages" (on CUDA, auto takes this path for bf16 / fp16). All rows are empty: 0 and -inf.
+    B, S, H, Dn, R, C, Dv = 2, 3, 2, 8, 8, 16, 8
+    q_nope = torch.randn(B, S, H, Dn, device=device, dtype=dtype)
+    q_pe = torch.randn(B, S, H, R, device=device, dtype=dtype)
+    cache = torch.empty(0, 16, C + R, device=device, dtype=dtype)
+    table = torch.zeros(B, 2, dtype=torch.int32, device=device)
+    lens = torch.zeros(B, dtype=torch.int32, device=device)
+    w_uk = torch.randn(H, Dn, C, device=device, dtype=dtype)
+    w_uv = torch.randn(H, Dv, C, device=device, dtype=dtype)
+    out, lse = mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, 0.1, block_table=table)
+    assert out.shape == (B, S, H, Dv) and torch.all(out == 0) and torch.all(lse == -math.inf)
