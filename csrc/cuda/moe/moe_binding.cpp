@@ -33,11 +33,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
   auto weights = at::empty({T, p.top_k}, l.options());
   auto indices = at::empty({T, p.top_k}, l.options().dtype(at::kLong));
   auto scores = at::empty({T, p.num_experts}, l.options());
-  auto choice = at::empty({T, p.num_experts}, l.options());
+  // Scratch for the one-thread-per-token kernel only (E > 1024): T * E floats otherwise wasted.
+  at::Tensor choice;
+  if (moe_route_needs_scratch(p)) choice = at::empty({T, p.num_experts}, l.options());
   check_launch("moe_route",
                launch_moe_route(l.const_data_ptr<float>(),
                                 b.has_value() ? b->const_data_ptr<float>() : nullptr, p, T,
-                                scores.mutable_data_ptr<float>(), choice.mutable_data_ptr<float>(),
+                                scores.mutable_data_ptr<float>(),
+                                choice.defined() ? choice.mutable_data_ptr<float>() : nullptr,
                                 weights.mutable_data_ptr<float>(),
                                 indices.mutable_data_ptr<int64_t>(),
                                 at::cuda::getCurrentCUDAStream()));

@@ -12,7 +12,9 @@
 namespace latentmoe::cuda {
 
 // One thread per token runs moe::route_token (the CPU kernel's code). `choice` is [T, E] fp32
-// scratch; bias may be null. Writes scores [T, E], weights [T, K], indices [T, K].
+// scratch, used only where moe_route_needs_scratch(p) (else it may be null); bias may be null.
+// Writes scores [T, E], weights [T, K], indices [T, K].
+bool moe_route_needs_scratch(const moe::RouteParams& p);
 cudaError_t launch_moe_route(const float* logits, const float* bias, moe::RouteParams p,
                              int64_t T, float* scores, float* choice, float* weights,
                              int64_t* indices, cudaStream_t stream);

@@ -207,13 +207,19 @@ unsigned blocks_for(int64_t T) { return static_cast<unsigned>((T + kThreads - 1)
 
 }  // namespace
 
+// The warp kernels keep a token's choice scores in registers; only the one-thread-per-token
+// kernel needs the [T, E] scratch.
+bool moe_route_needs_scratch(const moe::RouteParams& p) {
+  return !(p.n_group <= kMaxGroups && p.num_experts <= kMaxWarpExperts);
+}
+
 cudaError_t launch_moe_route(const float* logits, const float* bias, moe::RouteParams p,
                              int64_t T, float* scores, float* choice, float* weights,
                              int64_t* indices, cudaStream_t stream) {
   if (T == 0) return cudaSuccess;
   if ((T + kRouteWarps - 1) / kRouteWarps > 0x7fffffff) return cudaErrorInvalidValue;  // beyond the 1-D grid
   const int E = p.num_experts;
-  if (p.n_group <= kMaxGroups && E <= kMaxWarpExperts) {
+  if (!moe_route_needs_scratch(p)) {
     if (E <= 32) return launch_route_warp<1>(logits, bias, p, T, scores, weights, indices, stream);
     if (E <= 64) return launch_route_warp<2>(logits, bias, p, T, scores, weights, indices, stream);
     if (E <= 128) return launch_route_warp<4>(logits, bias, p, T, scores, weights, indices, stream);
@@ -221,6 +227,7 @@ cudaError_t launch_moe_route(const float* logits, const float* bias, moe::RouteP
     if (E <= 512) return launch_route_warp<16>(logits, bias, p, T, scores, weights, indices, stream);
     return launch_route_warp<32>(logits, bias, p, T, scores, weights, indices, stream);
   }
+  if (choice == nullptr) return cudaErrorInvalidValue;
   moe_route_kernel<<<blocks_for(T), kThreads, 0, stream>>>(logits, bias, p, T, scores, choice,
                                                             weights, indices);
   return cudaGetLastError();
