@@ -477,6 +477,47 @@ def test_latent_cache_with_a_strided_norm_weight():
     assert max(errs) <= 1e-4
 
 
+@pytest.mark.parametrize("S", [5, 20])
+def test_gradients_reach_a_learned_prefix(S):
+    # Prefix tuning: a frozen layer, hidden states without grad, learned past keys / values in an
+    # HF cache. The module read "no gradient needed" from the hidden states and its parameters only,
+    # took the decode ops (no backward) for S <= decode_max_tokens, and backward raised.
+    from transformers.cache_utils import DynamicCache
+
+    cfg = make_config(heads=3, q_lora=None)
+    hf, mine = attention_pair(cfg)
+    for m in (hf, mine):
+        m.requires_grad_(False).train()
+    B, P = 2, 7
+    prefix = torch.randn(B, 1, P, cfg.kv_lora_rank), torch.randn(B, 1, P, cfg.qk_rope_head_dim)
+    x = torch.randn(B, S, cfg.hidden_size)
+    pe = rope_embeddings(cfg, (torch.arange(S) + P)[None].expand(B, S))
+    grads = []
+    for mod, mask in ((hf, causal_additive_mask(B, S, P)), (mine, None)):
+        k, v = (t.clone().requires_grad_() for t in prefix)
+        cache = DynamicCache(config=cfg)
+        cache.update(k, v, 0)
+        out, _ = mod(x, pe, attention_mask=mask, past_key_values=cache)
+        out.square().sum().backward()
+        grads.append((k.grad, v.grad))
+    for got, want in zip(grads[1], grads[0]):
+        assert rel_err(got, want) <= 1e-4
+
+
+def test_gradients_reach_learned_position_embeddings():
+    # Only cos / sin require grad (a learned position embedding): the same short-forward decode path.
+    cfg = make_config(heads=3, q_lora=None)
+    hf, mine = attention_pair(cfg)
+    x = torch.randn(1, 4, cfg.hidden_size)
+    cos, sin = rope_embeddings(cfg, torch.arange(4)[None])
+    grads = []
+    for mod in (hf, mine):
+        c = cos.clone().requires_grad_()
+        mod(x, (c, sin), attention_mask=causal_additive_mask(1, 4, 0) if mod is hf else None)[0].sum().backward()
+        grads.append(c.grad)
+    assert rel_err(grads[1], grads[0]) <= 1e-4
+
+
 def test_float64_is_refused_up_front():
     cfg, hf, mine = _pair(CASES[0])
     mine.double()

@@ -582,8 +582,10 @@ class MultiHeadLatentAttention(nn.Module):
         # The projections' dtype: the hidden states', or autocast's (under torch.autocast).
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         kv = project(self.kv_a_proj_with_mqa, hidden_states)
+        # (cos / sin count too: a learned position embedding trains through this layer.)
         grad = torch.is_grad_enabled() and (
-            hidden_states.requires_grad or any(p.requires_grad for p in self.parameters())
+            hidden_states.requires_grad or cos.requires_grad or sin.requires_grad
+            or any(p.requires_grad for p in self.parameters())
         )
 
         if isinstance(cache, LatentKVCache):
@@ -639,6 +641,9 @@ class MultiHeadLatentAttention(nn.Module):
         # The kernels read kv_b_proj's weight directly: only for a plain nn.Linear (a LoRA wrapper
         # or a hook takes the path that calls the layer).
         # torch.export: no branch on S (a dynamic S may span decode_max_tokens): the prefill kernel.
+        # An HF cache's past keys / values may require grad themselves (prefix tuning: learned past
+        # keys with a frozen layer): the decode ops have no backward, so that needs the prefill path.
+        grad = grad or (torch.is_grad_enabled() and (c_all.requires_grad or pe_all.requires_grad))
         decode = not grad and not torch.compiler.is_exporting() and S <= self.decode_max_tokens
         if plain_causal and not dropout and self._kv_b_plain() and (
             decode or _has_kernel(_PREFILL_OP, hidden_states.device)
