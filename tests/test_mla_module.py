@@ -508,6 +508,8 @@ def test_gradients_reach_learned_position_embeddings():
     # Only cos / sin require grad (a learned position embedding): the same short-forward decode path.
     cfg = make_config(heads=3, q_lora=None)
     hf, mine = attention_pair(cfg)
+    for m in (hf, mine):
+        m.requires_grad_(False)
     x = torch.randn(1, 4, cfg.hidden_size)
     cos, sin = rope_embeddings(cfg, torch.arange(4)[None])
     grads = []
