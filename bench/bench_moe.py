@@ -1,7 +1,10 @@
 """MoE: routed experts vs HF's experts implementations, vs the dense-GEMM and weight-streaming
 floors measured in the same run; time vs total experts; the routing kernel vs HF's router.
 
-Goals (issue 4) are printed beside the measured ratios; they are goals, not claims.
+Goals (issue 4) are printed beside the measured ratios; they are goals, not claims. Before a
+comparison is timed, ours is checked against HF (eager experts, the eager block, the router) or,
+for time vs E, against latentmoe.reference.moe: a mismatch raises (common.OutputMismatch). The
+forward rows are inference (run() times them under torch.no_grad(), HF and ours alike).
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE, DeepseekV3TopkRouter
 
 import latentmoe
-from bench.common import env_setting, paired_ratio, ratio_row, read_bandwidth_gbs, row, time_ms, time_paired
+from bench.common import (
+    check_close, env_setting, native_lowp_gemm, paired_ratio, ratio_row, read_bandwidth_gbs, row, time_ms,
+    time_paired,
+)
+from latentmoe.reference.moe import swiglu_experts
 
 # Issue 4's shape: hidden 2048, 64 experts top-6, intermediate 1408, 2 shared experts. Quick mode
 # (CI, ~1 min on 2 cores) runs the same measurements at a quarter of the FLOPs per token.
@@ -23,6 +30,21 @@ QUICK_HIDDEN, QUICK_INTER = 1024, 704
 HF_IMPLS = ["eager", "batched_mm", "grouped_mm"]
 BATCHED_MM_MAX_BYTES = 2 << 30  # batched_mm gathers one weight copy per (token, k) pair
 COLD_ROUTINGS = 16  # T = 1: tokens (and routings) each provider cycles through, weights from memory
+# HF implementations within this factor of the fastest (timed apart) join the alternation, and the
+# best is chosen from the paired times; slower ones keep their unpaired row only (HF's bf16 eager
+# experts take ~20 s a call at 512 tokens on 2 AVX2 cores).
+HF_PAIR_WITHIN = 1.5
+
+
+def _recording(fn, store: dict, key):
+    """``fn`` that keeps the output of its first call in ``store[key]`` (the baseline for the
+    output check, taken from the call a timing makes anyway)."""
+
+    def call():
+        out = fn()
+        store.setdefault(key, out)
+        return out
+    return call
 
 
 def _config(experts=EXPERTS, hidden=HIDDEN, inter=INTER, top_k=TOP_K, n_group=8, topk_group=4):
@@ -101,15 +123,23 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
                 return fn(xs[i], *routes[i])
             return call
 
-        times = {}
+        def hf_impl(impl):
+            """HF's experts with implementation ``impl`` (set per call: the fns alternate)."""
+
+            def call(xi, wi, ii):
+                hf.config._experts_implementation = impl
+                return hf.experts(xi, ii, wi)
+            return call
+
+        times, baseline = {}, {}
         for impl in HF_IMPLS:
             if impl == "batched_mm" and T * TOP_K * 3 * H * I * elt > BATCHED_MM_MAX_BYTES:
                 rows.append(row("moe_experts", f"hf_{impl}", mode, T, (float("nan"),) * 3, device,
                                 note="skipped: gathers a weight copy per pair (too much memory)"))
                 continue
-            hf.config._experts_implementation = impl
             try:
-                times[impl] = timeit(cycling(lambda xi, wi, ii: hf.experts(xi, ii, wi)))
+                # The first call (token and routing 0) of HF eager is the baseline of the check.
+                times[impl] = timeit(_recording(cycling(hf_impl(impl)), baseline, impl))
             except Exception as e:  # an HF implementation this torch/device cannot run
                 rows.append(row("moe_experts", f"hf_{impl}", mode, T, (float("nan"),) * 3, device,
                                 note=f"failed: {type(e).__name__}"))
@@ -121,6 +151,9 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
         cuda = device.startswith("cuda")
 
         ours_fn = cycling(lambda xi, wi, ii: latentmoe.ops.moe_experts(xi, gu, down, wi, ii, check_values=not cuda))
+        check_close(f"moe_experts {mode} T={T} vs HF eager",
+                    latentmoe.ops.moe_experts(xs[0], gu, down, *routes[0], check_values=not cuda), baseline["eager"],
+                    dtype)
 
         # Ours and its floor(s) timed in alternation, the ratio taken round by round
         # (time_paired): on a shared machine the floor can move by 2x between minutes.
@@ -141,15 +174,19 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
             # One dense GEMM with the same active FLOPs, weight in HF's [out, in] layout. In
             # bf16 also the fp32 GEMM: on CPUs without native bf16 it is the faster of the two,
             # and the floor is the faster one.
-            floor_fns = {}
+            floor_fns, floor_skipped = {}, []
             for fdt in {dtype, torch.float32}:
+                if not native_lowp_gemm(device, fdt):  # ~1 GFLOP/s: never the faster floor
+                    floor_skipped.append(f"floor_dense_mm_{str(fdt)[6:]}")
+                    continue
                 a_f = torch.randn(T * TOP_K, H, device=device, dtype=fdt)
                 b_f = torch.randn(3 * I, H, device=device, dtype=fdt)
                 floor_fns[f"floor_dense_mm_{str(fdt)[6:]}"] = (lambda a_f=a_f, b_f=b_f: torch.mm(a_f, b_f.t()))
-        # The best HF implementation joins the alternation too, so the speedup is a paired ratio
-        # as well (timed apart, it moved by 0.5x between runs on a shared machine).
-        best = min(times, key=lambda k: times[k][0])
-        hf.config._experts_implementation = best
+        # The HF implementations near the fastest join the alternation too, so the best is chosen
+        # from paired times and the speedup is a paired ratio as well (timed apart, it moved by 0.5x
+        # between runs on a shared machine).
+        fastest = min(t[0] for t in times.values())
+        hf_fns = {f"hf_{k}": cycling(hf_impl(k)) for k, t in times.items() if t[0] <= HF_PAIR_WITHIN * fastest}
         slow = T >= 512 and not device.startswith("cuda")
         # On the CPU also the prepacked experts (moe_pack_experts once, then moe_experts_packed:
         # the inference path of MoEExperts.pack()).
@@ -158,17 +195,12 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
             gp, dp = latentmoe.ops.moe_pack_experts(gu.detach(), down.detach())
             packed_fns["ours_packed"] = cycling(
                 lambda xi, wi, ii: latentmoe.ops.moe_experts_packed(xi, gp, dp, wi, ii, I))
-            # Like with like: the packed op has no autograd, so its speedup is taken against the
-            # best HF implementation run under torch.no_grad() (HF's weights require grad here).
-
-            def hf_no_grad(xi, wi, ii):
-                with torch.no_grad():
-                    return hf.experts(xi, ii, wi)
-
-            packed_fns["hf_best_no_grad"] = cycling(hf_no_grad)
-        stats, per_round = time_paired({"ours": ours_fn, **packed_fns,
-                                        "hf_best": cycling(lambda xi, wi, ii: hf.experts(xi, ii, wi)),
-                                        **floor_fns}, device, rounds=5 if slow else 9, reps=1 if slow else 5)
+            check_close(f"moe_experts_packed {mode} T={T} vs HF eager",
+                        latentmoe.ops.moe_experts_packed(xs[0], gp, dp, *routes[0], I), baseline["eager"], dtype)
+        stats, per_round = time_paired({"ours": ours_fn, **packed_fns, **hf_fns, **floor_fns}, device,
+                                       rounds=5 if slow else 9, reps=1 if slow else 5)
+        best_key = min(hf_fns, key=lambda k: stats[k][0])
+        best = best_key[3:]
         t_ours = stats["ours"]
         rows.append(row("moe_experts", "latentmoe", mode, T, t_ours, device,
                         note="check_values=False (no device sync), as nn.MoE calls it" if cuda else ""))
@@ -179,15 +211,11 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
         goal = "goal >= 1.4x at 512 tokens; " if T == 512 else ""
         # Each of ours: the HF-layout op ("", the default path) and the prepacked one ("packed_").
         # (prefix, our key, HF's key, what)
-        ours_keys = [("", "ours", "hf_best", "")]
+        ours_keys = [("", "ours", best_key, "")]
         if packed_fns:
-            ours_keys.append(("packed_", "ours_packed", "hf_best_no_grad",
-                              "prepacked weights (inference), HF under no_grad; "))
-        if packed_fns:
+            ours_keys.append(("packed_", "ours_packed", best_key, "prepacked weights (inference); "))
             rows.append(row("moe_experts", "latentmoe_packed", mode, T, stats["ours_packed"], device,
                             note="moe_experts_packed on weights packed once by moe_pack_experts"))
-            rows.append(row("moe_experts", f"hf_{best}_no_grad", mode, T, stats["hf_best_no_grad"], device,
-                            note="the best HF implementation under torch.no_grad()"))
         for prefix, key, hf_key, what in ours_keys:
             rows.append(ratio_row("moe_experts", f"{prefix}speedup_vs_best_hf({best})", T,
                                   paired_ratio(per_round, hf_key, key), device,
@@ -203,12 +231,18 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
                                       paired_ratio(per_round, key, "floor_weight_stream"), device,
                                       f"{mode}; {what}goal <= 1.2x the weight-streaming floor; weights from "
                                       f"memory ({COLD_ROUTINGS} routings cycled); median of per-round ratios "
-                                      "(timed in alternation)", target=("<=", 1.2)))
+                                      "(timed in alternation)", target=("<=", 1.2),
+                                      floor=("read", nbytes, floor[0])))
         else:
             for name in floor_fns:
                 rows.append(row("moe_experts", name, mode, T, stats[name], device,
                                 note="one torch.mm of the same active FLOPs"))
+            for name in floor_skipped:
+                rows.append(row("moe_experts", name, mode, T, (float("nan"),) * 3, device,
+                                note="not timed: no native 16-bit GEMM on this CPU (~1 GFLOP/s); the fp32 "
+                                     "floor is the faster"))
             floor = min((stats[n] for n in floor_fns), key=lambda t: t[0])
+            flops = 2.0 * T * TOP_K * H * 3 * I
             # Unlike the floor's one weight matrix, the experts' weights stream from memory once
             # per call: that read, at the bandwidth measured now, as a share of the floor.
             nbytes = idx.unique().numel() * 3 * H * I * elt
@@ -220,35 +254,39 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
                                       f"{mode}; {what}{g}median of per-round ratios (timed in alternation); "
                                       f"reading the active experts' weights ({nbytes / 2**20:.0f} MiB) "
                                       f"alone is {read_ms / floor[0]:.2f}x the floor",
-                                      target=("<=", 1.15) if T == 512 else None))
-            rows.append(ratio_row("moe_experts", "best_hf_over_floor", T, times[best][0] / floor[0],
-                                  device, mode))
+                                      target=("<=", 1.15) if T == 512 else None,
+                                      floor=("gemm", flops, floor[0])))
+            rows.append(ratio_row("moe_experts", "best_hf_over_floor", T,
+                                  paired_ratio(per_round, best_key, list(floor_fns)), device,
+                                  f"{mode}; hf_{best}; median of per-round ratios (timed in alternation)"))
             if read_ms > floor[0]:
                 # Where reading the weights once takes longer than the GEMM floor (a GPU at 512
                 # tokens), no implementation can reach that floor: also report against the larger.
                 rows.append(ratio_row("moe_experts", "time_over_read_floor", T, t_ours[0] / read_ms, device,
                                       f"{mode}; no goal: vs reading the active experts' weights once "
                                       f"({read_ms:.3g} ms), the larger floor here; best HF "
-                                      f"{times[best][0] / read_ms:.2f}x"))
+                                      f"{stats[best_key][0] / read_ms:.2f}x"))
         if T == 512 and not (quick and dtype != torch.float32):
             # The whole block (routing + experts + shared) vs HF DeepseekV3MoE eager.
             hf.config._experts_implementation = "eager"
             xb = x.view(1, T, H)
-            t_hf = timeit(lambda: hf(xb))
+            blk = {}
+            t_hf = timeit(_recording(lambda: hf(xb), blk, "hf"))  # its first call: the baseline
+            check_close(f"moe_block {mode} T={T} vs HF eager", ours(xb), blk["hf"], dtype)
             t_blk = timeit(lambda: ours(xb))
-            rows += [row("moe_block", "hf_eager", mode, T, t_hf, device),
-                     row("moe_block", "latentmoe", mode, T, t_blk, device),
+            rows += [row("moe_block", "hf_eager", mode, T, t_hf, device, note="under torch.no_grad()"),
+                     row("moe_block", "latentmoe", mode, T, t_blk, device, note="under torch.no_grad()"),
                      ratio_row("moe_block", "speedup_vs_hf_eager", T, t_hf[0] / t_blk[0], device, mode)]
-            if packed_fns:  # the module with its experts packed (inference), HF also without autograd
+            if packed_fns:  # the module with its experts packed (inference)
                 ours.experts.pack()
-                with torch.no_grad():
-                    t_hf_ng = timeit(lambda: hf(xb))
+                try:
+                    check_close(f"moe_block packed {mode} T={T} vs HF eager", ours(xb), blk["hf"], dtype)
                     t_pk = timeit(lambda: ours(xb))
-                ours.experts.unpack()
-                rows += [row("moe_block", "hf_eager_no_grad", mode, T, t_hf_ng, device, note="under torch.no_grad()"),
-                         row("moe_block", "latentmoe_packed", mode, T, t_pk, device,
+                finally:
+                    ours.experts.unpack()
+                rows += [row("moe_block", "latentmoe_packed", mode, T, t_pk, device,
                              note="experts.pack(), under torch.no_grad()"),
-                         ratio_row("moe_block", "packed_speedup_vs_hf_eager", T, t_hf_ng[0] / t_pk[0], device,
+                         ratio_row("moe_block", "packed_speedup_vs_hf_eager", T, t_hf[0] / t_pk[0], device,
                                    f"{mode}; both under torch.no_grad()")]
     return rows
 
@@ -274,8 +312,12 @@ def _expert_count_rows(device, quick) -> list[dict]:
         w = torch.rand(T, TOP_K, device=device)
         fns[E] = (lambda x=x, gu=gu, down=down, w=w, idx=idx:
                   latentmoe.ops.moe_experts(x, gu, down, w, idx))
+        ref = swiglu_experts(x, gu, down, w, idx)  # no HF here: the reference is the baseline
+        check_close(f"moe_experts_vs_E {mode} E={E} vs reference", fns[E](), ref, dtype)
         if device == "cpu":  # the prepacked experts too (their panels on huge pages where the OS allows)
             gp, dp = latentmoe.ops.moe_pack_experts(gu, down)
+            check_close(f"moe_experts_packed_vs_E {mode} E={E} vs reference",
+                        latentmoe.ops.moe_experts_packed(x, gp, dp, w, idx, inter), ref, dtype)
             fns[f"packed{E}"] = (lambda x=x, gp=gp, dp=dp, w=w, idx=idx:
                                  latentmoe.ops.moe_experts_packed(x, gp, dp, w, idx, inter))
         read_bytes[E] = idx.unique().numel() * 3 * hidden * inter * gu.element_size()
@@ -322,13 +364,19 @@ def _router_rows(device, quick) -> list[dict]:
                 F.linear(x, router.weight), 8, n_group=8, topk_group=4,
                 e_score_correction_bias=router.e_score_correction_bias, routed_scaling_factor=2.5)
 
+        mode = "fwd-float32-E256-top8-groups8/4"
         with torch.no_grad():
+            # The same choice with the same weights: both as dense [T, E] weight matrices.
+            _, w_hf, i_hf = router(x)
+            w_o, i_o, _ = ours_route()
+            check_close(f"moe_router {mode} T={T} vs HF",
+                        torch.zeros(T, 256, device=device).scatter(1, i_o, w_o.float()),
+                        torch.zeros(T, 256, device=device).scatter(1, i_hf, w_hf.float()), torch.float32)
             t_hf = timeit(lambda: router(x))
             t_ours = timeit(ours_route)
             t_sel = timeit(lambda: latentmoe.ops.moe_route(
                 logits, 8, n_group=8, topk_group=4,
                 e_score_correction_bias=router.e_score_correction_bias, routed_scaling_factor=2.5))
-        mode = "fwd-float32-E256-top8-groups8/4"
         rows += [row("moe_router", "hf", mode, T, t_hf, device, note="linear + selection"),
                  row("moe_router", "latentmoe", mode, T, t_ours, device, note="linear + moe_route"),
                  row("moe_route", "latentmoe", mode, T, t_sel, device, note="selection only"),
@@ -387,6 +435,7 @@ def _train_rows(device, quick) -> list[dict]:
 def run(device: str, quick: bool) -> list[dict]:
     tokens_list = [1, 512] if quick else [1, 512, 4096]
     rows = []
+    # Inference: HF and ours alike (the training step has rows of its own).
     with torch.no_grad():
         for dtype in (torch.float32, torch.bfloat16):
             rows += _experts_rows(device, quick, dtype, tokens_list)
@@ -409,12 +458,15 @@ def smoke(device: str) -> None:
         latentmoe.ops.moe_experts(x, gu, down, w, idx).float().sum().backward()
 
 
-if __name__ == "__main__":
-    import sys
+if __name__ == "__main__":  # python -m bench.bench_moe [cpu|cuda] [--full]
+    import argparse
 
+    ap = argparse.ArgumentParser()
+    ap.add_argument("device", nargs="?", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--full", action="store_true")
+    a = ap.parse_args()
     t0 = time.time()
-    dev = sys.argv[1] if len(sys.argv) > 1 else "cpu"
-    for r in run(dev, quick="--full" not in sys.argv):
+    for r in run(a.device, quick=not a.full):
         print(f"{r['kernel']:18s} {r['provider']:32s} {r['mode']:40s} {str(r['x']):>5s} "
               f"{r['p50']:10.3f} {r['unit']:3s} {r['note']}")
     print(f"total {time.time() - t0:.1f} s")

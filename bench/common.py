@@ -1,6 +1,12 @@
 """Shared benchmark helpers: timing (median after warm-up), floors measured in the same run, and rows
 in one CSV schema (kernel, provider, mode, metric, unit, x, p50, p20, p80, device, version, note,
-goal). ``goal`` is set on ratio rows that carry an issue's target, as ``">= 75"`` / ``"<= 2"``."""
+goal). ``goal`` is set on ratio rows that carry an issue's target, as ``">= 75"`` / ``"<= 2"``.
+
+Before a comparison is timed, ours is checked against its baseline (:func:`check_close`): a wrong
+output raises, and run.py fails the family instead of printing a speed. A floor under a goal is
+checked against 1-thread rates probed once per run (:func:`plausibility_probe`): a floor far
+slower than one thread can go (another process on the cores) makes the goal's verdict INVALID
+(:func:`verdict`), not met."""
 
 from __future__ import annotations
 
@@ -118,12 +124,20 @@ def row(kernel: str, provider: str, mode: str, x, t: tuple[float, float, float],
 
 
 def ratio_row(kernel: str, name: str, x, value: float, device: str, goal: str = "",
-              target: tuple[str, float] | None = None) -> dict:
+              target: tuple[str, float] | None = None, floor: tuple[str, float, float] | None = None) -> dict:
     """A derived figure (a ratio measured in this run), with its goal written beside it.
 
     ``target`` (``(">=", 75)``, ``("<=", 2)`` or ``("in", (0.85, 1.15))``) marks the row as an issue
-    goal: ``make bench`` lists those rows at the end, each with met / NOT MET."""
+    goal: ``make bench`` lists those rows at the end, each with met / NOT MET (:func:`verdict`).
+    ``floor`` (``("read", bytes, ms)`` or ``("gemm", flops, ms)``): the floor the ratio is taken
+    against, checked against this run's 1-thread probe (:func:`floor_implausible`); an implausibly
+    slow floor marks the row invalid (its note says why; the goal's verdict is INVALID)."""
     r = row(kernel, name, "ratio", x, (value, value, value), device, metric="ratio", unit="x", note=goal)
+    if floor is not None:
+        reason = floor_implausible(*floor, device)
+        if reason:
+            r["invalid"] = reason
+            r["note"] = f"{reason}; {goal}" if goal else reason
     if target is not None:
         op, bound = target
         if op == "in":
@@ -136,7 +150,8 @@ def ratio_row(kernel: str, name: str, x, value: float, device: str, goal: str = 
 
 
 def goal_met(r: dict) -> bool:
-    """Whether a row with a ``goal`` meets it."""
+    """Whether a row with a ``goal`` meets it (the figure alone; :func:`verdict` also weighs the
+    floor's plausibility)."""
     op, bound = r["goal"].split()
     v = r["p50"]
     if op == "in":
@@ -144,6 +159,117 @@ def goal_met(r: dict) -> bool:
         return lo <= v <= hi
     b = float(bound)
     return {">=": v >= b, "<=": v <= b, ">": v > b, "<": v < b}[op]
+
+
+INVALID = "INVALID: machine contended"
+
+
+def verdict(r: dict) -> str:
+    """The verdict on a goal row: "met", "NOT MET", or :data:`INVALID` when the floor it was measured
+    against ran implausibly slowly (the machine was busy: neither met nor missed can be told)."""
+    if r.get("invalid"):
+        return INVALID
+    return "met" if goal_met(r) else "NOT MET"
+
+
+class OutputMismatch(RuntimeError):
+    """Ours disagrees with the baseline it is timed against: no speed is reported for it."""
+
+
+# max |ours - baseline| / max |baseline| allowed before a comparison is timed, by output dtype.
+TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
+def max_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max |ref| in fp64 (NaN where either has a NaN or an infinity, or the
+    shapes differ)."""
+    if tuple(ours.shape) != tuple(ref.shape):
+        return float("nan")
+    a, b = ours.detach().double(), ref.detach().double()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("nan")
+    scale = b.abs().max().item() if b.numel() else 0.0
+    err = (a - b).abs().max().item() if b.numel() else 0.0
+    return err / scale if scale > 0 else err
+
+
+def check_close(what: str, ours, ref, dtype=None, tol: float | None = None) -> float:
+    """Raise :class:`OutputMismatch` unless ``ours`` matches the baseline ``ref`` (the first element
+    of a tuple output is compared) within ``tol`` (default :data:`TOLERANCE` of ``dtype``, or of
+    ``ref``'s dtype) relative to ``ref``'s largest magnitude. Call it once, outside the timed
+    region, before a comparison is timed. Returns the relative error."""
+    if isinstance(ours, (tuple, list)):
+        ours = ours[0]
+    if isinstance(ref, (tuple, list)):
+        ref = ref[0]
+    if tol is None:
+        tol = TOLERANCE.get(dtype or ref.dtype, 5e-2)
+    rel = max_rel_err(ours, ref)
+    if not rel <= tol:  # NaN fails too
+        raise OutputMismatch(
+            f"{what}: ours differs from the baseline: max rel error {rel:.3g} > {tol:g} "
+            f"(shapes {tuple(ours.shape)} vs {tuple(ref.shape)}); not timed")
+    return rel
+
+
+# A floor implying less than this fraction of one thread's rate (probed once per run) is not a floor
+# of a quiet machine: with other processes busy on the cores, every OpenMP region waits on
+# descheduled threads (a 2-thread region took ~8 ms), floors collapse and a goal reads as met.
+FLOOR_PLAUSIBLE_FRACTION = 0.5
+_PROBE: dict = {}
+
+
+def plausibility_probe(device: str) -> dict | None:
+    """1-thread rates measured once per run (CPU only; None elsewhere): ``read_gbs`` (an fp32 sum
+    over 64 MiB, from memory) and ``gemm_gflops`` (fp32 torch.mm at 512^3). A floor in this run
+    is implausible when it implies under :data:`FLOOR_PLAUSIBLE_FRACTION` of them."""
+    if device != "cpu":
+        return None
+    if device not in _PROBE:
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            read = read_bandwidth_gbs(64 << 20, device)
+            gemm = gemm_gflops(512, 512, 512, device)
+        finally:
+            torch.set_num_threads(n)
+        _PROBE[device] = {"read_gbs_1thread": read, "gemm_gflops_1thread": gemm}
+    return _PROBE[device]
+
+
+def floor_implausible(kind: str, amount: float, floor_ms: float, device: str) -> str:
+    """"" when a floor (``kind`` "read": ``amount`` bytes, or "gemm": ``amount`` FLOPs, in
+    ``floor_ms``) is plausible for this machine; otherwise the reason, starting with
+    :data:`INVALID`."""
+    probe = plausibility_probe(device)
+    if probe is None or not floor_ms > 0 or not amount > 0:
+        return ""
+    if kind == "read":
+        rate, ref, unit = amount / (floor_ms * 1e-3) / 1e9, probe["read_gbs_1thread"], "GB/s"
+    elif kind == "gemm":
+        rate, ref, unit = amount / (floor_ms * 1e-3) / 1e9, probe["gemm_gflops_1thread"], "GFLOP/s"
+    else:
+        raise ValueError(f"floor kind must be 'read' or 'gemm', got {kind!r}")
+    if rate >= FLOOR_PLAUSIBLE_FRACTION * ref:
+        return ""
+    return (f"{INVALID}: the floor ran at {rate:.3g} {unit}, under {FLOOR_PLAUSIBLE_FRACTION:g}x this "
+            f"run's 1-thread probe ({ref:.3g} {unit})")
+
+
+def native_lowp_gemm(device: str, dtype) -> bool:
+    """Whether torch.mm in ``dtype`` runs at a hardware rate here: always on CUDA and for fp32; on
+    the CPU for bf16 / fp16 only where oneDNN has native support (AVX-512 / AMX); elsewhere a
+    bf16 torch.mm runs at ~1 GFLOP/s (a 2048^3 product took ~14 s on 2 AVX2 cores)."""
+    if not device.startswith("cpu") or dtype in (torch.float32, torch.float64):
+        return True
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        pass
+    return False
 
 
 def read_bandwidth_gbs(nbytes: int, device: str) -> float:

@@ -97,6 +97,7 @@ fi
 if [[ "$skip" != *ncu* ]] && command -v ncu >/dev/null; then
   stage "Nsight Compute (latentmoe kernels of bench/gpu_profile.py)"
   # --clock-control none: leave the card's clocks as they are (see the device notes).
+  # --launch-skip 0: every matching launch from the first, both calls of each op (gpu_profile.py).
   timeout 60 ncu --clock-control none --kernel-name-base demangled \
     --kernel-name regex:"mla_decode|grouped|combine" --launch-skip 0 --launch-count 24 \
     --section SpeedOfLight --section Occupancy --section LaunchStats \

@@ -1,7 +1,9 @@
 """A few CUDA kernel launches at bench shapes, for Nsight Compute (`ncu`) in bench/gpu_check.sh.
 
-Runs each op twice (the first call warms up); gpu_check.sh profiles the latentmoe kernels of the
-second call. Shapes: mla_decode at the issue's bench shape (B=1, 16 heads, 16K keys; fp32 and
+Runs each op twice; gpu_check.sh profiles the matching latentmoe kernel launches from the first
+on (``ncu --launch-skip 0 --launch-count 24``), so both calls' kernels are profiled: the first
+call's are not colder for ncu, which flushes the caches before each profiled kernel anyway (its
+default ``--cache-control all``). Shapes: mla_decode at the issue's bench shape (B=1, 16 heads, 16K keys; fp32 and
 bf16) and at a serving batch (B=64, 128 heads, 4K, bf16); moe_experts in bf16 at 1 and 512 tokens
 (hidden 2048, intermediate 1408, 64 experts, top-6).
 """

@@ -2,6 +2,10 @@
 
 Prints a table and writes ``bench/results/<device>-<timestamp>.csv`` (one schema: bench/common.py)
 and, next to it, ``<device>-<timestamp>.machine.json`` (CPU model, ISA, caches; or the GPU).
+A family whose output check fails (ours vs the HF baseline, before anything is timed) is
+reported FAILED and the run exits 1. The goals summary at the end gives each goal met / NOT MET,
+or INVALID: machine contended where the floor it was measured against ran at under half this
+run's 1-thread rates (bench/common.py: verdict).
 Usage: python bench/run.py [--device cpu|cuda] [--full] [--only norm,mla,moe] [--out DIR]
 """
 
@@ -20,7 +24,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import COLUMNS, goal_met, machine_info  # noqa: E402
+from bench.common import (  # noqa: E402
+    COLUMNS, FLOOR_PLAUSIBLE_FRACTION, INVALID, machine_info, plausibility_probe, verdict,
+)
 
 FAMILIES = ["norm", "mla", "mla_prefill", "moe"]
 
@@ -52,6 +58,11 @@ def main() -> int:
     path = os.path.join(args.out, f"{args.device}-{stamp}.csv")
     # The machine next to the CSV (<name>.machine.json): figures from different CPUs differ.
     machine = machine_info(args.device)
+    # 1-thread read and GEMM rates, once per run: a floor far below them (another process on the
+    # cores) makes the goals measured against it INVALID (bench/common.py: verdict).
+    probe = plausibility_probe(args.device)
+    if probe is not None:
+        machine["plausibility_probe"] = {k: round(v, 2) for k, v in probe.items()}
     with open(path[: -len(".csv")] + ".machine.json", "w") as f:
         json.dump(machine, f, indent=1)
     print("[bench] machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
@@ -86,10 +97,18 @@ def main() -> int:
     goals = [r for r in rows if r.get("goal")]
     if goals:
         print("\nGoals (issue targets; each figure measured in this run):")
+        invalid = 0
         for r in goals:
-            verdict = "met" if goal_met(r) else "NOT MET"
+            v = verdict(r)
+            invalid += v == INVALID
             print(f"  {r['kernel']:<22} {r['provider']:<28} x={str(r['x']):<6} {r['p50']:>9.3g}  "
-                  f"goal {r['goal']:<7} {verdict}   {r.get('note', '')}")
+                  f"goal {r['goal']:<7} {v}   {r.get('note', '')}")
+        if invalid:
+            print(f"[bench] {invalid} goal verdict(s) {INVALID}: their floors ran at under "
+                  f"{FLOOR_PLAUSIBLE_FRACTION:g}x this run's 1-thread rates (read "
+                  f"{probe['read_gbs_1thread']:.3g} GB/s, fp32 GEMM {probe['gemm_gflops_1thread']:.3g} "
+                  "GFLOP/s); another process "
+                  "was busy on the cores. Rerun on a quiet machine.")
     print(f"\n[bench] wrote {path}")
     if failed:
         print(f"[bench] failed families: {', '.join(failed)}")
