@@ -846,3 +846,17 @@ def test_unknown_cpu_switch_values_raise(name):
             latentmoe.reload_settings()
     finally:
         latentmoe.reload_settings()
+
+
+def test_raw_op_saved_outputs_are_not_differentiable():
+    # The raw op's extra outputs (sorted pairs, offsets and the saved gate|up pre-activation) are for
+    # the backward: gate_up_out came back requiring grad, and a gradient through it was dropped
+    # silently. They are marked non-differentiable; the output trains as before.
+    x, gu, down, w, idx = _args()
+    for t in (x, gu, down, w):
+        t.requires_grad_()
+    out, sorted_pairs, offsets, gate_up_out = torch.ops.latentmoe.moe_experts(x, gu, down, w, idx, True)
+    assert out.requires_grad and not gate_up_out.requires_grad
+    assert not sorted_pairs.requires_grad and not offsets.requires_grad
+    out.sum().backward()
+    assert all(t.grad is not None for t in (x, gu, down, w))

@@ -308,3 +308,15 @@ def test_rounding_points_exact_with_nonfinite(monkeypatch, dtype, D, fused_add, 
         same = (out == want) | (out.isnan() & want.isnan())
         bad = (~same).nonzero()[:5].tolist()
         assert same.all(), f"w={w_case}: first mismatches at {bad}"
+
+
+def test_rstd_is_not_differentiable():
+    # rstd came back with requires_grad and a grad_fn, but the backward has no term for it: a
+    # gradient through it was dropped silently (d sum(rstd)/dx read 0). It is marked
+    # non-differentiable now; out (and h) train as before.
+    x = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    out, rstd = torch.ops.latentmoe.rms_norm(x, w, 1e-6)
+    assert out.requires_grad and not rstd.requires_grad
+    out2, h, rstd2 = torch.ops.latentmoe.add_rms_norm(x, torch.randn(3, 8), w, 1e-6)
+    assert out2.requires_grad and h.requires_grad and not rstd2.requires_grad

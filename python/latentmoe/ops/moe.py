@@ -267,6 +267,9 @@ def _moe_experts_setup(ctx, inputs, output):
     ctx.save_for_backward(
         hidden, gate_up_proj, down_proj, weights, sorted_pairs, expert_offsets, gate_up_out
     )
+    # gate_up_out is the backward's saved pre-activation, not a differentiable output (the backward
+    # has no term for it: a gradient reaching it would be dropped silently).
+    ctx.mark_non_differentiable(sorted_pairs, expert_offsets, gate_up_out)
 
 
 def _moe_experts_bwd(ctx, grad_out, *_unused):

@@ -73,6 +73,7 @@ def _rms_norm_setup(ctx, inputs, output):
     input, weight, _ = inputs
     _, rstd = output
     ctx.save_for_backward(input, weight, rstd)
+    ctx.mark_non_differentiable(rstd)  # (the backward has no term for it: no silent zero gradient)
 
 
 def _rms_norm_bwd(ctx, grad_out, _grad_rstd):
@@ -88,6 +89,7 @@ def _add_rms_norm_setup(ctx, inputs, output):
     _, _, weight, _ = inputs
     _, h, rstd = output
     ctx.save_for_backward(h, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
 
 
 def _add_rms_norm_bwd(ctx, grad_out, grad_h, _grad_rstd):
