@@ -226,3 +226,13 @@ def test_property_mask_matches_spelled_out_rule(sq, sk, windows, causal, global_
     global_tokens = None if keys is None else torch.tensor(keys, dtype=torch.bool)
     got = H.window_mask(sq, sk, windows, causal=causal, global_tokens=global_tokens)
     assert torch.equal(got[0], spelled_out_mask(sq, sk, windows, causal, keys))
+
+
+@pytest.mark.parametrize("g_shape", [(0,), (2, 0)])
+def test_no_keys_with_global_tokens(g_shape):
+    # Sk = 0 with global_tokens crashed in window_mask (reshape(-1, 0) of an empty tensor) before the
+    # empty-rows return; it gives output 0 and LSE -inf as without them.
+    q, k, v = torch.randn(2, 3, 2, 4), torch.randn(2, 0, 1, 4), torch.randn(2, 0, 1, 4)
+    g = torch.zeros(g_shape, dtype=torch.bool)
+    out, lse = H.windowed_attention(q, k, v, (1, 0), causal=True, global_tokens=g)
+    assert out.shape == (2, 3, 2, 4) and torch.all(out == 0) and torch.all(lse == -math.inf)

@@ -15,8 +15,10 @@ Which keys a query sees (True = attend):
 * ``global_tokens`` (bool over key positions, Longformer-style): a global key is seen by every
   query, and a query whose position ``p(i)`` is global sees every key (both still subject to
   ``causal``). Queries with ``p(i) < 0`` (only when ``Sq > Sk``) are never global.
-* A query that sees no key at all gets output 0 and log-sum-exp ``-inf`` (FlashAttention's
-  convention for fully masked rows), never NaN.
+* A query that sees no key at all gets output 0 and log-sum-exp ``-inf`` (the empty log-sum-exp),
+  never NaN. FlashAttention also gives output 0 there, but its non-split forward writes LSE
+  ``+inf`` for such rows (``-inf`` only in split-KV partials): a kernel ported from it must map
+  that to ``-inf``.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def window_mask(
                 f"global_tokens must be a bool tensor [sk={sk}] or [B, sk], "
                 f"got {global_tokens.dtype} {tuple(global_tokens.shape)}"
             )
-        is_global = global_tokens.to(device).reshape(-1, sk)  # [Bm, sk]
+        is_global = global_tokens.to(device)
+        is_global = is_global.reshape(1 if is_global.dim() == 1 else is_global.shape[0], sk)  # [Bm, sk]
         key_global = is_global[:, None, None, :]  # [Bm, 1, 1, sk]
         qpos_flat = qpos[:, 0]
         valid = qpos_flat >= 0

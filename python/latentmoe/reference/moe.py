@@ -9,9 +9,11 @@ Semantics follow Hugging Face ``transformers`` ``DeepseekV3TopkRouter`` / ``Deep
   the sum of its two largest biased scores; the best ``topk_group`` groups are kept. Experts of the
   other groups are masked with ``-inf`` before the top-k. This is what HF 5.x ``DeepseekV3TopkRouter``
   does (``masked_fill(..., -inf)``) and what DeepSeek's own inference code does; some earlier HF
-  versions (and HF's V2 ``group_limited_greedy``, on positive softmax scores) fill with ``0.0``, which
-  differs only when a kept biased score is negative. We require ``top_k <= topk_group * E / n_group``
-  so a masked expert can never be chosen.
+  versions fill with ``0.0``, which differs only when a kept biased score is negative. We require
+  ``top_k <= topk_group * E / n_group`` so a masked expert can never be chosen. With
+  ``score_func="softmax"`` this is V3's group rule on softmax scores, not DeepSeek-V2's
+  ``group_limited_greedy``, which scores a group by its single largest score (the two can keep
+  different groups).
 * ``weights = scores[indices]``; with ``norm_topk_prob`` they are divided by ``sum + 1e-20``; then
   multiplied by ``routed_scaling_factor``.
 * Ties (equal biased scores, equal group scores) go to the lower index. HF uses

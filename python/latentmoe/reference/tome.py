@@ -192,8 +192,11 @@ def bipartite_soft_matching(
         protected: optional bool ``[N]``; True tokens never merge (as source or destination).
         layout: order of the ``M = N - r`` output slots.
             ``"sorted"``: surviving tokens in their original order (CLS stays first).
-            ``"tome"``: ToMe/tomesd's order, i.e. unmerged A tokens by decreasing best similarity
-            (ties: lower index first), then all B tokens in original order.
+            ``"tome"``: ToMe/tomesd's order of the A part, i.e. unmerged A tokens by decreasing
+            best similarity (ties: lower index first), then all B tokens in original order. Not
+            slot for slot tomesd's: tomesd orders its B rows by an unstable argsort (permuted from
+            6x6 grids up), and ToMe with ``class_token=True`` re-sorts the A tokens by position.
+            Values, sizes and groupings agree; compare after matching slots.
 
     Returns:
         :class:`MergePlan` with int64 index tensors on ``metric.device``.
@@ -245,8 +248,9 @@ def random2d_soft_matching(
 ) -> MergePlan:
     """tomesd's matching: :func:`random2d_partition` then :func:`bipartite_soft_matching`.
 
-    metric: ``[B, h * w, C]``. With ``layout="tome"`` and the same partition, :func:`merge_tokens` and
-    :func:`unmerge_tokens` reproduce ``tomesd.merge.bipartite_soft_matching_random2d``.
+    metric: ``[B, h * w, C]``. With the same partition, :func:`merge_tokens` and :func:`unmerge_tokens`
+    give ``tomesd.merge.bipartite_soft_matching_random2d``'s merged tokens, sizes and unmerge up to
+    the order of the output slots (see ``layout`` in :func:`bipartite_soft_matching`).
     """
     if metric.dim() != 3 or metric.shape[1] != h * w:
         raise ValueError(
