@@ -139,3 +139,16 @@ def test_paged_equals_contiguous(page_size):
     assert not out_c.isnan().any()
     torch.testing.assert_close(out_p, out_c, rtol=0, atol=0)
     torch.testing.assert_close(lse_p, lse_c, rtol=0, atol=0)
+
+
+def test_reference_layer_absorbed_keeps_fp64():
+    # mode="absorbed" cast everything to fp32 (1e-7 off an fp64 layer's naive result), which capped
+    # fp64 checks against it; it computes in the layer's dtype where that is wider than fp32 now.
+    cfg = make_config(heads=3, q_lora=24, interleave=True, yarn=True)
+    mine = ref.ReferenceMLA(cfg, 0).double()
+    x = torch.randn(2, 5, cfg.hidden_size, dtype=torch.float64)
+    pe = tuple(t.double() for t in rope_embeddings(cfg, torch.arange(5)[None].expand(2, -1)))
+    with torch.no_grad():
+        naive = mine(x, pe, None, latent_cache=ref.ReferenceLatentCache(), mode="naive")
+        absorbed = mine(x, pe, None, latent_cache=ref.ReferenceLatentCache(), mode="absorbed")
+    assert absorbed.dtype == torch.float64 and rel_err(absorbed, naive) <= 1e-12

@@ -197,3 +197,23 @@ def test_update_bias_and_load():
 def test_route_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ref.route(torch.randn(3, 8), **kwargs)
+
+
+def test_swiglu_experts_fp64_sum_stays_fp64():
+    # The weighted sum was accumulated in fp32 for every dtype (7e-8 off an fp64 loop): fp64 inputs
+    # now accumulate in fp64.
+    g = torch.Generator().manual_seed(0)
+    T, E, K, H, I = 9, 5, 3, 16, 12
+    x = torch.randn(T, H, generator=g, dtype=torch.float64)
+    gu = torch.randn(E, 2 * I, H, generator=g, dtype=torch.float64)
+    down = torch.randn(E, H, I, generator=g, dtype=torch.float64)
+    w = torch.rand(T, K, generator=g, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    want = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(K):
+            e = int(idx[t, j])
+            gate, up = (gu[e] @ x[t]).chunk(2)
+            want[t] += w[t, j] * (down[e] @ (torch.nn.functional.silu(gate) * up))
+    got = ref.swiglu_experts(x, gu, down, w, idx)
+    assert got.dtype == torch.float64 and rel_err(got, want) <= 1e-13

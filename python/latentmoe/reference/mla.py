@@ -338,11 +338,12 @@ class ReferenceMLA(nn.Module):
                 cache_seqlens=torch.full((B,), L), causal=True, attention_mask=attention_mask,
             )
         elif mode == "absorbed":
-            q_latent = torch.einsum("bshn,hnc->bshc", q_nope.float(), w_uk.float())
+            acc = torch.promote_types(q_nope.dtype, torch.float32)  # fp64 stays fp64
+            q_latent = torch.einsum("bshn,hnc->bshc", q_nope.to(acc), w_uk.to(acc))
             out_latent, _ = mla_decode(
-                q_latent, q_pe.float(), rows.float(), torch.full((B,), L), self.scaling, causal=True
+                q_latent, q_pe.to(acc), rows.to(acc), torch.full((B,), L), self.scaling, causal=True
             )
-            out = torch.einsum("bshc,hvc->bshv", out_latent, w_uv.float()).to(hidden_states.dtype)
+            out = torch.einsum("bshc,hvc->bshv", out_latent, w_uv.to(acc)).to(hidden_states.dtype)
         else:
             raise ValueError(f"ReferenceMLA: unknown mode {mode!r} (naive or absorbed)")
         return self.o_proj(out.reshape(B, S, H * self.v_head_dim))

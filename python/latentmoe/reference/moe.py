@@ -113,7 +113,8 @@ def swiglu_experts(
 ) -> torch.Tensor:
     """Routed experts: ``out[t] = sum_k weights[t, k] * expert_{indices[t, k]}(hidden[t])``.
 
-    Each expert's GEMMs run in the input dtype (as HF); the weighted sum is accumulated in fp32.
+    Each expert's GEMMs run in the input dtype (as HF); the weighted sum is accumulated in fp32
+    (fp64 for fp64 inputs, so tight fp64 checks stay tight).
 
     Args:
         hidden: ``[T, hidden]``.
@@ -126,14 +127,15 @@ def swiglu_experts(
     """
     T, H = hidden.shape
     E = gate_up_proj.shape[0]
-    out = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.zeros(T, H, dtype=acc, device=hidden.device)
     for e in range(E):
         token, slot = torch.where(indices == e)
         if token.numel() == 0:
             continue
         gate, up = F.linear(hidden[token], gate_up_proj[e]).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, down_proj[e])
-        out = out.index_add(0, token, y.float() * weights[token, slot, None].float())
+        out = out.index_add(0, token, y.to(acc) * weights[token, slot, None].to(acc))
     return out.to(hidden.dtype)
 
 
