@@ -59,8 +59,9 @@ LMOE_HD void route_scores(const float* logits, int E, int score_func, float* sco
 }
 
 // The token's weights once its scores are known: NaN for all K when any score is NaN (a NaN
-// router logit or weight) or any selection bias is, so the NaN reaches the token's output as with HF (whose topk picks the
-// NaN expert). The picks themselves stay among the finite scores: in range and deterministic.
+// router logit or weight) or any selection bias is, so the NaN reaches the token's output (for a
+// NaN score, as with HF, whose topk picks the NaN expert). The picks themselves stay among the
+// finite scores: in range and deterministic.
 LMOE_HD float routed_weight(float w, bool nan_score) { return nan_score ? NAN : w; }
 
 // Routing of one token. `choice` is E floats of scratch; `bias` may be null.
