@@ -1,6 +1,9 @@
 """The compiled library: what it reports, and the clear errors when it does not match torch."""
 
 import os
+import shutil
+import subprocess
+import sys
 import types
 
 import pytest
@@ -131,3 +134,37 @@ def test_bench_records_the_machine():
     assert info["cores"] == os.cpu_count() and info["torch_threads"] == torch.get_num_threads()
     assert isinstance(info["isa_flags"], list) and isinstance(info["caches"], dict)
     json.dumps(info)  # what run.py writes
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"LATENTMOE_CUDA": "OFF"}, "LATENTMOE_CUDA must be 0"),  # was "auto": CUDA on where nvcc is
+        ({"CUDA_HOME": "/nonexistent-cuda-home"}, "has no bin/nvcc"),  # was ignored (PATH's nvcc used)
+        ({"MAX_JOBS": "0"}, "MAX_JOBS must be a positive integer"),  # was an unlimited pool
+    ],
+)
+def test_bad_build_knobs_fail_the_configure(tmp_path, env, message):
+    cmake = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("needs cmake")
+    ninja = shutil.which("ninja", path=os.path.dirname(sys.executable)) or shutil.which("ninja")
+    gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
+    res = subprocess.run(
+        [cmake, "-S", _ROOT, "-B", str(tmp_path), *gen, f"-DPython3_EXECUTABLE={sys.executable}"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode != 0 and message in res.stderr.replace("\n  ", " "), res.stderr[-2000:]
+
+
+def test_wheel_is_built_against_the_installed_torch():
+    # An isolated build (pip install . without --no-build-isolation) fetched torch from the build
+    # requirements, built against it, and installed a package that could not import with the user's
+    # torch; and the wheel was tagged abi3 (any CPython >= 3.10) for a module built for one Python.
+    text = open(os.path.join(_ROOT, "pyproject.toml")).read()
+    requires = text.split("[build-system]")[1].split("[project]")[0]
+    assert "torch" not in requires.split("requires =")[1].split("\n")[0]
+    assert "py-api" not in text
