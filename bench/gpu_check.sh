@@ -2,7 +2,7 @@
 # One prepared command for the sometimes-lent H200 (the `device` tool): build against that
 # machine's torch (2.11, offline, --no-build-isolation, sm_90a), run the CUDA tests,
 # compute-sanitizer memcheck over every CUDA op once, then the benchmarks. Logs and CSV go to $OUT
-# (default ./gpu-out). Budget: about 7 minutes (plus about 2 for a build from source).
+# (default ./gpu-out). Budget: 540 s in all (LATENTMOE_GPU_CHECK_BUDGET_S), a build from source included.
 #
 #   here first:  make gpu-wheels     (tomesd and this venv's transformers as wheels in .whl/: the
 #                                     device image has no tomesd and an older transformers)
@@ -24,6 +24,16 @@ export CMAKE_BUILD_PARALLEL_LEVEL="${MAX_JOBS:-16}"
 skip="${LATENTMOE_GPU_CHECK_SKIP:-}"
 status=0
 stage() { echo "== $1 ($(date +%T))" | tee -a "$OUT/summary.txt"; }
+# One wall-clock budget for the whole script (default 540 s: under the device call's timeout_s 560
+# with a margin to copy $OUT back). Each stage's timeout is its own cap or what is left of the
+# budget, whichever is less; a stage with under 15 s left is skipped and says so, so the stages
+# that follow a slow build still end before the device call is killed and $OUT is kept.
+budget_end=$(( $(date +%s) + ${LATENTMOE_GPU_CHECK_BUDGET_S:-540} ))
+cap() {  # cap SECONDS NAME: prints the timeout for stage NAME, or nothing when it must be skipped
+  local left=$(( budget_end - $(date +%s) ))
+  if (( left < 15 )); then echo "== $2 skipped: the budget is spent" | tee -a "$OUT/summary.txt" >&2; return 1; fi
+  echo $(( $1 < left ? $1 : left ))
+}
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; "$PY" -c "import torch;print('torch', torch.__version__, torch.version.cuda)"; } \
   2>&1 | tee "$OUT/env.txt"
@@ -69,7 +79,7 @@ if [[ "$skip" != *tests* ]]; then
   # LATENTMOE_REQUIRE_GPU=1: the run fails (conftest) if torch sees no usable GPU, instead of
   # skipping every CUDA case; LATENTMOE_EXPECT_CUDA=1: every op must have a CUDA kernel.
   xdist=""; "$PY" -c "import xdist" 2>/dev/null && xdist="-n 4"
-  (cd tests && LATENTMOE_REQUIRE_GPU=1 LATENTMOE_EXPECT_CUDA=1 timeout 150 "$PY" -m pytest -q -k "cuda and not emulation" $xdist -rfE --tb=short \
+  t=$(cap 150 tests) && (cd tests && LATENTMOE_REQUIRE_GPU=1 LATENTMOE_EXPECT_CUDA=1 timeout "$t" "$PY" -m pytest -q -k "cuda and not emulation" $xdist -rfE --tb=short \
      --durations=10 -p no:cacheprovider --continue-on-collection-errors . ) >"$OUT/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$OUT/summary.txt"
   tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
@@ -77,28 +87,28 @@ fi
 
 if [[ "$skip" != *sanitizer* ]]; then
   stage "compute-sanitizer memcheck"
-  timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" bench/gpu_smoke.py >"$OUT/sanitizer.log" 2>&1 || status=1
+  t=$(cap 90 memcheck) && timeout "$t" compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" bench/gpu_smoke.py >"$OUT/sanitizer.log" 2>&1 || status=1
   tail -5 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
 fi
 
 if [[ "$skip" != *racecheck* ]]; then
   stage "compute-sanitizer racecheck (shared-memory hazards)"
-  timeout 90 compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 3 "$PY" bench/gpu_smoke.py \
+  t=$(cap 90 racecheck) && timeout "$t" compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 3 "$PY" bench/gpu_smoke.py \
     >>"$OUT/sanitizer.log" 2>&1 || status=1
   tail -3 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
 fi
 
 if [[ "$skip" != *bench* ]]; then
   stage "benchmarks"
-  timeout 220 "$PY" bench/run.py --device cuda --full --out "$OUT" >"$OUT/bench.log" 2>&1 || status=1
-  tail -40 "$OUT/bench.log"
+  t=$(cap 220 bench) && timeout "$t" "$PY" bench/run.py --device cuda --full --out "$OUT" >"$OUT/bench.log" 2>&1 || status=1
+  tail -40 "$OUT/bench.log" 2>/dev/null
 fi
 
 if [[ "$skip" != *ncu* ]] && command -v ncu >/dev/null; then
   stage "Nsight Compute (latentmoe kernels of bench/gpu_profile.py)"
   # --clock-control none: leave the card's clocks as they are (see the device notes).
   # --launch-skip 0: every matching launch from the first, both calls of each op (gpu_profile.py).
-  timeout 60 ncu --clock-control none --kernel-name-base demangled \
+  t=$(cap 60 ncu) && timeout "$t" ncu --clock-control none --kernel-name-base demangled \
     --kernel-name regex:"mla_decode|grouped|combine" --launch-skip 0 --launch-count 24 \
     --section SpeedOfLight --section Occupancy --section LaunchStats \
     "$PY" bench/gpu_profile.py >"$OUT/ncu.txt" 2>&1 || echo "ncu failed or timed out (see ncu.txt)" | tee -a "$OUT/summary.txt"

@@ -132,7 +132,7 @@ class MoEExperts(nn.Module):
         """Whether the weights are still those ``stamp`` (from :meth:`_stamp`) was taken of."""
         now = self._stamp()
         return stamp[0] == now[0] and all(
-            old[0]() is not None and old[0]() is new[0]() and old[1:] == new[1:]
+            old[0]() is new[0]() and old[1:] == new[1:]  # a dead weakref is None, never a live storage
             for old, new in zip(stamp[1:], now[1:]))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
