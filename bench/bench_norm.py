@@ -6,7 +6,7 @@ import torch
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
 import latentmoe
-from bench.common import ratio_row, read_bandwidth_gbs, row, time_ms
+from bench.common import check_close, ratio_row, read_bandwidth_gbs, row, time_ms
 
 
 def run(device: str, quick: bool) -> list[dict]:
@@ -22,6 +22,11 @@ def run(device: str, quick: bool) -> list[dict]:
             hf = DeepseekV3RMSNorm(hidden).to(device=device, dtype=dtype)
             ours = latentmoe.nn.RMSNorm(hidden).to(device=device, dtype=dtype)
             with torch.no_grad():
+                # Outputs checked once before timing (OutputMismatch fails the family).
+                check_close(f"rms_norm {dt} T={tokens}", ours(x), hf(x))
+                normed, summed = ours(x, r)
+                check_close(f"add_rms_norm {dt} T={tokens} (normed)", normed, hf(x + r))
+                check_close(f"add_rms_norm {dt} T={tokens} (sum)", summed, x + r)
                 t_hf = time_ms(lambda: hf(x), device, min_time_s=0.2)
                 t_ours = time_ms(lambda: ours(x), device, min_time_s=0.2)
                 t_hf_add = time_ms(lambda: hf(x + r), device, min_time_s=0.2)
