@@ -682,7 +682,7 @@ def emulated_append(exe, tmp_path, cache, latent, k_pe, w, eps, cos, sin, lens, 
     if is_paged:
         payload += table.numpy().astype(np.int32).tobytes()
     buf, launches = _run(exe, "append", payload, tmp_path, order)
-    assert launches == [(B * S, 1, 1, 128, 4 * R * 4, 32 * 4)]
+    assert launches == [(B * S, 1, 1, 128, 0, 32 * 4)]  # no dynamic shared memory: any R
     return _from_raw(buf, cache.dtype, tuple(cache.shape))
 
 
@@ -763,6 +763,22 @@ def test_append_matches_cpu_op_and_writes_only_targets(harness, tmp_path, name, 
     else:  # the block reduction sums in another order: at most one rounding step apart
         ulp = torch.finfo(dtype).eps
         torch.testing.assert_close(got[target].float(), want[target].float(), rtol=ulp, atol=ulp)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_append_any_rope_dim(harness, tmp_path, interleave):
+    # R = 4096: a staging buffer of 4 R floats (64 KiB) in shared memory was over the 48 KiB a
+    # launch gets without opting in, and the launch failed.
+    B, S, C, R = 1, 2, 24, 4096
+    cache, latent, k_pe, w, cos, sin, lens, table = append_problem(
+        B, S, C, R, [3], 8, 0, torch.float32, seed=11
+    )
+    got = emulated_append(harness, tmp_path, cache, latent, k_pe, w, 1e-6, cos, sin, lens, table, interleave)
+    want = cache.clone()
+    mla_append_cache(want, latent, k_pe, w, 1e-6, cos, sin, lens, block_table=table, rope_interleave=interleave)
+    target = _target_mask(cache, lens, S, table)
+    assert torch.equal(got[~target].view(torch.int32), cache[~target].view(torch.int32))
+    torch.testing.assert_close(got[target], want[target], rtol=1e-6, atol=1e-6)
 
 
 def test_append_thread_order_independent(harness, tmp_path):

@@ -52,20 +52,29 @@ LMOE_HD float merge_weight(float m_i, float l_i, float m_max) {
 }
 
 // HF RoPE for one rotary pair index i of a vector of R (= 2*half) values, reading x with
-// `x(k)` and the full cos/sin rows (HF's cat(freqs, freqs) layout, length R).
-// interleave: pair (x[2i], x[2i+1]) with cos[i], sin[i]; results go to out[i] and out[half + i].
-// rotate_half: out[i] = x[i] cos[i] - x[half+i] sin[i]; out[half+i] = x[half+i] cos[half+i] + x[i] sin[half+i].
+// `x(k)`, cos with `cs(k)` and sin with `sn(k)` (the full cos/sin rows, HF's cat(freqs, freqs)
+// layout, length R); the results are the values for positions i and half + i.
+// interleave: pair (x[2i], x[2i+1]) with cos[i], sin[i].
+// rotate_half: lo = x[i] cos[i] - x[half+i] sin[i]; hi = x[half+i] cos[half+i] + x[i] sin[half+i].
+// The accessors let a caller read straight from memory of any dtype (the CUDA append kernel: no
+// staging buffer, so any R), or from float rows (rope_pair below).
+template <typename X, typename Cs, typename Sn>
+LMOE_HD void rope_pair_at(const X& x, const Cs& cs, const Sn& sn, int64_t half, int64_t i, bool interleave,
+                          float* lo, float* hi) {
+  if (interleave) {
+    math::rope_rotate(x(2 * i), x(2 * i + 1), cs(i), sn(i), lo, hi);
+  } else {
+    const float x1 = x(i), x2 = x(half + i);
+    *lo = x1 * cs(i) - x2 * sn(i);
+    *hi = x2 * cs(half + i) + x1 * sn(half + i);
+  }
+}
+
+// rope_pair_at on float rows x, cos, sin of length R; results go to out[i] and out[half + i].
 LMOE_HD void rope_pair(const float* x, const float* cos, const float* sin, int64_t half, int64_t i,
                        bool interleave, float* out) {
-  if (interleave) {
-    float o1, o2;
-    math::rope_rotate(x[2 * i], x[2 * i + 1], cos[i], sin[i], &o1, &o2);
-    out[i] = o1;
-    out[half + i] = o2;
-  } else {
-    out[i] = x[i] * cos[i] - x[half + i] * sin[i];
-    out[half + i] = x[half + i] * cos[half + i] + x[i] * sin[half + i];
-  }
+  rope_pair_at([x](int64_t k) { return x[k]; }, [cos](int64_t k) { return cos[k]; },
+               [sin](int64_t k) { return sin[k]; }, half, i, interleave, &out[i], &out[half + i]);
 }
 
 }  // namespace latentmoe::mla

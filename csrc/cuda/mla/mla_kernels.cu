@@ -900,7 +900,6 @@ cudaError_t decode_typed(DType dtype, const MlaDecodeArgs& a, cudaStream_t strea
 
 template <typename T>
 __global__ void mla_append_kernel(MlaAppendArgs a) {
-  extern __shared__ float sm[];  // x, cos, sin, out: 4 * R floats
   __shared__ float scratch[32];
   const int64_t bs = blockIdx.x, b = bs / a.S, s = bs % a.S;
   const int64_t C = a.C, R = a.R, D = C + R;
@@ -921,27 +920,28 @@ __global__ void mla_append_kernel(MlaAppendArgs a) {
     const float y = to_float(from_float<T>(to_float(latent[c]) * rstd));
     dst[c] = from_float<T>(y * to_float(w[c]));
   }
-  float* x = sm;
-  float* cs = x + R;
-  float* sn = cs + R;
-  float* o = sn + R;
-  for (int64_t i = threadIdx.x; i < R; i += blockDim.x) {
-    x[i] = to_float(static_cast<const T*>(a.k_pe)[bs * R + i]);
-    cs[i] = to_float(static_cast<const T*>(a.cos)[bs * R + i]);
-    sn[i] = to_float(static_cast<const T*>(a.sin)[bs * R + i]);
+  // RoPE of k_pe read straight from global memory, one rotary pair per thread iteration (no
+  // staging buffer, no shared memory: any R fits). Pair i writes positions i and half + i.
+  const T* x = static_cast<const T*>(a.k_pe) + bs * R;
+  const T* cs = static_cast<const T*>(a.cos) + bs * R;
+  const T* sn = static_cast<const T*>(a.sin) + bs * R;
+  const auto xf = [x](int64_t k) { return to_float(x[k]); };
+  const auto cf = [cs](int64_t k) { return to_float(cs[k]); };
+  const auto sf = [sn](int64_t k) { return to_float(sn[k]); };
+  const int64_t half = R / 2;
+  for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
+    float lo, hi;
+    mla::rope_pair_at(xf, cf, sf, half, i, a.interleave, &lo, &hi);
+    dst[C + i] = from_float<T>(lo);
+    dst[C + half + i] = from_float<T>(hi);
   }
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < R / 2; i += blockDim.x) mla::rope_pair(x, cs, sn, R / 2, i, a.interleave, o);
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < R; i += blockDim.x) dst[C + i] = from_float<T>(o[i]);
 }
 
 template <typename T>
 cudaError_t append_typed(const MlaAppendArgs& a, cudaStream_t stream) {
   if (a.B * a.S == 0) return cudaSuccess;
   if (a.B * a.S > 0x7fffffff) return cudaErrorInvalidConfiguration;  // one block per token
-  const size_t smem = 4 * static_cast<size_t>(a.R) * sizeof(float);
-  mla_append_kernel<T><<<static_cast<unsigned>(a.B * a.S), 128, smem, stream>>>(a);
+  mla_append_kernel<T><<<static_cast<unsigned>(a.B * a.S), 128, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
