@@ -251,6 +251,23 @@ def test_capacity_overflow_is_refused_and_writes_nothing():
         assert cache.get_seq_length(layer) == 8 and cache.lengths(layer) == [8, 6]
 
 
+def test_overflow_of_a_later_layer_is_refused_before_the_first_is_written():
+    # Layers trimmed apart: layer 0 has room for the step, layer 1 does not. The step must raise
+    # before layer 0 is written (it was advanced, then layer 1 raised: the layers disagreed).
+    cfg, hf, ours = _models("sdpa")
+    ids, mask = _prompts(8, [0, 0])
+    cache = _cache(cfg, 2, 8)
+    with torch.no_grad():
+        ours(ids, attention_mask=mask, cache=cache)
+        cache.trim([5, 4], layer_idx=0)
+        kv0 = cache.kv[0].clone()
+        with pytest.raises(ValueError, match="layer 1 would hold 9 tokens but capacity is 8"):
+            ours(ids[:, :1], cache=cache)
+    assert cache.lengths(0) == [5, 4] and cache.get_seq_length(0) == 5
+    assert cache.lengths(1) == [8, 8] and cache.get_seq_length(1) == 8
+    assert torch.equal(cache.kv[0], kv0)
+
+
 def test_refusals():
     cfg, hf, ours = _models("sdpa")
     ids, mask = _prompts(6, [0, 2])

@@ -247,15 +247,18 @@ class LatentKVCache:
             self._skipped[layer] = False
 
     def reserve(self, layer_idx: int, n_new: int) -> None:
-        """Raise ValueError if ``n_new`` more tokens per row would not fit."""
+        """Raise ValueError if ``n_new`` more tokens per row would not fit in ``layer_idx``. A model
+        steps its layers in order with the same tokens, so layer 0 checks every layer: a step that
+        would overflow any layer (layers :meth:`trim`-med apart) raises before layer 0 is written."""
         self._layer(layer_idx)
-        need = max(self._host_lens[layer_idx]) + n_new
-        if need > self.capacity:
-            raise ValueError(
-                f"LatentKVCache: layer {layer_idx} would hold {need} tokens but capacity is {self.capacity} "
-                "(for generate: at least the padded prompt length + max_new_tokens - 1, plus the draft length "
-                "with assisted decoding)"
-            )
+        for layer in range(len(self.kv)) if layer_idx == 0 else (layer_idx,):
+            need = max(self._host_lens[layer]) + n_new
+            if need > self.capacity:
+                raise ValueError(
+                    f"LatentKVCache: layer {layer} would hold {need} tokens but capacity is {self.capacity} "
+                    "(for generate: at least the padded prompt length + max_new_tokens - 1, plus the draft "
+                    "length with assisted decoding)"
+                )
 
     def advance(self, layer_idx: int, n_new, positions: int | None = None) -> None:
         """Count appended tokens in ``layer_idx``: ``n_new`` (an int) in every row, the device lengths
