@@ -353,6 +353,40 @@ def test_module_padding_in_a_later_step():
     assert c_mine.lengths(0) == [7, 5] and c_mine.get_seq_length(0) == 7
 
 
+def test_crop_stops_at_padding_between_real_tokens():
+    # Padding between a row's real tokens of one step (a continued batch's new left-padded turn):
+    # crop() may give back only the positions after the step's last padding. It took the padding to
+    # come first in each row, allowed one position too many, and took a real token from the row.
+    cfg = make_config(heads=3, q_lora=24)
+    hf, mine = attention_pair(cfg)
+    B, T = 2, 7
+    keep = torch.ones(B, T, dtype=torch.bool)
+    keep[1, 4:6] = False  # row 1, second step (positions 3..6): token, 2 padding, token
+    pos = (keep.long().cumsum(1) - 1).clamp_min(0)
+    x = torch.randn(B, T + 1, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    c_hf, c_mine = hf_cache(cfg), LatentKVCache(1, B, 9, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    for lo, hi in ((0, 3), (3, T)):
+        mask = causal_additive_mask(B, hi - lo, lo).masked_fill(~keep[:, None, None, :hi], torch.finfo().min)
+        with torch.no_grad():
+            hf(x[:, lo:hi], rope_embeddings(cfg, pos[:, lo:hi]), mask, cache=c_hf)
+            mine(x[:, lo:hi], rope_embeddings(cfg, pos[:, lo:hi]), mask, cache=c_mine)
+    assert c_mine.lengths(0) == [7, 5]
+    with pytest.raises(ValueError, match="can give back only its last 1 of 7 positions"):
+        c_mine.crop(-2)
+    assert c_mine.lengths(0) == [7, 5] and c_mine.get_seq_length(0) == 7
+    c_mine.crop(-1)
+    c_hf.crop(-1)
+    assert c_mine.lengths(0) == [6, 4] and c_mine.get_seq_length(0) == 6
+    # The next token at position 6 again: the same attention as HF's cropped cache.
+    keep = torch.cat([keep[:, :6], torch.ones(B, 1, dtype=torch.bool)], dim=1)
+    mask = causal_additive_mask(B, 1, 6).masked_fill(~keep[:, None, None, :], torch.finfo().min)
+    pe = rope_embeddings(cfg, (keep.long().cumsum(1) - 1)[:, -1:])
+    with torch.no_grad():
+        want, _ = hf(x[:, T:], pe, mask, cache=c_hf)
+        got, _ = mine(x[:, T:], pe, mask, cache=c_mine)
+    assert rel_err(got, want) <= 1e-4
+
+
 @pytest.mark.parametrize("hooked", [False, True])  # fused kernels / decompressed K/V (SDPA)
 @pytest.mark.parametrize("page_size", [None, 1, 5])
 def test_module_random_padding_patterns(hooked, page_size):
@@ -421,6 +455,16 @@ def test_advance_takes_index_like_counts_and_empty_steps_are_refused():
     cache.advance(0, np.int64(2))
     cache.advance(0, torch.tensor(1))
     assert cache.lengths(0) == [3, 3] and cache.get_seq_length(0) == 3
+    for bad in (4, -2, 0):  # out of range; 0 leaves 3 positions after it, but row 1 got only 2 tokens
+        with pytest.raises(ValueError, match="'last_padding' must be in"):
+            cache.advance(0, [4, 2], positions=4, last_padding=bad)
+    assert cache.lengths(0) == [3, 3] and cache.get_seq_length(0) == 3
+    cache.advance(0, [4, 2], positions=4, last_padding=1)
+    assert cache.lengths(0) == [7, 5] and cache.get_seq_length(0) == 7
+    with pytest.raises(ValueError, match="can give back only its last 2 of 7"):
+        cache.crop(-3)
+    cache.reset()
+    cache.advance(0, np.int64(3))
     attn = ours.model.layers[0].self_attn
     x = torch.zeros(2, 0, cfg.hidden_size)
     pe = rope_embeddings(cfg, torch.zeros(2, 0, dtype=torch.long))

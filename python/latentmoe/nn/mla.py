@@ -260,11 +260,15 @@ class LatentKVCache:
                     "length with assisted decoding)"
                 )
 
-    def advance(self, layer_idx: int, n_new, positions: int | None = None) -> None:
+    def advance(self, layer_idx: int, n_new, positions: int | None = None,
+                last_padding: int | None = None) -> None:
         """Count appended tokens in ``layer_idx``: ``n_new`` (an int) in every row, the device lengths
         grown in place, so a decode step captured in a CUDA graph advances them on every replay; or
         ``n_new[b]`` in row ``b`` (B ints) for a step of ``positions`` new tokens whose others were
-        padding (each row's real tokens first in its slots, its padding after)."""
+        padding (each row's real tokens first in its slots, its padding after). ``last_padding``:
+        the step's last position (0-based) that is padding in some row; by default each row's
+        padding is taken to come before its tokens (``positions - min(n_new) - 1``). Only the
+        positions after it, real in every row, may be given back by :meth:`crop`."""
         seen = self._seen[layer_idx]
         try:
             n = operator.index(n_new)  # an int, a numpy integer, a 0-d integer tensor
@@ -282,12 +286,18 @@ class LatentKVCache:
                 f"LatentKVCache.advance: per-row 'n_new' needs {self.batch_size} entries in [0, positions], "
                 f"got {counts} with positions={positions}"
             )
+        if last_padding is None:
+            last_padding = positions - min(counts) - 1  # each row's padding before its tokens
+        elif not -1 <= last_padding < positions or positions - 1 - last_padding > min(counts):
+            raise ValueError(
+                f"LatentKVCache.advance: 'last_padding' must be in [-1, positions) with at most min(n_new) "
+                f"positions after it, got {last_padding} with positions={positions}, n_new={counts}"
+            )
         lens = self.seqlens[layer_idx]
         lens.add_(torch.tensor(counts, dtype=torch.int32).to(lens.device))
         self._host_lens[layer_idx] = [n + c for n, c in zip(self._host_lens[layer_idx], counts)]
-        padding = positions - min(counts)  # the longest run of padding, each row's before its tokens
-        if padding:
-            self._dense_from[layer_idx] = seen + padding
+        if last_padding >= 0:
+            self._dense_from[layer_idx] = seen + last_padding + 1
             self._skipped[layer_idx] = True
         self._seen[layer_idx] = seen + positions
 
@@ -815,7 +825,11 @@ class MultiHeadLatentAttention(nn.Module):
         if keep is None:
             cache.advance(layer, S)
         else:
-            cache.advance(layer, n_keep.tolist(), positions=S)
+            # The last position that is padding in some row: crop() may give back only those after
+            # it (padding may sit between a row's real tokens: a continued batch's new turn).
+            padded = (~keep).any(0).nonzero()
+            cache.advance(layer, n_keep.tolist(), positions=S,
+                          last_padding=int(padded[-1]) if padded.numel() else -1)
         if fused:  # (the CPU: no CUDA-graph capture)
             out = self._fused_decode(
                 q, cos, sin, cache.kv[layer], cache.seqlens[layer], cache.block_table,
