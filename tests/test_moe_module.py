@@ -157,6 +157,58 @@ def test_load_counts_and_update_bias():
     torch.testing.assert_close(ours.gate.e_score_correction_bias, ref.update_bias(want, load, 0.001))
 
 
+def test_no_grad_forwards_in_training_mode_are_not_training_steps():
+    # HF generate runs under no_grad in the model's own mode: a model in train() mode generating
+    # between steps (sampling callbacks, RL rollouts) counted the generated tokens towards the bias
+    # update and replaced aux_loss with one without a graph.
+    ours, _ = _pair("v3", aux_loss_alpha=0.01)
+    ours.train()
+    x = torch.randn(2, 5, 40)
+    ours(x)
+    counts, aux = ours.load_counts.clone(), ours.aux_loss
+    assert int(counts.sum()) == 2 * 5 * 4 and aux.requires_grad
+    with torch.no_grad():
+        ours(torch.randn(3, 40))
+    assert torch.equal(ours.load_counts, counts) and int(ours.last_load.sum()) == 3 * 4
+    assert ours.aux_loss is None
+    with torch.inference_mode():
+        ours(torch.randn(3, 40))
+    assert torch.equal(ours.load_counts, counts) and ours.aux_loss is None
+
+
+def test_balancing_settings_are_checked():
+    for kw in ({"aux_loss_alpha": -0.01}, {"aux_loss_alpha": float("nan")}, {"bias_update_speed": -1e-3},
+               {"bias_update_speed": float("inf")}):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=f"'{name}' must be finite and >= 0"):
+            _pair("v3", **kw)
+    ours, _ = _pair("v3")
+    ours(torch.randn(5, 40))
+    counts, bias = ours.load_counts.clone(), ours.gate.e_score_correction_bias.clone()
+    for gamma in (-1e-3, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="'gamma' must be finite and >= 0"):
+            ours.update_bias(gamma=gamma)
+    load = torch.ones(16)
+    load[3] = float("nan")
+    with pytest.raises(ValueError, match="'load' holds NaN or inf"):
+        ours.update_bias(load)
+    # Nothing changed by the refused calls (the counts were not reset).
+    assert torch.equal(ours.load_counts, counts) and torch.equal(ours.gate.e_score_correction_bias, bias)
+
+
+def test_update_bias_compares_large_counts_exactly():
+    # Counts above 2^24 (global counts, long accumulations) were compared in fp32: 2^24 + 1 rounded
+    # to the mean, and that expert got no step.
+    ours, _ = _pair("v3")
+    load = torch.full((16,), 2**24, dtype=torch.int64)
+    load[0], load[1] = 2**24 + 1, 2**24 - 1
+    bias0 = ours.gate.e_score_correction_bias.clone()
+    ours.update_bias(load, gamma=1.0)
+    step = torch.zeros(16)
+    step[0], step[1] = -1.0, 1.0
+    assert torch.equal(ours.gate.e_score_correction_bias, bias0 + step)
+
+
 def test_rejects_non_silu():
     cfg = hf_config("v3")
     cfg.hidden_act = "gelu"
@@ -488,9 +540,12 @@ def test_made_under_inference_mode_runs_outside_it():
     x = torch.randn(5, CONFIGS["v3"]["hidden_size"])
     with torch.no_grad():
         assert rel_err(ours(x), theirs(x)) <= 1e-4
-        ours.train()  # (eval forwards do not count)
-        ours(x)
-        ours(x)
+        ours.train()
+        ours(x)  # no graph built: not a training step, not counted
+        assert int(ours.load_counts.sum()) == 0
+        xg = x.clone().requires_grad_()  # as reentrant checkpointing's first run: counted
+        ours(xg)
+        ours(xg)
     assert int(ours.load_counts.sum()) == 2 * 5 * ours.top_k
     ours.update_bias()
     assert int(ours.load_counts.sum()) == 0

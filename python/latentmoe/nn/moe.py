@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import warnings
 import weakref
@@ -238,11 +239,17 @@ class MoE(nn.Module):
         bias_update_speed: gamma of the aux-loss-free bias update (default 0.001).
 
     After each forward: ``last_load`` (``[E]`` int64 tokens per expert), ``load_counts``
-    (accumulated over training-mode forwards since the last ``update_bias``: eval-mode forwards,
-    e.g. validation or ``generate`` between training steps, set ``last_load`` only, so the
-    aux-loss-free update balances the training batches, as DeepSeek-V3's does) and, in training
-    with ``aux_loss_alpha > 0``,
-    ``aux_loss`` (0-d fp32, differentiable w.r.t. the router weight). Under activation
+    (accumulated over training steps since the last ``update_bias``: forwards in training mode
+    that build a graph, i.e. with grad mode on or inputs that require grad. Eval-mode forwards
+    and no-grad ones, e.g. validation or ``generate`` between training steps, which runs under
+    no_grad in whatever mode the model is in, set ``last_load`` only, so the aux-loss-free update
+    balances the training batches, as DeepSeek-V3's does) and, after a training step with
+    ``aux_loss_alpha > 0``, ``aux_loss`` (0-d fp32, differentiable w.r.t. the router weight;
+    None after other forwards). The balance loss is ``alpha * E * sum_i f_i P_i`` (per sequence
+    and averaged with ``seq_aux``): ``f_i`` the share of the k picks made (biased and
+    group-limited selection, as DeepSeek's code) that went to expert i, ``P_i`` the mean over
+    tokens of the token's scores normalised to sum 1 (V3's s', for sigmoid scoring too). Padding
+    tokens count like any other (the module takes no mask, as HF's). Under activation
     checkpointing, the recomputation during backward leaves them as the forward set them (loads
     counted once). Reentrant checkpointing (``use_reentrant=True``) runs the forward without
     autograd, so ``aux_loss`` then has no gradient: use the non-reentrant kind (HF's default).
@@ -253,7 +260,8 @@ class MoE(nn.Module):
     update every rank's bias from the global load. ``aux_loss`` is computed over each rank's own
     tokens: the expert-level loss is then the per-rank (per-device) balance loss, not the loss of
     the concatenated batch (its load x probability product is not linear across ranks); the
-    sequence-wise one (``seq_aux``) is the same either way.
+    sequence-wise one (``seq_aux``) averaged over ranks equals the single-process figure when every
+    rank has the same number of sequences.
     HF's ``output_router_logits`` records HF's own router class by hooks: with this module swapped
     into an HF model it comes back empty.
     """
@@ -283,7 +291,10 @@ class MoE(nn.Module):
             aux_loss_alpha if aux_loss_alpha is not None else getattr(config, "aux_loss_alpha", 0.0)
         )
         self.seq_aux = bool(seq_aux if seq_aux is not None else getattr(config, "seq_aux", False))
-        self.bias_update_speed = bias_update_speed
+        self.bias_update_speed = float(bias_update_speed)
+        for name, value in (("aux_loss_alpha", self.aux_loss_alpha), ("bias_update_speed", self.bias_update_speed)):
+            if not math.isfinite(value) or value < 0:  # (a negative speed moves biases away from balance)
+                raise ValueError(f"latentmoe.nn.MoE: '{name}' must be finite and >= 0, got {value!r}")
         inter = config.moe_intermediate_size
         for field, value in (("hidden_size", self.hidden_size), ("moe_intermediate_size", inter),
                              ("n_routed_experts", self.num_experts)):
@@ -382,16 +393,21 @@ class MoE(nn.Module):
         # Activation checkpointing's second run keeps the figures of the first (it still computes the
         # balance loss: non-reentrant checkpointing checks that both runs save the same tensors).
         recompute = _recomputing()
+        # A training step: training mode and a graph being built (grad mode on, or reentrant
+        # checkpointing's first run: no grad mode, but inputs that require grad). HF's generate
+        # keeps the model's mode (a model in train() generates in training mode) but runs under
+        # no_grad: its tokens neither count towards the bias update nor replace aux_loss.
+        step = self.training and (torch.is_grad_enabled() or hidden_states.requires_grad)
         if not recompute:
             with torch.no_grad():  # counts without bincount (which reads its max back to the host)
                 flat = indices.reshape(-1)
                 load = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device).index_add_(
                     0, flat, torch.ones_like(flat))
                 self.last_load = load
-                if self.training:  # the bias update balances training batches, not eval / generate
+                if step:  # the bias update balances training batches, not eval / generate
                     self.load_counts += load
         aux_loss = None
-        if self.training and self.aux_loss_alpha > 0:
+        if step and self.aux_loss_alpha > 0:
             if self.seq_aux and len(shape) not in (2, 3):
                 raise ValueError(
                     "latentmoe.nn.MoE: seq_aux needs hidden_states [B, S, hidden] (sequences) or "
@@ -423,9 +439,10 @@ class MoE(nn.Module):
         """Aux-loss-free balancing: ``bias += gamma * sign(mean(load) - load)``.
 
         Args:
-            load: ``[E]`` tokens per expert; default the ``load_counts`` accumulated since the
-                last call (which are then reset).
-            gamma: update speed; default ``bias_update_speed``.
+            load: ``[E]`` tokens per expert (counts; finite, not NaN); default ``load_counts``:
+                the counts of the training steps since the last call that used them (they are
+                then reset; a call with an explicit ``load`` leaves them).
+            gamma: update speed (finite, >= 0); default ``bias_update_speed``.
             group: under data parallelism, a ``torch.distributed`` process group (e.g.
                 ``torch.distributed.group.WORLD``): ``load`` is summed over it first (an
                 ``all_reduce``, a collective every rank of the group must call), so every rank
@@ -433,6 +450,9 @@ class MoE(nn.Module):
                 and ranks whose batches differ drift apart (DDP's default ``broadcast_buffers``
                 then copies rank 0's bias into every rank at its next forward).
         """
+        gamma = self.bias_update_speed if gamma is None else float(gamma)
+        if not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"MoE.update_bias: 'gamma' must be finite and >= 0, got {gamma!r}")
         if load is None:
             load = self.load_counts.clone()
             if self.load_counts.is_inference() and not torch.is_inference_mode_enabled():
@@ -443,13 +463,16 @@ class MoE(nn.Module):
             raise ValueError(
                 f"MoE.update_bias: 'load' must have shape ({self.num_experts},), got {tuple(load.shape)}"
             )
+        if load.is_floating_point() and not bool(torch.isfinite(load).all()):  # (counts: no host sync)
+            raise ValueError("MoE.update_bias: 'load' holds NaN or inf (sign(NaN) is 0: no update at all)")
         if group is not None:
             import torch.distributed as dist
 
-            load = load.to(torch.float32 if load.is_floating_point() else torch.int64).clone()  # not the caller's
+            load = load.to(torch.float64 if load.is_floating_point() else torch.int64).clone()  # not the caller's
             dist.all_reduce(load, op=dist.ReduceOp.SUM, group=group)
-        load = load.to(torch.float32)
-        gamma = self.bias_update_speed if gamma is None else gamma
+        # Compared in float64: fp32 rounds counts above 2^24 (global counts, long accumulations),
+        # and an expert just off the mean got sign 0.
+        load = load.to(torch.float64)
         bias = self.gate.e_score_correction_bias
         if bias.is_inference() and not torch.is_inference_mode_enabled():  # as load_counts in forward
             bias = self.gate.e_score_correction_bias = bias.clone()
