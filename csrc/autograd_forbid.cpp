@@ -71,7 +71,32 @@ std::string why(const c10::OperatorHandle& handle) {
   return "latentmoe." + op + ": " + text;
 }
 
+// Forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad): no latentmoe op has a
+// forward derivative. A dual input (a tangent, no requires_grad) took the no-gradient path, and
+// the outputs came back without a tangent: a zero jvp, silently. Raised instead, naming the op.
+void refuse_forward_ad(const c10::OperatorHandle& op, const torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  const auto first = stack->end() - static_cast<std::ptrdiff_t>(args.size());
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::IValue& v = *(first + static_cast<std::ptrdiff_t>(i));
+    if (!v.isTensor() || !v.toTensor().defined() || !v.toTensor()._fw_grad(/*level=*/0).defined()) continue;
+    TORCH_CHECK(false, "latentmoe.", short_name(op), ": argument '", args[i].name(),
+                "' carries a forward-mode tangent, but the op has no forward derivative (torch.func.jvp / "
+                "jacfwd and torch.autograd.forward_ad are not supported; its tangent would be dropped): "
+                "use reverse mode (torch.autograd.grad, .backward(), torch.func.vjp)");
+  }
+}
+
+// ADInplaceOrView kernel of the ops with a backward (their Python autograd kernel sends calls
+// without requires_grad inputs, dual ones included, below autograd): refuse_forward_ad, then on.
+void forward_ad_check_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  refuse_forward_ad(op, stack);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+}
+
 void forbid_backward_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  refuse_forward_ad(op, stack);
   const size_t n_args = op.schema().arguments().size();
   const size_t n_out = op.schema().returns().size();
   std::vector<at::Tensor> inputs;
@@ -104,6 +129,7 @@ void forbid_backward_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet k
 // tracks (kv_cache itself). Under torch.no_grad() the op just runs, as torch's in-place ops do.
 // Its ADInplaceOrView kernel (below) bumps kv_cache's version counter.
 void mutating_no_grad_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  refuse_forward_ad(op, stack);
   if (at::GradMode::is_enabled()) {
     const auto& args = op.schema().arguments();
     const auto first = stack->end() - static_cast<std::ptrdiff_t>(args.size());
@@ -153,6 +179,8 @@ void bump_written_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, 
 
 TORCH_LIBRARY_IMPL(latentmoe, ADInplaceOrView, m) {
   m.impl("mla_append_cache", torch::CppFunction::makeFromBoxedFunction<&bump_written_kernel>());
+  for (const char* op : {"rms_norm", "add_rms_norm", "mla_prefill", "moe_route", "moe_experts"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&forward_ad_check_kernel>());
 }
 
 TORCH_LIBRARY_IMPL(latentmoe, Autograd, m) {

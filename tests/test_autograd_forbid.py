@@ -132,3 +132,43 @@ def test_append_cache_inference_tensor():
     normal = torch.zeros(1, 8, 20)
     _append(normal)  # a normal tensor made outside inference mode is fine outside it
     assert normal._version == 1
+
+
+def _forward_ad_calls():
+    """(name, call(dual) -> None): each op called with one input made dual by ``dual``."""
+    E, H, I, T = 3, 8, 6, 5
+    seq6 = torch.tensor([6], dtype=torch.int32)
+    calls = {
+        "rms_norm": lambda d: ops.rms_norm(d(torch.randn(3, 16)), torch.randn(16)),
+        "add_rms_norm": lambda d: ops.add_rms_norm(torch.randn(3, 16), d(torch.randn(3, 16)), torch.randn(16)),
+        "mla_prefill": lambda d: ops.mla_prefill(d(torch.randn(1, 2, 2, 4)), torch.randn(1, 2, 2, 2),
+                                                 torch.randn(1, 4, 6), torch.tensor([4], dtype=torch.int32),
+                                                 torch.randn(2, 4, 4), torch.randn(2, 3, 4), 0.3),
+        "moe_route": lambda d: ops.moe_route(d(torch.randn(T, 8)), 2),
+        "moe_experts": lambda d: ops.moe_experts(torch.randn(T, H), torch.randn(E, 2 * I, H), torch.randn(E, H, I),
+                                                 d(torch.rand(T, 2)), torch.randint(0, E, (T, 2))),
+        "linear_small": lambda d: ops.linear_small(d(torch.randn(2, 7)), torch.randn(3, 7)),
+        "linear_f32": lambda d: ops.linear_f32(torch.randn(20, 7), d(torch.randn(3, 7))),
+        "bmm_small": lambda d: ops.bmm_small(torch.randn(2, 3, 5), d(torch.randn(2, 5, 4))),
+        "mla_decode": lambda d: ops.mla_decode(torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 8),
+                                               d(torch.randn(1, 6, 24)), seq6, 0.3),
+        "mla_decode_absorbed": lambda d: ops.mla_decode_absorbed(
+            d(torch.randn(1, 1, 2, 12)), torch.randn(1, 1, 8), torch.randn(1, 1, 8), torch.randn(16, 16),
+            torch.randn(1, 6, 24), seq6, 0.3, 4),
+        "moe_pack_weight": lambda d: ops.moe_pack_experts(d(torch.randn(E, 2 * I, H)), torch.randn(E, H, I)),
+        "mla_append_cache": lambda d: _append(torch.zeros(1, 8, 20), pe=d(torch.randn(1, 2, 4))),
+    }
+    return list(calls.items())
+
+
+@pytest.mark.parametrize("name,call", _forward_ad_calls(), ids=[n for n, _ in _forward_ad_calls()])
+def test_forward_mode_ad_raises(name, call):
+    # No op has a forward derivative: a dual input took the no-gradient path and the output came
+    # back without a tangent (torch.func.jvp gave zeros), silently.
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match=f"latentmoe.{name}: argument .* forward-mode tangent"):
+        call(lambda t: fwAD.make_dual(t, torch.randn_like(t)))
+    call(lambda t: t)  # without a tangent the call runs
+    with pytest.raises(RuntimeError, match="forward-mode tangent"):
+        torch.func.jvp(lambda x: ops.rms_norm(x, torch.ones(16)), (torch.randn(2, 16),), (torch.randn(2, 16),))
