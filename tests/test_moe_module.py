@@ -450,7 +450,8 @@ def test_to_empty_off_meta_restarts_the_counts():
 
 
 @pytest.mark.parametrize("assign", [False, True])
-def test_meta_init_then_load(assign):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_meta_init_then_load(assign, compiled):
     # Big-model loading: build on the meta device, then to_empty + load_state_dict, or
     # load_state_dict(assign=True). load_counts (not in the state_dict) must start from zeros.
     theirs = hf_moe("v3")
@@ -463,7 +464,10 @@ def test_meta_init_then_load(assign):
         ours.load_state_dict(theirs.state_dict())
         assert torch.equal(ours.load_counts, torch.zeros_like(ours.load_counts))
     x = torch.randn(9, CONFIGS["v3"]["hidden_size"])
-    assert rel_err(ours(x), theirs(x)) <= 1e-4
+    # Compiled: the meta counts are replaced in the graph too (they were repaired in eager
+    # forwards only, and the compiled first forward failed on a meta / cpu mismatch).
+    fwd = torch.compile(ours, fullgraph=True, backend="aot_eager") if compiled else ours
+    assert rel_err(fwd(x), theirs(x)) <= 1e-4
     assert ours.load_counts.device.type == "cpu"
     assert int(ours.load_counts.sum()) == 9 * ours.top_k
     assert torch.equal(ours.load_counts, ours.last_load)
@@ -529,6 +533,18 @@ def test_offloaded_weights_like_accelerate():
         x = torch.randn(*shape, CONFIGS["v3"]["hidden_size"])
         with torch.no_grad():
             assert rel_err(ours(x), theirs(x)) <= 1e-4
+
+
+def test_load_counts_are_a_normal_tensor_under_inference_mode():
+    # Built or moved under torch.inference_mode(): the counts stay a normal tensor, so a training
+    # forward outside it (compiled too: a compiled forward cannot test for inference tensors)
+    # can count into them in place.
+    with torch.inference_mode():
+        ours = MoE(hf_config("v3"))
+        assert not ours.load_counts.is_inference()
+        ours.to(torch.float32)
+        assert not ours.load_counts.is_inference()
+    ours.load_counts.add_(1)
 
 
 def test_made_under_inference_mode_runs_outside_it():

@@ -310,8 +310,11 @@ class MoE(nn.Module):
         self.last_load: torch.Tensor | None = None
         # A plain tensor attribute, not a buffer: DDP broadcasts rank 0's buffers into every rank at
         # each forward, which would overwrite each rank's own counts (see update_bias's group). _apply
-        # moves it with the module; it is not in the state_dict.
-        self.load_counts = torch.zeros(self.num_experts, dtype=torch.int64)
+        # moves it with the module; it is not in the state_dict. A normal tensor even when the
+        # module is built under torch.inference_mode() (an inference tensor cannot be counted into
+        # in place outside it, and a compiled forward cannot test for one).
+        with torch.inference_mode(False):
+            self.load_counts = torch.zeros(self.num_experts, dtype=torch.int64)
 
     def extra_repr(self) -> str:
         return (
@@ -342,9 +345,10 @@ class MoE(nn.Module):
         # copy or cast keeps them; garbage equal to the counts is the counts).
         super()._apply(fn, recurse)
         counts = self.load_counts
-        moved = fn(counts).to(torch.int64)
-        if not moved.is_meta and (counts.is_meta or not torch.equal(moved.to(counts.device), counts)):
-            moved.zero_()
+        with torch.inference_mode(False):  # (a normal tensor, as in __init__)
+            moved = fn(counts).to(torch.int64)
+            if not moved.is_meta and (counts.is_meta or not torch.equal(moved.to(counts.device), counts)):
+                moved.zero_()
         self.load_counts = moved
         return self
 
@@ -370,13 +374,14 @@ class MoE(nn.Module):
                 f"{list(shape)}"
             )
         x = hidden_states.reshape(-1, self.hidden_size)
-        if torch.compiler.is_compiling():
-            pass  # is_inference() cannot be traced: these two repairs happen in eager calls only
-        elif self.load_counts.is_meta:  # loaded with load_state_dict(assign=True) after meta init
+        # Repairs of load_counts (the first two in compiled forwards too: static facts the graph
+        # is guarded on).
+        if self.load_counts.is_meta:  # loaded with load_state_dict(assign=True) after meta init
             self.load_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
         elif self.load_counts.device != x.device:  # parameters moved without _apply (FSDP's own moves)
             self.load_counts = self.load_counts.to(x.device)
-        elif self.load_counts.is_inference() and not torch.is_inference_mode_enabled():
+        elif (not torch.compiler.is_compiling() and self.load_counts.is_inference()
+              and not torch.is_inference_mode_enabled()):  # (is_inference() cannot be traced)
             # Made under torch.inference_mode(), used outside it: an inference tensor can't be
             # updated in place there, so the counts move to a normal tensor.
             self.load_counts = self.load_counts.clone()
