@@ -705,7 +705,7 @@ def test_latent_cache_decode_step_captures_in_cuda_graph():
 
 def test_torch_compile_fullgraph():
     # Training without a cache traces whole and matches eager; a 4-D mask is applied as given
-    # (SDPA) while tracing; a LatentKVCache under torch.compile is refused.
+    # (SDPA) while tracing; a LatentKVCache under fullgraph=True is refused.
     torch._dynamo.reset()
     cfg, hf, mine = _pair(CASES[0])
     mine.train()
@@ -734,9 +734,33 @@ def test_torch_compile_fullgraph():
             torch.testing.assert_close(compiled(xs, pes, None, cache=c1)[0],
                                        mine(xs, pes, None, cache=c2)[0], rtol=1e-4, atol=1e-5)
     cache = LatentKVCache(1, B, 16, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
-    with torch.no_grad(), pytest.raises(Exception, match="LatentKVCache keeps its lengths"):
+    with torch.no_grad(), pytest.raises(torch._dynamo.exc.Unsupported, match="LatentKVCache keeps its lengths"):
         compiled(x, pe, None, cache=cache)
     assert cache.get_seq_length(0) == 0
+
+
+def test_torch_compile_with_latent_cache_runs_the_cache_part_eagerly():
+    # Without fullgraph: a graph break, the cache part eager and whole. It used to raise there and
+    # fall back, and dynamo then compiled the helpers it called frame by frame: the projections
+    # recompiled at every step until the recompile limit.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg, _, mine = _pair(CASES[0])
+    mine.eval()
+    compiled = torch.compile(mine, backend="eager")
+    B = 2
+    c1, c2 = (LatentKVCache(1, B, 32, cfg.kv_lora_rank, cfg.qk_rope_head_dim) for _ in range(2))
+    past = 0
+    with torch.no_grad():
+        for S in (5, 1, 1, 1, 1, 1, 1, 1, 1, 1):
+            x = torch.randn(B, S, cfg.hidden_size)
+            pe = rope_embeddings(cfg, (past + torch.arange(S))[None].expand(B, -1))
+            torch.testing.assert_close(compiled(x, pe, None, cache=c1)[0], mine(x, pe, None, cache=c2)[0])
+            past += S
+    assert c1.lengths(0) == c2.lengths(0) == [past] * B
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
 
 
 class _LowRank(torch.nn.Module):

@@ -478,6 +478,24 @@ def _refuse_latent_cache_mask(why: str):
     )
 
 
+def _latent_cache_step(module, q, kv, cos, sin, cache, attention_mask, B, S):
+    """The LatentKVCache part of MultiHeadLatentAttention.forward: ``(output, None)``."""
+    keep = module._latent_cache_new_tokens(attention_mask, B, S, cache)
+    return module._forward_latent_cache(q, kv, cos, sin, cache, keep), None
+
+
+# Under torch.compile the LatentKVCache part runs eagerly, whole (its lengths live on the host: a
+# traced step would recompile at every length): a graph break, and nothing it calls is compiled
+# frame by frame (that recompiled the projections at every step). fullgraph=True raises
+# Unsupported with this reason.
+_latent_cache_step_eager = torch.compiler.disable(
+    _latent_cache_step,
+    reason="latentmoe: a LatentKVCache keeps its lengths on the host (a traced step would recompile at "
+    "every length), so its part of MultiHeadLatentAttention runs eagerly after a graph break; with "
+    "fullgraph=True decode with it eagerly or in CUDA graphs",
+)
+
+
 class MultiHeadLatentAttention(nn.Module):
     """Multi-head latent attention with HF ``DeepseekV3Attention``'s parameters and interface.
 
@@ -500,9 +518,10 @@ class MultiHeadLatentAttention(nn.Module):
     torch.compile (``fullgraph=True`` works): with no cache or an HF cache. A 4-D mask cannot be
     inspected while tracing, so there it is applied as given through SDPA on decompressed K/V;
     pass ``attention_mask=None`` for plain causal attention to keep the fused kernels. A
-    :class:`LatentKVCache` keeps its lengths on the host (each step would recompile): traced, it
-    raises a ValueError (``fullgraph=True`` reports it wrapped in ``torch._dynamo.exc.Unsupported``;
-    otherwise that part runs eagerly after a graph break); decode with it eagerly or in CUDA graphs.
+    :class:`LatentKVCache` keeps its lengths on the host (each step would recompile): compiled,
+    the cache part runs eagerly after a graph break (nothing it calls is compiled), and
+    ``fullgraph=True`` raises ``torch._dynamo.exc.Unsupported`` naming the cache; decode with it
+    eagerly or in CUDA graphs.
     """
 
     decode_max_tokens = 16  # at most this many new tokens take the absorbed decode path
@@ -619,13 +638,8 @@ class MultiHeadLatentAttention(nn.Module):
                     "runs batch * num_beams rows in beam search, * num_return_sequences when sampling "
                     "several: size the LatentKVCache for that)"
                 )
-            if torch.compiler.is_compiling():
-                raise ValueError(
-                    "MultiHeadLatentAttention: a LatentKVCache keeps its lengths on the host, so under "
-                    "torch.compile every step would recompile; decode with it eagerly or in CUDA graphs"
-                )
-            keep = self._latent_cache_new_tokens(attention_mask, B, S, cache)
-            return self._forward_latent_cache(q, kv, cos, sin, cache, keep), None
+            step = _latent_cache_step_eager if torch.compiler.is_compiling() else _latent_cache_step
+            return step(self, q, kv, cos, sin, cache, attention_mask, B, S)
 
         c_kv = self._kv_norm(kv[..., :C])
         k_pe = _rotate(kv[..., C:].view(B, S, 1, R), cos, sin, self.rope_interleave)
