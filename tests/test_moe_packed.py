@@ -347,6 +347,68 @@ def test_module_packed_repacks_after_replacement_at_a_reused_address():
             assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # stale: ~3e-4 (unrounded weights)
 
 
+def test_module_packed_stamps_the_weights_it_packs(monkeypatch):
+    # Another thread replacing a weight while a forward re-packs, at the worst moment (after the
+    # pack read the weights, before the stamp): the stamp read the attributes again, recorded the
+    # new weight on panels of the old one, and every later forward used the old weight.
+    from latentmoe.nn.moe import MoEExperts
+
+    torch.manual_seed(1)
+    ex = MoEExperts(4, 32, 16)
+    x, w = torch.randn(5, 32), torch.rand(5, 2)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(5)])
+    stamp = MoEExperts._stamp
+
+    def swap_then_stamp(self, *args, **kwargs):
+        monkeypatch.setattr(MoEExperts, "_stamp", stamp)  # once
+        self.gate_up_proj = torch.nn.Parameter(torch.randn_like(self.gate_up_proj))  # "the other thread"
+        return stamp(self, *args, **kwargs)
+
+    monkeypatch.setattr(MoEExperts, "_stamp", swap_then_stamp)
+    with torch.no_grad():
+        ex.pack()
+        got = ex(x, w, idx)
+    torch.testing.assert_close(got, moe_experts(x, ex.gate_up_proj, ex.down_proj, w, idx), rtol=1e-5, atol=1e-5)
+
+
+_INDEX_WRITER = """
+import threading, torch
+from latentmoe import ops
+torch.set_num_threads(1)
+T, k, E, H, I = 1 << 20, 1, 64, 8, 8
+hidden, gu, dn = torch.randn(T, H), torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+w, idx = torch.ones(T, k), torch.zeros(T, k, dtype=torch.int64)
+gup, dnp = ops.moe_pack_experts(gu, dn)
+stop = False
+def writer():  # in-range ids only
+    while not stop:
+        idx.fill_(0)
+        idx.fill_(E - 1)
+th = threading.Thread(target=writer)
+th.start()
+for _ in range(2):
+    ops.moe_experts(hidden, gu, dn, w, idx)
+    ops.moe_experts_packed(hidden, gup, dnp, w, idx, I)
+stop = True
+th.join()
+print("ok")
+"""
+
+
+def test_moe_ops_read_each_index_once():
+    # The counting sort read the caller's indices twice (count, then scatter): another thread
+    # writing them in between, even with in-range ids, sent the scatter's cursors out of bounds
+    # (a segfault on the first call here). A subprocess: a crash must not take pytest with it.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", _INDEX_WRITER], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-2000:])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_packed_rejects_cuda_tensors():
     x, gu, down, w, idx = _problem(5, 4, 2, 16, 8)

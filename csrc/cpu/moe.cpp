@@ -336,7 +336,7 @@ at::Tensor moe_route_backward_cpu(const at::Tensor& grad_weights,
   moe_host::check_route_backward_args(grad_weights, grad_scores, scores, indices,
                                       std::string(score_func));
   const int64_t T = scores.size(0), E = scores.size(1), K = indices.size(1);
-  auto idx = indices.contiguous();
+  auto idx = chk::private_copy(indices);  // checked below, then read: not a tensor others may write
   const int64_t* ip = idx.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < T * K; ++i)
     TORCH_CHECK_VALUE(ip[i] >= 0 && ip[i] < E, "latentmoe.moe_route_backward: argument 'indices' holds ",
@@ -1517,8 +1517,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_awt(
   auto wd = down_proj.contiguous();
   auto guo = gate_up_out.contiguous();
   auto wts = weights.to(at::kFloat).contiguous();
-  auto sp = sorted_pairs.contiguous();
-  auto offs = expert_offsets.to(at::kCPU).contiguous();
+  // Private copies: checked below, then read as indices (a caller's tensor may be written meanwhile).
+  auto sp = chk::private_copy(sorted_pairs);
+  auto offs = chk::private_copy(expert_offsets.to(at::kCPU));
   const int64_t* off = offs.const_data_ptr<int64_t>();
   const int64_t* spp = sp.const_data_ptr<int64_t>();
   // The forward's sort: offsets from 0 to T*k, non-decreasing; pairs in [0, T*k). (Read as

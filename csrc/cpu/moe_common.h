@@ -18,18 +18,21 @@ namespace {
 
 // Counting sort of the T*K (token, k) pairs by expert; stable, so pairs of one expert keep
 // ascending pair order. Fills sorted_pairs [S] and offsets [E+1]; rejects out-of-range ids.
+// Each id is read once (into a private copy that both passes use): `ids` is the caller's tensor,
+// and another thread writing it between a count and a scatter that each read it sent the
+// scatter's cursors past their slots.
 void sort_pairs_by_expert(const int64_t* ids, int64_t S, int64_t E, int64_t* sorted_pairs,
                           int64_t* offsets, const char* op = "moe_experts") {
-  std::vector<int64_t> cursor(E + 1, 0);
+  std::vector<int64_t> cursor(E + 1, 0), own(S);
   for (int64_t p = 0; p < S; ++p) {
-    const int64_t e = ids[p];
+    const int64_t e = own[p] = ids[p];
     TORCH_CHECK_VALUE(e >= 0 && e < E, "latentmoe.", op, ": argument 'indices' holds ", e,
                       " at flat position ", p, ", outside [0, E=", E, ")");
     ++cursor[e + 1];
   }
   for (int64_t e = 0; e < E; ++e) cursor[e + 1] += cursor[e];
   for (int64_t e = 0; e <= E; ++e) offsets[e] = cursor[e];
-  for (int64_t p = 0; p < S; ++p) sorted_pairs[cursor[ids[p]]++] = p;
+  for (int64_t p = 0; p < S; ++p) sorted_pairs[cursor[own[p]]++] = p;
 }
 
 // sigmoid(g) from z = exp(-|g|) (<= 1, so exp_nonpos applies): 1 / (1 + z) for g >= 0,

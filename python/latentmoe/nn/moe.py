@@ -114,7 +114,7 @@ class MoEExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=intermediate_size**-0.5)
 
     # ---- prepacked inference -------------------------------------------------------------------
-    def _stamp(self) -> tuple:
+    def _stamp(self, weights: tuple | None = None) -> tuple:
         # Fused optimizer steps (torch._fused_adamw_, HF Trainer's default AdamW) change parameters
         # without counting a version: the count of optimizer steps taken in this process stands in
         # (any optimizer's: a step of another model's optimizer costs a re-pack too). Inference
@@ -127,7 +127,7 @@ class MoEExperts(nn.Module):
         return (_OPTIMIZER_STEPS[0],) + tuple(
             (weakref.ref(p.untyped_storage()), p.data_ptr(), None if p.is_inference() else p._version,
              tuple(p.shape), p.dtype, p.device)
-            for p in (self.gate_up_proj, self.down_proj))
+            for p in (weights or (self.gate_up_proj, self.down_proj)))
 
     def _stamp_current(self, stamp: tuple) -> bool:
         """Whether the weights are still those ``stamp`` (from :meth:`_stamp`) was taken of."""
@@ -154,9 +154,11 @@ class MoEExperts(nn.Module):
                     f"latentmoe.nn.MoEExperts.pack: packed experts need bfloat16 or float32 weights on the "
                     f"CPU, '{name}' is {p.dtype} on {p.device} (cast them, or unpack())"
                 )
-        # The stamp first: a weight change (another thread's optimizer step) while the op packs
-        # then shows at the next forward, instead of being stamped onto the old copy.
-        stamp = self._stamp()
+        # The stamp first, of the very tensors packed: a weight change (another thread's optimizer
+        # step, or a parameter replaced) while the op packs then shows at the next forward, instead
+        # of being stamped onto the old copy (the stamp read the attributes again, so a weight
+        # replaced between the two reads was stamped onto panels of the old one).
+        stamp = self._stamp((gu, dn))
         with torch.no_grad():
             self._packed = (*moe_pack_experts(gu.detach(), dn.detach()), stamp)
 
