@@ -28,7 +28,7 @@ stage() { echo "== $1 ($(date +%T))" | tee -a "$OUT/summary.txt"; }
 # with a margin to copy $OUT back). Each stage's timeout is its own cap or what is left of the
 # budget, whichever is less; a stage with under 15 s left is skipped and says so, so the stages
 # that follow a slow build still end before the device call is killed and $OUT is kept.
-budget_end=$(( $(date +%s) + ${LATENTMOE_GPU_CHECK_BUDGET_S:-540} ))
+budget_end=$(( $(date +%s) + ${LATENTMOE_GPU_CHECK_BUDGET_S:-540} - 10 ))  # - timeout's -k 10
 cap() {  # cap SECONDS NAME: prints the timeout for stage NAME, or nothing when it must be skipped
   local left=$(( budget_end - $(date +%s) ))
   if (( left < 15 )); then echo "== $2 skipped: the budget is spent" | tee -a "$OUT/summary.txt" >&2; return 1; fi
@@ -64,8 +64,9 @@ fi
 
 if [[ "$skip" != *build* && $built == 0 ]]; then
   stage "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-  if ! SKBUILD_BUILD_VERBOSE=true "$PY" -m pip install -v --no-build-isolation --no-deps --no-index . >"$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"; echo "BUILD FAILED" | tee -a "$OUT/summary.txt"; exit 1
+  if ! t=$(cap 420 build) || ! SKBUILD_BUILD_VERBOSE=true timeout -k 10 "$t" "$PY" -m pip install -v --no-build-isolation \
+       --no-deps --no-index . >"$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log" 2>/dev/null; echo "BUILD FAILED" | tee -a "$OUT/summary.txt"; exit 1
   fi
   grep "nvcc" "$OUT/build.log" | grep -oE "(--generate-code=[^ ]+|-c [^ ]+\.cu)" | paste -sd' ' | tee -a "$OUT/summary.txt"
   (cd /tmp && "$PY" -m latentmoe.info) 2>&1 | tee -a "$OUT/env.txt"
@@ -79,7 +80,7 @@ if [[ "$skip" != *tests* ]]; then
   # LATENTMOE_REQUIRE_GPU=1: the run fails (conftest) if torch sees no usable GPU, instead of
   # skipping every CUDA case; LATENTMOE_EXPECT_CUDA=1: every op must have a CUDA kernel.
   xdist=""; "$PY" -c "import xdist" 2>/dev/null && xdist="-n 4"
-  t=$(cap 150 tests) && (cd tests && LATENTMOE_REQUIRE_GPU=1 LATENTMOE_EXPECT_CUDA=1 timeout "$t" "$PY" -m pytest -q -k "cuda and not emulation" $xdist -rfE --tb=short \
+  t=$(cap 150 tests) && (cd tests && LATENTMOE_REQUIRE_GPU=1 LATENTMOE_EXPECT_CUDA=1 timeout -k 10 "$t" "$PY" -m pytest -q -k "cuda and not emulation" $xdist -rfE --tb=short \
      --durations=10 -p no:cacheprovider --continue-on-collection-errors . ) >"$OUT/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$OUT/summary.txt"
   tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
@@ -87,20 +88,20 @@ fi
 
 if [[ "$skip" != *sanitizer* ]]; then
   stage "compute-sanitizer memcheck"
-  t=$(cap 90 memcheck) && timeout "$t" compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" bench/gpu_smoke.py >"$OUT/sanitizer.log" 2>&1 || status=1
+  t=$(cap 90 memcheck) && timeout -k 10 "$t" compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" bench/gpu_smoke.py >"$OUT/sanitizer.log" 2>&1 || status=1
   tail -5 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
 fi
 
 if [[ "$skip" != *racecheck* ]]; then
   stage "compute-sanitizer racecheck (shared-memory hazards)"
-  t=$(cap 90 racecheck) && timeout "$t" compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 3 "$PY" bench/gpu_smoke.py \
+  t=$(cap 90 racecheck) && timeout -k 10 "$t" compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 3 "$PY" bench/gpu_smoke.py \
     >>"$OUT/sanitizer.log" 2>&1 || status=1
   tail -3 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
 fi
 
 if [[ "$skip" != *bench* ]]; then
   stage "benchmarks"
-  t=$(cap 220 bench) && timeout "$t" "$PY" bench/run.py --device cuda --full --out "$OUT" >"$OUT/bench.log" 2>&1 || status=1
+  t=$(cap 220 bench) && timeout -k 10 "$t" "$PY" bench/run.py --device cuda --full --out "$OUT" >"$OUT/bench.log" 2>&1 || status=1
   tail -40 "$OUT/bench.log" 2>/dev/null
 fi
 
@@ -112,7 +113,7 @@ if [[ "$skip" != *ncu* ]] && command -v ncu >/dev/null; then
   # budget does, as the others.)
   if ! t=$(cap 60 ncu); then
     status=1
-  elif ! timeout "$t" ncu --clock-control none --kernel-name-base demangled \
+  elif ! timeout -k 10 "$t" ncu --clock-control none --kernel-name-base demangled \
     --kernel-name regex:"mla_decode|grouped|combine" --launch-skip 0 --launch-count 24 \
     --section SpeedOfLight --section Occupancy --section LaunchStats \
     "$PY" bench/gpu_profile.py >"$OUT/ncu.txt" 2>&1; then

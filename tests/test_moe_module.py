@@ -157,23 +157,21 @@ def test_load_counts_and_update_bias():
     torch.testing.assert_close(ours.gate.e_score_correction_bias, ref.update_bias(want, load, 0.001))
 
 
-def test_no_grad_forwards_in_training_mode_are_not_training_steps():
-    # HF generate runs under no_grad in the model's own mode: a model in train() mode generating
-    # between steps (sampling callbacks, RL rollouts) counted the generated tokens towards the bias
-    # update and replaced aux_loss with one without a graph.
+def test_reentrant_checkpointing_of_a_layer_counts_loads():
+    # HF checkpoints whole decoder layers: with use_reentrant=True the first run is under no_grad
+    # and the MoE's input (a norm's output) does not require grad there. A rule "count only with
+    # grad mode on or inputs requiring grad" counted nothing and left aux_loss None.
+    from torch.utils.checkpoint import checkpoint
+
     ours, _ = _pair("v3", aux_loss_alpha=0.01)
     ours.train()
-    x = torch.randn(2, 5, 40)
-    ours(x)
-    counts, aux = ours.load_counts.clone(), ours.aux_loss
-    assert int(counts.sum()) == 2 * 5 * 4 and aux.requires_grad
-    with torch.no_grad():
-        ours(torch.randn(3, 40))
-    assert torch.equal(ours.load_counts, counts) and int(ours.last_load.sum()) == 3 * 4
-    assert ours.aux_loss is None
-    with torch.inference_mode():
-        ours(torch.randn(3, 40))
-    assert torch.equal(ours.load_counts, counts) and ours.aux_loss is None
+    norm = torch.nn.LayerNorm(40)
+    x = torch.randn(2, 5, 40, requires_grad=True)
+    out = checkpoint(lambda h: h + ours(norm(h)), x, use_reentrant=True)
+    aux = ours.aux_loss
+    (out.sum() + aux).backward()
+    assert int(ours.load_counts.sum()) == 2 * 5 * 4 and aux is not None
+    assert ours.aux_loss is aux
 
 
 def test_balancing_settings_are_checked():
@@ -536,15 +534,28 @@ def test_offloaded_weights_like_accelerate():
 
 
 def test_load_counts_are_a_normal_tensor_under_inference_mode():
-    # Built or moved under torch.inference_mode(): the counts stay a normal tensor, so a training
-    # forward outside it (compiled too: a compiled forward cannot test for inference tensors)
-    # can count into them in place.
+    # Built, moved or first run (after a meta init) under torch.inference_mode(): the counts stay
+    # a normal tensor, so a training forward outside it (compiled too: a compiled forward cannot
+    # test for inference tensors) can count into them in place.
     with torch.inference_mode():
         ours = MoE(hf_config("v3"))
         assert not ours.load_counts.is_inference()
         ours.to(torch.float32)
         assert not ours.load_counts.is_inference()
     ours.load_counts.add_(1)
+    sd = MoE(hf_config("v3")).state_dict()
+    with torch.device("meta"):
+        ours = MoE(hf_config("v3"))
+    ours.load_state_dict(sd, assign=True)
+    x = torch.randn(3, CONFIGS["v3"]["hidden_size"])
+    ours.eval()
+    with torch.inference_mode():
+        ours(x)  # the meta counts are replaced here
+    assert not ours.load_counts.is_inference()
+    ours.train()
+    with torch.no_grad():
+        torch.compile(ours, backend="eager")(x)
+    assert int(ours.load_counts.sum()) == 3 * ours.top_k
 
 
 def test_made_under_inference_mode_runs_outside_it():
@@ -556,12 +567,9 @@ def test_made_under_inference_mode_runs_outside_it():
     x = torch.randn(5, CONFIGS["v3"]["hidden_size"])
     with torch.no_grad():
         assert rel_err(ours(x), theirs(x)) <= 1e-4
-        ours.train()
-        ours(x)  # no graph built: not a training step, not counted
-        assert int(ours.load_counts.sum()) == 0
-        xg = x.clone().requires_grad_()  # as reentrant checkpointing's first run: counted
-        ours(xg)
-        ours(xg)
+        ours.train()  # (eval forwards do not count)
+        ours(x)
+        ours(x)
     assert int(ours.load_counts.sum()) == 2 * 5 * ours.top_k
     ours.update_bias()
     assert int(ours.load_counts.sum()) == 0

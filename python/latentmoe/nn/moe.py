@@ -241,13 +241,13 @@ class MoE(nn.Module):
         bias_update_speed: gamma of the aux-loss-free bias update (default 0.001).
 
     After each forward: ``last_load`` (``[E]`` int64 tokens per expert), ``load_counts``
-    (accumulated over training steps since the last ``update_bias``: forwards in training mode
-    that build a graph, i.e. with grad mode on or inputs that require grad. Eval-mode forwards
-    and no-grad ones, e.g. validation or ``generate`` between training steps, which runs under
-    no_grad in whatever mode the model is in, set ``last_load`` only, so the aux-loss-free update
-    balances the training batches, as DeepSeek-V3's does) and, after a training step with
+    (accumulated over training-mode forwards since the last ``update_bias``: eval-mode forwards,
+    e.g. validation, set ``last_load`` only, so the aux-loss-free update balances the training
+    batches, as DeepSeek-V3's does. HF's ``generate`` keeps the model's mode: a model left in
+    ``train()`` counts its generated tokens and replaces ``aux_loss``; call ``model.eval()``
+    before generating between training steps) and, after a training-mode forward with
     ``aux_loss_alpha > 0``, ``aux_loss`` (0-d fp32, differentiable w.r.t. the router weight;
-    None after other forwards). The balance loss is ``alpha * E * sum_i f_i P_i`` (per sequence
+    None after eval-mode forwards). The balance loss is ``alpha * E * sum_i f_i P_i`` (per sequence
     and averaged with ``seq_aux``): ``f_i`` the share of the k picks made (biased and
     group-limited selection, as DeepSeek's code) that went to expert i, ``P_i`` the mean over
     tokens of the token's scores normalised to sum 1 (V3's s', for sigmoid scoring too). Padding
@@ -379,9 +379,11 @@ class MoE(nn.Module):
         # Repairs of load_counts (the first two in compiled forwards too: static facts the graph
         # is guarded on).
         if self.load_counts.is_meta:  # loaded with load_state_dict(assign=True) after meta init
-            self.load_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+            with torch.inference_mode(False):  # (a normal tensor, as in __init__)
+                self.load_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
         elif self.load_counts.device != x.device:  # parameters moved without _apply (FSDP's own moves)
-            self.load_counts = self.load_counts.to(x.device)
+            with torch.inference_mode(False):
+                self.load_counts = self.load_counts.to(x.device)
         elif (not torch.compiler.is_compiling() and self.load_counts.is_inference()
               and not torch.is_inference_mode_enabled()):  # (is_inference() cannot be traced)
             # Made under torch.inference_mode(), used outside it: an inference tensor can't be
@@ -400,21 +402,19 @@ class MoE(nn.Module):
         # Activation checkpointing's second run keeps the figures of the first (it still computes the
         # balance loss: non-reentrant checkpointing checks that both runs save the same tensors).
         recompute = _recomputing()
-        # A training step: training mode and a graph being built (grad mode on, or reentrant
-        # checkpointing's first run: no grad mode, but inputs that require grad). HF's generate
-        # keeps the model's mode (a model in train() generates in training mode) but runs under
-        # no_grad: its tokens neither count towards the bias update nor replace aux_loss.
-        step = self.training and (torch.is_grad_enabled() or hidden_states.requires_grad)
+        # Training mode alone decides what counts, not grad mode: reentrant checkpointing of a
+        # decoder layer runs its first forward (the one that counts) under no_grad, on inputs that
+        # need not require grad. HF's generate keeps the model's mode: eval() before it.
         if not recompute:
             with torch.no_grad():  # counts without bincount (which reads its max back to the host)
                 flat = indices.reshape(-1)
                 load = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device).index_add_(
                     0, flat, torch.ones_like(flat))
                 self.last_load = load
-                if step:  # the bias update balances training batches, not eval / generate
+                if self.training:  # the bias update balances training batches, not eval forwards
                     self.load_counts += load
         aux_loss = None
-        if step and self.aux_loss_alpha > 0:
+        if self.training and self.aux_loss_alpha > 0:
             if self.seq_aux and len(shape) not in (2, 3):
                 raise ValueError(
                     "latentmoe.nn.MoE: seq_aux needs hidden_states [B, S, hidden] (sequences) or "
