@@ -8,6 +8,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
+# The transformers release the tests were last run against: pinned so a new upstream release cannot
+# change what CI tests between two sessions (5.25 changed a Cache method's signature). Bump it on
+# purpose, with a full test run.
+TRANSFORMERS_VERSION ?= 5.25.0
 MAX_JOBS ?= 2
 export MAX_JOBS
 TORCH_CUDA_ARCH_LIST ?= 9.0
@@ -28,7 +32,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q setuptools scikit-build-core ninja "cmake>=3.24" numpy pytest hypothesis transformers tomesd
+	$(PY) -m pip install -q setuptools scikit-build-core ninja "cmake>=3.24" numpy pytest hypothesis "transformers==$(TRANSFORMERS_VERSION)" tomesd
 	touch $@
 
 venv: $(VENV)/.deps-stamp

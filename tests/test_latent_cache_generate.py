@@ -318,6 +318,11 @@ def test_cache_interface_values():
     assert cache.get_seq_length(0) == cache.get_query_offset(0) == 4 and cache.lengths(0) == [3, 1]
     assert cache.get_mask_sizes(2, 0) == (6, 0) and cache.get_max_length() == 16
     cache.activate_past_recording()  # nothing to record: every token is kept
+    cache.activate_past_recording(recurrent_states_to_keep=3)  # transformers >= 5.25 passes this
+    assert cache.get_recurrent_states_to_keep() == cache.get_recurrent_states_to_keep(1) == 0
+    assert cache.is_recording_past(0) is False
+    with pytest.raises(ValueError, match="layer_idx"):
+        cache.get_recurrent_states_to_keep(2)
     with pytest.raises(ValueError, match="n_new"):
         cache.advance(0, [5, 1], positions=4)
 

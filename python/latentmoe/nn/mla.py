@@ -339,9 +339,21 @@ class LatentKVCache:
         """Tokens a row can hold: the capacity."""
         return self.capacity
 
-    def activate_past_recording(self) -> None:
-        """HF generate asks caches to keep what :meth:`crop` may roll back: this one keeps every
-        token anyway (nothing to do)."""
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:
+        """HF generate asks caches to keep what :meth:`crop` may roll back (transformers >= 5.25
+        passes ``recurrent_states_to_keep`` for recurrent layers): this one keeps every token and
+        has no recurrent state, so there is nothing to do."""
+
+    def is_recording_past(self, layer_idx: int = 0) -> bool:
+        """HF's question for sliding / recurrent layers: none here keeps a bounded past (False)."""
+        self._layer(layer_idx)
+        return False
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        """Recurrent states HF generate must keep for a rollback: none (attention layers only)."""
+        if layer_idx is not None:
+            self._layer(layer_idx)
+        return 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` positions from every row of every layer (HF's
