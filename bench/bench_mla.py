@@ -136,7 +136,7 @@ def _graph_step_rows(ours, cache, x, pe, L, t_hf, device, mode, reps) -> list[di
 
     def at_length_L():
         cache.seqlens[0] = torch.full_like(cache.seqlens[0], L)
-        cache._host_lens[0] = [L] * cache.batch_size
+        cache._set_lens(0, [L] * cache.batch_size)
 
     try:
         with torch.no_grad():

@@ -268,6 +268,41 @@ def test_overflow_of_a_later_layer_is_refused_before_the_first_is_written():
     assert torch.equal(cache.kv[0], kv0)
 
 
+def test_reserve_tracks_every_layers_longest_row():
+    # reserve() reads a running maximum per layer (no scan of every row per step): after any mix
+    # of advance / trim / crop / reorder_cache / reset it must refuse exactly the steps that would
+    # overflow some layer (layer 0 checks them all).
+    gen = torch.Generator().manual_seed(11)
+    rand = lambda n: int(torch.randint(n, (), generator=gen))  # noqa: E731
+    L, B, cap = 3, 3, 12
+    cache = LatentKVCache(L, B, cap, 4, 2)
+    for _ in range(300):
+        op, layer = rand(6), rand(L)
+        held = cache.lengths(layer)
+        if op == 0 and max(held) < cap:
+            cache.advance(layer, rand(cap - max(held) + 1))
+        elif op == 1 and max(held) + 2 <= cap:
+            cache.advance(layer, [rand(3) for _ in range(B)], positions=2)
+        elif op == 2:
+            cache.trim([rand(h + 1) for h in held], layer_idx=layer)
+        elif op == 3:
+            cache.reorder_cache(torch.randint(B, (B,), generator=gen))
+        elif op == 4:
+            n = min(cache.get_seq_length(i) - cache._dense_from[i] for i in range(L))
+            cache.crop(-rand(n + 1))
+        elif rand(10) == 0:
+            cache.reset()
+        for i in range(L):
+            most = max(cache.lengths(i))
+            for n_new in range(cap - most, cap - most + 2):
+                over = max(max(cache.lengths(j)) for j in range(L)) + n_new > cap if i == 0 else most + n_new > cap
+                if over:
+                    with pytest.raises(ValueError, match="would hold"):
+                        cache.reserve(i, n_new)
+                else:
+                    cache.reserve(i, n_new)
+
+
 def test_refusals():
     cfg, hf, ours = _models("sdpa")
     ids, mask = _prompts(6, [0, 2])

@@ -684,7 +684,7 @@ def test_latent_cache_decode_step_captures_in_cuda_graph():
         want = [mine(xs[i], pes[i], None, cache=cache)[0] for i in range(n)]  # eager steps
         cache.kv[0].copy_(kv0)
         cache.seqlens[0].copy_(lens0)
-        cache._host_lens[0] = [P] * B
+        cache._set_lens(0, [P] * B)
         x_in, cos_in, sin_in = xs[0].clone(), pes[0][0].clone(), pes[0][1].clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -885,7 +885,7 @@ def test_latent_cache_wrapped_kv_b_matches_kernels_varlen(page_size):
             flat = cache.kv[0].view(-1, rows.shape[-1]) if page_size else cache.kv[0][b]
             flat[slots] = rows[b, :n]
         cache.seqlens[0].copy_(torch.tensor(lens, dtype=torch.int32))
-        cache._host_lens[0] = list(lens)
+        cache._set_lens(0, list(lens))
     import latentmoe.nn.mla as mod
 
     calls = []

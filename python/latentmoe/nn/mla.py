@@ -192,6 +192,7 @@ class LatentKVCache:
             self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
             self.seqlens = [torch.zeros(batch_size, dtype=torch.int32, device=device) for _ in range(num_layers)]
         self._host_lens = [[0] * batch_size for _ in range(num_layers)]
+        self._row_max = [0] * num_layers  # max(_host_lens[layer]), kept by _set_lens
         self._seen = [0] * num_layers  # positions given per layer (padding included)
         # Per layer, the first position from which every row holds every token (no padding, no
         # trim since): crop() may remove positions back to it, not further.
@@ -213,6 +214,12 @@ class LatentKVCache:
                 f"num_layers={len(self.kv)}"
             )
         return layer_idx
+
+    def _set_lens(self, layer: int, lens: list[int]) -> None:
+        """The host copy of ``layer``'s row lengths (the device ``seqlens`` are the caller's) and its
+        running maximum, which the per-step checks read instead of scanning every row."""
+        self._host_lens[layer] = lens
+        self._row_max[layer] = max(lens)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Token positions ``layer_idx`` was given so far, padding included (HF's past length); rows
@@ -241,7 +248,7 @@ class LatentKVCache:
                     f"(layer {layer}): trimming cannot add tokens"
                 )
         for layer in layers:
-            self._host_lens[layer] = list(lengths)
+            self._set_lens(layer, list(lengths))
             self.seqlens[layer].copy_(torch.tensor(lengths, dtype=torch.int32))
             self._seen[layer] = self._dense_from[layer] = max(lengths)
             self._skipped[layer] = False
@@ -251,8 +258,11 @@ class LatentKVCache:
         steps its layers in order with the same tokens, so layer 0 checks every layer: a step that
         would overflow any layer (layers :meth:`trim`-med apart) raises before layer 0 is written."""
         self._layer(layer_idx)
+        most = max(self._row_max) if layer_idx == 0 else self._row_max[layer_idx]
+        if most + n_new <= self.capacity:
+            return
         for layer in range(len(self.kv)) if layer_idx == 0 else (layer_idx,):
-            need = max(self._host_lens[layer]) + n_new
+            need = self._row_max[layer] + n_new
             if need > self.capacity:
                 raise ValueError(
                     f"LatentKVCache: layer {layer} would hold {need} tokens but capacity is {self.capacity} "
@@ -276,7 +286,7 @@ class LatentKVCache:
             n = None
         if n is not None:
             self.seqlens[layer_idx].add_(n)
-            self._host_lens[layer_idx] = [m + n for m in self._host_lens[layer_idx]]
+            self._set_lens(layer_idx, [m + n for m in self._host_lens[layer_idx]])
             self._seen[layer_idx] = seen + (n if positions is None else positions)
             return
         counts = [int(n) for n in n_new]
@@ -295,7 +305,7 @@ class LatentKVCache:
             )
         lens = self.seqlens[layer_idx]
         lens.add_(torch.tensor(counts, dtype=torch.int32).to(lens.device))
-        self._host_lens[layer_idx] = [n + c for n, c in zip(self._host_lens[layer_idx], counts)]
+        self._set_lens(layer_idx, [n + c for n, c in zip(self._host_lens[layer_idx], counts)])
         if last_padding >= 0:
             self._dense_from[layer_idx] = seen + last_padding + 1
             self._skipped[layer_idx] = True
@@ -380,7 +390,7 @@ class LatentKVCache:
             return
         for layer in range(len(self.kv)):
             self._seen[layer] -= n
-            self._host_lens[layer] = [m - n for m in self._host_lens[layer]]
+            self._set_lens(layer, [m - n for m in self._host_lens[layer]])
             self.seqlens[layer].sub_(n)
 
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
@@ -420,7 +430,7 @@ class LatentKVCache:
                     p = (n + self.page_size - 1) // self.page_size
                     kv[table[:, :p]] = kv[table[idx, :p]]
             new = [lens[i] for i in order]
-            self._host_lens[layer] = new
+            self._set_lens(layer, new)
             self.seqlens[layer].copy_(torch.tensor(new, dtype=torch.int32))
 
     def reset(self) -> None:
@@ -429,7 +439,7 @@ class LatentKVCache:
         self._mask_memo = None
         for layer in range(len(self.kv)):
             self.seqlens[layer].zero_()
-            self._host_lens[layer] = [0] * self.batch_size
+            self._set_lens(layer, [0] * self.batch_size)
             self._seen[layer] = self._dense_from[layer] = 0
             self._skipped[layer] = False
 
@@ -859,7 +869,7 @@ class MultiHeadLatentAttention(nn.Module):
         if fused:  # (the CPU: no CUDA-graph capture)
             out = self._fused_decode(
                 q, cos, sin, cache.kv[layer], cache.seqlens[layer], cache.block_table,
-                max_seqlen=max(cache._host_lens[layer]),
+                max_seqlen=cache._row_max[layer],
             )
         elif S <= self.decode_max_tokens and plain_kv_b:
             # Eager: the longest row (host-known) sizes the kernel's splits. Under CUDA-graph
@@ -868,7 +878,7 @@ class MultiHeadLatentAttention(nn.Module):
             capturing = cache.kv[layer].is_cuda and torch.cuda.is_current_stream_capturing()
             out = self._absorbed_attention(
                 q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table,
-                max_seqlen=cache.capacity if capturing else max(cache._host_lens[layer]),
+                max_seqlen=cache.capacity if capturing else cache._row_max[layer],
             )
         elif plain_kv_b and _has_kernel(_PREFILL_OP, q_nope.device):
             out = self._prefill_attention(
