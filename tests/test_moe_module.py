@@ -7,7 +7,7 @@ import torch
 from moe_helpers import CONFIGS, hf_config, hf_moe, rel_err
 
 import latentmoe.hf
-from latentmoe.nn import MoE
+from latentmoe.nn import MoE, no_load_counting
 from latentmoe.reference import moe as ref
 
 
@@ -712,3 +712,34 @@ def test_eval_forwards_set_last_load_but_do_not_count():
     bias0 = ours.gate.e_score_correction_bias.clone()
     ours.update_bias(gamma=0.01)
     torch.testing.assert_close(ours.gate.e_score_correction_bias, ref.update_bias(bias0, train_load, 0.01))
+
+
+def test_no_load_counting_keeps_generate_out_of_the_bias_update():
+    # RL-style rollouts: generate from a model kept in train() mode. Inside no_load_counting its
+    # tokens leave load_counts alone (last_load is still set); outside they are counted.
+    model = _tiny_causal_lm("eager")
+    hf_mlp = model.model.layers[1].mlp
+    ours = MoE(model.config)
+    ours.load_state_dict(hf_mlp.state_dict(), strict=True)
+    model.model.layers[1].mlp = ours
+    model.train()
+    ids = torch.tensor([[3, 5, 7, 11, 13]])
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with no_load_counting(model) as m:
+        assert m is model and ours.count_loads is False
+        model.generate(ids, **kw)
+    assert ours.count_loads is True
+    assert int(ours.load_counts.sum()) == 0 and int(ours.last_load.sum()) == ours.top_k  # last step: 1 token
+    model.generate(ids, **kw)
+    assert int(ours.load_counts.sum()) == (5 + 1 + 1) * ours.top_k  # prompt, then 2 single-token steps
+    # Each module's own setting comes back, also after an exception.
+    ours.count_loads = False
+    with pytest.raises(RuntimeError, match="boom"), no_load_counting(model):
+        raise RuntimeError("boom")
+    assert ours.count_loads is False
+    ours.count_loads = True
+    counts = ours.load_counts.clone()
+    with pytest.raises(RuntimeError, match="boom"), no_load_counting(model):
+        ours(torch.randn(4, model.config.hidden_size))
+        raise RuntimeError("boom")
+    assert ours.count_loads is True and torch.equal(ours.load_counts, counts)

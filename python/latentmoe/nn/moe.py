@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
@@ -245,7 +246,9 @@ class MoE(nn.Module):
     e.g. validation, set ``last_load`` only, so the aux-loss-free update balances the training
     batches, as DeepSeek-V3's does. HF's ``generate`` keeps the model's mode: a model left in
     ``train()`` counts its generated tokens and replaces ``aux_loss``; call ``model.eval()``
-    before generating between training steps) and, after a training-mode forward with
+    before generating between training steps, or generate inside :func:`no_load_counting`,
+    e.g. RL rollouts from a model kept in training mode; ``count_loads = False`` on one module
+    does the same) and, after a training-mode forward with
     ``aux_loss_alpha > 0``, ``aux_loss`` (0-d fp32, differentiable w.r.t. the router weight;
     None after eval-mode forwards). The balance loss is ``alpha * E * sum_i f_i P_i`` (per sequence
     and averaged with ``seq_aux``): ``f_i`` the share of the k picks made (biased and
@@ -310,6 +313,7 @@ class MoE(nn.Module):
         self.shared_experts = SharedExperts(self.hidden_size, inter * n_shared)
         self.aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
+        self.count_loads = True  # training-mode forwards add to load_counts (no_load_counting: off)
         # A plain tensor attribute, not a buffer: DDP broadcasts rank 0's buffers into every rank at
         # each forward, which would overwrite each rank's own counts (see update_bias's group). _apply
         # moves it with the module; it is not in the state_dict. A normal tensor even when the
@@ -411,7 +415,7 @@ class MoE(nn.Module):
                 load = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device).index_add_(
                     0, flat, torch.ones_like(flat))
                 self.last_load = load
-                if self.training:  # the bias update balances training batches, not eval forwards
+                if self.training and self.count_loads:  # the bias update balances training batches
                     self.load_counts += load
         aux_loss = None
         if self.training and self.aux_loss_alpha > 0:
@@ -484,6 +488,25 @@ class MoE(nn.Module):
         if bias.is_inference() and not torch.is_inference_mode_enabled():  # as load_counts in forward
             bias = self.gate.e_score_correction_bias = bias.clone()
         bias += gamma * torch.sign(load.mean() - load).to(bias.dtype)
+
+
+@contextlib.contextmanager
+def no_load_counting(model: nn.Module):
+    """Within the block, training-mode forwards of every :class:`MoE` in ``model`` leave
+    ``load_counts`` alone (``count_loads = False``; each module's setting is restored on exit,
+    also on an exception): e.g. ``generate`` rollouts of a model kept in ``train()`` mode, whose
+    tokens must not steer :meth:`MoE.update_bias`. ``last_load`` and ``aux_loss`` are still set
+    by each forward, as in eval mode's rules for ``last_load`` and training mode's for
+    ``aux_loss``."""
+    mods = [m for m in model.modules() if isinstance(m, MoE)]
+    saved = [m.count_loads for m in mods]
+    for m in mods:
+        m.count_loads = False
+    try:
+        yield model
+    finally:
+        for m, was in zip(mods, saved):
+            m.count_loads = was
 
 
 def _experts_modules(model: nn.Module) -> list[MoEExperts]:
