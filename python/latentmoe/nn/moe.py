@@ -319,8 +319,11 @@ class MoE(nn.Module):
         # moves it with the module; it is not in the state_dict. A normal tensor even when the
         # module is built under torch.inference_mode() (an inference tensor cannot be counted into
         # in place outside it, and a compiled forward cannot test for one).
-        with torch.inference_mode(False):
-            self.load_counts = torch.zeros(self.num_experts, dtype=torch.int64)
+        self.load_counts = self._zero_counts()
+
+    def _zero_counts(self, device=None) -> torch.Tensor:
+        with torch.inference_mode(False):  # a normal tensor, also under inference_mode (see __init__)
+            return torch.zeros(self.num_experts, dtype=torch.int64, device=device)
 
     def extra_repr(self) -> str:
         return (
@@ -383,8 +386,7 @@ class MoE(nn.Module):
         # Repairs of load_counts (the first two in compiled forwards too: static facts the graph
         # is guarded on).
         if self.load_counts.is_meta:  # loaded with load_state_dict(assign=True) after meta init
-            with torch.inference_mode(False):  # (a normal tensor, as in __init__)
-                self.load_counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+            self.load_counts = self._zero_counts(x.device)
         elif self.load_counts.device != x.device:  # parameters moved without _apply (FSDP's own moves)
             with torch.inference_mode(False):
                 self.load_counts = self.load_counts.to(x.device)
