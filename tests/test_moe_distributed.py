@@ -77,3 +77,19 @@ def test_ddp_keeps_each_ranks_load_counts_and_update_bias_uses_the_global_load(t
 def test_update_bias_group_without_ddp(tmp_path):
     # Plain data parallelism by hand (or FSDP, which does not broadcast buffers): the same update.
     _run(tmp_path, use_ddp=False)
+
+
+def test_ddp_without_shared_experts(tmp_path):
+    # n_shared_experts=0 (zero-width shared experts, as HF builds them): every parameter must get a
+    # gradient, or DDP's next forward raises. One rank in this process is enough to show it.
+    cfg = hf_config("v3")
+    cfg.n_shared_experts = 0
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store1'}", rank=0, world_size=1)
+    try:
+        moe = MoE(cfg)
+        model = DDP(moe)
+        for _ in range(3):
+            model(torch.randn(2, 5, moe.hidden_size)).square().mean().backward()
+        assert all(p.grad is not None for p in moe.parameters())
+    finally:
+        dist.destroy_process_group()

@@ -694,6 +694,29 @@ def test_no_shared_experts_state_dict_identical_to_hf():
         assert rel_err(ours(x), theirs(x)) <= 1e-4
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # HF's zero-width MLP
+def test_no_shared_experts_get_zero_size_grads_as_hf():
+    # DDP needs a gradient for every parameter that requires one: the zero-width shared experts got
+    # None (skipped in forward), and DDP's next forward raised "parameters that were not used".
+    # Inference forwards still skip them.
+    theirs = hf_moe(list(CONFIGS)[0], n_shared_experts=0).train()
+    ours = MoE(theirs.config).train()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 5, theirs.config.hidden_size)
+    g = torch.randn_like(x)
+    (theirs(x) * g).sum().backward()
+    (ours(x) * g).sum().backward()
+    mine, hf = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    for name in ("shared_experts.gate_proj.weight", "shared_experts.up_proj.weight", "shared_experts.down_proj.weight"):
+        assert mine[name].grad is not None and mine[name].grad.shape == hf[name].grad.shape == mine[name].shape
+    torch.testing.assert_close(mine["gate.weight"].grad, hf["gate.weight"].grad, rtol=1e-4, atol=1e-6)
+    with mock.patch.object(type(ours.shared_experts), "forward", side_effect=AssertionError("ran")):
+        with torch.no_grad():
+            ours(x)
+        ours.shared_experts.requires_grad_(False)
+        ours(x)
+
+
 def test_eval_forwards_set_last_load_but_do_not_count():
     # update_bias balances training batches: a validation pass or generate between training steps
     # (eval mode) must not steer it. last_load is every forward's.

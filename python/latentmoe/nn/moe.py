@@ -403,7 +403,12 @@ class MoE(nn.Module):
             xe = xe.to(self.experts.gate_up_proj.dtype)
         out = self.experts(xe, weights, indices, check_values=False).to(x.dtype).view(shape)
         shared = self.shared_experts
-        if shared is not None and not (isinstance(shared, SharedExperts) and shared.down_proj.in_features == 0):
+        # Zero-width shared experts (n_shared_experts=0) add nothing: skipped, except when their
+        # weights are to get gradients (zero-size ones, as HF's): DDP needs every parameter that
+        # requires grad to get one in each backward.
+        zero_width = isinstance(shared, SharedExperts) and shared.down_proj.in_features == 0
+        if shared is not None and (not zero_width or (
+                torch.is_grad_enabled() and any(p.requires_grad for p in shared.parameters()))):
             out = out + shared(hidden_states)
         # Activation checkpointing's second run keeps the figures of the first (it still computes the
         # balance loss: non-reentrant checkpointing checks that both runs save the same tensors).
