@@ -729,22 +729,42 @@ def test_experts_cuda_backward_gemms(monkeypatch, dtype, gemms):
     _check_aten_backward(ours, low, exact, dtype)
 
 
-def test_experts_backward_rejects_a_bad_sort():
-    # The backward op reads the forward's sort as indices: offsets and pairs are checked first.
-    x, gu, down, w, idx = _args()
+@pytest.mark.parametrize("path", ["default", "generic", "bf16-native", "loop-fp32", "grouped"])
+def test_experts_backward_rejects_a_bad_sort(monkeypatch, path):
+    # The backward op reads the forward's sort as indices: offsets and pairs are checked first, on
+    # every CPU path (the ATen one, taken without AVX2 or with native bf16 GEMMs, checked nothing:
+    # a repeated pair left a slot of its inverse permutation unwritten, then read it as an index).
+    env = {"generic": {"LATENTMOE_CPU_ISA": "generic"},
+           "bf16-native": {"LATENTMOE_CPU_LOWP_GEMM": "native"},
+           "loop-fp32": {"LATENTMOE_CPU_ISA": "generic", "LATENTMOE_MOE_BACKWARD_GEMM": "loop"},
+           "grouped": {"LATENTMOE_CPU_ISA": "generic", "LATENTMOE_MOE_BACKWARD_GEMM": "grouped"}}.get(path, {})
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    x, gu, down, w, idx = _args(H=32, I=16) if path == "grouped" else _args()
+    if path == "bf16-native":
+        x, gu, down, w = (t.bfloat16() for t in (x, gu, down, w))
     op = torch.ops.latentmoe
     _, pairs, offsets, gate_up_out = op.moe_experts.default(x, gu, down, w, idx, True)
     g = torch.randn_like(x)
-    bad_pairs = pairs.clone()
-    bad_pairs[3] = pairs.numel() + 7
+    S = pairs.numel()
+    bad_pairs, negative, repeated = pairs.clone(), pairs.clone(), pairs.clone()
+    bad_pairs[3] = S + 7
+    negative[1] = -1
+    repeated[2] = pairs[5]
     bad_offsets = offsets.clone()
     bad_offsets[-1] += 1
     shuffled = offsets.clone()
     shuffled[1], shuffled[2] = offsets[2] + 1, offsets[1]
-    for p, o, name in ((bad_pairs, offsets, "sorted_pairs"), (pairs, bad_offsets, "expert_offsets"),
-                       (pairs, shuffled, "expert_offsets")):
+    cases = ((bad_pairs, offsets, "sorted_pairs"), (negative, offsets, "sorted_pairs"),
+             (repeated, offsets, "'sorted_pairs' must be a permutation"), (pairs, bad_offsets, "expert_offsets"),
+             (pairs, shuffled, "expert_offsets"))
+    for p, o, name in cases:
+        seen = (p.clone(), o.clone())
         with pytest.raises(ValueError, match=name):
             op.moe_experts_backward.default(g, x, gu, down, w, p, o, gate_up_out)
+        assert torch.equal(p, seen[0]) and torch.equal(o, seen[1])
+    # The valid sort still passes on this path.
+    op.moe_experts_backward.default(g, x, gu, down, w, pairs, offsets, gate_up_out)
 
 
 @pytest.mark.parametrize("isa", ["native", "generic"])

@@ -289,7 +289,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     mm_into(gxs.narrow(0, o, m), gh.narrow(0, o, m), gate_up_proj[e]);
   }
   gxs.masked_fill_(dropped, 0);  // (the loop leaves those rows unwritten)
-  auto inv = at::empty_like(sorted_pairs).index_put_({sorted_pairs},
+  // zeros, not empty: were a pair repeated (CUDA does not check the sort), a slot no pair names
+  // would otherwise hold garbage, then be read as an index.
+  auto inv = at::zeros_like(sorted_pairs).index_put_({sorted_pairs},
                                                      at::arange(S, sorted_pairs.options()));
   // Each token's k rows summed in k order (a fixed-order reduction, no atomics).
   auto grad_hidden = gxs.index_select(0, inv).view({T, K, H}).to(at::kFloat).sum(1).to(dt);
@@ -1517,21 +1519,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_awt(
   auto wd = down_proj.contiguous();
   auto guo = gate_up_out.contiguous();
   auto wts = weights.to(at::kFloat).contiguous();
-  // Private copies: checked below, then read as indices (a caller's tensor may be written meanwhile).
-  auto sp = chk::private_copy(sorted_pairs);
-  auto offs = chk::private_copy(expert_offsets.to(at::kCPU));
-  const int64_t* off = offs.const_data_ptr<int64_t>();
-  const int64_t* spp = sp.const_data_ptr<int64_t>();
-  // The forward's sort: offsets from 0 to T*k, non-decreasing; pairs in [0, T*k). (Read as
-  // indices below: checked, so a bad pair list cannot send a read or write out of bounds.)
-  TORCH_CHECK_VALUE(off[0] == 0 && off[E] == S,
-                    "latentmoe.moe_experts_backward: argument 'expert_offsets' must run from 0 to T*k");
-  for (int64_t e = 0; e < E; ++e)
-    TORCH_CHECK_VALUE(off[e] <= off[e + 1],
-                      "latentmoe.moe_experts_backward: argument 'expert_offsets' must be non-decreasing");
-  for (int64_t i = 0; i < S; ++i)
-    TORCH_CHECK_VALUE(spp[i] >= 0 && spp[i] < S,
-                      "latentmoe.moe_experts_backward: argument 'sorted_pairs' has an entry outside [0, T*k)");
+  // sorted_pairs / expert_offsets: the caller's checked private copies (check_cpu_sort).
+  const int64_t* off = expert_offsets.const_data_ptr<int64_t>();
+  const int64_t* spp = sorted_pairs.const_data_ptr<int64_t>();
   auto grad_gu = at::empty_like(wgu);
   auto grad_down = at::empty_like(wd);
   auto gxs = at::empty({S, H}, x.options().dtype(at::kFloat));
@@ -1709,25 +1699,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_awt(
   return {grad_hidden, grad_gu, grad_down, grad_weights.to(weights.scalar_type())};
 }
 
+// The forward's sort, as every CPU backward path reads it: offsets non-decreasing within [0, T*k]
+// (the AVX2 path also needs them to run from 0 to T*k; the device-generic ATen backward, which
+// also serves a CUDA forward with check_values=False, takes pairs outside them as dropped); the
+// pairs a permutation of [0, T*k) (each token's k slots once: a pair out of range would send a
+// read or write out of bounds, a repeated one leaves another pair's gradient unwritten).
+void check_cpu_sort(const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets) {
+  const int64_t S = sorted_pairs.numel(), E = expert_offsets.numel() - 1;
+  const int64_t* off = expert_offsets.const_data_ptr<int64_t>();
+  const int64_t* spp = sorted_pairs.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(off[0] >= 0 && off[E] <= S, "latentmoe.moe_experts_backward: argument 'expert_offsets' must "
+                    "lie within [0, T*k = ", S, "], got ", off[0], " to ", off[E]);
+  for (int64_t e = 0; e < E; ++e)
+    TORCH_CHECK_VALUE(off[e] <= off[e + 1],
+                      "latentmoe.moe_experts_backward: argument 'expert_offsets' must be non-decreasing");
+  std::vector<bool> seen(static_cast<size_t>(S), false);
+  for (int64_t i = 0; i < S; ++i) {
+    TORCH_CHECK_VALUE(spp[i] >= 0 && spp[i] < S,
+                      "latentmoe.moe_experts_backward: argument 'sorted_pairs' has an entry outside [0, T*k)");
+    TORCH_CHECK_VALUE(!seen[spp[i]], "latentmoe.moe_experts_backward: argument 'sorted_pairs' must be a "
+                      "permutation of [0, T*k) (the forward's sort), but ", spp[i], " appears twice");
+    seen[spp[i]] = true;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
-    const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
-    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out) {
+    const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs_in,
+    const at::Tensor& expert_offsets_in, const at::Tensor& gate_up_out) {
   moe_host::check_experts_backward_args(hidden, gate_up_proj, down_proj, weights);
   const auto dt = hidden.scalar_type();
   // The ATen backward below loops over the experts unless told otherwise: on the CPU,
   // at::_grouped_mm is itself a loop of GEMMs (tests force it to check the grouped calls' forms).
   const auto gemms = moe_host::backward_gemm_setting().value_or(moe_host::BackwardGemms::kLoop);
   // Before any path converts them (the fp32 fallback below would otherwise pass a wrong dtype).
-  moe_host::check_experts_backward_tensors(grad_out, hidden, gate_up_proj, weights, sorted_pairs,
-                                           expert_offsets, gate_up_out);
+  moe_host::check_experts_backward_tensors(grad_out, hidden, gate_up_proj, weights, sorted_pairs_in,
+                                           expert_offsets_in, gate_up_out);
+  // Every path below reads the pairs and offsets as indices: private copies, checked once here.
+  const auto sorted_pairs = chk::private_copy(sorted_pairs_in);
+  const auto expert_offsets = chk::private_copy(expert_offsets_in);
+  check_cpu_sort(sorted_pairs, expert_offsets);
   // Native or fp32 GEMMs for 16-bit types (cpu_native_backward).
-  const auto offs_host = expert_offsets.contiguous();  // (checked above: [E + 1] int64 on the CPU)
   const bool native = dt != at::kFloat &&
                       cpu_native_backward(dt, sorted_pairs.numel(),
-                                          active_experts(offs_host.const_data_ptr<int64_t>(), gate_up_proj.size(0)));
+                                          active_experts(expert_offsets.const_data_ptr<int64_t>(), gate_up_proj.size(0)));
   if (awt::cpu_supported() && (dt == at::kFloat || !native) &&
       (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf)) {
+    const int64_t* off = expert_offsets.const_data_ptr<int64_t>();  // (no dropped pairs on this path)
+    const int64_t S = sorted_pairs.numel(), E = gate_up_proj.size(0);
+    TORCH_CHECK_VALUE(off[0] == 0 && off[E] == S, "latentmoe.moe_experts_backward: argument 'expert_offsets' must ",
+                      "run from 0 to T*k = ", S, " on this path (no dropped pairs), got ", off[0], " to ", off[E]);
     const auto run = [&](auto tag) {
       return experts_backward_awt<decltype(tag)>(grad_out, hidden, gate_up_proj, down_proj, weights,
                                                  sorted_pairs, expert_offsets, gate_up_out);
