@@ -560,3 +560,55 @@ def test_mask_memo_is_tied_to_the_mask_tensor(monkeypatch):
     layers[1]._latent_cache_new_tokens(m2, B, S, cache)
     assert calls == [0, 1]
     assert cache._mask_memo is not None and pickle.loads(pickle.dumps(cache))._mask_memo is None
+
+
+def _continuous_batching():
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.25"):
+        pytest.skip("HF's continuous batching of MLA latents needs transformers >= 5.25 (HF's own model fails before)")
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    gen = GenerationConfig(max_new_tokens=5, do_sample=False, pad_token_id=PAD, eos_token_id=-1)
+    # Small pages: a prompt of 19 tokens spans two; up to 64 tokens per step (several requests packed).
+    return dict(generation_config=gen, progress_bar=False, warmup=False,
+                continuous_batching_config=ContinuousBatchingConfig(num_blocks=16, page_size=8, max_batch_tokens=64))
+
+
+@pytest.mark.parametrize("attn_impl, moe", [("sdpa", False), ("eager", True)])
+def test_continuous_batching_matches_hf(attn_impl, moe):
+    # transformers 5.25's generate_batch keeps MLA latents in its PagedAttentionCache and packs every
+    # request of a step into one sequence (keys handed back by cache.update, a 4-D mask keeping the
+    # requests apart). The module failed on it (get_seq_length), which HF only logs: empty outputs.
+    kw = _continuous_batching()
+    cfg, hf, ours = _models(attn_impl, moe)
+    g = torch.Generator().manual_seed(5)
+    reqs = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (6, 3, 19, 1)]
+    want = hf.generate_batch(inputs=reqs, **kw)
+    got = ours.generate_batch(inputs=reqs, **kw)
+    want = {k: v.generated_tokens for k, v in want.items()}
+    got = {k: v.generated_tokens for k, v in got.items()}
+    assert all(len(v) == 5 for v in want.values())
+    assert got == want
+    # Each request alone, with HF's plain generate: what continuous batching must reproduce.
+    for r, key in zip(reqs, sorted(want)):
+        alone = hf.generate(torch.tensor([r]), generation_config=kw["generation_config"])  # (no EOS stop)
+        assert alone[0, len(r):].tolist() == want[key]
+
+
+def test_paged_cache_modes_the_module_cannot_attend_are_refused():
+    cfg = make_config(heads=3, q_lora=24)
+    attn = MultiHeadLatentAttention(cfg, 0).eval()
+    x = torch.randn(1, 4, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(4)[None])
+
+    class Paged:  # what the module may touch of HF's PagedAttentionCache: nothing before the checks
+        pass
+
+    index = dict(write_index=[torch.arange(4)], read_index=[torch.arange(4)])
+    with torch.no_grad(), pytest.raises(ValueError, match="block-table mode"):
+        attn(x, pe, causal_additive_mask(1, 4, 4), cache=Paged(), block_table=torch.zeros(1, 1), **index)
+    with torch.no_grad(), pytest.raises(ValueError, match="4-D attention mask"):
+        attn(x, pe, None, cache=Paged(), **index)

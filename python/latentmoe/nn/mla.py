@@ -529,7 +529,9 @@ class MultiHeadLatentAttention(nn.Module):
     Forward:
         ``hidden_states [B, S, hidden]``, ``position_embeddings (cos, sin) [B, S, R]`` (HF's rotary
         embedding output at the new tokens' positions), ``attention_mask`` (HF 4-D or None), and the
-        cache as ``cache=`` or ``past_key_values=`` (an HF ``Cache`` or a :class:`LatentKVCache`).
+        cache as ``cache=`` or ``past_key_values=`` (an HF ``Cache``, HF continuous batching's
+        ``PagedAttentionCache`` in its index-based mode with HF's 4-D mask, or a
+        :class:`LatentKVCache`).
         Returns ``(out [B, S, hidden], None)`` like HF (no attention weights: they are never
         materialised, and HF's ``output_attentions``, which records HF's own attention class by
         hooks, comes back empty with this module swapped in). ``attention_mask`` may also be HF's
@@ -666,7 +668,15 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self._kv_norm(kv[..., :C])
         k_pe = _rotate(kv[..., C:].view(B, S, 1, R), cos, sin, self.rope_interleave)
         past = 0
-        if cache is not None:
+        if cache is not None and "write_index" in kwargs:
+            # HF's continuous batching (generate_batch, cache_implementation="paged"; transformers
+            # >= 5.25): a PagedAttentionCache stores the latents and hands back, per call, the
+            # packed keys of every request in the batch; HF's 4-D mask keeps each query to its own
+            # request's keys.
+            keys, values = self._paged_cache_update(cache, c_kv, k_pe, attention_mask, B, S, kwargs)
+            c_all, pe_all = keys[:, 0], values[:, 0]
+            past = c_all.shape[1] - S
+        elif cache is not None:
             past = cache.get_seq_length(self.layer_idx)
             if isinstance(past, torch.Tensor):
                 # HF's StaticCache returns its own length tensor, which update() advances in place:
@@ -722,6 +732,28 @@ class MultiHeadLatentAttention(nn.Module):
         return project(self.o_proj, out.reshape(B, S, H * self.v_head_dim)), None
 
     # ---- pieces --------------------------------------------------------------------------------
+    def _paged_cache_update(self, cache, c_kv, k_pe, attention_mask, B: int, S: int, kwargs):
+        """``cache.update`` of HF's continuous-batching cache: its index-based form, which writes
+        the new latents and returns every key the step reads, in the layout of ``attention_mask``
+        (``[1, 1, S, keys]``). Its block-table form (paged flash kernels: the keys are never
+        handed back) and a packed batch without a mask cannot be attended here: ValueError."""
+        if kwargs.get("block_table") is not None:
+            raise ValueError(
+                "MultiHeadLatentAttention: HF's paged cache in block-table mode (a paged flash-attention "
+                "kernel reads the cache itself) is not supported; use attn_implementation 'sdpa' or 'eager' "
+                "for continuous batching (its index-based mode)"
+            )
+        if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+            raise ValueError(
+                "MultiHeadLatentAttention: HF's paged cache packs several requests into one sequence; "
+                "the step needs HF's 4-D attention mask to keep them apart (attn_implementation 'sdpa' or "
+                f"'eager'), got {None if attention_mask is None else type(attention_mask).__name__}"
+            )
+        R = self.qk_rope_head_dim
+        return cache.update(
+            c_kv.reshape(B, 1, S, self.kv_lora_rank), k_pe.reshape(B, 1, S, R), self.layer_idx, kwargs=kwargs
+        )
+
     def _kv_norm(self, x: torch.Tensor) -> torch.Tensor:
         if not is_plain(self.kv_a_layernorm, RMSNorm):  # hooked / wrapped: called as a module
             return self.kv_a_layernorm(x).to(x.dtype)
