@@ -79,10 +79,14 @@ bench: build
 	$(PY) bench/run.py
 
 # Pure-Python test dependencies missing on the lent GPU machine, as wheels for bench/gpu_check.sh
-# (carry .whl with the device call).
+# (carry .whl with the device call; installed there with --no-deps). transformers 5.24: the newest
+# release whose dependencies the device image meets (5.25 needs huggingface_hub >= 2.4, the image
+# has 1.33); the tests pass under 5.24 too (the continuous-batching ones skip).
+GPU_TRANSFORMERS_VERSION ?= 5.24.0
 gpu-wheels: venv
+	rm -f .whl/transformers-*.whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl tomesd \
-	  "transformers==$$($(PY) -c 'import transformers;print(transformers.__version__)')"
+	  "transformers==$(GPU_TRANSFORMERS_VERSION)"
 
 # The extension for the lent GPU machine (Python 3.12, torch 2.11), into .prebuilt/.
 gpu-prebuilt: venv

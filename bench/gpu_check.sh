@@ -4,8 +4,9 @@
 # compute-sanitizer memcheck over every CUDA op once, then the benchmarks. Logs and CSV go to $OUT
 # (default ./gpu-out). Budget: 540 s in all (LATENTMOE_GPU_CHECK_BUDGET_S), a build from source included.
 #
-#   here first:  make gpu-wheels     (tomesd and this venv's transformers as wheels in .whl/: the
-#                                     device image has no tomesd and an older transformers)
+#   here first:  make gpu-wheels     (tomesd and transformers 5.24 as wheels in .whl/: the device
+#                                     image has no tomesd and an older transformers; 5.25 would
+#                                     need a newer huggingface_hub than it has)
 #   optional:    make gpu-prebuilt   (.prebuilt/_C.cpython-312-x86_64-linux-gnu.so: the extension built
 #                                     here against torch 2.11.0+cu130 for Python 3.12, so the device
 #                                     skips the build; if it does not import there, the script
