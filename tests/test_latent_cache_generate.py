@@ -610,5 +610,43 @@ def test_paged_cache_modes_the_module_cannot_attend_are_refused():
     index = dict(write_index=[torch.arange(4)], read_index=[torch.arange(4)])
     with torch.no_grad(), pytest.raises(ValueError, match="block-table mode"):
         attn(x, pe, causal_additive_mask(1, 4, 4), cache=Paged(), block_table=torch.zeros(1, 1), **index)
-    with torch.no_grad(), pytest.raises(ValueError, match="4-D attention mask"):
-        attn(x, pe, None, cache=Paged(), **index)
+    with torch.no_grad(), pytest.raises(ValueError, match="cu_seq_lens_q / cu_seq_lens_k"):
+        attn(x, pe, None, cache=Paged(), **index)  # no mask and nothing to build one from
+    with torch.no_grad(), pytest.raises(ValueError, match="4-D attention mask or none"):
+        attn(x, pe, torch.ones(1, 4), cache=Paged(), **index)
+
+
+def test_continuous_batching_without_a_mask_builds_the_packed_causal_one():
+    # HF's flash-attention path (e.g. auto_switch_to_flash on a GPU) passes no mask to a packed step,
+    # only cu_seq_lens_q / cu_seq_lens_k: the module builds the block-diagonal causal mask itself.
+    # Here HF's sdpa run drops the mask before our module sees it; the mask built must equal HF's.
+    from latentmoe.nn.mla import _packed_causal_keep
+
+    kw = _continuous_batching()
+    cfg, hf, ours = _models("sdpa", False)
+    g = torch.Generator().manual_seed(6)
+    reqs = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (6, 3, 19, 1)]
+    want = {k: v.generated_tokens for k, v in hf.generate_batch(inputs=reqs, **kw).items()}
+    steps = []
+
+    def no_mask(module, args, kwargs):
+        mask = kwargs.pop("attention_mask", None)
+        if module.layer_idx == 0:
+            cu_k = kwargs["cu_seq_lens_k"]
+            # (clones: HF rewrites its mask and lengths buffers in place at each step)
+            steps.append((mask.clone(), kwargs["cu_seq_lens_q"].clone(), next(iter(cu_k.values())).clone()))
+        kwargs["attention_mask"] = None
+        return args, kwargs
+
+    hooks = [layer.self_attn.register_forward_pre_hook(no_mask, with_kwargs=True) for layer in ours.model.layers]
+    try:
+        got = {k: v.generated_tokens for k, v in ours.generate_batch(inputs=reqs, **kw).items()}
+    finally:
+        for h in hooks:
+            h.remove()
+    assert got == want and len(steps) > 1
+    for mask, cu_q, cu_k in steps:
+        Q, K = mask.shape[-2:]
+        built = _packed_causal_keep(cu_q, cu_k, Q, K, "cpu")
+        real = int(cu_q[-1])
+        assert torch.equal(built[..., :real, :], (mask > torch.finfo(mask.dtype).min / 2)[..., :real, :])

@@ -492,6 +492,23 @@ def _dense_mask(mask, B: int, S: int, L: int, valid):
     return mask
 
 
+def _packed_causal_keep(cu_q, cu_k, Q: int, K: int, device) -> torch.Tensor:
+    """``[1, 1, Q, K]`` bool: the causal mask of requests packed into one sequence (HF's continuous
+    batching), request i's queries ``cu_q[i]:cu_q[i+1]`` the last of its keys ``cu_k[i]:cu_k[i+1]``;
+    query j of it sees its request's keys up to ``klen - qlen + j``. Queries past ``cu_q[-1]``
+    (padding) see key 0 only: finite, unused outputs. No host sync (CUDA-graph safe)."""
+    cu_q = cu_q.to(device=device, dtype=torch.long)
+    cu_k = cu_k.to(device=device, dtype=torch.long)
+    n = cu_q.numel() - 1
+    qi, ki = torch.arange(Q, device=device), torch.arange(K, device=device)
+    q_req = torch.searchsorted(cu_q[1:], qi, right=True).clamp_max(n - 1)  # each query's request
+    k_req = torch.searchsorted(cu_k[1:], ki, right=True)  # n for keys past the last request's
+    last = cu_k[q_req + 1] - (cu_q[q_req + 1] - cu_q[q_req]) + (qi - cu_q[q_req])  # last key each query sees
+    keep = (k_req[None, :] == q_req[:, None]) & (ki[None, :] <= last[:, None])
+    keep = torch.where((qi >= cu_q[-1])[:, None], ki[None, :] == 0, keep)
+    return keep.view(1, 1, Q, K)
+
+
 def _refuse_latent_cache_mask(why: str):
     raise ValueError(
         "MultiHeadLatentAttention: with a LatentKVCache, 'attention_mask' must be None, the causal mask, "
@@ -673,7 +690,7 @@ class MultiHeadLatentAttention(nn.Module):
             # >= 5.25): a PagedAttentionCache stores the latents and hands back, per call, the
             # packed keys of every request in the batch; HF's 4-D mask keeps each query to its own
             # request's keys.
-            keys, values = self._paged_cache_update(cache, c_kv, k_pe, attention_mask, B, S, kwargs)
+            keys, values, attention_mask = self._paged_cache_update(cache, c_kv, k_pe, attention_mask, B, S, kwargs)
             c_all, pe_all = keys[:, 0], values[:, 0]
             past = c_all.shape[1] - S
         elif cache is not None:
@@ -734,25 +751,38 @@ class MultiHeadLatentAttention(nn.Module):
     # ---- pieces --------------------------------------------------------------------------------
     def _paged_cache_update(self, cache, c_kv, k_pe, attention_mask, B: int, S: int, kwargs):
         """``cache.update`` of HF's continuous-batching cache: its index-based form, which writes
-        the new latents and returns every key the step reads, in the layout of ``attention_mask``
-        (``[1, 1, S, keys]``). Its block-table form (paged flash kernels: the keys are never
-        handed back) and a packed batch without a mask cannot be attended here: ValueError."""
+        the new latents and returns every key the step reads (packed, request after request), and
+        the step's mask: HF's 4-D one as given, or, where HF passes none (its flash-attention
+        path, e.g. ``auto_switch_to_flash``), the block-diagonal causal mask of the packed requests
+        built from ``cu_seq_lens_q`` / ``cu_seq_lens_k``. Its block-table form (paged flash kernels:
+        the keys are never handed back) cannot be attended here: ValueError."""
         if kwargs.get("block_table") is not None:
             raise ValueError(
                 "MultiHeadLatentAttention: HF's paged cache in block-table mode (a paged flash-attention "
                 "kernel reads the cache itself) is not supported; use attn_implementation 'sdpa' or 'eager' "
                 "for continuous batching (its index-based mode)"
             )
-        if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4):
             raise ValueError(
-                "MultiHeadLatentAttention: HF's paged cache packs several requests into one sequence; "
-                "the step needs HF's 4-D attention mask to keep them apart (attn_implementation 'sdpa' or "
-                f"'eager'), got {None if attention_mask is None else type(attention_mask).__name__}"
+                "MultiHeadLatentAttention: HF's paged cache packs several requests into one sequence; the "
+                "step needs HF's 4-D attention mask or none (then cu_seq_lens_q / cu_seq_lens_k keep them "
+                f"apart), got {type(attention_mask).__name__}"
+            )
+        if attention_mask is None and kwargs.get("cu_seq_lens_q") is None:
+            raise ValueError(
+                "MultiHeadLatentAttention: HF's paged cache packs several requests into one sequence; with "
+                "no attention mask the step needs cu_seq_lens_q / cu_seq_lens_k to keep them apart"
             )
         R = self.qk_rope_head_dim
-        return cache.update(
+        keys, values = cache.update(
             c_kv.reshape(B, 1, S, self.kv_lora_rank), k_pe.reshape(B, 1, S, R), self.layer_idx, kwargs=kwargs
         )
+        if attention_mask is None:  # (update() left this layer's cu_seq_lens_k in kwargs)
+            cu_k = kwargs["cu_seq_lens_k"]
+            if isinstance(cu_k, dict):
+                cu_k = cu_k[getattr(cache.layer_to_allocator[self.layer_idx], "layer_type", "full_attention")]
+            attention_mask = _packed_causal_keep(kwargs["cu_seq_lens_q"], cu_k, S, keys.shape[2], keys.device)
+        return keys, values, attention_mask
 
     def _kv_norm(self, x: torch.Tensor) -> torch.Tensor:
         if not is_plain(self.kv_a_layernorm, RMSNorm):  # hooked / wrapped: called as a module
@@ -1046,8 +1076,8 @@ class MultiHeadLatentAttention(nn.Module):
             return True
         if mask.dim() != 4 or mask.shape[-2] != S or mask.shape[-1] < L:
             return False
-        if torch.compiler.is_compiling():
-            return False  # its values cannot be read while tracing: applied as given (SDPA)
+        if torch.compiler.is_compiling() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return False  # its values cannot be read while tracing / capturing: applied as given (SDPA)
         keep = mask[..., :L] if mask.dtype == torch.bool else mask[..., :L] > torch.finfo(mask.dtype).min / 2
         want = _causal_keep(S, L, valid, mask.device)
         if mask.dtype != torch.bool and torch.any(mask[..., :L][keep] != 0):
