@@ -650,3 +650,45 @@ def test_continuous_batching_without_a_mask_builds_the_packed_causal_one():
         built = _packed_causal_keep(cu_q, cu_k, Q, K, "cpu")
         real = int(cu_q[-1])
         assert torch.equal(built[..., :real, :], (mask > torch.finfo(mask.dtype).min / 2)[..., :real, :])
+
+
+def test_packed_causal_mask_against_a_loop():
+    # The mask built for a packed continuous-batching step without HF's mask, against a plain loop:
+    # empty requests, a request whose keys are all new, padding queries past cu_q[-1] (which see
+    # key 0 only: finite, unused outputs) and padding keys past cu_k[-1] (seen by no one).
+    from latentmoe.nn.mla import _packed_causal_keep
+
+    g = torch.Generator().manual_seed(9)
+    for _ in range(200):
+        n = int(torch.randint(1, 5, (), generator=g))
+        q_lens = torch.randint(0, 4, (n,), generator=g)
+        past = torch.randint(0, 5, (n,), generator=g)
+        k_lens = q_lens + past
+        cu_q = torch.cat([torch.zeros(1, dtype=torch.long), q_lens.cumsum(0)]).int()
+        cu_k = torch.cat([torch.zeros(1, dtype=torch.long), k_lens.cumsum(0)]).int()
+        Q, K = int(cu_q[-1]) + int(torch.randint(0, 3, (), generator=g)), int(cu_k[-1]) + int(torch.randint(0, 3, (), generator=g))
+        if Q == 0 or K == 0:
+            continue
+        want = torch.zeros(Q, K, dtype=torch.bool)
+        for r in range(n):
+            for j in range(int(q_lens[r])):
+                want[int(cu_q[r]) + j, int(cu_k[r]) : int(cu_k[r]) + int(past[r]) + j + 1] = True
+        want[int(cu_q[-1]):, 0] = True
+        assert torch.equal(_packed_causal_keep(cu_q, cu_k, Q, K, "cpu")[0, 0], want)
+
+
+def test_cache_pickled_before_the_running_maximum_still_works():
+    import pickle
+
+    cache = LatentKVCache(2, 2, 8, 4, 2)
+    cache.advance(0, 3)
+    cache.advance(1, 3)
+    state = cache.__getstate__()
+    del state["_row_max"]  # what a pickle made before _row_max existed holds
+    old = LatentKVCache.__new__(LatentKVCache)
+    old.__setstate__(state)
+    old = pickle.loads(pickle.dumps(old))
+    assert old._row_max == [3, 3]
+    old.reserve(0, 5)
+    with pytest.raises(ValueError, match="would hold 9 tokens"):
+        old.reserve(0, 6)

@@ -766,3 +766,26 @@ def test_no_load_counting_keeps_generate_out_of_the_bias_update():
         ours(torch.randn(4, model.config.hidden_size))
         raise RuntimeError("boom")
     assert ours.count_loads is True and torch.equal(ours.load_counts, counts)
+
+
+def test_count_loads_under_compile_and_from_old_pickles():
+    # A compiled forward follows count_loads (a guard: the graph recompiles when it flips), and a
+    # module pickled before the attribute existed counts (the class default).
+    import pickle
+
+    ours, _ = _pair("v3")
+    ours.train()
+    f = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    x = torch.randn(6, 40)
+    f(x)
+    counted = int(ours.load_counts.sum())
+    with no_load_counting(ours):
+        f(x)
+    assert int(ours.load_counts.sum()) == counted == 6 * ours.top_k
+    f(x)
+    assert int(ours.load_counts.sum()) == 2 * counted
+    old = pickle.loads(pickle.dumps(ours))
+    del old.__dict__["count_loads"]
+    old.load_counts.zero_()
+    old(x)
+    assert int(old.load_counts.sum()) == counted

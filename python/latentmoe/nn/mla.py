@@ -207,6 +207,11 @@ class LatentKVCache:
         # Copies (deepcopy, pickle) start without the mask memo (it holds a weak reference).
         return dict(self.__dict__, _mask_memo=None)
 
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "_row_max" not in state:  # pickled before the running maximum existed
+            self._row_max = [max(lens) for lens in self._host_lens]
+
     def _layer(self, layer_idx: int) -> int:
         if not 0 <= layer_idx < len(self.kv):
             raise ValueError(
@@ -779,7 +784,7 @@ class MultiHeadLatentAttention(nn.Module):
         )
         if attention_mask is None:  # (update() left this layer's cu_seq_lens_k in kwargs)
             cu_k = kwargs["cu_seq_lens_k"]
-            if isinstance(cu_k, dict):
+            if isinstance(cu_k, dict):  # (5.25's update() replaces the per-layer-type dict; others may not)
                 cu_k = cu_k[getattr(cache.layer_to_allocator[self.layer_idx], "layer_type", "full_attention")]
             attention_mask = _packed_causal_keep(kwargs["cu_seq_lens_q"], cu_k, S, keys.shape[2], keys.device)
         return keys, values, attention_mask

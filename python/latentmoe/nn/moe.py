@@ -271,6 +271,8 @@ class MoE(nn.Module):
     into an HF model it comes back empty.
     """
 
+    count_loads = True  # (class default: modules pickled before the attribute existed count)
+
     def __init__(
         self,
         config,
@@ -309,7 +311,7 @@ class MoE(nn.Module):
         self.gate = MoERouter(self.num_experts, self.hidden_size)
         n_shared = getattr(config, "n_shared_experts", 0) or 0
         # Built even with 0 shared experts (zero-width, as HF builds it: the same state_dict keys);
-        # then skipped in forward.
+        # then skipped in forward unless their weights are to get (zero-size) grads (DDP).
         self.shared_experts = SharedExperts(self.hidden_size, inter * n_shared)
         self.aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
@@ -504,7 +506,8 @@ def no_load_counting(model: nn.Module):
     also on an exception): e.g. ``generate`` rollouts of a model kept in ``train()`` mode, whose
     tokens must not steer :meth:`MoE.update_bias`. ``last_load`` and ``aux_loss`` are still set
     by each forward, as in eval mode's rules for ``last_load`` and training mode's for
-    ``aux_loss``."""
+    ``aux_loss``. The setting is the modules' own, not per thread: a training step that runs the
+    same modules in another thread meanwhile does not count either."""
     mods = [m for m in model.modules() if isinstance(m, MoE)]
     saved = [m.count_loads for m in mods]
     for m in mods:
