@@ -692,3 +692,31 @@ def test_cache_pickled_before_the_running_maximum_still_works():
     old.reserve(0, 5)
     with pytest.raises(ValueError, match="would hold 9 tokens"):
         old.reserve(0, 6)
+
+
+def test_continuing_after_rows_stopped_on_eos():
+    # A batch whose first turn stopped on EOS in some rows: generate appended pad tokens there and
+    # stored them (masked 1). A continuation whose mask hides them is refused with the way out; one
+    # that keeps them at 1 (as the first turn attended them) matches HF with that mask.
+    from transformers import DynamicCache
+
+    cfg, hf, ours = _models("sdpa")
+    ids, mask = _prompts(6, [0, 2, 4])
+    probe = hf.generate(ids, attention_mask=mask, max_new_tokens=6, **_greedy())
+    eos = int(probe.sequences[1, 7])  # row 1's second new token: it stops there
+    kw = _greedy(max_new_tokens=6, eos_token_id=eos)
+    dyn, lat = DynamicCache(config=cfg), _cache(cfg, 3, 40)
+    want = hf.generate(ids, attention_mask=mask, cache=dyn, **kw)
+    got = ours.generate(ids, attention_mask=mask, cache=lat, **kw)
+    _assert_same(got, want)
+    seq = want.sequences
+    assert (seq[:, 6:] == PAD).any()  # some row was padded after its EOS
+    ids2 = torch.cat([seq, torch.tensor([[30, 31, 32]] * 3)], 1)
+    hidden = torch.cat([mask, (seq[:, 6:] != PAD).long(), torch.ones(3, 3, dtype=torch.long)], 1)
+    with pytest.raises(ValueError, match="cannot be hidden afterwards"):
+        ours.generate(ids2, attention_mask=hidden, cache=lat, **_greedy(max_new_tokens=3))
+    assert lat.get_seq_length(0) == seq.shape[1] - 1  # nothing written by the refused step
+    kept = torch.cat([mask, torch.ones(3, seq.shape[1] - 6 + 3, dtype=torch.long)], 1)
+    want2 = hf.generate(ids2, attention_mask=kept, cache=dyn, **_greedy(max_new_tokens=3))
+    got2 = ours.generate(ids2, attention_mask=kept, cache=lat, **_greedy(max_new_tokens=3))
+    _assert_same(got2, want2)

@@ -837,7 +837,10 @@ class MultiHeadLatentAttention(nn.Module):
             return None
         if held != rows:
             _refuse_latent_cache_mask(
-                f"this one shows {held} unpadded earlier keys per row but the cache rows hold {rows} tokens"
+                f"this one shows {held} unpadded earlier keys per row but the cache rows hold {rows} tokens "
+                "(earlier tokens cannot be hidden afterwards: e.g. the pad tokens generate appends after a "
+                "row's EOS are stored, masked 1; keep them at 1 in a continuation's mask, or reset() the "
+                "cache and feed the whole conversation)"
             )
         return new
 
