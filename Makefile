@@ -28,11 +28,14 @@ endif
 
 .PHONY: test bench venv build dev info clean gpu-wheels gpu-prebuilt sanitize
 
+# torch's CUDA build takes about 5.5 GB in the venv: the free space is printed first, so a full disk
+# reads as such in the log. --no-cache-dir: pip keeps no second copy of what it downloads.
 $(VENV)/.deps-stamp: pyproject.toml Makefile
+	@df -h . $${TMPDIR:-/tmp} | sed 's/^/latentmoe: disk: /' || true
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q setuptools scikit-build-core ninja "cmake>=3.24" numpy pytest hypothesis "transformers==$(TRANSFORMERS_VERSION)" tomesd
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q --no-cache-dir setuptools scikit-build-core ninja "cmake>=3.24" numpy pytest hypothesis "transformers==$(TRANSFORMERS_VERSION)" tomesd
 	touch $@
 
 venv: $(VENV)/.deps-stamp
