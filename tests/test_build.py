@@ -148,6 +148,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         # Was a failed compiler test deep in CMake's log.
         ({"LATENTMOE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0;3.5"}, "asks for sm_35; the CUDA kernels need sm_80"),
         ({"LATENTMOE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.9"}, "asks for sm_99, which"),
+        # Suffixed archs: were stripped to sm_80 / sm_90 by the check and failed deep in the log.
+        ({"LATENTMOE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0;8.0a"}, "asks for sm_80a, which"),
+        ({"LATENTMOE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "9.0f+PTX"}, "asks for sm_90f, which"),
     ],
 )
 def test_bad_build_knobs_fail_the_configure(tmp_path, env, message):
@@ -165,6 +168,23 @@ def test_bad_build_knobs_fail_the_configure(tmp_path, env, message):
         env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode != 0 and message in res.stderr.replace("\n  ", " "), res.stderr[-2000:]
+
+
+def test_suffixed_archs_pass_the_configure(tmp_path):
+    # The arch check compiles suffixed archs once; one nvcc has (make gpu-prebuilt's 9.0a) must
+    # still configure.
+    if not (shutil.which("nvcc") or os.environ.get("CUDA_HOME")) or not torch.version.cuda:
+        pytest.skip("needs nvcc and a CUDA build of torch")
+    cmake = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("needs cmake")
+    res = subprocess.run(
+        [cmake, "-S", _ROOT, "-B", str(tmp_path), f"-DPython3_EXECUTABLE={sys.executable}"],
+        env={**os.environ, "LATENTMOE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "8.0;9.0a"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "archs 80-real;90a-real," in res.stdout, res.stdout[-2000:]
 
 
 def test_wheel_is_built_against_the_installed_torch():

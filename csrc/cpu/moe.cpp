@@ -1699,17 +1699,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_awt(
   return {grad_hidden, grad_gu, grad_down, grad_weights.to(weights.scalar_type())};
 }
 
-// The forward's sort, as every CPU backward path reads it: offsets non-decreasing within [0, T*k]
-// (the AVX2 path also needs them to run from 0 to T*k; the device-generic ATen backward, which
-// also serves a CUDA forward with check_values=False, takes pairs outside them as dropped); the
-// pairs a permutation of [0, T*k) (each token's k slots once: a pair out of range would send a
+// The forward's sort, as every CPU backward path reads it: offsets non-decreasing within [0, T*k],
+// from 0 to T*k unless dropped_ok (the device-generic ATen backward, which also serves a CUDA
+// forward with check_values=False, takes pairs outside them as dropped; the AVX2 path has none);
+// the pairs a permutation of [0, T*k) (each token's k slots once: a pair out of range would send a
 // read or write out of bounds, a repeated one leaves another pair's gradient unwritten).
-void check_cpu_sort(const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets) {
+void check_cpu_sort(const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets, bool dropped_ok) {
   const int64_t S = sorted_pairs.numel(), E = expert_offsets.numel() - 1;
   const int64_t* off = expert_offsets.const_data_ptr<int64_t>();
   const int64_t* spp = sorted_pairs.const_data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(off[0] >= 0 && off[E] <= S, "latentmoe.moe_experts_backward: argument 'expert_offsets' must "
-                    "lie within [0, T*k = ", S, "], got ", off[0], " to ", off[E]);
+  if (dropped_ok) {
+    TORCH_CHECK_VALUE(off[0] >= 0 && off[E] <= S, "latentmoe.moe_experts_backward: argument 'expert_offsets' must "
+                      "lie within [0, T*k = ", S, "], got ", off[0], " to ", off[E]);
+  } else {
+    TORCH_CHECK_VALUE(off[0] == 0 && off[E] == S, "latentmoe.moe_experts_backward: argument 'expert_offsets' must "
+                      "run from 0 to T*k = ", S, " on this path (no dropped pairs), got ", off[0], " to ", off[E]);
+  }
   for (int64_t e = 0; e < E; ++e)
     TORCH_CHECK_VALUE(off[e] <= off[e + 1],
                       "latentmoe.moe_experts_backward: argument 'expert_offsets' must be non-decreasing");
@@ -1738,17 +1743,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
   // Every path below reads the pairs and offsets as indices: private copies, checked once here.
   const auto sorted_pairs = chk::private_copy(sorted_pairs_in);
   const auto expert_offsets = chk::private_copy(expert_offsets_in);
-  check_cpu_sort(sorted_pairs, expert_offsets);
-  // Native or fp32 GEMMs for 16-bit types (cpu_native_backward).
+  // Native or fp32 GEMMs for 16-bit types (cpu_native_backward; active_experts only compares
+  // neighbouring offsets, so it may read them before the check).
   const bool native = dt != at::kFloat &&
                       cpu_native_backward(dt, sorted_pairs.numel(),
                                           active_experts(expert_offsets.const_data_ptr<int64_t>(), gate_up_proj.size(0)));
-  if (awt::cpu_supported() && (dt == at::kFloat || !native) &&
-      (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf)) {
-    const int64_t* off = expert_offsets.const_data_ptr<int64_t>();  // (no dropped pairs on this path)
-    const int64_t S = sorted_pairs.numel(), E = gate_up_proj.size(0);
-    TORCH_CHECK_VALUE(off[0] == 0 && off[E] == S, "latentmoe.moe_experts_backward: argument 'expert_offsets' must ",
-                      "run from 0 to T*k = ", S, " on this path (no dropped pairs), got ", off[0], " to ", off[E]);
+  const bool awt_path = awt::cpu_supported() && (dt == at::kFloat || !native) &&
+                        (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf);
+  check_cpu_sort(sorted_pairs, expert_offsets, /*dropped_ok=*/!awt_path);
+  if (awt_path) {
     const auto run = [&](auto tag) {
       return experts_backward_awt<decltype(tag)>(grad_out, hidden, gate_up_proj, down_proj, weights,
                                                  sorted_pairs, expert_offsets, gate_up_out);

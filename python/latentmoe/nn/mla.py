@@ -784,8 +784,12 @@ class MultiHeadLatentAttention(nn.Module):
         )
         if attention_mask is None:  # (update() left this layer's cu_seq_lens_k in kwargs)
             cu_k = kwargs["cu_seq_lens_k"]
-            if isinstance(cu_k, dict):  # (5.25's update() replaces the per-layer-type dict; others may not)
-                cu_k = cu_k[getattr(cache.layer_to_allocator[self.layer_idx], "layer_type", "full_attention")]
+            if not isinstance(cu_k, torch.Tensor):  # (5.25's update() leaves this layer's tensor)
+                raise ValueError(
+                    "MultiHeadLatentAttention: HF's paged cache left cu_seq_lens_k as "
+                    f"{type(cu_k).__name__}, not this layer's tensor, after update(); this transformers "
+                    "release is not supported without an attention mask"
+                )
             attention_mask = _packed_causal_keep(kwargs["cu_seq_lens_q"], cu_k, S, keys.shape[2], keys.device)
         return keys, values, attention_mask
 

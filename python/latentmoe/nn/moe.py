@@ -271,7 +271,9 @@ class MoE(nn.Module):
     into an HF model it comes back empty.
     """
 
-    count_loads = True  # (class default: modules pickled before the attribute existed count)
+    # Training-mode forwards add to load_counts; no_load_counting() turns it off per module. A class
+    # default, not set in __init__, so modules pickled before the attribute existed count too.
+    count_loads = True
 
     def __init__(
         self,
@@ -315,7 +317,6 @@ class MoE(nn.Module):
         self.shared_experts = SharedExperts(self.hidden_size, inter * n_shared)
         self.aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
-        self.count_loads = True  # training-mode forwards add to load_counts (no_load_counting: off)
         # A plain tensor attribute, not a buffer: DDP broadcasts rank 0's buffers into every rank at
         # each forward, which would overwrite each rank's own counts (see update_bias's group). _apply
         # moves it with the module; it is not in the state_dict. A normal tensor even when the
