@@ -89,15 +89,25 @@ fi
 
 if [[ "$skip" != *sanitizer* ]]; then
   stage "compute-sanitizer memcheck"
-  t=$(cap 90 memcheck) && timeout -k 10 "$t" compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" bench/gpu_smoke.py >"$OUT/sanitizer.log" 2>&1 || status=1
-  tail -5 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
+  # (Each tool its own log, tailed only when it ran: a stage skipped for the budget printed the
+  # previous stage's tail as its own.)
+  if t=$(cap 90 memcheck); then
+    timeout -k 10 "$t" compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" bench/gpu_smoke.py >"$OUT/memcheck.log" 2>&1 || status=1
+    tail -5 "$OUT/memcheck.log" | sed 's/^/memcheck: /' | tee -a "$OUT/summary.txt"
+  else
+    status=1
+  fi
 fi
 
 if [[ "$skip" != *racecheck* ]]; then
   stage "compute-sanitizer racecheck (shared-memory hazards)"
-  t=$(cap 90 racecheck) && timeout -k 10 "$t" compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 3 "$PY" bench/gpu_smoke.py \
-    >>"$OUT/sanitizer.log" 2>&1 || status=1
-  tail -3 "$OUT/sanitizer.log" | tee -a "$OUT/summary.txt"
+  if t=$(cap 90 racecheck); then
+    timeout -k 10 "$t" compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 3 "$PY" bench/gpu_smoke.py \
+      >"$OUT/racecheck.log" 2>&1 || status=1
+    tail -3 "$OUT/racecheck.log" | sed 's/^/racecheck: /' | tee -a "$OUT/summary.txt"
+  else
+    status=1
+  fi
 fi
 
 if [[ "$skip" != *bench* ]]; then
