@@ -1158,6 +1158,38 @@ def test_autocast_padding_rows_match_hf_eager(dtype):
     assert rel_err(got.float(), want.float()) <= 3e-2
 
 
+@pytest.mark.parametrize("q_lora", [None, 24])
+def test_fp16_eager_padding_rows_match_hf(q_lora):
+    # An fp16 module under HF eager's fp16 additive mask (finfo(fp16).min): HF adds it to fp16
+    # scores, where it saturates, so a fully masked (left-padding) query row is the uniform average
+    # over the keys; SDPA added it in fp32 and gave a softmax over the masked keys instead (those
+    # rows feed HF's causal-LM loss, and through them the gradients of every token).
+    cfg = make_config(heads=3, q_lora=q_lora)
+    hf, mine = attention_pair(cfg)
+    hf, mine = hf.half().train(), mine.half().train()
+    B, S = 3, 9
+    x = torch.randn(B, S, cfg.hidden_size).half()
+    pe = tuple(t.half() for t in rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1)))
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[1, :4] = False
+    keep[2, :7] = False
+    mask = causal_additive_mask(B, S, 0).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    mask = mask.clamp(min=torch.finfo(torch.float16).min).half()
+    g = torch.randn(B, S, cfg.hidden_size).half()
+    outs = []
+    for m in (hf, mine):
+        xi = x.clone().requires_grad_()
+        out, _ = m(xi, pe, mask)
+        out.backward(g)
+        outs.append((out.float(), xi.grad.float(), {n: p.grad.float() for n, p in m.named_parameters()}))
+    (want, gx_want, gp_want), (got, gx, gp) = outs
+    assert rel_err(got[1:, :4], want[1:, :4]) <= 1e-2  # padding rows (through SDPA: 1 to 3)
+    assert rel_err(got, want) <= 1e-2
+    assert rel_err(gx, gx_want) <= 2e-2
+    for n in gp_want:
+        assert rel_err(gp[n], gp_want[n]) <= 2e-2, n
+
+
 def test_latent_cache_refuses_training_mode_with_attention_dropout():
     # The fused kernels apply no dropout: a module left in training mode with attention_dropout > 0
     # would decode as in eval mode, silently. It raises; eval() decodes.

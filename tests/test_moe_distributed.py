@@ -1,4 +1,5 @@
-"""latentmoe.nn.MoE under data parallelism: two CPU ranks (gloo) in spawned processes.
+"""latentmoe.nn.MoE under data parallelism (DDP, and FSDP2 with the attention too): two CPU ranks (gloo) in
+spawned processes.
 
 DDP broadcasts rank 0's buffers into every rank at each forward (its default): the per-rank
 ``load_counts`` must survive that, and ``update_bias(group=...)`` must give every rank the update
@@ -93,3 +94,64 @@ def test_ddp_without_shared_experts(tmp_path):
         assert all(p.grad is not None for p in moe.parameters())
     finally:
         dist.destroy_process_group()
+
+
+def _fsdp_model():
+    """A 2-layer HF DeepseekV3ForCausalLM (layer 1 routed experts) with latentmoe's attention in
+    both layers and latentmoe's MoE in layer 1, the same random weights on every rank."""
+    from test_mla_common import hf_model_pair
+    from transformers import DeepseekV3ForCausalLM
+
+    cfg, _, model = hf_model_pair(DeepseekV3ForCausalLM, "sdpa", moe=True)
+    cfg._experts_implementation = "eager"
+    layer = model.model.layers[1]
+    moe = MoE(cfg)
+    moe.load_state_dict(layer.mlp.state_dict(), strict=True)
+    layer.mlp = moe
+    return model.train()
+
+
+def _fsdp_batch():
+    return torch.randint(0, 64, (4, 11), generator=torch.Generator().manual_seed(5))
+
+
+def _fsdp_worker(rank: int, store: str, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        model = _fsdp_model()
+        for layer in model.model.layers:  # the decoder layers, so the modules keep their kernels
+            fully_shard(layer)
+        fully_shard(model)
+        ids = _fsdp_batch()[2 * rank: 2 * rank + 2]  # each rank half of the batch
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        counts = model.model.layers[1].mlp.load_counts.clone()
+        torch.save({"loss": loss.detach(), "grads": grads, "counts": counts}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_matches_one_process(tmp_path):
+    # FSDP2 (fully_shard per decoder layer, gloo, 2 ranks): the averaged gradients equal one
+    # process's over the whole batch, and each rank's load_counts counts its own tokens.
+    out = str(tmp_path / "res")
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "store"), out), nprocs=WORLD, join=True)
+    res = [torch.load(f"{out}.{r}") for r in range(WORLD)]
+    model = _fsdp_model()
+    ids = _fsdp_batch()
+    for r in range(WORLD):
+        part = ids[2 * r: 2 * r + 2]
+        loss = model(input_ids=part, labels=part, use_cache=False).loss
+        (loss / WORLD).backward()
+        assert torch.allclose(res[r]["loss"], loss.detach(), rtol=1e-6, atol=0)
+        assert int(res[r]["counts"].sum()) == part.numel() * model.config.num_experts_per_tok
+    assert set(res[0]["grads"]) == {n for n, _ in model.named_parameters()}
+    for n, p in model.named_parameters():
+        g = res[0]["grads"][n]
+        assert torch.equal(g, res[1]["grads"][n]), n
+        err = float((g - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-30))
+        assert err <= 1e-5, (n, err)

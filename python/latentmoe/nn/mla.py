@@ -1073,6 +1073,16 @@ class MultiHeadLatentAttention(nn.Module):
             else:
                 attn_mask = attn_mask.to(q.dtype)
         dropout = self.attention_dropout if self.training else 0.0
+        if mask is not None and mask.dtype == torch.float16 and q.dtype == torch.float16:
+            # HF eager's fp16 additive mask (finfo(fp16).min) on fp16 queries: HF adds it to the fp16
+            # scores, where it saturates, so a fully masked (left-padding) query row gets the uniform
+            # average over the keys, as in fp32. SDPA adds it in fp32, where -65504 does not swamp the
+            # scores: that row would be a softmax over the masked keys, and it feeds HF's causal-LM
+            # loss (the last padding row predicts the first real token). The scores are formed as HF's.
+            w = torch.matmul(q, k.transpose(-1, -2)) * self.scaling + attn_mask
+            w = F.dropout(torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), p=dropout,
+                          training=self.training)
+            return torch.matmul(w, v).to(out_dtype).transpose(1, 2)
         with ctx:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=causal, scale=self.scaling
