@@ -20,7 +20,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 
 import latentmoe
 from bench.common import (
-    OutputMismatch, check_close, env_setting, gemm_gflops, native_lowp_gemm, paired_ratio, ratio_row, read_bandwidth_gbs,
+    check_close, env_setting, gemm_gflops, native_lowp_gemm, paired_ratio, ratio_row, read_bandwidth_gbs,
     row, time_ms, time_paired,
 )
 from latentmoe.reference.mla import mla_decode as ref_mla_decode
@@ -686,13 +686,20 @@ def _generate_rows(device: str, dtype, prompt: int, new: int, pads=(0, 64, 128, 
 
     with torch.no_grad():
         same = torch.equal(hf.generate(ids, **kw), ours_generate())
-        if not same:  # (as check_close: no speed for outputs that differ)
-            raise OutputMismatch(f"mla_generate B={B} P={prompt}: greedy ids differ from HF's")
-        t, per_round = time_paired({"hf": lambda: hf.generate(ids, **kw), "ours": ours_generate}, device,
-                                   rounds=3, reps=1)
     dt = str(dtype).removeprefix("torch.")
     mode = f"generate-{dt}-B{B}-P{prompt}-new{new}"
-    note = f"left padding {list(pads)}; greedy ids identical to HF's: {same}"
+    if not same:
+        # No speed for outputs that differ (as check_close), but only these rows go: raising would
+        # drop the family's other rows too. (tests/test_latent_cache_generate.py checks the ids.)
+        nan = (float("nan"),) * 3
+        note = f"NOT TIMED: greedy ids differ from HF's (left padding {list(pads)})"
+        print(f"[bench] mla_generate {mode}: {note}", flush=True)
+        return [row("mla_generate", "hf", mode, prompt, nan, device, note=note),
+                row("mla_generate", "latentmoe", mode, prompt, nan, device, note=note)]
+    with torch.no_grad():
+        t, per_round = time_paired({"hf": lambda: hf.generate(ids, **kw), "ours": ours_generate}, device,
+                                   rounds=3, reps=1)
+    note = f"left padding {list(pads)}; greedy ids identical to HF's"
     return [
         row("mla_generate", "hf", mode, prompt, t["hf"], device, note=note),
         row("mla_generate", "latentmoe", mode, prompt, t["ours"], device, note=note),

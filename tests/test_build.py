@@ -178,8 +178,10 @@ def test_suffixed_archs_pass_the_configure(tmp_path):
     cmake = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
     if cmake is None:
         pytest.skip("needs cmake")
+    ninja = shutil.which("ninja", path=os.path.dirname(sys.executable)) or shutil.which("ninja")
+    gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
     res = subprocess.run(
-        [cmake, "-S", _ROOT, "-B", str(tmp_path), f"-DPython3_EXECUTABLE={sys.executable}"],
+        [cmake, "-S", _ROOT, "-B", str(tmp_path), *gen, f"-DPython3_EXECUTABLE={sys.executable}"],
         env={**os.environ, "LATENTMOE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "8.0;9.0a"},
         capture_output=True, text=True, timeout=300,
     )
