@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -1188,6 +1190,36 @@ def test_fp16_eager_padding_rows_match_hf(q_lora):
     assert rel_err(gx, gx_want) <= 2e-2
     for n in gp_want:
         assert rel_err(gp[n], gp_want[n]) <= 2e-2, n
+
+
+def test_fp16_eager_padding_rows_with_large_scores_follow_fp32():
+    # With large scores HF's fp16 sum (score + finfo(fp16).min) no longer saturates evenly: it
+    # rounds to steps of 32 or overflows to -inf (a row whose every score does is NaN, and NaN
+    # reaches every token in the next layer). Ours gives the fp32 result (the uniform average),
+    # as HF does in fp32.
+    cfg = make_config(heads=3, q_lora=24)
+    hf, mine = attention_pair(cfg)
+    with torch.no_grad():
+        for m in (hf, mine):
+            m.q_b_proj.weight.mul_(3)
+            m.kv_b_proj.weight.mul_(3)
+    mine16, hf16 = copy.deepcopy(mine).half(), copy.deepcopy(hf).half()
+    B, S = 2, 7
+    x = torch.randn(B, S, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[1, :5] = False
+    mask = causal_additive_mask(B, S, 0).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    mask16 = mask.clamp(min=torch.finfo(torch.float16).min).half()
+    pe16 = tuple(t.half() for t in pe)
+    with torch.no_grad():
+        want, _ = hf(x, pe, mask)
+        got, _ = mine16(x.half(), pe16, mask16)
+        theirs, _ = hf16(x.half(), pe16, mask16)
+    assert rel_err(theirs[1, :5], want[1, :5]) > 0.5  # (the case: HF's fp16 padding rows are off)
+    assert torch.isfinite(got).all()
+    assert rel_err(got[1, :5], want[1, :5]) <= 1e-2
+    assert rel_err(got, want) <= 1e-2
 
 
 def test_latent_cache_refuses_training_mode_with_attention_dropout():

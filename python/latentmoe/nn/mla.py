@@ -1062,7 +1062,19 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             attn_mask, causal = mask[..., :L], False
         out_dtype, ctx = q.dtype, contextlib.nullcontext()
-        if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+        if attn_mask is not None and attn_mask.dtype == q.dtype == torch.float16:
+            # HF eager's fp16 additive mask on fp16 queries: HF adds finfo(fp16).min to fp16 scores,
+            # where it saturates, so a fully masked (left-padding) query row gets the uniform average
+            # over the keys, as in fp32. SDPA adds it in fp32, where -65504 does not swamp the scores
+            # (that row would be a softmax over the masked keys; it feeds HF's causal-LM loss: the
+            # last padding row predicts the first real token). So the masked entries become
+            # finfo(fp32).min and SDPA runs in fp32: HF's fp32 result, which fp16 rounds to when the
+            # scores are moderate, and no NaN where large negative scores overflow HF's fp16 sum.
+            hidden = attn_mask <= torch.finfo(torch.float16).min / 2
+            attn_mask = attn_mask.float().masked_fill(hidden, torch.finfo(torch.float32).min)
+            q, k, v = (t.float() for t in (q, k, v))
+            ctx = autocast_off(q.device.type)  # (autocast would cast them back)
+        elif attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
             if attn_mask.dtype.itemsize > q.dtype.itemsize:
                 # A wider additive mask than q (autocast: bf16 / fp16 q, HF eager's fp32 mask): HF adds
                 # it to the scores in fp32 and takes the softmax in fp32, so do the same (cast to q's
@@ -1073,16 +1085,6 @@ class MultiHeadLatentAttention(nn.Module):
             else:
                 attn_mask = attn_mask.to(q.dtype)
         dropout = self.attention_dropout if self.training else 0.0
-        if mask is not None and mask.dtype == torch.float16 and q.dtype == torch.float16:
-            # HF eager's fp16 additive mask (finfo(fp16).min) on fp16 queries: HF adds it to the fp16
-            # scores, where it saturates, so a fully masked (left-padding) query row gets the uniform
-            # average over the keys, as in fp32. SDPA adds it in fp32, where -65504 does not swamp the
-            # scores: that row would be a softmax over the masked keys, and it feeds HF's causal-LM
-            # loss (the last padding row predicts the first real token). The scores are formed as HF's.
-            w = torch.matmul(q, k.transpose(-1, -2)) * self.scaling + attn_mask
-            w = F.dropout(torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), p=dropout,
-                          training=self.training)
-            return torch.matmul(w, v).to(out_dtype).transpose(1, 2)
         with ctx:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=causal, scale=self.scaling
