@@ -139,6 +139,20 @@ def test_bench_records_the_machine():
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _configure(build_dir, env: dict) -> subprocess.CompletedProcess:
+    """CMake's configure of this project into ``build_dir`` with ``env`` added (Ninja where pip's
+    or PATH's is found, as the build uses); skips without cmake."""
+    cmake = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("needs cmake")
+    ninja = shutil.which("ninja", path=os.path.dirname(sys.executable)) or shutil.which("ninja")
+    gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
+    return subprocess.run(
+        [cmake, "-S", _ROOT, "-B", str(build_dir), *gen, f"-DPython3_EXECUTABLE={sys.executable}"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
+    )
+
+
 @pytest.mark.parametrize(
     "env,message",
     [
@@ -158,15 +172,7 @@ def test_bad_build_knobs_fail_the_configure(tmp_path, env, message):
         pytest.skip("needs nvcc")
     if "TORCH_CUDA_ARCH_LIST" in env and not torch.version.cuda:
         pytest.skip("needs a CUDA build of torch")
-    cmake = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("needs cmake")
-    ninja = shutil.which("ninja", path=os.path.dirname(sys.executable)) or shutil.which("ninja")
-    gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
-    res = subprocess.run(
-        [cmake, "-S", _ROOT, "-B", str(tmp_path), *gen, f"-DPython3_EXECUTABLE={sys.executable}"],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=300,
-    )
+    res = _configure(tmp_path, env)
     assert res.returncode != 0 and message in res.stderr.replace("\n  ", " "), res.stderr[-2000:]
 
 
@@ -175,16 +181,7 @@ def test_suffixed_archs_pass_the_configure(tmp_path):
     # still configure.
     if not (shutil.which("nvcc") or os.environ.get("CUDA_HOME")) or not torch.version.cuda:
         pytest.skip("needs nvcc and a CUDA build of torch")
-    cmake = shutil.which("cmake", path=os.path.dirname(sys.executable)) or shutil.which("cmake")
-    if cmake is None:
-        pytest.skip("needs cmake")
-    ninja = shutil.which("ninja", path=os.path.dirname(sys.executable)) or shutil.which("ninja")
-    gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
-    res = subprocess.run(
-        [cmake, "-S", _ROOT, "-B", str(tmp_path), *gen, f"-DPython3_EXECUTABLE={sys.executable}"],
-        env={**os.environ, "LATENTMOE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "8.0;9.0a"},
-        capture_output=True, text=True, timeout=300,
-    )
+    res = _configure(tmp_path, {"LATENTMOE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "8.0;9.0a"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "archs 80-real;90a-real," in res.stdout, res.stdout[-2000:]
 

@@ -1139,6 +1139,13 @@ def test_latent_cache_made_under_inference_mode_used_under_no_grad():
         assert cache.lengths(0) == [6, 6]
 
 
+def _left_padded_mask(B: int, S: int, pads) -> torch.Tensor:
+    """HF eager's fp32 additive mask ``[B, 1, S, S]`` of a prefill whose row ``b`` starts with
+    ``pads[b]`` padding tokens (hidden as keys from every query)."""
+    pad = torch.arange(S)[None, :] < torch.tensor(pads)[:, None]
+    return causal_additive_mask(B, S, 0).masked_fill(pad[:, None, None, :], torch.finfo(torch.float32).min)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_padding_rows_match_hf_eager(dtype):
     # HF eager's fp32 additive mask (finfo(fp32).min) under autocast: cast to bf16 / fp16 it would be
@@ -1149,9 +1156,7 @@ def test_autocast_padding_rows_match_hf_eager(dtype):
     B, S = 2, 8
     x = torch.randn(B, S, cfg.hidden_size)
     pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
-    keep = torch.ones(B, S, dtype=torch.bool)
-    keep[0, :3] = False
-    mask = causal_additive_mask(B, S, 0).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    mask = _left_padded_mask(B, S, [3, 0])
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         want, _ = hf(x, pe, mask)
         got, _ = mine(x, pe, mask)
@@ -1172,10 +1177,7 @@ def test_fp16_eager_padding_rows_match_hf(q_lora):
     B, S = 3, 9
     x = torch.randn(B, S, cfg.hidden_size).half()
     pe = tuple(t.half() for t in rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1)))
-    keep = torch.ones(B, S, dtype=torch.bool)
-    keep[1, :4] = False
-    keep[2, :7] = False
-    mask = causal_additive_mask(B, S, 0).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    mask = _left_padded_mask(B, S, [0, 4, 7])
     mask = mask.clamp(min=torch.finfo(torch.float16).min).half()
     g = torch.randn(B, S, cfg.hidden_size).half()
     outs = []
@@ -1207,9 +1209,7 @@ def test_fp16_eager_padding_rows_with_large_scores_follow_fp32():
     B, S = 2, 7
     x = torch.randn(B, S, cfg.hidden_size)
     pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
-    keep = torch.ones(B, S, dtype=torch.bool)
-    keep[1, :5] = False
-    mask = causal_additive_mask(B, S, 0).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    mask = _left_padded_mask(B, S, [0, 5])
     mask16 = mask.clamp(min=torch.finfo(torch.float16).min).half()
     pe16 = tuple(t.half() for t in pe)
     with torch.no_grad():
