@@ -9,7 +9,8 @@ against each other first: a mismatch raises (OutputMismatch) before anything is 
 timed in alternation (common.time_paired), the speedup the median of per-round ratios.
 Issue 3's goals: >= 2x faster than HF sdpa at 4K (its verdict is bench_mla's module-vs-module
 ``mla_prefill speedup_vs_hf`` row; the layer figure here is context, without a goal); 16K prefill
-with < 4 GiB extra peak memory (the op alone, here).
+with < 4 GiB extra peak memory (the op alone, here; the module's 16K prefill has its own goal row in
+bench_mla).
 """
 
 from __future__ import annotations
@@ -140,17 +141,23 @@ def op_peak_extra_bytes(S: int, device: str, dtype: torch.dtype, backward: bool 
         torch.cuda.synchronize()
         del res
         return torch.cuda.max_memory_allocated() - base
-    # CPU: the process's peak RSS grows only past its previous peak, so measure in a fresh child
-    # whose inputs are allocated (and touched) before the call.
-    # The child imports the same latentmoe as this process (an editable install of another checkout
-    # must not shadow it).
+    return cpu_child_peak_extra(_CPU_PEAK_SCRIPT.format(S=S, dtype=str(dtype).removeprefix("torch."),
+                                                        backward=backward))
+
+
+def cpu_child_peak_extra(script: str) -> int:
+    """Run ``script`` in a fresh Python process and return the ``extra`` bytes it prints as JSON on
+    its last line. (CPU: the process's peak RSS grows only past its previous peak, so a peak is
+    measured in a fresh child whose inputs are allocated, and touched, before the call.) The child
+    imports the same latentmoe as this process (an editable install of another checkout must not
+    shadow it) and can import ``bench``."""
     pkg_root = os.path.dirname(os.path.dirname(latentmoe.__file__))
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     prelude = (
-        f"import sys; sys.path.insert(0, {pkg_root!r}); "
+        f"import sys; sys.path[:0] = [{pkg_root!r}, {repo_root!r}]; "
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]\n"
     )
-    code = prelude + _CPU_PEAK_SCRIPT.format(S=S, dtype=str(dtype).removeprefix("torch."), backward=backward)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", prelude + script], capture_output=True, text=True, check=True)
     return int(json.loads(res.stdout.strip().splitlines()[-1])["extra"])
 
 

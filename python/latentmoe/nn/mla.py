@@ -458,6 +458,13 @@ class LatentKVCache:
         )
 
 
+def _additive_keep(mask: torch.Tensor) -> torch.Tensor:
+    """Which entries of an attention mask let their key through: a bool keep-mask as it is; an
+    additive float mask where it is above half its dtype's minimum (HF writes finfo.min, or -inf,
+    for a hidden key)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 def _causal_keep(S: int, L: int, valid, device) -> torch.Tensor:
     """``[S, L]`` bool (``[B, 1, S, L]`` for ``valid`` of shape ``[B, 1, 1]``): query i, at
     position valid - S + i, keeps keys 0 .. valid - S + i."""
@@ -859,10 +866,8 @@ class MultiHeadLatentAttention(nn.Module):
         if mask.dim() != 4 or mask.shape[0] not in (1, B) or mask.shape[1] != 1 or mask.shape[2] != S:
             _refuse_latent_cache_mask(f"got a mask of shape {tuple(mask.shape)} for {B} rows of {S} new tokens")
         m = mask[..., :L]
-        if m.dtype == torch.bool:
-            keep = m
-        else:
-            keep = m > torch.finfo(m.dtype).min / 2
+        keep = _additive_keep(m)
+        if m.dtype != torch.bool:
             if torch.any(m[keep] != 0):
                 _refuse_latent_cache_mask("this one adds biases other than 0 / -inf")
         keep = keep[:, 0].expand(B, S, L)
@@ -1062,28 +1067,27 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             attn_mask, causal = mask[..., :L], False
         out_dtype, ctx = q.dtype, contextlib.nullcontext()
-        if attn_mask is not None and attn_mask.dtype == q.dtype == torch.float16:
-            # HF eager's fp16 additive mask on fp16 queries: HF adds finfo(fp16).min to fp16 scores,
-            # where it saturates, so a fully masked (left-padding) query row gets the uniform average
-            # over the keys, as in fp32. SDPA adds it in fp32, where -65504 does not swamp the scores
-            # (that row would be a softmax over the masked keys; it feeds HF's causal-LM loss: the
-            # last padding row predicts the first real token). So the masked entries become
-            # finfo(fp32).min and SDPA runs in fp32: HF's fp32 result, which fp16 rounds to when the
-            # scores are moderate, and no NaN where large negative scores overflow HF's fp16 sum.
-            hidden = attn_mask <= torch.finfo(torch.float16).min / 2
-            attn_mask = attn_mask.float().masked_fill(hidden, torch.finfo(torch.float32).min)
-            q, k, v = (t.float() for t in (q, k, v))
-            ctx = autocast_off(q.device.type)  # (autocast would cast them back)
-        elif attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-            if attn_mask.dtype.itemsize > q.dtype.itemsize:
-                # A wider additive mask than q (autocast: bf16 / fp16 q, HF eager's fp32 mask): HF adds
-                # it to the scores in fp32 and takes the softmax in fp32, so do the same (cast to q's
-                # dtype, finfo(fp32).min would become -inf, and a fully masked padding query row would
-                # give 0 where HF gives the uniform average; those rows feed HF's causal-LM loss).
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            if attn_mask.dtype == q.dtype == torch.float16:
+                # HF eager's fp16 additive mask on fp16 queries: HF adds finfo(fp16).min to fp16
+                # scores, where it saturates, so a fully masked (left-padding) query row gets the
+                # uniform average over the keys, as in fp32. SDPA adds it in fp32, where -65504 does
+                # not swamp the scores (that row would be a softmax over the masked keys; it feeds
+                # HF's causal-LM loss: the last padding row predicts the first real token). So the
+                # masked entries become finfo(fp32).min and SDPA runs in fp32 (below): HF's fp32
+                # result, which fp16 rounds to when the scores are moderate, and no NaN where large
+                # negative scores overflow HF's fp16 sum.
+                attn_mask = attn_mask.float().masked_fill(
+                    ~_additive_keep(attn_mask), torch.finfo(torch.float32).min)
+            elif attn_mask.dtype.itemsize <= q.dtype.itemsize:
+                attn_mask = attn_mask.to(q.dtype)
+            if attn_mask.dtype != q.dtype:
+                # A wider additive mask than q (the fp16 case above; autocast: bf16 / fp16 q, HF
+                # eager's fp32 mask): HF adds it to the scores in fp32 and takes the softmax in fp32,
+                # so do the same (cast to q's dtype, finfo(fp32).min would become -inf, and a fully
+                # masked padding query row would give 0 where HF gives the uniform average).
                 q, k, v = (t.to(attn_mask.dtype) for t in (q, k, v))
                 ctx = autocast_off(q.device.type)  # (autocast would cast them back)
-            else:
-                attn_mask = attn_mask.to(q.dtype)
         dropout = self.attention_dropout if self.training else 0.0
         with ctx:
             out = F.scaled_dot_product_attention(
@@ -1102,7 +1106,7 @@ class MultiHeadLatentAttention(nn.Module):
             return False
         if torch.compiler.is_compiling() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
             return False  # its values cannot be read while tracing / capturing: applied as given (SDPA)
-        keep = mask[..., :L] if mask.dtype == torch.bool else mask[..., :L] > torch.finfo(mask.dtype).min / 2
+        keep = _additive_keep(mask[..., :L])
         want = _causal_keep(S, L, valid, mask.device)
         if mask.dtype != torch.bool and torch.any(mask[..., :L][keep] != 0):
             return False  # additive biases other than 0 / -inf
