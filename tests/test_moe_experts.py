@@ -880,3 +880,47 @@ def test_raw_op_saved_outputs_are_not_differentiable():
     assert not sorted_pairs.requires_grad and not offsets.requires_grad
     out.sum().backward()
     assert all(t.grad is not None for t in (x, gu, down, w))
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unavailable"
+
+
+def _thp_eligible(t: torch.Tensor) -> bool:
+    """Whether the mapping holding the 2 MiB-aligned start of t's data may use transparent huge
+    pages (/proc/self/smaps 'THPeligible': the advice, not whether huge pages were free)."""
+    huge = 2 << 20
+    addr = (t.data_ptr() + huge - 1) // huge * huge
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "THPeligible:":
+                return line.split()[1] == "1"
+    raise AssertionError("no THPeligible line for the tensor's mapping")
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="needs THP in 'madvise' mode (with 'always' every "
+                    "mapping is eligible, with 'never' none is)")
+def test_large_cpu_buffers_ask_for_huge_pages():
+    # Buffers of 32 MiB and more are fresh mappings on every call (cpu/huge_pages.h): the forward's
+    # [T*k, 2I] rows and the weight gradients (32 MiB each here) ask for huge pages before they
+    # are written.
+    T, E, K, H, I = 2048, 8, 2, 512, 1024
+    x = torch.randn(T, H)
+    gu, down = torch.randn(E, 2 * I, H) * H**-0.5, torch.randn(E, H, I) * I**-0.5
+    w, idx = _routing(T, E, K, "cpu")
+    out, sp, off, guo = torch.ops.latentmoe.moe_experts(x, gu, down, w, idx, True)
+    assert guo.nbytes >= 32 << 20 and _thp_eligible(guo)
+    grads = torch.ops.latentmoe.moe_experts_backward(torch.randn_like(out), x, gu, down, w, sp, off, guo)
+    assert grads[1].shape == gu.shape and grads[1].nbytes >= 32 << 20 and _thp_eligible(grads[1])
+    assert grads[2].shape == down.shape and grads[2].nbytes < 32 << 20  # (16 MiB: from the heap)
+    small = torch.empty(64 << 20 >> 2)  # a plain large tensor of torch's is not advised
+    assert not _thp_eligible(small)

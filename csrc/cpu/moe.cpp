@@ -32,6 +32,7 @@
 #include "common/moe_math.h"
 #include "common/settings.h"
 #include "cpu/gemm_bf16.h"
+#include "cpu/huge_pages.h"
 #include "cpu/moe_common.h"
 #include "cpu/vec8.h"
 #include "cuda/moe/moe_host.h"
@@ -1150,12 +1151,12 @@ void experts_forward(const at::Tensor& x, const at::Tensor& wgu, const at::Tenso
   // SwiGLU in the gate_up GEMM's epilogue, instead of oneDNN calls.
   constexpr bool kDpTypes = std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, c10::BFloat16>;
   const bool dp_path = kDpTypes && bf16dp::cpu_supported();
-  at::Tensor y = at::empty({S, H}, copt);
+  at::Tensor y = empty_huge({S, H}, copt);
   at::Tensor xs, gu_c, act;
   if (!(awt_path || dp_path) || !small.empty() || (!large.empty() && !dp_path)) {
-    xs = at::empty({S, H}, copt);
-    gu_c = at::empty({S, 2 * I}, copt);
-    act = at::empty({S, I}, copt);
+    xs = empty_huge({S, H}, copt);
+    gu_c = empty_huge({S, 2 * I}, copt);
+    act = empty_huge({S, I}, copt);
     at::parallel_for(0, S, 16, [&](int64_t b, int64_t e) {
       gather_rows<T, C>(x.const_data_ptr<T>(), sorted_pairs, K, H, b, e,
                         xs.mutable_data_ptr<C>() + b * H);
@@ -1361,8 +1362,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_cpu(
   sort_pairs_by_expert(idx.const_data_ptr<int64_t>(), S, E, spp, offsets.mutable_data_ptr<int64_t>());
   std::vector<int64_t> pos(S);
   for (int64_t i = 0; i < S; ++i) pos[spp[i]] = i;
-  auto gate_up_out = at::empty({S, 2 * I}, x.options());
-  auto out = at::empty({T, H}, x.options());
+  auto gate_up_out = empty_huge({S, 2 * I}, x.options());
+  auto out = empty_huge({T, H}, x.options());
   const bool native = x.scalar_type() == at::kFloat ||
                       cpu_native_forward(x.scalar_type(), S, active_experts(offsets.const_data_ptr<int64_t>(), E));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "moe_experts_cpu", [&] {
@@ -1522,9 +1523,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_awt(
   // sorted_pairs / expert_offsets: the caller's checked private copies (check_cpu_sort).
   const int64_t* off = expert_offsets.const_data_ptr<int64_t>();
   const int64_t* spp = sorted_pairs.const_data_ptr<int64_t>();
-  auto grad_gu = at::empty_like(wgu);
-  auto grad_down = at::empty_like(wd);
-  auto gxs = at::empty({S, H}, x.options().dtype(at::kFloat));
+  // (Fresh mappings on every call from their size on: huge pages, cpu/huge_pages.h.)
+  auto grad_gu = empty_huge(wgu.sizes(), wgu.options());
+  auto grad_down = empty_huge(wd.sizes(), wd.options());
+  auto gxs = empty_huge({S, H}, x.options().dtype(at::kFloat));
   auto grad_ws = at::empty({S}, x.options().dtype(at::kFloat));
   const int64_t ldh = awt::padded_stride(H), ldi = awt::padded_stride(I), ld2i = awt::padded_stride(2 * I);
   const T* xp = x.const_data_ptr<T>();
@@ -1690,7 +1692,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward_awt(
   // Each token's k rows, added in k order: the forward's combine with unit weights (1 * x is x).
   std::vector<int64_t> pos(S);
   for (int64_t i = 0; i < S; ++i) pos[spp[i]] = i;
-  auto grad_hidden = at::empty({T_, H}, x.options());
+  auto grad_hidden = empty_huge({T_, H}, x.options());
   const std::vector<float> ones(S, 1.f);
   combine_rows<T, float>(gxs_p, ones.data(), pos.data(), grad_hidden.mutable_data_ptr<T>(), T_, K, H);
   auto grad_weights = at::empty({T_, K}, x.options().dtype(at::kFloat));

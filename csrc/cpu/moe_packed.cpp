@@ -37,19 +37,18 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
 #include "cpu/gemm_bf16.h"
+#include "cpu/huge_pages.h"
 #include "cpu/moe_common.h"
 #include "cpu/vec8.h"
 
@@ -86,23 +85,11 @@ inline int64_t source_row(int64_t p, int64_t c, int64_t N, bool gate_up) {
   return c < kGateCols ? j : I + j;
 }
 
-// Ask for transparent huge pages (2 MiB) on the 2 MiB-aligned part of a fresh, untouched buffer
-// (the packed weights), before it is first written: the experts' panels are streamed from memory
-// once per call, and with 4 KiB pages the TLB misses of that stream cost time (bf16, 512 tokens,
-// 2-core Zen 4: E = 256 of h512 / i256 8.5 vs 9.5 ms, h1024 / i704 / E = 64 33.8 vs 35.3 ms,
-// measured with PyTorch's THP_MEM_ALLOC_ENABLE=1, which does the same for every large tensor).
-// Advice only: where the kernel has THP off or no huge page is free, the pages stay 4 KiB.
-void advise_huge_pages(void* p, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
-  if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
+// The packed weights ask for transparent huge pages (cpu/huge_pages.h) whatever their size: the
+// experts' panels are streamed from memory once per call, and with 4 KiB pages the TLB misses of
+// that stream cost time (bf16, 512 tokens, 2-core Zen 4: E = 256 of h512 / i256 8.5 vs 9.5 ms,
+// h1024 / i704 / E = 64 33.8 vs 35.3 ms, measured with PyTorch's THP_MEM_ALLOC_ENABLE=1, which
+// does the same for every large tensor).
 
 // Panels of words W (a bf16 pair, or an fp32 value): panel (e, p)'s word (q, c) = word(e, r, q)
 // for the weight row r behind column c, 0 for columns past the end; Kw words per row.
@@ -407,7 +394,7 @@ at::Tensor packed_forward(const at::Tensor& hidden, const at::Tensor& gate_up_pa
   using A = std::conditional_t<kBf16, uint32_t, float>;  // a row element as the tiles read it
   const int64_t Tn = hidden.size(0), H = hidden.size(1), E = gate_up_packed.size(0);
   const int64_t K = indices.size(1), S = Tn * K;
-  at::Tensor out = at::empty({Tn, H}, hidden.options());
+  at::Tensor out = empty_huge({Tn, H}, hidden.options());
   if (S == 0) return out.zero_();
   const at::Tensor x = hidden.contiguous(), idx = indices.contiguous();
   const at::Tensor w = weights.to(at::kFloat).contiguous();
@@ -431,6 +418,12 @@ at::Tensor packed_forward(const at::Tensor& hidden, const at::Tensor& gate_up_pa
   const int64_t tile_rows = wide ? kTileRowsAvx2 : kTileRows;
   std::unique_ptr<A[]> xs(new A[wide ? 0 : S * ldx]), act(new A[S * lda]);
   std::unique_ptr<float[]> xs_f(new float[wide ? S * 2 * ldx : 0]), act_f(new float[wide ? S * 2 * lda : 0]);
+  const std::pair<void*, int64_t> scratch[] = {{xs.get(), (wide ? 0 : S * ldx) * int64_t{sizeof(A)}},
+                                               {act.get(), S * lda * int64_t{sizeof(A)}},
+                                               {xs_f.get(), (wide ? S * 2 * ldx : 0) * int64_t{sizeof(float)}},
+                                               {act_f.get(), (wide ? S * 2 * lda : 0) * int64_t{sizeof(float)}}};
+  for (const auto& [p, n] : scratch)  // (fresh mappings from that size on)
+    if (static_cast<size_t>(n) >= kHugePagesMinBytes) advise_huge_pages(p, static_cast<size_t>(n));
   const T* xp = x.const_data_ptr<T>();
   at::parallel_for(0, S, 16, [&](int64_t b, int64_t end) {
     for (int64_t i = b; i < end; ++i) {
@@ -449,7 +442,7 @@ at::Tensor packed_forward(const at::Tensor& hidden, const at::Tensor& gate_up_pa
       std::memcpy(xs.get() + i * ldx, src, H * sizeof(T));
     }
   });
-  at::Tensor y = at::empty({S, H}, hidden.options());
+  at::Tensor y = empty_huge({S, H}, hidden.options());
   T* yp = y.mutable_data_ptr<T>();
   const A* gu_p = reinterpret_cast<const A*>(gate_up_packed.const_data_ptr<T>());
   const A* d_p = reinterpret_cast<const A*>(down_packed.const_data_ptr<T>());
