@@ -580,16 +580,11 @@ def _prefill_note(device: str, dtype=torch.float32) -> str:
 
 # The module's prefill peak on the CPU, in a fresh process (bench_mla_prefill.cpu_child_peak_extra):
 # the layer, its input and the rotary tables made and touched first, a 64-token warm-up, then the
-# high-water mark reset (/proc/self/clear_refs "5"; without it the bound is peak - RSS before).
+# high-water mark reset (reset_peak).
 _CPU_MODULE_PEAK_SCRIPT = """
 import json, torch, latentmoe
 from bench.bench_mla import _config, _modules, HIDDEN
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
-
-def status_kib(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
 
 L, dt = {L}, torch.{dtype}
 cfg = _config("sdpa")
@@ -600,11 +595,7 @@ pe = DeepseekV3RotaryEmbedding(cfg)(x, torch.arange(L)[None])
 with torch.no_grad():
     ours(x[:, :64], tuple(t[:, :64] for t in pe), None)
     before = status_kib("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    reset_peak()
     out = ours(x, pe, None)[0]
     peak = status_kib("VmHWM")
 print(json.dumps({{"extra": max(0, (peak - before) * 1024 - out.numel() * out.element_size())}}))

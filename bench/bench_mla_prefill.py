@@ -150,27 +150,41 @@ def cpu_child_peak_extra(script: str) -> int:
     its last line. (CPU: the process's peak RSS grows only past its previous peak, so a peak is
     measured in a fresh child whose inputs are allocated, and touched, before the call.) The child
     imports the same latentmoe as this process (an editable install of another checkout must not
-    shadow it) and can import ``bench``."""
+    shadow it) and can import ``bench``; it has ``status_kib(key)`` (a /proc/self/status field) and
+    ``reset_peak()`` (VmHWM back to the current RSS) defined."""
     pkg_root = os.path.dirname(os.path.dirname(latentmoe.__file__))
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     prelude = (
         f"import sys; sys.path[:0] = [{pkg_root!r}, {repo_root!r}]; "
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()]\n"
+        + _CHILD_HELPERS
     )
     res = subprocess.run([sys.executable, "-c", prelude + script], capture_output=True, text=True, check=True)
     return int(json.loads(res.stdout.strip().splitlines()[-1])["extra"])
 
 
-# Peak RSS of one call in a fresh process: build the inputs in place, warm up on 64 tokens, reset the
-# kernel's high-water mark to the current RSS (/proc/self/clear_refs "5", Linux >= 4.0), run the
-# call, read VmHWM. Without clear_refs, fall back to (peak after - RSS before): an upper bound.
-_CPU_PEAK_SCRIPT = """
-import json, math, torch, latentmoe
-
+# Defined in every child of cpu_child_peak_extra. reset_peak: the kernel's high-water mark back to
+# the current RSS (/proc/self/clear_refs "5", Linux >= 4.0); without it, (peak after - RSS before)
+# is an upper bound.
+_CHILD_HELPERS = """
 def status_kib(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1])
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+"""
+
+
+# Peak RSS of one call in a fresh process: build the inputs in place, warm up on 64 tokens, reset the
+# kernel's high-water mark (reset_peak), run the call, read VmHWM.
+_CPU_PEAK_SCRIPT = """
+import json, math, torch, latentmoe
 
 S = {S}; H, N, R, C, V = 16, 128, 64, 512, 128; dt = torch.{dtype}
 q_nope = torch.empty(1, S, H, N, dtype=dt).normal_(); q_pe = torch.empty(1, S, H, R, dtype=dt).normal_()
@@ -189,11 +203,7 @@ if {backward}:
 else:
     op.mla_prefill(q_nope[:, -64:], q_pe[:, -64:], cache, small, w_uk, w_uv, 0.07)
 before = status_kib("VmRSS")
-try:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-except OSError:
-    pass
+reset_peak()
 if {backward}:
     res = op.mla_prefill_backward(g, g_lse, q_nope, q_pe, cache, lens, w_uk, w_uv, out, lse, 0.07)
 else:
