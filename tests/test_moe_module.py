@@ -335,7 +335,7 @@ def test_bias_stays_fp32_and_updates_in_bf16():
     ours, _ = _pair("v3")
     ours = ours.to(torch.bfloat16)
     bias = ours.gate.e_score_correction_bias
-    assert bias.dtype == torch.float32 and ours.gate.weight.dtype == torch.bfloat16
+    assert bias.dtype == torch.float32 and ours.experts.gate_up_proj.dtype == torch.bfloat16
     with torch.no_grad():
         bias.fill_(1.0)
     ours(torch.randn(7, 40, dtype=torch.bfloat16))
@@ -789,3 +789,38 @@ def test_count_loads_under_compile_and_from_old_pickles():
     old.load_counts.zero_()
     old(x)
     assert int(old.load_counts.sum()) == counted
+
+
+@pytest.mark.parametrize("cast", ["to", "half", "assign"])
+def test_router_weight_stays_fp32_values_included(cast):
+    # HF's from_pretrained keeps gate.weight fp32 in a bf16 / fp16 model (_keep_in_fp32_modules_strict):
+    # ours keeps it too, with its fp32 values (not the cast's rounded ones), so a bf16 model routes
+    # as HF's loaded one. A bf16-rounded weight picked another expert set for some tokens.
+    torch.manual_seed(0)
+    ours = MoE(hf_config("v3"))
+    with torch.no_grad():
+        ours.gate.weight.add_(1e-4 * torch.randn_like(ours.gate.weight))  # not bf16-representable
+    exact = ours.gate.weight.detach().clone()
+    param = ours.gate.weight
+    ours.gate.weight.grad = torch.randn_like(exact)
+    grad = ours.gate.weight.grad.clone()
+    low = torch.float16 if cast == "half" else torch.bfloat16
+    if cast == "assign":
+        sd = {k: (v.to(low) if v.is_floating_point() else v) for k, v in ours.state_dict().items()}
+        ours.load_state_dict(sd, assign=True)
+        exact = exact.to(low).float()  # the checkpoint's own values
+    else:
+        ours = ours.half() if cast == "half" else ours.to(low)
+        assert ours.gate.weight is param  # the same Parameter (an optimizer's reference holds)
+        assert torch.equal(ours.gate.weight.grad, grad)
+    assert ours.experts.gate_up_proj.dtype == low
+    assert ours.gate.weight.dtype == torch.float32 and torch.equal(ours.gate.weight.detach(), exact)
+    # Against HF as from_pretrained loads it in that dtype: the experts low, the router fp32.
+    theirs = hf_moe("v3").to(low)
+    theirs.load_state_dict(ours.state_dict())
+    theirs.gate.weight.data = ours.gate.weight.detach().clone()
+    assert theirs.gate.weight.dtype == torch.float32
+    x = torch.randn(64, CONFIGS["v3"]["hidden_size"], dtype=low)
+    want = theirs(x).float()
+    got = ours(x).float()
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()

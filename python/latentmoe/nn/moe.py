@@ -26,9 +26,25 @@ def _recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _fp32_of(before: torch.Tensor | None, after: torch.Tensor) -> torch.Tensor:
+    """``after`` (a router tensor after a module cast) in fp32: ``before``'s values where those were
+    fp32 (not the cast's rounded ones), on ``after``'s device."""
+    if after.dtype == torch.float32:
+        return after
+    if before is not None and before.dtype == torch.float32 and not before.is_meta and not after.is_meta:
+        return before.to(after.device)
+    return after.float()
+
+
 class MoERouter(nn.Module):
     """Router parameters, named as HF ``DeepseekV3TopkRouter``: ``weight [E, hidden]`` (fp32) and
-    the ``e_score_correction_bias [E]`` buffer (fp32, selection only)."""
+    the ``e_score_correction_bias [E]`` buffer (fp32, selection only).
+
+    Both stay fp32 whatever dtype the module is cast to or loaded from (``.to(torch.bfloat16)``,
+    ``.half()``, ``load_state_dict`` with ``assign=True``), as HF's ``from_pretrained`` keeps
+    them (``_keep_in_fp32_modules_strict``): routing on a bf16-rounded router weight picked a
+    different expert set for ~1% of tokens (64 experts, top-6, hidden 512) than the fp32 weight
+    of an HF model loaded in bf16."""
 
     def __init__(self, num_experts: int, hidden_size: int):
         super().__init__()
@@ -44,26 +60,34 @@ class MoERouter(nn.Module):
             return F.linear(hidden.float(), self.weight.float())
 
     def _apply(self, fn, recurse=True):
-        # The bias stays fp32, values included, through .to(dtype) / .half() (as HF's
-        # from_pretrained keeps it, via _keep_in_fp32_modules_strict): update_bias's steps of
+        # The bias and the weight stay fp32, values included, through .to(dtype) / .half() (as HF's
+        # from_pretrained keeps them, via _keep_in_fp32_modules_strict): update_bias's steps of
         # gamma = 1e-3 vanish in bf16 once |bias| > 0.25 (its spacing there is 2e-3), so balancing
-        # would silently stop. Only the device (or the storage, for to_empty) follows fn.
+        # would silently stop; a rounded weight changes which experts some tokens get. Only the
+        # device (or the storage, for to_empty) follows fn.
         bias = self.e_score_correction_bias
+        # (.data: the weight's storage before fn; the Parameter itself may get fn's result in place.)
+        weight = self.weight.data
+        grad = None if self.weight.grad is None else self.weight.grad.data
         super()._apply(fn, recurse)
-        moved = self.e_score_correction_bias
-        if moved.dtype != torch.float32:
-            if bias.dtype == torch.float32 and not bias.is_meta and not moved.is_meta:
-                moved = bias.to(moved.device)  # the fp32 values, not the rounded ones
-            self.e_score_correction_bias = moved.float()
+        self.e_score_correction_bias = _fp32_of(bias, self.e_score_correction_bias)
+        w = self.weight
+        if w.dtype != torch.float32:
+            w.data = _fp32_of(weight, w.data)  # the same Parameter: an optimizer's reference holds
+            if w.grad is not None:
+                w.grad = _fp32_of(grad, w.grad)
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         # load_state_dict(assign=True) puts the state dict's own tensor in place: fp32 again, as
-        # in _apply (a bf16 checkpoint's bias would otherwise stay bf16).
+        # in _apply (a bf16 checkpoint's bias and weight would otherwise stay bf16).
         bias = self.e_score_correction_bias
         if bias.dtype != torch.float32:
             self.e_score_correction_bias = bias.float()
+        w = self.weight
+        if w.dtype != torch.float32:
+            w.data = w.data.float()
 
 
 # Optimizer steps taken in this process since the first pack() (torch.optim's global step hook,
@@ -258,7 +282,8 @@ class MoE(nn.Module):
     checkpointing, the recomputation during backward leaves them as the forward set them (loads
     counted once). Reentrant checkpointing (``use_reentrant=True``) runs the forward without
     autograd, so ``aux_loss`` then has no gradient: use the non-reentrant kind (HF's default).
-    ``e_score_correction_bias`` stays fp32 whatever dtype the module is cast to.
+    The router's ``gate.weight`` and ``e_score_correction_bias`` stay fp32 whatever dtype the module
+    is cast to (as HF's ``from_pretrained`` keeps them; see :class:`MoERouter`).
 
     Data parallelism (DDP, FSDP): ``load_counts`` counts this process's tokens (it is not a
     buffer, so DDP's buffer broadcast leaves it alone); pass ``group=`` to :meth:`update_bias` to
