@@ -1240,3 +1240,29 @@ def test_latent_cache_refuses_training_mode_with_attention_dropout():
         want, _ = hf.eval()(x, pe, causal_additive_mask(2, 3, 0))
         got, _ = mine(x, pe, None, cache=cache)
     assert rel_err(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_no_queries_give_an_empty_output(shape, with_cache):
+    # An empty batch or no new tokens: HF's attention fails to reshape (and our kernels refuse empty
+    # tensors); the module returns the empty [B, S, hidden] output, the cache untouched, and the
+    # backward still reaches the parameters (zero gradients).
+    cfg, _, mine = _pair(CASES[0])
+    B, S = shape
+    cache = hf_cache(cfg) if with_cache else None
+    if cache is not None:
+        prompt = torch.randn(2, 3, cfg.hidden_size)
+        with torch.no_grad():
+            mine(prompt, rope_embeddings(cfg, torch.arange(3).expand(2, 3)), None, past_key_values=cache)
+        before = [t.clone() for t in (cache.layers[0].keys, cache.layers[0].values)]
+    x = torch.randn(B, S, cfg.hidden_size, requires_grad=not with_cache)
+    pos = torch.arange(S).expand(B, S)
+    out, _ = mine(x, rope_embeddings(cfg, pos), None, past_key_values=cache)
+    assert out.shape == (B, S, cfg.hidden_size)
+    if cache is not None:
+        assert cache.get_seq_length(0) == 3
+        assert all(torch.equal(a, b) for a, b in zip(before, (cache.layers[0].keys, cache.layers[0].values)))
+    else:
+        out.sum().backward()
+        assert mine.o_proj.weight.grad is not None and not mine.o_proj.weight.grad.any()

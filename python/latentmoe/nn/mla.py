@@ -658,6 +658,15 @@ class MultiHeadLatentAttention(nn.Module):
                 "cache.reset() before generating for a new batch)"
             )
         H, N, R, C = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        if (B == 0 or S == 0) and not isinstance(cache, LatentKVCache):
+            # No query (an empty batch, or no new tokens): nothing to attend and nothing to store (HF's
+            # own attention fails to reshape these); the output [B, S, hidden] still comes from o_proj.
+            if hidden_states.shape[-1] != self.hidden_size:
+                raise ValueError(
+                    f"MultiHeadLatentAttention: hidden_states of shape {tuple(hidden_states.shape)}; expected "
+                    f"[B, S, {self.hidden_size}]"
+                )
+            return project(self.o_proj, hidden_states.new_zeros(B, S, H * self.v_head_dim)), None
         if self.q_lora_rank is None:
             q = project(self.q_proj, hidden_states)
         else:
