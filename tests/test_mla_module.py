@@ -1266,3 +1266,90 @@ def test_no_queries_give_an_empty_output(shape, with_cache):
     else:
         out.sum().backward()
         assert mine.o_proj.weight.grad is not None and not mine.o_proj.weight.grad.any()
+
+
+@pytest.mark.parametrize("bad", ["narrow", "wide", "no_batch_dim", "other_tokens", "sin_only"])
+@pytest.mark.parametrize("mode", ["training", "no_cache", "hf_cache", "latent_cache"])
+def test_position_embeddings_of_the_wrong_shape_raise(bad, mode):
+    # A cos / sin whose width is not qk_rope_head_dim was sliced silently on the prefill, training and
+    # SDPA paths (interleaved RoPE takes cos[..., :R/2]): wrong outputs, no error. Every path checks
+    # it now, naming the argument; the right shapes, [B, S, R] and the batch-shared [1, S, R], pass.
+    cfg, _, mine = _pair(CASES[0])
+    B, S, R = 2, 5, cfg.qk_rope_head_dim
+    x = torch.randn(B, S, cfg.hidden_size, requires_grad=mode == "training")
+    cos, sin = rope_embeddings(cfg, torch.arange(S).expand(B, S))
+    cache = {"training": None, "no_cache": None, "hf_cache": hf_cache(cfg),
+             "latent_cache": LatentKVCache(1, B, 16, cfg.kv_lora_rank, R)}[mode]
+    bad_cos = {
+        "narrow": cos[..., : R // 2], "wide": torch.cat([cos, cos], -1), "no_batch_dim": cos[0],
+        "other_tokens": cos[:, :-1], "sin_only": cos,
+    }[bad]
+    bad_sin = sin[:, :, :-2] if bad == "sin_only" else bad_sin_like(bad_cos, sin)
+    ctx = torch.enable_grad() if mode == "training" else torch.no_grad()
+    with ctx:
+        with pytest.raises(ValueError, match="position_embeddings' (cos|sin) has shape"):
+            mine(x, (bad_cos, bad_sin), None, past_key_values=cache)
+        for good in ((cos, sin), (cos[:1], sin[:1])):
+            out, _ = mine(x, good, None, past_key_values=copy.deepcopy(cache))
+            assert out.shape == (B, S, cfg.hidden_size) and torch.isfinite(out).all()
+
+
+def bad_sin_like(bad_cos, sin):
+    """sin cut or widened as bad_cos is (so only the shape's named check can catch it)."""
+    if bad_cos.dim() != sin.dim():
+        return sin[0]
+    if bad_cos.shape[1] != sin.shape[1]:
+        return sin[:, : bad_cos.shape[1]]
+    w = bad_cos.shape[-1]
+    return sin[..., :w] if w <= sin.shape[-1] else torch.cat([sin, sin], -1)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("with_cache", [False, True, "latent"])
+def test_4d_mask_missing_keys_raises(kind, with_cache):
+    # A 4-D mask covering fewer keys than the layer attends over was padded with 'hidden' columns, so
+    # the last queries silently lost their own keys (HF raises on the shape). Now ValueError; the full
+    # mask still matches HF.
+    cfg, hf, mine = _pair(CASES[0])
+    B, S = 2, 4
+    cache_hf, cache_mine = (hf_cache(cfg), hf_cache(cfg)) if with_cache else (None, None)
+    if with_cache == "latent":  # (its mask analysis raises before any write too)
+        cache_mine = LatentKVCache(1, B, 16, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    past = 0
+    if with_cache:
+        past = 3
+        p = torch.randn(B, past, cfg.hidden_size)
+        emb = rope_embeddings(cfg, torch.arange(past).expand(B, past))
+        with torch.no_grad():
+            hf(p, emb, causal_additive_mask(B, past, 0), past_key_values=cache_hf)
+            mine(p, emb, causal_additive_mask(B, past, 0), past_key_values=cache_mine)
+    x = torch.randn(B, S, cfg.hidden_size)
+    emb = rope_embeddings(cfg, (past + torch.arange(S)).expand(B, S))
+    additive = causal_additive_mask(B, S, past)
+    full = additive == 0 if kind == "bool" else additive
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="'attention_mask' covers"):
+            mine(x, emb, full[..., :-1], past_key_values=cache_mine)
+        want, _ = hf(x, emb, additive, past_key_values=cache_hf)  # (HF eager adds the mask: additive)
+        got, _ = mine(x, emb, full, past_key_values=cache_mine)
+    assert rel_err(got, want) <= 1e-4
+
+
+def test_short_mask_with_a_static_cache():
+    # HF's StaticCache hands back its whole buffer: a 4-D mask covering the written keys but not the
+    # unwritten slots is padded (those slots hidden) and matches HF with the full mask; one missing a
+    # written key raises (checked on the host: the cache's length is a device tensor there).
+    from transformers import StaticCache
+
+    cfg, hf, mine = _pair(CASES[0])
+    B, S, cap = 2, 5, 12
+    x = torch.randn(B, S, cfg.hidden_size)
+    emb = rope_embeddings(cfg, torch.arange(S).expand(B, S))
+    full = torch.full((B, 1, S, cap), torch.finfo(torch.float32).min)
+    full[..., :S] = causal_additive_mask(B, S, 0)
+    with torch.no_grad():
+        want, _ = hf(x, emb, full, past_key_values=StaticCache(config=cfg, max_cache_len=cap))
+        got, _ = mine(x, emb, full[..., :S], past_key_values=StaticCache(config=cfg, max_cache_len=cap))
+        with pytest.raises(ValueError, match="'attention_mask' covers 4 keys, but the layer attends over 5"):
+            mine(x, emb, full[..., : S - 1], past_key_values=StaticCache(config=cfg, max_cache_len=cap))
+    assert rel_err(got, want) <= 1e-4

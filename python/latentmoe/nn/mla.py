@@ -478,7 +478,8 @@ def _causal_keep(S: int, L: int, valid, device) -> torch.Tensor:
 def _dense_mask(mask, B: int, S: int, L: int, valid):
     """HF's attention masks as the 4-D ones the module applies (None stays None): a flex-attention
     ``BlockMask`` evaluated densely, a 2-D ``[B, keys]`` padding mask (what HF's flash-attention
-    path passes) combined with the causal rule. 4-D masks pass through."""
+    path passes) combined with the causal rule. 4-D masks pass through; one covering fewer than the
+    ``valid`` written keys raises ValueError."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):  # a flex-attention BlockMask
@@ -499,9 +500,30 @@ def _dense_mask(mask, B: int, S: int, L: int, valid):
             f"padding mask or a flex-attention BlockMask, got shape {tuple(mask.shape)}"
         )
     if mask.shape[-1] < L:
+        _check_mask_covers(mask.shape[-1], valid, S)
+        # Keys past the mask are slots of a pre-allocated cache not written yet: hidden.
         fill = False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
         mask = F.pad(mask, (0, L - mask.shape[-1]), value=fill)
     return mask
+
+
+def _check_mask_covers(keys: int, valid, S: int) -> None:
+    """A 4-D mask (or BlockMask) must cover every written key, the ``valid`` cached plus new ones:
+    hiding the keys it leaves out would drop the last queries' own keys silently (HF raises on the
+    shape). A device-tensor ``valid`` (HF's StaticCache) is checked in eager mode only (a host sync,
+    on this rare path alone)."""
+    if isinstance(valid, torch.Tensor):
+        if torch.compiler.is_compiling() or (valid.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        short = bool(torch.any(valid > keys))
+        valid = int(valid.max())
+    else:
+        short = keys < valid
+    if short:
+        raise ValueError(
+            f"MultiHeadLatentAttention: 'attention_mask' covers {keys} keys, but the layer attends over "
+            f"{valid} (the cached tokens plus the {S} new ones); a 4-D mask or BlockMask must cover all of them"
+        )
 
 
 def _packed_causal_keep(cu_q, cu_k, Q: int, K: int, device) -> torch.Tensor:
@@ -673,6 +695,14 @@ class MultiHeadLatentAttention(nn.Module):
             q = project(self.q_b_proj, self.q_a_layernorm(project(self.q_a_proj, hidden_states)))
         q = q.view(B, S, H, self.qk_head_dim)
         cos, sin = position_embeddings
+        for name, t in (("cos", cos), ("sin", sin)):
+            # (Checked here for every path: a wrong width was sliced or broadcast silently before.)
+            if t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1] != S or t.shape[2] != R:
+                raise ValueError(
+                    f"MultiHeadLatentAttention: position_embeddings' {name} has shape {tuple(t.shape)}; expected "
+                    f"[{B} or 1, {S}, {R}] ([batch, new tokens, qk_rope_head_dim], as HF's rotary embedding "
+                    "returns for these hidden_states)"
+                )
         # The projections' dtype: the hidden states', or autocast's (under torch.autocast).
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         kv = project(self.kv_a_proj_with_mqa, hidden_states)
@@ -716,6 +746,11 @@ class MultiHeadLatentAttention(nn.Module):
             past = c_all.shape[1] - S
         elif cache is not None:
             past = cache.get_seq_length(self.layer_idx)
+            if attention_mask is not None and not isinstance(past, torch.Tensor):  # before the cache is written
+                if not isinstance(attention_mask, torch.Tensor):  # a BlockMask
+                    _check_mask_covers(attention_mask.seq_lengths[1], past + S, S)
+                elif attention_mask.dim() == 4:
+                    _check_mask_covers(attention_mask.shape[-1], past + S, S)
             if isinstance(past, torch.Tensor):
                 # HF's StaticCache returns its own length tensor, which update() advances in place:
                 # the length before this step must be a copy (else the new tokens count twice).
