@@ -455,3 +455,24 @@ def test_gradient_reaching_it_raises():
     out, _ = mla_decode(q, torch.randn(1, 1, 2, 4), torch.randn(1, 5, 12), torch.tensor([5], dtype=torch.int32), 0.3)
     with pytest.raises(RuntimeError, match="mla_decode: has no backward"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L", [9, 200])
+def test_nan_in_a_key_outside_every_window_stays_out(device, dtype, L):
+    # Keys before every query's sliding window are never read: a NaN there must not reach the output
+    # (Sq = 2, window 3). (A key hidden from one query but seen by another, e.g. the last key under
+    # Sq = 2 causal, may pass NaN to both through 0 x NaN in P.V, as torch's SDPA does with a boolean
+    # mask.) The bench's shapes (C 512, R 64, 16 heads) take the CUDA tensor-core kernel in bf16.
+    C, R, H = 512, 64, 16
+    q = torch.randn(1, 2, H, C, device=device).to(dtype)
+    qp = torch.randn(1, 2, H, R, device=device).to(dtype)
+    cache = torch.randn(1, L, C + R, device=device).to(dtype)
+    lens = torch.tensor([L], dtype=torch.int32, device=device)
+    cache[0, 0, 5] = float("nan")  # c_kv of key 0: its score and its value
+    cache[0, 1, C + 3] = float("nan")  # k_pe of key 1: its score
+    out, lse = mla_decode(q, qp, cache, lens, 0.05, causal=True, window=3)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    cache[0, 0, 5] = cache[0, 1, C + 3] = 0.0
+    want, want_lse = mla_decode(q, qp, cache, lens, 0.05, causal=True, window=3)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
