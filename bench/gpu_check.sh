@@ -80,7 +80,7 @@ if [[ "$skip" != *tests* ]]; then
   # The *_cuda_emulation tests run CUDA sources on the host (CPU); CI runs them, so they are left out.
   # LATENTMOE_REQUIRE_GPU=1: the run fails (conftest) if torch sees no usable GPU, instead of
   # skipping every CUDA case; LATENTMOE_EXPECT_CUDA=1: every op must have a CUDA kernel.
-  xdist=""; "$PY" -c "import xdist" 2>/dev/null && xdist="-n 4"
+  xdist=""; "$PY" -c "import xdist" 2>/dev/null && xdist="-n 8"
   t=$(cap 150 tests) && (cd tests && LATENTMOE_REQUIRE_GPU=1 LATENTMOE_EXPECT_CUDA=1 timeout -k 10 "$t" "$PY" -m pytest -q -k "cuda and not emulation" $xdist -rfE --tb=short \
      --durations=10 -p no:cacheprovider --continue-on-collection-errors . ) >"$OUT/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$OUT/summary.txt"
@@ -135,4 +135,8 @@ if [[ "$skip" != *ncu* ]] && command -v ncu >/dev/null; then
 fi
 
 stage "done, status $status"
+# The device call brings back at most 8 files from $OUT: the logs beyond summary.txt, tests.log and
+# bench.log travel packed in logs.tgz (every file, those three included).
+(cd "$OUT" && tar -czf /tmp/logs.tgz . && mv /tmp/logs.tgz . \
+  && find . -maxdepth 1 -type f ! -name logs.tgz ! -name summary.txt ! -name tests.log ! -name bench.log -delete)
 exit $status
