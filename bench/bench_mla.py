@@ -529,17 +529,27 @@ def _prefill_rows(device: str, dtype, lengths) -> list[dict]:
                       "goal >= 2x at 4K (issue 3); median of per-round ratios (timed in alternation)",
                       target=(">=", 2) if L == 4096 else None, floor=probe),
         ]
-        if device.startswith("cuda") and dtype != torch.float32:
-            # bf16 / fp16 run the absorbed path (mla_decode's tensor cores) by default: the
-            # per-head prefill kernel, forced, for scale.
-            with torch.no_grad(), env_setting("LATENTMOE_MLA_PREFILL_FORWARD", "kernel"):
-                t_kernel = time_ms(lambda: ours(x, pe, None), device, warmup=1, reps=3)
-            rows += [
-                row("mla_prefill", "latentmoe_prefill_kernel", mode, L, t_kernel, device,
-                    note="LATENTMOE_MLA_PREFILL_FORWARD=kernel (per-head decompression, CUDA cores)"),
-                ratio_row("mla_prefill", "absorbed_speedup", L, t_kernel[0] / t_ours[0], device,
-                          "default (absorbed, tensor cores) vs the prefill kernel forced; no goal"),
-            ]
+        if device.startswith("cuda"):
+            # The module's default on CUDA is SDPA on decompressed K/V (LATENTMOE_MLA_MODULE_PREFILL):
+            # the mla_prefill op, forced, for scale (bf16 / fp16: absorbed through mla_decode's
+            # tensor cores by default, and the per-head prefill kernel forced too).
+            with torch.no_grad(), env_setting("LATENTMOE_MLA_MODULE_PREFILL", "kernel"):
+                t_op = time_ms(lambda: ours(x, pe, None), device, warmup=1, reps=3)
+                rows += [
+                    row("mla_prefill", "latentmoe_op", mode, L, t_op, device,
+                        note="LATENTMOE_MLA_MODULE_PREFILL=kernel: " + _prefill_note(device, dtype, "kernel")),
+                    ratio_row("mla_prefill", "op_speedup_vs_hf", L, t_hf[0] / t_op[0], device,
+                              "the mla_prefill op's path vs HF sdpa; no goal (context)"),
+                ]
+                if dtype != torch.float32:
+                    with env_setting("LATENTMOE_MLA_PREFILL_FORWARD", "kernel"):
+                        t_kernel = time_ms(lambda: ours(x, pe, None), device, warmup=1, reps=3)
+                    rows += [
+                        row("mla_prefill", "latentmoe_prefill_kernel", mode, L, t_kernel, device,
+                            note="LATENTMOE_MLA_PREFILL_FORWARD=kernel (per-head decompression, CUDA cores)"),
+                        ratio_row("mla_prefill", "absorbed_speedup", L, t_kernel[0] / t_op[0], device,
+                                  "the op's default (absorbed, tensor cores) vs its prefill kernel forced; no goal"),
+                    ]
     return rows
 
 
@@ -561,21 +571,35 @@ def _train_rows(device: str, dtype, L: int) -> list[dict]:
     # In alternation (a step is ~1 s on the CPU; three unpaired calls each moved the ratio by 0.2).
     stats, per_round = time_paired({"hf": step(hf), "ours": step(ours)}, device, rounds=5, reps=1)
     mode = f"train-step-{str(dtype).removeprefix('torch.')}"
-    return [
+    default = _prefill_note(device, dtype)
+    rows = [
         row("mla_train_step", "hf_sdpa_autograd", mode, L, stats["hf"], device),
-        row("mla_train_step", "latentmoe", mode, L, stats["ours"], device,
-            note="mla_prefill + mla_prefill_backward"),
+        row("mla_train_step", "latentmoe", mode, L, stats["ours"], device, note=default),
         ratio_row("mla_train_step", "speedup_vs_hf", L, paired_ratio(per_round, "hf", "ours"), device,
                   "no goal (context); median of per-round ratios (timed in alternation)"),
     ]
+    if device.startswith("cuda"):  # the default is SDPA there: mla_prefill + its backward, forced
+        with env_setting("LATENTMOE_MLA_MODULE_PREFILL", "kernel"):
+            t_op = time_ms(step(ours), device, warmup=1, reps=2)
+        rows += [
+            row("mla_train_step", "latentmoe_op", mode, L, t_op, device,
+                note="LATENTMOE_MLA_MODULE_PREFILL=kernel: mla_prefill + mla_prefill_backward"),
+            ratio_row("mla_train_step", "op_speedup_vs_hf", L, stats["hf"][0] / t_op[0], device,
+                      "the mla_prefill op's path vs HF; no goal (context)"),
+        ]
+    return rows
 
 
-def _prefill_note(device: str, dtype=torch.float32) -> str:
-    if latentmoe.nn.mla._has_kernel(latentmoe.nn.mla._PREFILL_OP, torch.device(device)):
+def _prefill_note(device: str, dtype=torch.float32, choice: str | None = None) -> str:
+    """The module's prefill path on ``device`` (under LATENTMOE_MLA_MODULE_PREFILL, or ``choice``)."""
+    choice = choice or latentmoe._settings.mla_module_prefill()
+    has = latentmoe.nn.mla._has_kernel(latentmoe.nn.mla._PREFILL_OP, torch.device(device))
+    if has and (choice == "kernel" or (choice == "auto" and not device.startswith("cuda"))):
         if device.startswith("cuda") and dtype != torch.float32:
             return "mla_prefill: absorbed queries through mla_decode's tensor-core kernel, chunked"
         return "mla_prefill kernel (in-kernel latent decompression)"
-    return "SDPA on decompressed K/V (no mla_prefill kernel for this device)"
+    why = "no mla_prefill kernel for this device" if not has else f"LATENTMOE_MLA_MODULE_PREFILL={choice}"
+    return f"SDPA on per-head K/V decompressed by kv_b_proj ({why})"
 
 
 # The module's prefill peak on the CPU, in a fresh process (bench_mla_prefill.cpu_child_peak_extra):

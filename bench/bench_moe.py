@@ -209,6 +209,14 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
             t_checked = timeit(cycling(lambda xi, wi, ii: latentmoe.ops.moe_experts(xi, gu, down, wi, ii)))
             rows.append(row("moe_experts", "latentmoe_checked", mode, T, t_checked, device,
                             note="check_values=True: the index range checked on a host copy (one sync)"))
+            if T > 1:  # the forward's two GEMM paths forced, whichever auto took (LATENTMOE_MOE_FORWARD_GEMM)
+                for gemm in ("kernel", "grouped"):
+                    if gemm == "grouped" and (H * elt % 16 or I * elt % 16):
+                        continue
+                    with env_setting("LATENTMOE_MOE_FORWARD_GEMM", gemm):
+                        t_gemm = timeit(ours_fn)
+                    rows.append(row("moe_experts", f"latentmoe_{gemm}_gemms", mode, T, t_gemm, device,
+                                    note=f"LATENTMOE_MOE_FORWARD_GEMM={gemm}; no goal"))
         goal = "goal >= 1.4x at 512 tokens; " if T == 512 else ""
         # Each of ours: the HF-layout op ("", the default path) and the prepacked one ("packed_").
         # (prefix, our key, HF's key, what)

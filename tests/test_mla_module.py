@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
+import latentmoe
 from latentmoe.nn import LatentKVCache, MultiHeadLatentAttention
 from test_mla_common import (
     attention_pair,
@@ -122,6 +124,40 @@ def test_training_uses_the_prefill_kernel(monkeypatch):
     pe = rope_embeddings(cfg, torch.arange(20)[None].expand(2, -1))
     mine.train()(x, pe, None)[0].sum().backward()
     assert calls == [1] and mine.kv_b_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("choice", ["auto", "kernel", "sdpa"])
+def test_module_prefill_choice(monkeypatch, device, choice):
+    # LATENTMOE_MLA_MODULE_PREFILL picks the module's prefill / training attention without a
+    # LatentKVCache: auto is the mla_prefill kernel on the CPU and SDPA on CUDA (measured faster
+    # there); every choice matches HF in the output and the gradients.
+    import latentmoe.nn.mla as mod
+
+    monkeypatch.setenv("LATENTMOE_MLA_MODULE_PREFILL", choice)
+    calls, real = [], mod.mla_prefill
+    monkeypatch.setattr(mod, "mla_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg, hf, mine = _pair(CASES[0], device=device)
+    B, S = 2, 20
+    x = torch.randn(B, S, cfg.hidden_size, device=device, requires_grad=True)
+    x_hf = x.detach().clone().requires_grad_()
+    pe = tuple(t.to(device) for t in rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1)))
+    got = mine.train()(x, pe, None)[0]
+    want = hf.train()(x_hf, pe, causal_additive_mask(B, S, 0).to(device))[0]
+    got.square().sum().backward()
+    want.square().sum().backward()
+    tol = 1e-4 if device == "cpu" else 1e-3
+    assert rel_err(got, want) <= tol and rel_err(x.grad, x_hf.grad) <= tol
+    assert rel_err(mine.kv_b_proj.weight.grad, hf.kv_b_proj.weight.grad) <= tol
+    kernel = choice == "kernel" or (choice == "auto" and device == "cpu")
+    assert calls == ([1] if kernel else [])
+
+
+def test_module_prefill_choice_rejects_unknown_values(monkeypatch):
+    monkeypatch.setattr(os, "environ", {**os.environ, "LATENTMOE_MLA_MODULE_PREFILL": "flash"})
+    with pytest.raises(ValueError, match="LATENTMOE_MLA_MODULE_PREFILL must be auto or kernel or sdpa"):
+        latentmoe.reload_settings()
+    monkeypatch.undo()
+    latentmoe.reload_settings()
 
 
 def test_deepseek_like_dims_decode():
@@ -456,7 +492,7 @@ def test_latent_cache_dtype_and_broadcast_rope(device):
         x = torch.randn(B, S, cfg.hidden_size, device=device)
         pe = tuple(t.to(device) for t in rope_embeddings(cfg, (past + torch.arange(S))[None]))  # [1, S, R]
         with torch.no_grad():
-            want, _ = hf(x, tuple(t.expand(B, -1, -1) for t in pe), causal_additive_mask(B, S, past), cache=c_hf)
+            want, _ = hf(x, tuple(t.expand(B, -1, -1) for t in pe), causal_additive_mask(B, S, past).to(device), cache=c_hf)
             got32, _ = mine(x, pe, None, cache=c32)
             got16, _ = mine(x, pe, None, cache=c16)
         assert got16.dtype == torch.float32 and c16.kv[0].dtype == torch.bfloat16

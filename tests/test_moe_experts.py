@@ -924,3 +924,71 @@ def test_large_cpu_buffers_ask_for_huge_pages():
     assert grads[2].shape == down.shape and grads[2].nbytes < 32 << 20  # (16 MiB: from the heap)
     small = torch.empty(64 << 20 >> 2)  # a plain large tensor of torch's is not advised
     assert not _thp_eligible(small)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("choice", ["grouped", "kernel", "auto"])
+def test_experts_forward_gemm_choice(monkeypatch, device, dtype, choice):
+    # LATENTMOE_MOE_FORWARD_GEMM: the forward's GEMMs as one at::_grouped_mm each over the
+    # expert-sorted rows (the device-generic forward; auto takes it on CUDA for bf16 on sm90 /
+    # sm100 at 128+ rows per expert, as here), or latentmoe's kernels. Output against the fp64
+    # reference (three idle experts with NaN weights: an empty group that read them shows up),
+    # gradients through the backward, which reads the forward's gate_up_out; the profiler shows
+    # which GEMMs ran.
+    monkeypatch.setenv("LATENTMOE_MOE_FORWARD_GEMM", choice)
+    T, E, H, I = 2200, 8, 64, 40
+    ours, idx, g, low, exact = _aten_backward_case(dtype, device, T=T, E=E, K=2, H=H, I=I)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=acts) as prof:
+        out = moe_experts(*ours, idx)
+    grouped = choice == "grouped" or (
+        choice == "auto" and device == "cuda" and dtype == torch.bfloat16
+        and torch.cuda.get_device_capability()[0] in (9, 10)
+    )
+    calls = sum(e.count for e in prof.key_averages() if e.key == "aten::_grouped_mm")
+    assert calls == (2 if grouped else 0)
+    want = ref.swiglu_experts(*[t.detach().double().cpu() for t in ours[:3]], ours[3].detach().double().cpu(),
+                              idx.cpu())
+    if dtype == torch.float32:
+        assert rel_err(out.detach().cpu(), want) <= 1e-5
+    else:
+        lo = ref.swiglu_experts(*[t.detach().cpu() for t in ours[:3]], ours[3].detach().cpu().to(dtype), idx.cpu())
+        assert_lowp_close(out.detach().cpu(), lo, want)
+    out.backward(g)
+    _check_aten_backward(ours, low, exact, dtype)
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_experts_grouped_forward_edges(monkeypatch, K):
+    # The grouped forward with no pairs (k = 0: zeros, no GEMM) and with one token; and its errors:
+    # rows not a multiple of 16 bytes, an unknown choice.
+    monkeypatch.setenv("LATENTMOE_MOE_FORWARD_GEMM", "grouped")
+    x, gu, down = torch.randn(1, 16), *_experts(4, 16, 8, "cpu")
+    w, idx = _routing(1, 4, K, "cpu")
+    out = moe_experts(x, gu, down, w, idx)
+    want = ref.swiglu_experts(x.double(), gu.double(), down.double(), w.double(), idx)
+    assert rel_err(out, want) <= 1e-5 if K else torch.equal(out, torch.zeros_like(x))
+    x, gu, down = torch.randn(5, 37), *_experts(4, 37, 8, "cpu")
+    w, idx = _routing(5, 4, 2, "cpu")
+    with pytest.raises(ValueError, match="LATENTMOE_MOE_FORWARD_GEMM=grouped\\) need .*got H=37, I=8"):
+        moe_experts(x, gu, down, w, idx)
+    monkeypatch.setenv("LATENTMOE_MOE_FORWARD_GEMM", "fastest")
+    with pytest.raises(ValueError, match="LATENTMOE_MOE_FORWARD_GEMM must be auto, grouped or kernel"):
+        moe_experts(x, gu, down, w, idx)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_experts_grouped_forward_unchecked_drops_bad_pairs(monkeypatch):
+    # The grouped forward on CUDA with check_values=False: pairs with an index outside [0, E) are
+    # sorted aside (before expert 0's rows, after the last expert's) and contribute nothing.
+    monkeypatch.setenv("LATENTMOE_MOE_FORWARD_GEMM", "grouped")
+    T = 700
+    x, gu, down, w, idx = _args("cuda", T=T, H=16, I=8)
+    E = gu.shape[0]
+    bad = torch.zeros_like(idx, dtype=torch.bool)
+    bad[0, 0], bad[2, 1], bad[T - 1, 1] = True, True, True
+    idx_bad = idx.clone()
+    idx_bad[0, 0], idx_bad[2, 1], idx_bad[T - 1, 1] = -5, E + 3, E
+    got = moe_experts(x, gu, down, w, idx_bad, check_values=False)
+    want = moe_experts(x, gu, down, w.masked_fill(bad, 0.0), idx)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ namespace latentmoe::settings {
 inline constexpr const char* kNames[] = {
     "LATENTMOE_CPU_ISA",           "LATENTMOE_CPU_LOWP_GEMM",         "LATENTMOE_MOE_BACKWARD_GEMM",
     "LATENTMOE_MLA_PREFILL_FORWARD", "LATENTMOE_MLA_PREFILL_CHUNK",   "LATENTMOE_MLA_PREFILL_BWD_WINDOW",
-    "LATENTMOE_MLA_DECODE_KERNEL", "LATENTMOE_CPU_F32_GEMM",
+    "LATENTMOE_MLA_DECODE_KERNEL", "LATENTMOE_CPU_F32_GEMM",     "LATENTMOE_MOE_FORWARD_GEMM",
 };
 inline constexpr int kCount = sizeof(kNames) / sizeof(kNames[0]);
 

@@ -204,6 +204,42 @@ bool grouped_gemm_aligned(int64_t H, int64_t I, at::ScalarType dtype) {
   return (H * es) % 16 == 0 && (I * es) % 16 == 0;
 }
 
+std::optional<bool> forward_grouped_setting() {
+  switch (settings::choice("moe_experts", "LATENTMOE_MOE_FORWARD_GEMM", {"auto", "grouped", "kernel"})) {
+    case 1: return true;
+    case 2: return false;
+    default: return std::nullopt;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> experts_forward_grouped(
+    const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
+    const at::Tensor& weights, const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets,
+    const at::Tensor& pos) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // (implementation, not to differentiate)
+  const int64_t T = hidden.size(0), H = hidden.size(1), E = gate_up_proj.size(0);
+  const int64_t I = gate_up_proj.size(1) / 2, K = weights.size(1), S = T * K;
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK_VALUE(grouped_gemm_aligned(H, I, dt),
+                    "latentmoe.moe_experts: the grouped GEMMs (LATENTMOE_MOE_FORWARD_GEMM=grouped) need the "
+                    "hidden size and the intermediate size to be multiples of 16 bytes in ", dt, "; got H=", H,
+                    ", I=", I);
+  if (S == 0) return {at::zeros({T, H}, hidden.options()), at::empty({0, 2 * I}, hidden.options())};
+  const auto ends = expert_offsets.narrow(0, 1, E).to(at::kInt);
+  const auto xs = hidden.index_select(0, at::div(sorted_pairs, K, "floor"));
+  // [S, H] @ [E, H, 2I] per group (rows past the last group are left unwritten; masked below).
+  auto gate_up_out = at::_grouped_mm(xs, gate_up_proj.transpose(1, 2), ends);
+  const auto g = gate_up_out.narrow(1, 0, I).to(at::kFloat);
+  const auto act = (g * at::sigmoid(g) * gate_up_out.narrow(1, I, I).to(at::kFloat)).to(dt);
+  const auto y = at::_grouped_mm(act, down_proj.transpose(1, 2), ends);  // [S, I] @ [E, I, H]
+  const auto kept = ((pos >= expert_offsets.select(0, 0)) & (pos < expert_offsets.select(0, E))).view({T, K, 1});
+  const auto yp = y.index_select(0, pos).to(at::kFloat).view({T, K, H});
+  const auto w = weights.to(at::kFloat).reshape({T, K, 1});
+  // where, not a multiply by 0: a dropped pair's row may hold anything (NaN included).
+  auto out = at::where(kept, yp * w, at::zeros({}, yp.options())).sum(1).to(dt);
+  return {out, gate_up_out};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
@@ -1362,6 +1398,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_cpu(
   sort_pairs_by_expert(idx.const_data_ptr<int64_t>(), S, E, spp, offsets.mutable_data_ptr<int64_t>());
   std::vector<int64_t> pos(S);
   for (int64_t i = 0; i < S; ++i) pos[spp[i]] = i;
+  if (moe_host::forward_grouped_setting().value_or(false)) {
+    // LATENTMOE_MOE_FORWARD_GEMM=grouped: the device-generic forward CUDA can take (tests run it here).
+    auto pos_t = at::from_blob(pos.data(), {S}, idx.options()).clone();
+    auto [out, gate_up_out] =
+        moe_host::experts_forward_grouped(x, wgu, wd, weights, sorted_pairs, offsets, pos_t);
+    return {out, sorted_pairs, offsets, gate_up_out};
+  }
   auto gate_up_out = empty_huge({S, 2 * I}, x.options());
   auto out = empty_huge({T, H}, x.options());
   const bool native = x.scalar_type() == at::kFloat ||

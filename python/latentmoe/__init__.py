@@ -8,7 +8,7 @@ Importing latentmoe loads the compiled kernels; if they are missing or were buil
 torch, the import fails with instructions instead of falling back to slow code.
 """
 
-from latentmoe import _build
+from latentmoe import _build, _settings
 
 _C = _build.load()
 
@@ -42,8 +42,10 @@ def reload_settings() -> None:
     later, call this. An op running in another thread meanwhile may see the old values in some of
     its steps and the new ones in later steps (each step computed correctly, but the bits then
     match neither setting's): reload between calls where bits matter. An unknown value of
-    ``LATENTMOE_CPU_ISA`` or ``LATENTMOE_CPU_LOWP_GEMM`` raises ``ValueError`` here (and at import)."""
+    ``LATENTMOE_CPU_ISA``, ``LATENTMOE_CPU_LOWP_GEMM`` or ``LATENTMOE_MLA_MODULE_PREFILL`` raises
+    ``ValueError`` here (and at import)."""
     _check_cpu_settings()
+    _settings.reload()
     _C.reload_settings()
 
 

@@ -59,6 +59,22 @@ std::optional<BackwardGemms> backward_gemm_setting();
 // multiple of 16 bytes.
 bool grouped_gemm_aligned(int64_t H, int64_t I, at::ScalarType dtype);
 
+// LATENTMOE_MOE_FORWARD_GEMM=auto|grouped|kernel: true for grouped, false for kernel, nullopt for
+// auto (unset; the caller's choice). ValueError on any other value.
+std::optional<bool> forward_grouped_setting();
+
+// The forward of moe_experts on ATen ops (any device): the pairs' rows gathered in expert order,
+// gate_up and down as one at::_grouped_mm each over them (offsets read on the device, no host
+// sync), the SwiGLU between in fp32 rounded to the input dtype (the backward's own steps), and
+// each token's k rows combined in k order in fp32. Returns (out [T, H], gate_up_out [T*k, 2I]) as
+// the kernels do; pairs outside [expert_offsets[0], expert_offsets[E]) (ids out of range that an
+// unchecked CUDA call sorted aside) contribute nothing. H and I must be multiples of 16 bytes
+// (grouped_gemm_aligned; ValueError otherwise). pos: each pair's row in the sorted order.
+std::tuple<at::Tensor, at::Tensor> experts_forward_grouped(
+    const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
+    const at::Tensor& weights, const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets,
+    const at::Tensor& pos);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
