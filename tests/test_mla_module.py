@@ -1389,3 +1389,17 @@ def test_short_mask_with_a_static_cache():
         with pytest.raises(ValueError, match="'attention_mask' covers 4 keys, but the layer attends over 5"):
             mine(x, emb, full[..., : S - 1], past_key_values=StaticCache(config=cfg, max_cache_len=cap))
     assert rel_err(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("S", [5, 20])  # the decode path (no grad, S <= decode_max_tokens), the prefill kernel
+def test_vmap_over_inputs(S):
+    # The README says vmap over inputs works for MultiHeadLatentAttention: each slice of the mapped
+    # dimension as its own call (HF's output for each, too).
+    cfg, hf, mine = _pair(CASES[0])
+    B = 2
+    xs = torch.randn(3, B, S, cfg.hidden_size)
+    pe = rope_embeddings(cfg, torch.arange(S)[None].expand(B, -1))
+    with torch.no_grad():
+        got = torch.func.vmap(lambda x: mine(x, pe, None)[0])(xs)
+        want = torch.stack([hf(x, pe, causal_additive_mask(B, S, 0))[0] for x in xs])
+    assert got.shape == want.shape and rel_err(got, want) <= 1e-4

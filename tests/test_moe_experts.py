@@ -931,7 +931,8 @@ def test_large_cpu_buffers_ask_for_huge_pages():
 def test_experts_forward_gemm_choice(monkeypatch, device, dtype, choice):
     # LATENTMOE_MOE_FORWARD_GEMM: the forward's GEMMs as one at::_grouped_mm each over the
     # expert-sorted rows (the device-generic forward; auto takes it on CUDA for bf16 on sm90 /
-    # sm100 at 128+ rows per expert, as here), or latentmoe's kernels. Output against the fp64
+    # sm100 at 128+ rows per expert in calls of S * H * I >= 2^34, not this one), or latentmoe's
+    # kernels. Output against the fp64
     # reference (three idle experts with NaN weights: an empty group that read them shows up),
     # gradients through the backward, which reads the forward's gate_up_out; the profiler shows
     # which GEMMs ran.
@@ -941,9 +942,10 @@ def test_experts_forward_gemm_choice(monkeypatch, device, dtype, choice):
     acts = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=acts) as prof:
         out = moe_experts(*ours, idx)
+    S = T * 2
     grouped = choice == "grouped" or (
         choice == "auto" and device == "cuda" and dtype == torch.bfloat16
-        and torch.cuda.get_device_capability()[0] in (9, 10)
+        and torch.cuda.get_device_capability()[0] in (9, 10) and S >= 128 * E and S * H * I >= 2**34
     )
     calls = sum(e.count for e in prof.key_averages() if e.key == "aten::_grouped_mm")
     assert calls == (2 if grouped else 0)

@@ -320,3 +320,14 @@ def test_rstd_is_not_differentiable():
     assert out.requires_grad and not rstd.requires_grad
     out2, h, rstd2 = torch.ops.latentmoe.add_rms_norm(x, torch.randn(3, 8), w, 1e-6)
     assert out2.requires_grad and h.requires_grad and not rstd2.requires_grad
+
+
+def test_rmsnorm_under_vmap():
+    # The README says vmap over inputs works for RMSNorm: each slice as its own call.
+    norm = latentmoe.nn.RMSNorm(48)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48) + 0.5)
+    xs = torch.randn(4, 3, 7, 48)
+    got = torch.func.vmap(norm)(xs)
+    want = torch.stack([norm(x) for x in xs])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -82,13 +82,19 @@ bool grouped_mm_native(at::ScalarType dtype, int device) {
 }
 
 // The forward's GEMMs (LATENTMOE_MOE_FORWARD_GEMM): auto takes at::_grouped_mm where it is native
-// and aligned and the experts average at least kGroupedMinRows rows (pairs per expert); latentmoe's
-// WMMA kernel otherwise. On an H200 at h2048 / i1408 / E64 / top-6 (2026-12-04), the kernel took
-// 0.59 ms at 48 rows per expert (HF grouped_mm 0.67) and 3.1 ms at 384 (HF grouped_mm 1.65).
+// and aligned, the experts average at least kGroupedMinRows rows (pairs per expert) and the call
+// is large (S * H * I >= 2^34, about 100 GFLOP); latentmoe's WMMA kernel otherwise. Measured on an
+// H200 (2026-12-04), bf16, kernel / grouped forward (HF grouped_mm):
+//   h2048 i1408 E64 top-6, 384 rows per expert (T 4096): 3.24 / 2.30 ms (1.76)
+//   h2048 i1408 E64 top-6,  48 rows per expert (T 512):  0.60 / 0.72 ms (0.77)
+//   h1024 i512  E16 top-6, 192 rows per expert (T 512):  ~0.22 / 0.50 ms (the grouped path's
+//     gather, fp32 SwiGLU and combine cost more than its GEMMs save at this size)
 constexpr int64_t kGroupedMinRows = 128;
+constexpr int64_t kGroupedMinWork = int64_t{1} << 34;
 bool forward_grouped(at::ScalarType dtype, int device, int64_t S, int64_t E, int64_t H, int64_t I) {
   if (const auto setting = moe_host::forward_grouped_setting()) return *setting;
-  return S >= kGroupedMinRows * E && grouped_mm_native(dtype, device) && moe_host::grouped_gemm_aligned(H, I, dtype);
+  return S >= kGroupedMinRows * E && S * H * I >= kGroupedMinWork && grouped_mm_native(dtype, device) &&
+         moe_host::grouped_gemm_aligned(H, I, dtype);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_cuda(
