@@ -476,3 +476,13 @@ def test_nan_in_a_key_outside_every_window_stays_out(device, dtype, L):
     cache[0, 0, 5] = cache[0, 1, C + 3] = 0.0
     want, want_lse = mla_decode(q, qp, cache, lens, 0.05, causal=True, window=3)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+def test_cache_width_error_names_where_the_width_comes_from():
+    # The cache's row width is C + R of the queries: the error says so, with both numbers, so a
+    # mismatch caused by the queries is not read as the cache's alone.
+    q, qp = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 8)
+    lens = torch.tensor([3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"'kv_cache' dim 2 must be 24 \(kv_lora_rank \+ rope dim: C=16 \+ R=8, "
+                                         r"from 'q_latent'"):
+        mla_decode(q, qp, torch.randn(1, 5, 30), lens, 0.1)

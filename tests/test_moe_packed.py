@@ -201,8 +201,8 @@ def test_packed_bad_input():
     gp, dp = moe_pack_experts(gu, down)
     with pytest.raises(ValueError, match="moe_experts_packed: argument 'indices' holds 4"):
         moe_experts_packed(x, gp, dp, w, torch.full((5, 2), 4), 8)
-    with pytest.raises(ValueError, match="argument 'gate_up_packed' must have shape"):
-        moe_experts_packed(x, gp, dp, w, idx, 40)  # another intermediate size
+    with pytest.raises(ValueError, match="argument 'gate_up_packed' must have shape.*I the argument 'intermediate_size'"):
+        moe_experts_packed(x, gp, dp, w, idx, 40)  # another intermediate size: the message says where I comes from
     with pytest.raises(ValueError, match="argument 'down_packed' must have shape"):
         moe_experts_packed(x, gp, gp, w, idx, 8)
     with pytest.raises(ValueError, match="argument 'gate_up_packed' must be contiguous"):

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include <cmath>
+#include <string>
 
 #include <ATen/ATen.h>
 
@@ -55,7 +56,9 @@ inline CacheDims check_cache(const char* op, const at::Tensor& kv_cache, const a
   if (d.split) {
     chk::size(op, "kv_cache", kv_cache, 2, C, "kv_lora_rank (k_pe rows are in pe_cache)");
   } else {
-    chk::size(op, "kv_cache", kv_cache, 2, d.D, "kv_lora_rank + rope dim");
+    const std::string what = "kv_lora_rank + rope dim: C=" + std::to_string(C) + " + R=" + std::to_string(R) +
+                             ", from '" + ref_name + "' and its rope part";
+    chk::size(op, "kv_cache", kv_cache, 2, d.D, what.c_str());
   }
   // Not chk::contiguous's "call .contiguous()": mla_append_cache writes into the cache in place, and
   // a contiguous copy would take the writes.

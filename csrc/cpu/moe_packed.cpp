@@ -381,7 +381,8 @@ void check_packed(const char* name, const at::Tensor& t, at::ScalarType dt, std:
                     t.scalar_type(), " but 'hidden' has dtype ", dt, "; they must match");
   TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(want), "latentmoe.moe_experts_packed: argument '", name,
                     "' must have shape ", layout, " = ", at::IntArrayRef(want), " (", source,
-                    " packed by moe_pack_weight), got shape ", t.sizes());
+                    " packed by moe_pack_weight; H from 'hidden', I the "
+                    "argument 'intermediate_size'), got shape ", t.sizes());
   chk::contiguous(op, name, t);
 }
 

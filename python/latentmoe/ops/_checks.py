@@ -252,7 +252,7 @@ def check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, ref, ref_name
         size(op, "pe_cache", pe_cache, 1, kv_cache.shape[1], "same leading dims as kv_cache")
         size(op, "pe_cache", pe_cache, 2, R, "rope dim")
     else:
-        size(op, "kv_cache", kv_cache, 2, C + R, "kv_lora_rank + rope dim")
+        size(op, "kv_cache", kv_cache, 2, C + R, f"kv_lora_rank + rope dim: C={C} + R={R}, from '{ref_name}' and its rope part")
     dtype(op, "cache_seqlens", cache_seqlens, torch.int32)
     same_device(op, "cache_seqlens", cache_seqlens, ref_name, ref)
     dim(op, "cache_seqlens", cache_seqlens, 1)
@@ -574,7 +574,7 @@ def check_moe_experts_packed(hidden, gate_up_packed, down_packed, weights, indic
     ):
         same_dtype(op, name, t, "hidden", hidden)
         require(tuple(t.shape) == want, op, name,
-                lambda: f"must have shape {layout} = {_shape(want)} ({source} packed by moe_pack_weight), "
+                lambda: f"must have shape {layout} = {_shape(want)} ({source} packed by moe_pack_weight; H from 'hidden', I the argument 'intermediate_size'), "
                         f"got shape {_shape(t)}")
         # (The kernel's contiguity check is not repeated here, as for every op: see the top.)
     dim(op, "indices", indices, 2)
