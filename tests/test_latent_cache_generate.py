@@ -72,11 +72,13 @@ def _assert_same(ours, hf):
 
 def _no_sdpa(monkeypatch):
     """Fail if the module falls back to decompressed K/V: with plain projections, a LatentKVCache
-    runs the fused kernels at every step, padded or not."""
+    runs the fused kernels at every step, padded or not, its prefill steps on mla_prefill (asked
+    for: on CUDA the default there is SDPA, LATENTMOE_MLA_MODULE_PREFILL)."""
 
     def fail(*args, **kwargs):
         raise AssertionError("the SDPA path ran")
 
+    monkeypatch.setenv("LATENTMOE_MLA_MODULE_PREFILL", "kernel")
     monkeypatch.setattr(MultiHeadLatentAttention, "_sdpa_attention", fail)
 
 
@@ -99,6 +101,29 @@ def test_greedy_left_padded_batch_matches_dynamic_cache(monkeypatch, device, att
         assert cache.lengths(layer) == [P - n + new - 1 for n in pads]
         assert cache.seqlens[layer].tolist() == cache.lengths(layer)
         assert cache.get_seq_length(layer) == P + new - 1
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_greedy_left_padded_batch_with_sdpa_prefill(monkeypatch, device, page_size):
+    # LATENTMOE_MLA_MODULE_PREFILL=sdpa (CUDA's default): the prompt's step runs SDPA on each row's
+    # latents gathered from the cache (padding left out) and decompressed, the decode steps the
+    # fused kernels; the same greedy ids and logits as HF's.
+    monkeypatch.setenv("LATENTMOE_MLA_MODULE_PREFILL", "sdpa")
+    cfg, hf, ours = _models("sdpa")
+    hf, ours = _on(device, hf, ours)
+    pads, new, P = [0, 3, 5], 6, 20
+    ids, mask = (t.to(device) for t in _prompts(P, pads))
+    want = hf.generate(ids, attention_mask=mask, **_greedy(max_new_tokens=new))
+    cache = _cache(cfg, 3, P + new - 1, page_size, device=device)
+    calls = []
+    real = MultiHeadLatentAttention._sdpa_attention
+    monkeypatch.setattr(MultiHeadLatentAttention, "_sdpa_attention",
+                        lambda self, *a, **k: calls.append(a[0].shape[1]) or real(self, *a, **k))
+    got = ours.generate(ids, attention_mask=mask, cache=cache, **_greedy(max_new_tokens=new))
+    _assert_same(got, want)
+    assert calls == [P] * cfg.num_hidden_layers  # the prompt's step in every layer, no decode step
+    for layer in range(cfg.num_hidden_layers):
+        assert cache.lengths(layer) == [P - n + new - 1 for n in pads]
 
 
 @pytest.mark.parametrize("page_size", [None, 3])

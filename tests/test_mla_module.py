@@ -152,6 +152,24 @@ def test_module_prefill_choice(monkeypatch, device, choice):
     assert calls == ([1] if kernel else [])
 
 
+@pytest.mark.parametrize("choice", ["auto", "kernel", "sdpa"])
+@pytest.mark.parametrize("cache_kind", ["contig", "paged"])
+def test_latent_cache_prefill_choice(monkeypatch, device, cache_kind, choice):
+    # LATENTMOE_MLA_MODULE_PREFILL with a LatentKVCache: steps of more than decode_max_tokens new
+    # tokens run mla_prefill on the cache, or SDPA on its rows' latents gathered and decompressed
+    # (auto: the kernel on the CPU, SDPA on CUDA); both match HF step by step.
+    import latentmoe.nn.mla as mod
+
+    monkeypatch.setenv("LATENTMOE_MLA_MODULE_PREFILL", choice)
+    calls, real = [], mod.mla_prefill
+    monkeypatch.setattr(mod, "mla_prefill", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
+    cfg, hf, mine = _pair(CASES[0], device=device)
+    errs, cache = _run_steps(cfg, hf, mine, 2, cache_kind, device=device, steps=[20, 1, 18, 2])
+    assert max(errs) <= (1e-4 if device == "cpu" else 1e-3), errs
+    kernel = choice == "kernel" or (choice == "auto" and device == "cpu")
+    assert calls == ([20, 18] if kernel else [])
+
+
 def test_module_prefill_choice_rejects_unknown_values(monkeypatch):
     monkeypatch.setattr(os, "environ", {**os.environ, "LATENTMOE_MLA_MODULE_PREFILL": "flash"})
     with pytest.raises(ValueError, match="LATENTMOE_MLA_MODULE_PREFILL must be auto or kernel or sdpa"):

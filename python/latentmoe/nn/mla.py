@@ -11,10 +11,11 @@ Paths of :meth:`MultiHeadLatentAttention.forward`:
   cache; the kernel reads HF's key and value tensors in place (``pe_cache``), no concatenation.
 * **prefill / training** (autograd, or more new tokens): the prefill op (CPU and CUDA kernels)
   decompresses latents tile by tile inside the kernel; its backward (gradients for queries,
-  latents, k_pe and kv_b_proj) recomputes K/V per tile from the latents. Without a
-  :class:`LatentKVCache` this is the CPU default; on CUDA the default is the SDPA path below
-  (flash attention was 6x faster forward and 50x faster in training on an H200),
-  ``LATENTMOE_MLA_MODULE_PREFILL=kernel|sdpa`` chooses either everywhere.
+  latents, k_pe and kv_b_proj) recomputes K/V per tile from the latents. This is the CPU
+  default; on CUDA the default is the SDPA path below (flash attention was 6x faster forward and
+  50x faster in training on an H200; a :class:`LatentKVCache` step gathers its rows' cached
+  latents and decompresses them too), ``LATENTMOE_MLA_MODULE_PREFILL=kernel|sdpa`` chooses either
+  everywhere.
 * **SDPA path** for masks other than plain causal (e.g. left padding) and attention dropout in
   training (and devices without latentmoe kernels): differentiable, built from
   ``latentmoe.ops.rms_norm`` and PyTorch ops: latents decompressed through ``kv_b_proj`` into
@@ -94,9 +95,9 @@ def _has_kernel_for(op: str, device_type: str) -> bool:
 
 
 def _prefill_kernel_chosen(device: torch.device) -> bool:
-    """Whether the module's prefill / training attention without a LatentKVCache runs the
-    ``mla_prefill`` kernel (else SDPA on per-head K/V decompressed through ``kv_b_proj``, as HF
-    does): ``LATENTMOE_MLA_MODULE_PREFILL``. ``auto``: the kernel where it is registered, except on
+    """Whether the module's prefill / training attention (more new tokens than decode_max_tokens,
+    or a gradient; any cache) runs the ``mla_prefill`` kernel (else SDPA on per-head K/V
+    decompressed through ``kv_b_proj``, as HF does): ``LATENTMOE_MLA_MODULE_PREFILL``. ``auto``: the kernel where it is registered, except on
     CUDA, where SDPA (flash attention) was measured faster on an H200 (2026-12-04, bench shapes, 4K
     tokens): a training step 17.7 ms against the kernel's 911 ms (fp32), a bf16 forward 0.74 ms
     against 4.4 ms. ``kernel`` on a device without one raises ``ValueError``."""
@@ -1028,7 +1029,7 @@ class MultiHeadLatentAttention(nn.Module):
                 q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table,
                 max_seqlen=cache.capacity if capturing else cache._row_max[layer],
             )
-        elif plain_kv_b and _has_kernel(_PREFILL_OP, q_nope.device):
+        elif plain_kv_b and _prefill_kernel_chosen(q_nope.device):
             out = self._prefill_attention(
                 q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table
             )
