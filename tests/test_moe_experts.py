@@ -220,10 +220,14 @@ def test_experts_unchecked_still_checks_on_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("gemm", ["kernel", "grouped"])  # LATENTMOE_MOE_FORWARD_GEMM
 @pytest.mark.parametrize("T", [5, 700])  # T * K past 1024 takes the sort-based permute
-def test_experts_unchecked_cuda_drops_bad_pairs(T):
-    # No host copy of the range: pairs with an index outside [0, E) contribute nothing.
-    x, gu, down, w, idx = _args("cuda", T=T)
+def test_experts_unchecked_cuda_drops_bad_pairs(monkeypatch, T, gemm):
+    # No host copy of the range: pairs with an index outside [0, E) contribute nothing. They are
+    # sorted aside (before expert 0's rows, after the last expert's), for the kernels and for the
+    # grouped forward (whose at::_grouped_mm starts group 0 at row 0).
+    monkeypatch.setenv("LATENTMOE_MOE_FORWARD_GEMM", gemm)
+    x, gu, down, w, idx = _args("cuda", T=T, H=16, I=8)
     E = gu.shape[0]
     bad = torch.zeros_like(idx, dtype=torch.bool)
     bad[0, 0], bad[2, 1], bad[T - 1, 1] = True, True, True
@@ -977,20 +981,3 @@ def test_experts_grouped_forward_edges(monkeypatch, K):
     monkeypatch.setenv("LATENTMOE_MOE_FORWARD_GEMM", "fastest")
     with pytest.raises(ValueError, match="LATENTMOE_MOE_FORWARD_GEMM must be auto, grouped or kernel"):
         moe_experts(x, gu, down, w, idx)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_experts_grouped_forward_unchecked_drops_bad_pairs(monkeypatch):
-    # The grouped forward on CUDA with check_values=False: pairs with an index outside [0, E) are
-    # sorted aside (before expert 0's rows, after the last expert's) and contribute nothing.
-    monkeypatch.setenv("LATENTMOE_MOE_FORWARD_GEMM", "grouped")
-    T = 700
-    x, gu, down, w, idx = _args("cuda", T=T, H=16, I=8)
-    E = gu.shape[0]
-    bad = torch.zeros_like(idx, dtype=torch.bool)
-    bad[0, 0], bad[2, 1], bad[T - 1, 1] = True, True, True
-    idx_bad = idx.clone()
-    idx_bad[0, 0], idx_bad[2, 1], idx_bad[T - 1, 1] = -5, E + 3, E
-    got = moe_experts(x, gu, down, w, idx_bad, check_values=False)
-    want = moe_experts(x, gu, down, w.masked_fill(bad, 0.0), idx)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
