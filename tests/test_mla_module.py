@@ -1320,6 +1320,11 @@ def test_no_queries_give_an_empty_output(shape, with_cache):
     else:
         out.sum().backward()
         assert mine.o_proj.weight.grad is not None and not mine.o_proj.weight.grad.any()
+        # Frozen weights: the output still requires grad through hidden_states (zero gradients).
+        mine.requires_grad_(False)
+        out, _ = mine(x, rope_embeddings(cfg, pos), None)
+        out.sum().backward()
+        assert x.grad is not None and not x.grad.any()
 
 
 @pytest.mark.parametrize("bad", ["narrow", "wide", "no_batch_dim", "other_tokens", "sin_only"])
@@ -1358,7 +1363,7 @@ def bad_sin_like(bad_cos, sin):
     return sin[..., :w] if w <= sin.shape[-1] else torch.cat([sin, sin], -1)
 
 
-@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("kind", ["bool", "additive", "2d"])
 @pytest.mark.parametrize("with_cache", [False, True, "latent"])
 def test_4d_mask_missing_keys_raises(kind, with_cache):
     # A 4-D mask covering fewer keys than the layer attends over was padded with 'hidden' columns, so
@@ -1380,13 +1385,41 @@ def test_4d_mask_missing_keys_raises(kind, with_cache):
     x = torch.randn(B, S, cfg.hidden_size)
     emb = rope_embeddings(cfg, (past + torch.arange(S)).expand(B, S))
     additive = causal_additive_mask(B, S, past)
-    full = additive == 0 if kind == "bool" else additive
+    full = {"bool": additive == 0, "additive": additive, "2d": torch.ones(B, past + S, dtype=torch.long)}[kind]
     with torch.no_grad():
         with pytest.raises(ValueError, match="'attention_mask' covers"):
             mine(x, emb, full[..., :-1], past_key_values=cache_mine)
         want, _ = hf(x, emb, additive, past_key_values=cache_hf)  # (HF eager adds the mask: additive)
         got, _ = mine(x, emb, full, past_key_values=cache_mine)
     assert rel_err(got, want) <= 1e-4
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_latent_cache_sdpa_prefill_ignores_stale_slots(monkeypatch, page_size):
+    # The SDPA prefill on a LatentKVCache gathers every row up to the longest row's length: a
+    # shorter row's slots past its own length hold old contents (here NaN; a reset() cache keeps
+    # its old rows). Masked, they still reached the output through 0 x NaN in P.V. The kernel
+    # never reads them; both paths now give what an unpoisoned cache gives.
+    cfg, _, mine = _pair(CASES[0])
+    B, S1, S2 = 2, 20, 18
+    x1, x2 = torch.randn(B, S1, cfg.hidden_size), torch.randn(B, S2, cfg.hidden_size)
+    m1 = torch.ones(B, S1, dtype=torch.long)
+    m1[1, :15] = 0  # row 1: 5 real tokens, so 23 against row 0's 38 after the second step
+    m2 = torch.cat([m1, torch.ones(B, S2, dtype=torch.long)], 1)
+    pos = (m2.cumsum(1) - 1).clamp_min(0)
+    pe1, pe2 = rope_embeddings(cfg, pos[:, :S1]), rope_embeddings(cfg, pos[:, S1:])
+    for choice in ("kernel", "sdpa"):
+        monkeypatch.setenv("LATENTMOE_MLA_MODULE_PREFILL", choice)
+        outs = []
+        for poison in (False, True):
+            cache = LatentKVCache(1, B, 64, cfg.kv_lora_rank, cfg.qk_rope_head_dim, page_size=page_size)
+            if poison:
+                cache.kv[0].fill_(float("nan"))
+            with torch.no_grad():
+                mine(x1, pe1, m1, cache=cache)
+                outs.append(mine(x2, pe2, m2, cache=cache)[0])
+            assert cache.lengths(0) == [38, 23]
+        assert torch.isfinite(outs[1]).all() and torch.equal(outs[0], outs[1]), choice
 
 
 def test_short_mask_with_a_static_cache():

@@ -56,8 +56,8 @@ inline CacheDims check_cache(const char* op, const at::Tensor& kv_cache, const a
   if (d.split) {
     chk::size(op, "kv_cache", kv_cache, 2, C, "kv_lora_rank (k_pe rows are in pe_cache)");
   } else {
-    const std::string what = "kv_lora_rank + rope dim: C=" + std::to_string(C) + " + R=" + std::to_string(R) +
-                             ", from '" + ref_name + "' and its rope part";
+    const std::string what = "kv_lora_rank C=" + std::to_string(C) + " + rope dim R=" + std::to_string(R) +
+                             ", as the other arguments give them";
     chk::size(op, "kv_cache", kv_cache, 2, d.D, what.c_str());
   }
   // Not chk::contiguous's "call .contiguous()": mla_append_cache writes into the cache in place, and

@@ -220,11 +220,11 @@ std::tuple<at::Tensor, at::Tensor> experts_forward_grouped(
   const int64_t T = hidden.size(0), H = hidden.size(1), E = gate_up_proj.size(0);
   const int64_t I = gate_up_proj.size(1) / 2, K = weights.size(1), S = T * K;
   const auto dt = hidden.scalar_type();
+  if (S == 0) return {at::zeros({T, H}, hidden.options()), at::empty({0, 2 * I}, hidden.options())};  // no GEMM
   TORCH_CHECK_VALUE(grouped_gemm_aligned(H, I, dt),
                     "latentmoe.moe_experts: the grouped GEMMs (LATENTMOE_MOE_FORWARD_GEMM=grouped) need the "
                     "hidden size and the intermediate size to be multiples of 16 bytes in ", dt, "; got H=", H,
                     ", I=", I);
-  if (S == 0) return {at::zeros({T, H}, hidden.options()), at::empty({0, 2 * I}, hidden.options())};
   const auto ends = expert_offsets.narrow(0, 1, E).to(at::kInt);
   const auto xs = hidden.index_select(0, at::div(sorted_pairs, K, "floor"));
   // [S, H] @ [E, H, 2I] per group (rows past the last group are left unwritten; masked below).

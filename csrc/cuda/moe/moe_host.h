@@ -64,8 +64,9 @@ bool grouped_gemm_aligned(int64_t H, int64_t I, at::ScalarType dtype);
 std::optional<bool> forward_grouped_setting();
 
 // The forward of moe_experts on ATen ops (any device): the pairs' rows gathered in expert order,
-// gate_up and down as one at::_grouped_mm each over them (offsets read on the device, no host
-// sync), the SwiGLU between in fp32 rounded to the input dtype (the backward's own steps), and
+// gate_up and down as one at::_grouped_mm each over them (offsets passed on the device: no host
+// sync where at::_grouped_mm is native, bf16 on sm90 / sm100; elsewhere it copies them to the
+// host itself, so a forced grouped forward there is not CUDA-graph capturable), the SwiGLU between in fp32 rounded to the input dtype (the backward's own steps), and
 // each token's k rows combined in k order in fp32. Returns (out [T, H], gate_up_out [T*k, 2I]) as
 // the kernels do; pairs outside [expert_offsets[0], expert_offsets[E]) (ids out of range that an
 // unchecked CUDA call sorted aside) contribute nothing. H and I must be multiples of 16 bytes

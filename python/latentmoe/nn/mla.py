@@ -517,7 +517,8 @@ def _dense_mask(mask, B: int, S: int, L: int, valid):
         mask = create_mask(mask.mask_mod, B, 1, S, kv_len, device=mask.kv_num_blocks.device)
     elif mask.dim() == 2:
         keep = mask.bool()
-        if keep.shape[-1] < L:  # keys past the mask: slots not written yet
+        if keep.shape[-1] < L:  # keys past the mask: slots not written yet (never written keys)
+            _check_mask_covers(keep.shape[-1], valid, S)
             keep = F.pad(keep, (0, L - keep.shape[-1]), value=False)
         mask = keep[:, None, None, :L] & _causal_keep(S, L, valid, mask.device)
     elif mask.dim() != 4:
@@ -534,7 +535,7 @@ def _dense_mask(mask, B: int, S: int, L: int, valid):
 
 
 def _check_mask_covers(keys: int, valid, S: int) -> None:
-    """A 4-D mask (or BlockMask) must cover every written key, the ``valid`` cached plus new ones:
+    """A mask (2-D, 4-D or a BlockMask) must cover every written key, the ``valid`` cached plus new ones:
     hiding the keys it leaves out would drop the last queries' own keys silently (HF raises on the
     shape). A device-tensor ``valid`` (HF's StaticCache) is checked in eager mode only (a host sync,
     on this rare path alone)."""
@@ -548,7 +549,7 @@ def _check_mask_covers(keys: int, valid, S: int) -> None:
     if short:
         raise ValueError(
             f"MultiHeadLatentAttention: 'attention_mask' covers {keys} keys, but the layer attends over "
-            f"{valid} (the cached tokens plus the {S} new ones); a 4-D mask or BlockMask must cover all of them"
+            f"{valid} (the cached tokens plus the {S} new ones); the mask must cover all of them"
         )
 
 
@@ -714,7 +715,9 @@ class MultiHeadLatentAttention(nn.Module):
                     f"MultiHeadLatentAttention: hidden_states of shape {tuple(hidden_states.shape)}; expected "
                     f"[B, S, {self.hidden_size}]"
                 )
-            return project(self.o_proj, hidden_states.new_zeros(B, S, H * self.v_head_dim)), None
+            # (From hidden_states, so the output requires grad when they do, frozen weights or not.)
+            empty = hidden_states.narrow(-1, 0, 1).mul(0).expand(B, S, H * self.v_head_dim)
+            return project(self.o_proj, empty), None
         if self.q_lora_rank is None:
             q = project(self.q_proj, hidden_states)
         else:
@@ -775,7 +778,7 @@ class MultiHeadLatentAttention(nn.Module):
             if attention_mask is not None and not isinstance(past, torch.Tensor):  # before the cache is written
                 if not isinstance(attention_mask, torch.Tensor):  # a BlockMask
                     _check_mask_covers(attention_mask.seq_lengths[1], past + S, S)
-                elif attention_mask.dim() == 4:
+                elif attention_mask.dim() in (2, 4):
                     _check_mask_covers(attention_mask.shape[-1], past + S, S)
             if isinstance(past, torch.Tensor):
                 # HF's StaticCache returns its own length tensor, which update() advances in place:
@@ -1036,8 +1039,11 @@ class MultiHeadLatentAttention(nn.Module):
         else:  # decompressed K/V through the layer itself; each row up to its own length
             lens = cache._host_lens[layer]
             L = max(lens)
+            valid = torch.tensor(lens, device=q_nope.device).view(B, 1, 1)
+            # A shorter row's slots past its length hold old contents (a reset() cache, padding
+            # written past a row's end): masked, but 0 x NaN in P.V would still reach the output.
             rows = cache.rows(layer, L)
-            valid = torch.tensor(lens, device=rows.device).view(B, 1, 1)
+            rows = torch.where(torch.arange(L, device=rows.device).view(1, L, 1) < valid.view(B, 1, 1), rows, 0)
             out = self._sdpa_attention(q_nope, q_pe, rows[..., :C], rows[..., C:], None, valid)
         if q_src is not None:  # back to the step's order
             out = torch.empty_like(out).scatter_(1, q_src[:, :, None, None].expand_as(out), out)

@@ -252,7 +252,7 @@ def check_cache(op, kv_cache, cache_seqlens, block_table, B, C, R, ref, ref_name
         size(op, "pe_cache", pe_cache, 1, kv_cache.shape[1], "same leading dims as kv_cache")
         size(op, "pe_cache", pe_cache, 2, R, "rope dim")
     else:
-        size(op, "kv_cache", kv_cache, 2, C + R, f"kv_lora_rank + rope dim: C={C} + R={R}, from '{ref_name}' and its rope part")
+        size(op, "kv_cache", kv_cache, 2, C + R, f"kv_lora_rank C={C} + rope dim R={R}, as the other arguments give them")
     dtype(op, "cache_seqlens", cache_seqlens, torch.int32)
     same_device(op, "cache_seqlens", cache_seqlens, ref_name, ref)
     dim(op, "cache_seqlens", cache_seqlens, 1)
