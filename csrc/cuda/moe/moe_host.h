@@ -66,9 +66,10 @@ std::optional<bool> forward_grouped_setting();
 // The forward of moe_experts on ATen ops (any device): the pairs' rows gathered in expert order,
 // gate_up and down as one at::_grouped_mm each over them (offsets passed on the device: no host
 // sync where at::_grouped_mm is native, bf16 on sm90 / sm100; elsewhere it copies them to the
-// host itself, so a forced grouped forward there is not CUDA-graph capturable), the SwiGLU between in fp32 rounded to the input dtype (the backward's own steps), and
-// each token's k rows combined in k order in fp32. Returns (out [T, H], gate_up_out [T*k, 2I]) as
-// the kernels do; pairs outside [expert_offsets[0], expert_offsets[E]) (ids out of range that an
+// host itself, so a forced grouped forward there is not CUDA-graph capturable), the SwiGLU
+// between in fp32 rounded to the input dtype (the backward's own steps), and each token's k rows
+// summed in fp32 by an ATen reduction. Returns (out [T, H], gate_up_out [T*k, 2I]) as the kernels
+// do; pairs outside [expert_offsets[0], expert_offsets[E]) (ids out of range that an
 // unchecked CUDA call sorted aside) contribute nothing. H and I must be multiples of 16 bytes
 // (grouped_gemm_aligned; ValueError otherwise). pos: each pair's row in the sorted order.
 std::tuple<at::Tensor, at::Tensor> experts_forward_grouped(

@@ -12,10 +12,10 @@ Paths of :meth:`MultiHeadLatentAttention.forward`:
 * **prefill / training** (autograd, or more new tokens): the prefill op (CPU and CUDA kernels)
   decompresses latents tile by tile inside the kernel; its backward (gradients for queries,
   latents, k_pe and kv_b_proj) recomputes K/V per tile from the latents. This is the CPU
-  default; on CUDA the default is the SDPA path below (flash attention was 6x faster forward and
-  50x faster in training on an H200; a :class:`LatentKVCache` step gathers its rows' cached
-  latents and decompresses them too), ``LATENTMOE_MLA_MODULE_PREFILL=kernel|sdpa`` chooses either
-  everywhere.
+  default; on CUDA the default is the SDPA path below (SDPA's flash / memory-efficient attention
+  was 6x faster forward and 50x faster in training on an H200; a :class:`LatentKVCache` step
+  gathers its rows' cached latents and decompresses them too),
+  ``LATENTMOE_MLA_MODULE_PREFILL=kernel|sdpa`` chooses either everywhere.
 * **SDPA path** for masks other than plain causal (e.g. left padding) and attention dropout in
   training (and devices without latentmoe kernels): differentiable, built from
   ``latentmoe.ops.rms_norm`` and PyTorch ops: latents decompressed through ``kv_b_proj`` into
@@ -97,10 +97,11 @@ def _has_kernel_for(op: str, device_type: str) -> bool:
 def _prefill_kernel_chosen(device: torch.device) -> bool:
     """Whether the module's prefill / training attention (more new tokens than decode_max_tokens,
     or a gradient; any cache) runs the ``mla_prefill`` kernel (else SDPA on per-head K/V
-    decompressed through ``kv_b_proj``, as HF does): ``LATENTMOE_MLA_MODULE_PREFILL``. ``auto``: the kernel where it is registered, except on
-    CUDA, where SDPA (flash attention) was measured faster on an H200 (2026-12-04, bench shapes, 4K
-    tokens): a training step 17.7 ms against the kernel's 911 ms (fp32), a bf16 forward 0.74 ms
-    against 4.4 ms. ``kernel`` on a device without one raises ``ValueError``."""
+    decompressed through ``kv_b_proj``, as HF does): ``LATENTMOE_MLA_MODULE_PREFILL``. ``auto``:
+    the kernel where it is registered, except on CUDA, where SDPA (flash / memory-efficient
+    attention) was measured faster on an H200 (2026-12-04, bench shapes, 4K tokens): a training
+    step 17.7 ms against the kernel's 911 ms (fp32), a bf16 forward 0.74 ms against 4.4 ms.
+    ``kernel`` on a device without one raises ``ValueError``."""
     choice = _settings.mla_module_prefill()
     if choice == "sdpa":
         return False
