@@ -1454,3 +1454,24 @@ def test_vmap_over_inputs(S):
         got = torch.func.vmap(lambda x: mine(x, pe, None)[0])(xs)
         want = torch.stack([hf(x, pe, causal_additive_mask(B, S, 0))[0] for x in xs])
     assert got.shape == want.shape and rel_err(got, want) <= 1e-4
+
+
+def test_block_mask_missing_keys_raises_before_the_cache_is_written():
+    # A BlockMask over fewer keys than the cached plus new tokens took the last queries' own keys
+    # away; it raises, and the HF cache is left as it was (checked before the write).
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    cfg, _, mine = _pair(CASES[0])
+    B, P, S = 2, 3, 4
+    cache = hf_cache(cfg)
+    with torch.no_grad():
+        mine(torch.randn(B, P, cfg.hidden_size), rope_embeddings(cfg, torch.arange(P).expand(B, P)), None,
+             past_key_values=cache)
+        before = [t.clone() for t in (cache.layers[0].keys, cache.layers[0].values)]
+        x = torch.randn(B, S, cfg.hidden_size)
+        emb = rope_embeddings(cfg, (P + torch.arange(S)).expand(B, S))
+        short = create_block_mask(lambda b, h, q, k: k <= q + P, B, 1, S, P + S - 1, device="cpu")
+        with pytest.raises(ValueError, match="'attention_mask' covers 6 keys, but the layer attends over 7"):
+            mine(x, emb, short, past_key_values=cache)
+    assert cache.get_seq_length(0) == P
+    assert all(torch.equal(a, b) for a, b in zip(before, (cache.layers[0].keys, cache.layers[0].values)))
