@@ -23,12 +23,8 @@ _CPU_CHOICES = {"LATENTMOE_CPU_ISA": ("auto", "avx2", "generic"), "LATENTMOE_CPU
 
 
 def _check_cpu_settings() -> None:
-    import os
-
     for name, allowed in _CPU_CHOICES.items():
-        value = os.environ.get(name, "")
-        if value not in ("",) + allowed:
-            raise ValueError(f"latentmoe: {name} must be {' or '.join(allowed)} (or unset), not {value!r}")
+        _settings.choice(name, allowed)
 
 
 _check_cpu_settings()
