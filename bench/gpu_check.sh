@@ -12,7 +12,7 @@
 #                                     skips the build; if it does not import there, the script
 #                                     builds from source)
 #   device run:  bash bench/gpu_check.sh   carry [".whl", ".prebuilt"], timeout_s 560
-#   optional:    LATENTMOE_GPU_CHECK_SKIP=bench     skip stages (build|tests|sanitizer|racecheck|ncu|bench)
+#   optional:    LATENTMOE_GPU_CHECK_SKIP=bench     skip stages (build|tests|sanitizer|racecheck|bench|breakdown|ncu)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
@@ -117,6 +117,13 @@ if [[ "$skip" != *bench* ]]; then
   tail -40 "$OUT/bench.log" 2>/dev/null
 fi
 
+if [[ "$skip" != *breakdown* ]]; then
+  stage "breakdown (torch.profiler tables of bench/gpu_breakdown.py)"
+  # (A failed case prints FAILED in its table but does not fail the run: these are diagnostics.)
+  t=$(cap 60 breakdown) && timeout -k 10 "$t" "$PY" bench/gpu_breakdown.py >"$OUT/breakdown.txt" 2>&1
+  grep "^### " "$OUT/breakdown.txt" 2>/dev/null | tee -a "$OUT/summary.txt"
+fi
+
 if [[ "$skip" != *ncu* ]] && command -v ncu >/dev/null; then
   stage "Nsight Compute (latentmoe kernels of bench/gpu_profile.py)"
   # --clock-control none: leave the card's clocks as they are (see the device notes).
@@ -136,8 +143,8 @@ if [[ "$skip" != *ncu* ]] && command -v ncu >/dev/null; then
 fi
 
 stage "done, status $status"
-# The device call brings back at most 8 files from $OUT: the logs beyond summary.txt, tests.log and
-# bench.log travel packed in logs.tgz (every file, those three included).
+# The device call brings back at most 8 files from $OUT: the logs beyond summary.txt, tests.log,
+# bench.log and breakdown.txt travel packed in logs.tgz (every file, those four included).
 (cd "$OUT" && tar -czf /tmp/logs.tgz . && mv /tmp/logs.tgz . \
-  && find . -maxdepth 1 -type f ! -name logs.tgz ! -name summary.txt ! -name tests.log ! -name bench.log -delete)
+  && find . -maxdepth 1 -type f ! -name logs.tgz ! -name summary.txt ! -name tests.log ! -name bench.log ! -name breakdown.txt -delete)
 exit $status
