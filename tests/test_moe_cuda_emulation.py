@@ -381,3 +381,69 @@ def test_experts_zero_hidden_size(harness, tmp_path, T, K):
     want_out, _, _, want_gu = torch.ops.latentmoe.moe_experts.default(x, gu, dn, w, idx)
     assert out.shape == want_out.shape == (T, 0)
     assert torch.equal(gate_up, want_gu)
+
+
+# ---- the grouped path's kernels (launch_moe_swiglu / _combine / _zero_idle) ----------------------
+def _from_raw(raw: bytes, dtype, shape):
+    ints = np.frombuffer(raw, np.int32 if dtype == torch.float32 else np.int16).copy()
+    return torch.from_numpy(ints).view(dtype).view(shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("S,I,misalign", [(7, 16, 0), (5, 13, 0), (9, 24, 1), (1, 8, 0)])
+def test_grouped_swiglu_kernel(harness, tmp_path, dtype, S, I, misalign):
+    """act = silu(g) * u of the grouped forward's gate_up_out rows, in fp32 rounded to the dtype:
+    vector rows (I a multiple of 16 bytes, aligned) and element rows (odd I or misaligned); every
+    element written (the output starts NaN-poisoned)."""
+    g = torch.Generator().manual_seed(S * 7 + I)
+    gu = (torch.randn(S, 2 * I, generator=g) * 3).to(dtype)
+    raw = _run(harness, "swiglu", tmp_path, [_i64(_DT[dtype], S, I, misalign), _raw(gu)])
+    act = _from_raw(raw, dtype, (S, I))
+    gf = gu.double()
+    want = (torch.nn.functional.silu(gf[:, :I]) * gf[:, I:]).to(dtype)
+    # One rounding of an fp32 value: at most one unit in the last place of the dtype apart.
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(act.double(), want.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,K,E,H,misalign", [(9, 3, 4, 16, 0), (6, 2, 3, 13, 0), (5, 4, 8, 24, 1)])
+def test_grouped_combine_kernel(harness, tmp_path, dtype, T, K, E, H, misalign):
+    """out[t] = sum_k w[t, k] * y[pos[t*K+k]] in fp32, k order, over the pairs whose sorted row lies in
+    [offsets[0], offsets[E]): rows before and after (ids out of range, sorted aside) hold NaN and
+    must not reach the output."""
+    g = torch.Generator().manual_seed(T * 5 + H)
+    S = T * K
+    y = torch.randn(S, H, generator=g).to(dtype)
+    lo, hi = 2, S - 3  # rows [0, 2) and [S-3, S) belong to no expert
+    y[:lo] = float("nan")
+    y[hi:] = float("nan")
+    offsets = torch.linspace(lo, hi, E + 1).round().long()
+    pos = torch.randperm(S, generator=g)
+    w = torch.rand(S, generator=g) + 0.1
+    raw = _run(harness, "combine", tmp_path,
+               [_i64(_DT[dtype], T, K, E, H, misalign), _raw(y), _raw(w), _raw(pos), _raw(offsets)])
+    out = _from_raw(raw, dtype, (T, H))
+    kept = ((pos >= lo) & (pos < hi)).view(T, K, 1)
+    terms = torch.where(kept, w.view(T, K, 1).double() * y.double()[pos].view(T, K, H), 0.0)
+    want = terms.sum(1)
+    assert not out.float().isnan().any()
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out.double(), want.to(dtype).double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("E,bytes_per_expert,shift", [(6, 4096, 0), (5, 100, 0), (4, 64, 3), (3, 70000, 0)])
+def test_zero_idle_kernel(harness, tmp_path, E, bytes_per_expert, shift):
+    """Only the idle experts' slices (offsets[e+1] == offsets[e]) become zero; the others keep every
+    byte. 16-byte stores (aligned, a multiple of 16 bytes) and byte stores (100 bytes, or data 3
+    bytes off alignment); 70000 bytes spans several blocks per expert."""
+    g = torch.Generator().manual_seed(E + bytes_per_expert)
+    data = torch.randint(1, 256, (E * bytes_per_expert,), generator=g, dtype=torch.uint8)
+    counts = torch.tensor([0, 3, 0, 1, 0, 2][:E])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]) + 4
+    raw = _run(harness, "zero_idle", tmp_path,
+               [_i64(E, bytes_per_expert, shift), data.numpy().tobytes(), _raw(offsets)])
+    got = torch.from_numpy(np.frombuffer(raw, np.uint8).copy()).view(E, bytes_per_expert)
+    want = data.view(E, bytes_per_expert).clone()
+    want[counts == 0] = 0
+    assert torch.equal(got, want)

@@ -215,7 +215,7 @@ std::optional<bool> forward_grouped_setting() {
 std::tuple<at::Tensor, at::Tensor> experts_forward_grouped(
     const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
     const at::Tensor& weights, const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets,
-    const at::Tensor& pos) {
+    const at::Tensor& pos, const DeviceSteps& steps) {
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // (implementation, not to differentiate)
   const int64_t T = hidden.size(0), H = hidden.size(1), E = gate_up_proj.size(0);
   const int64_t I = gate_up_proj.size(1) / 2, K = weights.size(1), S = T * K;
@@ -229,9 +229,20 @@ std::tuple<at::Tensor, at::Tensor> experts_forward_grouped(
   const auto xs = hidden.index_select(0, at::div(sorted_pairs, K, "floor"));
   // [S, H] @ [E, H, 2I] per group (rows past the last group are left unwritten; masked below).
   auto gate_up_out = at::_grouped_mm(xs, gate_up_proj.transpose(1, 2), ends);
-  const auto g = gate_up_out.narrow(1, 0, I).to(at::kFloat);
-  const auto act = (g * at::sigmoid(g) * gate_up_out.narrow(1, I, I).to(at::kFloat)).to(dt);
+  at::Tensor act;
+  if (steps.swiglu) {
+    act = at::empty({S, I}, hidden.options());
+    steps.swiglu(gate_up_out, act);
+  } else {
+    const auto g = gate_up_out.narrow(1, 0, I).to(at::kFloat);
+    act = (g * at::sigmoid(g) * gate_up_out.narrow(1, I, I).to(at::kFloat)).to(dt);
+  }
   const auto y = at::_grouped_mm(act, down_proj.transpose(1, 2), ends);  // [S, I] @ [E, I, H]
+  if (steps.combine) {
+    auto out = at::empty({T, H}, hidden.options());
+    steps.combine(y, weights.to(at::kFloat).contiguous(), pos, expert_offsets, out);
+    return {out, gate_up_out};
+  }
   const auto kept = ((pos >= expert_offsets.select(0, 0)) & (pos < expert_offsets.select(0, E))).view({T, K, 1});
   const auto yp = y.index_select(0, pos).to(at::kFloat).view({T, K, H});
   const auto w = weights.to(at::kFloat).reshape({T, K, 1});
@@ -243,7 +254,8 @@ std::tuple<at::Tensor, at::Tensor> experts_forward_grouped(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
-    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out, BackwardGemms gemms) {
+    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out, BackwardGemms gemms,
+    const DeviceSteps& steps) {
   // The ATen calls below are our implementation, not something to differentiate.
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   check_experts_backward_tensors(grad_out, hidden, gate_up_proj, weights, sorted_pairs, expert_offsets,
@@ -312,10 +324,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     grad_gu = at::_grouped_mm(gh.t(), xs, ends);      // [2I, S] @ [S, H], K jagged: [E, 2I, H]
     gxs = at::_grouped_mm(gh, gate_up_proj, ends);    // [S, 2I] @ [E, 2I, H] per group
     // Experts with no rows get zero weight gradients here, not whatever the kernel leaves in an
-    // empty group (public reports: non-zero on sm100).
-    auto idle = (expert_offsets.narrow(0, 1, E) == expert_offsets.narrow(0, 0, E)).view({E, 1, 1});
-    grad_down.masked_fill_(idle, 0);
-    grad_gu.masked_fill_(idle, 0);
+    // empty group (public reports: non-zero on sm100). A masked_fill over both whole gradients
+    // took 1.5 ms of a 3.5 ms bf16 training step on an H200 (h2048 i1408 E64, T 512); the
+    // device step touches only the idle experts' slices.
+    if (steps.zero_idle) {
+      steps.zero_idle(grad_down, expert_offsets);
+      steps.zero_idle(grad_gu, expert_offsets);
+    } else {
+      auto idle = (expert_offsets.narrow(0, 1, E) == expert_offsets.narrow(0, 0, E)).view({E, 1, 1});
+      grad_down.masked_fill_(idle, 0);
+      grad_gu.masked_fill_(idle, 0);
+    }
   } else {
     gxs = at::empty({S, H}, hidden.options());
   }

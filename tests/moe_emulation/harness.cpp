@@ -1,4 +1,5 @@
-// Runs the MoE CUDA launchers (launch_moe_route, launch_moe_route_backward, launch_moe_experts:
+// Runs the MoE CUDA launchers (launch_moe_route, launch_moe_route_backward, launch_moe_experts,
+// launch_moe_sort_pairs, and the grouped path's launch_moe_swiglu / _combine / _zero_idle:
 // the .cu files' host launch code and kernels, host-emulated via shim.h) on inputs from a file
 // and writes their outputs. Driven by tests/test_moe_cuda_emulation.py, which generates
 // route_host.inc / experts_host.inc from the .cu sources. The expert sort (sorted_pairs, offsets,
@@ -134,15 +135,72 @@ int run_sort(std::ifstream& in, std::ofstream& out) {
   write_vec(out, pos);
   return 0;
 }
+
+// swiglu IN OUT: int64 [dtype, S, I, misalign], gate_up_out [S, 2I] -> act [S, I] (raw elements);
+// misalign 1 shifts both buffers one element off 16 bytes.
+int run_swiglu(std::ifstream& in, std::ofstream& out) {
+  int64_t h[4];
+  in.read(reinterpret_cast<char*>(h), sizeof(h));
+  const DType dt = static_cast<DType>(h[0]);
+  const int64_t S = h[1], I = h[2];
+  const size_t el = dt == DType::kFloat32 ? 4 : 2, shift = h[3] ? el : 0;
+  Buf gu(S * 2 * I * el, shift, false), act(S * I * el, shift, true);
+  in.read(reinterpret_cast<char*>(gu.p), static_cast<std::streamsize>(S * 2 * I * el));
+  if (!in) return std::fprintf(stderr, "short input\n"), 2;
+  if (cuda::launch_moe_swiglu(dt, gu.p, S, I, act.p, nullptr) != cudaSuccess)
+    return std::fprintf(stderr, "launch_moe_swiglu failed\n"), 3;
+  out.write(reinterpret_cast<const char*>(act.p), static_cast<std::streamsize>(S * I * el));
+  return 0;
+}
+
+// combine IN OUT: int64 [dtype, T, K, E, H, misalign], y [T*K, H] (raw), fp32 weights [T*K],
+// int64 pos [T*K], offsets [E+1] -> out [T, H] (raw); misalign 1 shifts y and out.
+int run_combine(std::ifstream& in, std::ofstream& out) {
+  int64_t h[6];
+  in.read(reinterpret_cast<char*>(h), sizeof(h));
+  const DType dt = static_cast<DType>(h[0]);
+  const int64_t T = h[1], K = h[2], E = h[3], H = h[4], S = T * K;
+  const size_t el = dt == DType::kFloat32 ? 4 : 2, shift = h[5] ? el : 0;
+  Buf y(S * H * el, shift, false), o(T * H * el, shift, true);
+  in.read(reinterpret_cast<char*>(y.p), static_cast<std::streamsize>(S * H * el));
+  auto w = read_vec<float>(in, S);
+  auto pos = read_vec<int64_t>(in, S);
+  auto offsets = read_vec<int64_t>(in, E + 1);
+  if (!in) return std::fprintf(stderr, "short input\n"), 2;
+  if (cuda::launch_moe_combine(dt, y.p, w.data(), pos.data(), offsets.data(), E, T, K, H, o.p, nullptr) !=
+      cudaSuccess)
+    return std::fprintf(stderr, "launch_moe_combine failed\n"), 3;
+  out.write(reinterpret_cast<const char*>(o.p), static_cast<std::streamsize>(T * H * el));
+  return 0;
+}
+
+// zero_idle IN OUT: int64 [E, bytes_per_expert, shift], data [E * bytes_per_expert] bytes,
+// offsets [E+1] -> data; shift: bytes past a 16-byte boundary where data starts.
+int run_zero_idle(std::ifstream& in, std::ofstream& out) {
+  int64_t h[3];
+  in.read(reinterpret_cast<char*>(h), sizeof(h));
+  const int64_t E = h[0], bytes = h[1];
+  Buf d(E * bytes, static_cast<size_t>(h[2]), false);
+  in.read(reinterpret_cast<char*>(d.p), static_cast<std::streamsize>(E * bytes));
+  auto offsets = read_vec<int64_t>(in, E + 1);
+  if (!in) return std::fprintf(stderr, "short input\n"), 2;
+  if (cuda::launch_moe_zero_idle(d.p, bytes, offsets.data(), E, nullptr) != cudaSuccess)
+    return std::fprintf(stderr, "launch_moe_zero_idle failed\n"), 3;
+  out.write(reinterpret_cast<const char*>(d.p), static_cast<std::streamsize>(E * bytes));
+  return 0;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 4) return std::fprintf(stderr, "usage: harness route|experts|sort IN OUT\n"), 2;
+  if (argc != 4) return std::fprintf(stderr, "usage: harness route|experts|sort|swiglu|combine|zero_idle IN OUT\n"), 2;
   std::ifstream in(argv[2], std::ios::binary);
   std::ofstream out(argv[3], std::ios::binary);
   const std::string mode = argv[1];
   if (mode == "route") return run_route(in, out);
   if (mode == "experts") return run_experts(in, out);
   if (mode == "sort") return run_sort(in, out);
+  if (mode == "swiglu") return run_swiglu(in, out);
+  if (mode == "combine") return run_combine(in, out);
+  if (mode == "zero_idle") return run_zero_idle(in, out);
   return std::fprintf(stderr, "unknown mode\n"), 2;
 }

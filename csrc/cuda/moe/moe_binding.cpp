@@ -97,6 +97,42 @@ bool forward_grouped(at::ScalarType dtype, int device, int64_t S, int64_t E, int
          moe_host::grouped_gemm_aligned(H, I, dtype);
 }
 
+// The kernels that replace the grouped forward's ATen SwiGLU and combine and the backward's
+// idle-expert masked_fill (moe_host::DeviceSteps). Run on the current stream, on tensors the
+// host code made (contiguous; a strided gradient falls back to the masked_fill).
+const moe_host::DeviceSteps& device_steps() {
+  static const moe_host::DeviceSteps steps{
+      [](const at::Tensor& gate_up_out, const at::Tensor& act) {
+        auto gu = gate_up_out.contiguous();
+        check_launch("moe_experts", launch_moe_swiglu(to_dtype(gu.scalar_type()), gu.const_data_ptr(),
+                                                      act.size(0), act.size(1), act.mutable_data_ptr(),
+                                                      at::cuda::getCurrentCUDAStream()));
+      },
+      [](const at::Tensor& y, const at::Tensor& weights, const at::Tensor& pos, const at::Tensor& offsets,
+         const at::Tensor& out) {
+        auto yc = y.contiguous();
+        check_launch("moe_experts",
+                     launch_moe_combine(to_dtype(yc.scalar_type()), yc.const_data_ptr(), weights.const_data_ptr<float>(),
+                                        pos.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
+                                        offsets.size(0) - 1, out.size(0), weights.size(1), out.size(1),
+                                        out.mutable_data_ptr(), at::cuda::getCurrentCUDAStream()));
+      },
+      [](const at::Tensor& grad, const at::Tensor& offsets) {
+        const int64_t E = grad.size(0);
+        if (!grad.is_contiguous()) {
+          auto idle = (offsets.narrow(0, 1, E) == offsets.narrow(0, 0, E)).view({E, 1, 1});
+          grad.masked_fill_(idle, 0);
+          return;
+        }
+        const int64_t per = E == 0 ? 0 : grad.numel() / E * static_cast<int64_t>(grad.element_size());
+        check_launch("moe_experts_backward",
+                     launch_moe_zero_idle(grad.mutable_data_ptr(), per, offsets.const_data_ptr<int64_t>(), E,
+                                          at::cuda::getCurrentCUDAStream()));
+      },
+  };
+  return steps;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_cuda(
     const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
     const at::Tensor& weights, const at::Tensor& indices, bool check_values) {
@@ -138,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_cuda(
   auto wgu = gate_up_proj.contiguous();
   auto wd = down_proj.contiguous();
   if (forward_grouped(x.scalar_type(), x.get_device(), S, E, H, I)) {
-    auto [out, gate_up_out] = moe_host::experts_forward_grouped(x, wgu, wd, weights, sorted_pairs, offsets, pos);
+    auto [out, gate_up_out] = moe_host::experts_forward_grouped(x, wgu, wd, weights, sorted_pairs, offsets, pos,
+                                                                 device_steps());
     return {out, sorted_pairs, offsets, gate_up_out};
   }
   auto w = weights.to(at::kFloat).contiguous();
@@ -180,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
   }
   return moe_host::experts_backward(grad_out.contiguous(), hidden.contiguous(),
                                     gate_up_proj.contiguous(), down_proj.contiguous(), weights,
-                                    sorted_pairs, expert_offsets, gate_up_out, gemms);
+                                    sorted_pairs, expert_offsets, gate_up_out, gemms, device_steps());
 }
 
 }  // namespace

@@ -23,6 +23,7 @@
 #include <cuda_pipeline_primitives.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <type_traits>
@@ -587,6 +588,67 @@ cudaError_t launch_combine(const T* y, const float* w, const int64_t* pos, const
   return cudaGetLastError();
 }
 
+// act[r, i] = swiglu(gate_up_out[r, i], gate_up_out[r, I + i]) for the S sorted rows (fp32 math
+// through moe::swiglu, rounded to T): the SwiGLU of the grouped forward, between its two
+// at::_grouped_mm calls. kVec: I a multiple of the 16-byte vector, both buffers aligned; each
+// thread then does 16 bytes of a row. Grid-stride over the S * I (or S * I / kV) items.
+template <typename T, bool kVec>
+__global__ void swiglu_rows_kernel(const T* __restrict__ gate_up_out, int64_t S, int64_t I,
+                                   T* __restrict__ act) {
+  constexpr int64_t kV = kVec ? kVecElems<T> : 1;
+  const int64_t per_row = I / kV, n = S * per_row;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < n; v += stride) {
+    const int64_t r = v / per_row, i = (v - r * per_row) * kV;
+    const T* g = gate_up_out + r * 2 * I + i;
+    if constexpr (kVec) {
+      float gv[kV], uv[kV];
+      load_vec_f32<T>(g, gv);
+      load_vec_f32<T>(g + I, uv);
+      alignas(16) T o[kV];
+#pragma unroll
+      for (int j = 0; j < kV; ++j) o[j] = from_float<T>(moe::swiglu(gv[j], uv[j]));
+      *reinterpret_cast<uint4*>(act + r * I + i) = *reinterpret_cast<const uint4*>(o);
+    } else {
+      act[r * I + i] = from_float<T>(moe::swiglu(to_float(g[0]), to_float(g[I])));
+    }
+  }
+}
+
+// Zeroes the slice [e * bytes, (e + 1) * bytes) of data for every expert e with no rows
+// (offsets[e + 1] == offsets[e]); the other experts' slices are not touched, so the cost follows
+// the idle experts. blocks_per_expert consecutive blocks share an expert. kVec: 16-byte stores
+// (data aligned, bytes a multiple of 16).
+template <bool kVec>
+__global__ void zero_idle_kernel(unsigned char* __restrict__ data, int64_t bytes,
+                                 const int64_t* __restrict__ offsets, int blocks_per_expert) {
+  const int64_t e = blockIdx.x / blocks_per_expert;
+  if (offsets[e + 1] != offsets[e]) return;
+  const int64_t part = blockIdx.x % blocks_per_expert;
+  const int64_t stride = static_cast<int64_t>(blocks_per_expert) * blockDim.x;
+  unsigned char* base = data + e * bytes;
+  if constexpr (kVec) {
+    uint4* v = reinterpret_cast<uint4*>(base);
+    for (int64_t i = part * blockDim.x + threadIdx.x; i < bytes / 16; i += stride) v[i] = uint4{0u, 0u, 0u, 0u};
+  } else {
+    for (int64_t i = part * blockDim.x + threadIdx.x; i < bytes; i += stride) base[i] = 0;
+  }
+}
+
+template <typename T>
+cudaError_t launch_swiglu(const T* gate_up_out, int64_t S, int64_t I, T* act, cudaStream_t stream) {
+  if (S == 0 || I == 0) return cudaSuccess;  // nothing to write (a zero grid is a launch error)
+  const bool vec = I % kVecElems<T> == 0 && aligned16(gate_up_out) && aligned16(act);
+  const int64_t items = S * (vec ? I / kVecElems<T> : I);
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((items + 255) / 256, 16384));
+  if (vec) {
+    swiglu_rows_kernel<T, true><<<grid, 256, 0, stream>>>(gate_up_out, S, I, act);
+  } else {
+    swiglu_rows_kernel<T, false><<<grid, 256, 0, stream>>>(gate_up_out, S, I, act);
+  }
+  return cudaGetLastError();
+}
+
 template <typename T, bool kSwiGLU>
 cudaError_t launch_gemv(const GroupedProblem& p, bool vec_in, int64_t rows, const T* A,
                         const T* B, T* out, T* act, cudaStream_t stream) {
@@ -756,6 +818,55 @@ cudaError_t launch_moe_sort_pairs(const int64_t* ids, int64_t S, int64_t E, int6
   if (S <= 0 || S > kSortMaxPairs) return cudaErrorInvalidValue;
   sort_pairs_kernel<<<1, kSortThreads, 0, stream>>>(ids, static_cast<int>(S), E, sorted_pairs,
                                                     offsets, pos);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_moe_swiglu(DType dtype, const void* gate_up_out, int64_t S, int64_t I, void* act,
+                              cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_swiglu(static_cast<const float*>(gate_up_out), S, I, static_cast<float*>(act), stream);
+    case DType::kBFloat16:
+      return launch_swiglu(static_cast<const __nv_bfloat16*>(gate_up_out), S, I,
+                           static_cast<__nv_bfloat16*>(act), stream);
+    case DType::kFloat16:
+      return launch_swiglu(static_cast<const __half*>(gate_up_out), S, I, static_cast<__half*>(act), stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_moe_combine(DType dtype, const void* y, const float* weights, const int64_t* pos,
+                               const int64_t* offsets, int64_t E, int64_t T, int64_t K, int64_t H,
+                               void* out, cudaStream_t stream) {
+  if (T == 0 || H == 0) return cudaSuccess;  // an empty output (a zero grid is a launch error)
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_combine(static_cast<const float*>(y), weights, pos, offsets, E, T, K, H,
+                            static_cast<float*>(out), stream);
+    case DType::kBFloat16:
+      return launch_combine(static_cast<const __nv_bfloat16*>(y), weights, pos, offsets, E, T, K, H,
+                            static_cast<__nv_bfloat16*>(out), stream);
+    case DType::kFloat16:
+      return launch_combine(static_cast<const __half*>(y), weights, pos, offsets, E, T, K, H,
+                            static_cast<__half*>(out), stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_moe_zero_idle(void* data, int64_t bytes_per_expert, const int64_t* offsets, int64_t E,
+                                 cudaStream_t stream) {
+  if (E == 0 || bytes_per_expert == 0) return cudaSuccess;
+  // Up to 32 blocks of 256 threads x 16 bytes per idle expert: 11.5 MiB (gate_up at h2048 /
+  // i1408 in bf16) is 90 stores per thread.
+  const int64_t per = std::min<int64_t>((bytes_per_expert + 256 * 16 - 1) / (256 * 16), 32);
+  if (E * per > 0x7fffffff) return cudaErrorInvalidValue;  // beyond the 1-D grid
+  const unsigned grid = static_cast<unsigned>(E * per);
+  auto* d = static_cast<unsigned char*>(data);
+  if (bytes_per_expert % 16 == 0 && aligned16(data)) {
+    zero_idle_kernel<true><<<grid, 256, 0, stream>>>(d, bytes_per_expert, offsets, static_cast<int>(per));
+  } else {
+    zero_idle_kernel<false><<<grid, 256, 0, stream>>>(d, bytes_per_expert, offsets, static_cast<int>(per));
+  }
   return cudaGetLastError();
 }
 

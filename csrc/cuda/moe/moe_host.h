@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -63,6 +64,21 @@ bool grouped_gemm_aligned(int64_t H, int64_t I, at::ScalarType dtype);
 // auto (unset; the caller's choice). ValueError on any other value.
 std::optional<bool> forward_grouped_setting();
 
+// Device kernels standing in for some ATen steps of experts_forward_grouped and experts_backward
+// (the CUDA binding passes its own; an empty member runs the ATen steps, as on the CPU). Each
+// writes its output tensor in place; shapes as in the comments.
+struct DeviceSteps {
+  // act [S, I] (dtype) = silu(g) * u of gate_up_out [S, 2I] = [g | u], in fp32, rounded.
+  std::function<void(const at::Tensor& gate_up_out, const at::Tensor& act)> swiglu;
+  // out [T, H] = sum over k (fp32) of weights[t, k] * y[pos[t*K+k]]; weights [T, K] fp32
+  // contiguous; pairs whose row lies outside [offsets[0], offsets[E]) are skipped.
+  std::function<void(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& pos,
+                     const at::Tensor& offsets, const at::Tensor& out)>
+      combine;
+  // Zeroes grad [E, ...]'s slice of every expert with no rows (offsets[e+1] == offsets[e]).
+  std::function<void(const at::Tensor& grad, const at::Tensor& offsets)> zero_idle;
+};
+
 // The forward of moe_experts on ATen ops (any device): the pairs' rows gathered in expert order,
 // gate_up and down as one at::_grouped_mm each over them (offsets passed on the device: no host
 // sync where at::_grouped_mm is native, bf16 on sm90 / sm100; elsewhere it copies them to the
@@ -75,11 +91,12 @@ std::optional<bool> forward_grouped_setting();
 std::tuple<at::Tensor, at::Tensor> experts_forward_grouped(
     const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
     const at::Tensor& weights, const at::Tensor& sorted_pairs, const at::Tensor& expert_offsets,
-    const at::Tensor& pos);
+    const at::Tensor& pos, const DeviceSteps& steps = {});
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     const at::Tensor& grad_out, const at::Tensor& hidden, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, const at::Tensor& weights, const at::Tensor& sorted_pairs,
-    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out, BackwardGemms gemms);
+    const at::Tensor& expert_offsets, const at::Tensor& gate_up_out, BackwardGemms gemms,
+    const DeviceSteps& steps = {});
 
 }  // namespace latentmoe::moe_host

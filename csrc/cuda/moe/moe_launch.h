@@ -51,4 +51,20 @@ cudaError_t launch_moe_experts(DType dtype, const void* x, const int64_t* sorted
                                void* gate_up_out, void* act, void* y, void* out,
                                cudaStream_t stream);
 
+// The grouped forward's steps around at::_grouped_mm (csrc/cpu/moe.cpp, experts_forward_grouped)
+// and the backward's idle-expert zeroing, as kernels (one launch each instead of several ATen
+// elementwise passes).
+// act [S, I] = moe::swiglu(gate_up_out[:, :I], gate_up_out[:, I:]) in fp32, rounded to dtype.
+cudaError_t launch_moe_swiglu(DType dtype, const void* gate_up_out, int64_t S, int64_t I, void* act,
+                              cudaStream_t stream);
+// out [T, H] = sum over k (in k order, fp32) of weights[t*K+k] * y[pos[t*K+k]], pairs whose row
+// lies outside [offsets[0], offsets[E]) skipped: the kernels' own combine. weights fp32 [T*K].
+cudaError_t launch_moe_combine(DType dtype, const void* y, const float* weights, const int64_t* pos,
+                               const int64_t* offsets, int64_t E, int64_t T, int64_t K, int64_t H,
+                               void* out, cudaStream_t stream);
+// Zeroes the bytes_per_expert bytes of data at e * bytes_per_expert for every expert e with no
+// rows (offsets[e + 1] == offsets[e]), and touches nothing else.
+cudaError_t launch_moe_zero_idle(void* data, int64_t bytes_per_expert, const int64_t* offsets, int64_t E,
+                                 cudaStream_t stream);
+
 }  // namespace latentmoe::cuda
