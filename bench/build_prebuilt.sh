@@ -39,6 +39,7 @@ mkdir -p .prebuilt && rm -f .prebuilt/_C*.so && cp build/prebuilt/_C*.so .prebui
 bash bench/source_hash.sh > .prebuilt/SOURCES.sha256
 # A smoke import with the device's torch (CPU here): the ops register and report their kernels.
 tmp="$(mktemp -d)"; cp -r python/latentmoe "$tmp/"; rm -f "$tmp"/latentmoe/_C*.so; cp .prebuilt/_C*.so "$tmp/latentmoe/"
-(cd "$tmp" && PYTHONPATH="$tmp" "$ROOT/$VENV/bin/python" -m latentmoe.info | head -4)
+# (into a file, then its head: `| head` closed the pipe early, and pipefail failed the build)
+(cd "$tmp" && PYTHONPATH="$tmp" "$ROOT/$VENV/bin/python" -m latentmoe.info > "$tmp/info.txt") && head -4 "$tmp/info.txt"
 rm -rf "$tmp"
 ls -la .prebuilt

@@ -55,6 +55,126 @@ ForwardPath forward_path_choice() {
 
 bool absorbed_supported(const Params& p) { return p.causal || p.window < 0; }
 
+BackwardPath backward_path_choice() {
+  switch (settings::choice("mla_prefill_backward", "LATENTMOE_MLA_PREFILL_BACKWARD", {"auto", "kernel", "absorbed"})) {
+    case 1: return BackwardPath::kKernel;
+    case 2: return BackwardPath::kAbsorbed;
+    default: return BackwardPath::kAuto;
+  }
+}
+
+namespace {
+
+// a @ b with an fp32 result: bf16 / fp16 operands on CUDA keep their dtype (cuBLAS, fp32
+// accumulation and output); elsewhere (the CPU has no bmm.dtype kernel) both go to fp32.
+at::Tensor mm32(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat) return at::bmm(a, b.to(at::kFloat));
+  if (a.is_cuda()) return at::bmm(a, b.to(a.scalar_type()), at::kFloat);
+  return at::bmm(a.to(at::kFloat), b.to(at::kFloat));
+}
+
+}  // namespace
+
+void backward_absorbed(BackwardIO& io, const at::Tensor& q_nope, const at::Tensor& q_pe,
+                       const at::Tensor& latent_cache, const at::Tensor& w_uk, const at::Tensor& w_uv) {
+  const Params& p = io.p;
+  if (p.B * p.S == 0) return;
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto dt = q_nope.scalar_type();
+  const int64_t B = p.B, S = p.S, H = p.H, C = p.C, R = p.R, CR = C + R, Dn = p.Dn, Dv = p.Dv;
+  // The intermediates that feed a GEMM, in the inputs' dtype (see the header).
+  auto lowp = [dt](const at::Tensor& t) { return t.to(dt); };
+  const auto lens = io.seqlens.to(at::kLong);
+  const int64_t max_len = lens.max().item<int64_t>();  // one host copy: the key extent
+  if (max_len <= 0) {  // every row empty: no query sees a key, every gradient stays 0
+    io.grad_q_nope.zero_();
+    io.grad_q_pe.zero_();
+    return;
+  }
+  const auto t = at::arange(max_len, lens.options());  // key positions
+  // The keys [B, max_len, C+R] of every row, zero past its length (a contiguous cache read in
+  // place before that; a paged one gathered slot by slot, table entries past a row's pages
+  // clamped in range, their rows zeroed like the rest).
+  at::Tensor keys, slots;
+  const auto past_end = (t.view({1, max_len}) >= lens.view({B, 1})).unsqueeze(-1);  // [B, L, 1]
+  if (p.page_size == 0) {
+    keys = latent_cache.narrow(1, 0, max_len).masked_fill(past_end, 0);
+  } else {
+    const int64_t pages = latent_cache.size(0), ps = p.page_size;
+    auto page = io.block_table.to(at::kLong).index_select(1, at::div(t, ps, "floor")).clamp(0, pages - 1);
+    slots = (page * ps + at::remainder(t, ps).view({1, max_len})).reshape({-1});  // [B * L]
+    keys = latent_cache.reshape({pages * ps, CR}).index_select(0, slots).view({B, max_len, CR}).masked_fill(past_end, 0);
+  }
+  auto grad_keys = p.page_size == 0 ? io.grad_cache.narrow(1, 0, max_len)
+                                    : at::zeros({B, max_len, CR}, keys.options().dtype(at::kFloat));
+  const auto w_uk_t = w_uk.transpose(1, 2);  // [H, C, Dn]
+  // Chunk: the fp32 [rows x keys] blocks (scores / P, dP / dZ, their low-precision copies), about
+  // 16 bytes per (query row, key), within kChunkBytes.
+  int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, B * H * max_len * 16));
+  if (const auto n = positive_int_setting("mla_prefill_backward", "LATENTMOE_MLA_PREFILL_CHUNK")) chunk = *n;
+  const double scale = p.scale;
+  for (int64_t s0 = 0; s0 < S; s0 += chunk) {
+    const int64_t X = std::min(chunk, S - s0);
+    // Keys the chunk can see: causal, up to its last query's position in the longest row.
+    const int64_t Lk = p.causal ? std::min(max_len, std::max<int64_t>(0, max_len - (S - s0 - X))) : max_len;
+    const auto qn_h = q_nope.narrow(1, s0, X).permute({2, 0, 1, 3}).reshape({H, B * X, Dn});
+    if (Lk == 0) {  // (causal: every query of the chunk before every row's first key)
+      io.grad_q_nope.narrow(1, s0, X).zero_();
+      io.grad_q_pe.narrow(1, s0, X).zero_();
+      continue;
+    }
+    const auto K = keys.narrow(1, 0, Lk);       // [B, Lk, C+R]
+    const auto Kc = K.narrow(2, 0, C);          // [B, Lk, C]
+    // Absorbed queries [B, X*H, C+R], rounded to the dtype as the forward's.
+    const auto q_lat = at::bmm(qn_h, w_uk).view({H, B, X, C}).permute({1, 2, 0, 3});
+    const auto Qa = at::cat({q_lat, q_pe.narrow(1, s0, X)}, -1).reshape({B, X * H, CR});
+    // Visible keys [B, X, 1, Lk]: before the row's length, and within causal / window reach of
+    // the query's position (pos - l <= window: no overflow for any window).
+    const auto pos = (lens.view({B, 1}) - S + s0 + at::arange(X, lens.options()).view({1, X})).view({B, X, 1, 1});
+    const auto l = t.narrow(0, 0, Lk).view({1, 1, 1, Lk});
+    auto vis = l < lens.view({B, 1, 1, 1});
+    if (p.causal) vis = vis & (l <= pos);
+    if (p.window >= 0) vis = vis & ((pos - l) <= p.window);
+    // P = exp(scale * z - lse), 0 where not visible.  [B, X, H, Lk] fp32
+    auto P = mm32(Qa, K.transpose(1, 2)).view({B, X, H, Lk});
+    P.mul_(scale).sub_(io.lse.narrow(1, s0, X).unsqueeze(-1)).exp_().masked_fill_(vis.logical_not(), 0);
+    const auto P_lp = lowp(P).view({B, X * H, Lk});
+    // dO_lat = dO W_UV per head, [H, B*X, C] -> [B, X*H, C]
+    const auto go = io.grad_out.narrow(1, s0, X);
+    const auto dO_h = go.permute({2, 0, 1, 3}).reshape({H, B * X, Dv});
+    const auto dol = lowp(mm32(dO_h, w_uv)).view({H, B, X, C}).permute({1, 2, 0, 3}).reshape({B, X * H, C});
+    // dZ = P (dO_lat c^T - D + grad_lse), D = rowsum(dO o out) (= dO_lat . o_lat).
+    const auto D = (go.to(at::kFloat) * io.out.narrow(1, s0, X).to(at::kFloat)).sum(-1)
+                       .sub_(io.grad_lse.narrow(1, s0, X)).unsqueeze(-1);  // [B, X, H, 1]
+    auto dZ = mm32(dol, Kc.transpose(1, 2)).view({B, X, H, Lk});
+    dZ.sub_(D).mul_(P);
+    P.reset();
+    const auto dZ_lp = lowp(dZ).view({B, X * H, Lk});
+    dZ.reset();
+    // d[q_lat | q_pe] = scale dZ [c | pe]
+    auto dQa = mm32(dZ_lp, K).mul_(scale).view({B, X, H, CR});
+    io.grad_q_pe.narrow(1, s0, X).copy_(dQa.narrow(3, C, R));
+    const auto dql_h = lowp(dQa.narrow(3, 0, C)).permute({2, 0, 1, 3}).reshape({H, B * X, C});
+    dQa.reset();
+    io.grad_q_nope.narrow(1, s0, X).copy_(mm32(dql_h, w_uk_t).view({H, B, X, Dn}).permute({1, 2, 0, 3}));
+    io.grad_w_uk.add_(mm32(qn_h.transpose(1, 2), dql_h));
+    // dW_UV = dO^T o_lat, o_lat = P c (recomputed).
+    const auto ol_h = lowp(mm32(P_lp, Kc)).view({B, X, H, C}).permute({2, 0, 1, 3}).reshape({H, B * X, C});
+    io.grad_w_uv.add_(mm32(dO_h.transpose(1, 2), ol_h));
+    // d[c | pe] = scale dZ^T [q_lat | q_pe] + [P^T dO_lat | 0]
+    auto gk = grad_keys.narrow(1, 0, Lk);
+    gk.add_(mm32(dZ_lp.transpose(1, 2), Qa).mul_(scale));
+    gk.narrow(2, 0, C).add_(mm32(P_lp.transpose(1, 2), dol));
+  }
+  if (p.page_size != 0) {
+    // Only the slots rows read (t < len): a clamped table entry past a row's pages adds nothing.
+    const auto keep = past_end.logical_not().reshape({-1});
+    io.grad_cache.view({-1, CR}).index_add_(0, slots.masked_select(keep),
+                                            grad_keys.view({B * max_len, CR}).index_select(0, keep.nonzero().view(-1)));
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_absorbed(const Params& p, const at::Tensor& q_nope,
                                                     const at::Tensor& q_pe, const at::Tensor& latent_cache,
                                                     const at::Tensor& cache_seqlens, const at::Tensor& w_uk,

@@ -18,6 +18,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/mla_prefill_checks.h"
 #include "common/mla_prefill_math.h"
 
 namespace latentmoe::mla_prefill {
@@ -43,5 +44,28 @@ std::tuple<at::Tensor, at::Tensor> forward_absorbed(const Params& p, const at::T
                                                     const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
                                                     const at::Tensor& w_uv, double softmax_scale,
                                                     const std::optional<at::Tensor>& block_table);
+
+enum class BackwardPath { kAuto, kKernel, kAbsorbed };
+
+// LATENTMOE_MLA_PREFILL_BACKWARD=auto|kernel|absorbed (unset: auto). Anything else is a ValueError.
+BackwardPath backward_path_choice();
+
+// mla_prefill_backward in the absorbed form, on batched GEMMs (ATen, any device): per chunk of
+// query tokens (its temporaries bounded at 256 MiB; LATENTMOE_MLA_PREFILL_CHUNK overrides), the
+// absorbed queries [q_nope W_UK | q_pe] score every latent key row [c | pe] of the chunk's key
+// range, the probabilities are recomputed from lse, and the gradients follow as GEMMs:
+//   dO_lat = dO W_UV;  dP = dO_lat c^T;  dZ = P (dP - rowsum(dO o out) + grad_lse);
+//   d[q_lat | q_pe] = scale dZ [c | pe];  dq_nope = dq_lat W_UK^T;  dW_UK = q_nope^T dq_lat;
+//   dW_UV = dO^T (P c);  d[c | pe] = scale dZ^T [q_lat | q_pe] + [P^T dO_lat | 0].
+// Every mask (causal, window, lengths) is applied per query; keys past a row's length are zeroed
+// before they are read (unused cache memory may hold anything). The per-head K/V are never
+// formed: extra memory is the chunk's [rows x keys] fp32 blocks plus O(tokens) gathered keys and
+// fp32 key gradients. bf16 / fp16 GEMMs take fp32 outputs on CUDA (tensor cores) and their
+// fp32 intermediates (P, dZ, dO_lat, P c, dq_lat) are rounded to the input dtype before they
+// feed a GEMM, as FlashAttention's backward rounds P and dS; the CPU runs the same roundings
+// with fp32 GEMMs. Deterministic (no atomics; a paged cache's gradient is an index_add, which
+// ATen makes deterministic under torch.use_deterministic_algorithms). Writes io's gradients.
+void backward_absorbed(BackwardIO& io, const at::Tensor& q_nope, const at::Tensor& q_pe,
+                       const at::Tensor& latent_cache, const at::Tensor& w_uk, const at::Tensor& w_uv);
 
 }  // namespace latentmoe::mla_prefill

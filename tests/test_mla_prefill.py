@@ -297,9 +297,13 @@ def test_cpu_backward_is_bitwise_deterministic(threads):
         assert torch.equal(runs[0][k], runs[1][k]), k
 
 
-def test_deterministic_mode(device):
-    # torch.use_deterministic_algorithms(True): the CPU backward (fixed summation order) runs; the
-    # CUDA backward sums gradients with fp32 atomics and must say so (RuntimeError), not run.
+@pytest.mark.parametrize("path", ["auto", "kernel"])
+def test_deterministic_mode(monkeypatch, device, path):
+    # torch.use_deterministic_algorithms(True): the CPU backward (fixed summation order) and CUDA's
+    # default, the absorbed backward (GEMMs, no atomics), run; the CUDA backward kernel
+    # (LATENTMOE_MLA_PREFILL_BACKWARD=kernel) sums gradients with fp32 atomics and must say so
+    # (RuntimeError), not run.
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_BACKWARD", path)
     S, seqlens, Lmax, H = 5, [9, 3], 12, 2
     x = make_inputs(2, S, H, seqlens, Lmax, **SMALL, device=device)
     scale = 1 / math.sqrt(SMALL["Dn"] + SMALL["R"])
@@ -308,8 +312,10 @@ def test_deterministic_mode(device):
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        if device == "cpu":
-            grads_of(op_fn(x, x["cache_seqlens"], scale), x, KEYS, g_out, g_lse)
+        if device == "cpu" or path == "auto":
+            runs = [grads_of(op_fn(x, x["cache_seqlens"], scale), x, KEYS, g_out, g_lse) for _ in range(2)]
+            for k in KEYS:
+                assert torch.equal(runs[0][k], runs[1][k]), k
         else:
             with pytest.raises(RuntimeError, match="mla_prefill_backward"):
                 grads_of(op_fn(x, x["cache_seqlens"], scale), x, KEYS, g_out, g_lse)
@@ -1023,3 +1029,52 @@ def test_nan_in_used_inputs_propagates(device):
     keep = torch.ones_like(lse, dtype=torch.bool)
     keep[0, 2, 1] = False
     assert torch.isfinite(lse[keep]).all() and torch.isfinite(out[keep]).all()
+
+
+# ---- the absorbed backward (LATENTMOE_MLA_PREFILL_BACKWARD; CUDA's default) -------------------------
+@pytest.mark.parametrize("chunk", [None, "1", "3"])
+def test_absorbed_backward_matches_autograd(monkeypatch, device, chunk):
+    # The batched-GEMM backward (query chunks of 1 and 3 tokens as well as the default), against
+    # fp64 autograd of the reference on the cases the kernels pass: varlen rows shorter and longer
+    # than S and empty, NaN past each row's length, prefixes, causal / non-causal / windows, grad_lse,
+    # bf16 / fp16, paged caches with shuffled tables (page sizes 1 and 16) and unread slots at zero.
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_BACKWARD", "absorbed")
+    if chunk is not None:
+        monkeypatch.setenv("LATENTMOE_MLA_PREFILL_CHUNK", chunk)
+    test_gradients_match_autograd_fp64(device, 3, SMALL)
+    test_gradients_match_autograd_fp64(device, 2, V3)
+    test_gradients_chunked_prefix_and_long(device)
+    for causal, window in [(True, 9), (False, -1), (False, 4), (True, 0)]:
+        test_gradients_causal_and_window(device, causal, window)
+    test_gradients_low_precision(device, torch.bfloat16)
+    test_gradients_low_precision(device, torch.float16)
+    test_paged_matches_contiguous(device, 16)
+    test_paged_matches_contiguous(device, 1)
+    if device == "cpu":
+        _shared_page_gradients_match()
+
+
+@pytest.mark.parametrize("case", _random_backward_cases(8, seed=11),
+                         ids=lambda c: f"B{c[0]}S{c[1]}H{c[2]}p{c[6]}")
+def test_absorbed_backward_random_configurations(monkeypatch, case):
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_BACKWARD", "absorbed")
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_CHUNK", str(1 + case[1] // 3))
+    test_cpu_backward_random_configurations(monkeypatch, case)
+
+
+def test_backward_path_setting_checked(monkeypatch):
+    x = make_inputs(1, 3, 1, [5], 6, **SMALL, device="cpu")
+    g_out = torch.randn(1, 3, 1, SMALL["Dv"], dtype=torch.float64)
+    g_lse = torch.zeros(1, 3, 1, dtype=torch.float64)
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="LATENTMOE_MLA_PREFILL_BACKWARD must be auto, kernel or absorbed"):
+        grads_of(op_fn(x, x["cache_seqlens"], 0.3), x, KEYS, g_out, g_lse)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_backward_kernel_forced(monkeypatch):
+    # The CUDA backward kernel stays reachable (LATENTMOE_MLA_PREFILL_BACKWARD=kernel) and correct.
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_BACKWARD", "kernel")
+    test_gradients_match_autograd_fp64("cuda", 3, SMALL)
+    test_gradients_causal_and_window("cuda", True, 9)
+    test_paged_matches_contiguous("cuda", 16)

@@ -447,3 +447,37 @@ def test_zero_idle_kernel(harness, tmp_path, E, bytes_per_expert, shift):
     want = data.view(E, bytes_per_expert).clone()
     want[counts == 0] = 0
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("S,I", [(9, 16), (6, 300)])
+def test_swiglu_backward_kernel(harness, tmp_path, dtype, S, I):
+    """The backward's SwiGLU step against the ATen steps it replaces (moe_host::experts_backward):
+    gh = [ga * u * sig * (1 + g (1 - sig)) | ga * silu], ga = gau * w_s, and grad_w = sum gau * act
+    (act rounded to the dtype). Rows outside [offsets[0], offsets[E]) hold NaN in gate_up_out and
+    gau and must come out as zeros; I = 300 takes two passes of the 256-thread block."""
+    g = torch.Generator().manual_seed(S + I)
+    E = 3
+    gu = (torch.randn(S, 2 * I, generator=g) * 2).to(dtype)
+    gau = torch.randn(S, I, generator=g).to(dtype)
+    w = torch.rand(S, generator=g) + 0.2
+    lo, hi = 1, S - 2
+    gu[:lo], gu[hi:], gau[:lo], gau[hi:] = float("nan"), float("nan"), float("nan"), float("nan")
+    offsets = torch.tensor([lo, lo + 2, lo + 2, hi])
+    raw = _run(harness, "swiglu_bwd", tmp_path,
+               [_i64(_DT[dtype], S, E, I), _raw(gu), _raw(gau), _raw(w), _raw(offsets)])
+    el = 4 if dtype == torch.float32 else 2
+    gh = _from_raw(raw[: S * 2 * I * el], dtype, (S, 2 * I))
+    gw = torch.from_numpy(np.frombuffer(raw[S * 2 * I * el:], np.float32).copy())
+    gf, uf, af = gu[:, :I].double(), gu[:, I:].double(), gau.double()
+    sig = torch.sigmoid(gf)
+    ga = af * w.double()[:, None]
+    want_gh = torch.cat([ga * uf * sig * (1 + gf * (1 - sig)), ga * gf * sig], 1).to(dtype)
+    act = (gf * sig * uf).to(dtype).double()
+    want_gw = (af * act).sum(1)
+    kept = torch.zeros(S, dtype=torch.bool)
+    kept[lo:hi] = True
+    assert (gh[~kept] == 0).all() and (gw[~kept] == 0).all()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(gh[kept].double(), want_gh[kept].double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(gw[kept].double(), want_gw[kept], rtol=tol, atol=tol * I**0.5)

@@ -528,6 +528,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mla_prefi
                                          cache_seqlens, w_uk, w_uv, out, lse, softmax_scale, block_table, causal,
                                          window);
   const Params& p = io.p;
+  // The CPU runs the absorbed backward (batched GEMMs, CUDA's default) only when asked (tests).
+  if (mla_prefill::backward_path_choice() == mla_prefill::BackwardPath::kAbsorbed) {
+    mla_prefill::backward_absorbed(io, q_nope, q_pe, latent_cache, w_uk, w_uv);
+    return io.results();
+  }
   if (p.B * p.S > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q_nope.scalar_type(), "mla_prefill_backward_cpu", [&] {
       prefill_backward<scalar_t>(

@@ -283,11 +283,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
   auto w_s = weights.reshape({-1}).to(at::kFloat).index_select(0, sorted_pairs).unsqueeze(1);
   auto xs = hidden.index_select(0, tok);
   auto gy = grad_out.index_select(0, tok);
-  auto g = gate_up_out.narrow(1, 0, I).to(at::kFloat);
-  auto u = gate_up_out.narrow(1, I, I).to(at::kFloat);
-  auto sig = at::sigmoid(g);
-  auto silu = g * sig;
-  auto act = (silu * u).to(dt);
+  // The SwiGLU's fp32 pieces, for the ATen steps only (a device step recomputes them per row).
+  const bool fused = static_cast<bool>(steps.swiglu) && static_cast<bool>(steps.swiglu_backward);
+  at::Tensor g, u, sig, silu, act;
+  if (fused) {
+    act = at::empty({S, I}, hidden.options());
+    if (S > 0) steps.swiglu(gate_up_out, act);
+  } else {
+    g = gate_up_out.narrow(1, 0, I).to(at::kFloat);
+    u = gate_up_out.narrow(1, I, I).to(at::kFloat);
+    sig = at::sigmoid(g);
+    silu = g * sig;
+    act = (silu * u).to(dt);
+  }
   auto gyw = (gy.to(at::kFloat) * w_s).to(dt);
   // Pairs outside [expert_offsets[0], expert_offsets[E]): ids out of range, which a CUDA forward
   // with check_values=False sorted before expert 0 or after expert E-1 and dropped (their
@@ -314,11 +322,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_backward(
     mm_into(ga_unweighted.narrow(0, o, m), gy.narrow(0, o, m), down_proj[e]);
     mm_into(grad_down[e], gyw.narrow(0, o, m).t(), act.narrow(0, o, m));
   }
-  auto gau = ga_unweighted.to(at::kFloat);
-  auto grad_w_s = (gau * act.to(at::kFloat)).sum(1);
-  auto ga = gau * w_s;
-  auto gh = at::cat({ga * u * sig * (1 + g * (1 - sig)), ga * silu}, 1).to(dt).masked_fill_(dropped, 0);
-  grad_w_s.masked_fill_(dropped.squeeze(1), 0);
+  at::Tensor gh, grad_w_s;
+  if (fused) {
+    gh = at::empty({S, 2 * I}, hidden.options());
+    grad_w_s = at::empty({S}, hidden.options().dtype(at::kFloat));
+    steps.swiglu_backward(gate_up_out, ga_unweighted, w_s.view({S}), expert_offsets, gh, grad_w_s);
+  } else {
+    auto gau = ga_unweighted.to(at::kFloat);
+    grad_w_s = (gau * act.to(at::kFloat)).sum(1);
+    auto ga = gau * w_s;
+    gh = at::cat({ga * u * sig * (1 + g * (1 - sig)), ga * silu}, 1).to(dt).masked_fill_(dropped, 0);
+    grad_w_s.masked_fill_(dropped.squeeze(1), 0);
+  }
   at::Tensor gxs;
   if (grouped_rows) {
     grad_gu = at::_grouped_mm(gh.t(), xs, ends);      // [2I, S] @ [S, H], K jagged: [E, 2I, H]

@@ -1,5 +1,5 @@
 // Runs the MoE CUDA launchers (launch_moe_route, launch_moe_route_backward, launch_moe_experts,
-// launch_moe_sort_pairs, and the grouped path's launch_moe_swiglu / _combine / _zero_idle:
+// launch_moe_sort_pairs, and the grouped path's launch_moe_swiglu / _combine / _zero_idle / _swiglu_backward:
 // the .cu files' host launch code and kernels, host-emulated via shim.h) on inputs from a file
 // and writes their outputs. Driven by tests/test_moe_cuda_emulation.py, which generates
 // route_host.inc / experts_host.inc from the .cu sources. The expert sort (sorted_pairs, offsets,
@@ -174,6 +174,29 @@ int run_combine(std::ifstream& in, std::ofstream& out) {
   return 0;
 }
 
+// swiglu_bwd IN OUT: int64 [dtype, S, E, I], gate_up_out [S, 2I] and gau [S, I] (raw), fp32 w_s [S],
+// int64 offsets [E+1] -> gh [S, 2I] (raw), fp32 grad_w [S].
+int run_swiglu_bwd(std::ifstream& in, std::ofstream& out) {
+  int64_t h[4];
+  in.read(reinterpret_cast<char*>(h), sizeof(h));
+  const DType dt = static_cast<DType>(h[0]);
+  const int64_t S = h[1], E = h[2], I = h[3];
+  const size_t el = dt == DType::kFloat32 ? 4 : 2;
+  Buf gu(S * 2 * I * el, 0, false), gau(S * I * el, 0, false), gh(S * 2 * I * el, 0, true);
+  in.read(reinterpret_cast<char*>(gu.p), static_cast<std::streamsize>(S * 2 * I * el));
+  in.read(reinterpret_cast<char*>(gau.p), static_cast<std::streamsize>(S * I * el));
+  auto w = read_vec<float>(in, S);
+  auto offsets = read_vec<int64_t>(in, E + 1);
+  if (!in) return std::fprintf(stderr, "short input\n"), 2;
+  std::vector<float> gw(S, NAN);
+  if (cuda::launch_moe_swiglu_backward(dt, gu.p, gau.p, w.data(), offsets.data(), E, S, I, gh.p, gw.data(),
+                                       nullptr) != cudaSuccess)
+    return std::fprintf(stderr, "launch_moe_swiglu_backward failed\n"), 3;
+  out.write(reinterpret_cast<const char*>(gh.p), static_cast<std::streamsize>(S * 2 * I * el));
+  write_vec(out, gw);
+  return 0;
+}
+
 // zero_idle IN OUT: int64 [E, bytes_per_expert, shift], data [E * bytes_per_expert] bytes,
 // offsets [E+1] -> data; shift: bytes past a 16-byte boundary where data starts.
 int run_zero_idle(std::ifstream& in, std::ofstream& out) {
@@ -192,7 +215,7 @@ int run_zero_idle(std::ifstream& in, std::ofstream& out) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 4) return std::fprintf(stderr, "usage: harness route|experts|sort|swiglu|combine|zero_idle IN OUT\n"), 2;
+  if (argc != 4) return std::fprintf(stderr, "usage: harness route|experts|sort|swiglu|combine|zero_idle|swiglu_bwd IN OUT\n"), 2;
   std::ifstream in(argv[2], std::ios::binary);
   std::ofstream out(argv[3], std::ios::binary);
   const std::string mode = argv[1];
@@ -202,5 +225,6 @@ int main(int argc, char** argv) {
   if (mode == "swiglu") return run_swiglu(in, out);
   if (mode == "combine") return run_combine(in, out);
   if (mode == "zero_idle") return run_zero_idle(in, out);
+  if (mode == "swiglu_bwd") return run_swiglu_bwd(in, out);
   return std::fprintf(stderr, "unknown mode\n"), 2;
 }

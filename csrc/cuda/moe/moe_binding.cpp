@@ -117,6 +117,18 @@ const moe_host::DeviceSteps& device_steps() {
                                         offsets.size(0) - 1, out.size(0), weights.size(1), out.size(1),
                                         out.mutable_data_ptr(), at::cuda::getCurrentCUDAStream()));
       },
+      [](const at::Tensor& gate_up_out, const at::Tensor& gau, const at::Tensor& w_s, const at::Tensor& offsets,
+         const at::Tensor& gh, const at::Tensor& grad_w_s) {
+        auto gu = gate_up_out.contiguous();
+        auto ga = gau.contiguous();
+        auto w = w_s.contiguous();
+        check_launch("moe_experts_backward",
+                     launch_moe_swiglu_backward(to_dtype(gu.scalar_type()), gu.const_data_ptr(), ga.const_data_ptr(),
+                                                w.const_data_ptr<float>(), offsets.const_data_ptr<int64_t>(),
+                                                offsets.size(0) - 1, gh.size(0), ga.size(1), gh.mutable_data_ptr(),
+                                                grad_w_s.mutable_data_ptr<float>(),
+                                                at::cuda::getCurrentCUDAStream()));
+      },
       [](const at::Tensor& grad, const at::Tensor& offsets) {
         const int64_t E = grad.size(0);
         if (!grad.is_contiguous()) {

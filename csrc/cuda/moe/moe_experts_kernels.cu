@@ -635,6 +635,48 @@ __global__ void zero_idle_kernel(unsigned char* __restrict__ data, int64_t bytes
   }
 }
 
+// The backward's SwiGLU step, one block per sorted row r (all fp32 math, as the ATen steps):
+// ga = gau[r] * w_s[r]; gh[r] = [ga * d act / d g | ga * d act / d u] (moe::swiglu_grad), rounded
+// to T; grad_w[r] = sum_i gau[r, i] * act[r, i], act = swiglu(g, u) rounded to T as the forward
+// stored it. A row outside [offsets[0], offsets[E]) (a dropped pair: its gate_up_out and gau rows
+// were never written) gets gh = 0 and grad_w = 0 without reading them.
+constexpr int kSwigluBwdThreads = 256;  // a power of two (the tree reduction)
+
+template <typename T>
+__global__ void swiglu_backward_kernel(const T* __restrict__ gate_up_out, const T* __restrict__ gau,
+                                       const float* __restrict__ w_s, const int64_t* __restrict__ offsets,
+                                       int64_t E, int64_t I, T* __restrict__ gh, float* __restrict__ grad_w) {
+  __shared__ float part[kSwigluBwdThreads];
+  const int64_t r = blockIdx.x;
+  const bool dropped = r < offsets[0] || r >= offsets[E];  // (uniform over the block)
+  T* out = gh + r * 2 * I;
+  float dot = 0.f;
+  if (dropped) {
+    for (int64_t i = threadIdx.x; i < 2 * I; i += blockDim.x) out[i] = from_float<T>(0.f);
+  } else {
+    const T* gu = gate_up_out + r * 2 * I;
+    const T* a_row = gau + r * I;
+    const float w = w_s[r];
+    for (int64_t i = threadIdx.x; i < I; i += blockDim.x) {
+      const float g = to_float(gu[i]), u = to_float(gu[I + i]), a = to_float(a_row[i]);
+      dot += a * to_float(from_float<T>(moe::swiglu(g, u)));
+      float da_dg, da_du;
+      moe::swiglu_grad(g, u, &da_dg, &da_du);
+      const float ga = a * w;
+      out[i] = from_float<T>(ga * da_dg);
+      out[I + i] = from_float<T>(ga * da_du);
+    }
+  }
+  // A fixed tree over the block's threads (deterministic).
+  part[threadIdx.x] = dot;
+  __syncthreads();
+  for (int stride = kSwigluBwdThreads / 2; stride > 0; stride >>= 1) {
+    if (static_cast<int>(threadIdx.x) < stride) part[threadIdx.x] += part[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) grad_w[r] = dropped ? 0.f : part[0];
+}
+
 template <typename T>
 cudaError_t launch_swiglu(const T* gate_up_out, int64_t S, int64_t I, T* act, cudaStream_t stream) {
   if (S == 0 || I == 0) return cudaSuccess;  // nothing to write (a zero grid is a launch error)
@@ -850,6 +892,26 @@ cudaError_t launch_moe_combine(DType dtype, const void* y, const float* weights,
       return launch_combine(static_cast<const __half*>(y), weights, pos, offsets, E, T, K, H,
                             static_cast<__half*>(out), stream);
   }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_moe_swiglu_backward(DType dtype, const void* gate_up_out, const void* gau, const float* w_s,
+                                       const int64_t* offsets, int64_t E, int64_t S, int64_t I, void* gh,
+                                       float* grad_w, cudaStream_t stream) {
+  if (S == 0) return cudaSuccess;  // (a zero grid is a launch error)
+  if (S > 0x7fffffff) return cudaErrorInvalidValue;  // one block per row: beyond the 1-D grid
+  const unsigned grid = static_cast<unsigned>(S);
+#define LMOE_SWIGLU_BWD(CT)                                                                            \
+  swiglu_backward_kernel<CT><<<grid, kSwigluBwdThreads, 0, stream>>>(static_cast<const CT*>(gate_up_out),            \
+                                                       static_cast<const CT*>(gau), w_s, offsets, E, I, \
+                                                       static_cast<CT*>(gh), grad_w);                  \
+  return cudaGetLastError()
+  switch (dtype) {
+    case DType::kFloat32: { LMOE_SWIGLU_BWD(float); }
+    case DType::kBFloat16: { LMOE_SWIGLU_BWD(__nv_bfloat16); }
+    case DType::kFloat16: { LMOE_SWIGLU_BWD(__half); }
+  }
+#undef LMOE_SWIGLU_BWD
   return cudaErrorInvalidValue;
 }
 

@@ -75,6 +75,12 @@ struct DeviceSteps {
   std::function<void(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& pos,
                      const at::Tensor& offsets, const at::Tensor& out)>
       combine;
+  // The backward's SwiGLU step: gh [S, 2I] (dtype) and grad_w_s [S] (fp32) from gate_up_out
+  // [S, 2I], gau [S, I] (the unweighted gradient of act, dtype) and w_s [S] (fp32); rows outside
+  // [offsets[0], offsets[E]) get zeros.
+  std::function<void(const at::Tensor& gate_up_out, const at::Tensor& gau, const at::Tensor& w_s,
+                     const at::Tensor& offsets, const at::Tensor& gh, const at::Tensor& grad_w_s)>
+      swiglu_backward;
   // Zeroes grad [E, ...]'s slice of every expert with no rows (offsets[e+1] == offsets[e]).
   std::function<void(const at::Tensor& grad, const at::Tensor& offsets)> zero_idle;
 };

@@ -62,6 +62,13 @@ cudaError_t launch_moe_swiglu(DType dtype, const void* gate_up_out, int64_t S, i
 cudaError_t launch_moe_combine(DType dtype, const void* y, const float* weights, const int64_t* pos,
                                const int64_t* offsets, int64_t E, int64_t T, int64_t K, int64_t H,
                                void* out, cudaStream_t stream);
+// The backward's SwiGLU step over the S sorted rows: gh [S, 2I] (dtype) = [ga * da/dg | ga * da/du]
+// with ga = gau [S, I] (dtype) times w_s [S] (fp32), and grad_w [S] (fp32) = sum_i gau * act (act
+// recomputed and rounded to dtype as the forward stored it); rows outside [offsets[0],
+// offsets[E]) get zeros (their gate_up_out / gau rows are not read).
+cudaError_t launch_moe_swiglu_backward(DType dtype, const void* gate_up_out, const void* gau, const float* w_s,
+                                       const int64_t* offsets, int64_t E, int64_t S, int64_t I, void* gh,
+                                       float* grad_w, cudaStream_t stream);
 // Zeroes the bytes_per_expert bytes of data at e * bytes_per_expert for every expert e with no
 // rows (offsets[e + 1] == offsets[e]), and touches nothing else.
 cudaError_t launch_moe_zero_idle(void* data, int64_t bytes_per_expert, const int64_t* offsets, int64_t E,
