@@ -477,6 +477,9 @@ def smoke(device: str) -> None:
         gu = torch.randn(E, 2 * I, H, device=device, dtype=dtype, requires_grad=True)
         down = torch.randn(E, H, I, device=device, dtype=dtype, requires_grad=True)
         latentmoe.ops.moe_experts(x, gu, down, w, idx).float().sum().backward()
+        if dtype == torch.bfloat16:  # the grouped forward's kernels (SwiGLU, combine) too
+            with env_setting("LATENTMOE_MOE_FORWARD_GEMM", "grouped"):
+                latentmoe.ops.moe_experts(x, gu, down, w.detach(), idx).float().sum().backward()
 
 
 if __name__ == "__main__":  # python -m bench.bench_moe [cpu|cuda] [--full]

@@ -3,6 +3,8 @@ HF or sat far from their floor in the last GPU runs (bench/GPU_NOTES.md):
 
 - ``moe_train``: the routed experts' training step, bf16, 512 tokens (ours 3.67 ms, HF grouped_mm 2.27);
 - ``moe_grouped_fwd``: the grouped forward, bf16, 4096 tokens (ours 2.30 ms, HF grouped_mm 1.76);
+- ``mla_op_train``: the ``mla_prefill`` op's training step at 4K, fp32 and bf16 (its backward on
+  batched GEMMs, CUDA's default since session 32; the scalar kernel took 911 ms in fp32);
 - ``decode_step``: one eager ``MultiHeadLatentAttention`` decode step on a 4K ``LatentKVCache``, bf16
   (host-bound: ~0.4 ms eager, 0.07-0.10 ms replayed in a CUDA graph): launches and host time per op.
 
@@ -113,7 +115,27 @@ def decode_step() -> None:
         _profile("decode_step bf16 4K (eager, LatentKVCache)", step, sort="self_cpu_time_total", rows=40)
 
 
-CASES = {"moe_train": moe_train, "moe_grouped_fwd": moe_grouped_fwd, "decode_step": decode_step}
+def mla_op_train() -> None:
+    """The mla_prefill op's training step at 4K (forward + mla_prefill_backward, absorbed GEMMs)."""
+    B, S, H, C, R, Dn, Dv = 1, 4096, 16, 512, 64, 128, 128
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(B, S, H, Dn + R, device="cuda", dtype=dtype, requires_grad=True)
+        kv = torch.randn(B, S, C + R, device="cuda", dtype=dtype, requires_grad=True)
+        kv_b = (torch.randn(H * (Dn + Dv), C, device="cuda") / C**0.5).to(dtype).requires_grad_()
+        lens = torch.full((B,), S, dtype=torch.int32, device="cuda")
+        g = torch.randn(B, S, H, Dv, device="cuda", dtype=dtype)
+
+        def step():
+            w = kv_b.view(H, Dn + Dv, C)
+            out, _ = latentmoe.ops.mla_prefill(q[..., :Dn], q[..., Dn:], kv, lens, w[:, :Dn], w[:, Dn:], 0.07)
+            out.backward(g)
+            q.grad = kv.grad = kv_b.grad = None
+
+        _profile(f"mla_op_train {str(dtype)[6:]} 4K (mla_prefill + backward)", step, rows=16)
+
+
+CASES = {"moe_train": moe_train, "moe_grouped_fwd": moe_grouped_fwd, "decode_step": decode_step,
+         "mla_op_train": mla_op_train}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(CASES):
