@@ -82,7 +82,7 @@ if [[ "$skip" != *tests* ]]; then
   # LATENTMOE_REQUIRE_GPU=1: the run fails (conftest) if torch sees no usable GPU, instead of
   # skipping every CUDA case; LATENTMOE_EXPECT_CUDA=1: every op must have a CUDA kernel.
   xdist=""; "$PY" -c "import xdist" 2>/dev/null && xdist="-n 8"
-  t=$(cap 150 tests) && (cd tests && LATENTMOE_REQUIRE_GPU=1 LATENTMOE_EXPECT_CUDA=1 timeout -k 10 "$t" "$PY" -m pytest -q -k "cuda and not emulation and not test_bad_build_knobs" $xdist -rfE --tb=short \
+  t=$(cap 180 tests) && (cd tests && LATENTMOE_REQUIRE_GPU=1 LATENTMOE_EXPECT_CUDA=1 timeout -k 10 "$t" "$PY" -m pytest -q -k "cuda and not emulation and not test_bad_build_knobs" $xdist -rfE --tb=short \
      --durations=10 -p no:cacheprovider --continue-on-collection-errors . ) >"$OUT/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 | tee -a "$OUT/summary.txt"
   tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
