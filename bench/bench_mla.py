@@ -531,8 +531,7 @@ def _prefill_rows(device: str, dtype, lengths) -> list[dict]:
         ]
         if device.startswith("cuda"):
             # The module's default on CUDA is SDPA on decompressed K/V (LATENTMOE_MLA_MODULE_PREFILL):
-            # the mla_prefill op, forced, for scale (bf16 / fp16: absorbed through mla_decode's
-            # tensor cores by default, and the per-head prefill kernel forced too).
+            # the mla_prefill op, forced, for scale (its forward on batched GEMMs by default).
             with torch.no_grad(), env_setting("LATENTMOE_MLA_MODULE_PREFILL", "kernel"):
                 t_op = time_ms(lambda: ours(x, pe, None), device, warmup=1, reps=3)
                 rows += [
@@ -541,14 +540,20 @@ def _prefill_rows(device: str, dtype, lengths) -> list[dict]:
                     ratio_row("mla_prefill", "op_speedup_vs_hf", L, t_hf[0] / t_op[0], device,
                               "the mla_prefill op's path vs HF sdpa; no goal (context)"),
                 ]
+                # The op's other forwards, forced: the per-head prefill kernel (CUDA cores), and in
+                # bf16 / fp16 the absorbed path through mla_decode's tensor-core kernel (the default
+                # before session 32).
+                others = [("kernel", "per-head decompression, CUDA cores")]
                 if dtype != torch.float32:
-                    with env_setting("LATENTMOE_MLA_PREFILL_FORWARD", "kernel"):
-                        t_kernel = time_ms(lambda: ours(x, pe, None), device, warmup=1, reps=3)
+                    others.append(("absorbed", "absorbed queries through mla_decode's tensor cores"))
+                for choice, what in others:
+                    with env_setting("LATENTMOE_MLA_PREFILL_FORWARD", choice):
+                        t_other = time_ms(lambda: ours(x, pe, None), device, warmup=1, reps=3)
                     rows += [
-                        row("mla_prefill", "latentmoe_prefill_kernel", mode, L, t_kernel, device,
-                            note="LATENTMOE_MLA_PREFILL_FORWARD=kernel (per-head decompression, CUDA cores)"),
-                        ratio_row("mla_prefill", "absorbed_speedup", L, t_kernel[0] / t_op[0], device,
-                                  "the op's default (absorbed, tensor cores) vs its prefill kernel forced; no goal"),
+                        row("mla_prefill", f"latentmoe_prefill_{choice}", mode, L, t_other, device,
+                            note=f"LATENTMOE_MLA_PREFILL_FORWARD={choice} ({what})"),
+                        ratio_row("mla_prefill", f"gemm_speedup_vs_{choice}", L, t_other[0] / t_op[0], device,
+                                  f"the op's default (GEMMs) vs its {choice} forward forced; no goal"),
                     ]
     return rows
 
@@ -596,8 +601,8 @@ def _prefill_note(device: str, dtype=torch.float32, choice: str | None = None) -
     choice = choice or latentmoe._settings.mla_module_prefill()
     has = latentmoe.nn.mla._has_kernel(latentmoe.nn.mla._PREFILL_OP, torch.device(device))
     if has and (choice == "kernel" or (choice == "auto" and not device.startswith("cuda"))):
-        if device.startswith("cuda") and dtype != torch.float32:
-            return "mla_prefill: absorbed queries through mla_decode's tensor-core kernel, chunked"
+        if device.startswith("cuda"):
+            return "mla_prefill: absorbed queries on batched GEMMs (cuBLAS), chunked"
         return "mla_prefill kernel (in-kernel latent decompression)"
     why = "no mla_prefill kernel for this device" if not has else f"LATENTMOE_MLA_MODULE_PREFILL={choice}"
     return f"SDPA on per-head K/V decompressed by kv_b_proj ({why})"

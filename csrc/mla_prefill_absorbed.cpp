@@ -46,9 +46,10 @@ std::optional<int64_t> positive_int_setting(const char* op, const char* name) {
 }
 
 ForwardPath forward_path_choice() {
-  switch (settings::choice("mla_prefill", "LATENTMOE_MLA_PREFILL_FORWARD", {"auto", "kernel", "absorbed"})) {
+  switch (settings::choice("mla_prefill", "LATENTMOE_MLA_PREFILL_FORWARD", {"auto", "kernel", "absorbed", "gemm"})) {
     case 1: return ForwardPath::kKernel;
     case 2: return ForwardPath::kAbsorbed;
+    case 3: return ForwardPath::kGemm;
     default: return ForwardPath::kAuto;
   }
 }
@@ -73,7 +74,116 @@ at::Tensor mm32(const at::Tensor& a, const at::Tensor& b) {
   return at::bmm(a.to(at::kFloat), b.to(at::kFloat));
 }
 
+// Every row's latent keys [B, max_len, C+R] (the cache's dtype), zero from the row's length on
+// (unused cache memory may hold anything, NaN included: a masked key still meets P = 0 in a GEMM).
+// A contiguous cache is read in place before the zeroing copy; a paged one is gathered slot by
+// slot (`slots` [B * max_len]: each key's flat slot), table entries past a row's pages clamped in
+// range (their keys are zeroed like the rest).
+struct LatentKeys {
+  at::Tensor lens;      // [B] int64
+  int64_t max_len = 0;  // the longest row
+  at::Tensor pos;       // [max_len] int64: key positions
+  at::Tensor past_end;  // [B, max_len, 1] bool: keys at or past the row's length
+  at::Tensor keys;      // [B, max_len, C+R]
+  at::Tensor slots;     // paged only
+};
+
+LatentKeys gather_keys(const Params& p, const at::Tensor& latent_cache, const at::Tensor& seqlens,
+                       const at::Tensor& block_table) {
+  LatentKeys k;
+  k.lens = seqlens.to(at::kLong);
+  k.max_len = std::max<int64_t>(0, k.lens.max().item<int64_t>());  // one host copy: the key extent
+  if (k.max_len == 0) return k;
+  const int64_t B = p.B, L = k.max_len, CR = p.C + p.R;
+  k.pos = at::arange(L, k.lens.options());
+  k.past_end = (k.pos.view({1, L}) >= k.lens.view({B, 1})).unsqueeze(-1);
+  if (p.page_size == 0) {
+    k.keys = latent_cache.narrow(1, 0, L).masked_fill(k.past_end, 0);
+  } else {
+    const int64_t pages = latent_cache.size(0), ps = p.page_size;
+    auto page = block_table.to(at::kLong).index_select(1, at::div(k.pos, ps, "floor")).clamp(0, pages - 1);
+    k.slots = (page * ps + at::remainder(k.pos, ps).view({1, L})).reshape({-1});
+    k.keys = latent_cache.reshape({pages * ps, CR}).index_select(0, k.slots).view({B, L, CR}).masked_fill(k.past_end, 0);
+  }
+  return k;
+}
+
+// Keys [0, Lk) visible to queries s0 .. s0 + X - 1 of each row: [B, X, 1, Lk] bool. Query i of
+// row b sits at lens_b - S + i; it sees keys before lens_b, not after itself if causal, and not
+// more than `window` before itself (pos - l <= window: no overflow for any window).
+at::Tensor visible(const Params& p, const LatentKeys& k, int64_t s0, int64_t X, int64_t Lk) {
+  const auto qpos = (k.lens.view({p.B, 1}) - p.S + s0 + at::arange(X, k.lens.options()).view({1, X}))
+                        .view({p.B, X, 1, 1});
+  const auto l = k.pos.narrow(0, 0, Lk).view({1, 1, 1, Lk});
+  auto vis = l < k.lens.view({p.B, 1, 1, 1});
+  if (p.causal) vis = vis & (l <= qpos);
+  if (p.window >= 0) vis = vis & ((qpos - l) <= p.window);
+  return vis;
+}
+
+// Keys the chunk of queries s0 .. s0 + X - 1 can see: causal, up to its last query's position in
+// the longest row; all of them otherwise.
+int64_t chunk_keys(const Params& p, int64_t max_len, int64_t s0, int64_t X) {
+  return p.causal ? std::min(max_len, std::max<int64_t>(0, max_len - (p.S - s0 - X))) : max_len;
+}
+
+// Query tokens per chunk of the GEMM paths: `bytes_per` bytes per (query row, key) within
+// kChunkBytes; LATENTMOE_MLA_PREFILL_CHUNK overrides.
+int64_t gemm_chunk(const Params& p, const char* op, int64_t max_len, int64_t bytes_per) {
+  if (const auto n = positive_int_setting(op, "LATENTMOE_MLA_PREFILL_CHUNK")) return *n;
+  return std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, p.B * p.H * max_len * bytes_per));
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> forward_gemm(const Params& p, const at::Tensor& q_nope, const at::Tensor& q_pe,
+                                                const at::Tensor& latent_cache, const at::Tensor& cache_seqlens,
+                                                const at::Tensor& w_uk, const at::Tensor& w_uv,
+                                                const std::optional<at::Tensor>& block_table) {
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto dt = q_nope.scalar_type();
+  const int64_t B = p.B, S = p.S, H = p.H, C = p.C, R = p.R, CR = C + R, Dn = p.Dn, Dv = p.Dv;
+  auto out = at::empty({B, S, H, Dv}, q_nope.options());
+  auto lse = at::empty({B, S, H}, q_nope.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const LatentKeys k = gather_keys(p, latent_cache, cache_seqlens, block_table.has_value() ? *block_table : at::Tensor());
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  if (k.max_len == 0) {  // every row empty
+    out.zero_();
+    lse.fill_(neg_inf);
+    return {out, lse};
+  }
+  const auto w_uv_t = w_uv.transpose(1, 2);  // [H, C, Dv]
+  // The fp32 scores / P block and P's low-precision copy: about 10 bytes per (query row, key).
+  const int64_t chunk = gemm_chunk(p, "mla_prefill", k.max_len, 10);
+  for (int64_t s0 = 0; s0 < S; s0 += chunk) {
+    const int64_t X = std::min(chunk, S - s0);
+    const int64_t Lk = chunk_keys(p, k.max_len, s0, X);
+    if (Lk == 0) {  // every query of the chunk before every row's first key
+      out.narrow(1, s0, X).zero_();
+      lse.narrow(1, s0, X).fill_(neg_inf);
+      continue;
+    }
+    const auto K = k.keys.narrow(1, 0, Lk);
+    const auto qn_h = q_nope.narrow(1, s0, X).permute({2, 0, 1, 3}).reshape({H, B * X, Dn});
+    const auto q_lat = at::bmm(qn_h, w_uk).view({H, B, X, C}).permute({1, 2, 0, 3});
+    const auto Qa = at::cat({q_lat, q_pe.narrow(1, s0, X)}, -1).reshape({B, X * H, CR});
+    // Scores, masked to -inf; lse over the visible keys (-inf for a query that sees none).
+    auto Z = mm32(Qa, K.transpose(1, 2)).view({B, X, H, Lk});
+    Z.mul_(p.scale).masked_fill_(visible(p, k, s0, X, Lk).logical_not(), neg_inf);
+    const auto lse_c = at::logsumexp(Z, -1, /*keepdim=*/true);  // [B, X, H, 1]
+    lse.narrow(1, s0, X).copy_(lse_c.squeeze(-1));
+    // P = exp(z - lse): 0 at masked keys; a query that sees nothing (lse -inf) gets all 0.
+    Z.sub_(at::where(at::isinf(lse_c), at::zeros_like(lse_c), lse_c)).exp_();
+    const auto P = Z.to(dt).view({B, X * H, Lk});
+    Z.reset();
+    // out = (P c) W_UV^T per head.
+    const auto ol_h = mm32(P, K.narrow(2, 0, C)).to(dt).view({B, X, H, C}).permute({2, 0, 1, 3}).reshape({H, B * X, C});
+    out.narrow(1, s0, X).copy_(at::bmm(ol_h, w_uv_t).view({H, B, X, Dv}).permute({1, 2, 0, 3}));
+  }
+  return {out, lse};
+}
 
 void backward_absorbed(BackwardIO& io, const at::Tensor& q_nope, const at::Tensor& q_pe,
                        const at::Tensor& latent_cache, const at::Tensor& w_uk, const at::Tensor& w_uv) {
@@ -85,39 +195,24 @@ void backward_absorbed(BackwardIO& io, const at::Tensor& q_nope, const at::Tenso
   const int64_t B = p.B, S = p.S, H = p.H, C = p.C, R = p.R, CR = C + R, Dn = p.Dn, Dv = p.Dv;
   // The intermediates that feed a GEMM, in the inputs' dtype (see the header).
   auto lowp = [dt](const at::Tensor& t) { return t.to(dt); };
-  const auto lens = io.seqlens.to(at::kLong);
-  const int64_t max_len = lens.max().item<int64_t>();  // one host copy: the key extent
-  if (max_len <= 0) {  // every row empty: no query sees a key, every gradient stays 0
+  const LatentKeys k = gather_keys(p, latent_cache, io.seqlens, io.block_table);
+  const int64_t max_len = k.max_len;
+  if (max_len == 0) {  // every row empty: no query sees a key, every gradient stays 0
     io.grad_q_nope.zero_();
     io.grad_q_pe.zero_();
     return;
   }
-  const auto t = at::arange(max_len, lens.options());  // key positions
-  // The keys [B, max_len, C+R] of every row, zero past its length (a contiguous cache read in
-  // place before that; a paged one gathered slot by slot, table entries past a row's pages
-  // clamped in range, their rows zeroed like the rest).
-  at::Tensor keys, slots;
-  const auto past_end = (t.view({1, max_len}) >= lens.view({B, 1})).unsqueeze(-1);  // [B, L, 1]
-  if (p.page_size == 0) {
-    keys = latent_cache.narrow(1, 0, max_len).masked_fill(past_end, 0);
-  } else {
-    const int64_t pages = latent_cache.size(0), ps = p.page_size;
-    auto page = io.block_table.to(at::kLong).index_select(1, at::div(t, ps, "floor")).clamp(0, pages - 1);
-    slots = (page * ps + at::remainder(t, ps).view({1, max_len})).reshape({-1});  // [B * L]
-    keys = latent_cache.reshape({pages * ps, CR}).index_select(0, slots).view({B, max_len, CR}).masked_fill(past_end, 0);
-  }
+  const at::Tensor& keys = k.keys;
   auto grad_keys = p.page_size == 0 ? io.grad_cache.narrow(1, 0, max_len)
                                     : at::zeros({B, max_len, CR}, keys.options().dtype(at::kFloat));
   const auto w_uk_t = w_uk.transpose(1, 2);  // [H, C, Dn]
   // Chunk: the fp32 [rows x keys] blocks (scores / P, dP / dZ, their low-precision copies), about
   // 16 bytes per (query row, key), within kChunkBytes.
-  int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, B * H * max_len * 16));
-  if (const auto n = positive_int_setting("mla_prefill_backward", "LATENTMOE_MLA_PREFILL_CHUNK")) chunk = *n;
+  const int64_t chunk = gemm_chunk(p, "mla_prefill_backward", max_len, 16);
   const double scale = p.scale;
   for (int64_t s0 = 0; s0 < S; s0 += chunk) {
     const int64_t X = std::min(chunk, S - s0);
-    // Keys the chunk can see: causal, up to its last query's position in the longest row.
-    const int64_t Lk = p.causal ? std::min(max_len, std::max<int64_t>(0, max_len - (S - s0 - X))) : max_len;
+    const int64_t Lk = chunk_keys(p, max_len, s0, X);
     const auto qn_h = q_nope.narrow(1, s0, X).permute({2, 0, 1, 3}).reshape({H, B * X, Dn});
     if (Lk == 0) {  // (causal: every query of the chunk before every row's first key)
       io.grad_q_nope.narrow(1, s0, X).zero_();
@@ -129,13 +224,7 @@ void backward_absorbed(BackwardIO& io, const at::Tensor& q_nope, const at::Tenso
     // Absorbed queries [B, X*H, C+R], rounded to the dtype as the forward's.
     const auto q_lat = at::bmm(qn_h, w_uk).view({H, B, X, C}).permute({1, 2, 0, 3});
     const auto Qa = at::cat({q_lat, q_pe.narrow(1, s0, X)}, -1).reshape({B, X * H, CR});
-    // Visible keys [B, X, 1, Lk]: before the row's length, and within causal / window reach of
-    // the query's position (pos - l <= window: no overflow for any window).
-    const auto pos = (lens.view({B, 1}) - S + s0 + at::arange(X, lens.options()).view({1, X})).view({B, X, 1, 1});
-    const auto l = t.narrow(0, 0, Lk).view({1, 1, 1, Lk});
-    auto vis = l < lens.view({B, 1, 1, 1});
-    if (p.causal) vis = vis & (l <= pos);
-    if (p.window >= 0) vis = vis & ((pos - l) <= p.window);
+    const auto vis = visible(p, k, s0, X, Lk);
     // P = exp(scale * z - lse), 0 where not visible.  [B, X, H, Lk] fp32
     auto P = mm32(Qa, K.transpose(1, 2)).view({B, X, H, Lk});
     P.mul_(scale).sub_(io.lse.narrow(1, s0, X).unsqueeze(-1)).exp_().masked_fill_(vis.logical_not(), 0);
@@ -169,8 +258,8 @@ void backward_absorbed(BackwardIO& io, const at::Tensor& q_nope, const at::Tenso
   }
   if (p.page_size != 0) {
     // Only the slots rows read (t < len): a clamped table entry past a row's pages adds nothing.
-    const auto keep = past_end.logical_not().reshape({-1});
-    io.grad_cache.view({-1, CR}).index_add_(0, slots.masked_select(keep),
+    const auto keep = k.past_end.logical_not().reshape({-1});
+    io.grad_cache.view({-1, CR}).index_add_(0, k.slots.masked_select(keep),
                                             grad_keys.view({B * max_len, CR}).index_select(0, keep.nonzero().view(-1)));
   }
 }

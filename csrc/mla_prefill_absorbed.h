@@ -23,13 +23,13 @@
 
 namespace latentmoe::mla_prefill {
 
-enum class ForwardPath { kAuto, kKernel, kAbsorbed };
+enum class ForwardPath { kAuto, kKernel, kAbsorbed, kGemm };
 
 // The environment variable `name` as a positive integer, or nullopt when unset or empty; any
 // other value is a ValueError naming the op and the variable (test and tuning settings).
 std::optional<int64_t> positive_int_setting(const char* op, const char* name);
 
-// LATENTMOE_MLA_PREFILL_FORWARD=auto|kernel|absorbed (unset: auto). Anything else is a ValueError.
+// LATENTMOE_MLA_PREFILL_FORWARD=auto|kernel|absorbed|gemm (unset: auto). Anything else is a ValueError.
 ForwardPath forward_path_choice();
 
 // Whether the absorbed path computes this call's masking: causal (any window), or no window.
@@ -44,6 +44,20 @@ std::tuple<at::Tensor, at::Tensor> forward_absorbed(const Params& p, const at::T
                                                     const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
                                                     const at::Tensor& w_uv, double softmax_scale,
                                                     const std::optional<at::Tensor>& block_table);
+
+// out [B, S, H, Dv] and lse [B, S, H] fp32, as mla_prefill, on batched GEMMs (ATen, any device):
+// per chunk of query tokens (temporaries within 256 MiB; LATENTMOE_MLA_PREFILL_CHUNK overrides),
+// scores of the absorbed queries [q_nope W_UK | q_pe] against every latent key row [c | pe] of
+// the chunk's key range, masked per query (causal, window, lengths; any mask, contiguous or paged
+// cache), lse and P = exp(z - lse) in fp32, then out = (P c) W_UV^T per head. bf16 / fp16: the
+// score and P c GEMMs take fp32 outputs on CUDA (tensor cores), P and P c are rounded to the
+// dtype before their GEMMs (the CPU runs the same roundings with fp32 GEMMs). Keys past a row's
+// length are zeroed before they are read. Extra memory: the chunk's [rows x keys] blocks and
+// O(tokens) gathered keys; per-head K/V are never formed.
+std::tuple<at::Tensor, at::Tensor> forward_gemm(const Params& p, const at::Tensor& q_nope, const at::Tensor& q_pe,
+                                                const at::Tensor& latent_cache, const at::Tensor& cache_seqlens,
+                                                const at::Tensor& w_uk, const at::Tensor& w_uv,
+                                                const std::optional<at::Tensor>& block_table);
 
 enum class BackwardPath { kAuto, kKernel, kAbsorbed };
 

@@ -1,11 +1,12 @@
-"""mla_prefill's forward through mla_decode (csrc/mla_prefill_absorbed.cpp): absorbed queries on the
-latent cache, chunk by chunk, each chunk's rows cut at its last position.
+"""mla_prefill's forwards in the absorbed form (csrc/mla_prefill_absorbed.cpp): `absorbed`, through
+mla_decode (absorbed queries on the latent cache, chunk by chunk, each chunk's rows cut at its last
+position), and `gemm`, on batched GEMMs (scores of the absorbed queries against the latent keys,
+masked per query, P c, then W_UV), CUDA's default since session 32.
 
-GPUs take this path by default for bf16 / fp16 (mla_decode's tensor-core kernel); the CPU takes it
-only when LATENTMOE_MLA_PREFILL_FORWARD=absorbed asks, which these tests do on every device, with
-chunks small enough to cut rows mid-prefill (LATENTMOE_MLA_PREFILL_CHUNK), against the fp64
-reference of test_mla_prefill (NaN-poisoned cache slots, varlen rows, rows shorter than S, empty
-rows, paged caches, windows) and through the backward.
+The CPU takes either only when LATENTMOE_MLA_PREFILL_FORWARD asks, which these tests do on every
+device, with chunks small enough to cut rows mid-prefill (LATENTMOE_MLA_PREFILL_CHUNK), against
+the fp64 reference of test_mla_prefill (NaN-poisoned cache slots, varlen rows, rows shorter than S,
+empty rows, paged caches, windows) and through the backward.
 """
 
 from __future__ import annotations
@@ -21,13 +22,18 @@ from test_mla_prefill import KEYS, SMALL, V3, err, grads_of, make_inputs, ref_fn
 from latentmoe.ops.mla_prefill import mla_prefill
 
 
-@pytest.fixture(params=[None, 1, 3, 4], ids=["chunk-auto", "chunk-1", "chunk-3", "chunk-4"])
+_PATHS = [("absorbed", None), ("absorbed", 1), ("absorbed", 3), ("absorbed", 4), ("gemm", None), ("gemm", 1),
+          ("gemm", 3)]
+
+
+@pytest.fixture(params=_PATHS, ids=[f"{p}-chunk-{c or 'auto'}" for p, c in _PATHS])
 def absorbed(request, monkeypatch):
-    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_FORWARD", "absorbed")
-    if request.param is None:
+    path, chunk = request.param
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_FORWARD", path)
+    if chunk is None:
         monkeypatch.delenv("LATENTMOE_MLA_PREFILL_CHUNK", raising=False)
     else:
-        monkeypatch.setenv("LATENTMOE_MLA_PREFILL_CHUNK", str(request.param))
+        monkeypatch.setenv("LATENTMOE_MLA_PREFILL_CHUNK", str(chunk))
     return request.param
 
 
@@ -129,9 +135,9 @@ def test_gradients_through_absorbed_forward(device, absorbed):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_auto_absorbed_agrees_with_kernel(monkeypatch, dtype):
-    # On a GPU, auto runs bf16 / fp16 through the absorbed path (tensor cores): it agrees with the
-    # prefill kernel (forced) within the low-precision reference's error.
+def test_cuda_auto_agrees_with_kernel(monkeypatch, dtype):
+    # On a GPU, auto runs the forward on batched GEMMs (tensor cores in bf16 / fp16): it agrees with
+    # the prefill kernel (forced) within the low-precision reference's error.
     S, seqlens, Lmax = 70, [200, 70, 33], 210
     x = make_inputs(3, S, 4, seqlens, Lmax, **V3, device="cuda", dtype=dtype)
     scale = 1 / math.sqrt(192)
@@ -220,3 +226,42 @@ def test_empty_paged_pool(device, absorbed, dtype):
     w_uv = torch.randn(H, Dv, C, device=device, dtype=dtype)
     out, lse = mla_prefill(q_nope, q_pe, cache, lens, w_uk, w_uv, 0.1, block_table=table)
     assert out.shape == (B, S, H, Dv) and torch.all(out == 0) and torch.all(lse == -math.inf)
+
+
+@pytest.mark.parametrize("case", _random_cases(12, seed=32), ids=lambda c: f"B{c[0]}S{c[1]}H{c[2]}chunk{c[9]}")
+@pytest.mark.parametrize("noncausal_window", [False, True])
+def test_gemm_random_configurations_match_the_kernel(monkeypatch, case, noncausal_window):
+    # The GEMM forward against the CPU prefill kernel on the same seeded random cases, and with
+    # non-causal windows (which the absorbed path refuses).
+    B, S, H, dims, lens, Lmax, causal, window, page, chunk = case
+    if noncausal_window:
+        causal, window = False, 1 + S // 3
+    x = make_inputs(B, S, H, lens, Lmax, **dims, device="cpu")
+    cache, table = x["latent_cache"], None
+    if page:
+        cache, table = tp.to_paged(cache, page)
+    kw = dict(block_table=table, causal=causal, window=window)
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_FORWARD", "kernel")
+    want_out, want_lse = mla_prefill(x["q_nope"], x["q_pe"], cache, x["cache_seqlens"], x["w_uk"], x["w_uv"],
+                                     0.3, **kw)
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_FORWARD", "gemm")
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_CHUNK", str(chunk))
+    out, lse = mla_prefill(x["q_nope"], x["q_pe"], cache, x["cache_seqlens"], x["w_uk"], x["w_uv"], 0.3, **kw)
+    assert not out.isnan().any() and not lse.isnan().any()
+    live = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), live)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lse[live], want_lse[live], rtol=1e-5, atol=2e-5)
+
+
+def test_gemm_forward_extra_memory_is_bounded_by_the_chunk(device, monkeypatch):
+    # The GEMM forward (CUDA's default) keeps one chunk's [rows x keys] blocks plus the gathered
+    # keys: at 2048 tokens in chunks of 32, fp32 scores and bf16 P for 512 query rows x 2048 keys
+    # (6 MiB) and the keys' copy (2.3 MiB), under 16 MiB in all; all heads' K/V alone would be
+    # 2048 x 16 x 320 bf16 = 20 MiB.
+    if device != "cuda":
+        pytest.skip("device peak memory is measured on CUDA")
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_FORWARD", "gemm")
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_CHUNK", "32")
+    extra, outputs = tp._extra_cuda_bytes(2048, 16)
+    assert extra - outputs <= (16 << 20), (extra, outputs)

@@ -230,9 +230,12 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_cpu(const at::Tensor& q_nope, con
   // The CPU runs the absorbed path (through mla_decode) only when asked: its prefill kernel is
   // faster here (fewer FLOPs per key than attending on the latent); the tests use it to check
   // the path GPUs take.
-  if (mla_prefill::forward_path_choice() == mla_prefill::ForwardPath::kAbsorbed)
+  const auto path = mla_prefill::forward_path_choice();
+  if (path == mla_prefill::ForwardPath::kAbsorbed)
     return mla_prefill::forward_absorbed(p, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale,
                                          block_table);
+  if (path == mla_prefill::ForwardPath::kGemm)  // (CUDA's default; tests)
+    return mla_prefill::forward_gemm(p, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, block_table);
   auto bt = block_table.has_value() ? block_table->contiguous() : at::Tensor();
   auto out = at::empty({p.B, p.S, p.H, p.Dv}, q_nope.options());
   auto lse = at::empty({p.B, p.S, p.H}, q_nope.options().dtype(at::kFloat));
