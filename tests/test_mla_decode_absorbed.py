@@ -1,4 +1,4 @@
-"""latentmoe.ops.mla_decode_absorbed (CPU): a decode step's RoPE of the queries, W_UK absorption,
+"""latentmoe.ops.mla_decode_absorbed (CPU and CUDA): a decode step's RoPE of the queries, W_UK absorption,
 mla_decode on the latent cache and W_UV in one op, against an fp64 pipeline built from
 latentmoe.reference.mla and against the unfused ops (bmm_small + mla_decode)."""
 
@@ -561,16 +561,58 @@ def test_no_grad_mode_runs():
     assert not out.requires_grad
 
 
+def _to_cuda(a):
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("which", ["q", "cos", "kv_b_weight", "kv_cache", "cache_seqlens", "block_table"])
-def test_absorbed_rejects_cuda_tensors(which):
-    a = _good()
-    a[which] = a[which].cuda()
-    with pytest.raises(RuntimeError, match=f"mla_decode_absorbed: argument '{which}' is on cuda"):
+@pytest.mark.parametrize("which", ["cos", "kv_b_weight", "kv_cache", "cache_seqlens", "block_table"])
+def test_absorbed_cuda_device_mismatch_names_argument(which):
+    # Everything on CUDA but one argument (or only that one on CUDA): a clear error naming it.
+    a = _to_cuda(_good())
+    a[which] = a[which].cpu()
+    with pytest.raises((RuntimeError, ValueError), match=f"mla_decode_absorbed: argument '{which}'"):
         call(a)
-    b = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _good().items()}  # all on CUDA
-    with pytest.raises(RuntimeError, match="mla_decode_absorbed: argument 'q' is on cuda"):
+    b = _good()
+    b[which] = b[which].cuda()
+    with pytest.raises((RuntimeError, ValueError), match="mla_decode_absorbed: argument"):
         call(b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page_size,split_pe", [(None, False), (16, False), (17, True), (None, True)])
+@pytest.mark.parametrize("rope_interleave", [True, False])
+def test_absorbed_cuda_matches_reference(dtype, page_size, split_pe, rope_interleave):
+    """The CUDA op (RoPE kernel, cuBLAS products into the interleaved layouts, mla_decode's kernels)
+    against the fp64 pipeline on the CPU, with NaN in every unused cache slot and page, per-row cos /
+    sin, two query tokens, odd dims, a row longer than the others and an empty row."""
+    a = make_absorbed(3, 2, 5, **ODD, seqlens=[300, 0, 41], page_size=page_size, dtype=dtype, split_pe=split_pe)
+    out = call(_to_cuda(a), rope_interleave=rope_interleave)
+    assert out.is_cuda
+    check_close(out.cpu(), a, rope_interleave)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("causal,window,Sq", MASK_CASES)
+def test_absorbed_cuda_masks_and_deepseek_dims(causal, window, Sq):
+    a = make_absorbed(2, Sq, 16, **DEEPSEEK, seqlens=[700, 33], page_size=64, dtype=BF16, per_row=False)
+    out = call(_to_cuda(a), causal=causal, window=window)
+    check_close(out.cpu(), a, causal=causal, window=window)
+    # the same call with max_seqlen given (no host copy) and captured in a CUDA graph
+    g = _to_cuda(a)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call(g, causal=causal, window=window, max_seqlen=1024)  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = call(g, causal=causal, window=window, max_seqlen=1024)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])

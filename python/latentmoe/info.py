@@ -16,7 +16,7 @@ _KEYS = ("CPU", "CUDA", "Meta", "Autograd")
 # in a decode step (on CUDA the module calls mla_decode between two torch.bmm), and linear_f32 is
 # the CPU's own fp32 GEMM where ATen's runs below the FMA rate (on CUDA: cuBLAS). Their
 # wrappers reject CUDA tensors with a clear error.
-CPU_ONLY_OPS = frozenset({"moe_pack_weight", "moe_experts_packed", "bmm_small", "mla_decode_absorbed", "linear_f32"})
+CPU_ONLY_OPS = frozenset({"moe_pack_weight", "moe_experts_packed", "bmm_small", "linear_f32"})
 
 
 def ops() -> list[str]:

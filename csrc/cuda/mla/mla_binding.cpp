@@ -1,7 +1,9 @@
 // CUDA registrations of the MLA ops: argument checks (shared with CPU, common/mla_checks.h),
 // workspace allocation and launches.
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -9,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/linear_checks.h"
 #include "common/mla_checks.h"
 #include "common/settings.h"
 #include "cuda/common/binding_utils.h"
@@ -134,10 +137,52 @@ void mla_append_cache_cuda(at::Tensor& kv_cache, const at::Tensor& kv_latent, co
   check_launch(op, launch_mla_append_cache(to_dtype(kv_latent.scalar_type()), a, at::cuda::getCurrentCUDAStream()));
 }
 
+// A decode step's attention from the q projection's per-head queries (see the CPU op): the
+// queries' RoPE (one kernel), q_latent = q_nope W_UK per head (cuBLAS, written straight into the
+// [B, S, H, C] layout), mla_decode, then out = o_latent W_UV^T per head, W_UK / W_UV read in place
+// from kv_b_weight. One op instead of the module's ~10 separate ones and the Python between them
+// (an eager decode step is bound by the host on a GPU).
+at::Tensor mla_decode_absorbed_cuda(const at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin,
+                                    const at::Tensor& kv_b_weight, const at::Tensor& kv_cache,
+                                    const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& block_table,
+                                    double softmax_scale, int64_t nope_dim, bool rope_interleave, bool causal,
+                                    int64_t window, const c10::optional<at::Tensor>& pe_cache, int64_t max_seqlen) {
+  const char* op = "mla_decode_absorbed";
+  const mla::AbsorbedDims a = mla::check_absorbed_args(op, q, cos, sin, kv_b_weight, nope_dim, linear::kMaxRows);
+  auto d = mla::check_cache(op, kv_cache, cache_seqlens, block_table, a.B, a.C, a.R, q, "q", pe_cache);
+  mla::check_decode_scalars(softmax_scale, window);
+  c10::cuda::CUDAGuard guard(q.device());
+  // The lengths checked once here (mla_decode below then makes no second host copy).
+  if (mla::check_max_seqlen(op, max_seqlen, d) < 0) {
+    max_seqlen = mla::check_cache_values(op, d, cache_seqlens, block_table, 0);
+  }
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // (implementation; the op has no backward)
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const int64_t B = a.B, S = a.S, H = a.H, N = a.N, R = a.R, C = a.C, V = a.V;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto q_pe = at::empty({B, S, H, R}, q.options());
+  check_launch(op, launch_mla_rope_queries(to_dtype(q.scalar_type()), q.const_data_ptr(), cos.const_data_ptr(),
+                                           sin.const_data_ptr(), cos.size(0) == B && B > 1, B, S, H, N, R,
+                                           rope_interleave, q_pe.mutable_data_ptr(), stream));
+  const at::Tensor w = kv_b_weight.view({H, N + V, C});
+  // [H, B*S, N] (a strided view of q) @ W_UK [H, N, C] -> q_latent [B, S, H, C]
+  auto q_latent = at::empty({B, S, H, C}, q.options());
+  auto q_lat_heads = q_latent.view({B * S, H, C}).transpose(0, 1);
+  at::bmm_out(q_lat_heads, q.narrow(3, 0, N).permute({2, 0, 1, 3}).reshape({H, B * S, N}), w.narrow(1, 0, N));
+  auto o_latent = std::get<0>(mla_decode_cuda(q_latent, q_pe, kv_cache, cache_seqlens, block_table, softmax_scale,
+                                              causal, window, pe_cache, max_seqlen));
+  // [H, B*S, C] @ W_UV^T [H, C, V] -> out [B, S, H, V]
+  auto out = at::empty({B, S, H, V}, q.options());
+  auto out_heads = out.view({B * S, H, V}).transpose(0, 1);
+  at::bmm_out(out_heads, o_latent.view({B * S, H, C}).transpose(0, 1), w.narrow(1, N, V).transpose(1, 2));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(latentmoe, CUDA, m) {
   m.impl("mla_decode", &mla_decode_cuda);
+  m.impl("mla_decode_absorbed", &mla_decode_absorbed_cuda);
   m.impl("mla_append_cache", &mla_append_cache_cuda);
 }
 

@@ -995,4 +995,49 @@ cudaError_t launch_mla_append_cache(DType dtype, const MlaAppendArgs& a, cudaStr
   return cudaErrorInvalidValue;
 }
 
+// ---- the queries' RoPE of mla_decode_absorbed ---------------------------------------------------
+// One block per query row (b, s, h): out[row, :] = RoPE(q[row, N:N+R]) with cos / sin row (b or 0,
+// s), through mla::rope_pair_at (fp32, rounded once), as the CPU op's rotate_queries.
+template <typename T>
+__global__ void rope_queries_kernel(const T* __restrict__ q, const T* __restrict__ cos,
+                                    const T* __restrict__ sin, bool cs_batch, int64_t S, int64_t H,
+                                    int64_t N, int64_t R, bool interleave, T* __restrict__ out) {
+  const int64_t row = blockIdx.x, bs = row / H, b = bs / S, s = bs % S;
+  const T* x = q + row * (N + R) + N;
+  const int64_t crow = ((cs_batch ? b : 0) * S + s) * R;
+  const T* cs = cos + crow;
+  const T* sn = sin + crow;
+  const auto xf = [x](int64_t k) { return to_float(x[k]); };
+  const auto cf = [cs](int64_t k) { return to_float(cs[k]); };
+  const auto sf = [sn](int64_t k) { return to_float(sn[k]); };
+  const int64_t half = R / 2;
+  for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
+    float lo, hi;
+    mla::rope_pair_at(xf, cf, sf, half, i, interleave, &lo, &hi);
+    out[row * R + i] = from_float<T>(lo);
+    out[row * R + half + i] = from_float<T>(hi);
+  }
+}
+
+cudaError_t launch_mla_rope_queries(DType dtype, const void* q, const void* cos, const void* sin, bool cs_batch,
+                                    int64_t B, int64_t S, int64_t H, int64_t N, int64_t R, bool interleave,
+                                    void* out, cudaStream_t stream) {
+  const int64_t rows = B * S * H;
+  if (rows == 0 || R == 0) return cudaSuccess;  // nothing to rotate (a zero grid is a launch error)
+  if (rows > 0x7fffffff) return cudaErrorInvalidConfiguration;  // one block per row
+  const unsigned grid = static_cast<unsigned>(rows);
+#define LMOE_ROPE_Q(CT)                                                                                   \
+  rope_queries_kernel<CT><<<grid, 64, 0, stream>>>(static_cast<const CT*>(q), static_cast<const CT*>(cos), \
+                                                   static_cast<const CT*>(sin), cs_batch, S, H, N, R,     \
+                                                   interleave, static_cast<CT*>(out));                    \
+  return cudaGetLastError()
+  switch (dtype) {
+    case DType::kFloat32: { LMOE_ROPE_Q(float); }
+    case DType::kBFloat16: { LMOE_ROPE_Q(__nv_bfloat16); }
+    case DType::kFloat16: { LMOE_ROPE_Q(__half); }
+  }
+#undef LMOE_ROPE_Q
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace latentmoe::cuda

@@ -82,4 +82,11 @@ struct MlaAppendArgs {
 
 cudaError_t launch_mla_append_cache(DType dtype, const MlaAppendArgs& a, cudaStream_t stream);
 
+// mla_decode_absorbed's query rotation: out [B, S, H, R] (contiguous) = RoPE of q [B, S, H, N + R]'s
+// last R values (contiguous q) with cos / sin rows [B or 1, S, R] (cs_batch: one per batch row),
+// HF's rotate_half or interleaved pairing; fp32 math, rounded once to the dtype.
+cudaError_t launch_mla_rope_queries(DType dtype, const void* q, const void* cos, const void* sin, bool cs_batch,
+                                    int64_t B, int64_t S, int64_t H, int64_t N, int64_t R, bool interleave,
+                                    void* out, cudaStream_t stream);
+
 }  // namespace latentmoe::cuda

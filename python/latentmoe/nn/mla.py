@@ -1019,16 +1019,16 @@ class MultiHeadLatentAttention(nn.Module):
             padded = (~keep).any(0).nonzero()
             cache.advance(layer, n_keep.tolist(), positions=S,
                           last_padding=int(padded[-1]) if padded.numel() else -1)
-        if fused:  # (the CPU: no CUDA-graph capture)
+        # Eager: the longest row (host-known) sizes the kernel's splits. Under CUDA-graph capture
+        # the replays run at later lengths than the host sees now, so the bound is the capacity
+        # (splits over the whole cache; correct at every length it can hold).
+        capturing = cache.kv[layer].is_cuda and torch.cuda.is_current_stream_capturing()
+        if fused:
             out = self._fused_decode(
                 q, cos, sin, cache.kv[layer], cache.seqlens[layer], cache.block_table,
-                max_seqlen=cache._row_max[layer],
+                max_seqlen=cache.capacity if capturing else cache._row_max[layer],
             )
         elif S <= self.decode_max_tokens and plain_kv_b:
-            # Eager: the longest row (host-known) sizes the kernel's splits. Under CUDA-graph
-            # capture the replays run at later lengths than the host sees now, so the bound is
-            # the capacity (splits over the whole cache; correct at every length it can hold).
-            capturing = cache.kv[layer].is_cuda and torch.cuda.is_current_stream_capturing()
             out = self._absorbed_attention(
                 q_nope, q_pe, cache.kv[layer], cache.seqlens[layer], cache.block_table,
                 max_seqlen=cache.capacity if capturing else cache._row_max[layer],
@@ -1061,11 +1061,13 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _fused_decode_applies(self, q: torch.Tensor, cache_dtype: torch.dtype) -> bool:
         """Whether a decode step's attention (kv_b_proj plain, checked by the caller) runs as one
-        ``mla_decode_absorbed`` call: on the CPU, for at most 16 query rows, queries, cache and
-        ``kv_b_proj.weight`` in one dtype, no gradient needed, not under ``torch.export``."""
+        ``mla_decode_absorbed`` call: on a device with its kernel (CPU, CUDA), for at most 16 query
+        rows, queries, cache and ``kv_b_proj.weight`` in one dtype, no gradient needed, not under
+        ``torch.export``."""
         w = self.kv_b_proj.weight
         return (
-            q.device.type == "cpu" and q.dtype == cache_dtype == w.dtype and q.shape[0] * q.shape[1] <= MAX_ROWS
+            _has_kernel("mla_decode_absorbed", q.device) and w.device == q.device
+            and q.dtype == cache_dtype == w.dtype and q.shape[0] * q.shape[1] <= MAX_ROWS
             and not (torch.is_grad_enabled() and (q.requires_grad or w.requires_grad))
             and not torch.compiler.is_exporting()
         )

@@ -95,7 +95,7 @@ def mla_decode_absorbed(
     pe_cache: torch.Tensor | None = None,
     max_seqlen: int = -1,
 ) -> torch.Tensor:
-    """A decode step's MLA attention from the q projection's per-head queries, in one call (CPU).
+    """A decode step's MLA attention from the q projection's per-head queries, in one call.
 
     Does what :class:`latentmoe.nn.MultiHeadLatentAttention` does around :func:`mla_decode` in a
     decode step: rotates the rope part of the queries, absorbs ``W_UK`` into the rest, attends on the
@@ -122,14 +122,12 @@ def mla_decode_absorbed(
         :func:`mla_decode` of ``q_latent = q_nope @ W_UK`` and ``q_pe = RoPE(q[..., N:])``.
 
     Numerics: the rotated ``q_pe`` is computed in fp32 and rounded once to the dtype; each product
-    sums in fp32 and is rounded to the dtype (as :func:`latentmoe.ops.bmm_small` rounds it); the
-    attention is :func:`mla_decode`'s. Bitwise the same from run to run at a given thread count (the
-    keys are split by the thread count, as in :func:`mla_decode`). CPU only (``latentmoe.info.CPU_ONLY_OPS``:
-    on CUDA call :func:`mla_decode` between two ``torch.bmm``); no backward.
+    sums in fp32 and is rounded to the dtype (as :func:`latentmoe.ops.bmm_small` rounds it; cuBLAS on
+    CUDA); the attention is :func:`mla_decode`'s. On the CPU bitwise the same from run to run at a
+    given thread count (the keys are split by the thread count, as in :func:`mla_decode`). CUDA: one
+    RoPE kernel, two cuBLAS products writing the head-interleaved layouts directly, and
+    :func:`mla_decode`'s kernels (CUDA-graph capturable with ``max_seqlen`` given). No backward.
     """
-    cpu_only("mla_decode_absorbed", "on CUDA call mla_decode between two torch.bmm (the per-head products)",
-             q=q, cos=cos, sin=sin, kv_b_weight=kv_b_weight, kv_cache=kv_cache, cache_seqlens=cache_seqlens,
-             block_table=block_table, pe_cache=pe_cache)
     return _lib.mla_decode_absorbed.default(
         q, cos, sin, kv_b_weight, kv_cache, cache_seqlens, block_table, float(softmax_scale), int(nope_dim),
         rope_interleave, causal, window, pe_cache,
