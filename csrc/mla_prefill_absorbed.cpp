@@ -128,11 +128,19 @@ int64_t chunk_keys(const Params& p, int64_t max_len, int64_t s0, int64_t X) {
 }
 
 // Query tokens per chunk of the GEMM paths: `bytes_per` bytes per (query row, key) within
-// kChunkBytes; LATENTMOE_MLA_PREFILL_CHUNK overrides.
+// kGemmChunkBytes; LATENTMOE_MLA_PREFILL_CHUNK overrides. 1 GiB: on an H200 (run 7) the bf16
+// backward at 4K in 256 MiB chunks (16 of them, ~70 launches each) took 25.5 ms of wall time for
+// 12.3 ms of kernels, bound by the host's ATen calls; 4 chunks launch a quarter as many.
+constexpr int64_t kGemmChunkBytes = int64_t{1} << 30;
 int64_t gemm_chunk(const Params& p, const char* op, int64_t max_len, int64_t bytes_per) {
   if (const auto n = positive_int_setting(op, "LATENTMOE_MLA_PREFILL_CHUNK")) return *n;
-  return std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, p.B * p.H * max_len * bytes_per));
+  return std::max<int64_t>(1, kGemmChunkBytes / std::max<int64_t>(1, p.B * p.H * max_len * bytes_per));
 }
+
+// a @ b in fp32 (both converted): the per-head products of the backward whose inner or outer
+// dimension is a head dim (Dn, Dv, C), not the keys: cheap in fp32 even on CUDA, and they keep
+// the gradients from rounding dq_lat / o_lat to the dtype.
+at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) { return at::bmm(a.to(at::kFloat), b.to(at::kFloat)); }
 
 }  // namespace
 
@@ -206,6 +214,7 @@ void backward_absorbed(BackwardIO& io, const at::Tensor& q_nope, const at::Tenso
   auto grad_keys = p.page_size == 0 ? io.grad_cache.narrow(1, 0, max_len)
                                     : at::zeros({B, max_len, CR}, keys.options().dtype(at::kFloat));
   const auto w_uk_t = w_uk.transpose(1, 2);  // [H, C, Dn]
+  const float neg_inf = -std::numeric_limits<float>::infinity();
   // Chunk: the fp32 [rows x keys] blocks (scores / P, dP / dZ, their low-precision copies), about
   // 16 bytes per (query row, key), within kChunkBytes.
   const int64_t chunk = gemm_chunk(p, "mla_prefill_backward", max_len, 16);
@@ -225,17 +234,32 @@ void backward_absorbed(BackwardIO& io, const at::Tensor& q_nope, const at::Tenso
     const auto q_lat = at::bmm(qn_h, w_uk).view({H, B, X, C}).permute({1, 2, 0, 3});
     const auto Qa = at::cat({q_lat, q_pe.narrow(1, s0, X)}, -1).reshape({B, X * H, CR});
     const auto vis = visible(p, k, s0, X, Lk);
-    // P = exp(scale * z - lse), 0 where not visible.  [B, X, H, Lk] fp32
+    // P = softmax of the scores over the visible keys, [B, X, H, Lk] fp32, normalised by its own
+    // log-sum-exp (not the forward's lse: after another forward path, e.g. the kernel's fp32
+    // decompressed keys, the scores recomputed here from the rounded q_latent differ by about
+    // an ulp of the dtype times |z|, and exp(z - lse) no longer summed to 1: bf16 weight
+    // gradients off by an ulp more than the low-precision reference). A query that sees no key
+    // gets P = 0 (its lse -inf).
     auto P = mm32(Qa, K.transpose(1, 2)).view({B, X, H, Lk});
-    P.mul_(scale).sub_(io.lse.narrow(1, s0, X).unsqueeze(-1)).exp_().masked_fill_(vis.logical_not(), 0);
+    P.mul_(scale).masked_fill_(vis.logical_not(), neg_inf);
+    {
+      auto l = at::logsumexp(P, -1, /*keepdim=*/true);
+      P.sub_(l.masked_fill_(at::isinf(l), 0)).exp_();
+    }
     const auto P_lp = lowp(P).view({B, X * H, Lk});
     // dO_lat = dO W_UV per head, [H, B*X, C] -> [B, X*H, C]
     const auto go = io.grad_out.narrow(1, s0, X);
     const auto dO_h = go.permute({2, 0, 1, 3}).reshape({H, B * X, Dv});
-    const auto dol = lowp(mm32(dO_h, w_uv)).view({H, B, X, C}).permute({1, 2, 0, 3}).reshape({B, X * H, C});
-    // dZ = P (dO_lat c^T - D + grad_lse), D = rowsum(dO o out) (= dO_lat . o_lat).
-    const auto D = (go.to(at::kFloat) * io.out.narrow(1, s0, X).to(at::kFloat)).sum(-1)
-                       .sub_(io.grad_lse.narrow(1, s0, X)).unsqueeze(-1);  // [B, X, H, 1]
+    const auto dol32 = mm32(dO_h, w_uv).view({H, B, X, C}).permute({1, 2, 0, 3}).reshape({B, X * H, C});
+    const auto dol = lowp(dol32);
+    // o_lat = P c (recomputed, fp32): for dW_UV, and for D = rowsum(dO o out) = dO_lat . o_lat,
+    // taken from the same P and dO_lat as dP (the forward's rounded `out` is not read: in bf16
+    // its rounding error in D reached the query gradients undamped, about 3x the low-precision
+    // reference's error).
+    const auto ol = mm32(P_lp, Kc);  // [B, X*H, C]
+    const auto D = (dol32 * ol).sum(-1).view({B, X, H, 1})
+                       .sub_(io.grad_lse.narrow(1, s0, X).unsqueeze(-1));
+    // dZ = P (dO_lat c^T - D + grad_lse)
     auto dZ = mm32(dol, Kc.transpose(1, 2)).view({B, X, H, Lk});
     dZ.sub_(D).mul_(P);
     P.reset();
@@ -244,13 +268,13 @@ void backward_absorbed(BackwardIO& io, const at::Tensor& q_nope, const at::Tenso
     // d[q_lat | q_pe] = scale dZ [c | pe]
     auto dQa = mm32(dZ_lp, K).mul_(scale).view({B, X, H, CR});
     io.grad_q_pe.narrow(1, s0, X).copy_(dQa.narrow(3, C, R));
-    const auto dql_h = lowp(dQa.narrow(3, 0, C)).permute({2, 0, 1, 3}).reshape({H, B * X, C});
+    const auto dql_h = dQa.narrow(3, 0, C).permute({2, 0, 1, 3}).reshape({H, B * X, C});  // fp32
+    io.grad_q_nope.narrow(1, s0, X).copy_(mm_f32(dql_h, w_uk_t).view({H, B, X, Dn}).permute({1, 2, 0, 3}));
+    io.grad_w_uk.add_(mm_f32(qn_h.transpose(1, 2), dql_h));
     dQa.reset();
-    io.grad_q_nope.narrow(1, s0, X).copy_(mm32(dql_h, w_uk_t).view({H, B, X, Dn}).permute({1, 2, 0, 3}));
-    io.grad_w_uk.add_(mm32(qn_h.transpose(1, 2), dql_h));
-    // dW_UV = dO^T o_lat, o_lat = P c (recomputed).
-    const auto ol_h = lowp(mm32(P_lp, Kc)).view({B, X, H, C}).permute({2, 0, 1, 3}).reshape({H, B * X, C});
-    io.grad_w_uv.add_(mm32(dO_h.transpose(1, 2), ol_h));
+    // dW_UV = dO^T o_lat
+    const auto ol_h = ol.view({B, X, H, C}).permute({2, 0, 1, 3}).reshape({H, B * X, C});
+    io.grad_w_uv.add_(mm_f32(dO_h.transpose(1, 2), ol_h));
     // d[c | pe] = scale dZ^T [q_lat | q_pe] + [P^T dO_lat | 0]
     auto gk = grad_keys.narrow(1, 0, Lk);
     gk.add_(mm32(dZ_lp.transpose(1, 2), Qa).mul_(scale));

@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> forward_absorbed(const Params& p, const at::T
                                                     const std::optional<at::Tensor>& block_table);
 
 // out [B, S, H, Dv] and lse [B, S, H] fp32, as mla_prefill, on batched GEMMs (ATen, any device):
-// per chunk of query tokens (temporaries within 256 MiB; LATENTMOE_MLA_PREFILL_CHUNK overrides),
+// per chunk of query tokens (temporaries within 1 GiB; LATENTMOE_MLA_PREFILL_CHUNK overrides),
 // scores of the absorbed queries [q_nope W_UK | q_pe] against every latent key row [c | pe] of
 // the chunk's key range, masked per query (causal, window, lengths; any mask, contiguous or paged
 // cache), lse and P = exp(z - lse) in fp32, then out = (P c) W_UV^T per head. bf16 / fp16: the
@@ -65,19 +65,21 @@ enum class BackwardPath { kAuto, kKernel, kAbsorbed };
 BackwardPath backward_path_choice();
 
 // mla_prefill_backward in the absorbed form, on batched GEMMs (ATen, any device): per chunk of
-// query tokens (its temporaries bounded at 256 MiB; LATENTMOE_MLA_PREFILL_CHUNK overrides), the
+// query tokens (its temporaries bounded at 1 GiB; LATENTMOE_MLA_PREFILL_CHUNK overrides), the
 // absorbed queries [q_nope W_UK | q_pe] score every latent key row [c | pe] of the chunk's key
-// range, the probabilities are recomputed from lse, and the gradients follow as GEMMs:
-//   dO_lat = dO W_UV;  dP = dO_lat c^T;  dZ = P (dP - rowsum(dO o out) + grad_lse);
+// range, the probabilities are recomputed (normalised by their own log-sum-exp, so they sum to 1
+// whichever forward produced out / lse), and the gradients follow as GEMMs:
+//   dO_lat = dO W_UV;  dP = dO_lat c^T;  dZ = P (dP - dO_lat . (P c) + grad_lse);
 //   d[q_lat | q_pe] = scale dZ [c | pe];  dq_nope = dq_lat W_UK^T;  dW_UK = q_nope^T dq_lat;
 //   dW_UV = dO^T (P c);  d[c | pe] = scale dZ^T [q_lat | q_pe] + [P^T dO_lat | 0].
 // Every mask (causal, window, lengths) is applied per query; keys past a row's length are zeroed
 // before they are read (unused cache memory may hold anything). The per-head K/V are never
 // formed: extra memory is the chunk's [rows x keys] fp32 blocks plus O(tokens) gathered keys and
-// fp32 key gradients. bf16 / fp16 GEMMs take fp32 outputs on CUDA (tensor cores) and their
-// fp32 intermediates (P, dZ, dO_lat, P c, dq_lat) are rounded to the input dtype before they
-// feed a GEMM, as FlashAttention's backward rounds P and dS; the CPU runs the same roundings
-// with fp32 GEMMs. Deterministic (no atomics; a paged cache's gradient is an index_add, which
+// fp32 key gradients. In bf16 / fp16 the GEMMs over the keys take the dtype's operands with fp32
+// outputs on CUDA (tensor cores): P, dZ and dO_lat are rounded to the dtype before them, as
+// FlashAttention's backward rounds P and dS; the per-head products (W_UK, W_UV and their
+// gradients, a head dim on both sides) run in fp32 on fp32 dq_latent / P c. The CPU runs the
+// same roundings with fp32 GEMMs. Deterministic (no atomics; a paged cache's gradient is an index_add, which
 // ATen makes deterministic under torch.use_deterministic_algorithms). Writes io's gradients.
 void backward_absorbed(BackwardIO& io, const at::Tensor& q_nope, const at::Tensor& q_pe,
                        const at::Tensor& latent_cache, const at::Tensor& w_uk, const at::Tensor& w_uv);

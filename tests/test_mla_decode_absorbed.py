@@ -599,16 +599,17 @@ def test_absorbed_cuda_masks_and_deepseek_dims(causal, window, Sq):
     a = make_absorbed(2, Sq, 16, **DEEPSEEK, seqlens=[700, 33], page_size=64, dtype=BF16, per_row=False)
     out = call(_to_cuda(a), causal=causal, window=window)
     check_close(out.cpu(), a, causal=causal, window=window)
-    # the same call with max_seqlen given (no host copy) and captured in a CUDA graph
+    # the same call with max_seqlen given (the capacity, 768: no host copy) and captured in a CUDA graph
     g = _to_cuda(a)
+    cap = a["block_table"].shape[1] * 64
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        call(g, causal=causal, window=window, max_seqlen=1024)  # warm-up outside the capture
+        call(g, causal=causal, window=window, max_seqlen=cap)  # warm-up outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = call(g, causal=causal, window=window, max_seqlen=1024)
+            captured = call(g, causal=causal, window=window, max_seqlen=cap)
     torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
     torch.cuda.synchronize()

@@ -6,6 +6,7 @@
 
 #include "common/mla_prefill_checks.h"
 #include "cuda/common/binding_utils.h"
+#include "cuda/mla/mla_launch.h"
 #include "cuda/mla_prefill/mla_prefill_launch.h"
 #include "mla_prefill_absorbed.h"
 
@@ -26,6 +27,28 @@ void check_smem(const char* op, size_t need) {
                     "; reduce qk_nope_head_dim / qk_rope_head_dim / v_head_dim");
 }
 
+// auto's choice of the forward: the absorbed path (mla_prefill_absorbed.h) where mla_decode's
+// tensor-core kernel takes the call (bf16 / fp16, C and R multiples of 8, C <= 512, aligned rows,
+// sm_80+), the masking allows it and the cache is contiguous; the batched-GEMM forward otherwise.
+bool absorbed_on_tensor_cores(const Params& p, const at::Tensor& q_nope, const at::Tensor& latent_cache) {
+  // (Batches beyond mla_decode's grid limit stay on the prefill kernel, whose grid is 1-D.)
+  if (q_nope.scalar_type() == at::kFloat || !mla_prefill::absorbed_supported(p) || !latent_cache.is_contiguous() ||
+      p.B > kMlaDecodeMaxBatch)
+    return false;
+  MlaDecodeArgs a{};
+  a.q_latent = nullptr;  // allocated by the absorbed path (aligned)
+  a.q_pe = nullptr;      // a contiguous copy of each chunk (aligned)
+  a.kv_cache = latent_cache.const_data_ptr();
+  a.pe_src = static_cast<const char*>(a.kv_cache) + p.C * latent_cache.element_size();
+  a.kv_stride = a.pe_stride = p.C + p.R;
+  a.B = p.B;
+  a.Sq = std::min<int64_t>(p.S, 64);
+  a.H = p.H;
+  a.C = p.C;
+  a.R = p.R;
+  return mla_decode_tensor_cores_apply(to_dtype(q_nope.scalar_type()), a);
+}
+
 std::tuple<at::Tensor, at::Tensor> mla_prefill_cuda(const at::Tensor& q_nope, const at::Tensor& q_pe,
                                                     const at::Tensor& latent_cache,
                                                     const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
@@ -36,12 +59,14 @@ std::tuple<at::Tensor, at::Tensor> mla_prefill_cuda(const at::Tensor& q_nope, co
   const Params p = mla_prefill::check_args(op, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv,
                                            softmax_scale, block_table, causal, window);
   c10::cuda::CUDAGuard guard(q_nope.device());
-  // auto: the forward on batched GEMMs (cuBLAS; tensor cores in bf16 / fp16), every dtype and
-  // mask. On an H200 at 4K (run 6) the prefill kernel took 17.5 ms in fp32 and the absorbed path
-  // through mla_decode's tensor-core kernel 4.7 ms in bf16, against HF sdpa's 4.8 / 0.85 ms for
-  // the whole layer; both stay reachable (LATENTMOE_MLA_PREFILL_FORWARD=kernel|absorbed).
+  // auto: the absorbed path where mla_decode's tensor cores take it, the batched-GEMM forward
+  // otherwise (fp32, other widths, paged caches, non-causal windows). On an H200 at 4K (run 7,
+  // the layer with the op forced): bf16 absorbed 4.96 ms, GEMMs 8.3 (host-bound on small chunks),
+  // the prefill kernel 19.7; fp32 GEMMs 14.4 ms, the kernel 17.5. The kernel stays reachable
+  // (LATENTMOE_MLA_PREFILL_FORWARD=kernel).
   const auto path = mla_prefill::forward_path_choice();
-  if (path == mla_prefill::ForwardPath::kAbsorbed)
+  if (path == mla_prefill::ForwardPath::kAbsorbed ||
+      (path == mla_prefill::ForwardPath::kAuto && absorbed_on_tensor_cores(p, q_nope, latent_cache)))
     return mla_prefill::forward_absorbed(p, q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale,
                                          block_table);
   if (path != mla_prefill::ForwardPath::kKernel)
