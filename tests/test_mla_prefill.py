@@ -1078,3 +1078,18 @@ def test_cuda_backward_kernel_forced(monkeypatch):
     test_gradients_match_autograd_fp64("cuda", 3, SMALL)
     test_gradients_causal_and_window("cuda", True, 9)
     test_paged_matches_contiguous("cuda", 16)
+
+
+@pytest.mark.parametrize("forward", ["kernel", "absorbed", "gemm"])
+def test_absorbed_backward_after_each_forward(monkeypatch, device, forward):
+    # The GEMM backward recomputes P and normalises it itself, so it takes out / lse from any
+    # forward: fp32 against fp64 autograd, and bf16 / fp16 within twice the low-precision
+    # reference's error (after the GEMM forward, P taken as exp(z - lse) with the forward's lse
+    # put the bf16 gradients an ulp past that bound).
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_BACKWARD", "absorbed")
+    monkeypatch.setenv("LATENTMOE_MLA_PREFILL_FORWARD", forward)
+    test_gradients_match_autograd_fp64(device, 3, SMALL)
+    for dtype in (torch.bfloat16, torch.float16):
+        for seed in range(3):
+            torch.manual_seed(seed)
+            test_gradients_low_precision(device, dtype)

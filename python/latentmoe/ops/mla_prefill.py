@@ -3,9 +3,11 @@ sliding-window masks as ``mla_decode``), fake kernels, autograd.
 
 CPU and CUDA kernels for the forward and for the backward (``mla_prefill_backward``), on a
 contiguous or paged latent cache. Weights come as ``w_uk`` / ``w_uv`` views of ``kv_b_proj.weight``.
-On CUDA, bf16 / fp16 forwards run by default through ``mla_decode``'s tensor-core kernel on
-absorbed queries (``q_nope @ w_uk``), in chunks of bounded size (LATENTMOE_MLA_PREFILL_FORWARD
-=auto|kernel|absorbed; see the README).
+On CUDA the default paths are in the absorbed form, in chunks of bounded size: bf16 / fp16 forwards
+through ``mla_decode``'s tensor-core kernel on absorbed queries (``q_nope @ w_uk``), other forwards
+and every backward on batched cuBLAS GEMMs against the latent rows
+(LATENTMOE_MLA_PREFILL_FORWARD=auto|kernel|absorbed|gemm, LATENTMOE_MLA_PREFILL_BACKWARD=
+auto|kernel|absorbed; see the README). The per-head decompressing kernels run on the CPU.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ def mla_prefill(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA attention of ``S`` new tokens over the latent cache (prefix + themselves), causal by default.
 
-    Each tile of latent cache is decompressed to per-head ``K_nope = c_kv w_uk_h^T`` and
-    ``V = c_kv w_uv_h^T`` inside the kernel and consumed by an online softmax; all heads' K/V are
-    never materialised. Extra memory is O(tokens).
+    The CPU kernel decompresses each tile of latent cache to per-head ``K_nope = c_kv w_uk_h^T`` and
+    ``V = c_kv w_uv_h^T`` inside the kernel and consumes it by an online softmax; on CUDA the
+    default paths attend in the absorbed form (queries ``[q_nope w_uk_h | q_pe]`` against the
+    latent rows, then ``w_uv_h``; module docstring). All heads' K/V are never materialised; extra
+    memory is O(tokens) plus chunk-sized temporaries.
 
     Args:
         q_nope: ``[B, S, H, Dn]`` float32 / bfloat16 / float16.
