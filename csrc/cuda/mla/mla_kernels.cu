@@ -898,6 +898,24 @@ cudaError_t decode_typed(DType dtype, const MlaDecodeArgs& a, cudaStream_t strea
 
 // ---- append ------------------------------------------------------------------------------------
 
+// RoPE of one row x [R] with its cos / sin rows [R] (HF's layouts, mla::rope_pair_at in fp32,
+// rounded once) into dst [R], read straight from global memory, one rotary pair per thread
+// iteration (no staging buffer, no shared memory: any R fits). Pair i writes positions i and
+// half + i. The append kernel's k_pe and mla_decode_absorbed's queries.
+template <typename T>
+__device__ void rope_row(const T* x, const T* cs, const T* sn, int64_t R, bool interleave, T* dst) {
+  const auto xf = [x](int64_t k) { return to_float(x[k]); };
+  const auto cf = [cs](int64_t k) { return to_float(cs[k]); };
+  const auto sf = [sn](int64_t k) { return to_float(sn[k]); };
+  const int64_t half = R / 2;
+  for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
+    float lo, hi;
+    mla::rope_pair_at(xf, cf, sf, half, i, interleave, &lo, &hi);
+    dst[i] = from_float<T>(lo);
+    dst[half + i] = from_float<T>(hi);
+  }
+}
+
 template <typename T>
 __global__ void mla_append_kernel(MlaAppendArgs a) {
   __shared__ float scratch[32];
@@ -920,21 +938,8 @@ __global__ void mla_append_kernel(MlaAppendArgs a) {
     const float y = to_float(from_float<T>(to_float(latent[c]) * rstd));
     dst[c] = from_float<T>(y * to_float(w[c]));
   }
-  // RoPE of k_pe read straight from global memory, one rotary pair per thread iteration (no
-  // staging buffer, no shared memory: any R fits). Pair i writes positions i and half + i.
-  const T* x = static_cast<const T*>(a.k_pe) + bs * R;
-  const T* cs = static_cast<const T*>(a.cos) + bs * R;
-  const T* sn = static_cast<const T*>(a.sin) + bs * R;
-  const auto xf = [x](int64_t k) { return to_float(x[k]); };
-  const auto cf = [cs](int64_t k) { return to_float(cs[k]); };
-  const auto sf = [sn](int64_t k) { return to_float(sn[k]); };
-  const int64_t half = R / 2;
-  for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
-    float lo, hi;
-    mla::rope_pair_at(xf, cf, sf, half, i, a.interleave, &lo, &hi);
-    dst[C + i] = from_float<T>(lo);
-    dst[C + half + i] = from_float<T>(hi);
-  }
+  rope_row<T>(static_cast<const T*>(a.k_pe) + bs * R, static_cast<const T*>(a.cos) + bs * R,
+              static_cast<const T*>(a.sin) + bs * R, R, a.interleave, dst + C);
 }
 
 template <typename T>
@@ -1003,20 +1008,8 @@ __global__ void rope_queries_kernel(const T* __restrict__ q, const T* __restrict
                                     const T* __restrict__ sin, bool cs_batch, int64_t S, int64_t H,
                                     int64_t N, int64_t R, bool interleave, T* __restrict__ out) {
   const int64_t row = blockIdx.x, bs = row / H, b = bs / S, s = bs % S;
-  const T* x = q + row * (N + R) + N;
   const int64_t crow = ((cs_batch ? b : 0) * S + s) * R;
-  const T* cs = cos + crow;
-  const T* sn = sin + crow;
-  const auto xf = [x](int64_t k) { return to_float(x[k]); };
-  const auto cf = [cs](int64_t k) { return to_float(cs[k]); };
-  const auto sf = [sn](int64_t k) { return to_float(sn[k]); };
-  const int64_t half = R / 2;
-  for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
-    float lo, hi;
-    mla::rope_pair_at(xf, cf, sf, half, i, interleave, &lo, &hi);
-    out[row * R + i] = from_float<T>(lo);
-    out[row * R + half + i] = from_float<T>(hi);
-  }
+  rope_row<T>(q + row * (N + R) + N, cos + crow, sin + crow, R, interleave, out + row * R);
 }
 
 cudaError_t launch_mla_rope_queries(DType dtype, const void* q, const void* cos, const void* sin, bool cs_batch,
