@@ -142,6 +142,28 @@ int64_t gemm_chunk(const Params& p, const char* op, int64_t max_len, int64_t byt
 // the gradients from rounding dq_lat / o_lat to the dtype.
 at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) { return at::bmm(a.to(at::kFloat), b.to(at::kFloat)); }
 
+// The absorbed queries of chunk s0 .. s0 + X - 1, [B, X*H, C+R] in the inputs' dtype:
+// q_nope W_UK per head (`qn_h` [H, B*X, Dn]), then the chunk's q_pe.
+at::Tensor absorbed_queries(const Params& p, const at::Tensor& qn_h, const at::Tensor& q_pe,
+                            const at::Tensor& w_uk, int64_t s0, int64_t X) {
+  const auto q_lat = at::bmm(qn_h, w_uk).view({p.H, p.B, X, p.C}).permute({1, 2, 0, 3});
+  return at::cat({q_lat, q_pe.narrow(1, s0, X)}, -1).reshape({p.B, X * p.H, p.C + p.R});
+}
+
+// The attention weights of chunk s0 .. s0 + X - 1 over keys [0, Lk): P = exp(z - lse), the scores
+// z = scale Qa K^T in fp32 masked to -inf where `visible` says no, lse their log-sum-exp.
+// Returns P [B, X, H, Lk] fp32 (0 at masked keys; a query that sees no key gets all 0) and lse
+// [B, X, H, 1] (-inf for such a query). The forward writes this lse out; the backward normalises
+// by it rather than by the forward's (see backward_absorbed).
+std::pair<at::Tensor, at::Tensor> softmax_block(const Params& p, const LatentKeys& k, const at::Tensor& Qa,
+                                                const at::Tensor& K, int64_t s0, int64_t X, int64_t Lk) {
+  auto P = mm32(Qa, K.transpose(1, 2)).view({p.B, X, p.H, Lk});
+  P.mul_(p.scale).masked_fill_(visible(p, k, s0, X, Lk).logical_not(), -std::numeric_limits<float>::infinity());
+  auto lse = at::logsumexp(P, -1, /*keepdim=*/true);
+  P.sub_(at::where(at::isinf(lse), at::zeros_like(lse), lse)).exp_();
+  return {std::move(P), std::move(lse)};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> forward_gemm(const Params& p, const at::Tensor& q_nope, const at::Tensor& q_pe,
@@ -151,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> forward_gemm(const Params& p, const at::Tenso
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto dt = q_nope.scalar_type();
-  const int64_t B = p.B, S = p.S, H = p.H, C = p.C, R = p.R, CR = C + R, Dn = p.Dn, Dv = p.Dv;
+  const int64_t B = p.B, S = p.S, H = p.H, C = p.C, Dn = p.Dn, Dv = p.Dv;
   auto out = at::empty({B, S, H, Dv}, q_nope.options());
   auto lse = at::empty({B, S, H}, q_nope.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -175,15 +197,8 @@ std::tuple<at::Tensor, at::Tensor> forward_gemm(const Params& p, const at::Tenso
     }
     const auto K = k.keys.narrow(1, 0, Lk);
     const auto qn_h = q_nope.narrow(1, s0, X).permute({2, 0, 1, 3}).reshape({H, B * X, Dn});
-    const auto q_lat = at::bmm(qn_h, w_uk).view({H, B, X, C}).permute({1, 2, 0, 3});
-    const auto Qa = at::cat({q_lat, q_pe.narrow(1, s0, X)}, -1).reshape({B, X * H, CR});
-    // Scores, masked to -inf; lse over the visible keys (-inf for a query that sees none).
-    auto Z = mm32(Qa, K.transpose(1, 2)).view({B, X, H, Lk});
-    Z.mul_(p.scale).masked_fill_(visible(p, k, s0, X, Lk).logical_not(), neg_inf);
-    const auto lse_c = at::logsumexp(Z, -1, /*keepdim=*/true);  // [B, X, H, 1]
+    auto [Z, lse_c] = softmax_block(p, k, absorbed_queries(p, qn_h, q_pe, w_uk, s0, X), K, s0, X, Lk);
     lse.narrow(1, s0, X).copy_(lse_c.squeeze(-1));
-    // P = exp(z - lse): 0 at masked keys; a query that sees nothing (lse -inf) gets all 0.
-    Z.sub_(at::where(at::isinf(lse_c), at::zeros_like(lse_c), lse_c)).exp_();
     const auto P = Z.to(dt).view({B, X * H, Lk});
     Z.reset();
     // out = (P c) W_UV^T per head.
@@ -214,7 +229,6 @@ void backward_absorbed(BackwardIO& io, const at::Tensor& q_nope, const at::Tenso
   auto grad_keys = p.page_size == 0 ? io.grad_cache.narrow(1, 0, max_len)
                                     : at::zeros({B, max_len, CR}, keys.options().dtype(at::kFloat));
   const auto w_uk_t = w_uk.transpose(1, 2);  // [H, C, Dn]
-  const float neg_inf = -std::numeric_limits<float>::infinity();
   // Chunk: the fp32 [rows x keys] blocks (scores / P, dP / dZ, their low-precision copies), about
   // 16 bytes per (query row, key), within kChunkBytes.
   const int64_t chunk = gemm_chunk(p, "mla_prefill_backward", max_len, 16);
@@ -231,21 +245,14 @@ void backward_absorbed(BackwardIO& io, const at::Tensor& q_nope, const at::Tenso
     const auto K = keys.narrow(1, 0, Lk);       // [B, Lk, C+R]
     const auto Kc = K.narrow(2, 0, C);          // [B, Lk, C]
     // Absorbed queries [B, X*H, C+R], rounded to the dtype as the forward's.
-    const auto q_lat = at::bmm(qn_h, w_uk).view({H, B, X, C}).permute({1, 2, 0, 3});
-    const auto Qa = at::cat({q_lat, q_pe.narrow(1, s0, X)}, -1).reshape({B, X * H, CR});
-    const auto vis = visible(p, k, s0, X, Lk);
+    const auto Qa = absorbed_queries(p, qn_h, q_pe, w_uk, s0, X);
     // P = softmax of the scores over the visible keys, [B, X, H, Lk] fp32, normalised by its own
     // log-sum-exp (not the forward's lse: after another forward path, e.g. the kernel's fp32
     // decompressed keys, the scores recomputed here from the rounded q_latent differ by about
     // an ulp of the dtype times |z|, and exp(z - lse) no longer summed to 1: bf16 weight
     // gradients off by an ulp more than the low-precision reference). A query that sees no key
     // gets P = 0 (its lse -inf).
-    auto P = mm32(Qa, K.transpose(1, 2)).view({B, X, H, Lk});
-    P.mul_(scale).masked_fill_(vis.logical_not(), neg_inf);
-    {
-      auto l = at::logsumexp(P, -1, /*keepdim=*/true);
-      P.sub_(l.masked_fill_(at::isinf(l), 0)).exp_();
-    }
+    auto P = softmax_block(p, k, Qa, K, s0, X, Lk).first;
     const auto P_lp = lowp(P).view({B, X * H, Lk});
     // dO_lat = dO W_UV per head, [H, B*X, C] -> [B, X*H, C]
     const auto go = io.grad_out.narrow(1, s0, X);
