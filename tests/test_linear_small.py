@@ -124,6 +124,40 @@ def test_project_picks_linear_small_only_without_grad_for_few_cpu_rows(monkeypat
     assert y.grad_fn is not None and len(calls) == 1
 
 
+def test_project_reads_the_layers_current_parameters():
+    """project reads a plain layer's weight and bias from its parameter dict: parameters swapped in
+    by torch.func.functional_call (there, not in the instance) and a weight deleted and set again
+    as a plain tensor attribute (then not in the dict) are both the ones used, as the layer's own
+    call would use them."""
+    import latentmoe.nn._linear as lin
+
+    layer = torch.nn.Linear(40, 24, bias=True)
+    x = torch.randn(3, 40)
+    swapped = {"inner.weight": torch.randn(24, 40), "inner.bias": torch.randn(24)}
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, swapped["inner.weight"], swapped["inner.bias"])
+        got = torch.func.functional_call(_Projected(layer), swapped, (x,))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        del layer.weight
+        layer.weight = torch.randn(24, 40)
+        assert "weight" not in layer._parameters
+        torch.testing.assert_close(lin.project(layer, x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                   rtol=1e-5, atol=1e-5)
+
+
+class _Projected(torch.nn.Module):
+    """A wrapper whose forward is project(inner, x), with the inner layer's parameter names."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        import latentmoe.nn._linear as lin
+
+        return lin.project(self.inner, x)
+
+
 def test_gradient_reaching_it_raises():
     # No backward: a gradient must raise, not leave the inputs' .grad silently None.
     x = torch.randn(2, 8, requires_grad=True)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentmoe import _settings
-from latentmoe.nn._linear import bmm_small_applies, check_float_dtype, is_plain, is_plain_linear, project
+from latentmoe.nn._linear import bmm_small_applies, check_float_dtype, is_plain, is_plain_linear, linear_params, project
 from latentmoe.nn.norm import RMSNorm
 from latentmoe.ops.linear import bmm_small
 from latentmoe.ops.linear import MAX_ROWS
@@ -83,15 +83,33 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: b
 _PREFILL_OP = "mla_prefill"
 
 
+def _dense(t: torch.Tensor, dtype: torch.dtype, shape=None) -> torch.Tensor:
+    """``t`` in ``dtype``, expanded to ``shape`` if given, contiguous: ``t`` itself when it already is
+    (the conversions' calls cost a few microseconds of a small decode step)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if shape is not None and t.shape != shape:
+        t = t.expand(shape)
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _has_kernel(op: str, device: torch.device) -> bool:
     """Whether ``latentmoe::<op>`` has a kernel registered for ``device``'s dispatch key."""
     return _has_kernel_for(op, device.type)
 
 
+_HAS_KERNEL: dict[tuple[str, str], bool] = {}
+
+
 @torch.compiler.assume_constant_result  # registrations are fixed once the extension is loaded
 def _has_kernel_for(op: str, device_type: str) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"latentmoe::{op}", key)
+    # (Remembered: the dispatcher's lookup took ~4 us of a decode step's ~0.1 ms of Python.)
+    has = _HAS_KERNEL.get((op, device_type))
+    if has is None:
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        has = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"latentmoe::{op}", key)
+        _HAS_KERNEL[(op, device_type)] = has
+    return has
 
 
 def _prefill_kernel_chosen(device: torch.device) -> bool:
@@ -665,7 +683,8 @@ class MultiHeadLatentAttention(nn.Module):
         """Whether the kernels may read ``kv_b_proj.weight`` in place of calling the layer: a plain
         ``nn.Linear`` without a bias (HF's has none; one swapped in with a bias is called, as is a
         wrapped or hooked one, on the decompressing SDPA path)."""
-        return is_plain_linear(self.kv_b_proj) and self.kv_b_proj.bias is None
+        kv_b = self.kv_b_proj
+        return is_plain_linear(kv_b) and linear_params(kv_b)[1] is None
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(w_uk [H, N, C], w_uv_t [H, C, V])``: views of ``kv_b_proj.weight`` (of a contiguous copy
@@ -734,7 +753,8 @@ class MultiHeadLatentAttention(nn.Module):
                     "returns for these hidden_states)"
                 )
         # The projections' dtype: the hidden states', or autocast's (under torch.autocast).
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        if cos.dtype != q.dtype or sin.dtype != q.dtype:
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         kv = project(self.kv_a_proj_with_mqa, hidden_states)
         # (cos / sin count too: a learned position embedding trains through this layer.)
         grad = torch.is_grad_enabled() and (
@@ -964,7 +984,8 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         B, S = q.shape[:2]
         C, layer = self.kv_lora_rank, self.layer_idx
-        if not is_plain(self.kv_a_layernorm, RMSNorm):
+        norm = self.kv_a_layernorm
+        if not is_plain(norm, RMSNorm):
             raise ValueError(
                 "MultiHeadLatentAttention: with a LatentKVCache, kv_a_layernorm's weight feeds the fused "
                 "mla_append_cache kernel directly, so it must be a plain RMSNorm (no hooks or wrapper, no "
@@ -988,8 +1009,8 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope = q_pe = None
         if not fused:
             q_nope, q_pe = self._query_parts(q, cos, sin)
-        w = self.kv_a_layernorm.weight.to(dt).contiguous()  # (a strided weight, e.g. loaded with assign=True)
-        cos, sin = cos.to(dt).expand(B, S, -1).contiguous(), sin.to(dt).expand(B, S, -1).contiguous()
+        w = _dense(norm.weight, dt)  # (a strided weight, e.g. loaded with assign=True)
+        cos, sin = _dense(cos, dt, (B, S, cos.shape[-1])), _dense(sin, dt, (B, S, sin.shape[-1]))
         q_src = None
         if keep is not None:
             # Row b keeps its n_b real new tokens: moved (in order) to the front, so they land at the
@@ -1008,7 +1029,7 @@ class MultiHeadLatentAttention(nn.Module):
         # at construction: the ops need not copy them to the host again.
         mla_append_cache(
             cache.kv[layer], kv[..., :C].to(dt).contiguous(), kv[..., C:].to(dt).contiguous(), w,
-            self.kv_a_layernorm.variance_epsilon, cos, sin, cache.seqlens[layer],
+            norm.variance_epsilon, cos, sin, cache.seqlens[layer],
             block_table=cache.block_table, rope_interleave=self.rope_interleave, check_values=False,
         )
         if keep is None:
@@ -1064,7 +1085,7 @@ class MultiHeadLatentAttention(nn.Module):
         ``mla_decode_absorbed`` call: on a device with its kernel (CPU, CUDA), for at most 16 query
         rows, queries, cache and ``kv_b_proj.weight`` in one dtype, no gradient needed, not under
         ``torch.export``."""
-        w = self.kv_b_proj.weight
+        w = linear_params(self.kv_b_proj)[0]
         return (
             _has_kernel("mla_decode_absorbed", q.device) and w.device == q.device
             and q.dtype == cache_dtype == w.dtype and q.shape[0] * q.shape[1] <= MAX_ROWS
@@ -1077,7 +1098,7 @@ class MultiHeadLatentAttention(nn.Module):
         queries' rotation in one op (on a 2-core Zen 4, the separate ops' dispatch and the Python
         between them took 0.3-0.5 ms of a 2.1-2.7 ms step at 16 heads and 4K keys)."""
         return mla_decode_absorbed(
-            q.contiguous(), cos.contiguous(), sin.contiguous(), self.kv_b_proj.weight.contiguous(), kv_cache, seqlens,
+            q.contiguous(), cos.contiguous(), sin.contiguous(), linear_params(self.kv_b_proj)[0].contiguous(), kv_cache, seqlens,
             self.scaling, self.qk_nope_head_dim, block_table=block_table, rope_interleave=self.rope_interleave,
             causal=True, pe_cache=pe_cache, max_seqlen=max_seqlen,
         )
