@@ -467,6 +467,7 @@ int main() {
     a.kv_cache = cache; a.kv_latent = lat.data(); a.k_pe = kpe.data(); a.norm_weight = w.data();
     a.cos = cs.data(); a.sin = sn.data(); a.seqlens = alens; a.block_table = table;
     a.B = B; a.S = S; a.C = C; a.R = R; a.lmax = 0; a.page_size = ps; a.max_pages = maxp;
+    a.latent_sb = S * C; a.latent_ss = C; a.pe_sb = S * R; a.pe_ss = R;
     a.num_pages = np; a.capacity = maxp * ps; a.eps = 1e-6f; a.interleave = true;
     if (launch_mla_append_cache(DType::kBFloat16, a, nullptr) != cudaSuccess) emu::fail("append launch");
   };

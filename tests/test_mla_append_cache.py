@@ -92,6 +92,38 @@ def test_append_low_precision(device, dtype, interleave):
     assert cache[0, :4].isnan().all() and cache[0, 7:].isnan().all() and cache[1, 3:].isnan().all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["slices", "expanded_batch", "token_major"])
+def test_append_strided_rows_match_contiguous(device, dtype, layout):
+    """kv_latent / k_pe with unit-stride rows and any other strides (the module passes the two
+    slices of kv_a_proj_with_mqa's output in place) write bit for bit what contiguous copies write,
+    paged and contiguous; the gaps between the rows (NaN here) are never read."""
+    B, S, C, R = 3, 4, 48, 16
+    latent, k_pe, weight, cos, sin = make_inputs(B, S, C, R, [0, 5, 2], True, dtype, device)
+    if layout == "slices":  # [B, S, C + R + 3] rows, NaN in the 3 trailing columns
+        kv = torch.full((B, S, C + R + 3), float("nan"), dtype=dtype, device=device)
+        kv[..., :C], kv[..., C:C + R] = latent, k_pe
+        lat_s, pe_s = kv[..., :C], kv[..., C:C + R]
+    elif layout == "expanded_batch":  # every row the same tokens (stride 0 over the batch)
+        latent, k_pe = latent[:1].expand(B, S, C), k_pe[:1].expand(B, S, R)
+        lat_s, pe_s = latent, k_pe
+    else:  # [S, B, n] storage viewed as [B, S, n]
+        lat_s = latent.transpose(0, 1).contiguous().transpose(0, 1)
+        pe_s = k_pe.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not lat_s.is_contiguous() and not pe_s.is_contiguous() and lat_s.stride(-1) == pe_s.stride(-1) == 1
+    lens = torch.tensor([0, 5, 2], dtype=torch.int32, device=device)
+    for table in (None, torch.randperm(12, device=device)[:9].view(B, 3).to(torch.int32)):
+        shape = (B, 12, C + R) if table is None else (12, 4, C + R)
+        got = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        want = got.clone()
+        mla_append_cache(got, lat_s, pe_s, weight, 1e-6, cos, sin, lens, block_table=table)
+        mla_append_cache(want, latent.contiguous(), k_pe.contiguous(), weight, 1e-6, cos, sin, lens,
+                         block_table=table)
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(got.view(bits), want.view(bits))
+        assert (~got.isnan()).sum() == B * S * (C + R)  # the target rows only, none of them NaN
+
+
 def test_append_reference_rope_agrees():
     # The reference's apply_rope is what the op implements; cross-check on one shape.
     latent, k_pe, weight, cos, sin = make_inputs(2, 3, 48, 16, [1, 2], True, torch.float32, "cpu")

@@ -91,6 +91,14 @@ def _raw(t: torch.Tensor) -> bytes:
     return (t if t.dtype == torch.float32 else t.view(torch.int16)).numpy().tobytes()
 
 
+def _span(t: torch.Tensor) -> torch.Tensor:
+    """The elements a [B, S, n] tensor with unit-stride rows reaches, flat from its first: (B - 1)
+    sb + (S - 1) ss + n of them (a strided slice's gaps included, as the kernel indexes them)."""
+    B, S, n = t.shape
+    sb, ss, _ = t.stride()
+    return t.as_strided(((B - 1) * sb + (S - 1) * ss + n,), (1,))
+
+
 def _from_raw(buf: bytes, dtype, shape) -> torch.Tensor:
     np_dtype = np.float32 if dtype == torch.float32 else np.int16
     t = torch.from_numpy(np.frombuffer(buf, dtype=np_dtype).copy())
@@ -674,9 +682,11 @@ def emulated_append(exe, tmp_path, cache, latent, k_pe, w, eps, cos, sin, lens, 
         cache.shape[0] if is_paged else 0,
         table.shape[1] if is_paged else 0,
         int(interleave),
+        *latent.stride()[:2],
+        *k_pe.stride()[:2],
     ]
     payload = np.array(head, dtype=np.int64).tobytes() + np.float32(eps).tobytes()
-    for t in (cache, latent, k_pe, w, cos, sin):
+    for t in (cache, _span(latent), _span(k_pe), w, cos, sin):
         payload += _raw(t)
     payload += lens.numpy().astype(np.int32).tobytes()
     if is_paged:
@@ -779,6 +789,31 @@ def test_append_any_rope_dim(harness, tmp_path, interleave):
     target = _target_mask(cache, lens, S, table)
     assert torch.equal(got[~target].view(torch.int32), cache[~target].view(torch.int32))
     torch.testing.assert_close(got[target], want[target], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_append_strided_rows(harness, tmp_path, dtype):
+    """kv_latent / k_pe as the two slices of one [B, S, C + R + 2] tensor (the module's kv_a output,
+    read in place), with NaN in the gaps: the kernel reads only the rows, at their strides (the
+    harness's buffers end at the last row: a read past it faults), as the CPU op does."""
+    B, S, dims, seqlens, cap, page_size, interleave = APPEND_CASES["paged17_s2"]
+    C, R = dims["C"], dims["R"]
+    cache, latent, k_pe, w, cos, sin, lens, table = append_problem(
+        B, S, C, R, seqlens, cap, page_size, dtype, seed=5
+    )
+    kv = torch.full((B, S, C + R + 2), float("nan"), dtype=dtype)
+    kv[..., :C], kv[..., C:C + R] = latent, k_pe
+    lat_s, pe_s = kv[..., :C], kv[..., C:C + R]
+    got = emulated_append(harness, tmp_path, cache, lat_s, pe_s, w, 1e-6, cos, sin, lens, table, interleave)
+    want = emulated_append(harness, tmp_path, cache, latent, k_pe, w, 1e-6, cos, sin, lens, table, interleave)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.view(bits), want.view(bits))
+    cpu = cache.clone()
+    mla_append_cache(cpu, lat_s, pe_s, w, 1e-6, cos, sin, lens, block_table=table, rope_interleave=interleave)
+    target = _target_mask(cache, lens, S, table)
+    assert not got[target].isnan().any()
+    ulp = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(got[target].float(), cpu[target].float(), rtol=ulp, atol=ulp)
 
 
 def test_append_thread_order_independent(harness, tmp_path):

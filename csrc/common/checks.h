@@ -77,6 +77,14 @@ inline void contiguous(const char* op, const char* name, const at::Tensor& t) {
                     "' must be contiguous (call .contiguous()), got strides ", t.strides());
 }
 
+// Rows of unit stride, any other strides (e.g. a slice of the last dim of a wider tensor).
+inline void rows_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  defined(op, name, t);
+  TORCH_CHECK_VALUE(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, "latentmoe.", op, ": argument '", name,
+                    "' must have a contiguous last dim (stride 1; other dims may be strided), got strides ",
+                    t.strides());
+}
+
 inline void nonempty(const char* op, const char* name, const at::Tensor& t) {
   defined(op, name, t);
   TORCH_CHECK_VALUE(t.numel() > 0, "latentmoe.", op, ": argument '", name,

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include <cmath>
+#include <cstring>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -169,18 +170,24 @@ inline void check_decode_queries(const char* op, const at::Tensor& q_latent, con
 }
 
 // mla_append_cache inputs: kv_latent [B, S, C], k_pe / cos / sin [B, S, R] (R even), norm_weight
-// [C]; floating, one dtype and device, contiguous; eps finite and >= 0. (The cache is checked by check_cache.)
+// [C]; floating, one dtype and device; kv_latent and k_pe with unit-stride rows (any other strides:
+// e.g. the two slices of kv_a_proj_with_mqa's output), the others contiguous; eps finite and >= 0.
+// (The cache is checked by check_cache.)
 inline void check_append_args(const char* op, const at::Tensor& kv_latent,
                        const at::Tensor& k_pe, const at::Tensor& norm_weight, const at::Tensor& cos,
                        const at::Tensor& sin, double eps) {
   chk::floating(op, "kv_latent", kv_latent);
   chk::dim(op, "kv_latent", kv_latent, 3);
-  chk::contiguous(op, "kv_latent", kv_latent);
+  chk::rows_contiguous(op, "kv_latent", kv_latent);
   for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"k_pe", k_pe}, {"cos", cos}, {"sin", sin}}) {
     chk::same_dtype(op, name, t, "kv_latent", kv_latent);
     chk::same_device(op, name, t, "kv_latent", kv_latent);
     chk::dim(op, name, t, 3);
-    chk::contiguous(op, name, t);
+    if (std::strcmp(name, "k_pe") == 0) {
+      chk::rows_contiguous(op, name, t);  // (cos / sin: contiguous)
+    } else {
+      chk::contiguous(op, name, t);
+    }
     TORCH_CHECK_VALUE(t.size(0) == kv_latent.size(0) && t.size(1) == kv_latent.size(1), "latentmoe.", op,
                       ": argument '", name, "' has shape ", t.sizes(), " but 'kv_latent' has shape ",
                       kv_latent.sizes(), "; dims B, S must match");

@@ -772,17 +772,24 @@ at::Tensor mla_decode_absorbed_cpu(const at::Tensor& q, const at::Tensor& cos, c
 
 // ---- mla_append_cache -------------------------------------------------------------------------
 
+// latent / pe: token (b, s)'s row at b * sb + s * ss elements (unit-stride rows; e.g. the two
+// slices of kv_a_proj_with_mqa's output, read in place); cos / sin contiguous [B, S, R].
+struct AppendRows {
+  int64_t latent_sb, latent_ss, pe_sb, pe_ss;
+};
+
 template <typename T>
 void append_impl(T* cache, const T* latent, const T* pe, const T* w, const T* cos, const T* sin,
                  const int32_t* lens, const int32_t* table, const mla::CacheDims& d, int64_t S, float eps,
-                 bool interleave) {
+                 bool interleave, const AppendRows& rows) {
   const int64_t C = d.C, R = d.R, half = R / 2;
   at::parallel_for(0, d.B * S, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> x(R), cs(R), sn(R), o(R);
     for (int64_t bs = begin; bs < end; ++bs) {
       const int64_t b = bs / S, s = bs % S;
       T* dst = cache + mla::cache_row(table, d.max_pages, d.page_size, d.lmax, d.num_pages, b, lens[b] + s) * d.D;
-      const T* lr = latent + bs * C;
+      const T* lr = latent + b * rows.latent_sb + s * rows.latent_ss;
+      const T* pr = pe + b * rows.pe_sb + s * rows.pe_ss;
       float sum_sq = 0.f;
 #pragma omp simd reduction(+ : sum_sq)
       for (int64_t c = 0; c < C; ++c) {
@@ -796,7 +803,7 @@ void append_impl(T* cache, const T* latent, const T* pe, const T* w, const T* co
         dst[c] = static_cast<T>(y * static_cast<float>(w[c]));
       }
       for (int64_t i = 0; i < R; ++i) {
-        x[i] = static_cast<float>(pe[bs * R + i]);
+        x[i] = static_cast<float>(pr[i]);
         cs[i] = static_cast<float>(cos[bs * R + i]);
         sn[i] = static_cast<float>(sin[bs * R + i]);
       }
@@ -825,7 +832,8 @@ void mla_append_cache_cpu(at::Tensor& kv_cache, const at::Tensor& kv_latent, con
                           cos.const_data_ptr<scalar_t>(), sin.const_data_ptr<scalar_t>(),
                           cache_seqlens.const_data_ptr<int32_t>(),
                           d.paged ? block_table->const_data_ptr<int32_t>() : nullptr, d, S,
-                          static_cast<float>(eps), rope_interleave);
+                          static_cast<float>(eps), rope_interleave,
+                          AppendRows{kv_latent.stride(0), kv_latent.stride(1), k_pe.stride(0), k_pe.stride(1)});
   });
 }
 

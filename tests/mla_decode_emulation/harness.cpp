@@ -14,8 +14,10 @@
 //   pe_cache (if split_pe), int32 seqlens [B], int32 block_table [B, max_pages] (if paged).
 //   Element arrays are raw dtype bytes (dtype 0 fp32, 1 bf16, 2 fp16, as common/dtype.h).
 // decode OUT: int64 n_splits, out [B, Sq, H, C] (dtype bytes), lse [B, Sq, H] fp32.
-// append IN: int64 [dtype, B, S, C, R, paged, lmax_or_page_size, num_pages, max_pages, interleave],
-//   float eps, then kv_cache, kv_latent, k_pe, norm_weight, cos, sin, int32 seqlens, int32 table.
+// append IN: int64 [dtype, B, S, C, R, paged, lmax_or_page_size, num_pages, max_pages, interleave,
+//   latent_sb, latent_ss, pe_sb, pe_ss], float eps, then kv_cache, kv_latent and k_pe (each the span
+//   its strides reach: (B - 1) sb + (S - 1) ss + row elements), norm_weight, cos, sin, int32 seqlens,
+//   int32 table.
 // append OUT: the whole kv_cache after the call.
 // Each launch prints "launch gx gy gz threads dyn_smem static_smem" on stdout.
 //
@@ -180,7 +182,7 @@ int run_decode(const char* out_path) {
 }
 
 int run_append(const char* out_path) {
-  int64_t h[10];
+  int64_t h[14];
   in_file.read(reinterpret_cast<char*>(h), sizeof h);
   float eps;
   in_file.read(reinterpret_cast<char*>(&eps), sizeof eps);
@@ -192,8 +194,9 @@ int run_append(const char* out_path) {
   const int64_t lmax = paged ? 0 : h[6], page_size = paged ? h[6] : 0;
   const int64_t cache_rows = paged ? num_pages * page_size : B * lmax;
   auto cache = read_bytes(cache_rows * (C + R) * es);
-  auto latent = read_bytes(B * S * C * es);
-  auto k_pe = read_bytes(B * S * R * es);
+  const int64_t latent_sb = h[10], latent_ss = h[11], pe_sb = h[12], pe_ss = h[13];
+  auto latent = read_bytes(((B - 1) * latent_sb + (S - 1) * latent_ss + C) * es);
+  auto k_pe = read_bytes(((B - 1) * pe_sb + (S - 1) * pe_ss + R) * es);
   auto w = read_bytes(C * es);
   auto cs = read_bytes(B * S * R * es);
   auto sn = read_bytes(B * S * R * es);
@@ -212,6 +215,10 @@ int run_append(const char* out_path) {
   a.S = S;
   a.C = C;
   a.R = R;
+  a.latent_sb = latent_sb;
+  a.latent_ss = latent_ss;
+  a.pe_sb = pe_sb;
+  a.pe_ss = pe_ss;
   a.lmax = lmax;
   a.page_size = page_size;
   a.max_pages = max_pages;

@@ -130,6 +130,8 @@ void mla_append_cache_cuda(at::Tensor& kv_cache, const at::Tensor& kv_latent, co
   a.seqlens = cache_seqlens.const_data_ptr<int32_t>();
   a.block_table = d.paged ? block_table->const_data_ptr<int32_t>() : nullptr;
   a.B = B; a.S = S; a.C = d.C; a.R = d.R;
+  a.latent_sb = kv_latent.stride(0); a.latent_ss = kv_latent.stride(1);
+  a.pe_sb = k_pe.stride(0); a.pe_ss = k_pe.stride(1);
   a.lmax = d.lmax; a.page_size = d.page_size; a.max_pages = d.max_pages;
   a.num_pages = d.num_pages; a.capacity = d.capacity;
   a.eps = static_cast<float>(eps);

@@ -921,7 +921,7 @@ __global__ void mla_append_kernel(MlaAppendArgs a) {
   __shared__ float scratch[32];
   const int64_t bs = blockIdx.x, b = bs / a.S, s = bs % a.S;
   const int64_t C = a.C, R = a.R, D = C + R;
-  const T* latent = static_cast<const T*>(a.kv_latent) + bs * C;
+  const T* latent = static_cast<const T*>(a.kv_latent) + b * a.latent_sb + s * a.latent_ss;
   const T* w = static_cast<const T*>(a.norm_weight);
   const int64_t t = static_cast<int64_t>(a.seqlens[b]) + s;
   if (t < 0 || t >= a.capacity) return;  // only reachable without the host check: write nothing
@@ -938,7 +938,7 @@ __global__ void mla_append_kernel(MlaAppendArgs a) {
     const float y = to_float(from_float<T>(to_float(latent[c]) * rstd));
     dst[c] = from_float<T>(y * to_float(w[c]));
   }
-  rope_row<T>(static_cast<const T*>(a.k_pe) + bs * R, static_cast<const T*>(a.cos) + bs * R,
+  rope_row<T>(static_cast<const T*>(a.k_pe) + b * a.pe_sb + s * a.pe_ss, static_cast<const T*>(a.cos) + bs * R,
               static_cast<const T*>(a.sin) + bs * R, R, a.interleave, dst + C);
 }
 

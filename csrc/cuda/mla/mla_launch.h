@@ -67,14 +67,15 @@ cudaError_t launch_mla_decode(DType dtype, const MlaDecodeArgs& a, cudaStream_t 
 // Fused kv_a_layernorm + RoPE(k_pe) + cache write; one block per new token.
 struct MlaAppendArgs {
   void* kv_cache;
-  const void* kv_latent;  // [B, S, C]
-  const void* k_pe;       // [B, S, R]
+  const void* kv_latent;  // [B, S, C], token (b, s)'s row at b * latent_sb + s * latent_ss
+  const void* k_pe;       // [B, S, R], token (b, s)'s row at b * pe_sb + s * pe_ss
   const void* norm_weight;  // [C]
   const void* cos;        // [B, S, R]
   const void* sin;        // [B, S, R]
   const int32_t* seqlens;  // [B] tokens already cached
   const int32_t* block_table;  // [B, max_pages] or null
   int64_t B, S, C, R;
+  int64_t latent_sb, latent_ss, pe_sb, pe_ss;  // element strides (rows themselves unit-stride)
   int64_t lmax, page_size, max_pages, num_pages, capacity;
   float eps;
   bool interleave;

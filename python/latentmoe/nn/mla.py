@@ -1027,8 +1027,10 @@ class MultiHeadLatentAttention(nn.Module):
                 q_nope, q_pe = (t.gather(1, q_src[:, :, None, None].expand_as(t)) for t in (q_nope, q_pe))
         # The cache's host lengths were just checked against its capacity (reserve) and its table
         # at construction: the ops need not copy them to the host again.
+        # (The latents and k_pe are read in place, as the two slices of the kv_a output's rows.)
+        kv = kv if kv.dtype == dt and kv.stride(-1) == 1 else kv.to(dt).contiguous()
         mla_append_cache(
-            cache.kv[layer], kv[..., :C].to(dt).contiguous(), kv[..., C:].to(dt).contiguous(), w,
+            cache.kv[layer], kv[..., :C], kv[..., C:], w,
             norm.variance_epsilon, cos, sin, cache.seqlens[layer],
             block_table=cache.block_table, rope_interleave=self.rope_interleave, check_values=False,
         )

@@ -154,7 +154,9 @@ def mla_append_cache(
         kv_cache: contiguous or paged cache (see module doc); **mutated** at the target slots only
             (its version counter bumped; an inference tensor only under ``torch.inference_mode()``).
         kv_latent: ``[B, S, C]`` un-normalised latents (first C outputs of ``kv_a_proj_with_mqa``).
-        k_pe: ``[B, S, R]`` un-rotated rope keys (the last R outputs).
+        k_pe: ``[B, S, R]`` un-rotated rope keys (the last R outputs). ``kv_latent`` and ``k_pe``
+            need unit-stride rows only (any other strides: e.g. the two slices of the projection's
+            ``[B, S, C + R]`` output, read in place); the other tensors are contiguous.
         norm_weight: ``[C]`` ``kv_a_layernorm.weight``; ``eps`` its epsilon (HF RMSNorm numerics).
         cos, sin: ``[B, S, R]`` HF rotary embeddings at the new tokens' positions.
         cache_seqlens: ``[B]`` int32 tokens already cached; token ``s`` goes to slot
