@@ -58,6 +58,31 @@ def test_linear_small_rows_do_not_change_each_others_bits(monkeypatch, isa, K):
     torch.testing.assert_close(full.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-5 * K**0.5)
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2", "native"])
+@pytest.mark.parametrize("K", [1, 8, 15, 24, 33, 520])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_small_one_row_same_bits_whatever_the_rows_grouping(monkeypatch, isa, K, dtype):
+    # One input row: a task reads its weight rows as several sub-ranges at once (several memory
+    # streams), in groups or one by one at the ends; every output is the same arithmetic either
+    # way, so its bits do not depend on which weight rows share the call or on the thread count.
+    if isa != "native":
+        monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(K)
+    x, w = torch.randn(1, K, generator=g), torch.randn(203, K, generator=g).to(dtype)
+    full = linear_small(x.to(dtype), w)
+    for lo, hi in ((0, 1), (0, 7), (3, 4), (5, 203), (17, 120), (101, 202)):
+        assert torch.equal(linear_small(x.to(dtype), w[lo:hi]), full[:, lo:hi]), (lo, hi)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(linear_small(x.to(dtype), w), full)
+    finally:
+        torch.set_num_threads(old)
+    want = x.double() @ w.double().T
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(full.double(), want.to(dtype).double(), rtol=tol, atol=tol * K**0.5)
+
+
 def test_linear_small_thread_count_does_not_change_bits():
     x, w = torch.randn(2, 513), torch.randn(1001, 513)
     old = torch.get_num_threads()
