@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -20,6 +21,13 @@ namespace {
 namespace v8 = latentmoe::cpu::vec8;
 using v8::v8f;
 
+// Long sums (a row's sum of squares, the backward's dot product) run in blocks of kSumBlock
+// elements, each block's partial sums started from zero and then added to the running ones: every
+// lane then sums at most kSumBlock / 8 terms per level instead of D / 8 (at D = 4M a single level
+// was 100x HF's error, HF's mean being a pairwise sum). A row of at most kSumBlock elements sums
+// exactly as one level (0 + s = s): its bits are those of a plain sum.
+constexpr int64_t kSumBlock = 2048;
+
 // ---- forward rows ------------------------------------------------------------------------------
 // Row r of D elements: rstd = 1/sqrt(mean(x^2) + eps); out = T(T(x * rstd) * w) (HF's order:
 // round the normalised value to T first, then scale by the weight). 8 lanes at a time (vec8.h;
@@ -31,10 +39,16 @@ LMOE_V8_INLINE void norm_rows_body(const T* x, const T* w, T* out, float* rstd_o
     const T* xr = x + r * D;
     T* outr = out + r * D;
     v8f acc = v8::splat(0.f);
+    const int64_t D8 = D / 8 * 8;
     int64_t i = 0;
-    for (; i + 8 <= D; i += 8) {
-      const v8f v = v8::load_f32<T, kAvx>(xr + i);
-      acc += v * v;
+    while (i < D8) {
+      const int64_t end = std::min(D8, i + kSumBlock);
+      v8f blk = v8::splat(0.f);
+      for (; i < end; i += 8) {
+        const v8f v = v8::load_f32<T, kAvx>(xr + i);
+        blk += v * v;
+      }
+      acc += blk;
     }
     float sum_sq = v8::hsum(acc);
     for (int64_t k = i; k < D; ++k) {
@@ -159,16 +173,20 @@ LMOE_CPU_AVX2 void norm_rows(const c10::BFloat16* x, const c10::BFloat16* res, c
     if (res != nullptr) {
       const c10::BFloat16* rr = res + r * D;
       c10::BFloat16* hr = h + r * D;
-      for (int64_t i = 0; i < D16; i += 16) {
-        __m256 xl, xh, rl, rh;
-        load16(xr + i, xl, xh);
-        load16(rr + i, rl, rh);
-        const __m256 sl = _mm256_add_ps(xl, rl), sh = _mm256_add_ps(xh, rh);
-        store16(hr + i, sl, sh);
-        const __m256 ql = round(sl), qh = round(sh);
-        const int u = static_cast<int>((i / 16) & 1);
-        acc[2 * u] = _mm256_fmadd_ps(ql, ql, acc[2 * u]);
-        acc[2 * u + 1] = _mm256_fmadd_ps(qh, qh, acc[2 * u + 1]);
+      for (int64_t b = 0; b < D16; b += kSumBlock) {  // (kSumBlock: a multiple of 32)
+        __m256 blk[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t i = b; i < std::min(D16, b + kSumBlock); i += 16) {
+          __m256 xl, xh, rl, rh;
+          load16(xr + i, xl, xh);
+          load16(rr + i, rl, rh);
+          const __m256 sl = _mm256_add_ps(xl, rl), sh = _mm256_add_ps(xh, rh);
+          store16(hr + i, sl, sh);
+          const __m256 ql = round(sl), qh = round(sh);
+          const int u = static_cast<int>((i / 16) & 1);
+          blk[2 * u] = _mm256_fmadd_ps(ql, ql, blk[2 * u]);
+          blk[2 * u + 1] = _mm256_fmadd_ps(qh, qh, blk[2 * u + 1]);
+        }
+        for (int u = 0; u < 4; ++u) acc[u] = _mm256_add_ps(acc[u], blk[u]);
       }
       for (int64_t i = D16; i < D; ++i) {
         hr[i] = static_cast<c10::BFloat16>(widen(xr[i]) + widen(rr[i]));
@@ -176,23 +194,28 @@ LMOE_CPU_AVX2 void norm_rows(const c10::BFloat16* x, const c10::BFloat16* res, c
       }
       src = hr;
     } else {
-      int64_t i = 0;
-      for (; i + 32 <= D16; i += 32) {
-        __m256 a, b, c, d;
-        load16(xr + i, a, b);
-        load16(xr + i + 16, c, d);
-        acc[0] = _mm256_fmadd_ps(a, a, acc[0]);
-        acc[1] = _mm256_fmadd_ps(b, b, acc[1]);
-        acc[2] = _mm256_fmadd_ps(c, c, acc[2]);
-        acc[3] = _mm256_fmadd_ps(d, d, acc[3]);
+      for (int64_t b = 0; b < D16; b += kSumBlock) {  // (kSumBlock: a multiple of 32)
+        const int64_t end = std::min(D16, b + kSumBlock);
+        __m256 blk[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        int64_t i = b;
+        for (; i + 32 <= end; i += 32) {
+          __m256 a0, a1, a2, a3;
+          load16(xr + i, a0, a1);
+          load16(xr + i + 16, a2, a3);
+          blk[0] = _mm256_fmadd_ps(a0, a0, blk[0]);
+          blk[1] = _mm256_fmadd_ps(a1, a1, blk[1]);
+          blk[2] = _mm256_fmadd_ps(a2, a2, blk[2]);
+          blk[3] = _mm256_fmadd_ps(a3, a3, blk[3]);
+        }
+        for (; i < end; i += 16) {
+          __m256 a0, a1;
+          load16(xr + i, a0, a1);
+          blk[0] = _mm256_fmadd_ps(a0, a0, blk[0]);
+          blk[1] = _mm256_fmadd_ps(a1, a1, blk[1]);
+        }
+        for (int u = 0; u < 4; ++u) acc[u] = _mm256_add_ps(acc[u], blk[u]);
       }
-      for (; i < D16; i += 16) {
-        __m256 a, b;
-        load16(xr + i, a, b);
-        acc[0] = _mm256_fmadd_ps(a, a, acc[0]);
-        acc[1] = _mm256_fmadd_ps(b, b, acc[1]);
-      }
-      for (i = D16; i < D; ++i) sum_sq += widen(xr[i]) * widen(xr[i]);
+      for (int64_t i = D16; i < D; ++i) sum_sq += widen(xr[i]) * widen(xr[i]);
     }
     sum_sq += hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
     const float rstd = math::rms_rstd(sum_sq, static_cast<int>(D), eps);
@@ -343,14 +366,20 @@ LMOE_V8_INLINE void backward_chunks_body(const T* g, const T* x, const T* w, con
       const float rs = rstd[r];
       const v8f rsv = v8::splat(rs);
       v8f dotv = v8::splat(0.f);
+      const int64_t D8 = D / 8 * 8;
       int64_t i = 0;
-      for (; i + 8 <= D; i += 8) {
-        const v8f y = v8::load_f32<T, kAvx>(xr + i) * rsv;
-        const v8f go = v8::load_f32<T, kAvx>(gr + i);
-        const v8f gyv = go * v8::load_f32<T, kAvx>(w + i);
-        v8::store(gy + i, gyv);
-        dotv += gyv * y;
-        v8::store(gwp + i, v8::load(gwp + i) + go * y);
+      while (i < D8) {
+        const int64_t end = std::min(D8, i + kSumBlock);
+        v8f blk = v8::splat(0.f);
+        for (; i < end; i += 8) {
+          const v8f y = v8::load_f32<T, kAvx>(xr + i) * rsv;
+          const v8f go = v8::load_f32<T, kAvx>(gr + i);
+          const v8f gyv = go * v8::load_f32<T, kAvx>(w + i);
+          v8::store(gy + i, gyv);
+          blk += gyv * y;
+          v8::store(gwp + i, v8::load(gwp + i) + go * y);
+        }
+        dotv += blk;
       }
       float dot = v8::hsum(dotv);
       for (int64_t k = i; k < D; ++k) {

@@ -19,6 +19,12 @@ int64_t rows_per_partial(int64_t rows) {
   return spread > kRowsPerPartial ? spread : kRowsPerPartial;
 }
 
+// A thread's share of a long row is summed in blocks of kSumSteps of its elements, each block's
+// sum then added to the running one (as the CPU kernels block their lane sums): at most
+// kSumSteps terms per level instead of D / blockDim. Rows of at most kSumSteps * blockDim
+// elements sum as one level (0 + s = s).
+constexpr int64_t kSumSteps = 256;
+
 template <typename T>
 __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                 const T* __restrict__ w, T* __restrict__ out,
@@ -27,14 +33,19 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ r
   const int64_t row = blockIdx.x;
   const T* xr = x + row * D;
   float sum_sq = 0.f;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
-    float v = to_float(xr[i]);
-    if (residual != nullptr) {
-      T h = from_float<T>(v + to_float(residual[row * D + i]));
-      residual_out[row * D + i] = h;
-      v = to_float(h);
+  const int64_t span = kSumSteps * blockDim.x;
+  for (int64_t b = 0; b < D; b += span) {
+    float blk = 0.f;
+    for (int64_t i = b + threadIdx.x; i < min(D, b + span); i += blockDim.x) {
+      float v = to_float(xr[i]);
+      if (residual != nullptr) {
+        T h = from_float<T>(v + to_float(residual[row * D + i]));
+        residual_out[row * D + i] = h;
+        v = to_float(h);
+      }
+      blk += v * v;
     }
-    sum_sq += v * v;
+    sum_sq += blk;
   }
   __shared__ float scratch[32];
   sum_sq = block_sum(sum_sq, scratch);
@@ -57,9 +68,14 @@ __global__ void rms_norm_backward_dx_kernel(const T* __restrict__ g, const T* __
   const int64_t row = blockIdx.x;
   const float rs = rstd[row];
   float dot = 0.f;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
-    float y = to_float(x[row * D + i]) * rs;
-    dot += to_float(g[row * D + i]) * to_float(w[i]) * y;
+  const int64_t span = kSumSteps * blockDim.x;
+  for (int64_t b = 0; b < D; b += span) {
+    float blk = 0.f;
+    for (int64_t i = b + threadIdx.x; i < min(D, b + span); i += blockDim.x) {
+      float y = to_float(x[row * D + i]) * rs;
+      blk += to_float(g[row * D + i]) * to_float(w[i]) * y;
+    }
+    dot += blk;
   }
   __shared__ float scratch[32];
   dot = block_sum(dot, scratch);
