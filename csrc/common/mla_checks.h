@@ -5,7 +5,6 @@
 #include <algorithm>
 
 #include <cmath>
-#include <cstring>
 #include <string>
 
 #include <ATen/ATen.h>
@@ -179,15 +178,11 @@ inline void check_append_args(const char* op, const at::Tensor& kv_latent,
   chk::floating(op, "kv_latent", kv_latent);
   chk::dim(op, "kv_latent", kv_latent, 3);
   chk::rows_contiguous(op, "kv_latent", kv_latent);
+  chk::rows_contiguous(op, "k_pe", k_pe);
   for (auto [name, t] : {std::pair<const char*, const at::Tensor&>{"k_pe", k_pe}, {"cos", cos}, {"sin", sin}}) {
     chk::same_dtype(op, name, t, "kv_latent", kv_latent);
     chk::same_device(op, name, t, "kv_latent", kv_latent);
     chk::dim(op, name, t, 3);
-    if (std::strcmp(name, "k_pe") == 0) {
-      chk::rows_contiguous(op, name, t);  // (cos / sin: contiguous)
-    } else {
-      chk::contiguous(op, name, t);
-    }
     TORCH_CHECK_VALUE(t.size(0) == kv_latent.size(0) && t.size(1) == kv_latent.size(1), "latentmoe.", op,
                       ": argument '", name, "' has shape ", t.sizes(), " but 'kv_latent' has shape ",
                       kv_latent.sizes(), "; dims B, S must match");
@@ -196,6 +191,8 @@ inline void check_append_args(const char* op, const at::Tensor& kv_latent,
                     k_pe.size(2));
   chk::size(op, "cos", cos, 2, k_pe.size(2), "rope dim of k_pe");
   chk::size(op, "sin", sin, 2, k_pe.size(2), "rope dim of k_pe");
+  chk::contiguous(op, "cos", cos);
+  chk::contiguous(op, "sin", sin);
   chk::same_dtype(op, "norm_weight", norm_weight, "kv_latent", kv_latent);
   chk::same_device(op, "norm_weight", norm_weight, "kv_latent", kv_latent);
   chk::dim(op, "norm_weight", norm_weight, 1);

@@ -174,8 +174,9 @@ LMOE_CPU_AVX2 void norm_rows(const c10::BFloat16* x, const c10::BFloat16* res, c
       const c10::BFloat16* rr = res + r * D;
       c10::BFloat16* hr = h + r * D;
       for (int64_t b = 0; b < D16; b += kSumBlock) {  // (kSumBlock: a multiple of 32)
+        const int64_t end = std::min(D16, b + kSumBlock);
         __m256 blk[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t i = b; i < std::min(D16, b + kSumBlock); i += 16) {
+        for (int64_t i = b; i < end; i += 16) {
           __m256 xl, xh, rl, rh;
           load16(xr + i, xl, xh);
           load16(rr + i, rl, rh);
