@@ -56,11 +56,16 @@ DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def fuzz(max_examples: int):
-    """Deterministic hypothesis settings: the same cases every run, no example database."""
+    """Deterministic hypothesis settings: the same cases every run, no example database.
+
+    For a longer campaign, ``LATENTMOE_FUZZ_SCALE=k`` runs k times the examples, and
+    ``LATENTMOE_FUZZ_RANDOM=1`` draws new cases (seeded by pytest's ``--hypothesis-seed=N``, so a
+    campaign reproduces with the same seed); CI runs neither."""
+    scale = float(os.environ.get("LATENTMOE_FUZZ_SCALE", "1"))
     return settings(
-        max_examples=max_examples,
+        max_examples=max(1, round(max_examples * scale)),
         deadline=None,
-        derandomize=True,
+        derandomize=os.environ.get("LATENTMOE_FUZZ_RANDOM", "0") != "1",
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
