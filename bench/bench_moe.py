@@ -103,14 +103,12 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
         _, w, idx = hf.gate(x)  # one routing for every provider: like for like
         # At T = 1 (decode) the weights come from memory, as in a model, where every other layer's
         # weights pass through the caches between two calls of one layer: each provider cycles
-        # through the same COLD_ROUTINGS tokens and routings (different experts every call, out
-        # of weights several times the L3), and the floor reads a different slice of a buffer each
-        # call. With one routing, the 6 experts' weights (25 MiB in quick mode) sat in a 32 MiB
+        # through the same COLD_ROUTINGS tokens and routings (no expert shared with the two calls
+        # before: _cold_routings), and the floor reads a different slice of a buffer each call. With one routing, the 6 experts' weights (25 MiB in quick mode) sat in a 32 MiB
         # L3 or not, call by call, and the ratio to the floor moved between 1.3x and 2x.
         cold = T == 1
         if cold:
-            xs = [torch.randn(T, H, device=device, dtype=dtype) for _ in range(COLD_ROUTINGS)]
-            routes = [hf.gate(xi)[1:] for xi in xs]
+            xs, routes = _cold_routings(hf, H, device, dtype)
         else:
             xs, routes = [x], [(w, idx)]
 
@@ -306,6 +304,31 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
                          ratio_row("moe_block", "packed_speedup_vs_hf_eager", T, t_hf[0] / t_pk[0], device,
                                    f"{mode}; both under torch.no_grad()")]
     return rows
+
+
+def _cold_routings(hf, H: int, device, dtype, n: int = COLD_ROUTINGS, gap: int = 2, draws: int = 2000):
+    """``n`` single tokens and their routings by ``hf.gate`` for a T = 1 cycle in which no token
+    shares an expert with the ``gap`` tokens before it (cyclically): a call's experts are never
+    among those the last calls just read, so none of its weights can still sit in the L3 (with
+    random tokens, consecutive routings of top-6 of 64 shared ~0.5 experts on average, reads the
+    floor never got). Candidates are drawn until the cycle closes; ValueError if ``draws`` do not
+    suffice (E too small for the gap)."""
+    gen = torch.Generator().manual_seed(1234)
+    xs, routes, sets = [], [], []
+    for _ in range(draws):
+        x = torch.randn(1, H, generator=gen).to(device=device, dtype=dtype)
+        w, idx = hf.gate(x)[1:]
+        experts = set(idx.flatten().tolist())
+        if any(experts & s for s in sets[-gap:]):
+            continue
+        if len(sets) >= n - gap and any(experts & s for s in sets[:gap - (n - 1 - len(sets))]):
+            continue  # the cycle's wrap-around: the first tokens follow the last ones
+        xs.append(x)
+        routes.append((w, idx))
+        sets.append(experts)
+        if len(sets) == n:
+            return xs, routes
+    raise ValueError(f"no cycle of {n} routings without shared experts {gap} apart in {draws} draws")
 
 
 def _expert_count_rows(device, quick) -> list[dict]:
