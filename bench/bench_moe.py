@@ -169,6 +169,8 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
                 slice_i[0] += 1
                 return buf[i * n_el:(i + 1) * n_el].sum(dtype=torch.float32)
             floor_fns = {"floor_weight_stream": floor_stream}
+            huge_fns = _huge_page_fns(device, gu, down, buf, n_el, n_slices, cycling)
+            floor_fns.update(huge_fns)
         else:
             # One dense GEMM with the same active FLOPs, weight in HF's [out, in] layout. In
             # bf16 also the fp32 GEMM: on CPUs without native bf16 it is the faster of the two,
@@ -248,6 +250,26 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
                                       f"memory ({COLD_ROUTINGS} routings cycled); median of per-round ratios "
                                       "(timed in alternation)", target=("<=", 1.2),
                                       floor=("read", nbytes, floor[0])))
+            if huge_fns:
+                # The same op on copies of the weights moved to 2 MiB pages (use_huge_pages), against
+                # the same floor read from 2 MiB pages: informative, like for like, no goal.
+                rows += [
+                    row("moe_experts", "latentmoe_hugepages", mode, T, stats["ours_hugepages"], device,
+                        note="moe_experts on copies of the weights after latentmoe.use_huge_pages"),
+                    row("moe_experts", "floor_weight_stream_hugepages", mode, T,
+                        stats["floor_weight_stream_hugepages"], device,
+                        note="the floor's read from a buffer on 2 MiB pages"),
+                    ratio_row("moe_experts", "hugepages_speedup_vs_default", T,
+                              paired_ratio(per_round, "ours", "ours_hugepages"), device,
+                              f"{mode}; the same op, weights on 2 MiB against 4 KiB pages; no goal; median of "
+                              "per-round ratios (timed in alternation)"),
+                    ratio_row("moe_experts", "hugepages_time_over_floor", T,
+                              paired_ratio(per_round, "ours_hugepages", "floor_weight_stream_hugepages"),
+                              device,
+                              f"{mode}; weights and the floor's buffer both on 2 MiB pages; no goal (the goal "
+                              "row is the default's above); median of per-round ratios (timed in alternation)",
+                              floor=("read", nbytes, stats["floor_weight_stream_hugepages"][0])),
+                ]
         else:
             for name in floor_fns:
                 rows.append(row("moe_experts", name, mode, T, stats[name], device,
@@ -304,6 +326,30 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
                          ratio_row("moe_block", "packed_speedup_vs_hf_eager", T, t_hf[0] / t_pk[0], device,
                                    f"{mode}; both under torch.no_grad()")]
     return rows
+
+
+def _huge_page_fns(device, gu, down, buf, n_el: int, n_slices: int, cycling) -> dict:
+    """On the CPU, where the kernel can: moe_experts on copies of the weights collapsed onto 2 MiB
+    pages (latentmoe.use_huge_pages) and the floor's read of a copy of its buffer on 2 MiB pages,
+    as "ours_hugepages" / "floor_weight_stream_hugepages" for the alternation; else {}."""
+    if device != "cpu":
+        return {}
+    # (requires_grad as the originals: the op records for autograd alike)
+    gu_h, down_h = (w.detach().clone().requires_grad_(w.requires_grad) for w in (gu, down))
+    buf_h = buf.clone()
+    try:
+        latentmoe.use_huge_pages([gu_h, down_h, buf_h])
+    except RuntimeError as e:
+        print(f"  (no huge-page rows: {e})")
+        return {}
+    state = [0]
+
+    def floor_huge():
+        i = state[0] % n_slices
+        state[0] += 1
+        return buf_h[i * n_el:(i + 1) * n_el].sum(dtype=torch.float32)
+    return {"ours_hugepages": cycling(lambda xi, wi, ii: latentmoe.ops.moe_experts(xi, gu_h, down_h, wi, ii)),
+            "floor_weight_stream_hugepages": floor_huge}
 
 
 def _cold_routings(hf, H: int, device, dtype, n: int = COLD_ROUTINGS, gap: int = 2, draws: int = 2000):

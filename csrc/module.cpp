@@ -5,6 +5,10 @@
 
 #include <exception>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #ifndef LATENTMOE_WITH_CUDA
 #define LATENTMOE_WITH_CUDA 0
 #endif
@@ -39,7 +43,39 @@ static PyObject* cpu_f32_gemm(PyObject*, PyObject*) {
   }
 }
 
+// collapse_huge_pages(address, nbytes) -> the bytes of [address, address + nbytes) now on 2 MiB
+// transparent huge pages: madvise(MADV_COLLAPSE) of the range's 2 MiB-aligned part, which keeps
+// the data (the pages are copied into huge ones; Linux 6.1 on). 0 where no aligned 2 MiB fits;
+// OSError with the kernel's errno where it refuses (no MADV_COLLAPSE, THP off, no huge page free).
+static PyObject* collapse_huge_pages(PyObject*, PyObject* args) {
+  unsigned long long address = 0, nbytes = 0;
+  if (!PyArg_ParseTuple(args, "KK", &address, &nbytes)) return nullptr;
+#if defined(__linux__)
+  constexpr unsigned long long kHuge = 2ull << 20;
+  const unsigned long long b = (address + kHuge - 1) & ~(kHuge - 1);
+  const unsigned long long e = (address + nbytes) & ~(kHuge - 1);
+  if (e <= b) return PyLong_FromUnsignedLongLong(0);
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+  int rc = 0;
+  Py_BEGIN_ALLOW_THREADS  // copies the range's pages: ~1 ms per MiB
+  rc = madvise(reinterpret_cast<void*>(b), static_cast<size_t>(e - b), MADV_COLLAPSE);
+  Py_END_ALLOW_THREADS
+  if (rc != 0) return PyErr_SetFromErrno(PyExc_OSError);
+  return PyLong_FromUnsignedLongLong(e - b);
+#else
+  (void)address;
+  (void)nbytes;
+  PyErr_SetString(PyExc_OSError, "transparent huge pages need Linux");
+  return nullptr;
+#endif
+}
+
 static PyMethodDef latentmoe_methods[] = {
+    {"collapse_huge_pages", collapse_huge_pages, METH_VARARGS,
+     "collapse_huge_pages(address, nbytes): madvise(MADV_COLLAPSE) on the range's 2 MiB-aligned part; "
+     "returns its bytes (OSError where the kernel refuses)."},
     {"reload_settings", reload_settings, METH_NOARGS, "Re-read the LATENTMOE_* environment variables."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "The CPU micro-kernels' instantiation in use: 'avx2' or 'generic'."},
     {"cpu_bf16dp", cpu_bf16dp, METH_NOARGS,

@@ -3,6 +3,7 @@
 * ``latentmoe.ops``       typed wrappers over ``torch.ops.latentmoe.*`` (with fake kernels and autograd)
 * ``latentmoe.nn``        drop-in ``nn.Module`` layers
 * ``latentmoe.reference`` pure-PyTorch ground truth (tests and docs; never used as a fallback)
+* ``latentmoe.use_huge_pages`` large CPU weights onto 2 MiB pages (faster weight streaming in decode)
 
 Importing latentmoe loads the compiled kernels; if they are missing or were built for another
 torch, the import fails with instructions instead of falling back to slow code.
@@ -14,6 +15,7 @@ _C = _build.load()
 
 from latentmoe import ops  # noqa: E402  (registers fake kernels and autograd)
 from latentmoe import nn, reference  # noqa: E402
+from latentmoe._huge_pages import use_huge_pages  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -45,4 +47,4 @@ def reload_settings() -> None:
     _C.reload_settings()
 
 
-__all__ = ["ops", "nn", "reference", "reload_settings", "__version__"]
+__all__ = ["ops", "nn", "reference", "reload_settings", "use_huge_pages", "__version__"]
