@@ -93,8 +93,9 @@ def test_module_parameters_and_shared_storage():
     assert torch.equal(y2, y) and torch.equal(big.weight.grad, grad)
     # min_bytes above every tensor: nothing to do.
     assert latentmoe.use_huge_pages(model, min_bytes=1 << 40) == 0
-    # An iterable of tensors.
+    # An iterable of tensors and modules (the weight's storage counted once).
     assert latentmoe.use_huge_pages([big.weight, small.weight]) == n
+    assert latentmoe.use_huge_pages([big, big.weight, model]) == n
 
 
 def test_small_and_other_tensors_are_left_alone():
@@ -108,7 +109,7 @@ def test_small_and_other_tensors_are_left_alone():
 def test_bad_arguments():
     with pytest.raises(TypeError, match="'obj'"):
         latentmoe.use_huge_pages(3)
-    with pytest.raises(TypeError, match="'obj' item 1"):
+    with pytest.raises(TypeError, match="'obj' item 1 is a str"):
         latentmoe.use_huge_pages([torch.zeros(1), "x"])
     with pytest.raises(ValueError, match="'min_bytes'"):
         latentmoe.use_huge_pages(torch.zeros(1), min_bytes=-1)

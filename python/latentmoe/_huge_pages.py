@@ -21,18 +21,22 @@ def _tensors(obj) -> list[tuple[str, torch.Tensor]]:
     if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
         out = []
         for i, t in enumerate(obj):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"use_huge_pages: 'obj' item {i} is a {type(t).__name__}, not a tensor")
-            out.append((f"tensor {i}", t))
+            if isinstance(t, torch.Tensor):
+                out.append((f"tensor {i}", t))
+            elif isinstance(t, torch.nn.Module):
+                out += [(f"item {i}: {name}", p) for name, p in _tensors(t)]
+            else:
+                raise TypeError(f"use_huge_pages: 'obj' item {i} is a {type(t).__name__}, not a tensor or "
+                                "an nn.Module")
         return out
-    raise TypeError(f"use_huge_pages: 'obj' must be a tensor, an nn.Module or an iterable of tensors, "
+    raise TypeError(f"use_huge_pages: 'obj' must be a tensor, an nn.Module or an iterable of them, "
                     f"got {type(obj).__name__}")
 
 
 def use_huge_pages(obj, *, min_bytes: int = _HUGE, strict: bool = True) -> int:
     """Back the large CPU tensors of ``obj`` with 2 MiB transparent huge pages, in place.
 
-    ``obj``: a tensor, an ``nn.Module`` (its parameters and buffers) or an iterable of tensors.
+    ``obj``: a tensor, an ``nn.Module`` (its parameters and buffers) or an iterable of them.
     Every CPU tensor whose storage holds at least ``min_bytes`` bytes (default 2 MiB) gets
     ``madvise(MADV_COLLAPSE)`` on the 2 MiB-aligned part of its storage: Linux copies those pages
     into huge pages. Values, addresses, strides and ``requires_grad`` stay as they are (nothing is
