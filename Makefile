@@ -3,7 +3,8 @@
 #               TORCH_CUDA_ARCH_LIST, default 9.0, when nvcc is found), run pytest.
 #   make bench  same setup, then the microbenchmarks on the default device (CSV in bench/results/).
 # Other targets: make dev (in-tree build into python/latentmoe for PYTHONPATH=python work),
-#                make sanitize (the CPU kernels under ASan + UBSan), make info, make clean.
+#                make sanitize (the CPU kernels under ASan + UBSan), make fuzz (a longer campaign of
+#                new fuzz cases: FUZZ_SEED, FUZZ_SCALE), make info, make clean.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,7 +27,7 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: test bench venv build dev info clean gpu-wheels gpu-prebuilt sanitize
+.PHONY: test bench venv build dev info clean gpu-wheels gpu-prebuilt sanitize fuzz
 
 # torch's CUDA build takes about 5.5 GB in the venv: the free space is printed first, so a full disk
 # reads as such in the log. --no-cache-dir: pip keeps no second copy of what it downloads.
@@ -80,6 +81,14 @@ test: build
 
 bench: build
 	$(PY) bench/run.py
+
+# tests/test_fuzz_ops.py on new cases (not CI's fixed ones), FUZZ_SCALE times as many: a failure
+# prints the case, and the same FUZZ_SEED draws the same cases again.
+FUZZ_SEED ?= 1
+FUZZ_SCALE ?= 10
+fuzz: build
+	cd tests && LATENTMOE_FUZZ_RANDOM=1 LATENTMOE_FUZZ_SCALE=$(FUZZ_SCALE) $(abspath $(PY)) -m pytest -q \
+	  -p no:cacheprovider test_fuzz_ops.py --hypothesis-seed=$(FUZZ_SEED)
 
 # Pure-Python test dependencies missing on the lent GPU machine, as wheels for bench/gpu_check.sh
 # (carry .whl with the device call; installed there with --no-deps). transformers 5.24: the newest
