@@ -104,8 +104,9 @@ def _experts_rows(device, quick, dtype, tokens_list) -> list[dict]:
         # At T = 1 (decode) the weights come from memory, as in a model, where every other layer's
         # weights pass through the caches between two calls of one layer: each provider cycles
         # through the same COLD_ROUTINGS tokens and routings (no expert shared with the two calls
-        # before: _cold_routings), and the floor reads a different slice of a buffer each call. With one routing, the 6 experts' weights (25 MiB in quick mode) sat in a 32 MiB
-        # L3 or not, call by call, and the ratio to the floor moved between 1.3x and 2x.
+        # before: _cold_routings), and the floor reads a different slice of a buffer each call.
+        # With one routing, the 6 experts' weights (25 MiB in quick mode) sat in a 32 MiB L3 or
+        # not, call by call, and the ratio to the floor moved between 1.3x and 2x.
         cold = T == 1
         if cold:
             xs, routes = _cold_routings(hf, H, device, dtype)
@@ -354,10 +355,9 @@ def _huge_page_fns(device, gu, down, buf, n_el: int, n_slices: int, cycling) -> 
 
 def _cold_routings(hf, H: int, device, dtype, n: int = COLD_ROUTINGS, gap: int = 2, draws: int = 2000):
     """``n`` single tokens and their routings by ``hf.gate`` for a T = 1 cycle in which no token
-    shares an expert with the ``gap`` tokens before it (cyclically): a call's experts are never
-    among those the last calls just read, so none of its weights can still sit in the L3 (with
-    random tokens, consecutive routings of top-6 of 64 shared ~0.5 experts on average, reads the
-    floor never got). Candidates are drawn until the cycle closes; ValueError if ``draws`` do not
+    shares an expert with the ``gap`` tokens before it (cyclically): a call never reads an expert
+    the last two calls just read into the L3 (with random tokens, consecutive routings of top-6 of
+    64 shared ~0.5 experts on average: cache hits the floor, a fresh slice each call, never got). Candidates are drawn until the cycle closes; ValueError if ``draws`` do not
     suffice (E too small for the gap)."""
     gen = torch.Generator().manual_seed(1234)
     xs, routes, sets = [], [], []
