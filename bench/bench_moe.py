@@ -357,8 +357,9 @@ def _cold_routings(hf, H: int, device, dtype, n: int = COLD_ROUTINGS, gap: int =
     """``n`` single tokens and their routings by ``hf.gate`` for a T = 1 cycle in which no token
     shares an expert with the ``gap`` tokens before it (cyclically): a call never reads an expert
     the last two calls just read into the L3 (with random tokens, consecutive routings of top-6 of
-    64 shared ~0.5 experts on average: cache hits the floor, a fresh slice each call, never got). Candidates are drawn until the cycle closes; ValueError if ``draws`` do not
-    suffice (E too small for the gap)."""
+    64 shared ~0.5 experts on average: cache hits the floor, a fresh slice each call, never got).
+    Candidates are drawn until the cycle closes; ValueError if ``draws`` do not suffice (E too
+    small for the gap)."""
     gen = torch.Generator().manual_seed(1234)
     xs, routes, sets = [], [], []
     for _ in range(draws):
