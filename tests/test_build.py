@@ -118,6 +118,28 @@ def test_bench_env_setting_reaches_the_kernels():
     assert latentmoe._C.cpu_isa() == before
 
 
+def test_bench_cold_routings_share_no_expert():
+    # bench_moe's T = 1 cycle: no token's experts among those of the two before it, wrap-around
+    # included (else a call finds weights the last calls left in the L3, which the floor never does).
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        from bench import bench_moe
+    finally:
+        sys.path.pop(0)
+    hf = bench_moe._hf_moe(bench_moe._config(hidden=64, inter=32), torch.float32, "cpu")
+    xs, routes = bench_moe._cold_routings(hf, 64, "cpu", torch.float32)
+    sets = [set(idx.flatten().tolist()) for _, idx in routes]
+    n = len(sets)
+    assert n == bench_moe.COLD_ROUTINGS and len(xs) == n
+    assert all(len(s) == bench_moe.TOP_K for s in sets)
+    for i in range(n):
+        assert not sets[i] & sets[(i + 1) % n] and not sets[i] & sets[(i + 2) % n], i
+    with pytest.raises(ValueError, match="no cycle"):
+        bench_moe._cold_routings(hf, 64, "cpu", torch.float32, gap=11)  # 12 x 6 > 64 experts
+
+
 def test_bench_records_the_machine():
     # bench/run.py writes machine_info next to each CSV: figures from different CPUs (AVX2-only,
     # AVX-512, AMX) are not comparable, so each run says what it ran on.
