@@ -46,7 +46,7 @@ def use_huge_pages(obj, *, min_bytes: int = _HUGE, strict: bool = True) -> int:
     Why: a single token's decode streams each weight once from memory, and on 4 KiB pages every
     page costs a TLB miss and restarts the hardware prefetcher. With the experts' weights on huge
     pages, ``moe_experts`` at T = 1 (HF layout, top-6 of 64, h1024 / i704, 2-core Zen 4) took
-    0.80-0.98x the time in fp32 and 0.92-0.98x in bf16 (timed in alternation; the gain grows with
+    0.80-0.99x the time in fp32 and 0.92-0.99x in bf16 (timed in alternation; the gain grows with
     the memory's free bandwidth; bench_moe's ``hugepages_speedup_vs_default`` row), and a 4K-context
     fp32 ``MultiHeadLatentAttention`` decode step (52 MiB of weights) 0.95-0.97x.
     ``moe_pack_experts`` already places its panels on huge pages.
