@@ -286,25 +286,25 @@ LMOE_V8_INLINE void tile_f32_body(const float* a, int64_t lda, const float* pane
     V acc[MR][NV];
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[i][v] = V{};
     int64_t credit = 0;
     for (int64_t k = 0; k < K; ++k) {
       if (c0 == 0)
         for (credit += n_pf; credit >= K; credit -= K, pf += 64) __builtin_prefetch(pf, 0, 2);
       V b[NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) b[v] = vec8::loadw<W>(panel + k * kCols + c0 + v * W);
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
         const V av = vec8::splatw<W>(a[i * lda + k]);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[i][v] += av * b[v];
       }
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) vec8::storew<W>(res + i * kCols + c0 + v * W, acc[i][v]);
   }
 }
