@@ -105,9 +105,12 @@ def test_packed_fp32_avx512_and_avx2_tiles_agree(monkeypatch):
 
 
 # Rows per expert 1, 2, 3, 4, 5 and more (each of the AVX2 kernel's row counts, a remainder after
-# whole 5-row tiles), odd H and I (the widened rows' zero past the last k).
+# whole 5-row tiles), odd H and I (the widened rows' zero past the last k); from 17 rows per
+# expert the AVX2 path widens each panel to fp32 once and runs the fp32 tiles on it (6-row tiles:
+# 17, 40 and ~53 rows, with remainders).
 @pytest.mark.parametrize("T,E,K,H,I", [(1, 8, 2, 33, 17), (2, 3, 1, 130, 65), (3, 1, 1, 37, 19), (4, 2, 2, 64, 32),
-                                       (5, 1, 1, 40, 24), (61, 5, 3, 71, 45)])
+                                       (5, 1, 1, 40, 24), (61, 5, 3, 71, 45), (16, 1, 1, 37, 19),
+                                       (17, 1, 1, 37, 19), (40, 1, 1, 130, 97), (53, 2, 2, 71, 45)])
 def test_packed_bf16_avx2_and_portable_kernels_agree(monkeypatch, T, E, K, H, I):
     # Without AVX512_BF16 the AVX2 kernel adds each pair's two exact products by FMA, the portable
     # one by a multiply and an add: the same roundings, bitwise equal (none of these products
@@ -121,8 +124,9 @@ def test_packed_bf16_avx2_and_portable_kernels_agree(monkeypatch, T, E, K, H, I)
     _close(avx2, x, gu, down, w, idx)
 
 
+@pytest.mark.parametrize("rows", [1, 20])  # (20: the AVX2 path's widened panels)
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
-def test_packed_bf16_fp32_sums_take_one_product_at_a_time(monkeypatch, isa):
+def test_packed_bf16_fp32_sums_take_one_product_at_a_time(monkeypatch, isa, rows):
     # Without AVX512_BF16 each product is added to the fp32 sum on its own, in k order. Built so
     # that the order shows in the bf16 output: gate 64 (silu(64) = 64 in fp32) times up 2^-6,
     # 2^-14, 2^-18, 2^-18 gives act = 1, 2^-8, 2^-12, 2^-12 exactly; the down products for column
@@ -131,15 +135,15 @@ def test_packed_bf16_fp32_sums_take_one_product_at_a_time(monkeypatch, isa):
     # (2^-24 + 2^-24 = 2^-23 first) would give 1 + 2^-8 + 2^-23, which rounds up to 1 + 2^-7.
     monkeypatch.setenv("LATENTMOE_CPU_ISA", isa)
     H, I = 2, 4
-    x = torch.tensor([[1.0, 0.0]], dtype=BF16)
+    x = torch.tensor([[1.0, 0.0]], dtype=BF16).expand(rows, H).contiguous()
     gu = torch.zeros(1, 2 * I, H)
     gu[0, :I, 0] = 64.0
     gu[0, I:, 0] = torch.tensor([2.0**-6, 2.0**-14, 2.0**-18, 2.0**-18])
     down = torch.zeros(1, H, I)
     down[0, 0] = torch.tensor([1.0, 1.0, 2.0**-12, 2.0**-12])
     gp, dp = moe_pack_experts(gu.to(BF16), down.to(BF16))
-    out = moe_experts_packed(x, gp, dp, torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long), I)
-    assert out[0, 0].item() == 1.0 and out[0, 1].item() == 0.0
+    out = moe_experts_packed(x, gp, dp, torch.ones(rows, 1), torch.zeros(rows, 1, dtype=torch.long), I)
+    assert (out[:, 0] == 1.0).all() and (out[:, 1] == 0.0).all()
 
 
 @pytest.mark.parametrize("dtype", [BF16, F32])

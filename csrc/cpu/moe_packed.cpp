@@ -66,6 +66,12 @@ constexpr int kTileRows = 6;       // token rows per register tile (6 x 4 = 24 a
 // dependent FMAs per k pair; at 4 rows their latency held a Zen 3 core to 50 GFLOP/s at 192 rows
 // per expert, at 5 rows 70)
 constexpr int kTileRowsAvx2 = 5;
+// Items of more rows than this widen their bf16 panel once (widen_panel_avx2) on CPUs without
+// AVX512_BF16. On 2 Zen 1 cores (bf16, h1024 / i704, E = 64, top-6, alternated): at 512 tokens
+// (~48 rows per expert) 0.97-1.07x the fp32 dense floor against 1.15-1.17x, at 256 (~24 rows)
+// 1.06-1.10x against 1.13-1.16x; at 64-128 tokens (6-12 rows) widening every panel was slower
+// (1.3-2.0x against 1.15-1.4x), the widened copy costing more than the tiles saved.
+constexpr int64_t kWidenPanelRows = 16;
 // A work item's cost in rows for the split across threads: its rows plus about this much for
 // streaming its panel from memory (a decode step's items have one row each).
 constexpr int64_t kPanelCost = 4;
@@ -271,6 +277,24 @@ void tile_wide(int mr, const float* a, int64_t lda, const uint32_t* panel, int64
   }
 }
 
+// dst[k * 64 + c] = the fp32 value of bf16 panel element (k / 2, c, k % 2) for k < 2 Kp: a bf16
+// panel widened to the fp32 panel layout (tile_f32's), k pairs split into their even and odd rows.
+// For work items of more than kWidenPanelRows rows on CPUs without AVX512_BF16: the panel is
+// widened once (into L2) and tile_f32's 6-row tiles run on it, instead of tile_bf16_avx2 splitting
+// every pair word again in each 5-row tile. The same products added in the same order (k order,
+// one FMA each): bitwise equal to tile_bf16_avx2 and tile_generic.
+LMOE_CPU_AVX2 void widen_panel_avx2(const uint32_t* panel, int64_t Kp, float* dst) {
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t q = 0; q < Kp; ++q) {
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + q * kCols + 8 * v));
+      _mm256_storeu_ps(dst + 2 * q * kCols + 8 * v, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+      _mm256_storeu_ps(dst + (2 * q + 1) * kCols + 8 * v, _mm256_castsi256_ps(_mm256_and_si256(w, hi)));
+    }
+  }
+}
+
 // res[i * 64 + c] = sum over k < K of a[i * lda + k] * panel[k * 64 + c] for i < MR (fp32
 // panels), the sums in k order; n_pf lines from pf prefetched as tile's are. W = 16: the whole
 // panel row per pass (6 x 4 vectors); W = 8 (AVX2's 16 registers): 16 columns per pass (6 x 2),
@@ -419,7 +443,7 @@ at::Tensor packed_forward(const at::Tensor& hidden, const at::Tensor& gate_up_pa
   // (xs_f, act_f: element k of row i at i * 2 * ld + k, 0 at k = H / I), the bf16 words unused
   // but for act's SwiGLU output, widened from there.
   const bool wide = kBf16 && !dp && avx2;
-  const int64_t tile_rows = wide ? kTileRowsAvx2 : kTileRows;
+  const int64_t tile_rows_all = wide ? kTileRowsAvx2 : kTileRows;
   std::unique_ptr<A[]> xs(new A[wide ? 0 : S * ldx]), act(new A[S * lda]);
   std::unique_ptr<float[]> xs_f(new float[wide ? S * 2 * ldx : 0]), act_f(new float[wide ? S * 2 * lda : 0]);
   const std::pair<void*, int64_t> scratch[] = {{xs.get(), (wide ? 0 : S * ldx) * int64_t{sizeof(A)}},
@@ -479,10 +503,19 @@ at::Tensor packed_forward(const at::Tensor& hidden, const at::Tensor& gate_up_pa
     auto panel_of = [&](int64_t j) { return wp + (active[j / P] * P + j % P) * Kp * kCols; };
     at::parallel_for(0, n_threads, 1, [&](int64_t tb, int64_t te) {
       alignas(64) float res[kTileRows * kCols];
+      std::unique_ptr<float[]> wpanel;
       for (int64_t t = tb; t < te; ++t) {
         for (int64_t j = bound[t]; j < bound[t + 1]; ++j) {
           const int64_t e = active[j / P], p = j % P, o = off[e], m = off[e + 1] - o;
           const A* panel = panel_of(j);
+          const bool widen_item = wide && m > kWidenPanelRows;
+          const int64_t tile_rows = widen_item ? kTileRows : tile_rows_all;
+          if constexpr (kBf16) {
+            if (widen_item) {
+              if (!wpanel) wpanel.reset(new float[2 * Kp * kCols]);
+              widen_panel_avx2(reinterpret_cast<const uint32_t*>(panel), Kp, wpanel.get());
+            }
+          }
           // The next item's panel is prefetched, a share per tile (+3% at 512 tokens, 48 rows per
           // expert; +6% at 12 rows), but not by an item of one tile: there the panels stream back
           // to back, the hardware prefetcher keeps up, and the 4 prefetches per k pair took a
@@ -497,7 +530,10 @@ at::Tensor packed_forward(const at::Tensor& hidden, const at::Tensor& gate_up_pa
             const int64_t l0 = std::min(lines, r / tile_rows * share), l1 = std::min(lines, l0 + share);
             const char* pf = next ? next + 64 * l0 : nullptr;
             if constexpr (kBf16) {
-              if (wide)
+              if (widen_item)
+                tile_f32(isa, mr, (gate_up ? xs_f.get() : act_f.get()) + (o + r) * 2 * ld, 2 * ld,
+                         wpanel.get(), 2 * Kp, res, pf, l1 - l0);
+              else if (wide)
                 tile_wide(mr, (gate_up ? xs_f.get() : act_f.get()) + (o + r) * 2 * ld, 2 * ld, panel, Kp, res, pf,
                           l1 - l0);
               else tile(dp, mr, a_rows + (o + r) * ld, ld, panel, Kp, res, pf, l1 - l0);
