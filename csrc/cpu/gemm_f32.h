@@ -41,14 +41,25 @@ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // How a tile's accumulators start.
 enum class Init { kZero, kBias, kLoad };
 
-// c[i * ldc + col] = init + sum over k < K of a[k * kMr + i] * B(k, col), i < MR, col < 64, with
-// B(k, col) = b[(col / 16) * ss + k * 16 + col % 16] (a panel's strips ss floats apart; a: the
-// tile's rows packed k-major, kMr floats per k; all 64 columns of c exist; init = 0, bias[col] or
-// c's own value). W = 16: the 64 columns in one pass (MR x 4 accumulators); W = 8
-// (16 registers): NV vectors per pass.
-template <int W, int MR>
-LMOE_V8_INLINE void tile_body(const float* a, const float* b, int64_t ss, int64_t K, float* c, int64_t ldc,
-                              Init init, const float* bias) {
+// c[i * ldc + col] = init + sum over k < K of A(i, k) * B(k, col), i < MR, col < 64, the sums in k
+// order, with
+//   A(i, k) = a[k * kMr + i] (kPackedA: the tile's rows packed k-major, kMr floats per k) or
+//   a[i * lda + k] (row-major rows, lda apart);
+//   B(k, col) = b[(col / kStrip) * ss + k * kStrip + col % kStrip]: strips of kStrip columns, ss
+//   floats apart (kStrip = 16: this file's panels of four [K, 16] strips; kStrip = 64: one [K, 64]
+//   panel, moe_packed.cpp's layout, ss unused);
+// all 64 columns of c exist; init = 0, bias[col] or c's own value. W = 16: the 64 columns in one
+// pass (MR x 4 accumulators); W = 8 (16 registers): NV vectors per pass, all 64 columns at one
+// row and 32 at two (a pass of 16 columns at one row read a quarter of each 256-byte row of a
+// [K, 64] panel and left a decode step's panels streaming at a fraction of the memory's rate).
+// Every loop over NV (up to 8) is unrolled whole: with 4 of 8 unrolled, GCC kept the one-row
+// tile's accumulators and panel row on the stack (a load, FMA and store per vector; a decode step
+// of moe_experts_packed, T = 1, fp32, h1024 / i704, 2 Zen 1 cores, took 1.13-1.8x the
+// weight-streaming floor against 1.0-1.08x unrolled). kPrefetch: n_pf 64-byte lines from pf are
+// prefetched to L2 during the first pass, spread evenly over its K steps.
+template <int W, int MR, bool kPackedA, int64_t kStrip, bool kPrefetch>
+LMOE_V8_INLINE void tile_body(const float* a, int64_t lda, const float* b, int64_t ss, int64_t K, float* c,
+                              int64_t ldc, Init init, const float* bias, const char* pf, int64_t n_pf) {
   using V = vec8::vf<W>;
   constexpr int NV = W == 16 ? 4 : MR == 1 ? 8 : MR == 2 ? 4 : 2;
   for (int64_t c0 = 0; c0 < kNr; c0 += NV * W) {
@@ -62,14 +73,19 @@ LMOE_V8_INLINE void tile_body(const float* a, const float* b, int64_t ss, int64_
                                           : vec8::loadw<W>(c + i * ldc + c0 + v * W);
     const float* bp[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bp[v] = b + (c0 + v * W) / kSub * ss + (c0 + v * W) % kSub;
+    for (int v = 0; v < NV; ++v) bp[v] = b + (c0 + v * W) / kStrip * ss + (c0 + v * W) % kStrip;
+    int64_t credit = 0;
     for (int64_t k = 0; k < K; ++k) {
+      if constexpr (kPrefetch) {
+        if (c0 == 0)
+          for (credit += n_pf; credit >= K; credit -= K, pf += 64) __builtin_prefetch(pf, 0, 2);
+      }
       V bv[NV];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) bv[v] = vec8::loadw<W>(bp[v] + k * kSub);
+      for (int v = 0; v < NV; ++v) bv[v] = vec8::loadw<W>(bp[v] + k * kStrip);
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
-        const V av = vec8::splatw<W>(a[k * kMr + i]);
+        const V av = vec8::splatw<W>(kPackedA ? a[k * kMr + i] : a[i * lda + k]);
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
       }
@@ -85,7 +101,7 @@ LMOE_V8_INLINE void tile_body(const float* a, const float* b, int64_t ss, int64_
   template <int MR>                                                                                            \
   ATTR inline void tile_##ISA(const float* a, const float* b, int64_t ss, int64_t K, float* c, int64_t ldc,  \
                               Init init, const float* bias) {                                                \
-    tile_body<W, MR>(a, b, ss, K, c, ldc, init, bias);                                                        \
+    tile_body<W, MR, true, kSub, false>(a, 0, b, ss, K, c, ldc, init, bias, nullptr, 0);                      \
   }
 LMOE_GEMM_F32_TILE(avx512, LMOE_CPU_AVX512, 16)
 LMOE_GEMM_F32_TILE(avx2, LMOE_CPU_AVX2, 8)

@@ -48,6 +48,7 @@
 
 #include "common/checks.h"
 #include "cpu/gemm_bf16.h"
+#include "cpu/gemm_f32.h"
 #include "cpu/huge_pages.h"
 #include "cpu/moe_common.h"
 #include "cpu/vec8.h"
@@ -296,51 +297,14 @@ LMOE_CPU_AVX2 void widen_panel_avx2(const uint32_t* panel, int64_t Kp, float* ds
 }
 
 // res[i * 64 + c] = sum over k < K of a[i * lda + k] * panel[k * 64 + c] for i < MR (fp32
-// panels), the sums in k order; n_pf lines from pf prefetched as tile's are. W = 16: the whole
-// panel row per pass (6 x 4 vectors); W = 8 (AVX2's 16 registers): 16 columns per pass (6 x 2),
-// 32 at two rows and all 64 at one (a pass of 16 columns at one row read a quarter of each
-// 256-byte panel row and left a decode step's panels streaming at a fraction of the memory's
-// rate). Every loop over NV (up to 8) is unrolled whole: with 4 of 8 unrolled, GCC kept the
-// one-row tile's accumulators and panel row on the stack (a load, FMA and store per vector), and a
-// decode step (T = 1, fp32, h1024 / i704, 2 Zen 1 cores) took 1.13-1.8x the weight-streaming
-// floor, against 1.0-1.08x unrolled.
-template <int W, int MR>
-LMOE_V8_INLINE void tile_f32_body(const float* a, int64_t lda, const float* panel, int64_t K, float* res,
-                                  const char* pf, int64_t n_pf) {
-  using V = vec8::vf<W>;
-  constexpr int NV = W == 16 ? 4 : MR == 1 ? 8 : MR == 2 ? 4 : 2;
-  for (int64_t c0 = 0; c0 < kCols; c0 += NV * W) {
-    V acc[MR][NV];
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[i][v] = V{};
-    int64_t credit = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      if (c0 == 0)
-        for (credit += n_pf; credit >= K; credit -= K, pf += 64) __builtin_prefetch(pf, 0, 2);
-      V b[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) b[v] = vec8::loadw<W>(panel + k * kCols + c0 + v * W);
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        const V av = vec8::splatw<W>(a[i * lda + k]);
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[i][v] += av * b[v];
-      }
-    }
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) vec8::storew<W>(res + i * kCols + c0 + v * W, acc[i][v]);
-  }
-}
-
+// panels), the sums in k order; n_pf lines from pf prefetched as tile's are: gemm_f32.h's tile
+// (6 x 64 of 16-lane FMAs; 6 x 16, 2 x 32 or 1 x 64 of 8-lane ones) on one [K, 64] panel.
 #define LMOE_PACKED_F32_TILE(ISA, ATTR, W)                                                                    \
   template <int MR>                                                                                          \
   ATTR void tile_f32_##ISA(const float* a, int64_t lda, const float* panel, int64_t K, float* res, const char* pf, \
                            int64_t n_pf) {                                                                   \
-    tile_f32_body<W, MR>(a, lda, panel, K, res, pf, n_pf);                                                   \
+    gemm_f32::tile_body<W, MR, false, kCols, true>(a, lda, panel, 0, K, res, kCols, gemm_f32::Init::kZero,   \
+                                                   nullptr, pf, n_pf);                                       \
   }
 LMOE_PACKED_F32_TILE(avx512, LMOE_CPU_AVX512, 16)
 LMOE_PACKED_F32_TILE(avx2, LMOE_CPU_AVX2, 8)
