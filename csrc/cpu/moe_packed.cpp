@@ -71,7 +71,10 @@ constexpr int kTileRowsAvx2 = 5;
 // AVX512_BF16. On 2 Zen 1 cores (bf16, h1024 / i704, E = 64, top-6, alternated): at 512 tokens
 // (~48 rows per expert) 0.97-1.07x the fp32 dense floor against 1.15-1.17x, at 256 (~24 rows)
 // 1.06-1.10x against 1.13-1.16x; at 64-128 tokens (6-12 rows) widening every panel was slower
-// (1.3-2.0x against 1.15-1.4x), the widened copy costing more than the tiles saved.
+// (1.3-2.0x against 1.15-1.4x), the widened copy costing more than the tiles saved. So
+// bench_moe's packed E = 256 / E = 16 ratio (bf16, 512 tokens) rose there from 1.05 to 1.21:
+// E = 16's ~192-row items gained ~15%, E = 256's ~12-row ones run as before (thresholds of 4 and
+// 8 rows did not speed them up).
 constexpr int64_t kWidenPanelRows = 16;
 // A work item's cost in rows for the split across threads: its rows plus about this much for
 // streaming its panel from memory (a decode step's items have one row each).
