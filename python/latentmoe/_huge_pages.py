@@ -49,8 +49,9 @@ def use_huge_pages(obj, *, min_bytes: int = _HUGE, strict: bool = True) -> int:
     0.80-0.99x the time in fp32 and 0.92-0.99x in bf16 (timed in alternation; the gain grows with
     the memory's free bandwidth; bench_moe's ``hugepages_speedup_vs_default`` row), and a 4K-context
     fp32 ``MultiHeadLatentAttention`` decode step (52 MiB of weights) 0.95-0.97x. On a 2-core Zen 1
-    (AVX2 only, 8 MiB L3) the same ``moe_experts`` rows gave no reliable gain (0.95-1.12x the time
-    in fp32 over two runs, 0.95x in bf16 in one): the gain depends on the CPU; measure before relying on it.
+    (AVX2 only, 8 MiB L3) the same ``moe_experts`` rows gave no reliable gain (0.97-1.12x the time
+    in fp32 over three runs, 0.95x in bf16 in one): the gain depends on the CPU; measure before
+    relying on it.
     ``moe_pack_experts`` already places its panels on huge pages.
     Weights allocated later (``.to()``, a new ``load_state_dict`` into fresh tensors) need another
     call; ``load_state_dict`` into the existing parameters keeps them.
