@@ -497,12 +497,9 @@ at::Tensor packed_forward(const at::Tensor& hidden, const at::Tensor& gate_up_pa
             const int64_t l0 = std::min(lines, r / tile_rows * share), l1 = std::min(lines, l0 + share);
             const char* pf = next ? next + 64 * l0 : nullptr;
             if constexpr (kBf16) {
-              if (widen_item)
-                tile_f32(isa, mr, (gate_up ? xs_f.get() : act_f.get()) + (o + r) * 2 * ld, 2 * ld,
-                         wpanel.get(), 2 * Kp, res, pf, l1 - l0);
-              else if (wide)
-                tile_wide(mr, (gate_up ? xs_f.get() : act_f.get()) + (o + r) * 2 * ld, 2 * ld, panel, Kp, res, pf,
-                          l1 - l0);
+              const float* a_wide = wide ? (gate_up ? xs_f.get() : act_f.get()) + (o + r) * 2 * ld : nullptr;
+              if (widen_item) tile_f32(isa, mr, a_wide, 2 * ld, wpanel.get(), 2 * Kp, res, pf, l1 - l0);
+              else if (wide) tile_wide(mr, a_wide, 2 * ld, panel, Kp, res, pf, l1 - l0);
               else tile(dp, mr, a_rows + (o + r) * ld, ld, panel, Kp, res, pf, l1 - l0);
             } else {
               tile_f32(isa, mr, a_rows + (o + r) * ld, ld, panel, Kp, res, pf, l1 - l0);
