@@ -707,13 +707,17 @@ __attribute__((target("avx2,fma"))) void tile(const float* a, int64_t lda, const
 // rows: 135 vs 110 GFLOP/s). bf16 weights from 25 rows: there gemm_rows widens each weight row
 // into a copy too, and the panels' one widening serves all the rows (2 threads, 256 experts of
 // [512, 512] / [512, 256] from memory: at 24 rows 123-126 vs 112-125, at 32 rows 133-141 vs
-// 104-127 GFLOP/s).
+// 104-127 GFLOP/s). (Since the copies' rows are prefetched, gemm_rows on 2 Zen 1 cores is 4-7%
+// faster than the panels at 28 rows and as fast at 32 (bf16, 48 experts of h1024 / i512); left at 25
+// for want of a Zen 3 measurement, where the panels led by more.)
 constexpr int64_t kRowsForPanels = 33;
 constexpr int64_t kRowsForPanelsBf16 = 25;
 // Below this many rows gemm_rows dots bf16 / fp16 weight rows widened in registers (per m-tile)
 // instead of widening each row once into a copy: at 12 rows (E = 256, top-6, 512 tokens) 25-40%
 // faster (Zen 3, weights from memory); at 24 rows the copy's one widening per row is as fast.
-// fp32 weights always go in place (nothing to widen).
+// (That was before the copies' rows were prefetched too. With the prefetch, on 2 Zen 1 cores,
+// the copy at 12 rows was as fast as in place: 205-207 ms either way at E = 256, h1024 / i512,
+// bf16.) fp32 weights always go in place (nothing to widen).
 constexpr int64_t kRowsWidenInPlace = 16;
 // gemm_rows prefetches the weight rows this far ahead (2 groups of 3 rows) when it reads them
 // in place.
@@ -721,6 +725,8 @@ constexpr int64_t kRowsPrefetch = 6;
 
 // out[i, j] (+)= dot(a[i, :kc], w[j, :kc]) for i < MR, j < NR: 4 x 3 vector accumulators along k,
 // summed across lanes at the end. w's rows in their own dtype (bf16 / fp16 widened in registers).
+// (Tried on a Zen 1: 6 x 2 tiles, 2 m-tiles at 12 rows and so one widening fewer per weight row,
+// ran 13% faster in L1 alone but no faster in the op: 12 rows per expert at E = 256 took as long.)
 template <int MR, int NR, typename TW>
 __attribute__((target("avx2,fma,f16c"))) void dot_tile_w(const float* a, int64_t lda, const TW* w,
                                                         int64_t ldw, int64_t kc, float* out,
@@ -800,9 +806,11 @@ __attribute__((target("avx2,fma,f16c"))) void dot_tile_w_rows(int64_t mr, int64_
 // gemm for few rows (M < kRowsForPanels), where packing w into panels would cost as much as
 // the multiplication: rows of w are dotted with 4 rows of a at a time, 3 rows of w per group.
 // fp32 weights are read in place, and 16-bit ones too (widened in registers by every m-tile)
-// up to kRowsWidenInPlace rows; there the rows kRowsPrefetch ahead are prefetched to L2, a few
-// lines per m-tile. Above it each group is widened once into `scratch` (3 * padded_stride(
-// kKcRows) floats) and the tiles read the copy. The same summation order either way.
+// up to kRowsWidenInPlace rows. Above it each group is widened once into `scratch` (3 *
+// padded_stride(kKcRows) floats) and the tiles read the copy. The same summation order either
+// way. Both prefetch the weight rows kRowsPrefetch ahead to L2, a few lines per m-tile (the copy
+// too: without it the copy waits on memory row by row; 20 rows per expert, 64 experts of h1024 /
+// i512 in bf16 from memory, 2 Zen 1 cores, alternated: 76-80 ms against 84-88).
 template <typename TW>
 __attribute__((target("avx2,fma,f16c"))) void gemm_rows(const float* a, int64_t lda, const TW* w,
                                                        int64_t ldw, float* out, int64_t ldo,
@@ -817,7 +825,7 @@ __attribute__((target("avx2,fma,f16c"))) void gemm_rows(const float* a, int64_t 
     for (int64_t n0 = 0; n0 < N; n0 += 3) {
       const int64_t nr = std::min<int64_t>(3, N - n0);
       const int64_t pn = n0 + kRowsPrefetch;
-      const int64_t p_rows = in_place && pn < N ? std::min<int64_t>(3, N - pn) : 0;
+      const int64_t p_rows = pn < N ? std::min<int64_t>(3, N - pn) : 0;
       if (!in_place) {
         for (int64_t r = 0; r < nr; ++r) {
           const TW* src = w + (n0 + r) * ldw + k0;

@@ -74,7 +74,10 @@ constexpr int kTileRowsAvx2 = 5;
 // (1.3-2.0x against 1.15-1.4x), the widened copy costing more than the tiles saved. So
 // bench_moe's packed E = 256 / E = 16 ratio (bf16, 512 tokens) rose there from 1.05 to 1.21:
 // E = 16's ~192-row items gained ~15%, E = 256's ~12-row ones run as before (thresholds of 4 and
-// 8 rows did not speed them up).
+// 8 rows did not speed them up). Nor did widening those items' panels in L1-sized blocks along k
+// (16-64 pairs, 8-32 KiB) with the fp32 tiles carrying their sums across the blocks: E = 256
+// took 178-190 ms against 172-175 (h1024 / i512, alternated), Zen 1's one store per cycle
+// making the widened copy cost more than the pair splits it saved.
 constexpr int64_t kWidenPanelRows = 16;
 // A work item's cost in rows for the split across threads: its rows plus about this much for
 // streaming its panel from memory (a decode step's items have one row each).
