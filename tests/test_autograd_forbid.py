@@ -172,3 +172,15 @@ def test_forward_mode_ad_raises(name, call):
     call(lambda t: t)  # without a tangent the call runs
     with pytest.raises(RuntimeError, match="forward-mode tangent"):
         torch.func.jvp(lambda x: ops.rms_norm(x, torch.ones(16)), (torch.randn(2, 16),), (torch.randn(2, 16),))
+
+
+@pytest.mark.parametrize("name", ["moe_route", "moe_experts"])
+def test_forward_mode_ad_raises_with_requires_grad(name):
+    # The C++ autograd kernels (csrc/autograd_moe.cpp) run the forward below autograd, where the
+    # tangent is refused by name also when the dual input requires grad (a Python autograd
+    # Function raised torch's NotImplementedError about a missing jvp there).
+    import torch.autograd.forward_ad as fwAD
+
+    call = dict(_forward_ad_calls())[name]
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match=f"latentmoe.{name}: argument .* forward-mode tangent"):
+        call(lambda t: fwAD.make_dual(t.requires_grad_(), torch.randn_like(t)))

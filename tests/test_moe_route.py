@@ -175,6 +175,13 @@ def test_route_gradients(device, name):
     wr, _, _ = ref.route(lr, e_score_correction_bias=bias, **kw)
     (wr * gw).sum().backward()
     torch.testing.assert_close(lo.grad.cpu().double(), lr.grad, rtol=1e-4, atol=1e-6)
+    # scores only (weights unused): the weights' grad arrives as None and counts as zeros
+    lo.grad = lr.grad = None
+    _, _, s = moe_route(lo, e_score_correction_bias=bias.to(device), **kw)
+    (s * gs.float().to(device)).sum().backward()
+    _, _, sr = ref.route(lr, e_score_correction_bias=bias, **kw)
+    (sr * gs).sum().backward()
+    torch.testing.assert_close(lo.grad.cpu().double(), lr.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_route_opcheck(device):

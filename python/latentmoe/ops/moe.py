@@ -237,47 +237,6 @@ def _moe_experts_packed_fake(hidden, gate_up_packed, down_packed, weights, indic
     return hidden.new_empty(hidden.shape)
 
 
-def _moe_route_setup(ctx, inputs, output):
-    _, _, _, _, _, score_func, norm, scale = inputs
-    _, indices, scores = output
-    ctx.save_for_backward(scores, indices)
-    ctx.route = (score_func, norm, scale)
-
-
-def _moe_route_bwd(ctx, grad_weights, _grad_indices, grad_scores):
-    scores, indices = ctx.saved_tensors
-    if grad_weights is None:
-        grad_weights = scores.new_zeros(indices.shape)
-    grad_logits = _lib.moe_route_backward.default(
-        grad_weights.contiguous(),
-        None if grad_scores is None else grad_scores.contiguous(),
-        scores, indices, *ctx.route,
-    )
-    return grad_logits, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "latentmoe::moe_route", _moe_route_bwd, setup_context=_moe_route_setup
-)
-
-
-def _moe_experts_setup(ctx, inputs, output):
-    hidden, gate_up_proj, down_proj, weights = inputs[:4]
-    _, sorted_pairs, expert_offsets, gate_up_out = output
-    ctx.save_for_backward(
-        hidden, gate_up_proj, down_proj, weights, sorted_pairs, expert_offsets, gate_up_out
-    )
-    # gate_up_out is the backward's saved pre-activation, not a differentiable output (the backward
-    # has no term for it: a gradient reaching it would be dropped silently).
-    ctx.mark_non_differentiable(sorted_pairs, expert_offsets, gate_up_out)
-
-
-def _moe_experts_bwd(ctx, grad_out, *_unused):
-    grads = _lib.moe_experts_backward.default(grad_out.contiguous(), *ctx.saved_tensors)
-    return (*grads, None, None)  # no gradient for indices / check_values
-
-
-torch.library.register_autograd(
-    "latentmoe::moe_experts", _moe_experts_bwd, setup_context=_moe_experts_setup
-)
+# The autograd of moe_route and moe_experts (their backwards: moe_route_backward, moe_experts_backward)
+# is C++: csrc/autograd_moe.cpp.
 
