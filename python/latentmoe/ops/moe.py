@@ -238,5 +238,5 @@ def _moe_experts_packed_fake(hidden, gate_up_packed, down_packed, weights, indic
 
 
 # The autograd of moe_route and moe_experts (their backwards: moe_route_backward, moe_experts_backward)
-# is C++: csrc/autograd_moe.cpp.
+# is C++: csrc/autograd_functions.cpp.
 

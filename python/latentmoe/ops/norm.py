@@ -1,4 +1,4 @@
-"""RMSNorm ops (HF ``DeepseekV3RMSNorm`` numerics), with fake kernels and autograd."""
+"""RMSNorm ops (HF ``DeepseekV3RMSNorm`` numerics), with fake kernels (autograd: C++)."""
 
 from __future__ import annotations
 
@@ -69,37 +69,5 @@ def _rms_norm_backward_fake(grad_out, input, weight, rstd):
     return torch.empty_like(input, memory_format=contiguous), torch.empty_like(weight, memory_format=contiguous)
 
 
-def _rms_norm_setup(ctx, inputs, output):
-    input, weight, _ = inputs
-    _, rstd = output
-    ctx.save_for_backward(input, weight, rstd)
-    ctx.mark_non_differentiable(rstd)  # (the backward has no term for it: no silent zero gradient)
-
-
-def _rms_norm_bwd(ctx, grad_out, _grad_rstd):
-    input, weight, rstd = ctx.saved_tensors
-    gx, gw = _lib.rms_norm_backward.default(grad_out.contiguous(), input, weight, rstd)
-    return gx, gw, None
-
-
-torch.library.register_autograd("latentmoe::rms_norm", _rms_norm_bwd, setup_context=_rms_norm_setup)
-
-
-def _add_rms_norm_setup(ctx, inputs, output):
-    _, _, weight, _ = inputs
-    _, h, rstd = output
-    ctx.save_for_backward(h, weight, rstd)
-    ctx.mark_non_differentiable(rstd)
-
-
-def _add_rms_norm_bwd(ctx, grad_out, grad_h, _grad_rstd):
-    h, weight, rstd = ctx.saved_tensors
-    gx, gw = _lib.rms_norm_backward.default(grad_out.contiguous(), h, weight, rstd)
-    if grad_h is not None:
-        gx = gx + grad_h
-    return gx, gx, gw, None
-
-
-torch.library.register_autograd(
-    "latentmoe::add_rms_norm", _add_rms_norm_bwd, setup_context=_add_rms_norm_setup
-)
+# The autograd of rms_norm and add_rms_norm (their backward: rms_norm_backward) is C++:
+# csrc/autograd_functions.cpp.
