@@ -45,6 +45,7 @@ struct MoeExperts : public torch::autograd::Function<MoeExperts> {
     // gate_up_out is the backward's saved pre-activation, not a differentiable output (the backward
     // has no term for it: a gradient reaching it would be dropped silently).
     ctx->mark_non_differentiable({sorted_pairs, expert_offsets, gate_up_out});
+    ctx->set_materialize_grads(false);  // (no zeros made for the outputs without a gradient)
     return {out, sorted_pairs, expert_offsets, gate_up_out};
   }
 
@@ -54,8 +55,8 @@ struct MoeExperts : public torch::autograd::Function<MoeExperts> {
                                .typed<Four(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, const at::Tensor&)>();
+    if (!grads[0].defined()) return variable_list(6);  // out unused: no gradient anywhere
     const variable_list s = ctx->get_saved_variables();
-    // (An unused out arrives as zeros: the Function materializes undefined gradients.)
     auto [g_hidden, g_gate_up, g_down, g_weights] =
         op.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
     return {g_hidden, g_gate_up, g_down, g_weights, at::Tensor(), at::Tensor()};  // none for indices / check_values
