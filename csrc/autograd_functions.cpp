@@ -1,6 +1,7 @@
-// The Autograd kernels of rms_norm, add_rms_norm, moe_route and moe_experts in C++
-// (torch::autograd::Functions): their backwards are the rms_norm_backward / moe_route_backward /
-// moe_experts_backward ops on the tensors the forwards save. Why not torch.library's Python
+// The Autograd kernels of the ops with a backward in C++ (torch::autograd::Functions): rms_norm,
+// add_rms_norm, mla_prefill, moe_route and moe_experts, their backwards the rms_norm_backward /
+// mla_prefill_backward / moe_route_backward / moe_experts_backward ops on the tensors the forwards
+// save. Why not torch.library's Python
 // register_autograd (which it replaced): that ran a Python function and a Python redispatch on
 // every call, gradient or not, ~15-20 us per call on a 2-core Zen 1: for moe_experts ~1.6% of a
 // decode-step call (T = 1, bf16, h1024 / i704, top-6 of 64, ~1.4 ms), and 2/3 of an rms_norm of
@@ -195,6 +196,73 @@ Three moe_route_autograd(const at::Tensor& logits, const std::optional<at::Tenso
   return {r[0], r[1], r[2]};
 }
 
+using Five = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct MlaPrefill : public torch::autograd::Function<MlaPrefill> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q_nope, const at::Tensor& q_pe,
+                               const at::Tensor& latent_cache, const at::Tensor& cache_seqlens, const at::Tensor& w_uk,
+                               const at::Tensor& w_uv, double softmax_scale,
+                               const std::optional<at::Tensor>& block_table, bool causal, int64_t window) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("latentmoe::mla_prefill", "")
+                               .typed<Two(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, const at::Tensor&, double,
+                                          const std::optional<at::Tensor>&, bool, int64_t)>();
+    Two r;
+    {
+      at::AutoDispatchBelowAutograd guard;
+      r = op.call(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table, causal, window);
+    }
+    auto& [out, lse] = r;
+    // (The cache is saved: a later mla_append_cache into it bumps its version, and the backward
+    // then raises instead of reading the new contents.)
+    ctx->save_for_backward({q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse,
+                            block_table.value_or(at::Tensor())});
+    ctx->saved_data["softmax_scale"] = softmax_scale;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["window"] = window;
+    ctx->set_materialize_grads(false);
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("latentmoe::mla_prefill_backward", "")
+            .typed<Five(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        double, const std::optional<at::Tensor>&, bool, int64_t)>();
+    if (!grads[0].defined() && !grads[1].defined()) return variable_list(10);
+    const variable_list s = ctx->get_saved_variables();
+    const at::Tensor& out = s[6];
+    const at::Tensor& lse = s[7];
+    const at::Tensor g_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(out);
+    const at::Tensor g_lse = grads[1].defined() ? grads[1].to(at::kFloat).contiguous() : at::zeros_like(lse);
+    const std::optional<at::Tensor> block_table = s[8].defined() ? std::optional<at::Tensor>(s[8]) : std::nullopt;
+    auto [g_qn, g_qp, g_cache, g_wuk, g_wuv] =
+        op.call(g_out, g_lse, s[0], s[1], s[2], s[3], s[4], s[5], out, lse, ctx->saved_data["softmax_scale"].toDouble(),
+                block_table, ctx->saved_data["causal"].toBool(), ctx->saved_data["window"].toInt());
+    return {g_qn,      g_qp,        g_cache,     at::Tensor(), g_wuk, g_wuv, at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+Two mla_prefill_autograd(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& latent_cache,
+                         const at::Tensor& cache_seqlens, const at::Tensor& w_uk, const at::Tensor& w_uv,
+                         double softmax_scale, const std::optional<at::Tensor>& block_table, bool causal,
+                         int64_t window) {
+  const char* op = "mla_prefill";
+  chk::defined(op, "q_nope", q_nope);
+  chk::defined(op, "q_pe", q_pe);
+  chk::defined(op, "latent_cache", latent_cache);
+  chk::defined(op, "cache_seqlens", cache_seqlens);
+  chk::defined(op, "w_uk", w_uk);
+  chk::defined(op, "w_uv", w_uv);
+  const variable_list r = MlaPrefill::apply(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale,
+                                            block_table, causal, window);
+  return {r[0], r[1]};
+}
+
 Four moe_experts_autograd(const at::Tensor& hidden, const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
                           const at::Tensor& weights, const at::Tensor& indices, bool check_values) {
   // (A None named as the kernels below would name it; autograd would fail on it first.)
@@ -213,6 +281,7 @@ Four moe_experts_autograd(const at::Tensor& hidden, const at::Tensor& gate_up_pr
 TORCH_LIBRARY_IMPL(latentmoe, Autograd, m) {
   m.impl("rms_norm", &rms_norm_autograd);
   m.impl("add_rms_norm", &add_rms_norm_autograd);
+  m.impl("mla_prefill", &mla_prefill_autograd);
   m.impl("moe_route", &moe_route_autograd);
   m.impl("moe_experts", &moe_experts_autograd);
 }

@@ -101,27 +101,4 @@ def _mla_prefill_backward_fake(
     )
 
 
-def _setup(ctx, inputs, output):
-    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, softmax_scale, block_table, causal, window = inputs
-    out, lse = output
-    ctx.save_for_backward(q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, block_table)
-    ctx.softmax_scale = softmax_scale
-    ctx.causal = causal
-    ctx.window = window
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q_nope, q_pe, latent_cache, cache_seqlens, w_uk, w_uv, out, lse, block_table = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    if grad_lse is None:
-        grad_lse = torch.zeros_like(lse)
-    grads = _lib.mla_prefill_backward.default(
-        grad_out.contiguous(), grad_lse.float().contiguous(), q_nope, q_pe, latent_cache, cache_seqlens,
-        w_uk, w_uv, out, lse, ctx.softmax_scale, block_table, ctx.causal, ctx.window,
-    )
-    g_qn, g_qp, g_cache, g_wuk, g_wuv = grads
-    return g_qn, g_qp, g_cache, None, g_wuk, g_wuv, None, None, None, None
-
-
-torch.library.register_autograd("latentmoe::mla_prefill", _backward, setup_context=_setup)
+# mla_prefill's autograd (its backward: mla_prefill_backward) is C++: csrc/autograd_functions.cpp.
