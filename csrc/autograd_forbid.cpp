@@ -87,9 +87,8 @@ void refuse_forward_ad(const c10::OperatorHandle& op, const torch::jit::Stack* s
   }
 }
 
-// ADInplaceOrView kernel of the ops with a backward (their autograd kernels, Python ones and
-// autograd_functions.cpp's, send every call on below autograd, dual inputs included): refuse_forward_ad,
-// then on.
+// ADInplaceOrView kernel of the ops with a backward (their autograd kernels, autograd_functions.cpp,
+// send every call on below autograd, dual inputs included): refuse_forward_ad, then on.
 void forward_ad_check_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
   refuse_forward_ad(op, stack);
   at::AutoDispatchBelowADInplaceOrView guard;
