@@ -97,11 +97,12 @@ LMOE_V8_INLINE void tile_body(const float* a, int64_t lda, const float* b, int64
   }
 }
 
+// tile_ISA<MR, kPackedA>: A packed (pack_a; lda unused) or its rows read in place, lda apart.
 #define LMOE_GEMM_F32_TILE(ISA, ATTR, W)                                                                       \
-  template <int MR>                                                                                            \
-  ATTR inline void tile_##ISA(const float* a, const float* b, int64_t ss, int64_t K, float* c, int64_t ldc,  \
-                              Init init, const float* bias) {                                                \
-    tile_body<W, MR, true, kSub, false>(a, 0, b, ss, K, c, ldc, init, bias, nullptr, 0);                      \
+  template <int MR, bool kPackedA>                                                                             \
+  ATTR inline void tile_##ISA(const float* a, int64_t lda, const float* b, int64_t ss, int64_t K, float* c,  \
+                              int64_t ldc, Init init, const float* bias) {                                   \
+    tile_body<W, MR, kPackedA, kSub, false>(a, lda, b, ss, K, c, ldc, init, bias, nullptr, 0);               \
   }
 LMOE_GEMM_F32_TILE(avx512, LMOE_CPU_AVX512, 16)
 LMOE_GEMM_F32_TILE(avx2, LMOE_CPU_AVX2, 8)
@@ -113,25 +114,26 @@ enum class Isa { kAvx512, kAvx2, kGeneric };
 // The instantiation this CPU runs (LATENTMOE_CPU_ISA narrows it, as for the other kernels).
 inline Isa isa() { return vec8::use_avx512() ? Isa::kAvx512 : vec8::use_avx2() ? Isa::kAvx2 : Isa::kGeneric; }
 
-template <int MR>
-inline void tile_mr(Isa isa, const float* a, const float* b, int64_t ss, int64_t K, float* c, int64_t ldc, Init init,
-                    const float* bias) {
+template <int MR, bool kPackedA>
+inline void tile_mr(Isa isa, const float* a, int64_t lda, const float* b, int64_t ss, int64_t K, float* c,
+                    int64_t ldc, Init init, const float* bias) {
   switch (isa) {
-    case Isa::kAvx512: return tile_avx512<MR>(a, b, ss, K, c, ldc, init, bias);
-    case Isa::kAvx2: return tile_avx2<MR>(a, b, ss, K, c, ldc, init, bias);
-    default: return tile_generic<MR>(a, b, ss, K, c, ldc, init, bias);
+    case Isa::kAvx512: return tile_avx512<MR, kPackedA>(a, lda, b, ss, K, c, ldc, init, bias);
+    case Isa::kAvx2: return tile_avx2<MR, kPackedA>(a, lda, b, ss, K, c, ldc, init, bias);
+    default: return tile_generic<MR, kPackedA>(a, lda, b, ss, K, c, ldc, init, bias);
   }
 }
 
-inline void tile(Isa isa, int mr, const float* a, const float* b, int64_t ss, int64_t K, float* c, int64_t ldc,
-                 Init init, const float* bias) {
+template <bool kPackedA>
+inline void tile(Isa isa, int mr, const float* a, int64_t lda, const float* b, int64_t ss, int64_t K, float* c,
+                 int64_t ldc, Init init, const float* bias) {
   switch (mr) {
-    case 6: return tile_mr<6>(isa, a, b, ss, K, c, ldc, init, bias);
-    case 5: return tile_mr<5>(isa, a, b, ss, K, c, ldc, init, bias);
-    case 4: return tile_mr<4>(isa, a, b, ss, K, c, ldc, init, bias);
-    case 3: return tile_mr<3>(isa, a, b, ss, K, c, ldc, init, bias);
-    case 2: return tile_mr<2>(isa, a, b, ss, K, c, ldc, init, bias);
-    default: return tile_mr<1>(isa, a, b, ss, K, c, ldc, init, bias);
+    case 6: return tile_mr<6, kPackedA>(isa, a, lda, b, ss, K, c, ldc, init, bias);
+    case 5: return tile_mr<5, kPackedA>(isa, a, lda, b, ss, K, c, ldc, init, bias);
+    case 4: return tile_mr<4, kPackedA>(isa, a, lda, b, ss, K, c, ldc, init, bias);
+    case 3: return tile_mr<3, kPackedA>(isa, a, lda, b, ss, K, c, ldc, init, bias);
+    case 2: return tile_mr<2, kPackedA>(isa, a, lda, b, ss, K, c, ldc, init, bias);
+    default: return tile_mr<1, kPackedA>(isa, a, lda, b, ss, K, c, ldc, init, bias);
   }
 }
 
@@ -222,13 +224,20 @@ inline Panels panels_kn(const float* b, int64_t ldb, int64_t N, int64_t K, std::
   return pn;
 }
 
+// How gemm_block reads A: packed per block (pack_a) from row-major rows or from A's transpose,
+// or in place (row-major rows lda apart, no copy: for small products whose A is used once per
+// call, where the packing cost ~5% of the time, and strides that do not put the tile's rows in
+// the same L1 sets, i.e. not a multiple of 1 KiB).
+enum class ARead { kPackRows, kPackTrans, kInPlace };
+
 // Rows [m0, m1) of C [M, N] (row stride ldc) = A B over panels [p0, p1), with `init` for the
 // first k block (kBias: bias [N]; kLoad: C's values) and C's values for the later ones.
 inline void gemm_block(Isa isa, const float* a, int64_t lda, const Panels& pn, float* c, int64_t ldc, int64_t m0,
-                       int64_t m1, int64_t p0, int64_t p1, Init init, const float* bias, bool a_trans = false) {
+                       int64_t m1, int64_t p0, int64_t p1, Init init, const float* bias,
+                       ARead read = ARead::kPackRows) {
   if (bias == nullptr && init == Init::kBias) init = Init::kZero;
   static thread_local std::vector<float> a_pk;  // the A block, packed (pack_a)
-  if (a_pk.size() < static_cast<size_t>(kMc * kKc)) a_pk.resize(kMc * kKc);
+  if (read != ARead::kInPlace && a_pk.size() < static_cast<size_t>(kMc * kKc)) a_pk.resize(kMc * kKc);
   alignas(64) float tmp[kMr * kNr];
   alignas(64) float bias_tmp[kNr];
   for (int64_t k0 = 0; k0 < pn.K || (k0 == 0 && pn.K == 0); k0 += kKc) {
@@ -236,7 +245,7 @@ inline void gemm_block(Isa isa, const float* a, int64_t lda, const Panels& pn, f
     const Init in = k0 == 0 ? init : Init::kLoad;
     for (int64_t mb = m0; mb < m1; mb += kMc) {
       const int64_t me = std::min(m1, mb + kMc);
-      pack_a(a, lda, a_trans, mb, me, k0, kc, a_pk.data());
+      if (read != ARead::kInPlace) pack_a(a, lda, read == ARead::kPackTrans, mb, me, k0, kc, a_pk.data());
       for (int64_t p = p0; p < p1; ++p) {
         const float* b = pn.panel(p) + k0 * kSub;
         const int64_t ss = pn.ss();
@@ -249,16 +258,17 @@ inline void gemm_block(Isa isa, const float* a, int64_t lda, const Panels& pn, f
         }
         for (int64_t i = mb; i < me; i += kMr) {
           const int mr = static_cast<int>(std::min<int64_t>(kMr, me - i));
-          const float* ai = a_pk.data() + (i - mb) * kc;
+          const bool packed = read != ARead::kInPlace;
+          const float* ai = packed ? a_pk.data() + (i - mb) * kc : a + i * lda + k0;
           float* ci = c + i * ldc + n0;
-          if (nc == kNr) {
-            tile(isa, mr, ai, b, ss, kc, ci, ldc, in, bias_p);
-          } else {  // the last, partial panel: through a 64-column buffer
-            if (in == Init::kLoad)
-              for (int r = 0; r < mr; ++r) std::memcpy(tmp + r * kNr, ci + r * ldc, nc * sizeof(float));
-            tile(isa, mr, ai, b, ss, kc, tmp, kNr, in, bias_p);
+          float* co = nc == kNr ? ci : tmp;  // the last, partial panel: through a 64-column buffer
+          const int64_t ldo = nc == kNr ? ldc : kNr;
+          if (nc < kNr && in == Init::kLoad)
+            for (int r = 0; r < mr; ++r) std::memcpy(tmp + r * kNr, ci + r * ldc, nc * sizeof(float));
+          if (packed) tile<true>(isa, mr, ai, 0, b, ss, kc, co, ldo, in, bias_p);
+          else tile<false>(isa, mr, ai, lda, b, ss, kc, co, ldo, in, bias_p);
+          if (nc < kNr)
             for (int r = 0; r < mr; ++r) std::memcpy(ci + r * ldc, tmp + r * kNr, nc * sizeof(float));
-          }
         }
       }
     }
@@ -272,10 +282,19 @@ inline void gemm(Isa isa, int64_t M, const float* a, int64_t lda, const Panels& 
   if (M > 0 && pn.N > 0) gemm_block(isa, a, lda, pn, c, ldc, 0, M, 0, pn.P, init, bias);
 }
 
+// The same reading A's rows in place (ARead::kInPlace), for small products that use A once: no
+// packing (~5% of a 128 x 128 x 192 product). Where lda is a multiple of 1 KiB (the tile's rows
+// in the same L1 sets) A is packed as gemm() does; the result is bitwise the same either way.
+inline void gemm_in_place(Isa isa, int64_t M, const float* a, int64_t lda, const Panels& pn, float* c, int64_t ldc,
+                          Init init) {
+  const ARead read = lda % 256 == 0 ? ARead::kPackRows : ARead::kInPlace;
+  if (M > 0 && pn.N > 0) gemm_block(isa, a, lda, pn, c, ldc, 0, M, 0, pn.P, init, nullptr, read);
+}
+
 // The same with A given as its transpose: A's element (i, k) at at[k * ldat + i] (at [K, M]).
 inline void gemm_at(Isa isa, int64_t M, const float* at, int64_t ldat, const Panels& pn, float* c, int64_t ldc,
                     Init init) {
-  if (M > 0 && pn.N > 0) gemm_block(isa, at, ldat, pn, c, ldc, 0, M, 0, pn.P, init, nullptr, /*a_trans=*/true);
+  if (M > 0 && pn.N > 0) gemm_block(isa, at, ldat, pn, c, ldc, 0, M, 0, pn.P, init, nullptr, ARead::kPackTrans);
 }
 
 // The same split across ATen's threads: work items are (row block, panel range), rows in blocks

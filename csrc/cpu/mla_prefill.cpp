@@ -4,14 +4,16 @@
 // softmax.
 //
 // Work split: tasks (b, h, query chunk) run in parallel. A task walks the key tiles once (key
-// tile outer, all its queries inner), so each tile is decompressed once per task; queries are
+// tile outer, all its queries inner, in blocks of kRowBlock rows whose scores stay in L2), so each
+// tile is decompressed once per task; queries are
 // split into chunks only when B*H is too small to keep the threads busy. Causally a later chunk
 // sees more keys: the forward hands tasks out last chunks first from a shared counter, the
 // backward (fixed partitions, for its fixed-order sums) pairs early and late chunks. Per-task memory is
 // O(chunk + tile) rows: never O(tokens x heads x dim), never O(L^2). The GEMMs on the buffers,
 // forward and backward, run this project's fp32 tiles (cpu/gemm_f32.h; single-threaded inside
-// the parallel region): at these sizes faster than at::mm calls, and ATen's MKL sgemm runs AVX2
-// code on AMD CPUs.
+// the parallel region; a row block's products read its rows in place): at these sizes faster
+// than at::mm calls, and ATen's MKL sgemm runs AVX2 code on AMD CPUs. The softmax steps are
+// fused per row (online_softmax, backward_softmax).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -38,33 +40,214 @@ using mla_prefill::Params;
 // waste little.
 constexpr int64_t kKeyTile = 128;
 constexpr int64_t kMinQueryChunk = 64;
-
-// fp32 matrix view of a raw buffer (row-major [rows, cols]).
-at::Tensor mat(float* p, int64_t rows, int64_t cols) {
-  return at::from_blob(p, {rows, cols}, at::TensorOptions().dtype(at::kFloat));
-}
+// Query rows per step within a key tile (forward and backward): a block's scores [kRowBlock,
+// kKeyTile], queries and accumulators stay in L2 between its QK^T product, softmax and PV product.
+// (With all of a chunk's rows at once, a 4K prefill's tile had 2 MiB of scores and 2 MiB of
+// accumulators per task, which left L2 between the steps.)
+constexpr int64_t kRowBlock = gemm_f32::kMc;
 
 template <typename T>
 void load_f32(const T* src, float* dst, int64_t n, float mul = 1.f) {
   for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(src[k]) * mul;
 }
 
-// fp32 vector view of a raw buffer.
-at::Tensor vec(float* p, int64_t n) { return at::from_blob(p, {n}, at::TensorOptions().dtype(at::kFloat)); }
-
-// Mask of a score tile [nr, nt] over keys [t0, t0 + nt) whose row r is the query at position
-// pos_first + r: entries of keys the row does not see (causal / window) are set to `fill`.
-void mask_invisible_keys(const Params& p, int64_t seqlen, float* tile, int64_t nr, int64_t nt, int64_t pos_first,
-                         int64_t t0, float fill) {
+// The keys [lo[r], hi[r]) of a tile over keys [t0, t0 + nt) that its row r, the query at
+// position pos_first + r, sees (causal / window), for r < nr.
+void visible_keys(const Params& p, int64_t seqlen, int64_t nr, int64_t nt, int64_t pos_first, int64_t t0,
+                  int64_t* lo, int64_t* hi) {
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t pos = pos_first + r;
-    const int64_t lo = std::clamp<int64_t>(mla_prefill::key_begin(p, pos) - t0, 0, nt);
-    const int64_t hi = std::clamp<int64_t>(mla_prefill::key_end(p, seqlen, pos) - t0, 0, nt);
-    float* row = tile + r * nt;
-    std::fill(row, row + lo, fill);
-    std::fill(row + std::max(lo, hi), row + nt, fill);
+    lo[r] = std::clamp<int64_t>(mla_prefill::key_begin(p, pos) - t0, 0, nt);
+    hi[r] = std::max(lo[r], std::clamp<int64_t>(mla_prefill::key_end(p, seqlen, pos) - t0, 0, nt));
   }
 }
+
+// Entries of a score tile [nr, nt] outside each row's visible keys set to `fill`.
+void mask_invisible_keys(float* tile, int64_t nr, int64_t nt, const int64_t* lo, const int64_t* hi, float fill) {
+  for (int64_t r = 0; r < nr; ++r) {
+    float* row = tile + r * nt;
+    std::fill(row, row + lo[r], fill);
+    std::fill(row + hi[r], row + nt, fill);
+  }
+}
+
+// ---- the softmax steps on a score tile, row by row, in one or two passes over each row (they ran
+// as five to seven ATen element-wise passes over the tile). With the row blocks and the in-place
+// A of the products, a 4K prefill's op (16 heads, fp32, 2 Zen 1 cores) went 1.84 -> 1.66 s and
+// its backward at 2K 1.46 -> 1.36 s, bitwise the same before and after the last two. Instantiated
+// for AVX-512 (16 lanes), AVX2 and portably (8 lanes), picked by gemm_f32::isa() as the GEMMs are.
+namespace v8 = latentmoe::cpu::vec8;
+
+// max(a, b) where a NaN in either wins (as at::maximum / amax propagate it).
+inline float max_nan(float a, float b) { return b > a || b != b ? b : a; }
+
+// Online-softmax step of a tile of scores s [nr, nt] (already scaled; keys a row does not see set
+// to -inf): per row, m_new = max(m, the row's max), p = exp(s - m_new) written over s, l = l *
+// alpha + sum(p), and the row's accumulator acc [nr, dv] times alpha = exp(m - m_new) (0 while
+// the row has seen no key; skipped when alpha is 1, which changes no bit). A NaN score makes the
+// row's max, weights and sum NaN. Each row's sum is taken in a fixed order.
+// Lane-wise max with a NaN in either winning.
+template <int W>
+LMOE_V8_INLINE v8::vf<W> vmax_nan(v8::vf<W> a, v8::vf<W> b) {
+  return (b > a) | (b != b) ? b : a;
+}
+
+// The W lanes of v folded into one, pairwise (halves, then quarters, ..), by vmax_nan (kMax) or
+// +: a fixed order and no branches (a row of 128 keys is only 16 vectors; per-lane scalar loops
+// with a compare and branch per lane cost as much as the row's exps).
+template <bool kMax>
+LMOE_V8_INLINE v8::vf<8> fold_step(v8::vf<8> a, v8::vf<8> b) {
+  if constexpr (kMax) {
+    return vmax_nan<8>(a, b);
+  } else {
+    return a + b;
+  }
+}
+template <int W, bool kMax>
+LMOE_V8_INLINE float fold_lanes(v8::vf<W> v) {
+  v8::vf<8> h;
+  if constexpr (W == 16) {
+    h = fold_step<kMax>(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                        __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  } else {
+    h = v;
+  }
+  h = fold_step<kMax>(h, __builtin_shufflevector(h, h, 4, 5, 6, 7, 0, 1, 2, 3));
+  h = fold_step<kMax>(h, __builtin_shufflevector(h, h, 2, 3, 0, 1, 6, 7, 4, 5));
+  h = fold_step<kMax>(h, __builtin_shufflevector(h, h, 1, 0, 3, 2, 5, 4, 7, 6));
+  return h[0];
+}
+
+template <int W>
+LMOE_V8_INLINE void online_softmax_body(float* s, int64_t nr, int64_t nt, float* m, float* l, float* acc,
+                                        int64_t dv) {
+  using V = v8::vf<W>;
+  constexpr int N = 4;  // vectors per step: independent chains (v8::exp_nonpos_n)
+  const int64_t nt_main = nt / (N * W) * (N * W);
+  for (int64_t r = 0; r < nr; ++r) {
+    float* row = s + r * nt;
+    V mv[N];
+#pragma GCC unroll 4
+    for (int i = 0; i < N; ++i) mv[i] = v8::splatw<W>(-INFINITY);
+    for (int64_t k = 0; k < nt_main; k += N * W) {
+#pragma GCC unroll 4
+      for (int i = 0; i < N; ++i) mv[i] = vmax_nan<W>(mv[i], v8::loadw<W>(row + k + i * W));
+    }
+    float mt = fold_lanes<W, true>(vmax_nan<W>(vmax_nan<W>(mv[0], mv[1]), vmax_nan<W>(mv[2], mv[3])));
+    for (int64_t k = nt_main; k < nt; ++k) mt = max_nan(mt, row[k]);
+    const float m_old = m[r], m_new = max_nan(m_old, mt);
+    const float alpha = m_old == -INFINITY ? 0.f : v8::exp_nonpos(m_old - m_new);
+    const V mnv = v8::splatw<W>(m_new);
+    V sv[N];
+#pragma GCC unroll 4
+    for (int i = 0; i < N; ++i) sv[i] = v8::splatw<W>(0.f);
+    for (int64_t k = 0; k < nt_main; k += N * W) {
+      V p[N];
+#pragma GCC unroll 4
+      for (int i = 0; i < N; ++i) p[i] = v8::loadw<W>(row + k + i * W) - mnv;
+      v8::exp_nonpos_n<W, N>(p);
+#pragma GCC unroll 4
+      for (int i = 0; i < N; ++i) {
+        v8::storew<W>(row + k + i * W, p[i]);
+        sv[i] += p[i];
+      }
+    }
+    float sum = fold_lanes<W, false>((sv[0] + sv[1]) + (sv[2] + sv[3]));
+    for (int64_t k = nt_main; k < nt; ++k) sum += row[k] = v8::exp_nonpos(row[k] - m_new);
+    m[r] = m_new;
+    l[r] = l[r] * alpha + sum;
+    if (alpha != 1.f) {
+      float* o = acc + r * dv;
+      const V av = v8::splatw<W>(alpha);
+      int64_t d = 0;
+      for (; d + W <= dv; d += W) v8::storew<W>(o + d, v8::loadw<W>(o + d) * av);
+      for (; d < dv; ++d) o[d] *= alpha;
+    }
+  }
+}
+
+// The backward's softmax step on a tile: per row r, with key range [lo[r], hi[r]) of the tile,
+// P = exp(scale * s - lse[r]) (0 outside the range) written over s, and dS = P (dP - delta[r]) *
+// scale written over dp. lse is the forward's, so scale * s - lse <= 0 up to rounding on the
+// visible keys; beyond 88.7 (a caller's own lse) P is inf, as exp's.
+template <int W>
+LMOE_V8_INLINE void backward_softmax_body(float* s, float* dp, int64_t nr, int64_t nt, const int64_t* lo,
+                                          const int64_t* hi, const float* lse, const float* delta, float scale) {
+  using V = v8::vf<W>;
+  using I = v8::vi<W>;
+  I iota;
+  for (int i = 0; i < W; ++i) iota[i] = i;
+  const V sc = v8::splatw<W>(scale), zero = v8::splatw<W>(0.f), inf = v8::splatw<W>(INFINITY);
+  const V big = v8::splatw<W>(88.7f);  // exp overflows above: inf (exp_nonpos is for x <= 0)
+  for (int64_t r = 0; r < nr; ++r) {
+    float* sr = s + r * nt;
+    float* dr = dp + r * nt;
+    const V vlse = v8::splatw<W>(lse[r]), vdelta = v8::splatw<W>(delta[r]);
+    const I vlo = v8::splatw<W>(static_cast<int32_t>(lo[r])), vhi = v8::splatw<W>(static_cast<int32_t>(hi[r]));
+    for (int64_t k = 0; k < nt; k += W) {
+      const int64_t n = std::min<int64_t>(W, nt - k);
+      V x, d;
+      if (n == W) {
+        x = v8::loadw<W>(sr + k), d = v8::loadw<W>(dr + k);
+      } else {  // the tail through zero-padded copies
+        alignas(64) float xs[W] = {}, ds[W] = {};
+        std::copy(sr + k, sr + k + n, xs);
+        std::copy(dr + k, dr + k + n, ds);
+        x = v8::loadw<W>(xs), d = v8::loadw<W>(ds);
+      }
+      const I idx = iota + v8::splatw<W>(static_cast<int32_t>(k));
+      const V e = x * sc - vlse;
+      const V p = (idx >= vlo) & (idx < vhi) ? (e > big ? inf : v8::exp_nonpos_w<W>(e)) : zero;
+      const V g = (d - vdelta) * p * sc;
+      if (n == W) {
+        v8::storew<W>(sr + k, p), v8::storew<W>(dr + k, g);
+      } else {
+        for (int64_t i = 0; i < n; ++i) sr[k + i] = p[i], dr[k + i] = g[i];
+      }
+    }
+  }
+}
+
+LMOE_CPU_AVX512 void online_softmax_avx512(float* s, int64_t nr, int64_t nt, float* m, float* l, float* acc,
+                                           int64_t dv) {
+  online_softmax_body<16>(s, nr, nt, m, l, acc, dv);
+}
+LMOE_CPU_AVX2 void online_softmax_avx2(float* s, int64_t nr, int64_t nt, float* m, float* l, float* acc,
+                                       int64_t dv) {
+  online_softmax_body<8>(s, nr, nt, m, l, acc, dv);
+}
+void online_softmax_generic(float* s, int64_t nr, int64_t nt, float* m, float* l, float* acc, int64_t dv) {
+  online_softmax_body<8>(s, nr, nt, m, l, acc, dv);
+}
+void online_softmax(gemm_f32::Isa isa, float* s, int64_t nr, int64_t nt, float* m, float* l, float* acc,
+                    int64_t dv) {
+  switch (isa) {
+    case gemm_f32::Isa::kAvx512: return online_softmax_avx512(s, nr, nt, m, l, acc, dv);
+    case gemm_f32::Isa::kAvx2: return online_softmax_avx2(s, nr, nt, m, l, acc, dv);
+    default: return online_softmax_generic(s, nr, nt, m, l, acc, dv);
+  }
+}
+
+#define LMOE_BWD_SOFTMAX_ARGS                                                                                   \
+  float *s, float *dp, int64_t nr, int64_t nt, const int64_t *lo, const int64_t *hi, const float *lse,      \
+      const float *delta, float scale
+LMOE_CPU_AVX512 void backward_softmax_avx512(LMOE_BWD_SOFTMAX_ARGS) {
+  backward_softmax_body<16>(s, dp, nr, nt, lo, hi, lse, delta, scale);
+}
+LMOE_CPU_AVX2 void backward_softmax_avx2(LMOE_BWD_SOFTMAX_ARGS) {
+  backward_softmax_body<8>(s, dp, nr, nt, lo, hi, lse, delta, scale);
+}
+void backward_softmax_generic(LMOE_BWD_SOFTMAX_ARGS) {
+  backward_softmax_body<8>(s, dp, nr, nt, lo, hi, lse, delta, scale);
+}
+void backward_softmax(gemm_f32::Isa isa, LMOE_BWD_SOFTMAX_ARGS) {
+  switch (isa) {
+    case gemm_f32::Isa::kAvx512: return backward_softmax_avx512(s, dp, nr, nt, lo, hi, lse, delta, scale);
+    case gemm_f32::Isa::kAvx2: return backward_softmax_avx2(s, dp, nr, nt, lo, hi, lse, delta, scale);
+    default: return backward_softmax_generic(s, dp, nr, nt, lo, hi, lse, delta, scale);
+  }
+}
+#undef LMOE_BWD_SOFTMAX_ARGS
 
 struct Split {
   int64_t chunks;      // query chunks per (b, h)
@@ -125,9 +308,10 @@ template <typename T>
 void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* cache,
                      const int32_t* block_table, const int32_t* seqlens, const T* w_uk, const T* w_uv, T* out, float* lse) {
   namespace g = gemm_f32;
-  // Per query: q_nope | q_pe, the output accumulator, a score row, the running max and sum.
+  // Per query: q_nope | q_pe, the output accumulator, the running max and sum (a key tile's
+  // scores are kept for one row block at a time).
   const int64_t D = p.Dn + p.R;  // a query's (and a key's) width: [nope | rope]
-  const Split sp = split_queries(p, D + p.Dv + kKeyTile + 2);
+  const Split sp = split_queries(p, D + p.Dv + 2);
   const int64_t bh = p.B * p.H, n_tasks = bh * sp.chunks;
   const g::Isa isa = g::isa();
   // Each worker takes tasks from a shared counter, the last query chunks of every (b, h) first
@@ -138,8 +322,9 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
   at::parallel_for(0, n_workers, 1, [&](int64_t, int64_t) {
     std::vector<float> wk_buf(p.Dn * p.C), wv_buf(p.Dv * p.C), wk_pk, wv_pk, k_pk, v_pk;
     std::vector<float> q(sp.chunk_size * D), acc(sp.chunk_size * p.Dv);
-    std::vector<float> scores(sp.chunk_size * kKeyTile);
+    std::vector<float> scores(kRowBlock * kKeyTile);  // a row block's scores of a key tile
     std::vector<float> row_m(sp.chunk_size), row_l(sp.chunk_size);
+    int64_t key_lo[kRowBlock], key_hi[kRowBlock];  // each row's keys of a tile
     // A key tile: c_kv [nt, C]; keys [nt, D] (K_nope from the latent, then k_pe); V [nt, Dv].
     std::vector<float> ct(kKeyTile * p.C), keys(kKeyTile * D), v(kKeyTile * p.Dv);
     g::Panels wk_pn, wv_pn;
@@ -188,21 +373,19 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
         const int64_t nr = r1 - r0;
         decompress_tile(p, isa, cache, block_table, b, t0, nt, wk_pn, wv_pn, ct.data(), keys.data(), v.data());
         const g::Panels k_pn = g::panels_nk(keys.data(), D, nt, D, k_pk, false);
-        g::gemm(isa, nr, q.data() + r0 * D, D, k_pn, scores.data(), nt, g::Init::kZero);
-        mask_invisible_keys(p, seqlen, scores.data(), nr, nt, pos0 + r0, t0, -INFINITY);
-        // Online softmax on the whole tile with ATen's vectorised kernels. Every row here sees a key
-        // of the tile, so m_new is finite and exp(m_old - m_new) is 0 for a row's first tile.
-        auto s = mat(scores.data(), nr, nt);
-        auto m_old = vec(row_m.data() + r0, nr);
-        auto l = vec(row_l.data() + r0, nr);
-        auto m_new = at::maximum(m_old, s.amax(1));
-        auto resc = (m_old - m_new).exp_();
-        s.sub_(m_new.unsqueeze(1)).exp_();
-        l.mul_(resc).add_(s.sum(1));
-        m_old.copy_(m_new);
-        mat(acc.data() + r0 * p.Dv, nr, p.Dv).mul_(resc.unsqueeze(1));
         const g::Panels v_pn = g::panels_kn(v.data(), p.Dv, p.Dv, nt, v_pk);
-        g::gemm(isa, nr, scores.data(), nt, v_pn, acc.data() + r0 * p.Dv, p.Dv, g::Init::kLoad);
+        // The tile's rows in blocks of kRowBlock: a block's scores, queries and accumulators stay
+        // in L2 from its QK^T product through the softmax to its PV product.
+        for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+          const int64_t nb = std::min(kRowBlock, r1 - rb);
+          g::gemm_in_place(isa, nb, q.data() + rb * D, D, k_pn, scores.data(), nt, g::Init::kZero);
+          visible_keys(p, seqlen, nb, nt, pos0 + rb, t0, key_lo, key_hi);
+          mask_invisible_keys(scores.data(), nb, nt, key_lo, key_hi, -INFINITY);
+          // Every row here sees a key of the tile, so its m_new is finite (for finite scores).
+          online_softmax(isa, scores.data(), nb, nt, row_m.data() + rb, row_l.data() + rb, acc.data() + rb * p.Dv,
+                         p.Dv);
+          g::gemm_in_place(isa, nb, scores.data(), nt, v_pn, acc.data() + rb * p.Dv, p.Dv, g::Init::kLoad);
+        }
       }
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t i = i_lo + r;
@@ -283,11 +466,9 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
                       const T* q_pe, const T* cache, const int32_t* block_table, const int32_t* seqlens, const T* w_uk, const T* w_uv,
                       const T* out, const float* lse, T* grad_q_nope, T* grad_q_pe, float* grad_cache,
                       float* grad_w_uk, float* grad_w_uv) {
-  // Per query: q and dq [nope | rope], dOut, LSE and delta, two score rows, and its rows of the
-  // panels of q and dOut (64-column panels: widths rounded up to 64).
-  const int64_t panel_floats = gemm_f32::cdiv(p.Dn + p.R, gemm_f32::kNr) * gemm_f32::kNr +
-                               gemm_f32::cdiv(p.Dv, gemm_f32::kNr) * gemm_f32::kNr;
-  const Split sp = split_queries(p, 2 * (p.Dn + p.R) + p.Dv + 2 + 2 * kKeyTile + panel_floats);
+  // Per query: q and dq [nope | rope], dOut, LSE and delta (score rows and the panels of q and
+  // dOut are per row block: O(1) in the queries).
+  const Split sp = split_queries(p, 2 * (p.Dn + p.R) + p.Dv + 2);
   const int64_t n_tasks = p.B * p.H * sp.chunks;
   const int64_t CR = p.C + p.R;
   const int64_t tasks_per_b = p.H * sp.chunks;
@@ -377,12 +558,13 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
     g::Panels wk_t, wv_t, wk_p, wv_p;
     // Per query: q [nope | rope], dOut, LSE, delta, dq [nope | rope].
     std::vector<float> q(cs * D), dout(cs * p.Dv), row_lse(cs), delta(cs), dq(cs * D);
-    std::vector<float> prob(cs * kKeyTile), dscore(cs * kKeyTile);
+    std::vector<float> prob(kRowBlock * kKeyTile), dscore(kRowBlock * kKeyTile);  // a row block's, of a key tile
+    int64_t key_lo[kRowBlock], key_hi[kRowBlock];  // each row's keys of a tile
     // A key tile: c_kv [nt, C]; keys [nt, D] (K_nope from the latent, then k_pe); V [nt, Dv]; and
     // their gradients.
     std::vector<float> ct(kKeyTile * p.C), keys(kKeyTile * D), v(kKeyTile * p.Dv);
     std::vector<float> dkeys(kKeyTile * D), dv(kKeyTile * p.Dv), dct(kKeyTile * p.C);
-    std::vector<float> k_pk, v_pk, q_pk, do_pk, ct_pk;  // per-tile panels
+    std::vector<float> k_pk, kt_pk, v_pk, q_pk, do_pk, ct_pk;  // per-tile (and per-block) panels
     int64_t loaded_head = -1;
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t c = zigzag_chunk(task % sp.chunks, sp.chunks);
@@ -435,25 +617,30 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
         if (r0 >= r1) continue;
         const int64_t nr = r1 - r0;
         decompress_tile(p, isa, cache, block_table, b, t0, nt, wk_t, wv_t, ct.data(), keys.data(), v.data());
-        const float* qr = q.data() + r0 * D;
-        const float* dor = dout.data() + r0 * p.Dv;
-        // S = q K^T (unscaled) and dP = dOut V^T, [nr, nt] each.
-        g::gemm(isa, nr, qr, D, g::panels_nk(keys.data(), D, nt, D, k_pk, false), prob.data(), nt, g::Init::kZero);
-        g::gemm(isa, nr, dor, p.Dv, g::panels_nk(v.data(), p.Dv, nt, p.Dv, v_pk, false), dscore.data(), nt,
-                g::Init::kZero);
-        // P = exp(scale * s - lse) (every row here is live: finite lse), zero for unseen keys;
-        // dS = P (dP - delta) * scale.
-        auto pm = mat(prob.data(), nr, nt);
-        auto dsm = mat(dscore.data(), nr, nt);
-        pm.mul_(p.scale).sub_(vec(row_lse.data() + r0, nr).unsqueeze(1)).exp_();
-        mask_invisible_keys(p, seqlen, prob.data(), nr, nt, pos0 + r0, t0, 0.f);
-        dsm.sub_(vec(delta.data() + r0, nr).unsqueeze(1)).mul_(pm).mul_(p.scale);
-        // dq += dS keys; dkeys = dS^T q; dV = P^T dOut.
-        g::gemm(isa, nr, dscore.data(), nt, g::panels_kn(keys.data(), D, D, nt, k_pk), dq.data() + r0 * D, D,
-                g::Init::kLoad);
-        g::gemm_at(isa, nt, dscore.data(), nt, g::panels_kn(qr, D, D, nr, q_pk), dkeys.data(), D, g::Init::kZero);
-        g::gemm_at(isa, nt, prob.data(), nt, g::panels_kn(dor, p.Dv, p.Dv, nr, do_pk), dv.data(), p.Dv,
-                   g::Init::kZero);
+        const g::Panels k_nk = g::panels_nk(keys.data(), D, nt, D, k_pk, false);
+        const g::Panels v_nk = g::panels_nk(v.data(), p.Dv, nt, p.Dv, v_pk, false);
+        const g::Panels k_kn = g::panels_kn(keys.data(), D, D, nt, kt_pk);
+        // The tile's rows in blocks of kRowBlock (as in the forward: a block's score rows stay in
+        // L2 between the products). dkeys and dV sum over the rows: each later block adds to the
+        // sums in row order, so the result is the one of a single pass over all rows.
+        for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+          const int64_t nb = std::min(kRowBlock, r1 - rb);
+          const g::Init sums = rb == r0 ? g::Init::kZero : g::Init::kLoad;
+          const float* qr = q.data() + rb * D;
+          const float* dor = dout.data() + rb * p.Dv;
+          // S = q K^T (unscaled) and dP = dOut V^T, [nb, nt] each.
+          g::gemm_in_place(isa, nb, qr, D, k_nk, prob.data(), nt, g::Init::kZero);
+          g::gemm_in_place(isa, nb, dor, p.Dv, v_nk, dscore.data(), nt, g::Init::kZero);
+          // P = exp(scale * s - lse) (every row here is live: finite lse), zero for unseen keys;
+          // dS = P (dP - delta) * scale.
+          visible_keys(p, seqlen, nb, nt, pos0 + rb, t0, key_lo, key_hi);
+          backward_softmax(isa, prob.data(), dscore.data(), nb, nt, key_lo, key_hi, row_lse.data() + rb,
+                           delta.data() + rb, p.scale);
+          // dq += dS keys; dkeys (+)= dS^T q; dV (+)= P^T dOut.
+          g::gemm_in_place(isa, nb, dscore.data(), nt, k_kn, dq.data() + rb * D, D, g::Init::kLoad);
+          g::gemm_at(isa, nt, dscore.data(), nt, g::panels_kn(qr, D, D, nb, q_pk), dkeys.data(), D, sums);
+          g::gemm_at(isa, nt, prob.data(), nt, g::panels_kn(dor, p.Dv, p.Dv, nb, do_pk), dv.data(), p.Dv, sums);
+        }
         // dc_kv = dK_nope W_UK + dV W_UV; dW_UK += dK_nope^T c_kv, dW_UV += dV^T c_kv.
         g::gemm(isa, nt, dkeys.data(), D, wk_p, dct.data(), p.C, g::Init::kZero);
         g::gemm(isa, nt, dv.data(), p.Dv, wv_p, dct.data(), p.C, g::Init::kLoad);

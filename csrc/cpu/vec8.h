@@ -162,6 +162,45 @@ LMOE_V8_INLINE vf<W> exp_nonpos_w(vf<W> x) {
 
 LMOE_V8_INLINE v8f exp_nonpos(v8f x) { return exp_nonpos_w<8>(x); }
 
+// exp_nonpos_w of N vectors in place, each step across all N before the next (bitwise the same
+// per lane): the steps of one vector form a chain of ~12 dependent FP operations, and a core
+// whose FP scheduler holds little more than one chain (Zen 1) ran a loop of single exps at its
+// latency, ~50 cycles per 8 lanes, where N = 4 interleaved chains overlap.
+template <int W, int N>
+LMOE_V8_INLINE void exp_nonpos_n(vf<W>* x) {
+  using V = vf<W>;
+  const V lo = splatw<W>(-87.33654f), magic = splatw<W>(12582912.0f), zero = splatw<W>(0.f);
+  V kf[N], r[N], p[N];
+  decltype(x[0] < lo) under[N];
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    under[i] = x[i] < lo;
+    x[i] = under[i] ? lo : x[i];
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) kf[i] = (x[i] * 1.44269504088896341f + magic) - magic;
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) r[i] = x[i] - kf[i] * 0.693359375f;
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) r[i] = r[i] - kf[i] * -2.12194440e-4f;
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) p[i] = splatw<W>(1.9875691500e-4f) * r[i] + 1.3981999507e-3f;
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 8.3334519073e-3f;
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 4.1665795894e-2f;
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 1.6666665459e-1f;
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) p[i] = p[i] * r[i] + 5.0000001201e-1f;
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    const V y = p[i] * r[i] * r[i] + r[i] + 1.f;
+    const vi<W> bits = (__builtin_convertvector(kf[i], vi<W>) + 127) << 23;
+    x[i] = under[i] ? zero : y * reinterpret_cast<const V&>(bits);
+  }
+}
+
 // exp_nonpos of one value (tails): lane 0 of the vector form, so lanes and tails agree bit for bit.
 LMOE_V8_INLINE float exp_nonpos(float x) { return exp_nonpos_w<8>(splatw<8>(x))[0]; }
 
