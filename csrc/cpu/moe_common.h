@@ -49,6 +49,22 @@ LMOE_V8_INLINE float sigmoid1(float g) {
 }
 LMOE_V8_INLINE vec8::v8f silu8(vec8::v8f g) { return g * sigmoid8(g); }
 LMOE_V8_INLINE float silu1(float g) { return g * sigmoid1(g); }
+// silu8 of N vectors in place, bitwise as silu8 each, with their exps interleaved
+// (vec8::exp_nonpos_n): a loop of single silu8s ran at the latency of its exp and divide chain
+// on a Zen 1, ~115 cycles per 8 lanes, ~6% of moe_experts' forward at E = 16, bf16.
+template <int N>
+LMOE_V8_INLINE void silu8_n(vec8::v8f* g) {
+  vec8::v8f z[N];
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    const vec8::v8u bits = reinterpret_cast<const vec8::v8u&>(g[i]) | 0x80000000u;  // -|g|
+    z[i] = reinterpret_cast<const vec8::v8f&>(bits);
+  }
+  vec8::exp_nonpos_n<8, N>(z);
+  const vec8::v8f one = vec8::splat(1.f);
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) g[i] = g[i] * ((g[i] >= vec8::splat(0.f) ? one : z[i]) / (one + z[i]));
+}
 
 // bf16dp's epilogues (AVX2 code: they run on AVX-512 CPUs). A row's gate and up sums of n
 // columns: g and u rounded to bf16 (as a bf16 GEMM returns them) into the gate_up_out row, and
