@@ -45,9 +45,10 @@ LMOE_HD int argmax_skip_nan(const float* x, int n) {
 
 // The K largest non-NaN entries of x[0, n) in descending order, ties -> lower index: the picks of
 // K calls of argmax_skip_nan that each mark their pick NaN, in one pass (each entry is compared
-// with the K-th best so far, and only the few that beat it are inserted: at E = 256, K = 8 the
-// K passes cost a 512-token routing on 2 Zen 1 cores 1.64 ms against 1.28 in one pass). top_v [K] / top_i [K] receive
-// them; returns how many there are (fewer than K only when fewer entries are non-NaN).
+// with the K-th best so far, and only the few that beat it are inserted; at E = 256, K = 8 the K
+// passes cost a 512-token routing on 2 Zen 1 cores 1.64 ms against 1.28 in one pass). top_v [K]
+// and top_i [K] receive them; returns how many there are (fewer than K only when fewer entries
+// are non-NaN).
 LMOE_HD int top_k_skip_nan(const float* x, int n, int K, float* top_v, int64_t* top_i) {
   int m = 0;
   for (int i = 0; i < n; ++i) {
