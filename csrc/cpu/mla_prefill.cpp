@@ -81,11 +81,6 @@ namespace v8 = latentmoe::cpu::vec8;
 // max(a, b) where a NaN in either wins (as at::maximum / amax propagate it).
 inline float max_nan(float a, float b) { return b > a || b != b ? b : a; }
 
-// Online-softmax step of a tile of scores s [nr, nt] (already scaled; keys a row does not see set
-// to -inf): per row, m_new = max(m, the row's max), p = exp(s - m_new) written over s, l = l *
-// alpha + sum(p), and the row's accumulator acc [nr, dv] times alpha = exp(m - m_new) (0 while
-// the row has seen no key; skipped when alpha is 1, which changes no bit). A NaN score makes the
-// row's max, weights and sum NaN. Each row's sum is taken in a fixed order.
 // Lane-wise max with a NaN in either winning.
 template <int W>
 LMOE_V8_INLINE v8::vf<W> vmax_nan(v8::vf<W> a, v8::vf<W> b) {
@@ -118,6 +113,11 @@ LMOE_V8_INLINE float fold_lanes(v8::vf<W> v) {
   return h[0];
 }
 
+// Online-softmax step of a tile of scores s [nr, nt] (already scaled; keys a row does not see set
+// to -inf): per row, m_new = max(m, the row's max), p = exp(s - m_new) written over s, l = l *
+// alpha + sum(p), and the row's accumulator acc [nr, dv] times alpha = exp(m - m_new) (0 while
+// the row has seen no key; skipped when alpha is 1, which changes no bit). A NaN score makes the
+// row's max, weights and sum NaN. Each row's sum is taken in a fixed order.
 template <int W>
 LMOE_V8_INLINE void online_softmax_body(float* s, int64_t nr, int64_t nt, float* m, float* l, float* acc,
                                         int64_t dv) {
@@ -208,17 +208,20 @@ LMOE_V8_INLINE void backward_softmax_body(float* s, float* dp, int64_t nr, int64
   }
 }
 
-LMOE_CPU_AVX512 void online_softmax_avx512(float* s, int64_t nr, int64_t nt, float* m, float* l, float* acc,
-                                           int64_t dv) {
-  online_softmax_body<16>(s, nr, nt, m, l, acc, dv);
-}
-LMOE_CPU_AVX2 void online_softmax_avx2(float* s, int64_t nr, int64_t nt, float* m, float* l, float* acc,
-                                       int64_t dv) {
-  online_softmax_body<8>(s, nr, nt, m, l, acc, dv);
-}
-void online_softmax_generic(float* s, int64_t nr, int64_t nt, float* m, float* l, float* acc, int64_t dv) {
-  online_softmax_body<8>(s, nr, nt, m, l, acc, dv);
-}
+// online_softmax_ISA and backward_softmax_ISA: the bodies above in one ISA's instantiation.
+#define LMOE_PREFILL_SOFTMAX(ISA, ATTR, W)                                                                    \
+  ATTR void online_softmax_##ISA(float* s, int64_t nr, int64_t nt, float* m, float* l, float* acc, int64_t dv) { \
+    online_softmax_body<W>(s, nr, nt, m, l, acc, dv);                                                         \
+  }                                                                                                           \
+  ATTR void backward_softmax_##ISA(float* s, float* dp, int64_t nr, int64_t nt, const int64_t* lo,            \
+                                   const int64_t* hi, const float* lse, const float* delta, float scale) {    \
+    backward_softmax_body<W>(s, dp, nr, nt, lo, hi, lse, delta, scale);                                       \
+  }
+LMOE_PREFILL_SOFTMAX(avx512, LMOE_CPU_AVX512, 16)
+LMOE_PREFILL_SOFTMAX(avx2, LMOE_CPU_AVX2, 8)
+LMOE_PREFILL_SOFTMAX(generic, , 8)
+#undef LMOE_PREFILL_SOFTMAX
+
 void online_softmax(gemm_f32::Isa isa, float* s, int64_t nr, int64_t nt, float* m, float* l, float* acc,
                     int64_t dv) {
   switch (isa) {
@@ -227,27 +230,14 @@ void online_softmax(gemm_f32::Isa isa, float* s, int64_t nr, int64_t nt, float* 
     default: return online_softmax_generic(s, nr, nt, m, l, acc, dv);
   }
 }
-
-#define LMOE_BWD_SOFTMAX_ARGS                                                                                   \
-  float *s, float *dp, int64_t nr, int64_t nt, const int64_t *lo, const int64_t *hi, const float *lse,      \
-      const float *delta, float scale
-LMOE_CPU_AVX512 void backward_softmax_avx512(LMOE_BWD_SOFTMAX_ARGS) {
-  backward_softmax_body<16>(s, dp, nr, nt, lo, hi, lse, delta, scale);
-}
-LMOE_CPU_AVX2 void backward_softmax_avx2(LMOE_BWD_SOFTMAX_ARGS) {
-  backward_softmax_body<8>(s, dp, nr, nt, lo, hi, lse, delta, scale);
-}
-void backward_softmax_generic(LMOE_BWD_SOFTMAX_ARGS) {
-  backward_softmax_body<8>(s, dp, nr, nt, lo, hi, lse, delta, scale);
-}
-void backward_softmax(gemm_f32::Isa isa, LMOE_BWD_SOFTMAX_ARGS) {
+void backward_softmax(gemm_f32::Isa isa, float* s, float* dp, int64_t nr, int64_t nt, const int64_t* lo,
+                      const int64_t* hi, const float* lse, const float* delta, float scale) {
   switch (isa) {
     case gemm_f32::Isa::kAvx512: return backward_softmax_avx512(s, dp, nr, nt, lo, hi, lse, delta, scale);
     case gemm_f32::Isa::kAvx2: return backward_softmax_avx2(s, dp, nr, nt, lo, hi, lse, delta, scale);
     default: return backward_softmax_generic(s, dp, nr, nt, lo, hi, lse, delta, scale);
   }
 }
-#undef LMOE_BWD_SOFTMAX_ARGS
 
 struct Split {
   int64_t chunks;      // query chunks per (b, h)
@@ -370,7 +360,6 @@ void prefill_forward(const Params& p, const T* q_nope, const T* q_pe, const T* c
         const int64_t r0 = std::clamp<int64_t>(mla_prefill::first_query_seeing(p, seqlen, t0) - i_lo, 0, nq);
         const int64_t r1 = std::clamp<int64_t>(mla_prefill::end_query_seeing(p, seqlen, t0 + nt) - i_lo, 0, nq);
         if (r0 >= r1) continue;
-        const int64_t nr = r1 - r0;
         decompress_tile(p, isa, cache, block_table, b, t0, nt, wk_pn, wv_pn, ct.data(), keys.data(), v.data());
         const g::Panels k_pn = g::panels_nk(keys.data(), D, nt, D, k_pk, false);
         const g::Panels v_pn = g::panels_kn(v.data(), p.Dv, p.Dv, nt, v_pk);
@@ -615,7 +604,6 @@ void prefill_backward(const Params& p, const T* grad_out, const float* grad_lse,
         const int64_t r0 = std::clamp<int64_t>(mla_prefill::first_query_seeing(p, seqlen, t0) - i_lo, 0, nq);
         const int64_t r1 = std::clamp<int64_t>(mla_prefill::end_query_seeing(p, seqlen, t0 + nt) - i_lo, 0, nq);
         if (r0 >= r1) continue;
-        const int64_t nr = r1 - r0;
         decompress_tile(p, isa, cache, block_table, b, t0, nt, wk_t, wv_t, ct.data(), keys.data(), v.data());
         const g::Panels k_nk = g::panels_nk(keys.data(), D, nt, D, k_pk, false);
         const g::Panels v_nk = g::panels_nk(v.data(), p.Dv, nt, p.Dv, v_pk, false);

@@ -36,24 +36,12 @@ void sort_pairs_by_expert(const int64_t* ids, int64_t S, int64_t E, int64_t* sor
 }
 
 // sigmoid(g) from z = exp(-|g|) (<= 1, so exp_nonpos applies): 1 / (1 + z) for g >= 0,
-// z / (1 + z) below; silu(g) = g * sigmoid(g). 8 lanes, and scalar twins for the tails.
-LMOE_V8_INLINE vec8::v8f sigmoid8(vec8::v8f g) {
-  const vec8::v8u bits = reinterpret_cast<const vec8::v8u&>(g) | 0x80000000u;  // -|g|
-  const vec8::v8f z = vec8::exp_nonpos(reinterpret_cast<const vec8::v8f&>(bits));
-  const vec8::v8f one = vec8::splat(1.f);
-  return (g >= vec8::splat(0.f) ? one : z) / (one + z);
-}
-LMOE_V8_INLINE float sigmoid1(float g) {
-  const float z = vec8::exp_nonpos(-std::fabs(g));
-  return (g >= 0.f ? 1.f : z) / (1.f + z);
-}
-LMOE_V8_INLINE vec8::v8f silu8(vec8::v8f g) { return g * sigmoid8(g); }
-LMOE_V8_INLINE float silu1(float g) { return g * sigmoid1(g); }
-// silu8 of N vectors in place, bitwise as silu8 each, with their exps interleaved
-// (vec8::exp_nonpos_n): a loop of single silu8s ran at the latency of its exp and divide chain
-// on a Zen 1, ~115 cycles per 8 lanes, ~6% of moe_experts' forward at E = 16, bf16.
+// z / (1 + z) below; silu(g) = g * sigmoid(g). 8 lanes (N vectors at once in the _n forms, their
+// exps interleaved by vec8::exp_nonpos_n and bitwise the same per lane: a loop of single silu8s
+// ran at the latency of its exp and divide chain on a Zen 1, ~115 cycles per 8 lanes, ~6% of
+// moe_experts' forward at E = 16, bf16), and scalar twins for the tails.
 template <int N>
-LMOE_V8_INLINE void silu8_n(vec8::v8f* g) {
+LMOE_V8_INLINE void sigmoid8_n(vec8::v8f* g) {
   vec8::v8f z[N];
 #pragma GCC unroll 8
   for (int i = 0; i < N; ++i) {
@@ -63,8 +51,27 @@ LMOE_V8_INLINE void silu8_n(vec8::v8f* g) {
   vec8::exp_nonpos_n<8, N>(z);
   const vec8::v8f one = vec8::splat(1.f);
 #pragma GCC unroll 8
-  for (int i = 0; i < N; ++i) g[i] = g[i] * ((g[i] >= vec8::splat(0.f) ? one : z[i]) / (one + z[i]));
+  for (int i = 0; i < N; ++i) g[i] = (g[i] >= vec8::splat(0.f) ? one : z[i]) / (one + z[i]);
 }
+LMOE_V8_INLINE vec8::v8f sigmoid8(vec8::v8f g) {
+  sigmoid8_n<1>(&g);
+  return g;
+}
+LMOE_V8_INLINE float sigmoid1(float g) {
+  const float z = vec8::exp_nonpos(-std::fabs(g));
+  return (g >= 0.f ? 1.f : z) / (1.f + z);
+}
+template <int N>
+LMOE_V8_INLINE void silu8_n(vec8::v8f* g) {
+  vec8::v8f sig[N];
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) sig[i] = g[i];
+  sigmoid8_n<N>(sig);
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) g[i] = g[i] * sig[i];
+}
+LMOE_V8_INLINE vec8::v8f silu8(vec8::v8f g) { return g * sigmoid8(g); }
+LMOE_V8_INLINE float silu1(float g) { return g * sigmoid1(g); }
 
 // bf16dp's epilogues (AVX2 code: they run on AVX-512 CPUs). A row's gate and up sums of n
 // columns: g and u rounded to bf16 (as a bf16 GEMM returns them) into the gate_up_out row, and

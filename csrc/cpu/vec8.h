@@ -137,33 +137,8 @@ LMOE_V8_INLINE vi<W> splatw(int32_t x) {
 // exp(x) for x <= 0 (softmax weights exp(s - max)), about 2 ulp: x = k ln2 + r with |r| <= ln2/2,
 // exp(r) by the degree-6 polynomial of the Cephes expf (public coefficients), times 2^k built in
 // the exponent bits. x below -87.3 (exp underflows fp32's normal range) gives 0.
-template <int W>
-LMOE_V8_INLINE vf<W> exp_nonpos_w(vf<W> x) {
-  using V = vf<W>;
-  const V lo = splatw<W>(-87.33654f);
-  const auto under = x < lo;  // lanes that flush to 0
-  x = under ? lo : x;  // not a max(x, lo), which turns a NaN lane into lo: NaN must stay NaN
-  const V magic = splatw<W>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const V kf = (x * 1.44269504088896341f + magic) - magic;
-  V r = x - kf * 0.693359375f;
-  r = r - kf * -2.12194440e-4f;
-  V p = splatw<W>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const V y = p * r * r + r + 1.f;
-  const vi<W> k = __builtin_convertvector(kf, vi<W>);
-  const vi<W> bits = (k + 127) << 23;
-  const V res = y * reinterpret_cast<const V&>(bits);
-  return under ? splatw<W>(0.f) : res;
-}
-
-LMOE_V8_INLINE v8f exp_nonpos(v8f x) { return exp_nonpos_w<8>(x); }
-
-// exp_nonpos_w of N vectors in place, each step across all N before the next (bitwise the same
-// per lane): the steps of one vector form a chain of ~12 dependent FP operations, and a core
+// N vectors in place, each step across all N before the next (bitwise the same per lane as
+// N = 1): the steps of one vector form a chain of ~12 dependent FP operations, and a core
 // whose FP scheduler holds little more than one chain (Zen 1) ran a loop of single exps at its
 // latency, ~50 cycles per 8 lanes, where N = 4 interleaved chains overlap.
 template <int W, int N>
@@ -200,6 +175,14 @@ LMOE_V8_INLINE void exp_nonpos_n(vf<W>* x) {
     x[i] = under[i] ? zero : y * reinterpret_cast<const V&>(bits);
   }
 }
+
+template <int W>
+LMOE_V8_INLINE vf<W> exp_nonpos_w(vf<W> x) {
+  exp_nonpos_n<W, 1>(&x);
+  return x;
+}
+
+LMOE_V8_INLINE v8f exp_nonpos(v8f x) { return exp_nonpos_w<8>(x); }
 
 // exp_nonpos of one value (tails): lane 0 of the vector form, so lanes and tails agree bit for bit.
 LMOE_V8_INLINE float exp_nonpos(float x) { return exp_nonpos_w<8>(splatw<8>(x))[0]; }
